@@ -1,0 +1,190 @@
+"""Baseline generation over a contiguous KV cache.
+
+The simplest correct serving loop, kept as the baseline the paged engine is compared against:
+the whole batch is prefilled in one jitted call (right-padded prompts), then one jitted decode
+step per token samples the next token for every row until each row has stopped. The cache
+is donated into every step. Shapes are bucketed to powers of two (batch, prompt length,
+cache length), so a run compiles one prefill and one decode program per bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import model as model_lib
+from jaxinfer.config import ModelConfig
+from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length"
+    metrics: dict[str, float]
+
+
+def next_power_of_2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def prepare_prompts(model, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Tokenize string prompts and check every prompt against the model's limits."""
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+    cfg: ModelConfig = model.config
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError(f"prompts[{i}] is a string but the model has no tokenizer")
+            if not p:
+                raise ValueError(f"prompts[{i}] is empty")
+            ids = model.tokenizer.encode(p)
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty")
+        if len(ids) > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompts[{i}] has {len(ids)} tokens, over the model's context of "
+                f"{cfg.max_position_embeddings}"
+            )
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        out.append(ids)
+    return out
+
+
+def prepare_sampling(
+    sampling: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if sampling is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * n
+    sampling = list(sampling)
+    if len(sampling) != n:
+        raise ValueError(f"got {len(sampling)} SamplingParams for {n} prompts")
+    for i, s in enumerate(sampling):
+        if not isinstance(s, SamplingParams):
+            raise ValueError(f"sampling[{i}] is {type(s).__name__}, not SamplingParams")
+    return sampling
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"), donate_argnames=("cache",))
+def _prefill(params, cfg, tokens, lengths, cache, sp, *, attn_impl):
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    out = model_lib.forward(params, cfg, tokens, positions, cache, (lengths - 1)[:, None], attn_impl=attn_impl)
+    return sample(out.logits[:, 0], sp, jnp.zeros((B,), jnp.int32)), out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"), donate_argnames=("cache",))
+def _decode(params, cfg, tokens, positions, cache, sp, steps, *, attn_impl):
+    out = model_lib.forward(params, cfg, tokens[:, None], positions[:, None], cache, attn_impl=attn_impl)
+    return sample(out.logits[:, 0], sp, steps), out.cache
+
+
+def generate(
+    model,
+    prompts: Sequence[str | Sequence[int]],
+    sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    *,
+    attn_impl: str = "xla",
+) -> list[RequestOutput]:
+    """Generate a completion for each prompt; outputs come back in prompt order."""
+    cfg: ModelConfig = model.config
+    prompt_ids = prepare_prompts(model, prompts)
+    params_list = prepare_sampling(sampling, len(prompt_ids))
+    start = time.perf_counter()
+
+    n = len(prompt_ids)
+    lengths = np.array([len(p) for p in prompt_ids], np.int32)
+    # A row stops at its max_tokens or at the end of the model's context.
+    budgets = np.minimum([s.max_tokens for s in params_list], cfg.max_position_embeddings - lengths + 1)
+    B = next_power_of_2(n)
+    T = next_power_of_2(int(lengths.max()), 16)
+    S = min(next_power_of_2(int((lengths + budgets).max()), 16), cfg.max_position_embeddings)
+    S = max(S, min(T, cfg.max_position_embeddings))
+
+    tokens = np.zeros((B, T), np.int32)
+    for i, p in enumerate(prompt_ids):
+        tokens[i, : len(p)] = p
+    row_lengths = np.ones((B,), np.int32)
+    row_lengths[:n] = lengths
+    seeds = [s.seed if s.seed is not None else i for i, s in enumerate(params_list)]
+    padded = params_list + [SamplingParams(temperature=0.0)] * (B - n)
+    sp = SamplingBatch.from_params(padded, seeds + [0] * (B - n))
+    cache = model_lib.KVCache.zeros(cfg, B, S, model.dtype)
+
+    next_tok, cache = _prefill(
+        model.params, cfg, jnp.asarray(tokens), jnp.asarray(row_lengths), cache, sp, attn_impl=attn_impl
+    )
+    next_tok = np.asarray(next_tok)
+    ttft = time.perf_counter() - start
+
+    eos = set() if model.tokenizer is None else set(model.tokenizer.eos_ids)
+    eos |= set(cfg.eos_token_ids)
+    generated: list[list[int]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    done_at = [0.0] * n
+    texts: list[str | None] = [None] * n
+    step = 0
+    while True:
+        now = time.perf_counter() - start
+        for i in range(n):
+            if finish[i] is not None:
+                continue
+            tok = int(next_tok[i])
+            generated[i].append(tok)
+            sp_i = params_list[i]
+            reason = None
+            if tok in sp_i.stop_token_ids or (tok in eos and not sp_i.ignore_eos):
+                reason = "stop"
+            elif sp_i.stop and model.tokenizer is not None:
+                text = model.tokenizer.decode(generated[i])
+                hit = [text.index(s) for s in sp_i.stop if s in text]
+                if hit:
+                    texts[i] = text[: min(hit)]
+                    reason = "stop"
+            if reason is None and len(generated[i]) >= budgets[i]:
+                reason = "length"
+            if reason is not None:
+                finish[i], done_at[i] = reason, now
+        if all(f is not None for f in finish):
+            break
+        step += 1
+        positions = row_lengths + step - 1  # (B,) where this step's input token goes
+        positions = np.minimum(positions, S - 1).astype(np.int32)
+        steps = np.full((B,), step, np.int32)
+        next_tok, cache = _decode(
+            model.params, cfg, jnp.asarray(next_tok), jnp.asarray(positions), cache, sp,
+            jnp.asarray(steps), attn_impl=attn_impl,
+        )
+        next_tok = np.asarray(next_tok)
+
+    outputs = []
+    for i in range(n):
+        text = texts[i]
+        if text is None and model.tokenizer is not None:
+            text = model.tokenizer.decode(generated[i])
+        k = len(generated[i])
+        metrics = {
+            "ttft_s": ttft,
+            "latency_s": done_at[i],
+            "tpot_s": (done_at[i] - ttft) / (k - 1) if k > 1 else 0.0,
+            "prompt_tokens": float(len(prompt_ids[i])),
+            "generated_tokens": float(k),
+        }
+        outputs.append(RequestOutput(prompt_ids[i], generated[i], text, finish[i], metrics))
+    return outputs

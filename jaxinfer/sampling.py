@@ -1,0 +1,98 @@
+"""Sampling: per-request SamplingParams and one batched, jittable sampler.
+
+Every row of a batch carries its own temperature, top-k, top-p, min-p and PRNG key, so a
+request's tokens do not depend on what else shares its batch. The key for a request's t-th
+generated token is `fold_in(PRNGKey(seed), t)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. temperature=0 is greedy (argmax)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    min_p: float = 0.0  # drop tokens with prob < min_p * max prob, in [0, 1]
+    seed: int | None = None  # None: derived from the request's index
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings, matched on the decoded completion
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, (int, np.integer)) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if isinstance(self.stop, str) or isinstance(self.stop_token_ids, int):
+            raise ValueError("stop and stop_token_ids must be sequences, not a single value")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters as arrays (R rows).
+
+    temperature (R,) f32; top_k (R,) i32; top_p (R,) f32; min_p (R,) f32; key (R, 2) u32 (raw PRNG keys).
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    key: jax.Array
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int]) -> SamplingBatch:
+        return cls(
+            temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
+            top_k=jnp.asarray([p.top_k for p in params], jnp.int32),
+            top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
+            min_p=jnp.asarray([p.min_p for p in params], jnp.float32),
+            key=jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds]),
+        )
+
+
+def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
+    """logits (R, V) float32 -> token ids (R,) int32. `step` (R,) is each row's token index."""
+    R, V = logits.shape
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
+    scaled = logits / temperature[:, None]
+    values, order = jax.lax.top_k(scaled, V)  # (R, V), descending
+    rank = jnp.arange(V)[None, :]
+    keep = (sp.top_k[:, None] <= 0) | (rank < sp.top_k[:, None])
+    probs = jax.nn.softmax(values, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < sp.top_p[:, None]
+    keep &= probs >= sp.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    masked = jnp.where(keep, values, -jnp.inf)
+    keys = jax.vmap(lambda k, t: jax.random.fold_in(jax.random.wrap_key_data(k), t))(sp.key, step)
+    choice = jax.vmap(jax.random.categorical)(keys, masked)  # (R,)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(sp.temperature > 0, sampled, greedy)

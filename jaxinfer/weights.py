@@ -1,0 +1,225 @@
+"""Checkpoints: a local HF checkpoint directory -> params pytree; orbax save/restore.
+
+Loading streams tensor by tensor: each tensor is read, cast, transposed and written into its
+slot of a preallocated (stacked) device array, so host memory holds one tensor at a time and
+device memory holds the model plus one tensor. Names and shapes are checked from the
+safetensors headers before any data is read, so a corrupted checkpoint fails fast and the
+error names the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from jaxinfer import model as model_lib
+from jaxinfer.config import ModelConfig
+from jaxinfer.tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# HF tensor name -> (our name, transpose). "{i}" is the layer index.
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "self_attn.o_proj.bias": ("bo", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+_TOP_NAMES = {
+    "model.embed_tokens.weight": ("embed", False),
+    "model.norm.weight": ("final_norm", False),
+    "lm_head.weight": ("lm_head", True),
+}
+# Present in some checkpoints, carry nothing the model needs.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match its config: missing, unexpected or mis-shaped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    name: str  # key in params (top level) or params["layers"]
+    layer: int | None  # None for top-level params
+    transpose: bool
+    hf_shape: tuple[int, ...]  # the shape the checkpoint must hold
+
+
+def _expected_tensors(cfg: ModelConfig) -> dict[str, _Slot]:
+    shapes = model_lib.param_shapes(cfg)
+    out = {}
+    for hf, (name, transpose) in _TOP_NAMES.items():
+        if name in shapes:
+            shape = shapes[name]
+            out[hf] = _Slot(name, None, transpose, shape[::-1] if transpose else shape)
+    for suffix, (name, transpose) in _LAYER_NAMES.items():
+        if name not in shapes["layers"]:
+            continue
+        shape = shapes["layers"][name][1:]
+        for i in range(cfg.num_layers):
+            out[f"model.layers.{i}.{suffix}"] = _Slot(name, i, transpose, shape[::-1] if transpose else shape)
+    return out
+
+
+def _safetensors_files(ckpt_dir: str) -> list[str]:
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {ckpt_dir}")
+    paths = [os.path.join(ckpt_dir, f) for f in files]
+    for p in paths:
+        if not os.path.exists(p):
+            raise CheckpointError(f"the index names {os.path.basename(p)}, which is not in {ckpt_dir}")
+    return paths
+
+
+@functools.partial(jax.jit, static_argnames=("transpose",), donate_argnums=0)
+def _write_layer(buf, x, i, *, transpose):
+    x = x.T if transpose else x
+    return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, axis=0)
+
+
+def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True) -> model_lib.Params:
+    """Read every tensor of an HF Llama-family checkpoint into the params pytree, cast to dtype."""
+    expected = _expected_tensors(cfg)
+    files = _safetensors_files(ckpt_dir)
+
+    # Pass 1: headers only. Every tensor must be expected, well shaped, and present.
+    location: dict[str, str] = {}
+    for path in files:
+        with safe_open(path, framework="flax") as f:
+            for key in f.keys():
+                if _IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                if key not in expected:
+                    raise CheckpointError(f"unexpected tensor {key!r} in {os.path.basename(path)}")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected[key].hf_shape:
+                    raise CheckpointError(
+                        f"tensor {key!r} has shape {shape}, expected {expected[key].hf_shape}"
+                    )
+                location[key] = path
+    missing = sorted(set(expected) - set(location))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        shape = expected[missing[0]].hf_shape
+        raise CheckpointError(f"missing tensor {missing[0]!r} (expected shape {shape}){more}")
+
+    # Pass 2: stream the data into preallocated arrays.
+    shapes = model_lib.param_shapes(cfg)
+    params: dict[str, Any] = {"layers": {k: jnp.zeros(s, dtype) for k, s in shapes["layers"].items()}}
+    bar = tqdm(total=len(location), desc="loading", unit="tensor", disable=not progress)
+    for path in files:
+        with safe_open(path, framework="flax") as f:
+            for key in f.keys():
+                if key not in location:
+                    continue
+                slot = expected[key]
+                x = f.get_tensor(key)
+                if slot.layer is None:
+                    params[slot.name] = (x.T if slot.transpose else x).astype(dtype)
+                else:
+                    layers = params["layers"]
+                    layers[slot.name] = _write_layer(layers[slot.name], x, slot.layer, transpose=slot.transpose)
+                bar.update()
+    bar.close()
+    return params
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: static config, params pytree, and a tokenizer (None: token ids only)."""
+
+    config: ModelConfig
+    params: model_lib.Params
+    tokenizer: Tokenizer | None = None
+    name: str = ""
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+
+def resolve_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False) -> Model:
+    """A local HF checkpoint directory (config.json + safetensors, optional tokenizer.json), or a
+    directory written by `save_model` (config.json + orbax params)."""
+    path = os.fspath(path)
+    dtype = resolve_dtype(dtype)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ValueError(f"model path {path!r} is not a directory")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"no config.json in {path}")
+    cfg = ModelConfig.from_json_file(config_path)
+    if os.path.isdir(os.path.join(path, _ORBAX_DIR)):
+        params = restore_params(os.path.join(path, _ORBAX_DIR), cfg, dtype)
+    else:
+        params = load_params(path, cfg, dtype, progress=progress)
+    tokenizer = load_tokenizer(path, cfg.bos_token_id, cfg.eos_token_ids)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, name=os.path.basename(path.rstrip("/")))
+
+
+_ORBAX_DIR = "params_orbax"
+
+
+def save_params(path: str | os.PathLike, params: model_lib.Params) -> None:
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(path), params, force=True)
+    checkpointer.wait_until_finished()
+
+
+def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32) -> model_lib.Params:
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, dtype),
+        model_lib.param_shapes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+
+
+def save_model(model: Model, path: str | os.PathLike) -> None:
+    """Write config.json and the converted params (orbax) so `load_model(path)` restores them."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.config.to_hf_dict(), f, indent=2)
+    save_params(os.path.join(path, _ORBAX_DIR), model.params)
+    if model.tokenizer is not None:
+        model.tokenizer.save(path)

@@ -1,0 +1,36 @@
+"""Shared test fixtures: deterministic seeds from test names, tolerance tables, HF model builders."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+# Tests compare float32 results at 1e-5: keep matmuls at full precision on every backend.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+import numpy as np
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed derived from the test's name, so each test draws its own reproducible inputs."""
+    return int.from_bytes(hashlib.sha256(request.node.nodeid.encode()).digest()[:4], "little")
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)

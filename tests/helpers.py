@@ -1,0 +1,82 @@
+"""Test helpers: per-row error metrics and random HF checkpoints written to disk."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Largest per-row relative error allowed, by dtype.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+# Named HF configurations, each exercising a feature of the Llama family.
+ARCHS = {
+    "llama": ("llama", dict(rms_norm_eps=1e-5, rope_theta=10000.0)),
+    "llama3_rope_bias": (
+        "llama",
+        dict(
+            attention_bias=True,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    "llama_linear_rope": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "mistral_window": ("mistral", dict(sliding_window=8, head_dim=16)),
+    "qwen2": ("qwen2", dict(num_key_value_heads=4)),
+    "qwen3": ("qwen3", dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+def row_errors(actual, expected) -> np.ndarray:
+    """||a - e|| / ||e|| for every row (the last axis holds a row's features)."""
+    a = np.asarray(actual, np.float64).reshape(-1, np.shape(actual)[-1])
+    e = np.asarray(expected, np.float64).reshape(-1, np.shape(expected)[-1])
+    num = np.linalg.norm(a - e, axis=-1)
+    den = np.maximum(np.linalg.norm(e, axis=-1), 1e-30)
+    return num / den
+
+
+def row_rel_error(actual, expected) -> float:
+    """The largest per-row relative error."""
+    return float(np.max(row_errors(actual, expected)))
+
+
+def hf_model(arch: str, seed: int = 0, **overrides):
+    """A randomly initialised HF model (torch, float32, eval mode) for a named architecture."""
+    import torch
+    import transformers
+
+    model_type, extra = ARCHS[arch]
+    kwargs = {**TINY, **extra, **overrides}
+    config_cls = transformers.AutoConfig.for_model(model_type).__class__
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            # HF initialises biases to 0 and norms to 1; perturb both so every path is exercised.
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.08 * noise)
+    return model
+
+
+def save_hf(model, path, **kwargs) -> str:
+    model.save_pretrained(path, **kwargs)
+    return str(path)

@@ -1,0 +1,80 @@
+"""Parity with HF transformers: logits (float32, 1e-5 per row) and 32 greedy tokens, exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import jaxinfer as ji
+from helpers import ARCHS, TOLERANCE, hf_model, row_errors, row_rel_error, save_hf
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def pair(request, tmp_path_factory):
+    """(arch, HF torch model, our model loaded from the HF checkpoint on disk)."""
+    arch = request.param
+    hf = hf_model(arch, seed=sorted(ARCHS).index(arch))
+    path = save_hf(hf, tmp_path_factory.mktemp(arch))
+    return arch, hf, ji.load_model(path)
+
+
+def test_logits_match_hf(pair, rng):
+    arch, hf, model = pair
+    tokens = rng.integers(0, model.config.vocab_size, size=(2, 24), dtype=np.int64)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    actual = np.asarray(ji.forward_logits(model, tokens))
+    assert actual.shape == expected.shape
+    assert row_rel_error(actual, expected) <= TOLERANCE["float32"], arch
+
+
+def test_greedy_tokens_match_hf(pair, rng):
+    """32 greedy tokens, prompts of different lengths batched together on our side."""
+    arch, hf, model = pair
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (5, 11, 3)]
+    outs = ji.generate(model, prompts, ji.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )
+        assert out.token_ids == ref[0, len(prompt):].tolist(), arch
+        assert out.finish_reason == "length"
+
+
+def test_config_read_from_checkpoint(pair):
+    arch, hf, model = pair
+    cfg, hfc = model.config, hf.config
+    assert cfg.num_layers == hfc.num_hidden_layers
+    assert cfg.num_kv_heads == hfc.num_key_value_heads
+    assert cfg.head_dim == getattr(hfc, "head_dim", None) or hfc.hidden_size // hfc.num_attention_heads
+    assert cfg.tie_word_embeddings == bool(hfc.tie_word_embeddings)
+    assert ("lm_head" in model.params) != cfg.tie_word_embeddings
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+def test_bfloat16_close_to_float32(pair, rng, tmp_path):
+    """bf16 keeps the mean per-row error under 2e-2 and is no less accurate than HF's own bf16.
+
+    The bound is on the mean over rows: with these random weights, bf16 rounding of weights and
+    activations alone puts single rows near 2e-2 in HF transformers too (measured 0.011-0.023
+    max, 0.010-0.012 mean over the ARCHS), so the max row is held against HF's bf16 instead.
+    """
+    arch, hf, model = pair
+    path = save_hf(hf, tmp_path / "ckpt")
+    model_bf16 = ji.load_model(path, dtype="bfloat16")
+    assert model_bf16.params["embed"].dtype == np.dtype("bfloat16")
+    tokens = rng.integers(0, model.config.vocab_size, size=(2, 16))
+    ref = np.asarray(ji.forward_logits(model, tokens))
+    low = np.asarray(ji.forward_logits(model_bf16, tokens))
+    assert low.dtype == np.float32
+    assert np.all(np.isfinite(low))
+    with torch.no_grad():
+        hf_low = copy.deepcopy(hf).to(torch.bfloat16)(torch.from_numpy(tokens)).logits.float().numpy()
+    errors = row_errors(low, ref)
+    assert errors.mean() <= TOLERANCE["bfloat16"], arch
+    assert errors.max() <= 1.5 * row_errors(hf_low, ref).max(), arch
