@@ -1,7 +1,7 @@
 """jaxinfer: a pure-JAX research framework for LLM inference optimisation."""
 
 from jaxinfer.config import ConfigError, ModelConfig, RopeConfig
-from jaxinfer.generate import RequestOutput, generate
+from jaxinfer.generation import RequestOutput, generate
 from jaxinfer.model import KVCache, forward, forward_logits, init_params
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import ByteTokenizer, HFTokenizer

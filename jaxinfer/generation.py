@@ -9,6 +9,7 @@ cache length), so a run compiles one prefill and one decode program per bucket.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -81,8 +82,13 @@ def prepare_sampling(
     return sampling
 
 
+# How many times each jitted step was traced (= compiled); tests assert on it.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"), donate_argnames=("cache",))
 def _prefill(params, cfg, tokens, lengths, cache, sp, *, attn_impl):
+    TRACE_COUNTS["prefill"] += 1
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     out = model_lib.forward(params, cfg, tokens, positions, cache, (lengths - 1)[:, None], attn_impl=attn_impl)
@@ -91,6 +97,7 @@ def _prefill(params, cfg, tokens, lengths, cache, sp, *, attn_impl):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"), donate_argnames=("cache",))
 def _decode(params, cfg, tokens, positions, cache, sp, steps, *, attn_impl):
+    TRACE_COUNTS["decode"] += 1
     out = model_lib.forward(params, cfg, tokens[:, None], positions[:, None], cache, attn_impl=attn_impl)
     return sample(out.logits[:, 0], sp, steps), out.cache
 
