@@ -6,11 +6,14 @@ Both expose the same small surface: `encode(text) -> list[int]`, `decode(ids) ->
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Protocol, Sequence
 
 import tokenizers
+import tokenizers.decoders
+import tokenizers.models
+import tokenizers.pre_tokenizers
+import tokenizers.processors
 
 
 class Tokenizer(Protocol):
@@ -41,8 +44,32 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def save(self, ckpt_dir: str | os.PathLike) -> None:
-        with open(os.path.join(ckpt_dir, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "ByteTokenizer"}, f)
+        """Write the same tokenizer as an HF tokenizer.json (byte-level BPE with no merges)."""
+        self.to_hf().save(os.path.join(ckpt_dir, "tokenizer.json"))
+
+    def to_hf(self) -> tokenizers.Tokenizer:
+        byte_chars = _bytes_to_unicode()
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))
+        tok.add_special_tokens(["<s>", "</s>"])  # ids 256, 257
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        tok.post_processor = tokenizers.processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", self.bos_id)]
+        )
+        return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, used by byte-level BPE tokenizers."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 class HFTokenizer:
@@ -67,14 +94,8 @@ class HFTokenizer:
 def load_tokenizer(
     ckpt_dir: str | os.PathLike, bos_id: int | None = None, eos_ids: Sequence[int] = ()
 ) -> Tokenizer | None:
-    """The checkpoint's tokenizer: tokenizer.json if present, the byte tokenizer if
-    tokenizer_config.json names `ByteTokenizer`, else None (token ids in, token ids out)."""
+    """The checkpoint's tokenizer.json, or None (the model then takes and returns token ids)."""
     path = os.path.join(ckpt_dir, "tokenizer.json")
     if os.path.exists(path):
         return HFTokenizer(path, bos_id, eos_ids)
-    tc_path = os.path.join(ckpt_dir, "tokenizer_config.json")
-    if os.path.exists(tc_path):
-        with open(tc_path) as f:
-            if json.load(f).get("tokenizer_class") == "ByteTokenizer":
-                return ByteTokenizer()
     return None

@@ -196,6 +196,35 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
 _ORBAX_DIR = "params_orbax"
 
 
+def to_hf_tensors(params: model_lib.Params, cfg: ModelConfig) -> dict[str, jax.Array]:
+    """The params under HF transformers' tensor names and layouts (the inverse of load_params)."""
+    out = {}
+    for hf_name, slot in _expected_tensors(cfg).items():
+        x = params[slot.name] if slot.layer is None else params["layers"][slot.name][slot.layer]
+        out[hf_name] = x.T if slot.transpose else x
+    return out
+
+
+def save_hf_checkpoint(model: Model, path: str | os.PathLike, dtype=None) -> None:
+    """Write an HF-format checkpoint (config.json, model.safetensors, tokenizer) that both
+    `load_model` and HF transformers read."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
+    if dtype == jnp.bfloat16:
+        raise ValueError("save_hf_checkpoint writes float32 or float16 (numpy has no bfloat16)")
+    tensors = {k: np.ascontiguousarray(np.asarray(v.astype(dtype))) for k, v in to_hf_tensors(model.params, model.config).items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = jnp.dtype(dtype).name
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if model.tokenizer is not None:
+        model.tokenizer.save(path)
+
+
 def save_params(path: str | os.PathLike, params: model_lib.Params) -> None:
     import orbax.checkpoint as ocp
 

@@ -1,0 +1,114 @@
+"""Which model fits which card, at what context and batch, and how fast decode can be at best.
+
+For each card, prints one row per model: weights (GB), KV cache per 1K tokens (MB), the largest
+context at batch 1 and at --batch, the largest batch at --context, and the decode roofline's
+tokens/s at batch 1 and --context. Pure arithmetic (jaxinfer.memory): no device, no compilation.
+
+  python -m experiments.kv_capacity --cards=rtx3080_10gb,h100_80gb --weight_format=int4-g128
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from absl import app, flags
+
+from jaxinfer import memory
+
+FLAGS = flags.FLAGS
+
+_MODELS = flags.DEFINE_string("models", "all", "Comma-separated model names from configs/models, or 'all'.")
+_CARDS = flags.DEFINE_string("cards", "all", "Comma-separated card names from configs/hardware, or 'all'.")
+_KV_DTYPE = flags.DEFINE_string(
+    "kv_dtype", "bfloat16", f"KV-cache dtype: {', '.join(memory.KV_DTYPE_BYTES)}."
+)
+_WEIGHT_FORMAT = flags.DEFINE_string(
+    "weight_format", "bfloat16", f"Weight storage format: {memory.WEIGHT_FORMATS_HELP}."
+)
+_BATCH = flags.DEFINE_integer("batch", 8, "Batch size of the second max-context column (the first is 1).")
+_CONTEXT = flags.DEFINE_integer(
+    "context", 4096, "Tokens per sequence for the max-batch column and the roofline."
+)
+_RESERVE = flags.DEFINE_float(
+    "reserve_fraction", 0.1, "Fraction of the card's memory kept for activations and runtime."
+)
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows to this JSON file as well.")
+
+COLUMNS = ("model", "weights GB", "KV MB/1K tok", "model ctx", "max ctx b=1", "max ctx b={batch}",
+           "max batch @{context}", "tok/s b=1")
+
+
+def _names(value: str, known: list[str]) -> list[str]:
+    return known if value == "all" else [name.strip() for name in value.split(",") if name.strip()]
+
+
+def model_row(name: str, hw: memory.Hardware) -> dict:
+    """One model on one card, with the settings from the flags; None where the weights do not fit."""
+    cfg = memory.load_model_config(name)
+    fmt, kv, reserve = _WEIGHT_FORMAT.value, _KV_DTYPE.value, _RESERVE.value
+    row = {
+        "model": name,
+        "params": cfg.num_params(),
+        "weight_bytes": memory.weight_bytes(cfg, fmt),
+        "kv_bytes_per_1k_tokens": memory.kv_cache_bytes(cfg, 1024, kv_dtype=kv),
+        "model_max_context": cfg.max_position_embeddings,
+        "fits": True,
+        "max_context_batch_1": None,
+        "max_context_batch_n": None,
+        "max_batch_at_context": None,
+        "decode_tokens_per_s_batch_1": None,
+    }
+    try:
+        row["max_context_batch_1"] = memory.max_context(cfg, hw, 1, fmt, kv, reserve)
+    except memory.DoesNotFitError:
+        row["fits"] = False
+        return row
+    row["max_context_batch_n"] = memory.max_context(cfg, hw, _BATCH.value, fmt, kv, reserve)
+    row["max_batch_at_context"] = memory.max_batch(cfg, hw, _CONTEXT.value, fmt, kv, reserve)
+    roofline = memory.decode_roofline(cfg, hw, 1, _CONTEXT.value, fmt, kv)
+    row["decode_tokens_per_s_batch_1"] = roofline["tokens_per_s"]
+    return row
+
+
+def _cells(row: dict) -> list[str]:
+    head = [row["model"], f"{row['weight_bytes'] / 1e9:.2f}", f"{row['kv_bytes_per_1k_tokens'] / 1e6:.1f}",
+            f"{row['model_max_context']:,}"]
+    if not row["fits"]:
+        return head + ["weights do not fit", "", "", ""]
+    return head + [f"{row['max_context_batch_1']:,}", f"{row['max_context_batch_n']:,}",
+                   f"{row['max_batch_at_context']:,}", f"{row['decode_tokens_per_s_batch_1']:.1f}"]
+
+
+def print_table(hw: memory.Hardware, rows: list[dict]) -> None:
+    print(f"\n{hw.name}: {hw.memory_bytes / 1e9:.1f} GB, {hw.memory_bandwidth_bytes_per_s / 1e9:,.0f} GB/s, "
+          f"{hw.peak_bf16_flops / 1e12:.1f} TFLOP/s bf16 | weights {_WEIGHT_FORMAT.value}, "
+          f"KV {_KV_DTYPE.value}, reserve {_RESERVE.value:.0%}")
+    header = [c.format(batch=_BATCH.value, context=_CONTEXT.value) for c in COLUMNS]
+    table = [header] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        print("  ".join(cells))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    models = _names(_MODELS.value, memory.list_models())
+    cards = _names(_CARDS.value, memory.list_hardware())
+    flag_names = ("models", "cards", "kv_dtype", "weight_format", "batch", "context", "reserve_fraction")
+    result = {"flags": {name: FLAGS[name].value for name in flag_names}, "cards": {}}
+    for card in cards:
+        hw = memory.load_hardware(card)
+        rows = [model_row(name, hw) for name in models]
+        print_table(hw, rows)
+        result["cards"][card] = {"hardware": dataclasses.asdict(hw), "rows": rows}
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {_JSON_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,370 @@
+"""Memory and speed arithmetic for inference: KV-cache and weight bytes, capacity planner, decode roofline.
+
+Units: sizes in bytes, rates in bytes/s and FLOP/s, times in seconds, lengths in tokens. Every
+function takes a `ModelConfig` (from an HF config.json) and, where a card matters, a `Hardware`
+read from `configs/hardware/*.json`.
+
+The planner splits a card's memory three ways:
+
+    memory_bytes = reserve  +  weights  +  KV cache
+    reserve      = reserve_fraction * memory_bytes   (default 10%)
+
+The reserve holds what is neither weights nor KV: activations of the largest step (prefill logits,
+float32[B, T, V], dominate unless prefill is chunked), XLA scratch buffers, the CUDA context,
+cuBLAS/cuDNN workspaces and allocator fragmentation. JAX preallocates only 75% of the card by
+default (`XLA_PYTHON_CLIENT_MEM_FRACTION`); to run at these plans, raise that fraction to about
+`1 - reserve_fraction`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any
+
+from jaxinfer.config import ModelConfig
+
+# configs/ sits beside the package in the repository; it is not package data.
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+KV_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
+QUANTISED_KV_DTYPES = ("int8", "fp8")
+FLOAT_WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SCALE_BYTES = 2  # float16 scales and zero points of int weights
+FP8_SCALE_BYTES = 4  # one float32 scale per fp8 weight matrix
+_INT_FORMAT = re.compile(r"int(4|8)(?:-g(\d+))?")
+WEIGHT_FORMATS_HELP = "float32, bfloat16, float16, fp8, int8, int4, int8-gN, int4-gN"
+
+
+class DoesNotFitError(ValueError):
+    """The model's weights alone do not fit in the card's memory after the reserve."""
+
+
+def _check_at_least(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def _check_kv_dtype(kv_dtype: str, kv_scale_bytes: int) -> None:
+    if kv_dtype not in KV_DTYPE_BYTES:
+        raise ValueError(f"kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPE_BYTES)}")
+    _check_at_least("kv_scale_bytes", kv_scale_bytes, 0)
+    if kv_scale_bytes and kv_dtype not in QUANTISED_KV_DTYPES:
+        raise ValueError(f"kv_scale_bytes={kv_scale_bytes} needs an int8 or fp8 kv_dtype, got {kv_dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, kv_scale_bytes: int = 0) -> int:
+    """Bytes of K and V one token adds to the cache, over all layers.
+
+    2 (K and V) x L layers x K kv heads x (H head_dim x bytes per element + kv_scale_bytes).
+    `kv_scale_bytes` is the scale stored per token, per kv head, for each of K and V by an int8/fp8
+    cache (2 for one float16 scale, 4 for float32); float caches have none.
+    """
+    _check_kv_dtype(kv_dtype, kv_scale_bytes)
+    per_head = cfg.head_dim * KV_DTYPE_BYTES[kv_dtype] + kv_scale_bytes  # bytes per token per head
+    return 2 * cfg.num_layers * cfg.num_kv_heads * per_head
+
+
+def kv_cache_bytes(
+    cfg: ModelConfig, seq_len: int, batch: int = 1, kv_dtype: str = "float16", kv_scale_bytes: int = 0
+) -> int:
+    """Bytes of a cache holding `seq_len` tokens for each of `batch` sequences.
+
+    Every token is counted in every layer, as a paged cache stores it: sliding-window layers
+    (Mistral) keep old pages too. Example: 32 layers, 32 kv heads, head_dim 128, 4096 tokens,
+    float16 -> 2 * 32 * 32 * 128 * 4096 * 2 = 2 GiB.
+    """
+    _check_at_least("seq_len", seq_len, 0)
+    _check_at_least("batch", batch, 1)
+    return kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes) * seq_len * batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of the seven linear weights of one decoder layer: q, k, v, o, gate, up, down."""
+    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    N, K = cfg.num_heads, cfg.num_kv_heads
+    return [(D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, F), (D, F), (F, D)]
+
+
+def _check_weight_format(weight_format: str) -> None:
+    if weight_format in FLOAT_WEIGHT_BYTES or weight_format == "fp8":
+        return
+    match = _INT_FORMAT.fullmatch(weight_format)
+    if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
+        raise ValueError(f"weight_format={weight_format!r} is not one of {WEIGHT_FORMATS_HELP} (N >= 1)")
+
+
+def _matrix_bytes(fan_in: int, fan_out: int, weight_format: str) -> int:
+    """Bytes of one linear weight [fan_in, fan_out] stored in `weight_format`, scales included."""
+    if weight_format in FLOAT_WEIGHT_BYTES:
+        return fan_in * fan_out * FLOAT_WEIGHT_BYTES[weight_format]
+    if weight_format == "fp8":
+        return fan_in * fan_out + FP8_SCALE_BYTES
+    match = _INT_FORMAT.fullmatch(weight_format)
+    bits, group = int(match.group(1)), match.group(2)
+    packed = math.ceil(fan_in * fan_out * bits / 8)
+    if group is None:  # symmetric, one float16 scale per output channel
+        return packed + fan_out * SCALE_BYTES
+    groups = math.ceil(fan_in / int(group)) * fan_out  # groups of N along fan_in
+    return packed + groups * 2 * SCALE_BYTES  # a float16 scale and a float16 zero point per group
+
+
+def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16") -> int:
+    """Bytes of all parameters: embeddings, every layer, final norm and lm_head (tied: counted once).
+
+    Formats: "float32", "bfloat16", "float16" store every parameter in that dtype. The quantised
+    formats apply to the seven linear weights of each layer only; embeddings, lm_head, norms and
+    biases stay 16-bit, as AWQ and GPTQ checkpoints keep them:
+      "int8" / "int4"    symmetric, one float16 scale per output channel;
+      "int8-gN" / "int4-gN"  groups of N inputs, a float16 scale and zero point per group (int4-g128);
+      "fp8"              float8_e4m3 with one float32 scale per matrix.
+    """
+    _check_weight_format(weight_format)
+    linear_params = cfg.num_layers * sum(i * o for i, o in _linear_shapes(cfg))
+    other_params = cfg.num_params() - linear_params  # embeddings, lm_head, norms, biases
+    other_bytes = other_params * (4 if weight_format == "float32" else 2)
+    linear_bytes = cfg.num_layers * sum(_matrix_bytes(i, o, weight_format) for i, o in _linear_shapes(cfg))
+    return linear_bytes + other_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """Ceilings measured on a card (medians), to compare against the datasheet."""
+
+    memory_bandwidth_bytes_per_s: float  # elementwise bf16, bytes read + written
+    gemv_bf16_bytes_per_s: float  # weight bytes read by a bf16 GEMV through XLA
+    matmul_bf16_flops: float  # large bf16 matmul through XLA
+    date: str
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One GPU's datasheet figures. Tensor FLOP/s are dense (no sparsity)."""
+
+    name: str
+    arch: str  # "ampere" | "ada" | "hopper"
+    memory_bytes: int
+    memory_bandwidth_bytes_per_s: float
+    peak_bf16_flops: float
+    peak_fp16_flops: float
+    peak_int8_ops: float
+    peak_fp8_flops: float | None  # None where the card has no fp8 tensor cores (Ampere)
+    l2_bytes: int
+    sm_count: int
+    source: str
+    measured: Measured | None = None
+
+
+def _config_path(kind: str, field: str, name: str | os.PathLike) -> pathlib.Path:
+    """`name` as a path to a JSON file, or a file stem under configs/<kind>/."""
+    path = pathlib.Path(name)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"{field}={str(name)!r}: no such file")
+        return path
+    path = CONFIGS_DIR / kind / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"{field}={str(name)!r} is unknown; known: {', '.join(_names(kind))}")
+    return path
+
+
+def _names(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.json"))
+
+
+def list_hardware() -> list[str]:
+    """Card names under configs/hardware (file stems, e.g. "h100_80gb")."""
+    return _names("hardware")
+
+
+def list_models() -> list[str]:
+    """Model names under configs/models (file stems, e.g. "llama3_8b")."""
+    return _names("models")
+
+
+def load_model_config(name: str | os.PathLike) -> ModelConfig:
+    """A ModelConfig from configs/models/<name>.json, or from a config.json path."""
+    return ModelConfig.from_json_file(_config_path("models", "model", name))
+
+
+def load_hardware(name: str | os.PathLike) -> Hardware:
+    """A card from configs/hardware/<name>.json (e.g. "rtx3080_10gb"), or from a JSON file path."""
+    path = _config_path("hardware", "card", name)
+    with open(path) as f:
+        data: dict[str, Any] = json.load(f)
+    _check_fields(path, data, Hardware, optional={"measured"})
+    if data.get("measured") is not None:
+        _check_fields(path, data["measured"], Measured, optional=set())
+        data["measured"] = Measured(**data["measured"])
+    return Hardware(**data)
+
+
+def _check_fields(path: pathlib.Path, data: dict[str, Any], cls: type, optional: set[str]) -> None:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing = sorted(fields - optional - data.keys())
+    if missing:
+        raise ValueError(f"{path}: {cls.__name__} field(s) {', '.join(missing)} missing")
+    unknown = sorted(data.keys() - fields)
+    if unknown:
+        raise ValueError(f"{path}: {', '.join(unknown)} not {cls.__name__} field(s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity planner
+
+
+def usable_bytes(hw: Hardware, reserve_fraction: float = 0.1) -> int:
+    """Bytes for weights and KV cache: the card's memory less the reserve (see the module docstring)."""
+    if not 0 <= reserve_fraction < 1:
+        raise ValueError(f"reserve_fraction={reserve_fraction!r} must be in [0, 1)")
+    return int(hw.memory_bytes * (1 - reserve_fraction))
+
+
+def kv_budget_bytes(
+    cfg: ModelConfig, hw: Hardware, weight_format: str = "bfloat16", reserve_fraction: float = 0.1
+) -> int:
+    """Bytes left for the KV cache once weights and reserve are placed.
+
+    Raises DoesNotFitError (a ValueError) naming the card and the sizes when the weights alone do
+    not fit: the planner never answers 0 for a model that cannot even load.
+    """
+    usable = usable_bytes(hw, reserve_fraction)
+    weights = weight_bytes(cfg, weight_format)
+    if weights > usable:
+        raise DoesNotFitError(
+            f"weights of {weights / 1e9:.2f} GB ({weight_format}) do not fit on {hw.name}: "
+            f"{hw.memory_bytes / 1e9:.2f} GB of memory, {usable / 1e9:.2f} GB after the "
+            f"{reserve_fraction:.0%} reserve"
+        )
+    return usable - weights
+
+
+def fits(
+    cfg: ModelConfig, hw: Hardware, batch: int, context: int, weight_format: str = "bfloat16",
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0,
+) -> bool:
+    """Whether weights plus a cache of `batch` sequences of `context` tokens fit after the reserve."""
+    kv = kv_cache_bytes(cfg, context, batch, kv_dtype, kv_scale_bytes)
+    return weight_bytes(cfg, weight_format) + kv <= usable_bytes(hw, reserve_fraction)
+
+
+def max_context(
+    cfg: ModelConfig, hw: Hardware, batch: int = 1, weight_format: str = "bfloat16",
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0,
+) -> int:
+    """The largest tokens per sequence whose cache fits for `batch` sequences (may be 0).
+
+    A memory bound only: the model's own limit is `cfg.max_position_embeddings`.
+    Raises DoesNotFitError when the weights alone do not fit.
+    """
+    _check_at_least("batch", batch, 1)
+    per_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes)
+    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction) // (per_token * batch)
+
+
+def max_batch(
+    cfg: ModelConfig, hw: Hardware, context: int, weight_format: str = "bfloat16",
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0,
+) -> int:
+    """The most sequences of `context` tokens whose cache fits (may be 0).
+
+    Raises DoesNotFitError when the weights alone do not fit.
+    """
+    _check_at_least("context", context, 1)
+    per_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes)
+    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction) // (per_token * context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode roofline
+
+
+def _peak_flops(hw: Hardware, weight_format: str) -> float:
+    """The tensor-core peak a decode step's matmuls run at for this weight format.
+
+    fp8 runs on fp8 tensor cores where the card has them; float16 on fp16; everything else
+    (bfloat16, and int weights dequantised to bf16) on bf16. float32 weights are also taken at the
+    bf16 peak, which keeps the result a bound (an optimistic one).
+    """
+    if weight_format == "fp8" and hw.peak_fp8_flops:
+        return hw.peak_fp8_flops
+    if weight_format == "float16":
+        return hw.peak_fp16_flops
+    return hw.peak_bf16_flops
+
+
+def decode_roofline(
+    cfg: ModelConfig, hw: Hardware, batch: int = 1, context: int = 4096, weight_format: str = "bfloat16",
+    kv_dtype: str = "bfloat16", kv_scale_bytes: int = 0, measured: bool = False,
+) -> dict[str, Any]:
+    """Lower bound on one decode step's time: every sequence adds one token to a cache of `context`.
+
+    Bytes per step = weights read (all of them, except that an untied embedding table is only
+    gathered: `batch` rows) + KV read (each layer reads `context` tokens, or its sliding window) +
+    KV written (one token per sequence). FLOPs per step = 2 x matmul params (layers and lm_head)
+    x batch + attention (4 x num_heads x head_dim per token read, per layer, per sequence).
+    Time >= max(bytes / bandwidth, flops / peak); tokens/s <= batch / time.
+
+    `measured=True` uses the card's measured GEMV bandwidth and matmul FLOP/s instead of the
+    datasheet's (the card must have a "measured" entry).
+    """
+    _check_at_least("batch", batch, 1)
+    _check_at_least("context", context, 1)
+    side_bytes = 4 if weight_format == "float32" else 2  # embeddings stay 16-bit unless float32
+    D, V = cfg.hidden_size, cfg.vocab_size
+
+    weight_read = weight_bytes(cfg, weight_format) + batch * D * side_bytes  # gathered embedding rows
+    if not cfg.tie_word_embeddings:
+        weight_read -= V * D * side_bytes  # the table itself is not read; lm_head is
+    tokens_read = sum(min(context, w) if w else context for w in cfg.layer_windows)  # over layers
+    per_layer_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes) // cfg.num_layers
+    kv_read = batch * tokens_read * per_layer_token
+    kv_written = batch * kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes)
+    bytes_per_step = weight_read + kv_read + kv_written
+
+    matmul_params = cfg.num_layers * sum(i * o for i, o in _linear_shapes(cfg)) + V * D
+    attention_flops = batch * tokens_read * 4 * cfg.num_heads * cfg.head_dim  # q @ k^T and p @ v
+    flops_per_step = 2 * matmul_params * batch + attention_flops
+
+    if measured:
+        if hw.measured is None:
+            raise ValueError(f"measured=True but card {hw.name!r} has no measured figures")
+        bandwidth, peak = hw.measured.gemv_bf16_bytes_per_s, hw.measured.matmul_bf16_flops
+    else:
+        bandwidth, peak = hw.memory_bandwidth_bytes_per_s, _peak_flops(hw, weight_format)
+    memory_time = bytes_per_step / bandwidth  # s
+    compute_time = flops_per_step / peak  # s
+    step_time = max(memory_time, compute_time)
+    return {
+        "batch": batch,
+        "context": context,
+        "weight_bytes_read": weight_read,
+        "kv_bytes_read": kv_read,
+        "kv_bytes_written": kv_written,
+        "bytes_per_step": bytes_per_step,
+        "flops_per_step": flops_per_step,
+        "bandwidth_bytes_per_s": bandwidth,
+        "peak_flops": peak,
+        "memory_time_s": memory_time,
+        "compute_time_s": compute_time,
+        "step_time_s": step_time,
+        "tokens_per_s": batch / step_time,
+        "bound": "memory" if memory_time >= compute_time else "compute",
+    }

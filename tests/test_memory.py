@@ -1,0 +1,210 @@
+"""KV-cache and weight byte formulas, capacity planner, decode roofline, and the kv_capacity script."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from absl.testing import flagsaver
+
+from experiments import kv_capacity
+from jaxinfer import memory
+from jaxinfer.config import ModelConfig
+
+
+def _config(num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, **kwargs) -> ModelConfig:
+    return ModelConfig(
+        num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        hidden_size=num_heads * head_dim, layer_windows=(0,) * num_layers, **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def llama3_8b() -> ModelConfig:
+    return memory.load_model_config("llama3_8b")
+
+
+def test_kv_cache_worked_example():
+    cfg = _config()
+    assert memory.kv_cache_bytes(cfg, 4096, kv_dtype="float16") == 2_147_483_648
+    assert memory.kv_cache_bytes(cfg, 4096, batch=3, kv_dtype="float16") == 3 * 2_147_483_648
+    assert memory.kv_cache_bytes(cfg, 4096, kv_dtype="float32") == 2 * 2_147_483_648
+    assert memory.kv_cache_bytes(cfg, 4096, kv_dtype="int8") == 2_147_483_648 // 2
+
+
+def test_gqa_cuts_kv_cache_by_group_size():
+    mha = _config(num_heads=64, num_kv_heads=64)
+    gqa = _config(num_heads=64, num_kv_heads=8)
+    assert memory.kv_cache_bytes(mha, 4096) == 8 * memory.kv_cache_bytes(gqa, 4096)
+
+
+def test_kv_scale_overhead():
+    cfg = _config()
+    plain = memory.kv_bytes_per_token(cfg, "int8")
+    scaled = memory.kv_bytes_per_token(cfg, "int8", kv_scale_bytes=2)
+    assert scaled - plain == 2 * 32 * 32 * 2  # K and V, per layer, per kv head, one float16 scale
+    with pytest.raises(ValueError, match="kv_scale_bytes"):
+        memory.kv_bytes_per_token(cfg, "bfloat16", kv_scale_bytes=2)
+
+
+def test_llama3_8b_weight_bytes(llama3_8b):
+    assert llama3_8b.num_params() == 8_030_261_248
+    assert memory.weight_bytes(llama3_8b, "bfloat16") == 2 * 8_030_261_248
+    assert memory.weight_bytes(llama3_8b, "bfloat16") == pytest.approx(16.06e9, rel=1e-3)
+    assert memory.weight_bytes(llama3_8b, "float32") == 4 * 8_030_261_248
+
+
+def test_quantised_weight_bytes_keep_embeddings_16_bit(llama3_8b):
+    cfg = llama3_8b
+    embeddings = 2 * cfg.vocab_size * cfg.hidden_size  # untied: embed_tokens and lm_head
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+    linear = cfg.num_params() - embeddings - norms  # the quantised weights
+    sixteen_bit = 2 * (embeddings + norms)
+    assert memory.weight_bytes(cfg, "fp8") == sixteen_bit + linear + 4 * 7 * cfg.num_layers  # f32 scales
+    int8 = memory.weight_bytes(cfg, "int8")
+    int4 = memory.weight_bytes(cfg, "int4-g128")
+    D, F, KH = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
+    fan_outs = D + KH + KH + D + F + F + D  # q, k, v, o, gate, up, down: one float16 scale each
+    assert int8 == sixteen_bit + linear + cfg.num_layers * fan_outs * 2
+    assert int4 == sixteen_bit + linear // 2 + (linear // 128) * 4  # float16 scale + zero per group
+    assert memory.weight_bytes(cfg, "int4-g64") > int4 > memory.weight_bytes(cfg, "int4")
+    assert memory.weight_bytes(cfg, "int8-g128") > int8
+
+
+def test_tied_embeddings_counted_once():
+    untied = _config(num_layers=2, vocab_size=1000)
+    tied = _config(num_layers=2, vocab_size=1000, tie_word_embeddings=True)
+    assert memory.weight_bytes(untied) - memory.weight_bytes(tied) == 2 * 1000 * 32 * 128
+
+
+@pytest.mark.parametrize("card", ["rtx4000ada_20gb", "a100_40gb", "h100_80gb"])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_max_context_is_the_largest_that_fits(llama3_8b, card, batch):
+    hw = memory.load_hardware(card)
+    n = memory.max_context(llama3_8b, hw, batch, "bfloat16", "bfloat16")
+    assert n > 0
+    assert memory.fits(llama3_8b, hw, batch, n, "bfloat16", "bfloat16")
+    assert not memory.fits(llama3_8b, hw, batch, n + 1, "bfloat16", "bfloat16")
+
+
+@pytest.mark.parametrize("card", ["rtx4000ada_20gb", "a100_40gb", "h100_80gb"])
+@pytest.mark.parametrize("context", [1, 4096, 32768])
+def test_max_batch_is_the_largest_that_fits(llama3_8b, card, context):
+    hw = memory.load_hardware(card)
+    b = memory.max_batch(llama3_8b, hw, context, "int8", "fp8", kv_scale_bytes=2)
+    assert memory.fits(llama3_8b, hw, b, context, "int8", "fp8", kv_scale_bytes=2)
+    assert not memory.fits(llama3_8b, hw, b + 1, context, "int8", "fp8", kv_scale_bytes=2)
+
+
+def test_rtx3080_cannot_hold_llama3_8b_in_bf16_but_int4_fits(llama3_8b):
+    hw = memory.load_hardware("rtx3080_10gb")
+    with pytest.raises(memory.DoesNotFitError, match=r"16\.06 GB.*RTX 3080.*10\.74 GB.*9\.66 GB"):
+        memory.max_context(llama3_8b, hw, 1, "bfloat16")
+    with pytest.raises(ValueError, match="RTX 3080"):
+        memory.max_batch(llama3_8b, hw, 4096, "bfloat16")
+    assert not memory.fits(llama3_8b, hw, 1, 1, "bfloat16")
+    assert memory.max_context(llama3_8b, hw, 1, "int4-g128") > 8192
+    assert memory.max_batch(llama3_8b, hw, 4096, "int4-g128") >= 1
+
+
+def test_decode_roofline_llama3_8b_on_h100(llama3_8b):
+    hw = memory.load_hardware("h100_80gb")
+    r = memory.decode_roofline(llama3_8b, hw, batch=1, context=4096)
+    embed_table = llama3_8b.vocab_size * llama3_8b.hidden_size * 2
+    assert r["weight_bytes_read"] == 2 * llama3_8b.num_params() - embed_table + llama3_8b.hidden_size * 2
+    assert r["kv_bytes_read"] == memory.kv_cache_bytes(llama3_8b, 4096, kv_dtype="bfloat16")
+    assert r["bound"] == "memory"
+    assert r["tokens_per_s"] == pytest.approx(hw.memory_bandwidth_bytes_per_s / r["bytes_per_step"])
+    assert 200 < r["tokens_per_s"] < 230
+    big = memory.decode_roofline(llama3_8b, hw, batch=1024, context=128)
+    assert big["bound"] == "compute"
+    assert big["step_time_s"] == pytest.approx(big["flops_per_step"] / hw.peak_bf16_flops)
+    measured = memory.decode_roofline(llama3_8b, hw, batch=1, context=4096, measured=True)
+    assert measured["tokens_per_s"] < r["tokens_per_s"]
+    with pytest.raises(ValueError, match="measured"):
+        memory.decode_roofline(llama3_8b, memory.load_hardware("a100_80gb"), measured=True)
+
+
+def test_sliding_window_bounds_kv_read():
+    mistral = memory.load_model_config("mistral_7b")
+    hw = memory.load_hardware("h100_80gb")
+    short = memory.decode_roofline(mistral, hw, batch=1, context=4096)
+    long = memory.decode_roofline(mistral, hw, batch=1, context=32768)
+    assert short["kv_bytes_read"] == long["kv_bytes_read"]
+
+
+@pytest.mark.parametrize("name", memory.list_models())
+def test_every_model_config_loads(name):
+    cfg = memory.load_model_config(name)
+    assert cfg.num_params() > 6e9
+    assert memory.load_model_config(memory.CONFIGS_DIR / "models" / f"{name}.json") == cfg
+
+
+def test_model_configs_present():
+    assert {"llama3_8b", "llama2_7b", "mistral_7b", "qwen2.5_7b", "llama3_70b", "llama3.1_8b",
+            "qwen3_8b"} <= set(memory.list_models())
+    assert memory.load_model_config("llama3.1_8b").rope.type == "llama3"
+
+
+@pytest.mark.parametrize("name", ["rtx3080_10gb", "rtx4000ada_20gb", "a100_40gb", "a100_80gb", "h100_80gb"])
+def test_every_card_loads(name):
+    hw = memory.load_hardware(name)
+    assert hw.arch in ("ampere", "ada", "hopper")
+    assert (hw.peak_fp8_flops is None) == (hw.arch == "ampere")
+    assert hw.peak_bf16_flops < hw.peak_int8_ops
+    assert (hw.measured is not None) == (name == "h100_80gb")
+    assert memory.load_hardware(memory.CONFIGS_DIR / "hardware" / f"{name}.json") == hw
+
+
+def test_bad_input_names_the_field(llama3_8b, tmp_path):
+    hw = memory.load_hardware("h100_80gb")
+    with pytest.raises(ValueError, match="card='rtx9090' is unknown.*h100_80gb"):
+        memory.load_hardware("rtx9090")
+    with pytest.raises(ValueError, match="model='llama9' is unknown"):
+        memory.load_model_config("llama9")
+    with pytest.raises(ValueError, match="kv_dtype='int3'"):
+        memory.kv_cache_bytes(llama3_8b, 16, kv_dtype="int3")
+    with pytest.raises(ValueError, match="weight_format='int4-g0'"):
+        memory.weight_bytes(llama3_8b, "int4-g0")
+    with pytest.raises(ValueError, match="weight_format='nf4'"):
+        memory.max_context(llama3_8b, hw, 1, "nf4")
+    with pytest.raises(ValueError, match="batch=0"):
+        memory.max_context(llama3_8b, hw, 0)
+    with pytest.raises(ValueError, match="batch=0"):
+        memory.kv_cache_bytes(llama3_8b, 16, batch=0)
+    with pytest.raises(ValueError, match="batch=0"):
+        memory.decode_roofline(llama3_8b, hw, batch=0)
+    with pytest.raises(ValueError, match="context=0"):
+        memory.max_batch(llama3_8b, hw, 0)
+    with pytest.raises(ValueError, match="reserve_fraction=1.0"):
+        memory.max_context(llama3_8b, hw, 1, reserve_fraction=1.0)
+    bad_card = tmp_path / "card.json"
+    bad_card.write_text(json.dumps({"name": "x", "arch": "ampere"}))
+    with pytest.raises(ValueError, match="memory_bytes"):
+        memory.load_hardware(bad_card)
+
+
+def test_kv_capacity_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "kv.json"
+    argv = ["kv_capacity", "--models=llama3_8b,llama3_70b", "--cards=rtx3080_10gb,h100_80gb",
+            "--batch=8", "--context=4096", f"--json_out={out}"]
+    with flagsaver.flagsaver():
+        kv_capacity.FLAGS(argv)
+        kv_capacity.main(argv[:1])
+    printed = capsys.readouterr().out
+    assert "RTX 3080" in printed and "H100" in printed and "weights do not fit" in printed
+    result = json.loads(out.read_text())
+    h100 = {row["model"]: row for row in result["cards"]["h100_80gb"]["rows"]}
+    assert h100["llama3_8b"]["max_batch_at_context"] == memory.max_batch(
+        memory.load_model_config("llama3_8b"), memory.load_hardware("h100_80gb"), 4096
+    )
+    assert not h100["llama3_70b"]["fits"]
+    assert not result["cards"]["rtx3080_10gb"]["rows"][0]["fits"]
+
+
+def test_kv_capacity_rejects_bad_kv_dtype():
+    argv = ["kv_capacity", "--models=llama3_8b", "--cards=h100_80gb", "--kv_dtype=int3"]
+    with flagsaver.flagsaver():
+        kv_capacity.FLAGS(argv)
+        with pytest.raises(ValueError, match="kv_dtype"):
+            kv_capacity.main(argv[:1])
