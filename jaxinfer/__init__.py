@@ -1,8 +1,10 @@
 """jaxinfer: a pure-JAX research framework for LLM inference optimisation."""
 
 from jaxinfer.config import ConfigError, ModelConfig, RopeConfig
+from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.generation import RequestOutput, generate
-from jaxinfer.model import KVCache, forward, forward_logits, init_params
+from jaxinfer.kv_cache import KVCache, PagedKVCache
+from jaxinfer.model import forward, forward_logits, init_params
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import ByteTokenizer, HFTokenizer
 from jaxinfer.weights import CheckpointError, Model, load_model, save_model
@@ -12,8 +14,11 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "HFTokenizer",
+    "Engine",
+    "EngineConfig",
     "KVCache",
     "Model",
+    "PagedKVCache",
     "ModelConfig",
     "RequestOutput",
     "RopeConfig",

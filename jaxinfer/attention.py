@@ -4,13 +4,18 @@
 query and key, and applies causal and sliding-window masking by position. The XLA path below
 is the reference every faster implementation is compared against.
 
-Axes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim.
+`attend_cached` writes a step's new K/V into a cache (contiguous or paged) and attends over it.
+
+Axes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim,
+L layers, P pages, M pages per sequence (block-table width).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache
 
 IMPLEMENTATIONS = ("xla",)
 
@@ -46,3 +51,83 @@ def xla_attention(q, k, v, q_pos, k_pos, window=0):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(B, T, N, H)
+
+
+def attend_cached(cache, layer, q, k, v, positions, window, batch: BatchDescriptor | None, *, impl="xla"):
+    """Write k, v (B, T, K, H) into layer `layer` of the cache, then attend. Returns (out, cache)."""
+    if isinstance(cache, KVCache):
+        return _contiguous(cache, layer, q, k, v, positions, window, impl)
+    if isinstance(cache, PagedKVCache):
+        if batch is None:
+            raise ValueError("a PagedKVCache needs a BatchDescriptor")
+        return _paged(cache, layer, q, k, v, window, batch, impl)
+    raise TypeError(f"unknown cache type {type(cache).__name__}")
+
+
+def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl):
+    B = q.shape[0]
+    rows = jnp.arange(B)[:, None]  # (B, 1)
+    k_all = cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype), mode="drop")
+    v_all = cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype), mode="drop")
+    keys, values = k_all[layer], v_all[layer]  # (B, S, K, H)
+    S = keys.shape[1]
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    out = attend(q, keys, values, positions, k_pos, window, impl=impl)
+    return out, KVCache(k=k_all, v=v_all)
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """pages (K, P, page, H), block_tables (R, M) -> (R, M * page, K, H): each row's context."""
+    K, _, page, H = pages.shape
+    R, M = block_tables.shape
+    g = pages[:, block_tables]  # (K, R, M, page, H)
+    return g.reshape(K, R, M * page, H).transpose(1, 2, 0, 3)
+
+
+def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, impl):
+    """q, k, v: (1, N, heads, H) flat tokens: Rd decode tokens, then Rp rows of C prefill tokens."""
+    _, N, NH, H = q.shape
+    page = cache.page_size
+    slots = batch.slot_mapping  # (N,)
+    page_idx, offset = slots // page, slots % page
+    k_all = cache.k.at[layer, :, page_idx, offset].set(k[0].astype(cache.k.dtype), mode="drop")
+    v_all = cache.v.at[layer, :, page_idx, offset].set(v[0].astype(cache.v.dtype), mode="drop")
+    k_pages, v_pages = k_all[layer], v_all[layer]  # (K, P, page, H)
+
+    Rd, Rp = batch.num_decode, batch.num_prefill
+    outs = []
+    if Rd:
+        outs.append(paged_decode(q[0, :Rd], k_pages, v_pages, batch.decode_block_tables, batch.decode_lens, window, impl))
+    if Rp:
+        C = (N - Rd) // Rp
+        qp = q[0, Rd:].reshape(Rp, C, NH, H)
+        o = paged_prefill(qp, k_pages, v_pages, batch.prefill_block_tables, batch.prefill_start, batch.prefill_lens, window, impl)
+        outs.append(o.reshape(Rp * C, NH, H))
+    out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+    return out[None], PagedKVCache(k=k_all, v=v_all)
+
+
+def paged_decode(q, k_pages, v_pages, block_tables, lens, window=0, impl="xla"):
+    """One query per row at position lens - 1. q (R, N, H) -> (R, N, H)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # (R, S, K, H)
+    R, S = keys.shape[:2]
+    k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+    k_pos = jnp.where(k_pos < lens[:, None], k_pos, -1)  # (R, S); slots past the context are empty
+    q_pos = (lens - 1)[:, None]  # (R, 1)
+    return xla_attention(q[:, None], keys, values, q_pos, k_pos, window)[:, 0]
+
+
+def paged_prefill(q, k_pages, v_pages, block_tables, start, lens, window=0, impl="xla"):
+    """Row r's queries are at positions start[r] + [0, C); it sees its pages up to its own position.
+    q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # (R, S, K, H)
+    R, C = q.shape[:2]
+    S = keys.shape[1]
+    q_pos = start[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]  # (R, C)
+    k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+    k_pos = jnp.where(k_pos < (start + lens)[:, None], k_pos, -1)  # (R, S)
+    return xla_attention(q, keys, values, q_pos, k_pos, window)

@@ -21,16 +21,20 @@ import numpy as np
 
 from jaxinfer import model as model_lib
 from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import KVCache
 from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
 
 
 @dataclasses.dataclass
 class RequestOutput:
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length"
-    metrics: dict[str, float]
+    token_ids: list[int]  # generated tokens (a stop token included)
+    text: str | None  # decoded generated tokens, cut before a stop string; None without a tokenizer
+    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" | "error"
+    metrics: dict[str, float]  # ttft_s, tpot_s, latency_s, prompt_tokens, generated_tokens, ...
+    error: str | None = None  # why a request was refused (finish_reason "error")
+    request_id: int | None = None
+    samples: list[RequestOutput] = dataclasses.field(default_factory=list)  # all n samples when n > 1
 
 
 def next_power_of_2(n: int, minimum: int = 1) -> int:
@@ -41,29 +45,30 @@ def prepare_prompts(model, prompts: Sequence[str | Sequence[int]]) -> list[list[
     """Tokenize string prompts and check every prompt against the model's limits."""
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+    return [prepare_prompt(model, p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+
+
+def prepare_prompt(model, prompt: str | Sequence[int], name: str = "prompt") -> list[int]:
+    """One prompt as token ids; ValueError naming `name` if it is empty, too long or off-vocabulary."""
     cfg: ModelConfig = model.config
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if model.tokenizer is None:
-                raise ValueError(f"prompts[{i}] is a string but the model has no tokenizer")
-            if not p:
-                raise ValueError(f"prompts[{i}] is empty")
-            ids = model.tokenizer.encode(p)
-        else:
-            ids = [int(t) for t in p]
-        if not ids:
-            raise ValueError(f"prompts[{i}] is empty")
-        if len(ids) > cfg.max_position_embeddings:
-            raise ValueError(
-                f"prompts[{i}] has {len(ids)} tokens, over the model's context of "
-                f"{cfg.max_position_embeddings}"
-            )
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
-        out.append(ids)
-    return out
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise ValueError(f"{name} is a string but the model has no tokenizer")
+        if not prompt:
+            raise ValueError(f"{name} is empty")
+        ids = model.tokenizer.encode(prompt)
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError(f"{name} is empty")
+    if len(ids) > cfg.max_position_embeddings:
+        raise ValueError(
+            f"{name} has {len(ids)} tokens, over the model's context of {cfg.max_position_embeddings}"
+        )
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"{name} has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+    return ids
 
 
 def prepare_sampling(
@@ -113,6 +118,8 @@ def generate(
     cfg: ModelConfig = model.config
     prompt_ids = prepare_prompts(model, prompts)
     params_list = prepare_sampling(sampling, len(prompt_ids))
+    if any(s.n > 1 for s in params_list):
+        raise ValueError("n > 1 (parallel sampling) is served by ji.Engine, not the baseline generate")
     start = time.perf_counter()
 
     n = len(prompt_ids)
@@ -132,7 +139,7 @@ def generate(
     seeds = [s.seed if s.seed is not None else i for i, s in enumerate(params_list)]
     padded = params_list + [SamplingParams(temperature=0.0)] * (B - n)
     sp = SamplingBatch.from_params(padded, seeds + [0] * (B - n))
-    cache = model_lib.KVCache.zeros(cfg, B, S, model.dtype)
+    cache = KVCache.zeros(cfg, B, S, model.dtype)
 
     next_tok, cache = _prefill(
         model.params, cfg, jnp.asarray(tokens), jnp.asarray(row_lengths), cache, sp, attn_impl=attn_impl

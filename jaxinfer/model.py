@@ -25,39 +25,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
-
 from jaxinfer import attention
 from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache
 
 Params = dict[str, Any]
-
-
-@struct.dataclass
-class KVCache:
-    """Contiguous KV cache: sequence b's token at position p lives in slot p.
-
-    k, v: (L, B, S, K, H) in the model dtype. Slots past a sequence's current position hold
-    stale data and are hidden by the causal mask.
-    """
-
-    k: jax.Array
-    v: jax.Array
-
-    @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
 
 
 class ForwardOutput(NamedTuple):
     logits: jax.Array  # (B, T', V) float32; T' = T, or the number of `logits_at` columns
     hidden: jax.Array  # (B, T', D) final-norm hidden states at the same positions
-    cache: KVCache | None
+    cache: KVCache | PagedKVCache | None
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -135,8 +113,9 @@ def _project(x, w, b=None):
     return y if b is None else y + b
 
 
-def _layer(cfg: ModelConfig, lp: Params, x, cos, sin, positions, window, kv, attn_impl):
-    """One decoder layer. kv is None (attend within this call) or (k_cache, v_cache, layer index)."""
+def _layer(cfg: ModelConfig, lp: Params, x, cos, sin, positions, window, cache, layer, batch, attn_impl):
+    """One decoder layer. Without a cache the tokens attend causally to each other; with one,
+    their K/V are written into it first and attention reads the cache."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)  # (B, T, D)
@@ -148,23 +127,15 @@ def _layer(cfg: ModelConfig, lp: Params, x, cos, sin, positions, window, kv, att
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    if kv is None:
-        keys, values, k_pos = k, v, positions
+    if cache is None:
+        o = attention.attend(q, k, v, positions, positions, window, impl=attn_impl)  # (B, T, N, H)
     else:
-        k_cache, v_cache, i = kv  # (L, B, S, K, H)
-        rows = jnp.arange(B)[:, None]  # (B, 1)
-        k_cache = k_cache.at[i, rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[i, rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        keys, values = k_cache[i], v_cache[i]  # (B, S, K, H)
-        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), (B, keys.shape[1]))
-        kv = (k_cache, v_cache)
-
-    o = attention.attend(q, keys, values, positions, k_pos, window, impl=attn_impl)  # (B, T, N, H)
+        o, cache = attention.attend_cached(cache, layer, q, k, v, positions, window, batch, impl=attn_impl)
     x = x + _project(o.reshape(B, T, N * H), lp["wo"], lp.get("bo"))
 
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     mlp = jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])  # (B, T, F)
-    return x + mlp @ lp["w_down"], kv
+    return x + mlp @ lp["w_down"], cache
 
 
 def forward(
@@ -172,49 +143,33 @@ def forward(
     cfg: ModelConfig,
     tokens: jax.Array,  # (B, T) int32
     positions: jax.Array,  # (B, T) int32
-    cache: KVCache | None = None,
+    cache: KVCache | PagedKVCache | None = None,
     logits_at: jax.Array | None = None,  # (B, T') int32 indices into T; None = every token
+    batch: BatchDescriptor | None = None,  # required with a PagedKVCache (then B = 1, T = N)
     *,
     attn_impl: str = "xla",
 ) -> ForwardOutput:
-    """Run the decoder. With a cache, this call's K/V are written at `positions` first and the
-    queries attend over the whole cache; without one, the tokens attend causally to each other."""
+    """Run the decoder over tokens at the given positions, optionally reading and writing a cache
+    (passed in and returned). Logits are float32."""
     dtype = params["embed"].dtype
     x = params["embed"][tokens]  # (B, T, D)
     cos, sin = rope_tables(cfg, positions, dtype)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)  # (L,)
 
-    if cache is None:
+    def body(carry, xs):
+        x, cache = carry
+        lp, window, layer = xs
+        return _layer(cfg, lp, x, cos, sin, positions, window, cache, layer, batch, attn_impl), None
 
-        def body(x, xs):
-            lp, window = xs
-            x, _ = _layer(cfg, lp, x, cos, sin, positions, window, None, attn_impl)
-            return x, None
-
-        x, _ = jax.lax.scan(body, x, (params["layers"], windows))
-        new_cache = None
-    else:
-
-        def body(carry, xs):
-            x, k_cache, v_cache = carry
-            lp, window, i = xs
-            x, (k_cache, v_cache) = _layer(
-                cfg, lp, x, cos, sin, positions, window, (k_cache, v_cache, i), attn_impl
-            )
-            return (x, k_cache, v_cache), None
-
-        layer_ids = jnp.arange(cfg.num_layers)
-        (x, k_cache, v_cache), _ = jax.lax.scan(
-            body, (x, cache.k, cache.v), (params["layers"], windows, layer_ids)
-        )
-        new_cache = KVCache(k=k_cache, v=v_cache)
+    layer_ids = jnp.arange(cfg.num_layers)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], windows, layer_ids))
 
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # (B, T', D)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
     logits = jnp.einsum("BTD,DV->BTV", hidden, head, preferred_element_type=jnp.float32)
-    return ForwardOutput(logits=logits, hidden=hidden, cache=new_cache)
+    return ForwardOutput(logits=logits, hidden=hidden, cache=cache)
 
 
 _forward_jit = jax.jit(forward, static_argnames=("cfg", "attn_impl"))

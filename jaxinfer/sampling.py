@@ -28,6 +28,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded completion
     ignore_eos: bool = False
+    n: int = 1  # independent samples of the same prompt (they share its KV pages)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, (int, np.integer)) or self.max_tokens < 1:
@@ -40,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.n, (int, np.integer)) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if isinstance(self.stop, str) or isinstance(self.stop_token_ids, int):
             raise ValueError("stop and stop_token_ids must be sequences, not a single value")
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -25,6 +25,8 @@ from jaxinfer import model as model_lib
 from jaxinfer.config import ModelConfig
 from jaxinfer.tokenizer import Tokenizer, load_tokenizer
 
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+SHIPPED_MODELS = ("tiny", "tiny-draft")  # byte-level models trained by experiments/train_tiny.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # HF tensor name -> (our name, transpose). "{i}" is the layer index.
@@ -175,13 +177,18 @@ def resolve_dtype(dtype) -> Any:
 
 
 def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False) -> Model:
-    """A local HF checkpoint directory (config.json + safetensors, optional tokenizer.json), or a
-    directory written by `save_model` (config.json + orbax params)."""
+    """A shipped model by name ("tiny", "tiny-draft"), a local HF checkpoint directory
+    (config.json + safetensors, optional tokenizer.json), or a directory written by `save_model`
+    (config.json + orbax params)."""
     path = os.fspath(path)
     dtype = resolve_dtype(dtype)
+    if path in SHIPPED_MODELS:
+        path = os.path.join(ASSETS_DIR, path)
+    elif not os.path.isdir(path):
+        raise ValueError(
+            f"model {path!r} is neither a directory nor a shipped model ({', '.join(SHIPPED_MODELS)})"
+        )
     config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise ValueError(f"model path {path!r} is not a directory")
     if not os.path.exists(config_path):
         raise CheckpointError(f"no config.json in {path}")
     cfg = ModelConfig.from_json_file(config_path)

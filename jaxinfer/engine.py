@@ -1,0 +1,328 @@
+"""The serving engine: requests in, tokens out, over a paged KV cache.
+
+  engine = ji.Engine(model, ji.EngineConfig(batching="continuous", page_size=16))
+  outs = engine.generate(prompts, ji.SamplingParams(max_tokens=64, temperature=0.0))
+
+Each `step()` asks the scheduler for a mixed batch (one decode token per running sequence plus
+prompt chunks), lays it out flat for one jitted forward over the paged cache (donated), samples
+the rows that finished their input, and retires finished requests, returning their pages. All
+shapes are bucketed to powers of two (decode rows, prefill rows, chunk length, pages per
+sequence), so a long run compiles a handful of programs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import time
+from typing import Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import model as model_lib
+from jaxinfer.generation import RequestOutput, next_power_of_2, prepare_prompt, prepare_sampling
+from jaxinfer.kv_cache import BatchDescriptor, PageAllocator, PagedKVCache, copy_pages
+from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
+from jaxinfer.scheduler import Scheduler, Sequence, Status
+
+# How many times each jitted function was traced (= compiled); tests assert on it.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    batching: str = "continuous"  # "continuous": refill slots every step; "static": wait for the batch to drain
+    page_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # KV budget in pages; None: room for max_batch full-length sequences
+    max_batch: int = 8  # sequences running at once
+    max_tokens_per_step: int = 256  # token budget of one step (decode tokens + prompt chunks)
+    chunked_prefill: bool = True  # split prompts across steps to fit the budget
+    prefix_cache: bool = True  # reuse full KV pages of identical prompt prefixes
+    max_seq_len: int | None = None  # None: the model's context length
+    attention: str = "xla"
+
+    def __post_init__(self):
+        if self.batching not in ("continuous", "static"):
+            raise ValueError(f"batching={self.batching!r} is not one of 'continuous', 'static'")
+        for name in ("page_size", "max_batch", "max_tokens_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages={self.num_pages} must be >= 1")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 2")
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    request_id: int
+    prompt: list[int]
+    sampling: SamplingParams
+    seed: int
+    arrival: float
+    sequences: list[Sequence]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"), donate_argnames=("cache",))
+def _step(params, cfg, tokens, positions, cache, batch, logits_at, *, attn_impl):
+    """tokens, positions (N,); logits_at (R,) -> logits (R, V), hidden (R, D), cache."""
+    TRACE_COUNTS["step"] += 1
+    out = model_lib.forward(params, cfg, tokens[None], positions[None], cache, logits_at[None], batch, attn_impl=attn_impl)
+    return out.logits[0], out.hidden[0], out.cache
+
+
+@jax.jit
+def _sample_rows(logits, rows, sp, steps):
+    TRACE_COUNTS["sample"] += 1
+    return sample(logits[rows], sp, steps)
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    """Seed of a request's index-th sample; sample 0 uses the request's own seed."""
+    return seed if index == 0 else hash((seed, index)) & 0x7FFFFFFF
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        self.model = model
+        self.config = config
+        cfg = model.config
+        self.max_seq_len = min(config.max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        pages_per_seq = math.ceil(self.max_seq_len / config.page_size)
+        num_pages = config.num_pages or config.max_batch * pages_per_seq
+        self.allocator = PageAllocator(num_pages, config.page_size, config.prefix_cache)
+        self.scheduler = Scheduler(
+            self.allocator, policy=config.batching, max_batch=config.max_batch,
+            max_tokens_per_step=config.max_tokens_per_step, chunked_prefill=config.chunked_prefill,
+        )
+        self.cache = PagedKVCache.zeros(cfg, num_pages, config.page_size, model.dtype)
+        self._requests: dict[int, _Request] = {}
+        self._next_id = 0
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.pages_in_use: list[int] = []  # after each step
+
+    # Requests ----------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Seq[int], sampling: SamplingParams | None = None, seed: int | None = None) -> int:
+        """Queue a request and return its id. Bad input raises ValueError; the engine is unchanged."""
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
+        ids = prepare_prompt(self.model, prompt)
+        capacity = self.allocator.num_pages * self.allocator.page_size
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, over the engine's max_seq_len={self.max_seq_len}")
+        if len(ids) + 1 > capacity:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the KV cache holds {capacity} "
+                f"({self.allocator.num_pages} pages of {self.allocator.page_size}), it can never run"
+            )
+        rid = self._next_id
+        self._next_id += 1
+        seed = sampling.seed if sampling.seed is not None else (rid if seed is None else seed)
+        now = time.perf_counter()
+        seq = Sequence(rid, 0, list(ids), len(ids), sampling, seed, now)
+        self._requests[rid] = _Request(rid, list(ids), sampling, seed, now, [seq])
+        self.scheduler.add(seq)
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def generate(
+        self,
+        prompts: Seq[str | Seq[int]],
+        sampling: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Serve prompts to completion; outputs in prompt order. A bad prompt gets an output with
+        finish_reason "error" and its message; the others are served as if it were not there."""
+        if isinstance(prompts, str) or not len(prompts):
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        params = prepare_sampling(sampling, len(prompts))
+        ids: list[int | RequestOutput] = []
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            try:
+                ids.append(self.add_request(p, sp, seed=i))
+            except ValueError as e:
+                prompt_ids = list(p) if not isinstance(p, str) else []
+                ids.append(RequestOutput(prompt_ids, [], None, "error", {}, error=f"prompts[{i}]: {e}"))
+        done: dict[int, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                done[out.request_id] = out
+        return [x if isinstance(x, RequestOutput) else done.pop(x) for x in ids]
+
+    # One iteration -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        self.stats["preemptions"] += len(plan.preempted)
+        finished = list(plan.finished)
+        if plan.copies:
+            src, dst = zip(*plan.copies)
+            self.cache = copy_pages(self.cache, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+            self.stats["copied_pages"] += len(plan.copies)
+        if not plan.empty:
+            finished += self._run(plan)
+        self.pages_in_use.append(self.allocator.num_used)
+        self.stats["steps"] += 1
+        return self._collect(finished)
+
+    def _run(self, plan) -> list[Sequence]:
+        cfg, page = self.model.config, self.allocator.page_size
+        decode, prefill = plan.decode, plan.prefill
+        Rd = next_power_of_2(len(decode)) if decode else 0
+        Rp = next_power_of_2(len(prefill)) if prefill else 0
+        C = next_power_of_2(max(n for _, n in prefill), 16) if prefill else 0
+        scheduled = decode + [s for s, _ in prefill]
+        M = next_power_of_2(max(len(s.pages) for s in scheduled), 4)
+        N = Rd + Rp * C
+        dropped = self.allocator.num_pages * page  # slot index past the cache: not written
+
+        tokens = np.zeros(N, np.int32)
+        positions = np.zeros(N, np.int32)
+        slots = np.full(N, dropped, np.int32)
+        d_tables, d_lens = np.zeros((Rd, M), np.int32), np.zeros(Rd, np.int32)
+        p_tables, p_start, p_lens = np.zeros((Rp, M), np.int32), np.zeros(Rp, np.int32), np.zeros(Rp, np.int32)
+        logits_at = np.zeros(Rd + Rp, np.int32)
+
+        def place(seq, offset, n):
+            pos = np.arange(seq.num_computed, seq.num_computed + n)
+            tokens[offset : offset + n] = seq.tokens[seq.num_computed : seq.num_computed + n]
+            positions[offset : offset + n] = pos
+            slots[offset : offset + n] = np.asarray(seq.pages)[pos // page] * page + pos % page
+
+        for i, seq in enumerate(decode):
+            place(seq, i, 1)
+            d_tables[i, : len(seq.pages)] = seq.pages
+            d_lens[i] = seq.num_computed + 1
+            logits_at[i] = i
+        for j, (seq, n) in enumerate(prefill):
+            offset = Rd + j * C
+            place(seq, offset, n)
+            p_tables[j, : len(seq.pages)] = seq.pages
+            p_start[j], p_lens[j] = seq.num_computed, n
+            logits_at[Rd + j] = offset + n - 1
+
+        batch = BatchDescriptor(
+            slot_mapping=jnp.asarray(slots), decode_block_tables=jnp.asarray(d_tables),
+            decode_lens=jnp.asarray(d_lens), prefill_block_tables=jnp.asarray(p_tables),
+            prefill_start=jnp.asarray(p_start), prefill_lens=jnp.asarray(p_lens),
+        )
+        logits, _, self.cache = _step(
+            self.model.params, cfg, jnp.asarray(tokens), jnp.asarray(positions), self.cache, batch,
+            jnp.asarray(logits_at), attn_impl=self.config.attention,
+        )
+        self.stats["decode_tokens"] += len(decode)
+        self.stats["prefill_tokens"] += sum(n for _, n in prefill)
+
+        # Advance the sequences; collect the ones that sample a token now (row -> sequence).
+        samplers: list[tuple[int, Sequence]] = [(i, s) for i, s in enumerate(decode)]
+        for seq in decode:
+            seq.num_computed += 1
+        for j, (seq, n) in enumerate(prefill):
+            seq.num_computed += n
+            if seq.num_computed == len(seq.tokens):
+                samplers.append((Rd + j, seq))
+                if not seq.generated and seq.sample_index == 0 and seq.sampling.n > 1:
+                    samplers += [(Rd + j, child) for child in self._fork(seq)]
+        for seq in scheduled:
+            self.scheduler.register_full_pages(seq)
+        if not samplers:
+            return []
+
+        R = next_power_of_2(len(samplers))
+        rows = np.zeros(R, np.int32)
+        rows[: len(samplers)] = [r for r, _ in samplers]
+        seqs = [s for _, s in samplers]
+        pad = [SamplingParams(temperature=0.0)] * (R - len(seqs))
+        sp = SamplingBatch.from_params([s.sampling for s in seqs] + pad, [s.seed for s in seqs] + [0] * len(pad))
+        steps = np.zeros(R, np.int32)
+        steps[: len(seqs)] = [len(s.generated) for s in seqs]
+        new_tokens = np.asarray(_sample_rows(logits, jnp.asarray(rows), sp, jnp.asarray(steps)))
+
+        now = time.perf_counter()
+        finished = []
+        for seq, tok in zip(seqs, new_tokens[: len(seqs)].tolist()):
+            seq.tokens.append(tok)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._stop_reason(seq, tok)
+            if reason is not None:
+                seq.finish_time = now
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The other n - 1 samples of a request share the parent's prompt pages (copy-on-write)."""
+        children = []
+        for index in range(1, parent.sampling.n):
+            child = dataclasses.replace(
+                parent, sample_index=index, tokens=list(parent.tokens), pages=list(parent.pages),
+                hashes=list(parent.hashes), seed=_sample_seed(parent.seed, index),
+            )
+            for p in child.pages:
+                self.allocator.incref(p)
+            self.scheduler.running.append(child)
+            self._requests[parent.request_id].sequences.append(child)
+            children.append(child)
+        return children
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        sp = seq.sampling
+        tokenizer = self.model.tokenizer
+        eos = set(self.model.config.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
+        if tok in sp.stop_token_ids or (tok in eos and not sp.ignore_eos):
+            return "stop"
+        if sp.stop and tokenizer is not None:
+            text = tokenizer.decode(seq.generated)
+            if any(s in text for s in sp.stop):
+                return "stop"
+        if len(seq.generated) >= sp.max_tokens or len(seq.tokens) > self.max_seq_len:
+            return "length"
+        return None
+
+    # Outputs -----------------------------------------------------------------------------------
+
+    def _collect(self, finished: list[Sequence]) -> list[RequestOutput]:
+        outs = []
+        for rid in dict.fromkeys(s.request_id for s in finished):
+            req = self._requests[rid]
+            if any(s.status is not Status.FINISHED for s in req.sequences) or len(req.sequences) < req.sampling.n:
+                continue
+            del self._requests[rid]
+            samples = [self._output(req, s) for s in sorted(req.sequences, key=lambda s: s.sample_index)]
+            first = samples[0]
+            if len(samples) > 1:
+                first.samples = samples
+            outs.append(first)
+        return outs
+
+    def _output(self, req: _Request, seq: Sequence) -> RequestOutput:
+        tokenizer = self.model.tokenizer
+        text = None
+        if tokenizer is not None:
+            text = tokenizer.decode(seq.generated)
+            hits = [text.index(s) for s in seq.sampling.stop if s in text]
+            if hits:
+                text = text[: min(hits)]
+        k = len(seq.generated)
+        first = seq.first_token_time or seq.finish_time or req.arrival
+        end = seq.finish_time or first
+        metrics = {
+            "ttft_s": first - req.arrival,
+            "latency_s": end - req.arrival,
+            "tpot_s": (end - first) / (k - 1) if k > 1 else 0.0,
+            "prompt_tokens": float(len(req.prompt)),
+            "generated_tokens": float(k),
+            "cached_tokens": float(seq.num_cached_tokens),
+            "preemptions": float(seq.num_preemptions),
+        }
+        return RequestOutput(req.prompt, seq.generated, text, seq.finish_reason, metrics, request_id=req.request_id)

@@ -1,0 +1,238 @@
+"""Iteration-level scheduling: which sequences run in the next step, and with which pages.
+
+Plain host-side Python. Each step the scheduler
+  1. gives every running sequence that has finished its prompt one decode token,
+  2. spends the rest of the token budget on prompt chunks (chunked prefill), first of running
+     sequences mid-prompt, then of waiting sequences it admits (continuous batching), or admits
+     a whole batch only when nothing runs (static batching),
+  3. makes sure each scheduled sequence owns the pages its new tokens go to: allocating on
+     demand, copying a shared page before writing into it (copy-on-write), and preempting the
+     most recently admitted sequence (its pages freed, recomputed later) when pages run out.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import math
+
+from jaxinfer.kv_cache import OutOfPages, PageAllocator
+from jaxinfer.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One stream of tokens: a request's prompt plus what has been generated for it so far."""
+
+    request_id: int
+    sample_index: int  # which of the request's n samples
+    tokens: list[int]  # prompt + generated
+    prompt_len: int
+    sampling: SamplingParams
+    seed: int
+    arrival: float
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    hashes: list[int] = dataclasses.field(default_factory=list)  # chained hash of each full page
+    num_registered: int = 0  # full pages offered to the prefix cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_uncomputed > 1 or not self.generated
+
+
+@dataclasses.dataclass
+class StepPlan:
+    decode: list[Sequence]
+    prefill: list[tuple[Sequence, int]]  # (sequence, number of tokens in its chunk)
+    copies: list[tuple[int, int]]  # (src page, dst page) to copy before the step
+    preempted: list[Sequence]
+    finished: list[Sequence]  # ended by the scheduler: alone, and still out of pages
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        *,
+        policy: str = "continuous",
+        max_batch: int = 8,
+        max_tokens_per_step: int = 256,
+        chunked_prefill: bool = True,
+    ):
+        if policy not in ("continuous", "static"):
+            raise ValueError(f"batching={policy!r} is not one of 'continuous', 'static'")
+        self.allocator = allocator
+        self.policy = policy
+        self.max_batch = max_batch
+        self.max_tokens_per_step = max_tokens_per_step
+        self.chunked_prefill = chunked_prefill
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+        self._admitting = True
+
+    @property
+    def page_size(self) -> int:
+        return self.allocator.page_size
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # Page management ---------------------------------------------------------------------------
+
+    def _pages_for(self, seq: Sequence, num_tokens: int) -> int:
+        """Pages seq must newly allocate to hold num_tokens more tokens."""
+        return max(0, math.ceil((seq.num_computed + num_tokens) / self.page_size) - len(seq.pages))
+
+    def _admit(self, seq: Sequence) -> None:
+        """Take prefix-cache hits for a newly (re)admitted sequence."""
+        page = self.page_size
+        # The last token is never taken from the cache: its logits are needed.
+        seq.hashes = PageAllocator.page_hashes(seq.tokens[: len(seq.tokens) - 1], page)
+        hits = self.allocator.lookup(seq.hashes)
+        seq.pages = hits
+        seq.num_computed = len(hits) * page
+        seq.num_registered = len(hits)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.pages)
+        seq.pages, seq.hashes = [], []
+        seq.num_computed = seq.num_registered = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _reserve(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
+        """Make seq own writable pages for its next num_tokens tokens, preempting later-admitted
+        sequences if needed. False if seq itself was preempted, or finished because even alone
+        it does not fit in the cache."""
+        while True:
+            try:
+                self._copy_on_write(seq, plan.copies)
+                seq.pages += self.allocator.allocate(self._pages_for(seq, num_tokens))
+                return True
+            except OutOfPages:
+                if self.running == [seq]:
+                    self.finish(seq, "length")
+                    plan.finished.append(seq)
+                    return False
+                victim = self.running[-1]
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is seq:
+                    return False
+
+    def _copy_on_write(self, seq: Sequence, copies: list) -> None:
+        """The page the next token goes into must not be shared with another sequence."""
+        idx = seq.num_computed // self.page_size
+        if idx < len(seq.pages) and self.allocator.refcount[seq.pages[idx]] > 1:
+            (dst,) = self.allocator.allocate(1)
+            copies.append((seq.pages[idx], dst))
+            self.allocator.free([seq.pages[idx]])
+            seq.pages[idx] = dst
+
+    def register_full_pages(self, seq: Sequence) -> None:
+        """Offer newly completed pages of seq to the prefix cache."""
+        page = self.page_size
+        full = seq.num_computed // page
+        while len(seq.hashes) < full:  # extend the chained hashes over generated tokens
+            prev = seq.hashes[-1] if seq.hashes else 0
+            i = len(seq.hashes)
+            seq.hashes.append(hash((prev, tuple(seq.tokens[i * page : (i + 1) * page]))))
+        for i in range(seq.num_registered, full):
+            self.allocator.register(seq.pages[i], seq.hashes[i])
+        seq.num_registered = max(seq.num_registered, full)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.pages)
+        seq.pages = []
+
+    # The plan ----------------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(decode=[], prefill=[], copies=[], preempted=[], finished=[])
+        budget = self.max_tokens_per_step
+
+        for seq in list(self.running):
+            if seq.status is Status.RUNNING and not seq.in_prefill and self._reserve(seq, 1, plan):
+                plan.decode.append(seq)
+        budget -= len(plan.decode)
+
+        for seq in list(self.running):
+            if seq.status is Status.RUNNING and seq.in_prefill:
+                n = self._chunk(seq, budget, first=not plan.prefill)
+                if n and self._reserve(seq, n, plan):
+                    plan.prefill.append((seq, n))
+                    budget -= n
+
+        if self.policy == "continuous" or not self.running:
+            self._admitting = True
+        while self.waiting and self._admitting and not plan.preempted and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            n = self._chunk_len(len(seq.tokens), budget, first=not plan.prefill)
+            if n == 0 and self.policy == "continuous":
+                break  # no budget left this step
+            if self.allocator.num_free < math.ceil(max(n, 1) / self.page_size):
+                break
+            self.waiting.popleft()
+            self._admit(seq)
+            n = self._chunk(seq, budget, first=not plan.prefill)  # prefix hits may shorten it
+            if n and self._reserve(seq, n, plan):
+                plan.prefill.append((seq, n))
+                budget -= n
+        if self.policy == "static" and self.running:
+            self._admitting = False  # a static batch takes no one else until it drains
+
+        # A sequence preempted after it was planned must not run.
+        plan.decode = [s for s in plan.decode if s.status is Status.RUNNING]
+        plan.prefill = [(s, n) for s, n in plan.prefill if s.status is Status.RUNNING]
+        return plan
+
+    def _chunk_len(self, remaining: int, budget: int, first: bool) -> int:
+        if self.chunked_prefill:
+            return min(remaining, budget)
+        # Whole prompts only; the first prefill of a step may exceed the budget.
+        return remaining if (remaining <= budget or first) else 0
+
+    def _chunk(self, seq: Sequence, budget: int, first: bool) -> int:
+        return self._chunk_len(seq.num_uncomputed, budget, first)
