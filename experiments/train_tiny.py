@@ -43,6 +43,8 @@ flags.DEFINE_integer("warmup", 100, "Warmup steps.")
 flags.DEFINE_integer("seed", 0, "Seed for init and data order.")
 flags.DEFINE_integer("eval_windows", 64, "Held-out windows of seq_len for the final evaluation.")
 flags.DEFINE_integer("ckpt_every", 200, "Save the train state every N steps.")
+flags.DEFINE_string("corpus", "", "A corpus .npz written by --save_corpus (default: read this Python's own text).")
+flags.DEFINE_string("save_corpus", "", "Write the corpus to this .npz and exit (to train elsewhere on the same text).")
 
 # Named sizes: the target ~4M parameters, the draft ~10x smaller. Byte vocab (256 + BOS/EOS).
 MODELS = {
@@ -163,7 +165,7 @@ def train(which: str, corpus: data.Corpus) -> dict:
         "heldout_windows": FLAGS.eval_windows,
         "train_seconds_this_run": round(train_time, 1),
         "corpus": {"train_tokens": int(corpus.train.size), "heldout_tokens": int(corpus.heldout.size),
-                   "docs": list(corpus.num_docs), "python": sys.version.split()[0]},
+                   "docs": list(corpus.num_docs), "source": os.path.basename(FLAGS.corpus) or f"Python {sys.version.split()[0]}"},
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
@@ -179,7 +181,11 @@ def main(argv):
     unknown = set(FLAGS.which) - set(MODELS)
     if unknown:
         raise app.UsageError(f"--which: unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
-    corpus = data.load_corpus()
+    corpus = data.read_corpus(FLAGS.corpus) if FLAGS.corpus else data.load_corpus()
+    if FLAGS.save_corpus:
+        data.save_corpus(corpus, FLAGS.save_corpus)
+        print(f"wrote {FLAGS.save_corpus}")
+        return
     print(f"corpus: {corpus.train.size:,} train tokens, {corpus.heldout.size:,} held-out tokens")
     records = [train(w, corpus) for w in FLAGS.which]
     print(f"\n{'model':<12}{'params':>12}{'steps':>8}{'held-out bits/byte':>20}")

@@ -72,6 +72,17 @@ def load_corpus(max_train_bytes: int = 64 << 20) -> Corpus:
     return Corpus(np.concatenate(train), np.concatenate(heldout), (n_train, n_heldout))
 
 
+def save_corpus(corpus: Corpus, path: str) -> None:
+    """Write the token streams (uint16) so another machine trains on exactly this corpus."""
+    np.savez_compressed(path, train=corpus.train.astype(np.uint16), heldout=corpus.heldout.astype(np.uint16),
+                        num_docs=np.asarray(corpus.num_docs))
+
+
+def read_corpus(path: str) -> Corpus:
+    with np.load(path) as f:
+        return Corpus(f["train"].astype(np.int32), f["heldout"].astype(np.int32), tuple(int(x) for x in f["num_docs"]))
+
+
 def heldout_windows(corpus: Corpus, seq_len: int, num: int) -> np.ndarray:
     """(num, seq_len + 1) non-overlapping windows from the start of the held-out stream."""
     needed = num * (seq_len + 1)

@@ -105,6 +105,7 @@ class Engine:
         self._next_id = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.pages_in_use: list[int] = []  # after each step
+        self.buckets: set[tuple[int, int, int, int]] = set()  # (decode rows, prefill rows, chunk, pages) shapes run
 
     # Requests ----------------------------------------------------------------------------------
 
@@ -117,7 +118,7 @@ class Engine:
         capacity = self.allocator.num_pages * self.allocator.page_size
         if len(ids) > self.max_seq_len:
             raise ValueError(f"prompt has {len(ids)} tokens, over the engine's max_seq_len={self.max_seq_len}")
-        if len(ids) + 1 > capacity:
+        if len(ids) > capacity:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; the KV cache holds {capacity} "
                 f"({self.allocator.num_pages} pages of {self.allocator.page_size}), it can never run"
@@ -183,6 +184,7 @@ class Engine:
         scheduled = decode + [s for s, _ in prefill]
         M = next_power_of_2(max(len(s.pages) for s in scheduled), 4)
         N = Rd + Rp * C
+        self.buckets.add((Rd, Rp, C, M))
         dropped = self.allocator.num_pages * page  # slot index past the cache: not written
 
         tokens = np.zeros(N, np.int32)

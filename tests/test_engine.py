@@ -1,0 +1,208 @@
+"""The paged engine: token-for-token equal to the contiguous baseline and HF transformers, under
+every batching policy, chunked prefill, preemption, prefix caching and parallel sampling."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jaxinfer as ji
+from jaxinfer import engine as engine_lib
+from helpers import hf_model, save_hf
+
+GREEDY = ji.SamplingParams(max_tokens=16, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ji.ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, max_position_embeddings=96)
+    return ji.Model(cfg, ji.init_params(cfg, jax.random.key(1), std=0.3), ji.ByteTokenizer())
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(42)
+    return [rng.integers(0, 256, size=n).tolist() for n in (3, 21, 40, 8, 33, 1)]
+
+
+@pytest.fixture(scope="module")
+def baseline(model, prompts):
+    return [o.token_ids for o in ji.generate(model, prompts, GREEDY)]
+
+
+CONFIGS = {
+    "continuous": ji.EngineConfig(),
+    "static": ji.EngineConfig(batching="static", max_batch=2),
+    "no_chunking": ji.EngineConfig(chunked_prefill=False, max_tokens_per_step=16),
+    "small_chunks": ji.EngineConfig(max_tokens_per_step=12, page_size=4),
+    "preemption": ji.EngineConfig(num_pages=8, page_size=8, max_batch=4),
+    "preemption_static": ji.EngineConfig(batching="static", num_pages=8, page_size=8, max_batch=4, max_tokens_per_step=20),
+    "no_prefix_cache": ji.EngineConfig(prefix_cache=False, page_size=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_greedy_equals_baseline(model, prompts, baseline, name):
+    engine = ji.Engine(model, CONFIGS[name])
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == baseline
+    assert all(o.finish_reason == "length" for o in outs)
+    if name.startswith("preemption"):
+        assert engine.stats["preemptions"] > 0
+    assert engine.allocator.num_used == 0  # every page back
+    engine.allocator.check_invariants(owners={})
+
+
+def test_prefix_cache_hits_keep_outputs(model):
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 256, size=40).tolist()
+    prompts = [base + [1, 2, 3], base + [4, 5], base[:35], base]
+    ref = [o.token_ids for o in ji.generate(model, prompts, GREEDY)]
+    engine = ji.Engine(model, ji.EngineConfig(page_size=8))
+    outs = [engine.generate([p], GREEDY)[0] for p in prompts]  # one at a time: later ones hit
+    assert [o.token_ids for o in outs] == ref
+    assert [o.metrics["cached_tokens"] for o in outs] == [0, 40, 32, 32]  # the last token is never cached
+    together = ji.Engine(model, ji.EngineConfig(page_size=8)).generate(prompts, GREEDY)
+    assert [o.token_ids for o in together] == ref
+
+
+def test_sampling_equals_baseline_and_ignores_batch(model, prompts):
+    params = [ji.SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=40, seed=s) for s in range(len(prompts))]
+    ref = [o.token_ids for o in ji.generate(model, prompts, params)]
+    engine = ji.Engine(model, ji.EngineConfig(max_batch=3, num_pages=12, page_size=8))
+    assert [o.token_ids for o in engine.generate(prompts, params)] == ref
+    alone = ji.Engine(model).generate([prompts[2]], [params[2]])[0]
+    assert alone.token_ids == ref[2]
+
+
+def test_parallel_sampling_shares_pages(model, prompts):
+    sp = ji.SamplingParams(max_tokens=10, temperature=1.0, n=4, seed=3)
+    engine = ji.Engine(model, ji.EngineConfig(page_size=8))
+    (out,) = engine.generate([prompts[4]], sp)
+    assert len(out.samples) == 4 and out.samples[0] is out
+    single = ji.Engine(model).generate([prompts[4]], ji.SamplingParams(max_tokens=10, temperature=1.0, seed=3))[0]
+    assert out.token_ids == single.token_ids  # sample 0 is the n=1 sample
+    assert len({tuple(s.token_ids) for s in out.samples}) == 4
+    assert engine.stats["copied_pages"] > 0  # the shared partial page was copied before writing
+    assert engine.allocator.num_used == 0
+    greedy = engine.generate([prompts[4]], ji.SamplingParams(max_tokens=10, temperature=0.0, n=3))[0]
+    assert all(s.token_ids == greedy.token_ids for s in greedy.samples)
+
+
+def test_compiles_once_per_bucket(model, prompts):
+    engine_lib.TRACE_COUNTS.clear()
+    engine = ji.Engine(model, ji.EngineConfig(max_batch=4))
+    engine.generate(prompts, ji.SamplingParams(max_tokens=40, temperature=0.0))
+    steps = engine.stats["steps"]
+    assert steps > 40
+    assert engine_lib.TRACE_COUNTS["step"] == len(engine.buckets) <= 10
+    # The same workload again compiles nothing new.
+    ji.Engine(model, ji.EngineConfig(max_batch=4)).generate(prompts, ji.SamplingParams(max_tokens=40, temperature=0.0))
+    assert engine_lib.TRACE_COUNTS["step"] == len(engine.buckets)
+
+
+def test_stop_conditions_match_baseline(model, prompts, baseline):
+    stop_tok = baseline[1][5]
+    sp = ji.SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(stop_tok,))
+    ref = ji.generate(model, prompts, sp)
+    outs = ji.Engine(model).generate(prompts, sp)
+    assert [(o.token_ids, o.finish_reason) for o in outs] == [(o.token_ids, o.finish_reason) for o in ref]
+
+
+def test_bad_requests_do_not_disturb_others(model, prompts, baseline):
+    engine = ji.Engine(model, ji.EngineConfig(num_pages=8, page_size=8))  # holds 64 tokens
+    mixed = [prompts[0], [], prompts[1], [1, 2, 999], [5] * 70, prompts[3]]
+    outs = engine.generate(mixed, GREEDY)
+    assert [o.finish_reason for o in outs] == ["length", "error", "length", "error", "error", "length"]
+    assert "prompts[1]: prompt is empty" == outs[1].error
+    assert "token id 999 outside the vocabulary" in outs[3].error
+    assert "the KV cache holds 64" in outs[4].error and "can never run" in outs[4].error
+    assert [outs[i].token_ids for i in (0, 2, 5)] == [baseline[0], baseline[1], baseline[3]]
+    with pytest.raises(ValueError, match="prompt has 97 tokens, over the model's context of 96"):
+        ji.Engine(model).add_request([1] * 97)
+    with pytest.raises(ValueError, match="prompt has 51 tokens, over the engine's max_seq_len=50"):
+        ji.Engine(model, ji.EngineConfig(max_seq_len=50)).add_request([1] * 51)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request([1], ji.SamplingParams(max_tokens=0))
+    assert engine.allocator.num_used == 0 and not engine.has_unfinished()
+
+
+def test_request_alone_too_long_for_the_cache_ends_with_length(model):
+    engine = ji.Engine(model, ji.EngineConfig(num_pages=2, page_size=8))
+    (out,) = engine.generate([[1] * 10], ji.SamplingParams(max_tokens=30, temperature=0.0))
+    assert out.finish_reason == "length" and len(out.token_ids) == 16 - 10 + 1
+    assert engine.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("name", ["continuous", "static"])
+def test_metrics(model, prompts, name):
+    engine = ji.Engine(model, CONFIGS[name])
+    outs = engine.generate(prompts, GREEDY)
+    for o in outs:
+        m = o.metrics
+        assert 0 < m["ttft_s"] <= m["latency_s"] and m["tpot_s"] > 0
+        assert m["generated_tokens"] == 16 and m["prompt_tokens"] == len(o.prompt_token_ids)
+    assert len(engine.pages_in_use) == engine.stats["steps"] and max(engine.pages_in_use) > 0
+
+
+def test_engine_config_errors():
+    for kwargs, msg in [
+        (dict(batching="dynamic"), "batching='dynamic'"),
+        (dict(page_size=0), "page_size=0"),
+        (dict(num_pages=0), "num_pages=0"),
+        (dict(max_batch=0), "max_batch=0"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            ji.EngineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral_window"])
+def test_engine_matches_hf_transformers(arch, tmp_path):
+    hf = hf_model(arch, seed=11)
+    model = ji.load_model(save_hf(hf, tmp_path / arch))
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (4, 13, 30)]
+    engine = ji.Engine(model, ji.EngineConfig(page_size=8, max_tokens_per_step=16, num_pages=12))
+    outs = engine.generate(prompts, ji.SamplingParams(max_tokens=24, temperature=0.0))
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
+                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        assert o.token_ids == ref[0, len(p):].tolist()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=6),
+    max_tokens=st.lists(st.integers(1, 12), min_size=6, max_size=6),
+    num_pages=st.integers(5, 16),
+    page_size=st.sampled_from([4, 8]),
+    batching=st.sampled_from(["continuous", "static"]),
+    budget=st.integers(4, 40),
+    shared_prefix=st.booleans(),
+)
+def test_random_workloads(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix):
+    """Any workload: outputs equal the baseline, and every page comes back."""
+    rng = np.random.default_rng(len(lengths) * 1000 + num_pages)
+    prefix = rng.integers(0, 256, size=12).tolist() if shared_prefix else []
+    prompts = [(prefix + rng.integers(0, 256, size=n).tolist())[:30] for n in lengths]
+    params = [ji.SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens[: len(prompts)]]
+    capacity = num_pages * page_size
+    engine = ji.Engine(model, ji.EngineConfig(batching=batching, num_pages=num_pages, page_size=page_size,
+                                              max_batch=3, max_tokens_per_step=budget))
+    outs = engine.generate(prompts, params)
+    ref = ji.generate(model, prompts, params)
+    for p, sp, o, r in zip(prompts, params, outs, ref):
+        if len(p) > capacity:  # refused: it can never run
+            assert o.finish_reason == "error" and "can never run" in o.error
+        elif len(p) + sp.max_tokens - 1 <= capacity:  # fits alone: must equal the baseline
+            assert o.token_ids == r.token_ids
+        else:  # ends early when it alone fills the cache
+            assert o.finish_reason == "length" and o.token_ids == r.token_ids[: len(o.token_ids)]
+    assert engine.allocator.num_used == 0
+    engine.allocator.check_invariants(owners={})
