@@ -88,7 +88,7 @@ def test_missing_shard_and_missing_files(checkpoint, tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ji.CheckpointError, match="no config.json"):
         ji.load_model(tmp_path / "empty")
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ValueError, match="neither a directory nor a shipped model"):
         ji.load_model(tmp_path / "nowhere")
 
 
