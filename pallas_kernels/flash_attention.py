@@ -1,0 +1,359 @@
+"""Causal flash attention for prefill (FlashAttention-2 forward), dense or reading paged KV.
+
+One program computes one block of `block_q` queries of one query head against all the keys it
+may see, streaming key blocks through an online softmax, so the (T, S) score matrix never exists.
+Masking is by absolute position: query i of sequence b sits at position q_offsets[b] + i, key j
+at position j, and key j is visible iff
+
+    j <= position,  j < kv_lens[b],  and  (window == 0 or position - j < window).
+
+Key blocks that no query of the block can see (above the causal diagonal, past kv_lens, or
+below the sliding window) are never loaded; blocks every query sees fully skip the mask.
+GQA: query head n reads kv head n // (N // K). A query that sees no key outputs zeros.
+
+`paged_flash_attention` reads keys and values through a block table instead (chunked prefill,
+prefix-cache hits): a key block is `pages_per_block` whole pages gathered by physical index.
+
+Axes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim,
+P physical pages, page_size tokens per page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Score given to hidden keys: finite, so exp2(_MASKED - m) is 0 and never NaN.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+_LOG2_E = math.log2(math.e)
+# Triton's tensor-core dot needs every dimension >= 16.
+_MIN_DOT = 16
+# jax 0.11 names the Triton compiler params `CompilerParams`; older releases `TritonCompilerParams`.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+# GPUs with about 164-228 KB of shared memory per block (A100, H100, B200); the others
+# (RTX 30xx/40xx, RTX 4000 Ada, RTX 50xx) have about 99 KB and get smaller tiles by default.
+_LARGE_SMEM = ((8, 0), (8, 7), (9, 0), (10, 0))
+
+
+def _capability() -> tuple[int, int] | None:
+    """Compute capability of the default device, or None off CUDA (CPU, interpret mode)."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return None if capability is None else tuple(int(x) for x in str(capability).split("."))[:2]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and Triton launch parameters (powers of two).
+
+    block_q: queries per program. block_k: keys per inner step; for paged KV it is rounded to
+    whole pages (at least one page). Both shrink to fit short inputs (never below 16).
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    @classmethod
+    def default(cls, head_dim: int, dtype=jnp.bfloat16, capability: tuple[int, int] | None = None) -> "BlockSizes":
+        """Per head dim and dtype; `capability` (default: the current device's) picks tiles that
+        fit in shared memory. H100, H=128 bf16: 128x128 tiles, 8 warps, 3 stages measured fastest.
+        float32 runs exact (IEEE) dots on CUDA cores, which Triton unrolls: small tiles keep its
+        compile time short (128x64 float32 tiles took 38 s to compile on an H100)."""
+        if jnp.dtype(dtype) == jnp.float32:
+            return cls(block_q=32, block_k=32, num_warps=4, num_stages=2)
+        capability = capability or _capability()
+        large = capability is None or capability in _LARGE_SMEM
+        if head_dim <= 64:
+            return cls(block_q=128, block_k=64, num_warps=4, num_stages=3 if large else 2)
+        if head_dim <= 128:
+            if large and (capability is None or capability >= (9, 0)):
+                return cls(block_q=128, block_k=128, num_warps=8, num_stages=3)
+            return cls(block_q=128, block_k=64, num_warps=8, num_stages=3) if large else cls(64, 64, 4, 2)
+        return cls(block_q=64, block_k=32, num_warps=8, num_stages=2) if large else cls(32, 32, 4, 2)
+
+
+def _flash_kernel(
+    q_offsets_ref,  # (1,) int32: position of query 0 of this sequence
+    kv_lens_ref,  # (1,) int32: keys of this sequence
+    block_table_ref,  # paged: (max_pages,) int32 logical page -> physical page; dense: None
+    q_ref,  # (block_q, Hp)
+    k_ref,  # dense: (S, Hp); paged: (P, page_size, Hp)
+    v_ref,  # dense: (S, Hp); paged: (P, page_size, Hp)
+    o_ref,  # (block_q, Hp)
+    *,
+    sm_scale: float,
+    window: int,
+    block_k: int,
+    pages_per_block: int,
+    num_q_blocks: int,
+):
+    block_q, head_dim = q_ref.shape
+    # Heavy (late) query blocks are launched first, so the causal tail does not run alone.
+    q_block = num_q_blocks - 1 - pl.program_id(0)
+    first_pos = q_offsets_ref[0] + q_block * block_q
+    last_pos = first_pos + block_q - 1
+    kv_len = kv_lens_ref[0]
+    q_pos = first_pos + jnp.arange(block_q, dtype=jnp.int32)[:, None]  # (block_q, 1)
+    q = q_ref[...]  # (block_q, Hp)
+    scale = sm_scale * _LOG2_E  # scores live in the log2 domain: exp(x) = exp2(x * log2 e)
+
+    def load_kv(kb):
+        if block_table_ref is None:
+            rows = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
+            return k_ref[rows, :], v_ref[rows, :]  # (block_k, Hp) each
+        pages = block_table_ref[pl.ds(pl.multiple_of(kb * pages_per_block, pages_per_block), pages_per_block)]
+        k = k_ref[pages].reshape(block_k, head_dim)  # (pages_per_block, page_size, Hp) -> (block_k, Hp)
+        v = v_ref[pages].reshape(block_k, head_dim)
+        return k, v
+
+    def step(kb, carry, *, masked: bool):
+        acc, m, l = carry  # (block_q, Hp), (block_q,), (block_q,) float32
+        k, v = load_kv(kb)
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST,
+        ) * scale  # (block_q, block_k)
+        if masked:
+            k_pos = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)[None, :]  # (1, block_k)
+            visible = (k_pos <= q_pos) & (k_pos < kv_len)
+            if window:
+                visible &= q_pos - k_pos < window
+            s = jnp.where(visible, s, _MASKED)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])  # (block_q, block_k)
+        l = alpha * l + jnp.sum(p, axis=1)
+        pv = lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST,
+        )  # (block_q, Hp)
+        return alpha[:, None] * acc + pv, m_new, l
+
+    # Key blocks [lo, hi) hold a key some query of this block sees; [mid_lo, mid_hi) are seen
+    # in full by every query (below the diagonal, inside kv_len and the window): no mask there.
+    hi = jnp.minimum(lax.div(kv_len + block_k - 1, block_k), lax.div(last_pos + block_k, block_k))
+    mid_hi = jnp.minimum(lax.div(first_pos + 1, block_k), lax.div(kv_len, block_k))
+    if window:
+        lo = lax.div(jnp.maximum(first_pos - window + 1, 0), block_k)
+        mid_lo = lax.div(jnp.maximum(last_pos - window + block_k, 0), block_k)
+    else:
+        lo = jnp.int32(0)
+        mid_lo = lo
+    hi = jnp.maximum(hi, lo)
+    mid_lo = jnp.minimum(jnp.maximum(mid_lo, lo), hi)
+    mid_hi = jnp.minimum(jnp.maximum(mid_hi, mid_lo), hi)
+
+    carry = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), _MASKED, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    carry = lax.fori_loop(lo, mid_lo, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(mid_hi, hi, functools.partial(step, masked=True), carry)
+    # A query that saw no key keeps m == _MASKED: its output is zero, not an average of hidden keys.
+    seen = m > _MASKED
+    out = acc / jnp.where(seen, l, 1.0)[:, None]
+    o_ref[...] = jnp.where(seen[:, None], out, 0.0).astype(o_ref.dtype)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _check_common(q, K, H_k, q_offsets, kv_lens, window):
+    if q.ndim != 4:
+        raise ValueError(f"q must be (B, T, N, H), got shape {q.shape}")
+    B, T, N, H = q.shape
+    if H_k != H:
+        raise ValueError(f"k/v head dim {H_k} must equal q head dim {H}")
+    if N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
+    for name, x in (("q_offsets", q_offsets), ("kv_lens", kv_lens)):
+        if x.shape != (B,):
+            raise ValueError(f"{name} must have shape (B,)=({B},), got {x.shape}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0 = no window), got {window}")
+
+
+def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block_sizes, interpret):
+    """Pads to powers of two and block multiples, builds the BlockSpecs and calls the kernel."""
+    B, T, N, H = q.shape
+    paged = block_tables is not None
+    K = k.shape[0] if paged else k.shape[2]
+    G = N // K
+    bs = block_sizes or BlockSizes.default(H, q.dtype)
+    if any(x < 1 or x & (x - 1) for x in (bs.block_q, bs.block_k)):
+        raise ValueError(f"{bs}: block_q and block_k must be powers of two (Triton block shapes)")
+    sm_scale = H**-0.5 if sm_scale is None else sm_scale
+
+    Hp = max(_MIN_DOT, pl.next_power_of_2(H))  # Triton tensors have power-of-two sizes
+    block_q = min(bs.block_q, max(_MIN_DOT, pl.next_power_of_2(T)))
+    T_pad = _round_up(T, block_q)
+    num_q_blocks = T_pad // block_q
+    q = _pad_axis(_pad_axis(q, 3, Hp), 1, T_pad)
+    k, v = _pad_axis(k, 3, Hp), _pad_axis(v, 3, Hp)
+    q_offsets = q_offsets.astype(jnp.int32)
+
+    def q_map(i, b, n):
+        return b, num_q_blocks - 1 - i, n, 0
+
+    if paged:
+        _, P, page_size, _ = k.shape
+        max_pages = block_tables.shape[1]
+        pages_per_block = max(bs.block_k // page_size, 1)
+        pages_per_block = min(pages_per_block, pl.next_power_of_2(max_pages))
+        pages_per_block = max(pages_per_block, -(-_MIN_DOT // page_size))
+        block_k = pages_per_block * page_size
+        block_tables = _pad_axis(block_tables.astype(jnp.int32), 1, _round_up(max_pages, pages_per_block))
+        kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), max_pages * page_size)
+        table_spec = pl.BlockSpec((None, block_tables.shape[1]), lambda i, b, n: (b, 0))
+        kv_spec = pl.BlockSpec((None, P, page_size, Hp), lambda i, b, n: (lax.div(n, G), 0, 0, 0))
+    else:
+        S = k.shape[1]
+        pages_per_block = 0
+        block_k = min(bs.block_k, max(_MIN_DOT, pl.next_power_of_2(S)))
+        S_pad = _round_up(S, block_k)
+        k, v = _pad_axis(k, 1, S_pad), _pad_axis(v, 1, S_pad)
+        kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), S)
+        table_spec = None
+        kv_spec = pl.BlockSpec((None, S_pad, None, Hp), lambda i, b, n: (b, 0, lax.div(n, G), 0))
+
+    kernel = functools.partial(
+        _flash_kernel, sm_scale=float(sm_scale), window=int(window), block_k=block_k,
+        pages_per_block=pages_per_block, num_q_blocks=num_q_blocks,
+    )
+    scalar_spec = pl.BlockSpec((1,), lambda i, b, n: (b,))
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_q_blocks, B, N),
+        in_specs=[
+            scalar_spec,  # q_offsets
+            scalar_spec,  # kv_lens
+            table_spec,  # block_tables
+            pl.BlockSpec((None, block_q, None, Hp), q_map),  # q
+            kv_spec,  # k
+            kv_spec,  # v
+        ],
+        out_specs=pl.BlockSpec((None, block_q, None, Hp), q_map),
+        out_shape=jax.ShapeDtypeStruct((B, T_pad, N, Hp), q.dtype),
+        compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="paged_flash_attention" if paged else "flash_attention",
+    )(q_offsets, kv_lens, block_tables, q, k, v)
+    return out[:, :T, :, :H]
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "block_sizes", "interpret"))
+def flash_attention(
+    q: jax.Array,  # (B, T, N, H)
+    k: jax.Array,  # (B, S, K, H)
+    v: jax.Array,  # (B, S, K, H)
+    q_offsets: jax.Array,  # (B,) int32: position of query 0
+    kv_lens: jax.Array,  # (B,) int32: valid keys
+    *,
+    window: int = 0,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (B, T, N, H), q.dtype
+    """Causal (optionally sliding-window) attention of q over dense k/v, masked by position."""
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
+        raise ValueError(f"k and v must both be (B, S, K, H) with B={q.shape[0]}, got {k.shape} and {v.shape}")
+    _check_common(q, k.shape[2], k.shape[3], q_offsets, kv_lens, window)
+    return _flash(q, k, v, q_offsets, kv_lens, None, window=window, sm_scale=sm_scale,
+                  block_sizes=block_sizes, interpret=interpret)
+
+
+def _check_pages(q, k_pages, v_pages, block_tables):
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(
+            f"k_pages and v_pages must both be (K, P, page_size, H), got {k_pages.shape} and {v_pages.shape}"
+        )
+    page_size = k_pages.shape[2]
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size={page_size} must be a power of two (Triton block shapes)")
+    if block_tables.ndim != 2 or block_tables.shape[0] != q.shape[0]:
+        raise ValueError(f"block_tables must be (B, max_pages) with B={q.shape[0]}, got {block_tables.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "block_sizes", "interpret"))
+def paged_flash_attention(
+    q: jax.Array,  # (B, T, N, H)
+    k_pages: jax.Array,  # (K, P, page_size, H)
+    v_pages: jax.Array,  # (K, P, page_size, H)
+    block_tables: jax.Array,  # (B, max_pages) int32
+    q_offsets: jax.Array,  # (B,) int32: position of query 0
+    kv_lens: jax.Array,  # (B,) int32: tokens of each sequence in the pages (new ones included)
+    *,
+    window: int = 0,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (B, T, N, H), q.dtype
+    """Causal attention of q over keys and values read from pages through block_tables."""
+    _check_pages(q, k_pages, v_pages, block_tables)
+    _check_common(q, k_pages.shape[0], k_pages.shape[3], q_offsets, kv_lens, window)
+    return _flash(q, k_pages, v_pages, q_offsets, kv_lens, block_tables, window=window,
+                  sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
+
+
+def reference(q, k, v, q_offsets, kv_lens, *, window=0, sm_scale=None, block_sizes=None, interpret=False):
+    """flash_attention in plain jnp: the whole (T, S) score matrix, scores and softmax in float32."""
+    del block_sizes, interpret
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    sm_scale = H**-0.5 if sm_scale is None else sm_scale
+    qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)  # (B, T, K, G, H)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision="highest") * sm_scale
+    q_pos = q_offsets[:, None, None] + jnp.arange(T)[None, :, None]  # (B, T, 1)
+    k_pos = jnp.arange(S)[None, None, :]  # (1, 1, S)
+    visible = (k_pos <= q_pos) & (k_pos < kv_lens[:, None, None])  # (B, T, S)
+    if window:
+        visible &= q_pos - k_pos < window
+    visible = visible[:, None, None]  # (B, 1, 1, T, S)
+    s = jnp.where(visible, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)  # a query that sees no key gets zeros
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32), precision="highest")
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """(K, P, page_size, H) pages -> (B, max_pages * page_size, K, H) dense per-sequence keys."""
+    K, _, page_size, H = pages.shape
+    B, max_pages = block_tables.shape
+    dense = pages[:, block_tables]  # (K, B, max_pages, page_size, H)
+    return dense.reshape(K, B, max_pages * page_size, H).transpose(1, 2, 0, 3)
+
+
+def paged_reference(
+    q, k_pages, v_pages, block_tables, q_offsets, kv_lens, *, window=0, sm_scale=None,
+    block_sizes=None, interpret=False,
+):
+    """paged_flash_attention in plain jnp: gather the pages into dense k/v, then `reference`."""
+    k = gather_pages(k_pages, block_tables)
+    v = gather_pages(v_pages, block_tables)
+    return reference(q, k, v, q_offsets, kv_lens, window=window, sm_scale=sm_scale,
+                     block_sizes=block_sizes, interpret=interpret)

@@ -1,0 +1,221 @@
+"""flash_attention and paged_flash_attention (interpret mode) against their references.
+
+Shapes are drawn by hypothesis and kept tiny (each new shape costs an interpret-mode compile);
+small block sizes make tiny shapes still cross several query and key blocks and page boundaries.
+Interpret mode fills kernel outputs with NaN before the kernel runs, so an element the kernel
+fails to write shows up as NaN; `test_interpret_outputs_start_poisoned` guards that assumption.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from jax.experimental import pallas as pl
+
+from helpers import TOLERANCE, row_errors, row_rel_error
+from pallas_kernels import flash_attention as fa
+
+SETTINGS = settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+BLOCKS = [fa.BlockSizes(16, 16, 4, 2), fa.BlockSizes(32, 16, 4, 2), fa.BlockSizes(16, 32, 4, 2), None]
+
+
+def _normal(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def _assert_matches(actual, expected, q_lens, dtype):
+    """Rows of real queries (i < q_lens[b]) within tolerance; every row finite."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape
+    assert np.isfinite(actual).all(), "unwritten or non-finite output"
+    real = np.arange(actual.shape[1])[None, :] < np.asarray(q_lens)[:, None]  # (B, T)
+    errors = row_errors(actual[real], expected[real])
+    assert errors.max() <= TOLERANCE[jnp.dtype(dtype).name], f"max row error {errors.max():.3g}"
+
+
+@st.composite
+def dense_cases(draw):
+    K = draw(st.sampled_from([1, 2]))
+    return dict(
+        B=draw(st.integers(1, 2)),
+        T=draw(st.integers(1, 40)),
+        S_extra=draw(st.integers(0, 40)),
+        K=K,
+        G=draw(st.sampled_from([1, 4, 8])),
+        H=draw(st.sampled_from([64, 128])),
+        dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+        window=draw(st.sampled_from([0, 0, 1, 7, 33])),
+        cut_kv=draw(st.booleans()),
+        blocks=draw(st.sampled_from(range(len(BLOCKS)))),
+        data_seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@SETTINGS
+@given(case=dense_cases())
+def test_flash_attention_matches_reference(case, seed):
+    """Chunked prefill over dense k/v: each sequence has q_len real queries after a prefix
+    (and sometimes fewer keys than the last query's position: those queries see fewer keys)."""
+    rng = np.random.default_rng([seed, case["data_seed"]])
+    B, T, K, H, dtype = case["B"], case["T"], case["K"], case["H"], case["dtype"]
+    N = K * case["G"]
+    S = T + case["S_extra"]
+    q_lens = rng.integers(1, T + 1, B)
+    q_offsets = rng.integers(0, S - q_lens + 1)  # the prefix already in the cache
+    kv_lens = q_offsets + q_lens
+    if case["cut_kv"]:  # kv_lens also hides keys from real queries: the mask must apply it
+        kv_lens -= rng.integers(0, q_lens + 1)
+    args = (
+        _normal(rng, (B, T, N, H), dtype), _normal(rng, (B, S, K, H), dtype), _normal(rng, (B, S, K, H), dtype),
+        jnp.asarray(q_offsets, jnp.int32), jnp.asarray(kv_lens, jnp.int32),
+    )
+    kw = dict(window=case["window"], block_sizes=BLOCKS[case["blocks"]])
+    actual = fa.flash_attention(*args, **kw, interpret=True)
+    _assert_matches(actual, fa.reference(*args, **kw), q_lens, dtype)
+
+
+def _paged_inputs(rng, *, B, T, N, K, H, page_size, kv_lens, dtype, spare_pages=3):
+    """Random pages in a shuffled pool; slots past a sequence's length hold large finite garbage."""
+    max_pages = int(-(-max(kv_lens) // page_size))
+    P = B * max_pages + spare_pages
+    k_pages = _normal(rng, (K, P, page_size, H), dtype)
+    v_pages = _normal(rng, (K, P, page_size, H), dtype)
+    block_tables = rng.permutation(P)[: B * max_pages].reshape(B, max_pages)
+    used = np.zeros((P, page_size), bool)
+    for b, n in enumerate(kv_lens):
+        pos = np.arange(n)
+        used[block_tables[b, pos // page_size], pos % page_size] = True
+    garbage = jnp.asarray(1e4 * rng.standard_normal((K, P, page_size, H)), dtype)
+    k_pages = jnp.where(used[None, :, :, None], k_pages, garbage)
+    v_pages = jnp.where(used[None, :, :, None], v_pages, -garbage)
+    return k_pages, v_pages, jnp.asarray(block_tables, jnp.int32)
+
+
+@st.composite
+def paged_cases(draw):
+    page_size = draw(st.sampled_from([8, 16, 32]))
+    lengths = st.sampled_from([1, page_size - 1, page_size, page_size + 1, 3 * page_size + 5])
+    return dict(
+        B=draw(st.integers(1, 2)),
+        T=draw(st.sampled_from([1, 5, 16, 23])),
+        kv_lens=[draw(lengths), draw(lengths)],
+        page_size=page_size,
+        K=draw(st.sampled_from([1, 2])),
+        G=draw(st.sampled_from([1, 4, 8])),
+        H=draw(st.sampled_from([64, 128])),
+        dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+        window=draw(st.sampled_from([0, 0, 3, 20])),
+        blocks=draw(st.sampled_from(range(len(BLOCKS)))),
+        data_seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@SETTINGS
+@given(case=paged_cases())
+@example(case=dict(B=2, T=23, kv_lens=[101, 40], page_size=32, K=2, G=4, H=128, dtype="float32", window=20,
+                   blocks=0, data_seed=1))
+def test_paged_flash_attention_matches_reference(case, seed):
+    """Chunked prefill / prefix-cache hit: the chunk's queries are the last q_len of kv_len tokens."""
+    rng = np.random.default_rng([seed, case["data_seed"]])
+    B, T, K, H, dtype = case["B"], case["T"], case["K"], case["H"], case["dtype"]
+    N = K * case["G"]
+    kv_lens = np.asarray(case["kv_lens"][:B])
+    q_lens = np.minimum(kv_lens, T)
+    k_pages, v_pages, block_tables = _paged_inputs(
+        rng, B=B, T=T, N=N, K=K, H=H, page_size=case["page_size"], kv_lens=kv_lens, dtype=dtype
+    )
+    args = (
+        _normal(rng, (B, T, N, H), dtype), k_pages, v_pages, block_tables,
+        jnp.asarray(kv_lens - q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32),
+    )
+    kw = dict(window=case["window"], block_sizes=BLOCKS[case["blocks"]])
+    actual = fa.paged_flash_attention(*args, **kw, interpret=True)
+    _assert_matches(actual, fa.paged_reference(*args, **kw), q_lens, dtype)
+
+
+def _naive(q, k, v, q_offsets, kv_lens, window):
+    """Loops in float64 numpy over (b, n, i): the definition of masked-by-position attention."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, N, H = q.shape
+    G = N // k.shape[2]
+    out = np.zeros_like(q)
+    for b in range(B):
+        for n in range(N):
+            for i in range(T):
+                pos = q_offsets[b] + i
+                keys = [j for j in range(kv_lens[b]) if j <= pos and (window == 0 or pos - j < window)]
+                if not keys:
+                    continue
+                s = k[b, keys, n // G] @ q[b, i, n] / np.sqrt(H)
+                p = np.exp(s - s.max())
+                out[b, i, n] = p @ v[b, keys, n // G] / p.sum()
+    return out
+
+
+def test_references_match_naive_loops(rng):
+    """The references themselves, against plain loops (dense) and a hand gather of pages (paged)."""
+    B, T, S, K, G, H, page_size = 2, 6, 21, 2, 2, 8, 4
+    q = rng.standard_normal((B, T, K * G, H)).astype(np.float32)
+    k = rng.standard_normal((B, S, K, H)).astype(np.float32)
+    v = rng.standard_normal((B, S, K, H)).astype(np.float32)
+    q_offsets, kv_lens = np.array([15, 0]), np.array([21, 4])  # sequence 1: queries past kv_len
+    for window in (0, 5):
+        expected = _naive(q, k, v, q_offsets, kv_lens, window)
+        actual = fa.reference(q, k, v, jnp.asarray(q_offsets), jnp.asarray(kv_lens), window=window)
+        assert row_rel_error(actual, expected + 1e-30) <= 1e-5
+
+    max_pages = -(-S // page_size)
+    P = B * max_pages + 2
+    tables = rng.permutation(P)[: B * max_pages].reshape(B, max_pages)
+    k_pages = rng.standard_normal((K, P, page_size, H)).astype(np.float32)
+    v_pages = rng.standard_normal((K, P, page_size, H)).astype(np.float32)
+    k_dense = np.zeros((B, max_pages * page_size, K, H), np.float32)
+    v_dense = np.zeros_like(k_dense)
+    for b in range(B):
+        for t in range(max_pages * page_size):
+            k_dense[b, t] = k_pages[:, tables[b, t // page_size], t % page_size]
+            v_dense[b, t] = v_pages[:, tables[b, t // page_size], t % page_size]
+    expected = _naive(q, k_dense, v_dense, q_offsets, kv_lens, 3)
+    actual = fa.paged_reference(q, k_pages, v_pages, jnp.asarray(tables), jnp.asarray(q_offsets),
+                                jnp.asarray(kv_lens), window=3)
+    assert row_rel_error(actual, expected + 1e-30) <= 1e-5
+
+
+def test_queries_that_see_no_key_get_zeros(rng):
+    """kv_lens = 0, or a window that hides everything: zeros, never NaN, in kernel and reference."""
+    q = _normal(rng, (2, 16, 2, 64), jnp.float32)
+    k = _normal(rng, (2, 16, 1, 64), jnp.float32)
+    args = (q, k, k, jnp.array([0, 40], jnp.int32), jnp.array([0, 16], jnp.int32))  # 1: 40 - 15 >= window 20
+    for fn in (fa.flash_attention, fa.reference):
+        out = np.asarray(fn(*args, window=20, interpret=True))
+        assert np.array_equal(out, np.zeros_like(out))
+
+
+def test_interpret_outputs_start_poisoned():
+    """The poisoning the tests rely on: interpret mode starts outputs as NaN, not zeros."""
+    def writes_nothing(x_ref, o_ref):
+        del x_ref, o_ref
+
+    out = pl.pallas_call(
+        writes_nothing, out_shape=jax.ShapeDtypeStruct((16, 16), jnp.float32), interpret=True
+    )(jnp.ones((16, 16), jnp.float32))
+    assert np.isnan(np.asarray(out)).all()
+
+
+def test_bad_input_raises_value_error(rng):
+    q = _normal(rng, (1, 4, 3, 64), jnp.float32)
+    k = _normal(rng, (1, 8, 2, 64), jnp.float32)
+    lens = jnp.array([4], jnp.int32)
+    with pytest.raises(ValueError, match="N=3"):
+        fa.flash_attention(q, k, k, lens, lens, interpret=True)
+    pages = _normal(rng, (1, 4, 12, 64), jnp.float32)
+    with pytest.raises(ValueError, match="page_size=12"):
+        fa.paged_flash_attention(q[:, :, :2], pages, pages, jnp.zeros((1, 2), jnp.int32), lens, lens)
+    with pytest.raises(ValueError, match="window"):
+        fa.flash_attention(q[:, :, :2], k, k, lens, lens, window=-1)

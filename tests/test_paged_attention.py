@@ -1,0 +1,164 @@
+"""paged_decode_attention (interpret mode) against its reference, plain and int8 / fp8 pages.
+
+Shapes are drawn by hypothesis and kept tiny. Interpret mode fills kernel outputs with NaN before
+the kernel runs (see test_flash_attention.py), and every split's partial output feeds the final
+one, so an unwritten partial shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import TOLERANCE, row_errors, row_rel_error
+from pallas_kernels import paged_attention as pa
+
+SETTINGS = settings(
+    max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+BLOCKS = [pa.BlockSizes(1, 1), pa.BlockSizes(1, 4), pa.BlockSizes(2, 2), pa.BlockSizes(4, 8), None]
+
+
+def _pool(rng, *, B, K, H, page_size, lengths, dtype):
+    """K/V pages in a shuffled pool; slots past a sequence's length hold large finite garbage."""
+    max_pages = int(-(-max(lengths) // page_size)) + 1  # one spare column, never read
+    P = B * max_pages + 2
+    block_tables = rng.permutation(P)[: B * max_pages].reshape(B, max_pages)
+    used = np.zeros((P, page_size), bool)
+    for b, n in enumerate(lengths):
+        pos = np.arange(n)
+        used[block_tables[b, pos // page_size], pos % page_size] = True
+    used = used[None, :, :, None]
+    if dtype in ("int8", "float8_e4m3fn"):
+        k = rng.integers(-127, 128, (K, P, page_size, H))
+        v = rng.integers(-127, 128, (K, P, page_size, H))
+        k_pages = jnp.asarray(np.where(used, k, 127)).astype(dtype)
+        v_pages = jnp.asarray(np.where(used, v, -127)).astype(dtype)
+        scales = dict(
+            k_scales=jnp.asarray(rng.uniform(0.002, 0.03, (K, P, page_size)), jnp.float32),
+            v_scales=jnp.asarray(rng.uniform(0.002, 0.03, (K, P, page_size)), jnp.float32),
+        )
+    else:
+        garbage = 1e4 * rng.standard_normal((K, P, page_size, H))
+        k_pages = jnp.asarray(np.where(used, rng.standard_normal((K, P, page_size, H)), garbage), dtype)
+        v_pages = jnp.asarray(np.where(used, rng.standard_normal((K, P, page_size, H)), -garbage), dtype)
+        scales = {}
+    return k_pages, v_pages, jnp.asarray(block_tables, jnp.int32), scales
+
+
+def _check(actual, expected, dtype):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape
+    assert np.isfinite(actual).all(), "unwritten or non-finite output"
+    errors = row_errors(actual, expected)
+    assert errors.max() <= TOLERANCE[jnp.dtype(dtype).name], f"max row error {errors.max():.3g}"
+
+
+def _lengths(page_size):
+    return st.sampled_from([1, page_size - 1, page_size, page_size + 1, 5 * page_size + 3])
+
+
+@st.composite
+def decode_cases(draw, kv_dtypes):
+    page_size = draw(st.sampled_from([8, 16, 32]))
+    B = draw(st.integers(1, 3))
+    return dict(
+        B=B,
+        lengths=[draw(_lengths(page_size)) for _ in range(B)],
+        page_size=page_size,
+        K=draw(st.sampled_from([1, 2])),
+        G=draw(st.sampled_from([1, 4, 8])),
+        H=draw(st.sampled_from([64, 128])),
+        dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+        kv_dtype=draw(st.sampled_from(kv_dtypes)),
+        window=draw(st.sampled_from([0, 0, 1, 9, 40])),
+        blocks=draw(st.sampled_from(range(len(BLOCKS)))),
+        data_seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _run_case(case, seed):
+    rng = np.random.default_rng([seed, case["data_seed"]])
+    B, K, H, dtype = case["B"], case["K"], case["H"], case["dtype"]
+    kv_dtype = case["kv_dtype"] or dtype
+    k_pages, v_pages, block_tables, scales = _pool(
+        rng, B=B, K=K, H=H, page_size=case["page_size"], lengths=case["lengths"], dtype=kv_dtype
+    )
+    q = jnp.asarray(rng.standard_normal((B, K * case["G"], H)), dtype)
+    args = (q, k_pages, v_pages, block_tables, jnp.asarray(case["lengths"], jnp.int32))
+    kw = dict(scales, window=case["window"], block_sizes=BLOCKS[case["blocks"]])
+    _check(pa.paged_decode_attention(*args, **kw, interpret=True), pa.reference(*args, **kw), dtype)
+
+
+@SETTINGS
+@given(case=decode_cases(kv_dtypes=[None]))
+def test_decode_matches_reference(case, seed):
+    """Pages in the query's dtype; ragged lengths around page boundaries; windows; GQA 1/4/8."""
+    _run_case(case, seed)
+
+
+@settings(SETTINGS, max_examples=6)
+@given(case=decode_cases(kv_dtypes=["int8", "float8_e4m3fn"]))
+def test_quantised_decode_matches_reference(case, seed):
+    """int8 and fp8 pages with per-token scales, dequantised in the kernel."""
+    _run_case(case, seed)
+
+
+def test_reference_matches_naive_loops(rng):
+    """The reference against float64 loops over a hand gather of dequantised pages."""
+    B, K, G, H, page_size = 2, 2, 3, 8, 4
+    lengths = np.array([11, 3])
+    max_pages = 3
+    P = B * max_pages + 1
+    tables = rng.permutation(P)[: B * max_pages].reshape(B, max_pages)
+    q = rng.standard_normal((B, K * G, H)).astype(np.float32)
+    k_pages = rng.integers(-127, 128, (K, P, page_size, H)).astype(np.int8)
+    v_pages = rng.integers(-127, 128, (K, P, page_size, H)).astype(np.int8)
+    k_scales = rng.uniform(0.01, 0.03, (K, P, page_size)).astype(np.float32)
+    v_scales = rng.uniform(0.01, 0.03, (K, P, page_size)).astype(np.float32)
+    for window in (0, 4):
+        expected = np.zeros((B, K * G, H))
+        for b in range(B):
+            pos = lengths[b] - 1
+            keys = [j for j in range(lengths[b]) if window == 0 or pos - j < window]
+            pages, offs = tables[b, np.array(keys) // page_size], np.array(keys) % page_size
+            for n in range(K * G):
+                kv = n // G
+                k = k_pages[kv, pages, offs].astype(np.float64) * k_scales[kv, pages, offs][:, None]
+                v = v_pages[kv, pages, offs].astype(np.float64) * v_scales[kv, pages, offs][:, None]
+                s = k @ q[b, n] / np.sqrt(H)
+                p = np.exp(s - s.max())
+                expected[b, n] = p @ v / p.sum()
+        actual = pa.reference(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables),
+                              jnp.asarray(lengths), k_scales=jnp.asarray(k_scales),
+                              v_scales=jnp.asarray(v_scales), window=window)
+        assert row_rel_error(actual, expected) <= 1e-5
+
+
+def test_empty_sequence_gives_zeros(rng):
+    """lengths = 0 (a padded batch slot): zeros, never NaN, in kernel and reference."""
+    k_pages = jnp.asarray(rng.standard_normal((1, 4, 16, 64)), jnp.float32)
+    args = (jnp.ones((2, 4, 64), jnp.float32), k_pages, k_pages, jnp.array([[0], [1]], jnp.int32),
+            jnp.array([0, 16], jnp.int32))
+    out = np.asarray(pa.paged_decode_attention(*args, interpret=True))
+    assert np.array_equal(out[0], np.zeros_like(out[0]))
+    assert np.array_equal(np.asarray(pa.reference(*args))[0], out[0])
+    assert np.isfinite(out).all()
+
+
+def test_bad_input_raises_value_error(rng):
+    q = jnp.ones((1, 4, 64), jnp.float32)
+    pages = jnp.zeros((2, 3, 16, 64), jnp.int8)
+    table, lengths = jnp.zeros((1, 2), jnp.int32), jnp.array([5], jnp.int32)
+    with pytest.raises(ValueError, match="k_scales"):
+        pa.paged_decode_attention(q, pages, pages, table, lengths)
+    with pytest.raises(ValueError, match="v_scales"):
+        pa.paged_decode_attention(q, pages, pages, table, lengths, k_scales=jnp.ones((2, 3, 16)),
+                                  v_scales=jnp.ones((2, 3, 8)))
+    with pytest.raises(ValueError, match="N=3"):
+        pa.paged_decode_attention(q[:, :3], pages.astype(jnp.float32), pages.astype(jnp.float32), table, lengths)
+    with pytest.raises(ValueError, match="lengths"):
+        pa.paged_decode_attention(q, pages.astype(jnp.float32), pages.astype(jnp.float32), table, lengths[:0])
