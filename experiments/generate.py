@@ -27,6 +27,7 @@ flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations dtype.")
+flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation (pallas runs interpreted on a CPU).")
 
 
 def run() -> None:
@@ -41,10 +42,10 @@ def run() -> None:
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ji.generate(model, [FLAGS.prompt], sampling)  # compiles prefill and decode
+    ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention)  # compiles prefill and decode
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = ji.generate(model, [FLAGS.prompt], sampling)[0]
+    out = ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention)[0]
     run_s = time.perf_counter() - t0
 
     m = out.metrics

@@ -6,6 +6,11 @@ is the reference every faster implementation is compared against.
 
 `attend_cached` writes a step's new K/V into a cache (contiguous or paged) and attends over it.
 
+impl="pallas" runs the kernels in pallas_kernels/ (in interpret mode on the CPU). They take the
+sliding window as a static int, so the model passes one when all layers share a window; they
+assume the keys of a call sit at positions 0..S-1 (true of every caller here: a full causal
+pass, a contiguous cache, pages).
+
 Axes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim,
 L layers, P pages, M pages per sequence (block-table width).
 """
@@ -17,9 +22,24 @@ import jax.numpy as jnp
 
 from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "pallas")
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
+
+
+def _static_window(window, impl: str) -> int:
+    if isinstance(window, int):
+        return window
+    raise ValueError(f"attention impl={impl!r} needs one sliding window shared by all layers")
+
+
+def _interpret() -> bool:
+    return jax.default_backend() == "cpu"
 
 
 def attend(
@@ -32,8 +52,13 @@ def attend(
     *,
     impl: str = "xla",
 ) -> jax.Array:  # (B, T, N, H)
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    _check_impl(impl)
+    if impl == "pallas":
+        from pallas_kernels.flash_attention import flash_attention
+
+        kv_lens = jnp.max(k_pos, axis=1) + 1  # keys sit at positions 0..S-1
+        return flash_attention(q, k, v, q_pos[:, 0], kv_lens, window=_static_window(window, impl),
+                               interpret=_interpret())
     return xla_attention(q, k, v, q_pos, k_pos, window)
 
 
@@ -109,8 +134,12 @@ def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, 
 
 def paged_decode(q, k_pages, v_pages, block_tables, lens, window=0, impl="xla"):
     """One query per row at position lens - 1. q (R, N, H) -> (R, N, H)."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    _check_impl(impl)
+    if impl == "pallas":
+        from pallas_kernels.paged_attention import paged_decode_attention
+
+        return paged_decode_attention(q, k_pages, v_pages, block_tables, lens,
+                                      window=_static_window(window, impl), interpret=_interpret())
     keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # (R, S, K, H)
     R, S = keys.shape[:2]
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
@@ -122,8 +151,12 @@ def paged_decode(q, k_pages, v_pages, block_tables, lens, window=0, impl="xla"):
 def paged_prefill(q, k_pages, v_pages, block_tables, start, lens, window=0, impl="xla"):
     """Row r's queries are at positions start[r] + [0, C); it sees its pages up to its own position.
     q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    _check_impl(impl)
+    if impl == "pallas":
+        from pallas_kernels.flash_attention import paged_flash_attention
+
+        return paged_flash_attention(q, k_pages, v_pages, block_tables, start, start + lens,
+                                     window=_static_window(window, impl), interpret=_interpret())
     keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # (R, S, K, H)
     R, C = q.shape[:2]
     S = keys.shape[1]

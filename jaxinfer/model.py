@@ -156,9 +156,13 @@ def forward(
     cos, sin = rope_tables(cfg, positions, dtype)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)  # (L,)
 
+    # One window shared by every layer is passed as a static int (the Pallas kernels need it so).
+    shared_window = cfg.layer_windows[0] if len(set(cfg.layer_windows)) == 1 else None
+
     def body(carry, xs):
         x, cache = carry
         lp, window, layer = xs
+        window = window if shared_window is None else shared_window
         return _layer(cfg, lp, x, cos, sin, positions, window, cache, layer, batch, attn_impl), None
 
     layer_ids = jnp.arange(cfg.num_layers)

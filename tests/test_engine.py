@@ -3,6 +3,8 @@ every batching policy, chunked prefill, preemption, prefix caching and parallel 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -206,3 +208,19 @@ def test_random_workloads(model, lengths, max_tokens, num_pages, page_size, batc
             assert o.finish_reason == "length" and o.token_ids == r.token_ids[: len(o.token_ids)]
     assert engine.allocator.num_used == 0
     engine.allocator.check_invariants(owners={})
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_pallas_attention_equals_xla(window):
+    """The engine and the baseline with the Pallas kernels (interpret mode here) give the XLA path's tokens."""
+    cfg = ji.ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=1, head_dim=16, max_position_embeddings=64, layer_windows=(window, window))
+    model = ji.Model(cfg, ji.init_params(cfg, jax.random.key(2), std=0.3), ji.ByteTokenizer())
+    rng = np.random.default_rng(window)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (2, 9, 19)]
+    sp = ji.SamplingParams(max_tokens=10, temperature=0.0)
+    config = ji.EngineConfig(page_size=8, max_tokens_per_step=12, num_pages=8)
+    ref = [o.token_ids for o in ji.Engine(model, config).generate(prompts, sp)]
+    pallas = ji.Engine(model, dataclasses.replace(config, attention="pallas")).generate(prompts, sp)
+    assert [o.token_ids for o in pallas] == ref
+    assert [o.token_ids for o in ji.generate(model, prompts, sp, attn_impl="pallas")] == ref
