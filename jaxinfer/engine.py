@@ -36,19 +36,26 @@ TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     batching: str = "continuous"  # "continuous": refill slots every step; "static": wait for the batch to drain
-    page_size: int = 16  # tokens per KV page
-    num_pages: int | None = None  # KV budget in pages; None: room for max_batch full-length sequences
+    kv_layout: str = "paged"  # "paged": pages on demand; "contiguous": max_seq_len reserved per request up front
+    page_size: int = 16  # tokens per KV page (paged layout)
+    num_pages: int | None = None  # KV budget in pages (paged) or request slots (contiguous)
+    kv_budget_tokens: int | None = None  # KV budget in tokens, when num_pages is not given
     max_batch: int = 8  # sequences running at once
     max_tokens_per_step: int = 256  # token budget of one step (decode tokens + prompt chunks)
     chunked_prefill: bool = True  # split prompts across steps to fit the budget
     prefix_cache: bool = True  # reuse full KV pages of identical prompt prefixes
     max_seq_len: int | None = None  # None: the model's context length
     attention: str = "xla"
+    decode_steps: int = 1  # decode steps per host round trip when a step has no prompt work
 
     def __post_init__(self):
         if self.batching not in ("continuous", "static"):
             raise ValueError(f"batching={self.batching!r} is not one of 'continuous', 'static'")
-        for name in ("page_size", "max_batch", "max_tokens_per_step"):
+        if self.kv_layout not in ("paged", "contiguous"):
+            raise ValueError(f"kv_layout={self.kv_layout!r} is not one of 'paged', 'contiguous'")
+        if self.kv_budget_tokens is not None and self.kv_budget_tokens < 1:
+            raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} must be >= 1")
+        for name in ("page_size", "max_batch", "max_tokens_per_step", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_pages is not None and self.num_pages < 1:
@@ -75,6 +82,36 @@ def _step(params, cfg, tokens, positions, cache, batch, logits_at, *, attn_impl)
     return out.logits[0], out.hidden[0], out.cache
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "num_steps"), donate_argnames=("cache",))
+def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp, steps, *, attn_impl, num_steps):
+    """num_steps decode steps in one program, each sampled token fed to the next step.
+    tokens, positions, valid, steps (R,); a row writes K/V only in its first valid[r] steps.
+    Returns tokens (num_steps, R) and the cache."""
+    TRACE_COUNTS["multi_decode"] += 1
+    R = tokens.shape[0]
+    page = cache.page_size
+    dropped = cache.num_pages * page
+    empty = jnp.zeros((0, block_tables.shape[1]), jnp.int32)
+
+    def one(carry, j):
+        tokens, cache = carry
+        pos = positions + j
+        live = j < valid
+        slots = jnp.take_along_axis(block_tables, (pos // page)[:, None], axis=1)[:, 0] * page + pos % page
+        batch = BatchDescriptor(
+            slot_mapping=jnp.where(live, slots, dropped), decode_block_tables=block_tables,
+            decode_lens=jnp.where(live, pos + 1, 0), prefill_block_tables=empty,
+            prefill_start=jnp.zeros((0,), jnp.int32), prefill_lens=jnp.zeros((0,), jnp.int32),
+        )
+        out = model_lib.forward(params, cfg, tokens[None], pos[None], cache, jnp.arange(R)[None], batch,
+                                attn_impl=attn_impl)
+        new = sample(out.logits[0], sp, steps + j)
+        return (new, out.cache), new
+
+    (_, cache), new_tokens = jax.lax.scan(one, (tokens, cache), jnp.arange(num_steps))
+    return new_tokens, cache
+
+
 @jax.jit
 def _sample_rows(logits, rows, sp, steps):
     TRACE_COUNTS["sample"] += 1
@@ -93,18 +130,35 @@ class Engine:
         self.config = config
         cfg = model.config
         self.max_seq_len = min(config.max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        pages_per_seq = math.ceil(self.max_seq_len / config.page_size)
-        num_pages = config.num_pages or config.max_batch * pages_per_seq
-        self.allocator = PageAllocator(num_pages, config.page_size, config.prefix_cache)
+        if config.kv_layout == "contiguous":
+            # One "page" per request, max_seq_len long, taken at admission: the reservation that
+            # serving systems made before PagedAttention. No prefix sharing.
+            page_size, prefix_cache = self.max_seq_len, False
+        else:
+            page_size, prefix_cache = config.page_size, config.prefix_cache
+        if config.num_pages is not None:
+            num_pages = config.num_pages
+        elif config.kv_budget_tokens is not None:
+            num_pages = config.kv_budget_tokens // page_size
+            if num_pages < 1:
+                raise ValueError(
+                    f"kv_budget_tokens={config.kv_budget_tokens} is too small for even one request "
+                    f"(one {config.kv_layout} allocation is {page_size} tokens)"
+                )
+        else:
+            num_pages = config.max_batch * math.ceil(self.max_seq_len / page_size)
+        self.allocator = PageAllocator(num_pages, page_size, prefix_cache)
         self.scheduler = Scheduler(
             self.allocator, policy=config.batching, max_batch=config.max_batch,
             max_tokens_per_step=config.max_tokens_per_step, chunked_prefill=config.chunked_prefill,
         )
-        self.cache = PagedKVCache.zeros(cfg, num_pages, config.page_size, model.dtype)
+        self.cache = PagedKVCache.zeros(cfg, num_pages, page_size, model.dtype)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter = collections.Counter()  # steps, tokens, preemptions, host_s, device_s, ...
+        self._device_s = 0.0
         self.pages_in_use: list[int] = []  # after each step
+        self.kv_usage: list[tuple[int, int]] = []  # after each step: (slots reserved, tokens held)
         self.buckets: set[tuple[int, int, int, int]] = set()  # (decode rows, prefill rows, chunk, pages) shapes run
 
     # Requests ----------------------------------------------------------------------------------
@@ -162,18 +216,29 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the requests that finished in it."""
+        start = time.perf_counter()
+        self._device_s = 0.0
         plan = self.scheduler.schedule()
         self.stats["preemptions"] += len(plan.preempted)
+        self.stats["peak_running"] = max(self.stats["peak_running"], len(self.scheduler.running))
         finished = list(plan.finished)
         if plan.copies:
             src, dst = zip(*plan.copies)
             self.cache = copy_pages(self.cache, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
             self.stats["copied_pages"] += len(plan.copies)
-        if not plan.empty:
+        if plan.decode and not plan.prefill and self.config.decode_steps > 1:
+            finished += self._run_multi_decode(plan.decode)
+        elif not plan.empty:
             finished += self._run(plan)
         self.pages_in_use.append(self.allocator.num_used)
+        live = sum(s.num_computed for s in self.scheduler.running)
+        self.kv_usage.append((self.allocator.num_used * self.allocator.page_size, live))
         self.stats["steps"] += 1
-        return self._collect(finished)
+        outs = self._collect(finished)
+        # Device time: dispatch to results ready; the rest of the step is host work the device waits on.
+        self.stats["device_s"] += self._device_s
+        self.stats["host_s"] += time.perf_counter() - start - self._device_s
+        return outs
 
     def _run(self, plan) -> list[Sequence]:
         cfg, page = self.model.config, self.allocator.page_size
@@ -182,7 +247,7 @@ class Engine:
         Rp = next_power_of_2(len(prefill)) if prefill else 0
         C = next_power_of_2(max(n for _, n in prefill), 16) if prefill else 0
         scheduled = decode + [s for s, _ in prefill]
-        M = next_power_of_2(max(len(s.pages) for s in scheduled), 4)
+        M = next_power_of_2(max(len(s.pages) for s in scheduled), min(4, math.ceil(self.max_seq_len / page)))
         N = Rd + Rp * C
         self.buckets.add((Rd, Rp, C, M))
         dropped = self.allocator.num_pages * page  # slot index past the cache: not written
@@ -217,6 +282,7 @@ class Engine:
             decode_lens=jnp.asarray(d_lens), prefill_block_tables=jnp.asarray(p_tables),
             prefill_start=jnp.asarray(p_start), prefill_lens=jnp.asarray(p_lens),
         )
+        dispatched = time.perf_counter()
         logits, _, self.cache = _step(
             self.model.params, cfg, jnp.asarray(tokens), jnp.asarray(positions), self.cache, batch,
             jnp.asarray(logits_at), attn_impl=self.config.attention,
@@ -237,6 +303,8 @@ class Engine:
         for seq in scheduled:
             self.scheduler.register_full_pages(seq)
         if not samplers:
+            logits.block_until_ready()
+            self._device_s += time.perf_counter() - dispatched
             return []
 
         R = next_power_of_2(len(samplers))
@@ -248,6 +316,7 @@ class Engine:
         steps = np.zeros(R, np.int32)
         steps[: len(seqs)] = [len(s.generated) for s in seqs]
         new_tokens = np.asarray(_sample_rows(logits, jnp.asarray(rows), sp, jnp.asarray(steps)))
+        self._device_s += time.perf_counter() - dispatched
 
         now = time.perf_counter()
         finished = []
@@ -260,6 +329,54 @@ class Engine:
                 seq.finish_time = now
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
+        return finished
+
+    def _run_multi_decode(self, decode: list[Sequence]) -> list[Sequence]:
+        """Several decode steps in one device call: pages for them are taken from free pages only
+        (no preemption), tokens past a stop are dropped, so outputs equal single-step decoding."""
+        page = self.allocator.page_size
+        wanted = [min(self.config.decode_steps, s.sampling.max_tokens - len(s.generated),
+                      self.max_seq_len + 1 - len(s.tokens)) for s in decode]
+        new_pages = sum(max(0, math.ceil((s.num_computed + w) / page) - len(s.pages)) for s, w in zip(decode, wanted))
+        if new_pages > self.allocator.num_free:
+            wanted = [1] * len(decode)  # the scheduler reserved one token each
+        for s, w in zip(decode, wanted):
+            s.pages += self.allocator.allocate(max(0, math.ceil((s.num_computed + w) / page) - len(s.pages)))
+        k = next_power_of_2(max(wanted))
+        R = next_power_of_2(len(decode))
+        M = next_power_of_2(max(len(s.pages) for s in decode), min(4, math.ceil(self.max_seq_len / page)))
+        self.buckets.add((R, -k, 0, M))
+        tokens, positions, valid, steps = (np.zeros(R, np.int32) for _ in range(4))
+        tables = np.zeros((R, M), np.int32)
+        for i, (s, w) in enumerate(zip(decode, wanted)):
+            tokens[i], positions[i], valid[i], steps[i] = s.tokens[s.num_computed], s.num_computed, w, len(s.generated)
+            tables[i, : len(s.pages)] = s.pages
+        pad = [SamplingParams(temperature=0.0)] * (R - len(decode))
+        sp = SamplingBatch.from_params([s.sampling for s in decode] + pad, [s.seed for s in decode] + [0] * len(pad))
+        dispatched = time.perf_counter()
+        new_tokens, self.cache = _multi_decode(
+            self.model.params, self.model.config, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
+            jnp.asarray(tables), self.cache, sp, jnp.asarray(steps), attn_impl=self.config.attention, num_steps=k,
+        )
+        new_tokens = np.asarray(new_tokens)  # (k, R)
+        self._device_s += time.perf_counter() - dispatched
+        self.stats["decode_tokens"] += sum(wanted)
+
+        now = time.perf_counter()
+        finished = []
+        for i, (s, w) in enumerate(zip(decode, wanted)):
+            for j in range(w):
+                s.num_computed += 1
+                tok = int(new_tokens[j, i])
+                s.tokens.append(tok)
+                reason = self._stop_reason(s, tok)
+                if reason is not None:
+                    s.finish_time = now
+                    self.scheduler.finish(s, reason)
+                    finished.append(s)
+                    break
+            if s.status is Status.RUNNING:
+                self.scheduler.register_full_pages(s)
         return finished
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
@@ -290,6 +407,12 @@ class Engine:
         if len(seq.generated) >= sp.max_tokens or len(seq.tokens) > self.max_seq_len:
             return "length"
         return None
+
+    def kv_waste(self) -> float:
+        """Share of reserved KV slots that held no token, averaged over the steps so far."""
+        reserved = sum(r for r, _ in self.kv_usage)
+        held = sum(min(r, h) for r, h in self.kv_usage)
+        return 1.0 - held / reserved if reserved else 0.0
 
     # Outputs -----------------------------------------------------------------------------------
 

@@ -224,3 +224,29 @@ def test_pallas_attention_equals_xla(window):
     pallas = ji.Engine(model, dataclasses.replace(config, attention="pallas")).generate(prompts, sp)
     assert [o.token_ids for o in pallas] == ref
     assert [o.token_ids for o in ji.generate(model, prompts, sp, attn_impl="pallas")] == ref
+
+
+def test_contiguous_layout_equals_paged_and_wastes_more(model, prompts, baseline):
+    budget = 4 * 96  # four full-length requests
+    paged = ji.Engine(model, ji.EngineConfig(kv_budget_tokens=budget, page_size=8, prefix_cache=False))
+    contiguous = ji.Engine(model, ji.EngineConfig(kv_layout="contiguous", kv_budget_tokens=budget))
+    assert [o.token_ids for o in paged.generate(prompts, GREEDY)] == baseline
+    assert [o.token_ids for o in contiguous.generate(prompts, GREEDY)] == baseline
+    assert contiguous.allocator.num_pages == 4 and contiguous.allocator.page_size == 96
+    assert max(n for n in contiguous.pages_in_use) <= 4
+    assert paged.kv_waste() < 0.25 < contiguous.kv_waste()
+    with pytest.raises(ValueError, match="kv_budget_tokens=50 is too small for even one request"):
+        ji.Engine(model, ji.EngineConfig(kv_layout="contiguous", kv_budget_tokens=50))
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_multi_step_decode_equals_single_step(model, prompts, baseline, batching):
+    engine = ji.Engine(model, ji.EngineConfig(batching=batching, max_batch=3, decode_steps=4, page_size=8))
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == baseline
+    assert any(k < 0 for _, k, _, _ in engine.buckets)  # multi-step calls ran (k steps recorded as -k)
+    assert engine.stats["steps"] < 16 + len(prompts)
+    assert engine.allocator.num_used == 0
+    sp = [ji.SamplingParams(max_tokens=m, temperature=0.8, seed=i) for i, m in enumerate((5, 9, 3, 14, 7, 2))]
+    ref = [o.token_ids for o in ji.generate(model, prompts, sp)]
+    multi = ji.Engine(model, ji.EngineConfig(batching=batching, max_batch=3, decode_steps=4, page_size=8))
+    assert [o.token_ids for o in multi.generate(prompts, sp)] == ref

@@ -1,0 +1,226 @@
+"""Serving benchmark: a synthetic workload through the engine under one batching / KV-layout policy.
+
+  python -m experiments.bench_batching --batching=continuous --output_dist=lognormal
+  python -m experiments.bench_batching --batching=static --kv_layout=contiguous --out=/tmp/static.json
+  python -m experiments.bench_batching --arrival=poisson --rates=2,4,8 --plot=/tmp/latency.png
+
+Prompts are slices of held-out text; each request generates exactly its drawn output length
+(EOS ignored). Requests arrive all at once or as a Poisson process (--rate requests/s, real time).
+The workload is first run once unmeasured so every program is compiled; the measured run follows.
+Prints throughput, TTFT / TPOT percentiles, KV waste, preemptions and the host share of step time,
+and writes a JSON with the config, the environment and every request's figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from tqdm.auto import tqdm
+
+import jaxinfer as ji
+from jaxinfer import data
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "tiny", "Shipped model name or local HF checkpoint directory.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.")
+flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
+flags.DEFINE_enum("arrival", "all", ["all", "poisson"], "All requests at t=0, or Poisson arrivals at --rate.")
+flags.DEFINE_list("rates", ["4"], "Poisson arrival rates (requests/s); one run per rate.")
+flags.DEFINE_enum("prompt_dist", "uniform", ["fixed", "uniform", "lognormal"], "Prompt length distribution.")
+flags.DEFINE_integer("prompt_len", 48, "Prompt length: the fixed value, uniform/lognormal mean.")
+flags.DEFINE_enum("output_dist", "lognormal", ["fixed", "uniform", "lognormal"], "Output length distribution.")
+flags.DEFINE_integer("output_len", 48, "Output length: the fixed value, uniform/lognormal mean.")
+flags.DEFINE_float("sigma", 1.0, "Log-normal sigma (spread) of lognormal lengths.")
+flags.DEFINE_integer("max_len", 400, "Upper cap for drawn prompt and output lengths.")
+flags.DEFINE_string("workload_file", "", "JSONL of {prompt_len, output_len} rows (overrides the distributions).")
+flags.DEFINE_integer("seed", 0, "Workload seed.")
+flags.DEFINE_enum("batching", "continuous", ["continuous", "static"], "Batching policy.")
+flags.DEFINE_enum("kv_layout", "paged", ["paged", "contiguous"], "KV-cache layout.")
+flags.DEFINE_integer("max_batch", 8, "Sequences running at once.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("kv_budget_tokens", 0, "KV budget in tokens (0: room for max_batch full-length sequences).")
+flags.DEFINE_integer("max_tokens_per_step", 256, "Token budget per step.")
+flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
+flags.DEFINE_bool("prefix_cache", False, "Reuse KV pages of identical prompt prefixes.")
+flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation.")
+flags.DEFINE_string("out", "", "Write the JSON result here.")
+flags.DEFINE_string("plot", "", "Write a latency/throughput PNG here (one point per rate).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    arrival_s: float
+    prompt: list[int]
+    output_len: int
+
+
+def draw_lengths(rng, dist: str, mean: int, n: int, sigma: float, cap: int) -> np.ndarray:
+    if dist == "fixed":
+        x = np.full(n, mean)
+    elif dist == "uniform":
+        x = rng.integers(1, 2 * mean, size=n)
+    else:  # log-normal with the given mean
+        x = rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, size=n)
+    return np.clip(np.round(x), 1, cap).astype(int)
+
+
+def make_workload(rate: float | None, model) -> list[Request]:
+    rng = np.random.default_rng(FLAGS.seed)
+    n = FLAGS.num_requests
+    if FLAGS.workload_file:
+        with open(FLAGS.workload_file) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        prompt_lens = np.array([r["prompt_len"] for r in rows])
+        output_lens = np.array([r["output_len"] for r in rows])
+        n = len(rows)
+    else:
+        prompt_lens = draw_lengths(rng, FLAGS.prompt_dist, FLAGS.prompt_len, n, FLAGS.sigma, FLAGS.max_len)
+        output_lens = draw_lengths(rng, FLAGS.output_dist, FLAGS.output_len, n, FLAGS.sigma, FLAGS.max_len)
+    context = model.config.max_position_embeddings
+    prompt_lens = np.minimum(prompt_lens, context - 1)
+    output_lens = np.minimum(output_lens, context - prompt_lens + 1)
+    text = data.load_corpus().heldout
+    starts = rng.integers(0, text.size - prompt_lens.max() - 1, size=n)
+    arrivals = np.zeros(n) if rate is None else np.cumsum(rng.exponential(1.0 / rate, size=n))
+    return [
+        Request(float(a), [model.tokenizer.bos_id] + text[s : s + p - 1].tolist(), int(o))
+        for a, s, p, o in zip(arrivals, starts, prompt_lens, output_lens)
+    ]
+
+
+def engine_config() -> ji.EngineConfig:
+    return ji.EngineConfig(
+        batching=FLAGS.batching, kv_layout=FLAGS.kv_layout, page_size=FLAGS.page_size,
+        kv_budget_tokens=FLAGS.kv_budget_tokens or None, max_batch=FLAGS.max_batch,
+        max_tokens_per_step=FLAGS.max_tokens_per_step, chunked_prefill=FLAGS.chunked_prefill,
+        prefix_cache=FLAGS.prefix_cache, attention=FLAGS.attention,
+    )
+
+
+def serve(model, workload: list[Request], progress: bool) -> tuple[ji.Engine, list[ji.RequestOutput], float]:
+    """Run the workload in real time; returns the engine, outputs in workload order, and wall time."""
+    engine = ji.Engine(model, engine_config())
+    pending = sorted(range(len(workload)), key=lambda i: workload[i].arrival_s)
+    ids: dict[int, int] = {}
+    outs: dict[int, ji.RequestOutput] = {}
+    bar = tqdm(total=len(workload), desc="requests", unit="req", disable=not progress)
+    start = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and workload[pending[0]].arrival_s <= now:
+            i = pending.pop(0)
+            r = workload[i]
+            sp = ji.SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+            ids[engine.add_request(r.prompt, sp)] = i
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, workload[pending[0]].arrival_s - (time.perf_counter() - start)))
+            continue
+        for out in engine.step():
+            outs[ids[out.request_id]] = out
+            bar.update()
+    wall = time.perf_counter() - start
+    bar.close()
+    return engine, [outs[i] for i in range(len(workload))], wall
+
+
+def percentiles(x) -> dict[str, float]:
+    x = np.asarray(x, float)
+    return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p90": float(np.percentile(x, 90)),
+            "p99": float(np.percentile(x, 99))}
+
+
+def run_once(model, rate: float | None) -> dict:
+    workload = make_workload(rate, model)
+    t0 = time.perf_counter()
+    serve(model, [dataclasses.replace(r, arrival_s=0.0) for r in workload], progress=False)  # compile
+    warm_s = time.perf_counter() - t0
+    engine, outs, wall = serve(model, workload, progress=True)
+    generated = sum(len(o.token_ids) for o in outs)
+    steps = engine.stats["steps"]
+    host, device = engine.stats["host_s"], engine.stats["device_s"]
+    return {
+        "rate": rate,
+        "wall_s": wall,
+        "warmup_s": warm_s,
+        "throughput_tok_s": generated / wall,
+        "generated_tokens": generated,
+        "prompt_tokens": int(sum(len(r.prompt) for r in workload)),
+        "ttft_s": percentiles([o.metrics["ttft_s"] for o in outs]),
+        "tpot_s": percentiles([o.metrics["tpot_s"] for o in outs if o.metrics["generated_tokens"] > 1]),
+        "latency_s": percentiles([o.metrics["latency_s"] for o in outs]),
+        "kv_waste": engine.kv_waste(),
+        "kv_slots": engine.allocator.num_pages * engine.allocator.page_size,
+        "peak_running": engine.stats["peak_running"],
+        "preemptions": engine.stats["preemptions"],
+        "steps": steps,
+        "compiled_programs": len(engine.buckets),
+        "host_share": host / (host + device) if host + device else 0.0,
+        "requests": [
+            {"prompt_len": len(r.prompt), "output_len": r.output_len, "arrival_s": r.arrival_s, **o.metrics}
+            for r, o in zip(workload, outs)
+        ],
+    }
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [r["throughput_tok_s"] for r in results]
+    for key, label in (("p50", "p50 latency"), ("p90", "p90 latency")):
+        ax.plot(xs, [r["latency_s"][key] for r in results], "o-", label=label)
+    for r, x in zip(results, xs):
+        ax.annotate(f"{r['rate']} req/s" if r["rate"] else "all at once", (x, r["latency_s"]["p50"]), fontsize=7)
+    ax.set_xlabel("throughput (generated tokens/s)")
+    ax.set_ylabel("request latency (s)")
+    ax.set_title(f"{FLAGS.batching} batching, {FLAGS.kv_layout} KV", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    rates = [None] if FLAGS.arrival == "all" else [float(r) for r in FLAGS.rates]
+    results = [run_once(model, rate) for rate in rates]
+    record = {
+        "config": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])},
+        "environment": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                        "jax": jax.__version__, "python": sys.version.split()[0],
+                        "date": datetime.datetime.now().isoformat(timespec="seconds")},
+        "command": "python -m experiments.bench_batching " + " ".join(sys.argv[1:]),
+        "results": results,
+    }
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(record, f, indent=2)
+    if FLAGS.plot:
+        plot(results, FLAGS.plot)
+    print(f"\n{FLAGS.batching} batching, {FLAGS.kv_layout} KV, max_batch={FLAGS.max_batch}, "
+          f"{FLAGS.num_requests} requests, on {record['environment']['device']}")
+    header = ("rate", "tok/s", "TTFT mean", "p50", "p90", "p99", "TPOT mean", "p50", "p90", "p99",
+              "KV waste", "peak batch", "preempt", "host share", "warm-up s")
+    print(" ".join(f"{h:>10}" for h in header))
+    for r in results:
+        t, p = r["ttft_s"], r["tpot_s"]
+        row = ["all" if r["rate"] is None else f"{r['rate']:g}", f"{r['throughput_tok_s']:.1f}",
+               *(f"{t[k] * 1e3:.0f}ms" for k in ("mean", "p50", "p90", "p99")),
+               *(f"{p[k] * 1e3:.1f}ms" for k in ("mean", "p50", "p90", "p99")),
+               f"{r['kv_waste']:.1%}", str(r["peak_running"]), str(r["preemptions"]), f"{r['host_share']:.1%}",
+               f"{r['warmup_s']:.1f}"]
+        print(" ".join(f"{c:>10}" for c in row))
+
+
+if __name__ == "__main__":
+    app.run(main)
