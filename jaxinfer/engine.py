@@ -157,6 +157,7 @@ class Engine:
         self._next_id = 0
         self.stats: collections.Counter = collections.Counter()  # steps, tokens, preemptions, host_s, device_s, ...
         self._device_s = 0.0
+        self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
         self.pages_in_use: list[int] = []  # after each step
         self.kv_usage: list[tuple[int, int]] = []  # after each step: (slots reserved, tokens held)
         self.buckets: set[tuple[int, int, int, int]] = set()  # (decode rows, prefill rows, chunk, pages) shapes run
@@ -207,10 +208,29 @@ class Engine:
                 prompt_ids = list(p) if not isinstance(p, str) else []
                 ids.append(RequestOutput(prompt_ids, [], None, "error", {}, error=f"prompts[{i}]: {e}"))
         done: dict[int, RequestOutput] = {}
+        start = time.perf_counter()
         while self.has_unfinished():
             for out in self.step():
                 done[out.request_id] = out
-        return [x if isinstance(x, RequestOutput) else done.pop(x) for x in ids]
+        wall = time.perf_counter() - start
+        outs = [x if isinstance(x, RequestOutput) else done.pop(x) for x in ids]
+        generated = sum(len(s.token_ids) for o in outs for s in (o.samples or [o]))
+        self.last_run = {"wall_s": wall, "generated_tokens": generated,
+                         "throughput_tok_s": generated / wall if wall else 0.0}
+        return outs
+
+    def metrics(self) -> dict[str, float]:
+        """Run-level figures so far: step and token counts, preemptions, host/device time, KV use."""
+        pages = self.pages_in_use or [0]
+        return {
+            **{k: float(v) for k, v in self.stats.items()},
+            "pages_in_use_mean": float(np.mean(pages)),
+            "pages_in_use_max": float(max(pages)),
+            "num_pages": float(self.allocator.num_pages),
+            "kv_waste": self.kv_waste(),
+            "prefix_cache_hit_rate": self.allocator.hits / self.allocator.lookups if self.allocator.lookups else 0.0,
+            "compiled_programs": float(len(self.buckets)),
+        }
 
     # One iteration -----------------------------------------------------------------------------
 

@@ -150,6 +150,11 @@ def test_metrics(model, prompts, name):
         assert 0 < m["ttft_s"] <= m["latency_s"] and m["tpot_s"] > 0
         assert m["generated_tokens"] == 16 and m["prompt_tokens"] == len(o.prompt_token_ids)
     assert len(engine.pages_in_use) == engine.stats["steps"] and max(engine.pages_in_use) > 0
+    run = engine.metrics()
+    assert run["decode_tokens"] + len(prompts) == 16 * len(prompts)
+    assert 0 < run["pages_in_use_mean"] <= run["pages_in_use_max"] <= run["num_pages"]
+    assert run["host_s"] > 0 and run["device_s"] > 0 and 0 <= run["kv_waste"] < 1
+    assert engine.last_run["generated_tokens"] == 16 * len(prompts) and engine.last_run["throughput_tok_s"] > 0
 
 
 def test_engine_config_errors():
