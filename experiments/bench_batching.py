@@ -50,6 +50,7 @@ flags.DEFINE_integer("max_tokens_per_step", 256, "Token budget per step.")
 flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
 flags.DEFINE_bool("prefix_cache", False, "Reuse KV pages of identical prompt prefixes.")
 flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation.")
+flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
 flags.DEFINE_string("out", "", "Write the JSON result here.")
 flags.DEFINE_string("plot", "", "Write a latency/throughput PNG here (one point per rate).")
 
@@ -100,7 +101,7 @@ def engine_config() -> ji.EngineConfig:
         batching=FLAGS.batching, kv_layout=FLAGS.kv_layout, page_size=FLAGS.page_size,
         kv_budget_tokens=FLAGS.kv_budget_tokens or None, max_batch=FLAGS.max_batch,
         max_tokens_per_step=FLAGS.max_tokens_per_step, chunked_prefill=FLAGS.chunked_prefill,
-        prefix_cache=FLAGS.prefix_cache, attention=FLAGS.attention,
+        prefix_cache=FLAGS.prefix_cache, attention=FLAGS.attention, decode_steps=FLAGS.decode_steps,
     )
 
 

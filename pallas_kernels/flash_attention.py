@@ -31,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.padding import pad_axis, round_up
+
 # Score given to hidden keys: finite, so exp2(_MASKED - m) is 0 and never NaN.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 _LOG2_E = math.log2(math.e)
@@ -168,18 +170,6 @@ def _flash_kernel(
     o_ref[...] = jnp.where(seen[:, None], out, 0.0).astype(o_ref.dtype)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
 def _check_common(q, K, H_k, q_offsets, kv_lens, window):
     if q.ndim != 4:
         raise ValueError(f"q must be (B, T, N, H), got shape {q.shape}")
@@ -208,10 +198,10 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
 
     Hp = max(_MIN_DOT, pl.next_power_of_2(H))  # Triton tensors have power-of-two sizes
     block_q = min(bs.block_q, max(_MIN_DOT, pl.next_power_of_2(T)))
-    T_pad = _round_up(T, block_q)
+    T_pad = round_up(T, block_q)
     num_q_blocks = T_pad // block_q
-    q = _pad_axis(_pad_axis(q, 3, Hp), 1, T_pad)
-    k, v = _pad_axis(k, 3, Hp), _pad_axis(v, 3, Hp)
+    q = pad_axis(pad_axis(q, 3, Hp), 1, T_pad)
+    k, v = pad_axis(k, 3, Hp), pad_axis(v, 3, Hp)
     q_offsets = q_offsets.astype(jnp.int32)
 
     def q_map(i, b, n):
@@ -224,7 +214,7 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
         pages_per_block = min(pages_per_block, pl.next_power_of_2(max_pages))
         pages_per_block = max(pages_per_block, -(-_MIN_DOT // page_size))
         block_k = pages_per_block * page_size
-        block_tables = _pad_axis(block_tables.astype(jnp.int32), 1, _round_up(max_pages, pages_per_block))
+        block_tables = pad_axis(block_tables.astype(jnp.int32), 1, round_up(max_pages, pages_per_block))
         kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), max_pages * page_size)
         table_spec = pl.BlockSpec((None, block_tables.shape[1]), lambda i, b, n: (b, 0))
         kv_spec = pl.BlockSpec((None, P, page_size, Hp), lambda i, b, n: (lax.div(n, G), 0, 0, 0))
@@ -232,8 +222,8 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
         S = k.shape[1]
         pages_per_block = 0
         block_k = min(bs.block_k, max(_MIN_DOT, pl.next_power_of_2(S)))
-        S_pad = _round_up(S, block_k)
-        k, v = _pad_axis(k, 1, S_pad), _pad_axis(v, 1, S_pad)
+        S_pad = round_up(S, block_k)
+        k, v = pad_axis(k, 1, S_pad), pad_axis(v, 1, S_pad)
         kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), S)
         table_spec = None
         kv_spec = pl.BlockSpec((None, S_pad, None, Hp), lambda i, b, n: (b, 0, lax.div(n, G), 0))

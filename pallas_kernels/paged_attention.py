@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.padding import pad_axis, round_up
+
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 _LOG2_E = math.log2(math.e)
 # Triton's tensor-core dot needs every dimension >= 16.
@@ -134,18 +136,6 @@ def _decode_kernel(
     l_ref[...] = l
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
 def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, window, sm_scale,
             block_sizes, interpret):
     """Pads to powers of two, builds the BlockSpecs, runs the split kernel, merges the splits."""
@@ -162,9 +152,9 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, w
     num_splits = bs.num_splits
     if pages_per_block & (pages_per_block - 1) or num_splits < 1:
         raise ValueError(f"{bs}: pages_per_block must be a power of two and num_splits >= 1")
-    qg = _pad_axis(_pad_axis(q.reshape(B, K, G, H), 2, Gp), 3, Hp)  # (B, K, Gp, Hp)
-    k_pages, v_pages = _pad_axis(k_pages, 3, Hp), _pad_axis(v_pages, 3, Hp)
-    block_tables = _pad_axis(block_tables.astype(jnp.int32), 1, _round_up(max_pages, pages_per_block))
+    qg = pad_axis(pad_axis(q.reshape(B, K, G, H), 2, Gp), 3, Hp)  # (B, K, Gp, Hp)
+    k_pages, v_pages = pad_axis(k_pages, 3, Hp), pad_axis(v_pages, 3, Hp)
+    block_tables = pad_axis(block_tables.astype(jnp.int32), 1, round_up(max_pages, pages_per_block))
     lengths = jnp.minimum(lengths.astype(jnp.int32), max_pages * page_size)
 
     scalar_spec = pl.BlockSpec((1,), lambda b, h, s: (b,))
