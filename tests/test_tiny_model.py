@@ -1,0 +1,122 @@
+"""The shipped tiny models: they load offline, are as good as recorded, match HF transformers, and
+the main job runs on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import jaxinfer as ji
+from jaxinfer import data
+from jaxinfer.weights import ASSETS_DIR
+from helpers import TOLERANCE, row_rel_error
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    with open(os.path.join(ASSETS_DIR, "eval.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return ji.load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return ji.load_model("tiny-draft")
+
+
+@pytest.fixture(scope="module")
+def windows(recorded):
+    return data.heldout_windows(data.load_corpus(), recorded["seq_len"], recorded["heldout_windows"])
+
+
+def test_shipped_models_load(target, draft):
+    for model, name in ((target, "tiny"), (draft, "tiny-draft")):
+        with open(os.path.join(ASSETS_DIR, name, "training.json")) as f:
+            training = json.load(f)
+        assert model.config.num_params() == training["params"]
+        assert isinstance(model.tokenizer, ji.HFTokenizer)
+        assert model.tokenizer.encode("hi") == ji.ByteTokenizer().encode("hi")
+    assert 5 <= target.config.num_params() / draft.config.num_params() <= 10
+    assert target.config.vocab_size == draft.config.vocab_size
+
+
+def test_heldout_bits_per_byte_as_recorded(target, draft, windows, recorded):
+    bpb_target = data.bits_per_byte(target, windows)
+    bpb_draft = data.bits_per_byte(draft, windows)
+    assert abs(bpb_target - recorded["target"]["heldout_bits_per_byte"]) < 0.02
+    assert abs(bpb_draft - recorded["draft"]["heldout_bits_per_byte"]) < 0.02
+    assert bpb_target < bpb_draft < 8.0  # a trained model: far below a uniform byte model
+
+
+def test_greedy_agreement_as_recorded(target, draft, windows, recorded):
+    agreement = data.greedy_agreement(target, draft, windows)
+    assert abs(agreement - recorded["greedy_agreement"]) < 0.01
+    assert 0.3 < agreement < 1.0
+
+
+def test_hf_transformers_reads_the_shipped_model(target, rng):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ASSETS_DIR, "tiny"), torch_dtype=torch.float32)
+    hf.eval()
+    prompt = target.tokenizer.encode("def fibonacci(n):")
+    tokens = np.array([prompt])
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(tokens)).logits.numpy()
+        gen = hf.generate(torch.from_numpy(tokens), max_new_tokens=32, do_sample=False,
+                          attention_mask=torch.ones_like(torch.from_numpy(tokens)))
+    assert row_rel_error(ji.forward_logits(target, tokens), ref) <= TOLERANCE["float32"]
+    sp = ji.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    assert ji.generate(target, [prompt], sp)[0].token_ids == gen[0, len(prompt):].tolist()
+
+
+def test_engine_equals_baseline_on_the_shipped_model(target):
+    prompts = ["def fibonacci(n):", "import os\n", "The", "class Queue:\n    def"]
+    sp = ji.SamplingParams(max_tokens=24, temperature=0.0)
+    ref = [o.token_ids for o in ji.generate(target, prompts, sp)]
+    for config in (ji.EngineConfig(page_size=8, max_tokens_per_step=16),
+                   ji.EngineConfig(batching="static", max_batch=2, num_pages=9, page_size=8)):
+        assert [o.token_ids for o in ji.Engine(target, config).generate(prompts, sp)] == ref
+
+
+def _main_job(*flags):
+    return subprocess.run([sys.executable, "-m", "experiments.generate", *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_main_job_runs():
+    result = _main_job("--prompt=def add(a, b):", "--max_tokens=12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def add(a, b):")
+    for field in ("TTFT", "tokens/s", "M params", "compile"):
+        assert field in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--prompt=", "error: --prompt is empty"),
+        ("--model=no-such-model", "error: model 'no-such-model' is neither a directory nor a shipped model"),
+        ("--max_tokens=0", "error: max_tokens must be an integer >= 1"),
+        ("--temperature=-1", "error: temperature must be >= 0"),
+        ("--top_p=0", "error: top_p must be in (0, 1]"),
+        ("--top_p=1.5", "error: top_p must be in (0, 1]"),
+    ],
+)
+def test_main_job_bad_input_is_one_clear_line(flag, message):
+    result = _main_job(flag)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
