@@ -49,7 +49,8 @@ def test_continuous_beats_static_on_a_skewed_workload(runs):
     """Loose guards against regressions; the measured ratios live in benchmarks/results/batching.md."""
     (c,) = runs["continuous"][0]["results"]
     (s,) = runs["static"][0]["results"]
-    assert c["throughput_tok_s"] > 1.2 * s["throughput_tok_s"]
+    assert c["steps"] < s["steps"]  # slots refilled: fewer iterations for the same tokens
+    assert c["throughput_tok_s"] > s["throughput_tok_s"]
     assert c["kv_waste"] < s["kv_waste"]
 
 
