@@ -41,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not isinstance(self.n, (int, np.integer)) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if isinstance(self.stop, str) or isinstance(self.stop_token_ids, int):
@@ -60,14 +62,15 @@ class SamplingParams:
 class SamplingBatch:
     """Per-row sampling parameters as arrays (R rows).
 
-    temperature (R,) f32; top_k (R,) i32; top_p (R,) f32; min_p (R,) f32; key (R, 2) u32 (raw PRNG keys).
+    temperature (R,) f32; top_k (R,) i32; top_p (R,) f32; min_p (R,) f32; seed (R,) u32.
+    Keys are made from the seeds inside the jitted sampler: no per-row work on the host.
     """
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
-    key: jax.Array
+    seed: jax.Array
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int]) -> SamplingBatch:
@@ -76,7 +79,7 @@ class SamplingBatch:
             top_k=jnp.asarray([p.top_k for p in params], jnp.int32),
             top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
             min_p=jnp.asarray([p.min_p for p in params], jnp.float32),
-            key=jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds]),
+            seed=jnp.asarray(np.asarray(seeds, np.uint32)),
         )
 
 
@@ -95,7 +98,7 @@ def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
     keep &= probs >= sp.min_p[:, None] * probs[:, :1]
     keep = keep.at[:, 0].set(True)
     masked = jnp.where(keep, values, -jnp.inf)
-    keys = jax.vmap(lambda k, t: jax.random.fold_in(jax.random.wrap_key_data(k), t))(sp.key, step)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(sp.seed, step)
     choice = jax.vmap(jax.random.categorical)(keys, masked)  # (R,)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(sp.temperature > 0, sampled, greedy)

@@ -97,6 +97,8 @@ def test_bad_prompts(model, prompts, message):
         (dict(top_k=-1), "top_k must be an integer >= 0"),
         (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
         (dict(stop="x"), "sequences"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\)"),
+        (dict(n=0), "n must be an integer >= 1"),
     ],
 )
 def test_bad_sampling_params(kwargs, message):
