@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import model as model_lib
-from jaxinfer.generation import RequestOutput, next_power_of_2, prepare_prompt, prepare_sampling
+from jaxinfer.generation import (
+    RequestOutput, completion_text, next_power_of_2, prepare_prompt, prepare_sampling, stop_reason,
+)
 from jaxinfer.kv_cache import BatchDescriptor, PageAllocator, PagedKVCache, copy_pages
 from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
 from jaxinfer.scheduler import Scheduler, Sequence, Status
@@ -344,7 +346,7 @@ class Engine:
             seq.tokens.append(tok)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            reason = self._stop_reason(seq, tok)
+            reason = self._stop_reason(seq)
             if reason is not None:
                 seq.finish_time = now
                 self.scheduler.finish(seq, reason)
@@ -389,7 +391,7 @@ class Engine:
                 s.num_computed += 1
                 tok = int(new_tokens[j, i])
                 s.tokens.append(tok)
-                reason = self._stop_reason(s, tok)
+                reason = self._stop_reason(s)
                 if reason is not None:
                     s.finish_time = now
                     self.scheduler.finish(s, reason)
@@ -414,19 +416,10 @@ class Engine:
             children.append(child)
         return children
 
-    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
-        sp = seq.sampling
-        tokenizer = self.model.tokenizer
-        eos = set(self.model.config.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
-        if tok in sp.stop_token_ids or (tok in eos and not sp.ignore_eos):
-            return "stop"
-        if sp.stop and tokenizer is not None:
-            text = tokenizer.decode(seq.generated)
-            if any(s in text for s in sp.stop):
-                return "stop"
-        if len(seq.generated) >= sp.max_tokens or len(seq.tokens) > self.max_seq_len:
-            return "length"
-        return None
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        # Like the baseline: max_tokens, or the model's context (no position left for the next token).
+        budget = min(seq.sampling.max_tokens, self.max_seq_len + 1 - seq.prompt_len)
+        return stop_reason(self.model, seq.sampling, seq.generated, budget)
 
     def kv_waste(self) -> float:
         """Share of reserved KV slots that held no token, averaged over the steps so far."""
@@ -451,13 +444,7 @@ class Engine:
         return outs
 
     def _output(self, req: _Request, seq: Sequence) -> RequestOutput:
-        tokenizer = self.model.tokenizer
-        text = None
-        if tokenizer is not None:
-            text = tokenizer.decode(seq.generated)
-            hits = [text.index(s) for s in seq.sampling.stop if s in text]
-            if hits:
-                text = text[: min(hits)]
+        text = completion_text(self.model, seq.sampling, seq.generated)
         k = len(seq.generated)
         first = seq.first_token_time or seq.finish_time or req.arrival
         end = seq.finish_time or first

@@ -37,6 +37,33 @@ class RequestOutput:
     samples: list[RequestOutput] = dataclasses.field(default_factory=list)  # all n samples when n > 1
 
 
+def eos_ids(model) -> set[int]:
+    """End-of-sequence ids from the model's config and its tokenizer."""
+    return set(model.config.eos_token_ids) | set(model.tokenizer.eos_ids if model.tokenizer else ())
+
+
+def stop_reason(model, sp: SamplingParams, generated: Sequence[int], budget: int) -> str | None:
+    """Why a sequence ends after its newest token generated[-1], or None: "stop" for an EOS (unless
+    ignored), a stop token or a stop string in the text; "length" once `budget` tokens are out."""
+    tok = generated[-1]
+    if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in eos_ids(model)):
+        return "stop"
+    if sp.stop and model.tokenizer is not None:
+        text = model.tokenizer.decode(generated)
+        if any(s in text for s in sp.stop):
+            return "stop"
+    return "length" if len(generated) >= budget else None
+
+
+def completion_text(model, sp: SamplingParams, generated: Sequence[int]) -> str | None:
+    """The decoded completion, cut before the first stop string; None without a tokenizer."""
+    if model.tokenizer is None:
+        return None
+    text = model.tokenizer.decode(generated)
+    hits = [text.index(s) for s in sp.stop if s in text]
+    return text[: min(hits)] if hits else text
+
+
 def next_power_of_2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -147,34 +174,17 @@ def generate(
     next_tok = np.asarray(next_tok)
     ttft = time.perf_counter() - start
 
-    eos = set() if model.tokenizer is None else set(model.tokenizer.eos_ids)
-    eos |= set(cfg.eos_token_ids)
     generated: list[list[int]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     done_at = [0.0] * n
-    texts: list[str | None] = [None] * n
     step = 0
     while True:
         now = time.perf_counter() - start
         for i in range(n):
-            if finish[i] is not None:
-                continue
-            tok = int(next_tok[i])
-            generated[i].append(tok)
-            sp_i = params_list[i]
-            reason = None
-            if tok in sp_i.stop_token_ids or (tok in eos and not sp_i.ignore_eos):
-                reason = "stop"
-            elif sp_i.stop and model.tokenizer is not None:
-                text = model.tokenizer.decode(generated[i])
-                hit = [text.index(s) for s in sp_i.stop if s in text]
-                if hit:
-                    texts[i] = text[: min(hit)]
-                    reason = "stop"
-            if reason is None and len(generated[i]) >= budgets[i]:
-                reason = "length"
-            if reason is not None:
-                finish[i], done_at[i] = reason, now
+            if finish[i] is None:
+                generated[i].append(int(next_tok[i]))
+                finish[i] = stop_reason(model, params_list[i], generated[i], budgets[i])
+                done_at[i] = now
         if all(f is not None for f in finish):
             break
         step += 1
@@ -189,9 +199,7 @@ def generate(
 
     outputs = []
     for i in range(n):
-        text = texts[i]
-        if text is None and model.tokenizer is not None:
-            text = model.tokenizer.decode(generated[i])
+        text = completion_text(model, params_list[i], generated[i])
         k = len(generated[i])
         metrics = {
             "ttft_s": ttft,
