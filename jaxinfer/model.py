@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxinfer import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache
+from jaxinfer.quant.matmul import linear
 
 Params = dict[str, Any]
 
@@ -108,20 +109,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _project(x, w, b=None):
-    y = x @ w
-    return y if b is None else y + b
-
-
-def _layer(cfg: ModelConfig, lp: Params, x, cos, sin, positions, window, cache, layer, batch, attn_impl):
+def _layer(cfg: ModelConfig, lp: Params, x, cos, sin, positions, window, cache, layer, batch, attn_impl,
+           matmul_impl):
     """One decoder layer. Without a cache the tokens attend causally to each other; with one,
     their K/V are written into it first and attention reads the cache."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    def project(x, name, bias=None):  # every projection goes through the one matmul dispatch point
+        return linear(x, lp[name], lp.get(bias) if bias else None, impl=matmul_impl)
+
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)  # (B, T, D)
-    q = _project(h, lp["wq"], lp.get("bq")).reshape(B, T, N, H)
-    k = _project(h, lp["wk"], lp.get("bk")).reshape(B, T, K, H)
-    v = _project(h, lp["wv"], lp.get("bv")).reshape(B, T, K, H)
+    q = project(h, "wq", "bq").reshape(B, T, N, H)
+    k = project(h, "wk", "bk").reshape(B, T, K, H)
+    v = project(h, "wv", "bv").reshape(B, T, K, H)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
@@ -131,11 +131,11 @@ def _layer(cfg: ModelConfig, lp: Params, x, cos, sin, positions, window, cache, 
         o = attention.attend(q, k, v, positions, positions, window, impl=attn_impl)  # (B, T, N, H)
     else:
         o, cache = attention.attend_cached(cache, layer, q, k, v, positions, window, batch, impl=attn_impl)
-    x = x + _project(o.reshape(B, T, N * H), lp["wo"], lp.get("bo"))
+    x = x + project(o.reshape(B, T, N * H), "wo", "bo")
 
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp = jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])  # (B, T, F)
-    return x + mlp @ lp["w_down"], cache
+    mlp = jax.nn.silu(project(h, "w_gate")) * project(h, "w_up")  # (B, T, F)
+    return x + project(mlp, "w_down"), cache
 
 
 def forward(
@@ -148,9 +148,11 @@ def forward(
     batch: BatchDescriptor | None = None,  # required with a PagedKVCache (then B = 1, T = N)
     *,
     attn_impl: str = "xla",
+    matmul_impl: str = "xla",
 ) -> ForwardOutput:
     """Run the decoder over tokens at the given positions, optionally reading and writing a cache
-    (passed in and returned). Logits are float32."""
+    (passed in and returned). Logits are float32. Projection weights may be dense arrays or
+    QuantizedWeight pytrees (jaxinfer.quant); matmul_impl picks how the latter are multiplied."""
     dtype = params["embed"].dtype
     x = params["embed"][tokens]  # (B, T, D)
     cos, sin = rope_tables(cfg, positions, dtype)
@@ -163,7 +165,7 @@ def forward(
         x, cache = carry
         lp, window, layer = xs
         window = window if shared_window is None else shared_window
-        return _layer(cfg, lp, x, cos, sin, positions, window, cache, layer, batch, attn_impl), None
+        return _layer(cfg, lp, x, cos, sin, positions, window, cache, layer, batch, attn_impl, matmul_impl), None
 
     layer_ids = jnp.arange(cfg.num_layers)
     (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], windows, layer_ids))
@@ -176,10 +178,10 @@ def forward(
     return ForwardOutput(logits=logits, hidden=hidden, cache=cache)
 
 
-_forward_jit = jax.jit(forward, static_argnames=("cfg", "attn_impl"))
+_forward_jit = jax.jit(forward, static_argnames=("cfg", "attn_impl", "matmul_impl"))
 
 
-def forward_logits(model, tokens, *, attn_impl: str = "xla") -> jax.Array:
+def forward_logits(model, tokens, *, attn_impl: str = "xla", matmul_impl: str = "xla") -> jax.Array:
     """int32[B, T] -> float32[B, T, V]: one full causal pass, no cache. The reference path."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
@@ -188,7 +190,7 @@ def forward_logits(model, tokens, *, attn_impl: str = "xla") -> jax.Array:
     _check_tokens(tokens, cfg)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return _forward_jit(model.params, cfg, tokens, positions, attn_impl=attn_impl).logits
+    return _forward_jit(model.params, cfg, tokens, positions, attn_impl=attn_impl, matmul_impl=matmul_impl).logits
 
 
 def _check_tokens(tokens, cfg: ModelConfig) -> None:

@@ -1,0 +1,100 @@
+"""Weight-only quantisation as a transform on params: `quantize(params, scheme)` returns params
+whose projection weights are QuantizedWeight pytrees; `model.py` reaches them through
+`jaxinfer.quant.matmul.linear`, its one matmul dispatch point.
+
+Schemes: RTN (here), AWQ (awq.py) and GPTQ (gptq.py), the latter two from calibration
+activations (calibration.py). Published AWQ/GPTQ checkpoints load onto the same pytree
+(checkpoints.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer.quant.format import BITS, QuantizedWeight, dequantize, reference_matmul
+from jaxinfer.quant.matmul import linear
+from jaxinfer.quant.rtn import quantize_weight
+
+# The projections a weight-only scheme quantises. Embeddings, norms, biases and the LM head stay dense.
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+METHODS = ("rtn", "awq", "gptq")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    """How to quantise every projection of a model.
+
+    bits: 4 or 8. group_size: input rows per scale (32/64/128), None for one scale per output
+    channel. symmetric: implicit zero point 2**(bits-1); otherwise a stored zero per group.
+    pad: zero-pad input rows up to a multiple of group_size (else such a layer is an error).
+    method: rtn | awq | gptq. act_order: GPTQ's descending-Hessian-diagonal column order.
+    scale_dtype: None keeps the weight dtype.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    pad: bool = False
+    method: str = "rtn"
+    act_order: bool = False
+    scale_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits={self.bits} is not one of {BITS}")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size} must be >= 1 (or None for per-channel)")
+        if self.act_order and self.method != "gptq":
+            raise ValueError("act_order applies to method='gptq' only")
+
+    @property
+    def name(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "pc"
+        sym = "" if self.symmetric else "-asym"
+        order = "-act" if self.act_order else ""
+        return f"int{self.bits}-{self.method}-{group}{sym}{order}"
+
+
+def quantize(params: dict, scheme: QuantScheme) -> dict:
+    """RTN-quantise every projection in LINEAR_WEIGHTS (stacked over layers). AWQ and GPTQ need
+    calibration data: use `quantize_model`."""
+    if scheme.method != "rtn":
+        raise ValueError(f"method={scheme.method!r} needs calibration data: use quantize_model")
+    layers = dict(params["layers"])
+    for name in LINEAR_WEIGHTS:
+        layers[name] = quantize_weight(
+            layers[name], scheme.bits, scheme.group_size, symmetric=scheme.symmetric, pad=scheme.pad,
+            scale_dtype=scheme.scale_dtype, name=f"layers.{name}",
+        )
+    return {**params, "layers": layers}
+
+
+def dequantize_params(params: dict, dtype=None) -> dict:
+    """Params with every QuantizedWeight replaced by its dense dequantised weight: the reference
+    model a quantised model's outputs are compared against."""
+    dtype = dtype or params["embed"].dtype
+    return _map_quantized(params, lambda w: dequantize(w, dtype))
+
+
+def _map_quantized(tree, fn):
+    import jax
+
+    return jax.tree_util.tree_map(
+        lambda x: fn(x) if isinstance(x, QuantizedWeight) else x, tree,
+        is_leaf=lambda x: isinstance(x, QuantizedWeight),
+    )
+
+
+__all__ = [
+    "LINEAR_WEIGHTS",
+    "QuantScheme",
+    "QuantizedWeight",
+    "dequantize",
+    "dequantize_params",
+    "linear",
+    "quantize",
+    "quantize_weight",
+    "reference_matmul",
+]
