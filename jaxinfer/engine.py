@@ -47,12 +47,17 @@ class EngineConfig:
     chunked_prefill: bool = True  # split prompts across steps to fit the budget
     prefix_cache: bool = True  # reuse full KV pages of identical prompt prefixes
     max_seq_len: int | None = None  # None: the model's context length
-    attention: str = "xla"
+    attention: str = "xla"  # "xla" | "pallas"
+    matmul: str = "xla"  # how quantised weights are multiplied: "xla" (dequantise) | "pallas" (kernel)
     decode_steps: int = 1  # decode steps per host round trip when a step has no prompt work
 
     def __post_init__(self):
         if self.batching not in ("continuous", "static"):
             raise ValueError(f"batching={self.batching!r} is not one of 'continuous', 'static'")
+        if self.matmul not in ("xla", "pallas"):
+            raise ValueError(f"matmul={self.matmul!r} is not one of 'xla', 'pallas'")
+        if self.attention not in ("xla", "pallas"):
+            raise ValueError(f"attention={self.attention!r} is not one of 'xla', 'pallas'")
         if self.kv_layout not in ("paged", "contiguous"):
             raise ValueError(f"kv_layout={self.kv_layout!r} is not one of 'paged', 'contiguous'")
         if self.kv_budget_tokens is not None and self.kv_budget_tokens < 1:
@@ -76,16 +81,19 @@ class _Request:
     sequences: list[Sequence]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"), donate_argnames=("cache",))
-def _step(params, cfg, tokens, positions, cache, batch, logits_at, *, attn_impl):
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "matmul_impl"), donate_argnames=("cache",))
+def _step(params, cfg, tokens, positions, cache, batch, logits_at, *, attn_impl, matmul_impl):
     """tokens, positions (N,); logits_at (R,) -> logits (R, V), hidden (R, D), cache."""
     TRACE_COUNTS["step"] += 1
-    out = model_lib.forward(params, cfg, tokens[None], positions[None], cache, logits_at[None], batch, attn_impl=attn_impl)
+    out = model_lib.forward(params, cfg, tokens[None], positions[None], cache, logits_at[None], batch,
+                            attn_impl=attn_impl, matmul_impl=matmul_impl)
     return out.logits[0], out.hidden[0], out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "num_steps"), donate_argnames=("cache",))
-def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp, steps, *, attn_impl, num_steps):
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "matmul_impl", "num_steps"),
+                   donate_argnames=("cache",))
+def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp, steps, *, attn_impl, matmul_impl,
+                  num_steps):
     """num_steps decode steps in one program, each sampled token fed to the next step.
     tokens, positions, valid, steps (R,); a row writes K/V only in its first valid[r] steps.
     Returns tokens (num_steps, R) and the cache."""
@@ -106,7 +114,7 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
             prefill_start=jnp.zeros((0,), jnp.int32), prefill_lens=jnp.zeros((0,), jnp.int32),
         )
         out = model_lib.forward(params, cfg, tokens[None], pos[None], cache, jnp.arange(R)[None], batch,
-                                attn_impl=attn_impl)
+                                attn_impl=attn_impl, matmul_impl=matmul_impl)
         new = sample(out.logits[0], sp, steps + j)
         return (new, out.cache), new
 
@@ -307,7 +315,7 @@ class Engine:
         dispatched = time.perf_counter()
         logits, _, self.cache = _step(
             self.model.params, cfg, jnp.asarray(tokens), jnp.asarray(positions), self.cache, batch,
-            jnp.asarray(logits_at), attn_impl=self.config.attention,
+            jnp.asarray(logits_at), attn_impl=self.config.attention, matmul_impl=self.config.matmul,
         )
         self.stats["decode_tokens"] += len(decode)
         self.stats["prefill_tokens"] += sum(n for _, n in prefill)
@@ -378,7 +386,8 @@ class Engine:
         dispatched = time.perf_counter()
         new_tokens, self.cache = _multi_decode(
             self.model.params, self.model.config, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
-            jnp.asarray(tables), self.cache, sp, jnp.asarray(steps), attn_impl=self.config.attention, num_steps=k,
+            jnp.asarray(tables), self.cache, sp, jnp.asarray(steps), attn_impl=self.config.attention,
+            matmul_impl=self.config.matmul, num_steps=k,
         )
         new_tokens = np.asarray(new_tokens)  # (k, R)
         self._device_s += time.perf_counter() - dispatched

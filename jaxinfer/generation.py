@@ -118,19 +118,21 @@ def prepare_sampling(
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"), donate_argnames=("cache",))
-def _prefill(params, cfg, tokens, lengths, cache, sp, *, attn_impl):
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "matmul_impl"), donate_argnames=("cache",))
+def _prefill(params, cfg, tokens, lengths, cache, sp, *, attn_impl, matmul_impl):
     TRACE_COUNTS["prefill"] += 1
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    out = model_lib.forward(params, cfg, tokens, positions, cache, (lengths - 1)[:, None], attn_impl=attn_impl)
+    out = model_lib.forward(params, cfg, tokens, positions, cache, (lengths - 1)[:, None], attn_impl=attn_impl,
+                            matmul_impl=matmul_impl)
     return sample(out.logits[:, 0], sp, jnp.zeros((B,), jnp.int32)), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"), donate_argnames=("cache",))
-def _decode(params, cfg, tokens, positions, cache, sp, steps, *, attn_impl):
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "matmul_impl"), donate_argnames=("cache",))
+def _decode(params, cfg, tokens, positions, cache, sp, steps, *, attn_impl, matmul_impl):
     TRACE_COUNTS["decode"] += 1
-    out = model_lib.forward(params, cfg, tokens[:, None], positions[:, None], cache, attn_impl=attn_impl)
+    out = model_lib.forward(params, cfg, tokens[:, None], positions[:, None], cache, attn_impl=attn_impl,
+                            matmul_impl=matmul_impl)
     return sample(out.logits[:, 0], sp, steps), out.cache
 
 
@@ -140,6 +142,7 @@ def generate(
     sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     *,
     attn_impl: str = "xla",
+    matmul_impl: str = "xla",
 ) -> list[RequestOutput]:
     """Generate a completion for each prompt; outputs come back in prompt order."""
     cfg: ModelConfig = model.config
@@ -169,7 +172,8 @@ def generate(
     cache = KVCache.zeros(cfg, B, S, model.dtype)
 
     next_tok, cache = _prefill(
-        model.params, cfg, jnp.asarray(tokens), jnp.asarray(row_lengths), cache, sp, attn_impl=attn_impl
+        model.params, cfg, jnp.asarray(tokens), jnp.asarray(row_lengths), cache, sp, attn_impl=attn_impl,
+        matmul_impl=matmul_impl,
     )
     next_tok = np.asarray(next_tok)
     ttft = time.perf_counter() - start
@@ -193,7 +197,7 @@ def generate(
         steps = np.full((B,), step, np.int32)
         next_tok, cache = _decode(
             model.params, cfg, jnp.asarray(next_tok), jnp.asarray(positions), cache, sp,
-            jnp.asarray(steps), attn_impl=attn_impl,
+            jnp.asarray(steps), attn_impl=attn_impl, matmul_impl=matmul_impl,
         )
         next_tok = np.asarray(next_tok)
 
