@@ -50,6 +50,7 @@ class EngineConfig:
     attention: str = "xla"  # "xla" | "pallas"
     matmul: str = "xla"  # how quantised weights are multiplied: "xla" (dequantise) | "pallas" (kernel)
     decode_steps: int = 1  # decode steps per host round trip when a step has no prompt work
+    overlap: bool = False  # dispatch the next decode call before reading the last one's tokens back
 
     def __post_init__(self):
         if self.batching not in ("continuous", "static"):
@@ -122,6 +123,13 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
     return new_tokens, cache
 
 
+@dataclasses.dataclass
+class _DecodeCall:
+    tokens: jax.Array  # (k, R) sampled tokens, on device until read
+    seqs: list[Sequence]  # row i's sequence
+    wanted: list[int]  # steps row i runs (later steps of the row are padding)
+
+
 @jax.jit
 def _sample_rows(logits, rows, sp, steps):
     TRACE_COUNTS["sample"] += 1
@@ -171,6 +179,9 @@ class Engine:
         self.pages_in_use: list[int] = []  # after each step
         self.kv_usage: list[tuple[int, int]] = []  # after each step: (slots reserved, tokens held)
         self.buckets: set[tuple[int, int, int, int]] = set()  # (decode rows, prefill rows, chunk, pages) shapes run
+        self._in_flight: _DecodeCall | None = None  # a decode call dispatched and not yet read back (overlap)
+        self._last_dispatched: jax.Array | None = None
+        self._idle_since: float | None = None
 
     # Requests ----------------------------------------------------------------------------------
 
@@ -248,24 +259,35 @@ class Engine:
         """Run one scheduled batch; return the requests that finished in it."""
         start = time.perf_counter()
         self._device_s = 0.0
+        if self._in_flight is not None:
+            call, self._in_flight = self._in_flight, None
+            self._in_flight = self._look_ahead(call)
+            finished = self._finish_decode(call)
+            if self._in_flight is not None or not self.scheduler.has_work():
+                return self._end_step(start, finished)
+        else:
+            finished = []
         plan = self.scheduler.schedule()
         self.stats["preemptions"] += len(plan.preempted)
         self.stats["peak_running"] = max(self.stats["peak_running"], len(self.scheduler.running))
-        finished = list(plan.finished)
+        finished += plan.finished
         if plan.copies:
             src, dst = zip(*plan.copies)
             self.cache = copy_pages(self.cache, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
             self.stats["copied_pages"] += len(plan.copies)
-        if plan.decode and not plan.prefill and self.config.decode_steps > 1:
+        if plan.decode and not plan.prefill and (self.config.decode_steps > 1 or self.config.overlap):
             finished += self._run_multi_decode(plan.decode)
         elif not plan.empty:
             finished += self._run(plan)
+        return self._end_step(start, finished)
+
+    def _end_step(self, start: float, finished: list[Sequence]) -> list[RequestOutput]:
         self.pages_in_use.append(self.allocator.num_used)
         live = sum(s.num_computed for s in self.scheduler.running)
         self.kv_usage.append((self.allocator.num_used * self.allocator.page_size, live))
         self.stats["steps"] += 1
         outs = self._collect(finished)
-        # Device time: dispatch to results ready; the rest of the step is host work the device waits on.
+        # device_s: the host blocked on results; host_s: the rest of the step (scheduling, arrays, bookkeeping).
         self.stats["device_s"] += self._device_s
         self.stats["host_s"] += time.perf_counter() - start - self._device_s
         return outs
@@ -312,7 +334,7 @@ class Engine:
             decode_lens=jnp.asarray(d_lens), prefill_block_tables=jnp.asarray(p_tables),
             prefill_start=jnp.asarray(p_start), prefill_lens=jnp.asarray(p_lens),
         )
-        dispatched = time.perf_counter()
+        self._mark_dispatch()
         logits, _, self.cache = _step(
             self.model.params, cfg, jnp.asarray(tokens), jnp.asarray(positions), self.cache, batch,
             jnp.asarray(logits_at), attn_impl=self.config.attention, matmul_impl=self.config.matmul,
@@ -333,8 +355,8 @@ class Engine:
         for seq in scheduled:
             self.scheduler.register_full_pages(seq)
         if not samplers:
-            logits.block_until_ready()
-            self._device_s += time.perf_counter() - dispatched
+            self._last_dispatched = logits
+            self._read(logits[:1, :1])
             return []
 
         R = next_power_of_2(len(samplers))
@@ -345,8 +367,8 @@ class Engine:
         sp = SamplingBatch.from_params([s.sampling for s in seqs] + pad, [s.seed for s in seqs] + [0] * len(pad))
         steps = np.zeros(R, np.int32)
         steps[: len(seqs)] = [len(s.generated) for s in seqs]
-        new_tokens = np.asarray(_sample_rows(logits, jnp.asarray(rows), sp, jnp.asarray(steps)))
-        self._device_s += time.perf_counter() - dispatched
+        self._last_dispatched = _sample_rows(logits, jnp.asarray(rows), sp, jnp.asarray(steps))
+        new_tokens = self._read(self._last_dispatched)
 
         now = time.perf_counter()
         finished = []
@@ -363,43 +385,87 @@ class Engine:
 
     def _run_multi_decode(self, decode: list[Sequence]) -> list[Sequence]:
         """Several decode steps in one device call: pages for them are taken from free pages only
-        (no preemption), tokens past a stop are dropped, so outputs equal single-step decoding."""
-        page = self.allocator.page_size
+        (no preemption), tokens past a stop are dropped, so outputs equal single-step decoding.
+        With overlap on, the call is left in flight and read back by the next step()."""
         wanted = [min(self.config.decode_steps, s.sampling.max_tokens - len(s.generated),
                       self.max_seq_len + 1 - len(s.tokens)) for s in decode]
-        new_pages = sum(max(0, math.ceil((s.num_computed + w) / page) - len(s.pages)) for s, w in zip(decode, wanted))
-        if new_pages > self.allocator.num_free:
+        if self._new_pages(decode, wanted, [0] * len(decode)) > self.allocator.num_free:
             wanted = [1] * len(decode)  # the scheduler reserved one token each
-        for s, w in zip(decode, wanted):
-            s.pages += self.allocator.allocate(max(0, math.ceil((s.num_computed + w) / page) - len(s.pages)))
+        tokens = np.array([s.tokens[s.num_computed] for s in decode], np.int32)
+        call = self._dispatch_decode(decode, wanted, [0] * len(decode), tokens)
+        if self.config.overlap:
+            self._in_flight = call
+            return []
+        return self._finish_decode(call)
+
+    def _new_pages(self, decode, wanted, ahead) -> int:
+        page = self.allocator.page_size
+        return sum(max(0, math.ceil((s.num_computed + a + w) / page) - len(s.pages))
+                   for s, w, a in zip(decode, wanted, ahead))
+
+    def _dispatch_decode(self, decode, wanted, ahead, tokens) -> _DecodeCall:
+        """Dispatch one multi-step decode call without reading it back. Row i continues sequence
+        decode[i] `ahead[i]` tokens past what the host has seen (tokens still in flight); it runs
+        wanted[i] steps (0: the row only pads); `tokens` (host or device) are the rows' inputs."""
+        page = self.allocator.page_size
+        for s, w, a in zip(decode, wanted, ahead):
+            s.pages += self.allocator.allocate(max(0, math.ceil((s.num_computed + a + w) / page) - len(s.pages)))
         k = next_power_of_2(max(wanted))
         R = next_power_of_2(len(decode))
         M = next_power_of_2(max(len(s.pages) for s in decode), min(4, math.ceil(self.max_seq_len / page)))
         self.buckets.add((R, -k, 0, M))
-        tokens, positions, valid, steps = (np.zeros(R, np.int32) for _ in range(4))
+        positions, valid, steps = (np.zeros(R, np.int32) for _ in range(3))
         tables = np.zeros((R, M), np.int32)
-        for i, (s, w) in enumerate(zip(decode, wanted)):
-            tokens[i], positions[i], valid[i], steps[i] = s.tokens[s.num_computed], s.num_computed, w, len(s.generated)
+        for i, (s, w, a) in enumerate(zip(decode, wanted, ahead)):
+            positions[i], valid[i], steps[i] = s.num_computed + a, w, len(s.generated) + a
             tables[i, : len(s.pages)] = s.pages
+        if isinstance(tokens, np.ndarray):
+            tokens = np.pad(tokens, (0, R - len(tokens)))
         pad = [SamplingParams(temperature=0.0)] * (R - len(decode))
         sp = SamplingBatch.from_params([s.sampling for s in decode] + pad, [s.seed for s in decode] + [0] * len(pad))
-        dispatched = time.perf_counter()
+        self._mark_dispatch()
         new_tokens, self.cache = _multi_decode(
             self.model.params, self.model.config, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
             jnp.asarray(tables), self.cache, sp, jnp.asarray(steps), attn_impl=self.config.attention,
             matmul_impl=self.config.matmul, num_steps=k,
         )
-        new_tokens = np.asarray(new_tokens)  # (k, R)
-        self._device_s += time.perf_counter() - dispatched
         self.stats["decode_tokens"] += sum(wanted)
+        self._last_dispatched = new_tokens
+        return _DecodeCall(new_tokens, list(decode), list(wanted))
 
+    def _look_ahead(self, call: _DecodeCall) -> _DecodeCall | None:
+        """Dispatch the decode call after `call` before reading `call` back, when the next step is
+        sure to be a decode step of the same sequences: nothing waits that a free slot would admit,
+        and free pages cover every row. Rows whose sequence stops inside `call` are wasted work,
+        dropped when read; a sequence that may have stopped only gives its slot one call later."""
+        sched = self.scheduler
+        if sched.waiting and len(sched.running) < sched.max_batch and sched.policy == "continuous":
+            return None
+        if {id(s) for s in sched.running} != {id(s) for s in call.seqs}:
+            return None
+        ahead = call.wanted
+        wanted = [max(0, min(self.config.decode_steps, s.sampling.max_tokens - len(s.generated) - a,
+                             self.max_seq_len + 1 - len(s.tokens) - a)) for s, a in zip(call.seqs, ahead)]
+        if not any(wanted) or self._new_pages(call.seqs, wanted, ahead) > self.allocator.num_free:
+            return None
+        R = call.tokens.shape[1]
+        last = np.zeros(R, np.int32)
+        last[: len(ahead)] = [max(a - 1, 0) for a in ahead]
+        tokens = call.tokens[jnp.asarray(last), jnp.arange(R)]  # each row's newest token, still on device
+        self.stats["lookahead_calls"] += 1
+        return self._dispatch_decode(call.seqs, wanted, ahead, tokens)
+
+    def _finish_decode(self, call: _DecodeCall) -> list[Sequence]:
+        """Read a decode call back and advance its sequences (skipping those already finished)."""
+        new_tokens = self._read(call.tokens)  # (k, R)
         now = time.perf_counter()
         finished = []
-        for i, (s, w) in enumerate(zip(decode, wanted)):
+        for i, (s, w) in enumerate(zip(call.seqs, call.wanted)):
+            if s.status is not Status.RUNNING:
+                continue
             for j in range(w):
                 s.num_computed += 1
-                tok = int(new_tokens[j, i])
-                s.tokens.append(tok)
+                s.tokens.append(int(new_tokens[j, i]))
                 reason = self._stop_reason(s)
                 if reason is not None:
                     s.finish_time = now
@@ -409,6 +475,25 @@ class Engine:
             if s.status is Status.RUNNING:
                 self.scheduler.register_full_pages(s)
         return finished
+
+    # Device timing: the device is taken to be idle from the moment the host last found it done
+    # (a blocking read returned) until the next dispatch, if nothing was queued in between.
+
+    def _mark_dispatch(self) -> None:
+        now = time.perf_counter()
+        queued = self._last_dispatched is not None and not self._last_dispatched.is_ready()
+        if not queued and self._idle_since is not None:
+            self.stats["device_idle_s"] += now - self._idle_since
+        self._idle_since = None
+
+    def _read(self, x: jax.Array) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = np.asarray(x)
+        t1 = time.perf_counter()
+        self._device_s += t1 - t0
+        if x is self._last_dispatched:
+            self._idle_since = t1
+        return out
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """The other n - 1 samples of a request share the parent's prompt pages (copy-on-write)."""

@@ -192,8 +192,11 @@ def test_engine_matches_hf_transformers(arch, tmp_path):
     batching=st.sampled_from(["continuous", "static"]),
     budget=st.integers(4, 40),
     shared_prefix=st.booleans(),
+    overlap=st.booleans(),
+    decode_steps=st.sampled_from([1, 3]),
 )
-def test_random_workloads(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix):
+def test_random_workloads(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix,
+                          overlap, decode_steps):
     """Any workload: outputs equal the baseline, and every page comes back."""
     rng = np.random.default_rng(len(lengths) * 1000 + num_pages)
     prefix = rng.integers(0, 256, size=12).tolist() if shared_prefix else []
@@ -201,7 +204,8 @@ def test_random_workloads(model, lengths, max_tokens, num_pages, page_size, batc
     params = [ji.SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens[: len(prompts)]]
     capacity = num_pages * page_size
     engine = ji.Engine(model, ji.EngineConfig(batching=batching, num_pages=num_pages, page_size=page_size,
-                                              max_batch=3, max_tokens_per_step=budget))
+                                              max_batch=3, max_tokens_per_step=budget, overlap=overlap,
+                                              decode_steps=decode_steps))
     outs = engine.generate(prompts, params)
     ref = ji.generate(model, prompts, params)
     for p, sp, o, r in zip(prompts, params, outs, ref):
@@ -255,3 +259,35 @@ def test_multi_step_decode_equals_single_step(model, prompts, baseline, batching
     ref = [o.token_ids for o in ji.generate(model, prompts, sp)]
     multi = ji.Engine(model, ji.EngineConfig(batching=batching, max_batch=3, decode_steps=4, page_size=8))
     assert [o.token_ids for o in multi.generate(prompts, sp)] == ref
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("decode_steps", [1, 3])
+def test_overlap_equals_baseline(model, prompts, baseline, name, decode_steps):
+    """Dispatching the next decode call before reading the last one back changes no token."""
+    config = dataclasses.replace(CONFIGS[name], overlap=True, decode_steps=decode_steps)
+    engine = ji.Engine(model, config)
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == baseline
+    assert engine.allocator.num_used == 0
+    engine.allocator.check_invariants(owners={})
+    if name in ("continuous", "no_prefix_cache"):
+        assert engine.stats["lookahead_calls"] > 0
+
+
+def test_overlap_stops_sampling_and_forks(model, prompts, baseline):
+    """Sequences that stop inside an in-flight call drop the look-ahead's tokens; sampled and n > 1."""
+    config = ji.EngineConfig(overlap=True, max_batch=4, page_size=8)
+    stop = ji.SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=(baseline[1][5], baseline[3][2]))
+    ref = ji.generate(model, prompts, stop)
+    engine = ji.Engine(model, config)
+    outs = engine.generate(prompts, stop)
+    assert [(o.token_ids, o.finish_reason) for o in outs] == [(o.token_ids, o.finish_reason) for o in ref]
+    assert engine.stats["lookahead_calls"] > 0
+    sp = [ji.SamplingParams(max_tokens=m, temperature=0.8, seed=i) for i, m in enumerate((5, 9, 3, 14, 7, 2))]
+    assert ([o.token_ids for o in ji.Engine(model, config).generate(prompts, sp)]
+            == [o.token_ids for o in ji.generate(model, prompts, sp)])
+    forked = ji.Engine(model, config).generate([prompts[4]], ji.SamplingParams(max_tokens=10, temperature=1.0, n=3, seed=3))
+    alone = ji.Engine(model).generate([prompts[4]], ji.SamplingParams(max_tokens=10, temperature=1.0, n=3, seed=3))
+    assert [s.token_ids for s in forked[0].samples] == [s.token_ids for s in alone[0].samples]
+    assert engine.allocator.num_used == 0
+    engine.allocator.check_invariants(owners={})
