@@ -178,8 +178,9 @@ def resolve_dtype(dtype) -> Any:
 
 def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False) -> Model:
     """A shipped model by name ("tiny", "tiny-draft"), a local HF checkpoint directory
-    (config.json + safetensors, optional tokenizer.json), or a directory written by `save_model`
-    (config.json + orbax params)."""
+    (config.json + safetensors, optional tokenizer.json; with a `quantization_config`, an AutoAWQ
+    or GPTQ checkpoint whose projections load as QuantizedWeights), or a directory written by
+    `save_model` (config.json + orbax params)."""
     path = os.fspath(path)
     dtype = resolve_dtype(dtype)
     if path in SHIPPED_MODELS:
@@ -192,8 +193,14 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
     if not os.path.exists(config_path):
         raise CheckpointError(f"no config.json in {path}")
     cfg = ModelConfig.from_json_file(config_path)
+    with open(config_path) as f:
+        quantization_config = json.load(f).get("quantization_config")
     if os.path.isdir(os.path.join(path, _ORBAX_DIR)):
         params = restore_params(os.path.join(path, _ORBAX_DIR), cfg, dtype)
+    elif quantization_config is not None:  # a published AutoAWQ / GPTQ checkpoint
+        from jaxinfer.quant.checkpoints import load_quantized_params
+
+        params = load_quantized_params(path, cfg, quantization_config, dtype, progress=progress)
     else:
         params = load_params(path, cfg, dtype, progress=progress)
     tokenizer = load_tokenizer(path, cfg.bos_token_id, cfg.eos_token_ids)
