@@ -8,8 +8,13 @@ Prompts are slices of held-out text; each request generates exactly its drawn ou
 (EOS ignored). Requests arrive all at once or as a Poisson process (--rate requests/s, real time).
 The workload is first run once unmeasured, so the programs it uses are compiled; the measured run
 follows and counts any program compiled during it (Poisson timing can differ between the two).
-Prints throughput, TTFT / TPOT percentiles, KV waste, preemptions and the host share of step time,
-and writes a JSON with the config, the environment and every request's figures.
+Prints throughput, TTFT / TPOT percentiles, KV waste, preemptions, the host share of step time and
+an estimate of the share of wall time the device sat idle waiting for the host, and writes a JSON
+with the config, the environment and every request's figures.
+
+  python -m experiments.bench_batching --model=random:llama3_8b --dtype=bfloat16 --step_overhead=256
+
+times batch-1 decode through the engine against the same jitted step run back to back.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from tqdm.auto import tqdm
@@ -28,9 +35,11 @@ from tqdm.auto import tqdm
 import jaxinfer as ji
 from jaxinfer import data
 from jaxinfer import engine as engine_lib
+from jaxinfer.sampling import SamplingBatch
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "tiny", "Shipped model name or local HF checkpoint directory.")
+flags.DEFINE_string("model", "tiny", "Shipped model name, local HF checkpoint directory, or random:NAME for "
+                    "random weights shaped like configs/models/NAME.json (e.g. random:llama3_8b).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.")
 flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
 flags.DEFINE_enum("arrival", "all", ["all", "poisson"], "All requests at t=0, or Poisson arrivals at --rate.")
@@ -53,6 +62,9 @@ flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
 flags.DEFINE_bool("prefix_cache", False, "Reuse KV pages of identical prompt prefixes.")
 flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation.")
 flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
+flags.DEFINE_bool("overlap", False, "Dispatch the next decode call before reading the last one's tokens back.")
+flags.DEFINE_integer("step_overhead", 0, "If > 0: instead of a workload, decode this many tokens at batch 1 and "
+                     "compare the engine's time per token with the same jitted decode step run back to back.")
 flags.DEFINE_string("out", "", "Write the JSON result here.")
 flags.DEFINE_string("plot", "", "Write a latency/throughput PNG here (one point per rate).")
 
@@ -104,6 +116,7 @@ def engine_config() -> ji.EngineConfig:
         kv_budget_tokens=FLAGS.kv_budget_tokens or None, max_batch=FLAGS.max_batch,
         max_tokens_per_step=FLAGS.max_tokens_per_step, chunked_prefill=FLAGS.chunked_prefill,
         prefix_cache=FLAGS.prefix_cache, attention=FLAGS.attention, decode_steps=FLAGS.decode_steps,
+        overlap=FLAGS.overlap,
     )
 
 
@@ -168,11 +181,62 @@ def run_once(model, rate: float | None) -> dict:
         "compiled_programs": len(engine.buckets),
         "compiles_during_run": compiles_during_run,  # programs the warm-up missed (timing differs)
         "host_share": host / (host + device) if host + device else 0.0,
+        "device_idle_share": engine.stats["device_idle_s"] / wall,  # estimate: see Engine._mark_dispatch
+        "lookahead_calls": engine.stats["lookahead_calls"],
         "requests": [
             {"prompt_len": len(r.prompt), "output_len": r.output_len, "arrival_s": r.arrival_s, **o.metrics}
             for r, o in zip(workload, outs)
         ],
     }
+
+
+def load_bench_model(name: str, dtype: str) -> ji.Model:
+    """A shipped or local model, or random weights in the shape of configs/models/NAME.json."""
+    if not name.startswith("random:"):
+        return ji.load_model(name, dtype=dtype)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
+                        name.split(":", 1)[1] + ".json")
+    if not os.path.exists(path):
+        raise ValueError(f"--model={name}: no {path}")
+    cfg = ji.ModelConfig.from_json_file(path)
+    params = ji.init_params(cfg, jax.random.key(0), dtype=ji.weights.resolve_dtype(dtype))
+    return ji.Model(cfg, params, ji.ByteTokenizer(), name=name)
+
+
+def step_overhead(model, num_tokens: int) -> dict:
+    """Batch-1 decode: the engine's time per token against its own jitted decode step run back to
+    back with the token fed back on device (no host work between steps)."""
+    prompt = [model.tokenizer.bos_id] + list(range(97, 97 + 15))
+    sp = ji.SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
+    config = dataclasses.replace(engine_config(), max_batch=1)
+    for _ in range(2):  # the first run compiles
+        engine = ji.Engine(model, config)
+        (out,) = engine.generate([prompt], sp)
+    engine_tpot = out.metrics["tpot_s"]
+
+    seq_pages = -(-(len(prompt) + num_tokens) // config.page_size)
+    cache = ji.PagedKVCache.zeros(model.config, seq_pages, config.page_size, model.dtype)
+    tables = jnp.arange(seq_pages, dtype=jnp.int32)[None]
+    spb = SamplingBatch.from_params([sp], [0])
+
+    def run(cache, n):
+        tok = jnp.asarray([prompt[-1]], jnp.int32)
+        for i in range(n):
+            pos = jnp.asarray([len(prompt) - 1 + i], jnp.int32)
+            toks, cache = engine_lib._multi_decode(
+                model.params, model.config, tok, pos, jnp.ones(1, jnp.int32), tables, cache, spb,
+                jnp.asarray([i], jnp.int32), attn_impl=FLAGS.attention, matmul_impl="xla", num_steps=1)
+            tok = toks[0]
+        tok.block_until_ready()
+        return cache
+
+    cache = run(cache, 2)  # compile
+    t0 = time.perf_counter()
+    run(cache, num_tokens)
+    bare = (time.perf_counter() - t0) / num_tokens
+    return {"engine_tpot_s": engine_tpot, "bare_step_s": bare, "overhead": engine_tpot / bare - 1.0,
+            "device_idle_share": engine.stats["device_idle_s"] / engine.last_run["wall_s"],
+            "tokens": num_tokens}
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -197,7 +261,17 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv):
     del argv
-    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    model = load_bench_model(FLAGS.model, FLAGS.dtype)
+    if FLAGS.step_overhead:
+        r = step_overhead(model, FLAGS.step_overhead)
+        print(f"batch-1 decode on {jax.devices()[0].device_kind}, {model.name}: engine {r['engine_tpot_s'] * 1e3:.2f} "
+              f"ms/token, bare jitted step {r['bare_step_s'] * 1e3:.2f} ms: overhead {r['overhead']:+.1%}, "
+              f"device idle {r['device_idle_share']:.1%} (overlap={FLAGS.overlap}, decode_steps={FLAGS.decode_steps})")
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump({"command": "python -m experiments.bench_batching " + " ".join(sys.argv[1:]),
+                           "device": jax.devices()[0].device_kind, "jax": jax.__version__, **r}, f, indent=2)
+        return
     rates = [None] if FLAGS.arrival == "all" else [float(r) for r in FLAGS.rates]
     results = [run_once(model, rate) for rate in rates]
     record = {
@@ -216,7 +290,7 @@ def main(argv):
     print(f"\n{FLAGS.batching} batching, {FLAGS.kv_layout} KV, max_batch={FLAGS.max_batch}, "
           f"{FLAGS.num_requests} requests, on {record['environment']['device']}")
     header = ("rate", "tok/s", "TTFT mean", "p50", "p90", "p99", "TPOT mean", "p50", "p90", "p99",
-              "KV waste", "peak batch", "preempt", "host share", "compiles")
+              "KV waste", "peak batch", "preempt", "host share", "dev idle", "compiles")
     print(" ".join(f"{h:>10}" for h in header))
     for r in results:
         t, p = r["ttft_s"], r["tpot_s"]
@@ -224,7 +298,7 @@ def main(argv):
                *(f"{t[k] * 1e3:.0f}ms" for k in ("mean", "p50", "p90", "p99")),
                *(f"{p[k] * 1e3:.1f}ms" for k in ("mean", "p50", "p90", "p99")),
                f"{r['kv_waste']:.1%}", str(r["peak_running"]), str(r["preemptions"]), f"{r['host_share']:.1%}",
-               str(r["compiles_during_run"])]
+               f"{r['device_idle_share']:.1%}", str(r["compiles_during_run"])]
         print(" ".join(f"{c:>10}" for c in row))
 
 

@@ -131,6 +131,12 @@ class _DecodeCall:
 
 
 @jax.jit
+def _newest(tokens, last):
+    """tokens (k, R), last (R,) -> tokens[last[r], r]: each row's newest sampled token."""
+    return jnp.take_along_axis(tokens, last[None], axis=0)[0]
+
+
+@jax.jit
 def _sample_rows(logits, rows, sp, steps):
     TRACE_COUNTS["sample"] += 1
     return sample(logits[rows], sp, steps)
@@ -448,10 +454,9 @@ class Engine:
                              self.max_seq_len + 1 - len(s.tokens) - a)) for s, a in zip(call.seqs, ahead)]
         if not any(wanted) or self._new_pages(call.seqs, wanted, ahead) > self.allocator.num_free:
             return None
-        R = call.tokens.shape[1]
-        last = np.zeros(R, np.int32)
+        last = np.zeros(call.tokens.shape[1], np.int32)
         last[: len(ahead)] = [max(a - 1, 0) for a in ahead]
-        tokens = call.tokens[jnp.asarray(last), jnp.arange(R)]  # each row's newest token, still on device
+        tokens = _newest(call.tokens, last)  # each row's newest token, still on device
         self.stats["lookahead_calls"] += 1
         return self._dispatch_decode(call.seqs, wanted, ahead, tokens)
 

@@ -60,3 +60,17 @@ def test_poisson_sweep_and_plot(tmp_path):
                        "--output_len=8", "--prompt_len=8", f"--plot={png}")
     assert [r["rate"] for r in record["results"]] == [20.0, 40.0]
     assert png.stat().st_size > 1000
+
+
+def test_step_overhead_with_overlap(tmp_path):
+    record, stdout = _bench(tmp_path, "overhead", "--step_overhead=16", "--overlap")
+    assert record["tokens"] == 16 and record["engine_tpot_s"] > 0 and record["bare_step_s"] > 0
+    assert 0.0 <= record["device_idle_share"] < 1.0
+    assert "bare jitted step" in stdout
+
+
+def test_overlapped_workload_reports_idle_share(tmp_path):
+    record, stdout = _bench(tmp_path, "overlap", "--num_requests=4", "--output_len=12", "--prompt_len=8", "--overlap")
+    (r,) = record["results"]
+    assert r["lookahead_calls"] > 0 and 0.0 <= r["device_idle_share"] < 1.0
+    assert "dev idle" in stdout
