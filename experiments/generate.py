@@ -16,6 +16,7 @@ import jax
 from absl import app, flags
 
 import jaxinfer as ji
+from jaxinfer.quant.spec import quantize_by_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", "def fibonacci(n):", "Text to complete.")
@@ -28,6 +29,9 @@ flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probabil
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations dtype.")
 flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation (pallas runs interpreted on a CPU).")
+flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
+                    "int4-gptq-g128, ... (see jaxinfer/quant/spec.py); AWQ/GPTQ calibrate on held-out text.")
+flags.DEFINE_enum("matmul", "xla", ["xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise in the kernel).")
 
 
 def run() -> None:
@@ -39,23 +43,25 @@ def run() -> None:
         raise ValueError("--prompt is empty")
     t0 = time.perf_counter()
     model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    model = quantize_by_name(model, FLAGS.weights)
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention)  # compiles prefill and decode
+    ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)  # compiles prefill and decode
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention)[0]
+    out = ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)[0]
     run_s = time.perf_counter() - t0
 
     m = out.metrics
     n = len(out.token_ids)
     decode_s = m["latency_s"] - m["ttft_s"]
     params = model.config.num_params()
-    nbytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     print(FLAGS.prompt + out.text)
     print("-" * 72)
-    print(f"model      {model.name}: {params / 1e6:.2f}M params, {nbytes / 2**20:.1f} MiB in {FLAGS.dtype}, "
+    weights = FLAGS.dtype if FLAGS.weights == "dense" else f"{FLAGS.weights} ({FLAGS.dtype} activations)"
+    print(f"model      {model.name}: {params / 1e6:.2f}M params, {nbytes / 2**20:.1f} MiB in {weights}, "
           f"on {jax.devices()[0].device_kind}")
     print(f"prompt     {len(out.prompt_token_ids)} tokens; generated {n} tokens ({out.finish_reason})")
     print(f"TTFT       {m['ttft_s'] * 1e3:.1f} ms")

@@ -24,7 +24,8 @@ def linear(x: jax.Array, w, b: jax.Array | None = None, *, impl: str = "xla") ->
     elif impl == "pallas":
         from pallas_kernels.quant_matmul import quant_matmul
 
-        y = quant_matmul(x, w, interpret=jax.default_backend() == "cpu")
+        y = quant_matmul(x, w.qweight, w.scales, w.zeros, w.perm, bits=w.bits, group_size=w.group_size,
+                         interpret=jax.default_backend() == "cpu")
     else:
         y = reference_matmul(x, w)
     return y if b is None else y + b

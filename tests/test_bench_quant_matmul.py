@@ -1,0 +1,49 @@
+"""experiments/bench_quant_matmul.py --quick: the GPU benchmark's smoke version runs on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_quant_matmul_quick_writes_json(tmp_path):
+    out = tmp_path / "quant_matmul.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_quant_matmul", "--quick", "--sweep", f"--out={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["quick"] and result["interpret"]
+    assert {"device", "jax_version", "command", "date", "bandwidth_gb_per_s", "card"} <= result.keys()
+    assert result["bandwidth_gb_per_s"] == 3350  # configs/hardware/h100_80gb.json
+    rows = result["results"]
+    shapes = sorted({(r["M"], r["K"], r["N"]) for r in rows})
+    assert [m for m, _, _ in shapes] == [1, 40]  # the decode (split-K) and the GEMM path
+    for shape in shapes:
+        variants = [r["variant"] for r in rows if (r["M"], r["K"], r["N"]) == shape]
+        assert variants[0] == "dense bf16"
+        for scheme in ("int8-pc", "int4-g128", "int4-g128-zeros"):
+            assert f"xla {scheme}" in variants
+            assert f"pallas {scheme} default" in variants
+            assert sum(v.startswith(f"pallas {scheme} m") for v in variants) == 1  # one swept BlockSizes
+    for row in rows:
+        assert "error" not in row, row
+        assert row["passed"] and row["max_row_error"] <= 2e-2, row  # bfloat16 outputs
+        assert row["seconds_per_call"] > 0 and row["compile_s"] > 0
+        assert abs(row["gb_per_s"] - row["weight_bytes"] / row["seconds_per_call"] / 1e9) < 1e-9 * row["gb_per_s"]
+        assert abs(row["pct_bandwidth"] - 100 * row["gb_per_s"] / 3350) < 1e-9 * row["pct_bandwidth"]
+        assert row["speedup_vs_bf16"] > 0
+    dense = next(r for r in rows if r["variant"] == "dense bf16")
+    int4 = next(r for r in rows if r["variant"] == "xla int4-g128" and r["M"] == dense["M"])
+    assert dense["weight_bytes"] == dense["K"] * dense["N"] * 2
+    assert int4["weight_bytes"] == dense["K"] * dense["N"] // 2 + dense["K"] // 128 * dense["N"] * 2  # bf16 scales
+    table = (out.parent / "quant_matmul.md").read_text()
+    assert table.count("| pallas ") == 2 * 3 * 2 and "% BW" in table
+    assert table.strip() in proc.stdout
