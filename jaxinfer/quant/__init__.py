@@ -10,10 +10,16 @@ activations (calibration.py). Published AWQ/GPTQ checkpoints load onto the same 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from jaxinfer.quant.format import BITS, QuantizedWeight, dequantize, reference_matmul
 from jaxinfer.quant.matmul import linear
 from jaxinfer.quant.rtn import quantize_weight
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from jaxinfer.weights import Model
 
 # The projections a weight-only scheme quantises. Embeddings, norms, biases and the LM head stay dense.
 LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -71,6 +77,42 @@ def quantize(params: dict, scheme: QuantScheme) -> dict:
     return {**params, "layers": layers}
 
 
+def quantize_model(
+    model: Model,
+    scheme: QuantScheme,
+    calibration: np.ndarray | None = None,  # (B, T) int32 token windows; None: calibration_windows(...)
+    *,
+    num_sequences: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> Model:
+    """A new Model with every projection in LINEAR_WEIGHTS quantised by `scheme`.
+
+    RTN needs no calibration. AWQ and GPTQ run the calibration windows through the model layer
+    by layer (calibration.run_layers): each layer is calibrated on the inputs the layers below
+    it produce once quantised. Without `calibration`, num_sequences windows of seq_len held-out
+    tokens are drawn with `seed` (calibration.calibration_windows; defaults 256 x 256)."""
+    for name in LINEAR_WEIGHTS:
+        if isinstance(model.params["layers"][name], QuantizedWeight):
+            raise ValueError(f"layers.{name} is already quantised: quantize_model takes a dense model")
+    if scheme.method == "rtn":
+        return dataclasses.replace(model, params=quantize(model.params, scheme))
+    # Imported here: calibration.py builds on jaxinfer.model, which imports this package.
+    from jaxinfer.quant import awq, calibration as calib, gptq
+
+    if calibration is None:
+        calibration = calib.calibration_windows(num_sequences or calib.DEFAULT_NUM_SEQUENCES,
+                                                seq_len or calib.DEFAULT_SEQ_LEN, seed)
+    elif num_sequences is not None or seq_len is not None:
+        raise ValueError("num_sequences and seq_len choose calibration windows: pass them or calibration, not both")
+    quantize_layer = awq.quantize_layer if scheme.method == "awq" else gptq.quantize_layer
+    run = calib.run_layers(model, calibration, lambda l, lp, stats: quantize_layer(model.config, lp, stats, scheme),
+                           chunk_size=chunk_size or calib.DEFAULT_CHUNK_SIZE, progress=progress)
+    return dataclasses.replace(model, params={**model.params, "layers": run.layers})
+
+
 def dequantize_params(params: dict, dtype=None) -> dict:
     """Params with every QuantizedWeight replaced by its dense dequantised weight: the reference
     model a quantised model's outputs are compared against."""
@@ -95,6 +137,7 @@ __all__ = [
     "dequantize_params",
     "linear",
     "quantize",
+    "quantize_model",
     "quantize_weight",
     "reference_matmul",
 ]

@@ -1,0 +1,260 @@
+"""Calibration activations for AWQ and GPTQ: token windows, and a layer-by-layer runner that
+records what every projection of a layer sees.
+
+`run_layers` embeds the calibration windows once and walks the decoder one layer at a time. For
+layer l it runs the layer over the calibration set in jitted chunks and reduces the inputs of its
+projections to `InputStats` (the Gram matrix X^T X and the sum of |x|): enough for GPTQ's Hessian
+and for AWQ's activation statistic and its output-error searches, without keeping the
+activations. A caller's `update(l, layer_params, stats)` then returns the layer's new params
+(scaled, quantised, ...), and the calibration hidden states are pushed through *those* params
+before layer l + 1 is measured: the sequential scheme of GPTQ and AWQ, in which each layer is
+calibrated on the inputs the already-quantised layers below it produce.
+
+The layer below rebuilds `jaxinfer.model._layer`'s data flow from the model's own pieces
+(rms_norm, RoPE, attention.attend, quant.matmul.linear) so that the four projection inputs can be
+returned; tests check that it reproduces `model.forward` (hidden states and logits).
+
+Axes (as in model.py): C sequences in a chunk, T tokens, D hidden, F MLP hidden, N query heads,
+K kv heads, H head dim, M = C * T tokens flattened.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from tqdm.auto import tqdm
+
+from jaxinfer import attention, data
+from jaxinfer import model as model_lib
+from jaxinfer.config import ModelConfig
+from jaxinfer.quant.matmul import linear
+
+if TYPE_CHECKING:
+    from jaxinfer.weights import Model
+
+Params = model_lib.Params
+
+# Calibration windows start past this many tokens of the held-out stream, so they never overlap the
+# windows `data.heldout_windows` evaluates on (experiments/eval_tiny.py reads 64 x 513 tokens).
+HELDOUT_OFFSET = 1 << 16
+DEFAULT_NUM_SEQUENCES = 256
+DEFAULT_SEQ_LEN = 256
+DEFAULT_CHUNK_SIZE = 16  # sequences a jitted chunk runs at once
+
+
+def calibration_windows(
+    num_sequences: int = DEFAULT_NUM_SEQUENCES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+    *,
+    offset: int = HELDOUT_OFFSET,
+    corpus: data.Corpus | None = None,
+) -> np.ndarray:  # (num_sequences, seq_len) int32
+    """Windows of held-out text at random (seeded) starts past `offset` in the held-out stream."""
+    if num_sequences < 1:
+        raise ValueError(f"num_sequences={num_sequences} must be >= 1")
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    if offset < 0:
+        raise ValueError(f"offset={offset} must be >= 0")
+    stream = (corpus or data.load_corpus()).heldout
+    room = stream.size - offset - seq_len
+    if room < 0:
+        raise ValueError(
+            f"seq_len={seq_len} windows past offset={offset} need {offset + seq_len} held-out tokens, "
+            f"the stream has {stream.size}"
+        )
+    starts = offset + np.random.default_rng(seed).integers(0, room + 1, size=num_sequences)
+    return np.stack([stream[s : s + seq_len] for s in starts]).astype(np.int32)
+
+
+# --- statistics of a projection's inputs --------------------------------------------------------
+
+
+@struct.dataclass
+class InputStats:
+    """What AWQ and GPTQ need of the inputs x (M, K) one projection saw, summed over tokens.
+
+      gram     (K, K) float32  sum over tokens of x^T x
+      abs_sum  (K,)   float32  sum over tokens of |x|
+      count    ()     int32    tokens seen
+    """
+
+    gram: jax.Array
+    abs_sum: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def zeros(cls, features: int) -> InputStats:
+        return cls(gram=jnp.zeros((features, features), jnp.float32), abs_sum=jnp.zeros((features,), jnp.float32),
+                   count=jnp.zeros((), jnp.int32))
+
+    @classmethod
+    def from_inputs(cls, x: jax.Array) -> InputStats:
+        """The statistics of inputs x (..., K), every leading index a token."""
+        return cls.zeros(x.shape[-1]).add(x)
+
+    def add(self, x: jax.Array) -> InputStats:
+        """These statistics with the tokens x (..., K) added."""
+        x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # (M, K)
+        gram = jnp.einsum("MK,MJ->KJ", x, x, precision=jax.lax.Precision.HIGHEST)
+        return InputStats(gram=self.gram + gram, abs_sum=self.abs_sum + jnp.sum(jnp.abs(x), axis=0),
+                          count=self.count + x.shape[0])
+
+    @property
+    def abs_mean(self) -> jax.Array:  # (K,) AWQ's activation statistic, mean |x| per input channel
+        return self.abs_sum / self.count
+
+    def hessian(self) -> np.ndarray:  # (K, K) float64
+        """GPTQ's H = 2 X^T X / n."""
+        return 2.0 * np.asarray(self.gram, np.float64) / int(self.count)
+
+    def scaled(self, s: jax.Array) -> InputStats:
+        """The statistics of x / s (s: (K,) positive), as seen by a projection whose rows were
+        multiplied by s (AWQ's folded scales)."""
+        return InputStats(gram=self.gram / (s[:, None] * s[None, :]), abs_sum=self.abs_sum / s, count=self.count)
+
+
+@struct.dataclass
+class LayerInputs:
+    """Input statistics of one decoder layer's projections, one InputStats per distinct input.
+
+      attn      (D)      attn-normed hidden: the input of wq, wk, wv
+      attn_out  (N * H)  attention output: the input of wo
+      mlp       (D)      mlp-normed hidden: the input of w_gate, w_up
+      mlp_act   (F)      silu(gate) * up: the input of w_down
+    """
+
+    attn: InputStats
+    attn_out: InputStats
+    mlp: InputStats
+    mlp_act: InputStats
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig) -> LayerInputs:
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        return cls(attn=InputStats.zeros(D), attn_out=InputStats.zeros(cfg.num_heads * cfg.head_dim),
+                   mlp=InputStats.zeros(D), mlp_act=InputStats.zeros(F))
+
+    def for_weight(self, name: str) -> InputStats:
+        """The statistics of the input of projection `name` (one of quant.LINEAR_WEIGHTS)."""
+        if name not in WEIGHT_INPUTS:
+            raise ValueError(f"weight name={name!r} is not one of {tuple(WEIGHT_INPUTS)}")
+        return getattr(self, WEIGHT_INPUTS[name])
+
+
+# Which LayerInputs field feeds each projection.
+WEIGHT_INPUTS = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn_out", "w_gate": "mlp", "w_up": "mlp",
+                 "w_down": "mlp_act"}
+
+
+# --- one decoder layer, returning its projection inputs -----------------------------------------
+
+
+class _Sites(NamedTuple):
+    attn: jax.Array  # (C, T, D)
+    attn_out: jax.Array  # (C, T, N*H)
+    mlp: jax.Array  # (C, T, D)
+    mlp_act: jax.Array  # (C, T, F)
+
+
+def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> tuple[jax.Array, _Sites]:
+    """model._layer without a cache: x (C, T, D) at positions 0..T-1 -> (layer output, inputs)."""
+    C, T, _ = x.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (C, T))
+    cos, sin = model_lib.rope_tables(cfg, positions, x.dtype)  # (C, T, H)
+
+    def project(x, name, bias=None):
+        return linear(x, lp[name], lp.get(bias) if bias else None)
+
+    h = model_lib.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)  # (C, T, D)
+    q = project(h, "wq", "bq").reshape(C, T, N, H)
+    k = project(h, "wk", "bk").reshape(C, T, K, H)
+    v = project(h, "wv", "bv").reshape(C, T, K, H)
+    if cfg.qk_norm:
+        q = model_lib.rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = model_lib.rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q, k = model_lib.apply_rope(q, cos, sin), model_lib.apply_rope(k, cos, sin)
+    o = attention.attend(q, k, v, positions, positions, window).reshape(C, T, N * H)
+    x = x + project(o, "wo", "bo")
+
+    g = model_lib.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)  # (C, T, D)
+    act = jax.nn.silu(project(g, "w_gate")) * project(g, "w_up")  # (C, T, F)
+    return x + project(act, "w_down"), _Sites(h, o, g, act)
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="stats")
+def _accumulate(stats: LayerInputs, cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> LayerInputs:
+    _, sites = _layer(cfg, lp, x, window)
+    return LayerInputs(*(s.add(a) for s, a in zip((stats.attn, stats.attn_out, stats.mlp, stats.mlp_act), sites)))
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _apply(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> jax.Array:
+    return _layer(cfg, lp, x, window)[0]
+
+
+@jax.jit
+def _embed(embed: jax.Array, tokens: jax.Array) -> jax.Array:
+    return embed[tokens]  # (C, T, D)
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def _final_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    return model_lib.rms_norm(x, weight, eps)
+
+
+# --- the runner ---------------------------------------------------------------------------------
+
+
+class CalibrationRun(NamedTuple):
+    layers: Params  # the stacked (L, ...) layer params `update` returned
+    hidden: jax.Array  # (B, T, D) final-norm hidden states of the windows through those layers
+
+
+def run_layers(
+    model: Model,
+    windows: np.ndarray,  # (B, T) int32 token windows
+    update: Callable[[int, Params, LayerInputs], Params],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = True,
+) -> CalibrationRun:
+    """Walk the decoder layer by layer over the calibration windows: measure layer l's projection
+    inputs, let `update(l, params of layer l, stats)` return its new params, and compute layer
+    l + 1's inputs through them. `update` returning its params unchanged reproduces model.forward."""
+    cfg = model.config
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or windows.size == 0:
+        raise ValueError(f"windows must be a non-empty int array (B, T), got shape {windows.shape}")
+    if windows.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"windows have length {windows.shape[1]}, over "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    if windows.min() < 0 or windows.max() >= cfg.vocab_size:
+        raise ValueError(f"windows hold token ids outside the vocabulary [0, {cfg.vocab_size})")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+
+    params = model.params
+    chunks = [_embed(params["embed"], jnp.asarray(windows[i : i + chunk_size], jnp.int32))
+              for i in range(0, len(windows), chunk_size)]  # each (C, T, D)
+    new_layers = []
+    for l in tqdm(range(cfg.num_layers), desc="calibrating", unit="layer", disable=not progress):
+        lp = jax.tree_util.tree_map(lambda a: a[l], params["layers"])
+        window = jnp.asarray(cfg.layer_windows[l], jnp.int32)
+        stats = LayerInputs.zeros(cfg)
+        for x in chunks:
+            stats = _accumulate(stats, cfg, lp, x, window)
+        lp = update(l, lp, stats)
+        chunks = [_apply(cfg, lp, x, window) for x in chunks]
+        new_layers.append(lp)
+    layers = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *new_layers)
+    hidden = jnp.concatenate([_final_norm(x, params["final_norm"], cfg.rms_norm_eps) for x in chunks])
+    return CalibrationRun(layers=layers, hidden=hidden)
