@@ -110,8 +110,11 @@ def table(rows: list[dict]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name in FLAGS.schemes:
-        scheme_from_name(name)  # fail on a bad name before any work
+    try:
+        for name in FLAGS.schemes:
+            scheme_from_name(name)  # fail on a bad name before any work
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     rows = evaluate(FLAGS.schemes)
     record = {
         "command": "python -m experiments.quant_eval " + " ".join(sys.argv[1:]),

@@ -34,8 +34,11 @@ def scheme_from_name(name: str) -> QuantScheme | None:
         group = None if m["group"] == "pc" else int(m["group"][1:])
     else:
         group = None if bits == 8 else 128
-    return QuantScheme(bits=bits, group_size=group, symmetric=not m["asym"], pad=True,
-                       method=m["method"] or "rtn", act_order=bool(m["act"]))
+    try:
+        return QuantScheme(bits=bits, group_size=group, symmetric=not m["asym"], pad=True,
+                           method=m["method"] or "rtn", act_order=bool(m["act"]))
+    except ValueError as e:
+        raise ValueError(f"weights={name!r}: {e}") from None
 
 
 def quantize_by_name(model, name: str, **calibration):

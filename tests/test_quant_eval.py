@@ -1,0 +1,34 @@
+"""The quantisation experiment runs end to end on the shipped model, and its JSON has what the table needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quant_eval_end_to_end(tmp_path):
+    out, table = tmp_path / "quant.json", tmp_path / "quant.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.quant_eval", "--schemes=dense,int8,int4-rtn-g32,int4-gptq-g32",
+         "--windows=4", "--seq_len=128", "--calib_sequences=8", "--calib_len=64", "--decode_tokens=4",
+         f"--out={out}", f"--table={table}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    rows = {r["scheme"]: r for r in record["results"]}
+    assert list(rows) == ["dense", "int8", "int4-rtn-g32", "int4-gptq-g32"]
+    assert rows["dense"]["greedy_agreement"] == 1.0 and rows["dense"]["bits_per_byte_change"] == 0.0
+    # Bytes: int8 about a quarter of float32 projections, int4 about an eighth (plus scales).
+    dense_bytes = rows["dense"]["projection_bytes"]
+    assert 0.25 < rows["int8"]["projection_bytes"] / dense_bytes < 0.27
+    assert 0.125 < rows["int4-rtn-g32"]["projection_bytes"] / dense_bytes < 0.17
+    assert abs(rows["int8"]["bits_per_byte_change"]) < 0.005
+    assert 0.5 < rows["int4-gptq-g32"]["greedy_agreement"] < 1.0 and rows["int8"]["decode_tok_s"] > 0
+    assert "| int4-gptq-g32 |" in table.read_text()
+    bad = subprocess.run([sys.executable, "-m", "experiments.quant_eval", "--schemes=dense,int5"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "weights='int5'" in bad.stderr
