@@ -62,7 +62,7 @@ flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
 flags.DEFINE_bool("prefix_cache", False, "Reuse KV pages of identical prompt prefixes.")
 flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation.")
 flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
-flags.DEFINE_bool("overlap", False, "Dispatch the next decode call before reading the last one's tokens back.")
+flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading the last one's tokens back.")
 flags.DEFINE_integer("step_overhead", 0, "If > 0: instead of a workload, decode this many tokens at batch 1 and "
                      "compare the engine's time per token with the same jitted decode step run back to back.")
 flags.DEFINE_string("out", "", "Write the JSON result here.")

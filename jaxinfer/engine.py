@@ -50,7 +50,7 @@ class EngineConfig:
     attention: str = "xla"  # "xla" | "pallas"
     matmul: str = "xla"  # how quantised weights are multiplied: "xla" (dequantise) | "pallas" (kernel)
     decode_steps: int = 1  # decode steps per host round trip when a step has no prompt work
-    overlap: bool = False  # dispatch the next decode call before reading the last one's tokens back
+    overlap: bool = True  # dispatch the next decode call before reading the last one's tokens back
 
     def __post_init__(self):
         if self.batching not in ("continuous", "static"):

@@ -70,7 +70,7 @@ def test_step_overhead_with_overlap(tmp_path):
 
 
 def test_overlapped_workload_reports_idle_share(tmp_path):
-    record, stdout = _bench(tmp_path, "overlap", "--num_requests=4", "--output_len=12", "--prompt_len=8", "--overlap")
+    record, stdout = _bench(tmp_path, "overlap", "--num_requests=4", "--output_len=12", "--prompt_len=8")
     (r,) = record["results"]
     assert r["lookahead_calls"] > 0 and 0.0 <= r["device_idle_share"] < 1.0
     assert "dev idle" in stdout
