@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
-from helpers import TOLERANCE, row_errors, row_rel_error
+from helpers import INTERPRET, TOLERANCE, row_errors, row_rel_error
 from pallas_kernels import flash_attention as fa
 
 SETTINGS = settings(
@@ -76,7 +76,7 @@ def test_flash_attention_matches_reference(case, seed):
         jnp.asarray(q_offsets, jnp.int32), jnp.asarray(kv_lens, jnp.int32),
     )
     kw = dict(window=case["window"], block_sizes=BLOCKS[case["blocks"]])
-    actual = fa.flash_attention(*args, **kw, interpret=True)
+    actual = fa.flash_attention(*args, **kw, interpret=INTERPRET)
     _assert_matches(actual, fa.reference(*args, **kw), q_lens, dtype)
 
 
@@ -135,7 +135,7 @@ def test_paged_flash_attention_matches_reference(case, seed):
         jnp.asarray(kv_lens - q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32),
     )
     kw = dict(window=case["window"], block_sizes=BLOCKS[case["blocks"]])
-    actual = fa.paged_flash_attention(*args, **kw, interpret=True)
+    actual = fa.paged_flash_attention(*args, **kw, interpret=INTERPRET)
     _assert_matches(actual, fa.paged_reference(*args, **kw), q_lens, dtype)
 
 
@@ -193,7 +193,7 @@ def test_queries_that_see_no_key_get_zeros(rng):
     k = _normal(rng, (2, 16, 1, 64), jnp.float32)
     args = (q, k, k, jnp.array([0, 40], jnp.int32), jnp.array([0, 16], jnp.int32))  # 1: 40 - 15 >= window 20
     for fn in (fa.flash_attention, fa.reference):
-        out = np.asarray(fn(*args, window=20, interpret=True))
+        out = np.asarray(fn(*args, window=20, interpret=INTERPRET))
         assert np.array_equal(out, np.zeros_like(out))
 
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TOLERANCE, row_errors, row_rel_error
+from helpers import INTERPRET, TOLERANCE, row_errors, row_rel_error
 from pallas_kernels import paged_attention as pa
 
 SETTINGS = settings(
@@ -90,7 +90,7 @@ def _run_case(case, seed):
     q = jnp.asarray(rng.standard_normal((B, K * case["G"], H)), dtype)
     args = (q, k_pages, v_pages, block_tables, jnp.asarray(case["lengths"], jnp.int32))
     kw = dict(scales, window=case["window"], block_sizes=BLOCKS[case["blocks"]])
-    _check(pa.paged_decode_attention(*args, **kw, interpret=True), pa.reference(*args, **kw), dtype)
+    _check(pa.paged_decode_attention(*args, **kw, interpret=INTERPRET), pa.reference(*args, **kw), dtype)
 
 
 @SETTINGS
@@ -143,7 +143,7 @@ def test_empty_sequence_gives_zeros(rng):
     k_pages = jnp.asarray(rng.standard_normal((1, 4, 16, 64)), jnp.float32)
     args = (jnp.ones((2, 4, 64), jnp.float32), k_pages, k_pages, jnp.array([[0], [1]], jnp.int32),
             jnp.array([0, 16], jnp.int32))
-    out = np.asarray(pa.paged_decode_attention(*args, interpret=True))
+    out = np.asarray(pa.paged_decode_attention(*args, interpret=INTERPRET))
     assert np.array_equal(out[0], np.zeros_like(out[0]))
     assert np.array_equal(np.asarray(pa.reference(*args))[0], out[0])
     assert np.isfinite(out).all()

@@ -12,7 +12,7 @@ from jaxinfer import quant
 from jaxinfer.quant import format as qf
 from jaxinfer.quant.rtn import quantize_weight
 from jaxinfer.quant.spec import scheme_from_name
-from tests.helpers import row_rel_error
+from helpers import row_rel_error
 
 
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 64), (4, 256)])

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
-from helpers import TOLERANCE, row_errors
+from helpers import INTERPRET, TOLERANCE, row_errors
 from jaxinfer.quant import format as fmt
 from jaxinfer.quant import rtn
 from jaxinfer.quant.matmul import linear
@@ -98,7 +98,7 @@ def _run_case(case, seed):
     arrays, kw = _random_weight(rng, K=case["K"], N=case["N"], bits=case["bits"], group_size=group, cut=cut,
                                 symmetric=case["symmetric"], permute=case["permute"])
     x = jnp.asarray(rng.standard_normal((case["M"], case["K"])), case["dtype"])
-    actual = qm.quant_matmul(x, *arrays, **kw, block_sizes=BLOCKS[case["blocks"]], interpret=True)
+    actual = qm.quant_matmul(x, *arrays, **kw, block_sizes=BLOCKS[case["blocks"]], interpret=INTERPRET)
     assert actual.dtype == x.dtype
     _check(actual, _reference(x, *arrays, **kw), case["dtype"])
 
@@ -133,7 +133,7 @@ def test_kernel_matches_reference(case, seed):
 def test_narrow_groups_and_columns(M, K, N, bits, group, blocks, rng):
     arrays, kw = _random_weight(rng, K=K, N=N, bits=bits, group_size=group, cut=0, symmetric=False, permute=True)
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
-    _check(qm.quant_matmul(x, *arrays, **kw, block_sizes=blocks, interpret=True), _reference(x, *arrays, **kw),
+    _check(qm.quant_matmul(x, *arrays, **kw, block_sizes=blocks, interpret=INTERPRET), _reference(x, *arrays, **kw),
            "float32")
 
 
@@ -141,10 +141,10 @@ def test_leading_dims_and_empty_batch(rng):
     """x (B, T, K) keeps its leading dims; an empty batch gives an empty result."""
     arrays, kw = _random_weight(rng, K=100, N=33, bits=4, group_size=64, cut=28, symmetric=True, permute=True)
     x = jnp.asarray(rng.standard_normal((2, 3, 100)), jnp.bfloat16)
-    out = qm.quant_matmul(x, *arrays, **kw, interpret=True)
+    out = qm.quant_matmul(x, *arrays, **kw, interpret=INTERPRET)
     assert out.shape == (2, 3, 33)
     _check(out.reshape(6, 33), _reference(x.reshape(6, 100), *arrays, **kw), "bfloat16")
-    assert qm.quant_matmul(x[:0], *arrays, **kw, interpret=True).shape == (0, 3, 33)
+    assert qm.quant_matmul(x[:0], *arrays, **kw, interpret=INTERPRET).shape == (0, 3, 33)
 
 
 @pytest.mark.parametrize("bits, group, symmetric", [(8, None, True), (8, 32, False), (4, 32, True), (4, 64, False),
