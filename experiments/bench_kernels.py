@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.timing import median_call_time
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import paged_attention as pa
 
@@ -64,20 +64,6 @@ def _log(message: str) -> None:
     print(f"  [{time.perf_counter() - _T0:5.0f} s] {message}", flush=True)
 
 
-def _time(fn, arg_sets, runs: int, calls: int) -> float:
-    """Median seconds per call over `runs` runs of `calls` back-to-back calls (fn already compiled)."""
-    for args in arg_sets:
-        jax.block_until_ready(fn(*args))
-    per_call = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for i in range(calls):
-            out = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / calls)
-    return statistics.median(per_call)
-
-
 def _num_sets(set_bytes: int) -> int:
     return int(min(MAX_SETS, max(2, -(-2 * L2_BYTES // max(set_bytes, 1)))))
 
@@ -91,7 +77,7 @@ def _run_variant(rows, section, name, fn, arg_sets, expected, work, unit, runs, 
         out = jax.block_until_ready(fn(*arg_sets[0]))
         row["compile_s"] = time.perf_counter() - t0  # compile and first call
         row["max_row_error"] = _row_error(out[tuple(slice(0, n) for n in expected.shape)], expected)
-        row["seconds_per_call"] = _time(fn, arg_sets, runs, calls)
+        row["seconds_per_call"] = median_call_time(fn, arg_sets, runs, calls)
         row[unit] = work / row["seconds_per_call"] / (1e12 if unit == "TFLOP/s" else 1e9)
     except Exception as e:  # a variant that fails to compile or run is reported, not fatal
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.timing import median_call_time
 from jaxinfer.memory import load_hardware
 from jaxinfer.quant import format as fmt
 from jaxinfer.quant import rtn
@@ -75,20 +75,6 @@ def _row_error(actual, expected) -> float:
     return float(np.max(num / np.maximum(np.linalg.norm(e, axis=-1), 1e-30)))
 
 
-def _time(fn, arg_sets, runs: int, calls: int) -> float:
-    """Median seconds per call over `runs` runs of `calls` back-to-back calls (fn already compiled)."""
-    for args in arg_sets:
-        jax.block_until_ready(fn(*args))
-    per_call = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for i in range(calls):
-            out = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / calls)
-    return statistics.median(per_call)
-
-
 def _block_name(bs: qm.BlockSizes | None) -> str:
     if bs is None:
         return "default"
@@ -105,7 +91,7 @@ def _run_variant(rows, shape, variant, fn, arg_sets, expected, weight_bytes, ban
         row["compile_s"] = time.perf_counter() - t0
         row["max_row_error"] = _row_error(out, expected)
         row["passed"] = bool(row["max_row_error"] <= TOLERANCE and np.isfinite(np.asarray(out, np.float32)).all())
-        row["seconds_per_call"] = _time(fn, arg_sets, runs, calls)
+        row["seconds_per_call"] = median_call_time(fn, arg_sets, runs, calls)
         row["ms"] = row["seconds_per_call"] * 1e3
         row["gb_per_s"] = weight_bytes / row["seconds_per_call"] / 1e9
         row["pct_bandwidth"] = 100 * row["gb_per_s"] * 1e9 / bandwidth

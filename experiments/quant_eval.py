@@ -37,7 +37,7 @@ flags.DEFINE_integer("windows", 64, "Held-out evaluation windows.")
 flags.DEFINE_integer("seq_len", 512, "Tokens per evaluation window.")
 flags.DEFINE_integer("calib_sequences", 256, "Calibration sequences (AWQ, GPTQ).")
 flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
-flags.DEFINE_integer("decode_tokens", 64, "Tokens to decode when timing batch-1 decode (0: skip).")
+flags.DEFINE_integer("decode_tokens", 128, "Tokens to decode when timing batch-1 decode (0: skip).")
 flags.DEFINE_enum("matmul", "xla", ["xla", "pallas"], "How quantised weights are multiplied while decoding.")
 flags.DEFINE_string("out", "", "Write the JSON result here.")
 flags.DEFINE_string("table", "", "Write a markdown table here.")
@@ -54,14 +54,16 @@ def total_bytes(params) -> int:
     return sum(x.size * x.dtype.itemsize for x in leaves)
 
 
-def decode_speed(model, num_tokens: int) -> float:
-    """Batch-1 greedy decode tokens/s (the second run; the first compiles)."""
+def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
+    """Batch-1 greedy decode tokens/s: the median of `runs` runs after one that compiles."""
     sp = ji.SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     prompt = "def main(argv):\n"
-    for _ in range(2):
+    speeds = []
+    for _ in range(runs + 1):
         out = ji.generate(model, [prompt], sp, matmul_impl=FLAGS.matmul)[0]
-    m = out.metrics
-    return (len(out.token_ids) - 1) / (m["latency_s"] - m["ttft_s"])
+        m = out.metrics
+        speeds.append((len(out.token_ids) - 1) / (m["latency_s"] - m["ttft_s"]))
+    return float(np.median(speeds[1:]))
 
 
 def evaluate(names: list[str]) -> list[dict]:

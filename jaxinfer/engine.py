@@ -288,6 +288,8 @@ class Engine:
         return self._end_step(start, finished)
 
     def _end_step(self, start: float, finished: list[Sequence]) -> list[RequestOutput]:
+        if not self.scheduler.has_work():
+            self._idle_since = None  # idle for want of requests from here on, not waiting on the host
         self.pages_in_use.append(self.allocator.num_used)
         live = sum(s.num_computed for s in self.scheduler.running)
         self.kv_usage.append((self.allocator.num_used * self.allocator.page_size, live))
