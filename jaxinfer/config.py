@@ -78,12 +78,14 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    # Sliding-window size per layer; 0 means full causal attention for that layer.
-    layer_windows: tuple[int, ...] = (0, 0)
+    # Sliding-window size per layer; 0 means full causal attention for that layer. None: all 0.
+    layer_windows: tuple[int, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if self.layer_windows is None:
+            object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
             raise ConfigError(
                 f"layer_windows has {len(self.layer_windows)} entries, num_layers is {self.num_layers}"

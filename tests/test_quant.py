@@ -134,3 +134,19 @@ def test_engine_serves_quantized_model_token_for_token(tiny_int4):
     sampled = ji.SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=3)
     assert ([o.token_ids for o in ji.Engine(qm).generate(prompts, sampled)]
             == [o.token_ids for o in ji.generate(ref, prompts, sampled)])
+
+
+def test_pallas_matmul_in_the_model_and_engine():
+    """matmul="pallas" (the kernel, interpret mode here) gives the XLA path's logits and tokens."""
+    cfg = ji.ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    dense = ji.Model(cfg, ji.init_params(cfg, jax.random.key(5), std=0.3), ji.ByteTokenizer())
+    qm = dataclasses.replace(dense, params=quant.quantize(dense.params, scheme_from_name("int4-rtn-g32-asym")))
+    tokens = jnp.asarray([list(b"def f(x): return x")], jnp.int32)
+    xla = ji.forward_logits(qm, tokens)
+    assert row_rel_error(ji.forward_logits(qm, tokens, matmul_impl="pallas"), xla) < 1e-5
+    sp = ji.SamplingParams(max_tokens=4, temperature=0.0)
+    prompts = ["import os", "x = 1"]
+    want = [o.token_ids for o in ji.Engine(qm).generate(prompts, sp)]
+    got = ji.Engine(qm, ji.EngineConfig(matmul="pallas")).generate(prompts, sp)
+    assert [o.token_ids for o in got] == want
