@@ -196,7 +196,11 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
     with open(config_path) as f:
         quantization_config = json.load(f).get("quantization_config")
     if os.path.isdir(os.path.join(path, _ORBAX_DIR)):
-        params = restore_params(os.path.join(path, _ORBAX_DIR), cfg, dtype)
+        quantized = None
+        if os.path.exists(os.path.join(path, _QUANTIZED_FILE)):
+            with open(os.path.join(path, _QUANTIZED_FILE)) as f:
+                quantized = json.load(f)
+        params = restore_params(os.path.join(path, _ORBAX_DIR), cfg, dtype, quantized)
     elif quantization_config is not None:  # a published AutoAWQ / GPTQ checkpoint
         from jaxinfer.quant.checkpoints import load_quantized_params
 
@@ -208,6 +212,7 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
 
 
 _ORBAX_DIR = "params_orbax"
+_QUANTIZED_FILE = "quantized_weights.json"
 
 
 def to_hf_tensors(params: model_lib.Params, cfg: ModelConfig) -> dict[str, jax.Array]:
@@ -247,7 +252,10 @@ def save_params(path: str | os.PathLike, params: model_lib.Params) -> None:
     checkpointer.wait_until_finished()
 
 
-def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32) -> model_lib.Params:
+def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32,
+                   quantized: dict[str, dict] | None = None) -> model_lib.Params:
+    """Params saved by `save_params`; `quantized` (see `quantized_spec`) names the projections that
+    were saved as QuantizedWeight, which come back exactly as saved (integers and scale dtype)."""
     import orbax.checkpoint as ocp
 
     target = jax.tree.map(
@@ -255,14 +263,44 @@ def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32)
         model_lib.param_shapes(cfg),
         is_leaf=lambda x: isinstance(x, tuple),
     )
+    if quantized:
+        from jaxinfer.quant.format import QuantizedWeight
+
+        arrays = ("qweight", "scales", "zeros", "perm")
+        for name, spec in quantized.items():
+            target["layers"][name] = QuantizedWeight(
+                **{f: None if spec[f] is None else jax.ShapeDtypeStruct(tuple(spec[f][0]), spec[f][1]) for f in arrays},
+                bits=spec["bits"], group_size=spec["group_size"], in_features=spec["in_features"],
+            )
     return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
 
 
+def quantized_spec(params: model_lib.Params) -> dict[str, dict]:
+    """For each QuantizedWeight projection: its static fields and each array's shape and dtype."""
+    from jaxinfer.quant.format import QuantizedWeight
+
+    spec = {}
+    for name, w in params["layers"].items():
+        if isinstance(w, QuantizedWeight):
+            arrays = {f: None if getattr(w, f) is None else [list(getattr(w, f).shape), str(getattr(w, f).dtype)]
+                      for f in ("qweight", "scales", "zeros", "perm")}
+            spec[name] = {"bits": w.bits, "group_size": w.group_size, "in_features": w.in_features, **arrays}
+    return spec
+
+
 def save_model(model: Model, path: str | os.PathLike) -> None:
-    """Write config.json and the converted params (orbax) so `load_model(path)` restores them."""
+    """Write config.json and the converted params (orbax) so `load_model(path)` restores them.
+    Quantised projections are saved packed, with their layout in quantized_weights.json."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config.to_hf_dict(), f, indent=2)
+    spec = quantized_spec(model.params)
+    spec_path = os.path.join(path, _QUANTIZED_FILE)
+    if spec:
+        with open(spec_path, "w") as f:
+            json.dump(spec, f, indent=2)
+    elif os.path.exists(spec_path):
+        os.remove(spec_path)
     save_params(os.path.join(path, _ORBAX_DIR), model.params)
     if model.tokenizer is not None:
         model.tokenizer.save(path)

@@ -150,3 +150,23 @@ def test_pallas_matmul_in_the_model_and_engine():
     want = [o.token_ids for o in ji.Engine(qm).generate(prompts, sp)]
     got = ji.Engine(qm, ji.EngineConfig(matmul="pallas")).generate(prompts, sp)
     assert [o.token_ids for o in got] == want
+
+
+def test_quantized_model_saves_and_restores_exactly(tmp_path):
+    """save_model / load_model keep a quantised model packed: same integers, scales, perm, logits."""
+    m = ji.load_model("tiny")
+    qm = quant.quantize_model(m, scheme_from_name("int4-gptq-g32-asym-act"), num_sequences=4, seq_len=64,
+                              progress=False)
+    ji.save_model(qm, tmp_path / "q")
+    back = ji.load_model(tmp_path / "q")
+    for name in quant.LINEAR_WEIGHTS:
+        a, b = qm.params["layers"][name], back.params["layers"][name]
+        assert isinstance(b, quant.QuantizedWeight) and (a.bits, a.group_size, a.in_features) == (b.bits, b.group_size, b.in_features)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(x, y)
+    assert back.params["layers"]["wq"].perm is not None and back.params["layers"]["wq"].zeros is not None
+    tokens = jnp.asarray([list(b"for i in range(10):")], jnp.int32)
+    np.testing.assert_array_equal(ji.forward_logits(back, tokens), ji.forward_logits(qm, tokens))
+    ji.save_model(m, tmp_path / "q")  # a dense model saved over it drops the quantised layout
+    assert not isinstance(ji.load_model(tmp_path / "q").params["layers"]["wq"], quant.QuantizedWeight)
