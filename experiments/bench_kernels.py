@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.timing import median_call_time
+from experiments.timing import environment, median_call_time
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import paged_attention as pa
 
@@ -290,11 +290,7 @@ def main(argv):
                  runs=runs, calls=calls)
 
     result = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=jax.devices()[0].device_kind,
-        backend=jax.default_backend(),
-        jax_version=jax.__version__,
-        command=" ".join([os.path.basename(sys.executable), "-m", "experiments.bench_kernels", *sys.argv[1:]]),
+        **environment("experiments.bench_kernels"),
         quick=quick,
         interpret=interpret,
         runs=runs,

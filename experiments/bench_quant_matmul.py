@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.timing import median_call_time
+from experiments.timing import environment, median_call_time
 from jaxinfer.memory import load_hardware
 from jaxinfer.quant import format as fmt
 from jaxinfer.quant import rtn
@@ -193,11 +193,7 @@ def main(argv):
                     sweep=_SWEEP.value, interpret=interpret, runs=runs, calls=calls)
 
     result = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=jax.devices()[0].device_kind,
-        backend=jax.default_backend(),
-        jax_version=jax.__version__,
-        command=" ".join([os.path.basename(sys.executable), "-m", "experiments.bench_quant_matmul", *sys.argv[1:]]),
+        **environment("experiments.bench_quant_matmul"),
         quick=quick,
         interpret=interpret,
         runs=runs,

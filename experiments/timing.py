@@ -1,11 +1,25 @@
-"""Timing shared by the GPU benchmarks."""
+"""Timing and run records shared by the GPU benchmarks."""
 
 from __future__ import annotations
 
+import datetime
+import os
 import statistics
+import sys
 import time
 
 import jax
+
+
+def environment(module: str) -> dict:
+    """When, where and how a benchmark ran: date (UTC), device, backend, jax version, command."""
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=jax.devices()[0].device_kind,
+        backend=jax.default_backend(),
+        jax_version=jax.__version__,
+        command=" ".join([os.path.basename(sys.executable), "-m", module, *sys.argv[1:]]),
+    )
 
 
 def median_call_time(fn, arg_sets, runs: int, calls: int) -> float:

@@ -56,6 +56,16 @@ def row_errors(actual, expected) -> np.ndarray:
     return num / den
 
 
+def assert_rows_close(actual, expected, tolerance: float) -> None:
+    """Same shape, every element finite (an unwritten poisoned output is NaN), every row's
+    relative error within tolerance."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape
+    assert np.isfinite(actual).all(), "unwritten or non-finite output"
+    errors = row_errors(actual, expected)
+    assert errors.max() <= tolerance, f"max row error {errors.max():.3g}"
+
+
 def row_rel_error(actual, expected) -> float:
     """The largest per-row relative error."""
     return float(np.max(row_errors(actual, expected)))

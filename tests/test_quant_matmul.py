@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
-from helpers import INTERPRET, TOLERANCE, row_errors
+from helpers import INTERPRET, TOLERANCE, assert_rows_close, row_errors
 from jaxinfer.quant import format as fmt
 from jaxinfer.quant import rtn
 from jaxinfer.quant.matmul import linear
@@ -65,11 +65,7 @@ def _args(qw):
 
 
 def _check(actual, expected, dtype):
-    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-    assert actual.shape == expected.shape
-    assert np.isfinite(actual).all(), "unwritten or non-finite output"
-    errors = row_errors(actual, expected)
-    assert errors.max() <= TOL[jnp.dtype(dtype).name], f"max row error {errors.max():.3g}"
+    assert_rows_close(actual, expected, TOL[jnp.dtype(dtype).name])
 
 
 @st.composite
