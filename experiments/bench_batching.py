@@ -39,7 +39,7 @@ from jaxinfer.sampling import SamplingBatch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "tiny", "Shipped model name, local HF checkpoint directory, or random:NAME for "
-                    "random weights shaped like configs/models/NAME.json (e.g. random:llama3_8b).")
+                    "random weights shaped like configs/models/NAME.json (e.g. random:llama3_8b) or a config path.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.")
 flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
 flags.DEFINE_enum("arrival", "all", ["all", "poisson"], "All requests at t=0, or Poisson arrivals at --rate.")
@@ -191,11 +191,13 @@ def run_once(model, rate: float | None) -> dict:
 
 
 def load_bench_model(name: str, dtype: str) -> ji.Model:
-    """A shipped or local model, or random weights in the shape of configs/models/NAME.json."""
+    """A shipped or local model, or random weights shaped like configs/models/NAME.json (or like
+    the HF config.json at a path: random:/path/to/config.json)."""
     if not name.startswith("random:"):
         return ji.load_model(name, dtype=dtype)
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
-                        name.split(":", 1)[1] + ".json")
+    shape = name.split(":", 1)[1]
+    path = shape if shape.endswith(".json") else os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models", shape + ".json")
     if not os.path.exists(path):
         raise ValueError(f"--model={name}: no {path}")
     cfg = ji.ModelConfig.from_json_file(path)

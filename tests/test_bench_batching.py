@@ -74,3 +74,14 @@ def test_overlapped_workload_reports_idle_share(tmp_path):
     (r,) = record["results"]
     assert r["lookahead_calls"] > 0 and 0.0 <= r["device_idle_share"] < 1.0
     assert "dev idle" in stdout
+
+
+def test_random_model_shaped_like_a_config(tmp_path):
+    """random:<config> builds random weights of a config's shape (the GPU run uses random:llama3_8b)."""
+    cfg = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    record, stdout = _bench(tmp_path, "random", f"--model=random:{path}", "--step_overhead=8", "--dtype=bfloat16")
+    assert record["tokens"] == 8 and "random:" in stdout
