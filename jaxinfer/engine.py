@@ -266,7 +266,7 @@ class Engine:
         start = time.perf_counter()
         self._device_s = 0.0
         if self._in_flight is not None:
-            call, self._in_flight = self._in_flight, None
+            call = self._in_flight
             self._in_flight = self._look_ahead(call)
             finished = self._finish_decode(call)
             if self._in_flight is not None or not self.scheduler.has_work():
@@ -364,7 +364,7 @@ class Engine:
             self.scheduler.register_full_pages(seq)
         if not samplers:
             self._last_dispatched = logits
-            self._read(logits[:1, :1])
+            self._wait(logits)
             return []
 
         R = next_power_of_2(len(samplers))
@@ -395,21 +395,21 @@ class Engine:
         """Several decode steps in one device call: pages for them are taken from free pages only
         (no preemption), tokens past a stop are dropped, so outputs equal single-step decoding.
         With overlap on, the call is left in flight and read back by the next step()."""
-        wanted = [min(self.config.decode_steps, s.sampling.max_tokens - len(s.generated),
-                      self.max_seq_len + 1 - len(s.tokens)) for s in decode]
-        if self._new_pages(decode, wanted, [0] * len(decode)) > self.allocator.num_free:
+        ahead = [0] * len(decode)
+        wanted = self._wanted(decode, ahead)
+        if sum(self.scheduler.pages_for(s, a + w) for s, w, a in zip(decode, wanted, ahead)) > self.allocator.num_free:
             wanted = [1] * len(decode)  # the scheduler reserved one token each
         tokens = np.array([s.tokens[s.num_computed] for s in decode], np.int32)
-        call = self._dispatch_decode(decode, wanted, [0] * len(decode), tokens)
+        call = self._dispatch_decode(decode, wanted, ahead, tokens)
         if self.config.overlap:
             self._in_flight = call
             return []
         return self._finish_decode(call)
 
-    def _new_pages(self, decode, wanted, ahead) -> int:
-        page = self.allocator.page_size
-        return sum(max(0, math.ceil((s.num_computed + a + w) / page) - len(s.pages))
-                   for s, w, a in zip(decode, wanted, ahead))
+    def _wanted(self, seqs: list[Sequence], ahead: list[int]) -> list[int]:
+        """Decode steps each sequence can still take in one call, `ahead` tokens past the host's view."""
+        return [max(0, min(self.config.decode_steps, s.sampling.max_tokens - len(s.generated) - a,
+                           self.max_seq_len + 1 - len(s.tokens) - a)) for s, a in zip(seqs, ahead)]
 
     def _dispatch_decode(self, decode, wanted, ahead, tokens) -> _DecodeCall:
         """Dispatch one multi-step decode call without reading it back. Row i continues sequence
@@ -417,7 +417,7 @@ class Engine:
         wanted[i] steps (0: the row only pads); `tokens` (host or device) are the rows' inputs."""
         page = self.allocator.page_size
         for s, w, a in zip(decode, wanted, ahead):
-            s.pages += self.allocator.allocate(max(0, math.ceil((s.num_computed + a + w) / page) - len(s.pages)))
+            s.pages += self.allocator.allocate(self.scheduler.pages_for(s, a + w))
         k = next_power_of_2(max(wanted))
         R = next_power_of_2(len(decode))
         M = next_power_of_2(max(len(s.pages) for s in decode), min(4, math.ceil(self.max_seq_len / page)))
@@ -452,9 +452,9 @@ class Engine:
         if {id(s) for s in sched.running} != {id(s) for s in call.seqs}:
             return None
         ahead = call.wanted
-        wanted = [max(0, min(self.config.decode_steps, s.sampling.max_tokens - len(s.generated) - a,
-                             self.max_seq_len + 1 - len(s.tokens) - a)) for s, a in zip(call.seqs, ahead)]
-        if not any(wanted) or self._new_pages(call.seqs, wanted, ahead) > self.allocator.num_free:
+        wanted = self._wanted(call.seqs, ahead)
+        needed = sum(self.scheduler.pages_for(s, a + w) for s, w, a in zip(call.seqs, wanted, ahead))
+        if not any(wanted) or needed > self.allocator.num_free:
             return None
         last = np.zeros(call.tokens.shape[1], np.int32)
         last[: len(ahead)] = [max(a - 1, 0) for a in ahead]
@@ -493,14 +493,18 @@ class Engine:
             self.stats["device_idle_s"] += now - self._idle_since
         self._idle_since = None
 
-    def _read(self, x: jax.Array) -> np.ndarray:
+    def _wait(self, x: jax.Array) -> jax.Array:
+        """Block until x is computed; if that drained the device, it is idle from now on."""
         t0 = time.perf_counter()
-        out = np.asarray(x)
+        jax.block_until_ready(x)
         t1 = time.perf_counter()
         self._device_s += t1 - t0
-        if x is self._last_dispatched:
+        if self._last_dispatched is None or self._last_dispatched.is_ready():
             self._idle_since = t1
-        return out
+        return x
+
+    def _read(self, x: jax.Array) -> np.ndarray:
+        return np.asarray(self._wait(x))
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """The other n - 1 samples of a request share the parent's prompt pages (copy-on-write)."""

@@ -109,7 +109,7 @@ class Scheduler:
 
     # Page management ---------------------------------------------------------------------------
 
-    def _pages_for(self, seq: Sequence, num_tokens: int) -> int:
+    def pages_for(self, seq: Sequence, num_tokens: int) -> int:
         """Pages seq must newly allocate to hold num_tokens more tokens."""
         return max(0, math.ceil((seq.num_computed + num_tokens) / self.page_size) - len(seq.pages))
 
@@ -144,7 +144,7 @@ class Scheduler:
         while True:
             try:
                 self._copy_on_write(seq, plan.copies)
-                seq.pages += self.allocator.allocate(self._pages_for(seq, num_tokens))
+                seq.pages += self.allocator.allocate(self.pages_for(seq, num_tokens))
                 return True
             except OutOfPages:
                 if self.running == [seq]:
