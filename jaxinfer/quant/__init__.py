@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+import jax
+
 from jaxinfer.quant.format import BITS, QuantizedWeight, dequantize, reference_matmul
 from jaxinfer.quant.matmul import linear
 from jaxinfer.quant.rtn import quantize_weight
@@ -117,14 +119,8 @@ def dequantize_params(params: dict, dtype=None) -> dict:
     """Params with every QuantizedWeight replaced by its dense dequantised weight: the reference
     model a quantised model's outputs are compared against."""
     dtype = dtype or params["embed"].dtype
-    return _map_quantized(params, lambda w: dequantize(w, dtype))
-
-
-def _map_quantized(tree, fn):
-    import jax
-
     return jax.tree_util.tree_map(
-        lambda x: fn(x) if isinstance(x, QuantizedWeight) else x, tree,
+        lambda x: dequantize(x, dtype) if isinstance(x, QuantizedWeight) else x, params,
         is_leaf=lambda x: isinstance(x, QuantizedWeight),
     )
 
