@@ -7,7 +7,7 @@ Smoke on a CPU: python -m experiments.bench_quant_matmul --quick   (interpret mo
 For each shape M x K x N (--shapes; default 1, 16 and 256 rows of Llama-3-8B's MLP up projection,
 4096 x 14336), bf16 activations:
   dense bf16      x @ w
-  xla <scheme>    jaxinfer.quant.format.reference_matmul (dequantise to bf16, one matmul)
+  xla <scheme>    jaxinfer.formats.reference_matmul (dequantise to bf16, one matmul)
   pallas <scheme> pallas_kernels.quant_matmul (default BlockSizes; --sweep adds a few others)
 for the schemes int8 per-channel, int4 g128 symmetric and int4 g128 with zero points (RTN).
 
@@ -35,7 +35,7 @@ from absl import app, flags
 
 from experiments.timing import environment, median_call_time
 from jaxinfer.memory import load_hardware
-from jaxinfer.quant import format as fmt
+from jaxinfer import formats as fmt
 from jaxinfer.quant import rtn
 from pallas_kernels import quant_matmul as qm
 

@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 
 import jaxinfer as ji
-from jaxinfer.quant.spec import quantize_by_name
+from jaxinfer.quant import quantize_by_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", "def fibonacci(n):", "Text to complete.")

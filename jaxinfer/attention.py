@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache
+from pallas_kernels.common import gather_pages
+from pallas_kernels.flash_attention import flash_attention, paged_flash_attention
+from pallas_kernels.paged_attention import paged_decode_attention
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -54,8 +57,6 @@ def attend(
 ) -> jax.Array:  # (B, T, N, H)
     _check_impl(impl)
     if impl == "pallas":
-        from pallas_kernels.flash_attention import flash_attention
-
         kv_lens = jnp.max(k_pos, axis=1) + 1  # keys sit at positions 0..S-1
         return flash_attention(q, k, v, q_pos[:, 0], kv_lens, window=_static_window(window, impl),
                                interpret=_interpret())
@@ -101,14 +102,6 @@ def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl):
     return out, KVCache(k=k_all, v=v_all)
 
 
-def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """pages (K, P, page, H), block_tables (R, M) -> (R, M * page, K, H): each row's context."""
-    K, _, page, H = pages.shape
-    R, M = block_tables.shape
-    g = pages[:, block_tables]  # (K, R, M, page, H)
-    return g.reshape(K, R, M * page, H).transpose(1, 2, 0, 3)
-
-
 def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, impl):
     """q, k, v: (1, N, heads, H) flat tokens: Rd decode tokens, then Rp rows of C prefill tokens."""
     _, N, NH, H = q.shape
@@ -136,8 +129,6 @@ def paged_decode(q, k_pages, v_pages, block_tables, lens, window=0, impl="xla"):
     """One query per row at position lens - 1. q (R, N, H) -> (R, N, H)."""
     _check_impl(impl)
     if impl == "pallas":
-        from pallas_kernels.paged_attention import paged_decode_attention
-
         return paged_decode_attention(q, k_pages, v_pages, block_tables, lens,
                                       window=_static_window(window, impl), interpret=_interpret())
     keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # (R, S, K, H)
@@ -153,8 +144,6 @@ def paged_prefill(q, k_pages, v_pages, block_tables, start, lens, window=0, impl
     q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk."""
     _check_impl(impl)
     if impl == "pallas":
-        from pallas_kernels.flash_attention import paged_flash_attention
-
         return paged_flash_attention(q, k_pages, v_pages, block_tables, start, start + lens,
                                      window=_static_window(window, impl), interpret=_interpret())
     keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # (R, S, K, H)

@@ -69,6 +69,8 @@ class BatchDescriptor:
 
     The step's N tokens are laid out flat: first Rd decode tokens (one per sequence), then Rp
     prefill rows of C tokens each (a chunk of one sequence's prompt, right-padded).
+      positions              (N,) int32  position of each token in its sequence
+      logits_at              (R,) int32  the tokens whose logits the step returns, R = Rd + Rp
       slot_mapping           (N,) int32  flat cache slot (page * page_size + offset) for each
                                          token's K/V; P * page_size for padding (not written)
       decode_block_tables    (Rd, M) int32  pages of each decode sequence (M pages max)
@@ -78,6 +80,8 @@ class BatchDescriptor:
       prefill_lens           (Rp,) int32 valid tokens in the row (0 = padding row)
     """
 
+    positions: jax.Array
+    logits_at: jax.Array
     slot_mapping: jax.Array
     decode_block_tables: jax.Array
     decode_lens: jax.Array
@@ -197,6 +201,12 @@ class PageAllocator:
             return
         self._page_hash[page] = h
         self._hash_page[h] = page
+
+    def unregister(self, page: int) -> None:
+        """Forget a referenced page's prefix-cache entry (its owner is about to rewrite it). A page
+        another sequence also holds keeps its entry: its owner copies it before writing."""
+        if page in self._page_hash and self.refcount[page] == 1:
+            del self._hash_page[self._page_hash.pop(page)]
 
     def check_invariants(self, owners: dict[int, Sequence[int]] | None = None) -> None:
         """Every page is in exactly one state; with owners (request -> pages), refcounts match."""

@@ -1,8 +1,14 @@
 """A functional Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
 
 No classes hold state: `init_params` builds a params pytree, `forward` maps params and tokens
-(and optionally a KV cache, passed in and returned) to logits. The layers are stacked on a
-leading axis and run with `lax.scan`, so compile time does not grow with depth.
+(and optionally a KV cache, passed in and returned) to logits; `forward_paged` does the same for
+one flat step over a paged cache. The layers are stacked on a leading axis and run with
+`lax.scan`, so compile time does not grow with depth.
+
+One decoder layer (`layer`) serves every caller. Its projections go through a hook,
+`project(name, x, lp) -> y`: by default `dense_projection(impl)`, the one matmul dispatch point;
+calibration records each projection's input through it, and adapters add their deltas through it.
+Which attention and matmul implementations run is one static, hashable `Impl`.
 
 Axis legend:
   B batch            T tokens in this call    S cache slots (positions) per sequence
@@ -21,16 +27,33 @@ Params pytree (weights stored as (in, out) so a projection is `x @ w`):
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxinfer import attention
+
+from jaxinfer import attention, matmul
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache
-from jaxinfer.quant.matmul import linear
+from jaxinfer.tokenizer import Tokenizer
 
 Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: static config, params pytree, and a tokenizer (None: token ids only)."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer | None = None
+    name: str = ""
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
 
 
 class ForwardOutput(NamedTuple):
@@ -109,66 +132,79 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _layer(cfg: ModelConfig, lp: Params, x, cos, sin, positions, window, cache, layer, batch, attn_impl,
-           matmul_impl):
-    """One decoder layer. Without a cache the tokens attend causally to each other; with one,
-    their K/V are written into it first and attention reads the cache."""
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """Which implementation runs each op (a static jit argument): "xla" (the reference) or "pallas"."""
+
+    attention: str = "xla"
+    matmul: str = "xla"
+
+    def __post_init__(self):
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {attention.IMPLEMENTATIONS}")
+        if self.matmul not in matmul.IMPLEMENTATIONS:
+            raise ValueError(f"matmul={self.matmul!r} is not one of {matmul.IMPLEMENTATIONS}")
+
+
+# project(name, x, lp) -> x @ lp[name] (+ its bias): every projection of a layer goes through one.
+Project = Callable[[str, jax.Array, Params], jax.Array]
+BIASES = {"wq": "bq", "wk": "bk", "wv": "bv", "wo": "bo"}
+
+
+def dense_projection(impl: Impl = Impl()) -> Project:
+    """The default hook: the layer's own weight (dense or packed) through the matmul dispatch point."""
+
+    def project(name: str, x: jax.Array, lp: Params) -> jax.Array:
+        return matmul.linear(x, lp[name], lp.get(BIASES.get(name)), impl=impl.matmul)
+
+    return project
+
+
+def layer(cfg: ModelConfig, lp: Params, x, cos, sin, attend, project: Project):
+    """One decoder layer: x (B, T, D) -> (B, T, D). `attend(q, k, v) -> (o, state)` sees this
+    layer's queries and new keys/values (rotated) and returns the attention output and whatever
+    it updated (a cache, or None); `project` runs every projection."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    def project(x, name, bias=None):  # every projection goes through the one matmul dispatch point
-        return linear(x, lp[name], lp.get(bias) if bias else None, impl=matmul_impl)
-
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)  # (B, T, D)
-    q = project(h, "wq", "bq").reshape(B, T, N, H)
-    k = project(h, "wk", "bk").reshape(B, T, K, H)
-    v = project(h, "wv", "bv").reshape(B, T, K, H)
+    q = project("wq", h, lp).reshape(B, T, N, H)
+    k = project("wk", h, lp).reshape(B, T, K, H)
+    v = project("wv", h, lp).reshape(B, T, K, H)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-    if cache is None:
-        o = attention.attend(q, k, v, positions, positions, window, impl=attn_impl)  # (B, T, N, H)
-    else:
-        o, cache = attention.attend_cached(cache, layer, q, k, v, positions, window, batch, impl=attn_impl)
-    x = x + project(o.reshape(B, T, N * H), "wo", "bo")
+    o, state = attend(q, k, v)  # (B, T, N, H)
+    x = x + project("wo", o.reshape(B, T, N * H), lp)
 
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp = jax.nn.silu(project(h, "w_gate")) * project(h, "w_up")  # (B, T, F)
-    return x + project(mlp, "w_down"), cache
+    mlp = jax.nn.silu(project("w_gate", h, lp)) * project("w_up", h, lp)  # (B, T, F)
+    return x + project("w_down", mlp, lp), state
 
 
-def forward(
-    params: Params,
-    cfg: ModelConfig,
-    tokens: jax.Array,  # (B, T) int32
-    positions: jax.Array,  # (B, T) int32
-    cache: KVCache | PagedKVCache | None = None,
-    logits_at: jax.Array | None = None,  # (B, T') int32 indices into T; None = every token
-    batch: BatchDescriptor | None = None,  # required with a PagedKVCache (then B = 1, T = N)
-    *,
-    attn_impl: str = "xla",
-    matmul_impl: str = "xla",
-) -> ForwardOutput:
-    """Run the decoder over tokens at the given positions, optionally reading and writing a cache
-    (passed in and returned). Logits are float32. Projection weights may be dense arrays or
-    QuantizedWeight pytrees (jaxinfer.quant); matmul_impl picks how the latter are multiplied."""
+def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, project) -> ForwardOutput:
+    """Embed, run every layer under lax.scan (cache in the carry), final norm, LM head."""
     dtype = params["embed"].dtype
+    project = project or dense_projection(impl)
     x = params["embed"][tokens]  # (B, T, D)
     cos, sin = rope_tables(cfg, positions, dtype)
-    windows = jnp.asarray(cfg.layer_windows, jnp.int32)  # (L,)
-
     # One window shared by every layer is passed as a static int (the Pallas kernels need it so).
     shared_window = cfg.layer_windows[0] if len(set(cfg.layer_windows)) == 1 else None
 
     def body(carry, xs):
         x, cache = carry
-        lp, window, layer = xs
+        lp, window, index = xs
         window = window if shared_window is None else shared_window
-        return _layer(cfg, lp, x, cos, sin, positions, window, cache, layer, batch, attn_impl, matmul_impl), None
+        if cache is None:
+            def attend(q, k, v):
+                return attention.attend(q, k, v, positions, positions, window, impl=impl.attention), None
+        else:
+            def attend(q, k, v):
+                return attention.attend_cached(cache, index, q, k, v, positions, window, batch, impl=impl.attention)
+        return layer(cfg, lp, x, cos, sin, attend, project), None
 
-    layer_ids = jnp.arange(cfg.num_layers)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], windows, layer_ids))
+    xs = (params["layers"], jnp.asarray(cfg.layer_windows, jnp.int32), jnp.arange(cfg.num_layers))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
 
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # (B, T', D)
@@ -178,7 +214,43 @@ def forward(
     return ForwardOutput(logits=logits, hidden=hidden, cache=cache)
 
 
-_forward_jit = jax.jit(forward, static_argnames=("cfg", "attn_impl", "matmul_impl"))
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,  # (B, T) int32
+    positions: jax.Array,  # (B, T) int32
+    cache: KVCache | None = None,
+    logits_at: jax.Array | None = None,  # (B, T') int32 indices into T; None = every token
+    *,
+    impl: Impl = Impl(),
+    project: Project | None = None,
+) -> ForwardOutput:
+    """Run the decoder over tokens at the given positions: without a cache the tokens attend
+    causally to each other; with a contiguous cache (passed in and returned) their K/V are
+    written into it first and attention reads it. Logits are float32. Projection weights may be
+    dense arrays or packed formats (jaxinfer.formats); impl.matmul picks how those are multiplied."""
+    return _decoder(params, cfg, tokens, positions, cache, logits_at, None, impl, project)
+
+
+def forward_paged(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,  # (N,) int32: one flat step, laid out as the BatchDescriptor says
+    cache: PagedKVCache,
+    batch: BatchDescriptor,
+    *,
+    impl: Impl = Impl(),
+    project: Project | None = None,
+) -> ForwardOutput:
+    """One mixed step over a paged cache: decode tokens and prompt chunks of many sequences at
+    batch.positions, K/V written to batch.slot_mapping. Logits and hidden states (R, V), (R, D) at
+    batch.logits_at; the updated cache."""
+    out = _decoder(params, cfg, tokens[None], batch.positions[None], cache, batch.logits_at[None], batch, impl,
+                   project)
+    return ForwardOutput(logits=out.logits[0], hidden=out.hidden[0], cache=out.cache)
+
+
+_forward_jit = jax.jit(forward, static_argnames=("cfg", "impl"))
 
 
 def forward_logits(model, tokens, *, attn_impl: str = "xla", matmul_impl: str = "xla") -> jax.Array:
@@ -190,7 +262,7 @@ def forward_logits(model, tokens, *, attn_impl: str = "xla", matmul_impl: str = 
     _check_tokens(tokens, cfg)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return _forward_jit(model.params, cfg, tokens, positions, attn_impl=attn_impl, matmul_impl=matmul_impl).logits
+    return _forward_jit(model.params, cfg, tokens, positions, impl=Impl(attn_impl, matmul_impl)).logits
 
 
 def _check_tokens(tokens, cfg: ModelConfig) -> None:

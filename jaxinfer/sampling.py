@@ -60,7 +60,7 @@ class SamplingParams:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
-    """Per-row sampling parameters as arrays (R rows).
+    """Per-row sampling parameters as arrays (R rows), built on the host (numpy).
 
     temperature (R,) f32; top_k (R,) i32; top_p (R,) f32; min_p (R,) f32; seed (R,) u32.
     Keys are made from the seeds inside the jitted sampler: no per-row work on the host.
@@ -75,11 +75,11 @@ class SamplingBatch:
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int]) -> SamplingBatch:
         return cls(
-            temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
-            top_k=jnp.asarray([p.top_k for p in params], jnp.int32),
-            top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
-            min_p=jnp.asarray([p.min_p for p in params], jnp.float32),
-            seed=jnp.asarray(np.asarray(seeds, np.uint32)),
+            temperature=np.asarray([p.temperature for p in params], np.float32),
+            top_k=np.asarray([p.top_k for p in params], np.int32),
+            top_p=np.asarray([p.top_p for p in params], np.float32),
+            min_p=np.asarray([p.min_p for p in params], np.float32),
+            seed=np.asarray(seeds, np.uint32),
         )
 
 

@@ -8,6 +8,11 @@ Plain host-side Python. Each step the scheduler
   3. makes sure each scheduled sequence owns the pages its new tokens go to: allocating on
      demand, copying a shared page before writing into it (copy-on-write), and preempting the
      most recently admitted sequence (its pages freed, recomputed later) when pages run out.
+
+It owns every page reservation: the one-token reservations of a step, the extra pages of a
+multi-step or look-ahead decode call (`reserve_ahead`), the pages shared by forked samples
+(`fork`), and the pages given back when a sequence's newest tokens are dropped (`rollback`, for
+rejected speculative tokens), finishes or is aborted.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import enum
 import math
 
 from jaxinfer.kv_cache import OutOfPages, PageAllocator
+from jaxinfer.requests import StopChecker
 from jaxinfer.sampling import SamplingParams
 
 
@@ -48,6 +54,7 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    stop: StopChecker | None = None  # decides when the sequence ends (its budget, stop tokens and strings)
 
     @property
     def generated(self) -> list[int]:
@@ -165,6 +172,49 @@ class Scheduler:
             copies.append((seq.pages[idx], dst))
             self.allocator.free([seq.pages[idx]])
             seq.pages[idx] = dst
+
+    def reserve_ahead(self, seqs: list[Sequence], wanted: list[int], ahead: list[int]) -> bool:
+        """Pages for a decode call in which seqs[i], ahead[i] tokens past its num_computed, takes
+        wanted[i] steps: all taken from free pages (no preemption) or none, returning whether."""
+        counts = [self.pages_for(s, a + w) for s, w, a in zip(seqs, wanted, ahead)]
+        if sum(counts) > self.allocator.num_free:
+            return False
+        for s, n in zip(seqs, counts):
+            s.pages += self.allocator.allocate(n)
+        return True
+
+    def advance(self, seq: Sequence, n: int) -> None:
+        """seq's next n tokens now have their K/V in its pages."""
+        seq.num_computed += n
+        if seq.status is Status.RUNNING:
+            self.register_full_pages(seq)
+
+    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Run children beside parent, sharing its pages (copy-on-write before either writes)."""
+        for child in children:
+            child.pages = list(parent.pages)
+            for p in child.pages:
+                self.allocator.incref(p)
+            child.status = Status.RUNNING
+            self.running.append(child)
+
+    def rollback(self, seq: Sequence, n: int) -> None:
+        """Drop seq's newest n generated tokens (rejected speculative tokens). The newest token
+        left becomes its next input: K/V from its position on are forgotten, pages past them come
+        back, and a kept page that will be rewritten leaves the prefix cache."""
+        if not 0 <= n <= len(seq.generated):
+            raise ValueError(f"rollback of {n} tokens, but the sequence has generated {len(seq.generated)}")
+        del seq.tokens[len(seq.tokens) - n :]
+        seq.num_computed = min(seq.num_computed, len(seq.tokens) - 1)
+        page = self.page_size
+        keep = math.ceil(seq.num_computed / page)
+        self.allocator.free(seq.pages[keep:])
+        del seq.pages[keep:]
+        full = seq.num_computed // page
+        for p in seq.pages[full:]:
+            self.allocator.unregister(p)
+        del seq.hashes[full:]
+        seq.num_registered = min(seq.num_registered, full)
 
     def register_full_pages(self, seq: Sequence) -> None:
         """Offer newly completed pages of seq to the prefix cache."""

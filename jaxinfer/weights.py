@@ -9,129 +9,46 @@ error names the tensor and both shapes.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 from safetensors import safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from jaxinfer import model as model_lib
 from jaxinfer.config import ModelConfig
-from jaxinfer.tokenizer import Tokenizer, load_tokenizer
+from jaxinfer.formats import QuantizedWeight
+from jaxinfer.model import Model
+from jaxinfer.hf_layout import (
+    CheckpointError, check_complete, expected_tensors, header_entries, resolve_dtype, safetensors_files, write_layer,
+)
+from jaxinfer.quant.checkpoints import load_quantized_params
+from jaxinfer.tokenizer import load_tokenizer
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SHIPPED_MODELS = ("tiny", "tiny-draft")  # byte-level models trained by experiments/train_tiny.py
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-# HF tensor name -> (our name, transpose). "{i}" is the layer index.
-_LAYER_NAMES = {
-    "input_layernorm.weight": ("attn_norm", False),
-    "self_attn.q_proj.weight": ("wq", True),
-    "self_attn.k_proj.weight": ("wk", True),
-    "self_attn.v_proj.weight": ("wv", True),
-    "self_attn.o_proj.weight": ("wo", True),
-    "self_attn.q_proj.bias": ("bq", False),
-    "self_attn.k_proj.bias": ("bk", False),
-    "self_attn.v_proj.bias": ("bv", False),
-    "self_attn.o_proj.bias": ("bo", False),
-    "self_attn.q_norm.weight": ("q_norm", False),
-    "self_attn.k_norm.weight": ("k_norm", False),
-    "post_attention_layernorm.weight": ("mlp_norm", False),
-    "mlp.gate_proj.weight": ("w_gate", True),
-    "mlp.up_proj.weight": ("w_up", True),
-    "mlp.down_proj.weight": ("w_down", True),
-}
-_TOP_NAMES = {
-    "model.embed_tokens.weight": ("embed", False),
-    "model.norm.weight": ("final_norm", False),
-    "lm_head.weight": ("lm_head", True),
-}
-# Present in some checkpoints, carry nothing the model needs.
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint whose tensors do not match its config: missing, unexpected or mis-shaped."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-    name: str  # key in params (top level) or params["layers"]
-    layer: int | None  # None for top-level params
-    transpose: bool
-    hf_shape: tuple[int, ...]  # the shape the checkpoint must hold
-
-
-def _expected_tensors(cfg: ModelConfig) -> dict[str, _Slot]:
-    shapes = model_lib.param_shapes(cfg)
-    out = {}
-    for hf, (name, transpose) in _TOP_NAMES.items():
-        if name in shapes:
-            shape = shapes[name]
-            out[hf] = _Slot(name, None, transpose, shape[::-1] if transpose else shape)
-    for suffix, (name, transpose) in _LAYER_NAMES.items():
-        if name not in shapes["layers"]:
-            continue
-        shape = shapes["layers"][name][1:]
-        for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{suffix}"] = _Slot(name, i, transpose, shape[::-1] if transpose else shape)
-    return out
-
-
-def _safetensors_files(ckpt_dir: str) -> list[str]:
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {ckpt_dir}")
-    paths = [os.path.join(ckpt_dir, f) for f in files]
-    for p in paths:
-        if not os.path.exists(p):
-            raise CheckpointError(f"the index names {os.path.basename(p)}, which is not in {ckpt_dir}")
-    return paths
-
-
-@functools.partial(jax.jit, static_argnames=("transpose",), donate_argnums=0)
-def _write_layer(buf, x, i, *, transpose):
-    x = x.T if transpose else x
-    return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, axis=0)
 
 
 def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True) -> model_lib.Params:
     """Read every tensor of an HF Llama-family checkpoint into the params pytree, cast to dtype."""
-    expected = _expected_tensors(cfg)
-    files = _safetensors_files(ckpt_dir)
+    expected = expected_tensors(cfg)
+    files = safetensors_files(ckpt_dir)
 
     # Pass 1: headers only. Every tensor must be expected, well shaped, and present.
     location: dict[str, str] = {}
-    for path in files:
-        with safe_open(path, framework="flax") as f:
-            for key in f.keys():
-                if _IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-                    continue
-                if key not in expected:
-                    raise CheckpointError(f"unexpected tensor {key!r} in {os.path.basename(path)}")
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != expected[key].hf_shape:
-                    raise CheckpointError(
-                        f"tensor {key!r} has shape {shape}, expected {expected[key].hf_shape}"
-                    )
-                location[key] = path
-    missing = sorted(set(expected) - set(location))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        shape = expected[missing[0]].hf_shape
-        raise CheckpointError(f"missing tensor {missing[0]!r} (expected shape {shape}){more}")
+    for path, key, shape, _ in header_entries(files, cfg):
+        if key not in expected:
+            raise CheckpointError(f"unexpected tensor {key!r} in {os.path.basename(path)}")
+        if shape != expected[key].hf_shape:
+            raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {expected[key].hf_shape}")
+        location[key] = path
+    check_complete({k: s.hf_shape for k, s in expected.items()}, location)
 
     # Pass 2: stream the data into preallocated arrays.
     shapes = model_lib.param_shapes(cfg)
@@ -148,32 +65,10 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
                     params[slot.name] = (x.T if slot.transpose else x).astype(dtype)
                 else:
                     layers = params["layers"]
-                    layers[slot.name] = _write_layer(layers[slot.name], x, slot.layer, transpose=slot.transpose)
+                    layers[slot.name] = write_layer(layers[slot.name], x, slot.layer, transpose=slot.transpose)
                 bar.update()
     bar.close()
     return params
-
-
-@dataclasses.dataclass
-class Model:
-    """A loaded model: static config, params pytree, and a tokenizer (None: token ids only)."""
-
-    config: ModelConfig
-    params: model_lib.Params
-    tokenizer: Tokenizer | None = None
-    name: str = ""
-
-    @property
-    def dtype(self):
-        return self.params["embed"].dtype
-
-
-def resolve_dtype(dtype) -> Any:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
 
 
 def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False) -> Model:
@@ -202,8 +97,6 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
                 quantized = json.load(f)
         params = restore_params(os.path.join(path, _ORBAX_DIR), cfg, dtype, quantized)
     elif quantization_config is not None:  # a published AutoAWQ / GPTQ checkpoint
-        from jaxinfer.quant.checkpoints import load_quantized_params
-
         params = load_quantized_params(path, cfg, quantization_config, dtype, progress=progress)
     else:
         params = load_params(path, cfg, dtype, progress=progress)
@@ -218,7 +111,7 @@ _QUANTIZED_FILE = "quantized_weights.json"
 def to_hf_tensors(params: model_lib.Params, cfg: ModelConfig) -> dict[str, jax.Array]:
     """The params under HF transformers' tensor names and layouts (the inverse of load_params)."""
     out = {}
-    for hf_name, slot in _expected_tensors(cfg).items():
+    for hf_name, slot in expected_tensors(cfg).items():
         x = params[slot.name] if slot.layer is None else params["layers"][slot.name][slot.layer]
         out[hf_name] = x.T if slot.transpose else x
     return out
@@ -227,9 +120,6 @@ def to_hf_tensors(params: model_lib.Params, cfg: ModelConfig) -> dict[str, jax.A
 def save_hf_checkpoint(model: Model, path: str | os.PathLike, dtype=None) -> None:
     """Write an HF-format checkpoint (config.json, model.safetensors, tokenizer) that both
     `load_model` and HF transformers read."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
     os.makedirs(path, exist_ok=True)
     dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
     if dtype == jnp.bfloat16:
@@ -245,8 +135,6 @@ def save_hf_checkpoint(model: Model, path: str | os.PathLike, dtype=None) -> Non
 
 
 def save_params(path: str | os.PathLike, params: model_lib.Params) -> None:
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.abspath(path), params, force=True)
     checkpointer.wait_until_finished()
@@ -256,16 +144,12 @@ def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32,
                    quantized: dict[str, dict] | None = None) -> model_lib.Params:
     """Params saved by `save_params`; `quantized` (see `quantized_spec`) names the projections that
     were saved as QuantizedWeight, which come back exactly as saved (integers and scale dtype)."""
-    import orbax.checkpoint as ocp
-
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s, dtype),
         model_lib.param_shapes(cfg),
         is_leaf=lambda x: isinstance(x, tuple),
     )
     if quantized:
-        from jaxinfer.quant.format import QuantizedWeight
-
         arrays = ("qweight", "scales", "zeros", "perm")
         for name, spec in quantized.items():
             target["layers"][name] = QuantizedWeight(
@@ -277,8 +161,6 @@ def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32,
 
 def quantized_spec(params: model_lib.Params) -> dict[str, dict]:
     """For each QuantizedWeight projection: its static fields and each array's shape and dtype."""
-    from jaxinfer.quant.format import QuantizedWeight
-
     spec = {}
     for name, w in params["layers"].items():
         if isinstance(w, QuantizedWeight):

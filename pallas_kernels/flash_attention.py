@@ -22,36 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.padding import pad_axis, round_up
-
-# Score given to hidden keys: finite, so exp2(_MASKED - m) is 0 and never NaN.
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
-_LOG2_E = math.log2(math.e)
-# Triton's tensor-core dot needs every dimension >= 16.
-_MIN_DOT = 16
-# jax 0.11 names the Triton compiler params `CompilerParams`; older releases `TritonCompilerParams`.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-
-
-# GPUs with about 164-228 KB of shared memory per block (A100, H100, B200); the others
-# (RTX 30xx/40xx, RTX 4000 Ada, RTX 50xx) have about 99 KB and get smaller tiles by default.
-_LARGE_SMEM = ((8, 0), (8, 7), (9, 0), (10, 0))
-
-
-def _capability() -> tuple[int, int] | None:
-    """Compute capability of the default device, or None off CUDA (CPU, interpret mode)."""
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    return None if capability is None else tuple(int(x) for x in str(capability).split("."))[:2]
-
+from pallas_kernels.common import LOG2_E, MASKED, MIN_DOT, CompilerParams, gather_pages, pad_axis, round_up, tuned
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -67,22 +44,15 @@ class BlockSizes:
     num_stages: int = 3
 
     @classmethod
-    def default(cls, head_dim: int, dtype=jnp.bfloat16, capability: tuple[int, int] | None = None) -> "BlockSizes":
-        """Per head dim and dtype; `capability` (default: the current device's) picks tiles that
-        fit in shared memory. H100, H=128 bf16: 128x128 tiles, 8 warps, 3 stages measured fastest.
-        float32 runs exact (IEEE) dots on CUDA cores, which Triton unrolls: small tiles keep its
-        compile time short (128x64 float32 tiles took 38 s to compile on an H100)."""
+    def default(cls, head_dim: int, dtype=jnp.bfloat16, capability: tuple[int, int] | None | str = "current",
+                ) -> "BlockSizes":
+        """The tuned entry (tuned.json) for the card (default: the current device's; None:
+        interpret mode), by head dim class, or the float32 entry: tiles that fit the card's
+        shared memory."""
+        entry = tuned("flash_attention", capability)
         if jnp.dtype(dtype) == jnp.float32:
-            return cls(block_q=32, block_k=32, num_warps=4, num_stages=2)
-        capability = capability or _capability()
-        large = capability is None or capability in _LARGE_SMEM
-        if head_dim <= 64:
-            return cls(block_q=128, block_k=64, num_warps=4, num_stages=3 if large else 2)
-        if head_dim <= 128:
-            if large and (capability is None or capability >= (9, 0)):
-                return cls(block_q=128, block_k=128, num_warps=8, num_stages=3)
-            return cls(block_q=128, block_k=64, num_warps=8, num_stages=3) if large else cls(64, 64, 4, 2)
-        return cls(block_q=64, block_k=32, num_warps=8, num_stages=2) if large else cls(32, 32, 4, 2)
+            return cls(**entry["float32"])
+        return cls(**entry["h64" if head_dim <= 64 else "h128" if head_dim <= 128 else "h256"])
 
 
 def _flash_kernel(
@@ -108,7 +78,7 @@ def _flash_kernel(
     kv_len = kv_lens_ref[0]
     q_pos = first_pos + jnp.arange(block_q, dtype=jnp.int32)[:, None]  # (block_q, 1)
     q = q_ref[...]  # (block_q, Hp)
-    scale = sm_scale * _LOG2_E  # scores live in the log2 domain: exp(x) = exp2(x * log2 e)
+    scale = sm_scale * LOG2_E  # scores live in the log2 domain: exp(x) = exp2(x * log2 e)
 
     def load_kv(kb):
         if block_table_ref is None:
@@ -131,7 +101,7 @@ def _flash_kernel(
             visible = (k_pos <= q_pos) & (k_pos < kv_len)
             if window:
                 visible &= q_pos - k_pos < window
-            s = jnp.where(visible, s, _MASKED)
+            s = jnp.where(visible, s, MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])  # (block_q, block_k)
@@ -158,14 +128,14 @@ def _flash_kernel(
 
     carry = (
         jnp.zeros((block_q, head_dim), jnp.float32),
-        jnp.full((block_q,), _MASKED, jnp.float32),
+        jnp.full((block_q,), MASKED, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
     carry = lax.fori_loop(lo, mid_lo, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(mid_hi, hi, functools.partial(step, masked=True), carry)
-    # A query that saw no key keeps m == _MASKED: its output is zero, not an average of hidden keys.
-    seen = m > _MASKED
+    # A query that saw no key keeps m == MASKED: its output is zero, not an average of hidden keys.
+    seen = m > MASKED
     out = acc / jnp.where(seen, l, 1.0)[:, None]
     o_ref[...] = jnp.where(seen[:, None], out, 0.0).astype(o_ref.dtype)
 
@@ -196,8 +166,8 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
         raise ValueError(f"{bs}: block_q and block_k must be powers of two (Triton block shapes)")
     sm_scale = H**-0.5 if sm_scale is None else sm_scale
 
-    Hp = max(_MIN_DOT, pl.next_power_of_2(H))  # Triton tensors have power-of-two sizes
-    block_q = min(bs.block_q, max(_MIN_DOT, pl.next_power_of_2(T)))
+    Hp = max(MIN_DOT, pl.next_power_of_2(H))  # Triton tensors have power-of-two sizes
+    block_q = min(bs.block_q, max(MIN_DOT, pl.next_power_of_2(T)))
     T_pad = round_up(T, block_q)
     num_q_blocks = T_pad // block_q
     q = pad_axis(pad_axis(q, 3, Hp), 1, T_pad)
@@ -212,7 +182,7 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
         max_pages = block_tables.shape[1]
         pages_per_block = max(bs.block_k // page_size, 1)
         pages_per_block = min(pages_per_block, pl.next_power_of_2(max_pages))
-        pages_per_block = max(pages_per_block, -(-_MIN_DOT // page_size))
+        pages_per_block = max(pages_per_block, -(-MIN_DOT // page_size))
         block_k = pages_per_block * page_size
         block_tables = pad_axis(block_tables.astype(jnp.int32), 1, round_up(max_pages, pages_per_block))
         kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), max_pages * page_size)
@@ -221,7 +191,7 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
     else:
         S = k.shape[1]
         pages_per_block = 0
-        block_k = min(bs.block_k, max(_MIN_DOT, pl.next_power_of_2(S)))
+        block_k = min(bs.block_k, max(MIN_DOT, pl.next_power_of_2(S)))
         S_pad = round_up(S, block_k)
         k, v = pad_axis(k, 1, S_pad), pad_axis(v, 1, S_pad)
         kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), S)
@@ -246,7 +216,7 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
         ],
         out_specs=pl.BlockSpec((None, block_q, None, Hp), q_map),
         out_shape=jax.ShapeDtypeStruct((B, T_pad, N, Hp), q.dtype),
-        compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        compiler_params=CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="paged_flash_attention" if paged else "flash_attention",
     )(q_offsets, kv_lens, block_tables, q, k, v)
@@ -328,14 +298,6 @@ def reference(q, k, v, q_offsets, kv_lens, *, window=0, sm_scale=None, block_siz
     p = p / jnp.where(l > 0, l, 1.0)  # a query that sees no key gets zeros
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32), precision="highest")
     return out.reshape(B, T, N, H).astype(q.dtype)
-
-
-def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """(K, P, page_size, H) pages -> (B, max_pages * page_size, K, H) dense per-sequence keys."""
-    K, _, page_size, H = pages.shape
-    B, max_pages = block_tables.shape
-    dense = pages[:, block_tables]  # (K, B, max_pages, page_size, H)
-    return dense.reshape(K, B, max_pages * page_size, H).transpose(1, 2, 0, 3)
 
 
 def paged_reference(

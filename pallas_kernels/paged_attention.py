@@ -21,30 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.padding import pad_axis, round_up
+from pallas_kernels.common import LOG2_E, MASKED, MIN_DOT, CompilerParams, capability, pad_axis, round_up, tuned
 
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
-_LOG2_E = math.log2(math.e)
-# Triton's tensor-core dot needs every dimension >= 16.
-_MIN_DOT = 16
-# Default split count: enough programs to keep a GPU's memory system busy (H100, B=32 K=8
-# L=4096: 8 splits of 4-page blocks read 2.2 TB/s, 2 splits of 8-page blocks 1.7 TB/s), capped
-# so the float32 partials stay small next to the pages (B=1 L=32768: 32 splits of 8-page blocks
-# read 1.63 TB/s in two runs; 64 splits of 4-page blocks 1.69 and 1.29 TB/s).
-_TARGET_PROGRAMS = 2048
-_MAX_SPLITS = 32
 _QUANTISED = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
-# jax 0.11 names the Triton compiler params `CompilerParams`; older releases `TritonCompilerParams`.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +44,18 @@ class BlockSizes:
 
     @classmethod
     def default(cls, batch: int, num_kv_heads: int, max_pages: int, page_size: int) -> "BlockSizes":
-        pages_per_block = min(max(64 // page_size, 1), pl.next_power_of_2(max_pages))
+        """Key blocks of about `tokens_per_block` tokens; enough splits that the grid reaches
+        about `target_programs` programs to keep a GPU's memory system busy, capped at `max_splits`
+        so the float32 partials stay small next to the pages (tuned.json; H100, B=32 K=8 L=4096: 8
+        splits of 4-page blocks read 2.2 TB/s, 2 splits of 8-page blocks 1.7 TB/s; B=1 L=32768: 32
+        splits of 8-page blocks 1.63 TB/s in two runs, 64 splits of 4-page blocks 1.69 and 1.29)."""
+        t = tuned("paged_attention")
+        pages_per_block = min(max(t["tokens_per_block"] // page_size, 1), pl.next_power_of_2(max_pages))
         blocks = -(-max_pages // pages_per_block)
-        want = -(-_TARGET_PROGRAMS // (batch * num_kv_heads))
-        num_splits = min(pl.next_power_of_2(want), pl.next_power_of_2(blocks), _MAX_SPLITS)
-        return cls(pages_per_block=pages_per_block, num_splits=num_splits)
+        want = -(-t["target_programs"] // (batch * num_kv_heads))
+        num_splits = min(pl.next_power_of_2(want), pl.next_power_of_2(blocks), t["max_splits"])
+        return cls(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=t["num_warps"],
+                   num_stages=t["num_stages"])
 
 
 def _decode_kernel(
@@ -93,7 +85,7 @@ def _decode_kernel(
     start = lo + pl.program_id(2) * per_split
     end = jnp.minimum(start + per_split, n_blocks)
     q = q_ref[...]  # (Gp, Hp)
-    scale = sm_scale * _LOG2_E  # scores live in the log2 domain
+    scale = sm_scale * LOG2_E  # scores live in the log2 domain
 
     def step(kb, carry):
         acc, m, l = carry  # (Gp, Hp), (Gp,), (Gp,) float32
@@ -111,7 +103,7 @@ def _decode_kernel(
         visible = k_pos < length
         if window:
             visible &= length - 1 - k_pos < window
-        s = jnp.where(visible[None, :], s, _MASKED)
+        s = jnp.where(visible[None, :], s, MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])  # (Gp, block_k)
@@ -127,7 +119,7 @@ def _decode_kernel(
 
     carry = (
         jnp.zeros((num_rows, head_dim), jnp.float32),
-        jnp.full((num_rows,), _MASKED, jnp.float32),
+        jnp.full((num_rows,), MASKED, jnp.float32),
         jnp.zeros((num_rows,), jnp.float32),
     )
     acc, m, l = lax.fori_loop(start, end, step, carry)
@@ -146,9 +138,9 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, w
     bs = block_sizes or BlockSizes.default(B, K, max_pages, page_size)
     sm_scale = H**-0.5 if sm_scale is None else sm_scale
 
-    Gp = max(_MIN_DOT, pl.next_power_of_2(G))
-    Hp = max(_MIN_DOT, pl.next_power_of_2(H))
-    pages_per_block = max(bs.pages_per_block, -(-_MIN_DOT // page_size))
+    Gp = max(MIN_DOT, pl.next_power_of_2(G))
+    Hp = max(MIN_DOT, pl.next_power_of_2(H))
+    pages_per_block = max(bs.pages_per_block, -(-MIN_DOT // page_size))
     num_splits = bs.num_splits
     if pages_per_block & (pages_per_block - 1) or num_splits < 1:
         raise ValueError(f"{bs}: pages_per_block must be a power of two and num_splits >= 1")
@@ -187,7 +179,7 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, w
             jax.ShapeDtypeStruct((num_splits, B, K, Gp), jnp.float32),
             jax.ShapeDtypeStruct((num_splits, B, K, Gp), jnp.float32),
         ],
-        compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        compiler_params=CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="paged_decode_attention",
     )(lengths, block_tables, qg, k_pages, v_pages, k_scales, v_scales)
@@ -235,10 +227,10 @@ def _check_fp8_supported(dtype, interpret: bool):
     """Triton casts float8_e4m3fn only on compute capability >= 8.9 (Ada, Hopper): say so early."""
     if interpret or jnp.dtype(dtype) != jnp.dtype(jnp.float8_e4m3fn):
         return
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    if capability is not None and tuple(map(int, str(capability).split("."))) < (8, 9):
+    cap = capability()
+    if cap is not None and cap < (8, 9):
         raise ValueError(
-            f"float8_e4m3fn KV pages need a GPU of compute capability >= 8.9, this one is {capability}: "
+            f"float8_e4m3fn KV pages need a GPU of compute capability >= 8.9, this one is {cap[0]}.{cap[1]}: "
             "use int8 pages with scales"
         )
 

@@ -1,6 +1,6 @@
 """Weight-only int8 / int4 matmul that dequantises the packed weight in registers.
 
-y = x @ W for a weight stored as in `jaxinfer.quant.format` (uint8 qweight, one scale per group
+y = x @ W for a weight stored as in `jaxinfer.formats` (uint8 qweight, one scale per group
 of `group_size` stored rows and output column, optional uint8 zero points, optional act-order
 permutation, padding rows Kp >= K). The wrapper gathers x's columns by perm, zero-pads them to Kp
 and, for 4 bits, splits them into the halves that meet the low and high nibbles (the rule of
@@ -38,24 +38,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.padding import pad_axis, round_up
+from pallas_kernels.common import MIN_DOT, CompilerParams, pad_axis, round_up, tuned
 
 BITS = (4, 8)
-# Triton's tensor-core dot needs every dimension >= 16.
-_MIN_DOT = 16
 # Rows of x up to which the decode (split-K) path is taken.
 DECODE_MAX_ROWS = 16
-# Programs the decode path aims for (about two per SM on an H100's 132), and the most splits:
-# each split adds a float32 partial of (16, N) to write and read back (4096 x 14336 int4, 2
-# splits: 1.8 MB written and read per 30 MB of weight). Untuned guesses: see --sweep in
-# experiments/bench_quant_matmul.py.
-_TARGET_PROGRAMS = 256
-_MAX_SPLITS = 8
 _X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# jax 0.11 names the Triton compiler params `CompilerParams`; older releases `TritonCompilerParams`.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +65,23 @@ class BlockSizes:
 
     @classmethod
     def default(cls, M: int, N: int, Kw: int, dtype=jnp.bfloat16) -> "BlockSizes":
-        """Decode shape (M <= 16): 16-row tiles, narrow column tiles, split-K up to about
-        _TARGET_PROGRAMS programs. Prefill: 64x128 tiles. float32 runs exact (IEEE) dots on CUDA
-        cores, which Triton unrolls: 32-wide tiles keep its compile time short."""
-        f32 = jnp.dtype(dtype) == jnp.float32
+        """From tuned.json. Decode shape (M <= 16): 16-row tiles, narrow column tiles, split-K up
+        to about `target_programs` programs (about two per SM on an H100's 132), at most
+        `max_splits` (each split adds a float32 partial of (16, N) to write and read back: 4096 x
+        14336 int4, 2 splits: 1.8 MB per 30 MB of weight). Prefill: one tiled GEMM. float32 runs
+        exact (IEEE) dots on CUDA cores, which Triton unrolls: 32-wide tiles keep its compile time
+        short. Untuned guesses so far: see --sweep in experiments/bench_quant_matmul.py."""
+        t = tuned("quant_matmul")
+        f32 = "_float32" if jnp.dtype(dtype) == jnp.float32 else ""
         if M <= DECODE_MAX_ROWS:
-            block_n, block_k = (32, 32) if f32 else (64, 128)
-            n_blocks = -(-N // block_n)
-            steps = max(Kw // block_k, 1)
-            want = -(-_TARGET_PROGRAMS // n_blocks)
-            num_splits = min(pl.next_power_of_2(want), _MAX_SPLITS, pl.next_power_of_2(steps))
-            return cls(block_m=DECODE_MAX_ROWS, block_n=block_n, block_k=block_k, num_splits=num_splits,
-                       num_warps=4, num_stages=3)
-        if f32:
-            return cls(block_m=32, block_n=32, block_k=32, num_splits=1, num_warps=4, num_stages=2)
-        return cls(block_m=64, block_n=128, block_k=64, num_splits=1, num_warps=4, num_stages=3)
+            d = t["decode" + f32]
+            n_blocks = -(-N // d["block_n"])
+            steps = max(Kw // d["block_k"], 1)
+            want = -(-d["target_programs"] // n_blocks)
+            num_splits = min(pl.next_power_of_2(want), d["max_splits"], pl.next_power_of_2(steps))
+            return cls(block_m=DECODE_MAX_ROWS, block_n=d["block_n"], block_k=d["block_k"], num_splits=num_splits,
+                       num_warps=d["num_warps"], num_stages=d["num_stages"])
+        return cls(num_splits=1, **t["prefill" + f32])
 
 
 def _quant_matmul_kernel(
@@ -179,24 +170,24 @@ def _quant_matmul(x, qweight, scales, zeros, perm, *, bits, group_size, block_si
     bs = block_sizes or BlockSizes.default(M, N, Kw, x.dtype)
     for field in ("block_m", "block_n", "block_k"):
         value = getattr(bs, field)
-        if value < _MIN_DOT or value & (value - 1):
-            raise ValueError(f"block_sizes.{field}={value} must be a power of two >= {_MIN_DOT}")
+        if value < MIN_DOT or value & (value - 1):
+            raise ValueError(f"block_sizes.{field}={value} must be a power of two >= {MIN_DOT}")
     if bs.num_splits < 1:
         raise ValueError(f"block_sizes.num_splits={bs.num_splits} must be >= 1")
 
     rows_per_group = group_size * bits // 8
-    Np = max(N, _MIN_DOT)  # shapes no real model has: the weight is copied, zero-padded
-    Kw_pad = round_up(Kw, _MIN_DOT)
+    Np = max(N, MIN_DOT)  # shapes no real model has: the weight is copied, zero-padded
+    Kw_pad = round_up(Kw, MIN_DOT)
     G_pad = -(-Kw_pad // rows_per_group)  # the padded rows' groups exist (with zero scales)
     if (Np, Kw_pad) != (N, Kw):
         qweight = pad_axis(pad_axis(qweight, 1, Np), 0, Kw_pad)
         scales = pad_axis(pad_axis(scales, 1, Np), 0, G_pad)
         zeros = None if zeros is None else pad_axis(pad_axis(zeros, 1, Np), 0, G_pad)
         Kw = Kw_pad
-    block_m = min(bs.block_m, max(_MIN_DOT, pl.next_power_of_2(M)))
+    block_m = min(bs.block_m, max(MIN_DOT, pl.next_power_of_2(M)))
     block_n = min(bs.block_n, 1 << (Np.bit_length() - 1))  # <= Np: the last tile fits
     block_k = _fit(Kw, bs.block_k)
-    if rows_per_group % block_k and _fit(rows_per_group, block_k) >= _MIN_DOT:
+    if rows_per_group % block_k and _fit(rows_per_group, block_k) >= MIN_DOT:
         block_k = _fit(rows_per_group, block_k)  # steps inside one group
     num_steps = Kw // block_k
     num_splits = min(bs.num_splits, num_steps)
@@ -237,7 +228,7 @@ def _quant_matmul(x, qweight, scales, zeros, perm, *, bits, group_size, block_si
         ],
         out_specs=out_spec,
         out_shape=out_shape,
-        compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        compiler_params=CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="quant_matmul" if num_splits == 1 else "quant_matmul_split_k",
     )(x_lo, x_hi, qweight, scales, zeros)

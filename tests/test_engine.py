@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxinfer as ji
-from jaxinfer import engine as engine_lib
+from jaxinfer import runner as runner_lib
 from helpers import hf_model, save_hf
 
 GREEDY = ji.SamplingParams(max_tokens=16, temperature=0.0)
@@ -97,16 +97,16 @@ def test_parallel_sampling_shares_pages(model, prompts):
 
 
 def test_compiles_once_per_bucket(model, prompts):
-    engine_lib.TRACE_COUNTS.clear()
+    runner_lib.TRACE_COUNTS.clear()
     engine = ji.Engine(model, ji.EngineConfig(max_batch=4))
     engine.generate(prompts, ji.SamplingParams(max_tokens=40, temperature=0.0))
     steps = engine.stats["steps"]
     assert steps > 40
-    traced = engine_lib.TRACE_COUNTS["step"] + engine_lib.TRACE_COUNTS["multi_decode"]
+    traced = runner_lib.TRACE_COUNTS["step"] + runner_lib.TRACE_COUNTS["multi_decode"]
     assert traced == len(engine.buckets) <= 10
     # The same workload again compiles nothing new.
     ji.Engine(model, ji.EngineConfig(max_batch=4)).generate(prompts, ji.SamplingParams(max_tokens=40, temperature=0.0))
-    assert engine_lib.TRACE_COUNTS["step"] + engine_lib.TRACE_COUNTS["multi_decode"] == traced
+    assert runner_lib.TRACE_COUNTS["step"] + runner_lib.TRACE_COUNTS["multi_decode"] == traced
 
 
 def test_stop_conditions_match_baseline(model, prompts, baseline):

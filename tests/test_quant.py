@@ -9,7 +9,7 @@ import pytest
 
 import jaxinfer as ji
 from jaxinfer import quant
-from jaxinfer.quant import format as qf
+from jaxinfer import formats as qf
 from jaxinfer.quant.rtn import quantize_weight
 from jaxinfer.quant.spec import scheme_from_name
 from helpers import row_rel_error
@@ -22,10 +22,10 @@ def test_pack_roundtrip_and_halves(rng, bits, group):
     assert packed.dtype == jnp.uint8 and packed.shape == (2, 256 * bits // 8, 7)
     np.testing.assert_array_equal(qf.unpack(packed, bits, group), q)
     if bits == 4:  # the kernel's identity: x @ q == x_lo @ low nibbles + x_hi @ high nibbles
-        x = rng.standard_normal((3, 256)).astype(np.float32)
-        lo, hi = qf.split_halves(x, group)
-        p = np.asarray(packed[0], np.int32)
-        np.testing.assert_allclose(lo @ (p & 15) + hi @ (p >> 4), x @ q[0], rtol=1e-5)
+        x = rng.standard_normal((3, 256))
+        lo, hi = (np.asarray(h, np.float64) for h in qf.split_halves(x, group))
+        p = np.asarray(packed[0], np.int64)
+        np.testing.assert_allclose(lo @ (p & 15) + hi @ (p >> 4), x @ q[0], rtol=1e-12)
 
 
 def test_pack_layout_is_half_split_per_group():

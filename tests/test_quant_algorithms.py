@@ -10,13 +10,14 @@ import pytest
 
 import jaxinfer as ji
 from jaxinfer import data
+from jaxinfer import matmul
 from jaxinfer import model as model_lib
 from jaxinfer import quant
 from jaxinfer.quant import awq, gptq
 from jaxinfer.quant import calibration as calib
-from jaxinfer.quant import format as qf
+from jaxinfer import formats as qf
 from jaxinfer.quant.rtn import quantize_weight
-from tests.helpers import TOLERANCE, row_rel_error
+from helpers import TOLERANCE, row_rel_error
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +98,16 @@ def test_runner_records_what_each_projection_sees(tiny, seed, monkeypatch):
     passes to `linear` (recorded eagerly, layer by layer, in the order wq wk wv wo w_gate w_up w_down)."""
     windows = calib.calibration_windows(4, 32, seed)
     recorded = []
-    linear = model_lib.linear
+    linear = matmul.linear
 
     def spy(x, w, b=None, **kw):
         recorded.append(np.asarray(x, np.float64).reshape(-1, x.shape[-1]))
         return linear(x, w, b, **kw)
 
-    monkeypatch.setattr(model_lib, "linear", spy)
+    monkeypatch.setattr(matmul, "linear", spy)
     with jax.disable_jit():
         _forward(tiny, windows)
-    monkeypatch.setattr(model_lib, "linear", linear)
+    monkeypatch.setattr(matmul, "linear", linear)
     assert len(recorded) == 7 * tiny.config.num_layers
 
     def check(l, lp, stats):

@@ -1,6 +1,6 @@
 """Weight-only quantisation as a transform on params: `quantize(params, scheme)` returns params
 whose projection weights are QuantizedWeight pytrees; `model.py` reaches them through
-`jaxinfer.quant.matmul.linear`, its one matmul dispatch point.
+`jaxinfer.matmul.linear`, its one matmul dispatch point.
 
 Schemes: RTN (here), AWQ (awq.py) and GPTQ (gptq.py), the latter two from calibration
 activations (calibration.py). Published AWQ/GPTQ checkpoints load onto the same pytree
@@ -10,59 +10,17 @@ activations (calibration.py). Published AWQ/GPTQ checkpoints load onto the same 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import jax
+import numpy as np
 
-from jaxinfer.quant.format import BITS, QuantizedWeight, dequantize, reference_matmul
-from jaxinfer.quant.matmul import linear
+from jaxinfer.formats import QuantizedWeight, dequantize, reference_matmul
+from jaxinfer.matmul import linear
+from jaxinfer.model import Model
+from jaxinfer.quant import awq, gptq
+from jaxinfer.quant import calibration as calib
 from jaxinfer.quant.rtn import quantize_weight
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from jaxinfer.weights import Model
-
-# The projections a weight-only scheme quantises. Embeddings, norms, biases and the LM head stay dense.
-LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-METHODS = ("rtn", "awq", "gptq")
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantScheme:
-    """How to quantise every projection of a model.
-
-    bits: 4 or 8. group_size: input rows per scale (32/64/128), None for one scale per output
-    channel. symmetric: implicit zero point 2**(bits-1); otherwise a stored zero per group.
-    pad: zero-pad input rows up to a multiple of group_size (else such a layer is an error).
-    method: rtn | awq | gptq. act_order: GPTQ's descending-Hessian-diagonal column order.
-    scale_dtype: None keeps the weight dtype.
-    """
-
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = True
-    pad: bool = False
-    method: str = "rtn"
-    act_order: bool = False
-    scale_dtype: str | None = None
-
-    def __post_init__(self):
-        if self.bits not in BITS:
-            raise ValueError(f"bits={self.bits} is not one of {BITS}")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size={self.group_size} must be >= 1 (or None for per-channel)")
-        if self.act_order and self.method != "gptq":
-            raise ValueError("act_order applies to method='gptq' only")
-
-    @property
-    def name(self) -> str:
-        group = f"g{self.group_size}" if self.group_size else "pc"
-        sym = "" if self.symmetric else "-asym"
-        order = "-act" if self.act_order else ""
-        return f"int{self.bits}-{self.method}-{group}{sym}{order}"
+from jaxinfer.quant.spec import LINEAR_WEIGHTS, METHODS, QuantScheme, scheme_from_name
 
 
 def quantize(params: dict, scheme: QuantScheme) -> dict:
@@ -101,9 +59,6 @@ def quantize_model(
             raise ValueError(f"layers.{name} is already quantised: quantize_model takes a dense model")
     if scheme.method == "rtn":
         return dataclasses.replace(model, params=quantize(model.params, scheme))
-    # Imported here: calibration.py builds on jaxinfer.model, which imports this package.
-    from jaxinfer.quant import awq, calibration as calib, gptq
-
     if calibration is None:
         calibration = calib.calibration_windows(num_sequences or calib.DEFAULT_NUM_SEQUENCES,
                                                 seq_len or calib.DEFAULT_SEQ_LEN, seed)
@@ -113,6 +68,14 @@ def quantize_model(
     run = calib.run_layers(model, calibration, lambda l, lp, stats: quantize_layer(model.config, lp, stats, scheme),
                            chunk_size=chunk_size or calib.DEFAULT_CHUNK_SIZE, progress=progress)
     return dataclasses.replace(model, params={**model.params, "layers": run.layers})
+
+
+def quantize_by_name(model, name: str, **calibration):
+    """The model with its weights quantised by the named scheme (the model itself for 'dense')."""
+    scheme = scheme_from_name(name)
+    if scheme is None:
+        return model
+    return quantize_model(model, scheme, **calibration)
 
 
 def dequantize_params(params: dict, dtype=None) -> dict:
@@ -127,13 +90,16 @@ def dequantize_params(params: dict, dtype=None) -> dict:
 
 __all__ = [
     "LINEAR_WEIGHTS",
+    "METHODS",
     "QuantScheme",
     "QuantizedWeight",
     "dequantize",
     "dequantize_params",
     "linear",
     "quantize",
+    "quantize_by_name",
     "quantize_model",
     "quantize_weight",
     "reference_matmul",
+    "scheme_from_name",
 ]

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.quant import LINEAR_WEIGHTS, QuantScheme, rtn
+from jaxinfer.quant import rtn
+from jaxinfer.quant.spec import LINEAR_WEIGHTS, QuantScheme
 from jaxinfer.quant.calibration import InputStats, LayerInputs, Params
-from jaxinfer.quant.format import QuantizedWeight, check_scheme
+from jaxinfer.formats import QuantizedWeight, check_scheme
 
 SCALE_GRID = 20  # alphas 0, 1/19, ..., 1
 CLIP_GRID = 20  # clip ratios 1 - i / CLIP_GRID ...

@@ -10,9 +10,8 @@ activations. A caller's `update(l, layer_params, stats)` then returns the layer'
 before layer l + 1 is measured: the sequential scheme of GPTQ and AWQ, in which each layer is
 calibrated on the inputs the already-quantised layers below it produce.
 
-The layer below rebuilds `jaxinfer.model._layer`'s data flow from the model's own pieces
-(rms_norm, RoPE, attention.attend, quant.matmul.linear) so that the four projection inputs can be
-returned; tests check that it reproduces `model.forward` (hidden states and logits).
+The layer is `jaxinfer.model.layer` itself, with a projection hook that records the input of
+every projection on its way to the matmul.
 
 Axes (as in model.py): C sequences in a chunk, T tokens, D hidden, F MLP hidden, N query heads,
 K kv heads, H head dim, M = C * T tokens flattened.
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +32,7 @@ from tqdm.auto import tqdm
 from jaxinfer import attention, data
 from jaxinfer import model as model_lib
 from jaxinfer.config import ModelConfig
-from jaxinfer.quant.matmul import linear
-
-if TYPE_CHECKING:
-    from jaxinfer.weights import Model
+from jaxinfer.model import Model
 
 Params = model_lib.Params
 
@@ -154,51 +150,38 @@ WEIGHT_INPUTS = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn_out", "w_
                  "w_down": "mlp_act"}
 
 
-# --- one decoder layer, returning its projection inputs -----------------------------------------
+# --- one decoder layer, recording its projection inputs ----------------------------------------
 
 
-class _Sites(NamedTuple):
-    attn: jax.Array  # (C, T, D)
-    attn_out: jax.Array  # (C, T, N*H)
-    mlp: jax.Array  # (C, T, D)
-    mlp_act: jax.Array  # (C, T, F)
-
-
-def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> tuple[jax.Array, _Sites]:
-    """model._layer without a cache: x (C, T, D) at positions 0..T-1 -> (layer output, inputs)."""
+def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record=None) -> jax.Array:
+    """model.layer without a cache: x (C, T, D) at positions 0..T-1 -> the layer's output. With
+    `record`, each projection's input is passed to record(name, x) on its way to the matmul."""
     C, T, _ = x.shape
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (C, T))
     cos, sin = model_lib.rope_tables(cfg, positions, x.dtype)  # (C, T, H)
+    dense = model_lib.dense_projection()
 
-    def project(x, name, bias=None):
-        return linear(x, lp[name], lp.get(bias) if bias else None)
+    def project(name, x, lp):
+        if record is not None:
+            record(name, x)
+        return dense(name, x, lp)
 
-    h = model_lib.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)  # (C, T, D)
-    q = project(h, "wq", "bq").reshape(C, T, N, H)
-    k = project(h, "wk", "bk").reshape(C, T, K, H)
-    v = project(h, "wv", "bv").reshape(C, T, K, H)
-    if cfg.qk_norm:
-        q = model_lib.rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = model_lib.rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
-    q, k = model_lib.apply_rope(q, cos, sin), model_lib.apply_rope(k, cos, sin)
-    o = attention.attend(q, k, v, positions, positions, window).reshape(C, T, N * H)
-    x = x + project(o, "wo", "bo")
+    def attend(q, k, v):
+        return attention.attend(q, k, v, positions, positions, window), None
 
-    g = model_lib.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)  # (C, T, D)
-    act = jax.nn.silu(project(g, "w_gate")) * project(g, "w_up")  # (C, T, F)
-    return x + project(act, "w_down"), _Sites(h, o, g, act)
+    return model_lib.layer(cfg, lp, x, cos, sin, attend, project)[0]
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="stats")
 def _accumulate(stats: LayerInputs, cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> LayerInputs:
-    _, sites = _layer(cfg, lp, x, window)
-    return LayerInputs(*(s.add(a) for s, a in zip((stats.attn, stats.attn_out, stats.mlp, stats.mlp_act), sites)))
+    sites: dict[str, jax.Array] = {}  # LayerInputs field -> the input its projections share
+    _layer(cfg, lp, x, window, lambda name, x: sites.setdefault(WEIGHT_INPUTS[name], x))
+    return LayerInputs(**{field: getattr(stats, field).add(sites[field]) for field in sites})
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _apply(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> jax.Array:
-    return _layer(cfg, lp, x, window)[0]
+    return _layer(cfg, lp, x, window)
 
 
 @jax.jit

@@ -58,17 +58,12 @@ from tqdm.auto import tqdm
 
 from jaxinfer import model as model_lib
 from jaxinfer.config import ModelConfig
-from jaxinfer.quant import LINEAR_WEIGHTS
-from jaxinfer.quant.format import QuantizedWeight, pack
-from jaxinfer.weights import (
-    _IGNORED,
-    _LAYER_NAMES,
-    CheckpointError,
-    _expected_tensors,
-    _safetensors_files,
-    _write_layer,
-    resolve_dtype,
+from jaxinfer.formats import QuantizedWeight, pack
+from jaxinfer.hf_layout import (
+    LAYER_NAMES, CheckpointError, check_complete, expected_tensors, header_entries, resolve_dtype, safetensors_files,
+    write_layer,
 )
+from jaxinfer.quant.spec import LINEAR_WEIGHTS
 
 QUANT_METHODS = ("awq", "gptq")
 AWQ_VERSIONS = ("gemm",)
@@ -158,7 +153,7 @@ class _QSlot:
 def _projections(cfg: ModelConfig, quant: CheckpointQuant) -> list[_Projection]:
     shapes = model_lib.param_shapes(cfg)["layers"]
     out = []
-    for suffix, (name, _) in _LAYER_NAMES.items():
+    for suffix, (name, _) in LAYER_NAMES.items():
         if name in LINEAR_WEIGHTS and suffix.endswith(".weight"):
             _, K, N = shapes[name]
             hf = suffix.removesuffix(".weight")
@@ -275,36 +270,26 @@ def _check_headers(files, expected, qslots, cfg, quant) -> tuple[dict[str, str],
     Returns each tensor's file and each projection's checkpoint scale dtype."""
     location: dict[str, str] = {}
     scale_dtypes: dict[str, tuple[str, str]] = {}  # projection -> (dtype, first key)
-    for path in files:
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                if _IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-                    continue
-                sl = f.get_slice(key)
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if key in qslots:
-                    slot = qslots[key]
-                    if shape != slot.shape:
-                        raise _shape_error(key, slot, shape, quant)
-                    if dtype not in slot.dtype:
-                        raise CheckpointError(f"tensor {key!r} has dtype {dtype}, expected one of {slot.dtype}")
-                    if slot.part == "scales":
-                        seen = scale_dtypes.setdefault(slot.proj.name, (dtype, key))
-                        if seen[0] != dtype:
-                            raise CheckpointError(f"tensor {key!r} has dtype {dtype}, but {seen[1]!r} has {seen[0]}")
-                elif key in expected:
-                    want = expected[key].hf_shape
-                    if shape != want:
-                        raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {want}")
-                else:
-                    raise CheckpointError(f"unexpected tensor {key!r} in {os.path.basename(path)}")
-                location[key] = path
-    needed = {**{k: s.hf_shape for k, s in expected.items()}, **{k: s.shape for k, s in qslots.items()}}
-    missing = sorted(set(needed) - set(location))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        why = f" for quant_method={quant.method!r}" if missing[0] in qslots else ""
-        raise CheckpointError(f"missing tensor {missing[0]!r} (expected shape {needed[missing[0]]}){why}{more}")
+    for path, key, shape, dtype in header_entries(files, cfg):
+        if key in qslots:
+            slot = qslots[key]
+            if shape != slot.shape:
+                raise _shape_error(key, slot, shape, quant)
+            if dtype not in slot.dtype:
+                raise CheckpointError(f"tensor {key!r} has dtype {dtype}, expected one of {slot.dtype}")
+            if slot.part == "scales":
+                seen = scale_dtypes.setdefault(slot.proj.name, (dtype, key))
+                if seen[0] != dtype:
+                    raise CheckpointError(f"tensor {key!r} has dtype {dtype}, but {seen[1]!r} has {seen[0]}")
+        elif key in expected:
+            want = expected[key].hf_shape
+            if shape != want:
+                raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {want}")
+        else:
+            raise CheckpointError(f"unexpected tensor {key!r} in {os.path.basename(path)}")
+        location[key] = path
+    check_complete({k: s.hf_shape for k, s in expected.items()}, location)
+    check_complete({k: s.shape for k, s in qslots.items()}, location, why=f" for quant_method={quant.method!r}")
     return location, {name: _SCALE_DTYPES[d] for name, (d, _) in scale_dtypes.items()}
 
 
@@ -348,10 +333,10 @@ def load_quantized_params(
     scale_dtype = resolve_dtype(scale_dtype) if scale_dtype is not None else None
     projs = _projections(cfg, quant)
     dense_names = {p.hf + ".weight" for p in projs}
-    expected = {k: s for k, s in _expected_tensors(cfg).items()
+    expected = {k: s for k, s in expected_tensors(cfg).items()
                 if not (s.layer is not None and k.split(".", 3)[3] in dense_names)}
     qslots = _quant_tensors(cfg, quant, projs)
-    files = _safetensors_files(ckpt_dir)
+    files = safetensors_files(ckpt_dir)
 
     location, ckpt_scale_dtypes = _check_headers(files, expected, qslots, cfg, quant)
     zeros, perms = _zeros_and_perms(location, qslots, projs, cfg, quant)
@@ -377,13 +362,13 @@ def load_quantized_params(
                     if slot.layer is None:
                         params[slot.name] = (x.T if slot.transpose else x).astype(dtype)
                     else:
-                        layers[slot.name] = _write_layer(layers[slot.name], x, slot.layer,
+                        layers[slot.name] = write_layer(layers[slot.name], x, slot.layer,
                                                          transpose=slot.transpose)
                     continue
                 qs = qslots[key]
                 name = qs.proj.name
                 if qs.part == "scales":
-                    scales[name] = _write_layer(scales[name], f.get_tensor(key), qs.layer, transpose=False)
+                    scales[name] = write_layer(scales[name], f.get_tensor(key), qs.layer, transpose=False)
                 elif qs.part == "qweight":
                     q = _unpack_qweight(fn.get_tensor(key), quant)  # (K, N) uint8
                     if perms[name] is not None:

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.quant import LINEAR_WEIGHTS, QuantScheme, rtn
+from jaxinfer.quant import rtn
+from jaxinfer.quant.spec import LINEAR_WEIGHTS, QuantScheme
 from jaxinfer.quant.calibration import WEIGHT_INPUTS, LayerInputs, Params
-from jaxinfer.quant.format import QuantizedWeight, check_scheme
+from jaxinfer.formats import QuantizedWeight, check_scheme
 
 PERCDAMP = 0.01
 BLOCK_SIZE = 128

@@ -1,4 +1,5 @@
-"""Weight schemes by name, for flags and configs: the inverse of QuantScheme.name.
+"""QuantScheme (how to quantise every projection) and schemes by name, for flags and configs
+(the inverse of QuantScheme.name).
 
   "dense" (or "none")            no quantisation
   "int8"                         int8 RTN, one scale per output channel
@@ -11,9 +12,52 @@ on every layer; a model whose dimensions divide the group is unaffected.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
-from jaxinfer.quant import QuantScheme
+from jaxinfer.formats import BITS
+
+# The projections a weight-only scheme quantises. Embeddings, norms, biases and the LM head stay dense.
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+METHODS = ("rtn", "awq", "gptq")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    """How to quantise every projection of a model.
+
+    bits: 4 or 8. group_size: input rows per scale (32/64/128), None for one scale per output
+    channel. symmetric: implicit zero point 2**(bits-1); otherwise a stored zero per group.
+    pad: zero-pad input rows up to a multiple of group_size (else such a layer is an error).
+    method: rtn | awq | gptq. act_order: GPTQ's descending-Hessian-diagonal column order.
+    scale_dtype: None keeps the weight dtype.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    pad: bool = False
+    method: str = "rtn"
+    act_order: bool = False
+    scale_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits={self.bits} is not one of {BITS}")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size} must be >= 1 (or None for per-channel)")
+        if self.act_order and self.method != "gptq":
+            raise ValueError("act_order applies to method='gptq' only")
+
+    @property
+    def name(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "pc"
+        sym = "" if self.symmetric else "-asym"
+        order = "-act" if self.act_order else ""
+        return f"int{self.bits}-{self.method}-{group}{sym}{order}"
+
 
 DENSE = ("dense", "none")
 _PATTERN = re.compile(r"int(?P<bits>\d+)(?:-(?P<method>rtn|awq|gptq))?(?:-(?P<group>g\d+|pc))?(?P<asym>-asym)?(?P<act>-act)?")
@@ -39,13 +83,3 @@ def scheme_from_name(name: str) -> QuantScheme | None:
                            method=m["method"] or "rtn", act_order=bool(m["act"]))
     except ValueError as e:
         raise ValueError(f"weights={name!r}: {e}") from None
-
-
-def quantize_by_name(model, name: str, **calibration):
-    """The model with its weights quantised by the named scheme (the model itself for 'dense')."""
-    scheme = scheme_from_name(name)
-    if scheme is None:
-        return model
-    from jaxinfer.quant import quantize_model
-
-    return quantize_model(model, scheme, **calibration)

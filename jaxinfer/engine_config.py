@@ -1,0 +1,56 @@
+"""EngineConfig: everything an engine is built from that is not the model (frozen, hashable),
+and the KV-cache sizing it implies."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxinfer.model import Impl
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    batching: str = "continuous"  # "continuous": refill slots every step; "static": wait for the batch to drain
+    kv_layout: str = "paged"  # "paged": pages on demand; "contiguous": max_seq_len reserved per request up front
+    page_size: int = 16  # tokens per KV page (paged layout)
+    num_pages: int | None = None  # KV budget in pages (paged) or request slots (contiguous)
+    kv_budget_tokens: int | None = None  # KV budget in tokens, when num_pages is not given
+    max_batch: int = 8  # sequences running at once
+    max_tokens_per_step: int = 256  # token budget of one step (decode tokens + prompt chunks)
+    chunked_prefill: bool = True  # split prompts across steps to fit the budget
+    prefix_cache: bool = True  # reuse full KV pages of identical prompt prefixes
+    max_seq_len: int | None = None  # None: the model's context length
+    attention: str = "xla"  # "xla" | "pallas"
+    matmul: str = "xla"  # how packed weights are multiplied: "xla" (dequantise) | "pallas" (kernel)
+    decode_steps: int = 1  # decode steps per host round trip when a step has no prompt work
+    overlap: bool = True  # dispatch the next decode call before reading the last one's tokens back
+
+    def __post_init__(self):
+        for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
+        Impl(self.attention, self.matmul)  # checks both
+        for name in ("page_size", "max_batch", "max_tokens_per_step", "decode_steps", "num_pages", "kv_budget_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 2")
+
+    def seq_len(self, model_config) -> int:
+        """The longest sequence the engine serves: max_seq_len, capped at the model's context."""
+        context = model_config.max_position_embeddings
+        return min(self.max_seq_len or context, context)
+
+    def kv_pages(self, max_seq_len: int) -> tuple[int, int]:
+        """(num_pages, page_size) of the KV cache. The contiguous layout reserves one "page" of
+        max_seq_len tokens per request at admission (as serving systems did before PagedAttention)."""
+        page_size = max_seq_len if self.kv_layout == "contiguous" else self.page_size
+        if self.num_pages is not None:
+            return self.num_pages, page_size
+        if self.kv_budget_tokens is not None:
+            if self.kv_budget_tokens < page_size:
+                raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} is too small for even one request "
+                                 f"(one {self.kv_layout} allocation is {page_size} tokens)")
+            return self.kv_budget_tokens // page_size, page_size
+        return self.max_batch * math.ceil(max_seq_len / page_size), page_size

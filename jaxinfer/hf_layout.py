@@ -1,0 +1,132 @@
+"""The Hugging Face checkpoint layout, shared by every loader (dense, AWQ/GPTQ, GGUF):
+tensor names and the params slot each fills, the shapes a config implies, the safetensors files
+of a directory, and header-only checks that name a missing or mis-shaped tensor before any data
+is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from safetensors import safe_open
+
+from jaxinfer import model as model_lib
+from jaxinfer.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# HF tensor name -> (our name, transpose). Layer tensors are "model.layers.{i}.<suffix>".
+LAYER_NAMES = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "self_attn.o_proj.bias": ("bo", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+TOP_NAMES = {
+    "model.embed_tokens.weight": ("embed", False),
+    "model.norm.weight": ("final_norm", False),
+    "lm_head.weight": ("lm_head", True),
+}
+# Present in some checkpoints, carry nothing the model needs.
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match its config: missing, unexpected or mis-shaped."""
+
+
+def resolve_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    name: str  # key in params (top level) or params["layers"]
+    layer: int | None  # None for top-level params
+    transpose: bool
+    hf_shape: tuple[int, ...]  # the shape the checkpoint must hold
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, Slot]:
+    """Every HF tensor a dense checkpoint of this config holds, with the slot it fills."""
+    shapes = model_lib.param_shapes(cfg)
+    out = {}
+    for hf, (name, transpose) in TOP_NAMES.items():
+        if name in shapes:
+            shape = shapes[name]
+            out[hf] = Slot(name, None, transpose, shape[::-1] if transpose else shape)
+    for suffix, (name, transpose) in LAYER_NAMES.items():
+        if name not in shapes["layers"]:
+            continue
+        shape = shapes["layers"][name][1:]
+        for i in range(cfg.num_layers):
+            out[f"model.layers.{i}.{suffix}"] = Slot(name, i, transpose, shape[::-1] if transpose else shape)
+    return out
+
+
+def safetensors_files(ckpt_dir: str) -> list[str]:
+    """The checkpoint's safetensors files (from its index when sharded), each checked to exist."""
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {ckpt_dir}")
+    paths = [os.path.join(ckpt_dir, f) for f in files]
+    for p in paths:
+        if not os.path.exists(p):
+            raise CheckpointError(f"the index names {os.path.basename(p)}, which is not in {ckpt_dir}")
+    return paths
+
+
+def header_entries(files: list[str], cfg: ModelConfig) -> Iterator[tuple[str, str, tuple[int, ...], str]]:
+    """(file, tensor name, shape, safetensors dtype) of every tensor the model may read, from the
+    headers alone; ignored tensors (and a tied model's lm_head) are skipped."""
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                if IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                sl = f.get_slice(key)
+                yield path, key, tuple(sl.get_shape()), sl.get_dtype()
+
+
+def check_complete(needed: dict[str, tuple[int, ...]], location: dict[str, str], why: str = "") -> None:
+    """Raise naming the first tensor of `needed` (name -> shape) that no file holds."""
+    missing = sorted(set(needed) - set(location))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing tensor {missing[0]!r} (expected shape {needed[missing[0]]}){why}{more}")
+
+
+@functools.partial(jax.jit, static_argnames=("transpose",), donate_argnums=0)
+def write_layer(buf, x, i, *, transpose):
+    """buf (L, ...) with x (transposed if asked, cast to buf's dtype) written at layer i."""
+    x = x.T if transpose else x
+    return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, axis=0)

@@ -1,0 +1,110 @@
+"""A model runner with no model, for testing the scheduler and the engine in milliseconds.
+
+It has the verbs of `jaxinfer.runner.ModelRunner` and keeps a host-side "KV cache" that stores
+the token id written into each slot. A sequence's next token is a function of the tokens the
+runner reads back through its block table:
+
+    next_token(context) = (31 * sum(context) + len(context) + noise) % vocab_size
+
+with noise = 0 for greedy rows and seed + step for sampled rows, so the expected output of any
+request served alone can be worked out by hand (`expected_tokens`), and a scheduler that hands a
+sequence the wrong pages, frees a page still in use or lets a write land in a shared page makes
+the output differ. Reading a slot that was never written raises.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from jaxinfer.requests import next_power_of_2
+from jaxinfer.runner import DecodeCall, StepOutput
+from jaxinfer.scheduler import Sequence
+
+_EMPTY = -1
+
+
+def next_token(context, vocab_size: int, noise: int = 0) -> int:
+    return (31 * int(np.sum(context)) + len(context) + noise) % vocab_size
+
+
+def expected_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: int = 0, greedy: bool = True) -> list[int]:
+    """What the mock serves a request alone (no stop tokens), worked out without a cache."""
+    tokens = list(prompt)
+    for step in range(max_tokens):
+        tokens.append(next_token(tokens, vocab_size, 0 if greedy else seed + step))
+    return tokens[len(prompt):]
+
+
+class MockRunner:
+    def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None):
+        del max_seq_len, impl
+        self.vocab_size = model.config.vocab_size
+        self.page_size, self.num_pages = page_size, num_pages
+        self.slots = np.full(num_pages * page_size, _EMPTY, np.int64)
+        self.sample_rows = next_power_of_2(max_batch)
+        self.buckets: set = set()
+        self.stats: collections.Counter = collections.Counter()
+        self.calls: list[tuple[str, int]] = []  # ("step", tokens) / ("decode", rows) in dispatch order
+
+    def _write(self, seq: Sequence, position: int, token: int) -> None:
+        page = seq.pages[position // self.page_size]
+        if not 0 <= page < self.num_pages:
+            raise AssertionError(f"page {page} outside the cache")
+        self.slots[page * self.page_size + position % self.page_size] = token
+
+    def _context(self, seq: Sequence, length: int) -> np.ndarray:
+        pos = np.arange(length)
+        pages = np.asarray(seq.pages)[pos // self.page_size]
+        ctx = self.slots[pages * self.page_size + pos % self.page_size]
+        if (ctx == _EMPTY).any():
+            raise AssertionError(f"request {seq.request_id} read an unwritten slot")
+        return ctx
+
+    def _sample(self, seq: Sequence, context: np.ndarray, step: int) -> int:
+        noise = 0 if seq.sampling.temperature == 0 else seq.seed + step
+        return next_token(context, self.vocab_size, noise)
+
+    def copy_pages(self, copies) -> None:
+        for src, dst in copies:
+            s, d = src * self.page_size, dst * self.page_size
+            self.slots[d : d + self.page_size] = self.slots[s : s + self.page_size]
+        self.stats["copied_pages"] += len(copies)
+
+    def step(self, decode, prefill, samplers, *, hidden: bool = False) -> StepOutput:
+        rows = [(s, 1) for s in decode] + list(prefill)
+        self.calls.append(("step", sum(n for _, n in rows)))
+        for seq, n in rows:
+            for p in range(seq.num_computed, seq.num_computed + n):
+                self._write(seq, p, seq.tokens[p])
+        ends = [s.num_computed + n for s, n in rows]
+        self.stats["decode_tokens"] += len(decode)
+        self.stats["prefill_tokens"] += sum(n for _, n in prefill)
+        tokens = [self._sample(seq, self._context(rows[i][0], ends[i]), len(seq.generated)) for i, seq in samplers]
+        return StepOutput(np.asarray(tokens, np.int64))
+
+    def decode(self, seqs, wanted, ahead, tokens=None) -> DecodeCall:
+        self.calls.append(("decode", len(seqs)))
+        k = next_power_of_2(max(wanted))
+        out = np.full((k, next_power_of_2(len(seqs))), _EMPTY, np.int64)
+        for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
+            tok = s.tokens[s.num_computed] if tokens is None else int(tokens[i])
+            for j in range(w):
+                pos = s.num_computed + a + j
+                self._write(s, pos, tok)
+                tok = out[j, i] = self._sample(s, self._context(s, pos + 1), len(s.generated) + a + j)
+        self.stats["decode_tokens"] += sum(wanted)
+        return DecodeCall(out, list(seqs), list(wanted))
+
+    def newest(self, call: DecodeCall) -> np.ndarray:
+        return np.asarray([call.tokens[max(w - 1, 0), i] for i, w in enumerate(call.wanted)])
+
+    def read(self, call: DecodeCall) -> np.ndarray:
+        return call.tokens
+
+    def warmup(self, buckets) -> int:
+        return 0
+
+    def no_work(self) -> None:
+        pass

@@ -1,0 +1,150 @@
+"""Request I/O shared by the engine and the baseline: outputs, prompt and sampling preparation,
+and the stop rules, checked incrementally as tokens arrive.
+
+Stop strings are matched on text decoded a few tokens at a time (the incremental detokenisation
+of serving systems): each new token decodes only the tokens since the last complete character,
+in the context of the token before them, so a long completion costs linear host work, and only
+the tail that a new stop string occurrence could touch is searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens (a stop token included)
+    text: str | None  # decoded generated tokens, cut before a stop string; None without a tokenizer
+    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" | "abort" | "error"
+    metrics: dict[str, float]  # ttft_s, tpot_s, latency_s, prompt_tokens, generated_tokens, ...
+    error: str | None = None  # why a request was refused (finish_reason "error")
+    request_id: int | None = None
+    samples: list[RequestOutput] = dataclasses.field(default_factory=list)  # all n samples when n > 1
+
+
+def next_power_of_2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def prepare_prompts(model, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Tokenize string prompts and check every prompt against the model's limits."""
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+    return [prepare_prompt(model, p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+
+
+def prepare_prompt(model, prompt: str | Sequence[int], name: str = "prompt") -> list[int]:
+    """One prompt as token ids; ValueError naming `name` if it is empty, too long or off-vocabulary."""
+    cfg: ModelConfig = model.config
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise ValueError(f"{name} is a string but the model has no tokenizer")
+        if not prompt:
+            raise ValueError(f"{name} is empty")
+        ids = model.tokenizer.encode(prompt)
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError(f"{name} is empty")
+    if len(ids) > cfg.max_position_embeddings:
+        raise ValueError(
+            f"{name} has {len(ids)} tokens, over the model's context of {cfg.max_position_embeddings}"
+        )
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"{name} has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+    return ids
+
+
+def prepare_sampling(
+    sampling: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if sampling is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * n
+    sampling = list(sampling)
+    if len(sampling) != n:
+        raise ValueError(f"got {len(sampling)} SamplingParams for {n} prompts")
+    for i, s in enumerate(sampling):
+        if not isinstance(s, SamplingParams):
+            raise ValueError(f"sampling[{i}] is {type(s).__name__}, not SamplingParams")
+    return sampling
+
+
+def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | None = None) -> RequestOutput:
+    """The output of one finished (or aborted) sequence (a jaxinfer.scheduler.Sequence): its
+    tokens, text and per-request timings (TTFT, TPOT, latency)."""
+    k = len(seq.generated)
+    first = seq.first_token_time or seq.finish_time or seq.arrival
+    end = seq.finish_time or first
+    metrics = {"ttft_s": first - seq.arrival, "latency_s": end - seq.arrival,
+               "tpot_s": (end - first) / (k - 1) if k > 1 else 0.0, "prompt_tokens": float(len(prompt)),
+               "generated_tokens": float(k), "cached_tokens": float(seq.num_cached_tokens),
+               "preemptions": float(seq.num_preemptions)}
+    return RequestOutput(prompt, seq.generated, rules.completion_text(seq.sampling, seq.generated),
+                         seq.finish_reason, metrics, request_id=request_id)
+
+
+class StopRules:
+    """What ends a sequence for one model: its end-of-sequence ids (from the config and the
+    tokenizer, gathered once) and its tokenizer, for stop strings and the output text."""
+
+    def __init__(self, model):
+        self.tokenizer = model.tokenizer
+        self.eos_ids = frozenset(model.config.eos_token_ids) | frozenset(
+            model.tokenizer.eos_ids if model.tokenizer else ())
+
+    def checker(self, sampling: SamplingParams, budget: int) -> StopChecker:
+        """A fresh checker for one sequence that may generate at most `budget` tokens."""
+        return StopChecker(self, sampling, budget)
+
+    def completion_text(self, sampling: SamplingParams, generated: Sequence[int]) -> str | None:
+        """The decoded completion, cut before the first stop string; None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        text = self.tokenizer.decode(generated)
+        hits = [text.index(s) for s in sampling.stop if s in text]
+        return text[: min(hits)] if hits else text
+
+
+class StopChecker:
+    """Why one sequence ends after its newest token, checked once per token: "stop" for an EOS
+    (unless ignored), a stop token or a stop string in the text; "length" once `budget` tokens
+    are out; else None. Holds the sequence's decoded text so far when it has stop strings."""
+
+    def __init__(self, rules: StopRules, sampling: SamplingParams, budget: int):
+        self.rules, self.sampling, self.budget = rules, sampling, budget
+        self.text = ""  # decoded generated[:read]
+        self._prefix = 0  # generated[prefix:read] are re-decoded as context for the next tokens
+        self._read = 0
+        self._longest = max((len(s) for s in sampling.stop), default=0)
+
+    def __call__(self, generated: Sequence[int]) -> str | None:
+        sp, tok = self.sampling, generated[-1]
+        if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self.rules.eos_ids):
+            return "stop"
+        if sp.stop and self.rules.tokenizer is not None:
+            new = self._new_text(generated)
+            tail = self.text[-(len(new) + self._longest - 1):] if new else ""
+            if any(s in tail for s in sp.stop):
+                return "stop"
+        return "length" if len(generated) >= self.budget else None
+
+    def _new_text(self, generated: Sequence[int]) -> str:
+        """Text that the tokens since the last call add, once they end on a whole character."""
+        decode = self.rules.tokenizer.decode
+        before = decode(generated[self._prefix : self._read])
+        full = decode(generated[self._prefix :])
+        if len(full) <= len(before) or full.endswith("\ufffd"):  # nothing new, or a character cut short
+            return ""
+        new = full[len(before):]
+        self.text += new
+        self._prefix, self._read = self._read, len(generated)
+        return new

@@ -1,0 +1,337 @@
+"""The model runner: params, the paged KV cache and the jitted programs, behind a few verbs.
+
+The engine decides what runs (through the scheduler); the runner turns that into device work:
+  step(decode, prefill, samplers)   one mixed step (decode tokens and prompt chunks) laid out
+                                    flat, packed into device arrays in one transfer; samples the
+                                    rows that finished their input and returns their tokens
+  decode(seqs, wanted, ahead, ...)  dispatch up to k decode steps in one program, not read back
+  newest(call) / read(call)         the last tokens of a dispatched call, on device / on the host
+  copy_pages(copies)                copy-on-write of shared pages
+  warmup(buckets)                   compile every program shape a run can need, up front
+Every shape is bucketed to powers of two: (decode rows, prefill rows, chunk, pages per
+sequence) for a step, (rows, -k, 0, pages) for a k-step decode call; `buckets` records those
+run, so a test can count the programs compiled.
+
+The runner also times the device from the host: the time it blocks on results (device_s) and
+an estimate of the time the device sat idle waiting for the host (device_idle_s): from the moment
+a blocking read found the device drained until the next dispatch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import model as model_lib
+from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
+from jaxinfer.requests import next_power_of_2
+from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
+from jaxinfer.scheduler import Sequence
+
+# How many times each jitted program was traced (= compiled); tests assert on it.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+Bucket = tuple[int, int, int, int]  # (decode rows, prefill rows, chunk, pages); (rows, -k, 0, pages) for decode calls
+MIN_CHUNK = 16  # the smallest prefill chunk bucket
+MIN_PAGES = 4  # the smallest block-table width bucket
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def _step(params, cfg, tokens, cache, batch, *, impl):
+    """tokens (N,) laid out as `batch` says -> logits (R, V), hidden (R, D) at batch.logits_at, cache."""
+    TRACE_COUNTS["step"] += 1
+    out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl)
+    return out.logits, out.hidden, out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps"), donate_argnames=("cache",))
+def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp, steps, *, impl, num_steps):
+    """num_steps decode steps in one program, each sampled token fed to the next step.
+    tokens, positions, valid, steps (R,); a row writes K/V only in its first valid[r] steps.
+    Returns tokens (num_steps, R) and the cache."""
+    TRACE_COUNTS["multi_decode"] += 1
+    R = tokens.shape[0]
+    page = cache.page_size
+    dropped = cache.num_pages * page
+    empty = jnp.zeros((0, block_tables.shape[1]), jnp.int32)
+
+    def one(carry, j):
+        tokens, cache = carry
+        pos = positions + j
+        live = j < valid
+        slots = jnp.take_along_axis(block_tables, (pos // page)[:, None], axis=1)[:, 0] * page + pos % page
+        batch = BatchDescriptor(
+            positions=pos, logits_at=jnp.arange(R), slot_mapping=jnp.where(live, slots, dropped),
+            decode_block_tables=block_tables, decode_lens=jnp.where(live, pos + 1, 0), prefill_block_tables=empty,
+            prefill_start=jnp.zeros((0,), jnp.int32), prefill_lens=jnp.zeros((0,), jnp.int32),
+        )
+        out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl)
+        new = sample(out.logits, sp, steps + j)
+        return (new, out.cache), new
+
+    (_, cache), new_tokens = jax.lax.scan(one, (tokens, cache), jnp.arange(num_steps))
+    return new_tokens, cache
+
+
+@jax.jit
+def _newest(tokens, last):
+    """tokens (k, R), last (R,) -> tokens[last[r], r]: each row's newest sampled token."""
+    return jnp.take_along_axis(tokens, last[None], axis=0)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("with_hidden",))
+def _sample_rows(logits, hidden, rows, sp, steps, *, with_hidden):
+    TRACE_COUNTS["sample"] += 1
+    return sample(logits[rows], sp, steps), hidden[rows] if with_hidden else None
+
+
+@dataclasses.dataclass
+class DecodeCall:
+    """A dispatched decode call: row i continues seqs[i] for wanted[i] steps (later steps pad)."""
+
+    tokens: jax.Array  # (k, R) sampled tokens, on device until read
+    seqs: list[Sequence]
+    wanted: list[int]
+
+
+@dataclasses.dataclass
+class StepOutput:
+    tokens: np.ndarray  # (S,) the token sampled for each requested row
+    hidden: jax.Array | None = None  # (S, D) their final-norm hidden states, on device, when asked
+
+
+def sampling_batch(seqs: list[Sequence], rows: int) -> SamplingBatch:
+    """The sequences' sampling parameters as arrays, padded with greedy rows to `rows`."""
+    pad = rows - len(seqs)
+    return SamplingBatch.from_params([s.sampling for s in seqs] + [SamplingParams(temperature=0.0)] * pad,
+                                     [s.seed for s in seqs] + [0] * pad)
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+
+def _powers_of_2(n: int) -> list[int]:
+    """1, 2, 4, ... up to next_power_of_2(n)."""
+    return [1 << i for i in range(next_power_of_2(n).bit_length())]
+
+
+class ModelRunner:
+    def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int,
+                 impl: model_lib.Impl):
+        """max_batch: sequences running at once; a step with prompt work always has room for that
+        many decode rows, so the decode row count is no part of its shape."""
+        self.model, self.impl = model, impl
+        self.page_size, self.max_seq_len = page_size, max_seq_len
+        self.sample_rows = next_power_of_2(max_batch)
+        self.cache = PagedKVCache.zeros(model.config, num_pages, page_size, model.dtype)
+        self.buckets: set[Bucket] = set()
+        self.stats: collections.Counter = collections.Counter()  # device_s, device_idle_s, copied_pages
+        self._last_dispatched: jax.Array | None = None
+        self._idle_since: float | None = None
+
+    @property
+    def num_pages(self) -> int:
+        return self.cache.num_pages
+
+    def pages_bucket(self, pages: int) -> int:
+        return next_power_of_2(pages, min(MIN_PAGES, math.ceil(self.max_seq_len / self.page_size)))
+
+    # Verbs -------------------------------------------------------------------------------------
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        src, dst = zip(*copies)
+        self.cache = copy_pages(self.cache, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+        self.stats["copied_pages"] += len(copies)
+
+    def step(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]],
+             samplers: list[tuple[int, Sequence]], *, hidden: bool = False) -> StepOutput:
+        """Run one mixed step: one token of each decode sequence, then a chunk of n prompt tokens
+        of each prefill sequence, from each sequence's num_computed on. `samplers` (plan row,
+        sequence) name the rows to sample (plan rows: decode first, then prefill; a row may be
+        sampled for several sequences, e.g. the n samples of one prompt)."""
+        page = self.page_size
+        Rp = next_power_of_2(len(prefill)) if prefill else 0
+        Rd = max(next_power_of_2(len(decode)), self.sample_rows) if Rp else next_power_of_2(len(decode))
+        C = next_power_of_2(max(n for _, n in prefill), MIN_CHUNK) if prefill else 0
+        scheduled = decode + [s for s, _ in prefill]
+        M = self.pages_bucket(max(len(s.pages) for s in scheduled))
+        N = Rd + Rp * C
+        self.buckets.add((Rd, Rp, C, M))
+        dropped = self.num_pages * page  # slot index past the cache: not written
+
+        tokens, positions = np.zeros(N, np.int32), np.zeros(N, np.int32)
+        slots = np.full(N, dropped, np.int32)
+        d_tables, d_lens = np.zeros((Rd, M), np.int32), np.zeros(Rd, np.int32)
+        p_tables, p_start, p_lens = np.zeros((Rp, M), np.int32), np.zeros(Rp, np.int32), np.zeros(Rp, np.int32)
+        logits_at = np.zeros(Rd + Rp, np.int32)
+
+        def place(seq, offset, n):
+            pos = np.arange(seq.num_computed, seq.num_computed + n)
+            tokens[offset : offset + n] = seq.tokens[seq.num_computed : seq.num_computed + n]
+            positions[offset : offset + n] = pos
+            slots[offset : offset + n] = np.asarray(seq.pages)[pos // page] * page + pos % page
+
+        for i, seq in enumerate(decode):
+            place(seq, i, 1)
+            d_tables[i, : len(seq.pages)] = seq.pages
+            d_lens[i] = seq.num_computed + 1
+            logits_at[i] = i
+        for j, (seq, n) in enumerate(prefill):
+            offset = Rd + j * C
+            place(seq, offset, n)
+            p_tables[j, : len(seq.pages)] = seq.pages
+            p_start[j], p_lens[j] = seq.num_computed, n
+            logits_at[Rd + j] = offset + n - 1
+
+        batch = BatchDescriptor(positions=positions, logits_at=logits_at, slot_mapping=slots,
+                                decode_block_tables=d_tables, decode_lens=d_lens, prefill_block_tables=p_tables,
+                                prefill_start=p_start, prefill_lens=p_lens)
+        tokens, batch = jax.device_put((tokens, batch))  # one transfer
+        self._mark_dispatch()
+        logits, hidden_states, self.cache = _step(self.model.params, self.model.config, tokens, self.cache, batch,
+                                                  impl=self.impl)
+        self.stats["decode_tokens"] += len(decode)
+        self.stats["prefill_tokens"] += sum(n for _, n in prefill)
+        if not samplers:
+            self._last_dispatched = logits
+            self._wait(logits)
+            return StepOutput(np.zeros(0, np.int32))
+
+        R = next_power_of_2(len(samplers))
+        rows = np.zeros(R, np.int32)
+        rows[: len(samplers)] = [i if i < len(decode) else Rd + i - len(decode) for i, _ in samplers]
+        seqs = [s for _, s in samplers]
+        steps = np.zeros(R, np.int32)
+        steps[: len(seqs)] = [len(s.generated) for s in seqs]
+        new_tokens, new_hidden = _sample_rows(logits, hidden_states, rows, sampling_batch(seqs, R), steps,
+                                              with_hidden=hidden)
+        self._last_dispatched = new_tokens
+        return StepOutput(self._read(new_tokens)[: len(seqs)], None if new_hidden is None else new_hidden[: len(seqs)])
+
+    def decode(self, seqs: list[Sequence], wanted: list[int], ahead: list[int], tokens=None) -> DecodeCall:
+        """Dispatch one multi-step decode call without reading it back. Row i continues seqs[i]
+        `ahead[i]` tokens past what the host has seen (tokens still in flight) and runs wanted[i]
+        steps (0: the row only pads). `tokens` (on device, from `newest`) are the rows' inputs;
+        None: each sequence's next uncomputed token. The pages must be reserved already."""
+        k = next_power_of_2(max(wanted))
+        R = next_power_of_2(len(seqs))
+        M = self.pages_bucket(max(len(s.pages) for s in seqs))
+        self.buckets.add((R, -k, 0, M))
+        positions, valid, steps = (np.zeros(R, np.int32) for _ in range(3))
+        tables = np.zeros((R, M), np.int32)
+        for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
+            positions[i], valid[i], steps[i] = s.num_computed + a, w, len(s.generated) + a
+            tables[i, : len(s.pages)] = s.pages
+        if tokens is None:
+            tokens = np.zeros(R, np.int32)
+            tokens[: len(seqs)] = [s.tokens[s.num_computed] for s in seqs]
+        host = jax.device_put((positions, valid, tables, steps, sampling_batch(seqs, R)))
+        self._mark_dispatch()
+        new_tokens, self.cache = _multi_decode(self.model.params, self.model.config, tokens, host[0], host[1],
+                                               host[2], self.cache, host[4], host[3], impl=self.impl, num_steps=k)
+        self.stats["decode_tokens"] += sum(wanted)
+        self._last_dispatched = new_tokens
+        return DecodeCall(new_tokens, list(seqs), list(wanted))
+
+    def newest(self, call: DecodeCall) -> jax.Array:
+        """Each row's newest token of a dispatched call, left on device (the next call's input)."""
+        last = np.zeros(call.tokens.shape[1], np.int32)
+        last[: len(call.wanted)] = [max(w - 1, 0) for w in call.wanted]
+        return _newest(call.tokens, last)
+
+    def read(self, call: DecodeCall) -> np.ndarray:
+        """The call's tokens (k, R) on the host (blocks until computed)."""
+        return self._read(call.tokens)
+
+    # Warm-up -----------------------------------------------------------------------------------
+
+    def warmup(self, buckets: list[Bucket]) -> int:
+        """Compile the program of every bucket (and the samplers its rows can need) ahead of
+        time, without running anything; returns how many programs this traced."""
+        before = sum(TRACE_COUNTS.values())
+        cfg, impl, V, D = self.model.config, self.impl, self.model.config.vocab_size, self.model.config.hidden_size
+        params, cache = jax.tree.map(_abstract, (self.model.params, self.cache))
+        i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+        sp = lambda R: jax.tree.map(_abstract, sampling_batch([], R))  # noqa: E731
+        sample_shapes = set()
+        for Rd, Rp, C, M in buckets:
+            if Rp < 0:  # a k-step decode call of Rd rows
+                _multi_decode.lower(params, cfg, i32((Rd,)), i32((Rd,)), i32((Rd,)), i32((Rd, M)), cache, sp(Rd),
+                                    i32((Rd,)), impl=impl, num_steps=-Rp).compile()
+                continue
+            N = Rd + Rp * C
+            batch = BatchDescriptor(positions=i32((N,)), logits_at=i32((Rd + Rp,)), slot_mapping=i32((N,)),
+                                    decode_block_tables=i32((Rd, M)), decode_lens=i32((Rd,)),
+                                    prefill_block_tables=i32((Rp, M)), prefill_start=i32((Rp,)),
+                                    prefill_lens=i32((Rp,)))
+            _step.lower(params, cfg, i32((N,)), cache, batch, impl=impl).compile()
+            sample_shapes |= {(Rd + Rp, R) for R in _powers_of_2(min(Rd + Rp, self.sample_rows))}
+        for rows, R in sorted(sample_shapes):
+            logits = jax.ShapeDtypeStruct((rows, V), jnp.float32)
+            hidden = jax.ShapeDtypeStruct((rows, D), self.model.dtype)
+            _sample_rows.lower(logits, hidden, i32((R,)), sp(R), i32((R,)), with_hidden=False).compile()
+        return sum(TRACE_COUNTS.values()) - before
+
+    # Device timing: the device is taken to be idle from the moment the host last found it done
+    # (a blocking read returned) until the next dispatch, if nothing was queued in between.
+
+    def _mark_dispatch(self) -> None:
+        now = time.perf_counter()
+        queued = self._last_dispatched is not None and not self._last_dispatched.is_ready()
+        if not queued and self._idle_since is not None:
+            self.stats["device_idle_s"] += now - self._idle_since
+        self._idle_since = None
+
+    def no_work(self) -> None:
+        """The device is idle for want of requests from here on, not waiting on the host."""
+        self._idle_since = None
+
+    def _wait(self, x: jax.Array) -> jax.Array:
+        """Block until x is computed; if that drained the device, it is idle from now on."""
+        t0 = time.perf_counter()
+        jax.block_until_ready(x)
+        t1 = time.perf_counter()
+        self.stats["device_s"] += t1 - t0
+        if self._last_dispatched is None or self._last_dispatched.is_ready():
+            self._idle_since = t1
+        return x
+
+    def _read(self, x: jax.Array) -> np.ndarray:
+        return np.asarray(self._wait(x))
+
+
+def possible_buckets(*, max_batch: int, max_tokens_per_step: int, chunked_prefill: bool, decode_steps: int,
+                     multi_step_decode: bool, max_seq_len: int, max_prompt_len: int, page_size: int,
+                     num_pages: int) -> list[Bucket]:
+    """Every program shape the engine can run under these limits (n = 1 sampling): steps with
+    prompt work (max_batch decode rows, up to max_batch prefill rows, chunks up to the token
+    budget or, unchunked, a whole prompt, block tables up to the longest sequence's pages, but
+    not narrower than its chunk needs), decode-only steps when decode does not run as calls, and
+    k-step decode calls."""
+    B = next_power_of_2(max_batch)
+    min_pages = min(MIN_PAGES, math.ceil(max_seq_len / page_size))
+    max_pages = min(math.ceil(max_seq_len / page_size), num_pages)
+    pages = sorted({next_power_of_2(m, min_pages) for m in range(1, max_pages + 1)})
+    max_chunk = min(max_tokens_per_step, max_prompt_len) if chunked_prefill else max_prompt_len
+    out: list[Bucket] = []
+    chunks = sorted({max(C, MIN_CHUNK) for C in _powers_of_2(max_chunk)})
+    for Rp, C in itertools.product(_powers_of_2(max_batch), chunks):
+        if chunked_prefill and Rp // 2 >= max_tokens_per_step:
+            continue  # more prompt rows than tokens in the budget
+        shortest = C // 2 + 1 if C > MIN_CHUNK else 1  # the shortest chunk that buckets to C
+        need = next_power_of_2(math.ceil(shortest / page_size), min_pages)
+        out += [(B, Rp, C, M) for M in pages if M >= need]
+    if multi_step_decode:
+        out += [(R, -k, 0, M) for R in _powers_of_2(max_batch) for k in _powers_of_2(decode_steps) for M in pages]
+    else:
+        out += [(R, 0, 0, M) for R in _powers_of_2(max_batch) for M in pages]
+    return out

@@ -1,0 +1,76 @@
+"""What every kernel file shares: constants, the Triton compiler-params shim, shape padding, the
+page gather of the references, and the tuned block sizes per card (`tuned.json`).
+
+tuned.json holds, per kernel, entries keyed by card class ("sm_80" A100, "sm_86" RTX 30xx,
+"sm_89" RTX 40xx / RTX 4000 Ada, "sm_90" H100/H200) plus "default" for a card it does not name;
+interpret mode (no GPU) reads "interpret". `tuned(kernel)` returns the entry for the current device.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas import triton as plgpu
+
+# Score given to hidden keys: finite, so exp2(MASKED - m) is 0 and never NaN.
+MASKED = -0.7 * float(np.finfo(np.float32).max)
+LOG2_E = math.log2(math.e)
+# Triton's tensor-core dot needs every dimension >= 16.
+MIN_DOT = 16
+# jax 0.11 names the Triton compiler params `CompilerParams`; older releases `TritonCompilerParams`.
+CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+_TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """x zero-padded at the end of `axis` to `size`."""
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """pages (K, P, page_size, H), block_tables (B, M) -> (B, M * page_size, K, H): each row's
+    context, dense (the XLA path and the kernels' references read pages this way)."""
+    K, _, page_size, H = pages.shape
+    B, M = block_tables.shape
+    dense = pages[:, block_tables]  # (K, B, M, page_size, H)
+    return dense.reshape(K, B, M * page_size, H).transpose(1, 2, 0, 3)
+
+
+def capability() -> tuple[int, int] | None:
+    """Compute capability of the default device, or None off CUDA (CPU, interpret mode)."""
+    cap = getattr(jax.devices()[0], "compute_capability", None)
+    return None if cap is None else tuple(int(x) for x in str(cap).split("."))[:2]
+
+
+def card_class(cap: tuple[int, int] | None) -> str:
+    """The tuned.json key of a compute capability: "sm_XY", or "interpret" for None."""
+    return "interpret" if cap is None else f"sm_{cap[0]}{cap[1]}"
+
+
+@functools.cache
+def _tuned_table() -> dict:
+    with open(_TUNED_PATH) as f:
+        return json.load(f)
+
+
+def tuned(kernel: str, cap: tuple[int, int] | None | str = "current") -> dict:
+    """The tuned entry of `kernel` for a card (default: the current device's), falling back to the
+    kernel's "default" entry for a card the table does not name."""
+    table = _tuned_table()[kernel]
+    key = card_class(capability() if cap == "current" else cap)
+    return table.get(key, table["default"])

@@ -1,0 +1,92 @@
+"""The package's import graph: no cycles, no project import hidden inside a function, and the
+model below the quantisation algorithms (model.py never pulls in AWQ or GPTQ)."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("jaxinfer", "pallas_kernels")
+
+
+def _modules() -> dict[str, str]:
+    """Module name -> file, for every module of the project's packages."""
+    out = {}
+    for pkg in PACKAGES:
+        for root, _, files in os.walk(os.path.join(REPO, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(root, f), REPO)[:-3].replace(os.sep, ".")
+                    out[rel.removesuffix(".__init__")] = os.path.join(root, f)
+    return out
+
+
+def _imports(node: ast.AST, modules: dict[str, str]) -> set[str]:
+    """Project modules imported by the statements directly in `node` (top level of a module)."""
+    found = set()
+    for stmt in ast.walk(node) if not isinstance(node, ast.Module) else node.body:
+        names = []
+        if isinstance(stmt, ast.Import):
+            names = [a.name for a in stmt.names]
+        elif isinstance(stmt, ast.ImportFrom) and stmt.module:
+            names = [stmt.module] + [f"{stmt.module}.{a.name}" for a in stmt.names]
+        found |= {n for n in names if n in modules}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        deps = _imports(tree, modules)
+        # Importing a.b.c runs a/__init__ and a/b/__init__ first.
+        for dep in list(deps):
+            parts = dep.split(".")
+            deps |= {".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in modules}
+        graph[name] = deps - {name} - {p for p in modules if name.startswith(p + ".")}
+    return graph
+
+
+def test_no_import_cycle():
+    graph, state, stack = _graph(), {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for dep in sorted(graph[m]):
+            if state.get(dep) == "open":
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_no_project_import_inside_a_function():
+    modules = _modules()
+    for name, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden = _imports(fn, modules)
+                assert not hidden, f"{name}.{fn.name} imports {sorted(hidden)} inside the function"
+
+
+def test_model_does_not_import_the_quantisation_algorithms():
+    graph, seen, todo = _graph(), set(), ["jaxinfer.model"]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    assert not {m for m in seen if m.startswith("jaxinfer.quant")}, sorted(seen)
+    assert "jaxinfer.matmul" in seen and "jaxinfer.formats" in seen
