@@ -29,18 +29,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
+from experiments import common
 from jaxinfer import data
 from jaxinfer import runner as runner_lib
 from jaxinfer.sampling import SamplingBatch
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "tiny", "Shipped model name, local HF checkpoint directory, or random:NAME for "
-                    "random weights shaped like configs/models/NAME.json (e.g. random:llama3_8b) or a config path.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.")
 flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
 flags.DEFINE_enum("arrival", "all", ["all", "poisson"], "All requests at t=0, or Poisson arrivals at --rate.")
 flags.DEFINE_list("rates", ["4"], "Poisson arrival rates (requests/s); one run per rate.")
@@ -51,22 +49,14 @@ flags.DEFINE_integer("output_len", 48, "Output length: the fixed value, uniform/
 flags.DEFINE_float("sigma", 1.0, "Log-normal sigma (spread) of lognormal lengths.")
 flags.DEFINE_integer("max_len", 400, "Upper cap for drawn prompt and output lengths.")
 flags.DEFINE_string("workload_file", "", "JSONL of {prompt_len, output_len} rows (overrides the distributions).")
-flags.DEFINE_integer("seed", 0, "Workload seed.")
-flags.DEFINE_enum("batching", "continuous", ["continuous", "static"], "Batching policy.")
-flags.DEFINE_enum("kv_layout", "paged", ["paged", "contiguous"], "KV-cache layout.")
-flags.DEFINE_integer("max_batch", 8, "Sequences running at once.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("kv_budget_tokens", 0, "KV budget in tokens (0: room for max_batch full-length sequences).")
-flags.DEFINE_integer("max_tokens_per_step", 256, "Token budget per step.")
-flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
-flags.DEFINE_bool("prefix_cache", False, "Reuse KV pages of identical prompt prefixes.")
-flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation.")
-flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
-flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading the last one's tokens back.")
 flags.DEFINE_integer("step_overhead", 0, "If > 0: instead of a workload, decode this many tokens at batch 1 and "
                      "compare the engine's time per token with the same jitted decode step run back to back.")
-flags.DEFINE_string("out", "", "Write the JSON result here.")
+flags.DEFINE_enum("warmup", "buckets", ["buckets", "replay"], "Before the measured run, compile every program the "
+                  "engine can run for the workload's lengths (Engine.warmup), or replay the workload once unmeasured "
+                  "(compiles only what that run hits; fewer programs for a large model on a short GPU session).")
 flags.DEFINE_string("plot", "", "Write a latency/throughput PNG here (one point per rate).")
+for _name in ("model", "dtype", "seed", "out", *common.ENGINE_FLAGS):
+    flags.declare_key_flag(_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +100,6 @@ def make_workload(rate: float | None, model) -> list[Request]:
     ]
 
 
-def engine_config() -> ji.EngineConfig:
-    return ji.EngineConfig(
-        batching=FLAGS.batching, kv_layout=FLAGS.kv_layout, page_size=FLAGS.page_size,
-        kv_budget_tokens=FLAGS.kv_budget_tokens or None, max_batch=FLAGS.max_batch,
-        max_tokens_per_step=FLAGS.max_tokens_per_step, chunked_prefill=FLAGS.chunked_prefill,
-        prefix_cache=FLAGS.prefix_cache, attention=FLAGS.attention, decode_steps=FLAGS.decode_steps,
-        overlap=FLAGS.overlap,
-    )
-
-
 def serve(engine: ji.Engine, workload: list[Request], progress: bool) -> tuple[list[ji.RequestOutput], float]:
     """Run the workload in real time; returns outputs in workload order and the wall time."""
     pending = sorted(range(len(workload)), key=lambda i: workload[i].arrival_s)
@@ -153,9 +133,15 @@ def percentiles(x) -> dict[str, float]:
 
 def run_once(model, rate: float | None) -> dict:
     workload = make_workload(rate, model)
-    engine = ji.Engine(model, engine_config())
     t0 = time.perf_counter()
-    compiled = engine.warmup(max_prompt_len=max(len(r.prompt) for r in workload))
+    if FLAGS.warmup == "replay":
+        traces = sum(runner_lib.TRACE_COUNTS.values())
+        serve(ji.Engine(model, common.engine_config()), workload, progress=False)
+        compiled = sum(runner_lib.TRACE_COUNTS.values()) - traces
+    engine = ji.Engine(model, common.engine_config())
+    if FLAGS.warmup == "buckets":
+        compiled = engine.warmup(max_prompt_len=max(len(r.prompt) for r in workload),
+                                 max_len=max(len(r.prompt) + r.output_len for r in workload))
     warm_s = time.perf_counter() - t0
     traces = sum(runner_lib.TRACE_COUNTS.values())
     outs, wall = serve(engine, workload, progress=True)
@@ -211,7 +197,7 @@ def step_overhead(model, num_tokens: int) -> dict:
     back with the token fed back on device (no host work between steps)."""
     prompt = [model.tokenizer.bos_id] + list(range(97, 97 + 15))
     sp = ji.SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
-    config = dataclasses.replace(engine_config(), max_batch=1)
+    config = common.engine_config(max_batch=1)
     for _ in range(2):  # the first run compiles
         engine = ji.Engine(model, config)
         (out,) = engine.generate([prompt], sp)
@@ -278,7 +264,7 @@ def main(argv):
     rates = [None] if FLAGS.arrival == "all" else [float(r) for r in FLAGS.rates]
     results = [run_once(model, rate) for rate in rates]
     record = {
-        "config": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])},
+        "config": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
         "environment": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                         "jax": jax.__version__, "python": sys.version.split()[0],
                         "date": datetime.datetime.now().isoformat(timespec="seconds")},
@@ -306,4 +292,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -26,17 +26,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from experiments.timing import environment, median_call_time
+from experiments import common
+from experiments.common import environment, median_call_time
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import paged_attention as pa
 
-_QUICK = flags.DEFINE_bool("quick", False, "tiny shapes, 2 runs of 2 calls: a smoke test that runs on a CPU")
-_OUT = flags.DEFINE_string("out", None, "JSON result path (default benchmarks/results/kernels_<date>.json)")
-_RUNS = flags.DEFINE_integer("runs", 20, "timed runs per variant; the median is reported")
-_CALLS = flags.DEFINE_integer("calls", 50, "back-to-back calls per timed run")
-_INTERPRET = flags.DEFINE_bool("interpret", None, "Pallas interpret mode (default: on when there is no GPU)")
+FLAGS = flags.FLAGS
+for _name in ("quick", "out", "runs", "calls", "interpret"):
+    flags.declare_key_flag(_name)
+RUNS = 20  # default timed runs per variant
 
 _T0 = time.perf_counter()
 L2_BYTES = 50 * 2**20
@@ -251,9 +251,9 @@ def check_small_shapes(rows, *, interpret):
 
 def main(argv):
     del argv
-    quick = _QUICK.value
-    interpret = _INTERPRET.value if _INTERPRET.value is not None else jax.default_backend() != "gpu"
-    runs, calls = (2, 2) if quick else (_RUNS.value, _CALLS.value)
+    quick = FLAGS.quick
+    interpret = FLAGS.interpret if FLAGS.interpret is not None else jax.default_backend() != "gpu"
+    runs, calls = (2, 2) if quick else (FLAGS.runs or RUNS, FLAGS.calls)
     key = jax.random.key(0)
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -298,7 +298,7 @@ def main(argv):
         total_seconds=time.perf_counter() - t_start,
         results=rows,
     )
-    out = _OUT.value or os.path.join("benchmarks", "results", f"kernels_{datetime.date.today():%Y-%m-%d}.json")
+    out = FLAGS.out or os.path.join("benchmarks", "results", f"kernels_{datetime.date.today():%Y-%m-%d}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
@@ -320,4 +320,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -31,24 +31,24 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from experiments.timing import environment, median_call_time
+from experiments import common
+from experiments.common import environment, median_call_time
 from jaxinfer.memory import load_hardware
 from jaxinfer import formats as fmt
 from jaxinfer.quant import rtn
 from pallas_kernels import quant_matmul as qm
 
-_QUICK = flags.DEFINE_bool("quick", False, "tiny shapes in interpret mode, 2 runs of 2 calls: a CPU smoke test")
-_OUT = flags.DEFINE_string("out", None, "JSON result path (default benchmarks/results/quant_matmul_<date>.json)")
+FLAGS = flags.FLAGS
+for _name in ("quick", "out", "runs", "calls", "interpret"):
+    flags.declare_key_flag(_name)
+RUNS = 10  # default timed runs per variant
 _SHAPES = flags.DEFINE_list("shapes", ["1x4096x14336", "16x4096x14336", "256x4096x14336"],
                             "comma-separated MxKxN shapes (ignored with --quick)")
-_RUNS = flags.DEFINE_integer("runs", 10, "timed runs per variant; the median is reported")
-_CALLS = flags.DEFINE_integer("calls", 50, "back-to-back calls per timed run")
 _CARD = flags.DEFINE_string("card", "h100_80gb", "configs/hardware card whose bandwidth and L2 size are used")
 _BANDWIDTH = flags.DEFINE_float("bandwidth_gbs", None, "memory bandwidth in GB/s (default: the card's datasheet)")
 _SWEEP = flags.DEFINE_bool("sweep", False, "also time a few non-default BlockSizes per shape (interpret mode: one)")
-_INTERPRET = flags.DEFINE_bool("interpret", None, "Pallas interpret mode (default: on when there is no GPU)")
 
 _T0 = time.perf_counter()
 MAX_SETS = 4
@@ -165,9 +165,9 @@ def _markdown(result) -> str:
 
 def main(argv):
     del argv
-    quick = _QUICK.value
-    interpret = _INTERPRET.value if _INTERPRET.value is not None else (quick or jax.default_backend() != "gpu")
-    runs, calls = (2, 2) if quick else (_RUNS.value, _CALLS.value)
+    quick = FLAGS.quick
+    interpret = FLAGS.interpret if FLAGS.interpret is not None else (quick or jax.default_backend() != "gpu")
+    runs, calls = (2, 2) if quick else (FLAGS.runs or RUNS, FLAGS.calls)
     card = load_hardware(_CARD.value)
     if _BANDWIDTH.value is not None:
         bandwidth, source = _BANDWIDTH.value * 1e9, "--bandwidth_gbs"
@@ -204,7 +204,7 @@ def main(argv):
         total_seconds=time.perf_counter() - t_start,
         results=rows,
     )
-    out = _OUT.value or os.path.join("benchmarks", "results", f"quant_matmul_{datetime.date.today():%Y-%m-%d}.json")
+    out = FLAGS.out or os.path.join("benchmarks", "results", f"quant_matmul_{datetime.date.today():%Y-%m-%d}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
@@ -218,4 +218,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -1,6 +1,7 @@
 """Evaluate the shipped tiny models on held-out text: bits per byte, and draft/target agreement.
 
-  python -m experiments.eval_tiny                       # writes jaxinfer/assets/eval.json
+  python -m experiments.eval_tiny                       # prints the figures
+  python -m experiments.eval_tiny --out=jaxinfer/assets/eval.json   # records them beside the models
 
 Greedy agreement is the fraction of held-out positions where the draft's argmax next token equals
 the target's (teacher forcing on the same text): the per-token acceptance rate that greedy
@@ -11,22 +12,20 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 
 import jaxinfer as ji
+from experiments import common
 from jaxinfer import data
-from jaxinfer.weights import ASSETS_DIR
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "tiny", "Target model (name or HF checkpoint directory).")
 flags.DEFINE_string("draft", "tiny-draft", "Draft model (name or HF checkpoint directory).")
-flags.DEFINE_integer("windows", 64, "Held-out windows to evaluate on.")
-flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
-flags.DEFINE_string("out", os.path.join(ASSETS_DIR, "eval.json"), "Where to write the figures ('' = nowhere).")
+for _name in ("windows", "seq_len", "out"):
+    flags.declare_key_flag(_name)
 
 
 def evaluate(target: str, draft: str, windows: int, seq_len: int) -> dict:
@@ -53,6 +52,7 @@ def main(argv):
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(result, f, indent=2)
+        print(f"wrote {FLAGS.out}")
     print(f"{'model':<14}{'params':>12}{'held-out bits/byte':>20}")
     for role in ("target", "draft"):
         r = result[role]
@@ -61,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -9,29 +9,26 @@ after it reports time to first token, decode speed, and the compile time separat
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 import jaxinfer as ji
+from experiments import common
 from jaxinfer.quant import quantize_by_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", "def fibonacci(n):", "Text to complete.")
-flags.DEFINE_string("model", "tiny", "A shipped model (tiny, tiny-draft) or a local HF checkpoint directory.")
 flags.DEFINE_integer("max_tokens", 128, "Tokens to generate at most.")
 flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass, in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations dtype.")
-flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation (pallas runs interpreted on a CPU).")
 flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
                     "int4-gptq-g128, ... (see jaxinfer/quant/spec.py); AWQ/GPTQ calibrate on held-out text.")
-flags.DEFINE_enum("matmul", "xla", ["xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise in the kernel).")
+for _name in ("model", "seed", "dtype", "attention", "matmul"):
+    flags.declare_key_flag(_name)
 
 
 def run() -> None:
@@ -71,13 +68,9 @@ def run() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    del argv
+    run()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from absl import app, flags
+from absl import flags
 
+from experiments import common
 from jaxinfer import memory
 
 FLAGS = flags.FLAGS
@@ -33,7 +34,7 @@ _CONTEXT = flags.DEFINE_integer(
 _RESERVE = flags.DEFINE_float(
     "reserve_fraction", 0.1, "Fraction of the card's memory kept for activations and runtime."
 )
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the rows to this JSON file as well.")
+flags.declare_key_flag("out")
 
 COLUMNS = ("model", "weights GB", "KV MB/1K tok", "model ctx", "max ctx b=1", "max ctx b={batch}",
            "max batch @{context}", "tok/s b=1")
@@ -93,8 +94,7 @@ def print_table(hw: memory.Hardware, rows: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv
     models = _names(_MODELS.value, memory.list_models())
     cards = _names(_CARDS.value, memory.list_hardware())
     flag_names = ("models", "cards", "kv_dtype", "weight_format", "batch", "context", "reserve_fraction")
@@ -104,11 +104,11 @@ def main(argv: list[str]) -> None:
         rows = [model_row(name, hw) for name in models]
         print_table(hw, rows)
         result["cards"][card] = {"hardware": dataclasses.asdict(hw), "rows": rows}
-    if _JSON_OUT.value:
-        with open(_JSON_OUT.value, "w") as f:
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"\nwrote {_JSON_OUT.value}")
+        print(f"\nwrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -21,25 +21,23 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
+from experiments import common
 from jaxinfer import data, quant
 from jaxinfer.quant.spec import scheme_from_name
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "tiny", "Shipped model name or local HF checkpoint directory.")
 flags.DEFINE_list("schemes", ["dense", "int8", "int4-rtn-g32", "int4-awq-g32", "int4-gptq-g32", "int4-rtn-g128",
                               "int4-awq-g128", "int4-gptq-g128", "int4-gptq-g128-act", "int4-rtn-pc", "int4-awq-pc",
                               "int4-gptq-pc"], "Weight schemes to compare (first: the reference).")
-flags.DEFINE_integer("windows", 64, "Held-out evaluation windows.")
-flags.DEFINE_integer("seq_len", 512, "Tokens per evaluation window.")
 flags.DEFINE_integer("calib_sequences", 256, "Calibration sequences (AWQ, GPTQ).")
 flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
 flags.DEFINE_integer("decode_tokens", 128, "Tokens to decode when timing batch-1 decode (0: skip).")
-flags.DEFINE_enum("matmul", "xla", ["xla", "pallas"], "How quantised weights are multiplied while decoding.")
-flags.DEFINE_string("out", "", "Write the JSON result here.")
+for _name in ("model", "windows", "seq_len", "matmul", "out"):
+    flags.declare_key_flag(_name)
 flags.DEFINE_string("table", "", "Write a markdown table here.")
 
 
@@ -110,17 +108,13 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        for name in FLAGS.schemes:
-            scheme_from_name(name)  # fail on a bad name before any work
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    del argv
+    for name in FLAGS.schemes:
+        scheme_from_name(name)  # fail on a bad name before any work
     rows = evaluate(FLAGS.schemes)
     record = {
         "command": "python -m experiments.quant_eval " + " ".join(sys.argv[1:]),
-        "config": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])},
+        "config": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
         "environment": {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                         "python": sys.version.split()[0], "date": datetime.date.today().isoformat()},
         "results": rows,
@@ -137,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

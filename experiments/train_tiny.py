@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
+from experiments import common
 from jaxinfer import data
 from jaxinfer import model as model_lib
 from jaxinfer.weights import save_hf_checkpoint
@@ -37,10 +38,10 @@ flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(ji.__file__), "asset
 flags.DEFINE_string("ckpt_dir", "/tmp/jaxinfer_train_tiny", "Orbax train-state checkpoints (resumable).")
 flags.DEFINE_integer("steps", None, "Train steps (default: per model, see MODELS).")
 flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
-flags.DEFINE_integer("seq_len", 512, "Tokens per sequence (also the models' context length).")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate (AdamW, warmup then cosine decay to 10%).")
 flags.DEFINE_integer("warmup", 50, "Warmup steps.")
-flags.DEFINE_integer("seed", 0, "Seed for init and data order.")
+for _name in ("seq_len", "seed"):  # tokens per sequence (also the models' context); init and data order
+    flags.declare_key_flag(_name)
 flags.DEFINE_integer("eval_windows", 64, "Held-out windows of seq_len for the final evaluation.")
 flags.DEFINE_integer("ckpt_every", 100, "Save the train state every N steps.")
 flags.DEFINE_string("corpus", "", "A corpus .npz written by --save_corpus (default: read this Python's own text).")
@@ -183,7 +184,7 @@ def main(argv):
     del argv
     unknown = set(FLAGS.which) - set(MODELS)
     if unknown:
-        raise app.UsageError(f"--which: unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
+        raise ValueError(f"--which: unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
     corpus = data.read_corpus(FLAGS.corpus) if FLAGS.corpus else data.load_corpus()
     if FLAGS.save_corpus:
         data.save_corpus(corpus, FLAGS.save_corpus)
@@ -197,4 +198,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

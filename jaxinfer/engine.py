@@ -6,8 +6,9 @@
 Each `step()` asks the scheduler for a mixed batch (one decode token per running sequence plus
 prompt chunks), has the runner (jaxinfer/runner.py) run it as one jitted forward over the
 paged cache, appends the sampled tokens, and retires finished requests, returning their pages.
-A step with decode work only becomes a decode call of up to `decode_steps` steps; with
-`overlap`, the next call is dispatched before the last one's tokens are read back.
+A step with decode work only becomes a decode call of up to `decode_steps` steps
+(jaxinfer/pipeline.py); with `overlap`, the next call is dispatched before the last one's tokens
+are read back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from jaxinfer import model as model_lib
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.kv_cache import PageAllocator
 from jaxinfer.requests import RequestOutput, StopRules, prepare_prompt, prepare_sampling, sequence_output
-from jaxinfer.runner import DecodeCall, ModelRunner, possible_buckets
+from jaxinfer.pipeline import DecodePipeline
+from jaxinfer.runner import ModelRunner, possible_buckets
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import Scheduler, Sequence, Status
 
@@ -59,16 +61,16 @@ class Engine:
         self.rules = StopRules(model)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
-        self._counts: collections.Counter = collections.Counter()  # steps, preemptions, host_s, lookahead_calls
+        self._counts: collections.Counter = collections.Counter()  # steps, preemptions, peak_running, host_s
         self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
         self.pages_in_use: list[int] = []  # after each step
         self.kv_usage: list[tuple[int, int]] = []  # after each step: (slots reserved, tokens held)
-        self._in_flight: DecodeCall | None = None  # a decode call dispatched and not yet read back (overlap)
+        self.pipeline = DecodePipeline(self.scheduler, self.runner, config.decode_steps, config.overlap)
 
     @property
     def stats(self) -> collections.Counter:
         """Counters so far: the engine's and the runner's (device_s, device_idle_s, tokens run, ...)."""
-        merged = collections.Counter(self._counts)
+        merged = collections.Counter(self._counts, lookahead_calls=self.pipeline.lookahead_calls)
         merged.update(self.runner.stats)
         return merged
 
@@ -140,15 +142,16 @@ class Engine:
                          "throughput_tok_s": generated / wall if wall else 0.0}
         return outs
 
-    def warmup(self, max_prompt_len: int | None = None) -> int:
-        """Compile every program this config can run (prompts up to max_prompt_len tokens, default
-        max_seq_len); returns how many were compiled now. n > 1 sampling may add sampler shapes."""
+    def warmup(self, max_prompt_len: int | None = None, max_len: int | None = None) -> int:
+        """Compile every program this config can run, for prompts up to max_prompt_len tokens and
+        sequences up to max_len (prompt and output; both default to max_seq_len); returns how many
+        programs were compiled now. n > 1 sampling may need sampler shapes beyond these."""
         c, a = self.config, self.allocator
         return self.runner.warmup(possible_buckets(
             max_batch=c.max_batch, max_tokens_per_step=c.max_tokens_per_step, chunked_prefill=c.chunked_prefill,
             decode_steps=c.decode_steps, multi_step_decode=c.decode_steps > 1 or c.overlap,
             max_seq_len=self.max_seq_len, max_prompt_len=min(max_prompt_len or self.max_seq_len, self.max_seq_len),
-            page_size=a.page_size, num_pages=a.num_pages))
+            max_len=max_len or self.max_seq_len, page_size=a.page_size, num_pages=a.num_pages))
 
     def metrics(self) -> dict[str, float]:
         """Run-level figures so far: step and token counts, preemptions, host/device time, KV use."""
@@ -174,13 +177,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the requests that finished in it."""
         start, device_before = time.perf_counter(), self.runner.stats["device_s"]
-        finished = []
-        if self._in_flight is not None:
-            call, self._in_flight = self._in_flight, None
-            if self.config.overlap:
-                self._in_flight = self._look_ahead(call)
-            finished = self._finish_decode(call)
-        if self._in_flight is None and self.scheduler.has_work():
+        finished = self.pipeline.collect(self._append) if self.pipeline.in_flight else []
+        if self.pipeline.in_flight is None and self.scheduler.has_work():
             plan = self.scheduler.schedule()
             self._counts["preemptions"] += len(plan.preempted)
             self._counts["peak_running"] = max(self._counts["peak_running"], len(self.scheduler.running))
@@ -188,7 +186,7 @@ class Engine:
             if plan.copies:
                 self.runner.copy_pages(plan.copies)
             if plan.decode and not plan.prefill and (self.config.decode_steps > 1 or self.config.overlap):
-                finished += self._decode_call(plan.decode)
+                finished += self.pipeline.start(plan.decode, self._append)
             elif not plan.empty:
                 finished += self._run(plan)
         if not self.scheduler.has_work():
@@ -243,53 +241,6 @@ class Engine:
         self.scheduler.fork(parent, children)
         req.sequences += children
         return children
-
-    # Decode calls (several steps per call; with overlap, the next dispatched before the last is read)
-
-    def _wanted(self, seqs: list[Sequence], ahead: list[int]) -> list[int]:
-        """Decode steps each sequence can still take in one call, `ahead` tokens past the host's view."""
-        return [max(0, min(self.config.decode_steps, s.stop.budget - len(s.generated) - a))
-                for s, a in zip(seqs, ahead)]
-
-    def _decode_call(self, decode: list[Sequence]) -> list[Sequence]:
-        """Pages for the extra steps come from free pages only (no preemption); tokens past a stop
-        are dropped, so outputs equal single-step decoding. With overlap the call is left in flight."""
-        ahead = [0] * len(decode)
-        wanted = self._wanted(decode, ahead)
-        if not self.scheduler.reserve_ahead(decode, wanted, ahead):
-            wanted = [1] * len(decode)  # schedule() reserved one token each
-        call = self.runner.decode(decode, wanted, ahead)
-        if self.config.overlap:
-            self._in_flight = call
-            return []
-        return self._finish_decode(call)
-
-    def _look_ahead(self, call: DecodeCall) -> DecodeCall | None:
-        """Dispatch the call after `call` before reading `call` back, when the next step is sure
-        to decode the same sequences: nothing waits that a free slot would admit, and free pages
-        cover every row. Rows whose sequence stops inside `call` are wasted work, dropped when read."""
-        sched = self.scheduler
-        if sched.waiting and len(sched.running) < sched.max_batch and sched.policy == "continuous":
-            return None
-        if {id(s) for s in sched.running} != {id(s) for s in call.seqs}:
-            return None
-        wanted = self._wanted(call.seqs, call.wanted)
-        if not any(wanted) or not sched.reserve_ahead(call.seqs, wanted, call.wanted):
-            return None
-        self._counts["lookahead_calls"] += 1
-        return self.runner.decode(call.seqs, wanted, call.wanted, self.runner.newest(call))
-
-    def _finish_decode(self, call: DecodeCall) -> list[Sequence]:
-        """Read a decode call back and advance its sequences (skipping those already finished)."""
-        new_tokens = self.runner.read(call)  # (k, R)
-        finished = []
-        for i, (s, w) in enumerate(zip(call.seqs, call.wanted)):
-            for j in range(w if s.status is Status.RUNNING else 0):
-                self.scheduler.advance(s, 1)
-                if self._append(s, int(new_tokens[j, i])):
-                    finished.append(s)
-                    break
-        return finished
 
     # Outputs -----------------------------------------------------------------------------------
 

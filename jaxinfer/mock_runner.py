@@ -43,7 +43,7 @@ class MockRunner:
         self.vocab_size = model.config.vocab_size
         self.page_size, self.num_pages = page_size, num_pages
         self.slots = np.full(num_pages * page_size, _EMPTY, np.int64)
-        self.sample_rows = next_power_of_2(max_batch)
+        self.decode_rows = next_power_of_2(max_batch)
         self.buckets: set = set()
         self.stats: collections.Counter = collections.Counter()
         self.calls: list[tuple[str, int]] = []  # ("step", tokens) / ("decode", rows) in dispatch order

@@ -45,11 +45,13 @@ MIN_PAGES = 4  # the smallest block-table width bucket
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def _step(params, cfg, tokens, cache, batch, *, impl):
-    """tokens (N,) laid out as `batch` says -> logits (R, V), hidden (R, D) at batch.logits_at, cache."""
+def _step(params, cfg, tokens, cache, batch, sp, steps, *, impl):
+    """tokens (N,) laid out as `batch` says; sp, steps (R,) each logits row's sampling and token
+    index -> a token sampled from each of the R rows at batch.logits_at, their logits (R, V) and
+    hidden states (R, D), and the cache."""
     TRACE_COUNTS["step"] += 1
     out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl)
-    return out.logits, out.hidden, out.cache
+    return sample(out.logits, sp, steps), out.logits, out.hidden, out.cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps"), donate_argnames=("cache",))
@@ -87,10 +89,11 @@ def _newest(tokens, last):
     return jnp.take_along_axis(tokens, last[None], axis=0)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("with_hidden",))
-def _sample_rows(logits, hidden, rows, sp, steps, *, with_hidden):
+@jax.jit
+def _sample_rows(logits, rows, sp, steps):
+    """More samples from given rows of a step's logits (the other n - 1 samples of a prompt)."""
     TRACE_COUNTS["sample"] += 1
-    return sample(logits[rows], sp, steps), hidden[rows] if with_hidden else None
+    return sample(logits[rows], sp, steps)
 
 
 @dataclasses.dataclass
@@ -108,11 +111,13 @@ class StepOutput:
     hidden: jax.Array | None = None  # (S, D) their final-norm hidden states, on device, when asked
 
 
+_GREEDY = SamplingParams(temperature=0.0)
+
+
 def sampling_batch(seqs: list[Sequence], rows: int) -> SamplingBatch:
     """The sequences' sampling parameters as arrays, padded with greedy rows to `rows`."""
     pad = rows - len(seqs)
-    return SamplingBatch.from_params([s.sampling for s in seqs] + [SamplingParams(temperature=0.0)] * pad,
-                                     [s.seed for s in seqs] + [0] * pad)
+    return SamplingBatch.from_params([s.sampling for s in seqs] + [_GREEDY] * pad, [s.seed for s in seqs] + [0] * pad)
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
@@ -131,7 +136,7 @@ class ModelRunner:
         many decode rows, so the decode row count is no part of its shape."""
         self.model, self.impl = model, impl
         self.page_size, self.max_seq_len = page_size, max_seq_len
-        self.sample_rows = next_power_of_2(max_batch)
+        self.decode_rows = next_power_of_2(max_batch)
         self.cache = PagedKVCache.zeros(model.config, num_pages, page_size, model.dtype)
         self.buckets: set[Bucket] = set()
         self.stats: collections.Counter = collections.Counter()  # device_s, device_idle_s, copied_pages
@@ -160,7 +165,7 @@ class ModelRunner:
         sampled for several sequences, e.g. the n samples of one prompt)."""
         page = self.page_size
         Rp = next_power_of_2(len(prefill)) if prefill else 0
-        Rd = max(next_power_of_2(len(decode)), self.sample_rows) if Rp else next_power_of_2(len(decode))
+        Rd = max(next_power_of_2(len(decode)), self.decode_rows) if Rp else next_power_of_2(len(decode))
         C = next_power_of_2(max(n for _, n in prefill), MIN_CHUNK) if prefill else 0
         scheduled = decode + [s for s, _ in prefill]
         M = self.pages_bucket(max(len(s.pages) for s in scheduled))
@@ -195,27 +200,33 @@ class ModelRunner:
         batch = BatchDescriptor(positions=positions, logits_at=logits_at, slot_mapping=slots,
                                 decode_block_tables=d_tables, decode_lens=d_lens, prefill_block_tables=p_tables,
                                 prefill_start=p_start, prefill_lens=p_lens)
-        tokens, batch = jax.device_put((tokens, batch))  # one transfer
+        # Every logits row is sampled in the step with its sequence's parameters (padding: greedy).
+        row_seqs = decode + [None] * (Rd - len(decode)) + [s for s, _ in prefill]
+        row_seqs += [None] * (Rd + Rp - len(row_seqs))
+        sp = SamplingBatch.from_params([s.sampling if s else _GREEDY for s in row_seqs],
+                                       [s.seed if s else 0 for s in row_seqs])
+        steps = np.asarray([len(s.generated) if s else 0 for s in row_seqs], np.int32)
+        tokens, batch, sp, steps = jax.device_put((tokens, batch, sp, steps))  # one transfer
         self._mark_dispatch()
-        logits, hidden_states, self.cache = _step(self.model.params, self.model.config, tokens, self.cache, batch,
-                                                  impl=self.impl)
+        sampled, logits, hidden_states, self.cache = _step(self.model.params, self.model.config, tokens, self.cache,
+                                                           batch, sp, steps, impl=self.impl)
+        self._last_dispatched = sampled
         self.stats["decode_tokens"] += len(decode)
         self.stats["prefill_tokens"] += sum(n for _, n in prefill)
+        rows = [i if i < len(decode) else Rd + i - len(decode) for i, _ in samplers]
+        own = [row_seqs[r] is seq for r, (_, seq) in zip(rows, samplers)]
+        new_tokens = self._read(sampled)[rows] if samplers else np.zeros(0, np.int32)
+        others = [(r, seq) for r, (_, seq), o in zip(rows, samplers, own) if not o]
+        if others:  # forked samples: more draws from their parent's row
+            R = next_power_of_2(len(others))
+            idx, steps = np.zeros(R, np.int32), np.zeros(R, np.int32)
+            idx[: len(others)] = [r for r, _ in others]
+            steps[: len(others)] = [len(s.generated) for _, s in others]
+            extra = self._read(_sample_rows(logits, idx, sampling_batch([s for _, s in others], R), steps))
+            new_tokens[[i for i, o in enumerate(own) if not o]] = extra[: len(others)]
         if not samplers:
-            self._last_dispatched = logits
-            self._wait(logits)
-            return StepOutput(np.zeros(0, np.int32))
-
-        R = next_power_of_2(len(samplers))
-        rows = np.zeros(R, np.int32)
-        rows[: len(samplers)] = [i if i < len(decode) else Rd + i - len(decode) for i, _ in samplers]
-        seqs = [s for _, s in samplers]
-        steps = np.zeros(R, np.int32)
-        steps[: len(seqs)] = [len(s.generated) for s in seqs]
-        new_tokens, new_hidden = _sample_rows(logits, hidden_states, rows, sampling_batch(seqs, R), steps,
-                                              with_hidden=hidden)
-        self._last_dispatched = new_tokens
-        return StepOutput(self._read(new_tokens)[: len(seqs)], None if new_hidden is None else new_hidden[: len(seqs)])
+            self._wait(sampled)
+        return StepOutput(new_tokens, hidden_states[np.asarray(rows, np.int32)] if hidden else None)
 
     def decode(self, seqs: list[Sequence], wanted: list[int], ahead: list[int], tokens=None) -> DecodeCall:
         """Dispatch one multi-step decode call without reading it back. Row i continues seqs[i]
@@ -255,14 +266,13 @@ class ModelRunner:
     # Warm-up -----------------------------------------------------------------------------------
 
     def warmup(self, buckets: list[Bucket]) -> int:
-        """Compile the program of every bucket (and the samplers its rows can need) ahead of
-        time, without running anything; returns how many programs this traced."""
+        """Compile the program of every bucket ahead of time, without running anything; returns
+        how many programs this traced. (Forked samples, n > 1, draw through a small extra program.)"""
         before = sum(TRACE_COUNTS.values())
-        cfg, impl, V, D = self.model.config, self.impl, self.model.config.vocab_size, self.model.config.hidden_size
+        cfg, impl = self.model.config, self.impl
         params, cache = jax.tree.map(_abstract, (self.model.params, self.cache))
         i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
         sp = lambda R: jax.tree.map(_abstract, sampling_batch([], R))  # noqa: E731
-        sample_shapes = set()
         for Rd, Rp, C, M in buckets:
             if Rp < 0:  # a k-step decode call of Rd rows
                 _multi_decode.lower(params, cfg, i32((Rd,)), i32((Rd,)), i32((Rd,)), i32((Rd, M)), cache, sp(Rd),
@@ -273,12 +283,7 @@ class ModelRunner:
                                     decode_block_tables=i32((Rd, M)), decode_lens=i32((Rd,)),
                                     prefill_block_tables=i32((Rp, M)), prefill_start=i32((Rp,)),
                                     prefill_lens=i32((Rp,)))
-            _step.lower(params, cfg, i32((N,)), cache, batch, impl=impl).compile()
-            sample_shapes |= {(Rd + Rp, R) for R in _powers_of_2(min(Rd + Rp, self.sample_rows))}
-        for rows, R in sorted(sample_shapes):
-            logits = jax.ShapeDtypeStruct((rows, V), jnp.float32)
-            hidden = jax.ShapeDtypeStruct((rows, D), self.model.dtype)
-            _sample_rows.lower(logits, hidden, i32((R,)), sp(R), i32((R,)), with_hidden=False).compile()
+            _step.lower(params, cfg, i32((N,)), cache, batch, sp(Rd + Rp), i32((Rd + Rp,)), impl=impl).compile()
         return sum(TRACE_COUNTS.values()) - before
 
     # Device timing: the device is taken to be idle from the moment the host last found it done
@@ -310,16 +315,17 @@ class ModelRunner:
 
 
 def possible_buckets(*, max_batch: int, max_tokens_per_step: int, chunked_prefill: bool, decode_steps: int,
-                     multi_step_decode: bool, max_seq_len: int, max_prompt_len: int, page_size: int,
+                     multi_step_decode: bool, max_seq_len: int, max_prompt_len: int, max_len: int, page_size: int,
                      num_pages: int) -> list[Bucket]:
     """Every program shape the engine can run under these limits (n = 1 sampling): steps with
     prompt work (max_batch decode rows, up to max_batch prefill rows, chunks up to the token
     budget or, unchunked, a whole prompt, block tables up to the longest sequence's pages, but
     not narrower than its chunk needs), decode-only steps when decode does not run as calls, and
-    k-step decode calls."""
+    k-step decode calls. Sequences are at most max_len tokens (prompt and output) of the engine's
+    max_seq_len, prompts at most max_prompt_len."""
     B = next_power_of_2(max_batch)
     min_pages = min(MIN_PAGES, math.ceil(max_seq_len / page_size))
-    max_pages = min(math.ceil(max_seq_len / page_size), num_pages)
+    max_pages = min(math.ceil(min(max_len, max_seq_len) / page_size), num_pages)
     pages = sorted({next_power_of_2(m, min_pages) for m in range(1, max_pages + 1)})
     max_chunk = min(max_tokens_per_step, max_prompt_len) if chunked_prefill else max_prompt_len
     out: list[Bucket] = []

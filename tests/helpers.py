@@ -1,9 +1,17 @@
-"""Test helpers: per-row error metrics and random HF checkpoints written to disk."""
+"""Test helpers: per-row error metrics, random HF checkpoints written to disk, and experiments run
+in this process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
+from absl.testing import flagsaver
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Kernel tests run compiled on a GPU and in interpret mode elsewhere (poisoned outputs, see the
 # kernel tests, are an interpret-mode guard; compiled runs check the values only).
@@ -95,3 +103,17 @@ def hf_model(arch: str, seed: int = 0, **overrides):
 def save_hf(model, path, **kwargs) -> str:
     model.save_pretrained(path, **kwargs)
     return str(path)
+
+
+def run_main(module, *argv: str) -> None:
+    """Run an experiment's main in this process with these flags (the others at their defaults);
+    the global flags are restored afterwards. Bad input raises as it would inside main."""
+    with flagsaver.flagsaver():
+        module.FLAGS(["experiment", *argv])
+        module.main(["experiment"])
+
+
+def run_script(module: str, *argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m <module> argv...` from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)

@@ -184,21 +184,23 @@ def test_engine_matches_hf_transformers(arch, tmp_path):
         assert o.token_ids == ref[0, len(p):].tolist()
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# A few fixed cache shapes and budgets, so the examples share compiled programs; the scheduler's
+# own properties are checked over many more workloads on the mock runner (test_scheduler.py).
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     lengths=st.lists(st.integers(1, 30), min_size=1, max_size=6),
     max_tokens=st.lists(st.integers(1, 12), min_size=6, max_size=6),
-    num_pages=st.integers(5, 16),
+    num_pages=st.sampled_from([6, 16]),
     page_size=st.sampled_from([4, 8]),
     batching=st.sampled_from(["continuous", "static"]),
-    budget=st.integers(4, 40),
+    budget=st.sampled_from([8, 32]),
     shared_prefix=st.booleans(),
     overlap=st.booleans(),
     decode_steps=st.sampled_from([1, 3]),
 )
 def test_random_workloads(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix,
                           overlap, decode_steps):
-    """Any workload: outputs equal the baseline, and every page comes back."""
+    """Random workloads on the model: outputs equal the baseline, and every page comes back."""
     rng = np.random.default_rng(len(lengths) * 1000 + num_pages)
     prefix = rng.integers(0, 256, size=12).tolist() if shared_prefix else []
     prompts = [(prefix + rng.integers(0, 256, size=n).tolist())[:30] for n in lengths]

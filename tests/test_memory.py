@@ -8,6 +8,7 @@ import pytest
 from absl.testing import flagsaver
 
 from experiments import kv_capacity
+from helpers import run_script
 from jaxinfer import memory
 from jaxinfer.config import ModelConfig
 
@@ -187,7 +188,7 @@ def test_bad_input_names_the_field(llama3_8b, tmp_path):
 def test_kv_capacity_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "kv.json"
     argv = ["kv_capacity", "--models=llama3_8b,llama3_70b", "--cards=rtx3080_10gb,h100_80gb",
-            "--batch=8", "--context=4096", f"--json_out={out}"]
+            "--batch=8", "--context=4096", f"--out={out}"]
     with flagsaver.flagsaver():
         kv_capacity.FLAGS(argv)
         kv_capacity.main(argv[:1])
@@ -200,6 +201,14 @@ def test_kv_capacity_runs_end_to_end(tmp_path, capsys):
     )
     assert not h100["llama3_70b"]["fits"]
     assert not result["cards"]["rtx3080_10gb"]["rows"][0]["fits"]
+
+
+def test_kv_capacity_runs_as_a_script():
+    result = run_script("experiments.kv_capacity", "--models=llama3_8b", "--cards=h100_80gb", timeout=120)
+    assert result.returncode == 0 and "H100" in result.stdout, result.stderr[-2000:]
+    bad = run_script("experiments.kv_capacity", "--models=llama3_8b", "--cards=h100_80gb", "--kv_dtype=int3",
+                     timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_kv_capacity_rejects_bad_kv_dtype():

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +13,8 @@ import torch
 import jaxinfer as ji
 from jaxinfer import data
 from jaxinfer.weights import ASSETS_DIR
-from helpers import TOLERANCE, row_rel_error
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments import eval_tiny, generate, train_tiny
+from helpers import TOLERANCE, row_rel_error, run_main, run_script
 
 
 @pytest.fixture(scope="module")
@@ -91,32 +88,40 @@ def test_engine_equals_baseline_on_the_shipped_model(target):
         assert [o.token_ids for o in ji.Engine(target, config).generate(prompts, sp)] == ref
 
 
-def _main_job(*flags):
-    return subprocess.run([sys.executable, "-m", "experiments.generate", *flags], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_main_job_runs():
-    result = _main_job("--prompt=def add(a, b):", "--max_tokens=12")
+    result = run_script("experiments.generate", "--prompt=def add(a, b):", "--max_tokens=12", timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def add(a, b):")
     for field in ("TTFT", "tokens/s", "M params", "compile"):
         assert field in result.stdout
+    bad = run_script("experiments.generate", "--model=no-such-model", timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith(
+        "error: model 'no-such-model' is neither a directory nor a shipped model")
 
 
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--prompt=", "error: --prompt is empty"),
-        ("--model=no-such-model", "error: model 'no-such-model' is neither a directory nor a shipped model"),
-        ("--max_tokens=0", "error: max_tokens must be an integer >= 1"),
-        ("--temperature=-1", "error: temperature must be >= 0"),
-        ("--top_p=0", "error: top_p must be in (0, 1]"),
-        ("--top_p=1.5", "error: top_p must be in (0, 1]"),
+        ("--prompt=", "--prompt is empty"),
+        ("--max_tokens=0", "max_tokens must be an integer >= 1"),
+        ("--temperature=-1", "temperature must be >= 0"),
+        ("--top_p=0", "top_p must be in \\(0, 1\\]"),
+        ("--top_p=1.5", "top_p must be in \\(0, 1\\]"),
     ],
 )
-def test_main_job_bad_input_is_one_clear_line(flag, message):
-    result = _main_job(flag)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(message)
+def test_main_job_bad_input_is_refused(flag, message):
+    with pytest.raises(ValueError, match=message):
+        run_main(generate, flag)
+
+
+def test_eval_and_training_scripts_run(tmp_path, capsys):
+    """eval_tiny prints its table (and writes only when asked); train_tiny trains, exports and
+    evaluates a model (two steps of the draft here)."""
+    run_main(eval_tiny, "--windows=2", "--seq_len=64")
+    assert "greedy agreement" in capsys.readouterr().out
+    run_main(train_tiny, "--which=draft", "--steps=2", "--batch_size=2", "--seq_len=64", "--eval_windows=2",
+             f"--out_dir={tmp_path}", f"--ckpt_dir={tmp_path / 'ckpt'}")
+    record = json.loads((tmp_path / "tiny-draft" / "training.json").read_text())
+    assert record["steps"] == 2 and record["heldout_bits_per_byte"] > 0
+    assert ji.load_model(str(tmp_path / "tiny-draft")).config.max_position_embeddings == 64

@@ -1,0 +1,101 @@
+"""What every experiment shares: the flags they have in common (each defined once, so experiments
+can be imported side by side, as the tests run them in one process), the engine's flags and the
+EngineConfig they build, one error path, the run record, and timing.
+
+An experiment's `main` is wrapped by `run(main)`: bad input (ValueError, and the ConfigError and
+CheckpointError subclasses of it) ends the run with one `error: ...` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import jax
+from absl import app, flags
+
+import jaxinfer as ji
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", "tiny", "A shipped model (tiny, tiny-draft) or a local HF checkpoint directory; "
+                    "bench_batching also takes random:NAME, random weights shaped like configs/models/NAME.json.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations dtype.")
+flags.DEFINE_integer("seed", 0, "Seed of the run's random draws (workload, sampling, calibration).")
+flags.DEFINE_string("out", "", "Write the JSON result to this file ('' = do not write).")
+flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation (pallas runs interpreted on a CPU).")
+flags.DEFINE_enum("matmul", "xla", ["xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise "
+                  "in the kernel, interpreted on a CPU).")
+flags.DEFINE_integer("windows", 64, "Held-out evaluation windows.")
+flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
+flags.DEFINE_bool("quick", False, "Tiny shapes and 2 runs of 2 calls: a smoke test that runs on a CPU.")
+flags.DEFINE_bool("interpret", None, "Pallas interpret mode (default: on when there is no GPU).")
+flags.DEFINE_integer("runs", None, "Timed runs per variant; the median is reported (default: the script's).")
+flags.DEFINE_integer("calls", 50, "Back-to-back calls per timed run.")
+
+# The engine, flag by flag (EngineConfig's fields and defaults).
+flags.DEFINE_enum("batching", "continuous", ["continuous", "static"], "Batching policy.")
+flags.DEFINE_enum("kv_layout", "paged", ["paged", "contiguous"], "KV-cache layout.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("kv_budget_tokens", 0, "KV budget in tokens (0: room for max_batch full-length sequences).")
+flags.DEFINE_integer("max_batch", 8, "Sequences running at once.")
+flags.DEFINE_integer("max_tokens_per_step", 256, "Token budget per step.")
+flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
+flags.DEFINE_bool("prefix_cache", True, "Reuse KV pages of identical prompt prefixes.")
+flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
+flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading the last one's tokens back.")
+
+ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
+                "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap")
+
+
+def engine_config(**overrides) -> ji.EngineConfig:
+    """The EngineConfig the engine flags describe (overrides win)."""
+    values = {name: FLAGS[name].value for name in ENGINE_FLAGS}
+    values["kv_budget_tokens"] = values["kv_budget_tokens"] or None
+    return ji.EngineConfig(**{**values, **overrides})
+
+
+def run(main) -> None:
+    """app.run(main), with bad input reported as one `error: ...` line and exit status 2."""
+
+    def guarded(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        try:
+            main(argv)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded)
+
+
+def environment(module: str) -> dict:
+    """When, where and how an experiment ran: date (UTC), device, backend, versions, command."""
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=jax.devices()[0].device_kind,
+        backend=jax.default_backend(),
+        jax_version=jax.__version__,
+        python=sys.version.split()[0],
+        command=" ".join([os.path.basename(sys.executable), "-m", module, *sys.argv[1:]]),
+    )
+
+
+def median_call_time(fn, arg_sets, runs: int, calls: int) -> float:
+    """Median seconds per call over `runs` runs of `calls` back-to-back calls, cycling through
+    arg_sets (several weight sets defeat the L2 cache). Each set is called once first (compile)."""
+    for args in arg_sets:
+        jax.block_until_ready(fn(*args))
+    per_call = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for i in range(calls):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - t0) / calls)
+    return statistics.median(per_call)
