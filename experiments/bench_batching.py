@@ -20,7 +20,6 @@ times batch-1 decode through the engine against the same jitted step run back to
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import sys
@@ -91,11 +90,14 @@ def make_workload(rate: float | None, model) -> list[Request]:
     context = model.config.max_position_embeddings
     prompt_lens = np.minimum(prompt_lens, context - 1)
     output_lens = np.minimum(output_lens, context - prompt_lens + 1)
-    text = data.load_corpus().heldout
+    if model.tokenizer is None:
+        raise ValueError(f"--model={FLAGS.model} has no tokenizer: the prompts are held-out text in its tokens")
+    text = data.heldout_stream(model.tokenizer).ids
+    bos = [] if model.tokenizer.bos_id is None else [model.tokenizer.bos_id]
     starts = rng.integers(0, text.size - prompt_lens.max() - 1, size=n)
     arrivals = np.zeros(n) if rate is None else np.cumsum(rng.exponential(1.0 / rate, size=n))
     return [
-        Request(float(a), [model.tokenizer.bos_id] + text[s : s + p - 1].tolist(), int(o))
+        Request(float(a), (bos + text[s : s + p].tolist())[:p], int(o))
         for a, s, p, o in zip(arrivals, starts, prompt_lens, output_lens)
     ]
 
@@ -248,8 +250,33 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def check_flags() -> list[float | None]:
+    """Refuse bad flags before any work; returns the arrival rates to run (None: all at once)."""
+    for name in ("num_requests", "prompt_len", "output_len", "max_len", "max_batch", "page_size"):
+        if FLAGS[name].value < 1:
+            raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
+    if not FLAGS.sigma > 0:
+        raise ValueError(f"--sigma={FLAGS.sigma} must be > 0")
+    if FLAGS["rates"].present and FLAGS.arrival != "poisson":
+        raise ValueError("--rates applies to --arrival=poisson only")
+    rates = []
+    for r in FLAGS.rates:
+        try:
+            rates.append(float(r))
+        except ValueError:
+            raise ValueError(f"--rates: {r!r} is not a number of requests per second") from None
+        if not rates[-1] > 0:
+            raise ValueError(f"--rates: {r!r} must be > 0")
+    common.check_out(FLAGS.out)
+    if FLAGS.plot:
+        common.check_out(FLAGS.plot)
+        common.require("matplotlib", "--plot", "plots")
+    return [None] if FLAGS.arrival == "all" else rates
+
+
 def main(argv):
     del argv
+    rates = check_flags() if not FLAGS.step_overhead else None
     model = load_bench_model(FLAGS.model, FLAGS.dtype)
     if FLAGS.step_overhead:
         r = step_overhead(model, FLAGS.step_overhead)
@@ -257,27 +284,25 @@ def main(argv):
               f"ms/token, bare jitted step {r['bare_step_s'] * 1e3:.2f} ms: overhead {r['overhead']:+.1%}, "
               f"device idle {r['device_idle_share']:.1%} (overlap={FLAGS.overlap}, decode_steps={FLAGS.decode_steps})")
         if FLAGS.out:
-            with open(FLAGS.out, "w") as f:
-                json.dump({"command": "python -m experiments.bench_batching " + " ".join(sys.argv[1:]),
-                           "device": jax.devices()[0].device_kind, "jax": jax.__version__, **r}, f, indent=2)
+            common.write_json(FLAGS.out, {**common.environment("experiments.bench_batching"), **r})
         return
-    rates = [None] if FLAGS.arrival == "all" else [float(r) for r in FLAGS.rates]
     results = [run_once(model, rate) for rate in rates]
     record = {
         "config": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
-        "environment": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-                        "jax": jax.__version__, "python": sys.version.split()[0],
-                        "date": datetime.datetime.now().isoformat(timespec="seconds")},
-        "command": "python -m experiments.bench_batching " + " ".join(sys.argv[1:]),
+        "environment": common.environment("experiments.bench_batching"),
         "results": results,
     }
+    print_table(results, record["environment"]["device"])
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump(record, f, indent=2)
+        common.write_json(FLAGS.out, record)
     if FLAGS.plot:
         plot(results, FLAGS.plot)
+        print(f"wrote {FLAGS.plot}")
+
+
+def print_table(results: list[dict], device: str) -> None:
     print(f"\n{FLAGS.batching} batching, {FLAGS.kv_layout} KV, max_batch={FLAGS.max_batch}, "
-          f"{FLAGS.num_requests} requests, on {record['environment']['device']}")
+          f"{FLAGS.num_requests} requests, on {device}")
     header = ("rate", "tok/s", "TTFT mean", "p50", "p90", "p99", "TPOT mean", "p50", "p90", "p99",
               "KV waste", "peak batch", "preempt", "host share", "dev idle", "compiles")
     print(" ".join(f"{h:>10}" for h in header))

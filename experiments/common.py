@@ -9,6 +9,8 @@ CheckpointError subclasses of it) ends the run with one `error: ...` line and ex
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -72,6 +74,29 @@ def run(main) -> None:
             sys.exit(2)
 
     app.run(guarded)
+
+
+def check_out(path: str) -> None:
+    """Refuse, before any work, an output path whose directory is missing or not writable."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: the directory {folder} is not writable")
+
+
+def require(module: str, flag: str, extra: str) -> None:
+    """Refuse, before any work, a flag that needs a package that is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{flag} needs {module}: pip install 'jaxinfer[{extra}]'")
+
+
+def write_json(path: str, record: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {path}")
 
 
 def environment(module: str) -> dict:

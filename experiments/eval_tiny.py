@@ -29,9 +29,8 @@ for _name in ("windows", "seq_len", "out"):
 
 
 def evaluate(target: str, draft: str, windows: int, seq_len: int) -> dict:
-    corpus = data.load_corpus()
-    w = data.heldout_windows(corpus, seq_len, windows)
     t, d = ji.load_model(target), ji.load_model(draft)
+    w = data.heldout_windows(t, seq_len, windows)
     return {
         "target": {"model": target, "params": t.config.num_params(), "heldout_bits_per_byte": data.bits_per_byte(t, w)},
         "draft": {"model": draft, "params": d.config.num_params(), "heldout_bits_per_byte": data.bits_per_byte(d, w)},

@@ -66,8 +66,7 @@ def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
 
 def evaluate(names: list[str]) -> list[dict]:
     dense = ji.load_model(FLAGS.model)
-    corpus = data.load_corpus()
-    windows = data.heldout_windows(corpus, FLAGS.seq_len, FLAGS.windows)
+    windows = data.heldout_windows(dense, FLAGS.seq_len, FLAGS.windows)
     calibration = dict(num_sequences=FLAGS.calib_sequences, seq_len=FLAGS.calib_len)
     rows = []
     for name in tqdm(names, desc="schemes", unit="scheme"):

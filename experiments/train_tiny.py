@@ -154,7 +154,7 @@ def train(which: str, corpus: data.Corpus) -> dict:
     model = ji.Model(cfg, state["params"], ji.ByteTokenizer(), spec["name"])
     save_hf_checkpoint(model, out, dtype="float16")
     exported = ji.load_model(out)  # evaluate what ships: float16 weights, read back
-    windows = data.heldout_windows(corpus, FLAGS.seq_len, FLAGS.eval_windows)
+    windows = data.heldout_windows(exported, FLAGS.seq_len, FLAGS.eval_windows)
     record = {
         "model": spec["name"],
         "params": cfg.num_params(),

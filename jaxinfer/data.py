@@ -1,8 +1,11 @@
-"""Text every Python installation carries, as byte-level token streams, and held-out evaluation.
+"""Text every Python installation carries, as token streams, and held-out evaluation.
 
 The corpus is the English documentation in `pydoc_data.topics` plus the standard library's own
 source. Documents are split into train and held-out by a hash of their name, so the split does
-not depend on which files exist. Each document is `BOS bytes EOS` in the ByteTokenizer's ids.
+not depend on which files exist. For training the shipped byte-level models, each document is
+`BOS bytes EOS` in the ByteTokenizer's ids (`load_corpus`). For evaluation and calibration, the
+held-out documents are encoded by each model's own tokenizer (`heldout_stream`), and bits per
+byte divide by the bytes of the text itself, so models with different tokenizers compare.
 """
 
 from __future__ import annotations
@@ -83,32 +86,84 @@ def read_corpus(path: str) -> Corpus:
         return Corpus(f["train"].astype(np.int32), f["heldout"].astype(np.int32), tuple(int(x) for x in f["num_docs"]))
 
 
-def heldout_windows(corpus: Corpus, seq_len: int, num: int) -> np.ndarray:
-    """(num, seq_len + 1) non-overlapping windows from the start of the held-out stream."""
-    needed = num * (seq_len + 1)
-    if corpus.heldout.size < needed:
-        raise ValueError(f"held-out stream has {corpus.heldout.size} tokens, {needed} needed")
-    return corpus.heldout[:needed].reshape(num, seq_len + 1)
+@functools.lru_cache(maxsize=1)
+def heldout_texts() -> tuple[str, ...]:
+    """The held-out documents' text, in corpus order (no model trained here has seen them)."""
+    return tuple(text for name, text in _documents() if is_heldout(name))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """Held-out text in one tokenizer's tokens: each document encoded as the tokenizer does
+    (its BOS included when it adds one), then its EOS.
+      ids     (n,) int32  token ids
+      nbytes  (n,) int32  bytes of text each token stands for (0: special tokens)"""
+
+    ids: np.ndarray
+    nbytes: np.ndarray
+
+
+@functools.lru_cache(maxsize=4)
+def heldout_stream(tokenizer) -> TokenStream:
+    """The held-out documents through `tokenizer` (cached per tokenizer)."""
+    eos = list(tokenizer.eos_ids[:1])
+    ids = np.concatenate([np.asarray(tokenizer.encode(t) + eos, np.int32) for t in heldout_texts()])
+    return TokenStream(ids, tokenizer.token_bytes()[ids])
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Evaluation windows of held-out text: tokens (num, T + 1) int32 and nbytes (num, T + 1) int32
+    (see TokenStream); a model reads tokens[:, :-1] and is scored on tokens[:, 1:]."""
+
+    tokens: np.ndarray
+    nbytes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _tokenizer_of(model, what: str):
+    if model.tokenizer is None:
+        raise ValueError(f"{what} tokenises held-out text with the model's tokenizer, and this model has none")
+    return model.tokenizer
+
+
+def heldout_windows(model, seq_len: int, num: int, offset: int = 0) -> Windows:
+    """`num` non-overlapping windows of seq_len + 1 tokens of held-out text in the model's own
+    tokens, starting `offset` tokens into the stream."""
+    stream = heldout_stream(_tokenizer_of(model, "held-out evaluation"))
+    if seq_len < 1 or num < 1:
+        raise ValueError(f"seq_len={seq_len} and windows={num} must be >= 1")
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} is over the model's context of {model.config.max_position_embeddings}")
+    needed = offset + num * (seq_len + 1)
+    if stream.ids.size < needed:
+        raise ValueError(f"the held-out stream has {stream.ids.size} tokens, {needed} needed")
+    shape = (num, seq_len + 1)
+    return Windows(stream.ids[offset:needed].reshape(shape), stream.nbytes[offset:needed].reshape(shape))
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _window_nll(params, cfg, windows):
-    """Summed negative log-likelihood (nats) of byte targets, and their count."""
+def _window_nll(params, cfg, windows, nbytes):
+    """Summed negative log-likelihood (nats) of the targets that are text, and their bytes."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     B, T = inputs.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits = model_lib.forward(params, cfg, inputs, positions).logits  # (B, T, V)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    is_byte = targets < 256  # BOS/EOS are not bytes of text
-    return jnp.sum(jnp.where(is_byte, nll, 0.0)), jnp.sum(is_byte)
+    text = nbytes[:, 1:] > 0  # special tokens (BOS, EOS) are not text
+    return jnp.sum(jnp.where(text, nll, 0.0)), jnp.sum(nbytes[:, 1:])
 
 
-def bits_per_byte(model, windows: np.ndarray, batch_size: int = 16) -> float:
-    """Mean bits per byte of text the model assigns to windows (teacher forcing)."""
+def bits_per_byte(model, windows: Windows, batch_size: int = 16) -> float:
+    """Bits the model spends per byte of text in the windows (teacher forcing): comparable across
+    tokenizers, since the bytes are the text's own."""
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        nll, n = _window_nll(model.params, model.config, jnp.asarray(windows[i : i + batch_size]))
+        nll, n = _window_nll(model.params, model.config, jnp.asarray(windows.tokens[i : i + batch_size]),
+                             jnp.asarray(windows.nbytes[i : i + batch_size]))
         total, count = total + float(nll), count + int(n)
     return total / count / math.log(2)
 
@@ -122,12 +177,15 @@ def _argmax_agreement(params_a, cfg_a, params_b, cfg_b, inputs):
     return jnp.sum(a == b), a.size
 
 
-def greedy_agreement(model_a, model_b, windows: np.ndarray, batch_size: int = 16) -> float:
-    """Fraction of positions where both models' argmax next tokens agree, on the same text."""
+def greedy_agreement(model_a, model_b, windows: Windows, batch_size: int = 16) -> float:
+    """Fraction of positions where both models' argmax next tokens agree, on the same text (both
+    models must share a tokenizer)."""
+    if model_a.config.vocab_size != model_b.config.vocab_size:
+        raise ValueError(f"greedy agreement needs one vocabulary; the models have {model_a.config.vocab_size} "
+                         f"and {model_b.config.vocab_size} tokens")
     same = total = 0
     for i in range(0, len(windows), batch_size):
-        s, n = _argmax_agreement(
-            model_a.params, model_a.config, model_b.params, model_b.config, jnp.asarray(windows[i : i + batch_size, :-1])
-        )
+        s, n = _argmax_agreement(model_a.params, model_a.config, model_b.params, model_b.config,
+                                 jnp.asarray(windows.tokens[i : i + batch_size, :-1]))
         same, total = same + int(s), total + int(n)
     return same / total

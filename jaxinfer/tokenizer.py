@@ -1,13 +1,18 @@
 """Tokenizers: HF `tokenizers` (a tokenizer.json) and a byte-level tokenizer.
 
 Both expose the same small surface: `encode(text) -> list[int]`, `decode(ids) -> str`,
-`vocab_size`, `bos_id`, `eos_ids`.
+`vocab_size`, `bos_id`, `eos_ids`, and `token_bytes()`: how many bytes of UTF-8 text each token
+stands for (0 for special tokens), so that bits per byte compare across tokenizers.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Protocol, Sequence
+
+import numpy as np
 
 import tokenizers
 import tokenizers.decoders
@@ -27,6 +32,8 @@ class Tokenizer(Protocol):
 
     def save(self, ckpt_dir: str | os.PathLike) -> None: ...
 
+    def token_bytes(self) -> np.ndarray: ...
+
 
 class ByteTokenizer:
     """One token per UTF-8 byte (ids 0-255), then BOS (256) and EOS (257)."""
@@ -42,6 +49,10 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         data = bytes(i for i in ids if 0 <= i < 256)
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int32: 1 for each byte token, 0 for BOS and EOS."""
+        return (np.arange(self.vocab_size) < 256).astype(np.int32)
 
     def save(self, ckpt_dir: str | os.PathLike) -> None:
         """Write the same tokenizer as an HF tokenizer.json (byte-level BPE with no merges)."""
@@ -89,6 +100,28 @@ class HFTokenizer:
 
     def save(self, ckpt_dir: str | os.PathLike) -> None:
         self._tok.save(os.path.join(ckpt_dir, "tokenizer.json"))
+
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int32 bytes of text per token, read off the vocabulary: a byte-level BPE
+        token's characters are one byte each; otherwise (SentencePiece-style) "<0xNN>" is one byte,
+        "▁" a space, and other characters their UTF-8 length. Special tokens are 0."""
+        decoder = json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+        byte_level = '"ByteLevel"' in decoder
+        out = np.zeros(self.vocab_size, np.int32)
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in special or i >= self.vocab_size:
+                continue
+            if byte_level:
+                out[i] = len(token)
+            elif _BYTE_TOKEN.fullmatch(token):
+                out[i] = 1
+            else:
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def load_tokenizer(

@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
 
 def test_result_has_every_field(runs, capsys):
     record = runs["continuous"]
-    assert record["config"]["batching"] == "continuous" and record["environment"]["jax"]
+    assert record["config"]["batching"] == "continuous" and record["environment"]["jax_version"]
     (r,) = record["results"]
     for key in ("throughput_tok_s", "ttft_s", "tpot_s", "latency_s", "kv_waste", "host_share", "preemptions"):
         assert key in r
@@ -87,3 +87,15 @@ def test_runs_as_a_script(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "TTFT" in result.stdout and "KV waste" in result.stdout and "dev idle" in result.stdout
     assert json.loads(out.read_text())["results"][0]["compiles_during_run"] == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_requests=0"], "--num_requests=0 must be >= 1"),
+    (["--num_requests=-3"], "--num_requests=-3 must be >= 1"),
+    (["--arrival=poisson", "--rates=abc"], "--rates: 'abc' is not a number"),
+    (["--rates=4,8"], "--rates applies to --arrival=poisson only"),
+    (["--out=/no/such/dir/x.json"], "cannot write /no/such/dir/x.json: the directory /no/such/dir does not exist"),
+])
+def test_bad_flags_are_refused_before_any_work(flags, message):
+    with pytest.raises(ValueError, match=message):
+        run_main(bench_batching, *flags)

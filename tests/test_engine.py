@@ -297,3 +297,22 @@ def test_overlap_stops_sampling_and_forks(model, prompts, baseline):
     assert [s.token_ids for s in forked[0].samples] == [s.token_ids for s in alone[0].samples]
     assert engine.allocator.num_used == 0
     engine.allocator.check_invariants(owners={})
+
+
+@pytest.mark.parametrize("overlap,decode_steps", [(True, 2), (False, 1)])
+def test_warmup_compiles_every_program_a_run_needs(model, overlap, decode_steps):
+    """After Engine.warmup, serving any workload within its lengths compiles nothing more (decode
+    as k-step calls, or as plain steps)."""
+    config = ji.EngineConfig(max_batch=3, page_size=8, max_tokens_per_step=24, overlap=overlap,
+                             decode_steps=decode_steps)
+    engine = ji.Engine(model, config)
+    compiled = engine.warmup(max_prompt_len=14, max_len=26)
+    assert compiled > 0
+    before = sum(runner_lib.TRACE_COUNTS.values())
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(1, 15, size=9)]
+    params = [ji.SamplingParams(max_tokens=int(m), temperature=0.0) for m in rng.integers(1, 13, size=9)]
+    outs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ji.generate(model, prompts, params)]
+    assert sum(runner_lib.TRACE_COUNTS.values()) == before
+    assert engine.warmup(max_prompt_len=14, max_len=26) == 0  # all compiled already

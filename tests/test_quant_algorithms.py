@@ -56,25 +56,27 @@ def _output_error(x, w, w_effective):
 # --- calibration data and the runner -------------------------------------------------------------
 
 
-def test_calibration_windows_come_from_heldout_text_past_the_offset(seed):
-    corpus = data.load_corpus()
-    a = calib.calibration_windows(3, 16, seed, corpus=corpus)
+def test_calibration_windows_come_from_heldout_text_past_the_offset(tiny, seed):
+    stream = data.heldout_stream(tiny.tokenizer).ids
+    a = calib.calibration_windows(tiny, 3, 16, seed)
     assert a.shape == (3, 16) and a.dtype == np.int32
-    np.testing.assert_array_equal(a, calib.calibration_windows(3, 16, seed, corpus=corpus))
-    assert not np.array_equal(a, calib.calibration_windows(3, 16, seed + 1, corpus=corpus))
-    tail = np.lib.stride_tricks.sliding_window_view(corpus.heldout[calib.HELDOUT_OFFSET:], 16)  # (S, 16)
+    np.testing.assert_array_equal(a, calib.calibration_windows(tiny, 3, 16, seed))
+    assert not np.array_equal(a, calib.calibration_windows(tiny, 3, 16, seed + 1))
+    tail = np.lib.stride_tricks.sliding_window_view(stream[calib.HELDOUT_OFFSET:], 16)  # (S, 16)
     for window in a:
         assert np.any(np.all(tail == window, axis=1))
     with pytest.raises(ValueError, match="num_sequences=0"):
-        calib.calibration_windows(0, 16)
-    with pytest.raises(ValueError, match=f"seq_len=16 windows past offset={corpus.heldout.size}"):
-        calib.calibration_windows(2, 16, offset=corpus.heldout.size, corpus=corpus)
+        calib.calibration_windows(tiny, 0, 16)
+    with pytest.raises(ValueError, match=f"seq_len=16 windows past offset={stream.size}"):
+        calib.calibration_windows(tiny, 2, 16, offset=stream.size)
+    with pytest.raises(ValueError, match="this model has none"):
+        calib.calibration_windows(dataclasses.replace(tiny, tokenizer=None), 2, 16)
 
 
 def test_runner_reproduces_forward(tiny, seed):
     """With the layers left as they are, the per-layer runner is model.forward: the same final
     hidden states and logits (uneven chunks of 3 and 1 windows)."""
-    windows = calib.calibration_windows(4, 32, seed)
+    windows = calib.calibration_windows(tiny, 4, 32, seed)
     seen = []
 
     def update(l, lp, stats):
@@ -96,7 +98,7 @@ def test_runner_reproduces_forward(tiny, seed):
 def test_runner_records_what_each_projection_sees(tiny, seed, monkeypatch):
     """The statistics of every projection's input equal those of the inputs model.forward itself
     passes to `linear` (recorded eagerly, layer by layer, in the order wq wk wv wo w_gate w_up w_down)."""
-    windows = calib.calibration_windows(4, 32, seed)
+    windows = calib.calibration_windows(tiny, 4, 32, seed)
     recorded = []
     linear = matmul.linear
 
@@ -124,7 +126,7 @@ def test_runner_records_what_each_projection_sees(tiny, seed, monkeypatch):
 def test_runner_is_sequential(tiny, seed):
     """Layer l + 1 is measured through the params `update` returned for layer l: RTN-quantising
     each layer as it is reached ends at the quantised model's hidden states, not the float one's."""
-    windows = calib.calibration_windows(4, 32, seed)
+    windows = calib.calibration_windows(tiny, 4, 32, seed)
 
     def update(l, lp, stats):
         return {**lp, **{n: quantize_weight(lp[n], 4, 32, pad=True) for n in quant.LINEAR_WEIGHTS}}
@@ -254,7 +256,7 @@ def test_awq_folding_keeps_the_float_model(tiny, rng, which):
     logits do not move. The scales are far from 1, so a wrong fold would show."""
     model = tiny if which == "tiny" else _mha_bias_model(rng)
     scheme = quant.QuantScheme(bits=4, group_size=32, pad=True, method="awq")
-    windows = rng.integers(0, 256, size=(4, 32)) if which == "mha_bias" else calib.calibration_windows(4, 32)
+    windows = rng.integers(0, 256, size=(4, 32)) if which == "mha_bias" else calib.calibration_windows(tiny, 4, 32)
 
     def fold(l, lp, stats):
         return awq.scale_layer(model.config, lp, stats, scheme)[0]
@@ -277,8 +279,8 @@ def test_awq_folding_keeps_the_float_model(tiny, rng, which):
 @pytest.fixture(scope="module")
 def tiny_bits_per_byte(tiny):
     """Held-out bits/byte of the tiny model, float and quantised (AWQ, GPTQ act-order on 16 x 256 tokens)."""
-    windows = data.heldout_windows(data.load_corpus(), 256, 16)
-    calibration = calib.calibration_windows(16, 256, seed=0)
+    windows = data.heldout_windows(tiny, 256, 16)
+    calibration = calib.calibration_windows(tiny, 16, 256, seed=0)
     schemes = {
         "int8-pc": quant.QuantScheme(bits=8, group_size=None),
         "rtn": quant.QuantScheme(bits=4, group_size=32, pad=True),
@@ -307,7 +309,7 @@ def test_int4_awq_and_gptq_beat_rtn(tiny_bits_per_byte, method):
 
 
 def test_quantize_model_checks(tiny):
-    windows = calib.calibration_windows(2, 16)
+    windows = calib.calibration_windows(tiny, 2, 16)
     for method in ("awq", "gptq"):
         with pytest.raises(ValueError, match="layers.w_down: group_size=32 does not divide in_features=688"):
             quant.quantize_model(tiny, quant.QuantScheme(bits=4, group_size=32, method=method), windows,

@@ -34,8 +34,8 @@ def draft():
 
 
 @pytest.fixture(scope="module")
-def windows(recorded):
-    return data.heldout_windows(data.load_corpus(), recorded["seq_len"], recorded["heldout_windows"])
+def windows(recorded, target):
+    return data.heldout_windows(target, recorded["seq_len"], recorded["heldout_windows"])
 
 
 def test_shipped_models_load(target, draft):

@@ -53,14 +53,15 @@ def quantize_model(
     RTN needs no calibration. AWQ and GPTQ run the calibration windows through the model layer
     by layer (calibration.run_layers): each layer is calibrated on the inputs the layers below
     it produce once quantised. Without `calibration`, num_sequences windows of seq_len held-out
-    tokens are drawn with `seed` (calibration.calibration_windows; defaults 256 x 256)."""
+    tokens (in the model's own tokens) are drawn with `seed` (calibration.calibration_windows;
+    defaults 256 x 256)."""
     for name in LINEAR_WEIGHTS:
         if isinstance(model.params["layers"][name], QuantizedWeight):
             raise ValueError(f"layers.{name} is already quantised: quantize_model takes a dense model")
     if scheme.method == "rtn":
         return dataclasses.replace(model, params=quantize(model.params, scheme))
     if calibration is None:
-        calibration = calib.calibration_windows(num_sequences or calib.DEFAULT_NUM_SEQUENCES,
+        calibration = calib.calibration_windows(model, num_sequences or calib.DEFAULT_NUM_SEQUENCES,
                                                 seq_len or calib.DEFAULT_SEQ_LEN, seed)
     elif num_sequences is not None or seq_len is not None:
         raise ValueError("num_sequences and seq_len choose calibration windows: pass them or calibration, not both")

@@ -38,6 +38,7 @@ Params = model_lib.Params
 
 # Calibration windows start past this many tokens of the held-out stream, so they never overlap the
 # windows `data.heldout_windows` evaluates on (experiments/eval_tiny.py reads 64 x 513 tokens).
+# They are in the model's own tokens (data.heldout_stream).
 HELDOUT_OFFSET = 1 << 16
 DEFAULT_NUM_SEQUENCES = 256
 DEFAULT_SEQ_LEN = 256
@@ -45,21 +46,25 @@ DEFAULT_CHUNK_SIZE = 16  # sequences a jitted chunk runs at once
 
 
 def calibration_windows(
+    model: Model,
     num_sequences: int = DEFAULT_NUM_SEQUENCES,
     seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 0,
     *,
     offset: int = HELDOUT_OFFSET,
-    corpus: data.Corpus | None = None,
 ) -> np.ndarray:  # (num_sequences, seq_len) int32
-    """Windows of held-out text at random (seeded) starts past `offset` in the held-out stream."""
+    """Windows of held-out text in the model's tokens, at random (seeded) starts past `offset` in
+    the held-out stream. A model without a tokenizer needs its calibration windows given."""
+    if model.tokenizer is None:
+        raise ValueError("calibration tokenises held-out text with the model's tokenizer, and this model has none: "
+                         "pass calibration windows of token ids")
     if num_sequences < 1:
         raise ValueError(f"num_sequences={num_sequences} must be >= 1")
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
     if offset < 0:
         raise ValueError(f"offset={offset} must be >= 0")
-    stream = (corpus or data.load_corpus()).heldout
+    stream = data.heldout_stream(model.tokenizer).ids
     room = stream.size - offset - seq_len
     if room < 0:
         raise ValueError(
