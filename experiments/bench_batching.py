@@ -32,10 +32,11 @@ from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
-from experiments import common
-from jaxinfer import data
+from jaxinfer import data, memory
 from jaxinfer import runner as runner_lib
 from jaxinfer.sampling import SamplingBatch
+
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
@@ -185,8 +186,7 @@ def load_bench_model(name: str, dtype: str) -> ji.Model:
     if not name.startswith("random:"):
         return ji.load_model(name, dtype=dtype)
     shape = name.split(":", 1)[1]
-    path = shape if shape.endswith(".json") else os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models", shape + ".json")
+    path = shape if shape.endswith(".json") else os.path.join(memory.CONFIGS_DIR, "models", shape + ".json")
     if not os.path.exists(path):
         raise ValueError(f"--model={name}: no {path}")
     cfg = ji.ModelConfig.from_json_file(path)

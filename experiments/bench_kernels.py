@@ -17,9 +17,6 @@ Writes a JSON to --out and prints a table last.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import sys
 import time
 
@@ -28,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common
-from experiments.common import environment, median_call_time
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import paged_attention as pa
+
+from . import common
+from .common import environment, median_call_time
 
 FLAGS = flags.FLAGS
 for _name in ("quick", "out", "runs", "calls", "interpret"):
@@ -298,12 +296,7 @@ def main(argv):
         total_seconds=time.perf_counter() - t_start,
         results=rows,
     )
-    out = FLAGS.out or os.path.join("benchmarks", "results", f"kernels_{datetime.date.today():%Y-%m-%d}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-
-    print(f"\n{result['device']} | jax {result['jax_version']} | {result['total_seconds']:.0f} s | {out}")
+    print(f"\n{result['device']} | jax {result['jax_version']} | {result['total_seconds']:.0f} s")
     print(f"{'section':40s} {'variant':34s} {'max row err':>11s} {'us/call':>9s} {'figure':>16s}")
     for r in rows:
         if r["section"] == "checks" and "error" not in r:
@@ -318,6 +311,8 @@ def main(argv):
     if any("error" in r for r in rows) and quick:
         sys.exit(1)
 
+    if FLAGS.out:
+        common.write_json(FLAGS.out, result)
 
 if __name__ == "__main__":
     common.run(main)

@@ -22,8 +22,6 @@ the markdown table next to it (.md), and prints the table last.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import sys
 import time
@@ -33,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common
-from experiments.common import environment, median_call_time
-from jaxinfer.memory import load_hardware
 from jaxinfer import formats as fmt
+from jaxinfer.memory import load_hardware
 from jaxinfer.quant import rtn
 from pallas_kernels import quant_matmul as qm
+
+from . import common
+from .common import environment, median_call_time
 
 FLAGS = flags.FLAGS
 for _name in ("quick", "out", "runs", "calls", "interpret"):
@@ -204,15 +203,14 @@ def main(argv):
         total_seconds=time.perf_counter() - t_start,
         results=rows,
     )
-    out = FLAGS.out or os.path.join("benchmarks", "results", f"quant_matmul_{datetime.date.today():%Y-%m-%d}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
     table = _markdown(result)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(table + "\n")
-    print(f"\n{out} ({result['total_seconds']:.0f} s)\n")
+    print(f"\n{result['total_seconds']:.0f} s\n")
     print(table)
+    if FLAGS.out:
+        common.write_json(FLAGS.out, result)
+        with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
+            f.write(table + "\n")
+        print(f"wrote {os.path.splitext(FLAGS.out)[0]}.md")
     if quick and any("error" in r or not r["passed"] for r in rows):
         sys.exit(1)
 

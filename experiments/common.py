@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import logging
 import json
 import os
 import statistics
@@ -65,6 +66,7 @@ def run(main) -> None:
     """app.run(main), with bad input reported as one `error: ...` line and exit status 2."""
 
     def guarded(argv):
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU-probe line on a CPU
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         try:

@@ -11,15 +11,15 @@ speculative decoding with this draft can expect.
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 
 import jax
 from absl import flags
 
 import jaxinfer as ji
-from experiments import common
 from jaxinfer import data
+
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "tiny", "Target model (name or HF checkpoint directory).")
@@ -49,9 +49,7 @@ def main(argv):
     del argv
     result = evaluate(FLAGS.target, FLAGS.draft, FLAGS.windows, FLAGS.seq_len)
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {FLAGS.out}")
+        common.write_json(FLAGS.out, result)
     print(f"{'model':<14}{'params':>12}{'held-out bits/byte':>20}")
     for role in ("target", "draft"):
         r = result[role]

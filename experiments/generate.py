@@ -15,8 +15,9 @@ import jax
 from absl import flags
 
 import jaxinfer as ji
-from experiments import common
 from jaxinfer.quant import quantize_by_name
+
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", "def fibonacci(n):", "Text to complete.")
@@ -72,5 +73,10 @@ def main(argv):
     run()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-generate` console script."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

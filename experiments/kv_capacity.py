@@ -10,12 +10,12 @@ tokens/s at batch 1 and --context. Pure arithmetic (jaxinfer.memory): no device,
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from absl import flags
 
-from experiments import common
 from jaxinfer import memory
+
+from . import common
 
 FLAGS = flags.FLAGS
 
@@ -61,11 +61,14 @@ def model_row(name: str, hw: memory.Hardware) -> dict:
         "decode_tokens_per_s_batch_1": None,
     }
     try:
-        row["max_context_batch_1"] = memory.max_context(cfg, hw, 1, fmt, kv, reserve)
+        row["kv_max_context_batch_1"] = memory.max_context(cfg, hw, 1, fmt, kv, reserve)
     except memory.DoesNotFitError:
         row["fits"] = False
         return row
-    row["max_context_batch_n"] = memory.max_context(cfg, hw, _BATCH.value, fmt, kv, reserve)
+    row["kv_max_context_batch_n"] = memory.max_context(cfg, hw, _BATCH.value, fmt, kv, reserve)
+    # What the KV cache would hold, capped at what the model was trained for.
+    for n in ("1", "n"):
+        row[f"max_context_batch_{n}"] = min(row[f"kv_max_context_batch_{n}"], cfg.max_position_embeddings)
     row["max_batch_at_context"] = memory.max_batch(cfg, hw, _CONTEXT.value, fmt, kv, reserve)
     roofline = memory.decode_roofline(cfg, hw, 1, _CONTEXT.value, fmt, kv)
     row["decode_tokens_per_s_batch_1"] = roofline["tokens_per_s"]
@@ -77,8 +80,12 @@ def _cells(row: dict) -> list[str]:
             f"{row['model_max_context']:,}"]
     if not row["fits"]:
         return head + ["weights do not fit", "", "", ""]
-    return head + [f"{row['max_context_batch_1']:,}", f"{row['max_context_batch_n']:,}",
-                   f"{row['max_batch_at_context']:,}", f"{row['decode_tokens_per_s_batch_1']:.1f}"]
+    def context(n):  # "(model)": the model's context is the limit, not memory
+        capped = row[f"kv_max_context_batch_{n}"] > row["model_max_context"]
+        return f"{row[f'max_context_batch_{n}']:,}" + (" (model)" if capped else "")
+
+    return head + [context("1"), context("n"), f"{row['max_batch_at_context']:,}",
+                   f"{row['decode_tokens_per_s_batch_1']:.1f}"]
 
 
 def print_table(hw: memory.Hardware, rows: list[dict]) -> None:
@@ -105,9 +112,7 @@ def main(argv: list[str]) -> None:
         print_table(hw, rows)
         result["cards"][card] = {"hardware": dataclasses.asdict(hw), "rows": rows}
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {FLAGS.out}")
+        common.write_json(FLAGS.out, result)
 
 
 if __name__ == "__main__":

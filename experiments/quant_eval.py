@@ -15,7 +15,6 @@ evaluation windows do not contain.
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 import time
 
@@ -25,9 +24,10 @@ from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
-from experiments import common
 from jaxinfer import data, quant
 from jaxinfer.quant.spec import scheme_from_name
+
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("schemes", ["dense", "int8", "int4-rtn-g32", "int4-awq-g32", "int4-gptq-g32", "int4-rtn-g128",
@@ -122,11 +122,11 @@ def main(argv):
     print(f"\n{FLAGS.model} on {record['environment']['device']}, {FLAGS.windows} held-out windows of {FLAGS.seq_len}")
     print(md)
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump(record, f, indent=2)
+        common.write_json(FLAGS.out, record)
     if FLAGS.table:
         with open(FLAGS.table, "w") as f:
             f.write(md + "\n")
+        print(f"wrote {FLAGS.table}")
 
 
 if __name__ == "__main__":

@@ -27,14 +27,15 @@ from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
-from experiments import common
 from jaxinfer import data
 from jaxinfer import model as model_lib
 from jaxinfer.weights import save_hf_checkpoint
 
+from . import common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("which", ["target", "draft"], "Models to train: target, draft.")
-flags.DEFINE_string("out_dir", os.path.join(os.path.dirname(ji.__file__), "assets"), "Export directory.")
+flags.DEFINE_string("out_dir", "runs/train_tiny", "Export directory (jaxinfer/assets replaces the shipped models).")
 flags.DEFINE_string("ckpt_dir", "/tmp/jaxinfer_train_tiny", "Orbax train-state checkpoints (resumable).")
 flags.DEFINE_integer("steps", None, "Train steps (default: per model, see MODELS).")
 flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
@@ -177,6 +178,7 @@ def train(which: str, corpus: data.Corpus) -> dict:
     }
     with open(os.path.join(out, "training.json"), "w") as f:
         json.dump(record, f, indent=2)
+    print(f"wrote {out}")
     return record
 
 

@@ -2,12 +2,13 @@
 
 from jaxinfer.config import ConfigError, ModelConfig, RopeConfig
 from jaxinfer.engine import Engine, EngineConfig
-from jaxinfer.generation import RequestOutput, generate
+from jaxinfer.generation import generate
 from jaxinfer.kv_cache import KVCache, PagedKVCache
 from jaxinfer.model import forward, forward_logits, init_params
+from jaxinfer.requests import RequestOutput
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.tokenizer import ByteTokenizer, HFTokenizer
-from jaxinfer.weights import CheckpointError, Model, load_model, save_model
+from jaxinfer.weights import CheckpointError, Model, load_model, save_hf_checkpoint, save_model
 
 __all__ = [
     "ByteTokenizer",
@@ -28,5 +29,6 @@ __all__ = [
     "generate",
     "init_params",
     "load_model",
+    "save_hf_checkpoint",
     "save_model",
 ]

@@ -122,7 +122,13 @@ class ModelConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         with open(path) as f:
-            return _from_hf(json.load(f))
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object of config fields")
+        return _from_hf(hf)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF-style config.json dict that `from_hf_dict` reads back to an equal config."""

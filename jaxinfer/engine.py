@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from typing import Sequence as Seq
 
@@ -28,6 +29,9 @@ from jaxinfer.pipeline import DecodePipeline
 from jaxinfer.runner import ModelRunner, possible_buckets
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import Scheduler, Sequence, Status
+
+
+log = logging.getLogger("jaxinfer")
 
 
 @dataclasses.dataclass(eq=False)
@@ -92,11 +96,13 @@ class Engine:
         if len(ids) > capacity:
             raise ValueError(f"prompt has {len(ids)} tokens; the KV cache holds {capacity} "
                              f"({self.allocator.num_pages} pages of {self.allocator.page_size}), it can never run")
+        if sampling.max_tokens > self.max_seq_len:
+            raise ValueError(f"max_tokens={sampling.max_tokens} is over the engine's max_seq_len={self.max_seq_len}")
         rid, self._next_id = self._next_id, self._next_id + 1
         seed = sampling.seed if sampling.seed is not None else (rid if seed is None else seed)
         now = time.perf_counter()
         # A sequence stops at max_tokens or at the end of the context (no position left for its next token).
-        stop = self.rules.checker(sampling, min(sampling.max_tokens, self.max_seq_len + 1 - len(ids)))
+        stop = self.rules.checker(sampling, self.max_seq_len + 1 - len(ids))
         seq = Sequence(rid, 0, list(ids), len(ids), sampling, seed, now, stop=stop)
         self._requests[rid] = _Request(rid, list(ids), sampling, [seq])
         self.scheduler.add(seq)
@@ -117,10 +123,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def generate(self, prompts: Seq[str | Seq[int]],
-                 sampling: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(self, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, raise_on_error: bool = False) -> list[RequestOutput]:
         """Serve prompts to completion; outputs in prompt order. A bad prompt gets an output with
-        finish_reason "error" and its message; the others are served as if it were not there."""
+        finish_reason "error" and its message (logged as a warning); the others are served as if it
+        were not there. With raise_on_error, a bad prompt raises instead, before any is served."""
         if isinstance(prompts, str) or not len(prompts):
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
         params = prepare_sampling(sampling, len(prompts))
@@ -129,8 +136,15 @@ class Engine:
             try:
                 ids.append(self.add_request(p, sp, seed=i))
             except ValueError as e:
+                if raise_on_error:
+                    for rid in ids:
+                        self.abort(rid)
+                    raise ValueError(f"prompts[{i}]: {e}") from None
                 prompt_ids = list(p) if not isinstance(p, str) else []
                 ids.append(RequestOutput(prompt_ids, [], None, "error", {}, error=f"prompts[{i}]: {e}"))
+        errors = [x.error for x in ids if isinstance(x, RequestOutput)]
+        if errors:
+            log.warning("%d of %d prompts were refused; the first: %s", len(errors), len(ids), errors[0])
         done: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while self.has_unfinished():
@@ -236,7 +250,7 @@ class Engine:
         children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[],
                                         num_computed=parent.num_computed + n, hashes=list(parent.hashes),
                                         seed=_sample_seed(parent.seed, i),
-                                        stop=self.rules.checker(parent.sampling, parent.stop.budget))
+                                        stop=self.rules.checker(parent.sampling, parent.stop.room))
                     for i in range(1, parent.sampling.n)]
         self.scheduler.fork(parent, children)
         req.sequences += children

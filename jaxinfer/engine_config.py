@@ -38,9 +38,11 @@ class EngineConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 2")
 
     def seq_len(self, model_config) -> int:
-        """The longest sequence the engine serves: max_seq_len, capped at the model's context."""
+        """The longest sequence the engine serves: max_seq_len, or the model's context."""
         context = model_config.max_position_embeddings
-        return min(self.max_seq_len or context, context)
+        if self.max_seq_len is not None and self.max_seq_len > context:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is over the model's context of {context}")
+        return self.max_seq_len or context
 
     def kv_pages(self, max_seq_len: int) -> tuple[int, int]:
         """(num_pages, page_size) of the KV cache. The contiguous layout reserves one "page" of

@@ -60,6 +60,10 @@ def generate(
     params_list = prepare_sampling(sampling, len(prompt_ids))
     if any(s.n > 1 for s in params_list):
         raise ValueError("n > 1 (parallel sampling) is served by ji.Engine, not the baseline generate")
+    for i, s in enumerate(params_list):
+        if s.max_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"sampling[{i}].max_tokens={s.max_tokens} is over the model's context of "
+                             f"{cfg.max_position_embeddings}")
     start = time.perf_counter()
 
     n = len(prompt_ids)
@@ -88,7 +92,7 @@ def generate(
     ttft = time.perf_counter() - start
 
     rules = StopRules(model)
-    stops = [rules.checker(sp_i, int(b)) for sp_i, b in zip(params_list, budgets)]
+    stops = [rules.checker(sp_i, cfg.max_position_embeddings - n + 1) for sp_i, n in zip(params_list, lengths)]
     generated: list[list[int]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     done_at = [0.0] * n

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxinfer import model as model_lib
 from jaxinfer.config import ModelConfig
@@ -109,7 +109,11 @@ def header_entries(files: list[str], cfg: ModelConfig) -> Iterator[tuple[str, st
     """(file, tensor name, shape, safetensors dtype) of every tensor the model may read, from the
     headers alone; ignored tensors (and a tied model's lm_head) are skipped."""
     for path in files:
-        with safe_open(path, framework="numpy") as f:
+        try:
+            f = safe_open(path, framework="numpy")
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (empty or truncated?): {e}") from None
+        with f:
             for key in f.keys():
                 if IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
                     continue

@@ -28,8 +28,9 @@ from typing import Any
 
 from jaxinfer.config import ModelConfig
 
-# configs/ sits beside the package in the repository; it is not package data.
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# configs/ sits beside the package in the repository; jaxinfer/configs links to it, so a wheel
+# carries it as package data.
+CONFIGS_DIR = pathlib.Path(__file__).parent / "configs"
 
 KV_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
 QUANTISED_KV_DTYPES = ("int8", "fp8")

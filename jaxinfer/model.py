@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer import attention, matmul
 from jaxinfer.config import ModelConfig
@@ -255,6 +256,11 @@ _forward_jit = jax.jit(forward, static_argnames=("cfg", "impl"))
 
 def forward_logits(model, tokens, *, attn_impl: str = "xla", matmul_impl: str = "xla") -> jax.Array:
     """int32[B, T] -> float32[B, T, V]: one full causal pass, no cache. The reference path."""
+    if isinstance(tokens, str):
+        raise ValueError("tokens is a string: tokenise it first (model.tokenizer.encode) and pass int32[B, T]")
+    kind = np.asarray(tokens).dtype.kind
+    if kind not in "iu":
+        raise ValueError(f"tokens must be integer token ids int32[B, T], got dtype {np.asarray(tokens).dtype}")
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int32[B, T], got shape {tokens.shape}")

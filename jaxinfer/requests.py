@@ -21,7 +21,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens (a stop token included)
     text: str | None  # decoded generated tokens, cut before a stop string; None without a tokenizer
-    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" | "abort" | "error"
+    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" (max_tokens, or a request that
+    # alone outgrew the KV cache) | "context" (no position left in the context) | "abort" | "error"
     metrics: dict[str, float]  # ttft_s, tpot_s, latency_s, prompt_tokens, generated_tokens, ...
     error: str | None = None  # why a request was refused (finish_reason "error")
     request_id: int | None = None
@@ -65,10 +66,14 @@ def prepare_prompt(model, prompt: str | Sequence[int], name: str = "prompt") -> 
 def prepare_sampling(
     sampling: SamplingParams | Sequence[SamplingParams] | None, n: int
 ) -> list[SamplingParams]:
+    """One SamplingParams per prompt, from one for all or a list of them."""
     if sampling is None:
         return [SamplingParams()] * n
     if isinstance(sampling, SamplingParams):
         return [sampling] * n
+    if not isinstance(sampling, (list, tuple)):
+        raise ValueError(f"sampling is a {type(sampling).__name__}: pass ji.SamplingParams(...) or a list of them, "
+                         "one per prompt")
     sampling = list(sampling)
     if len(sampling) != n:
         raise ValueError(f"got {len(sampling)} SamplingParams for {n} prompts")
@@ -101,9 +106,9 @@ class StopRules:
         self.eos_ids = frozenset(model.config.eos_token_ids) | frozenset(
             model.tokenizer.eos_ids if model.tokenizer else ())
 
-    def checker(self, sampling: SamplingParams, budget: int) -> StopChecker:
-        """A fresh checker for one sequence that may generate at most `budget` tokens."""
-        return StopChecker(self, sampling, budget)
+    def checker(self, sampling: SamplingParams, room: int) -> StopChecker:
+        """A fresh checker for one sequence with `room` positions left in its context for new tokens."""
+        return StopChecker(self, sampling, room)
 
     def completion_text(self, sampling: SamplingParams, generated: Sequence[int]) -> str | None:
         """The decoded completion, cut before the first stop string; None without a tokenizer."""
@@ -116,11 +121,13 @@ class StopRules:
 
 class StopChecker:
     """Why one sequence ends after its newest token, checked once per token: "stop" for an EOS
-    (unless ignored), a stop token or a stop string in the text; "length" once `budget` tokens
-    are out; else None. Holds the sequence's decoded text so far when it has stop strings."""
+    (unless ignored), a stop token or a stop string in the text; "length" once max_tokens are out;
+    "context" once its `room` in the context is used up; else None. `budget` is the tokens it may
+    generate at most. Holds the sequence's decoded text so far when it has stop strings."""
 
-    def __init__(self, rules: StopRules, sampling: SamplingParams, budget: int):
-        self.rules, self.sampling, self.budget = rules, sampling, budget
+    def __init__(self, rules: StopRules, sampling: SamplingParams, room: int):
+        self.rules, self.sampling, self.room = rules, sampling, room
+        self.budget = min(sampling.max_tokens, room)
         self.text = ""  # decoded generated[:read]
         self._prefix = 0  # generated[prefix:read] are re-decoded as context for the next tokens
         self._read = 0
@@ -135,7 +142,9 @@ class StopChecker:
             tail = self.text[-(len(new) + self._longest - 1):] if new else ""
             if any(s in tail for s in sp.stop):
                 return "stop"
-        return "length" if len(generated) >= self.budget else None
+        if len(generated) >= sp.max_tokens:
+            return "length"
+        return "context" if len(generated) >= self.room else None
 
     def _new_text(self, generated: Sequence[int]) -> str:
         """Text that the tokens since the last call add, once they end on a whole character."""

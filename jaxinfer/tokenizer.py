@@ -8,6 +8,7 @@ stands for (0 for special tokens), so that bits per byte compare across tokenize
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Protocol, Sequence
@@ -19,6 +20,9 @@ import tokenizers.decoders
 import tokenizers.models
 import tokenizers.pre_tokenizers
 import tokenizers.processors
+
+
+log = logging.getLogger("jaxinfer")
 
 
 class Tokenizer(Protocol):
@@ -127,8 +131,10 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 def load_tokenizer(
     ckpt_dir: str | os.PathLike, bos_id: int | None = None, eos_ids: Sequence[int] = ()
 ) -> Tokenizer | None:
-    """The checkpoint's tokenizer.json, or None (the model then takes and returns token ids)."""
+    """The checkpoint's tokenizer.json, or None (the model then takes and returns token ids; a
+    warning says so at load rather than at the first string prompt)."""
     path = os.path.join(ckpt_dir, "tokenizer.json")
     if os.path.exists(path):
         return HFTokenizer(path, bos_id, eos_ids)
+    log.warning("no tokenizer.json in %s: the model takes and returns token ids only", ckpt_dir)
     return None

@@ -316,3 +316,23 @@ def test_warmup_compiles_every_program_a_run_needs(model, overlap, decode_steps)
     assert [o.token_ids for o in outs] == [o.token_ids for o in ji.generate(model, prompts, params)]
     assert sum(runner_lib.TRACE_COUNTS.values()) == before
     assert engine.warmup(max_prompt_len=14, max_len=26) == 0  # all compiled already
+
+
+def test_limits_and_finish_reasons(model, prompts, caplog):
+    """A request cut by the context ends with "context"; max_tokens or max_seq_len beyond the
+    context are refused; raise_on_error refuses a bad batch before serving any of it."""
+    engine = ji.Engine(model)
+    (out,) = engine.generate([[1] * 90], ji.SamplingParams(max_tokens=20, temperature=0.0))
+    assert out.finish_reason == "context" and len(out.token_ids) == 96 - 90 + 1
+    with pytest.raises(ValueError, match="max_tokens=97 is over the engine's max_seq_len=96"):
+        engine.add_request([1], ji.SamplingParams(max_tokens=97))
+    with pytest.raises(ValueError, match="max_seq_len=200 is over the model's context of 96"):
+        ji.Engine(model, ji.EngineConfig(max_seq_len=200))
+    with pytest.raises(ValueError, match=r"prompts\[1\]: prompt is empty"):
+        engine.generate([prompts[0], []], GREEDY, raise_on_error=True)
+    assert not engine.has_unfinished() and engine.allocator.num_used == 0
+    with caplog.at_level("WARNING", logger="jaxinfer"):
+        outs = engine.generate([prompts[0], []], GREEDY)
+    assert outs[1].finish_reason == "error" and "1 of 2 prompts were refused" in caplog.text
+    with pytest.raises(ValueError, match="sampling is a dict"):
+        engine.generate([prompts[0]], {"max_tokens": 4})

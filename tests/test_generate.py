@@ -42,7 +42,9 @@ def test_decode_compiles_once_per_bucket(model, rng):
 
 def test_context_limit_ends_generation(model):
     out = generate_lib.generate(model, [[1] * 60], ji.SamplingParams(max_tokens=50, temperature=0.0))[0]
-    assert len(out.token_ids) == 64 - 60 + 1 and out.finish_reason == "length"
+    assert len(out.token_ids) == 64 - 60 + 1 and out.finish_reason == "context"
+    with pytest.raises(ValueError, match="max_tokens=65 is over the model's context of 64"):
+        generate_lib.generate(model, [[1]], ji.SamplingParams(max_tokens=65))
 
 
 def test_request_output_does_not_depend_on_batch(model, rng):
@@ -85,6 +87,16 @@ def test_stop_tokens_and_strings(model):
 def test_bad_prompts(model, prompts, message):
     with pytest.raises(ValueError, match=message):
         generate_lib.generate(model, prompts, ji.SamplingParams(max_tokens=2))
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ("hello", "tokens is a string: tokenise it first"),
+    ([[1.0, 2.0]], "tokens must be integer token ids int32\\[B, T\\], got dtype float64"),
+    ([1, 2], "tokens must be int32\\[B, T\\], got shape \\(2,\\)"),
+])
+def test_forward_logits_bad_tokens(model, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        ji.forward_logits(model, tokens)
 
 
 @pytest.mark.parametrize(

@@ -199,6 +199,9 @@ def test_kv_capacity_runs_end_to_end(tmp_path, capsys):
     # By hand: (80 GiB x 0.9 - 8.03e9 params x 2 B) / (4096 tokens x 2 x 32 layers x 8 heads x 128 x 2 B)
     # = (77,309,411,328 - 16,060,522,496) / 536,870,912 = 114.1
     assert h100["llama3_8b"]["max_batch_at_context"] == 114
+    # Memory would hold 467,291 tokens of one sequence; the model's context (8,192) is the limit.
+    assert h100["llama3_8b"]["max_context_batch_1"] == 8192 < h100["llama3_8b"]["kv_max_context_batch_1"]
+    assert "8,192 (model)" in printed
     assert not h100["llama3_70b"]["fits"]
     assert not result["cards"]["rtx3080_10gb"]["rows"][0]["fits"]
 

@@ -136,3 +136,22 @@ def test_tokenizers(checkpoint, tmp_path):
         assert len(out[0].token_ids) == 4 and isinstance(out[0].text, str)
     finally:
         os.remove(os.path.join(path, "tokenizer.json"))
+
+
+def test_unreadable_files_name_the_file(tmp_path, caplog):
+    """A truncated or empty safetensors file and a malformed config.json are named in the error;
+    a checkpoint without tokenizer.json loads with a warning."""
+    hf = hf_model("llama")
+    path = save_hf(hf, tmp_path / "ok")
+    with caplog.at_level("WARNING", logger="jaxinfer"):
+        ji.load_model(path)
+    assert "no tokenizer.json" in caplog.text
+    weights = tmp_path / "ok" / "model.safetensors"
+    data = weights.read_bytes()
+    for name, content in (("empty", b""), ("truncated", data[: len(data) // 2])):
+        weights.write_bytes(content)
+        with pytest.raises(ji.CheckpointError, match=f"{weights} is not a readable safetensors file"):
+            ji.load_model(path)
+    (tmp_path / "ok" / "config.json").write_text("{not json")
+    with pytest.raises(ji.ConfigError, match="config.json is not valid JSON"):
+        ji.load_model(path)
