@@ -23,7 +23,9 @@ class RequestOutput:
     text: str | None  # decoded generated tokens, cut before a stop string; None without a tokenizer
     finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" (max_tokens, or a request that
     # alone outgrew the KV cache) | "context" (no position left in the context) | "abort" | "error"
-    metrics: dict[str, float]  # ttft_s, tpot_s, latency_s, prompt_tokens, generated_tokens, ...
+    # ttft_s, tpot_s, latency_s, prompt_tokens, generated_tokens, ...; times include compiling any program the
+    # request is the first to need (Engine.warmup compiles them all first)
+    metrics: dict[str, float]
     error: str | None = None  # why a request was refused (finish_reason "error")
     request_id: int | None = None
     samples: list[RequestOutput] = dataclasses.field(default_factory=list)  # all n samples when n > 1
