@@ -7,6 +7,7 @@ from jaxinfer.kv_cache import KVCache, PagedKVCache
 from jaxinfer.model import forward, forward_logits, init_params
 from jaxinfer.requests import RequestOutput
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.speculative import SpeculativeConfig
 from jaxinfer.tokenizer import ByteTokenizer, HFTokenizer
 from jaxinfer.weights import CheckpointError, Model, load_model, save_hf_checkpoint, save_model
 
@@ -24,6 +25,7 @@ __all__ = [
     "RequestOutput",
     "RopeConfig",
     "SamplingParams",
+    "SpeculativeConfig",
     "forward",
     "forward_logits",
     "generate",

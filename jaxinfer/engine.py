@@ -29,6 +29,8 @@ from jaxinfer.pipeline import DecodePipeline
 from jaxinfer.runner import ModelRunner, possible_buckets
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import Scheduler, Sequence, Status
+from jaxinfer.speculative import load_drafter
+from jaxinfer.speculative.decoder import SpeculativeDecoder
 
 
 log = logging.getLogger("jaxinfer")
@@ -50,8 +52,8 @@ def _sample_seed(seed: int, index: int) -> int:
 
 class Engine:
     def __init__(self, model, config: EngineConfig | None = None, *, runner=ModelRunner):
-        """`runner(model, num_pages, page_size, max_seq_len, max_batch, impl)` builds the model runner
-        (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
+        """`runner(model, num_pages, page_size, max_seq_len, max_batch, impl, features)` builds the
+        model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
         num_pages, page_size = config.kv_pages(self.max_seq_len)
@@ -60,8 +62,11 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,
                                    max_tokens_per_step=config.max_tokens_per_step,
                                    chunked_prefill=config.chunked_prefill)
-        self.runner = runner(model, num_pages, page_size, self.max_seq_len, config.max_batch,
-                             model_lib.Impl(config.attention, config.matmul))
+        impl = model_lib.Impl(config.attention, config.matmul)
+        self.drafter = (None if config.speculative is None else
+                        load_drafter(config.speculative, model, num_pages, page_size, self.max_seq_len, impl))
+        self.runner = runner(model, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
+                             features=bool(self.drafter and self.drafter.features))
         self.rules = StopRules(model)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
@@ -70,6 +75,8 @@ class Engine:
         self.pages_in_use: list[int] = []  # after each step
         self.kv_usage: list[tuple[int, int]] = []  # after each step: (slots reserved, tokens held)
         self.pipeline = DecodePipeline(self.scheduler, self.runner, config.decode_steps, config.overlap)
+        self.speculator = (None if self.drafter is None else
+                           SpeculativeDecoder(config.speculative, self.drafter, self.scheduler, self.runner))
 
     @property
     def stats(self) -> collections.Counter:
@@ -180,6 +187,7 @@ class Engine:
             "kv_waste": 1.0 - held / reserved if reserved else 0.0,  # reserved KV slots that held no token
             "prefix_cache_hit_rate": self.allocator.hits / self.allocator.lookups if self.allocator.lookups else 0.0,
             "compiled_programs": float(len(self.buckets)),
+            **(self.speculator.metrics() if self.speculator else {}),
         }
 
     def kv_waste(self) -> float:
@@ -199,7 +207,11 @@ class Engine:
             finished += plan.finished
             if plan.copies:
                 self.runner.copy_pages(plan.copies)
-            if plan.decode and not plan.prefill and (self.config.decode_steps > 1 or self.config.overlap):
+                if self.drafter:
+                    self.drafter.copy_pages(plan.copies)
+            if plan.decode and not plan.prefill and self.speculator:
+                finished += self.speculator.step(plan.decode, self._append)
+            elif plan.decode and not plan.prefill and (self.config.decode_steps > 1 or self.config.overlap):
                 finished += self.pipeline.start(plan.decode, self._append)
             elif not plan.empty:
                 finished += self._run(plan)

@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 from jaxinfer.model import Impl
+from jaxinfer.speculative.config import SpeculativeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,9 @@ class EngineConfig:
     matmul: str = "xla"  # how packed weights are multiplied: "xla" (dequantise) | "pallas" (kernel)
     decode_steps: int = 1  # decode steps per host round trip when a step has no prompt work
     overlap: bool = True  # dispatch the next decode call before reading the last one's tokens back
+    # Draft and verify tokens (jaxinfer.speculative); decode-only steps then verify drafts instead of
+    # running decode calls (decode_steps and overlap do not apply). None: plain decoding.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
@@ -34,6 +38,8 @@ class EngineConfig:
         for name in ("page_size", "max_batch", "max_tokens_per_step", "decode_steps", "num_pages", "kv_budget_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ValueError(f"speculative is a {type(self.speculative).__name__}, not ji.SpeculativeConfig")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 2")
 

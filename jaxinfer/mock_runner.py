@@ -38,8 +38,9 @@ def expected_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: i
 
 
 class MockRunner:
-    def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None):
-        del max_seq_len, impl
+    def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None,
+                 features: bool = False):
+        del max_seq_len, impl, features
         self.vocab_size = model.config.vocab_size
         self.page_size, self.num_pages = page_size, num_pages
         self.slots = np.full(num_pages * page_size, _EMPTY, np.int64)
@@ -96,6 +97,26 @@ class MockRunner:
                 tok = out[j, i] = self._sample(s, self._context(s, pos + 1), len(s.generated) + a + j)
         self.stats["decode_tokens"] += sum(wanted)
         return DecodeCall(out, list(seqs), list(wanted))
+
+    def verify(self, seqs, drafts, draft_probs, num_drafts, synthetic=None):
+        """Write each row's next token and drafts; accept drafts while they equal the mock's own
+        next token (the mock target is deterministic), then emit its token after them."""
+        self.calls.append(("verify", len(seqs)))
+        drafts = np.asarray(drafts)
+        k = drafts.shape[1]
+        accepted, out = np.zeros(len(seqs), np.int64), np.zeros((len(seqs), k + 1), np.int64)
+        for i, (s, num) in enumerate(zip(seqs, num_drafts)):
+            row = [s.tokens[s.num_computed], *drafts[i, :num].tolist()]
+            for j, tok in enumerate(row):
+                self._write(s, s.num_computed + j, tok)
+            for j in range(num + 1):
+                t = self._sample(s, self._context(s, s.num_computed + j + 1), len(s.generated) + j)
+                out[i, j] = t
+                if j == num or t != row[j + 1]:
+                    accepted[i] = j
+                    break
+        self.stats["verify_tokens"] += sum(n + 1 for n in num_drafts)
+        return accepted, out
 
     def newest(self, call: DecodeCall) -> np.ndarray:
         return np.asarray([call.tokens[max(w - 1, 0), i] for i, w in enumerate(call.wanted)])

@@ -59,7 +59,7 @@ class Model:
 
 class ForwardOutput(NamedTuple):
     logits: jax.Array  # (B, T', V) float32; T' = T, or the number of `logits_at` columns
-    hidden: jax.Array  # (B, T', D) final-norm hidden states at the same positions
+    hidden: jax.Array  # (B, T', D) final-norm hidden states at the same positions ((B, T, D) with all_hidden)
     cache: KVCache | PagedKVCache | None
 
 
@@ -183,8 +183,10 @@ def layer(cfg: ModelConfig, lp: Params, x, cos, sin, attend, project: Project):
     return x + project("w_down", mlp, lp), state
 
 
-def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, project) -> ForwardOutput:
-    """Embed, run every layer under lax.scan (cache in the carry), final norm, LM head."""
+def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, project,
+             all_hidden=False) -> ForwardOutput:
+    """Embed, run every layer under lax.scan (cache in the carry), final norm, LM head. With
+    all_hidden, the hidden states of every token come back, not only those at logits_at."""
     dtype = params["embed"].dtype
     project = project or dense_projection(impl)
     x = params["embed"][tokens]  # (B, T, D)
@@ -207,12 +209,19 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
     xs = (params["layers"], jnp.asarray(cfg.layer_windows, jnp.int32), jnp.arange(cfg.num_layers))
     (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
 
-    if logits_at is not None:
-        x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # (B, T', D)
-    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if all_hidden:
+        x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)  # (B, T, D)
+    selected = x if logits_at is None else jnp.take_along_axis(x, logits_at[..., None], axis=1)  # (B, T', D)
+    if not all_hidden:
+        selected = x = rms_norm(selected, params["final_norm"], cfg.rms_norm_eps)
+    logits = lm_head(params, cfg, selected)
+    return ForwardOutput(logits=logits, hidden=x, cache=cache)
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Final-norm hidden states (..., D) -> float32 logits (..., V)."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
-    logits = jnp.einsum("BTD,DV->BTV", hidden, head, preferred_element_type=jnp.float32)
-    return ForwardOutput(logits=logits, hidden=hidden, cache=cache)
+    return jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
 
 
 def forward(
@@ -242,12 +251,13 @@ def forward_paged(
     *,
     impl: Impl = Impl(),
     project: Project | None = None,
+    all_hidden: bool = False,
 ) -> ForwardOutput:
     """One mixed step over a paged cache: decode tokens and prompt chunks of many sequences at
     batch.positions, K/V written to batch.slot_mapping. Logits and hidden states (R, V), (R, D) at
-    batch.logits_at; the updated cache."""
+    batch.logits_at (with all_hidden, the hidden states (N, D) of every token); the updated cache."""
     out = _decoder(params, cfg, tokens[None], batch.positions[None], cache, batch.logits_at[None], batch, impl,
-                   project)
+                   project, all_hidden)
     return ForwardOutput(logits=out.logits[0], hidden=out.hidden[0], cache=out.cache)
 
 

@@ -6,11 +6,17 @@ The engine decides what runs (through the scheduler); the runner turns that into
                                     rows that finished their input and returns their tokens
   decode(seqs, wanted, ahead, ...)  dispatch up to k decode steps in one program, not read back
   newest(call) / read(call)         the last tokens of a dispatched call, on device / on the host
+  verify(seqs, drafts, ...)         one target pass over each sequence's last token and k drafted
+                                    tokens, and the acceptance rule (jaxinfer.speculative.accept)
   copy_pages(copies)                copy-on-write of shared pages
   warmup(buckets)                   compile every program shape a run can need, up front
-Every shape is bucketed to powers of two: (decode rows, prefill rows, chunk, pages per
-sequence) for a step, (rows, -k, 0, pages) for a k-step decode call; `buckets` records those
-run, so a test can count the programs compiled.
+Every shape is bucketed to powers of two: ("step", decode rows, prefill rows, chunk, pages per
+sequence), ("decode", rows, k steps, pages), ("verify", rows, k drafts, pages); `buckets`
+records those run, so a test can count the programs compiled.
+
+With `features=True` the runner also keeps a feature cache: the final-norm hidden state of every
+token it computes, stored by KV slot (the pages and slots of the KV cache), which feature-level
+drafters (Medusa, EAGLE) read.
 
 The runner also times the device from the host: the time it blocks on results (device_s) and
 an estimate of the time the device sat idle waiting for the host (device_idle_s): from the moment
@@ -35,23 +41,50 @@ from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
 from jaxinfer.requests import next_power_of_2
 from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
 from jaxinfer.scheduler import Sequence
+from jaxinfer.speculative.accept import accept, accept_synthetic
 
 # How many times each jitted program was traced (= compiled); tests assert on it.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
-Bucket = tuple[int, int, int, int]  # (decode rows, prefill rows, chunk, pages); (rows, -k, 0, pages) for decode calls
+Bucket = tuple  # ("step", decode rows, prefill rows, chunk, pages) | ("decode" | "verify", rows, k, pages)
 MIN_CHUNK = 16  # the smallest prefill chunk bucket
 MIN_PAGES = 4  # the smallest block-table width bucket
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def _step(params, cfg, tokens, cache, batch, sp, steps, *, impl):
+def _store(features, batch, hidden):
+    """The feature cache with every token's hidden state (N, D) written at its slot."""
+    if features is None:
+        return None
+    return features.at[batch.slot_mapping].set(hidden.astype(features.dtype), mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "features"))
+def _step(params, cfg, tokens, cache, features, batch, sp, steps, *, impl):
     """tokens (N,) laid out as `batch` says; sp, steps (R,) each logits row's sampling and token
     index -> a token sampled from each of the R rows at batch.logits_at, their logits (R, V) and
-    hidden states (R, D), and the cache."""
+    hidden states (R, D), the cache and the feature cache (None: none kept)."""
     TRACE_COUNTS["step"] += 1
-    out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl)
-    return sample(out.logits, sp, steps), out.logits, out.hidden, out.cache
+    out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None)
+    hidden = out.hidden if features is None else out.hidden[batch.logits_at]
+    return sample(out.logits, sp, steps), out.logits, hidden, out.cache, _store(features, batch, out.hidden)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic"), donate_argnames=("cache", "features"))
+def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features, batch, sp, steps, *, impl,
+            synthetic):
+    """One target pass over rows [last, d_1, .., d_k] (batch: R prefill rows of k + 1 tokens) and
+    the acceptance rule -> accepted (R,), tokens (R, k + 1), the cache and the feature cache.
+    synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless)."""
+    TRACE_COUNTS["verify"] += 1
+    R, k = drafts.shape
+    tokens = jnp.concatenate([last[:, None], drafts], axis=1).reshape(-1)  # (R * (k + 1),)
+    out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None)
+    logits = out.logits.reshape(R, k + 1, -1)
+    if synthetic is None:
+        accepted, emitted = accept(logits, drafts, draft_probs, num_drafts, sp, steps)
+    else:
+        accepted, emitted = accept_synthetic(logits, num_drafts, sp, steps, synthetic)
+    return accepted, emitted, out.cache, _store(features, batch, out.hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps"), donate_argnames=("cache",))
@@ -81,6 +114,14 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
 
     (_, cache), new_tokens = jax.lax.scan(one, (tokens, cache), jnp.arange(num_steps))
     return new_tokens, cache
+
+
+@functools.partial(jax.jit, static_argnames="page_size", donate_argnames="features")
+def _copy_slots(features, src, dst, *, page_size):
+    """The feature cache with whole pages src[i] copied to dst[i]."""
+    offsets = jnp.arange(page_size)
+    return features.at[(dst[:, None] * page_size + offsets).reshape(-1)].set(
+        features[(src[:, None] * page_size + offsets).reshape(-1)])
 
 
 @jax.jit
@@ -131,13 +172,16 @@ def _powers_of_2(n: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int,
-                 impl: model_lib.Impl):
+                 impl: model_lib.Impl, features: bool = False):
         """max_batch: sequences running at once; a step with prompt work always has room for that
-        many decode rows, so the decode row count is no part of its shape."""
+        many decode rows, so the decode row count is no part of its shape. features: keep the
+        feature cache (num_pages * page_size, D)."""
         self.model, self.impl = model, impl
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.decode_rows = next_power_of_2(max_batch)
         self.cache = PagedKVCache.zeros(model.config, num_pages, page_size, model.dtype)
+        self.features = (jnp.zeros((num_pages * page_size, model.config.hidden_size), model.dtype)
+                         if features else None)
         self.buckets: set[Bucket] = set()
         self.stats: collections.Counter = collections.Counter()  # device_s, device_idle_s, copied_pages
         self._last_dispatched: jax.Array | None = None
@@ -153,8 +197,10 @@ class ModelRunner:
     # Verbs -------------------------------------------------------------------------------------
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
-        src, dst = zip(*copies)
-        self.cache = copy_pages(self.cache, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+        src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
+        self.cache = copy_pages(self.cache, src, dst)
+        if self.features is not None:
+            self.features = _copy_slots(self.features, src, dst, page_size=self.page_size)
         self.stats["copied_pages"] += len(copies)
 
     def step(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]],
@@ -170,7 +216,7 @@ class ModelRunner:
         scheduled = decode + [s for s, _ in prefill]
         M = self.pages_bucket(max(len(s.pages) for s in scheduled))
         N = Rd + Rp * C
-        self.buckets.add((Rd, Rp, C, M))
+        self.buckets.add(("step", Rd, Rp, C, M))
         dropped = self.num_pages * page  # slot index past the cache: not written
 
         tokens, positions = np.zeros(N, np.int32), np.zeros(N, np.int32)
@@ -208,8 +254,8 @@ class ModelRunner:
         steps = np.asarray([len(s.generated) if s else 0 for s in row_seqs], np.int32)
         tokens, batch, sp, steps = jax.device_put((tokens, batch, sp, steps))  # one transfer
         self._mark_dispatch()
-        sampled, logits, hidden_states, self.cache = _step(self.model.params, self.model.config, tokens, self.cache,
-                                                           batch, sp, steps, impl=self.impl)
+        sampled, logits, hidden_states, self.cache, self.features = _step(
+            self.model.params, self.model.config, tokens, self.cache, self.features, batch, sp, steps, impl=self.impl)
         self._last_dispatched = sampled
         self.stats["decode_tokens"] += len(decode)
         self.stats["prefill_tokens"] += sum(n for _, n in prefill)
@@ -236,7 +282,7 @@ class ModelRunner:
         k = next_power_of_2(max(wanted))
         R = next_power_of_2(len(seqs))
         M = self.pages_bucket(max(len(s.pages) for s in seqs))
-        self.buckets.add((R, -k, 0, M))
+        self.buckets.add(("decode", R, k, M))
         positions, valid, steps = (np.zeros(R, np.int32) for _ in range(3))
         tables = np.zeros((R, M), np.int32)
         for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
@@ -263,6 +309,43 @@ class ModelRunner:
         """The call's tokens (k, R) on the host (blocks until computed)."""
         return self._read(call.tokens)
 
+    def verify(self, seqs: list[Sequence], drafts, draft_probs, num_drafts: list[int],
+               synthetic: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One target pass over each sequence's next token and its drafts (R, k) (on the host or
+        device; rows past len(seqs) pad), writing their K/V from num_computed on, then the
+        acceptance rule. Returns accepted (n,) and tokens (n, k + 1) on the host: row i emits
+        tokens[i, :accepted[i] + 1]. The pages must be reserved already."""
+        n, page = len(seqs), self.page_size
+        R, k = drafts.shape
+        C = k + 1
+        M = self.pages_bucket(max(len(s.pages) for s in seqs))
+        self.buckets.add(("verify", R, k, M))
+        dropped = self.num_pages * page
+        positions, slots = np.zeros((R, C), np.int32), np.full((R, C), dropped, np.int32)
+        tables, start, lens = np.zeros((R, M), np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
+        last, valid = np.zeros(R, np.int32), np.zeros(R, np.int32)
+        for i, (s, d) in enumerate(zip(seqs, num_drafts)):
+            pos = s.num_computed + np.arange(d + 1)
+            positions[i, : d + 1] = pos
+            slots[i, : d + 1] = np.asarray(s.pages)[pos // page] * page + pos % page
+            tables[i, : len(s.pages)] = s.pages
+            start[i], lens[i], last[i], valid[i] = s.num_computed, d + 1, s.tokens[s.num_computed], d
+        batch = BatchDescriptor(
+            positions=positions.reshape(-1), logits_at=np.arange(R * C, dtype=np.int32),
+            slot_mapping=slots.reshape(-1), decode_block_tables=np.zeros((0, M), np.int32),
+            decode_lens=np.zeros(0, np.int32), prefill_block_tables=tables, prefill_start=start, prefill_lens=lens)
+        steps = np.zeros(R, np.int32)
+        steps[:n] = [len(s.generated) for s in seqs]
+        host = jax.device_put((last, valid, batch, sampling_batch(seqs, R), steps))
+        self._mark_dispatch()
+        accepted, tokens, self.cache, self.features = _verify(
+            self.model.params, self.model.config, host[0], drafts, draft_probs, host[1], self.cache, self.features,
+            host[2], host[3], host[4], impl=self.impl, synthetic=synthetic)
+        self._last_dispatched = tokens
+        accepted, tokens = self._read(accepted)[:n], self._read(tokens)[:n]
+        self.stats["verify_tokens"] += sum(d + 1 for d in num_drafts)
+        return accepted, tokens
+
     # Warm-up -----------------------------------------------------------------------------------
 
     def warmup(self, buckets: list[Bucket]) -> int:
@@ -270,20 +353,23 @@ class ModelRunner:
         how many programs this traced. (Forked samples, n > 1, draw through a small extra program.)"""
         before = sum(TRACE_COUNTS.values())
         cfg, impl = self.model.config, self.impl
-        params, cache = jax.tree.map(_abstract, (self.model.params, self.cache))
+        params, cache, features = jax.tree.map(_abstract, (self.model.params, self.cache, self.features))
         i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
         sp = lambda R: jax.tree.map(_abstract, sampling_batch([], R))  # noqa: E731
-        for Rd, Rp, C, M in buckets:
-            if Rp < 0:  # a k-step decode call of Rd rows
-                _multi_decode.lower(params, cfg, i32((Rd,)), i32((Rd,)), i32((Rd,)), i32((Rd, M)), cache, sp(Rd),
-                                    i32((Rd,)), impl=impl, num_steps=-Rp).compile()
+        for kind, *shape in buckets:
+            if kind == "decode":  # a k-step decode call of R rows
+                R, k, M = shape
+                _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
+                                    i32((R,)), impl=impl, num_steps=k).compile()
                 continue
+            Rd, Rp, C, M = shape
             N = Rd + Rp * C
             batch = BatchDescriptor(positions=i32((N,)), logits_at=i32((Rd + Rp,)), slot_mapping=i32((N,)),
                                     decode_block_tables=i32((Rd, M)), decode_lens=i32((Rd,)),
                                     prefill_block_tables=i32((Rp, M)), prefill_start=i32((Rp,)),
                                     prefill_lens=i32((Rp,)))
-            _step.lower(params, cfg, i32((N,)), cache, batch, sp(Rd + Rp), i32((Rd + Rp,)), impl=impl).compile()
+            _step.lower(params, cfg, i32((N,)), cache, features, batch, sp(Rd + Rp), i32((Rd + Rp,)),
+                        impl=impl).compile()
         return sum(TRACE_COUNTS.values()) - before
 
     # Device timing: the device is taken to be idle from the moment the host last found it done
@@ -335,9 +421,10 @@ def possible_buckets(*, max_batch: int, max_tokens_per_step: int, chunked_prefil
             continue  # more prompt rows than tokens in the budget
         shortest = C // 2 + 1 if C > MIN_CHUNK else 1  # the shortest chunk that buckets to C
         need = next_power_of_2(math.ceil(shortest / page_size), min_pages)
-        out += [(B, Rp, C, M) for M in pages if M >= need]
+        out += [("step", B, Rp, C, M) for M in pages if M >= need]
     if multi_step_decode:
-        out += [(R, -k, 0, M) for R in _powers_of_2(max_batch) for k in _powers_of_2(decode_steps) for M in pages]
+        out += [("decode", R, k, M) for R in _powers_of_2(max_batch) for k in _powers_of_2(decode_steps)
+                for M in pages]
     else:
-        out += [(R, 0, 0, M) for R in _powers_of_2(max_batch) for M in pages]
+        out += [("step", R, 0, 0, M) for R in _powers_of_2(max_batch) for M in pages]
     return out

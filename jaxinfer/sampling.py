@@ -102,3 +102,28 @@ def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
     choice = jax.vmap(jax.random.categorical)(keys, masked)  # (R,)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(sp.temperature > 0, sampled, greedy)
+
+
+def filtered_probs(logits: jax.Array, sp: SamplingBatch) -> jax.Array:
+    """logits (R, V) -> the distribution (R, V) each row samples from: softmax at the row's
+    temperature over the tokens its top-k / top-p / min-p cuts keep (as `sample` draws); a greedy
+    row (temperature 0) is one-hot on its argmax. Speculative decoding's acceptance rule compares
+    these for the target and the drafter. An all-greedy batch skips the sort."""
+    one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.lax.cond(jnp.any(sp.temperature > 0), _filtered_sorted, lambda *_: one_hot, logits, sp)
+
+
+def _filtered_sorted(logits: jax.Array, sp: SamplingBatch) -> jax.Array:
+    R, V = logits.shape
+    temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
+    values, order = jax.lax.top_k(logits / temperature[:, None], V)  # (R, V), descending
+    probs = jax.nn.softmax(values, axis=-1)
+    rank = jnp.arange(V)[None, :]
+    keep = (sp.top_k[:, None] <= 0) | (rank < sp.top_k[:, None])
+    keep &= jnp.cumsum(probs, axis=-1) - probs < sp.top_p[:, None]
+    keep &= probs >= sp.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    kept = jnp.where(keep, probs, 0.0)
+    kept = kept / jnp.sum(kept, axis=-1, keepdims=True)
+    kept = jnp.where(sp.temperature[:, None] > 0, kept, (rank == 0).astype(kept.dtype))
+    return jnp.zeros_like(kept).at[jnp.arange(R)[:, None], order].set(kept)

@@ -55,6 +55,7 @@ class Sequence:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     stop: StopChecker | None = None  # decides when the sequence ends (its budget, stop tokens and strings)
+    draft_computed: int = 0  # leading tokens whose K/V a speculative drafter holds in its own cache
 
     @property
     def generated(self) -> list[int]:
@@ -129,6 +130,7 @@ class Scheduler:
         seq.pages = hits
         seq.num_computed = len(hits) * page
         seq.num_registered = len(hits)
+        seq.draft_computed = 0  # a drafter recomputes its own cache (pages it shares come out the same)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed
         seq.status = Status.RUNNING
@@ -137,7 +139,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.pages)
         seq.pages, seq.hashes = [], []
-        seq.num_computed = seq.num_registered = 0
+        seq.num_computed = seq.num_registered = seq.draft_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -183,6 +185,13 @@ class Scheduler:
             s.pages += self.allocator.allocate(n)
         return True
 
+    def release_unused(self, seq: Sequence) -> None:
+        """Give back the pages past the one seq's next token goes into (pages reserved for
+        speculative tokens that were rejected)."""
+        keep = seq.num_computed // self.page_size + 1
+        self.allocator.free(seq.pages[keep:])
+        del seq.pages[keep:]
+
     def advance(self, seq: Sequence, n: int) -> None:
         """seq's next n tokens now have their K/V in its pages."""
         seq.num_computed += n
@@ -206,6 +215,7 @@ class Scheduler:
             raise ValueError(f"rollback of {n} tokens, but the sequence has generated {len(seq.generated)}")
         del seq.tokens[len(seq.tokens) - n :]
         seq.num_computed = min(seq.num_computed, len(seq.tokens) - 1)
+        seq.draft_computed = min(seq.draft_computed, seq.num_computed)
         page = self.page_size
         keep = math.ceil(seq.num_computed / page)
         self.allocator.free(seq.pages[keep:])

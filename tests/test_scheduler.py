@@ -216,3 +216,33 @@ def test_rollback_forgets_tokens_and_their_pages(n):
     assert engine.allocator.num_used == 0
     with pytest.raises(ValueError, match="rollback of 30 tokens"):
         engine.scheduler.rollback(dataclasses.replace(seq, tokens=prompt + [1]), 30)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**16),
+    num_requests=st.integers(1, 8),
+    num_pages=st.integers(4, 24),
+    page_size=st.sampled_from([2, 4, 8]),
+    budget=st.integers(2, 48),
+    prefix_cache=st.booleans(),
+    k=st.integers(1, 6),
+    sampled=st.booleans(),
+    batching=st.sampled_from(["continuous", "static"]),
+)
+def test_speculative_steps_keep_every_token_and_page(seed, num_requests, num_pages, page_size, budget, prefix_cache,
+                                                     k, sampled, batching):
+    """Prompt-lookup speculation on the mock: outputs are the hand-worked ones (the drafts rejected
+    or accepted, their K/V rolled back), max_tokens holds, and every page comes back."""
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(0, VOCAB, size=10).tolist() if seed % 2 else []
+    prompts = [prefix + rng.integers(0, 4, size=int(rng.integers(1, 30))).tolist() for _ in range(num_requests)]
+    params = [ji.SamplingParams(max_tokens=int(rng.integers(1, 30)), temperature=0.7 if sampled else 0.0, seed=i)
+              for i in range(num_requests)]
+    engine = mock_engine(batching=batching, num_pages=num_pages, page_size=page_size, max_batch=3,
+                         max_tokens_per_step=budget, prefix_cache=prefix_cache,
+                         speculative=ji.SpeculativeConfig(method="ngram", num_tokens=k, ngram=2))
+    check_outputs(engine, prompts, params, serve(engine, prompts, params))
+    m = engine.metrics()
+    assert m["spec_emitted"] <= sum(sp.max_tokens for sp in params)
+    assert m["spec_passes"] == 0 or 1 <= m["spec_tokens_per_pass"] <= k + 1

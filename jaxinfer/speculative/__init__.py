@@ -1,0 +1,49 @@
+"""Speculative decoding: a drafter proposes k tokens per sequence, one target pass verifies them
+all, and the acceptance rule (accept.py) keeps the output distribution exactly the target's.
+
+  ji.EngineConfig(speculative=ji.SpeculativeConfig(method="eagle", num_tokens=5, draft="tiny-eagle"))
+
+Drafters (each proposes tokens for a batch of sequences; see `Drafter`):
+  ngram      prompt lookup: the tokens that followed the latest earlier occurrence of the
+             sequence's last n tokens (ngram.py); no model
+  draft      a smaller model with the same vocabulary and its own paged KV cache (draft_model.py)
+  medusa     k heads on the target's final hidden state (medusa.py)
+  eagle      a one-layer feature-level network: target hidden state + next token -> next hidden
+             state, through the target's LM head (eagle.py)
+  synthetic  stand-in tokens accepted with a set probability, to measure the engine's own cost at
+             a given acceptance on a model with no trained drafter (not lossless)
+The engine side (reserve pages, propose, verify, emit, give back rejected pages) is decoder.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jaxinfer.speculative.config import METHODS, SHIPPED_DRAFTERS, Drafter, Proposal, SpeculativeConfig
+from jaxinfer.speculative.draft_model import DraftModelDrafter
+from jaxinfer.speculative.ngram import NgramDrafter
+from jaxinfer.speculative.synthetic import SyntheticDrafter
+from jaxinfer.weights import load_model
+
+
+def load_drafter(config: SpeculativeConfig, target, num_pages: int, page_size: int, max_seq_len: int,
+                 impl) -> Drafter:
+    """The drafter a config names, checked against the target (a ValueError naming the problem:
+    a missing drafter directory, a vocabulary that differs from the target's)."""
+    if config.method == "ngram":
+        return NgramDrafter(config.ngram)
+    if config.method == "synthetic":
+        return SyntheticDrafter()
+    name = config.draft
+    if name in SHIPPED_DRAFTERS and SHIPPED_DRAFTERS[name] != config.method:
+        raise ValueError(f"draft={name!r} is a {SHIPPED_DRAFTERS[name]} drafter, not one for method={config.method!r}")
+    if name not in SHIPPED_DRAFTERS and not os.path.isdir(name):
+        raise ValueError(f"draft={name!r} is neither a directory nor a shipped drafter ({', '.join(SHIPPED_DRAFTERS)})")
+    draft = load_model(name, dtype=target.dtype)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft={name!r} has a vocabulary of {draft.config.vocab_size} tokens, the target "
+                         f"{target.config.vocab_size}: a draft model must share the target's vocabulary")
+    return DraftModelDrafter(draft, num_pages, page_size, max_seq_len, impl)
+
+
+__all__ = ["METHODS", "SHIPPED_DRAFTERS", "Drafter", "Proposal", "SpeculativeConfig", "load_drafter"]
