@@ -43,7 +43,6 @@ flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
 flags.DEFINE_enum("arrival", "all", ["all", "poisson"], "All requests at t=0, or Poisson arrivals at --rate.")
 flags.DEFINE_list("rates", ["4"], "Poisson arrival rates (requests/s); one run per rate.")
 flags.DEFINE_enum("prompt_dist", "uniform", ["fixed", "uniform", "lognormal"], "Prompt length distribution.")
-flags.DEFINE_integer("prompt_len", 48, "Prompt length: the fixed value, uniform/lognormal mean.")
 flags.DEFINE_enum("output_dist", "lognormal", ["fixed", "uniform", "lognormal"], "Output length distribution.")
 flags.DEFINE_integer("output_len", 48, "Output length: the fixed value, uniform/lognormal mean.")
 flags.DEFINE_float("sigma", 1.0, "Log-normal sigma (spread) of lognormal lengths.")
@@ -54,8 +53,8 @@ flags.DEFINE_integer("step_overhead", 0, "If > 0: instead of a workload, decode 
 flags.DEFINE_enum("warmup", "buckets", ["buckets", "replay"], "Before the measured run, compile every program the "
                   "engine can run for the workload's lengths (Engine.warmup), or replay the workload once unmeasured "
                   "(compiles only what that run hits; fewer programs for a large model on a short GPU session).")
-flags.DEFINE_string("plot", "", "Write a latency/throughput PNG here (one point per rate).")
-for _name in ("model", "dtype", "seed", "out", *common.ENGINE_FLAGS):
+PROMPT_LEN = 48  # default --prompt_len; --plot: latency against throughput, one point per rate
+for _name in ("model", "dtype", "seed", "out", "prompt_len", "plot", *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 
 
@@ -86,7 +85,8 @@ def make_workload(rate: float | None, model) -> list[Request]:
         output_lens = np.array([r["output_len"] for r in rows])
         n = len(rows)
     else:
-        prompt_lens = draw_lengths(rng, FLAGS.prompt_dist, FLAGS.prompt_len, n, FLAGS.sigma, FLAGS.max_len)
+        prompt_lens = draw_lengths(rng, FLAGS.prompt_dist, FLAGS.prompt_len or PROMPT_LEN, n, FLAGS.sigma,
+                                   FLAGS.max_len)
         output_lens = draw_lengths(rng, FLAGS.output_dist, FLAGS.output_len, n, FLAGS.sigma, FLAGS.max_len)
     context = model.config.max_position_embeddings
     prompt_lens = np.minimum(prompt_lens, context - 1)
@@ -253,7 +253,7 @@ def plot(results: list[dict], path: str) -> None:
 def check_flags() -> list[float | None]:
     """Refuse bad flags before any work; returns the arrival rates to run (None: all at once)."""
     for name in ("num_requests", "prompt_len", "output_len", "max_len", "max_batch", "page_size"):
-        if FLAGS[name].value < 1:
+        if FLAGS[name].value is not None and FLAGS[name].value < 1:
             raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
     if not FLAGS.sigma > 0:
         raise ValueError(f"--sigma={FLAGS.sigma} must be > 0")

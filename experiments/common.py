@@ -21,6 +21,7 @@ import jax
 from absl import app, flags
 
 import jaxinfer as ji
+from jaxinfer.speculative import METHODS
 
 FLAGS = flags.FLAGS
 
@@ -36,8 +37,23 @@ flags.DEFINE_integer("windows", 64, "Held-out evaluation windows.")
 flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
 flags.DEFINE_bool("quick", False, "Tiny shapes and 2 runs of 2 calls: a smoke test that runs on a CPU.")
 flags.DEFINE_bool("interpret", None, "Pallas interpret mode (default: on when there is no GPU).")
+flags.DEFINE_integer("prompt_len", None, "Prompt tokens (default: the script's; bench_batching: the fixed value or "
+                     "the mean of its distribution).")
+flags.DEFINE_integer("max_tokens", None, "Tokens to generate per prompt (default: the script's).")
+flags.DEFINE_string("plot", "", "Write the script's plot to this PNG ('' = no plot).")
 flags.DEFINE_integer("runs", None, "Timed runs per variant; the median is reported (default: the script's).")
 flags.DEFINE_integer("calls", 50, "Back-to-back calls per timed run.")
+
+# Training (train_tiny, train_drafter).
+flags.DEFINE_string("out_dir", "", "Export directory (default runs/<script>; jaxinfer/assets replaces what ships).")
+flags.DEFINE_string("ckpt_dir", "", "Orbax train-state checkpoints, resumed by a rerun (default /tmp/jaxinfer_<script>).")
+flags.DEFINE_integer("steps", None, "Train steps (default: the script's).")
+flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
+flags.DEFINE_float("lr", 3e-3, "Peak learning rate (AdamW, warmup then cosine decay to 10%).")
+flags.DEFINE_integer("warmup_steps", 50, "Learning-rate warm-up steps.")
+flags.DEFINE_integer("eval_windows", 64, "Held-out windows of seq_len for the final evaluation.")
+flags.DEFINE_integer("ckpt_every", 100, "Save the train state every N steps.")
+TRAIN_FLAGS = ("out_dir", "ckpt_dir", "steps", "batch_size", "lr", "warmup_steps", "eval_windows", "ckpt_every")
 
 # The engine, flag by flag (EngineConfig's fields and defaults).
 flags.DEFINE_enum("batching", "continuous", ["continuous", "static"], "Batching policy.")
@@ -51,14 +67,31 @@ flags.DEFINE_bool("prefix_cache", True, "Reuse KV pages of identical prompt pref
 flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
 flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading the last one's tokens back.")
 
+flags.DEFINE_enum("spec", "none", ["none", *METHODS], "Speculative decoding method (none: plain decoding).")
+flags.DEFINE_integer("spec_tokens", 5, "Tokens drafted per target pass (k).")
+flags.DEFINE_string("spec_draft", "", "The drafter: a shipped name (tiny-draft, tiny-medusa, tiny-eagle) or a directory "
+                    "('': the method's shipped one).")
+flags.DEFINE_float("spec_accept", 0.8, "Acceptance probability of --spec=synthetic (a stand-in drafter, not lossless).")
+
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
                 "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap")
+SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept")
+DEFAULT_DRAFTS = {"draft": "tiny-draft", "medusa": "tiny-medusa", "eagle": "tiny-eagle"}
+
+
+def spec_config(method: str, k: int, draft: str = "", accept: float = 0.8) -> ji.SpeculativeConfig | None:
+    """The SpeculativeConfig of a method ("none": None), with the method's shipped drafter by default."""
+    if method == "none":
+        return None
+    return ji.SpeculativeConfig(method=method, num_tokens=k, draft=draft or DEFAULT_DRAFTS.get(method),
+                                accept=accept if method == "synthetic" else None)
 
 
 def engine_config(**overrides) -> ji.EngineConfig:
-    """The EngineConfig the engine flags describe (overrides win)."""
+    """The EngineConfig the engine and speculative flags describe (overrides win)."""
     values = {name: FLAGS[name].value for name in ENGINE_FLAGS}
     values["kv_budget_tokens"] = values["kv_budget_tokens"] or None
+    values["speculative"] = spec_config(FLAGS.spec, FLAGS.spec_tokens, FLAGS.spec_draft, FLAGS.spec_accept)
     return ji.EngineConfig(**{**values, **overrides})
 
 

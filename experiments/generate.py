@@ -21,20 +21,20 @@ from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", "def fibonacci(n):", "Text to complete.")
-flags.DEFINE_integer("max_tokens", 128, "Tokens to generate at most.")
 flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass, in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability.")
 flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
                     "int4-gptq-g128, ... (see jaxinfer/quant/spec.py); AWQ/GPTQ calibrate on held-out text.")
-for _name in ("model", "seed", "dtype", "attention", "matmul"):
+MAX_TOKENS = 128  # default --max_tokens
+for _name in ("model", "seed", "dtype", "attention", "matmul", "max_tokens"):
     flags.declare_key_flag(_name)
 
 
 def run() -> None:
     sampling = ji.SamplingParams(
-        max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+        max_tokens=FLAGS.max_tokens or MAX_TOKENS, temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
         min_p=FLAGS.min_p, seed=FLAGS.seed,
     )
     if not FLAGS.prompt:

@@ -35,16 +35,8 @@ from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("which", ["target", "draft"], "Models to train: target, draft.")
-flags.DEFINE_string("out_dir", "runs/train_tiny", "Export directory (jaxinfer/assets replaces the shipped models).")
-flags.DEFINE_string("ckpt_dir", "/tmp/jaxinfer_train_tiny", "Orbax train-state checkpoints (resumable).")
-flags.DEFINE_integer("steps", None, "Train steps (default: per model, see MODELS).")
-flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
-flags.DEFINE_float("lr", 3e-3, "Peak learning rate (AdamW, warmup then cosine decay to 10%).")
-flags.DEFINE_integer("warmup", 50, "Warmup steps.")
-for _name in ("seq_len", "seed"):  # tokens per sequence (also the models' context); init and data order
+for _name in ("seq_len", "seed", *common.TRAIN_FLAGS):  # seq_len: also the models' context
     flags.declare_key_flag(_name)
-flags.DEFINE_integer("eval_windows", 64, "Held-out windows of seq_len for the final evaluation.")
-flags.DEFINE_integer("ckpt_every", 100, "Save the train state every N steps.")
 flags.DEFINE_string("corpus", "", "A corpus .npz written by --save_corpus (default: read this Python's own text).")
 flags.DEFINE_string("save_corpus", "", "Write the corpus to this .npz and exit (to train elsewhere on the same text).")
 
@@ -111,7 +103,7 @@ def train(which: str, corpus: data.Corpus) -> dict:
     spec = MODELS[which]
     cfg = model_config(which, FLAGS.seq_len)
     steps = FLAGS.steps or spec["steps"]
-    optimizer = make_optimizer(steps, FLAGS.lr, FLAGS.warmup)
+    optimizer = make_optimizer(steps, FLAGS.lr, FLAGS.warmup_steps)
 
     @jax.jit
     def train_step(state, batch):
@@ -122,7 +114,7 @@ def train(which: str, corpus: data.Corpus) -> dict:
     params = model_lib.init_params(cfg, jax.random.key(FLAGS.seed))
     state = {"params": params, "opt_state": optimizer.init(params)}
     manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(FLAGS.ckpt_dir), spec["name"]),
+        os.path.join(os.path.abspath(FLAGS.ckpt_dir or "/tmp/jaxinfer_train_tiny"), spec["name"]),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=FLAGS.ckpt_every),
     )
     start = 0
@@ -151,7 +143,7 @@ def train(which: str, corpus: data.Corpus) -> dict:
     manager.wait_until_finished()
     bar.close()
 
-    out = os.path.join(FLAGS.out_dir, spec["name"])
+    out = os.path.join(FLAGS.out_dir or "runs/train_tiny", spec["name"])
     model = ji.Model(cfg, state["params"], ji.ByteTokenizer(), spec["name"])
     save_hf_checkpoint(model, out, dtype="float16")
     exported = ji.load_model(out)  # evaluate what ships: float16 weights, read back

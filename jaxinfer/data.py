@@ -86,10 +86,18 @@ def read_corpus(path: str) -> Corpus:
         return Corpus(f["train"].astype(np.int32), f["heldout"].astype(np.int32), tuple(int(x) for x in f["num_docs"]))
 
 
-@functools.lru_cache(maxsize=1)
-def heldout_texts() -> tuple[str, ...]:
-    """The held-out documents' text, in corpus order (no model trained here has seen them)."""
-    return tuple(text for name, text in _documents() if is_heldout(name))
+@functools.lru_cache(maxsize=2)
+def texts(split: str, max_bytes: int = 64 << 20) -> tuple[str, ...]:
+    """The documents of a split ("train" or "heldout", which no model trained here has seen), in
+    corpus order; the train split stops after about max_bytes."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r} is not one of 'train', 'heldout'")
+    out, size = [], 0
+    for name, text in _documents():
+        if is_heldout(name) == (split == "heldout") and size < max_bytes:
+            out.append(text)
+            size += len(text)
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +112,16 @@ class TokenStream:
 
 
 @functools.lru_cache(maxsize=4)
-def heldout_stream(tokenizer) -> TokenStream:
-    """The held-out documents through `tokenizer` (cached per tokenizer)."""
+def text_stream(tokenizer, split: str = "heldout") -> TokenStream:
+    """A split's documents through `tokenizer` (cached per tokenizer and split)."""
     eos = list(tokenizer.eos_ids[:1])
-    ids = np.concatenate([np.asarray(tokenizer.encode(t) + eos, np.int32) for t in heldout_texts()])
+    ids = np.concatenate([np.asarray(tokenizer.encode(t) + eos, np.int32) for t in texts(split)])
     return TokenStream(ids, tokenizer.token_bytes()[ids])
+
+
+def heldout_stream(tokenizer) -> TokenStream:
+    """The held-out documents through `tokenizer`: what evaluation and calibration read."""
+    return text_stream(tokenizer, "heldout")
 
 
 @dataclasses.dataclass(frozen=True)

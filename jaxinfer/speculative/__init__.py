@@ -21,9 +21,11 @@ import os
 
 from jaxinfer.speculative.config import METHODS, SHIPPED_DRAFTERS, Drafter, Proposal, SpeculativeConfig
 from jaxinfer.speculative.draft_model import DraftModelDrafter
+from jaxinfer.speculative.eagle import EagleDrafter
+from jaxinfer.speculative.medusa import MedusaDrafter
 from jaxinfer.speculative.ngram import NgramDrafter
 from jaxinfer.speculative.synthetic import SyntheticDrafter
-from jaxinfer.weights import load_model
+from jaxinfer.weights import ASSETS_DIR, load_model
 
 
 def load_drafter(config: SpeculativeConfig, target, num_pages: int, page_size: int, max_seq_len: int,
@@ -39,7 +41,16 @@ def load_drafter(config: SpeculativeConfig, target, num_pages: int, page_size: i
         raise ValueError(f"draft={name!r} is a {SHIPPED_DRAFTERS[name]} drafter, not one for method={config.method!r}")
     if name not in SHIPPED_DRAFTERS and not os.path.isdir(name):
         raise ValueError(f"draft={name!r} is neither a directory nor a shipped drafter ({', '.join(SHIPPED_DRAFTERS)})")
-    draft = load_model(name, dtype=target.dtype)
+    path = os.path.join(ASSETS_DIR, name) if name in SHIPPED_DRAFTERS else name
+    if config.method == "medusa":
+        drafter = MedusaDrafter(target, path)
+        if config.num_tokens > drafter.num_heads:
+            raise ValueError(f"num_tokens={config.num_tokens} is more than the {drafter.num_heads} Medusa heads of "
+                             f"draft={name!r}")
+        return drafter
+    if config.method == "eagle":
+        return EagleDrafter(target, path, num_pages, page_size, max_seq_len, impl)
+    draft = load_model(path, dtype=target.dtype)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft={name!r} has a vocabulary of {draft.config.vocab_size} tokens, the target "
                          f"{target.config.vocab_size}: a draft model must share the target's vocabulary")

@@ -1,0 +1,50 @@
+"""Medusa drafting: k heads read the target's hidden state at each sequence's last computed
+position (from the runner's feature cache) and guess the next k tokens at once, each drawn from
+its head's filtered distribution. No cache of its own: nothing to catch up or roll back."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.requests import next_power_of_2
+from jaxinfer.speculative.config import Proposal
+from jaxinfer.speculative.draft_model import draw, row_keys, sampling_rows
+from jaxinfer.speculative.heads import load_heads, medusa_logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k"))
+def _propose(target_params, cfg, heads, features, slots, sp, steps, *, k):
+    """slots (R,): where each row's last computed hidden state sits -> drafts (R, k), q (R, k, V)."""
+    logits = medusa_logits(target_params, cfg, jax.tree.map(lambda a: a[:k], heads), features[slots])  # (R, k, V)
+    keys = row_keys(sp, steps)
+    drafts, probs = zip(*(draw(logits[:, j], sp, keys, j) for j in range(k)))
+    return jnp.stack(drafts, axis=1), jnp.stack(probs, axis=1)
+
+
+class MedusaDrafter:
+    features = True
+
+    def __init__(self, target, path: str):
+        self.target = target
+        self.heads, meta = load_heads(path, "medusa", target.config, target.dtype)
+        self.num_heads = int(self.heads["w"].shape[0])
+
+    def propose(self, seqs, num_drafts, k, runner) -> Proposal:
+        R, page = next_power_of_2(len(seqs)), runner.page_size
+        slots, steps = np.zeros(R, np.int32), np.zeros(R, np.int32)
+        for i, s in enumerate(seqs):
+            p = s.num_computed - 1
+            slots[i], steps[i] = s.pages[p // page] * page + p % page, len(s.generated)
+        drafts, probs = _propose(self.target.params, self.target.config, self.heads, runner.features, slots,
+                                 sampling_rows(seqs, R), steps, k=k)
+        return Proposal(drafts, probs)
+
+    def accepted(self, seqs) -> None:
+        pass
+
+    def copy_pages(self, copies) -> None:
+        pass
