@@ -167,12 +167,15 @@ class Engine:
         """Compile every program this config can run, for prompts up to max_prompt_len tokens and
         sequences up to max_len (prompt and output; both default to max_seq_len); returns how many
         programs were compiled now. n > 1 sampling may need sampler shapes beyond these."""
-        c, a = self.config, self.allocator
+        c, a, spec = self.config, self.allocator, self.config.speculative
         return self.runner.warmup(possible_buckets(
             max_batch=c.max_batch, max_tokens_per_step=c.max_tokens_per_step, chunked_prefill=c.chunked_prefill,
             decode_steps=c.decode_steps, multi_step_decode=c.decode_steps > 1 or c.overlap,
             max_seq_len=self.max_seq_len, max_prompt_len=min(max_prompt_len or self.max_seq_len, self.max_seq_len),
-            max_len=max_len or self.max_seq_len, page_size=a.page_size, num_pages=a.num_pages))
+            max_len=max_len or self.max_seq_len, page_size=a.page_size, num_pages=a.num_pages,
+            speculative_tokens=spec.num_tokens if spec else 0),
+            draft_probs=bool(spec) and spec.method in ("draft", "medusa", "eagle"),
+            synthetic=spec.accept if spec else None)
 
     def metrics(self) -> dict[str, float]:
         """Run-level figures so far: step and token counts, preemptions, host/device time, KV use."""

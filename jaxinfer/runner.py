@@ -348,15 +348,29 @@ class ModelRunner:
 
     # Warm-up -----------------------------------------------------------------------------------
 
-    def warmup(self, buckets: list[Bucket]) -> int:
+    def warmup(self, buckets: list[Bucket], draft_probs: bool = False, synthetic: float | None = None) -> int:
         """Compile the program of every bucket ahead of time, without running anything; returns
-        how many programs this traced. (Forked samples, n > 1, draw through a small extra program.)"""
+        how many programs this traced. Verify passes are compiled for drafts with (draft_probs) or
+        without distributions, and the synthetic rate. (Forked samples, n > 1, draw through a small
+        extra program; a drafter's own programs compile when first used.)"""
         before = sum(TRACE_COUNTS.values())
         cfg, impl = self.model.config, self.impl
         params, cache, features = jax.tree.map(_abstract, (self.model.params, self.cache, self.features))
         i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
         sp = lambda R: jax.tree.map(_abstract, sampling_batch([], R))  # noqa: E731
+        V = cfg.vocab_size
         for kind, *shape in buckets:
+            if kind == "verify":  # R rows of the next token and k drafts
+                R, k, M = shape
+                C = k + 1
+                batch = BatchDescriptor(positions=i32((R * C,)), logits_at=i32((R * C,)), slot_mapping=i32((R * C,)),
+                                        decode_block_tables=i32((0, M)), decode_lens=i32((0,)),
+                                        prefill_block_tables=i32((R, M)), prefill_start=i32((R,)),
+                                        prefill_lens=i32((R,)))
+                probs = jax.ShapeDtypeStruct((R, k, V), jnp.float32) if draft_probs else None
+                _verify.lower(params, cfg, i32((R,)), i32((R, k)), probs, i32((R,)), cache, features, batch, sp(R),
+                              i32((R,)), impl=impl, synthetic=synthetic).compile()
+                continue
             if kind == "decode":  # a k-step decode call of R rows
                 R, k, M = shape
                 _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
@@ -402,13 +416,13 @@ class ModelRunner:
 
 def possible_buckets(*, max_batch: int, max_tokens_per_step: int, chunked_prefill: bool, decode_steps: int,
                      multi_step_decode: bool, max_seq_len: int, max_prompt_len: int, max_len: int, page_size: int,
-                     num_pages: int) -> list[Bucket]:
+                     num_pages: int, speculative_tokens: int = 0) -> list[Bucket]:
     """Every program shape the engine can run under these limits (n = 1 sampling): steps with
     prompt work (max_batch decode rows, up to max_batch prefill rows, chunks up to the token
     budget or, unchunked, a whole prompt, block tables up to the longest sequence's pages, but
     not narrower than its chunk needs), decode-only steps when decode does not run as calls, and
-    k-step decode calls. Sequences are at most max_len tokens (prompt and output) of the engine's
-    max_seq_len, prompts at most max_prompt_len."""
+    k-step decode calls, or, with speculative_tokens = k, verify passes of k drafts. Sequences are at
+    most max_len tokens (prompt and output) of the engine's max_seq_len, prompts at most max_prompt_len."""
     B = next_power_of_2(max_batch)
     min_pages = min(MIN_PAGES, math.ceil(max_seq_len / page_size))
     max_pages = min(math.ceil(min(max_len, max_seq_len) / page_size), num_pages)
@@ -422,7 +436,9 @@ def possible_buckets(*, max_batch: int, max_tokens_per_step: int, chunked_prefil
         shortest = C // 2 + 1 if C > MIN_CHUNK else 1  # the shortest chunk that buckets to C
         need = next_power_of_2(math.ceil(shortest / page_size), min_pages)
         out += [("step", B, Rp, C, M) for M in pages if M >= need]
-    if multi_step_decode:
+    if speculative_tokens:
+        out += [("verify", R, speculative_tokens, M) for R in _powers_of_2(max_batch) for M in pages]
+    elif multi_step_decode:
         out += [("decode", R, k, M) for R in _powers_of_2(max_batch) for k in _powers_of_2(decode_steps)
                 for M in pages]
     else:

@@ -16,6 +16,7 @@ from helpers import run_main, run_script
 
 import jaxinfer as ji
 from experiments import spec_decode
+from jaxinfer import runner as runner_lib
 from jaxinfer.sampling import SamplingBatch
 from jaxinfer.speculative import accept as accept_lib
 from jaxinfer.speculative import heads
@@ -233,3 +234,15 @@ def test_spec_decode_runs_as_a_script():
                         "--num_prompts=2", "--prompt_len=8", "--max_tokens=8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "synthetic" in result.stdout and "speedup" in result.stdout
+
+
+def test_warmup_covers_the_verify_passes(target):
+    """With speculation, Engine.warmup compiles the verify passes too: serving afterwards traces
+    no target program (the drafter's own compile on first use)."""
+    engine = ji.Engine(target, ji.EngineConfig(max_batch=2, page_size=16,
+                                               speculative=ji.SpeculativeConfig(method="ngram", num_tokens=3)))
+    assert engine.warmup(max_prompt_len=12, max_len=30) > 0
+    before = {k: v for k, v in runner_lib.TRACE_COUNTS.items() if k in ("step", "verify")}
+    engine.generate([[1, 2, 3, 1, 2, 3, 1, 2], [5] * 12, [7, 8]], ji.SamplingParams(max_tokens=16, temperature=0.0))
+    assert engine.metrics()["spec_passes"] > 0
+    assert {k: v for k, v in runner_lib.TRACE_COUNTS.items() if k in ("step", "verify")} == before
