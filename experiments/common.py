@@ -66,6 +66,8 @@ flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
 flags.DEFINE_bool("prefix_cache", True, "Reuse KV pages of identical prompt prefixes.")
 flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
 flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading the last one's tokens back.")
+flags.DEFINE_string("kv_dtype", "", "KV-cache dtype: '' (the model's own), int8 or fp8 (quantised per token and "
+                    "head, float32 scales); kv_capacity also takes float32, bfloat16, float16 (its default bfloat16).")
 
 flags.DEFINE_enum("spec", "none", ["none", *METHODS], "Speculative decoding method (none: plain decoding).")
 flags.DEFINE_integer("spec_tokens", 5, "Tokens drafted per target pass (k).")
@@ -74,7 +76,7 @@ flags.DEFINE_string("spec_draft", "", "The drafter: a shipped name (tiny-draft, 
 flags.DEFINE_float("spec_accept", 0.8, "Acceptance probability of --spec=synthetic (a stand-in drafter, not lossless).")
 
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
-                "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap")
+                "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "kv_dtype")
 SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept")
 DEFAULT_DRAFTS = {"draft": "tiny-draft", "medusa": "tiny-medusa", "eagle": "tiny-eagle"}
 
@@ -91,6 +93,7 @@ def engine_config(**overrides) -> ji.EngineConfig:
     """The EngineConfig the engine and speculative flags describe (overrides win)."""
     values = {name: FLAGS[name].value for name in ENGINE_FLAGS}
     values["kv_budget_tokens"] = values["kv_budget_tokens"] or None
+    values["kv_dtype"] = values["kv_dtype"] or None
     values["speculative"] = spec_config(FLAGS.spec, FLAGS.spec_tokens, FLAGS.spec_draft, FLAGS.spec_accept)
     return ji.EngineConfig(**{**values, **overrides})
 

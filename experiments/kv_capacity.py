@@ -21,9 +21,9 @@ FLAGS = flags.FLAGS
 
 _MODELS = flags.DEFINE_string("models", "all", "Comma-separated model names from configs/models, or 'all'.")
 _CARDS = flags.DEFINE_string("cards", "all", "Comma-separated card names from configs/hardware, or 'all'.")
-_KV_DTYPE = flags.DEFINE_string(
-    "kv_dtype", "bfloat16", f"KV-cache dtype: {', '.join(memory.KV_DTYPE_BYTES)}."
-)
+flags.declare_key_flag("kv_dtype")
+KV_DTYPE = "bfloat16"  # default --kv_dtype here
+SCALE_BYTES = 4  # the engine's float32 scale per token and kv head, for each of K and V, in an int8 / fp8 cache
 _WEIGHT_FORMAT = flags.DEFINE_string(
     "weight_format", "bfloat16", f"Weight storage format: {memory.WEIGHT_FORMATS_HELP}."
 )
@@ -47,12 +47,13 @@ def _names(value: str, known: list[str]) -> list[str]:
 def model_row(name: str, hw: memory.Hardware) -> dict:
     """One model on one card, with the settings from the flags; None where the weights do not fit."""
     cfg = memory.load_model_config(name)
-    fmt, kv, reserve = _WEIGHT_FORMAT.value, _KV_DTYPE.value, _RESERVE.value
+    fmt, kv, reserve = _WEIGHT_FORMAT.value, FLAGS.kv_dtype or KV_DTYPE, _RESERVE.value
+    scale = SCALE_BYTES if kv in memory.QUANTISED_KV_DTYPES else 0
     row = {
         "model": name,
         "params": cfg.num_params(),
         "weight_bytes": memory.weight_bytes(cfg, fmt),
-        "kv_bytes_per_1k_tokens": memory.kv_cache_bytes(cfg, 1024, kv_dtype=kv),
+        "kv_bytes_per_1k_tokens": memory.kv_cache_bytes(cfg, 1024, kv_dtype=kv, kv_scale_bytes=scale),
         "model_max_context": cfg.max_position_embeddings,
         "fits": True,
         "max_context_batch_1": None,
@@ -61,16 +62,16 @@ def model_row(name: str, hw: memory.Hardware) -> dict:
         "decode_tokens_per_s_batch_1": None,
     }
     try:
-        row["kv_max_context_batch_1"] = memory.max_context(cfg, hw, 1, fmt, kv, reserve)
+        row["kv_max_context_batch_1"] = memory.max_context(cfg, hw, 1, fmt, kv, reserve, scale)
     except memory.DoesNotFitError:
         row["fits"] = False
         return row
-    row["kv_max_context_batch_n"] = memory.max_context(cfg, hw, _BATCH.value, fmt, kv, reserve)
+    row["kv_max_context_batch_n"] = memory.max_context(cfg, hw, _BATCH.value, fmt, kv, reserve, scale)
     # What the KV cache would hold, capped at what the model was trained for.
     for n in ("1", "n"):
         row[f"max_context_batch_{n}"] = min(row[f"kv_max_context_batch_{n}"], cfg.max_position_embeddings)
-    row["max_batch_at_context"] = memory.max_batch(cfg, hw, _CONTEXT.value, fmt, kv, reserve)
-    roofline = memory.decode_roofline(cfg, hw, 1, _CONTEXT.value, fmt, kv)
+    row["max_batch_at_context"] = memory.max_batch(cfg, hw, _CONTEXT.value, fmt, kv, reserve, scale)
+    roofline = memory.decode_roofline(cfg, hw, 1, _CONTEXT.value, fmt, kv, kv_scale_bytes=scale)
     row["decode_tokens_per_s_batch_1"] = roofline["tokens_per_s"]
     return row
 
@@ -91,7 +92,7 @@ def _cells(row: dict) -> list[str]:
 def print_table(hw: memory.Hardware, rows: list[dict]) -> None:
     print(f"\n{hw.name}: {hw.memory_bytes / 1e9:.1f} GB, {hw.memory_bandwidth_bytes_per_s / 1e9:,.0f} GB/s, "
           f"{hw.peak_bf16_flops / 1e12:.1f} TFLOP/s bf16 | weights {_WEIGHT_FORMAT.value}, "
-          f"KV {_KV_DTYPE.value}, reserve {_RESERVE.value:.0%}")
+          f"KV {FLAGS.kv_dtype or KV_DTYPE}, reserve {_RESERVE.value:.0%}")
     header = [c.format(batch=_BATCH.value, context=_CONTEXT.value) for c in COLUMNS]
     table = [header] + [_cells(row) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

@@ -1,15 +1,17 @@
-"""Weight-only quantisation, measured: quality, bytes and decode speed per scheme.
+"""Quantisation, measured: quality, bytes and decode speed per weight scheme and KV-cache dtype.
 
   python -m experiments.quant_eval                                    # the shipped tiny model
   python -m experiments.quant_eval --schemes=dense,int8,int4-rtn-g32,int4-awq-g32,int4-gptq-g32 \
       --out=/tmp/quant.json --table=/tmp/quant.md
+  python -m experiments.quant_eval --schemes=dense,int4-gptq-g32 --kv_dtype=int8   # weights and KV cache
 
 For each scheme (named as in jaxinfer.quant.spec: dense, int8, int4-{rtn,awq,gptq}-g<N>[-asym][-act]):
 held-out bits per byte, greedy next-token agreement with the dense model on the same held-out text
 (teacher forcing), bytes of the quantised projection weights and of the whole model, the time
 quantisation took (AWQ and GPTQ include collecting their calibration activations), and batch-1
-decode tokens/s through the baseline generate loop. Calibration text is held-out text that the
-evaluation windows do not contain.
+decode tokens/s through the engine. With --kv_dtype=int8|fp8 the model reads keys and values as a
+quantised KV cache holds them (the dense reference keeps a float cache). Calibration text is
+held-out text that the evaluation windows do not contain.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ flags.DEFINE_list("schemes", ["dense", "int8", "int4-rtn-g32", "int4-awq-g32", "
 flags.DEFINE_integer("calib_sequences", 256, "Calibration sequences (AWQ, GPTQ).")
 flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
 flags.DEFINE_integer("decode_tokens", 128, "Tokens to decode when timing batch-1 decode (0: skip).")
-for _name in ("model", "windows", "seq_len", "matmul", "out"):
+for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype"):
     flags.declare_key_flag(_name)
 flags.DEFINE_string("table", "", "Write a markdown table here.")
 
@@ -53,12 +55,14 @@ def total_bytes(params) -> int:
 
 
 def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
-    """Batch-1 greedy decode tokens/s: the median of `runs` runs after one that compiles."""
+    """Batch-1 greedy decode tokens/s through the engine (its KV cache in --kv_dtype): the median of
+    `runs` runs after one that compiles."""
     sp = ji.SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     prompt = "def main(argv):\n"
+    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None)
     speeds = []
     for _ in range(runs + 1):
-        out = ji.generate(model, [prompt], sp, matmul_impl=FLAGS.matmul)[0]
+        out = ji.Engine(model, config).generate([prompt], sp)[0]
         m = out.metrics
         speeds.append((len(out.token_ids) - 1) / (m["latency_s"] - m["ttft_s"]))
     return float(np.median(speeds[1:]))
@@ -82,8 +86,8 @@ def evaluate(names: list[str]) -> list[dict]:
         quantize_s = time.perf_counter() - t0
         rows.append({
             "scheme": name,
-            "bits_per_byte": data.bits_per_byte(model, windows),
-            "greedy_agreement": data.greedy_agreement(model, dense, windows),
+            "bits_per_byte": data.bits_per_byte(model, windows, kv_dtype=FLAGS.kv_dtype or None),
+            "greedy_agreement": data.greedy_agreement(model, dense, windows, kv_dtype=FLAGS.kv_dtype or None),
             "projection_bytes": projection_bytes(model.params),
             "model_bytes": total_bytes(model.params),
             "quantize_s": quantize_s,

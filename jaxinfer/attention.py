@@ -20,8 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache
-from pallas_kernels.common import gather_pages
+from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache, quantize
+from pallas_kernels.common import dequantize_pages, gather_pages
 from pallas_kernels.flash_attention import flash_attention, paged_flash_attention
 from pallas_kernels.paged_attention import paged_decode_attention
 
@@ -103,35 +103,54 @@ def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl):
 
 
 def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, impl):
-    """q, k, v: (1, N, heads, H) flat tokens: Rd decode tokens, then Rp rows of C prefill tokens."""
+    """q, k, v: (1, N, heads, H) flat tokens: Rd decode tokens, then Rp rows of C prefill tokens.
+    A quantised cache stores the new K/V quantised per token and head, with their scales."""
     _, N, NH, H = q.shape
     page = cache.page_size
     slots = batch.slot_mapping  # (N,)
     page_idx, offset = slots // page, slots % page
-    k_all = cache.k.at[layer, :, page_idx, offset].set(k[0].astype(cache.k.dtype), mode="drop")
-    v_all = cache.v.at[layer, :, page_idx, offset].set(v[0].astype(cache.v.dtype), mode="drop")
-    k_pages, v_pages = k_all[layer], v_all[layer]  # (K, P, page, H)
+
+    def write(store, scales, new):  # store (L, K, P, page, H), new (N, K, H)
+        if scales is None:
+            return store.at[layer, :, page_idx, offset].set(new.astype(store.dtype), mode="drop"), None
+        values, new_scales = quantize(new, store.dtype)  # (N, K, H), (N, K)
+        return (store.at[layer, :, page_idx, offset].set(values, mode="drop"),
+                scales.at[layer, :, page_idx, offset].set(new_scales, mode="drop"))
+
+    k_all, k_scale = write(cache.k, cache.k_scale, k[0])
+    v_all, v_scale = write(cache.v, cache.v_scale, v[0])
+    pages = (k_all[layer], v_all[layer], None if k_scale is None else k_scale[layer],
+             None if v_scale is None else v_scale[layer])  # (K, P, page, H) x2, (K, P, page) x2
 
     Rd, Rp = batch.num_decode, batch.num_prefill
     outs = []
     if Rd:
-        outs.append(paged_decode(q[0, :Rd], k_pages, v_pages, batch.decode_block_tables, batch.decode_lens, window, impl))
+        outs.append(paged_decode(q[0, :Rd], *pages, batch.decode_block_tables, batch.decode_lens, window, impl))
     if Rp:
         C = (N - Rd) // Rp
         qp = q[0, Rd:].reshape(Rp, C, NH, H)
-        o = paged_prefill(qp, k_pages, v_pages, batch.prefill_block_tables, batch.prefill_start, batch.prefill_lens, window, impl)
+        o = paged_prefill(qp, *pages, batch.prefill_block_tables, batch.prefill_start, batch.prefill_lens, window, impl)
         outs.append(o.reshape(Rp * C, NH, H))
     out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
-    return out[None], PagedKVCache(k=k_all, v=v_all)
+    return out[None], PagedKVCache(k=k_all, v=v_all, k_scale=k_scale, v_scale=v_scale)
 
 
-def paged_decode(q, k_pages, v_pages, block_tables, lens, window=0, impl="xla"):
-    """One query per row at position lens - 1. q (R, N, H) -> (R, N, H)."""
+def _gather(pages, scales, block_tables, dtype):
+    """pages (K, P, page, H) [+ scales (K, P, page)] -> each row's context (R, M * page, K, H) in dtype."""
+    if scales is None:
+        return gather_pages(pages, block_tables)
+    return gather_pages(dequantize_pages(pages, scales), block_tables).astype(dtype)
+
+
+def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window=0, impl="xla"):
+    """One query per row at position lens - 1. q (R, N, H) -> (R, N, H). Scales: None, or the
+    per-token scales (K, P, page) of int8 / fp8 pages."""
     _check_impl(impl)
     if impl == "pallas":
-        return paged_decode_attention(q, k_pages, v_pages, block_tables, lens,
+        return paged_decode_attention(q, k_pages, v_pages, block_tables, lens, k_scales=k_scales, v_scales=v_scales,
                                       window=_static_window(window, impl), interpret=_interpret())
-    keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # (R, S, K, H)
+    keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
+    values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, S = keys.shape[:2]
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     k_pos = jnp.where(k_pos < lens[:, None], k_pos, -1)  # (R, S); slots past the context are empty
@@ -139,14 +158,15 @@ def paged_decode(q, k_pages, v_pages, block_tables, lens, window=0, impl="xla"):
     return xla_attention(q[:, None], keys, values, q_pos, k_pos, window)[:, 0]
 
 
-def paged_prefill(q, k_pages, v_pages, block_tables, start, lens, window=0, impl="xla"):
+def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window=0, impl="xla"):
     """Row r's queries are at positions start[r] + [0, C); it sees its pages up to its own position.
     q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk."""
     _check_impl(impl)
     if impl == "pallas":
-        return paged_flash_attention(q, k_pages, v_pages, block_tables, start, start + lens,
-                                     window=_static_window(window, impl), interpret=_interpret())
-    keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)  # (R, S, K, H)
+        return paged_flash_attention(q, k_pages, v_pages, block_tables, start, start + lens, k_scales=k_scales,
+                                     v_scales=v_scales, window=_static_window(window, impl), interpret=_interpret())
+    keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
+    values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, C = q.shape[:2]
     S = keys.shape[1]
     q_pos = start[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]  # (R, C)

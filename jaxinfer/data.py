@@ -157,48 +157,50 @@ def heldout_windows(model, seq_len: int, num: int, offset: int = 0) -> Windows:
     return Windows(stream.ids[offset:needed].reshape(shape), stream.nbytes[offset:needed].reshape(shape))
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _window_nll(params, cfg, windows, nbytes):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def _window_nll(params, cfg, windows, nbytes, impl):
     """Summed negative log-likelihood (nats) of the targets that are text, and their bytes."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     B, T = inputs.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits = model_lib.forward(params, cfg, inputs, positions).logits  # (B, T, V)
+    logits = model_lib.forward(params, cfg, inputs, positions, impl=impl).logits  # (B, T, V)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     text = nbytes[:, 1:] > 0  # special tokens (BOS, EOS) are not text
     return jnp.sum(jnp.where(text, nll, 0.0)), jnp.sum(nbytes[:, 1:])
 
 
-def bits_per_byte(model, windows: Windows, batch_size: int = 16) -> float:
+def bits_per_byte(model, windows: Windows, batch_size: int = 16, kv_dtype: str | None = None) -> float:
     """Bits the model spends per byte of text in the windows (teacher forcing): comparable across
-    tokenizers, since the bytes are the text's own."""
+    tokenizers, since the bytes are the text's own. kv_dtype: read keys and values as an int8 /
+    fp8 KV cache holds them."""
     total, count = 0.0, 0
+    impl = model_lib.Impl(kv_dtype=kv_dtype)
     for i in range(0, len(windows), batch_size):
         nll, n = _window_nll(model.params, model.config, jnp.asarray(windows.tokens[i : i + batch_size]),
-                             jnp.asarray(windows.nbytes[i : i + batch_size]))
+                             jnp.asarray(windows.nbytes[i : i + batch_size]), impl)
         total, count = total + float(nll), count + int(n)
     return total / count / math.log(2)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg_a", "cfg_b"))
-def _argmax_agreement(params_a, cfg_a, params_b, cfg_b, inputs):
+@functools.partial(jax.jit, static_argnames=("cfg_a", "cfg_b", "impl_a"))
+def _argmax_agreement(params_a, cfg_a, params_b, cfg_b, inputs, impl_a):
     B, T = inputs.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    a = jnp.argmax(model_lib.forward(params_a, cfg_a, inputs, positions).logits, axis=-1)
+    a = jnp.argmax(model_lib.forward(params_a, cfg_a, inputs, positions, impl=impl_a).logits, axis=-1)
     b = jnp.argmax(model_lib.forward(params_b, cfg_b, inputs, positions).logits, axis=-1)
     return jnp.sum(a == b), a.size
 
 
-def greedy_agreement(model_a, model_b, windows: Windows, batch_size: int = 16) -> float:
+def greedy_agreement(model_a, model_b, windows: Windows, batch_size: int = 16, kv_dtype: str | None = None) -> float:
     """Fraction of positions where both models' argmax next tokens agree, on the same text (both
-    models must share a tokenizer)."""
+    models must share a tokenizer); kv_dtype applies to model_a (see bits_per_byte)."""
     if model_a.config.vocab_size != model_b.config.vocab_size:
         raise ValueError(f"greedy agreement needs one vocabulary; the models have {model_a.config.vocab_size} "
                          f"and {model_b.config.vocab_size} tokens")
     same = total = 0
     for i in range(0, len(windows), batch_size):
         s, n = _argmax_agreement(model_a.params, model_a.config, model_b.params, model_b.config,
-                                 jnp.asarray(windows.tokens[i : i + batch_size, :-1]))
+                                 jnp.asarray(windows.tokens[i : i + batch_size, :-1]), model_lib.Impl(kv_dtype=kv_dtype))
         same, total = same + int(s), total + int(n)
     return same / total

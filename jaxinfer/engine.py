@@ -56,7 +56,7 @@ class Engine:
         model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
-        num_pages, page_size = config.kv_pages(self.max_seq_len)
+        num_pages, page_size = config.kv_pages(model.config, self.max_seq_len, model.dtype)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)
         self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,
@@ -66,7 +66,7 @@ class Engine:
         self.drafter = (None if config.speculative is None else
                         load_drafter(config.speculative, model, num_pages, page_size, self.max_seq_len, impl))
         self.runner = runner(model, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
-                             features=bool(self.drafter and self.drafter.features))
+                             features=bool(self.drafter and self.drafter.features), kv_dtype=config.kv_dtype)
         self.rules = StopRules(model)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0

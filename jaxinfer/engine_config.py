@@ -6,8 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
+from jaxinfer import memory
+from jaxinfer.kv_cache import KV_DTYPES
 from jaxinfer.model import Impl
 from jaxinfer.speculative.config import SpeculativeConfig
+
+SCALE_BYTES = 4  # a quantised cache's float32 scale per token and kv head, for each of K and V
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +23,8 @@ class EngineConfig:
     page_size: int = 16  # tokens per KV page (paged layout)
     num_pages: int | None = None  # KV budget in pages (paged) or request slots (contiguous)
     kv_budget_tokens: int | None = None  # KV budget in tokens, when num_pages is not given
+    kv_budget_bytes: int | None = None  # KV budget in bytes (pages of kv_dtype, scales included), when neither is
+    kv_dtype: str | None = None  # the KV cache's dtype: None (the model's), "int8" or "fp8" (per-token scales)
     max_batch: int = 8  # sequences running at once
     max_tokens_per_step: int = 256  # token budget of one step (decode tokens + prompt chunks)
     chunked_prefill: bool = True  # split prompts across steps to fit the budget
@@ -35,7 +43,10 @@ class EngineConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
         Impl(self.attention, self.matmul)  # checks both
-        for name in ("page_size", "max_batch", "max_tokens_per_step", "decode_steps", "num_pages", "kv_budget_tokens"):
+        if self.kv_dtype not in (None, *KV_DTYPES):
+            raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
+        for name in ("page_size", "max_batch", "max_tokens_per_step", "decode_steps", "num_pages", "kv_budget_tokens",
+                     "kv_budget_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
@@ -50,15 +61,21 @@ class EngineConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} is over the model's context of {context}")
         return self.max_seq_len or context
 
-    def kv_pages(self, max_seq_len: int) -> tuple[int, int]:
+    def kv_pages(self, model_config, max_seq_len: int, model_dtype) -> tuple[int, int]:
         """(num_pages, page_size) of the KV cache. The contiguous layout reserves one "page" of
-        max_seq_len tokens per request at admission (as serving systems did before PagedAttention)."""
+        max_seq_len tokens per request at admission (as serving systems did before PagedAttention).
+        A byte budget buys pages of kv_dtype (int8 / fp8: about twice a bfloat16 cache's)."""
         page_size = max_seq_len if self.kv_layout == "contiguous" else self.page_size
         if self.num_pages is not None:
             return self.num_pages, page_size
-        if self.kv_budget_tokens is not None:
-            if self.kv_budget_tokens < page_size:
-                raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} is too small for even one request "
+        budget, name = self.kv_budget_tokens, f"kv_budget_tokens={self.kv_budget_tokens}"
+        if budget is None and self.kv_budget_bytes is not None:
+            kv = self.kv_dtype or jnp.dtype(model_dtype).name
+            budget = self.kv_budget_bytes // memory.kv_bytes_per_token(model_config, kv, SCALE_BYTES if self.kv_dtype else 0)
+            name = f"kv_budget_bytes={self.kv_budget_bytes} ({budget} tokens of {kv})"
+        if budget is not None:
+            if budget < page_size:
+                raise ValueError(f"{name} is too small for even one request "
                                  f"(one {self.kv_layout} allocation is {page_size} tokens)")
-            return self.kv_budget_tokens // page_size, page_size
+            return budget // page_size, page_size
         return self.max_batch * math.ceil(max_seq_len / page_size), page_size

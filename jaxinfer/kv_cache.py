@@ -4,7 +4,8 @@ page allocator with reference counts and a prefix cache.
 Device side (pytrees, passed into and returned from jitted steps):
   KVCache       k, v: (L, B, S, K, H); sequence b's token at position p lives in slot p.
   PagedKVCache  k, v: (L, K, P, page_size, H); a sequence's token at position p lives in page
-                block_table[p // page_size] at offset p % page_size.
+                block_table[p // page_size] at offset p % page_size. Optionally int8 / fp8 with
+                per-token, per-head scales (quantised on write, dequantised where read).
 
 Host side (plain Python, no tracing):
   PageAllocator  free list, reference counts (shared prefixes, forked samples, copy-on-write)
@@ -42,17 +43,37 @@ class KVCache:
         return self.k.shape[2]
 
 
+# Quantised KV-cache dtypes, with the largest magnitude each stores.
+KV_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+_QMAX = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
+
+
 @struct.dataclass
 class PagedKVCache:
-    """Paged KV cache. k, v: (L, K, P, page_size, H) in the model dtype; P physical pages."""
+    """Paged KV cache; P physical pages.
+      k, v              (L, K, P, page_size, H)  the model dtype, or int8 / float8_e4m3fn
+      k_scale, v_scale  (L, K, P, page_size) float32: a quantised token's scale per head (max |x| of
+                        its head vector over the dtype's largest value); None for a float cache."""
 
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @classmethod
-    def zeros(cls, cfg, num_pages: int, page_size: int, dtype=jnp.float32) -> PagedKVCache:
+    def zeros(cls, cfg, num_pages: int, page_size: int, dtype=jnp.float32, kv_dtype: str | None = None) -> PagedKVCache:
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
         shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        if kv_dtype is None:
+            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        q = KV_DTYPES[kv_dtype]
+        return cls(k=jnp.zeros(shape, q), v=jnp.zeros(shape, q), k_scale=jnp.ones(shape[:-1], jnp.float32),
+                   v_scale=jnp.ones(shape[:-1], jnp.float32))
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
     @property
     def num_pages(self) -> int:
@@ -98,10 +119,33 @@ class BatchDescriptor:
         return self.prefill_lens.shape[0]
 
 
+def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """x (..., H) -> (values (..., H) in dtype, scales (...) float32): one scale per head vector,
+    max |x| / the dtype's largest value (int8: rounded to nearest, fp8: cast)."""
+    xf = x.astype(jnp.float32)
+    qmax = _QMAX[jnp.dtype(dtype)]
+    scale = jnp.max(jnp.abs(xf), axis=-1) / qmax
+    scale = jnp.where(scale > 0, scale, 1.0)
+    y = xf / scale[..., None]
+    if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
+        y = jnp.clip(jnp.round(y), -qmax, qmax)
+    return y.astype(dtype), scale
+
+
+def dequantize(values: jax.Array, scales: jax.Array, dtype) -> jax.Array:
+    """The inverse of `quantize`: (..., H) values times their (...) scales, in dtype."""
+    return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)
+
+
+def fake_quantize(x: jax.Array, dtype) -> jax.Array:
+    """x (..., H) as a quantised cache returns it: quantised per head vector, dequantised to x.dtype."""
+    return dequantize(*quantize(x, dtype), x.dtype)
+
+
 @jax.jit
 def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
-    """Copy whole pages src[i] -> dst[i] in every layer (copy-on-write of shared pages)."""
-    return PagedKVCache(k=cache.k.at[:, :, dst].set(cache.k[:, :, src]), v=cache.v.at[:, :, dst].set(cache.v[:, :, src]))
+    """Copy whole pages src[i] -> dst[i] in every layer (copy-on-write of shared pages), scales too."""
+    return jax.tree.map(lambda x: x.at[:, :, dst].set(x[:, :, src]), cache)
 
 
 class OutOfPages(RuntimeError):

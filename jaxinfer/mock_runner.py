@@ -39,8 +39,8 @@ def expected_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: i
 
 class MockRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None,
-                 features: bool = False):
-        del max_seq_len, impl, features
+                 features: bool = False, kv_dtype: str | None = None):
+        del max_seq_len, impl, features, kv_dtype
         self.vocab_size = model.config.vocab_size
         self.page_size, self.num_pages = page_size, num_pages
         self.slots = np.full(num_pages * page_size, _EMPTY, np.int64)

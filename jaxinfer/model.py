@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxinfer import attention, matmul
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache
+from jaxinfer.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
 from jaxinfer.tokenizer import Tokenizer
 
 Params = dict[str, Any]
@@ -135,12 +135,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
-    """Which implementation runs each op (a static jit argument): "xla" (the reference) or "pallas"."""
+    """How each op runs (a static jit argument): attention and matmul "xla" (the reference) or
+    "pallas"; kv_dtype None, or "int8" / "fp8" to read keys and values as a quantised KV cache
+    holds them (a forward without a cache quantises and dequantises them, the same numerics)."""
 
     attention: str = "xla"
     matmul: str = "xla"
+    kv_dtype: str | None = None
 
     def __post_init__(self):
+        if self.kv_dtype not in (None, *KV_DTYPES):
+            raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
         if self.attention not in attention.IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} is not one of {attention.IMPLEMENTATIONS}")
         if self.matmul not in matmul.IMPLEMENTATIONS:
@@ -200,6 +205,8 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
         window = window if shared_window is None else shared_window
         if cache is None:
             def attend(q, k, v):
+                if impl.kv_dtype:
+                    k, v = fake_quantize(k, KV_DTYPES[impl.kv_dtype]), fake_quantize(v, KV_DTYPES[impl.kv_dtype])
                 return attention.attend(q, k, v, positions, positions, window, impl=impl.attention), None
         else:
             def attend(q, k, v):

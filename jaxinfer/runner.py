@@ -172,14 +172,14 @@ def _powers_of_2(n: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int,
-                 impl: model_lib.Impl, features: bool = False):
+                 impl: model_lib.Impl, features: bool = False, kv_dtype: str | None = None):
         """max_batch: sequences running at once; a step with prompt work always has room for that
         many decode rows, so the decode row count is no part of its shape. features: keep the
-        feature cache (num_pages * page_size, D)."""
+        feature cache (num_pages * page_size, D). kv_dtype: None (the model dtype), "int8" or "fp8"."""
         self.model, self.impl = model, impl
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.decode_rows = next_power_of_2(max_batch)
-        self.cache = PagedKVCache.zeros(model.config, num_pages, page_size, model.dtype)
+        self.cache = PagedKVCache.zeros(model.config, num_pages, page_size, model.dtype, kv_dtype)
         self.features = (jnp.zeros((num_pages * page_size, model.config.hidden_size), model.dtype)
                          if features else None)
         self.buckets: set[Bucket] = set()

@@ -51,6 +51,37 @@ def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     return dense.reshape(K, B, M * page_size, H).transpose(1, 2, 0, 3)
 
 
+QUANTISED_PAGES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+
+
+def check_page_scales(k_pages, v_pages, k_scales, v_scales) -> None:
+    """int8 / fp8 pages need per-token scales (K, P, page_size); float pages may have none."""
+    K, P, page_size, _ = k_pages.shape
+    for name, pages, scales in (("k", k_pages, k_scales), ("v", v_pages, v_scales)):
+        if scales is None and jnp.dtype(pages.dtype) in QUANTISED_PAGES:
+            raise ValueError(f"{name}_pages are {pages.dtype}: {name}_scales (K, P, page_size) are required")
+        if scales is not None and scales.shape != (K, P, page_size):
+            raise ValueError(f"{name}_scales must have shape (K, P, page_size)={(K, P, page_size)}, got {scales.shape}")
+
+
+def check_fp8_supported(dtype, interpret: bool) -> None:
+    """Triton casts float8_e4m3fn only on compute capability >= 8.9 (Ada, Hopper): say so early."""
+    if interpret or jnp.dtype(dtype) != jnp.dtype(jnp.float8_e4m3fn):
+        return
+    cap = capability()
+    if cap is not None and cap < (8, 9):
+        raise ValueError(
+            f"float8_e4m3fn KV pages need a GPU of compute capability >= 8.9, this one is {cap[0]}.{cap[1]}: "
+            "use int8 pages with scales"
+        )
+
+
+def dequantize_pages(pages: jax.Array, scales: jax.Array | None) -> jax.Array:
+    """(K, P, page_size, H) pages -> float32, times their per-token scales (K, P, page_size) if any."""
+    x = pages.astype(jnp.float32)
+    return x if scales is None else x * scales.astype(jnp.float32)[..., None]
+
+
 def capability() -> tuple[int, int] | None:
     """Compute capability of the default device, or None off CUDA (CPU, interpret mode)."""
     cap = getattr(jax.devices()[0], "compute_capability", None)

@@ -28,7 +28,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import LOG2_E, MASKED, MIN_DOT, CompilerParams, gather_pages, pad_axis, round_up, tuned
+from pallas_kernels.common import (
+    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, dequantize_pages,
+    gather_pages, pad_axis, round_up, tuned,
+)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -62,6 +65,8 @@ def _flash_kernel(
     q_ref,  # (block_q, Hp)
     k_ref,  # dense: (S, Hp); paged: (P, page_size, Hp)
     v_ref,  # dense: (S, Hp); paged: (P, page_size, Hp)
+    k_scales_ref,  # paged int8 / fp8: (P, page_size) per-token scales; else None
+    v_scales_ref,  # paged int8 / fp8: (P, page_size); else None
     o_ref,  # (block_q, Hp)
     *,
     sm_scale: float,
@@ -81,21 +86,26 @@ def _flash_kernel(
     scale = sm_scale * LOG2_E  # scores live in the log2 domain: exp(x) = exp2(x * log2 e)
 
     def load_kv(kb):
+        """Key block kb: k, v (block_k, Hp) in q's dtype, and their per-token scales or None."""
         if block_table_ref is None:
             rows = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
-            return k_ref[rows, :], v_ref[rows, :]  # (block_k, Hp) each
+            return k_ref[rows, :], v_ref[rows, :], None, None
         pages = block_table_ref[pl.ds(pl.multiple_of(kb * pages_per_block, pages_per_block), pages_per_block)]
-        k = k_ref[pages].reshape(block_k, head_dim)  # (pages_per_block, page_size, Hp) -> (block_k, Hp)
-        v = v_ref[pages].reshape(block_k, head_dim)
-        return k, v
+        k = k_ref[pages].reshape(block_k, head_dim).astype(q.dtype)  # (pages_per_block, page_size, Hp) -> (block_k, Hp)
+        v = v_ref[pages].reshape(block_k, head_dim).astype(q.dtype)
+        if k_scales_ref is None:
+            return k, v, None, None
+        return (k, v, k_scales_ref[pages].reshape(block_k).astype(jnp.float32),
+                v_scales_ref[pages].reshape(block_k).astype(jnp.float32))
 
     def step(kb, carry, *, masked: bool):
         acc, m, l = carry  # (block_q, Hp), (block_q,), (block_q,) float32
-        k, v = load_kv(kb)
+        k, v, k_scales, v_scales = load_kv(kb)
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())),
             preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST,
-        ) * scale  # (block_q, block_k)
+        )  # (block_q, block_k)
+        s = s * scale if k_scales is None else s * (k_scales * scale)[None, :]
         if masked:
             k_pos = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)[None, :]  # (1, block_k)
             visible = (k_pos <= q_pos) & (k_pos < kv_len)
@@ -106,6 +116,8 @@ def _flash_kernel(
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])  # (block_q, block_k)
         l = alpha * l + jnp.sum(p, axis=1)
+        if v_scales is not None:
+            p = p * v_scales[None, :]  # a value's scale weights the probability of its token
         pv = lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST,
@@ -155,7 +167,8 @@ def _check_common(q, K, H_k, q_offsets, kv_lens, window):
         raise ValueError(f"window must be >= 0 (0 = no window), got {window}")
 
 
-def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block_sizes, interpret):
+def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, *, window, sm_scale, block_sizes,
+           interpret):
     """Pads to powers of two and block multiples, builds the BlockSpecs and calls the kernel."""
     B, T, N, H = q.shape
     paged = block_tables is not None
@@ -188,6 +201,7 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
         kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), max_pages * page_size)
         table_spec = pl.BlockSpec((None, block_tables.shape[1]), lambda i, b, n: (b, 0))
         kv_spec = pl.BlockSpec((None, P, page_size, Hp), lambda i, b, n: (lax.div(n, G), 0, 0, 0))
+        scale_spec = pl.BlockSpec((None, P, page_size), lambda i, b, n: (lax.div(n, G), 0, 0))
     else:
         S = k.shape[1]
         pages_per_block = 0
@@ -195,7 +209,7 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
         S_pad = round_up(S, block_k)
         k, v = pad_axis(k, 1, S_pad), pad_axis(v, 1, S_pad)
         kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), S)
-        table_spec = None
+        table_spec = scale_spec = None
         kv_spec = pl.BlockSpec((None, S_pad, None, Hp), lambda i, b, n: (b, 0, lax.div(n, G), 0))
 
     kernel = functools.partial(
@@ -213,13 +227,15 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, *, window, sm_scale, block
             pl.BlockSpec((None, block_q, None, Hp), q_map),  # q
             kv_spec,  # k
             kv_spec,  # v
+            None if k_scales is None else scale_spec,
+            None if v_scales is None else scale_spec,
         ],
         out_specs=pl.BlockSpec((None, block_q, None, Hp), q_map),
         out_shape=jax.ShapeDtypeStruct((B, T_pad, N, Hp), q.dtype),
         compiler_params=CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="paged_flash_attention" if paged else "flash_attention",
-    )(q_offsets, kv_lens, block_tables, q, k, v)
+    )(q_offsets, kv_lens, block_tables, q, k, v, k_scales, v_scales)
     return out[:, :T, :, :H]
 
 
@@ -240,7 +256,7 @@ def flash_attention(
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
         raise ValueError(f"k and v must both be (B, S, K, H) with B={q.shape[0]}, got {k.shape} and {v.shape}")
     _check_common(q, k.shape[2], k.shape[3], q_offsets, kv_lens, window)
-    return _flash(q, k, v, q_offsets, kv_lens, None, window=window, sm_scale=sm_scale,
+    return _flash(q, k, v, q_offsets, kv_lens, None, None, None, window=window, sm_scale=sm_scale,
                   block_sizes=block_sizes, interpret=interpret)
 
 
@@ -265,15 +281,21 @@ def paged_flash_attention(
     q_offsets: jax.Array,  # (B,) int32: position of query 0
     kv_lens: jax.Array,  # (B,) int32: tokens of each sequence in the pages (new ones included)
     *,
+    k_scales: jax.Array | None = None,  # (K, P, page_size) float32, for int8 / fp8 pages
+    v_scales: jax.Array | None = None,  # (K, P, page_size) float32
     window: int = 0,
     sm_scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, T, N, H), q.dtype
-    """Causal attention of q over keys and values read from pages through block_tables."""
+    """Causal attention of q over keys and values read from pages through block_tables; int8 /
+    fp8 pages are dequantised in the kernel (a key's scale multiplies its scores, a value's scale
+    the probability that weights it)."""
     _check_pages(q, k_pages, v_pages, block_tables)
     _check_common(q, k_pages.shape[0], k_pages.shape[3], q_offsets, kv_lens, window)
-    return _flash(q, k_pages, v_pages, q_offsets, kv_lens, block_tables, window=window,
+    check_page_scales(k_pages, v_pages, k_scales, v_scales)
+    check_fp8_supported(k_pages.dtype, interpret)
+    return _flash(q, k_pages, v_pages, q_offsets, kv_lens, block_tables, k_scales, v_scales, window=window,
                   sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
 
 
@@ -301,11 +323,12 @@ def reference(q, k, v, q_offsets, kv_lens, *, window=0, sm_scale=None, block_siz
 
 
 def paged_reference(
-    q, k_pages, v_pages, block_tables, q_offsets, kv_lens, *, window=0, sm_scale=None,
-    block_sizes=None, interpret=False,
+    q, k_pages, v_pages, block_tables, q_offsets, kv_lens, *, k_scales=None, v_scales=None, window=0,
+    sm_scale=None, block_sizes=None, interpret=False,
 ):
-    """paged_flash_attention in plain jnp: gather the pages into dense k/v, then `reference`."""
-    k = gather_pages(k_pages, block_tables)
-    v = gather_pages(v_pages, block_tables)
+    """paged_flash_attention in plain jnp: dequantise and gather the pages into dense k/v, then
+    `reference`."""
+    k = gather_pages(dequantize_pages(k_pages, k_scales), block_tables)
+    v = gather_pages(dequantize_pages(v_pages, v_scales), block_tables)
     return reference(q, k, v, q_offsets, kv_lens, window=window, sm_scale=sm_scale,
                      block_sizes=block_sizes, interpret=interpret)

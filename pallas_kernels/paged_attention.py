@@ -27,9 +27,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import LOG2_E, MASKED, MIN_DOT, CompilerParams, capability, pad_axis, round_up, tuned
+from pallas_kernels.common import (
+    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, dequantize_pages,
+    pad_axis, round_up, tuned,
+)
 
-_QUANTISED = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,23 +218,7 @@ def _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, windo
         raise ValueError(f"lengths must have shape (B,)=({B},), got {lengths.shape}")
     if window < 0:
         raise ValueError(f"window must be >= 0 (0 = no window), got {window}")
-    for name, pages, scales in (("k", k_pages, k_scales), ("v", v_pages, v_scales)):
-        if scales is None and jnp.dtype(pages.dtype) in _QUANTISED:
-            raise ValueError(f"{name}_pages are {pages.dtype}: {name}_scales (K, P, page_size) are required")
-        if scales is not None and scales.shape != (K, P, page_size):
-            raise ValueError(f"{name}_scales must have shape (K, P, page_size)={(K, P, page_size)}, got {scales.shape}")
-
-
-def _check_fp8_supported(dtype, interpret: bool):
-    """Triton casts float8_e4m3fn only on compute capability >= 8.9 (Ada, Hopper): say so early."""
-    if interpret or jnp.dtype(dtype) != jnp.dtype(jnp.float8_e4m3fn):
-        return
-    cap = capability()
-    if cap is not None and cap < (8, 9):
-        raise ValueError(
-            f"float8_e4m3fn KV pages need a GPU of compute capability >= 8.9, this one is {cap[0]}.{cap[1]}: "
-            "use int8 pages with scales"
-        )
+    check_page_scales(k_pages, v_pages, k_scales, v_scales)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sm_scale", "block_sizes", "interpret"))
@@ -252,7 +238,7 @@ def paged_decode_attention(
 ) -> jax.Array:  # (B, N, H), q.dtype
     """Attention of each sequence's newest token over its pages (split-K, GQA packed)."""
     _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window)
-    _check_fp8_supported(k_pages.dtype, interpret)
+    check_fp8_supported(k_pages.dtype, interpret)
     return _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window=window,
                    sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
 
@@ -267,12 +253,7 @@ def reference(
     K, _, page_size, _ = k_pages.shape
     max_pages = block_tables.shape[1]
     sm_scale = H**-0.5 if sm_scale is None else sm_scale
-    k = k_pages.astype(jnp.float32)
-    v = v_pages.astype(jnp.float32)
-    if k_scales is not None:
-        k = k * k_scales.astype(jnp.float32)[..., None]
-    if v_scales is not None:
-        v = v * v_scales.astype(jnp.float32)[..., None]
+    k, v = dequantize_pages(k_pages, k_scales), dequantize_pages(v_pages, v_scales)
     k = k[:, block_tables].reshape(K, B, max_pages * page_size, H)  # (K, B, S, H)
     v = v[:, block_tables].reshape(K, B, max_pages * page_size, H)
     qg = q.astype(jnp.float32).reshape(B, K, N // K, H)  # (B, K, G, H)
