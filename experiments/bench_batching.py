@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
@@ -284,15 +283,13 @@ def main(argv):
               f"ms/token, bare jitted step {r['bare_step_s'] * 1e3:.2f} ms: overhead {r['overhead']:+.1%}, "
               f"device idle {r['device_idle_share']:.1%} (overlap={FLAGS.overlap}, decode_steps={FLAGS.decode_steps})")
         if FLAGS.out:
-            common.write_json(FLAGS.out, {**common.environment("experiments.bench_batching"), **r})
+            common.write_json(FLAGS.out, common.record(__name__, r))
         return
     results = [run_once(model, rate) for rate in rates]
-    record = {
-        "config": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
-        "environment": common.environment("experiments.bench_batching"),
-        "results": results,
-    }
-    print_table(results, record["environment"]["device"])
+    summaries = [{k: v for k, v in r.items() if k != "requests"} for r in results]
+    metrics = summaries[0] if len(results) == 1 else {f"rate={r['rate']:g}": s for r, s in zip(results, summaries)}
+    record = common.record(__name__, metrics, results=results)
+    print_table(results, record["env"]["device"])
     if FLAGS.out:
         common.write_json(FLAGS.out, record)
     if FLAGS.plot:

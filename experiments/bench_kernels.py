@@ -312,7 +312,8 @@ def main(argv):
         sys.exit(1)
 
     if FLAGS.out:
-        common.write_json(FLAGS.out, result)
+        metrics = {f"{r['section']}/{r['variant']}": r for r in rows}
+        common.write_json(FLAGS.out, common.record(__name__, metrics, **result))
 
 if __name__ == "__main__":
     common.run(main)

@@ -207,7 +207,8 @@ def main(argv):
     print(f"\n{result['total_seconds']:.0f} s\n")
     print(table)
     if FLAGS.out:
-        common.write_json(FLAGS.out, result)
+        metrics = {f"{r['M']}x{r['K']}x{r['N']}/{r['variant']}": r for r in rows}
+        common.write_json(FLAGS.out, common.record(__name__, metrics, **result))
         with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
             f.write(table + "\n")
         print(f"wrote {os.path.splitext(FLAGS.out)[0]}.md")

@@ -131,6 +131,25 @@ def require(module: str, flag: str, extra: str) -> None:
         raise ValueError(f"{flag} needs {module}: pip install 'jaxinfer[{extra}]'")
 
 
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested dicts of numbers -> one flat dict ("a/b/c": value); strings and lists are left out."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "/"))
+        elif isinstance(value, (bool, int, float)) and not isinstance(value, str):
+            out[name] = float(value)
+    return out
+
+
+def record(module: str, metrics: dict, **extra) -> dict:
+    """Every experiment's JSON: `config` (the flags it ran with), `env` (where, when, how), `metrics`
+    (flat: name -> number, nested names joined by "/", what sweeps tabulate) and any extra rows."""
+    config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[module])}
+    return {"config": config, "env": environment(module), "metrics": flatten(metrics), **extra}
+
+
 def write_json(path: str, record: dict) -> None:
     with open(path, "w") as f:
         json.dump(record, f, indent=2)

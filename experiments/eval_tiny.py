@@ -49,7 +49,8 @@ def main(argv):
     del argv
     result = evaluate(FLAGS.target, FLAGS.draft, FLAGS.windows, FLAGS.seq_len)
     if FLAGS.out:
-        common.write_json(FLAGS.out, result)
+        metrics = {role: result[role] for role in ("target", "draft")} | {"greedy_agreement": result["greedy_agreement"]}
+        common.write_json(FLAGS.out, common.record(__name__, metrics, **result))
     print(f"{'model':<14}{'params':>12}{'held-out bits/byte':>20}")
     for role in ("target", "draft"):
         r = result[role]

@@ -19,6 +19,8 @@ from . import common
 
 FLAGS = flags.FLAGS
 
+for _name in ("out", "kv_dtype"):
+    flags.declare_key_flag(_name)
 _MODELS = flags.DEFINE_string("models", "all", "Comma-separated model names from configs/models, or 'all'.")
 _CARDS = flags.DEFINE_string("cards", "all", "Comma-separated card names from configs/hardware, or 'all'.")
 flags.declare_key_flag("kv_dtype")
@@ -105,15 +107,15 @@ def main(argv: list[str]) -> None:
     del argv
     models = _names(_MODELS.value, memory.list_models())
     cards = _names(_CARDS.value, memory.list_hardware())
-    flag_names = ("models", "cards", "kv_dtype", "weight_format", "batch", "context", "reserve_fraction")
-    result = {"flags": {name: FLAGS[name].value for name in flag_names}, "cards": {}}
+    cards_out, metrics = {}, {}
     for card in cards:
         hw = memory.load_hardware(card)
         rows = [model_row(name, hw) for name in models]
         print_table(hw, rows)
-        result["cards"][card] = {"hardware": dataclasses.asdict(hw), "rows": rows}
+        cards_out[card] = {"hardware": dataclasses.asdict(hw), "rows": rows}
+        metrics[card] = {row["model"]: row for row in rows}
     if FLAGS.out:
-        common.write_json(FLAGS.out, result)
+        common.write_json(FLAGS.out, common.record(__name__, metrics, cards=cards_out))
 
 
 if __name__ == "__main__":

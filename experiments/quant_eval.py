@@ -16,8 +16,6 @@ held-out text that the evaluation windows do not contain.
 
 from __future__ import annotations
 
-import datetime
-import sys
 import time
 
 import jax
@@ -115,15 +113,10 @@ def main(argv):
     for name in FLAGS.schemes:
         scheme_from_name(name)  # fail on a bad name before any work
     rows = evaluate(FLAGS.schemes)
-    record = {
-        "command": "python -m experiments.quant_eval " + " ".join(sys.argv[1:]),
-        "config": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
-        "environment": {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                        "python": sys.version.split()[0], "date": datetime.date.today().isoformat()},
-        "results": rows,
-    }
+    metrics = {r["scheme"]: r for r in rows} | (rows[0] if len(rows) == 1 else {})  # one scheme: unprefixed too
+    record = common.record(__name__, metrics, results=rows)
     md = table(rows)
-    print(f"\n{FLAGS.model} on {record['environment']['device']}, {FLAGS.windows} held-out windows of {FLAGS.seq_len}")
+    print(f"\n{FLAGS.model} on {record['env']['device']}, {FLAGS.windows} held-out windows of {FLAGS.seq_len}")
     print(md)
     if FLAGS.out:
         common.write_json(FLAGS.out, record)

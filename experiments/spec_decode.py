@@ -18,7 +18,6 @@ tokens per pass / (1 + k x draft cost).
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 
 import numpy as np
@@ -129,9 +128,11 @@ def main(argv):
     base = {(r["temperature"], r["batch"]): r["tpot_s"] for r in rows if r["method"] == "none"}
     for r in rows:
         r["speedup"] = base[(r["temperature"], r["batch"])] / r["tpot_s"] if r["tpot_s"] else 0.0
-    record = {"config": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
-              "environment": common.environment("experiments.spec_decode"), "results": rows}
-    print(f"\n{model.name} on {record['environment']['device']}: {len(prompts)} held-out prompts of "
+    metrics = {f"{r['method']}/k={r['k']}/T={r['temperature']:g}/b={r['batch']}": r for r in rows}
+    if len(rows) == 2:  # one configuration against plain decoding (a sweep point): its figures unprefixed too
+        metrics.update(rows[1])
+    record = common.record(__name__, metrics, results=rows)
+    print(f"\n{model.name} on {record['env']['device']}: {len(prompts)} held-out prompts of "
           f"{FLAGS.prompt_len or PROMPT_LEN} tokens, {FLAGS.max_tokens or MAX_TOKENS} generated each")
     header = ("method", "k", "temp", "batch", "tok/pass", "accept", "pass/tok", "draft %", "TPOT ms", "tok/s", "speedup")
     print(" ".join(f"{h:>9}" for h in header))

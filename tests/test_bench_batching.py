@@ -32,7 +32,8 @@ def runs(tmp_path_factory):
 
 def test_result_has_every_field(runs, capsys):
     record = runs["continuous"]
-    assert record["config"]["batching"] == "continuous" and record["environment"]["jax_version"]
+    assert record["config"]["batching"] == "continuous" and record["env"]["jax_version"]
+    assert record["metrics"]["throughput_tok_s"] > 0 and record["metrics"]["ttft_s/p50"] >= 0
     (r,) = record["results"]
     for key in ("throughput_tok_s", "ttft_s", "tpot_s", "latency_s", "kv_waste", "host_share", "preemptions"):
         assert key in r
@@ -75,8 +76,9 @@ def test_random_model_shaped_like_a_config(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     record = _bench(tmp_path, "random", f"--model=random:{path}", "--step_overhead=8", "--dtype=bfloat16")
-    assert record["tokens"] == 8 and record["engine_tpot_s"] > 0 and record["bare_step_s"] > 0
-    assert 0.0 <= record["device_idle_share"] < 1.0
+    m = record["metrics"]
+    assert m["tokens"] == 8 and m["engine_tpot_s"] > 0 and m["bare_step_s"] > 0
+    assert 0.0 <= m["device_idle_share"] < 1.0
     assert "random:" in capsys.readouterr().out
 
 

@@ -196,6 +196,7 @@ def test_kv_capacity_runs_end_to_end(tmp_path, capsys):
     assert "RTX 3080" in printed and "H100" in printed and "weights do not fit" in printed
     result = json.loads(out.read_text())
     h100 = {row["model"]: row for row in result["cards"]["h100_80gb"]["rows"]}
+    assert result["metrics"]["h100_80gb/llama3_8b/max_batch_at_context"] == 114 and result["config"]["models"]
     # By hand: (80 GiB x 0.9 - 8.03e9 params x 2 B) / (4096 tokens x 2 x 32 layers x 8 heads x 128 x 2 B)
     # = (77,309,411,328 - 16,060,522,496) / 536,870,912 = 114.1
     assert h100["llama3_8b"]["max_batch_at_context"] == 114

@@ -17,6 +17,7 @@ def test_quant_eval_end_to_end(tmp_path):
              "--calib_sequences=8", "--calib_len=64", "--decode_tokens=4", f"--out={out}", f"--table={table}")
     record = json.loads(out.read_text())
     rows = {r["scheme"]: r for r in record["results"]}
+    assert record["metrics"]["int8/bits_per_byte"] == rows["int8"]["bits_per_byte"] and record["env"]["device"]
     assert list(rows) == ["dense", "int8", "int4-rtn-g32", "int4-gptq-g32"]
     assert rows["dense"]["greedy_agreement"] == 1.0 and rows["dense"]["bits_per_byte_change"] == 0.0
     # Bytes: int8 about a quarter of float32 projections, int4 about an eighth (plus scales).

@@ -1,0 +1,112 @@
+"""A sweep's table and plot: one metric against one flag, a line per value of another.
+
+  python -m experiments.sweep_report --dir=runs/batching --x=max_batch --y=throughput_tok_s --group=batching
+
+Reads DIR/results.jsonl (the last line of each point), takes the metric from each finished point's
+JSON (`metrics`, flat names such as "ttft_s/p50"), and over the repeats of a point its median, min
+and max. Writes DIR/report.md (a markdown table, failed points listed) and DIR/<y>_vs_<x>.png.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import statistics
+
+from absl import flags
+
+from . import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dir", "", "The sweep directory (results.jsonl).")
+flags.DEFINE_string("x", "", "The flag on the x axis.")
+flags.DEFINE_string("y", "", "The metric (a name in the experiment's `metrics`).")
+flags.DEFINE_string("group", "", "A flag whose values get one line each ('' = one line).")
+
+
+def latest_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        raise ValueError(f"--dir: no results.jsonl at {path}")
+    latest = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                latest[row["key"]] = row
+    return list(latest.values())
+
+
+def summarise(rows: list[dict], x: str, y: str, group: str) -> tuple[list[dict], list[dict]]:
+    """(one row per (group, x) with the median/min/max of y over its finished points, the failed points)."""
+    values = collections.defaultdict(list)
+    failed = [r for r in rows if r["status"] != "ok"]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        metrics = r["record"].get("metrics", {})
+        if y not in metrics:
+            raise ValueError(f"--y={y} is not a metric of this sweep; its metrics: {', '.join(sorted(metrics)[:40])}")
+        if x not in r["flags"]:
+            raise ValueError(f"--x={x} is not a flag this sweep varies or sets: {', '.join(sorted(r['flags']))}")
+        values[(r["flags"].get(group, "") if group else "", r["flags"][x])].append(metrics[y])
+    table = [{"group": g, "x": xv, "median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+             for (g, xv), v in sorted(values.items(), key=lambda kv: (str(kv[0][0]), _sortable(kv[0][1])))]
+    return table, failed
+
+
+def _sortable(v):
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def plot(table: list[dict], path: str, x: str, y: str, group: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for g in dict.fromkeys(r["group"] for r in table):
+        rows = [r for r in table if r["group"] == g]
+        xs = list(range(len(rows))) if not all(isinstance(r["x"], (int, float)) for r in rows) else [r["x"] for r in rows]
+        ax.errorbar(xs, [r["median"] for r in rows], yerr=[[r["median"] - r["min"] for r in rows],
+                                                           [r["max"] - r["median"] for r in rows]],
+                    marker="o", capsize=3, label=f"{group}={g}" if group else None)
+        if xs and not isinstance(rows[0]["x"], (int, float)):
+            ax.set_xticks(xs, [str(r["x"]) for r in rows])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if group:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    if not (FLAGS.dir and FLAGS.x and FLAGS.y):
+        raise ValueError("--dir, --x and --y are required")
+    rows = latest_rows(os.path.join(FLAGS.dir, "results.jsonl"))
+    table, failed = summarise(rows, FLAGS.x, FLAGS.y, FLAGS.group)
+    experiment = rows[0]["experiment"] if rows else "?"
+    lines = [f"# {experiment}: {FLAGS.y} against {FLAGS.x}" + (f" by {FLAGS.group}" if FLAGS.group else ""), "",
+             f"{len(rows) - len(failed)} points finished, {len(failed)} failed; median, min and max over repeats.", "",
+             f"| {FLAGS.group or '-'} | {FLAGS.x} | {FLAGS.y} (median) | min | max | n |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['group']} | {r['x']} | {r['median']:.4g} | {r['min']:.4g} | {r['max']:.4g} | {r['n']} |" for r in table]
+    if failed:
+        lines += ["", "Failed points:", ""] + [f"- `{r['key']}` {r['flags']}: {r.get('error', '')}" for r in failed]
+    report = os.path.join(FLAGS.dir, "report.md")
+    with open(report, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {report}")
+    if table:
+        common.require("matplotlib", "the report's plot", "plots")
+        png = os.path.join(FLAGS.dir, f"{FLAGS.y.replace('/', '_')}_vs_{FLAGS.x}.png")
+        plot(table, png, FLAGS.x, FLAGS.y, FLAGS.group)
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,83 @@
+"""Sweeps: a grid of an experiment's flags runs point by point into results.jsonl, resumes, records
+failures without stopping, and renders a report; bad grid files are refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import kv_capacity, sweep, sweep_report
+from helpers import run_main
+
+METRIC = "h100_80gb/llama3_8b/max_batch_at_context"
+# The swept experiment's flags are defined at import; importing it here defines them before
+# run_main's flagsaver takes its snapshot (flags a saver did not see are dropped when it restores).
+assert kv_capacity.FLAGS is sweep.FLAGS
+
+
+def write_grid(tmp_path, **spec):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def test_sweep_runs_resumes_and_reports(tmp_path, capsys):
+    grid = write_grid(tmp_path, experiment="kv_capacity", flags={"models": "llama3_8b", "cards": "h100_80gb"},
+                      grid={"kv_dtype": ["bfloat16", "int8"], "context": [2048, 8192]}, repeats=1)
+    out = tmp_path / "sweep"
+    run_main(sweep, f"--grid={grid}", f"--out={out}")
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(r["status"] == "ok" for r in lines)
+    by = {(r["flags"]["kv_dtype"], r["flags"]["context"]): r["record"]["metrics"][METRIC] for r in lines}
+    assert by[("int8", 2048)] > by[("bfloat16", 2048)] > by[("bfloat16", 8192)]  # int8 KV: more sequences fit
+    run_main(sweep, f"--grid={grid}", f"--out={out}")  # everything done: nothing runs
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    assert "0 of 0 points ran (4 done before)" in capsys.readouterr().out
+
+    run_main(sweep_report, f"--dir={out}", "--x=context", f"--y={METRIC}", "--group=kv_dtype")
+    report = (out / "report.md").read_text()
+    assert "| int8 | 2048 |" in report and "4 points finished, 0 failed" in report
+    assert (out / f"{METRIC.replace('/', '_')}_vs_context.png").stat().st_size > 1000
+
+
+def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path, capsys):
+    grid = write_grid(tmp_path, experiment="kv_capacity", flags={"models": "llama3_8b", "cards": "h100_80gb"},
+                      points=[{"kv_dtype": "int8"}, {"kv_dtype": "int3"}])
+    out = tmp_path / "sweep"
+    run_main(sweep, f"--grid={grid}", f"--out={out}", "--workers=2")
+    rows = {r["flags"]["kv_dtype"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert rows["int8"]["status"] == "ok" and rows["int3"]["status"] == "failed"
+    assert "kv_dtype='int3'" in rows["int3"]["stderr"] and rows["int3"]["error"] == "exit status 2"
+    run_main(sweep, f"--grid={grid}", f"--out={out}", "--dry_run")
+    assert "2 points, 0 to run" in capsys.readouterr().out
+    run_main(sweep, f"--grid={grid}", f"--out={out}", "--dry_run", "--rerun_failed")
+    assert "2 points, 1 to run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"experiment": "nope", "grid": {"a": [1]}}), "experiment='nope' is not an experiment"),
+    (json.dumps({"experiment": "kv_capacity", "grid": {"no_such_flag": [1]}}), "kv_capacity has no flag --no_such_flag"),
+    (json.dumps({"experiment": "kv_capacity", "grid": {"context": 5}}), "must map flags to non-empty lists"),
+    (json.dumps({"experiment": "kv_capacity", "grid": {"context": [1]}, "repeat": 2}), "unknown keys \\['repeat'\\]"),
+    (json.dumps({"experiment": "kv_capacity", "flags": {"out": "x"}, "grid": {"context": [1]}}), "--out is the sweep's"),
+])
+def test_bad_grid_files_are_refused_before_anything_runs(tmp_path, spec, message):
+    path = tmp_path / "grid.json"
+    path.write_text(spec)
+    with pytest.raises(ValueError, match=message):
+        run_main(sweep, f"--grid={path}", f"--out={tmp_path / 'out'}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ray_launcher_runs_the_points_as_tasks(tmp_path):
+    """--launcher=ray on a local Ray instance (needs the [ray] extra)."""
+    pytest.importorskip("ray")
+    grid = write_grid(tmp_path, experiment="kv_capacity", flags={"models": "llama3_8b", "cards": "h100_80gb"},
+                      grid={"context": [2048, 4096]})
+    out = tmp_path / "sweep"
+    run_main(sweep, f"--grid={grid}", f"--out={out}", "--launcher=ray")
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["flags"]["context"] for r in rows) == [2048, 4096] and all(r["status"] == "ok" for r in rows)
