@@ -106,6 +106,8 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
 
 _ORBAX_DIR = "params_orbax"
 _QUANTIZED_FILE = "quantized_weights.json"
+# A QuantizedWeight's array fields; a spec written before `mins` existed has no "mins" entry.
+_QUANTIZED_ARRAYS = ("qweight", "scales", "zeros", "perm", "mins")
 
 
 def to_hf_tensors(params: model_lib.Params, cfg: ModelConfig) -> dict[str, jax.Array]:
@@ -150,10 +152,10 @@ def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32,
         is_leaf=lambda x: isinstance(x, tuple),
     )
     if quantized:
-        arrays = ("qweight", "scales", "zeros", "perm")
         for name, spec in quantized.items():
             target["layers"][name] = QuantizedWeight(
-                **{f: None if spec[f] is None else jax.ShapeDtypeStruct(tuple(spec[f][0]), spec[f][1]) for f in arrays},
+                **{f: None if spec.get(f) is None else jax.ShapeDtypeStruct(tuple(spec[f][0]), spec[f][1])
+                   for f in _QUANTIZED_ARRAYS},
                 bits=spec["bits"], group_size=spec["group_size"], in_features=spec["in_features"],
             )
     return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
@@ -165,7 +167,7 @@ def quantized_spec(params: model_lib.Params) -> dict[str, dict]:
     for name, w in params["layers"].items():
         if isinstance(w, QuantizedWeight):
             arrays = {f: None if getattr(w, f) is None else [list(getattr(w, f).shape), str(getattr(w, f).dtype)]
-                      for f in ("qweight", "scales", "zeros", "perm")}
+                      for f in _QUANTIZED_ARRAYS}
             spec[name] = {"bits": w.bits, "group_size": w.group_size, "in_features": w.in_features, **arrays}
     return spec
 
