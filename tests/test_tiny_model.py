@@ -113,6 +113,7 @@ def test_main_job_runs():
         ("--temperature=-1", "error: temperature must be >= 0"),
         ("--top_p=0", "error: top_p must be in (0, 1]"),
         ("--top_p=1.5", "error: top_p must be in (0, 1]"),
+        ("--chat", "error: --chat needs a model with a chat template; tiny has none"),
     ],
 )
 def test_main_job_bad_input_is_one_clear_line(flag, message):
