@@ -402,8 +402,9 @@ def tokenizer_from_metadata(meta: dict[str, Any], eos_ids: Sequence[int]) -> HFT
         return None if token_id is None else tokens[int(token_id)]
 
     control = [t for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet]
-    named = {name: special(key) for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                                                   ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))}
+    keys = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"))
+    named = {name: special(key) for name, key in keys}
     tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
                             for t in dict.fromkeys(control + [t for t in named.values() if t is not None])])
     user = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED]

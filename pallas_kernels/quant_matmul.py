@@ -275,7 +275,8 @@ def _check(x, qweight, scales, zeros, perm, mins, bits, group_size):
     if perm is not None and (perm.shape != (K,) or not jnp.issubdtype(perm.dtype, jnp.integer)):
         raise ValueError(f"perm must be an integer (K,)=({K},) array or None, got {perm.dtype} {perm.shape}")
     if mins is not None and (mins.shape != scales.shape or not jnp.issubdtype(mins.dtype, jnp.floating)):
-        raise ValueError(f"mins must be a float {scales.shape} array (scales' shape) or None, got {mins.dtype} {mins.shape}")
+        raise ValueError(f"mins must be a float {scales.shape} array (scales' shape) or None, "
+                         f"got {mins.dtype} {mins.shape}")
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))

@@ -337,8 +337,9 @@ def test_smollm2_loads_by_name_without_importing_its_package(smollm2):
 @needs_smollm2
 def test_smollm2_tokenizer_matches_hf(smollm2, smollm2_hf):
     ours, (_, hf) = smollm2.tokenizer, smollm2_hf
-    texts = ["What is the capital of France?", "  leading spaces,\ttabs\t\tand\n\n\nnewlines  ", "3.14159 2026-11-27 100000",
-             "Ünïcödé: naïve café, 東京, Москва, 🙂👍🏽", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    texts = ["What is the capital of France?", "  leading spaces,\ttabs\t\tand\n\n\nnewlines  ",
+             "3.14159 2026-11-27 100000", "Ünïcödé: naïve café, 東京, Москва, 🙂👍🏽",
+             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
              "def f(x):\n    return x ** 2  # comment", "<|endoftext|><repo_name>a/b<file_sep>", ""]
     for text in texts:
         assert ours.encode(text) == hf(text).input_ids, text
@@ -347,7 +348,8 @@ def test_smollm2_tokenizer_matches_hf(smollm2, smollm2_hf):
         text = ours.apply_chat_template(conversation, add_generation_prompt=True)
         assert text == hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         ids = hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        assert ours.apply_chat_template(conversation, tokenize=True) == list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert ours.apply_chat_template(conversation, tokenize=True) == list(ids)
 
 
 @needs_smollm2
@@ -390,5 +392,6 @@ def test_main_job_chats_with_smollm2():
          "--max_tokens=12", "--prompt=What is the capital of France?"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("user: What is the capital of France?\nassistant: The capital of France is Paris.\n")
+    answer = "user: What is the capital of France?\nassistant: The capital of France is Paris.\n"
+    assert result.stdout.startswith(answer)
     assert "generated 8 tokens (stop)" in result.stdout

@@ -168,7 +168,8 @@ def test_reference_matches_format(bits, group, symmetric, pad, permute, rng):
     assert row_errors(x @ w, dense).max() <= (0.02 if bits == 8 else 0.3)
 
 
-@pytest.mark.parametrize("bits, symmetric, permute, cut", [(4, True, False, 0), (4, False, True, 7), (8, True, True, 1)])
+@pytest.mark.parametrize("bits, symmetric, permute, cut", [(4, True, False, 0), (4, False, True, 7),
+                                                           (8, True, True, 1)])
 def test_reference_with_mins_matches_format(bits, symmetric, permute, cut, rng):
     """A weight with mins (Q4_1-style when symmetric: zero 0, w = q * d + m): the kernel's reference
     against format.reference_matmul and against x @ format.dequantize(w) written out by hand."""
@@ -178,7 +179,8 @@ def test_reference_with_mins_matches_format(bits, symmetric, permute, cut, rng):
     qw = fmt.QuantizedWeight(qweight, scales, zeros, perm, bits=bits, group_size=g, in_features=K, mins=mins)
     q = np.asarray(fmt.unpack(qweight, bits, g), np.float32)  # (Kp, N) stored rows
     zero = np.float32(0) if zeros is None else np.repeat(np.asarray(zeros, np.float32), g, axis=0)
-    by_hand = (q - zero) * np.repeat(np.asarray(scales), g, axis=0) + np.repeat(np.asarray(mins, np.float32), g, axis=0)
+    offsets = np.repeat(np.asarray(mins, np.float32), g, axis=0)
+    by_hand = (q - zero) * np.repeat(np.asarray(scales), g, axis=0) + offsets
     stored = np.asarray(fmt.dequantize_stored(qw))
     np.testing.assert_array_equal(stored, by_hand)
     x = jnp.asarray(rng.standard_normal((5, K)), jnp.float32)
