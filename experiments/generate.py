@@ -10,6 +10,7 @@ after it reports time to first token, decode speed, and the compile time separat
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -17,7 +18,7 @@ import jax
 from absl import app, flags
 
 import jaxinfer as ji
-from jaxinfer.quant import quantize_by_name
+from jaxinfer.quant import dequantize_params, quantize_by_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", "def fibonacci(n):", "Text to complete.")
@@ -35,6 +36,8 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weigh
 flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation (pallas runs interpreted on a CPU).")
 flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
                     "int4-gptq-g128, ... (see jaxinfer/quant/spec.py); AWQ/GPTQ calibrate on held-out text.")
+flags.DEFINE_bool("dequantize", False, "Dequantise a packed checkpoint's projections (GGUF blocks, AWQ/GPTQ) to "
+                  "--dtype on load: on a CPU, XLA otherwise dequantises every matrix on every step.")
 flags.DEFINE_enum("matmul", "xla", ["xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise in the kernel).")
 
 
@@ -47,6 +50,8 @@ def run() -> None:
         raise ValueError("--prompt is empty")
     t0 = time.perf_counter()
     model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    if FLAGS.dequantize:
+        model = dataclasses.replace(model, params=dequantize_params(model.params))
     model = quantize_by_name(model, FLAGS.weights)
     load_s = time.perf_counter() - t0
     prompt = FLAGS.prompt
