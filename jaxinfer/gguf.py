@@ -24,7 +24,9 @@ dense (the model gathers rows of one and multiplies by the other directly).
 
 Rotary embeddings: llama.cpp's converter reorders the output rows of a llama model's wq and wk
 (and their biases) within each head from HF's half-split layout to interleaved pairs; loading undoes
-it (`unpermute_rows`). Qwen2 and Qwen3 files are written without the reordering.
+it (`unpermute_rows`). Qwen2 and Qwen3 files are written without the reordering. Llama 3.1 / 3.2's
+rope scaling comes as per-frequency divisors (`rope_freqs.weight`), matched to a llama3 RopeConfig
+(`llama3_rope`); linear scaling comes from `{arch}.rope.scaling.*`; others (YaRN) are refused.
 
 Anything this loader cannot run exactly raises a CheckpointError naming it: an architecture, a block
 type, a metadata key, a tensor (missing, unexpected or mis-shaped), a file that is not GGUF or is
@@ -92,6 +94,8 @@ LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)$")
+# Tensors that describe the config rather than fill a params slot.
+CONFIG_TENSORS = ("rope_freqs.weight",)
 
 # Models known by name: name -> (Python package that ships the file, file name, pip distribution).
 NAMED_MODELS = {
@@ -200,12 +204,11 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
     if rotary != head_dim:
         raise CheckpointError(f"{arch}.rope.dimension_count={rotary} is not head_dim={head_dim}: partial rotary "
                               "embeddings are not supported")
-    if "rope_freqs.weight" in tensors:
-        raise CheckpointError("tensor 'rope_freqs.weight' (per-dimension rope factors, llama3 rope scaling in "
-                              "llama.cpp's form) is not supported")
     theta = float(key("rope.freq_base", 10000.0))
     scaling = key("rope.scaling.type", "none")
-    if scaling == "none":
+    if "rope_freqs.weight" in tensors:
+        rope = llama3_rope(theta, head_dim, dequantize_tensor(tensors["rope_freqs.weight"]))
+    elif scaling == "none":
         rope = RopeConfig(theta=theta)
     elif scaling == "linear":
         rope = RopeConfig(theta=theta, type="linear", factor=float(key("rope.scaling.factor")))
@@ -248,6 +251,27 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(stop_ids),
     )
+
+
+# Llama 3.1 / 3.2's rope scaling parameters besides the factor (their config.json files agree).
+LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+def llama3_rope(theta: float, head_dim: int, divisors: np.ndarray) -> RopeConfig:
+    """The RopeConfig behind llama.cpp's `rope_freqs.weight`: the per-frequency divisors its
+    converter writes for llama3 rope scaling. The file keeps no parameters but the divisors, so
+    they are matched against Llama 3's (LLAMA3_ROPE, with the largest divisor as the factor);
+    divisors that no such config explains raise a CheckpointError."""
+    divisors = np.asarray(divisors, np.float64).reshape(-1)
+    if divisors.shape != (head_dim // 2,):
+        raise CheckpointError(f"tensor 'rope_freqs.weight' has {divisors.size} values, expected head_dim / 2 = "
+                              f"{head_dim // 2}")
+    rope = RopeConfig(theta=theta, type="llama3", factor=float(divisors.max()), **LLAMA3_ROPE)
+    implied = RopeConfig(theta=theta).inv_freq(head_dim) / rope.inv_freq(head_dim)
+    if not np.allclose(implied, divisors, rtol=1e-4):
+        raise CheckpointError("tensor 'rope_freqs.weight' holds rope divisors that llama3 scaling with "
+                              f"{LLAMA3_ROPE} and factor {rope.factor} does not produce: not supported")
+    return rope
 
 
 # --- tensors -----------------------------------------------------------------------------------
@@ -329,6 +353,8 @@ def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.
     location: dict[str, Any] = {}
     for t in reader.tensors:
         hf = _hf_name(t.name)
+        if t.name in CONFIG_TENSORS:
+            continue
         if hf is None:
             raise CheckpointError(f"unexpected tensor {t.name!r} in a {arch} GGUF file")
         if hf not in expected:

