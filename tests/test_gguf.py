@@ -235,16 +235,16 @@ def test_tokenizer_matches_hf_gguf_tokenizer(llama_file, tmp_path):
         assert ours.decode(ours.encode(texts[3])) == texts[3]
 
 
-def test_chat_template_errors_are_value_errors(llama):
+def test_chat_template_errors_are_value_errors():
     template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user turn') }}{% endif %}x"
-    tok = ji.HFTokenizer(llama.tokenizer._tok, chat_template=template)
+    tok = ji.HFTokenizer(ji.ByteTokenizer().to_hf(), chat_template=template)
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "x"
     with pytest.raises(ValueError, match="start with a user turn"):
         tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
     with pytest.raises(ValueError, match="list of dicts"):
         tok.apply_chat_template("hi")
     with pytest.raises(ValueError, match="no chat_template"):
-        ji.HFTokenizer(llama.tokenizer._tok).apply_chat_template([{"role": "user", "content": "hi"}])
+        ji.HFTokenizer(ji.ByteTokenizer().to_hf()).apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_model_saves_and_restores(llama, tmp_path):
