@@ -84,7 +84,7 @@ def make_workload(rate: float | None, model) -> list[Request]:
         output_lens = np.array([r["output_len"] for r in rows])
         n = len(rows)
     else:
-        prompt_lens = draw_lengths(rng, FLAGS.prompt_dist, FLAGS.prompt_len or PROMPT_LEN, n, FLAGS.sigma,
+        prompt_lens = draw_lengths(rng, FLAGS.prompt_dist, common.value_or("prompt_len", PROMPT_LEN), n, FLAGS.sigma,
                                    FLAGS.max_len)
         output_lens = draw_lengths(rng, FLAGS.output_dist, FLAGS.output_len, n, FLAGS.sigma, FLAGS.max_len)
     context = model.config.max_position_embeddings

@@ -89,6 +89,12 @@ def spec_config(method: str, k: int, draft: str = "", accept: float = 0.8) -> ji
                                 accept=accept if method == "synthetic" else None)
 
 
+def value_or(name: str, default):
+    """A flag's value, or the script's default when it was left unset (None)."""
+    value = FLAGS[name].value
+    return default if value is None else value
+
+
 def engine_config(**overrides) -> ji.EngineConfig:
     """The EngineConfig the engine and speculative flags describe (overrides win)."""
     values = {name: FLAGS[name].value for name in ENGINE_FLAGS}

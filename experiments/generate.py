@@ -1,71 +1,124 @@
 """The main job: complete a prompt with a model and report how fast it went.
 
   python -m experiments.generate --prompt="def fibonacci(n):"
-  python -m experiments.generate --model=/path/to/hf/checkpoint --dtype=bfloat16 --temperature=0.7
+  python -m experiments.generate --model=smollm2-135m --chat --prompt="What is the capital of France?"
+  python -m experiments.generate --model=/path/to/hf/checkpoint --dtype=bfloat16 --prompts_file=prompts.txt
 
-Defaults to the shipped tiny byte-level model. The first (warm-up) run compiles; the timed run
-after it reports time to first token, decode speed, and the compile time separately.
+Defaults to the shipped tiny byte-level model, served by the paged engine (`--baseline` for the
+contiguous-cache baseline loop). The first (warm-up) run compiles; the timed run after it reports
+time to first token, decode speed, and the compile time separately.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 from absl import flags
 
 import jaxinfer as ji
-from jaxinfer.quant import quantize_by_name
+from jaxinfer.formats import QuantizedWeight
+from jaxinfer.quant import dequantize_params, quantize_by_name
 
 from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", "def fibonacci(n):", "Text to complete.")
+flags.DEFINE_string("prompts_file", "", "A file of prompts, one per line, served as one batch (instead of --prompt).")
+flags.DEFINE_bool("chat", False, "Send each prompt as a user message through the model's chat template; generation "
+                  "stops at the template's end-of-turn token.")
 flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass, in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability.")
 flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
                     "int4-gptq-g128, ... (see jaxinfer/quant/spec.py); AWQ/GPTQ calibrate on held-out text.")
+flags.DEFINE_bool("dequantize", False, "Dequantise a packed checkpoint's projections (GGUF blocks, AWQ/GPTQ) to "
+                  "--dtype on load: on a CPU, XLA otherwise dequantises every matrix on every step.")
+flags.DEFINE_bool("baseline", False, "Serve with the contiguous-cache baseline loop (ji.generate), not the engine.")
 MAX_TOKENS = 128  # default --max_tokens
-for _name in ("model", "seed", "dtype", "attention", "matmul", "max_tokens"):
+for _name in ("model", "seed", "dtype", "max_tokens", "out", *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
+
+
+def prompts_of(model) -> tuple[list, list[str]]:
+    """(the prompts to serve, their text): --prompt or --prompts_file, through the chat template
+    with --chat."""
+    if FLAGS.prompts_file:
+        with open(FLAGS.prompts_file) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        if not texts:
+            raise ValueError(f"--prompts_file={FLAGS.prompts_file} has no prompts")
+    elif not FLAGS.prompt:
+        raise ValueError("--prompt is empty")
+    else:
+        texts = [FLAGS.prompt]
+    if not FLAGS.chat:
+        return texts, texts
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        raise ValueError(f"--chat needs a model with a chat template; {model.name} has none")
+    # The template writes its own special tokens: encode it without adding BOS again.
+    return [model.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                tokenize=True) for t in texts], texts
+
+
+def serve(model, prompts, sampling) -> list[ji.RequestOutput]:
+    if FLAGS.baseline:
+        return ji.generate(model, prompts, sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)
+    return ji.Engine(model, common.engine_config()).generate(prompts, sampling, raise_on_error=True)
 
 
 def run() -> None:
     sampling = ji.SamplingParams(
-        max_tokens=FLAGS.max_tokens or MAX_TOKENS, temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
-        min_p=FLAGS.min_p, seed=FLAGS.seed,
+        max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+        top_k=FLAGS.top_k, min_p=FLAGS.min_p, seed=FLAGS.seed,
     )
-    if not FLAGS.prompt:
-        raise ValueError("--prompt is empty")
+    common.check_out(FLAGS.out)
     t0 = time.perf_counter()
     model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    if FLAGS.dequantize:
+        model = dataclasses.replace(model, params=dequantize_params(model.params))
     model = quantize_by_name(model, FLAGS.weights)
     load_s = time.perf_counter() - t0
+    prompts, texts = prompts_of(model)
 
     t0 = time.perf_counter()
-    ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)  # compiles prefill and decode
+    serve(model, prompts, sampling)  # compiles what the run uses
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = ji.generate(model, [FLAGS.prompt], sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)[0]
+    outs = serve(model, prompts, sampling)
     run_s = time.perf_counter() - t0
 
+    for text, out in zip(texts, outs):
+        print(f"user: {text}\nassistant: {out.text}" if FLAGS.chat else text + (out.text or ""))
+    print("-" * 72)
+    out = outs[0]
     m = out.metrics
     n = len(out.token_ids)
-    decode_s = m["latency_s"] - m["ttft_s"]
+    generated = sum(len(o.token_ids) for o in outs)
     params = model.config.num_params()
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    print(FLAGS.prompt + out.text)
-    print("-" * 72)
-    weights = FLAGS.dtype if FLAGS.weights == "dense" else f"{FLAGS.weights} ({FLAGS.dtype} activations)"
-    print(f"model      {model.name}: {params / 1e6:.2f}M params, {nbytes / 2**20:.1f} MiB in {weights}, "
-          f"on {jax.devices()[0].device_kind}")
-    print(f"prompt     {len(out.prompt_token_ids)} tokens; generated {n} tokens ({out.finish_reason})")
+    packed = [w for w in jax.tree.leaves(model.params["layers"], is_leaf=lambda x: isinstance(x, QuantizedWeight))
+              if isinstance(w, QuantizedWeight)]
+    weights = (f"{FLAGS.weights} ({FLAGS.dtype} activations)" if FLAGS.weights != "dense" else
+               f"packed {packed[0].bits}-bit projections, {FLAGS.dtype} otherwise" if packed else FLAGS.dtype)
+    print(f"model      {model.name}: {params / 1e6:.2f}M params, {nbytes / 2**20:.1f} MiB ({weights}), "
+          f"on {jax.devices()[0].device_kind}, {'baseline loop' if FLAGS.baseline else 'paged engine'}")
+    print(f"prompt     {len(out.prompt_token_ids)} tokens; generated {n} tokens ({out.finish_reason})"
+          + (f"; {len(outs)} prompts, {generated} tokens in all" if len(outs) > 1 else ""))
     print(f"TTFT       {m['ttft_s'] * 1e3:.1f} ms")
     if n > 1:
-        print(f"decode     {(n - 1) / decode_s:.1f} tokens/s ({m['tpot_s'] * 1e3:.2f} ms per token)")
+        print(f"decode     {(n - 1) / (m['latency_s'] - m['ttft_s']):.1f} tokens/s ({m['tpot_s'] * 1e3:.2f} ms per token)")
+    if len(outs) > 1:
+        print(f"throughput {generated / run_s:.1f} tokens/s over the batch")
     print(f"time       load {load_s:.2f} s, compile {max(warm_s - run_s, 0.0):.2f} s, run {run_s:.2f} s")
+    if FLAGS.out:
+        metrics = {"ttft_s": m["ttft_s"], "tpot_s": m["tpot_s"], "generated_tokens": generated, "run_s": run_s,
+                   "compile_s": max(warm_s - run_s, 0.0), "load_s": load_s, "throughput_tok_s": generated / run_s}
+        common.write_json(FLAGS.out, common.record(__name__, metrics, outputs=[
+            {"prompt": t, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
+            for t, o in zip(texts, outs)]))
 
 
 def main(argv):

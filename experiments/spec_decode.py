@@ -56,7 +56,7 @@ def prompts_for(model) -> list[list[int]]:
         raise ValueError(f"--model={FLAGS.model} has no tokenizer: the prompts are held-out text in its tokens")
     stream = data.heldout_stream(model.tokenizer).ids
     bos = [] if model.tokenizer.bos_id is None else [model.tokenizer.bos_id]
-    n = FLAGS.prompt_len or PROMPT_LEN
+    n = common.value_or("prompt_len", PROMPT_LEN)
     starts = np.random.default_rng(FLAGS.seed).integers(0, stream.size - n, size=FLAGS.num_prompts)
     return [(bos + stream[s : s + n].tolist())[:n] for s in starts]
 
@@ -64,7 +64,7 @@ def prompts_for(model) -> list[list[int]]:
 def measure(model, prompts, method: str, k: int, temperature: float, batch: int) -> dict:
     config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul,
                              speculative=common.spec_config(method, k, accept=FLAGS.spec_accept))
-    params = [ji.SamplingParams(max_tokens=FLAGS.max_tokens or MAX_TOKENS, temperature=temperature, seed=i, ignore_eos=True)
+    params = [ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=temperature, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
     ji.Engine(model, config).generate(prompts, params)  # compiles what the measured run uses
     engine = ji.Engine(model, config)
@@ -112,7 +112,7 @@ def main(argv):
     for name, values in (("ks", ks), ("batch_sizes", batches)):
         if min(values) < 1:
             raise ValueError(f"--{name}: every value must be >= 1")
-    if FLAGS.num_prompts < 1 or (FLAGS.prompt_len or 1) < 1 or (FLAGS.max_tokens or 1) < 1:
+    if FLAGS.num_prompts < 1 or common.value_or("prompt_len", 1) < 1 or common.value_or("max_tokens", 1) < 1:
         raise ValueError("--num_prompts, --prompt_len and --max_tokens must be >= 1")
     for method in FLAGS.methods:
         common.spec_config(method, 1, accept=FLAGS.spec_accept)  # a bad method name fails here, before any work
@@ -133,7 +133,7 @@ def main(argv):
         metrics.update(rows[1])
     record = common.record(__name__, metrics, results=rows)
     print(f"\n{model.name} on {record['env']['device']}: {len(prompts)} held-out prompts of "
-          f"{FLAGS.prompt_len or PROMPT_LEN} tokens, {FLAGS.max_tokens or MAX_TOKENS} generated each")
+          f"{common.value_or('prompt_len', PROMPT_LEN)} tokens, {common.value_or('max_tokens', MAX_TOKENS)} generated each")
     header = ("method", "k", "temp", "batch", "tok/pass", "accept", "pass/tok", "draft %", "TPOT ms", "tok/s", "speedup")
     print(" ".join(f"{h:>9}" for h in header))
     for r in rows:

@@ -6,10 +6,14 @@ A projection `y = x @ W` with W: (K, N) (in, out), quantised to `bits` in groups
 
   qweight  uint8 (Kp, N) for 8 bits; uint8 (Kp // 2, N) for 4 bits (two values a byte)
   scales   (Kp // g, N) float (float32, float16 or bfloat16)
-  zeros    uint8 (Kp // g, N) integer zero points, or None: symmetric, zero = 2**(bits-1)
+  zeros    uint8 (Kp // g, N) integer zero points, or None: the implicit zero (below)
   perm     int32 (K,) or None: stored row i holds input row perm[i] (GPTQ act-order)
+  mins     (Kp // g, N) float per-group offsets, or None (llama.cpp's Q4_1: w = d * q + m)
 
-and dequantises as  W_stored[i, n] = (q[i, n] - zero[i // g, n]) * scale[i // g, n].
+and dequantises as  W_stored[i, n] = (q[i, n] - zero[i // g, n]) * scale[i // g, n] (+ min[i // g, n]).
+Without `zeros` the zero is implicit: 2**(bits-1) (symmetric) when there are no mins, 0 when
+there are (unsigned q with an offset, as Q4_1 stores it), so Q4_1 dequantises as q * d + m, the
+same float32 operations as llama.cpp's own dequantiser.
 Kp is K rounded up to a multiple of g when the weight was quantised with `pad=True` (the
 extra rows are zero and meet zero activations); otherwise Kp = K. Per-channel scales are the
 case g = Kp (one group). Layers stacked for `lax.scan` carry a leading L axis on every array.
@@ -42,6 +46,7 @@ class QuantizedWeight:
     bits: int = struct.field(pytree_node=False)
     group_size: int = struct.field(pytree_node=False)  # rows per scale; = Kp for per-channel
     in_features: int = struct.field(pytree_node=False)  # K, before padding
+    mins: jax.Array | None = None  # (..., Kp // group_size, N) float, or None
 
     @property
     def padded_in_features(self) -> int:  # Kp
@@ -58,8 +63,8 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in (self.qweight, self.scales, self.zeros, self.perm)
-                   if a is not None)
+        arrays = (self.qweight, self.scales, self.zeros, self.perm, self.mins)
+        return sum(a.size * a.dtype.itemsize for a in arrays if a is not None)
 
 
 def check_scheme(bits: int, group_size: int, in_features: int, name: str = "weight") -> None:
@@ -107,10 +112,15 @@ def split_halves(x: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
     return x[..., 0, :].reshape(*lead, Kp // 2), x[..., 1, :].reshape(*lead, Kp // 2)
 
 
+def implicit_zero(bits: int, has_mins: bool) -> int:
+    """The zero point of a weight stored without `zeros`: 0 with mins, else 2**(bits-1)."""
+    return 0 if has_mins else 2 ** (bits - 1)
+
+
 def zero_points(w: QuantizedWeight) -> jax.Array:
-    """The zero points (..., Kp // g, N) as float32 (the implicit 2**(bits-1) when symmetric)."""
+    """The zero points (..., Kp // g, N) as float32 (the implicit zero when `zeros` is None)."""
     if w.zeros is None:
-        return jnp.full(w.scales.shape, 2 ** (w.bits - 1), jnp.float32)
+        return jnp.full(w.scales.shape, implicit_zero(w.bits, w.mins is not None), jnp.float32)
     return w.zeros.astype(jnp.float32)
 
 
@@ -123,7 +133,10 @@ def dequantize_stored(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     g = w.group_size
     scales = jnp.repeat(w.scales.astype(jnp.float32), g, axis=-2)  # (..., Kp, N)
     zeros = jnp.repeat(zero_points(w), g, axis=-2)
-    return ((q - zeros) * scales).astype(dtype)
+    w_f32 = (q - zeros) * scales
+    if w.mins is not None:
+        w_f32 = w_f32 + jnp.repeat(w.mins.astype(jnp.float32), g, axis=-2)
+    return w_f32.astype(dtype)
 
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:

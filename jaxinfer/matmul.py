@@ -51,5 +51,5 @@ register(QuantizedWeight, "xla")(reference_matmul)
 
 @register(QuantizedWeight, "pallas")
 def _quantized_pallas(x: jax.Array, w: QuantizedWeight) -> jax.Array:
-    return quant_matmul(x, w.qweight, w.scales, w.zeros, w.perm, bits=w.bits, group_size=w.group_size,
+    return quant_matmul(x, w.qweight, w.scales, w.zeros, w.perm, w.mins, bits=w.bits, group_size=w.group_size,
                         interpret=jax.default_backend() == "cpu")

@@ -84,9 +84,25 @@ class SamplingBatch:
 
 
 def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
-    """logits (R, V) float32 -> token ids (R,) int32. `step` (R,) is each row's token index."""
-    R, V = logits.shape
+    """logits (R, V) float32 -> token ids (R,) int32. `step` (R,) is each row's token index.
+
+    Greedy rows (temperature 0) take the argmax. Sampled rows draw from the filtered distribution
+    over the vocabulary sorted by probability (`_sample_sorted`), which costs a full sort of every
+    row: the sort runs only when some row samples (a lax.cond), so an all-greedy batch pays for an
+    argmax alone (8 rows x 49,152 on a 2-core CPU: about 3 ms instead of about 115 ms). Each row's
+    token is computed from its own logits, parameters and key either way, so it does not depend on
+    the batch. The sorted draw stays a full sort for every sampled row, plain temperature and top-k
+    included, because the draw's Gumbel noise is indexed by rank and top_p=1 still drops the tail
+    whose float32 cumulative mass rounds to 1: a partial top-k or an unsorted draw would change
+    which token a given seed yields."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(jnp.any(sp.temperature > 0), _sample_sorted, lambda *_: greedy, logits, sp, step)
+    return jnp.where(sp.temperature > 0, sampled, greedy)
+
+
+def _sample_sorted(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
+    """(R, V) -> (R,): every row drawn at its temperature after its top-k / top-p / min-p cuts."""
+    R, V = logits.shape
     temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
     scaled = logits / temperature[:, None]
     values, order = jax.lax.top_k(scaled, V)  # (R, V), descending
@@ -100,8 +116,7 @@ def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
     masked = jnp.where(keep, values, -jnp.inf)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(sp.seed, step)
     choice = jax.vmap(jax.random.categorical)(keys, masked)  # (R,)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(sp.temperature > 0, sampled, greedy)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def filtered_probs(logits: jax.Array, sp: SamplingBatch) -> jax.Array:

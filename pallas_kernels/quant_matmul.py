@@ -2,10 +2,12 @@
 
 y = x @ W for a weight stored as in `jaxinfer.formats` (uint8 qweight, one scale per group
 of `group_size` stored rows and output column, optional uint8 zero points, optional act-order
-permutation, padding rows Kp >= K). The wrapper gathers x's columns by perm, zero-pads them to Kp
-and, for 4 bits, splits them into the halves that meet the low and high nibbles (the rule of
-`format.split_halves`). The kernel reads uint8 tiles, unpacks nibbles with `& 0xF` and `>> 4`,
-dequantises in float32, (q - zero) * scale, casts to x's dtype and accumulates a dot in float32.
+permutation, optional float per-group offsets `mins` (llama.cpp's Q4_1), padding rows Kp >= K).
+The wrapper gathers x's columns by perm, zero-pads them to Kp and, for 4 bits, splits them into
+the halves that meet the low and high nibbles (the rule of `format.split_halves`). The kernel
+reads uint8 tiles, unpacks nibbles with `& 0xF` and `>> 4`, dequantises in float32,
+(q - zero) * scale (+ min), casts to x's dtype and accumulates a dot in float32. Without zero
+points the zero is 2**(bits-1), or 0 when there are mins (the rule of `formats.implicit_zero`).
 
 Both paths run one kernel over the grid (M blocks, N blocks, K splits), each program looping over
 its K slice in steps of `block_k` packed rows:
@@ -22,7 +24,7 @@ left to end at column N (it recomputes columns of its neighbour, with the same v
 load or store leaves the arrays (the Triton backend does not mask edge blocks). Two shapes no
 real model has make the wrapper copy the weight every call, zero-padded: fewer than 16 columns
 (the smallest tensor-core dot) are padded to 16, and packed rows Kp * bits / 8 that are not a
-multiple of 16 are padded to one (with the scales and zeros to whole groups past them).
+multiple of 16 are padded to one (with the scales, zeros and mins to whole groups past them).
 
 Axes: M rows of x (leading dims flattened), K input features, Kp padded K, Kw = Kp * bits / 8
 stored (packed) rows, N output features, g group size, G = Kp / g groups.
@@ -84,12 +86,18 @@ class BlockSizes:
         return cls(num_splits=1, **t["prefill" + f32])
 
 
+def _implicit_zero(bits: int, has_mins: bool) -> int:
+    """The zero point when no zeros are stored: 0 with mins, else 2**(bits-1)."""
+    return 0 if has_mins else 2 ** (bits - 1)
+
+
 def _quant_matmul_kernel(
     x_ref,  # (block_m, Kw): x in stored row order (8 bits), or its low halves (4 bits)
     x_hi_ref,  # (block_m, Kw): x's high halves (4 bits); None for 8 bits
     q_ref,  # (Kw, N) uint8: stored weight (two 4-bit values a byte for 4 bits)
     scales_ref,  # (G, N) float: one scale per group of rows_per_group packed rows
-    zeros_ref,  # (G, N) uint8 zero points, or None: symmetric, zero = 2**(bits-1)
+    zeros_ref,  # (G, N) uint8 zero points, or None: the implicit zero
+    mins_ref,  # (G, N) float per-group offsets, or None
     o_ref,  # (block_m, N): output rows (float32 partial of this split when split)
     *,
     bits: int,
@@ -109,8 +117,9 @@ def _quant_matmul_kernel(
     cols = pl.ds(col0, block_n)
     grouped = rows_per_group % block_k == 0
 
-    def dequantise(q, zero, scale):  # (block_k, block_n) integers -> x's dtype
-        return ((q.astype(jnp.float32) - zero) * scale).astype(x_ref.dtype)
+    def dequantise(q, zero, scale, offset):  # (block_k, block_n) integers -> x's dtype
+        w = (q.astype(jnp.float32) - zero) * scale
+        return (w if offset is None else w + offset).astype(x_ref.dtype)
 
     def dot(a, b):  # (block_m, block_k) @ (block_k, block_n) -> (block_m, block_n) float32
         return lax.dot_general(
@@ -127,14 +136,15 @@ def _quant_matmul_kernel(
             groups = lax.div(k0 + jnp.arange(block_k, dtype=jnp.int32), rows_per_group)  # (block_k,)
         scale = scales_ref[groups, cols].astype(jnp.float32)  # (1 or block_k, block_n)
         if zeros_ref is None:
-            zero = float(2 ** (bits - 1))
+            zero = float(_implicit_zero(bits, mins_ref is not None))
         else:
             zero = zeros_ref[groups, cols].astype(jnp.float32)  # (1 or block_k, block_n)
+        offset = None if mins_ref is None else mins_ref[groups, cols].astype(jnp.float32)  # (1 or block_k, block_n)
         q = q_ref[rows, cols]  # (block_k, block_n) uint8
         if bits == 8:
-            return acc + dot(x_ref[:, rows], dequantise(q, zero, scale))
-        lo = dequantise(q & 0xF, zero, scale)  # rows of the first halves of the groups
-        hi = dequantise(q >> 4, zero, scale)  # rows of the second halves
+            return acc + dot(x_ref[:, rows], dequantise(q, zero, scale, offset))
+        lo = dequantise(q & 0xF, zero, scale, offset)  # rows of the first halves of the groups
+        hi = dequantise(q >> 4, zero, scale, offset)  # rows of the second halves
         return acc + dot(x_ref[:, rows], lo) + dot(x_hi_ref[:, rows], hi)
 
     acc = jnp.zeros((block_m, block_n), jnp.float32)
@@ -154,7 +164,7 @@ def _fit(size: int, limit: int) -> int:
     return block
 
 
-def _quant_matmul(x, qweight, scales, zeros, perm, *, bits, group_size, block_sizes, interpret):
+def _quant_matmul(x, qweight, scales, zeros, perm, mins, *, bits, group_size, block_sizes, interpret):
     """Prepares x (perm, pad, halves), picks tiles, builds the BlockSpecs, runs the kernel."""
     *lead, K = x.shape
     Kw, N = qweight.shape
@@ -183,6 +193,7 @@ def _quant_matmul(x, qweight, scales, zeros, perm, *, bits, group_size, block_si
         qweight = pad_axis(pad_axis(qweight, 1, Np), 0, Kw_pad)
         scales = pad_axis(pad_axis(scales, 1, Np), 0, G_pad)
         zeros = None if zeros is None else pad_axis(pad_axis(zeros, 1, Np), 0, G_pad)
+        mins = None if mins is None else pad_axis(pad_axis(mins, 1, Np), 0, G_pad)
         Kw = Kw_pad
     block_m = min(bs.block_m, max(MIN_DOT, pl.next_power_of_2(M)))
     block_n = min(bs.block_n, 1 << (Np.bit_length() - 1))  # <= Np: the last tile fits
@@ -225,19 +236,20 @@ def _quant_matmul(x, qweight, scales, zeros, perm, *, bits, group_size, block_si
             pl.BlockSpec((Kw, Np), lambda i, j, s: (0, 0)),  # qweight
             group_spec,  # scales
             None if zeros is None else group_spec,  # zeros
+            None if mins is None else group_spec,  # mins
         ],
         out_specs=out_spec,
         out_shape=out_shape,
         compiler_params=CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="quant_matmul" if num_splits == 1 else "quant_matmul_split_k",
-    )(x_lo, x_hi, qweight, scales, zeros)
+    )(x_lo, x_hi, qweight, scales, zeros, mins)
     if num_splits > 1:
         out = jnp.sum(out, axis=0)
     return out[:M, :N].astype(x.dtype).reshape(*lead, N)
 
 
-def _check(x, qweight, scales, zeros, perm, bits, group_size):
+def _check(x, qweight, scales, zeros, perm, mins, bits, group_size):
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
     if jnp.dtype(x.dtype) not in _X_DTYPES:
@@ -262,6 +274,9 @@ def _check(x, qweight, scales, zeros, perm, bits, group_size):
         raise ValueError(f"zeros must be uint8 {scales.shape} or None, got {zeros.dtype} {zeros.shape}")
     if perm is not None and (perm.shape != (K,) or not jnp.issubdtype(perm.dtype, jnp.integer)):
         raise ValueError(f"perm must be an integer (K,)=({K},) array or None, got {perm.dtype} {perm.shape}")
+    if mins is not None and (mins.shape != scales.shape or not jnp.issubdtype(mins.dtype, jnp.floating)):
+        raise ValueError(f"mins must be a float {scales.shape} array (scales' shape) or None, "
+                         f"got {mins.dtype} {mins.shape}")
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
@@ -269,8 +284,9 @@ def quant_matmul(
     x: jax.Array,  # (..., K) float32 / bfloat16 / float16
     qweight: jax.Array,  # (Kp * bits / 8, N) uint8
     scales: jax.Array,  # (Kp / group_size, N) float
-    zeros: jax.Array | None = None,  # (Kp / group_size, N) uint8, or None: symmetric
+    zeros: jax.Array | None = None,  # (Kp / group_size, N) uint8, or None: the implicit zero
     perm: jax.Array | None = None,  # (K,) int32: stored row i holds input row perm[i]
+    mins: jax.Array | None = None,  # (Kp / group_size, N) float offsets, or None
     *,
     bits: int,
     group_size: int,
@@ -278,12 +294,13 @@ def quant_matmul(
     interpret: bool = False,
 ) -> jax.Array:  # (..., N), x.dtype
     """x @ dequant(qweight), dequantised in the kernel, accumulated in float32."""
-    _check(x, qweight, scales, zeros, perm, bits, group_size)
-    return _quant_matmul(x, qweight, scales, zeros, perm, bits=bits, group_size=group_size,
+    _check(x, qweight, scales, zeros, perm, mins, bits, group_size)
+    return _quant_matmul(x, qweight, scales, zeros, perm, mins, bits=bits, group_size=group_size,
                          block_sizes=block_sizes, interpret=interpret)
 
 
-def reference(x, qweight, scales, zeros=None, perm=None, *, bits, group_size, block_sizes=None, interpret=False):
+def reference(x, qweight, scales, zeros=None, perm=None, mins=None, *, bits, group_size, block_sizes=None,
+              interpret=False):
     """quant_matmul in plain jnp: each nibble plane dequantised in float32 (scales repeated per
     packed row), rounded to x.dtype, and met by the x columns it multiplies (chosen by index).
     The products run in float32 at HIGHEST precision, where x.dtype's products are exact (a CPU
@@ -298,7 +315,11 @@ def reference(x, qweight, scales, zeros=None, perm=None, *, bits, group_size, bl
     xs = jnp.pad(xs, ((0, 0), (0, Kp - K))).astype(jnp.float32)  # (M, Kp) in stored row order
     rows_per_group = group_size * bits // 8
     scale = jnp.repeat(scales.astype(jnp.float32), rows_per_group, axis=0)  # (Kw, N)
-    zero = 2.0 ** (bits - 1) if zeros is None else jnp.repeat(zeros.astype(jnp.float32), rows_per_group, axis=0)
+    if zeros is None:
+        zero = float(_implicit_zero(bits, mins is not None))
+    else:
+        zero = jnp.repeat(zeros.astype(jnp.float32), rows_per_group, axis=0)  # (Kw, N)
+    offset = 0.0 if mins is None else jnp.repeat(mins.astype(jnp.float32), rows_per_group, axis=0)  # (Kw, N)
     if bits == 8:
         planes = [(qweight, jnp.arange(Kp))]
     else:
@@ -307,6 +328,6 @@ def reference(x, qweight, scales, zeros=None, perm=None, *, bits, group_size, bl
         planes = [(qweight & 0xF, first), (qweight >> 4, first + rows_per_group)]
     y = jnp.zeros((xs.shape[0], N), jnp.float32)
     for q, rows in planes:
-        w = ((q.astype(jnp.float32) - zero) * scale).astype(x.dtype).astype(jnp.float32)  # (Kw, N)
+        w = ((q.astype(jnp.float32) - zero) * scale + offset).astype(x.dtype).astype(jnp.float32)  # (Kw, N)
         y = y + jnp.einsum("mk,kn->mn", xs[:, rows], w, precision=lax.Precision.HIGHEST)
     return y.astype(x.dtype).reshape(*lead, N)

@@ -143,3 +143,22 @@ def test_sampler_filters_match_their_definitions(rng):
     freq = frequencies(temperature=1.0)
     assert np.abs(freq - probs).max() < 0.04  # 4000 draws: standard error <= 0.008
     assert frequencies(temperature=0.0)[order[0]] == 1.0
+
+
+def test_sampler_rows_do_not_depend_on_batch(rng):
+    """A row's token is the same alone, in an all-greedy batch (where the sort is skipped) and in a
+    mixed batch (where it runs): greedy rows take the argmax, sampled rows the sorted draw."""
+    V = 300
+    logits = jnp.asarray(rng.normal(size=(6, V)) * 3, jnp.float32)
+    params = [ji.SamplingParams(temperature=0.0), ji.SamplingParams(temperature=0.8, top_k=5),
+              ji.SamplingParams(temperature=0.0), ji.SamplingParams(temperature=1.2, top_p=0.7),
+              ji.SamplingParams(temperature=0.5, min_p=0.1), ji.SamplingParams(temperature=1.0)]
+    seeds, step = [3, 4, 5, 6, 7, 8], jnp.arange(6, dtype=jnp.int32) + 10
+    batch = np.asarray(jax.jit(sample)(logits, SamplingBatch.from_params(params, seeds), step))
+    for i in range(6):
+        alone = sample(logits[i : i + 1], SamplingBatch.from_params([params[i]], [seeds[i]]), step[i : i + 1])
+        assert int(alone[0]) == batch[i], i
+    argmax = np.argmax(np.asarray(logits), axis=-1)
+    assert batch[0] == argmax[0] and batch[2] == argmax[2]
+    greedy = SamplingBatch.from_params([ji.SamplingParams(temperature=0.0)] * 6, seeds)
+    np.testing.assert_array_equal(jax.jit(sample)(logits, greedy, step), argmax)

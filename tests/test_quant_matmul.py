@@ -37,16 +37,18 @@ BLOCKS = [None, BS(16, 16, 16, 3, 4, 2), BS(32, 32, 64, 2, 4, 2), BS(64, 64, 32,
 _reference = jax.jit(qm.reference, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
 
 
-def _random_weight(rng, *, K, N, bits, group_size, cut, symmetric, permute):
+def _random_weight(rng, *, K, N, bits, group_size, cut, symmetric, permute, mins=False):
     """Random stored arrays for K = Kp - cut input rows: all of uint8 qweight's range, positive
-    scales (float32), zero points anywhere in [0, 2**bits), a random act-order perm."""
+    scales (float32), zero points anywhere in [0, 2**bits), a random act-order perm, and with
+    `mins` float16 per-group offsets of either sign (Q4_1's minimum, -8 scales or so)."""
     Kp = K + cut
     g = group_size or Kp
     qweight = rng.integers(0, 256, (Kp * bits // 8, N), dtype=np.uint8)
     scales = rng.uniform(0.002, 0.02, (Kp // g, N)).astype(np.float32)
     zeros = None if symmetric else rng.integers(0, 2**bits, (Kp // g, N), dtype=np.uint8)
     perm = rng.permutation(K).astype(np.int32) if permute else None
-    arrays = tuple(None if a is None else jnp.asarray(a) for a in (qweight, scales, zeros, perm))
+    offsets = (rng.uniform(-10, 2, (Kp // g, N)) * scales).astype(np.float16) if mins else None
+    arrays = tuple(None if a is None else jnp.asarray(a) for a in (qweight, scales, zeros, perm, offsets))
     return arrays, dict(bits=bits, group_size=g)
 
 
@@ -61,7 +63,7 @@ def _rtn_weight(rng, K, N, bits, group_size, symmetric, permute, pad=True):
 
 
 def _args(qw):
-    return (qw.qweight, qw.scales, qw.zeros, qw.perm), dict(bits=qw.bits, group_size=qw.group_size)
+    return (qw.qweight, qw.scales, qw.zeros, qw.perm, qw.mins), dict(bits=qw.bits, group_size=qw.group_size)
 
 
 def _check(actual, expected, dtype):
@@ -81,6 +83,7 @@ def cases(draw):
         group=group,
         symmetric=draw(st.booleans()),
         permute=draw(st.booleans()),
+        mins=draw(st.booleans()),
         dtype=draw(st.sampled_from(["float32", "bfloat16", "float16"])),
         blocks=draw(st.sampled_from(range(len(BLOCKS)))),
         data_seed=draw(st.integers(0, 2**16)),
@@ -92,16 +95,16 @@ def _run_case(case, seed):
     group = case["group"]
     cut = -case["K"] % group if group else 0
     arrays, kw = _random_weight(rng, K=case["K"], N=case["N"], bits=case["bits"], group_size=group, cut=cut,
-                                symmetric=case["symmetric"], permute=case["permute"])
+                                symmetric=case["symmetric"], permute=case["permute"], mins=case["mins"])
     x = jnp.asarray(rng.standard_normal((case["M"], case["K"])), case["dtype"])
     actual = qm.quant_matmul(x, *arrays, **kw, block_sizes=BLOCKS[case["blocks"]], interpret=INTERPRET)
     assert actual.dtype == x.dtype
     _check(actual, _reference(x, *arrays, **kw), case["dtype"])
 
 
-def _case(M, K, N, bits, group, symmetric, permute, dtype, blocks=0, data_seed=0):
+def _case(M, K, N, bits, group, symmetric, permute, dtype, blocks=0, data_seed=0, mins=False):
     return dict(M=M, K=K, N=N, bits=bits, group=group, symmetric=symmetric, permute=permute, dtype=dtype,
-                blocks=blocks, data_seed=data_seed)
+                blocks=blocks, data_seed=data_seed, mins=mins)
 
 
 @SETTINGS
@@ -110,9 +113,12 @@ def _case(M, K, N, bits, group, symmetric, permute, dtype, blocks=0, data_seed=0
 @example(case=_case(16, 256, 33, 8, None, False, True, "float16"))  # the largest decode shape
 @example(case=_case(17, 127, 97, 4, 32, False, True, "float32"))  # the smallest GEMM shape, K padded
 @example(case=_case(300, 256, 33, 8, 64, True, False, "bfloat16", blocks=3))  # several row blocks
+@example(case=_case(1, 576, 97, 4, 32, True, False, "float32", mins=True))  # Q4_1 decode (GGUF)
+@example(case=_case(40, 192, 48, 4, 32, True, False, "bfloat16", blocks=1, mins=True))  # Q4_1 prefill
+@example(case=_case(3, 128, 33, 8, 32, False, True, "float16", mins=True))  # mins with zeros and perm
 def test_kernel_matches_reference(case, seed):
-    """Both paths, int4 / int8, groups 32-128 and per-channel, zeros, act-order, padded rows,
-    three x dtypes, default and explicit block sizes (uneven split counts)."""
+    """Both paths, int4 / int8, groups 32-128 and per-channel, zeros, mins (Q4_1's offsets),
+    act-order, padded rows, three x dtypes, default and explicit block sizes (uneven split counts)."""
     _run_case(case, seed)
 
 
@@ -162,6 +168,29 @@ def test_reference_matches_format(bits, group, symmetric, pad, permute, rng):
     assert row_errors(x @ w, dense).max() <= (0.02 if bits == 8 else 0.3)
 
 
+@pytest.mark.parametrize("bits, symmetric, permute, cut", [(4, True, False, 0), (4, False, True, 7),
+                                                           (8, True, True, 1)])
+def test_reference_with_mins_matches_format(bits, symmetric, permute, cut, rng):
+    """A weight with mins (Q4_1-style when symmetric: zero 0, w = q * d + m): the kernel's reference
+    against format.reference_matmul and against x @ format.dequantize(w) written out by hand."""
+    K, N, g = 96 - cut, 24, 32
+    (qweight, scales, zeros, perm, mins), kw = _random_weight(rng, K=K, N=N, bits=bits, group_size=g, cut=cut,
+                                                              symmetric=symmetric, permute=permute, mins=True)
+    qw = fmt.QuantizedWeight(qweight, scales, zeros, perm, bits=bits, group_size=g, in_features=K, mins=mins)
+    q = np.asarray(fmt.unpack(qweight, bits, g), np.float32)  # (Kp, N) stored rows
+    zero = np.float32(0) if zeros is None else np.repeat(np.asarray(zeros, np.float32), g, axis=0)
+    offsets = np.repeat(np.asarray(mins, np.float32), g, axis=0)
+    by_hand = (q - zero) * np.repeat(np.asarray(scales), g, axis=0) + offsets
+    stored = np.asarray(fmt.dequantize_stored(qw))
+    np.testing.assert_array_equal(stored, by_hand)
+    x = jnp.asarray(rng.standard_normal((5, K)), jnp.float32)
+    ours = _reference(x, qweight, scales, zeros, perm, mins, **kw)
+    assert row_errors(ours, fmt.reference_matmul(x, qw)).max() <= 1e-5
+    dense = jnp.einsum("mk,kn->mn", x, fmt.dequantize(qw), precision="highest")
+    assert row_errors(ours, dense).max() <= 1e-5
+    _check(linear(x, qw, impl="pallas"), linear(x, qw, impl="xla"), "float32")
+
+
 def test_linear_pallas_equals_xla(rng):
     """The model's dispatch point: impl="pallas" runs the kernel (interpret mode on the CPU) on an
     RTN weight with padded rows and act-order."""
@@ -201,6 +230,10 @@ def test_bad_input_raises_value_error(rng):
         qm.quant_matmul(x, arrays[0], arrays[1], arrays[2].astype(jnp.int32), **kw)
     with pytest.raises(ValueError, match="perm"):
         qm.quant_matmul(x, *arrays[:3], jnp.arange(64), **kw)
+    with pytest.raises(ValueError, match="mins must be a float"):
+        qm.quant_matmul(x, *arrays[:4], arrays[1][:1], **kw)
+    with pytest.raises(ValueError, match="mins must be a float"):
+        qm.quant_matmul(x, *arrays[:4], arrays[2], **kw)
     with pytest.raises(ValueError, match="x.dtype"):
         qm.quant_matmul(x.astype(jnp.int32), *arrays, **kw)
     with pytest.raises(ValueError, match="block_sizes.block_n=24"):

@@ -108,6 +108,7 @@ def test_main_job_runs():
         ("--temperature=-1", "temperature must be >= 0"),
         ("--top_p=0", "top_p must be in \\(0, 1\\]"),
         ("--top_p=1.5", "top_p must be in \\(0, 1\\]"),
+        ("--chat", "--chat needs a model with a chat template; tiny has none"),
     ],
 )
 def test_main_job_bad_input_is_refused(flag, message):

@@ -1,0 +1,260 @@
+"""jaxinfer's engine against peers on the same real model, on this machine, in one run.
+
+  python -m experiments.bench_peers --model=smollm2-135m --batch_sizes=1,8 --out=/tmp/peers.json
+
+Every system decodes the same greedy workload: `batch` prompts of exactly --prompt_tokens tokens
+(openings of Python's own documentation, `pydoc_data.topics`, in the model's tokenizer), then
+--new_tokens tokens each, end-of-sequence ignored. Each measurement is the best of --repeats runs
+after one warm-up run (which compiles); every run has prompts of its own, so no system reuses the
+KV of an earlier run's prompt (the engine's prefix cache, llama.cpp's prompt cache). Figures:
+tokens/s = batch * new_tokens / wall time of the whole generate call; TTFT = the time to the first
+generated token (jaxinfer: the engine's own per-request metric; HF: a generate call of one new
+token; llama.cpp: the first token its generator yields).
+
+Systems:
+  jaxinfer         the engine with its default EngineConfig on the GGUF dequantised to dense
+                   --dtype weights (the arithmetic HF runs)
+  jaxinfer-packed  the same engine serving the file's packed blocks (Q4_1 as QuantizedWeight,
+                   dequantised by XLA inside every step; matmul="xla")
+  hf               HF transformers `generate` on its GGUF loader's model (float32, torch CPU,
+                   torch threads = --threads)
+  llama.cpp        llama-cpp-python on the GGUF file itself, --threads threads, batch 1 only (its
+                   Python API generates one sequence at a time); skipped when not installed
+Also: the largest per-row relative error of jaxinfer's and llama.cpp's logits against HF's on
+--heldout_tokens tokens of held-out text, and each system's greedy answer to a chat prompt.
+Writes a JSON (figures, every timed run's wall time, environment, command, the share of the CPUs
+other work kept busy just before the run) and prints a table.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import transformers
+from absl import app, flags
+from pydoc_data import topics
+
+import jaxinfer as ji
+from experiments.timing import environment
+from jaxinfer import gguf as gguf_lib
+from jaxinfer.quant import dequantize_params
+
+try:  # an optional peer: llama-cpp-python, built from source where it builds
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "A model known by name (smollm2-135m) or a .gguf file.")
+flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
+flags.DEFINE_integer("prompt_tokens", 32, "Tokens in every prompt.")
+flags.DEFINE_integer("new_tokens", 64, "Greedy tokens generated per prompt (EOS ignored).")
+flags.DEFINE_integer("repeats", 2, "Timed runs per measurement (best kept), after one warm-up run.")
+flags.DEFINE_integer("threads", 2, "CPU threads for torch and llama.cpp.")
+flags.DEFINE_list("systems", ["jaxinfer", "jaxinfer-packed", "hf", "llama.cpp"], "Systems to measure.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "jaxinfer's dense weights and activations.")
+flags.DEFINE_integer("heldout_tokens", 128, "Tokens of held-out text for the logits agreement check.")
+flags.DEFINE_string("chat_prompt", "What is the capital of France?", "A user message every system answers greedily.")
+flags.DEFINE_string("out", "", "Write the JSON here (default: print only).")
+
+SYSTEMS = ("jaxinfer", "jaxinfer-packed", "hf", "llama.cpp")
+
+
+def _gguf_path(name: str) -> str:
+    return gguf_lib.named_model_path(name) if name in gguf_lib.NAMED_MODELS else name
+
+
+def _prompt_sets(tokenizer, runs: int, batch: int, length: int) -> list[list[list[int]]]:
+    """`runs` sets of `batch` prompts: the first `length` tokens of distinct documentation topics."""
+    prompts = []
+    for name in sorted(topics.topics):
+        ids = tokenizer.encode(topics.topics[name].strip(), add_special_tokens=False)
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == runs * batch:
+            return [prompts[i * batch : (i + 1) * batch] for i in range(runs)]
+    raise ValueError(f"fewer than {runs * batch} documentation topics have {length} tokens")
+
+
+def _timed(run, prompt_sets) -> tuple[list[float], object]:
+    """run(prompts) on the first set (warm-up), then the wall time of each other set (and the
+    last result)."""
+    result = run(prompt_sets[0])
+    times = []
+    for prompts in prompt_sets[1:]:
+        t0 = time.perf_counter()
+        result = run(prompts)
+        times.append(time.perf_counter() - t0)
+    return times, result
+
+
+def bench_engine(model: ji.Model, prompt_sets, new_tokens: int) -> dict:
+    engine = ji.Engine(model, ji.EngineConfig())
+    sp = ji.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    walls, outs = _timed(lambda prompts: engine.generate(prompts, sp), prompt_sets)
+    return dict(tokens_per_s=len(outs) * new_tokens / min(walls), walls_s=walls,
+                ttft_s=float(np.mean([o.metrics["ttft_s"] for o in outs])), tokens=[o.token_ids for o in outs])
+
+
+def bench_hf(hf, prompt_sets, new_tokens: int) -> dict:
+    def generate(prompts, n):
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+    walls, tokens = _timed(lambda prompts: generate(prompts, new_tokens), prompt_sets)
+    ttfts, _ = _timed(lambda prompts: generate(prompts, 1), prompt_sets)
+    return dict(tokens_per_s=len(tokens) * new_tokens / min(walls), walls_s=walls, ttft_s=min(ttfts), tokens=tokens)
+
+
+def bench_llama_cpp(llm, prompt_sets, new_tokens: int) -> dict:
+    def generate(prompts):
+        llm.reset()  # forget the last prompt: llama-cpp-python would reuse its KV otherwise
+        t0 = time.perf_counter()
+        tokens, first = [], None
+        for token in llm.generate(prompts[0], temp=0.0, top_k=1, reset=True):
+            first = first or time.perf_counter() - t0
+            tokens.append(int(token))
+            if len(tokens) == new_tokens:
+                break
+        return first, tokens
+
+    walls, (first, tokens) = _timed(generate, prompt_sets)
+    return dict(tokens_per_s=new_tokens / min(walls), walls_s=walls, ttft_s=first, tokens=[tokens])
+
+
+def cpu_busy(seconds: float = 2.0) -> float | None:
+    """Share of all CPUs' time spent busy over `seconds` before the run, from /proc/stat (None off
+    Linux): work of other tenants on a shared machine shows here and in every figure."""
+    if not os.path.exists("/proc/stat"):
+        return None
+
+    def ticks():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # (idle + iowait, total)
+
+    idle0, total0 = ticks()
+    time.sleep(seconds)
+    idle1, total1 = ticks()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def _max_row_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float((np.linalg.norm(actual - expected, axis=-1) / np.linalg.norm(expected, axis=-1)).max())
+
+
+def run() -> dict:
+    path = _gguf_path(FLAGS.model)
+    unknown = set(FLAGS.systems) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"--systems has {sorted(unknown)}, not among {SYSTEMS}")
+    busy = cpu_busy()
+    torch.set_num_threads(FLAGS.threads)
+    packed = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    dense = ji.Model(packed.config, dequantize_params(packed.params), packed.tokenizer, packed.name)
+    hf = None
+    if "hf" in FLAGS.systems or FLAGS.heldout_tokens:
+        folder, name = os.path.split(os.path.abspath(path))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        result_hf = dict(attn_implementation=hf.config._attn_implementation, torch_version=torch.__version__,
+                         transformers_version=transformers.__version__)
+    llm = None
+    if "llama.cpp" in FLAGS.systems and llama_cpp is not None:
+        llm = llama_cpp.Llama(model_path=path, n_threads=FLAGS.threads, n_threads_batch=FLAGS.threads,
+                              n_ctx=512, n_batch=512, verbose=False)
+
+    result: dict = dict(environment=environment("experiments.bench_peers"), model=packed.name, gguf=path,
+                        prompt_tokens=FLAGS.prompt_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
+                        threads=FLAGS.threads, dtype=FLAGS.dtype, runs=[], not_measured=[], cpu_busy_before=busy,
+                        hf=result_hf if hf is not None else None,
+                        llama_cpp=None if llm is None else importlib.metadata.version("llama_cpp_python"))
+    for batch in (int(b) for b in FLAGS.batch_sizes):
+        prompt_sets = _prompt_sets(packed.tokenizer, FLAGS.repeats + 1, batch, FLAGS.prompt_tokens)
+        for system in FLAGS.systems:
+            if system == "jaxinfer":
+                figures = bench_engine(dense, prompt_sets, FLAGS.new_tokens)
+            elif system == "jaxinfer-packed":
+                figures = bench_engine(packed, prompt_sets, FLAGS.new_tokens)
+            elif system == "hf":
+                figures = bench_hf(hf, prompt_sets, FLAGS.new_tokens)
+            elif llm is None:
+                result["not_measured"].append(f"llama.cpp batch {batch}: llama-cpp-python is not installed")
+                continue
+            elif batch != 1:
+                result["not_measured"].append(f"llama.cpp batch {batch}: its Python API generates one sequence "
+                                              "at a time")
+                continue
+            else:
+                figures = bench_llama_cpp(llm, prompt_sets, FLAGS.new_tokens)
+            result["runs"].append(dict(system=system, batch=batch, **figures))
+            print(f"{system:16s} batch {batch}: {figures['tokens_per_s']:7.1f} tok/s, "
+                  f"TTFT {figures['ttft_s'] * 1e3:7.1f} ms", flush=True)
+
+    if hf is not None and FLAGS.heldout_tokens:
+        text = " ".join(topics.topics[name] for name in sorted(topics.topics)[-40:])
+        ids = packed.tokenizer.encode(text, add_special_tokens=False)[: FLAGS.heldout_tokens]
+        with torch.no_grad():
+            expected = hf(torch.tensor([ids])).logits[0].numpy()
+        ours = np.asarray(ji.forward_logits(dense, np.array([ids])))[0]
+        result["logits_max_row_rel_error"] = _max_row_error(ours, expected)
+        if llm is not None:  # llama.cpp's logits of every position need an instance that keeps them all
+            scorer = llama_cpp.Llama(model_path=path, n_threads=FLAGS.threads, n_ctx=512, logits_all=True,
+                                     verbose=False)
+            scorer.eval(ids)
+            scores = np.array(scorer.scores[: len(ids)])
+            result["llama_cpp_logits_max_row_rel_error"] = _max_row_error(scores, expected)
+
+    messages = [{"role": "user", "content": FLAGS.chat_prompt}]
+    chat_ids = packed.tokenizer.apply_chat_template(messages, tokenize=True)
+    answers = {}
+    sp = ji.SamplingParams(max_tokens=32, temperature=0.0)
+    answers["jaxinfer-packed"] = ji.Engine(packed, ji.EngineConfig()).generate([chat_ids], sp)[0].text
+    if hf is not None:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([chat_ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)
+        answers["hf"] = packed.tokenizer.decode(out[0, len(chat_ids):].tolist())
+    if llm is not None:
+        reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=32)
+        answers["llama.cpp"] = reply["choices"][0]["message"]["content"]
+    result["chat_answers"] = answers
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        result = run()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if result["cpu_busy_before"] is not None:
+        print(f"CPUs busy with other work just before the run: {result['cpu_busy_before']:.0%}")
+    print(f"{'system':16s} {'batch':>5s} {'tok/s':>8s} {'TTFT ms':>8s}")
+    for r in result["runs"]:
+        print(f"{r['system']:16s} {r['batch']:5d} {r['tokens_per_s']:8.1f} {r['ttft_s'] * 1e3:8.1f}")
+    for key, system in (("logits_max_row_rel_error", "jaxinfer"),
+                        ("llama_cpp_logits_max_row_rel_error", "llama.cpp")):
+        if key in result:
+            print(f"{system} logits vs HF's, {FLAGS.heldout_tokens} held-out tokens: max row relative error "
+                  f"{result[key]:.2e}")
+    for system, answer in result["chat_answers"].items():
+        print(f"{system} answers {FLAGS.chat_prompt!r}: {answer!r}")
+    for line in result["not_measured"]:
+        print(f"not measured: {line}")
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

