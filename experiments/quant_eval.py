@@ -16,6 +16,7 @@ held-out text that the evaluation windows do not contain.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -66,8 +67,20 @@ def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
     return float(np.median(speeds[1:]))
 
 
+def load_dense(name: str):
+    """The model with float projections, and what they came from: a checkpoint whose projections
+    load packed (GGUF blocks, AWQ/GPTQ) is dequantised first, so every scheme re-quantises from
+    the dequantised weights (not from the original float model, which that checkpoint does not carry)."""
+    model = ji.load_model(name)
+    packed = any(isinstance(w, quant.QuantizedWeight) for w in model.params["layers"].values())
+    if not packed:
+        return model, "the checkpoint's float weights"
+    return dataclasses.replace(model, params=quant.dequantize_params(model.params)), "dequantised packed weights"
+
+
 def evaluate(names: list[str]) -> list[dict]:
-    dense = ji.load_model(FLAGS.model)
+    dense, source = load_dense(FLAGS.model)
+    print(f"{FLAGS.model}: quantising from {source}")
     windows = data.heldout_windows(dense, FLAGS.seq_len, FLAGS.windows)
     calibration = dict(num_sequences=FLAGS.calib_sequences, seq_len=FLAGS.calib_len)
     rows = []

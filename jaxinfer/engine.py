@@ -56,7 +56,7 @@ class Engine:
         model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
-        num_pages, page_size = config.kv_pages(model.config, self.max_seq_len, model.dtype)
+        num_pages, page_size = config.kv_pages(model, self.max_seq_len)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)
         self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,

@@ -61,7 +61,7 @@ class EngineConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} is over the model's context of {context}")
         return self.max_seq_len or context
 
-    def kv_pages(self, model_config, max_seq_len: int, model_dtype) -> tuple[int, int]:
+    def kv_pages(self, model, max_seq_len: int) -> tuple[int, int]:
         """(num_pages, page_size) of the KV cache. The contiguous layout reserves one "page" of
         max_seq_len tokens per request at admission (as serving systems did before PagedAttention).
         A byte budget buys pages of kv_dtype (int8 / fp8: about twice a bfloat16 cache's)."""
@@ -70,8 +70,8 @@ class EngineConfig:
             return self.num_pages, page_size
         budget, name = self.kv_budget_tokens, f"kv_budget_tokens={self.kv_budget_tokens}"
         if budget is None and self.kv_budget_bytes is not None:
-            kv = self.kv_dtype or jnp.dtype(model_dtype).name
-            budget = self.kv_budget_bytes // memory.kv_bytes_per_token(model_config, kv, SCALE_BYTES if self.kv_dtype else 0)
+            kv = self.kv_dtype or jnp.dtype(model.dtype).name
+            budget = self.kv_budget_bytes // memory.kv_bytes_per_token(model.config, kv, SCALE_BYTES if self.kv_dtype else 0)
             name = f"kv_budget_bytes={self.kv_budget_bytes} ({budget} tokens of {kv})"
         if budget is not None:
             if budget < page_size:
