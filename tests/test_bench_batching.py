@@ -11,8 +11,8 @@ import pytest
 from experiments import bench_batching
 from helpers import run_main, run_script
 
-SKEWED = ["--num_requests=12", "--max_batch=4", "--prompt_dist=fixed", "--prompt_len=16",
-          "--output_dist=lognormal", "--output_len=24", "--sigma=1.2", "--max_len=64", "--max_tokens_per_step=64"]
+SKEWED = ["--num_requests=10", "--max_batch=3", "--prompt_dist=fixed", "--prompt_len=8",
+          "--output_dist=lognormal", "--output_len=16", "--sigma=1.2", "--max_len=40", "--max_tokens_per_step=32"]
 
 
 def _bench(tmp_path, name, *flags):
@@ -40,7 +40,7 @@ def test_result_has_every_field(runs, capsys):
     assert r["lookahead_calls"] > 0 and 0.0 <= r["device_idle_share"] < 1.0  # overlap is on by default
     for key in ("mean", "p50", "p90", "p99"):
         assert r["ttft_s"][key] >= 0 and r["tpot_s"][key] > 0
-    assert len(r["requests"]) == 12
+    assert len(r["requests"]) == 10
     assert all(q["generated_tokens"] == q["output_len"] for q in r["requests"])
 
 

@@ -186,7 +186,7 @@ def test_engine_matches_hf_transformers(arch, tmp_path):
 
 # A few fixed cache shapes and budgets, so the examples share compiled programs; the scheduler's
 # own properties are checked over many more workloads on the mock runner (test_scheduler.py).
-@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     lengths=st.lists(st.integers(1, 30), min_size=1, max_size=6),
     max_tokens=st.lists(st.integers(1, 12), min_size=6, max_size=6),

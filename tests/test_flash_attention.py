@@ -20,7 +20,7 @@ from helpers import INTERPRET, TOLERANCE, row_errors, row_rel_error
 from pallas_kernels import flash_attention as fa
 
 SETTINGS = settings(
-    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 BLOCKS = [fa.BlockSizes(16, 16, 4, 2), fa.BlockSizes(32, 16, 4, 2), fa.BlockSizes(16, 32, 4, 2), None]
 

@@ -434,8 +434,11 @@ def test_smollm2_answers_the_chat_prompt(smollm2):
     assert ji.generate(dense, [prompt], sp)[0].token_ids == out.token_ids
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_main_job_chats_with_smollm2():
+    """As a user runs it (a subprocess that loads the model again; the engine's answer is checked
+    in-process above)."""
     result = subprocess.run(
         [sys.executable, "-m", "experiments.generate", "--model=smollm2-135m", "--chat", "--temperature=0",
          "--max_tokens=12", "--prompt=What is the capital of France?"],

@@ -69,7 +69,7 @@ def test_engine_equals_the_fake_quantised_reference(tiny, monkeypatch, kv_dtype)
     prompts = PROMPTS + [PROMPTS[0] + " return"]  # shares a page with prompt 0
     params = [ji.SamplingParams(max_tokens=24, temperature=0.0)] * 4 + [
         ji.SamplingParams(max_tokens=24, temperature=0.8, n=3, seed=1)]
-    config = ji.EngineConfig(page_size=8, max_tokens_per_step=16)
+    config = ji.EngineConfig(page_size=8, max_tokens_per_step=32)
     quantised = ji.Engine(tiny, dataclasses.replace(config, kv_dtype=kv_dtype))
     outs = quantised.generate(prompts, params)
     assert quantised.runner.cache.k.dtype == KV_DTYPES[kv_dtype]
@@ -90,10 +90,10 @@ def test_engine_equals_the_fake_quantised_reference(tiny, monkeypatch, kv_dtype)
 
 
 def test_pallas_path_equals_xla_path_on_an_int8_cache(tiny):
-    sp = ji.SamplingParams(max_tokens=12, temperature=0.0)
-    config = ji.EngineConfig(page_size=8, max_tokens_per_step=16, kv_dtype="int8")
-    xla = ji.Engine(tiny, config).generate(PROMPTS[:3], sp)
-    pallas = ji.Engine(tiny, dataclasses.replace(config, attention="pallas")).generate(PROMPTS[:3], sp)
+    sp = ji.SamplingParams(max_tokens=8, temperature=0.0)
+    config = ji.EngineConfig(page_size=16, max_tokens_per_step=32, kv_dtype="int8")
+    xla = ji.Engine(tiny, config).generate(PROMPTS[:2], sp)
+    pallas = ji.Engine(tiny, dataclasses.replace(config, attention="pallas")).generate(PROMPTS[:2], sp)
     assert [o.token_ids for o in pallas] == [o.token_ids for o in xla]
 
 

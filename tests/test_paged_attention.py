@@ -17,7 +17,7 @@ from helpers import INTERPRET, TOLERANCE, assert_rows_close, row_rel_error
 from pallas_kernels import paged_attention as pa
 
 SETTINGS = settings(
-    max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 BLOCKS = [pa.BlockSizes(1, 1), pa.BlockSizes(1, 4), pa.BlockSizes(2, 2), pa.BlockSizes(4, 8), None]
 

@@ -148,7 +148,7 @@ def test_sampling_keeps_the_target_distribution(tmp_path):
     target = ji.Model(cfg, ji.init_params(cfg, jax.random.key(1), std=0.5))
     small = dataclasses.replace(cfg, num_layers=1, layer_windows=(0,))
     ji.save_model(ji.Model(small, ji.init_params(small, jax.random.key(2), std=0.5)), tmp_path / "draft")
-    n, prompt = 1500, [1, 2, 3]
+    n, prompt = 1000, [1, 2, 3]
     sp = [ji.SamplingParams(max_tokens=4, temperature=0.9, top_p=0.95, seed=i) for i in range(n)]
     config = ji.EngineConfig(max_batch=256, page_size=8, max_tokens_per_step=1024)
     plain = ji.Engine(target, config).generate([prompt] * n, sp)
@@ -216,10 +216,10 @@ def test_spec_decode_experiment(tmp_path, capsys):
     """The experiment on the shipped drafters (a small run): JSON with tokens per pass, acceptance
     and speedups against plain decoding in the same run, a table and a plot."""
     out, png = tmp_path / "spec.json", tmp_path / "spec.png"
-    run_main(spec_decode, "--methods=eagle,medusa,draft,ngram", "--ks=2", "--num_prompts=2", "--prompt_len=12",
+    run_main(spec_decode, "--methods=eagle,ngram", "--ks=2", "--num_prompts=2", "--prompt_len=12",
              "--max_tokens=10", f"--out={out}", f"--plot={png}")
     rows = json.loads(out.read_text())["results"]
-    assert [r["method"] for r in rows] == ["none", "eagle", "medusa", "draft", "ngram"]
+    assert [r["method"] for r in rows] == ["none", "eagle", "ngram"]
     for r in rows[1:]:
         assert 1.0 <= r["tokens_per_pass"] <= 3.0 and 0 <= r["acceptance_rate"] <= 1 and r["speedup"] > 0
     assert "tok/pass" in capsys.readouterr().out and png.stat().st_size > 1000
