@@ -134,10 +134,16 @@ def test_sliding_window_bounds_kv_read():
     assert short["kv_bytes_read"] == long["kv_bytes_read"]
 
 
+# Published parameter counts (model cards), in billions.
+PUBLISHED_PARAMS = {"llama2_7b": 6.74, "llama3_8b": 8.03, "llama3.1_8b": 8.03, "llama3_70b": 70.55,
+                    "mistral_7b": 7.24, "qwen2.5_7b": 7.62, "qwen3_8b": 8.19, "smollm2_135m": 0.1345}
+
+
 @pytest.mark.parametrize("name", memory.list_models())
 def test_every_model_config_loads(name):
     cfg = memory.load_model_config(name)
-    assert cfg.num_params() > 6e9
+    assert name in PUBLISHED_PARAMS, f"add {name}'s published parameter count"
+    assert cfg.num_params() / 1e9 == pytest.approx(PUBLISHED_PARAMS[name], rel=0.01)
     assert memory.load_model_config(memory.CONFIGS_DIR / "models" / f"{name}.json") == cfg
 
 
