@@ -203,7 +203,7 @@ def merge(model: model_lib.Model, adapter: LoraAdapter) -> model_lib.Model:
     layers = dict(model.params["layers"])
     for proj in adapter.projections:
         w = layers[proj]
-        dense = np.asarray(dequantize(w) if isinstance(w, QuantizedWeight) else w, np.float32)  # (L, D_in, D_out)
+        dense = np.array(dequantize(w) if isinstance(w, QuantizedWeight) else w, np.float32)  # (L, D_in, D_out), a copy
         for (p, layer), (a, b) in adapter.weights.items():
             if p == proj:
                 dense[layer] += adapter.scale * (a @ b)
