@@ -12,7 +12,7 @@ sequence the wrong pages, frees a page still in use or lets a write land in a sh
 the output differ. Reading a slot that was never written raises.
 
 LoRA adapters: `load_adapter` puts an adapter's tag (`adapter_tag`, from its name) in a slot. A
-sequence on slot s writes token + vocab_size * tag into the cache and adds the tag to its noise,
+sequence on slot s writes token + TAG_WEIGHT * tag into the cache and adds the tag to its noise,
 with the tag read from slot s at that moment: an adapter swapped out from under a running
 sequence, or a prefix page computed under another adapter, changes the output.
 """
@@ -29,6 +29,7 @@ from jaxinfer.runner import DecodeCall, StepOutput
 from jaxinfer.scheduler import Sequence
 
 _EMPTY = -1
+TAG_WEIGHT = 1009  # prime: a page written under another adapter shifts the context sum by a non-multiple of the vocab
 
 
 def next_token(context, vocab_size: int, noise: int = 0) -> int:
@@ -45,7 +46,7 @@ def expected_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: i
     """What the mock serves a request alone (no stop tokens), worked out without a cache."""
     tokens, tag = list(prompt), adapter_tag(adapter)
     for step in range(max_tokens):
-        context = [t + vocab_size * tag for t in tokens]
+        context = [t + TAG_WEIGHT * tag for t in tokens]
         tokens.append(next_token(context, vocab_size, (0 if greedy else seed + step) + tag))
     return tokens[len(prompt):]
 
@@ -67,7 +68,7 @@ class MockRunner:
         page = seq.pages[position // self.page_size]
         if not 0 <= page < self.num_pages:
             raise AssertionError(f"page {page} outside the cache")
-        self.slots[page * self.page_size + position % self.page_size] = token + self.vocab_size * self._tag(seq)
+        self.slots[page * self.page_size + position % self.page_size] = token + TAG_WEIGHT * self._tag(seq)
 
     def _tag(self, seq: Sequence) -> int:
         return self.tags[seq.lora_slot] if seq.lora_slot >= 0 else 0
