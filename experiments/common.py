@@ -38,6 +38,10 @@ flags.DEFINE_bool("quick", False, "Tiny shapes and 2 runs of 2 calls: a smoke te
 flags.DEFINE_bool("interpret", None, "Pallas interpret mode (default: on when there is no GPU).")
 flags.DEFINE_integer("runs", None, "Timed runs per variant; the median is reported (default: the script's).")
 flags.DEFINE_integer("calls", 50, "Back-to-back calls per timed run.")
+flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
+flags.DEFINE_integer("prompt_len", 48, "Prompt length (bench_batching: the fixed value or the uniform/lognormal mean).")
+flags.DEFINE_integer("output_len", 48, "Tokens generated per request (bench_batching: the fixed value or the mean).")
+flags.DEFINE_string("plot", "", "Write a PNG plot here ('' = no plot).")
 
 # The engine, flag by flag (EngineConfig's fields and defaults).
 flags.DEFINE_enum("batching", "continuous", ["continuous", "static"], "Batching policy.")
@@ -50,9 +54,15 @@ flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
 flags.DEFINE_bool("prefix_cache", True, "Reuse KV pages of identical prompt prefixes.")
 flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
 flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading the last one's tokens back.")
+flags.DEFINE_integer("max_adapters", 0, "LoRA adapter slots on the device (0: no adapters; lora_batching: one slot per "
+                     "adapter).")
+flags.DEFINE_integer("max_lora_rank", 16, "The largest LoRA rank the slots take.")
+flags.DEFINE_enum("lora_impl", "xla", ["xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
+                  "kernels, interpreted on a CPU).")
 
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
-                "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap")
+                "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "max_adapters",
+                "max_lora_rank", "lora_impl")
 
 
 def engine_config(**overrides) -> ji.EngineConfig:

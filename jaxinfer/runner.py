@@ -52,7 +52,7 @@ def _with_adapters(params, lora, lora_batch, impl, lora_impl):
     """The params and projection hook of a step: with LoRA slots, each token's delta is added."""
     if lora is None:
         return params, None
-    return lora_lib.attach(params, lora), lora_lib.projection(impl, lora_batch, lora_impl)
+    return lora_lib.with_adapters(params, lora, lora_batch, impl, lora_impl)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "lora_impl"), donate_argnames=("cache",))

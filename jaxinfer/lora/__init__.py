@@ -17,12 +17,13 @@ from jaxinfer.lora.adapter import (
     MODULES, PROJECTIONS, AdapterError, LoraAdapter, check_fits, load_adapter, random_adapter, save_adapter,
 )
 from jaxinfer.lora.batched import (
-    IMPLEMENTATIONS, LoraBatch, LoraWeights, SlotConfig, apply, attach, forward_logits, merge, projection, slot_rank, write_slot,
+    IMPLEMENTATIONS, LoraBatch, LoraWeights, SlotConfig, apply, forward_logits, merge, slot_rank, with_adapters,
+    write_slot,
 )
 from jaxinfer.lora.registry import AdapterRegistry
 
 __all__ = [
     "IMPLEMENTATIONS", "MODULES", "PROJECTIONS", "AdapterError", "AdapterRegistry", "LoraAdapter", "LoraBatch", "LoraWeights",
-    "SlotConfig", "apply", "attach", "check_fits", "forward_logits", "load_adapter", "merge", "projection",
-    "random_adapter", "save_adapter", "slot_rank", "write_slot",
+    "SlotConfig", "apply", "check_fits", "forward_logits", "load_adapter", "merge", "random_adapter",
+    "save_adapter", "slot_rank", "with_adapters", "write_slot",
 ]

@@ -3,9 +3,9 @@ and a forward pass with a different adapter per row.
 
 An engine (or `forward_logits`) holds S slots, `LoraWeights`: every projection's A and B stacked
 per layer and slot, the rank zero-padded to R (a power of two >= 16, which the Pallas kernels take
-without a copy). Inside a jitted step the slots ride in the layer params (`attach` puts them under
-params["layers"]["lora"], so `lax.scan` hands each layer its slice) and the projection hook
-(`projection`) adds each token's delta to the base projection, which goes through
+without a copy). Inside a jitted step, `with_adapters` gives each layer's params its index and returns the
+projection hook, which reads that layer's rows of the slots and adds each token's delta to the
+base projection, which goes through
 jaxinfer.matmul.linear as always (dense or packed: a LoRA over an int4 base is QLoRA-style serving):
 
   y = x @ W (+ bias) + scale[l, s] * (x @ A[l, s]) @ B[l, s]     s: the token's slot; -1: no delta
@@ -152,21 +152,32 @@ class LoraBatch:
         """A (B, T) batch: row b uses slots[b]."""
         return cls(decode_slots=jnp.zeros((0,), jnp.int32), row_slots=slots)
 
+    def offset(self, n) -> LoraBatch:
+        """Every slot index moved by n (-1 stays -1)."""
+        move = lambda s: jnp.where(s >= 0, s + n, -1)  # noqa: E731
+        return LoraBatch(decode_slots=move(self.decode_slots), row_slots=move(self.row_slots))
 
-def attach(params: model_lib.Params, weights: LoraWeights) -> model_lib.Params:
-    """params with the slots under params["layers"]["lora"] (the scan over layers slices them)."""
-    return {**params, "layers": {**params["layers"], "lora": weights}}
 
+def with_adapters(params: model_lib.Params, weights: LoraWeights, lora: LoraBatch, impl: model_lib.Impl,
+                  lora_impl: str = "xla") -> tuple[model_lib.Params, model_lib.Project]:
+    """The params and projection hook of a forward pass with adapters.
 
-def projection(impl: model_lib.Impl, lora: LoraBatch, lora_impl: str = "xla") -> model_lib.Project:
-    """The projection hook of a step with adapters (params passed through `attach`)."""
+    The slots are not sliced per layer by the scan (that copies every slot of every layer on every
+    step: on the CPU, 64 rank-16 slots cost the tiny model as much as the step itself): each
+    layer's params carry its index (params["layers"]["lora_layer"], a scalar inside the scan), and
+    the hook reads the stacked slots, flattened to L * S rows, at row layer * S + slot, so only the
+    rows the tokens use are read."""
+    L, S = weights.scale[PROJECTIONS[0]].shape
+    flat = lambda x: x.reshape(L * S, *x.shape[2:])  # noqa: E731  (L, S, ...) -> (L * S, ...), no copy
+    a, b, scale = (jax.tree.map(flat, t) for t in (weights.a, weights.b, weights.scale))
     base = model_lib.dense_projection(impl)
 
     def project(name: str, x: jax.Array, lp: model_lib.Params) -> jax.Array:
-        w = lp["lora"]  # this layer's slots: a (S, D_in, R), b (S, R, D_out), scale (S,)
-        return apply(base(name, x, lp), x, w.a[name], w.b[name], w.scale[name], lora, lora_impl)
+        rows = lora.offset(lp["lora_layer"] * S)
+        return apply(base(name, x, lp), x, a[name], b[name], scale[name], rows, lora_impl)
 
-    return project
+    layer_index = jnp.arange(L, dtype=jnp.int32)
+    return {**params, "layers": {**params["layers"], "lora_layer": layer_index}}, project
 
 
 def apply(y, x, a, b, scale, lora: LoraBatch, impl: str = "xla") -> jax.Array:
@@ -182,7 +193,9 @@ def apply(y, x, a, b, scale, lora: LoraBatch, impl: str = "xla") -> jax.Array:
         C = (B * T - Rd) // Rp
         rows = _segments(yf[Rd:].reshape(Rp, C, O), xf[Rd:].reshape(Rp, C, D), a, b, scale, lora.row_slots, impl)
         parts.append(rows.reshape(Rp * C, O))
-    return jnp.concatenate(parts).reshape(B, T, O) if parts else y
+    if not parts:
+        return y
+    return (parts[0] if len(parts) == 1 else jnp.concatenate(parts)).reshape(B, T, O)
 
 
 def _segments(y, x, a, b, scale, slots, impl):
@@ -216,8 +229,8 @@ def merge(model: model_lib.Model, adapter: LoraAdapter) -> model_lib.Model:
 def _forward(params, cfg, tokens, weights, slots, *, impl, lora_impl):
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    project = projection(impl, LoraBatch.per_row(slots), lora_impl)
-    return model_lib.forward(attach(params, weights), cfg, tokens, positions, impl=impl, project=project).logits
+    params, project = with_adapters(params, weights, LoraBatch.per_row(slots), impl, lora_impl)
+    return model_lib.forward(params, cfg, tokens, positions, impl=impl, project=project).logits
 
 
 def forward_logits(model: model_lib.Model, tokens, adapters: list[LoraAdapter | None], *, lora_impl: str = "xla",
