@@ -26,7 +26,7 @@ from jaxinfer import model as model_lib
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.kv_cache import PageAllocator
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
-from jaxinfer.requests import RequestOutput, StopRules, prepare_prompt, prepare_sampling, sequence_output
+from jaxinfer.requests import RequestOutput, StopRules, prepare_adapters, prepare_prompt, prepare_sampling, sequence_output
 from jaxinfer.pipeline import DecodePipeline
 from jaxinfer.runner import ModelRunner, possible_buckets
 from jaxinfer.sampling import SamplingParams
@@ -95,8 +95,8 @@ class Engine:
 
     def remove_adapter(self, name: str) -> None:
         """Forget an adapter; refused (ValueError) while waiting or running requests use it."""
-        seqs = list(self.scheduler.waiting) + self.scheduler.running
-        self.adapters.remove(name, users=sum(s.adapter == name for s in seqs))
+        users = sum(s.adapter == name for s in [*self.scheduler.waiting, *self.scheduler.running])
+        self.adapters.remove(name, users=users)
 
     def add_request(self, prompt: str | Seq[int], sampling: SamplingParams | None = None, seed: int | None = None,
                     adapter: str | None = None) -> int:
@@ -149,13 +149,11 @@ class Engine:
         raise_on_error, a bad prompt raises instead, before any is served."""
         if isinstance(prompts, str) or not len(prompts):
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-        params = prepare_sampling(sampling, len(prompts))
-        if adapters is not None and (isinstance(adapters, str) or len(adapters) != len(prompts)):
-            raise ValueError(f"adapters must be a list of {len(prompts)} adapter names or None, one per prompt")
+        params, adapters = prepare_sampling(sampling, len(prompts)), prepare_adapters(adapters, len(prompts))
         ids: list[int | RequestOutput] = []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
+        for i, (p, sp, adapter) in enumerate(zip(prompts, params, adapters)):
             try:
-                ids.append(self.add_request(p, sp, seed=i, adapter=None if adapters is None else adapters[i]))
+                ids.append(self.add_request(p, sp, seed=i, adapter=adapter))
             except ValueError as e:
                 if raise_on_error:
                     for rid in ids:

@@ -23,7 +23,7 @@ from jaxinfer.lora.batched import (
 from jaxinfer.lora.registry import AdapterRegistry
 
 __all__ = [
-    "IMPLEMENTATIONS", "MODULES", "PROJECTIONS", "AdapterError", "AdapterRegistry", "LoraAdapter", "LoraBatch", "LoraWeights",
-    "SlotConfig", "apply", "check_fits", "forward_logits", "load_adapter", "merge", "random_adapter",
+    "IMPLEMENTATIONS", "MODULES", "PROJECTIONS", "AdapterError", "AdapterRegistry", "LoraAdapter", "LoraBatch",
+    "LoraWeights", "SlotConfig", "apply", "check_fits", "forward_logits", "load_adapter", "merge", "random_adapter",
     "save_adapter", "slot_rank", "with_adapters", "write_slot",
 ]

@@ -48,7 +48,8 @@ MODULES = {
 PROJECTIONS = tuple(MODULES)
 _SHORT = {path.split(".")[-1]: name for name, path in MODULES.items()}  # q_proj -> wq
 _NOT_ADAPTABLE = ("model.embed_tokens", "lm_head")  # modules PEFT could target that jaxinfer does not adapt
-_TENSOR = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight")
+_TENSOR = re.compile(  # layer, self_attn | mlp, module, A | B (an adapter name before .weight in old files)
+    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight")
 # Options that must be absent or empty (false, None, {}, []): option -> what it is.
 _UNSUPPORTED = {
     "use_dora": "DoRA",
@@ -213,7 +214,8 @@ def _read_weights(path: str, rank: int) -> dict[tuple[str, int], tuple[np.ndarra
     for proj in {p for p, _ in weights}:
         shapes = {(a.shape[0], b.shape[1]) for (p, _), (a, b) in weights.items() if p == proj}
         if len(shapes) > 1:
-            raise AdapterError(f"{path}: the {MODULES[proj]} tensors disagree on (in, out) across layers: {sorted(shapes)}")
+            raise AdapterError(f"{path}: the {MODULES[proj]} tensors disagree on (in, out) across layers: "
+                               f"{sorted(shapes)}")
     return dict(sorted(weights.items(), key=lambda kv: (PROJECTIONS.index(kv[0][0]), kv[0][1])))
 
 
