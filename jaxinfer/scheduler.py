@@ -277,6 +277,11 @@ class Scheduler:
         blocked = []  # waiting for an adapter slot: they keep their places
         while self.waiting and self._admitting and not plan.preempted and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            if math.ceil(len(seq.tokens) / self.page_size) > self.allocator.num_pages:
+                # A preempted forked sample outgrew the cache it shared with its parent: it can never run again.
+                self.finish(seq, "length")
+                plan.finished.append(seq)
+                continue
             n = self._chunk_len(len(seq.tokens), budget, first=not plan.prefill)
             if n == 0 and self.policy == "continuous":
                 break  # no budget left this step

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import jaxinfer as ji
 from jaxinfer import lora
+from jaxinfer.engine import _sample_seed
 from jaxinfer.mock_runner import MockRunner, expected_tokens
 from jaxinfer.scheduler import Scheduler
 
@@ -130,8 +131,8 @@ def test_adapters_on_few_slots_get_their_tokens(seed, num_requests, slots, num_p
     the running sequences after every step, and everything comes back."""
     rng = np.random.default_rng(seed)
     prompts = random_prompts(rng, num_requests, max_len=20, prefix=rng.integers(0, VOCAB, size=6).tolist())
-    params = [ji.SamplingParams(max_tokens=int(rng.integers(1, 16)), temperature=0.7 if sampled else 0.0, seed=i)
-              for i in range(num_requests)]
+    params = [ji.SamplingParams(max_tokens=int(rng.integers(1, 16)), temperature=0.7 if sampled else 0.0, seed=i,
+                                n=2 if sampled and i % 3 == 0 else 1) for i in range(num_requests)]
     names = [None if k == len(ADAPTERS) else ADAPTERS[k].name for k in rng.integers(0, len(ADAPTERS) + 1, num_requests)]
     engine = mock_engine(batching=batching, num_pages=num_pages, page_size=page_size, max_batch=3, max_adapters=slots,
                          max_lora_rank=2, prefix_cache=prefix_cache, overlap=overlap, decode_steps=decode_steps)
@@ -151,9 +152,11 @@ def test_adapters_on_few_slots_get_their_tokens(seed, num_requests, slots, num_p
         if rid is None:
             continue
         adapter = engine.adapters.store[name] if name else None
-        want = expected_tokens(p, sp.max_tokens, VOCAB, seed=sp.seed, greedy=not sampled, adapter=adapter)
-        got = outs[rid].token_ids
-        assert got == want if len(p) + sp.max_tokens - 1 <= capacity else got == want[: len(got)]
+        for k, sample in enumerate(outs[rid].samples or [outs[rid]]):  # forked samples share the adapter
+            want = expected_tokens(p, sp.max_tokens, VOCAB, seed=_sample_seed(sp.seed, k), greedy=not sampled,
+                                   adapter=adapter)
+            got = sample.token_ids
+            assert got == want if len(p) + sp.max_tokens - 1 <= capacity else got == want[: len(got)]
     assert engine.allocator.num_used == 0 and engine.adapters.refs == [0] * slots
 
 
