@@ -25,7 +25,7 @@ def test_swaps_are_counted_and_the_record_is_complete(tmp_path, capsys):
     rows = {(r["adapters"], r["composition"]): r for r in record["results"]}
     assert set(rows) == {(3, "distinct")}
     for r in rows.values():
-        assert r["tok_s"] > 0 and r["base_tok_s"] > 0 and r["ratio"] == r["tok_s"] / r["base_tok_s"]
+        assert r["tok_s"] > 0 and r["base_tok_s"] > 0 and r["ratio"] == r["tok_s"] / r["base_tok_s"]  # one run pair
         assert r["slots"] == 2 and r["rank"] == 4 and r["adapter_device_bytes"] > 0 and r["compile_s"] > 0
     assert rows[3, "distinct"]["distinct_in_batch"] == 3 and rows[3, "distinct"]["evictions_per_run"] > 0 and rows[3, "distinct"]["swap_s_per_run"] > 0
     assert (tmp_path / "r4-2" / "adapter_model.safetensors").exists()  # PEFT's layout, kept in --adapter_dir
