@@ -38,12 +38,10 @@ from jaxinfer.sampling import SamplingBatch
 from . import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
 flags.DEFINE_enum("arrival", "all", ["all", "poisson"], "All requests at t=0, or Poisson arrivals at --rate.")
 flags.DEFINE_list("rates", ["4"], "Poisson arrival rates (requests/s); one run per rate.")
 flags.DEFINE_enum("prompt_dist", "uniform", ["fixed", "uniform", "lognormal"], "Prompt length distribution.")
 flags.DEFINE_enum("output_dist", "lognormal", ["fixed", "uniform", "lognormal"], "Output length distribution.")
-flags.DEFINE_integer("output_len", 48, "Output length: the fixed value, uniform/lognormal mean.")
 flags.DEFINE_float("sigma", 1.0, "Log-normal sigma (spread) of lognormal lengths.")
 flags.DEFINE_integer("max_len", 400, "Upper cap for drawn prompt and output lengths.")
 flags.DEFINE_string("workload_file", "", "JSONL of {prompt_len, output_len} rows (overrides the distributions).")
@@ -53,7 +51,8 @@ flags.DEFINE_enum("warmup", "buckets", ["buckets", "replay"], "Before the measur
                   "engine can run for the workload's lengths (Engine.warmup), or replay the workload once unmeasured "
                   "(compiles only what that run hits; fewer programs for a large model on a short GPU session).")
 PROMPT_LEN = 48  # default --prompt_len; --plot: latency against throughput, one point per rate
-for _name in ("model", "dtype", "seed", "out", "prompt_len", "plot", *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
+for _name in ("model", "dtype", "seed", "out", "num_requests", "prompt_len", "output_len", "plot", *common.ENGINE_FLAGS,
+              *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 
 

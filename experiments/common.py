@@ -43,6 +43,8 @@ flags.DEFINE_integer("max_tokens", None, "Tokens to generate per prompt (default
 flags.DEFINE_string("plot", "", "Write the script's plot to this PNG ('' = no plot).")
 flags.DEFINE_integer("runs", None, "Timed runs per variant; the median is reported (default: the script's).")
 flags.DEFINE_integer("calls", 50, "Back-to-back calls per timed run.")
+flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
+flags.DEFINE_integer("output_len", 48, "Tokens generated per request (bench_batching: the fixed value or the mean).")
 
 # Training (train_tiny, train_drafter).
 flags.DEFINE_string("out_dir", "", "Export directory (default runs/<script>; jaxinfer/assets replaces what ships).")
@@ -66,6 +68,12 @@ flags.DEFINE_bool("chunked_prefill", True, "Split prompts across steps.")
 flags.DEFINE_bool("prefix_cache", True, "Reuse KV pages of identical prompt prefixes.")
 flags.DEFINE_integer("decode_steps", 1, "Decode steps per host round trip when a step has no prompt work.")
 flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading the last one's tokens back.")
+flags.DEFINE_integer("max_adapters", 0, "LoRA adapter slots on the device (0: no adapters; lora_batching: one slot per "
+                     "adapter).")
+flags.DEFINE_integer("max_lora_rank", 16, "The largest LoRA rank the slots take.")
+flags.DEFINE_enum("lora_impl", "xla", ["xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
+                  "kernels, interpreted on a CPU).")
+
 flags.DEFINE_string("kv_dtype", "", "KV-cache dtype: '' (the model's own), int8 or fp8 (quantised per token and "
                     "head, float32 scales); kv_capacity also takes float32, bfloat16, float16 (its default bfloat16).")
 
@@ -76,7 +84,8 @@ flags.DEFINE_string("spec_draft", "", "The drafter: a shipped name (tiny-draft, 
 flags.DEFINE_float("spec_accept", 0.8, "Acceptance probability of --spec=synthetic (a stand-in drafter, not lossless).")
 
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
-                "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "kv_dtype")
+                "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "kv_dtype",
+                "max_adapters", "max_lora_rank", "lora_impl")
 SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept")
 DEFAULT_DRAFTS = {"draft": "tiny-draft", "medusa": "tiny-medusa", "eagle": "tiny-eagle"}
 

@@ -4,6 +4,7 @@ from jaxinfer.config import ConfigError, ModelConfig, RopeConfig
 from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.generation import generate
 from jaxinfer.kv_cache import KVCache, PagedKVCache
+from jaxinfer.lora import LoraAdapter, load_adapter
 from jaxinfer.model import forward, forward_logits, init_params
 from jaxinfer.requests import RequestOutput
 from jaxinfer.sampling import SamplingParams
@@ -19,6 +20,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "KVCache",
+    "LoraAdapter",
     "Model",
     "PagedKVCache",
     "ModelConfig",
@@ -30,6 +32,7 @@ __all__ = [
     "forward_logits",
     "generate",
     "init_params",
+    "load_adapter",
     "load_model",
     "save_hf_checkpoint",
     "save_model",

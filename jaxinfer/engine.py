@@ -8,7 +8,8 @@ prompt chunks), has the runner (jaxinfer/runner.py) run it as one jitted forward
 paged cache, appends the sampled tokens, and retires finished requests, returning their pages.
 A step with decode work only becomes a decode call of up to `decode_steps` steps
 (jaxinfer/pipeline.py); with `overlap`, the next call is dispatched before the last one's tokens
-are read back.
+are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an adapter registry
+(jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits a sequence.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import numpy as np
 from jaxinfer import model as model_lib
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.kv_cache import PageAllocator
-from jaxinfer.requests import RequestOutput, StopRules, prepare_prompt, prepare_sampling, sequence_output
+from jaxinfer.lora import AdapterRegistry, LoraAdapter
+from jaxinfer.requests import RequestOutput, StopRules, prepare_adapters, prepare_prompt, prepare_sampling, sequence_output
 from jaxinfer.pipeline import DecodePipeline
 from jaxinfer.runner import ModelRunner, possible_buckets
 from jaxinfer.sampling import SamplingParams
@@ -52,21 +54,24 @@ def _sample_seed(seed: int, index: int) -> int:
 
 class Engine:
     def __init__(self, model, config: EngineConfig | None = None, *, runner=ModelRunner):
-        """`runner(model, num_pages, page_size, max_seq_len, max_batch, impl, features)` builds the
-        model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
+        """`runner(model, num_pages, page_size, max_seq_len, max_batch, impl, features, kv_dtype, lora)`
+        builds the model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
         num_pages, page_size = config.kv_pages(model, self.max_seq_len)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)
-        self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,
-                                   max_tokens_per_step=config.max_tokens_per_step,
-                                   chunked_prefill=config.chunked_prefill)
         impl = model_lib.Impl(config.attention, config.matmul)
         self.drafter = (None if config.speculative is None else
                         load_drafter(config.speculative, model, num_pages, page_size, self.max_seq_len, impl))
         self.runner = runner(model, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
-                             features=bool(self.drafter and self.drafter.features), kv_dtype=config.kv_dtype)
+                             features=bool(self.drafter and self.drafter.features), kv_dtype=config.kv_dtype,
+                             lora=config.lora_slots())
+        self.adapters = AdapterRegistry(model.config, config.max_adapters, config.max_lora_rank, self.runner)
+        self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,
+                                   max_tokens_per_step=config.max_tokens_per_step,
+                                   chunked_prefill=config.chunked_prefill,
+                                   adapters=self.adapters if config.max_adapters else None)
         self.rules = StopRules(model)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
@@ -91,9 +96,22 @@ class Engine:
 
     # Requests ----------------------------------------------------------------------------------
 
-    def add_request(self, prompt: str | Seq[int], sampling: SamplingParams | None = None, seed: int | None = None) -> int:
-        """Queue a request and return its id. Bad input raises ValueError; the engine is unchanged."""
+    def add_adapter(self, name: str, adapter: LoraAdapter | str) -> None:
+        """Add a LoRA adapter (a PEFT directory or a loaded LoraAdapter) that requests can name; it
+        takes a device slot when a request needs it. ValueError if it does (or could) not fit."""
+        self.adapters.add(name, adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget an adapter; refused (ValueError) while waiting or running requests use it."""
+        users = sum(s.adapter == name for s in [*self.scheduler.waiting, *self.scheduler.running])
+        self.adapters.remove(name, users=users)
+
+    def add_request(self, prompt: str | Seq[int], sampling: SamplingParams | None = None, seed: int | None = None,
+                    adapter: str | None = None) -> int:
+        """Queue a request (under an added LoRA adapter, or the base model) and return its id. Bad
+        input raises ValueError; the engine is unchanged."""
         sampling = sampling or SamplingParams()
+        self.adapters.check(adapter)
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
         ids = prepare_prompt(self.model, prompt)
@@ -110,7 +128,8 @@ class Engine:
         now = time.perf_counter()
         # A sequence stops at max_tokens or at the end of the context (no position left for its next token).
         stop = self.rules.checker(sampling, self.max_seq_len + 1 - len(ids))
-        seq = Sequence(rid, 0, list(ids), len(ids), sampling, seed, now, stop=stop)
+        seq = Sequence(rid, 0, list(ids), len(ids), sampling, seed, now, stop=stop, adapter=adapter,
+                       cache_salt=self.adapters.salt.get(adapter, 0))
         self._requests[rid] = _Request(rid, list(ids), sampling, [seq])
         self.scheduler.add(seq)
         return rid
@@ -131,17 +150,18 @@ class Engine:
         return self.scheduler.has_work()
 
     def generate(self, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
-                 *, raise_on_error: bool = False) -> list[RequestOutput]:
-        """Serve prompts to completion; outputs in prompt order. A bad prompt gets an output with
-        finish_reason "error" and its message (logged as a warning); the others are served as if it
-        were not there. With raise_on_error, a bad prompt raises instead, before any is served."""
+                 *, adapters: Seq[str | None] | None = None, raise_on_error: bool = False) -> list[RequestOutput]:
+        """Serve prompts to completion, prompt i under adapters[i] (None: the base model); outputs in
+        prompt order. A bad prompt (or adapter name) gets an output with finish_reason "error" and its
+        message (logged as a warning); the others are served as if it were not there. With
+        raise_on_error, a bad prompt raises instead, before any is served."""
         if isinstance(prompts, str) or not len(prompts):
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-        params = prepare_sampling(sampling, len(prompts))
+        params, adapters = prepare_sampling(sampling, len(prompts)), prepare_adapters(adapters, len(prompts))
         ids: list[int | RequestOutput] = []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
+        for i, (p, sp, adapter) in enumerate(zip(prompts, params, adapters)):
             try:
-                ids.append(self.add_request(p, sp, seed=i))
+                ids.append(self.add_request(p, sp, seed=i, adapter=adapter))
             except ValueError as e:
                 if raise_on_error:
                     for rid in ids:
@@ -191,6 +211,7 @@ class Engine:
             "prefix_cache_hit_rate": self.allocator.hits / self.allocator.lookups if self.allocator.lookups else 0.0,
             "compiled_programs": float(len(self.buckets)),
             **(self.speculator.metrics() if self.speculator else {}),
+            **self.adapters.metrics(),  # lora_loads, lora_evictions, lora_swap_s, adapters held
         }
 
     def kv_waste(self) -> float:

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 from jaxinfer import memory
 from jaxinfer.kv_cache import KV_DTYPES
+from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
+from jaxinfer.lora import SlotConfig
 from jaxinfer.model import Impl
 from jaxinfer.speculative.config import SpeculativeConfig
 
@@ -37,6 +39,9 @@ class EngineConfig:
     # Draft and verify tokens (jaxinfer.speculative); decode-only steps then verify drafts instead of
     # running decode calls (decode_steps and overlap do not apply). None: plain decoding.
     speculative: SpeculativeConfig | None = None
+    max_adapters: int = 0  # LoRA adapters held on the device at once (slots); 0 = no adapters
+    max_lora_rank: int = 16  # the largest adapter rank the slots take (stored padded to a power of two >= 16)
+    lora_impl: str = "xla"  # how each token's LoRA delta is applied: "xla" (gather + einsum) | "pallas" (BGMV/SGMV)
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
@@ -53,6 +58,16 @@ class EngineConfig:
             raise ValueError(f"speculative is a {type(self.speculative).__name__}, not ji.SpeculativeConfig")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 2")
+        if self.max_adapters < 0:
+            raise ValueError(f"max_adapters={self.max_adapters} must be >= 0")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank={self.max_lora_rank} must be >= 1")
+        if self.lora_impl not in LORA_IMPLEMENTATIONS:
+            raise ValueError(f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLEMENTATIONS}")
+
+    def lora_slots(self) -> SlotConfig | None:
+        """The adapter slots a model runner holds, or None without adapters."""
+        return SlotConfig(self.max_adapters, self.max_lora_rank, self.lora_impl) if self.max_adapters else None
 
     def seq_len(self, model_config) -> int:
         """The longest sequence the engine serves: max_seq_len, or the model's context."""

@@ -99,6 +99,8 @@ class BatchDescriptor:
       prefill_block_tables   (Rp, M) int32
       prefill_start          (Rp,) int32 position of the row's first token
       prefill_lens           (Rp,) int32 valid tokens in the row (0 = padding row)
+      adapter_ids            (N,) int32  each token's LoRA adapter slot, -1 = the base model (None: all -1)
+                                         (a prefill row's tokens share one; see jaxinfer.lora.LoraBatch)
     """
 
     positions: jax.Array
@@ -109,6 +111,7 @@ class BatchDescriptor:
     prefill_block_tables: jax.Array
     prefill_start: jax.Array
     prefill_lens: jax.Array
+    adapter_ids: jax.Array | None = None  # None: every token on the base model
 
     @property
     def num_decode(self) -> int:
@@ -216,9 +219,10 @@ class PageAllocator:
     # Prefix cache ------------------------------------------------------------------------------
 
     @staticmethod
-    def page_hashes(tokens: Sequence[int], page_size: int) -> list[int]:
-        """Chained hash of every full page of tokens: hash i covers tokens[: (i + 1) * page_size]."""
-        hashes, h = [], 0
+    def page_hashes(tokens: Sequence[int], page_size: int, salt: int = 0) -> list[int]:
+        """Chained hash of every full page of tokens: hash i covers tokens[: (i + 1) * page_size].
+        The chain starts from `salt`: pages computed under different LoRA adapters never match."""
+        hashes, h = [], salt
         for start in range(0, len(tokens) - page_size + 1, page_size):
             h = hash((h, tuple(tokens[start : start + page_size])))
             hashes.append(h)

@@ -10,11 +10,17 @@ with noise = 0 for greedy rows and seed + step for sampled rows, so the expected
 request served alone can be worked out by hand (`expected_tokens`), and a scheduler that hands a
 sequence the wrong pages, frees a page still in use or lets a write land in a shared page makes
 the output differ. Reading a slot that was never written raises.
+
+LoRA adapters: `load_adapter` puts an adapter's tag (`adapter_tag`, from its name) in a slot. A
+sequence on slot s writes token + TAG_WEIGHT * tag into the cache and adds the tag to its noise,
+with the tag read from slot s at that moment: an adapter swapped out from under a running
+sequence, or a prefix page computed under another adapter, changes the output.
 """
 
 from __future__ import annotations
 
 import collections
+import zlib
 
 import numpy as np
 
@@ -23,24 +29,33 @@ from jaxinfer.runner import DecodeCall, StepOutput
 from jaxinfer.scheduler import Sequence
 
 _EMPTY = -1
+TAG_WEIGHT = 1009  # prime: a page written under another adapter shifts the context sum by a non-multiple of the vocab
 
 
 def next_token(context, vocab_size: int, noise: int = 0) -> int:
     return (31 * int(np.sum(context)) + len(context) + noise) % vocab_size
 
 
-def expected_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: int = 0, greedy: bool = True) -> list[int]:
+def adapter_tag(adapter) -> int:
+    """The mock's stand-in for an adapter's effect: a number from its name, 0 for the base model."""
+    return 0 if adapter is None else 1 + zlib.crc32(adapter.name.encode()) % 97
+
+
+def expected_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: int = 0, greedy: bool = True,
+                    adapter=None) -> list[int]:
     """What the mock serves a request alone (no stop tokens), worked out without a cache."""
-    tokens = list(prompt)
+    tokens, tag = list(prompt), adapter_tag(adapter)
     for step in range(max_tokens):
-        tokens.append(next_token(tokens, vocab_size, 0 if greedy else seed + step))
+        context = [t + TAG_WEIGHT * tag for t in tokens]
+        tokens.append(next_token(context, vocab_size, (0 if greedy else seed + step) + tag))
     return tokens[len(prompt):]
 
 
 class MockRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None,
-                 features: bool = False, kv_dtype: str | None = None):
+                 features: bool = False, kv_dtype: str | None = None, lora=None):
         del max_seq_len, impl, features, kv_dtype
+        self.tags = [0] * (0 if lora is None else lora.num_slots)  # adapter_tag of each slot's adapter
         self.vocab_size = model.config.vocab_size
         self.page_size, self.num_pages = page_size, num_pages
         self.slots = np.full(num_pages * page_size, _EMPTY, np.int64)
@@ -53,7 +68,10 @@ class MockRunner:
         page = seq.pages[position // self.page_size]
         if not 0 <= page < self.num_pages:
             raise AssertionError(f"page {page} outside the cache")
-        self.slots[page * self.page_size + position % self.page_size] = token
+        self.slots[page * self.page_size + position % self.page_size] = token + TAG_WEIGHT * self._tag(seq)
+
+    def _tag(self, seq: Sequence) -> int:
+        return self.tags[seq.lora_slot] if seq.lora_slot >= 0 else 0
 
     def _context(self, seq: Sequence, length: int) -> np.ndarray:
         pos = np.arange(length)
@@ -65,7 +83,10 @@ class MockRunner:
 
     def _sample(self, seq: Sequence, context: np.ndarray, step: int) -> int:
         noise = 0 if seq.sampling.temperature == 0 else seq.seed + step
-        return next_token(context, self.vocab_size, noise)
+        return next_token(context, self.vocab_size, noise + self._tag(seq))
+
+    def load_adapter(self, slot: int, adapter) -> None:
+        self.tags[slot] = adapter_tag(adapter)
 
     def copy_pages(self, copies) -> None:
         for src, dst in copies:

@@ -85,6 +85,15 @@ def prepare_sampling(
     return sampling
 
 
+def prepare_adapters(adapters: Sequence[str | None] | None, n: int) -> list[str | None]:
+    """One LoRA adapter name (or None: the base model) per prompt."""
+    if adapters is None:
+        return [None] * n
+    if isinstance(adapters, str) or len(adapters) != n:
+        raise ValueError(f"adapters must be a list of {n} adapter names or None, one per prompt")
+    return list(adapters)
+
+
 def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | None = None) -> RequestOutput:
     """The output of one finished (or aborted) sequence (a jaxinfer.scheduler.Sequence): its
     tokens, text and per-request timings (TTFT, TPOT, latency)."""

@@ -9,6 +9,7 @@ The engine decides what runs (through the scheduler); the runner turns that into
   verify(seqs, drafts, ...)         one target pass over each sequence's last token and k drafted
                                     tokens, and the acceptance rule (jaxinfer.speculative.accept)
   copy_pages(copies)                copy-on-write of shared pages
+  load_adapter(slot, adapter)       write a LoRA adapter into a device slot (jaxinfer.lora)
   warmup(buckets)                   compile every program shape a run can need, up front
 Every shape is bucketed to powers of two: ("step", decode rows, prefill rows, chunk, pages per
 sequence), ("decode", rows, k steps, pages), ("verify", rows, k drafts, pages); `buckets`
@@ -17,6 +18,9 @@ records those run, so a test can count the programs compiled.
 With `features=True` the runner also keeps a feature cache: the final-norm hidden state of every
 token it computes, stored by KV slot (the pages and slots of the KV cache), which feature-level
 drafters (Medusa, EAGLE) read.
+
+With LoRA slots every program also takes them and each token's slot (BatchDescriptor.adapter_ids);
+the slots have a fixed size, so adapters add no program shapes.
 
 The runner also times the device from the host: the time it blocks on results (device_s) and
 an estimate of the time the device sat idle waiting for the host (device_idle_s): from the moment
@@ -36,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import lora as lora_lib
 from jaxinfer import model as model_lib
 from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
 from jaxinfer.requests import next_power_of_2
@@ -58,27 +63,40 @@ def _store(features, batch, hidden):
     return features.at[batch.slot_mapping].set(hidden.astype(features.dtype), mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "features"))
-def _step(params, cfg, tokens, cache, features, batch, sp, steps, *, impl):
+def _with_adapters(params, lora, lora_batch, impl, lora_impl):
+    """The params and projection hook of a step: with LoRA slots, each token's delta is added."""
+    if lora is None:
+        return params, None
+    return lora_lib.with_adapters(params, lora, lora_batch, impl, lora_impl)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "lora_impl"), donate_argnames=("cache", "features"))
+def _step(params, cfg, tokens, cache, features, batch, sp, steps, lora=None, *, impl, lora_impl="xla"):
     """tokens (N,) laid out as `batch` says; sp, steps (R,) each logits row's sampling and token
-    index -> a token sampled from each of the R rows at batch.logits_at, their logits (R, V) and
-    hidden states (R, D), the cache and the feature cache (None: none kept)."""
+    index; lora: the adapter slots (jaxinfer.lora.LoraWeights) or None -> a token sampled from
+    each of the R rows at batch.logits_at, their logits (R, V) and hidden states (R, D), the cache
+    and the feature cache (None: none kept)."""
     TRACE_COUNTS["step"] += 1
-    out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None)
+    params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
+    out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None,
+                                  project=project)
     hidden = out.hidden if features is None else out.hidden[batch.logits_at]
     return sample(out.logits, sp, steps), out.logits, hidden, out.cache, _store(features, batch, out.hidden)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic"), donate_argnames=("cache", "features"))
-def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features, batch, sp, steps, *, impl,
-            synthetic):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl"),
+                   donate_argnames=("cache", "features"))
+def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features, batch, sp, steps, lora=None, *,
+            impl, synthetic, lora_impl="xla"):
     """One target pass over rows [last, d_1, .., d_k] (batch: R prefill rows of k + 1 tokens) and
     the acceptance rule -> accepted (R,), tokens (R, k + 1), the cache and the feature cache.
     synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless)."""
     TRACE_COUNTS["verify"] += 1
     R, k = drafts.shape
     tokens = jnp.concatenate([last[:, None], drafts], axis=1).reshape(-1)  # (R * (k + 1),)
-    out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None)
+    params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
+    out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None,
+                                  project=project)
     logits = out.logits.reshape(R, k + 1, -1)
     if synthetic is None:
         accepted, emitted = accept(logits, drafts, draft_probs, num_drafts, sp, steps)
@@ -87,13 +105,16 @@ def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features,
     return accepted, emitted, out.cache, _store(features, batch, out.hidden)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps"), donate_argnames=("cache",))
-def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp, steps, *, impl, num_steps):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps", "lora_impl"), donate_argnames=("cache",))
+def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp, steps, lora=None, adapter_ids=None,
+                  *, impl, num_steps, lora_impl="xla"):
     """num_steps decode steps in one program, each sampled token fed to the next step.
-    tokens, positions, valid, steps (R,); a row writes K/V only in its first valid[r] steps.
-    Returns tokens (num_steps, R) and the cache."""
+    tokens, positions, valid, steps, adapter_ids (R,); a row writes K/V only in its first valid[r]
+    steps. Returns tokens (num_steps, R) and the cache."""
     TRACE_COUNTS["multi_decode"] += 1
     R = tokens.shape[0]
+    adapter_ids = jnp.full((R,), -1, jnp.int32) if adapter_ids is None else adapter_ids
+    params, project = _with_adapters(params, lora, lora_lib.LoraBatch(adapter_ids, adapter_ids[:0]), impl, lora_impl)
     page = cache.page_size
     dropped = cache.num_pages * page
     empty = jnp.zeros((0, block_tables.shape[1]), jnp.int32)
@@ -106,9 +127,9 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
         batch = BatchDescriptor(
             positions=pos, logits_at=jnp.arange(R), slot_mapping=jnp.where(live, slots, dropped),
             decode_block_tables=block_tables, decode_lens=jnp.where(live, pos + 1, 0), prefill_block_tables=empty,
-            prefill_start=jnp.zeros((0,), jnp.int32), prefill_lens=jnp.zeros((0,), jnp.int32),
+            prefill_start=jnp.zeros((0,), jnp.int32), prefill_lens=jnp.zeros((0,), jnp.int32), adapter_ids=adapter_ids,
         )
-        out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl)
+        out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, project=project)
         new = sample(out.logits, sp, steps + j)
         return (new, out.cache), new
 
@@ -172,18 +193,24 @@ def _powers_of_2(n: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int,
-                 impl: model_lib.Impl, features: bool = False, kv_dtype: str | None = None):
+                 impl: model_lib.Impl, features: bool = False, kv_dtype: str | None = None,
+                 lora: lora_lib.SlotConfig | None = None):
         """max_batch: sequences running at once; a step with prompt work always has room for that
         many decode rows, so the decode row count is no part of its shape. features: keep the
-        feature cache (num_pages * page_size, D). kv_dtype: None (the model dtype), "int8" or "fp8"."""
+        feature cache (num_pages * page_size, D). kv_dtype: None (the model dtype), "int8" or "fp8".
+        lora: the LoRA adapter slots to hold (None: no adapters)."""
         self.model, self.impl = model, impl
+        self.lora_impl = "xla" if lora is None else lora.impl
+        self.lora = None if lora is None else lora_lib.LoraWeights.zeros(model.config, lora.num_slots, lora.rank,
+                                                                           model.dtype)
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.decode_rows = next_power_of_2(max_batch)
         self.cache = PagedKVCache.zeros(model.config, num_pages, page_size, model.dtype, kv_dtype)
         self.features = (jnp.zeros((num_pages * page_size, model.config.hidden_size), model.dtype)
                          if features else None)
         self.buckets: set[Bucket] = set()
-        self.stats: collections.Counter = collections.Counter()  # device_s, device_idle_s, copied_pages
+        self.stats: collections.Counter = collections.Counter()  # device_s, device_idle_s, copied_pages, ...
+        self.stats["adapter_device_bytes"] = 0 if self.lora is None else self.lora.nbytes
         self._last_dispatched: jax.Array | None = None
         self._idle_since: float | None = None
 
@@ -203,6 +230,10 @@ class ModelRunner:
             self.features = _copy_slots(self.features, src, dst, page_size=self.page_size)
         self.stats["copied_pages"] += len(copies)
 
+    def load_adapter(self, slot: int, adapter: lora_lib.LoraAdapter | None) -> None:
+        """Write an adapter (None: nothing) into a device slot, between steps; blocks until written."""
+        self.lora = jax.block_until_ready(lora_lib.write_slot(self.lora, slot, adapter, self.model.config))
+
     def step(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]],
              samplers: list[tuple[int, Sequence]], *, hidden: bool = False) -> StepOutput:
         """Run one mixed step: one token of each decode sequence, then a chunk of n prompt tokens
@@ -219,7 +250,7 @@ class ModelRunner:
         self.buckets.add(("step", Rd, Rp, C, M))
         dropped = self.num_pages * page  # slot index past the cache: not written
 
-        tokens, positions = np.zeros(N, np.int32), np.zeros(N, np.int32)
+        tokens, positions, adapter_ids = np.zeros(N, np.int32), np.zeros(N, np.int32), np.full(N, -1, np.int32)
         slots = np.full(N, dropped, np.int32)
         d_tables, d_lens = np.zeros((Rd, M), np.int32), np.zeros(Rd, np.int32)
         p_tables, p_start, p_lens = np.zeros((Rp, M), np.int32), np.zeros(Rp, np.int32), np.zeros(Rp, np.int32)
@@ -233,19 +264,21 @@ class ModelRunner:
 
         for i, seq in enumerate(decode):
             place(seq, i, 1)
+            adapter_ids[i] = seq.lora_slot
             d_tables[i, : len(seq.pages)] = seq.pages
             d_lens[i] = seq.num_computed + 1
             logits_at[i] = i
         for j, (seq, n) in enumerate(prefill):
             offset = Rd + j * C
             place(seq, offset, n)
+            adapter_ids[offset : offset + C] = seq.lora_slot  # the row's padding too: one adapter per row
             p_tables[j, : len(seq.pages)] = seq.pages
             p_start[j], p_lens[j] = seq.num_computed, n
             logits_at[Rd + j] = offset + n - 1
 
         batch = BatchDescriptor(positions=positions, logits_at=logits_at, slot_mapping=slots,
                                 decode_block_tables=d_tables, decode_lens=d_lens, prefill_block_tables=p_tables,
-                                prefill_start=p_start, prefill_lens=p_lens)
+                                prefill_start=p_start, prefill_lens=p_lens, adapter_ids=adapter_ids)
         # Every logits row is sampled in the step with its sequence's parameters (padding: greedy).
         row_seqs = decode + [None] * (Rd - len(decode)) + [s for s, _ in prefill]
         row_seqs += [None] * (Rd + Rp - len(row_seqs))
@@ -255,7 +288,8 @@ class ModelRunner:
         tokens, batch, sp, steps = jax.device_put((tokens, batch, sp, steps))  # one transfer
         self._mark_dispatch()
         sampled, logits, hidden_states, self.cache, self.features = _step(
-            self.model.params, self.model.config, tokens, self.cache, self.features, batch, sp, steps, impl=self.impl)
+            self.model.params, self.model.config, tokens, self.cache, self.features, batch, sp, steps, self.lora,
+            impl=self.impl, lora_impl=self.lora_impl)
         self._last_dispatched = sampled
         self.stats["decode_tokens"] += len(decode)
         self.stats["prefill_tokens"] += sum(n for _, n in prefill)
@@ -284,17 +318,18 @@ class ModelRunner:
         M = self.pages_bucket(max(len(s.pages) for s in seqs))
         self.buckets.add(("decode", R, k, M))
         positions, valid, steps = (np.zeros(R, np.int32) for _ in range(3))
-        tables = np.zeros((R, M), np.int32)
+        tables, adapter_ids = np.zeros((R, M), np.int32), np.full(R, -1, np.int32)
         for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
-            positions[i], valid[i], steps[i] = s.num_computed + a, w, len(s.generated) + a
+            positions[i], valid[i], steps[i], adapter_ids[i] = s.num_computed + a, w, len(s.generated) + a, s.lora_slot
             tables[i, : len(s.pages)] = s.pages
         if tokens is None:
             tokens = np.zeros(R, np.int32)
             tokens[: len(seqs)] = [s.tokens[s.num_computed] for s in seqs]
-        host = jax.device_put((positions, valid, tables, steps, sampling_batch(seqs, R)))
+        host = jax.device_put((positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids))
         self._mark_dispatch()
         new_tokens, self.cache = _multi_decode(self.model.params, self.model.config, tokens, host[0], host[1],
-                                               host[2], self.cache, host[4], host[3], impl=self.impl, num_steps=k)
+                                               host[2], self.cache, host[4], host[3], self.lora, host[5],
+                                               impl=self.impl, num_steps=k, lora_impl=self.lora_impl)
         self.stats["decode_tokens"] += sum(wanted)
         self._last_dispatched = new_tokens
         return DecodeCall(new_tokens, list(seqs), list(wanted))
@@ -323,24 +358,26 @@ class ModelRunner:
         dropped = self.num_pages * page
         positions, slots = np.zeros((R, C), np.int32), np.full((R, C), dropped, np.int32)
         tables, start, lens = np.zeros((R, M), np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
-        last, valid = np.zeros(R, np.int32), np.zeros(R, np.int32)
+        last, valid, adapter_ids = np.zeros(R, np.int32), np.zeros(R, np.int32), np.full(R, -1, np.int32)
         for i, (s, d) in enumerate(zip(seqs, num_drafts)):
             pos = s.num_computed + np.arange(d + 1)
             positions[i, : d + 1] = pos
             slots[i, : d + 1] = np.asarray(s.pages)[pos // page] * page + pos % page
             tables[i, : len(s.pages)] = s.pages
             start[i], lens[i], last[i], valid[i] = s.num_computed, d + 1, s.tokens[s.num_computed], d
+            adapter_ids[i] = s.lora_slot
         batch = BatchDescriptor(
             positions=positions.reshape(-1), logits_at=np.arange(R * C, dtype=np.int32),
             slot_mapping=slots.reshape(-1), decode_block_tables=np.zeros((0, M), np.int32),
-            decode_lens=np.zeros(0, np.int32), prefill_block_tables=tables, prefill_start=start, prefill_lens=lens)
+            decode_lens=np.zeros(0, np.int32), prefill_block_tables=tables, prefill_start=start, prefill_lens=lens,
+            adapter_ids=np.repeat(adapter_ids, C))
         steps = np.zeros(R, np.int32)
         steps[:n] = [len(s.generated) for s in seqs]
         host = jax.device_put((last, valid, batch, sampling_batch(seqs, R), steps))
         self._mark_dispatch()
         accepted, tokens, self.cache, self.features = _verify(
             self.model.params, self.model.config, host[0], drafts, draft_probs, host[1], self.cache, self.features,
-            host[2], host[3], host[4], impl=self.impl, synthetic=synthetic)
+            host[2], host[3], host[4], self.lora, impl=self.impl, synthetic=synthetic, lora_impl=self.lora_impl)
         self._last_dispatched = tokens
         accepted, tokens = self._read(accepted)[:n], self._read(tokens)[:n]
         self.stats["verify_tokens"] += sum(d + 1 for d in num_drafts)
@@ -355,7 +392,8 @@ class ModelRunner:
         extra program; a drafter's own programs compile when first used.)"""
         before = sum(TRACE_COUNTS.values())
         cfg, impl = self.model.config, self.impl
-        params, cache, features = jax.tree.map(_abstract, (self.model.params, self.cache, self.features))
+        params, cache, features, lora = jax.tree.map(_abstract, (self.model.params, self.cache, self.features,
+                                                                 self.lora))
         i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
         sp = lambda R: jax.tree.map(_abstract, sampling_batch([], R))  # noqa: E731
         V = cfg.vocab_size
@@ -366,24 +404,25 @@ class ModelRunner:
                 batch = BatchDescriptor(positions=i32((R * C,)), logits_at=i32((R * C,)), slot_mapping=i32((R * C,)),
                                         decode_block_tables=i32((0, M)), decode_lens=i32((0,)),
                                         prefill_block_tables=i32((R, M)), prefill_start=i32((R,)),
-                                        prefill_lens=i32((R,)))
+                                        prefill_lens=i32((R,)), adapter_ids=i32((R * C,)))
                 probs = jax.ShapeDtypeStruct((R, k, V), jnp.float32) if draft_probs else None
                 _verify.lower(params, cfg, i32((R,)), i32((R, k)), probs, i32((R,)), cache, features, batch, sp(R),
-                              i32((R,)), impl=impl, synthetic=synthetic).compile()
+                              i32((R,)), lora, impl=impl, synthetic=synthetic, lora_impl=self.lora_impl).compile()
                 continue
             if kind == "decode":  # a k-step decode call of R rows
                 R, k, M = shape
                 _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
-                                    i32((R,)), impl=impl, num_steps=k).compile()
+                                    i32((R,)), lora, i32((R,)), impl=impl, num_steps=k,
+                                    lora_impl=self.lora_impl).compile()
                 continue
             Rd, Rp, C, M = shape
             N = Rd + Rp * C
             batch = BatchDescriptor(positions=i32((N,)), logits_at=i32((Rd + Rp,)), slot_mapping=i32((N,)),
                                     decode_block_tables=i32((Rd, M)), decode_lens=i32((Rd,)),
                                     prefill_block_tables=i32((Rp, M)), prefill_start=i32((Rp,)),
-                                    prefill_lens=i32((Rp,)))
-            _step.lower(params, cfg, i32((N,)), cache, features, batch, sp(Rd + Rp), i32((Rd + Rp,)),
-                        impl=impl).compile()
+                                    prefill_lens=i32((Rp,)), adapter_ids=i32((N,)))
+            _step.lower(params, cfg, i32((N,)), cache, features, batch, sp(Rd + Rp), i32((Rd + Rp,)), lora, impl=impl,
+                        lora_impl=self.lora_impl).compile()
         return sum(TRACE_COUNTS.values()) - before
 
     # Device timing: the device is taken to be idle from the moment the host last found it done

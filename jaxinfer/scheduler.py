@@ -9,6 +9,10 @@ Plain host-side Python. Each step the scheduler
      demand, copying a shared page before writing into it (copy-on-write), and preempting the
      most recently admitted sequence (its pages freed, recomputed later) when pages run out.
 
+With LoRA adapters (`adapters`, a jaxinfer.lora.AdapterRegistry), a sequence is admitted only
+once its adapter holds a device slot; one whose adapter finds every slot in use waits in its
+place while later sequences may be admitted. Slot references are dropped as sequences stop running.
+
 It owns every page reservation: the one-token reservations of a step, the extra pages of a
 multi-step or look-ahead decode call (`reserve_ahead`), the pages shared by forked samples
 (`fork`), and the pages given back when a sequence's newest tokens are dropped (`rollback`, for
@@ -56,6 +60,9 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     stop: StopChecker | None = None  # decides when the sequence ends (its budget, stop tokens and strings)
     draft_computed: int = 0  # leading tokens whose K/V a speculative drafter holds in its own cache
+    adapter: str | None = None  # the LoRA adapter it runs under (None: the base model)
+    lora_slot: int = -1  # the device slot holding that adapter while it runs
+    cache_salt: int = 0  # starts its prefix-cache hash chain: one per added adapter (its K/V differ), 0 for the base
 
     @property
     def generated(self) -> list[int]:
@@ -92,6 +99,7 @@ class Scheduler:
         max_batch: int = 8,
         max_tokens_per_step: int = 256,
         chunked_prefill: bool = True,
+        adapters=None,
     ):
         if policy not in ("continuous", "static"):
             raise ValueError(f"batching={policy!r} is not one of 'continuous', 'static'")
@@ -100,6 +108,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_tokens_per_step = max_tokens_per_step
         self.chunked_prefill = chunked_prefill
+        self.adapters = adapters  # acquire(seq) -> bool, release(seq): LoRA slots; None without adapters
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
@@ -125,7 +134,7 @@ class Scheduler:
         """Take prefix-cache hits for a newly (re)admitted sequence."""
         page = self.page_size
         # The last token is never taken from the cache: its logits are needed.
-        seq.hashes = PageAllocator.page_hashes(seq.tokens[: len(seq.tokens) - 1], page)
+        seq.hashes = PageAllocator.page_hashes(seq.tokens[: len(seq.tokens) - 1], page, seq.cache_salt)
         hits = self.allocator.lookup(seq.hashes)
         seq.pages = hits
         seq.num_computed = len(hits) * page
@@ -137,6 +146,7 @@ class Scheduler:
         self.running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        self._release_adapter(seq)
         self.allocator.free(seq.pages)
         seq.pages, seq.hashes = [], []
         seq.num_computed = seq.num_registered = seq.draft_computed = 0
@@ -205,6 +215,8 @@ class Scheduler:
             for p in child.pages:
                 self.allocator.incref(p)
             child.status = Status.RUNNING
+            if self.adapters is not None:
+                self.adapters.acquire(child)  # the parent's adapter is resident: always succeeds
             self.running.append(child)
 
     def rollback(self, seq: Sequence, n: int) -> None:
@@ -231,7 +243,7 @@ class Scheduler:
         page = self.page_size
         full = seq.num_computed // page
         while len(seq.hashes) < full:  # extend the chained hashes over generated tokens
-            prev = seq.hashes[-1] if seq.hashes else 0
+            prev = seq.hashes[-1] if seq.hashes else seq.cache_salt
             i = len(seq.hashes)
             seq.hashes.append(hash((prev, tuple(seq.tokens[i * page : (i + 1) * page]))))
         for i in range(seq.num_registered, full):
@@ -242,10 +254,15 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         if seq in self.running:
             self.running.remove(seq)
+            self._release_adapter(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.allocator.free(seq.pages)
         seq.pages = []
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if self.adapters is not None:
+            self.adapters.release(seq)
 
     # The plan ----------------------------------------------------------------------------------
 
@@ -267,19 +284,29 @@ class Scheduler:
 
         if self.policy == "continuous" or not self.running:
             self._admitting = True
+        blocked = []  # waiting for an adapter slot: they keep their places
         while self.waiting and self._admitting and not plan.preempted and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            if math.ceil(len(seq.tokens) / self.page_size) > self.allocator.num_pages:
+                # A preempted forked sample outgrew the cache it shared with its parent: it can never run again.
+                self.finish(seq, "length")
+                plan.finished.append(seq)
+                continue
             n = self._chunk_len(len(seq.tokens), budget, first=not plan.prefill)
             if n == 0 and self.policy == "continuous":
                 break  # no budget left this step
             if self.allocator.num_free < math.ceil(max(n, 1) / self.page_size):
                 break
             self.waiting.popleft()
+            if self.adapters is not None and not self.adapters.acquire(seq):
+                blocked.append(seq)
+                continue
             self._admit(seq)
             n = self._chunk(seq, budget, first=not plan.prefill)  # prefix hits may shorten it
             if n and self._reserve(seq, n, plan):
                 plan.prefill.append((seq, n))
                 budget -= n
+        self.waiting.extendleft(reversed(blocked))
         if self.policy == "static" and self.running:
             self._admitting = False  # a static batch takes no one else until it drains
 

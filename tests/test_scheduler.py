@@ -1,7 +1,7 @@
 """Scheduler and engine properties on the mock runner (no model): every request gets the tokens
 worked out by hand, the token budget holds, static batches admit no one mid-batch, preemption
 takes the latest admitted sequence, the batch fills under load, pages always come back; abort
-and rollback."""
+and rollback; LoRA adapters on fewer device slots than adapters in use."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxinfer as ji
+from jaxinfer import lora
+from jaxinfer.engine import _sample_seed
 from jaxinfer.mock_runner import MockRunner, expected_tokens
 from jaxinfer.scheduler import Scheduler
 
@@ -103,6 +105,59 @@ def test_any_workload_gets_its_tokens_and_returns_every_page(seed, num_requests,
                          max_tokens_per_step=budget, chunked_prefill=chunked, prefix_cache=prefix_cache,
                          overlap=overlap, decode_steps=decode_steps)
     check_outputs(engine, prompts, params, serve(engine, prompts, params))
+
+
+ADAPTERS = [lora.random_adapter(CFG, 2, ("wq", "w_down"), seed=i, name=f"a{i}") for i in range(5)]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**16),
+    num_requests=st.integers(1, 12),
+    slots=st.integers(1, 3),
+    num_pages=st.integers(4, 24),
+    page_size=st.sampled_from([2, 4]),
+    batching=st.sampled_from(["continuous", "static"]),
+    prefix_cache=st.booleans(),
+    overlap=st.booleans(),
+    decode_steps=st.sampled_from([1, 3]),
+    sampled=st.booleans(),
+)
+def test_adapters_on_few_slots_get_their_tokens(seed, num_requests, slots, num_pages, page_size, batching,
+                                                prefix_cache, overlap, decode_steps, sampled):
+    """Requests under five adapters (or none) with shared prompt prefixes, on 1-3 slots: every
+    request gets the tokens worked out for its adapter alone (the mock's output depends on the
+    adapter in its slot and on the adapter the cached pages were written under), slot counts match
+    the running sequences after every step, and everything comes back."""
+    rng = np.random.default_rng(seed)
+    prompts = random_prompts(rng, num_requests, max_len=20, prefix=rng.integers(0, VOCAB, size=6).tolist())
+    params = [ji.SamplingParams(max_tokens=int(rng.integers(1, 16)), temperature=0.7 if sampled else 0.0, seed=i,
+                                n=2 if sampled and i % 3 == 0 else 1) for i in range(num_requests)]
+    names = [None if k == len(ADAPTERS) else ADAPTERS[k].name for k in rng.integers(0, len(ADAPTERS) + 1, num_requests)]
+    engine = mock_engine(batching=batching, num_pages=num_pages, page_size=page_size, max_batch=3, max_adapters=slots,
+                         max_lora_rank=2, prefix_cache=prefix_cache, overlap=overlap, decode_steps=decode_steps)
+    for a in ADAPTERS:
+        engine.add_adapter(a.name, a)
+    ids, outs = [], {}
+    for p, sp, name in zip(prompts, params, names):
+        try:
+            ids.append(engine.add_request(p, sp, adapter=name))
+        except ValueError:
+            ids.append(None)  # a prompt longer than the cache
+    while engine.has_unfinished():
+        outs.update((o.request_id, o) for o in engine.step())
+        engine.adapters.check_invariants(engine.scheduler.running)
+    capacity = num_pages * page_size
+    for p, sp, name, rid in zip(prompts, params, names, ids):
+        if rid is None:
+            continue
+        adapter = engine.adapters.store[name] if name else None
+        for k, sample in enumerate(outs[rid].samples or [outs[rid]]):  # forked samples share the adapter
+            want = expected_tokens(p, sp.max_tokens, VOCAB, seed=_sample_seed(sp.seed, k), greedy=not sampled,
+                                   adapter=adapter)
+            got = sample.token_ids
+            assert got == want if len(p) + sp.max_tokens - 1 <= capacity else got == want[: len(got)]
+    assert engine.allocator.num_used == 0 and engine.adapters.refs == [0] * slots
 
 
 @pytest.mark.parametrize("chunked", [True, False])

@@ -1,0 +1,316 @@
+"""LoRA adapters in PEFT's format: load one, check it against a base model, write one, draw one.
+
+A PEFT LoRA adapter is a directory as `peft`'s `save_pretrained` writes it:
+  adapter_config.json        r, lora_alpha, use_rslora, target_modules, layers_to_transform, ...
+  adapter_model.safetensors  base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (r, in),
+                             ...lora_B.weight (out, r), for q/k/v/o (self_attn) and gate/up/down (mlp)
+(the names PEFT writes for Llama, Mistral, Qwen2 and Qwen3). The adapter adds to a projection
+  y = x @ W + scale * (x @ A^T) @ B^T,   scale = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora),
+which `LoraAdapter` holds in the (in, out) layout of jaxinfer's params: a = A^T (in, r), b = B^T
+(r, out), float32 on the host. target_modules may be short names ("q_proj"), full module paths
+("model.layers.0.self_attn.q_proj", matched as PEFT does: equal, or a suffix after a dot), a
+regular expression (one string, matched in full) or "all-linear".
+
+Options jaxinfer does not implement raise `AdapterError` naming them (DoRA, biases, modules_to_save,
+embedding or LM-head targets, per-module rank or alpha patterns, ...), as does a file that is
+missing or unreadable, a tensor that is unexpected or mis-shaped, and (`check_fits`) an adapter
+whose modules, layers or shapes do not fit the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxinfer import model as model_lib
+from jaxinfer.config import ModelConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# jaxinfer projection -> the PEFT module path under a decoder layer.
+MODULES = {
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "w_gate": "mlp.gate_proj",
+    "w_up": "mlp.up_proj",
+    "w_down": "mlp.down_proj",
+}
+PROJECTIONS = tuple(MODULES)
+_SHORT = {path.split(".")[-1]: name for name, path in MODULES.items()}  # q_proj -> wq
+_NOT_ADAPTABLE = ("model.embed_tokens", "lm_head")  # modules PEFT could target that jaxinfer does not adapt
+_TENSOR = re.compile(  # layer, self_attn | mlp, module, A | B (an adapter name before .weight in old files)
+    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight")
+# Options that must be absent or empty (false, None, {}, []): option -> what it is.
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "rank_pattern": "rank_pattern (a rank per module)",
+    "alpha_pattern": "alpha_pattern (an alpha per module)",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style weights)",
+    "layer_replication": "layer_replication",
+    "lora_bias": "lora_bias (a bias on lora_B)",
+    "exclude_modules": "exclude_modules",
+    "use_qalora": "QA-LoRA",
+    "target_parameters": "target_parameters (LoRA on parameters, not modules)",
+    "trainable_token_indices": "trainable_token_indices (embedding targets)",
+    "alora_invocation_tokens": "aLoRA (activated LoRA)",
+    "megatron_config": "megatron_config",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be read, or does not fit the base model; the message names the problem."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """A LoRA adapter on the host, in jaxinfer's (in, out) layout.
+
+      weights  {(projection, layer): (a (in, r), b (r, out))} float32, for every module it adapts
+    target_modules and layers_to_transform are as the config gives them (checked against a base
+    model by `check_fits`); name is the directory's name unless given.
+    """
+
+    rank: int
+    alpha: float
+    use_rslora: bool
+    weights: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]
+    target_modules: tuple[str, ...] | str
+    layers_to_transform: tuple[int, ...] | None = None
+    name: str = ""
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def projections(self) -> list[str]:
+        """The projections it adapts in at least one layer, in PROJECTIONS order."""
+        present = {name for name, _ in self.weights}
+        return [p for p in PROJECTIONS if p in present]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+def peft_name(projection: str, layer: int, which: str) -> str:
+    """The tensor name PEFT writes for a projection's lora_A or lora_B ("A" / "B") in a layer."""
+    return f"base_model.model.model.layers.{layer}.{MODULES[projection]}.lora_{which}.weight"
+
+
+# Loading -----------------------------------------------------------------------------------------
+
+
+def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
+    """A PEFT LoRA adapter from a local directory; AdapterError (a ValueError) names what is wrong."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise AdapterError(f"adapter {path!r} is not a directory")
+    config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    if not os.path.exists(config_path):
+        raise AdapterError(f"no {CONFIG_FILE} in {path}")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path} holds a {type(config).__name__}, not a JSON object")
+    rank, alpha, use_rslora, targets, layers = _read_config(config, config_path)
+    if not os.path.exists(weights_path):
+        other = " (adapter_model.bin is a pickle: save with safe_serialization=True)" if os.path.exists(
+            os.path.join(path, "adapter_model.bin")) else ""
+        raise AdapterError(f"no {WEIGHTS_FILE} in {path}{other}")
+    weights = _read_weights(weights_path, rank)
+    if not weights:
+        raise AdapterError(f"{weights_path} holds no LoRA weights")
+    return LoraAdapter(rank, alpha, use_rslora, weights, targets, layers,
+                       name=name or os.path.basename(path.rstrip("/")))
+
+
+def _read_config(config: dict, where: str):
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{where}: peft_type={config['peft_type']!r} is not 'LORA'")
+    for option, what in _UNSUPPORTED.items():
+        if config.get(option):
+            raise AdapterError(f"{where}: {option}={config[option]!r}: {what} is not supported")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"{where}: bias={config['bias']!r} is not supported (only 'none')")
+    if config.get("layers_pattern") not in (None, "layers", ["layers"]):
+        raise AdapterError(f"{where}: layers_pattern={config['layers_pattern']!r} is not supported (only 'layers')")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterError(f"{where}: r={rank!r} must be an integer >= 1")
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterError(f"{where}: lora_alpha={alpha!r} must be a number")
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        targets = tuple(targets)
+        for t in targets:
+            _check_target(t, where)
+    elif not isinstance(targets, str) or not targets:
+        raise AdapterError(f"{where}: target_modules={targets!r} must be a list of module names or a regex")
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    elif layers is not None:
+        if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
+            raise AdapterError(f"{where}: layers_to_transform={layers!r} must be a layer index or a list of them")
+        layers = tuple(layers)
+    return rank, float(alpha), bool(config.get("use_rslora", False)), targets, layers
+
+
+def _check_target(target, where: str) -> None:
+    """A target_modules entry must name a q/k/v/o/gate/up/down projection (short or full path)."""
+    if not isinstance(target, str):
+        raise AdapterError(f"{where}: target_modules entry {target!r} is not a module name")
+    last = target.split(".")[-1]
+    if last in ("embed_tokens", "lm_head"):
+        raise AdapterError(f"{where}: target_modules entry {target!r}: embedding and LM-head targets are not supported")
+    if last not in _SHORT:
+        raise AdapterError(f"{where}: target_modules entry {target!r} is not one of the projections "
+                           f"{', '.join(_SHORT)} (or a module path ending in one)")
+
+
+def _read_weights(path: str, rank: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """{(projection, layer): (a (in, r), b (r, out))}, every tensor's name and shape checked."""
+    found: dict[tuple[str, int, str], np.ndarray] = {}
+    try:
+        f = safe_open(path, framework="flax")  # numpy cannot read bfloat16 tensors
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{path} is not a readable safetensors file (empty or truncated?): {e}") from None
+    with f:
+        for key in f.keys():
+            m = _TENSOR.fullmatch(key)
+            if m is None or m.group(3) not in _SHORT or MODULES[_SHORT[m.group(3)]] != f"{m.group(2)}.{m.group(3)}":
+                what = ("embedding and LM-head targets are not supported" if re.search(r"embed|lm_head", key)
+                        else "not the lora_A / lora_B weight of a q/k/v/o/gate/up/down projection")
+                raise AdapterError(f"{path}: unexpected tensor {key!r}: {what}")
+            shape = tuple(f.get_slice(key).get_shape())
+            which = m.group(4)
+            if len(shape) != 2 or shape[0 if which == "A" else 1] != rank:
+                want = "(r, in)" if which == "A" else "(out, r)"
+                raise AdapterError(f"{path}: tensor {key!r} has shape {shape}, expected {want} with r={rank}")
+            found[_SHORT[m.group(3)], int(m.group(1)), which] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+    weights = {}
+    for (proj, layer, which), x in found.items():
+        other = "B" if which == "A" else "A"
+        if (proj, layer, other) not in found:
+            raise AdapterError(f"{path}: missing tensor {peft_name(proj, layer, other)!r} (its lora_{which} is there)")
+        if which == "A":
+            weights[proj, layer] = (x.T, found[proj, layer, "B"].T)
+    for proj in {p for p, _ in weights}:
+        shapes = {(a.shape[0], b.shape[1]) for (p, _), (a, b) in weights.items() if p == proj}
+        if len(shapes) > 1:
+            raise AdapterError(f"{path}: the {MODULES[proj]} tensors disagree on (in, out) across layers: "
+                               f"{sorted(shapes)}")
+    return dict(sorted(weights.items(), key=lambda kv: (PROJECTIONS.index(kv[0][0]), kv[0][1])))
+
+
+# Fitting a base model ------------------------------------------------------------------------------
+
+
+def expected_modules(adapter: LoraAdapter, num_layers: int) -> set[tuple[str, int]]:
+    """The (projection, layer) pairs the adapter's config targets in a model of num_layers layers,
+    matched as PEFT matches target_modules against module names."""
+    targets = adapter.target_modules
+    layers = range(num_layers) if adapter.layers_to_transform is None else adapter.layers_to_transform
+    out = set()
+    for proj, path in MODULES.items():
+        for i in layers:
+            module = f"model.layers.{i}.{path}"
+            if targets == "all-linear":
+                hit = True
+            elif isinstance(targets, str):
+                hit = re.fullmatch(targets, module) is not None
+            else:
+                hit = any(module == t or module.endswith("." + t) for t in targets)
+            if hit:
+                out.add((proj, i))
+    return out
+
+
+def check_fits(adapter: LoraAdapter, cfg: ModelConfig, name: str = "adapter") -> None:
+    """Raise AdapterError naming the first thing about the adapter that does not fit this base model:
+    a target no projection matches, a layer past the model's, a missing or mis-shaped tensor."""
+    if isinstance(adapter.target_modules, str) and adapter.target_modules != "all-linear":
+        for module in _NOT_ADAPTABLE:
+            if re.fullmatch(adapter.target_modules, module):
+                raise AdapterError(f"{name}: target_modules={adapter.target_modules!r} matches {module}: "
+                                   "embedding and LM-head targets are not supported")
+    if adapter.layers_to_transform and max(adapter.layers_to_transform) >= cfg.num_layers:
+        raise AdapterError(f"{name}: layers_to_transform={list(adapter.layers_to_transform)} names a layer past "
+                           f"the model's {cfg.num_layers}")
+    expected = expected_modules(adapter, cfg.num_layers)
+    if not expected:
+        raise AdapterError(f"{name}: target_modules={adapter.target_modules!r} matches no projection of this model")
+    present = set(adapter.weights)
+    extra = sorted(present - expected, key=lambda k: (k[1], PROJECTIONS.index(k[0])))
+    if extra:
+        proj, layer = extra[0]
+        where = f"layer {layer} is past the model's {cfg.num_layers}" if layer >= cfg.num_layers else \
+            f"target_modules={adapter.target_modules!r} and layers_to_transform do not name it"
+        raise AdapterError(f"{name}: tensor {peft_name(proj, layer, 'A')!r} does not fit: {where}")
+    missing = sorted(expected - present, key=lambda k: (k[1], PROJECTIONS.index(k[0])))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise AdapterError(f"{name}: missing tensor {peft_name(*missing[0], 'A')!r}{more}")
+    shapes = model_lib.param_shapes(cfg)["layers"]
+    for (proj, layer), (a, b) in adapter.weights.items():
+        d_in, d_out = shapes[proj][1:]
+        if a.shape[0] != d_in or b.shape[1] != d_out:
+            raise AdapterError(
+                f"{name}: tensors of {MODULES[proj]} (layer {layer}) are for a ({a.shape[0]} -> {b.shape[1]}) "
+                f"projection; the model's is ({d_in} -> {d_out}): lora_A {(adapter.rank, a.shape[0])}, expected "
+                f"{(adapter.rank, d_in)}; lora_B {(b.shape[1], adapter.rank)}, expected {(d_out, adapter.rank)}")
+
+
+# Writing and drawing ---------------------------------------------------------------------------------
+
+
+def save_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> None:
+    """Write the adapter as PEFT does (adapter_config.json, adapter_model.safetensors, float32), so
+    both `load_adapter` and `peft.PeftModel.from_pretrained` read it."""
+    os.makedirs(path, exist_ok=True)
+    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else list(adapter.target_modules)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank, "lora_alpha": adapter.alpha,
+              "use_rslora": adapter.use_rslora, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+              "layers_to_transform": None if adapter.layers_to_transform is None else list(adapter.layers_to_transform),
+              "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None, "inference_mode": True}
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+    tensors = {}
+    for (proj, layer), (a, b) in adapter.weights.items():
+        tensors[peft_name(proj, layer, "A")] = np.ascontiguousarray(a.T, np.float32)
+        tensors[peft_name(proj, layer, "B")] = np.ascontiguousarray(b.T, np.float32)
+    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def random_adapter(cfg: ModelConfig, rank: int, projections=PROJECTIONS, *, alpha: float | None = None,
+                   use_rslora: bool = False, layers: tuple[int, ...] | None = None, std: float = 0.02,
+                   seed: int = 0, name: str = "") -> LoraAdapter:
+    """An adapter with N(0, std) weights (A and B both: a trained adapter's B is not zero) for a
+    base config: `projections` in `layers` (None: all), lora_alpha = 2 * rank unless given."""
+    rng = np.random.default_rng(seed)
+    shapes = model_lib.param_shapes(cfg)["layers"]
+    weights = {}
+    for proj in projections:
+        d_in, d_out = shapes[proj][1:]
+        for i in range(cfg.num_layers) if layers is None else layers:
+            weights[proj, i] = (rng.normal(0, std, (d_in, rank)).astype(np.float32),
+                                rng.normal(0, std, (rank, d_out)).astype(np.float32))
+    targets = tuple(MODULES[p].split(".")[-1] for p in projections)
+    return LoraAdapter(rank, float(2 * rank if alpha is None else alpha), use_rslora, weights, targets,
+                       None if layers is None else tuple(layers), name=name)
