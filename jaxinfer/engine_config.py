@@ -13,6 +13,7 @@ from jaxinfer.kv_cache import KV_DTYPES
 from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
 from jaxinfer.lora import SlotConfig
 from jaxinfer.model import Impl
+from jaxinfer.sampling import check_timeout
 from jaxinfer.speculative.config import SpeculativeConfig
 
 SCALE_BYTES = 4  # a quantised cache's float32 scale per token and kv head, for each of K and V
@@ -42,6 +43,7 @@ class EngineConfig:
     max_adapters: int = 0  # LoRA adapters held on the device at once (slots); 0 = no adapters
     max_lora_rank: int = 16  # the largest adapter rank the slots take (stored padded to a power of two >= 16)
     lora_impl: str = "xla"  # how each token's LoRA delta is applied: "xla" (gather + einsum) | "pallas" (BGMV/SGMV)
+    request_timeout_s: float | None = None  # deadline of a request without its own SamplingParams.timeout_s
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
@@ -64,6 +66,7 @@ class EngineConfig:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be >= 1")
         if self.lora_impl not in LORA_IMPLEMENTATIONS:
             raise ValueError(f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLEMENTATIONS}")
+        check_timeout("request_timeout_s", self.request_timeout_s)
 
     def lora_slots(self) -> SlotConfig | None:
         """The adapter slots a model runner holds, or None without adapters."""
