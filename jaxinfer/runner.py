@@ -224,7 +224,10 @@ class ModelRunner:
                                                                            model.dtype)
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.decode_rows = next_power_of_2(max_batch)
-        self.cache = PagedKVCache.zeros(model.config, num_pages, page_size, model.dtype, kv_dtype)
+        # One page past the allocator's, never written: block-table padding points at it, so a row's padding
+        # reads zeros, not another sequence's page (attention weighs the padding by zero, and 0 * NaN is NaN).
+        self.pad_page = num_pages
+        self.cache = PagedKVCache.zeros(model.config, num_pages + 1, page_size, model.dtype, kv_dtype)
         self.features = (jnp.zeros((num_pages * page_size, model.config.hidden_size), model.dtype)
                          if features else None)
         self.buckets: set[Bucket] = set()
@@ -235,7 +238,13 @@ class ModelRunner:
 
     @property
     def num_pages(self) -> int:
-        return self.cache.num_pages
+        """Pages the allocator hands out (the cache holds one more: the padding page)."""
+        return self.pad_page
+
+    @property
+    def dropped_slot(self) -> int:
+        """A slot index past the cache: K/V written there are dropped."""
+        return self.cache.num_pages * self.page_size
 
     def pages_bucket(self, pages: int) -> int:
         return next_power_of_2(pages, min(MIN_PAGES, math.ceil(self.max_seq_len / self.page_size)))
@@ -253,7 +262,7 @@ class ModelRunner:
         """Zero pages (and their feature slots) that a failed request wrote, so that no NaN or
         infinity it left there reaches the page's next owner: attention weighs a page's unwritten
         slots by zero, and zero times NaN is NaN. (One small program, compiled when first needed.)"""
-        padded = np.full(next_power_of_2(len(pages)), self.num_pages, np.int32)
+        padded = np.full(next_power_of_2(len(pages)), self.cache.num_pages, np.int32)
         padded[: len(pages)] = pages
         self.cache, self.features = _clear_pages(self.cache, self.features, jnp.asarray(padded))
 
@@ -275,12 +284,11 @@ class ModelRunner:
         M = self.pages_bucket(max(len(s.pages) for s in scheduled))
         N = Rd + Rp * C
         self.buckets.add(("step", Rd, Rp, C, M))
-        dropped = self.num_pages * page  # slot index past the cache: not written
-
         tokens, positions, adapter_ids = np.zeros(N, np.int32), np.zeros(N, np.int32), np.full(N, -1, np.int32)
-        slots = np.full(N, dropped, np.int32)
-        d_tables, d_lens = np.zeros((Rd, M), np.int32), np.zeros(Rd, np.int32)
-        p_tables, p_start, p_lens = np.zeros((Rp, M), np.int32), np.zeros(Rp, np.int32), np.zeros(Rp, np.int32)
+        slots = np.full(N, self.dropped_slot, np.int32)
+        d_tables, d_lens = np.full((Rd, M), self.pad_page, np.int32), np.zeros(Rd, np.int32)
+        p_tables, p_start = np.full((Rp, M), self.pad_page, np.int32), np.zeros(Rp, np.int32)
+        p_lens = np.zeros(Rp, np.int32)
         logits_at = np.zeros(Rd + Rp, np.int32)
 
         def place(seq, offset, n):
@@ -345,7 +353,7 @@ class ModelRunner:
         M = self.pages_bucket(max(len(s.pages) for s in seqs))
         self.buckets.add(("decode", R, k, M))
         positions, valid, steps = (np.zeros(R, np.int32) for _ in range(3))
-        tables, adapter_ids = np.zeros((R, M), np.int32), np.full(R, -1, np.int32)
+        tables, adapter_ids = np.full((R, M), self.pad_page, np.int32), np.full(R, -1, np.int32)
         for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
             positions[i], valid[i], steps[i], adapter_ids[i] = s.num_computed + a, w, len(s.generated) + a, s.lora_slot
             tables[i, : len(s.pages)] = s.pages
@@ -382,9 +390,8 @@ class ModelRunner:
         C = k + 1
         M = self.pages_bucket(max(len(s.pages) for s in seqs))
         self.buckets.add(("verify", R, k, M))
-        dropped = self.num_pages * page
-        positions, slots = np.zeros((R, C), np.int32), np.full((R, C), dropped, np.int32)
-        tables, start, lens = np.zeros((R, M), np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
+        positions, slots = np.zeros((R, C), np.int32), np.full((R, C), self.dropped_slot, np.int32)
+        tables, start, lens = np.full((R, M), self.pad_page, np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
         last, valid, adapter_ids = np.zeros(R, np.int32), np.zeros(R, np.int32), np.full(R, -1, np.int32)
         for i, (s, d) in enumerate(zip(seqs, num_drafts)):
             pos = s.num_computed + np.arange(d + 1)
