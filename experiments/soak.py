@@ -218,7 +218,8 @@ class Soak:
         live: dict[int, Request] = {}
         finished_ids: list[int] = []
         limit = 2 * self.config.max_batch
-        step = 0
+        stall = 50 * self.max_seq_len  # steps in a row without an output: the engine is stuck
+        step = quiet = 0
         while pending or engine.has_unfinished():
             if time.perf_counter() > deadline:
                 self.violation(f"the soak ran past --max_wall_s={FLAGS.max_wall_s} at step {step} "
@@ -236,6 +237,10 @@ class Soak:
                 req.aborted = True
                 self.finish(req, live, finished_ids)
             outs = engine.step()
+            quiet = 0 if outs else quiet + 1
+            if quiet > stall:
+                self.violation(f"no output for {stall} steps (step {step}): {len(live)} requests stuck")
+                return False
             for out in outs:
                 req = live.get(out.request_id)
                 if req is None:
@@ -244,7 +249,8 @@ class Soak:
                 req.outputs.append(out)
                 if out.finished:
                     self.finish(req, live, finished_ids)
-            self.check_pages(step)
+            if not self.check_pages(step):
+                return False
             if live and not engine.has_unfinished():
                 self.violation(f"requests {sorted(live)[:10]} never got a finished output (the engine is idle)")
                 live.clear()
@@ -259,7 +265,8 @@ class Soak:
 
     # Checks ---------------------------------------------------------------------------------------
 
-    def check_pages(self, step: int) -> None:
+    def check_pages(self, step: int) -> bool:
+        """The allocator's and the adapter slots' accounting after a step; False (a violation) if off."""
         engine = self.engine
         running = engine.scheduler.running
         try:
@@ -268,6 +275,8 @@ class Soak:
                 engine.adapters.check_invariants(running)
         except AssertionError as e:
             self.violation(f"page or slot accounting after step {step}: {e}")
+            return False
+        return True
 
     def check_outputs(self, req: Request) -> None:
         """A finished request's outputs: growing by prefix, one finished (last), within its limits."""
