@@ -230,7 +230,11 @@ def _layer_windows(hf: dict[str, Any], model_type: str, num_layers: int) -> tupl
     return (0,) * num_layers
 
 
-def _field(hf: dict[str, Any], name: str, kind: type, default: Any = None, minimum: float | None = None) -> Any:
+MAX_LAYERS = 4096  # far past any published model; a larger count is a corrupt file (and would take forever to check)
+
+
+def _field(hf: dict[str, Any], name: str, kind: type, default: Any = None, minimum: float | None = None,
+           maximum: float | None = None) -> Any:
     """hf[name] as an int, float or bool (default when absent or null; no default: required), or
     ConfigError naming the field. An int field takes a whole float (4096.0), a float field an int."""
     value = hf.get(name)
@@ -248,6 +252,8 @@ def _field(hf: dict[str, Any], name: str, kind: type, default: Any = None, minim
     value = kind(value)
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={value!r} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={value!r} must be <= {maximum}")
     return value
 
 
@@ -275,7 +281,7 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     vocab_size = _field(hf, "vocab_size", int, minimum=1)
     hidden = _field(hf, "hidden_size", int, minimum=1)
     intermediate = _field(hf, "intermediate_size", int, minimum=1)
-    num_layers = _field(hf, "num_hidden_layers", int, minimum=1)
+    num_layers = _field(hf, "num_hidden_layers", int, minimum=1, maximum=MAX_LAYERS)
     num_heads = _field(hf, "num_attention_heads", int, minimum=1)
     num_kv_heads = _field(hf, "num_key_value_heads", int, num_heads, minimum=1)
     head_dim = _field(hf, "head_dim", int, hidden // num_heads, minimum=1)
