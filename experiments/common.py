@@ -30,8 +30,9 @@ flags.DEFINE_string("model", "tiny", "A shipped model (tiny, tiny-draft) or a lo
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations dtype.")
 flags.DEFINE_integer("seed", 0, "Seed of the run's random draws (workload, sampling, calibration).")
 flags.DEFINE_string("out", "", "Write the JSON result to this file ('' = do not write).")
-flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation (pallas runs interpreted on a CPU).")
-flags.DEFINE_enum("matmul", "xla", ["xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise "
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"], "Attention implementation (auto: pallas on a GPU, "
+                  "xla elsewhere; pallas runs interpreted on a CPU).")
+flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise "
                   "in the kernel, interpreted on a CPU).")
 flags.DEFINE_integer("windows", 64, "Held-out evaluation windows.")
 flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
@@ -71,7 +72,7 @@ flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading
 flags.DEFINE_integer("max_adapters", 0, "LoRA adapter slots on the device (0: no adapters; lora_batching: one slot per "
                      "adapter).")
 flags.DEFINE_integer("max_lora_rank", 16, "The largest LoRA rank the slots take.")
-flags.DEFINE_enum("lora_impl", "xla", ["xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
+flags.DEFINE_enum("lora_impl", "auto", ["auto", "xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
                   "kernels, interpreted on a CPU).")
 
 flags.DEFINE_string("kv_dtype", "", "KV-cache dtype: '' (the model's own), int8 or fp8 (quantised per token and "
@@ -162,7 +163,11 @@ def record(module: str, metrics: dict, **extra) -> dict:
     """Every experiment's JSON: `config` (the flags it ran with), `env` (where, when, how), `metrics`
     (flat: name -> number, nested names joined by "/", what sweeps tabulate) and any extra rows."""
     config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[module])}
-    return {"config": config, "env": environment(module), "metrics": flatten(metrics), **extra}
+    env = environment(module)
+    ran = {name: ji.model.auto_impl(config[name]) for name in ("attention", "matmul", "lora_impl") if name in config}
+    if ran:
+        env["implementations"] = ran  # which path ran ("auto" resolved)
+    return {"config": config, "env": env, "metrics": flatten(metrics), **extra}
 
 
 def write_json(path: str, record: dict) -> None:
