@@ -21,6 +21,7 @@ import jax
 from absl import app, flags
 
 import jaxinfer as ji
+from jaxinfer import memory
 from jaxinfer.speculative import METHODS
 
 FLAGS = flags.FLAGS
@@ -201,3 +202,17 @@ def median_call_time(fn, arg_sets, runs: int, calls: int) -> float:
         jax.block_until_ready(out)
         per_call.append((time.perf_counter() - t0) / calls)
     return statistics.median(per_call)
+
+
+def load_bench_model(name: str, dtype: str) -> ji.Model:
+    """A shipped or local model, or random weights shaped like configs/models/NAME.json (or like
+    the HF config.json at a path: random:/path/to/config.json)."""
+    if not name.startswith("random:"):
+        return ji.load_model(name, dtype=dtype)
+    shape = name.split(":", 1)[1]
+    path = shape if shape.endswith(".json") else os.path.join(memory.CONFIGS_DIR, "models", shape + ".json")
+    if not os.path.exists(path):
+        raise ValueError(f"--model={name}: no {path}")
+    cfg = ji.ModelConfig.from_json_file(path)
+    params = ji.init_params(cfg, jax.random.key(0), dtype=ji.weights.resolve_dtype(dtype))
+    return ji.Model(cfg, params, ji.ByteTokenizer(), name=name)

@@ -175,7 +175,7 @@ def run_point(model, base, prompts, paths, rank, composition, rng) -> dict:
 def main(argv):
     del argv
     parsed = check_flags()
-    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
     rng = np.random.default_rng(FLAGS.seed)
     prompt_len = common.value_or("prompt_len", PROMPT_LEN)
     prompts = rng.integers(0, model.config.vocab_size, (FLAGS.num_requests, prompt_len)).tolist()

@@ -28,7 +28,6 @@ import jaxinfer as ji
 from jaxinfer import data
 
 from . import common
-from .bench_batching import load_bench_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("methods", ["ngram", "draft", "medusa", "eagle"], "Methods to compare with plain decoding.")
@@ -120,7 +119,7 @@ def main(argv):
     if FLAGS.plot:
         common.check_out(FLAGS.plot)
         common.require("matplotlib", "--plot", "plots")
-    model = load_bench_model(FLAGS.model, FLAGS.dtype)
+    model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
     prompts = prompts_for(model)
     grid = [("none", 0, t, b) for t in temperatures for b in batches]
     grid += [(m, k, t, b) for m in FLAGS.methods for k in ks for t in temperatures for b in batches]
