@@ -30,6 +30,8 @@ flags.DEFINE_string("model", "tiny", "A shipped model (tiny, tiny-draft) or a lo
                     "bench_batching also takes random:NAME, random weights shaped like configs/models/NAME.json.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations dtype.")
 flags.DEFINE_integer("seed", 0, "Seed of the run's random draws (workload, sampling, calibration).")
+flags.DEFINE_string("dir", "", "The folder a report reads (sweep_report: a sweep's results.jsonl; gpu_report: a GPU "
+                    "session's JSON files).")
 flags.DEFINE_string("out", "", "Write the JSON result to this file ('' = do not write).")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"], "Attention implementation (auto: pallas on a GPU, "
                   "xla elsewhere; pallas runs interpreted on a CPU).")

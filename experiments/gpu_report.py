@@ -20,9 +20,8 @@ from absl import flags
 from . import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dir", "", "Directory of the session's JSON files.")
 flags.DEFINE_integer("max_columns", 12, "Columns shown per rows table (the first ones of the rows' keys).")
-for _name in ("out",):
+for _name in ("out", "dir"):
     flags.declare_key_flag(_name)
 
 # (measure, (file, metric) over (file, metric), the issue's target)
