@@ -47,6 +47,7 @@ flags.DEFINE_integer("max_tokens", None, "Tokens to generate per prompt (default
 flags.DEFINE_string("plot", "", "Write the script's plot to this PNG ('' = no plot).")
 flags.DEFINE_integer("runs", None, "Timed runs per variant; the median is reported (default: the script's).")
 flags.DEFINE_integer("calls", 50, "Back-to-back calls per timed run.")
+flags.DEFINE_list("batch_sizes", None, "Batch sizes to measure, one run each (default: the script's).")
 flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
 flags.DEFINE_integer("output_len", 48, "Tokens generated per request (bench_batching: the fixed value or the mean).")
 

@@ -27,13 +27,13 @@ from absl import flags
 
 from jaxinfer import memory
 
-from . import common
+from . import common, sweep  # noqa: F401  (sweep defines --timeout_s)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("report", "", "Write the markdown report here ('' = print it only).")
 flags.DEFINE_bool("full", False, "The recorded figures: larger workloads and more prompts (tens of minutes on a CPU).")
 flags.DEFINE_list("only", [], "Claims to evaluate (default: all); see CLAIMS.")
-flags.DEFINE_integer("timeout_s", 3600, "Time limit of one sweep point, in seconds.")
+flags.declare_key_flag("timeout_s")  # sweep's: the time limit of one point
 flags.DEFINE_string("runs_dir", os.path.join("runs", "seed_claims"), "The sweeps' folder (one per run; resumed).")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
