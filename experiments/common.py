@@ -174,6 +174,12 @@ def record(module: str, metrics: dict, **extra) -> dict:
     return {"config": config, "env": env, "metrics": flatten(metrics), **extra}
 
 
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+    print(f"wrote {path}")
+
+
 def write_json(path: str, record: dict) -> None:
     with open(path, "w") as f:
         json.dump(record, f, indent=2)

@@ -98,9 +98,7 @@ def main(argv):
     text = "\n".join(lines)
     print(text)
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {FLAGS.out}")
+        common.write_text(FLAGS.out, text)
 
 
 if __name__ == "__main__":

@@ -326,9 +326,7 @@ def main(argv):
     text = report(verdicts)
     print(text)
     if FLAGS.report:
-        with open(FLAGS.report, "w") as f:
-            f.write(text)
-        print(f"wrote {FLAGS.report}")
+        common.write_text(FLAGS.report, text)
 
 
 if __name__ == "__main__":
