@@ -301,7 +301,10 @@ def report(verdicts: list[tuple[Claim, Verdict]]) -> str:
     lines = ["# The source note's claims, re-measured", "",
              f"`python -m experiments.seed_claims{' --full' if FLAGS.full else ''}` ({mode}), {date}, on "
              f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}. Runs: the sweeps under "
-             f"`{FLAGS.runs_dir}`; figures recorded on a GPU are named with their file.", "",
+             f"`{FLAGS.runs_dir}`; figures recorded on a GPU are named with their file. CPU load average over the "
+             f"last 15 minutes when the report was written: {os.getloadavg()[2]:.1f} on {os.cpu_count()} cores "
+             "(above the core count, other work shared the machine and the CPU timings are noisy: read ratios "
+             "within one run).", "",
              "| claim | measured here | verdict | why | from |", "| --- | --- | --- | --- | --- |"]
     for claim, v in verdicts:
         lines.append(f"| {claim.text} | {v.figure} | **{v.verdict}** | {v.why} | {v.source} |")
