@@ -175,7 +175,7 @@ def run() -> dict:
         llm = llama_cpp.Llama(model_path=path, n_threads=FLAGS.threads, n_threads_batch=FLAGS.threads,
                               n_ctx=512, n_batch=512, verbose=False)
 
-    result: dict = dict(environment=common.environment(__name__), model=packed.name, gguf=path,
+    result: dict = dict(model=packed.name, gguf=path,
                         prompt_tokens=FLAGS.prompt_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
                         threads=FLAGS.threads, dtype=FLAGS.dtype, runs=[], not_measured=[], cpu_busy_before=busy,
                         hf=result_hf if hf is not None else None,
@@ -251,7 +251,11 @@ def main(argv):
     for line in result["not_measured"]:
         print(f"not measured: {line}")
     if FLAGS.out:
-        common.write_json(FLAGS.out, result)
+        metrics = {f"{r['system']}/b={r['batch']}": {"tokens_per_s": r["tokens_per_s"], "ttft_s": r["ttft_s"]}
+                   for r in result["runs"]}
+        metrics.update({k: result[k] for k in ("logits_max_row_rel_error", "llama_cpp_logits_max_row_rel_error")
+                        if k in result})
+        common.write_json(FLAGS.out, common.record(__name__, metrics, **result))
 
 
 if __name__ == "__main__":
