@@ -155,10 +155,10 @@ def table(rows: list[dict]) -> str:
 
 def main(argv):
     del argv
-    for name in FLAGS.schemes:
-        resolve(name)  # fail on a bad name before any work
     if not 0.0 <= FLAGS.smooth_alpha <= 1.0:
         raise ValueError(f"--smooth_alpha={FLAGS.smooth_alpha} must be in [0, 1]")
+    for name in FLAGS.schemes:
+        resolve(name)  # fail on a bad name before any work
     rows = evaluate(FLAGS.schemes)
     metrics = {r["scheme"]: r for r in rows} | (rows[0] if len(rows) == 1 else {})  # one scheme: unprefixed too
     record = common.record(__name__, metrics, results=rows, fp8_gemm=fp8_gemm(FLAGS.schemes))

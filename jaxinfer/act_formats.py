@@ -165,7 +165,7 @@ def fake_mxfp4(x: jax.Array, axis: int) -> jax.Array:
     xb, K = _blocks(x, axis, BLOCKS["mxfp4"])  # (..., nb, 32)
     amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
     exponent = jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - 2  # e2m1's largest exponent is 2
-    scale = jnp.exp2(jnp.clip(exponent, -127, 127))
+    scale = jnp.ldexp(jnp.float32(1.0), jnp.clip(exponent, -127, 127).astype(jnp.int32))  # exact (exp2 is not)
     return _unblock(fp4(xb / scale) * scale, K, axis, jnp.float32)
 
 

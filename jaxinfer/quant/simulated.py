@@ -17,6 +17,7 @@ Blocks and groups run along the input rows (the reduction axis), zero-padded at 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -42,22 +43,26 @@ def fake_int4_fp8scale(w: jax.Array, group_size: int) -> jax.Array:
     return (q * scale[..., None, :]).reshape(wp.shape)[..., :K, :]
 
 
+@functools.partial(jax.jit, static_argnames="scheme")
+def _rounded(w: jax.Array, scheme: SimScheme) -> jax.Array:
+    if scheme.weights == "nvfp4":
+        return fake_nvfp4(w, -2, (-2, -1))
+    if scheme.weights == "mxfp4":
+        return fake_mxfp4(w, -2)
+    return fake_int4_fp8scale(w, scheme.group_size)
+
+
 def fake_weight(w: jax.Array, scheme: SimScheme) -> tuple[jax.Array, int]:
     """w (..., K, N) rounded to the scheme's weight format (float32), and the bytes that format stores."""
     *lead, K, N = w.shape
     mats = math.prod(lead)
-    if scheme.weights in BLOCKS:
-        block = BLOCKS[scheme.weights]
-        Kp = -(-K // block) * block
-        if scheme.weights == "nvfp4":
-            return fake_nvfp4(w, -2, (-2, -1)), mats * (Kp * N // 2 + Kp // block * N + 4)
-        return fake_mxfp4(w, -2), mats * (Kp * N // 2 + Kp // block * N)
-    g = scheme.group_size
-    Kp = -(-K // g) * g
-    if scheme.weights == "int4-fp8scale":
-        return fake_int4_fp8scale(w, g), mats * (Kp * N // 2 + Kp // g * N + 4 * N)
-    qw = rtn.quantize_weight(w, 4, g, pad=True)
-    return dequantize(qw), qw.nbytes
+    if scheme.weights == "int4":
+        qw = rtn.quantize_weight(w, 4, scheme.group_size, pad=True)
+        return dequantize(qw), qw.nbytes
+    block = BLOCKS.get(scheme.weights, scheme.group_size)
+    Kp = -(-K // block) * block
+    scales = {"nvfp4": Kp // block * N + 4, "mxfp4": Kp // block * N, "int4-fp8scale": Kp // block * N + 4 * N}
+    return _rounded(w, scheme), mats * (Kp * N // 2 + scales[scheme.weights])
 
 
 def quantize_params(params: dict, scheme: SimScheme) -> dict:
