@@ -39,7 +39,7 @@ ACT_FORMATS = (None, "int8", "fp8", "nvfp4", "mxfp4")
 
 
 def format_of(dtype) -> str:
-    """"int8" or "fp8" for an 8-bit storage dtype."""
+    """The format name ("int8" or "fp8") of an 8-bit storage dtype."""
     for name, d in DTYPES.items():
         if jnp.dtype(dtype) == d:
             return name
