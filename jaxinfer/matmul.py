@@ -7,6 +7,14 @@ entry when it has no entry for `impl`:
                              float32 (the reference)
                    "pallas"  pallas_kernels.quant_matmul: packed weights read and dequantised in
                              registers (interpret mode on the CPU)
+  W8A8Weight       "xla"     x quantised per token (or by its static scale), an int32 (int8) or float32
+                             (fp8, values cast to float32) einsum, rescaled (act_formats.w8a8_reference)
+                   "pallas"  the same quantisation, then pallas_kernels.w8a8_matmul with the rescale in
+                             its epilogue (interpret mode on the CPU). fp8 on a GPU without FP8 tensor
+                             cores (before sm_89: Ampere) runs the "xla" numerics instead
+                             (`fp8_gemm_path` says which)
+  SimWeight        "xla"     x rounded to the simulated activation format, times the rounded weight
+                             (accuracy studies only; no kernel)
 A new format adds entries with `register`, not branches here.
 """
 
@@ -16,8 +24,11 @@ from collections.abc import Callable
 
 import jax
 
+from jaxinfer.act_formats import SimWeight, W8A8Weight, quantize_activations, sim_reference, w8a8_reference
 from jaxinfer.formats import QuantizedWeight, reference_matmul
+from pallas_kernels.common import fp8_supported
 from pallas_kernels.quant_matmul import quant_matmul
+from pallas_kernels.w8a8_matmul import w8a8_matmul
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -53,3 +64,24 @@ register(QuantizedWeight, "xla")(reference_matmul)
 def _quantized_pallas(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return quant_matmul(x, w.qweight, w.scales, w.zeros, w.perm, w.mins, bits=w.bits, group_size=w.group_size,
                         interpret=jax.default_backend() == "cpu")
+
+
+register(W8A8Weight, "xla")(w8a8_reference)
+register(SimWeight, "xla")(sim_reference)
+
+
+def fp8_gemm_path() -> str:
+    """Which FP8 GEMM impl="pallas" runs here: the kernel on a card with FP8 tensor cores (sm_89,
+    sm_90) or interpreted on the CPU; the XLA reference numerics on an older GPU."""
+    if jax.default_backend() == "cpu":
+        return "pallas (interpret mode)"
+    return "pallas" if fp8_supported() else "xla reference (this GPU has no FP8 tensor cores)"
+
+
+@register(W8A8Weight, "pallas")
+def _w8a8_pallas(x: jax.Array, w: W8A8Weight) -> jax.Array:
+    cpu = jax.default_backend() == "cpu"
+    if w.fmt == "fp8" and not cpu and not fp8_supported():
+        return w8a8_reference(x, w)
+    xq, xs = quantize_activations(x, w)
+    return w8a8_matmul(xq, xs, w.qweight, w.scales, out_dtype=x.dtype, interpret=cpu)

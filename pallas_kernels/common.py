@@ -76,15 +76,22 @@ def check_page_scales(k_pages, v_pages, k_scales, v_scales) -> None:
             raise ValueError(f"{name}_scales must have shape (K, P, page_size)={(K, P, page_size)}, got {scales.shape}")
 
 
-def check_fp8_supported(dtype, interpret: bool) -> None:
+def fp8_supported() -> bool:
+    """Whether the current device runs float8_e4m3fn in a Triton kernel: compute capability >= 8.9
+    (Ada, Hopper), which is also where FP8 tensor cores exist. False off CUDA."""
+    cap = capability()
+    return cap is not None and cap >= (8, 9)
+
+
+def check_fp8_supported(dtype, interpret: bool, what: str = "KV pages",
+                        instead: str = "use int8 pages with scales") -> None:
     """Triton casts float8_e4m3fn only on compute capability >= 8.9 (Ada, Hopper): say so early."""
     if interpret or jnp.dtype(dtype) != jnp.dtype(jnp.float8_e4m3fn):
         return
     cap = capability()
     if cap is not None and cap < (8, 9):
         raise ValueError(
-            f"float8_e4m3fn KV pages need a GPU of compute capability >= 8.9, this one is {cap[0]}.{cap[1]}: "
-            "use int8 pages with scales"
+            f"float8_e4m3fn {what} need a GPU of compute capability >= 8.9, this one is {cap[0]}.{cap[1]}: {instead}"
         )
 
 

@@ -13,10 +13,11 @@ from pallas_kernels import flash_attention as fa
 from pallas_kernels import lora_matmul as lm
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import quant_matmul as qm
+from pallas_kernels import w8a8_matmul as w8
 from pallas_kernels.common import SHARED_MEMORY_KB, _tuned_table
 
 CARDS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
-KERNELS = ("flash_attention", "paged_attention", "quant_matmul", "lora_matmul")
+KERNELS = ("flash_attention", "paged_attention", "quant_matmul", "lora_matmul", "w8a8_matmul")
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 KV_DTYPES = (None, jnp.int8, jnp.float8_e4m3fn)  # None: the pages in the model dtype
@@ -57,6 +58,9 @@ def test_matmul_tiles_fit_the_card(card):
         bs = lm.BlockSizes.default(T, cap)
         used = bs.shared_memory_bytes(T, rank, dtype)
         assert used <= limit(card), f"lora_matmul {card} T={T} rank={rank}: {bs} uses {used}"
+    for M in (1, 256):
+        bs = w8.BlockSizes.default(M, cap)
+        assert bs.shared_memory_bytes() <= limit(card), f"w8a8_matmul {card} M={M}: {bs}"
 
 
 def test_the_footprint_tells_an_h100_tile_from_a_consumer_one():
