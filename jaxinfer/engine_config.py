@@ -42,6 +42,9 @@ class EngineConfig:
     max_adapters: int = 0  # LoRA adapters held on the device at once (slots); 0 = no adapters
     max_lora_rank: int = 16  # the largest adapter rank the slots take (stored padded to a power of two >= 16)
     lora_impl: str = "xla"  # how each token's LoRA delta is applied: "xla" (gather + einsum) | "pallas" (BGMV/SGMV)
+    # Tensor parallel over the first tp devices (jaxinfer.sharding): params and KV cache split, placed
+    # once. 1: one device, nothing placed. A model already placed (load_model(..., mesh=)) must match.
+    tp: int = 1
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
@@ -62,6 +65,8 @@ class EngineConfig:
             raise ValueError(f"max_adapters={self.max_adapters} must be >= 0")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be >= 1")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp={self.tp!r} must be an integer >= 1")
         if self.lora_impl not in LORA_IMPLEMENTATIONS:
             raise ValueError(f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLEMENTATIONS}")
 
@@ -79,7 +84,8 @@ class EngineConfig:
     def kv_pages(self, model, max_seq_len: int) -> tuple[int, int]:
         """(num_pages, page_size) of the KV cache. The contiguous layout reserves one "page" of
         max_seq_len tokens per request at admission (as serving systems did before PagedAttention).
-        A byte budget buys pages of kv_dtype (int8 / fp8: about twice a bfloat16 cache's)."""
+        A byte budget buys pages of kv_dtype (int8 / fp8: about twice a bfloat16 cache's); it is the
+        whole cache's, all tensor-parallel shards together (each device holds 1 / tp of it)."""
         page_size = max_seq_len if self.kv_layout == "contiguous" else self.page_size
         if self.num_pages is not None:
             return self.num_pages, page_size
