@@ -37,7 +37,7 @@ flags.DEFINE_list("schemes", ["dense", "int8", "int4-rtn-g32", "int4-awq-g32", "
 flags.DEFINE_integer("calib_sequences", 256, "Calibration sequences (AWQ, GPTQ).")
 flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
 flags.DEFINE_integer("decode_tokens", 128, "Tokens to decode when timing batch-1 decode (0: skip).")
-for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype"):
+for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp"):
     flags.declare_key_flag(_name)
 flags.DEFINE_string("table", "", "Write a markdown table here.")
 
@@ -58,7 +58,7 @@ def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
     `runs` runs after one that compiles."""
     sp = ji.SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     prompt = "def main(argv):\n"
-    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None)
+    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None, tp=FLAGS.tp)
     speeds = []
     for _ in range(runs + 1):
         out = ji.Engine(model, config).generate([prompt], sp)[0]

@@ -37,7 +37,8 @@ flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures to sweep (0: gre
 flags.DEFINE_list("batch_sizes", ["1"], "Requests running at once to sweep.")
 flags.DEFINE_integer("num_prompts", 8, "Held-out prompts per configuration.")
 PROMPT_LEN, MAX_TOKENS = 32, 64  # defaults: prompt tokens (BOS included), tokens generated (EOS ignored)
-for _name in ("model", "dtype", "seed", "out", "spec_accept", "attention", "matmul", "prompt_len", "max_tokens", "plot"):
+for _name in ("model", "dtype", "seed", "out", "spec_accept", "attention", "matmul", "prompt_len", "max_tokens", "plot",
+              "tp"):
     flags.declare_key_flag(_name)
 
 
@@ -62,7 +63,7 @@ def prompts_for(model) -> list[list[int]]:
 
 
 def measure(model, prompts, method: str, k: int, temperature: float, batch: int) -> dict:
-    config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul,
+    config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul, tp=FLAGS.tp,
                              speculative=common.spec_config(method, k, accept=FLAGS.spec_accept))
     params = [ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=temperature, seed=i, ignore_eos=True)
               for i in range(len(prompts))]

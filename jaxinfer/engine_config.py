@@ -69,6 +69,9 @@ class EngineConfig:
             raise ValueError(f"tp={self.tp!r} must be an integer >= 1")
         if self.lora_impl not in LORA_IMPLEMENTATIONS:
             raise ValueError(f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLEMENTATIONS}")
+        if self.tp > 1 and self.max_adapters and self.lora_impl == "pallas":
+            raise ValueError(f"lora_impl='pallas' with tp={self.tp}: the BGMV/SGMV kernels do not run per shard; "
+                             "use lora_impl='xla'")
 
     def lora_slots(self) -> SlotConfig | None:
         """The adapter slots a model runner holds, or None without adapters."""

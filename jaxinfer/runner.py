@@ -448,11 +448,14 @@ class ModelRunner:
                 _verify.lower(params, cfg, i32((R,)), i32((R, k)), probs, i32((R,)), cache, features, batch, sp(R),
                               i32((R,)), lora, impl=impl, synthetic=synthetic, lora_impl=self.lora_impl).compile()
                 continue
-            if kind == "decode":  # a k-step decode call of R rows
+            if kind == "decode":  # a k-step decode call of R rows, and the pick of its rows' newest tokens
                 R, k, M = shape
-                _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
-                                    i32((R,)), lora, i32((R,)), impl=impl, num_steps=k,
-                                    lora_impl=self.lora_impl).compile()
+                call = _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
+                                           i32((R,)), lora, i32((R,)), impl=impl, num_steps=k,
+                                           lora_impl=self.lora_impl).compile()
+                tokens = call.output_shardings[0]
+                _newest.lower(jax.ShapeDtypeStruct((k, R), jnp.int32, sharding=tokens if put else None),
+                              i32((R,))).compile()
                 continue
             Rd, Rp, C, M = shape
             N = Rd + Rp * C
