@@ -80,9 +80,13 @@ def test_warmed_up_engine_compiles_nothing_new(checks):
 
 def test_per_device_bytes_fall_with_tp(checks):
     memory_ = _ok(checks["engine_greedy"])["bytes_per_device"]
-    layers = {tp: memory_[str(tp)]["layers"] for tp in (1, 2, 4)}
-    # The layer weights split 1/tp but for the norms, replicated: within 1% of 1/tp.
-    assert abs(layers[2] / layers[1] - 1 / 2) < 0.01 and abs(layers[4] / layers[1] - 1 / 4) < 0.01
+    cfg = ji.ModelConfig.from_json_file(os.path.join(ji.weights.ASSETS_DIR, "tiny", "config.json"))
+    L, D, F, N, K, H = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim)
+    for tp in (1, 2, 4):
+        # wq, wo and the MLP split 1/tp; wk, wv hold max(K / tp, 1) heads (replicated past K); norms whole.
+        floats = L * ((2 * D * N * H + 3 * D * F) // tp + 2 * D * H * max(K // tp, 1) + 2 * D)
+        assert memory_[str(tp)]["layers"] == 4 * floats, tp  # float32
     assert memory_["2"]["params"] < memory_["1"]["params"] / 2 * 1.01
     # The cache: its 2 KV heads split at tp 2; at tp 4 each is stored twice, one head per device.
     cache = {tp: memory_[str(tp)]["cache"] for tp in (1, 2, 4)}
