@@ -1,8 +1,9 @@
 """Tensor parallelism (jaxinfer/sharding.py): sharded forward logits equal unsharded, the engine's
 greedy tokens equal across tp = 1, 2, 4, a warmed-up tp = 2 engine compiles nothing new, per-device
 bytes fall with tp, int4 weights with a LoRA adapter and an int8 KV cache under tp = 2, and (slow)
-KV heads replicated under a LoRA adapter, the Pallas kernels per shard, two processes through
-jax.distributed; bad tp refused before anything is compiled; the planner's --tp and --min_tp.
+KV heads replicated under a LoRA adapter, the Pallas kernels per shard, speculative decoding, two
+processes through jax.distributed; bad tp refused before anything is compiled; the planner's --tp
+and --min_tp.
 
 The sharded checks run in processes of their own (tests/tp_checks.py) with 8 fake CPU devices:
 XLA_FLAGS must be set before jax starts, and the rest of the suite runs on one device. Those
@@ -120,6 +121,14 @@ def test_pallas_kernels_per_shard():
     assert max(result["act_order_row_error"].values()) <= TOL
     # Every kernel the step runs went through shard_map: decode and prefill attention, the matmul.
     assert {"run", "kernel"} <= set(result["shard_maps"]), result["shard_maps"]
+
+
+@pytest.mark.slow
+def test_speculative_decoding_under_tp(checks):
+    tokens = _ok(_run_checks("speculative")["speculative"])["tokens"]
+    plain = _ok(checks["engine_greedy"])["tokens"]["1"]
+    assert tokens["ngram_tp2"] == tokens["eagle_tp4"] == plain
+    assert tokens["eagle_tp4_tokens_per_pass"] > 1
 
 
 @pytest.mark.slow

@@ -204,6 +204,19 @@ def pallas_per_shard() -> dict:
     return {"tokens": tokens, "act_order_row_error": errors, "shard_maps": shard_maps}
 
 
+@check
+def speculative() -> dict:
+    """Greedy speculative decoding (lossless: the tokens of plain decoding): prompt lookup at tp = 2,
+    EAGLE at tp = 4 (its heads on the target's replicated KV heads and padded vocabulary)."""
+    tokens = {}
+    for method, draft, tp in (("ngram", None, 2), ("eagle", "tiny-eagle", 4)):
+        spec = ji.SpeculativeConfig(method=method, num_tokens=3, draft=draft)
+        engine = ji.Engine(_tiny(), ji.EngineConfig(tp=tp, speculative=spec, **SHAPE))
+        tokens[f"{method}_tp{tp}"] = _tokens(engine)
+        tokens[f"{method}_tp{tp}_tokens_per_pass"] = engine.metrics()["spec_tokens_per_pass"]
+    return {"tokens": tokens}
+
+
 def distributed(port: str, process_id: int, num_processes: int) -> None:
     sharding.initialize(f"localhost:{port}", num_processes, process_id)
     engine = ji.Engine(_tiny(), ji.EngineConfig(tp=num_processes, **SHAPE))
