@@ -1,7 +1,7 @@
 """Tensor parallel: the same model at each --tps degree, through the engine. For each tp: the
 largest per-row logits error of one full pass against tp=1, whether the greedy tokens equal tp=1's,
 the bytes each device holds (params and KV cache, measured from the arrays' shards), compile time,
-and decode throughput (the median of --runs generate runs after warm-up).
+and throughput (the median of --runs generate runs after warm-up, taken in rounds over the tps).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m experiments.bench_tp --tps=1,2,4
   python -m experiments.bench_tp --model=random:llama3_8b --dtype=bfloat16 --tps=1,2   # on 2 GPUs
@@ -38,24 +38,18 @@ def _prompts(model, n: int, length: int) -> list[list[int]]:
     return rng.integers(0, min(model.config.vocab_size, 256), size=(n, length)).tolist()
 
 
-def measure(model, tp: int, prompts, reference: dict | None) -> dict:
-    config = common.engine_config(tp=tp)
-    sampling = ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=0.0,
-                                 ignore_eos=True)
+def build(model, tp: int, prompts, sampling) -> tuple[ji.Engine, dict]:
+    """An engine at this tp, warmed up and run once: placement and compile time, bytes per device,
+    its greedy tokens and one full pass's logits (for the comparison with tp=1)."""
     t0 = time.perf_counter()
-    engine = ji.Engine(model, config)
+    engine = ji.Engine(model, common.engine_config(tp=tp))
     place_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine.warmup(max_prompt_len=len(prompts[0]), max_len=len(prompts[0]) + sampling.max_tokens)
     compile_s = time.perf_counter() - t0
     outs = engine.generate(prompts, sampling)
-    rates = []
-    for _ in range(common.value_or("runs", RUNS)):
-        engine.generate(prompts, sampling)
-        rates.append(engine.last_run["throughput_tok_s"])
     placed = engine.runner.model
-    logits = np.asarray(ji.forward_logits(placed, np.asarray(prompts[:2], np.int32)), np.float64)
-    row = {
+    return engine, {
         "tp": tp,
         "devices": [str(d) for d in sharding.nbytes_per_device(engine.runner.cache)],
         "params_bytes_per_device": max(sharding.nbytes_per_device(placed.params).values()),
@@ -63,16 +57,9 @@ def measure(model, tp: int, prompts, reference: dict | None) -> dict:
         "kv_heads_per_device": placed.config.num_kv_heads // tp,
         "place_s": place_s,
         "compile_s": compile_s,
-        "throughput_tok_s": statistics.median(rates),
-        "throughput_runs_tok_s": rates,
         "tokens": [o.token_ids for o in outs],
-        "logits": logits,
+        "logits": np.asarray(ji.forward_logits(placed, np.asarray(prompts[:2], np.int32)), np.float64),
     }
-    if reference is not None:
-        err = np.linalg.norm(logits - reference["logits"], axis=-1) / np.linalg.norm(reference["logits"], axis=-1)
-        row["max_row_error_vs_tp1"] = float(err.max())
-        row["tokens_equal_tp1"] = row["tokens"] == reference["tokens"]
-    return row
 
 
 def main(argv) -> None:
@@ -88,19 +75,40 @@ def main(argv) -> None:
     for tp in tps:
         sharding.check(model.config, tp)  # every tp refused up front, before anything compiles
     prompts = _prompts(model, FLAGS.max_batch, common.value_or("prompt_len", PROMPT_LEN))
-    rows = []
+    sampling = ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=0.0,
+                                 ignore_eos=True)
+    engines, rows = [], []
     for tp in tps:
-        rows.append(measure(model, tp, prompts, rows[0] if rows else None))
+        engine, row = build(model, tp, prompts, sampling)
+        engines.append(engine)
+        rows.append(row)
+    reference = rows[0]
+    for row in rows[1:]:
+        err = np.linalg.norm(row["logits"] - reference["logits"], axis=-1) / np.linalg.norm(reference["logits"],
+                                                                                            axis=-1)
+        row["max_row_error_vs_tp1"] = float(err.max())
+        row["tokens_equal_tp1"] = row["tokens"] == reference["tokens"]
+    # Timed runs in rounds, one run of every tp per round, so drift in the machine's load hits all alike.
+    for row in rows:
+        row["throughput_runs_tok_s"] = []
+    for _ in range(common.value_or("runs", RUNS)):
+        for engine, row in zip(engines, rows):
+            engine.generate(prompts, sampling)
+            row["throughput_runs_tok_s"].append(engine.last_run["throughput_tok_s"])
+    for row in rows:
+        row["throughput_tok_s"] = statistics.median(row["throughput_runs_tok_s"])
     cores = os.cpu_count()
     print(f"{model.name or FLAGS.model}: {model.config.num_params() / 1e6:.2f}M params, {FLAGS.dtype}, "
           f"{len(prompts)} prompts x {len(prompts[0])} tokens, {rows[0]['tokens'] and len(rows[0]['tokens'][0])} "
           f"generated each | {jax.device_count()} {jax.devices()[0].device_kind} devices, {cores} cores")
-    print(f"{'tp':>3} {'params MB/dev':>14} {'KV MB/dev':>10} {'compile s':>10} {'tok/s':>8} {'row err':>9} {'tokens':>7}")
+    print(f"{'tp':>3} {'params MB/dev':>14} {'KV MB/dev':>10} {'compile s':>10} {'tok/s':>8} {'min-max':>11} "
+          f"{'row err':>9} {'tokens':>7}")
     for r in rows:
         err = f"{r['max_row_error_vs_tp1']:.1e}" if "max_row_error_vs_tp1" in r else "-"
         same = "" if r["tp"] == 1 else ("equal" if r["tokens_equal_tp1"] else "DIFFER")
+        spread = f"{min(r['throughput_runs_tok_s']):.0f}-{max(r['throughput_runs_tok_s']):.0f}"
         print(f"{r['tp']:>3} {r['params_bytes_per_device'] / 1e6:>14.2f} {r['kv_cache_bytes_per_device'] / 1e6:>10.2f} "
-              f"{r['compile_s']:>10.1f} {r['throughput_tok_s']:>8.1f} {err:>9} {same:>7}")
+              f"{r['compile_s']:>10.1f} {r['throughput_tok_s']:>8.1f} {spread:>11} {err:>9} {same:>7}")
     for r in rows:
         del r["logits"]
     if FLAGS.out:
