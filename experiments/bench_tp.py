@@ -24,7 +24,6 @@ import jaxinfer as ji
 from jaxinfer import sharding
 
 from . import common
-from .bench_batching import load_bench_model
 
 FLAGS = flags.FLAGS
 _TPS = flags.DEFINE_list("tps", ["1", "2", "4"], "Tensor-parallel degrees to run (each needs that many devices).")
@@ -71,7 +70,7 @@ def main(argv) -> None:
     if max(tps) > jax.device_count():
         raise ValueError(f"--tps asks for {max(tps)} devices; {jax.device_count()} are present (on a CPU: "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={max(tps)})")
-    model = load_bench_model(FLAGS.model, FLAGS.dtype)
+    model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
     for tp in tps:
         sharding.check(model.config, tp)  # every tp refused up front, before anything compiles
     prompts = _prompts(model, FLAGS.max_batch, common.value_or("prompt_len", PROMPT_LEN))

@@ -134,9 +134,7 @@ def main(argv):
     if FLAGS.out:
         common.write_json(FLAGS.out, record)
     if FLAGS.table:
-        with open(FLAGS.table, "w") as f:
-            f.write(md + "\n")
-        print(f"wrote {FLAGS.table}")
+        common.write_text(FLAGS.table, md)
 
 
 if __name__ == "__main__":

@@ -137,10 +137,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def auto_impl(name: str) -> str:
+    """An implementation name with "auto" resolved: the Pallas kernels on a GPU, the XLA path
+    elsewhere (on a CPU the kernels only run interpreted, for tests)."""
+    if name != "auto":
+        return name
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class Impl:
-    """How each op runs (a static jit argument): attention and matmul "xla" (the reference) or
-    "pallas"; kv_dtype None, or "int8" / "fp8" to read keys and values as a quantised KV cache
+    """How each op runs (a static jit argument): attention and matmul "xla" (the reference),
+    "pallas", or "auto" (resolved on construction: see auto_impl); kv_dtype None, or "int8" / "fp8" to read keys and values as a quantised KV cache
     holds them (a forward without a cache quantises and dequantises them, the same numerics)."""
 
     attention: str = "xla"
@@ -148,6 +156,8 @@ class Impl:
     kv_dtype: str | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "attention", auto_impl(self.attention))
+        object.__setattr__(self, "matmul", auto_impl(self.matmul))
         if self.kv_dtype not in (None, *KV_DTYPES):
             raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
         if self.attention not in attention.IMPLEMENTATIONS:
