@@ -62,9 +62,9 @@ def checks() -> dict:
 
 def test_sharded_forward_logits_equal_unsharded(checks):
     errors = _ok(checks["forward_logits"])["max_row_error"]
-    # tiny: 2 KV heads (replicated at tp 4, 8), tied head, vocabulary 258 (padded at tp 4, 8); gqa: 4 KV
-    # heads, q/k/v biases, an untied head, vocabulary 250 (padded at 4 and 8).
-    assert set(errors) == {f"{m}_tp{tp}" for m in ("tiny", "gqa") for tp in (2, 4, 8)}
+    # tiny: 2 KV heads (replicated at tp 4), tied head, vocabulary 258 (padded at tp 4); gqa: 4 KV heads
+    # (replicated at tp 8), q/k/v biases, an untied head, vocabulary 250 (padded at tp 8).
+    assert set(errors) == {"tiny_tp2", "tiny_tp4", "gqa_tp8"}
     assert max(errors.values()) <= TOL, errors
 
 
