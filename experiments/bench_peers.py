@@ -57,7 +57,8 @@ flags.DEFINE_integer("threads", 2, "CPU threads for torch and llama.cpp.")
 flags.DEFINE_list("systems", ["jaxinfer", "jaxinfer-packed", "hf", "llama.cpp"], "Systems to measure.")
 flags.DEFINE_integer("heldout_tokens", 128, "Tokens of held-out text for the logits agreement check.")
 flags.DEFINE_string("chat_prompt", "What is the capital of France?", "A user message every system answers greedily.")
-for _name in ("model", "dtype", "out", "batch_sizes"):  # --model: a model known by name or a .gguf file (default smollm2-135m)
+# --model: a model known by name or a .gguf file (default smollm2-135m)
+for _name in ("model", "dtype", "out", "batch_sizes", "tp"):
     flags.declare_key_flag(_name)
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -98,7 +99,7 @@ def _timed(run, prompt_sets) -> tuple[list[float], object]:
 
 
 def bench_engine(model: ji.Model, prompt_sets, new_tokens: int) -> dict:
-    engine = ji.Engine(model, ji.EngineConfig())
+    engine = ji.Engine(model, ji.EngineConfig(tp=FLAGS.tp))
     sp = ji.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     walls, outs = _timed(lambda prompts: engine.generate(prompts, sp), prompt_sets)
     return dict(tokens_per_s=len(outs) * new_tokens / min(walls), walls_s=walls,
@@ -220,7 +221,7 @@ def run() -> dict:
     chat_ids = packed.tokenizer.apply_chat_template(messages, tokenize=True)
     answers = {}
     sp = ji.SamplingParams(max_tokens=32, temperature=0.0)
-    answers["jaxinfer-packed"] = ji.Engine(packed, ji.EngineConfig()).generate([chat_ids], sp)[0].text
+    answers["jaxinfer-packed"] = ji.Engine(packed, ji.EngineConfig(tp=FLAGS.tp)).generate([chat_ids], sp)[0].text
     if hf is not None:
         with torch.no_grad():
             out = hf.generate(torch.tensor([chat_ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)

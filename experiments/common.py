@@ -4,6 +4,11 @@ EngineConfig they build, one error path, the run record, and timing.
 
 An experiment's `main` is wrapped by `run(main)`: bad input (ValueError, and the ConfigError and
 CheckpointError subclasses of it) ends the run with one `error: ...` line and exit status 2.
+
+Scale-out: `--tp=N` runs the model tensor-parallel over the first N devices (EngineConfig(tp=N)).
+On several hosts, start the same command on each with `--coordinator=HOST:PORT --num_processes=P
+--process_id=I` (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID): `run` calls
+jax.distributed.initialize before main, so jax.devices() lists every host's devices.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax
 from absl import app, flags
 
 import jaxinfer as ji
-from jaxinfer import memory
+from jaxinfer import memory, sharding
 from jaxinfer.speculative import METHODS
 
 FLAGS = flags.FLAGS
@@ -79,6 +84,15 @@ flags.DEFINE_integer("max_lora_rank", 16, "The largest LoRA rank the slots take.
 flags.DEFINE_enum("lora_impl", "auto", ["auto", "xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
                   "kernels, interpreted on a CPU).")
 
+flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: the model and its KV cache split over the first tp devices "
+                     "(every host's, with --coordinator; a CPU fakes devices with XLA_FLAGS="
+                     "--xla_force_host_platform_device_count=N). kv_capacity: plan per card at this tp.")
+flags.DEFINE_string("coordinator", os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+                    "Multi-host: the coordinator's HOST:PORT (process 0's host); '' = one process.")
+flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
+                     "Multi-host: processes in the run, one per host.")
+flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)), "Multi-host: this process's index.")
+
 flags.DEFINE_string("kv_dtype", "", "KV-cache dtype: '' (the model's own), int8 or fp8 (quantised per token and "
                     "head, float32 scales); kv_capacity also takes float32, bfloat16, float16 (its default bfloat16).")
 
@@ -90,7 +104,8 @@ flags.DEFINE_float("spec_accept", 0.8, "Acceptance probability of --spec=synthet
 
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
                 "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "kv_dtype",
-                "max_adapters", "max_lora_rank", "lora_impl")
+                "max_adapters", "max_lora_rank", "lora_impl", "tp")
+DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
 SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept")
 DEFAULT_DRAFTS = {"draft": "tiny-draft", "medusa": "tiny-medusa", "eagle": "tiny-eagle"}
 
@@ -101,6 +116,11 @@ def spec_config(method: str, k: int, draft: str = "", accept: float = 0.8) -> ji
         return None
     return ji.SpeculativeConfig(method=method, num_tokens=k, draft=draft or DEFAULT_DRAFTS.get(method),
                                 accept=accept if method == "synthetic" else None)
+
+
+def mesh():
+    """The tensor-parallel mesh --tp asks for (the first tp devices), or None for tp=1."""
+    return sharding.make_mesh(FLAGS.tp) if FLAGS.tp > 1 else None
 
 
 def value_or(name: str, default):
@@ -126,6 +146,8 @@ def run(main) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         try:
+            if FLAGS.coordinator:
+                sharding.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
             main(argv)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

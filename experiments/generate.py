@@ -18,6 +18,7 @@ import jax
 from absl import flags
 
 import jaxinfer as ji
+from jaxinfer import sharding
 from jaxinfer.formats import QuantizedWeight
 from jaxinfer.quant import dequantize_params, quantize_by_name
 
@@ -77,10 +78,14 @@ def run() -> None:
     )
     common.check_out(FLAGS.out)
     t0 = time.perf_counter()
-    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    transform = FLAGS.dequantize or FLAGS.weights != "dense"
+    # With --tp, a checkpoint is placed as it loads (no device holds it whole), once for every engine.
+    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype, mesh=None if transform else common.mesh())
     if FLAGS.dequantize:
         model = dataclasses.replace(model, params=dequantize_params(model.params))
     model = quantize_by_name(model, FLAGS.weights)
+    if transform and common.mesh() is not None:
+        model = sharding.shard_model(model, common.mesh())
     load_s = time.perf_counter() - t0
     prompts, texts = prompts_of(model)
 
@@ -98,7 +103,7 @@ def run() -> None:
     m = out.metrics
     n = len(out.token_ids)
     generated = sum(len(o.token_ids) for o in outs)
-    params = model.config.num_params()
+    params = sharding.logical_config(model).num_params()
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     packed = [w for w in jax.tree.leaves(model.params["layers"], is_leaf=lambda x: isinstance(x, QuantizedWeight))
               if isinstance(w, QuantizedWeight)]

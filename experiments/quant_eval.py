@@ -47,7 +47,7 @@ flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
 flags.DEFINE_integer("decode_tokens", 128, "Tokens to decode when timing batch-1 decode (0: skip).")
 flags.DEFINE_float("smooth_alpha", 0.5, "SmoothQuant's migration strength for w8a8-int8-smooth names without an "
                    "-a<alpha> suffix (a suffix wins).")
-for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype"):
+for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp"):
     flags.declare_key_flag(_name)
 flags.DEFINE_string("table", "", "Write a markdown table here.")
 
@@ -87,7 +87,7 @@ def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
     `runs` runs after one that compiles."""
     sp = ji.SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     prompt = "def main(argv):\n"
-    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None)
+    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None, tp=FLAGS.tp)
     speeds = []
     for _ in range(runs + 1):
         out = ji.Engine(model, config).generate([prompt], sp)[0]

@@ -36,7 +36,7 @@ flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures to sweep (0: gre
 flags.DEFINE_integer("num_prompts", 8, "Held-out prompts per configuration.")
 PROMPT_LEN, MAX_TOKENS = 32, 64  # defaults: prompt tokens (BOS included), tokens generated (EOS ignored)
 for _name in ("model", "dtype", "seed", "out", "batch_sizes", "spec_accept", "attention", "matmul", "prompt_len",
-              "max_tokens", "plot"):
+              "max_tokens", "plot", "tp"):
     flags.declare_key_flag(_name)
 
 
@@ -64,7 +64,7 @@ def prompts_for(model) -> list[list[int]]:
 
 
 def measure(model, prompts, method: str, k: int, temperature: float, batch: int) -> dict:
-    config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul,
+    config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul, tp=FLAGS.tp,
                              speculative=common.spec_config(method, k, accept=FLAGS.spec_accept))
     params = [ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=temperature, seed=i, ignore_eos=True)
               for i in range(len(prompts))]

@@ -44,11 +44,15 @@ class EngineConfig:
     max_adapters: int = 0  # LoRA adapters held on the device at once (slots); 0 = no adapters
     max_lora_rank: int = 16  # the largest adapter rank the slots take (stored padded to a power of two >= 16)
     lora_impl: str = "auto"  # how each token's LoRA delta is applied: "xla" (gather + einsum) | "pallas" (BGMV/SGMV)
+    # Tensor parallel over the first tp devices (jaxinfer.sharding): params and KV cache split, placed
+    # once. 1: one device, nothing placed. A model already placed (load_model(..., mesh=)) must match.
+    tp: int = 1
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
+        lora_auto = self.lora_impl == "auto"
         for name in ("attention", "matmul", "lora_impl"):
             object.__setattr__(self, name, auto_impl(getattr(self, name)))
         Impl(self.attention, self.matmul)  # checks both
@@ -66,8 +70,15 @@ class EngineConfig:
             raise ValueError(f"max_adapters={self.max_adapters} must be >= 0")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be >= 1")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp={self.tp!r} must be an integer >= 1")
         if self.lora_impl not in LORA_IMPLEMENTATIONS:
             raise ValueError(f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLEMENTATIONS}")
+        if self.tp > 1 and self.max_adapters and self.lora_impl == "pallas":
+            if not lora_auto:
+                raise ValueError(f"lora_impl='pallas' with tp={self.tp}: the BGMV/SGMV kernels do not run per "
+                                 "shard; use lora_impl='xla'")
+            object.__setattr__(self, "lora_impl", "xla")  # "auto" under tensor parallelism: the XLA path
 
     def lora_slots(self) -> SlotConfig | None:
         """The adapter slots a model runner holds, or None without adapters."""
@@ -83,7 +94,8 @@ class EngineConfig:
     def kv_pages(self, model, max_seq_len: int) -> tuple[int, int]:
         """(num_pages, page_size) of the KV cache. The contiguous layout reserves one "page" of
         max_seq_len tokens per request at admission (as serving systems did before PagedAttention).
-        A byte budget buys pages of kv_dtype (int8 / fp8: about twice a bfloat16 cache's)."""
+        A byte budget buys pages of kv_dtype (int8 / fp8: about twice a bfloat16 cache's); it is the
+        whole cache's, all tensor-parallel shards together (each device holds 1 / tp of it)."""
         page_size = max_seq_len if self.kv_layout == "contiguous" else self.page_size
         if self.num_pages is not None:
             return self.num_pages, page_size

@@ -38,6 +38,7 @@ import numpy as np
 from jaxinfer import attention, matmul
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
+from jaxinfer.sharding import parallel_style, use_mesh
 from jaxinfer.tokenizer import Tokenizer
 
 Params = dict[str, Any]
@@ -45,12 +46,15 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: static config, params pytree, and a tokenizer (None: token ids only)."""
+    """A loaded model: static config, params pytree, and a tokenizer (None: token ids only).
+    placement: None (params on the default device), or where jaxinfer.sharding placed them (a
+    tensor-parallel mesh; the config is then the model as it runs, KV heads replicated if tp > K)."""
 
     config: ModelConfig
     params: Params
     tokenizer: Tokenizer | None = None
     name: str = ""
+    placement: Any = None
 
     @property
     def dtype(self):
@@ -171,7 +175,7 @@ def dense_projection(impl: Impl = Impl()) -> Project:
     """The default hook: the layer's own weight (dense or packed) through the matmul dispatch point."""
 
     def project(name: str, x: jax.Array, lp: Params) -> jax.Array:
-        return matmul.linear(x, lp[name], lp.get(BIASES.get(name)), impl=impl.matmul)
+        return matmul.linear(x, lp[name], lp.get(BIASES.get(name)), impl=impl.matmul, parallel=parallel_style(name))
 
     return project
 
@@ -236,9 +240,11 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Final-norm hidden states (..., D) -> float32 logits (..., V)."""
+    """Final-norm hidden states (..., D) -> float32 logits (..., V). A head padded past the
+    vocabulary (split over a tensor-parallel mesh) has its padding cut off."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
-    return jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
+    return logits[..., : cfg.vocab_size]
 
 
 def forward(
@@ -295,7 +301,8 @@ def forward_logits(model, tokens, *, attn_impl: str = "xla", matmul_impl: str = 
     _check_tokens(tokens, cfg)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return _forward_jit(model.params, cfg, tokens, positions, impl=Impl(attn_impl, matmul_impl)).logits
+    with use_mesh(model.placement and model.placement.mesh):
+        return _forward_jit(model.params, cfg, tokens, positions, impl=Impl(attn_impl, matmul_impl)).logits
 
 
 def _check_tokens(tokens, cfg: ModelConfig) -> None:
