@@ -20,6 +20,7 @@ import jax
 from absl import flags
 
 import jaxinfer as ji
+from jaxinfer import sharding
 from jaxinfer.formats import QuantizedWeight
 from jaxinfer.quant import dequantize_params, quantize_by_name
 
@@ -35,7 +36,8 @@ flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass, in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability.")
 flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
-                    "int4-gptq-g128, ... (see jaxinfer/quant/spec.py); AWQ/GPTQ calibrate on held-out text.")
+                    "int4-gptq-g128, w8a8-int8-smooth, w8a8-fp8, nvfp4-sim, ... (see jaxinfer/quant/spec.py); "
+                    "AWQ/GPTQ/SmoothQuant/static FP8 calibrate on held-out text.")
 flags.DEFINE_bool("dequantize", False, "Dequantise a packed checkpoint's projections (GGUF blocks, AWQ/GPTQ) to "
                   "--dtype on load: on a CPU, XLA otherwise dequantises every matrix on every step.")
 flags.DEFINE_bool("baseline", False, "Serve with the contiguous-cache baseline loop (ji.generate), not the engine.")
@@ -92,10 +94,14 @@ def run() -> None:
     if FLAGS.stream and FLAGS.baseline:
         raise ValueError("--stream serves through the engine (Engine.stream); it does not go with --baseline")
     t0 = time.perf_counter()
-    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    transform = FLAGS.dequantize or FLAGS.weights != "dense"
+    # With --tp, a checkpoint is placed as it loads (no device holds it whole), once for every engine.
+    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype, mesh=None if transform else common.mesh())
     if FLAGS.dequantize:
         model = dataclasses.replace(model, params=dequantize_params(model.params))
     model = quantize_by_name(model, FLAGS.weights)
+    if transform and common.mesh() is not None:
+        model = sharding.shard_model(model, common.mesh())
     load_s = time.perf_counter() - t0
     prompts, texts = prompts_of(model)
     if FLAGS.stream and len(prompts) > 1:
@@ -117,7 +123,7 @@ def run() -> None:
     m = out.metrics
     n = len(out.token_ids)
     generated = sum(len(o.token_ids) for o in outs)
-    params = model.config.num_params()
+    params = sharding.logical_config(model).num_params()
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     packed = [w for w in jax.tree.leaves(model.params["layers"], is_leaf=lambda x: isinstance(x, QuantizedWeight))
               if isinstance(w, QuantizedWeight)]

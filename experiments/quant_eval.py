@@ -5,13 +5,21 @@
       --out=/tmp/quant.json --table=/tmp/quant.md
   python -m experiments.quant_eval --schemes=dense,int4-gptq-g32 --kv_dtype=int8   # weights and KV cache
 
-For each scheme (named as in jaxinfer.quant.spec: dense, int8, int4-{rtn,awq,gptq}-g<N>[-asym][-act]):
+  python -m experiments.quant_eval --schemes=dense,w8a8-int8-naive,w8a8-int8-smooth,w8a8-fp8,w8a8-fp8-static,\
+nvfp4-sim,mxfp4-sim,nvfp4-sim-a4,w4a8-sim,w4a16-fp8scale-sim --smooth_alpha=0.5            # W8A8, simulated
+
+For each scheme (named as in jaxinfer.quant.spec: dense, int8, int4-{rtn,awq,gptq}-g<N>[-asym][-act],
+w8a8-int8-{naive,smooth}, w8a8-fp8[-static][-pt], {nvfp4,mxfp4}-sim[-a8|-a4], w4a8-sim, w4a16-fp8scale-sim):
 held-out bits per byte, greedy next-token agreement with the dense model on the same held-out text
 (teacher forcing), bytes of the quantised projection weights and of the whole model, the time
-quantisation took (AWQ and GPTQ include collecting their calibration activations), and batch-1
-decode tokens/s through the engine. With --kv_dtype=int8|fp8 the model reads keys and values as a
-quantised KV cache holds them (the dense reference keeps a float cache). Calibration text is
-held-out text that the evaluation windows do not contain.
+quantisation took (AWQ, GPTQ, SmoothQuant and static FP8 include collecting their calibration
+activations), and batch-1 decode tokens/s through the engine. Simulated formats (fake-quant) report
+the bytes their format would store (marked nominal) and no decode speed (they run dense matmuls).
+With --kv_dtype=int8|fp8 the model reads keys and values as a quantised KV cache holds them (the
+dense reference keeps a float cache). Calibration text is held-out text that the evaluation
+windows do not contain. The run record says which FP8 GEMM ran (`fp8_gemm`): the Pallas kernel
+(interpreted on a CPU) with --matmul=pallas on a card with FP8 tensor cores, else the XLA
+reference numerics (float8_e4m3fn values cast to float32).
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
-from jaxinfer import data, quant
-from jaxinfer.quant.spec import scheme_from_name
+from jaxinfer import data, matmul, quant
+from jaxinfer.quant.spec import SimScheme, W8A8Scheme, scheme_from_name
 
 from . import common
 
@@ -37,20 +45,41 @@ flags.DEFINE_list("schemes", ["dense", "int8", "int4-rtn-g32", "int4-awq-g32", "
 flags.DEFINE_integer("calib_sequences", 256, "Calibration sequences (AWQ, GPTQ).")
 flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
 flags.DEFINE_integer("decode_tokens", 128, "Tokens to decode when timing batch-1 decode (0: skip).")
-for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype"):
+flags.DEFINE_float("smooth_alpha", 0.5, "SmoothQuant's migration strength for w8a8-int8-smooth names without an "
+                   "-a<alpha> suffix (a suffix wins).")
+for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp"):
     flags.declare_key_flag(_name)
 flags.DEFINE_string("table", "", "Write a markdown table here.")
 
 
 def projection_bytes(params) -> int:
+    """Bytes of the projections as stored (a simulated format: as its format would store them)."""
     layers = params["layers"]
-    return sum(int(np.prod(layers[n].shape)) * layers[n].dtype.itemsize if not isinstance(layers[n], quant.QuantizedWeight)
-               else layers[n].nbytes for n in quant.LINEAR_WEIGHTS)
+    return sum(layers[n].nbytes if isinstance(layers[n], quant.PACKED) else layers[n].size * layers[n].dtype.itemsize
+               for n in quant.LINEAR_WEIGHTS)
 
 
 def total_bytes(params) -> int:
-    leaves = jax.tree.leaves(params)
-    return sum(x.size * x.dtype.itemsize for x in leaves)
+    """projection_bytes plus every other parameter."""
+    rest = {**params, "layers": {k: v for k, v in params["layers"].items() if k not in quant.LINEAR_WEIGHTS}}
+    return projection_bytes(params) + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rest))
+
+
+def resolve(name: str):
+    """The scheme a name stands for, with --smooth_alpha for a smooth name that gives no alpha."""
+    scheme = scheme_from_name(name)
+    if isinstance(scheme, W8A8Scheme) and scheme.smooth_alpha is not None and "-a" not in name.split("smooth")[1]:
+        scheme = dataclasses.replace(scheme, smooth_alpha=FLAGS.smooth_alpha)
+    return scheme
+
+
+def fp8_gemm(names: list[str]) -> str | None:
+    """Which FP8 GEMM this run's fp8 schemes ran through (None: no fp8 scheme)."""
+    if not any(isinstance(s, W8A8Scheme) and s.dtype == "fp8" for s in map(scheme_from_name, names)):
+        return None
+    if FLAGS.matmul == "xla":
+        return "xla reference (float8_e4m3fn values cast to float32, --matmul=xla)"
+    return matmul.fp8_gemm_path()
 
 
 def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
@@ -58,7 +87,7 @@ def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
     `runs` runs after one that compiles."""
     sp = ji.SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     prompt = "def main(argv):\n"
-    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None)
+    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None, tp=FLAGS.tp)
     speeds = []
     for _ in range(runs + 1):
         out = ji.Engine(model, config).generate([prompt], sp)[0]
@@ -85,24 +114,26 @@ def evaluate(names: list[str]) -> list[dict]:
     calibration = dict(num_sequences=FLAGS.calib_sequences, seq_len=FLAGS.calib_len)
     rows = []
     for name in tqdm(names, desc="schemes", unit="scheme"):
-        scheme = scheme_from_name(name)
+        scheme = resolve(name)
         t0 = time.perf_counter()
         if scheme is None:
             model = dense
-        elif scheme.method == "rtn":
-            model = quant.quantize_model(dense, scheme)
-        else:
+        elif quant.needs_calibration(scheme):
             model = quant.quantize_model(dense, scheme, progress=False, **calibration)
+        else:
+            model = quant.quantize_model(dense, scheme)
         jax.block_until_ready(model.params)
         quantize_s = time.perf_counter() - t0
+        simulated = isinstance(scheme, SimScheme)
         rows.append({
-            "scheme": name,
+            "scheme": scheme.name if isinstance(scheme, W8A8Scheme) else name,
             "bits_per_byte": data.bits_per_byte(model, windows, kv_dtype=FLAGS.kv_dtype or None),
             "greedy_agreement": data.greedy_agreement(model, dense, windows, kv_dtype=FLAGS.kv_dtype or None),
             "projection_bytes": projection_bytes(model.params),
             "model_bytes": total_bytes(model.params),
+            "bytes_nominal": simulated,
             "quantize_s": quantize_s,
-            "decode_tok_s": decode_speed(model, FLAGS.decode_tokens) if FLAGS.decode_tokens else None,
+            "decode_tok_s": decode_speed(model, FLAGS.decode_tokens) if FLAGS.decode_tokens and not simulated else None,
         })
     base = rows[0]
     for r in rows:
@@ -115,28 +146,31 @@ def table(rows: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         tok_s = f"{r['decode_tok_s']:,.0f}" if r["decode_tok_s"] else "-"
+        mark = " (nominal)" if r["bytes_nominal"] else ""
         lines.append(f"| {r['scheme']} | {r['bits_per_byte']:.4f} | {r['bits_per_byte_change']:+.2%} | "
-                     f"{r['greedy_agreement']:.3f} | {r['projection_bytes'] / 2**20:.2f} | {r['model_bytes'] / 2**20:.2f} | "
-                     f"{r['quantize_s']:.1f} | {tok_s} |")
+                     f"{r['greedy_agreement']:.3f} | {r['projection_bytes'] / 2**20:.2f}{mark} | "
+                     f"{r['model_bytes'] / 2**20:.2f}{mark} | {r['quantize_s']:.1f} | {tok_s} |")
     return "\n".join(lines)
 
 
 def main(argv):
     del argv
+    if not 0.0 <= FLAGS.smooth_alpha <= 1.0:
+        raise ValueError(f"--smooth_alpha={FLAGS.smooth_alpha} must be in [0, 1]")
     for name in FLAGS.schemes:
-        scheme_from_name(name)  # fail on a bad name before any work
+        resolve(name)  # fail on a bad name before any work
     rows = evaluate(FLAGS.schemes)
     metrics = {r["scheme"]: r for r in rows} | (rows[0] if len(rows) == 1 else {})  # one scheme: unprefixed too
-    record = common.record(__name__, metrics, results=rows)
+    record = common.record(__name__, metrics, results=rows, fp8_gemm=fp8_gemm(FLAGS.schemes))
+    if record["fp8_gemm"]:
+        print(f"fp8 GEMM: {record['fp8_gemm']}")
     md = table(rows)
     print(f"\n{FLAGS.model} on {record['env']['device']}, {FLAGS.windows} held-out windows of {FLAGS.seq_len}")
     print(md)
     if FLAGS.out:
         common.write_json(FLAGS.out, record)
     if FLAGS.table:
-        with open(FLAGS.table, "w") as f:
-            f.write(md + "\n")
-        print(f"wrote {FLAGS.table}")
+        common.write_text(FLAGS.table, md)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ flags.DEFINE_float("tie_tol", 1e-3, "Model runner: a greedy divergence where the
 flags.DEFINE_float("max_wall_s", 3600.0, "A soak that runs longer than this (serving and checks) is a violation.")
 flags.DEFINE_float("request_timeout_s", 600.0, "The engine's default deadline: a request without its own deadline "
                    "that reaches it is a violation (a request that never ends).")
-flags.DEFINE_bool("warmup", True, "Compile every program the configuration can run before the soak (its time is "
+flags.DEFINE_bool("compile_first", True, "Compile every program the configuration can run before the soak (its time is "
                   "reported as compile time); off, programs compile as first needed, inside the run time.")
 for _name in ("model", "seed", "out", "kv_dtype", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
               "max_adapters", *common.SPEC_FLAGS):
@@ -399,7 +399,7 @@ def run_soak() -> dict:
         workload = soak.workload(FLAGS.requests)
         engine = soak.engine
         t1 = time.perf_counter()
-        compiled = engine.warmup(FLAGS.max_prompt_len, engine.max_seq_len) if FLAGS.warmup else 0
+        compiled = engine.warmup(FLAGS.max_prompt_len, engine.max_seq_len) if FLAGS.compile_first else 0
         compile_s = time.perf_counter() - t1
         free_at_start = engine.allocator.num_free
         t1 = time.perf_counter()

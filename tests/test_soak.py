@@ -16,7 +16,7 @@ from jaxinfer.mock_runner import MockRunner
 
 # Small shapes: few programs to compile (chunks of 16, block tables of 4 pages, at most 4 rows).
 SMALL = ("--max_batch=4", "--max_tokens_per_step=16", "--page_size=8", "--max_prompt_len=20", "--max_output_len=12",
-         "--nowarmup", "--max_wall_s=300")
+         "--nocompile_first", "--max_wall_s=300")
 
 
 def run_soak(*argv: str) -> dict:

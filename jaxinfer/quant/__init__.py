@@ -1,10 +1,12 @@
-"""Weight-only quantisation as a transform on params: `quantize(params, scheme)` returns params
-whose projection weights are QuantizedWeight pytrees; `model.py` reaches them through
-`jaxinfer.matmul.linear`, its one matmul dispatch point.
+"""Quantisation as a transform on params: `quantize(params, scheme)` returns params whose
+projection weights are packed pytrees (QuantizedWeight, W8A8Weight, SimWeight); `model.py` reaches
+them through `jaxinfer.matmul.linear`, its one matmul dispatch point.
 
-Schemes: RTN (here), AWQ (awq.py) and GPTQ (gptq.py), the latter two from calibration
-activations (calibration.py). Published AWQ/GPTQ checkpoints load onto the same pytree
-(checkpoints.py).
+Schemes (spec.py names them): weight-only RTN (here), AWQ (awq.py) and GPTQ (gptq.py); W8A8 int8
+(naive, or SmoothQuant) and FP8 (w8a8.py); simulated NVFP4, MXFP4, W4A8 and W4A16 with FP8
+scales (simulated.py). AWQ, GPTQ, SmoothQuant and static FP8 read calibration activations
+(calibration.py). Published AWQ/GPTQ checkpoints load onto the QuantizedWeight pytree
+(checkpoints.py). Quantisation-aware training: qat.py.
 """
 
 from __future__ import annotations
@@ -14,20 +16,35 @@ import dataclasses
 import jax
 import numpy as np
 
+from jaxinfer.act_formats import SimWeight, W8A8Weight, dequantize_w8a8
 from jaxinfer.formats import QuantizedWeight, dequantize, reference_matmul
 from jaxinfer.matmul import linear
 from jaxinfer.model import Model
-from jaxinfer.quant import awq, gptq
+from jaxinfer.quant import awq, gptq, simulated, spec, w8a8
 from jaxinfer.quant import calibration as calib
 from jaxinfer.quant.rtn import quantize_weight
-from jaxinfer.quant.spec import LINEAR_WEIGHTS, METHODS, QuantScheme, scheme_from_name
+from jaxinfer.quant.spec import LINEAR_WEIGHTS, METHODS, QuantScheme, Scheme, SimScheme, W8A8Scheme, scheme_from_name
+
+PACKED = (QuantizedWeight, W8A8Weight, SimWeight)
 
 
-def quantize(params: dict, scheme: QuantScheme) -> dict:
-    """RTN-quantise every projection in LINEAR_WEIGHTS (stacked over layers). AWQ and GPTQ need
-    calibration data: use `quantize_model`."""
-    if scheme.method != "rtn":
-        raise ValueError(f"method={scheme.method!r} needs calibration data: use quantize_model")
+def needs_calibration(scheme: Scheme) -> bool:
+    """Whether quantising by `scheme` reads calibration activations (AWQ, GPTQ, SmoothQuant, static FP8)."""
+    if isinstance(scheme, QuantScheme):
+        return scheme.method != "rtn"
+    return isinstance(scheme, W8A8Scheme) and scheme.needs_calibration
+
+
+def quantize(params: dict, scheme: Scheme) -> dict:
+    """Quantise every projection in LINEAR_WEIGHTS (stacked over layers) by a scheme that needs no
+    calibration: RTN, naive W8A8, FP8 with dynamic activation scales, the simulated formats. The
+    others (AWQ, GPTQ, SmoothQuant, static FP8) need calibration data: use `quantize_model`."""
+    if needs_calibration(scheme):
+        raise ValueError(f"scheme {scheme.name} needs calibration data: use quantize_model")
+    if isinstance(scheme, W8A8Scheme):
+        return w8a8.quantize_params(params, scheme)
+    if isinstance(scheme, SimScheme):
+        return simulated.quantize_params(params, scheme)
     layers = dict(params["layers"])
     for name in LINEAR_WEIGHTS:
         layers[name] = quantize_weight(
@@ -39,7 +56,7 @@ def quantize(params: dict, scheme: QuantScheme) -> dict:
 
 def quantize_model(
     model: Model,
-    scheme: QuantScheme,
+    scheme: Scheme,
     calibration: np.ndarray | None = None,  # (B, T) int32 token windows; None: calibration_windows(...)
     *,
     num_sequences: int | None = None,
@@ -50,22 +67,26 @@ def quantize_model(
 ) -> Model:
     """A new Model with every projection in LINEAR_WEIGHTS quantised by `scheme`.
 
-    RTN needs no calibration. AWQ and GPTQ run the calibration windows through the model layer
-    by layer (calibration.run_layers): each layer is calibrated on the inputs the layers below
-    it produce once quantised. Without `calibration`, num_sequences windows of seq_len held-out
+    RTN, naive W8A8, dynamic FP8 and the simulated formats need no calibration. AWQ, GPTQ,
+    SmoothQuant and static FP8 run the calibration windows through the model layer by layer
+    (calibration.run_layers): each layer is calibrated on the inputs the layers below it produce
+    once quantised. Without `calibration`, num_sequences windows of seq_len held-out
     tokens (in the model's own tokens) are drawn with `seed` (calibration.calibration_windows;
     defaults 256 x 256)."""
     for name in LINEAR_WEIGHTS:
-        if isinstance(model.params["layers"][name], QuantizedWeight):
+        if isinstance(model.params["layers"][name], PACKED):
             raise ValueError(f"layers.{name} is already quantised: quantize_model takes a dense model")
-    if scheme.method == "rtn":
+    if not needs_calibration(scheme):
         return dataclasses.replace(model, params=quantize(model.params, scheme))
     if calibration is None:
         calibration = calib.calibration_windows(model, num_sequences or calib.DEFAULT_NUM_SEQUENCES,
                                                 seq_len or calib.DEFAULT_SEQ_LEN, seed)
     elif num_sequences is not None or seq_len is not None:
         raise ValueError("num_sequences and seq_len choose calibration windows: pass them or calibration, not both")
-    quantize_layer = awq.quantize_layer if scheme.method == "awq" else gptq.quantize_layer
+    if isinstance(scheme, W8A8Scheme):
+        quantize_layer = w8a8.quantize_layer
+    else:
+        quantize_layer = awq.quantize_layer if scheme.method == "awq" else gptq.quantize_layer
     run = calib.run_layers(model, calibration, lambda l, lp, stats: quantize_layer(model.config, lp, stats, scheme),
                            chunk_size=chunk_size or calib.DEFAULT_CHUNK_SIZE, progress=progress)
     return dataclasses.replace(model, params={**model.params, "layers": run.layers})
@@ -79,28 +100,56 @@ def quantize_by_name(model, name: str, **calibration):
     return quantize_model(model, scheme, **calibration)
 
 
+def smooth_model(model: Model, alpha: float = spec.DEFAULT_ALPHA, calibration: np.ndarray | None = None, *,
+                 num_sequences: int | None = None, seq_len: int | None = None, seed: int = 0,
+                 progress: bool = True) -> Model:
+    """The float model with SmoothQuant's factors folded in and nothing quantised: the same function
+    (up to float rounding), its activation ranges moved into the weights (w8a8.smooth_layer)."""
+    if calibration is None:
+        calibration = calib.calibration_windows(model, num_sequences or calib.DEFAULT_NUM_SEQUENCES,
+                                                seq_len or calib.DEFAULT_SEQ_LEN, seed)
+    run = calib.run_layers(model, calibration, lambda l, lp, stats: w8a8.smooth_layer(model.config, lp, stats, alpha)[0],
+                           progress=progress)
+    return dataclasses.replace(model, params={**model.params, "layers": run.layers})
+
+
+def _dense(x, dtype):
+    if isinstance(x, QuantizedWeight):
+        return dequantize(x, dtype)
+    if isinstance(x, W8A8Weight):
+        return dequantize_w8a8(x, dtype)
+    if isinstance(x, SimWeight):
+        return x.weight.astype(dtype)
+    return x
+
+
 def dequantize_params(params: dict, dtype=None) -> dict:
-    """Params with every QuantizedWeight replaced by its dense dequantised weight: the reference
-    model a quantised model's outputs are compared against."""
+    """Params with every packed weight replaced by its dense dequantised weight: the reference
+    model a weight-only quantised model's outputs are compared against (W8A8 and simulated weights
+    lose their activation rounding)."""
     dtype = dtype or params["embed"].dtype
-    return jax.tree_util.tree_map(
-        lambda x: dequantize(x, dtype) if isinstance(x, QuantizedWeight) else x, params,
-        is_leaf=lambda x: isinstance(x, QuantizedWeight),
-    )
+    return jax.tree_util.tree_map(lambda x: _dense(x, dtype), params, is_leaf=lambda x: isinstance(x, PACKED))
 
 
 __all__ = [
     "LINEAR_WEIGHTS",
     "METHODS",
+    "PACKED",
     "QuantScheme",
     "QuantizedWeight",
+    "SimScheme",
+    "SimWeight",
+    "W8A8Scheme",
+    "W8A8Weight",
     "dequantize",
     "dequantize_params",
     "linear",
+    "needs_calibration",
     "quantize",
     "quantize_by_name",
     "quantize_model",
     "quantize_weight",
     "reference_matmul",
     "scheme_from_name",
+    "smooth_model",
 ]

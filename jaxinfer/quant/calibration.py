@@ -1,11 +1,11 @@
-"""Calibration activations for AWQ and GPTQ: token windows, and a layer-by-layer runner that
+"""Calibration activations for AWQ, GPTQ and SmoothQuant: token windows, and a layer-by-layer runner that
 records what every projection of a layer sees.
 
 `run_layers` embeds the calibration windows once and walks the decoder one layer at a time. For
 layer l it runs the layer over the calibration set in jitted chunks and reduces the inputs of its
-projections to `InputStats` (the Gram matrix X^T X and the sum of |x|): enough for GPTQ's Hessian
-and for AWQ's activation statistic and its output-error searches, without keeping the
-activations. A caller's `update(l, layer_params, stats)` then returns the layer's new params
+projections to `InputStats` (the Gram matrix X^T X, the sum of |x| and the largest |x| per
+channel): enough for GPTQ's Hessian, AWQ's activation statistic and its output-error searches, and
+SmoothQuant's and static FP8's activation maxima, without keeping the activations. A caller's `update(l, layer_params, stats)` then returns the layer's new params
 (scaled, quantised, ...), and the calibration hidden states are pushed through *those* params
 before layer l + 1 is measured: the sequential scheme of GPTQ and AWQ, in which each layer is
 calibrated on the inputs the already-quantised layers below it produce.
@@ -80,21 +80,23 @@ def calibration_windows(
 
 @struct.dataclass
 class InputStats:
-    """What AWQ and GPTQ need of the inputs x (M, K) one projection saw, summed over tokens.
+    """What AWQ, GPTQ and SmoothQuant need of the inputs x (M, K) one projection saw, over tokens.
 
       gram     (K, K) float32  sum over tokens of x^T x
       abs_sum  (K,)   float32  sum over tokens of |x|
       count    ()     int32    tokens seen
+      abs_max  (K,)   float32  the largest |x| per input channel
     """
 
     gram: jax.Array
     abs_sum: jax.Array
     count: jax.Array
+    abs_max: jax.Array
 
     @classmethod
     def zeros(cls, features: int) -> InputStats:
         return cls(gram=jnp.zeros((features, features), jnp.float32), abs_sum=jnp.zeros((features,), jnp.float32),
-                   count=jnp.zeros((), jnp.int32))
+                   count=jnp.zeros((), jnp.int32), abs_max=jnp.zeros((features,), jnp.float32))
 
     @classmethod
     def from_inputs(cls, x: jax.Array) -> InputStats:
@@ -106,7 +108,7 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # (M, K)
         gram = jnp.einsum("MK,MJ->KJ", x, x, precision=jax.lax.Precision.HIGHEST)
         return InputStats(gram=self.gram + gram, abs_sum=self.abs_sum + jnp.sum(jnp.abs(x), axis=0),
-                          count=self.count + x.shape[0])
+                          count=self.count + x.shape[0], abs_max=jnp.maximum(self.abs_max, jnp.max(jnp.abs(x), axis=0)))
 
     @property
     def abs_mean(self) -> jax.Array:  # (K,) AWQ's activation statistic, mean |x| per input channel
@@ -119,7 +121,8 @@ class InputStats:
     def scaled(self, s: jax.Array) -> InputStats:
         """The statistics of x / s (s: (K,) positive), as seen by a projection whose rows were
         multiplied by s (AWQ's folded scales)."""
-        return InputStats(gram=self.gram / (s[:, None] * s[None, :]), abs_sum=self.abs_sum / s, count=self.count)
+        return InputStats(gram=self.gram / (s[:, None] * s[None, :]), abs_sum=self.abs_sum / s, count=self.count,
+                          abs_max=self.abs_max / s)
 
 
 @struct.dataclass

@@ -1,0 +1,132 @@
+"""W8A8: int8 or FP8 (e4m3) weights meeting int8 / FP8 activations, with SmoothQuant for int8
+(Xiao et al. 2023, arXiv:2211.10438).
+
+Weights get one scale per output channel (or, fp8 "-pt", one per matrix); activations one scale
+per token computed on the fly, or (fp8 "-static") one calibrated scale per projection: the largest
+|x| its input reached on the calibration windows, over 448. The format and its matmul are in
+`jaxinfer.act_formats`; naive W8A8 (no smoothing) is the control SmoothQuant is measured against.
+
+SmoothQuant: per-token int8 activations lose the small channels of a token whose few outlier
+channels set its scale. Dividing input channel j by s_j (and multiplying weight row j by s_j)
+moves that range into the weights, which have a scale per output channel to absorb it:
+
+  s_j = max|x_j|**alpha / max_n |W_jn|**(1 - alpha)      (alpha: migration strength, default 0.5)
+
+with max|x_j| over the calibration tokens and max_n |W_jn| over the projections sharing the input.
+1/s is folded into whatever produces the input, so the float model is unchanged (up to rounding):
+
+  (wq, wk, wv)     after attn_norm   1/s folded into attn_norm's weight
+  wo               after wv          1/s folded into wv's output columns (and bv). With GQA one v
+                                     column feeds the wo rows of every query head in its group, so
+                                     s is shared by that group: max|x| and max|W| are taken over
+                                     the group's rows (exact for any num_kv_heads)
+  (w_gate, w_up)   after mlp_norm    1/s folded into mlp_norm's weight
+  w_down           after w_up        1/s folded into w_up's output columns: silu(g) * (u / s) = (silu(g) * u) / s
+
+The paper folds at the norms only (its Llama recipe smooths q/k/v and gate/up); the two folds
+through wv and w_up are exact as well (a column scale is free under per-channel weight scales),
+and `w_down`'s input is where Llama-family models keep their largest activations.
+Calibration runs layer by layer (calibration.run_layers): each layer's maxima are measured on the
+inputs the already-quantised layers below it produce.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.act_formats import QMAX, W8A8Weight, quantize_columns
+from jaxinfer.config import ModelConfig
+from jaxinfer.quant.calibration import LayerInputs, Params
+from jaxinfer.quant.spec import LINEAR_WEIGHTS, W8A8Scheme
+
+SCALE_FLOOR = 1e-5  # a channel that never fires (or an all-zero weight row) keeps s = 1
+
+
+def smoothing_factors(act_max: jax.Array, w_max: jax.Array, alpha: float) -> jax.Array:
+    """s (K,) = act_max**alpha / w_max**(1 - alpha), 1 where either maximum is (near) zero."""
+    act_max, w_max = act_max.astype(jnp.float32), w_max.astype(jnp.float32)
+    live = (act_max > SCALE_FLOOR) & (w_max > SCALE_FLOOR)
+    s = jnp.maximum(act_max, SCALE_FLOOR) ** alpha / jnp.maximum(w_max, SCALE_FLOOR) ** (1.0 - alpha)
+    return jnp.where(live, jnp.maximum(s, SCALE_FLOOR), 1.0)
+
+
+def _row_max(weights: list[jax.Array]) -> jax.Array:
+    """max |W_jn| over every column of the projections (K, N_i) sharing one input: (K,)."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-1) for w in weights]), axis=0)
+
+
+def _per_kv(v: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """(N * H,) over query-head channels -> (K * H,): the max over the query heads of each kv head."""
+    K, H = cfg.num_kv_heads, cfg.head_dim
+    return jnp.max(v.reshape(K, cfg.num_heads // K, H), axis=1).reshape(K * H)
+
+
+def _to_query_heads(s: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """(K * H,) -> (N * H,): each kv head's factors repeated for the query heads of its group."""
+    K, H = cfg.num_kv_heads, cfg.head_dim
+    return jnp.broadcast_to(s.reshape(K, 1, H), (K, cfg.num_heads // K, H)).reshape(cfg.num_heads * H)
+
+
+def smooth_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, alpha: float) -> tuple[Params, dict]:
+    """Fold SmoothQuant's factors into one decoder layer (float weights): the new params, which
+    compute the same function, and the factors by input site (attn, attn_out per kv channel, mlp, mlp_act)."""
+    s = {
+        "attn": smoothing_factors(stats.attn.abs_max, _row_max([lp[n] for n in ("wq", "wk", "wv")]), alpha),
+        "attn_out": smoothing_factors(_per_kv(stats.attn_out.abs_max, cfg), _per_kv(_row_max([lp["wo"]]), cfg),
+                                      alpha),
+        "mlp": smoothing_factors(stats.mlp.abs_max, _row_max([lp["w_gate"], lp["w_up"]]), alpha),
+        "mlp_act": smoothing_factors(stats.mlp_act.abs_max, _row_max([lp["w_down"]]), alpha),
+    }
+    lp = dict(lp)
+
+    def scale(name, factor):  # rows (factor[:, None]), columns (factor[None, :]), a norm or a bias (factor)
+        lp[name] = (lp[name].astype(jnp.float32) * factor).astype(lp[name].dtype)
+
+    for name in ("wq", "wk", "wv"):
+        scale(name, s["attn"][:, None])
+    scale("attn_norm", 1.0 / s["attn"])
+    scale("wv", 1.0 / s["attn_out"][None, :])
+    if "bv" in lp:
+        scale("bv", 1.0 / s["attn_out"])
+    scale("wo", _to_query_heads(s["attn_out"], cfg)[:, None])
+    for name in ("w_gate", "w_up"):
+        scale(name, s["mlp"][:, None])
+    scale("mlp_norm", 1.0 / s["mlp"])
+    scale("w_up", 1.0 / s["mlp_act"][None, :])
+    scale("w_down", s["mlp_act"][:, None])
+    return lp, s
+
+
+def quantize_weight(w: jax.Array, scheme: W8A8Scheme, act_max: jax.Array | None = None) -> W8A8Weight:
+    """A dense weight (..., K, N) as a W8A8Weight; act_max (..., K), the calibration maxima of its
+    input, sets the static activation scale (fp8 "-static" only)."""
+    qweight, scales = quantize_columns(w, scheme.dtype, per_tensor=scheme.per_tensor)
+    act_scale = None
+    if scheme.static_act:
+        if act_max is None:
+            raise ValueError(f"scheme {scheme.name} needs the calibration maxima of each projection's input")
+        amax = jnp.max(act_max.astype(jnp.float32), axis=-1)
+        act_scale = jnp.where(amax > 0, amax / QMAX[scheme.dtype], 1.0)
+    return W8A8Weight(qweight=qweight, scales=scales, act_scale=act_scale)
+
+
+def quantize_params(params: dict, scheme: W8A8Scheme) -> dict:
+    """Every projection of LINEAR_WEIGHTS (stacked over layers) as W8A8: the schemes that need no
+    calibration (naive int8, fp8 with dynamic activation scales)."""
+    if scheme.needs_calibration:
+        raise ValueError(f"scheme {scheme.name} needs calibration data: use quant.quantize_model")
+    layers = dict(params["layers"])
+    for name in LINEAR_WEIGHTS:
+        layers[name] = quantize_weight(layers[name], scheme)
+    return {**params, "layers": layers}
+
+
+def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: W8A8Scheme) -> Params:
+    """One decoder layer: smoothed first when the scheme says so, then every projection as W8A8."""
+    if scheme.smooth_alpha is not None:
+        lp, _ = smooth_layer(cfg, lp, stats, scheme.smooth_alpha)
+    lp = dict(lp)
+    for name in LINEAR_WEIGHTS:
+        lp[name] = quantize_weight(lp[name], scheme, stats.for_weight(name).abs_max)
+    return lp

@@ -1,0 +1,229 @@
+"""W8A8 (int8 naive and SmoothQuant, FP8 dynamic and static) on models: the scheme names, the
+8-bit numerics, SmoothQuant's fold (exact in float), SmoothQuant against naive W8A8 on a model with
+an activation outlier channel, static FP8 scales from calibration, and the engine serving W8A8."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer as ji
+from helpers import row_errors, row_rel_error
+from jaxinfer import act_formats as af
+from jaxinfer import model as model_lib
+from jaxinfer import quant
+from jaxinfer.quant import w8a8
+from jaxinfer.quant.spec import SimScheme, W8A8Scheme, scheme_from_name
+
+
+def _random_model(seed, **overrides):
+    """A small random model (no tokenizer) with norms and biases away from 1 and 0, so every fold
+    moves real numbers."""
+    dims = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                head_dim=16, max_position_embeddings=64)
+    cfg = ji.ModelConfig(**{**dims, **overrides})
+    params = ji.init_params(cfg, jax.random.key(seed), std=0.2)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 16))
+    layers = dict(params["layers"])
+    for name, x in layers.items():
+        if name.endswith("norm"):
+            layers[name] = x * jax.random.uniform(next(keys), x.shape, minval=0.5, maxval=2.0)
+        elif name.startswith("b"):
+            layers[name] = 0.1 * jax.random.normal(next(keys), x.shape)
+    return ji.Model(cfg, {**params, "layers": layers})
+
+
+def _windows(rng, cfg, num=4, length=32):
+    return rng.integers(0, cfg.vocab_size, (num, length)).astype(np.int32)
+
+
+@pytest.mark.parametrize("name, scheme", [
+    ("w8a8", W8A8Scheme("int8")),
+    ("w8a8-int8-naive", W8A8Scheme("int8")),
+    ("w8a8-smooth", W8A8Scheme("int8", smooth_alpha=0.5)),
+    ("w8a8-int8-smooth-a0.8", W8A8Scheme("int8", smooth_alpha=0.8)),
+    ("w8a8-smooth-a.25", W8A8Scheme("int8", smooth_alpha=0.25)),
+    ("fp8", W8A8Scheme("fp8")),
+    ("w8a8-fp8-static", W8A8Scheme("fp8", static_act=True)),
+    ("fp8-static-pt", W8A8Scheme("fp8", static_act=True, per_tensor=True)),
+    ("nvfp4-sim", SimScheme("nvfp4")),
+    ("nvfp4-sim-a8", SimScheme("nvfp4", "fp8")),
+    ("mxfp4-sim-a4", SimScheme("mxfp4", "mxfp4")),
+    ("w4a8-sim", SimScheme("int4", "fp8", 128)),
+    ("w4a16-fp8scale-sim", SimScheme("int4-fp8scale", None, 32)),
+])
+def test_scheme_names_parse_and_round_trip(name, scheme):
+    assert scheme_from_name(name) == scheme
+    assert scheme_from_name(scheme.name) == scheme
+
+
+@pytest.mark.parametrize("name, message", [
+    ("w8a8-int4", "is not 'dense'"),
+    ("w8a8-smooth-a1.5", r"smooth_alpha=1.5 needs dtype='int8' and a value in \[0, 1\]"),
+    ("w8a8-smooth-a", "is not 'dense'"),
+    ("fp8-smooth", "is not 'dense'"),
+    ("nvfp4-sim-a2", "is not 'dense'"),
+    ("nvfp4", "is not 'dense'"),
+])
+def test_bad_scheme_names_are_refused(name, message):
+    with pytest.raises(ValueError, match=f"weights={name!r}") as e:
+        scheme_from_name(name)
+    assert e.match(message)
+
+
+def test_bad_schemes_are_refused():
+    with pytest.raises(ValueError, match="dtype='int4' is not one of"):
+        W8A8Scheme("int4")
+    with pytest.raises(ValueError, match="smooth_alpha=0.5 needs dtype='int8'"):
+        W8A8Scheme("fp8", smooth_alpha=0.5)
+    with pytest.raises(ValueError, match="static_act and per_tensor apply to dtype='fp8' only"):
+        W8A8Scheme("int8", static_act=True)
+    with pytest.raises(ValueError, match="act='int4'"):
+        SimScheme("nvfp4", "int4")
+    params = _random_model(0).params
+    with pytest.raises(ValueError, match="scheme w8a8-int8-smooth-a0.5 needs calibration data"):
+        quant.quantize(params, W8A8Scheme("int8", smooth_alpha=0.5))
+    with pytest.raises(ValueError, match="needs the calibration maxima"):
+        w8a8.quantize_weight(params["layers"]["wq"], W8A8Scheme("fp8", static_act=True))
+
+
+@pytest.mark.parametrize("fmt, per_tensor", [("int8", False), ("fp8", False), ("fp8", True)])
+def test_weight_and_activation_rounding_bounds(fmt, per_tensor, rng):
+    """int8: every value within half a step of itself; e4m3: within 2**-4 relative (3 mantissa
+    bits) above the subnormals. Per-channel scales put each column's largest |w| at QMAX."""
+    w = jnp.asarray(rng.standard_normal((2, 64, 24)) * rng.uniform(0.01, 10, (1, 1, 24)), jnp.float32)
+    q, scale = af.quantize_columns(w, fmt, per_tensor)
+    assert q.dtype == af.DTYPES[fmt] and scale.shape == ((2, 1) if per_tensor else (2, 24))
+    back = np.asarray(af.dequantize_w8a8(af.W8A8Weight(q, scale)))
+    err = np.abs(back - np.asarray(w))
+    step = np.broadcast_to(np.asarray(scale)[:, None, :], w.shape)
+    if fmt == "int8":
+        assert np.all(err <= 0.5 * step * (1 + 1e-6))
+    else:
+        normal = np.abs(np.asarray(w)) >= 2.0**-6 * step
+        assert np.all(err[normal] <= 2.0**-4 * np.abs(np.asarray(w))[normal] * (1 + 1e-6))
+        assert np.all(err[~normal] <= 2.0**-10 * step[~normal])
+    if not per_tensor:
+        np.testing.assert_allclose(np.abs(np.asarray(q, np.float32)).max(axis=1), af.QMAX[fmt])
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.float32)
+    xq, xs = af.quantize_rows(x, fmt)
+    assert xs.shape == (3, 5)
+    np.testing.assert_allclose(np.abs(np.asarray(xq, np.float32)).max(-1), af.QMAX[fmt])
+
+
+def test_smoothing_factors_by_hand():
+    act = jnp.asarray([4.0, 1.0, 0.0, 9.0])
+    w = jnp.asarray([1.0, 4.0, 2.0, 0.0])
+    np.testing.assert_allclose(w8a8.smoothing_factors(act, w, 0.5), [2.0, 0.5, 1.0, 1.0])  # dead channels keep 1
+    np.testing.assert_allclose(w8a8.smoothing_factors(act, w, 1.0), [4.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(w8a8.smoothing_factors(act, w, 0.0), [1.0, 0.25, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("overrides", [dict(qkv_bias=True, o_bias=True), dict(qk_norm=True, num_kv_heads=4)],
+                         ids=["gqa-bias", "qk-norm"])
+def test_smoothing_fold_leaves_the_float_model_unchanged(overrides, rng):
+    """SmoothQuant's folds (norms, wv and bv per kv channel under GQA, w_up) change the weights
+    and not the function: logits within 1e-5 per row."""
+    model = _random_model(3, **overrides)
+    smoothed = quant.smooth_model(model, 0.5, _windows(rng, model.config), progress=False)
+    before, after = model.params["layers"], smoothed.params["layers"]
+    for name in ("attn_norm", "mlp_norm", "wv", "w_up", "wo", "w_down"):
+        assert row_rel_error(after[name], before[name]) > 1e-2, name
+    tokens = jnp.asarray(_windows(rng, model.config, 2, 24))
+    assert row_rel_error(ji.forward_logits(smoothed, tokens), ji.forward_logits(model, tokens)) <= 1e-5
+
+
+def _with_outlier(model, channel=5, factor=100.0):
+    """The same float function with one hidden channel 100x larger at the q/k/v and gate/up inputs:
+    that channel of both norms' weights times 100, the matching weight rows divided by 100."""
+    layers = dict(model.params["layers"])
+    for norm, names in (("attn_norm", ("wq", "wk", "wv")), ("mlp_norm", ("w_gate", "w_up"))):
+        layers[norm] = layers[norm].at[:, channel].multiply(factor)
+        for name in names:
+            layers[name] = layers[name].at[:, channel, :].divide(factor)
+    return dataclasses.replace(model, params={**model.params, "layers": layers})
+
+
+def test_smoothquant_beats_naive_w8a8_on_an_outlier_channel(rng):
+    """One hidden channel 100x the others (a float-exact change): naive per-token int8 crushes the
+    other channels of every token, SmoothQuant moves the range into the weights and recovers most
+    of the loss. Logits error against the float model, per row."""
+    tiny = ji.load_model("tiny")
+    model = _with_outlier(tiny)
+    tokens = jnp.asarray([list(b"def main(argv):\n    for i in range(10):\n        print(i)\n")], jnp.int32)
+    dense = ji.forward_logits(model, tokens)
+    assert row_rel_error(dense, ji.forward_logits(tiny, tokens)) < 1e-4
+    windows = _windows(rng, model.config, 8, 64)
+
+    def error(name, m=model):
+        qm = quant.quantize_model(m, scheme_from_name(name), windows, progress=False)
+        return float(np.mean(row_errors(ji.forward_logits(qm, tokens), dense)))
+
+    naive, smooth, baseline = error("w8a8-int8-naive"), error("w8a8-int8-smooth"), error("w8a8-int8-naive", tiny)
+    assert naive > 5 * baseline  # the outlier is what hurts naive W8A8
+    assert smooth < 0.3 * naive
+
+
+def test_static_fp8_scales_come_from_the_calibration_maxima(rng):
+    """fp8-static: the first layer's q/k/v share one activation scale, max |attn_norm(embed)| / 448
+    over the calibration windows; every projection holds one scale per layer."""
+    model = _random_model(1)
+    windows = _windows(rng, model.config)
+    qm = quant.quantize_model(model, scheme_from_name("fp8-static"), windows, progress=False)
+    layers, cfg = qm.params["layers"], model.config
+    h = model_lib.rms_norm(model.params["embed"][windows], model.params["layers"]["attn_norm"][0], cfg.rms_norm_eps)
+    for name in quant.LINEAR_WEIGHTS:
+        assert layers[name].act_scale.shape == (cfg.num_layers,) and layers[name].fmt == "fp8"
+    for name in ("wq", "wk", "wv"):
+        np.testing.assert_allclose(layers[name].act_scale[0], jnp.max(jnp.abs(h)) / 448, rtol=1e-6)
+    assert layers["wq"].scales.shape == (cfg.num_layers, cfg.num_heads * cfg.head_dim)
+
+
+def test_w8a8_models_stay_close_to_dense_and_dequantize(rng):
+    """Every W8A8 scheme keeps the logits near the dense model's; dequantize_params turns the
+    weights back into dense arrays of the model dtype."""
+    model = ji.load_model("tiny")
+    tokens = jnp.asarray([list(b"import os\nprint(os.getcwd())\n")], jnp.int32)
+    dense = ji.forward_logits(model, tokens)
+    windows = _windows(rng, model.config, 4, 32)
+    for name in ("w8a8-int8-naive", "w8a8-int8-smooth", "w8a8-fp8", "w8a8-fp8-static-pt"):
+        qm = quant.quantize_by_name(model, name, calibration=windows, progress=False) \
+            if quant.needs_calibration(scheme_from_name(name)) else quant.quantize_by_name(model, name)
+        assert all(isinstance(qm.params["layers"][n], af.W8A8Weight) for n in quant.LINEAR_WEIGHTS)
+        assert 1e-4 < row_rel_error(ji.forward_logits(qm, tokens), dense) < 0.1, name
+    back = quant.dequantize_params(qm.params)
+    assert back["layers"]["wq"].dtype == model.dtype and back["layers"]["wq"].shape == model.params["layers"]["wq"].shape
+
+
+def _byte_model(name, seed):
+    """A one-layer random byte-level model quantised by the named scheme (small, so the engine compiles fast)."""
+    model = _random_model(seed, vocab_size=258, num_layers=1)
+    return dataclasses.replace(model, params=quant.quantize(model.params, scheme_from_name(name)),
+                               tokenizer=ji.ByteTokenizer())
+
+
+def test_engine_serves_w8a8_token_for_token():
+    """The paged engine on a W8A8 model gives the greedy tokens of the model's own forward pass
+    (the contiguous-cache loop): per-token activation scales make a row's result independent of
+    its batch, and int32 sums are exact."""
+    model = _byte_model("w8a8-int8-naive", 5)
+    prompts = ["def fibonacci(n):", "import os\n", "class Engine:\n    def step(self"]
+    sp = ji.SamplingParams(max_tokens=12, temperature=0.0)
+    want = [o.token_ids for o in ji.generate(model, prompts, sp)]
+    got = [o.token_ids for o in ji.Engine(model, ji.EngineConfig(max_batch=4, page_size=8)).generate(prompts, sp)]
+    assert got == want and len(set(map(tuple, got))) > 1
+
+
+@pytest.mark.parametrize("name", ["w8a8-int8-naive", "w8a8-fp8"])
+def test_engine_pallas_w8a8_equals_xla(name):
+    """EngineConfig(matmul="pallas") runs the W8A8 kernel (interpret mode) and serves the XLA path's tokens."""
+    model = _byte_model(name, 7)
+    sp = ji.SamplingParams(max_tokens=4, temperature=0.0)
+    prompts = ["import os", "x = 1"]
+    want = [o.token_ids for o in ji.Engine(model).generate(prompts, sp)]
+    got = [o.token_ids for o in ji.Engine(model, ji.EngineConfig(matmul="pallas")).generate(prompts, sp)]
+    assert got == want
