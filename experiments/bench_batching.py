@@ -118,8 +118,9 @@ def serve(engine: ji.Engine, workload: list[Request], progress: bool) -> tuple[l
             time.sleep(max(0.0, workload[pending[0]].arrival_s - (time.perf_counter() - start)))
             continue
         for out in engine.step():
-            outs[ids[out.request_id]] = out
-            bar.update()
+            if out.finished:
+                outs[ids[out.request_id]] = out
+                bar.update()
     wall = time.perf_counter() - start
     bar.close()
     return [outs[i] for i in range(len(workload))], wall

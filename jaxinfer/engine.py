@@ -12,14 +12,30 @@ are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an 
 (jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits a sequence.
 With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
 (jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
+
+The request lifecycle, for callers that serve requests as they come (the contract a server is
+written against):
+  add_request(prompt, sampling, adapter=)  queue a request; bad input raises ValueError
+  step()          one iteration; returns a RequestOutput for every request that got new tokens or
+                  finished in it: `finished` False (finish_reason None, tokens and text so far)
+                  or True (the final output)
+  stream(prompt)  a generator of one request's outputs, each time it has new tokens, the last one
+                  finished; closing it early aborts the request
+  abort(id)       end a request now ("aborted"); its pages come back at once
+A request past its deadline (SamplingParams.timeout_s, or EngineConfig.request_timeout_s) ends
+with "timeout" at the start of the next step, its tokens so far kept. A request whose logits turn
+NaN or infinite ends with "error" (the sampler flags the row on the device, in the token array
+read back anyway); its pages are zeroed before they are reused and the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import logging
 import time
+from collections.abc import Iterator
 from typing import Sequence as Seq
 
 import numpy as np
@@ -32,7 +48,7 @@ from jaxinfer.lora import AdapterRegistry, LoraAdapter
 from jaxinfer.requests import RequestOutput, StopRules, prepare_adapters, prepare_prompt, prepare_sampling, sequence_output
 from jaxinfer.pipeline import DecodePipeline
 from jaxinfer.runner import ModelRunner, possible_buckets
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import NONFINITE, SamplingParams
 from jaxinfer.scheduler import Scheduler, Sequence, Status
 from jaxinfer.speculative import load_drafter
 from jaxinfer.speculative.decoder import SpeculativeDecoder
@@ -47,7 +63,13 @@ class _Request:
     prompt: list[int]
     sampling: SamplingParams
     sequences: list[Sequence]
-    aborted: bool = False
+
+    @property
+    def done(self) -> bool:
+        """Every sample has finished (a parent that ends before its first token forks no samples)."""
+        seqs = self.sequences
+        return (all(s.status is Status.FINISHED for s in seqs)
+                and (len(seqs) == self.sampling.n or not seqs[0].generated))
 
 
 def place(model, tp: int):
@@ -94,6 +116,9 @@ class Engine:
         self.rules = StopRules(model)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
+        self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, request id)
+        self._touched: set[int] = set()  # requests that got tokens in this step
+        self._streams: dict[int, collections.deque] = {}  # request id -> outputs not yet yielded by stream()
         self._counts: collections.Counter = collections.Counter()  # steps, preemptions, peak_running, host_s
         self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
         self.pages_in_use: list[int] = []  # after each step
@@ -129,7 +154,7 @@ class Engine:
                     adapter: str | None = None) -> int:
         """Queue a request (under an added LoRA adapter, or the base model) and return its id. Bad
         input raises ValueError; the engine is unchanged."""
-        sampling = sampling or SamplingParams()
+        sampling = SamplingParams() if sampling is None else sampling
         self.adapters.check(adapter)
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
@@ -151,19 +176,43 @@ class Engine:
                        cache_salt=self.adapters.salt.get(adapter, 0))
         self._requests[rid] = _Request(rid, list(ids), sampling, [seq])
         self.scheduler.add(seq)
+        timeout = sampling.timeout_s if sampling.timeout_s is not None else self.config.request_timeout_s
+        if timeout is not None:
+            heapq.heappush(self._deadlines, (now + timeout, rid))
         return rid
 
     def abort(self, request_id: int) -> RequestOutput:
-        """Stop a request now: its pages come back, its output (finish_reason "abort") is returned."""
+        """Stop a request now: its pages come back, its output (finish_reason "aborted", the tokens
+        so far) is returned."""
         if request_id not in self._requests:
             raise ValueError(f"request_id={request_id} is not a running or waiting request")
         req = self._requests[request_id]
-        req.aborted = True
-        for seq in req.sequences:
-            if seq.status is not Status.FINISHED:
-                seq.finish_time = time.perf_counter()
-                self.scheduler.finish(seq, "abort")
-        return self._collect(req.sequences)[0]
+        self._end(req, "aborted")
+        (out,) = self._emit(self._collect(req.sequences))
+        return out
+
+    def stream(self, prompt: str | Seq[int], sampling: SamplingParams | None = None,
+               adapter: str | None = None) -> Iterator[RequestOutput]:
+        """Add a request and yield its output each time it has new tokens (finished False, the
+        tokens and text so far), the last one finished, driving the engine with step() (other
+        requests advance too). Closing the generator early aborts the request. Bad input raises
+        ValueError at the first next()."""
+        rid = self.add_request(prompt, sampling, adapter=adapter)
+        queue = self._streams[rid] = collections.deque()
+        try:
+            while True:
+                while not queue and rid in self._requests and self.has_unfinished():
+                    self.step()
+                if not queue:
+                    return
+                out = queue.popleft()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            del self._streams[rid]
+            if rid in self._requests:
+                self.abort(rid)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -186,7 +235,7 @@ class Engine:
                     for rid in ids:
                         self.abort(rid)
                     raise ValueError(f"prompts[{i}]: {e}") from None
-                prompt_ids = list(p) if not isinstance(p, str) else []
+                prompt_ids = list(p) if isinstance(p, (list, tuple)) else []
                 ids.append(RequestOutput(prompt_ids, [], None, "error", {}, error=f"prompts[{i}]: {e}"))
         errors = [x.error for x in ids if isinstance(x, RequestOutput)]
         if errors:
@@ -194,7 +243,7 @@ class Engine:
         done: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while self.has_unfinished():
-            done.update((out.request_id, out) for out in self.step())
+            done.update((out.request_id, out) for out in self._outputs(self._advance(), partial=False) if out.finished)
         wall = time.perf_counter() - start
         outs = [x if isinstance(x, RequestOutput) else done.pop(x) for x in ids]
         generated = sum(len(s.token_ids) for o in outs for s in (o.samples or [o]))
@@ -240,9 +289,16 @@ class Engine:
     # One iteration -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the requests that finished in it."""
+        """Run one scheduled batch; return an output for every request that got new tokens or
+        finished in it (finished False: the tokens and text so far), in request order."""
+        return self._outputs(self._advance(), partial=True)
+
+    def _advance(self) -> list[Sequence]:
+        """One iteration: expire requests past their deadline, run the scheduled batch; returns
+        the sequences that finished (the requests that got tokens are in self._touched)."""
         start, device_before = time.perf_counter(), self.runner.stats["device_s"]
         finished = self.pipeline.collect(self._append) if self.pipeline.in_flight else []
+        finished += self._expire()
         if self.pipeline.in_flight is None and self.scheduler.has_work():
             plan = self.scheduler.schedule()
             self._counts["preemptions"] += len(plan.preempted)
@@ -266,7 +322,25 @@ class Engine:
         self._counts["steps"] += 1
         # host_s: the step's time outside blocking reads (scheduling, arrays, bookkeeping).
         self._counts["host_s"] += time.perf_counter() - start - (self.runner.stats["device_s"] - device_before)
-        return self._collect(finished)
+        return finished
+
+    def _expire(self) -> list[Sequence]:
+        """End the requests whose deadline has passed ("timeout"); returns their sequences."""
+        now, ended = time.perf_counter(), []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, rid = heapq.heappop(self._deadlines)
+            if rid in self._requests:
+                self._end(self._requests[rid], "timeout")
+                ended.append(self._requests[rid].sequences[0])
+        return ended
+
+    def _end(self, req: _Request, reason: str) -> None:
+        """Finish every unfinished sequence of a request now; its pages come back."""
+        now = time.perf_counter()
+        for seq in req.sequences:
+            if seq.status is not Status.FINISHED:
+                seq.finish_time = now
+                self.scheduler.finish(seq, reason)
 
     def _run(self, plan) -> list[Sequence]:
         """One mixed step; sequences that finish their input sample a token (n > 1: all samples)."""
@@ -288,8 +362,15 @@ class Engine:
         return finished
 
     def _append(self, seq: Sequence, token: int) -> bool:
-        """Append a sampled token to a running sequence; finish it if it stops. True if it did."""
+        """Append a sampled token to a running sequence; finish it if it stops (or fail it if the
+        token is NONFINITE). True if it finished."""
         now = time.perf_counter()
+        self._touched.add(seq.request_id)
+        if token == NONFINITE:
+            seq.finish_time = now
+            self._fail(seq, f"non-finite logits (NaN or Inf) at generated token {len(seq.generated)} "
+                            f"(the request's step {len(seq.generated)})")
+            return True
         seq.tokens.append(token)
         seq.first_token_time = seq.first_token_time or now
         reason = seq.stop(seq.generated)
@@ -297,6 +378,18 @@ class Engine:
             seq.finish_time = now
             self.scheduler.finish(seq, reason)
         return reason is not None
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        """Finish a sequence with "error": the pages it alone holds leave the prefix cache and are
+        zeroed on the device (they may hold NaN), then come back."""
+        log.warning("request %d failed: %s", seq.request_id, error)
+        own = [p for p in seq.pages if self.allocator.refcount[p] == 1]
+        for p in own:
+            self.allocator.unregister(p)
+        if own:
+            self.runner.clear_pages(own)
+        seq.error = error
+        self.scheduler.finish(seq, "error")
 
     def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
         """The other n - 1 samples of a request, sharing the parent's prompt pages once its last
@@ -313,17 +406,39 @@ class Engine:
 
     # Outputs -----------------------------------------------------------------------------------
 
+    def _outputs(self, finished: list[Sequence], partial: bool) -> list[RequestOutput]:
+        """The outputs of a step: the requests that finished, and (partial, or for a stream) those
+        that got tokens and run on; streamed ones are queued for their stream too."""
+        outs = self._collect(finished)
+        touched, self._touched = self._touched - {o.request_id for o in outs}, set()
+        outs += [self._output(self._requests[rid]) for rid in touched
+                 if rid in self._requests and (partial or rid in self._streams)]
+        return self._emit(sorted(outs, key=lambda o: o.request_id))
+
+    def _emit(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        for o in outs:
+            if o.request_id in self._streams:
+                self._streams[o.request_id].append(o)
+        return outs
+
     def _collect(self, finished: list[Sequence]) -> list[RequestOutput]:
+        """The outputs of the requests that these sequences' finishing completed (forgotten now)."""
         outs = []
         for rid in dict.fromkeys(s.request_id for s in finished):
             req = self._requests[rid]
-            if (any(s.status is not Status.FINISHED for s in req.sequences)
-                    or (len(req.sequences) < req.sampling.n and not req.aborted)):
-                continue
-            del self._requests[rid]
-            samples = [sequence_output(req.prompt, s, self.rules, req.request_id)
-                       for s in sorted(req.sequences, key=lambda s: s.sample_index)]
+            if req.done:
+                del self._requests[rid]
+                outs.append(self._output(req))
+        return outs
+
+    def _output(self, req: _Request) -> RequestOutput:
+        """A request's output: finished (with all n samples), or so far (finished False)."""
+        samples = [sequence_output(req.prompt, s, self.rules, req.request_id)
+                   for s in sorted(req.sequences, key=lambda s: s.sample_index)]
+        if req.done:
             if len(samples) > 1:
                 samples[0].samples = samples
-            outs.append(samples[0])
-        return outs
+            return samples[0]
+        if len(samples) == 1 and len(req.sequences) == req.sampling.n:
+            return samples[0]
+        return dataclasses.replace(samples[0], finish_reason=None, error=None, finished=False, samples=samples)

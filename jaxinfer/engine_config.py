@@ -13,6 +13,7 @@ from jaxinfer.kv_cache import KV_DTYPES
 from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
 from jaxinfer.lora import SlotConfig
 from jaxinfer.model import Impl, auto_impl
+from jaxinfer.sampling import check_timeout
 from jaxinfer.speculative.config import SpeculativeConfig
 
 SCALE_BYTES = 4  # a quantised cache's float32 scale per token and kv head, for each of K and V
@@ -47,6 +48,7 @@ class EngineConfig:
     # Tensor parallel over the first tp devices (jaxinfer.sharding): params and KV cache split, placed
     # once. 1: one device, nothing placed. A model already placed (load_model(..., mesh=)) must match.
     tp: int = 1
+    request_timeout_s: float | None = None  # deadline of a request without its own SamplingParams.timeout_s
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
@@ -79,6 +81,7 @@ class EngineConfig:
                 raise ValueError(f"lora_impl='pallas' with tp={self.tp}: the BGMV/SGMV kernels do not run per "
                                  "shard; use lora_impl='xla'")
             object.__setattr__(self, "lora_impl", "xla")  # "auto" under tensor parallelism: the XLA path
+        check_timeout("request_timeout_s", self.request_timeout_s)
 
     def lora_slots(self) -> SlotConfig | None:
         """The adapter slots a model runner holds, or None without adapters."""

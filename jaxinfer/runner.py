@@ -50,7 +50,7 @@ from jaxinfer import model as model_lib
 from jaxinfer import sharding
 from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
 from jaxinfer.requests import next_power_of_2
-from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
+from jaxinfer.sampling import NONFINITE, SamplingBatch, SamplingParams, sample_checked
 from jaxinfer.scheduler import Sequence
 from jaxinfer.speculative.accept import accept, accept_synthetic
 
@@ -80,14 +80,14 @@ def _with_adapters(params, lora, lora_batch, impl, lora_impl):
 def _step(params, cfg, tokens, cache, features, batch, sp, steps, lora=None, *, impl, lora_impl="xla"):
     """tokens (N,) laid out as `batch` says; sp, steps (R,) each logits row's sampling and token
     index; lora: the adapter slots (jaxinfer.lora.LoraWeights) or None -> a token sampled from
-    each of the R rows at batch.logits_at, their logits (R, V) and hidden states (R, D), the cache
-    and the feature cache (None: none kept)."""
+    each of the R rows at batch.logits_at (NONFINITE where its logits are not finite), their
+    logits (R, V) and hidden states (R, D), the cache and the feature cache (None: none kept)."""
     TRACE_COUNTS["step"] += 1
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
     out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None,
                                   project=project)
     hidden = out.hidden if features is None else out.hidden[batch.logits_at]
-    return sample(out.logits, sp, steps), out.logits, hidden, out.cache, _store(features, batch, out.hidden)
+    return sample_checked(out.logits, sp, steps), out.logits, hidden, out.cache, _store(features, batch, out.hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl"),
@@ -96,7 +96,9 @@ def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features,
             impl, synthetic, lora_impl="xla"):
     """One target pass over rows [last, d_1, .., d_k] (batch: R prefill rows of k + 1 tokens) and
     the acceptance rule -> accepted (R,), tokens (R, k + 1), the cache and the feature cache.
-    synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless)."""
+    synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless).
+    A row whose logits are not finite at a position j <= accepted stops there: accepted becomes j
+    and tokens[j] NONFINITE."""
     TRACE_COUNTS["verify"] += 1
     R, k = drafts.shape
     tokens = jnp.concatenate([last[:, None], drafts], axis=1).reshape(-1)  # (R * (k + 1),)
@@ -108,6 +110,11 @@ def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features,
         accepted, emitted = accept(logits, drafts, draft_probs, num_drafts, sp, steps)
     else:
         accepted, emitted = accept_synthetic(logits, num_drafts, sp, steps, synthetic)
+    position = jnp.arange(k + 1)[None, :]
+    ok = jnp.all(jnp.isfinite(logits), axis=-1) | (position > num_drafts[:, None])  # (R, k + 1); padding is ok
+    first_bad = jnp.where(jnp.all(ok, axis=1), k + 1, jnp.argmin(ok, axis=1))  # (R,)
+    accepted = jnp.minimum(accepted, first_bad)
+    emitted = jnp.where(position == first_bad[:, None], NONFINITE, emitted)
     return accepted, emitted, out.cache, _store(features, batch, out.hidden)
 
 
@@ -116,7 +123,7 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
                   *, impl, num_steps, lora_impl="xla"):
     """num_steps decode steps in one program, each sampled token fed to the next step.
     tokens, positions, valid, steps, adapter_ids (R,); a row writes K/V only in its first valid[r]
-    steps. Returns tokens (num_steps, R) and the cache."""
+    steps. Returns tokens (num_steps, R) (NONFINITE where a row's logits are not finite) and the cache."""
     TRACE_COUNTS["multi_decode"] += 1
     R = tokens.shape[0]
     adapter_ids = jnp.full((R,), -1, jnp.int32) if adapter_ids is None else adapter_ids
@@ -136,8 +143,8 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
             prefill_start=jnp.zeros((0,), jnp.int32), prefill_lens=jnp.zeros((0,), jnp.int32), adapter_ids=adapter_ids,
         )
         out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, project=project)
-        new = sample(out.logits, sp, steps + j)
-        return (new, out.cache), new
+        new = sample_checked(out.logits, sp, steps + j)
+        return (jnp.maximum(new, 0), out.cache), new  # a failed row runs on (its request is failed) on token 0
 
     (_, cache), new_tokens = jax.lax.scan(one, (tokens, cache), jnp.arange(num_steps))
     return new_tokens, cache
@@ -161,7 +168,19 @@ def _newest(tokens, last):
 def _sample_rows(logits, rows, sp, steps):
     """More samples from given rows of a step's logits (the other n - 1 samples of a prompt)."""
     TRACE_COUNTS["sample"] += 1
-    return sample(logits[rows], sp, steps)
+    return sample_checked(logits[rows], sp, steps)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "features"))
+def _clear_pages(cache, features, pages):
+    """The cache (and feature cache) with pages (n,) zeroed; indices past the cache are ignored."""
+    TRACE_COUNTS["clear"] += 1
+    cache = jax.tree.map(lambda x: x.at[:, :, pages].set(0, mode="drop"), cache)
+    if features is None:
+        return cache, None
+    page_size = cache.page_size
+    slots = (pages[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
+    return cache, features.at[slots].set(0, mode="drop")
 
 
 @dataclasses.dataclass
@@ -214,12 +233,15 @@ class ModelRunner:
         self.lora = None if lora is None else lora_lib.LoraWeights.zeros(cfg, lora.num_slots, lora.rank, dtype)
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.decode_rows = next_power_of_2(max_batch)
+        # One page past the allocator's, never written: block-table padding points at it, so a row's padding
+        # reads zeros, not another sequence's page (attention weighs the padding by zero, and 0 * NaN is NaN).
+        self.pad_page = num_pages
         features_shape = (num_pages * page_size, cfg.hidden_size)
         if self.mesh is None:
-            self.cache = PagedKVCache.zeros(cfg, num_pages, page_size, dtype, kv_dtype)
+            self.cache = PagedKVCache.zeros(cfg, num_pages + 1, page_size, dtype, kv_dtype)
             self.features = jnp.zeros(features_shape, dtype) if features else None
         else:
-            self.cache = sharding.zeros_cache(cfg, num_pages, page_size, dtype, kv_dtype, self.mesh)
+            self.cache = sharding.zeros_cache(cfg, num_pages + 1, page_size, dtype, kv_dtype, self.mesh)
             self.features = sharding.zeros(features_shape, dtype, self.mesh) if features else None
             if self.lora is not None:
                 self.lora = sharding.put(self.lora, sharding.lora_specs(self.lora), self.mesh)
@@ -231,7 +253,13 @@ class ModelRunner:
 
     @property
     def num_pages(self) -> int:
-        return self.cache.num_pages
+        """Pages the allocator hands out (the cache holds one more: the padding page)."""
+        return self.pad_page
+
+    @property
+    def dropped_slot(self) -> int:
+        """A slot index past the cache: K/V written there are dropped."""
+        return self.cache.num_pages * self.page_size
 
     def _put(self, tree):
         """Host arrays onto the device in one transfer (on a mesh: replicated on every device)."""
@@ -249,6 +277,15 @@ class ModelRunner:
             if self.features is not None:
                 self.features = _copy_slots(self.features, src, dst, page_size=self.page_size)
         self.stats["copied_pages"] += len(copies)
+
+    def clear_pages(self, pages: list[int]) -> None:
+        """Zero pages (and their feature slots) that a failed request wrote, so that no NaN or
+        infinity it left there reaches the page's next owner: attention weighs a page's unwritten
+        slots by zero, and zero times NaN is NaN. (One small program, compiled when first needed.)"""
+        padded = np.full(next_power_of_2(len(pages)), self.cache.num_pages, np.int32)
+        padded[: len(pages)] = pages
+        with sharding.use_mesh(self.mesh):
+            self.cache, self.features = _clear_pages(self.cache, self.features, self._put(padded))
 
     def load_adapter(self, slot: int, adapter: lora_lib.LoraAdapter | None) -> None:
         """Write an adapter (None: nothing) into a device slot, between steps; blocks until written."""
@@ -271,12 +308,11 @@ class ModelRunner:
         M = self.pages_bucket(max(len(s.pages) for s in scheduled))
         N = Rd + Rp * C
         self.buckets.add(("step", Rd, Rp, C, M))
-        dropped = self.num_pages * page  # slot index past the cache: not written
-
         tokens, positions, adapter_ids = np.zeros(N, np.int32), np.zeros(N, np.int32), np.full(N, -1, np.int32)
-        slots = np.full(N, dropped, np.int32)
-        d_tables, d_lens = np.zeros((Rd, M), np.int32), np.zeros(Rd, np.int32)
-        p_tables, p_start, p_lens = np.zeros((Rp, M), np.int32), np.zeros(Rp, np.int32), np.zeros(Rp, np.int32)
+        slots = np.full(N, self.dropped_slot, np.int32)
+        d_tables, d_lens = np.full((Rd, M), self.pad_page, np.int32), np.zeros(Rd, np.int32)
+        p_tables, p_start = np.full((Rp, M), self.pad_page, np.int32), np.zeros(Rp, np.int32)
+        p_lens = np.zeros(Rp, np.int32)
         logits_at = np.zeros(Rd + Rp, np.int32)
 
         def place(seq, offset, n):
@@ -344,7 +380,7 @@ class ModelRunner:
         M = self.pages_bucket(max(len(s.pages) for s in seqs))
         self.buckets.add(("decode", R, k, M))
         positions, valid, steps = (np.zeros(R, np.int32) for _ in range(3))
-        tables, adapter_ids = np.zeros((R, M), np.int32), np.full(R, -1, np.int32)
+        tables, adapter_ids = np.full((R, M), self.pad_page, np.int32), np.full(R, -1, np.int32)
         for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
             positions[i], valid[i], steps[i], adapter_ids[i] = s.num_computed + a, w, len(s.generated) + a, s.lora_slot
             tables[i, : len(s.pages)] = s.pages
@@ -385,9 +421,8 @@ class ModelRunner:
         C = k + 1
         M = self.pages_bucket(max(len(s.pages) for s in seqs))
         self.buckets.add(("verify", R, k, M))
-        dropped = self.num_pages * page
-        positions, slots = np.zeros((R, C), np.int32), np.full((R, C), dropped, np.int32)
-        tables, start, lens = np.zeros((R, M), np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
+        positions, slots = np.zeros((R, C), np.int32), np.full((R, C), self.dropped_slot, np.int32)
+        tables, start, lens = np.full((R, M), self.pad_page, np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
         last, valid, adapter_ids = np.zeros(R, np.int32), np.zeros(R, np.int32), np.full(R, -1, np.int32)
         for i, (s, d) in enumerate(zip(seqs, num_drafts)):
             pos = s.num_computed + np.arange(d + 1)

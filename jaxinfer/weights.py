@@ -28,7 +28,8 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.formats import QuantizedWeight
 from jaxinfer.model import Model
 from jaxinfer.hf_layout import (
-    CheckpointError, check_complete, expected_tensors, header_entries, resolve_dtype, safetensors_files, write_layer,
+    FLOAT_DTYPES, CheckpointError, check_complete, expected_tensors, header_entries, resolve_dtype, safetensors_files,
+    write_layer,
 )
 from jaxinfer.quant.checkpoints import load_quantized_params
 from jaxinfer.tokenizer import load_tokenizer
@@ -47,13 +48,16 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
 
     # Pass 1: headers only. Every tensor must be expected, well shaped, and present.
     location: dict[str, str] = {}
-    for path, key, shape, _ in header_entries(files, cfg):
+    for path, key, shape, stored in header_entries(files, cfg):
         if key not in expected:
-            raise CheckpointError(f"unexpected tensor {key!r} in {os.path.basename(path)}")
+            raise CheckpointError(f"unexpected tensor {key!r} in {path}")
         if shape != expected[key].hf_shape:
-            raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {expected[key].hf_shape}")
+            raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {expected[key].hf_shape} (in {path})")
+        if stored not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {key!r} is stored as {stored}, not a float dtype ({', '.join(FLOAT_DTYPES)}) "
+                                  f"(in {path})")
         location[key] = path
-    check_complete({k: s.hf_shape for k, s in expected.items()}, location)
+    check_complete({k: s.hf_shape for k, s in expected.items()}, location, f" in {ckpt_dir}")
 
     # Pass 2: stream the data into preallocated arrays.
     shapes = model_lib.param_shapes(cfg)
