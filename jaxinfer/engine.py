@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
 import logging
 import time
 from collections.abc import Iterator
@@ -44,8 +43,9 @@ from jaxinfer import model as model_lib
 from jaxinfer import sharding
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.kv_cache import PageAllocator
+from jaxinfer.lifecycle import Request, RequestTable, sample_seed
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
-from jaxinfer.requests import RequestOutput, StopRules, prepare_adapters, prepare_prompt, prepare_sampling, sequence_output
+from jaxinfer.requests import RequestOutput, StopRules, prepare_adapters, prepare_prompt, prepare_sampling
 from jaxinfer.pipeline import DecodePipeline
 from jaxinfer.runner import ModelRunner, possible_buckets
 from jaxinfer.sampling import NONFINITE, SamplingParams
@@ -57,47 +57,13 @@ from jaxinfer.speculative.decoder import SpeculativeDecoder
 log = logging.getLogger("jaxinfer")
 
 
-@dataclasses.dataclass(eq=False)
-class _Request:
-    request_id: int
-    prompt: list[int]
-    sampling: SamplingParams
-    sequences: list[Sequence]
-
-    @property
-    def done(self) -> bool:
-        """Every sample has finished (a parent that ends before its first token forks no samples)."""
-        seqs = self.sequences
-        return (all(s.status is Status.FINISHED for s in seqs)
-                and (len(seqs) == self.sampling.n or not seqs[0].generated))
-
-
-def place(model, tp: int):
-    """The model on a mesh of the first tp devices (checked before anything is placed or compiled),
-    or as it is: tp=1 and unplaced, or already placed on tp devices."""
-    placement = getattr(model, "placement", None)
-    if placement is not None:
-        if placement.tp != tp:
-            raise ValueError(f"tp={tp}, but the model is placed on tp={placement.tp} devices")
-        return model
-    if tp == 1 or getattr(model, "params", None) is None:
-        return model
-    sharding.check(model.config, tp)
-    return sharding.shard_model(model, sharding.make_mesh(tp))
-
-
-def _sample_seed(seed: int, index: int) -> int:
-    """Seed of a request's index-th sample; sample 0 uses the request's own seed."""
-    return seed if index == 0 else hash((seed, index)) & 0x7FFFFFFF
-
-
 class Engine:
     def __init__(self, model, config: EngineConfig | None = None, *, runner=ModelRunner):
         """`runner(model, num_pages, page_size, max_seq_len, max_batch, impl, features, kv_dtype, lora)`
         builds the model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
-        placed = place(model, config.tp)  # the model as the device runs it
+        placed = sharding.place_model(model, config.tp)  # the model as the device runs it
         num_pages, page_size = config.kv_pages(placed, self.max_seq_len)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)
@@ -114,11 +80,8 @@ class Engine:
                                    chunked_prefill=config.chunked_prefill,
                                    adapters=self.adapters if config.max_adapters else None)
         self.rules = StopRules(model)
-        self._requests: dict[int, _Request] = {}
+        self.requests = RequestTable(self.rules)  # by id: sequences, deadlines, outputs and streams
         self._next_id = 0
-        self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, request id)
-        self._touched: set[int] = set()  # requests that got tokens in this step
-        self._streams: dict[int, collections.deque] = {}  # request id -> outputs not yet yielded by stream()
         self._counts: collections.Counter = collections.Counter()  # steps, preemptions, peak_running, host_s
         self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
         self.pages_in_use: list[int] = []  # after each step
@@ -174,21 +137,19 @@ class Engine:
         stop = self.rules.checker(sampling, self.max_seq_len + 1 - len(ids))
         seq = Sequence(rid, 0, list(ids), len(ids), sampling, seed, now, stop=stop, adapter=adapter,
                        cache_salt=self.adapters.salt.get(adapter, 0))
-        self._requests[rid] = _Request(rid, list(ids), sampling, [seq])
-        self.scheduler.add(seq)
         timeout = sampling.timeout_s if sampling.timeout_s is not None else self.config.request_timeout_s
-        if timeout is not None:
-            heapq.heappush(self._deadlines, (now + timeout, rid))
+        self.requests.add(Request(rid, list(ids), sampling, [seq]), None if timeout is None else now + timeout)
+        self.scheduler.add(seq)
         return rid
 
     def abort(self, request_id: int) -> RequestOutput:
         """Stop a request now: its pages come back, its output (finish_reason "aborted", the tokens
         so far) is returned."""
-        if request_id not in self._requests:
+        if request_id not in self.requests:
             raise ValueError(f"request_id={request_id} is not a running or waiting request")
-        req = self._requests[request_id]
+        req = self.requests[request_id]
         self._end(req, "aborted")
-        (out,) = self._emit(self._collect(req.sequences))
+        (out,) = self.requests.emit(self.requests.collect(req.sequences))
         return out
 
     def stream(self, prompt: str | Seq[int], sampling: SamplingParams | None = None,
@@ -198,10 +159,10 @@ class Engine:
         requests advance too). Closing the generator early aborts the request. Bad input raises
         ValueError at the first next()."""
         rid = self.add_request(prompt, sampling, adapter=adapter)
-        queue = self._streams[rid] = collections.deque()
+        queue = self.requests.streams[rid] = collections.deque()
         try:
             while True:
-                while not queue and rid in self._requests and self.has_unfinished():
+                while not queue and rid in self.requests and self.has_unfinished():
                     self.step()
                 if not queue:
                     return
@@ -210,8 +171,8 @@ class Engine:
                 if out.finished:
                     return
         finally:
-            del self._streams[rid]
-            if rid in self._requests:
+            del self.requests.streams[rid]
+            if rid in self.requests:
                 self.abort(rid)
 
     def has_unfinished(self) -> bool:
@@ -243,7 +204,7 @@ class Engine:
         done: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while self.has_unfinished():
-            done.update((out.request_id, out) for out in self._outputs(self._advance(), partial=False) if out.finished)
+            done.update((o.request_id, o) for o in self.requests.outputs(self._advance(), partial=False) if o.finished)
         wall = time.perf_counter() - start
         outs = [x if isinstance(x, RequestOutput) else done.pop(x) for x in ids]
         generated = sum(len(s.token_ids) for o in outs for s in (o.samples or [o]))
@@ -291,11 +252,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return an output for every request that got new tokens or
         finished in it (finished False: the tokens and text so far), in request order."""
-        return self._outputs(self._advance(), partial=True)
+        return self.requests.outputs(self._advance(), partial=True)
 
     def _advance(self) -> list[Sequence]:
         """One iteration: expire requests past their deadline, run the scheduled batch; returns
-        the sequences that finished (the requests that got tokens are in self._touched)."""
+        the sequences that finished (the requests that got tokens are in requests.touched)."""
         start, device_before = time.perf_counter(), self.runner.stats["device_s"]
         finished = self.pipeline.collect(self._append) if self.pipeline.in_flight else []
         finished += self._expire()
@@ -326,15 +287,12 @@ class Engine:
 
     def _expire(self) -> list[Sequence]:
         """End the requests whose deadline has passed ("timeout"); returns their sequences."""
-        now, ended = time.perf_counter(), []
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, rid = heapq.heappop(self._deadlines)
-            if rid in self._requests:
-                self._end(self._requests[rid], "timeout")
-                ended.append(self._requests[rid].sequences[0])
-        return ended
+        ended = self.requests.expired(time.perf_counter())
+        for req in ended:
+            self._end(req, "timeout")
+        return [req.sequences[0] for req in ended]
 
-    def _end(self, req: _Request, reason: str) -> None:
+    def _end(self, req: Request, reason: str) -> None:
         """Finish every unfinished sequence of a request now; its pages come back."""
         now = time.perf_counter()
         for seq in req.sequences:
@@ -365,7 +323,7 @@ class Engine:
         """Append a sampled token to a running sequence; finish it if it stops (or fail it if the
         token is NONFINITE). True if it finished."""
         now = time.perf_counter()
-        self._touched.add(seq.request_id)
+        self.requests.touched.add(seq.request_id)
         if token == NONFINITE:
             seq.finish_time = now
             self._fail(seq, f"non-finite logits (NaN or Inf) at generated token {len(seq.generated)} "
@@ -394,51 +352,12 @@ class Engine:
     def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
         """The other n - 1 samples of a request, sharing the parent's prompt pages once its last
         prompt chunk (n tokens, computed in this step) is in them."""
-        req = self._requests[parent.request_id]
+        req = self.requests[parent.request_id]
         children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[],
                                         num_computed=parent.num_computed + n, hashes=list(parent.hashes),
-                                        seed=_sample_seed(parent.seed, i),
+                                        seed=sample_seed(parent.seed, i),
                                         stop=self.rules.checker(parent.sampling, parent.stop.room))
                     for i in range(1, parent.sampling.n)]
         self.scheduler.fork(parent, children)
         req.sequences += children
         return children
-
-    # Outputs -----------------------------------------------------------------------------------
-
-    def _outputs(self, finished: list[Sequence], partial: bool) -> list[RequestOutput]:
-        """The outputs of a step: the requests that finished, and (partial, or for a stream) those
-        that got tokens and run on; streamed ones are queued for their stream too."""
-        outs = self._collect(finished)
-        touched, self._touched = self._touched - {o.request_id for o in outs}, set()
-        outs += [self._output(self._requests[rid]) for rid in touched
-                 if rid in self._requests and (partial or rid in self._streams)]
-        return self._emit(sorted(outs, key=lambda o: o.request_id))
-
-    def _emit(self, outs: list[RequestOutput]) -> list[RequestOutput]:
-        for o in outs:
-            if o.request_id in self._streams:
-                self._streams[o.request_id].append(o)
-        return outs
-
-    def _collect(self, finished: list[Sequence]) -> list[RequestOutput]:
-        """The outputs of the requests that these sequences' finishing completed (forgotten now)."""
-        outs = []
-        for rid in dict.fromkeys(s.request_id for s in finished):
-            req = self._requests[rid]
-            if req.done:
-                del self._requests[rid]
-                outs.append(self._output(req))
-        return outs
-
-    def _output(self, req: _Request) -> RequestOutput:
-        """A request's output: finished (with all n samples), or so far (finished False)."""
-        samples = [sequence_output(req.prompt, s, self.rules, req.request_id)
-                   for s in sorted(req.sequences, key=lambda s: s.sample_index)]
-        if req.done:
-            if len(samples) > 1:
-                samples[0].samples = samples
-            return samples[0]
-        if len(samples) == 1 and len(req.sequences) == req.sampling.n:
-            return samples[0]
-        return dataclasses.replace(samples[0], finish_reason=None, error=None, finished=False, samples=samples)

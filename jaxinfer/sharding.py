@@ -349,3 +349,17 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def place_model(model, tp: int):
+    """The model on a mesh of the first tp devices (checked before anything is placed or compiled),
+    or as it is: tp=1 and unplaced, or already placed on tp devices."""
+    placement = getattr(model, "placement", None)
+    if placement is not None:
+        if placement.tp != tp:
+            raise ValueError(f"tp={tp}, but the model is placed on tp={placement.tp} devices")
+        return model
+    if tp == 1 or getattr(model, "params", None) is None:
+        return model
+    check(model.config, tp)
+    return shard_model(model, make_mesh(tp))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxinfer as ji
-from jaxinfer.engine import _sample_seed
+from jaxinfer.lifecycle import sample_seed
 from jaxinfer.mock_runner import MockRunner, expected_tokens
 
 VOCAB = 300
@@ -56,7 +56,7 @@ def workload(rng, n, poison=False):
 def served_alone(prompt, sp, sample=0):
     """(tokens, error step or None): what the mock serves a request's sample alone when a token
     POISON in its context fails it."""
-    want = expected_tokens(prompt, sp.max_tokens, VOCAB, seed=_sample_seed(sp.seed, sample), greedy=sp.greedy)
+    want = expected_tokens(prompt, sp.max_tokens, VOCAB, seed=sample_seed(sp.seed, sample), greedy=sp.greedy)
     if POISON in prompt:
         return [], 0
     if POISON in want[:-1]:
@@ -74,10 +74,10 @@ def drive(engine, prompts, params):
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     seen = {rid: [] for rid in ids}
     while engine.has_unfinished():
-        before = {rid: [len(s.generated) for s in engine._requests[rid].sequences] for rid in engine._requests}
+        before = {rid: [len(s.generated) for s in engine.requests[rid].sequences] for rid in engine.requests.live}
         outs = engine.step()
         got = {rid for rid, n in before.items()
-               if rid not in engine._requests or [len(s.generated) for s in engine._requests[rid].sequences] != n}
+               if rid not in engine.requests.live or [len(s.generated) for s in engine.requests[rid].sequences] != n}
         assert {o.request_id for o in outs} == got  # every request with new tokens or finished, and no other
         for o in outs:
             seen[o.request_id].append(o)
@@ -103,7 +103,7 @@ def test_step_streams_every_request_with_new_tokens(name, rng):
             for x, y in zip(a.samples or [a], b.samples or [b]):
                 assert y.token_ids[: len(x.token_ids)] == x.token_ids
         for k, sample in enumerate(final.samples or [final]):
-            want = expected_tokens(p, sp.max_tokens, VOCAB, seed=_sample_seed(sp.seed, k), greedy=sp.greedy)
+            want = expected_tokens(p, sp.max_tokens, VOCAB, seed=sample_seed(sp.seed, k), greedy=sp.greedy)
             got = sample.token_ids
             assert got == want if len(p) + sp.max_tokens - 1 <= capacity else got == want[: len(got)]
     assert engine.allocator.num_used == 0
@@ -140,7 +140,7 @@ def test_stream_yields_each_new_token_and_close_aborts(rng):
     first_a = [next(a) for _ in range(3)]
     rid = first_a[0].request_id
     a.close()
-    assert rid not in engine._requests
+    assert rid not in engine.requests.live
     outs_b = list(b)
     assert outs_b[-1].token_ids == expected_tokens(prompts[2], 12, VOCAB) and outs_b[-1].finish_reason == "length"
     done = {}
@@ -163,7 +163,7 @@ def test_abort_mid_run_keeps_tokens_and_returns_pages(rng):
     for _ in range(5):
         engine.step()
     used = engine.allocator.num_used
-    held = len(engine._requests[ids[0]].sequences[0].pages)
+    held = len(engine.requests[ids[0]].sequences[0].pages)
     out = engine.abort(ids[0])
     assert out.finished and out.finish_reason == "aborted" and 0 < len(out.token_ids) < 30
     assert out.token_ids == expected_tokens(prompts[0], 30, VOCAB)[: len(out.token_ids)]

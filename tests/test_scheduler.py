@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import jaxinfer as ji
 from jaxinfer import lora
-from jaxinfer.engine import _sample_seed
+from jaxinfer.lifecycle import sample_seed
 from jaxinfer.mock_runner import MockRunner, expected_tokens
 from jaxinfer.scheduler import Scheduler
 
@@ -153,7 +153,7 @@ def test_adapters_on_few_slots_get_their_tokens(seed, num_requests, slots, num_p
             continue
         adapter = engine.adapters.store[name] if name else None
         for k, sample in enumerate(outs[rid].samples or [outs[rid]]):  # forked samples share the adapter
-            want = expected_tokens(p, sp.max_tokens, VOCAB, seed=_sample_seed(sp.seed, k), greedy=not sampled,
+            want = expected_tokens(p, sp.max_tokens, VOCAB, seed=sample_seed(sp.seed, k), greedy=not sampled,
                                    adapter=adapter)
             got = sample.token_ids
             assert got == want if len(p) + sp.max_tokens - 1 <= capacity else got == want[: len(got)]
@@ -255,7 +255,7 @@ def test_rollback_forgets_tokens_and_their_pages(n):
     rid = engine.add_request(prompt, ji.SamplingParams(max_tokens=20, temperature=0.0))
     for _ in range(8):
         engine.step()
-    (seq,) = engine._requests[rid].sequences
+    (seq,) = engine.requests[rid].sequences
     assert len(seq.generated) == 8 and seq.num_computed == 16
     registered = set(engine.allocator._page_hash)
     engine.scheduler.rollback(seq, n)
