@@ -20,8 +20,10 @@ from jaxinfer import runner as runner_lib
 from jaxinfer.sampling import SamplingBatch
 from jaxinfer.speculative import accept as accept_lib
 from jaxinfer.speculative import heads
+from jaxinfer.speculative import tree as tree_lib
 
 GREEDY = ji.SamplingParams(max_tokens=24, temperature=0.0)
+ACCEPT_TREE = jax.jit(accept_lib.accept_tree)
 
 
 def chi_square_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,6 +81,62 @@ def test_greedy_rule_keeps_the_argmax_prefix():
     assert np.asarray(tokens)[2, :2].tolist() == [best[2, 0], best[2, 1]]
 
 
+def _tree_case(R):
+    """A tree of 5 drafts: root -> 1 (token 2), 2 (token 5), 3 (token 0); 1 -> 4 (token 1), 5 (token 6)."""
+    parents = np.tile(np.array([0, 0, 0, 1, 1], np.int32), (R, 1))
+    drafts = np.tile(np.array([2, 5, 0, 1, 6], np.int32), (R, 1))
+    return drafts, parents
+
+
+def test_tree_rule_follows_the_target_distribution(rule_case):
+    """Sampling over a tree: the first emitted token follows the target's p at the root, and the
+    token after an accepted draft 1 follows p at draft 1, whichever branch the rule walked."""
+    R, V = 4000, 7
+    logits = np.tile(np.random.default_rng(4).normal(size=(1, 6, V)) * 1.5, (R, 1, 1)).astype(np.float32)
+    drafts, parents = _tree_case(R)
+    sp = SamplingBatch.from_params([ji.SamplingParams(temperature=1.0)] * R, list(range(R)))
+    accepted, tokens, path = (np.asarray(x) for x in ACCEPT_TREE(
+        logits, drafts, parents, np.full(R, 5, np.int32), sp, np.zeros(R, np.int32)))
+    p = np.asarray(jax.nn.softmax(logits[0], -1))
+    assert chi_square_p(tokens[:, 0], np.random.default_rng(1).choice(V, size=R, p=p[0])) > 1e-3
+    after = tokens[(accepted >= 1) & (path[:, 1] == 1), 1]  # token 2 emitted as draft 1: then p at draft 1
+    assert len(after) > 500
+    assert chi_square_p(after, np.random.default_rng(2).choice(V, size=len(after), p=p[1])) > 1e-3
+    assert {1, 2, 3} <= set(path[:, 1].tolist())  # every branch of the root was taken
+    first = drafts[np.arange(R), np.maximum(path[:, 1] - 1, 0)]
+    assert np.array_equal(tokens[accepted >= 1, 0], first[accepted >= 1])
+
+
+def test_greedy_tree_rule_walks_the_argmax_path():
+    R, V = 3, 9
+    logits = np.zeros((R, 6, V), np.float32)
+    argmax = np.array([[5, 6, 3, 3, 4, 8],   # root -> 2 (token 5), no child of 2: bonus 3
+                       [2, 6, 3, 3, 4, 8],   # root -> 1 (token 2) -> 5 (token 6): bonus 8
+                       [7, 6, 3, 3, 4, 8]])  # no draft is 7: the root's argmax alone
+    np.put_along_axis(logits, argmax[..., None], 1.0, axis=-1)
+    drafts, parents = _tree_case(R)
+    sp = SamplingBatch.from_params([ji.SamplingParams(temperature=0.0)] * R, [0, 1, 2])
+    accepted, tokens, path = (np.asarray(x) for x in ACCEPT_TREE(
+        logits, drafts, parents, np.array([5, 5, 5], np.int32), sp, np.zeros(R, np.int32)))
+    assert accepted.tolist() == [1, 2, 0]
+    assert tokens[0, :2].tolist() == [5, 3] and tokens[1, :3].tolist() == [2, 6, 8] and tokens[2, 0] == 7
+    assert path[0, :2].tolist() == [0, 2] and path[1, :3].tolist() == [0, 1, 5]
+    capped = ACCEPT_TREE(logits, drafts, parents, np.array([5, 4, 5], np.int32), sp, np.zeros(R, np.int32))
+    assert np.asarray(capped[0]).tolist() == [1, 1, 0]  # draft 5 is past row 1's num_drafts: bonus at draft 1
+
+
+def test_tree_ancestry_and_compaction():
+    parents = jnp.asarray([[0, 0, 1, 3, 2]], jnp.int32)  # 1, 2 under the root; 3 under 1; 4 under 3; 5 under 2
+    visible, depth = tree_lib.ancestry(parents, jnp.asarray([5]))
+    assert np.asarray(depth)[0].tolist() == [0, 1, 1, 2, 3, 2]
+    assert np.flatnonzero(np.asarray(visible)[0, 4]).tolist() == [0, 1, 3, 4]
+    assert np.flatnonzero(np.asarray(visible)[0, 5]).tolist() == [0, 2, 5]
+    slots = jnp.asarray([[40, 41, 42, 43, 44, 45]])
+    src, dst = tree_lib.compaction(slots, jnp.asarray([[0, 1, 3, 4, 0, 0]]), jnp.asarray([3]), 999)
+    moves = sorted((int(a), int(b)) for a, b in zip(src, dst) if b != 999)
+    assert moves == [(43, 42), (44, 43)]  # draft 1 already sits in place
+
+
 # --- through the engine ---------------------------------------------------------------------------
 
 
@@ -125,11 +183,16 @@ def plain(target):
     return params, [(o.token_ids, o.finish_reason) for o in outs]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft", "medusa", "eagle"])
+TREE = ji.DraftTree(top_k=2, depth=3)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft", "medusa", "eagle", "eagle_tree"])
 def test_greedy_equals_plain_decoding(target, untrained_heads, plain, method):
     """Every method gives the plain engine's tokens and finish reasons."""
     params, expected = plain
-    spec = ji.SpeculativeConfig(method=method, num_tokens=4, draft=untrained_heads.get(method))
+    tree = TREE if method == "eagle_tree" else None
+    method = method.removesuffix("_tree")
+    spec = ji.SpeculativeConfig(method=method, num_tokens=4, draft=untrained_heads.get(method), tree=tree)
     engine = ji.Engine(target, dataclasses.replace(BASE, speculative=spec))
     outs = engine.generate(PROMPTS, params)
     assert [(o.token_ids, o.finish_reason) for o in outs] == expected
@@ -162,13 +225,45 @@ def test_sampling_keeps_the_target_distribution(tmp_path):
     assert chi_square_p(a, b) > 1e-3
 
 
-def test_rolled_back_cache_equals_plain_decoding(tiny):
+SHIPPED_TREE = ji.SpeculativeConfig(method="eagle", num_tokens=6, draft="tiny-eagle", tree=ji.DraftTree(top_k=3, depth=4))
+
+
+def test_greedy_tree_equals_plain_decoding_on_the_shipped_pair(tiny):
+    """tiny-eagle's trees are accepted down side branches too (so their K/V and features were
+    moved into place), and the output is still the plain engine's, with stops and max_tokens."""
+    prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [ji.SamplingParams(max_tokens=m, temperature=0.0) for m in (30, 7, 30)]
+    base = ji.EngineConfig(max_batch=1, page_size=16)  # the rollback test's programs (batches: above)
+    stop = ji.Engine(tiny, base).generate([prompts[2]], params[2])[0].token_ids[20]
+    params[2] = dataclasses.replace(params[2], stop_token_ids=(stop,))
+    expected = [(o.token_ids, o.finish_reason) for o in ji.Engine(tiny, base).generate(prompts, params)]
+    engine = ji.Engine(tiny, dataclasses.replace(base, speculative=SHIPPED_TREE))
+    side = []
+    verify = engine.runner.verify
+
+    def spy(seqs, drafts, probs, num, synthetic, parents):
+        accepted, tokens = verify(seqs, drafts, probs, num, synthetic, parents)
+        d = np.asarray(drafts)
+        side.extend(not np.array_equal(tokens[i, :a], d[i, :a]) for i, a in enumerate(accepted))
+        return accepted, tokens
+
+    engine.runner.verify = spy
+    outs = engine.generate(prompts, params)
+    assert [(o.token_ids, o.finish_reason) for o in outs] == expected
+    assert any(side) and engine.metrics()["spec_tokens_per_pass"] > 2
+    assert engine.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("spec", [ji.SpeculativeConfig(method="ngram", num_tokens=4), SHIPPED_TREE],
+                         ids=["ngram", "eagle_tree"])
+def test_rolled_back_cache_equals_plain_decoding(tiny, spec):
     """After speculative steps with rejections, the K/V a sequence holds equal the plain engine's
-    at the same point; pages past its end were given back."""
+    at the same point; pages past its end were given back. A tree's accepted path was moved into
+    place: its K/V, and the feature cache EAGLE reads (the target's hidden states, recomputed here)."""
     prompt = tiny.tokenizer.encode("def fibonacci(n):\n    if n")
     caches = []
-    for spec in (None, ji.SpeculativeConfig(method="ngram", num_tokens=4)):
-        engine = ji.Engine(tiny, ji.EngineConfig(page_size=16, speculative=spec))
+    for spec in (None, spec):
+        engine = ji.Engine(tiny, ji.EngineConfig(max_batch=1, page_size=16, speculative=spec))
         rid = engine.add_request(prompt, ji.SamplingParams(max_tokens=60, temperature=0.0))
         (seq,) = engine._requests[rid].sequences
         while len(seq.generated) < 16:
@@ -184,6 +279,9 @@ def test_rolled_back_cache_equals_plain_decoding(tiny):
     (tokens_a, kv_a), (tokens_b, kv_b) = caches
     assert tokens_a == tokens_b
     np.testing.assert_allclose(kv_b, kv_a, rtol=1e-5, atol=1e-5)
+    if spec.tree is not None:
+        hidden = ji.forward(tiny.params, tiny.config, jnp.asarray([tokens_a[:n]]), jnp.arange(n)[None]).hidden[0]
+        np.testing.assert_allclose(np.asarray(engine.runner.features)[slots], hidden, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("spec, message", [
