@@ -290,10 +290,28 @@ def test_rolled_back_cache_equals_plain_decoding(tiny, spec):
     (dict(method="draft"), "needs draft="),
     (dict(method="ngram", draft="tiny-draft"), "takes no draft"),
     (dict(method="synthetic"), "needs accept in \\[0, 1\\]"),
+    (dict(method="medusa", draft="tiny-medusa", tree=ji.DraftTree()), "tree= applies to method='eagle' only"),
+    (dict(method="eagle", num_tokens=7, draft="tiny-eagle", tree=ji.DraftTree(top_k=2, depth=2)),
+     "num_tokens=7 is more than the 6 candidates"),
+    (dict(method="eagle", draft="tiny-eagle", tree=(4, 5)), "not a DraftTree"),
 ])
 def test_bad_speculative_config(spec, message):
     with pytest.raises(ValueError, match=message):
         ji.SpeculativeConfig(**spec)
+
+
+def test_bad_draft_tree():
+    with pytest.raises(ValueError, match="top_k=0 must be an integer >= 1"):
+        ji.DraftTree(top_k=0)
+    with pytest.raises(ValueError, match="temperature=0 must be > 0"):
+        ji.DraftTree(temperature=0)
+
+
+def test_tree_needs_a_target_without_sliding_windows(target, untrained_heads):
+    windowed = ji.Model(dataclasses.replace(target.config, layer_windows=(8, 8)), target.params, target.tokenizer)
+    spec = ji.SpeculativeConfig(method="eagle", num_tokens=4, draft=untrained_heads["eagle"], tree=TREE)
+    with pytest.raises(ValueError, match="tree= needs a target without sliding windows"):
+        ji.Engine(windowed, ji.EngineConfig(speculative=spec))
 
 
 def test_bad_drafter_is_refused_before_anything_starts(tiny, tmp_path):
@@ -334,11 +352,13 @@ def test_spec_decode_runs_as_a_script():
     assert "synthetic" in result.stdout and "speedup" in result.stdout
 
 
-def test_warmup_covers_the_verify_passes(target):
-    """With speculation, Engine.warmup compiles the verify passes too: serving afterwards traces
-    no target program (the drafter's own compile on first use)."""
-    engine = ji.Engine(target, ji.EngineConfig(max_batch=2, page_size=16,
-                                               speculative=ji.SpeculativeConfig(method="ngram", num_tokens=3)))
+@pytest.mark.parametrize("method", ["ngram", "eagle_tree"])
+def test_warmup_covers_the_verify_passes(target, untrained_heads, method):
+    """With speculation, Engine.warmup compiles the verify passes too (a tree's included): serving
+    afterwards traces no target program (the drafter's own compile on first use)."""
+    spec = (ji.SpeculativeConfig(method="ngram", num_tokens=3) if method == "ngram" else
+            ji.SpeculativeConfig(method="eagle", num_tokens=3, draft=untrained_heads["eagle"], tree=TREE))
+    engine = ji.Engine(target, ji.EngineConfig(max_batch=2, page_size=16, speculative=spec))
     assert engine.warmup(max_prompt_len=12, max_len=30) > 0
     before = {k: v for k, v in runner_lib.TRACE_COUNTS.items() if k in ("step", "verify")}
     engine.generate([[1, 2, 3, 1, 2, 3, 1, 2], [5] * 12, [7, 8]], ji.SamplingParams(max_tokens=16, temperature=0.0))
