@@ -15,7 +15,7 @@ import pytest
 from helpers import run_main, run_script
 
 import jaxinfer as ji
-from experiments import spec_decode
+from experiments import spec_decode, train_drafter
 from jaxinfer import runner as runner_lib
 from jaxinfer.sampling import SamplingBatch
 from jaxinfer.speculative import accept as accept_lib
@@ -343,6 +343,47 @@ def test_spec_decode_experiment(tmp_path, capsys):
         run_main(spec_decode, "--methods=nope")
     with pytest.raises(ValueError, match="--ks: every value must be >= 1"):
         run_main(spec_decode, "--ks=0")
+
+
+@pytest.mark.slow
+def test_train_drafter_self_distilled_with_a_draft_vocabulary(tiny, tmp_path, capsys):
+    """train_drafter on the target's own continuations, drafting from its 40 most frequent tokens
+    (a few steps): the record says so, the heads keep the vocabulary, and the engine drafts with them."""
+    out = tmp_path / "eagle"
+    run_main(train_drafter, "--method=eagle", "--self_distill=4", "--distill_prompt_len=8", "--seq_len=24",
+             "--steps=2", "--batch_size=2", "--warmup_steps=1", "--draft_vocab=40", "--eval_windows=2",
+             f"--out_dir={out}", f"--ckpt_dir={tmp_path / 'ckpt'}")
+    record = json.loads((out / "training.json").read_text())
+    assert record["self_distill"] == 4 and record["draft_vocab"] == 40 and 0 < record["draft_vocab_coverage"] <= 1
+    assert "calibration temperature" in capsys.readouterr().out
+    assert heads.load_heads(out, "eagle", tiny.config, jnp.float32)[0]["draft_vocab"].shape == (40,)
+    spec = ji.SpeculativeConfig(method="eagle", num_tokens=3, draft=str(out))
+    assert ji.Engine(tiny, ji.EngineConfig(speculative=spec)).generate(["import os\n"], GREEDY)[0].token_ids
+
+
+def test_draft_vocabulary_drafts_only_its_tokens(target, plain, tmp_path):
+    """EAGLE heads with a truncated draft vocabulary draft from it alone (through heads.draft_logits,
+    as Medusa's do), and decoding stays lossless."""
+    method, vocab = "eagle", np.arange(0, 258, 6, dtype=np.int32)  # 43 of the 258 tokens
+    init = heads.init_eagle(target.config, jax.random.key(1))
+    heads.save_heads(tmp_path, method, {**init, "draft_vocab": vocab}, target.config)
+    params, expected = plain
+    engine = ji.Engine(target, dataclasses.replace(BASE, speculative=ji.SpeculativeConfig(
+        method=method, num_tokens=4, draft=str(tmp_path))))
+    drafted, propose = [], engine.drafter.propose
+
+    def spy(seqs, *args):
+        proposal = propose(seqs, *args)
+        drafted.append(np.asarray(proposal.tokens)[: len(seqs)])
+        return proposal
+
+    engine.drafter.propose = spy
+    assert [(o.token_ids, o.finish_reason) for o in engine.generate(PROMPTS, params)] == expected
+    assert drafted and np.isin(np.concatenate(drafted), vocab).all()
+    bad = tmp_path / "bad"
+    heads.save_heads(bad, method, {**init, "draft_vocab": np.array([3, 300], np.int32)}, target.config)
+    with pytest.raises(ValueError, match="draft_vocab must be token ids below 258"):
+        heads.load_heads(bad, method, target.config, jnp.float32)
 
 
 def test_spec_decode_runs_as_a_script():

@@ -36,7 +36,9 @@ from jaxinfer.speculative.config import Proposal
 from jaxinfer.speculative.draft_model import (
     chunk_batch, decode_batch, draw, pages_bucket, row_keys, sampling_rows,
 )
-from jaxinfer.speculative.heads import eagle_features, eagle_inputs, eagle_layer_config, load_heads
+from jaxinfer.speculative.heads import (
+    draft_logits, eagle_features, eagle_inputs, eagle_layer_config, load_heads, with_draft_head,
+)
 from pallas_kernels.common import gather_pages
 
 
@@ -60,14 +62,14 @@ def _propose(target_params, cfg, cfg1, heads, features, cache, next_tokens, star
     keys = row_keys(sp, steps)
     feature, cache = _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables,
                                impl)
-    first, q_first = draw(model_lib.lm_head(target_params, cfg, feature), sp, keys, 0)
+    first, q_first = draw(draft_logits(target_params, cfg, heads, feature), sp, keys, 0)
 
     def one(carry, j):
         token, feature, cache = carry
         batch = decode_batch(start + lens - 1 + j, j < valid, tables, page, P)
         out, cache = _layer(cfg1, heads, eagle_inputs(target_params, heads, feature, token), cache, batch, impl)
         feature = eagle_features(target_params, cfg, out)
-        d, q = draw(model_lib.lm_head(target_params, cfg, feature), sp, keys, j)
+        d, q = draw(draft_logits(target_params, cfg, heads, feature), sp, keys, j)
         return (d, feature, cache), (d, q)
 
     (_, _, cache), (rest, q_rest) = jax.lax.scan(one, (first, feature, cache), jnp.arange(1, k))
@@ -99,7 +101,7 @@ def _propose_tree(target_params, cfg, cfg1, heads, features, cache, next_tokens,
     n = start + lens  # (R,) the root's position: tree tokens of depth d pair up at n + d - 1
 
     def log_probs(feature):
-        return jax.nn.log_softmax(model_lib.lm_head(target_params, cfg, feature) / temperature, axis=-1)
+        return jax.nn.log_softmax(draft_logits(target_params, cfg, heads, feature) / temperature, axis=-1)
 
     score, token = jax.lax.top_k(log_probs(root), K)  # (R, K): the first layer of candidates
     parent = jnp.full((R, K), -1, jnp.int32)  # candidate index of each candidate's parent (-1: the root)
@@ -163,7 +165,8 @@ class EagleDrafter:
         self.target, self.impl, self.tree = target, impl, tree
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.cfg1 = eagle_layer_config(target.config)
-        self.heads, _ = load_heads(path, "eagle", target.config, target.dtype)
+        heads, _ = load_heads(path, "eagle", target.config, target.dtype)
+        self.heads = with_draft_head(target.params, target.config, heads)
         self.cache = PagedKVCache.zeros(self.cfg1, num_pages, page_size, target.dtype)
 
     def propose(self, seqs, num_drafts, k, runner) -> Proposal:
