@@ -168,7 +168,7 @@ def self_distilled(model, num: int, seq_len: int) -> np.ndarray:
     prompts = [(bos + stream[s : s + n].tolist())[:n] for s in starts]
     params = [ji.SamplingParams(max_tokens=seq_len - n, temperature=FLAGS.distill_temperature, seed=i, ignore_eos=True)
               for i in range(num)]
-    outs = ji.Engine(model, ji.EngineConfig(max_batch=min(num, 32))).generate(prompts, params)
+    outs = ji.Engine(model, ji.EngineConfig(max_batch=min(num, 32), max_seq_len=seq_len)).generate(prompts, params)
     return np.asarray([p + o.token_ids for p, o in zip(prompts, outs)], np.int32)
 
 
@@ -187,12 +187,21 @@ def train(model, method: str) -> tuple[dict, dict]:
     optimizer = make_optimizer(steps, FLAGS.lr, FLAGS.warmup_steps)
     record: dict = {}
     t0 = time.perf_counter()
+    ckpt_dir = os.path.abspath(FLAGS.ckpt_dir or "/tmp/jaxinfer_train_drafter")
     if FLAGS.self_distill:
-        windows = self_distilled(model, FLAGS.self_distill, FLAGS.seq_len)
-        features = np.concatenate([np.asarray(target_features(model.params, model.config, jnp.asarray(w[None])))
-                                   for w in windows])  # (N, T, D), once: the target is frozen
+        cache = os.path.join(ckpt_dir, f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-"
+                                       f"p{FLAGS.distill_prompt_len}-t{FLAGS.distill_temperature:g}-s{FLAGS.seed}.npz")
+        if os.path.exists(cache):  # the same data for another method (or a rerun), not generated again
+            with np.load(cache) as f:
+                windows, features = f["tokens"], f["features"]
+        else:
+            windows = self_distilled(model, FLAGS.self_distill, FLAGS.seq_len)
+            features = np.concatenate([np.asarray(target_features(model.params, model.config, jnp.asarray(w[None])))
+                                       for w in tqdm(windows, desc="target features")])  # (N, T, D): frozen target
+            os.makedirs(ckpt_dir, exist_ok=True)
+            np.savez(cache, tokens=windows, features=features)
         record.update(self_distill=FLAGS.self_distill, distill_temperature=FLAGS.distill_temperature,
-                      distill_seconds=time.perf_counter() - t0)
+                      distill_prompt_len=FLAGS.distill_prompt_len, distill_seconds=time.perf_counter() - t0)
         source = ((step, windows[i], features[i]) for step, i in _rows(FLAGS.self_distill, FLAGS.batch_size))
     else:
         stream = data.text_stream(model.tokenizer, "train").ids
@@ -212,7 +221,7 @@ def train(model, method: str) -> tuple[dict, dict]:
 
     state = {"heads": heads, "opt_state": optimizer.init(heads)}
     manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(FLAGS.ckpt_dir or "/tmp/jaxinfer_train_drafter"), f"{model.name}-{method}"),
+        os.path.join(ckpt_dir, f"{model.name}-{method}"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=FLAGS.ckpt_every))
     start = manager.latest_step() or 0
     if start:
