@@ -47,7 +47,7 @@ flags.DEFINE_integer("num_prompts", 8, "Held-out prompts per configuration.")
 PROMPT_LEN, MAX_TOKENS = 32, 64  # defaults: prompt tokens (BOS included), tokens generated (EOS ignored)
 RUNS = 1  # default measured rounds
 for _name in ("model", "dtype", "seed", "out", "spec_accept", "spec_tree_top_k", "spec_tree_depth",
-              "spec_tree_temperature", "attention", "matmul", "prompt_len", "max_tokens", "plot", "runs"):
+              "spec_tree_temperature", "attention", "matmul", "overlap", "prompt_len", "max_tokens", "plot", "runs"):
     flags.declare_key_flag(_name)
 
 
@@ -82,7 +82,7 @@ def spec_config(method: str, k: int) -> ji.SpeculativeConfig | None:
 
 def measure(model, prompts, method: str, k: int, temperature: float, batch: int) -> dict:
     """One run of the prompts on a new engine (the programs compiled already, by an earlier run)."""
-    config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul,
+    config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul, overlap=FLAGS.overlap,
                              speculative=spec_config(method, k))
     params = [ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=temperature, seed=i, ignore_eos=True)
               for i in range(len(prompts))]

@@ -219,9 +219,10 @@ def test_paged_tree_attention_matches_reference(rng, T, page_size, blocks, prefi
     kw = dict(tree_mask=mask, block_sizes=BLOCKS[blocks])
     expected = fa.paged_reference(*args, **kw)
     _assert_matches(fa.paged_flash_attention(*args, **kw, interpret=INTERPRET), expected, [T] * B, dtype)
-    xla = attention.paged_prefill(args[0], k_pages, v_pages, None, None, block_tables, args[4], jnp.full(B, T),
-                                  tree_mask=mask)  # the model's XLA path
-    _assert_matches(xla, expected, [T] * B, dtype)
+    for impl in attention.IMPLEMENTATIONS:  # the model's dispatch point passes the mask on
+        out = attention.paged_prefill(args[0], k_pages, v_pages, None, None, block_tables, args[4], jnp.full(B, T),
+                                      impl=impl, tree_mask=mask)
+        _assert_matches(out, expected, [T] * B, dtype)
     dense = [np.asarray(fa.gather_pages(p, block_tables)) for p in (k_pages, v_pages)]
     naive = _naive(args[0], *dense, np.asarray(prefix), kv_lens, 0, tree)
     assert row_rel_error(expected, naive + 1e-30) <= 1e-5
