@@ -10,7 +10,9 @@ Prompts are held-out text in the model's tokens. Each configuration runs the pro
 compile; then --runs rounds each run every configuration once, in turn (so a change in the
 machine's load reaches them all alike), and each configuration's median TPOT run is reported
 (the engine keeps batch_size requests running), with its best TPOT and the speedup of best over
-best (on a shared machine the run least disturbed by other work). Reported: tokens emitted per target pass (the
+best (on a shared machine the run least disturbed by other work), and the process's CPU time per
+generated token (all threads; much less sensitive to other jobs than wall time, but blind to
+parallelism) with the speedup in it. Reported: tokens emitted per target pass (the
 bonus token counted, as EAGLE's papers count it), the acceptance rate (accepted / drafted; for a
 tree, accepted path tokens / tree tokens verified), target passes per generated token, the share of
 wall time spent drafting, TPOT, throughput, the speedup in TPOT over --methods=none at the same
@@ -87,13 +89,14 @@ def measure(model, prompts, method: str, k: int, temperature: float, batch: int)
     params = [ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=temperature, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
     engine = ji.Engine(model, config)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     outs = engine.generate(prompts, params)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     m = engine.metrics()
     generated = sum(len(o.token_ids) for o in outs)
     row = {"method": method, "k": k if method != "none" else 0, "temperature": temperature, "batch": batch,
-           "wall_s": wall, "generated_tokens": generated, "throughput_tok_s": generated / wall,
+           "wall_s": wall, "cpu_s": cpu, "cpu_ms_per_token": 1e3 * cpu / generated, "generated_tokens": generated,
+           "throughput_tok_s": generated / wall,
            "tpot_s": float(np.mean([o.metrics["tpot_s"] for o in outs])),
            "ttft_s": float(np.mean([o.metrics["ttft_s"] for o in outs]))}
     if method != "none":
@@ -160,14 +163,17 @@ def main(argv):
             done.append(measure(model, prompts, *point))
     rows = []
     for done in runs:
+        cpu = sorted(r["cpu_ms_per_token"] for r in done)
         done.sort(key=lambda r: r["tpot_s"])
-        rows.append({**done[len(done) // 2], "tpot_runs_s": [r["tpot_s"] for r in done], "tpot_best_s": done[0]["tpot_s"]})
+        rows.append({**done[len(done) // 2], "tpot_runs_s": [r["tpot_s"] for r in done], "tpot_best_s": done[0]["tpot_s"],
+                     "cpu_ms_per_token": cpu[len(cpu) // 2], "cpu_ms_per_token_runs": cpu})
     base = {(r["temperature"], r["batch"]): r for r in rows if r["method"] == "none"}
     for r in rows:
         none = base[(r["temperature"], r["batch"])]
         plain = none["tpot_s"]
         r["speedup"] = plain / r["tpot_s"] if r["tpot_s"] else 0.0
         r["speedup_best"] = none["tpot_best_s"] / r["tpot_best_s"] if r["tpot_best_s"] else 0.0
+        r["speedup_cpu"] = none["cpu_ms_per_token"] / r["cpu_ms_per_token"] if r["cpu_ms_per_token"] else 0.0
         if r["method"] != "none":
             r["draft_cost"] = r["draft_s_per_call"] / (max(r["k"], 1) * plain)
             r["ideal_speedup"] = r["tokens_per_pass"] / (1 + r["k"] * r["draft_cost"])
@@ -180,7 +186,7 @@ def main(argv):
           f"{common.value_or('prompt_len', PROMPT_LEN)} tokens, {common.value_or('max_tokens', MAX_TOKENS)} generated each; "
           f"compile runs {compile_s:.1f} s, median of {len(runs[0])} measured run(s)")
     header = ("method", "k", "temp", "batch", "tok/pass", "accept", "pass/tok", "draft %", "TPOT ms", "tok/s", "speedup",
-              "best ms", "best sp", "ideal")
+              "best ms", "best sp", "cpu ms", "cpu sp", "ideal")
     print(" ".join(f"{h:>9}" for h in header))
     for r in rows:
         spec = r["method"] != "none"
@@ -188,7 +194,8 @@ def main(argv):
                  f"{r['tokens_per_pass']:.2f}" if spec else "-", f"{r['acceptance_rate']:.3f}" if spec else "-",
                  f"{r['passes_per_token']:.3f}" if spec else "-", f"{100 * r['draft_share']:.1f}" if spec else "-",
                  f"{r['tpot_s'] * 1e3:.2f}", f"{r['throughput_tok_s']:.0f}", f"{r['speedup']:.2f}x",
-                 f"{r['tpot_best_s'] * 1e3:.2f}", f"{r['speedup_best']:.2f}x", f"{r['ideal_speedup']:.2f}x" if spec else "-"]
+                 f"{r['tpot_best_s'] * 1e3:.2f}", f"{r['speedup_best']:.2f}x", f"{r['cpu_ms_per_token']:.2f}",
+                 f"{r['speedup_cpu']:.2f}x", f"{r['ideal_speedup']:.2f}x" if spec else "-"]
         print(" ".join(f"{c:>9}" for c in cells))
     if FLAGS.out:
         common.write_json(FLAGS.out, record)
