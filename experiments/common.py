@@ -101,21 +101,35 @@ flags.DEFINE_integer("spec_tokens", 5, "Tokens drafted per target pass (k).")
 flags.DEFINE_string("spec_draft", "", "The drafter: a shipped name (tiny-draft, tiny-medusa, tiny-eagle) or a directory "
                     "('': the method's shipped one).")
 flags.DEFINE_float("spec_accept", 0.8, "Acceptance probability of --spec=synthetic (a stand-in drafter, not lossless).")
+flags.DEFINE_integer("spec_tree_top_k", 0, "EAGLE: draft a dynamic tree (EAGLE-2) expanding this many candidates per "
+                     "step into this many children each, --spec_tokens of them verified (0: a chain).")
+flags.DEFINE_integer("spec_tree_depth", 5, "EAGLE tree: its depth (expansion steps + 1).")
+flags.DEFINE_float("spec_tree_temperature", 1.0, "EAGLE tree: temperature of the draft log-probabilities that rank "
+                   "candidates (1: EAGLE-2's).")
 
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
                 "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "kv_dtype",
                 "max_adapters", "max_lora_rank", "lora_impl", "tp")
 DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
-SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept")
+SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept", "spec_tree_top_k", "spec_tree_depth",
+              "spec_tree_temperature")
 DEFAULT_DRAFTS = {"draft": "tiny-draft", "medusa": "tiny-medusa", "eagle": "tiny-eagle"}
 
 
-def spec_config(method: str, k: int, draft: str = "", accept: float = 0.8) -> ji.SpeculativeConfig | None:
+def tree_config() -> ji.DraftTree | None:
+    """The draft tree the --spec_tree_* flags describe (None: --spec_tree_top_k=0, a chain)."""
+    if FLAGS.spec_tree_top_k == 0:
+        return None
+    return ji.DraftTree(top_k=FLAGS.spec_tree_top_k, depth=FLAGS.spec_tree_depth, temperature=FLAGS.spec_tree_temperature)
+
+
+def spec_config(method: str, k: int, draft: str = "", accept: float = 0.8,
+                tree: ji.DraftTree | None = None) -> ji.SpeculativeConfig | None:
     """The SpeculativeConfig of a method ("none": None), with the method's shipped drafter by default."""
     if method == "none":
         return None
     return ji.SpeculativeConfig(method=method, num_tokens=k, draft=draft or DEFAULT_DRAFTS.get(method),
-                                accept=accept if method == "synthetic" else None)
+                                accept=accept if method == "synthetic" else None, tree=tree)
 
 
 def mesh():
@@ -134,7 +148,8 @@ def engine_config(**overrides) -> ji.EngineConfig:
     values = {name: FLAGS[name].value for name in ENGINE_FLAGS}
     values["kv_budget_tokens"] = values["kv_budget_tokens"] or None
     values["kv_dtype"] = values["kv_dtype"] or None
-    values["speculative"] = spec_config(FLAGS.spec, FLAGS.spec_tokens, FLAGS.spec_draft, FLAGS.spec_accept)
+    values["speculative"] = spec_config(FLAGS.spec, FLAGS.spec_tokens, FLAGS.spec_draft, FLAGS.spec_accept,
+                                        tree_config())
     return ji.EngineConfig(**{**values, **overrides})
 
 

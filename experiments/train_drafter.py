@@ -2,21 +2,32 @@
 
   python -m experiments.train_drafter --method=eagle                  # for the shipped tiny target
   python -m experiments.train_drafter --method=medusa --out_dir=jaxinfer/assets/tiny-medusa
+  python -m experiments.train_drafter --model=smollm2-135m --method=eagle --self_distill=256 \
+      --draft_vocab=8192 --seq_len=128 --steps=300 --batch_size=8 --eval_windows=8
+  python -m experiments.train_drafter --evaluate=jaxinfer/assets/tiny-eagle    # an existing drafter
 
-Training windows are the corpus's training documents in the target's own tokens; the target runs
-without gradients and gives the final-norm hidden state f_t of every position. Medusa head i learns
+Training windows are the corpus's training documents in the target's own tokens, or, with
+--self_distill=N, the target's own continuations (--distill_temperature) of N training-text
+prompts (self-distillation, as EAGLE and Medusa-2 train: the heads learn what the target itself
+writes); the target runs without gradients and gives the final-norm hidden state f_t of every
+position (computed once up front for self-distilled data, every step for the corpus). With
+--draft_vocab=W the heads draft from the W tokens most frequent in the training data only (the
+LM head's cost shrinks by V / W; heads.py), their cross-entropy taken over those W. Medusa head i learns
 to predict token t + 1 + i from f_t (cross-entropy, head i weighted 0.8**i). EAGLE learns, from the
 pairs (f_t, token t + 1), the next feature f_{t+1} (smooth L1) and the token after it through the
 target's LM head (cross-entropy, weight 0.1), with uniform noise on its input features (EAGLE's
 recipe for robustness to its own errors). AdamW with warm-up and cosine decay; orbax checkpoints
 of the train state (a rerun resumes); the heads are written as a drafter directory
 (jaxinfer/speculative/heads.py), then evaluated on held-out text: each head's (Medusa) or each
-chained step's (EAGLE) greedy agreement with the target's own next tokens.
+chained step's (EAGLE) greedy agreement with the target's own next tokens, and the temperature
+that calibrates the first guess's probabilities to that agreement (temperature scaling: the
+DraftTree.temperature to rank a tree's candidates by for greedy requests).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import time
@@ -41,9 +52,16 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "eagle", ["medusa", "eagle"], "Which heads to train.")
 flags.DEFINE_integer("heads", 5, "Medusa heads (the most tokens it can draft).")
 flags.DEFINE_float("noise", 0.1, "EAGLE: half-width of the uniform noise added to its input features.")
+flags.DEFINE_integer("self_distill", 0, "Train on the target's own continuations of this many training-text prompts "
+                     "(0: on the training text itself).")
+flags.DEFINE_integer("distill_prompt_len", 32, "Self-distillation: prompt tokens (the rest of --seq_len is generated).")
+flags.DEFINE_float("distill_temperature", 0.0, "Self-distillation: the target's sampling temperature (0: greedy).")
+flags.DEFINE_integer("draft_vocab", 0, "Draft from the N tokens most frequent in the training data only (0: all).")
+flags.DEFINE_string("evaluate", "", "Evaluate this drafter directory on held-out text instead of training one.")
 for _name in ("model", "seq_len", "seed", *common.TRAIN_FLAGS):
     flags.declare_key_flag(_name)
-STEPS = 400  # Axes: B windows, T positions, D hidden, H heads, V vocabulary.
+STEPS = 400  # Axes: B windows, T positions, D hidden, H heads, V vocabulary, W draft vocabulary.
+TEMPERATURES = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2)  # searched by `calibration`
 
 
 def target_features(params, cfg, tokens: jax.Array) -> jax.Array:
@@ -68,52 +86,96 @@ def eagle_layer(target_params, cfg, heads, features, next_tokens):
     return heads_lib.eagle_features(target_params, cfg, out)
 
 
-def medusa_loss(heads, params, cfg, tokens, key):
+def cross_entropy(params, cfg, h, labels, vocab):
+    """Mean cross-entropy of hidden states h (..., D) through the LM head against labels (...,);
+    with a draft vocabulary (W,), over its columns only, labels outside it left out."""
+    if vocab is None:
+        return optax.softmax_cross_entropy_with_integer_labels(model_lib.lm_head(params, cfg, h), labels).mean()
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.einsum("...D,DW->...W", h, head[:, vocab], preferred_element_type=jnp.float32)
+    index = jnp.full((cfg.vocab_size,), -1, jnp.int32).at[vocab].set(jnp.arange(vocab.size, dtype=jnp.int32))[labels]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(index, 0))
+    return jnp.sum(jnp.where(index >= 0, ce, 0.0)) / jnp.maximum(jnp.sum(index >= 0), 1)
+
+
+def medusa_loss(heads, params, cfg, tokens, f, vocab, key):
     """Head i at position t predicts token t + 1 + i (i = 1..H)."""
     del key
-    f = target_features(params, cfg, tokens)  # (B, T, D)
-    logits = heads_lib.medusa_logits(params, cfg, heads, f)  # (B, T, H, V)
-    T, H = tokens.shape[1], logits.shape[2]
+    f = target_features(params, cfg, tokens) if f is None else f  # (B, T, D)
+    h = heads_lib.medusa_hidden(heads, f)  # (B, T, H, D)
+    T, H = tokens.shape[1], h.shape[2]
     total = 0.0
     for i in range(1, H + 1):
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, : T - 1 - i, i - 1], tokens[:, 1 + i :])
-        total += 0.8 ** (i - 1) * ce.mean()
+        total += 0.8 ** (i - 1) * cross_entropy(params, cfg, h[:, : T - 1 - i, i - 1], tokens[:, 1 + i :], vocab)
     return total
 
 
-def eagle_loss(heads, params, cfg, tokens, key):
+def eagle_loss(heads, params, cfg, tokens, f, vocab, key):
     """From pairs (f_t, x_{t+1}): regress f_{t+1}, classify x_{t+2}."""
-    f = target_features(params, cfg, tokens)  # (B, T, D)
+    f = target_features(params, cfg, tokens) if f is None else f  # (B, T, D)
     noisy = f + FLAGS.noise * jax.random.uniform(key, f.shape, f.dtype, -1.0, 1.0)
     predicted = eagle_layer(params, cfg, heads, noisy[:, :-1], tokens[:, 1:])  # f^_{t+1}, (B, T-1, D)
     regression = optax.huber_loss(predicted, f[:, 1:]).mean()
-    logits = model_lib.lm_head(params, cfg, predicted[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 2:]).mean()
-    return regression + 0.1 * ce
+    return regression + 0.1 * cross_entropy(params, cfg, predicted[:, :-1], tokens[:, 2:], vocab)
 
 
-def agreement(model, heads, method: str, windows: np.ndarray, k: int) -> list[float]:
+def agreement(model, heads, method: str, windows: np.ndarray, k: int) -> tuple[list[float], float]:
     """Greedy agreement with the target's own next tokens on held-out windows: Medusa head i's guess
     for token t + 1 + i; EAGLE's j-th chained guess from (f_t, x_{t+1}), feeding back its own
-    features and the target's tokens (teacher forcing on tokens, as a verify pass accepts them)."""
+    features and the target's tokens (teacher forcing on tokens, as a verify pass accepts them).
+    Also the calibration temperature of the first guess (`calibration`)."""
+    heads = heads_lib.with_draft_head(model.params, model.config, heads)
+    logits_of = lambda h: heads_lib.draft_logits(model.params, model.config, heads, h)  # noqa: E731
     tokens = jnp.asarray(windows)
-    f = target_features(model.params, model.config, tokens)
+    f = jnp.concatenate([target_features(model.params, model.config, w[None]) for w in tokens])  # (B, T, D)
     target_next = jnp.argmax(model_lib.lm_head(model.params, model.config, f), axis=-1)  # guess of token t + 1
     T = tokens.shape[1]
     out = []
     if method == "medusa":
-        logits = heads_lib.medusa_logits(model.params, model.config, heads, f)
+        h = heads_lib.medusa_hidden(heads, f)
         for i in range(1, k + 1):
-            out.append(float(jnp.mean(jnp.argmax(logits[:, : T - 1 - i, i - 1], -1) == target_next[:, i : T - 1])))
-        return out
+            out.append(float(jnp.mean(jnp.argmax(logits_of(h[:, : T - 1 - i, i - 1]), -1) == target_next[:, i : T - 1])))
+        return out, calibration(logits_of(h[:, : T - 2, 0]), target_next[:, 1 : T - 1])
     feature, nxt = f[:, :-1], tokens[:, 1:]
     for j in range(k):  # step j guesses token t + 2 + j
         feature = eagle_layer(model.params, model.config, heads, feature, nxt)
-        guess = jnp.argmax(model_lib.lm_head(model.params, model.config, feature), -1)
         n = T - 2 - j
+        if j == 0:
+            temperature = calibration(logits_of(feature[:, :n]), target_next[:, 1 : 1 + n])
+        guess = jnp.argmax(logits_of(feature), -1)
         out.append(float(jnp.mean(guess[:, :n] == target_next[:, 1 + j : 1 + j + n])))
         feature, nxt = feature[:, :-1], nxt[:, 1:]
-    return out
+    return out, temperature
+
+
+def calibration(logits: jax.Array, target_next: jax.Array) -> float:
+    """Temperature scaling (Guo et al. 2017) of draft logits (..., V) to the target's greedy choices
+    (...,): the temperature in TEMPERATURES of least negative log-likelihood."""
+    nll = [float(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits / t, -1), target_next[..., None], -1)))
+           for t in TEMPERATURES]
+    return TEMPERATURES[int(np.argmin(nll))]
+
+
+def self_distilled(model, num: int, seq_len: int) -> np.ndarray:
+    """(num, seq_len) token windows: --distill_prompt_len training-text tokens (BOS first, if any)
+    and the target's own continuation to seq_len (EOS ignored), generated by the engine."""
+    stream = data.text_stream(model.tokenizer, "train").ids
+    bos = [] if model.tokenizer.bos_id is None else [model.tokenizer.bos_id]
+    n = FLAGS.distill_prompt_len
+    if not 0 < n < seq_len:
+        raise ValueError(f"--distill_prompt_len={n} must be in [1, --seq_len={seq_len})")
+    starts = np.random.default_rng([FLAGS.seed, 1]).integers(0, stream.size - n, size=num)
+    prompts = [(bos + stream[s : s + n].tolist())[:n] for s in starts]
+    params = [ji.SamplingParams(max_tokens=seq_len - n, temperature=FLAGS.distill_temperature, seed=i, ignore_eos=True)
+              for i in range(num)]
+    outs = ji.Engine(model, ji.EngineConfig(max_batch=min(num, 32), max_seq_len=seq_len)).generate(prompts, params)
+    return np.asarray([p + o.token_ids for p, o in zip(prompts, outs)], np.int32)
+
+
+def draft_vocabulary(tokens: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
+    """The `size` tokens most frequent in the training windows, in id order."""
+    counts = np.bincount(tokens.reshape(-1), minlength=vocab_size)
+    return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
 
 
 def train(model, method: str) -> tuple[dict, dict]:
@@ -123,28 +185,57 @@ def train(model, method: str) -> tuple[dict, dict]:
              else heads_lib.init_eagle(model.config, key))
     loss_fn = medusa_loss if method == "medusa" else eagle_loss
     optimizer = make_optimizer(steps, FLAGS.lr, FLAGS.warmup_steps)
+    record: dict = {}
+    t0 = time.perf_counter()
+    ckpt_dir = os.path.abspath(FLAGS.ckpt_dir or "/tmp/jaxinfer_train_drafter")
+    if FLAGS.self_distill:
+        cache = os.path.join(ckpt_dir, f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-"
+                                       f"p{FLAGS.distill_prompt_len}-t{FLAGS.distill_temperature:g}-s{FLAGS.seed}.npz")
+        if os.path.exists(cache):  # the same data for another method (or a rerun), not generated again
+            with np.load(cache) as f:
+                windows, features = f["tokens"], f["features"]
+        else:
+            windows = self_distilled(model, FLAGS.self_distill, FLAGS.seq_len)
+            features = np.concatenate([np.asarray(target_features(model.params, model.config, jnp.asarray(w[None])))
+                                       for w in tqdm(windows, desc="target features")])  # (N, T, D): frozen target
+            os.makedirs(ckpt_dir, exist_ok=True)
+            np.savez(cache, tokens=windows, features=features)
+        record.update(self_distill=FLAGS.self_distill, distill_temperature=FLAGS.distill_temperature,
+                      distill_prompt_len=FLAGS.distill_prompt_len, distill_seconds=time.perf_counter() - t0)
+        source = ((step, windows[i], features[i]) for step, i in _rows(FLAGS.self_distill, FLAGS.batch_size))
+    else:
+        stream = data.text_stream(model.tokenizer, "train").ids
+        windows = stream[: min(stream.size, 1 << 22)]  # counts for the draft vocabulary
+        source = ((step, batch, None) for step, batch in batches(stream, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed, 0))
+    vocab = None
+    if FLAGS.draft_vocab:
+        vocab = draft_vocabulary(windows, FLAGS.draft_vocab, model.config.vocab_size)
+        counts = np.bincount(np.asarray(windows).reshape(-1), minlength=model.config.vocab_size)
+        record.update(draft_vocab=int(vocab.size), draft_vocab_coverage=float(counts[vocab].sum() / counts.sum()))
 
     @jax.jit
-    def train_step(state, params, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state["heads"], params, model.config, batch, key)
+    def train_step(state, params, batch, f, vocab, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state["heads"], params, model.config, batch, f, vocab, key)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["heads"])
         return {"heads": optax.apply_updates(state["heads"], updates), "opt_state": opt_state}, loss
 
     state = {"heads": heads, "opt_state": optimizer.init(heads)}
     manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(FLAGS.ckpt_dir or "/tmp/jaxinfer_train_drafter"), f"{model.name}-{method}"),
+        os.path.join(ckpt_dir, f"{model.name}-{method}"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=FLAGS.ckpt_every))
     start = manager.latest_step() or 0
     if start:
         state = manager.restore(start, args=ocp.args.StandardRestore(state))
         print(f"resumed from step {start}")
-    stream = data.text_stream(model.tokenizer, "train").ids
     bar = tqdm(total=steps, initial=start, desc=f"train {method}", unit="step")
     t0, loss = time.perf_counter(), float("nan")
-    for step, batch in batches(stream, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed, start):
+    for step, batch, f in source:
         if step >= steps:
             break
-        state, loss = train_step(state, model.params, jnp.asarray(batch), jax.random.fold_in(key, step))
+        if step < start:
+            continue
+        state, loss = train_step(state, model.params, jnp.asarray(batch), None if f is None else jnp.asarray(f),
+                                 vocab, jax.random.fold_in(key, step))
         if (step + 1) % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}")
         bar.update()
@@ -152,7 +243,28 @@ def train(model, method: str) -> tuple[dict, dict]:
             manager.save(step + 1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
     bar.close()
-    return state["heads"], {"steps": steps, "final_loss": float(loss), "train_seconds": time.perf_counter() - t0}
+    heads = state["heads"] if vocab is None else {**state["heads"], "draft_vocab": jnp.asarray(vocab)}
+    return heads, {**record, "steps": steps, "final_loss": float(loss), "train_seconds": time.perf_counter() - t0}
+
+
+def _rows(num: int, batch: int):
+    """(step, rows) of a fixed training set: step k's rows depend only on (seed, k)."""
+    step = 0
+    while True:
+        yield step, np.random.default_rng([FLAGS.seed, step]).integers(0, num, size=batch)
+        step += 1
+
+
+def evaluate(model, path: str) -> None:
+    """Held-out agreement and calibration of an existing drafter directory, printed."""
+    with open(os.path.join(path, heads_lib.CONFIG_FILE)) as f:
+        method = json.load(f).get("method")
+    heads, _ = heads_lib.load_heads(path, method, model.config, model.dtype)
+    windows = data.heldout_windows(model, min(FLAGS.seq_len, model.config.max_position_embeddings), FLAGS.eval_windows)
+    k = int(heads["w"].shape[0]) if method == "medusa" else 5
+    by_step, temperature = agreement(model, heads, method, windows.tokens, k)
+    print(f"{path} ({method}) on {FLAGS.eval_windows} held-out windows of {FLAGS.seq_len}: greedy agreement by step "
+          + ", ".join(f"{a:.3f}" for a in by_step) + f"; calibration temperature {temperature}")
 
 
 def main(argv):
@@ -160,13 +272,17 @@ def main(argv):
     model = ji.load_model(FLAGS.model)
     if model.tokenizer is None:
         raise ValueError(f"--model={FLAGS.model} has no tokenizer: the heads train on text in its tokens")
+    if FLAGS.evaluate:
+        return evaluate(model, FLAGS.evaluate)
+    if FLAGS.self_distill < 0 or FLAGS.draft_vocab < 0:
+        raise ValueError("--self_distill and --draft_vocab must be >= 0")
     common.check_out(FLAGS.out_dir)  # its parent must exist
     heads, record = train(model, FLAGS.method)
     windows = data.heldout_windows(model, min(FLAGS.seq_len, model.config.max_position_embeddings), FLAGS.eval_windows)
     k = FLAGS.heads if FLAGS.method == "medusa" else 5
+    by_step, temperature = agreement(model, heads, FLAGS.method, windows.tokens, k)
     record.update(
-        method=FLAGS.method, target=FLAGS.model, heldout_agreement=agreement(model, heads, FLAGS.method,
-                                                                           windows.tokens, k),
+        method=FLAGS.method, target=FLAGS.model, heldout_agreement=by_step, calibration_temperature=temperature,
         heldout_windows=FLAGS.eval_windows, seq_len=FLAGS.seq_len, batch=FLAGS.batch_size, lr=FLAGS.lr,
         seed=FLAGS.seed, device=jax.devices()[0].device_kind, jax=jax.__version__,
         date=datetime.date.today().isoformat(), command="python -m experiments.train_drafter " + " ".join(sys.argv[1:]))
@@ -175,7 +291,8 @@ def main(argv):
                          **{k: v for k, v in record.items() if k in ("steps", "target")})
     common.write_json(os.path.join(out, "training.json"), record)
     print(f"{FLAGS.method} heads for {FLAGS.model}: {record['steps']} steps, loss {record['final_loss']:.3f}, "
-          f"held-out greedy agreement by step: " + ", ".join(f"{a:.3f}" for a in record["heldout_agreement"]))
+          f"held-out greedy agreement by step: " + ", ".join(f"{a:.3f}" for a in record["heldout_agreement"])
+          + f"; calibration temperature {temperature}")
     print(f"wrote {out}")
 
 

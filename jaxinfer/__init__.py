@@ -8,7 +8,7 @@ from jaxinfer.lora import LoraAdapter, load_adapter
 from jaxinfer.model import forward, forward_logits, init_params
 from jaxinfer.requests import RequestOutput
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.speculative import SpeculativeConfig
+from jaxinfer.speculative import DraftTree, SpeculativeConfig
 from jaxinfer.tokenizer import ByteTokenizer, HFTokenizer
 from jaxinfer.weights import CheckpointError, Model, load_model, save_hf_checkpoint, save_model
 
@@ -28,6 +28,7 @@ __all__ = [
     "RopeConfig",
     "SamplingParams",
     "SpeculativeConfig",
+    "DraftTree",
     "forward",
     "forward_logits",
     "generate",

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache, quantize
 from jaxinfer.sharding import P, per_shard
-from pallas_kernels.common import dequantize_pages, gather_pages
+from pallas_kernels.common import dequantize_pages, gather_pages, tree_visible
 from pallas_kernels.flash_attention import flash_attention, paged_flash_attention
 from pallas_kernels.paged_attention import paged_decode_attention
 
@@ -69,8 +69,9 @@ def attend(
     return xla_attention(q, k, v, q_pos, k_pos, window)
 
 
-def xla_attention(q, k, v, q_pos, k_pos, window=0):
-    """Masked softmax attention with scores and softmax in float32 (HF's eager path does the same)."""
+def xla_attention(q, k, v, q_pos, k_pos, window=0, mask=None):
+    """Masked softmax attention with scores and softmax in float32 (HF's eager path does the same).
+    mask: None, or (B, T, S) bool further hiding keys (a draft tree's non-ancestors)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, N // K, H)  # (B, T, K, G, H)
@@ -79,6 +80,8 @@ def xla_attention(q, k, v, q_pos, k_pos, window=0):
     visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # (B, T, S)
     distance = q_pos[:, :, None] - k_pos[:, None, :]
     visible &= (window <= 0) | (distance < window)
+    if mask is not None:
+        visible &= mask
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
@@ -135,7 +138,8 @@ def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, 
     if Rp:
         C = (N - Rd) // Rp
         qp = q[0, Rd:].reshape(Rp, C, NH, H)
-        o = paged_prefill(qp, *pages, batch.prefill_block_tables, batch.prefill_start, batch.prefill_lens, window, impl)
+        o = paged_prefill(qp, *pages, batch.prefill_block_tables, batch.prefill_start, batch.prefill_lens, window, impl,
+                          batch.prefill_tree_mask)
         outs.append(o.reshape(Rp * C, NH, H))
     out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
     return out[None], PagedKVCache(k=k_all, v=v_all, k_scale=k_scale, v_scale=v_scale)
@@ -179,14 +183,23 @@ def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, wi
     return xla_attention(q[:, None], keys, values, q_pos, k_pos, window)[:, 0]
 
 
-def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window=0, impl="xla"):
+def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window=0, impl="xla",
+                  tree_mask=None):
     """Row r's queries are at positions start[r] + [0, C); it sees its pages up to its own position.
-    q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk."""
+    q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk.
+    tree_mask (R, C, W) int32: the row is a draft tree, its queries see the keys before start[r]
+    and, from start[r] on, only their ancestors (pallas_kernels.flash_attention's docstring)."""
     _check_impl(impl)
     if impl == "pallas":
-        kernel = functools.partial(paged_flash_attention, window=_static_window(window, impl), interpret=_interpret())
+        window = _static_window(window, impl)
+
+        def kernel(q, k_pages, v_pages, tables, begin, end, *mask, k_scales, v_scales):
+            return paged_flash_attention(q, k_pages, v_pages, tables, begin, end, k_scales=k_scales, v_scales=v_scales,
+                                         tree_mask=mask[0] if mask else None, window=window, interpret=_interpret())
+
+        mask = () if tree_mask is None else (tree_mask,)
         return _per_shard_pages(kernel, P(None, None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables,
-                                start, start + lens)
+                                start, start + lens, *mask)
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, C = q.shape[:2]
@@ -194,4 +207,8 @@ def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, 
     q_pos = start[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]  # (R, C)
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     k_pos = jnp.where(k_pos < (start + lens)[:, None], k_pos, -1)  # (R, S)
-    return xla_attention(q, keys, values, q_pos, k_pos, window)
+    mask = None
+    if tree_mask is not None:
+        rel = jnp.arange(S, dtype=jnp.int32)[None, :] - start[:, None]  # (R, S): each key's index in the tree
+        mask = (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)  # (R, C, S)
+    return xla_attention(q, keys, values, q_pos, k_pos, window, mask)

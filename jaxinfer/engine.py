@@ -223,8 +223,8 @@ class Engine:
             max_seq_len=self.max_seq_len, max_prompt_len=min(max_prompt_len or self.max_seq_len, self.max_seq_len),
             max_len=max_len or self.max_seq_len, page_size=a.page_size, num_pages=a.num_pages,
             speculative_tokens=spec.num_tokens if spec else 0),
-            draft_probs=bool(spec) and spec.method in ("draft", "medusa", "eagle"),
-            synthetic=spec.accept if spec else None)
+            draft_probs=bool(spec) and spec.method in ("draft", "medusa", "eagle") and spec.tree is None,
+            synthetic=spec.accept if spec else None, tree=bool(spec) and spec.tree is not None)
 
     def metrics(self) -> dict[str, float]:
         """Run-level figures so far: step and token counts, preemptions, host/device time, KV use."""

@@ -101,6 +101,8 @@ class BatchDescriptor:
       prefill_lens           (Rp,) int32 valid tokens in the row (0 = padding row)
       adapter_ids            (N,) int32  each token's LoRA adapter slot, -1 = the base model (None: all -1)
                                          (a prefill row's tokens share one; see jaxinfer.lora.LoraBatch)
+      prefill_tree_mask      (Rp, C, W) int32  None, or each prefill row is a speculative draft tree:
+                                         ancestor bitmasks (jaxinfer.speculative.tree)
     """
 
     positions: jax.Array
@@ -112,6 +114,7 @@ class BatchDescriptor:
     prefill_start: jax.Array
     prefill_lens: jax.Array
     adapter_ids: jax.Array | None = None  # None: every token on the base model
+    prefill_tree_mask: jax.Array | None = None  # None: rows are causal chunks
 
     @property
     def num_decode(self) -> int:
@@ -149,6 +152,16 @@ def fake_quantize(x: jax.Array, dtype) -> jax.Array:
 def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
     """Copy whole pages src[i] -> dst[i] in every layer (copy-on-write of shared pages), scales too."""
     return jax.tree.map(lambda x: x.at[:, :, dst].set(x[:, :, src]), cache)
+
+
+def copy_slots(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
+    """Copy token slots (page * page_size + offset) src[i] -> dst[i] in every layer, scales too
+    (an accepted draft-tree path compacted into place); dst past the cache: nothing copied."""
+    def move(x):  # (L, K, P, page, ...)
+        flat = x.reshape(*x.shape[:2], -1, *x.shape[4:])  # (L, K, P * page, ...)
+        return flat.at[:, :, dst].set(flat.at[:, :, src].get(mode="clip"), mode="drop").reshape(x.shape)
+
+    return jax.tree.map(move, cache)
 
 
 class OutOfPages(RuntimeError):

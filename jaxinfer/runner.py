@@ -48,11 +48,13 @@ import numpy as np
 from jaxinfer import lora as lora_lib
 from jaxinfer import model as model_lib
 from jaxinfer import sharding
-from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
+from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages, copy_slots
 from jaxinfer.requests import next_power_of_2
 from jaxinfer.sampling import NONFINITE, SamplingBatch, SamplingParams, sample_checked
 from jaxinfer.scheduler import Sequence
-from jaxinfer.speculative.accept import accept, accept_synthetic
+from jaxinfer.speculative import tree as tree_lib
+from jaxinfer.speculative.accept import accept, accept_synthetic, accept_tree
+from pallas_kernels.common import pack_tree_mask
 
 # How many times each jitted program was traced (= compiled); tests assert on it.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -92,30 +94,44 @@ def _step(params, cfg, tokens, cache, features, batch, sp, steps, lora=None, *, 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl"),
                    donate_argnames=("cache", "features"))
-def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features, batch, sp, steps, lora=None, *,
-            impl, synthetic, lora_impl="xla"):
+def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features, batch, sp, steps, lora=None,
+            parents=None, *, impl, synthetic, lora_impl="xla"):
     """One target pass over rows [last, d_1, .., d_k] (batch: R prefill rows of k + 1 tokens) and
     the acceptance rule -> accepted (R,), tokens (R, k + 1), the cache and the feature cache.
     synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless).
+    parents (R, k): the drafts are a tree (jaxinfer.speculative.tree): positions by depth, attention
+    by ancestry, the tree rule, and the accepted path's K/V and features compacted into place.
     A row whose logits are not finite at a position j <= accepted stops there: accepted becomes j
-    and tokens[j] NONFINITE."""
+    and tokens[j] NONFINITE (a tree: any non-finite node stops the row at its first token)."""
     TRACE_COUNTS["verify"] += 1
     R, k = drafts.shape
     tokens = jnp.concatenate([last[:, None], drafts], axis=1).reshape(-1)  # (R * (k + 1),)
+    if parents is not None:
+        visible, depth = tree_lib.ancestry(parents, num_drafts)
+        batch = batch.replace(positions=(batch.prefill_start[:, None] + depth).reshape(-1),
+                              prefill_tree_mask=pack_tree_mask(visible))
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
     out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None,
                                   project=project)
     logits = out.logits.reshape(R, k + 1, -1)
-    if synthetic is None:
+    cache, features = out.cache, _store(features, batch, out.hidden)
+    if parents is not None:
+        accepted, emitted, path = accept_tree(logits, drafts, parents, num_drafts, sp, steps)
+        dropped = cache.num_pages * cache.page_size
+        src, dst = tree_lib.compaction(batch.slot_mapping.reshape(R, k + 1), path, accepted, dropped)
+        cache = copy_slots(cache, src, dst)
+        if features is not None:
+            features = features.at[dst].set(features.at[src].get(mode="clip"), mode="drop")
+    elif synthetic is None:
         accepted, emitted = accept(logits, drafts, draft_probs, num_drafts, sp, steps)
     else:
         accepted, emitted = accept_synthetic(logits, num_drafts, sp, steps, synthetic)
     position = jnp.arange(k + 1)[None, :]
     ok = jnp.all(jnp.isfinite(logits), axis=-1) | (position > num_drafts[:, None])  # (R, k + 1); padding is ok
-    first_bad = jnp.where(jnp.all(ok, axis=1), k + 1, jnp.argmin(ok, axis=1))  # (R,)
+    first_bad = jnp.where(jnp.all(ok, axis=1), k + 1, 0 if parents is not None else jnp.argmin(ok, axis=1))  # (R,)
     accepted = jnp.minimum(accepted, first_bad)
     emitted = jnp.where(position == first_bad[:, None], NONFINITE, emitted)
-    return accepted, emitted, out.cache, _store(features, batch, out.hidden)
+    return accepted, emitted, cache, features
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps", "lora_impl"), donate_argnames=("cache",))
@@ -411,11 +427,12 @@ class ModelRunner:
         return self._read(call.tokens)
 
     def verify(self, seqs: list[Sequence], drafts, draft_probs, num_drafts: list[int],
-               synthetic: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+               synthetic: float | None = None, parents=None) -> tuple[np.ndarray, np.ndarray]:
         """One target pass over each sequence's next token and its drafts (R, k) (on the host or
         device; rows past len(seqs) pad), writing their K/V from num_computed on, then the
         acceptance rule. Returns accepted (n,) and tokens (n, k + 1) on the host: row i emits
-        tokens[i, :accepted[i] + 1]. The pages must be reserved already."""
+        tokens[i, :accepted[i] + 1]. parents (R, k): the drafts are a tree (tree.py), its accepted
+        path's K/V already compacted into place. The pages must be reserved already."""
         n, page = len(seqs), self.page_size
         R, k = drafts.shape
         C = k + 1
@@ -440,12 +457,12 @@ class ModelRunner:
         steps[:n] = [len(s.generated) for s in seqs]
         host = self._put((last, valid, batch, sampling_batch(seqs, R), steps))
         if self.mesh is not None:  # the drafter's arrays (host or one device) onto the mesh
-            drafts, draft_probs = self._put((drafts, draft_probs))
+            drafts, draft_probs, parents = self._put((drafts, draft_probs, parents))
         self._mark_dispatch()
         with sharding.use_mesh(self.mesh):
             accepted, tokens, self.cache, self.features = _verify(
                 self.model.params, self.model.config, host[0], drafts, draft_probs, host[1], self.cache,
-                self.features, host[2], host[3], host[4], self.lora, impl=self.impl, synthetic=synthetic,
+                self.features, host[2], host[3], host[4], self.lora, parents, impl=self.impl, synthetic=synthetic,
                 lora_impl=self.lora_impl)
         self._last_dispatched = tokens
         accepted, tokens = self._read(accepted)[:n], self._read(tokens)[:n]
@@ -454,15 +471,16 @@ class ModelRunner:
 
     # Warm-up -----------------------------------------------------------------------------------
 
-    def warmup(self, buckets: list[Bucket], draft_probs: bool = False, synthetic: float | None = None) -> int:
+    def warmup(self, buckets: list[Bucket], draft_probs: bool = False, synthetic: float | None = None,
+               tree: bool = False) -> int:
         """Compile the program of every bucket ahead of time, without running anything; returns
         how many programs this traced. Verify passes are compiled for drafts with (draft_probs) or
-        without distributions, and the synthetic rate. (Forked samples, n > 1, draw through a small
-        extra program; a drafter's own programs compile when first used.)"""
+        without distributions, the synthetic rate, or draft trees. (Forked samples, n > 1, draw
+        through a small extra program; a drafter's own programs compile when first used.)"""
         with sharding.use_mesh(self.mesh):
-            return self._warmup(buckets, draft_probs, synthetic)
+            return self._warmup(buckets, draft_probs, synthetic, tree)
 
-    def _warmup(self, buckets: list[Bucket], draft_probs: bool, synthetic: float | None) -> int:
+    def _warmup(self, buckets: list[Bucket], draft_probs: bool, synthetic: float | None, tree: bool) -> int:
         before = sum(TRACE_COUNTS.values())
         cfg, impl = self.model.config, self.impl
         params, cache, features, lora = jax.tree.map(_abstract, (self.model.params, self.cache, self.features,
@@ -481,7 +499,8 @@ class ModelRunner:
                                         prefill_lens=i32((R,)), adapter_ids=i32((R * C,)))
                 probs = jax.ShapeDtypeStruct((R, k, V), jnp.float32, sharding=put) if draft_probs else None
                 _verify.lower(params, cfg, i32((R,)), i32((R, k)), probs, i32((R,)), cache, features, batch, sp(R),
-                              i32((R,)), lora, impl=impl, synthetic=synthetic, lora_impl=self.lora_impl).compile()
+                              i32((R,)), lora, i32((R, k)) if tree else None, impl=impl, synthetic=synthetic,
+                              lora_impl=self.lora_impl).compile()
                 continue
             if kind == "decode":  # a k-step decode call of R rows, and the pick of its rows' newest tokens
                 R, k, M = shape

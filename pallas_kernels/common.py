@@ -101,6 +101,25 @@ def dequantize_pages(pages: jax.Array, scales: jax.Array | None) -> jax.Array:
     return x if scales is None else x * scales.astype(jnp.float32)[..., None]
 
 
+def pack_tree_mask(visible: jax.Array) -> jax.Array:
+    """visible (B, T, T) bool, [b, i, j]: tree token i sees tree token j -> the kernels' tree mask
+    (B, T, W) int32, W = ceil(T / 32): bit j % 32 of word j // 32 set where token i sees token j."""
+    B, T, _ = visible.shape
+    W = -(-T // 32)
+    bits = pad_axis(visible.astype(jnp.uint32), 2, 32 * W).reshape(B, T, W, 32)
+    words = jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.int32)
+
+
+def tree_visible(tree_mask: jax.Array, rel: jax.Array) -> jax.Array:
+    """tree_mask (B, T, W) int32, rel (B, S) each key's index in the tree (its position minus the
+    tree's first) -> (B, T, S) bool: the key is a tree token the query sees (False outside the tree)."""
+    W = tree_mask.shape[2]
+    word = jnp.take_along_axis(tree_mask, jnp.clip(rel // 32, 0, W - 1)[:, None, :], axis=2)  # (B, T, S)
+    bit = jax.lax.shift_right_logical(word, jnp.clip(rel % 32, 0, 31)[:, None, :]) & 1
+    return (bit == 1) & ((rel >= 0) & (rel < 32 * W))[:, None, :]
+
+
 def capability() -> tuple[int, int] | None:
     """Compute capability of the default device, or None off CUDA (CPU, interpret mode)."""
     cap = getattr(jax.devices()[0], "compute_capability", None)

@@ -11,6 +11,12 @@ Key blocks that no query of the block can see (above the causal diagonal, past k
 below the sliding window) are never loaded; blocks every query sees fully skip the mask.
 GQA: query head n reads kv head n // (N // K). A query that sees no key outputs zeros.
 
+Tree attention (speculative decoding's draft trees): with `tree_mask` (B, T, W) int32 the T
+queries of a sequence are the nodes of a tree whose K/V sit at positions q_offsets[b] + [0, T),
+and query i sees such a key j only where bit j % 32 of word j // 32 of its mask is set (its
+ancestors and itself); keys before q_offsets[b] (the committed prefix) stay visible as above.
+`pallas_kernels.common.pack_tree_mask` builds the mask from a (B, T, T) boolean matrix.
+
 `paged_flash_attention` reads keys and values through a block table instead (chunked prefill,
 prefix-cache hits): a key block is `pages_per_block` whole pages gathered by physical index.
 
@@ -30,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
     LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, dequantize_pages,
-    gather_pages, pad_axis, round_up, tile_bytes, tuned,
+    gather_pages, pad_axis, round_up, tile_bytes, tree_visible, tuned,
 )
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +89,7 @@ def _flash_kernel(
     v_ref,  # dense: (S, Hp); paged: (P, page_size, Hp)
     k_scales_ref,  # paged int8 / fp8: (P, page_size) per-token scales; else None
     v_scales_ref,  # paged int8 / fp8: (P, page_size); else None
+    tree_mask_ref,  # tree attention: (block_q, Wp) int32 ancestor bitmask words; else None
     o_ref,  # (block_q, Hp)
     *,
     sm_scale: float,
@@ -127,6 +134,14 @@ def _flash_kernel(
             visible = (k_pos <= q_pos) & (k_pos < kv_len)
             if window:
                 visible &= q_pos - k_pos < window
+            if tree_mask_ref is not None:
+                rel = k_pos - q_offsets_ref[0]  # (1, block_k): the key's index in the tree
+                in_tree = jnp.zeros((block_q, block_k), jnp.bool_)
+                for w in range(tree_mask_ref.shape[1]):
+                    word = tree_mask_ref[:, w][:, None]  # (block_q, 1)
+                    bit = lax.shift_right_logical(word, jnp.clip(rel - 32 * w, 0, 31)) & 1
+                    in_tree |= (bit == 1) & (rel >= 32 * w) & (rel < 32 * (w + 1))
+                visible &= (rel < 0) | in_tree
             s = jnp.where(visible, s, MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -144,6 +159,8 @@ def _flash_kernel(
     # in full by every query (below the diagonal, inside kv_len and the window): no mask there.
     hi = jnp.minimum(lax.div(kv_len + block_k - 1, block_k), lax.div(last_pos + block_k, block_k))
     mid_hi = jnp.minimum(lax.div(first_pos + 1, block_k), lax.div(kv_len, block_k))
+    if tree_mask_ref is not None:  # keys from the tree's first position on are masked by ancestry
+        mid_hi = jnp.minimum(mid_hi, lax.div(q_offsets_ref[0], block_k))
     if window:
         lo = lax.div(jnp.maximum(first_pos - window + 1, 0), block_k)
         mid_lo = lax.div(jnp.maximum(last_pos - window + block_k, 0), block_k)
@@ -168,10 +185,14 @@ def _flash_kernel(
     o_ref[...] = jnp.where(seen[:, None], out, 0.0).astype(o_ref.dtype)
 
 
-def _check_common(q, K, H_k, q_offsets, kv_lens, window):
+def _check_common(q, K, H_k, q_offsets, kv_lens, window, tree_mask=None):
     if q.ndim != 4:
         raise ValueError(f"q must be (B, T, N, H), got shape {q.shape}")
     B, T, N, H = q.shape
+    if tree_mask is not None and (tree_mask.ndim != 3 or tree_mask.shape[:2] != (B, T)
+                                  or 32 * tree_mask.shape[2] < T or tree_mask.dtype != jnp.int32):
+        raise ValueError(f"tree_mask must be int32 (B, T, W)=({B}, {T}, >={-(-T // 32)}), got {tree_mask.dtype} "
+                         f"{tree_mask.shape}")
     if H_k != H:
         raise ValueError(f"k/v head dim {H_k} must equal q head dim {H}")
     if N % K:
@@ -183,8 +204,8 @@ def _check_common(q, K, H_k, q_offsets, kv_lens, window):
         raise ValueError(f"window must be >= 0 (0 = no window), got {window}")
 
 
-def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, *, window, sm_scale, block_sizes,
-           interpret):
+def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_mask, *, window, sm_scale,
+           block_sizes, interpret):
     """Pads to powers of two and block multiples, builds the BlockSpecs and calls the kernel."""
     B, T, N, H = q.shape
     paged = block_tables is not None
@@ -202,6 +223,11 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, *, win
     q = pad_axis(pad_axis(q, 3, Hp), 1, T_pad)
     k, v = pad_axis(k, 3, Hp), pad_axis(v, 3, Hp)
     q_offsets = q_offsets.astype(jnp.int32)
+    tree_spec = None
+    if tree_mask is not None:
+        Wp = pl.next_power_of_2(tree_mask.shape[2])
+        tree_mask = pad_axis(pad_axis(tree_mask, 2, Wp), 1, T_pad)
+        tree_spec = pl.BlockSpec((None, block_q, Wp), lambda i, b, n: (b, num_q_blocks - 1 - i, 0))
 
     def q_map(i, b, n):
         return b, num_q_blocks - 1 - i, n, 0
@@ -245,13 +271,14 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, *, win
             kv_spec,  # v
             None if k_scales is None else scale_spec,
             None if v_scales is None else scale_spec,
+            tree_spec,  # tree_mask
         ],
         out_specs=pl.BlockSpec((None, block_q, None, Hp), q_map),
         out_shape=jax.ShapeDtypeStruct((B, T_pad, N, Hp), q.dtype),
         compiler_params=CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="paged_flash_attention" if paged else "flash_attention",
-    )(q_offsets, kv_lens, block_tables, q, k, v, k_scales, v_scales)
+    )(q_offsets, kv_lens, block_tables, q, k, v, k_scales, v_scales, tree_mask)
     return out[:, :T, :, :H]
 
 
@@ -263,6 +290,7 @@ def flash_attention(
     q_offsets: jax.Array,  # (B,) int32: position of query 0
     kv_lens: jax.Array,  # (B,) int32: valid keys
     *,
+    tree_mask: jax.Array | None = None,  # (B, T, W) int32: the queries are a tree's tokens (module docstring)
     window: int = 0,
     sm_scale: float | None = None,
     block_sizes: BlockSizes | None = None,
@@ -271,8 +299,8 @@ def flash_attention(
     """Causal (optionally sliding-window) attention of q over dense k/v, masked by position."""
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
         raise ValueError(f"k and v must both be (B, S, K, H) with B={q.shape[0]}, got {k.shape} and {v.shape}")
-    _check_common(q, k.shape[2], k.shape[3], q_offsets, kv_lens, window)
-    return _flash(q, k, v, q_offsets, kv_lens, None, None, None, window=window, sm_scale=sm_scale,
+    _check_common(q, k.shape[2], k.shape[3], q_offsets, kv_lens, window, tree_mask)
+    return _flash(q, k, v, q_offsets, kv_lens, None, None, None, tree_mask, window=window, sm_scale=sm_scale,
                   block_sizes=block_sizes, interpret=interpret)
 
 
@@ -299,6 +327,7 @@ def paged_flash_attention(
     *,
     k_scales: jax.Array | None = None,  # (K, P, page_size) float32, for int8 / fp8 pages
     v_scales: jax.Array | None = None,  # (K, P, page_size) float32
+    tree_mask: jax.Array | None = None,  # (B, T, W) int32: the queries are a tree's tokens (module docstring)
     window: int = 0,
     sm_scale: float | None = None,
     block_sizes: BlockSizes | None = None,
@@ -308,14 +337,15 @@ def paged_flash_attention(
     fp8 pages are dequantised in the kernel (a key's scale multiplies its scores, a value's scale
     the probability that weights it)."""
     _check_pages(q, k_pages, v_pages, block_tables)
-    _check_common(q, k_pages.shape[0], k_pages.shape[3], q_offsets, kv_lens, window)
+    _check_common(q, k_pages.shape[0], k_pages.shape[3], q_offsets, kv_lens, window, tree_mask)
     check_page_scales(k_pages, v_pages, k_scales, v_scales)
     check_fp8_supported(k_pages.dtype, interpret)
-    return _flash(q, k_pages, v_pages, q_offsets, kv_lens, block_tables, k_scales, v_scales, window=window,
-                  sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
+    return _flash(q, k_pages, v_pages, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_mask,
+                  window=window, sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
 
 
-def reference(q, k, v, q_offsets, kv_lens, *, window=0, sm_scale=None, block_sizes=None, interpret=False):
+def reference(q, k, v, q_offsets, kv_lens, *, tree_mask=None, window=0, sm_scale=None, block_sizes=None,
+              interpret=False):
     """flash_attention in plain jnp: the whole (T, S) score matrix, scores and softmax in float32."""
     del block_sizes, interpret
     B, T, N, H = q.shape
@@ -328,6 +358,9 @@ def reference(q, k, v, q_offsets, kv_lens, *, window=0, sm_scale=None, block_siz
     visible = (k_pos <= q_pos) & (k_pos < kv_lens[:, None, None])  # (B, T, S)
     if window:
         visible &= q_pos - k_pos < window
+    if tree_mask is not None:
+        rel = jnp.broadcast_to(jnp.arange(S)[None, :] - q_offsets[:, None], (B, S))  # (B, S)
+        visible &= (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)
     visible = visible[:, None, None]  # (B, 1, 1, T, S)
     s = jnp.where(visible, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -339,12 +372,12 @@ def reference(q, k, v, q_offsets, kv_lens, *, window=0, sm_scale=None, block_siz
 
 
 def paged_reference(
-    q, k_pages, v_pages, block_tables, q_offsets, kv_lens, *, k_scales=None, v_scales=None, window=0,
+    q, k_pages, v_pages, block_tables, q_offsets, kv_lens, *, k_scales=None, v_scales=None, tree_mask=None, window=0,
     sm_scale=None, block_sizes=None, interpret=False,
 ):
     """paged_flash_attention in plain jnp: dequantise and gather the pages into dense k/v, then
     `reference`."""
     k = gather_pages(dequantize_pages(k_pages, k_scales), block_tables)
     v = gather_pages(dequantize_pages(v_pages, v_scales), block_tables)
-    return reference(q, k, v, q_offsets, kv_lens, window=window, sm_scale=sm_scale,
+    return reference(q, k, v, q_offsets, kv_lens, tree_mask=tree_mask, window=window, sm_scale=sm_scale,
                      block_sizes=block_sizes, interpret=interpret)

@@ -1,4 +1,5 @@
-"""flash_attention and paged_flash_attention (interpret mode) against their references.
+"""flash_attention and paged_flash_attention (interpret mode) against their references (draft-tree
+attention: the model's XLA path too).
 
 Shapes are drawn by hypothesis and kept tiny (each new shape costs an interpret-mode compile);
 small block sizes make tiny shapes still cross several query and key blocks and page boundaries.
@@ -17,7 +18,9 @@ from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
 from helpers import INTERPRET, TOLERANCE, row_errors, row_rel_error
+from jaxinfer import attention
 from pallas_kernels import flash_attention as fa
+from pallas_kernels.common import pack_tree_mask
 
 SETTINGS = settings(
     max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -139,8 +142,9 @@ def test_paged_flash_attention_matches_reference(case, seed):
     _assert_matches(actual, fa.paged_reference(*args, **kw), q_lens, dtype)
 
 
-def _naive(q, k, v, q_offsets, kv_lens, window):
-    """Loops in float64 numpy over (b, n, i): the definition of masked-by-position attention."""
+def _naive(q, k, v, q_offsets, kv_lens, window, tree=None):
+    """Loops in float64 numpy over (b, n, i): the definition of masked-by-position attention
+    (tree (B, T, T) bool: from q_offsets[b] on, query i sees key q_offsets[b] + j only if tree[b, i, j])."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, N, H = q.shape
     G = N // k.shape[2]
@@ -149,7 +153,8 @@ def _naive(q, k, v, q_offsets, kv_lens, window):
         for n in range(N):
             for i in range(T):
                 pos = q_offsets[b] + i
-                keys = [j for j in range(kv_lens[b]) if j <= pos and (window == 0 or pos - j < window)]
+                keys = [j for j in range(kv_lens[b]) if j <= pos and (window == 0 or pos - j < window)
+                        and (tree is None or j < q_offsets[b] or tree[b, i, j - q_offsets[b]])]
                 if not keys:
                     continue
                 s = k[b, keys, n // G] @ q[b, i, n] / np.sqrt(H)
@@ -187,6 +192,44 @@ def test_references_match_naive_loops(rng):
     assert row_rel_error(actual, expected + 1e-30) <= 1e-5
 
 
+def _random_trees(rng, B, T):
+    """(B, T, T) bool: token i sees token j iff j is i's ancestor or i itself (parents come first)."""
+    visible = np.zeros((B, T, T), bool)
+    for b in range(B):
+        visible[b] = np.eye(T, dtype=bool)
+        for i in range(1, T):
+            visible[b, i] |= visible[b, rng.integers(0, i)]
+    return visible
+
+
+@pytest.mark.parametrize("T, page_size, blocks, prefix", [
+    (6, 8, 0, [0, 13]), (40, 16, 1, [21, 64]),  # 40 tokens: two mask words
+])
+def test_paged_tree_attention_matches_reference(rng, T, page_size, blocks, prefix):
+    """A speculative draft tree verified in one pass: the T queries are tree tokens at the end of
+    the pages, each seeing the prefix and its ancestors only (kernel vs reference vs loops)."""
+    B, K, G, H, dtype = 2, 2, 2, 64, "float32"
+    kv_lens = np.asarray(prefix) + T
+    k_pages, v_pages, block_tables = _paged_inputs(rng, B=B, T=T, N=K * G, K=K, H=H, page_size=page_size,
+                                                   kv_lens=kv_lens, dtype=dtype)
+    tree = _random_trees(rng, B, T)
+    mask = pack_tree_mask(jnp.asarray(tree))
+    args = (_normal(rng, (B, T, K * G, H), dtype), k_pages, v_pages, block_tables, jnp.asarray(prefix, jnp.int32),
+            jnp.asarray(kv_lens, jnp.int32))
+    kw = dict(tree_mask=mask, block_sizes=BLOCKS[blocks])
+    expected = fa.paged_reference(*args, **kw)
+    _assert_matches(fa.paged_flash_attention(*args, **kw, interpret=INTERPRET), expected, [T] * B, dtype)
+    for impl in attention.IMPLEMENTATIONS:  # the model's dispatch point passes the mask on
+        out = attention.paged_prefill(args[0], k_pages, v_pages, None, None, block_tables, args[4], jnp.full(B, T),
+                                      impl=impl, tree_mask=mask)
+        _assert_matches(out, expected, [T] * B, dtype)
+    dense = [np.asarray(fa.gather_pages(p, block_tables)) for p in (k_pages, v_pages)]
+    naive = _naive(args[0], *dense, np.asarray(prefix), kv_lens, 0, tree)
+    assert row_rel_error(expected, naive + 1e-30) <= 1e-5
+    plain = fa.paged_reference(*args, block_sizes=BLOCKS[blocks])  # a chain is not a branching tree
+    assert not np.allclose(np.asarray(plain), np.asarray(expected), atol=1e-3)
+
+
 def test_queries_that_see_no_key_get_zeros(rng):
     """kv_lens = 0, or a window that hides everything: zeros, never NaN, in kernel and reference."""
     q = _normal(rng, (2, 16, 2, 64), jnp.float32)
@@ -219,3 +262,5 @@ def test_bad_input_raises_value_error(rng):
         fa.paged_flash_attention(q[:, :, :2], pages, pages, jnp.zeros((1, 2), jnp.int32), lens, lens)
     with pytest.raises(ValueError, match="window"):
         fa.flash_attention(q[:, :, :2], k, k, lens, lens, window=-1)
+    with pytest.raises(ValueError, match="tree_mask must be int32"):
+        fa.flash_attention(q[:, :, :2], k, k, lens, lens, tree_mask=jnp.zeros((1, 3, 1), jnp.int32))

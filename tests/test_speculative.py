@@ -15,13 +15,15 @@ import pytest
 from helpers import run_main, run_script
 
 import jaxinfer as ji
-from experiments import spec_decode
+from experiments import spec_decode, train_drafter
 from jaxinfer import runner as runner_lib
 from jaxinfer.sampling import SamplingBatch
 from jaxinfer.speculative import accept as accept_lib
 from jaxinfer.speculative import heads
+from jaxinfer.speculative import tree as tree_lib
 
 GREEDY = ji.SamplingParams(max_tokens=24, temperature=0.0)
+ACCEPT_TREE = jax.jit(accept_lib.accept_tree)
 
 
 def chi_square_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,6 +81,62 @@ def test_greedy_rule_keeps_the_argmax_prefix():
     assert np.asarray(tokens)[2, :2].tolist() == [best[2, 0], best[2, 1]]
 
 
+def _tree_case(R):
+    """A tree of 5 drafts: root -> 1 (token 2), 2 (token 5), 3 (token 0); 1 -> 4 (token 1), 5 (token 6)."""
+    parents = np.tile(np.array([0, 0, 0, 1, 1], np.int32), (R, 1))
+    drafts = np.tile(np.array([2, 5, 0, 1, 6], np.int32), (R, 1))
+    return drafts, parents
+
+
+def test_tree_rule_follows_the_target_distribution(rule_case):
+    """Sampling over a tree: the first emitted token follows the target's p at the root, and the
+    token after an accepted draft 1 follows p at draft 1, whichever branch the rule walked."""
+    R, V = 4000, 7
+    logits = np.tile(np.random.default_rng(4).normal(size=(1, 6, V)) * 1.5, (R, 1, 1)).astype(np.float32)
+    drafts, parents = _tree_case(R)
+    sp = SamplingBatch.from_params([ji.SamplingParams(temperature=1.0)] * R, list(range(R)))
+    accepted, tokens, path = (np.asarray(x) for x in ACCEPT_TREE(
+        logits, drafts, parents, np.full(R, 5, np.int32), sp, np.zeros(R, np.int32)))
+    p = np.asarray(jax.nn.softmax(logits[0], -1))
+    assert chi_square_p(tokens[:, 0], np.random.default_rng(1).choice(V, size=R, p=p[0])) > 1e-3
+    after = tokens[(accepted >= 1) & (path[:, 1] == 1), 1]  # token 2 emitted as draft 1: then p at draft 1
+    assert len(after) > 500
+    assert chi_square_p(after, np.random.default_rng(2).choice(V, size=len(after), p=p[1])) > 1e-3
+    assert {1, 2, 3} <= set(path[:, 1].tolist())  # every branch of the root was taken
+    first = drafts[np.arange(R), np.maximum(path[:, 1] - 1, 0)]
+    assert np.array_equal(tokens[accepted >= 1, 0], first[accepted >= 1])
+
+
+def test_greedy_tree_rule_walks_the_argmax_path():
+    R, V = 3, 9
+    logits = np.zeros((R, 6, V), np.float32)
+    argmax = np.array([[5, 6, 3, 3, 4, 8],   # root -> 2 (token 5), no child of 2: bonus 3
+                       [2, 6, 3, 3, 4, 8],   # root -> 1 (token 2) -> 5 (token 6): bonus 8
+                       [7, 6, 3, 3, 4, 8]])  # no draft is 7: the root's argmax alone
+    np.put_along_axis(logits, argmax[..., None], 1.0, axis=-1)
+    drafts, parents = _tree_case(R)
+    sp = SamplingBatch.from_params([ji.SamplingParams(temperature=0.0)] * R, [0, 1, 2])
+    accepted, tokens, path = (np.asarray(x) for x in ACCEPT_TREE(
+        logits, drafts, parents, np.array([5, 5, 5], np.int32), sp, np.zeros(R, np.int32)))
+    assert accepted.tolist() == [1, 2, 0]
+    assert tokens[0, :2].tolist() == [5, 3] and tokens[1, :3].tolist() == [2, 6, 8] and tokens[2, 0] == 7
+    assert path[0, :2].tolist() == [0, 2] and path[1, :3].tolist() == [0, 1, 5]
+    capped = ACCEPT_TREE(logits, drafts, parents, np.array([5, 4, 5], np.int32), sp, np.zeros(R, np.int32))
+    assert np.asarray(capped[0]).tolist() == [1, 1, 0]  # draft 5 is past row 1's num_drafts: bonus at draft 1
+
+
+def test_tree_ancestry_and_compaction():
+    parents = jnp.asarray([[0, 0, 1, 3, 2]], jnp.int32)  # 1, 2 under the root; 3 under 1; 4 under 3; 5 under 2
+    visible, depth = tree_lib.ancestry(parents, jnp.asarray([5]))
+    assert np.asarray(depth)[0].tolist() == [0, 1, 1, 2, 3, 2]
+    assert np.flatnonzero(np.asarray(visible)[0, 4]).tolist() == [0, 1, 3, 4]
+    assert np.flatnonzero(np.asarray(visible)[0, 5]).tolist() == [0, 2, 5]
+    slots = jnp.asarray([[40, 41, 42, 43, 44, 45]])
+    src, dst = tree_lib.compaction(slots, jnp.asarray([[0, 1, 3, 4, 0, 0]]), jnp.asarray([3]), 999)
+    moves = sorted((int(a), int(b)) for a, b in zip(src, dst) if b != 999)
+    assert moves == [(43, 42), (44, 43)]  # draft 1 already sits in place
+
+
 # --- through the engine ---------------------------------------------------------------------------
 
 
@@ -125,11 +183,16 @@ def plain(target):
     return params, [(o.token_ids, o.finish_reason) for o in outs]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft", "medusa", "eagle"])
+TREE = ji.DraftTree(top_k=2, depth=3)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft", "medusa", "eagle", "eagle_tree"])
 def test_greedy_equals_plain_decoding(target, untrained_heads, plain, method):
     """Every method gives the plain engine's tokens and finish reasons."""
     params, expected = plain
-    spec = ji.SpeculativeConfig(method=method, num_tokens=4, draft=untrained_heads.get(method))
+    tree = TREE if method == "eagle_tree" else None
+    method = method.removesuffix("_tree")
+    spec = ji.SpeculativeConfig(method=method, num_tokens=4, draft=untrained_heads.get(method), tree=tree)
     engine = ji.Engine(target, dataclasses.replace(BASE, speculative=spec))
     outs = engine.generate(PROMPTS, params)
     assert [(o.token_ids, o.finish_reason) for o in outs] == expected
@@ -162,13 +225,45 @@ def test_sampling_keeps_the_target_distribution(tmp_path):
     assert chi_square_p(a, b) > 1e-3
 
 
-def test_rolled_back_cache_equals_plain_decoding(tiny):
+SHIPPED_TREE = ji.SpeculativeConfig(method="eagle", num_tokens=6, draft="tiny-eagle", tree=ji.DraftTree(top_k=3, depth=4))
+
+
+def test_greedy_tree_equals_plain_decoding_on_the_shipped_pair(tiny):
+    """tiny-eagle's trees are accepted down side branches too (so their K/V and features were
+    moved into place), and the output is still the plain engine's, with stops and max_tokens."""
+    prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [ji.SamplingParams(max_tokens=m, temperature=0.0) for m in (30, 7, 30)]
+    base = ji.EngineConfig(max_batch=1, page_size=16)  # the rollback test's programs (batches: above)
+    stop = ji.Engine(tiny, base).generate([prompts[2]], params[2])[0].token_ids[20]
+    params[2] = dataclasses.replace(params[2], stop_token_ids=(stop,))
+    expected = [(o.token_ids, o.finish_reason) for o in ji.Engine(tiny, base).generate(prompts, params)]
+    engine = ji.Engine(tiny, dataclasses.replace(base, speculative=SHIPPED_TREE))
+    side = []
+    verify = engine.runner.verify
+
+    def spy(seqs, drafts, probs, num, synthetic, parents):
+        accepted, tokens = verify(seqs, drafts, probs, num, synthetic, parents)
+        d = np.asarray(drafts)
+        side.extend(not np.array_equal(tokens[i, :a], d[i, :a]) for i, a in enumerate(accepted))
+        return accepted, tokens
+
+    engine.runner.verify = spy
+    outs = engine.generate(prompts, params)
+    assert [(o.token_ids, o.finish_reason) for o in outs] == expected
+    assert any(side) and engine.metrics()["spec_tokens_per_pass"] > 2
+    assert engine.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("spec", [ji.SpeculativeConfig(method="ngram", num_tokens=4), SHIPPED_TREE],
+                         ids=["ngram", "eagle_tree"])
+def test_rolled_back_cache_equals_plain_decoding(tiny, spec):
     """After speculative steps with rejections, the K/V a sequence holds equal the plain engine's
-    at the same point; pages past its end were given back."""
+    at the same point; pages past its end were given back. A tree's accepted path was moved into
+    place: its K/V, and the feature cache EAGLE reads (the target's hidden states, recomputed here)."""
     prompt = tiny.tokenizer.encode("def fibonacci(n):\n    if n")
     caches = []
-    for spec in (None, ji.SpeculativeConfig(method="ngram", num_tokens=4)):
-        engine = ji.Engine(tiny, ji.EngineConfig(page_size=16, speculative=spec))
+    for spec in (None, spec):
+        engine = ji.Engine(tiny, ji.EngineConfig(max_batch=1, page_size=16, speculative=spec))
         rid = engine.add_request(prompt, ji.SamplingParams(max_tokens=60, temperature=0.0))
         (seq,) = engine.requests[rid].sequences
         while len(seq.generated) < 16:
@@ -184,6 +279,9 @@ def test_rolled_back_cache_equals_plain_decoding(tiny):
     (tokens_a, kv_a), (tokens_b, kv_b) = caches
     assert tokens_a == tokens_b
     np.testing.assert_allclose(kv_b, kv_a, rtol=1e-5, atol=1e-5)
+    if spec.tree is not None:
+        hidden = ji.forward(tiny.params, tiny.config, jnp.asarray([tokens_a[:n]]), jnp.arange(n)[None]).hidden[0]
+        np.testing.assert_allclose(np.asarray(engine.runner.features)[slots], hidden, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -192,10 +290,28 @@ def test_rolled_back_cache_equals_plain_decoding(tiny):
     (dict(method="draft"), "needs draft="),
     (dict(method="ngram", draft="tiny-draft"), "takes no draft"),
     (dict(method="synthetic"), "needs accept in \\[0, 1\\]"),
+    (dict(method="medusa", draft="tiny-medusa", tree=ji.DraftTree()), "tree= applies to method='eagle' only"),
+    (dict(method="eagle", num_tokens=7, draft="tiny-eagle", tree=ji.DraftTree(top_k=2, depth=2)),
+     "num_tokens=7 is more than the 6 candidates"),
+    (dict(method="eagle", draft="tiny-eagle", tree=(4, 5)), "not a DraftTree"),
 ])
 def test_bad_speculative_config(spec, message):
     with pytest.raises(ValueError, match=message):
         ji.SpeculativeConfig(**spec)
+
+
+def test_bad_draft_tree():
+    with pytest.raises(ValueError, match="top_k=0 must be an integer >= 1"):
+        ji.DraftTree(top_k=0)
+    with pytest.raises(ValueError, match="temperature=0 must be > 0"):
+        ji.DraftTree(temperature=0)
+
+
+def test_tree_needs_a_target_without_sliding_windows(target, untrained_heads):
+    windowed = ji.Model(dataclasses.replace(target.config, layer_windows=(8, 8)), target.params, target.tokenizer)
+    spec = ji.SpeculativeConfig(method="eagle", num_tokens=4, draft=untrained_heads["eagle"], tree=TREE)
+    with pytest.raises(ValueError, match="tree= needs a target without sliding windows"):
+        ji.Engine(windowed, ji.EngineConfig(speculative=spec))
 
 
 def test_bad_drafter_is_refused_before_anything_starts(tiny, tmp_path):
@@ -229,6 +345,47 @@ def test_spec_decode_experiment(tmp_path, capsys):
         run_main(spec_decode, "--ks=0")
 
 
+@pytest.mark.slow
+def test_train_drafter_self_distilled_with_a_draft_vocabulary(tiny, tmp_path, capsys):
+    """train_drafter on the target's own continuations, drafting from its 40 most frequent tokens
+    (a few steps): the record says so, the heads keep the vocabulary, and the engine drafts with them."""
+    out = tmp_path / "eagle"
+    run_main(train_drafter, "--method=eagle", "--self_distill=4", "--distill_prompt_len=8", "--seq_len=24",
+             "--steps=2", "--batch_size=2", "--warmup_steps=1", "--draft_vocab=40", "--eval_windows=2",
+             f"--out_dir={out}", f"--ckpt_dir={tmp_path / 'ckpt'}")
+    record = json.loads((out / "training.json").read_text())
+    assert record["self_distill"] == 4 and record["draft_vocab"] == 40 and 0 < record["draft_vocab_coverage"] <= 1
+    assert "calibration temperature" in capsys.readouterr().out
+    assert heads.load_heads(out, "eagle", tiny.config, jnp.float32)[0]["draft_vocab"].shape == (40,)
+    spec = ji.SpeculativeConfig(method="eagle", num_tokens=3, draft=str(out))
+    assert ji.Engine(tiny, ji.EngineConfig(speculative=spec)).generate(["import os\n"], GREEDY)[0].token_ids
+
+
+def test_draft_vocabulary_drafts_only_its_tokens(target, plain, tmp_path):
+    """EAGLE heads with a truncated draft vocabulary draft from it alone (through heads.draft_logits,
+    as Medusa's do), and decoding stays lossless."""
+    method, vocab = "eagle", np.arange(0, 258, 6, dtype=np.int32)  # 43 of the 258 tokens
+    init = heads.init_eagle(target.config, jax.random.key(1))
+    heads.save_heads(tmp_path, method, {**init, "draft_vocab": vocab}, target.config)
+    params, expected = plain
+    engine = ji.Engine(target, dataclasses.replace(BASE, speculative=ji.SpeculativeConfig(
+        method=method, num_tokens=4, draft=str(tmp_path))))
+    drafted, propose = [], engine.drafter.propose
+
+    def spy(seqs, *args):
+        proposal = propose(seqs, *args)
+        drafted.append(np.asarray(proposal.tokens)[: len(seqs)])
+        return proposal
+
+    engine.drafter.propose = spy
+    assert [(o.token_ids, o.finish_reason) for o in engine.generate(PROMPTS, params)] == expected
+    assert drafted and np.isin(np.concatenate(drafted), vocab).all()
+    bad = tmp_path / "bad"
+    heads.save_heads(bad, method, {**init, "draft_vocab": np.array([3, 300], np.int32)}, target.config)
+    with pytest.raises(ValueError, match="draft_vocab must be token ids below 258"):
+        heads.load_heads(bad, method, target.config, jnp.float32)
+
+
 def test_spec_decode_runs_as_a_script():
     result = run_script("experiments.spec_decode", "--methods=synthetic", "--spec_accept=0.8", "--ks=3",
                         "--num_prompts=2", "--prompt_len=8", "--max_tokens=8")
@@ -236,11 +393,13 @@ def test_spec_decode_runs_as_a_script():
     assert "synthetic" in result.stdout and "speedup" in result.stdout
 
 
-def test_warmup_covers_the_verify_passes(target):
-    """With speculation, Engine.warmup compiles the verify passes too: serving afterwards traces
-    no target program (the drafter's own compile on first use)."""
-    engine = ji.Engine(target, ji.EngineConfig(max_batch=2, page_size=16,
-                                               speculative=ji.SpeculativeConfig(method="ngram", num_tokens=3)))
+@pytest.mark.parametrize("method", ["ngram", "eagle_tree"])
+def test_warmup_covers_the_verify_passes(target, untrained_heads, method):
+    """With speculation, Engine.warmup compiles the verify passes too (a tree's included): serving
+    afterwards traces no target program (the drafter's own compile on first use)."""
+    spec = (ji.SpeculativeConfig(method="ngram", num_tokens=3) if method == "ngram" else
+            ji.SpeculativeConfig(method="eagle", num_tokens=3, draft=untrained_heads["eagle"], tree=TREE))
+    engine = ji.Engine(target, ji.EngineConfig(max_batch=2, page_size=16, speculative=spec))
     assert engine.warmup(max_prompt_len=12, max_len=30) > 0
     before = {k: v for k, v in runner_lib.TRACE_COUNTS.items() if k in ("step", "verify")}
     engine.generate([[1, 2, 3, 1, 2, 3, 1, 2], [5] * 12, [7, 8]], ji.SamplingParams(max_tokens=16, temperature=0.0))

@@ -9,7 +9,9 @@ Drafters (each proposes tokens for a batch of sequences; see `Drafter`):
   draft      a smaller model with the same vocabulary and its own paged KV cache (draft_model.py)
   medusa     k heads on the target's final hidden state (medusa.py)
   eagle      a one-layer feature-level network: target hidden state + next token -> next hidden
-             state, through the target's LM head (eagle.py)
+             state, through the target's LM head (eagle.py); a chain of k drafts, or with
+             tree=DraftTree(top_k, depth) an EAGLE-2 dynamic tree of k drafts verified in one pass
+             (tree.py, accept.accept_tree)
   synthetic  stand-in tokens accepted with a set probability, to measure the engine's own cost at
              a given acceptance on a model with no trained drafter (not lossless)
 The engine side (reserve pages, propose, verify, emit, give back rejected pages) is decoder.py.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from jaxinfer.speculative.config import METHODS, SHIPPED_DRAFTERS, Drafter, Proposal, SpeculativeConfig
+from jaxinfer.speculative.config import METHODS, SHIPPED_DRAFTERS, Drafter, DraftTree, Proposal, SpeculativeConfig
 from jaxinfer.speculative.draft_model import DraftModelDrafter
 from jaxinfer.speculative.eagle import EagleDrafter
 from jaxinfer.speculative.medusa import MedusaDrafter
@@ -49,7 +51,10 @@ def load_drafter(config: SpeculativeConfig, target, num_pages: int, page_size: i
                              f"draft={name!r}")
         return drafter
     if config.method == "eagle":
-        return EagleDrafter(target, path, num_pages, page_size, max_seq_len, impl)
+        if config.tree is not None and any(target.config.layer_windows):
+            raise ValueError("speculative tree= needs a target without sliding windows (tree tokens sit at their "
+                             "depth's position but in consecutive slots)")
+        return EagleDrafter(target, path, num_pages, page_size, max_seq_len, impl, config.tree)
     draft = load_model(path, dtype=target.dtype)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft={name!r} has a vocabulary of {draft.config.vocab_size} tokens, the target "
@@ -57,4 +62,4 @@ def load_drafter(config: SpeculativeConfig, target, num_pages: int, page_size: i
     return DraftModelDrafter(draft, num_pages, page_size, max_seq_len, impl)
 
 
-__all__ = ["METHODS", "SHIPPED_DRAFTERS", "Drafter", "Proposal", "SpeculativeConfig", "load_drafter"]
+__all__ = ["METHODS", "SHIPPED_DRAFTERS", "DraftTree", "Drafter", "Proposal", "SpeculativeConfig", "load_drafter"]

@@ -85,3 +85,61 @@ def accept_synthetic(
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
     tokens = jnp.where(jnp.arange(K1)[None, :] <= accepted[:, None], jnp.argmax(logits, axis=-1), 0)
     return accepted.astype(jnp.int32), tokens.astype(jnp.int32)
+
+
+def accept_tree(
+    logits: jax.Array,  # (R, C, V) float32: the target's logits at every tree token (tree.py's layout)
+    drafts: jax.Array,  # (R, k) int32: tree tokens 1..k
+    parents: jax.Array,  # (R, k) int32: each draft's parent (0: the root)
+    num_drafts: jax.Array,  # (R,) int32: drafts past num_drafts are not in the tree
+    sp: SamplingBatch,
+    step: jax.Array,  # (R,)
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The lossless rule over a tree of deterministic candidates (SpecInfer; EAGLE-2's
+    evaluate_posterior): from the root, with r the target's distribution p at the current token,
+    its children c_1, c_2, .. (in index order) are tried in turn: c_i is accepted with probability
+    r(c_i) / sum(r), else r(c_i) is zeroed. Accepting moves to c_i with r = p there; when no child
+    is accepted (or there is none), the token is drawn from r. Each emitted token is distributed as
+    the target samples it, whatever the tree. Greedy rows (p one-hot) follow the child equal to the
+    target's argmax. Children of one parent are distinct tokens (a repeat is never accepted).
+    -> accepted (R,), tokens (R, C) (as `accept`), path (R, C): the accepted tokens' tree indices
+    (path[:, 0] = 0, the root; entries past accepted are 0)."""
+    R, C, V = logits.shape
+    k = C - 1
+    per_position = SamplingBatch(*(jnp.repeat(jnp.asarray(a), C, axis=0) for a in
+                                   (sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed)))
+    p = filtered_probs(logits.reshape(R * C, V), per_position).reshape(R, C, V)
+    up = jnp.concatenate([jnp.full((R, 1), -1, parents.dtype), parents], axis=1)  # (R, C); the root has none
+    tokens_all = jnp.concatenate([jnp.zeros((R, 1), drafts.dtype), drafts], axis=1)  # (R, C)
+    live = (jnp.arange(C)[None, :] >= 1) & (jnp.arange(C)[None, :] <= num_drafts[:, None])
+    earlier = jnp.tril(jnp.ones((C, C), jnp.bool_), -1)  # [j, i]: i < j
+    keys = _row_keys(sp, step)
+    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _UNIFORM), (C,)))(keys)  # (R, C)
+    rows = jnp.arange(R)
+
+    def level(i, carry):
+        cur, r, done, accepted, path = carry
+        child = live & (up == cur[:, None]) & ~done[:, None]  # (R, C): the current token's children
+        same = (tokens_all[:, :, None] == tokens_all[:, None, :]) & child[:, None, :] & earlier[None]
+        fresh = child & ~jnp.any(same, axis=2)  # a sibling's repeat has r = 0 there
+        r_tok = jnp.where(fresh, jnp.take_along_axis(r, tokens_all, axis=1), 0.0)  # (R, C)
+        before = jnp.cumsum(r_tok, axis=1) - r_tok  # mass of the earlier (rejected) siblings
+        total = jnp.sum(r, axis=1, keepdims=True)
+        ok = child & (u * (total - before) < r_tok)
+        moved = jnp.any(ok, axis=1)
+        nxt = jnp.argmax(ok, axis=1).astype(jnp.int32)  # the first accepted child
+        rejected = jnp.zeros((R, V), jnp.bool_).at[rows[:, None], jnp.where(child, tokens_all, V)].set(True, mode="drop")
+        r = jnp.where(moved[:, None], p[rows, nxt], jnp.where(rejected, 0.0, r))
+        path = path.at[rows, accepted + 1].set(jnp.where(moved, nxt, path[rows, accepted + 1]), mode="drop")
+        return (jnp.where(moved, nxt, cur), r, done | ~moved, accepted + moved, path)
+
+    start = (jnp.zeros(R, jnp.int32), p[:, 0], jnp.zeros(R, jnp.bool_), jnp.zeros(R, jnp.int32),
+             jnp.zeros((R, C), jnp.int32))
+    cur, r, _, accepted, path = jax.lax.fori_loop(0, k, level, start)
+    r = jnp.where(jnp.sum(r, axis=-1, keepdims=True) > 0, r, p[rows, cur])
+    final = jax.vmap(lambda key, x: jax.random.categorical(jax.random.fold_in(key, _FINAL), jnp.log(x)))(keys, r)
+    positions = jnp.arange(C)[None, :]
+    emitted = jnp.take_along_axis(tokens_all, jnp.concatenate([path[:, 1:], jnp.zeros((R, 1), path.dtype)], 1), 1)
+    emitted = jnp.where(positions < accepted[:, None], emitted, 0)
+    emitted = jnp.where(positions == accepted[:, None], final[:, None].astype(jnp.int32), emitted)
+    return accepted, emitted.astype(jnp.int32), path

@@ -6,10 +6,12 @@ context are never exceeded), pages reserved for k' + 1 more positions (from free
 they do not fit, every row drafts nothing and the pass is a plain decode step), the drafter's
 proposal, one target pass over [last token, drafts] with the acceptance rule, then the accepted
 drafts and the target's own token appended (tokens after a stop are dropped), K/V past the new end
-forgotten and the pages past it given back.
+forgotten and the pages past it given back. A draft tree (SpeculativeConfig.tree) is the same
+pass over k' + 1 tree tokens; the runner moves the accepted path's K/V into place (tree.py).
 
-Counted: target passes (one per sequence per verify), tokens emitted (the bonus token counted, as
-EAGLE's papers count it), drafts proposed and accepted, and the time spent drafting.
+Counted: verify calls, target passes (one per sequence per verify), tokens emitted (the bonus token
+counted, as EAGLE's papers count it), drafts proposed and accepted (for a tree: the tree's tokens
+verified and the accepted path's), and the time spent drafting.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class SpeculativeDecoder:
     def __init__(self, config: SpeculativeConfig, drafter, scheduler: Scheduler, runner):
         self.config, self.drafter, self.scheduler, self.runner = config, drafter, scheduler, runner
         self.stats = collections.Counter(dict.fromkeys(
-            ("spec_passes", "spec_drafted", "spec_accepted", "spec_emitted", "spec_draft_s"), 0))
+            ("spec_calls", "spec_passes", "spec_drafted", "spec_accepted", "spec_emitted", "spec_draft_s"), 0))
 
     def step(self, decode: list[Sequence], append: Callable[[Sequence, int], bool]) -> list[Sequence]:
         k, n = self.config.num_tokens, len(decode)
@@ -42,10 +44,13 @@ class SpeculativeDecoder:
             proposal = self.drafter.propose(decode, want, k, self.runner)
             jax.block_until_ready(proposal.tokens)
         else:
-            proposal = Proposal(np.zeros((next_power_of_2(n), k), np.int32), None)
+            empty = np.zeros((next_power_of_2(n), k), np.int32)
+            proposal = Proposal(empty, None, parents=None if self.config.tree is None else empty)
         self.stats["spec_draft_s"] += time.perf_counter() - t0
         num = want if proposal.counts is None else [min(w, c) for w, c in zip(want, proposal.counts)]
-        accepted, tokens = self.runner.verify(decode, proposal.tokens, proposal.probs, num, self.config.accept)
+        accepted, tokens = self.runner.verify(decode, proposal.tokens, proposal.probs, num, self.config.accept,
+                                              proposal.parents)
+        self.stats["spec_calls"] += 1
         self.stats["spec_passes"] += n
         self.stats["spec_drafted"] += sum(num)
         self.stats["spec_accepted"] += int(accepted.sum())

@@ -8,6 +8,16 @@ prompt, all of them; after a verify pass, the accepted ones — and the chunk's 
 first draft's feature; then k - 1 more steps feed the layer its own predicted feature and draft.
 The K/V those steps write came from predicted features, so the cache stays valid only up to the
 last true position (`Sequence.draft_computed`).
+
+Tree drafting (SpeculativeConfig.tree, EAGLE-2): after the same catch-up chunk, the root's top_k
+next tokens are the first layer of candidates; depth - 1 times, the top_k candidates of the newest
+layer by cumulative log-probability (the sum of the draft's log-probabilities along the path, at
+DraftTree.temperature) run
+through the layer together, each attending to the cache's prefix and its own ancestors (their K/V
+kept beside the cache, never written to it), and each adds its top_k next tokens as candidates.
+The k candidates of highest cumulative log-probability are the tree (ancestor-closed: a child
+never scores above its parent, and ties keep the earlier, the parent), in creation order, so a
+parent always comes before its children.
 """
 
 from __future__ import annotations
@@ -27,7 +37,10 @@ from jaxinfer.speculative.config import Proposal
 from jaxinfer.speculative.draft_model import (
     chunk_batch, decode_batch, draw, pages_bucket, row_keys, sampling_rows,
 )
-from jaxinfer.speculative.heads import eagle_features, eagle_inputs, eagle_layer_config, load_heads
+from jaxinfer.speculative.heads import (
+    draft_logits, eagle_features, eagle_inputs, eagle_layer_config, load_heads, with_draft_head,
+)
+from pallas_kernels.common import gather_pages
 
 
 def _layer(cfg1, heads, x, cache, batch, impl):
@@ -46,22 +59,18 @@ def _layer(cfg1, heads, x, cache, batch, impl):
 def _propose(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, valid, sp, steps,
              *, impl, k):
     """Pairs (f_t, x_{t+1}) for t in [start, start + lens) per row -> drafts (R, k), q (R, k, V), cache."""
-    R, C = next_tokens.shape
     page, P = cache.page_size, cache.num_pages
     keys = row_keys(sp, steps)
-    batch = chunk_batch(start, lens, tables, C, page, P)
-    f = features[batch.slot_mapping].reshape(R, C, -1)  # the target's features (dropped slots: clamped junk)
-    out, cache = _layer(cfg1, heads, eagle_inputs(target_params, heads, f, next_tokens).reshape(R * C, -1), cache,
-                        batch, impl)
-    feature = eagle_features(target_params, cfg, out[batch.logits_at])  # (R, D)
-    first, q_first = draw(model_lib.lm_head(target_params, cfg, feature), sp, keys, 0)
+    feature, cache = _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables,
+                               impl)
+    first, q_first = draw(draft_logits(target_params, cfg, heads, feature), sp, keys, 0)
 
     def one(carry, j):
         token, feature, cache = carry
         batch = decode_batch(start + lens - 1 + j, j < valid, tables, page, P)
         out, cache = _layer(cfg1, heads, eagle_inputs(target_params, heads, feature, token), cache, batch, impl)
         feature = eagle_features(target_params, cfg, out)
-        d, q = draw(model_lib.lm_head(target_params, cfg, feature), sp, keys, j)
+        d, q = draw(draft_logits(target_params, cfg, heads, feature), sp, keys, j)
         return (d, feature, cache), (d, q)
 
     (_, _, cache), (rest, q_rest) = jax.lax.scan(one, (first, feature, cache), jnp.arange(1, k))
@@ -70,15 +79,96 @@ def _propose(target_params, cfg, cfg1, heads, features, cache, next_tokens, star
     return drafts, probs, cache
 
 
+def _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, impl):
+    """Pairs (f_t, x_{t+1}) for t in [start, start + lens) per row through the layer -> the
+    predicted feature after each row's last pair (R, D), the cache."""
+    R, C = next_tokens.shape
+    batch = chunk_batch(start, lens, tables, C, cache.page_size, cache.num_pages)
+    f = features[batch.slot_mapping].reshape(R, C, -1)  # the target's features (dropped slots: clamped junk)
+    out, cache = _layer(cfg1, heads, eagle_inputs(target_params, heads, f, next_tokens).reshape(R * C, -1), cache,
+                        batch, impl)
+    return eagle_features(target_params, cfg, out[batch.logits_at]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cfg1", "impl", "k", "top_k", "depth", "temperature"),
+                   donate_argnames=("cache",))
+def _propose_tree(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, *, impl, k,
+                  top_k, depth, temperature):
+    """Pairs as in _propose, then a dynamic tree (module docstring) -> drafts (R, k), parents (R, k)
+    (tree.py's layout), the cache (holding the true pairs only)."""
+    R = next_tokens.shape[0]
+    K, rows = top_k, jnp.arange(R)[:, None]
+    root, cache = _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, impl)
+    n = start + lens  # (R,) the root's position: tree tokens of depth d pair up at n + d - 1
+
+    def log_probs(feature):
+        return jax.nn.log_softmax(draft_logits(target_params, cfg, heads, feature) / temperature, axis=-1)
+
+    score, token = jax.lax.top_k(log_probs(root), K)  # (R, K): the first layer of candidates
+    parent = jnp.full((R, K), -1, jnp.int32)  # candidate index of each candidate's parent (-1: the root)
+    inputs = jnp.broadcast_to(root[:, None], (R, K, root.shape[-1]))  # (R, N, D) the feature each pairs with
+
+    prefix = [gather_pages(x[0], tables) for x in (cache.k, cache.v)]  # (R, S, Kv, H) the layer's cache
+    S = prefix[0].shape[1]
+    prefix_pos = jnp.where(jnp.arange(S)[None, :] < n[:, None], jnp.arange(S)[None, :], -1)  # (R, S)
+    T = (depth - 1) * K  # candidates run through the layer, K per step
+    tree_k, tree_v = (jnp.zeros((R, T, *x.shape[2:]), x.dtype) for x in prefix)
+    tree_pos = jnp.full((R, T), -1, jnp.int32)
+    sees = jnp.zeros((R, T, T), jnp.bool_)  # [r, a, b]: run candidate a sees run candidate b
+    run_slot = jnp.full((R, K + T * K), -1, jnp.int32)  # each candidate's slot among the run ones
+    frontier = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (R, K))
+
+    for d in range(1, depth):  # run the frontier (depth d), add its children (depth d + 1)
+        slots = (d - 1) * K + jnp.arange(K)  # (K,)
+        up = jnp.take_along_axis(parent, frontier, axis=1)  # (R, K)
+        up_slot = jnp.where(up >= 0, jnp.take_along_axis(run_slot, jnp.maximum(up, 0), axis=1), -1)
+        mine = jnp.where((up_slot >= 0)[..., None], sees[rows, jnp.maximum(up_slot, 0)], False)
+        mine |= jax.nn.one_hot(slots, T, dtype=jnp.bool_)[None]  # (R, K, T): its ancestors and itself
+        sees = sees.at[:, slots].set(mine)
+        run_slot = run_slot.at[rows, frontier].set(slots[None])
+        pos = jnp.broadcast_to((n + d - 1)[:, None], (R, K))
+        tree_pos = tree_pos.at[:, slots].set(pos)
+
+        def attend(q, k_new, v_new):
+            keys = jnp.concatenate([prefix[0], tree_k.at[:, slots].set(k_new)], axis=1)  # (R, S + T, Kv, H)
+            values = jnp.concatenate([prefix[1], tree_v.at[:, slots].set(v_new)], axis=1)
+            visible = jnp.concatenate([jnp.ones((R, K, S), jnp.bool_), mine], axis=2)
+            k_pos = jnp.concatenate([prefix_pos, tree_pos], axis=1)
+            out = attention.xla_attention(q, keys, values, pos, k_pos, mask=visible)
+            return out, (keys[:, S:], values[:, S:])
+
+        x = eagle_inputs(target_params, heads, jnp.take_along_axis(inputs, frontier[..., None], axis=1),
+                         jnp.take_along_axis(token, frontier, axis=1))  # (R, K, D)
+        cos, sin = model_lib.rope_tables(cfg1, pos, x.dtype)
+        out, (tree_k, tree_v) = model_lib.layer(cfg1, heads["layer"], x, cos, sin, attend,
+                                                model_lib.dense_projection(impl))
+        feature = eagle_features(target_params, cfg, out)  # (R, K, D)
+        child_score, child = jax.lax.top_k(log_probs(feature), K)  # (R, K, K)
+        child_score += jnp.take_along_axis(score, frontier, axis=1)[..., None]
+        offset = score.shape[1]
+        score = jnp.concatenate([score, child_score.reshape(R, K * K)], axis=1)
+        token = jnp.concatenate([token, child.reshape(R, K * K)], axis=1)
+        parent = jnp.concatenate([parent, jnp.repeat(frontier, K, axis=1)], axis=1)
+        inputs = jnp.concatenate([inputs, jnp.repeat(feature, K, axis=1)], axis=1)
+        frontier = offset + jax.lax.top_k(child_score.reshape(R, K * K), K)[1]
+
+    chosen = jnp.sort(jax.lax.top_k(score, k)[1], axis=1)  # (R, k) in creation order
+    up = jnp.take_along_axis(parent, chosen, axis=1)
+    index = jnp.argmax(chosen[:, None, :] == up[:, :, None], axis=2)  # the parent's place among the chosen
+    parents = jnp.where(up >= 0, index + 1, 0).astype(jnp.int32)
+    return jnp.take_along_axis(token, chosen, axis=1).astype(jnp.int32), parents, cache
+
+
 class EagleDrafter:
     features = True
 
-    def __init__(self, target, path: str, num_pages: int, page_size: int, max_seq_len: int, impl):
-        self.target, self.impl = target, impl
+    def __init__(self, target, path: str, num_pages: int, page_size: int, max_seq_len: int, impl, tree=None):
+        self.target, self.impl, self.tree = target, impl, tree
         self.page_size, self.max_seq_len = page_size, max_seq_len
         checkpoint = sharding.logical_config(target)  # the heads' shapes (a placed target may replicate KV heads)
         self.cfg1 = eagle_layer_config(checkpoint)
-        self.heads, _ = load_heads(path, "eagle", checkpoint, target.dtype)
+        heads, _ = load_heads(path, "eagle", checkpoint, target.dtype)
+        self.heads = with_draft_head(target.params, target.config, heads)
         self.cache = PagedKVCache.zeros(self.cfg1, num_pages, page_size, target.dtype)
 
     def propose(self, seqs, num_drafts, k, runner) -> Proposal:
@@ -92,12 +182,18 @@ class EagleDrafter:
             next_tokens[i, :c] = s.tokens[s.draft_computed + 1 : s.num_computed + 1]
             tables[i, : len(s.pages)] = s.pages
             start[i], lens[i], valid[i], steps[i] = s.draft_computed, c, w, len(s.generated)
-        drafts, probs, self.cache = _propose(
-            self.target.params, self.target.config, self.cfg1, self.heads, runner.features, self.cache, next_tokens,
-            start, lens, tables, valid, sampling_rows(seqs, R), steps, impl=self.impl, k=k)
+        args = (self.target.params, self.target.config, self.cfg1, self.heads, runner.features, self.cache,
+                next_tokens, start, lens, tables)
+        if self.tree is None:
+            drafts, probs, self.cache = _propose(*args, valid, sampling_rows(seqs, R), steps, impl=self.impl, k=k)
+            parents = None
+        else:
+            drafts, parents, self.cache = _propose_tree(*args, impl=self.impl, k=k, top_k=self.tree.top_k,
+                                                        depth=self.tree.depth, temperature=self.tree.temperature)
+            probs = None
         for s in seqs:
             s.draft_computed = s.num_computed  # later positions were written from predicted features
-        return Proposal(drafts, probs)
+        return Proposal(drafts, probs, parents=parents)
 
     def accepted(self, seqs) -> None:
         for s in seqs:

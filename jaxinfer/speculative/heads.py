@@ -13,6 +13,9 @@ feature, final-normed with the target's norm and read through the target's LM he
 Params pytrees (D hidden, H heads, the layer's shapes as in jaxinfer.model with L = 1):
   medusa  w (H, D, D), b (H, D)
   eagle   fc (2D, D), layer {attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down, ...}
+Either may carry a truncated draft vocabulary, draft_vocab (W,) int32: the tokens the heads may
+draft (e.g. the W most frequent), read through those W columns of the LM head only (a large
+vocabulary's LM head dominates a small drafter's cost); every other token gets probability 0.
 """
 
 from __future__ import annotations
@@ -53,10 +56,32 @@ def init_eagle(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     return {"fc": fc.astype(dtype), "layer": jax.tree.map(lambda a: a[0], layer)}
 
 
+def with_draft_head(target_params, cfg: ModelConfig, heads: dict) -> dict:
+    """Heads with a draft vocabulary get draft_head (D, W): its columns of the target's LM head."""
+    if "draft_vocab" not in heads:
+        return heads
+    head = target_params["embed"].T if cfg.tie_word_embeddings else target_params["lm_head"]  # (D, V)
+    return {**heads, "draft_head": head[:, heads["draft_vocab"]]}
+
+
+def draft_logits(target_params, cfg: ModelConfig, heads: dict, h: jax.Array) -> jax.Array:
+    """h (..., D) -> (..., V) float32 logits through the target's LM head, or, with a draft
+    vocabulary (with_draft_head), through its columns only, every other token at -inf."""
+    if "draft_vocab" not in heads:
+        return model_lib.lm_head(target_params, cfg, h)
+    sub = jnp.einsum("...D,DW->...W", h, heads["draft_head"], preferred_element_type=jnp.float32)
+    return jnp.full((*h.shape[:-1], cfg.vocab_size), -jnp.inf, jnp.float32).at[..., heads["draft_vocab"]].set(sub)
+
+
+def medusa_hidden(heads: dict, f: jax.Array) -> jax.Array:
+    """f (..., D) -> (..., H, D): every head's hidden state."""
+    h = f[..., None, :] + jax.nn.silu(jnp.einsum("...D,HDE->...HE", f, heads["w"]) + heads["b"])
+    return h.astype(f.dtype)
+
+
 def medusa_logits(target_params, cfg: ModelConfig, heads: dict, f: jax.Array) -> jax.Array:
     """f (..., D) -> (..., H, V): every head's logits."""
-    h = f[..., None, :] + jax.nn.silu(jnp.einsum("...D,HDE->...HE", f, heads["w"]) + heads["b"])
-    return model_lib.lm_head(target_params, cfg, h.astype(f.dtype))
+    return draft_logits(target_params, cfg, heads, medusa_hidden(heads, f))
 
 
 def eagle_inputs(target_params, heads: dict, features: jax.Array, next_tokens: jax.Array) -> jax.Array:
@@ -74,8 +99,8 @@ def save_heads(path: str | os.PathLike, method: str, params: dict, cfg: ModelCon
                **info) -> None:
     """Write a drafter directory (params stored in `dtype`; loading casts them to the target's)."""
     os.makedirs(path, exist_ok=True)
-    flat = {"/".join(str(k.key) for k in p): np.asarray(v, np.float32).astype(dtype)
-            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {"/".join(str(k.key) for k in p): np.asarray(v) if np.issubdtype(np.asarray(v).dtype, np.integer)
+            else np.asarray(v, np.float32).astype(dtype) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     save_file(flat, os.path.join(path, PARAMS_FILE))
     meta = {"method": method, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, **info}
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
@@ -101,5 +126,9 @@ def load_heads(path: str | os.PathLike, method: str, cfg: ModelConfig, dtype) ->
         node = params
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value, dtype)
+        node[leaf] = jnp.asarray(value, value.dtype if np.issubdtype(value.dtype, np.integer) else dtype)
+    if "draft_vocab" in params and not (params["draft_vocab"].ndim == 1 and 0 < params["draft_vocab"].size
+                                        and 0 <= int(params["draft_vocab"].min())
+                                        and int(params["draft_vocab"].max()) < cfg.vocab_size):
+        raise ValueError(f"draft={os.fspath(path)!r}: draft_vocab must be token ids below {cfg.vocab_size}")
     return params, meta

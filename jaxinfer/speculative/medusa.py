@@ -14,13 +14,14 @@ from jaxinfer import sharding
 from jaxinfer.requests import next_power_of_2
 from jaxinfer.speculative.config import Proposal
 from jaxinfer.speculative.draft_model import draw, row_keys, sampling_rows
-from jaxinfer.speculative.heads import load_heads, medusa_logits
+from jaxinfer.speculative.heads import load_heads, medusa_logits, with_draft_head
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k"))
 def _propose(target_params, cfg, heads, features, slots, sp, steps, *, k):
     """slots (R,): where each row's last computed hidden state sits -> drafts (R, k), q (R, k, V)."""
-    logits = medusa_logits(target_params, cfg, jax.tree.map(lambda a: a[:k], heads), features[slots])  # (R, k, V)
+    logits = medusa_logits(target_params, cfg, {**heads, "w": heads["w"][:k], "b": heads["b"][:k]},
+                           features[slots])  # (R, k, V)
     keys = row_keys(sp, steps)
     drafts, probs = zip(*(draw(logits[:, j], sp, keys, j) for j in range(k)))
     return jnp.stack(drafts, axis=1), jnp.stack(probs, axis=1)
@@ -31,7 +32,8 @@ class MedusaDrafter:
 
     def __init__(self, target, path: str):
         self.target = target
-        self.heads, meta = load_heads(path, "medusa", sharding.logical_config(target), target.dtype)
+        heads, meta = load_heads(path, "medusa", sharding.logical_config(target), target.dtype)
+        self.heads = with_draft_head(target.params, target.config, heads)
         self.num_heads = int(self.heads["w"].shape[0])
 
     def propose(self, seqs, num_drafts, k, runner) -> Proposal:
