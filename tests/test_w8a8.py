@@ -137,23 +137,12 @@ def test_smoothing_fold_leaves_the_float_model_unchanged(overrides, rng):
     assert row_rel_error(ji.forward_logits(smoothed, tokens), ji.forward_logits(model, tokens)) <= 1e-5
 
 
-def _with_outlier(model, channel=5, factor=100.0):
-    """The same float function with one hidden channel 100x larger at the q/k/v and gate/up inputs:
-    that channel of both norms' weights times 100, the matching weight rows divided by 100."""
-    layers = dict(model.params["layers"])
-    for norm, names in (("attn_norm", ("wq", "wk", "wv")), ("mlp_norm", ("w_gate", "w_up"))):
-        layers[norm] = layers[norm].at[:, channel].multiply(factor)
-        for name in names:
-            layers[name] = layers[name].at[:, channel, :].divide(factor)
-    return dataclasses.replace(model, params={**model.params, "layers": layers})
-
-
 def test_smoothquant_beats_naive_w8a8_on_an_outlier_channel(rng):
     """One hidden channel 100x the others (a float-exact change): naive per-token int8 crushes the
     other channels of every token, SmoothQuant moves the range into the weights and recovers most
     of the loss. Logits error against the float model, per row."""
     tiny = ji.load_model("tiny")
-    model = _with_outlier(tiny)
+    model = w8a8.inject_outlier(tiny, 5, 100.0)
     tokens = jnp.asarray([list(b"def main(argv):\n    for i in range(10):\n        print(i)\n")], jnp.int32)
     dense = ji.forward_logits(model, tokens)
     assert row_rel_error(dense, ji.forward_logits(tiny, tokens)) < 1e-4
@@ -166,6 +155,8 @@ def test_smoothquant_beats_naive_w8a8_on_an_outlier_channel(rng):
     naive, smooth, baseline = error("w8a8-int8-naive"), error("w8a8-int8-smooth"), error("w8a8-int8-naive", tiny)
     assert naive > 5 * baseline  # the outlier is what hurts naive W8A8
     assert smooth < 0.3 * naive
+    with pytest.raises(ValueError, match="channel=256 is outside the hidden size 256"):
+        w8a8.inject_outlier(tiny, 256, 100.0)
 
 
 def test_static_fp8_scales_come_from_the_calibration_maxima(rng):
