@@ -18,9 +18,9 @@ the bytes their format would store (marked nominal) and no decode speed (they ru
 With --kv_dtype=int8|fp8 the model reads keys and values as a quantised KV cache holds them (the
 dense reference keeps a float cache). Calibration text is held-out text that the evaluation
 windows do not contain. --outlier=100 gives the model a 100x activation outlier channel first (the
-float function unchanged), the case SmoothQuant is for. The run record says which FP8 GEMM ran (`fp8_gemm`): the Pallas kernel
-(interpreted on a CPU) with --matmul=pallas on a card with FP8 tensor cores, else the XLA
-reference numerics (float8_e4m3fn values cast to float32).
+float function unchanged), the case SmoothQuant is for. The run record says which FP8 GEMM ran
+(`fp8_gemm`): with --matmul=pallas the Pallas kernel (interpreted on a CPU; on a GPU only one with
+FP8 tensor cores, sm_89+), else the XLA reference numerics (float8_e4m3fn values cast to float32).
 """
 
 from __future__ import annotations

@@ -187,7 +187,8 @@ def test_w8a8_models_stay_close_to_dense_and_dequantize(rng):
         assert all(isinstance(qm.params["layers"][n], af.W8A8Weight) for n in quant.LINEAR_WEIGHTS)
         assert 1e-4 < row_rel_error(ji.forward_logits(qm, tokens), dense) < 0.1, name
     back = quant.dequantize_params(qm.params)
-    assert back["layers"]["wq"].dtype == model.dtype and back["layers"]["wq"].shape == model.params["layers"]["wq"].shape
+    wq = back["layers"]["wq"]
+    assert wq.dtype == model.dtype and wq.shape == model.params["layers"]["wq"].shape
 
 
 def _byte_model(name, seed):
