@@ -174,9 +174,9 @@ def test_static_fp8_scales_come_from_the_calibration_maxima(rng):
     assert layers["wq"].scales.shape == (cfg.num_layers, cfg.num_heads * cfg.head_dim)
 
 
-def test_w8a8_models_stay_close_to_dense_and_dequantize(rng):
+def test_w8a8_models_stay_close_to_dense_and_dequantize(rng, tmp_path):
     """Every W8A8 scheme keeps the logits near the dense model's; dequantize_params turns the
-    weights back into dense arrays of the model dtype."""
+    weights back into dense arrays of the model dtype; save_model refuses W8A8 weights by name."""
     model = ji.load_model("tiny")
     tokens = jnp.asarray([list(b"import os\nprint(os.getcwd())\n")], jnp.int32)
     dense = ji.forward_logits(model, tokens)
@@ -189,6 +189,8 @@ def test_w8a8_models_stay_close_to_dense_and_dequantize(rng):
     back = quant.dequantize_params(qm.params)
     wq = back["layers"]["wq"]
     assert wq.dtype == model.dtype and wq.shape == model.params["layers"]["wq"].shape
+    with pytest.raises(ValueError, match=r"layers\.\w+ is a W8A8Weight: save_model writes dense and weight-only"):
+        ji.save_model(qm, tmp_path / "w8a8")
 
 
 def _byte_model(name, seed):
