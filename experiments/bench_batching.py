@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import jax
@@ -31,7 +30,7 @@ from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
-from jaxinfer import data, memory
+from jaxinfer import data
 from jaxinfer import runner as runner_lib
 from jaxinfer.sampling import SamplingBatch
 
@@ -119,8 +118,9 @@ def serve(engine: ji.Engine, workload: list[Request], progress: bool) -> tuple[l
             time.sleep(max(0.0, workload[pending[0]].arrival_s - (time.perf_counter() - start)))
             continue
         for out in engine.step():
-            outs[ids[out.request_id]] = out
-            bar.update()
+            if out.finished:
+                outs[ids[out.request_id]] = out
+                bar.update()
     wall = time.perf_counter() - start
     bar.close()
     return [outs[i] for i in range(len(workload))], wall
@@ -176,20 +176,6 @@ def run_once(model, rate: float | None) -> dict:
             for r, o in zip(workload, outs)
         ],
     }
-
-
-def load_bench_model(name: str, dtype: str) -> ji.Model:
-    """A shipped or local model, or random weights shaped like configs/models/NAME.json (or like
-    the HF config.json at a path: random:/path/to/config.json)."""
-    if not name.startswith("random:"):
-        return ji.load_model(name, dtype=dtype)
-    shape = name.split(":", 1)[1]
-    path = shape if shape.endswith(".json") else os.path.join(memory.CONFIGS_DIR, "models", shape + ".json")
-    if not os.path.exists(path):
-        raise ValueError(f"--model={name}: no {path}")
-    cfg = ji.ModelConfig.from_json_file(path)
-    params = ji.init_params(cfg, jax.random.key(0), dtype=ji.weights.resolve_dtype(dtype))
-    return ji.Model(cfg, params, ji.ByteTokenizer(), name=name)
 
 
 def step_overhead(model, num_tokens: int) -> dict:
@@ -275,7 +261,7 @@ def check_flags() -> list[float | None]:
 def main(argv):
     del argv
     rates = check_flags() if not FLAGS.step_overhead else None
-    model = load_bench_model(FLAGS.model, FLAGS.dtype)
+    model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
     if FLAGS.step_overhead:
         r = step_overhead(model, FLAGS.step_overhead)
         print(f"batch-1 decode on {jax.devices()[0].device_kind}, {model.name}: engine {r['engine_tpot_s'] * 1e3:.2f} "

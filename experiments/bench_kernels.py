@@ -171,7 +171,7 @@ def bench_decode(rows, key, *, B, L, N, K, H, page_size, kv_dtype, configs, inte
     _log(f"{section}: {len(arg_sets)} input sets and the reference ready {jax.block_until_ready(expected).shape}")
     for bs in configs:
         if bs is None:
-            bs = pa.BlockSizes.default(B, K, max_pages, page_size)
+            bs = pa.BlockSizes.default(B, K, max_pages, page_size, H, kv_dtype)
         fn = jax.jit(lambda *a, bs=bs: pa.paged_decode_attention(*a[:5], **scale_kwargs(a), block_sizes=bs,
                                                                  interpret=interpret))
         name = f"ours ppb{bs.pages_per_block} splits{bs.num_splits} w{bs.num_warps} s{bs.num_stages}"

@@ -29,21 +29,20 @@ other work kept busy just before the run) and prints a table.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 import transformers
-from absl import app, flags
+from absl import flags
 from pydoc_data import topics
 
 import jaxinfer as ji
-from experiments.timing import environment
 from jaxinfer import gguf as gguf_lib
 from jaxinfer.quant import dequantize_params
+
+from . import common
 
 try:  # an optional peer: llama-cpp-python, built from source where it builds
     import llama_cpp
@@ -51,19 +50,24 @@ except ImportError:
     llama_cpp = None
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "A model known by name (smollm2-135m) or a .gguf file.")
-flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
 flags.DEFINE_integer("prompt_tokens", 32, "Tokens in every prompt.")
 flags.DEFINE_integer("new_tokens", 64, "Greedy tokens generated per prompt (EOS ignored).")
 flags.DEFINE_integer("repeats", 2, "Timed runs per measurement (best kept), after one warm-up run.")
 flags.DEFINE_integer("threads", 2, "CPU threads for torch and llama.cpp.")
 flags.DEFINE_list("systems", ["jaxinfer", "jaxinfer-packed", "hf", "llama.cpp"], "Systems to measure.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "jaxinfer's dense weights and activations.")
 flags.DEFINE_integer("heldout_tokens", 128, "Tokens of held-out text for the logits agreement check.")
 flags.DEFINE_string("chat_prompt", "What is the capital of France?", "A user message every system answers greedily.")
-flags.DEFINE_string("out", "", "Write the JSON here (default: print only).")
+# --model: a model known by name or a .gguf file (default smollm2-135m)
+for _name in ("model", "dtype", "out", "batch_sizes", "tp"):
+    flags.declare_key_flag(_name)
+DEFAULT_MODEL = "smollm2-135m"
 
 SYSTEMS = ("jaxinfer", "jaxinfer-packed", "hf", "llama.cpp")
+
+
+def _model() -> str:
+    """--model when given, else SmolLM2-135M (common's default is the tiny byte model)."""
+    return FLAGS.model if FLAGS["model"].present else DEFAULT_MODEL
 
 
 def _gguf_path(name: str) -> str:
@@ -95,7 +99,7 @@ def _timed(run, prompt_sets) -> tuple[list[float], object]:
 
 
 def bench_engine(model: ji.Model, prompt_sets, new_tokens: int) -> dict:
-    engine = ji.Engine(model, ji.EngineConfig())
+    engine = ji.Engine(model, ji.EngineConfig(tp=FLAGS.tp))
     sp = ji.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     walls, outs = _timed(lambda prompts: engine.generate(prompts, sp), prompt_sets)
     return dict(tokens_per_s=len(outs) * new_tokens / min(walls), walls_s=walls,
@@ -153,13 +157,13 @@ def _max_row_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def run() -> dict:
-    path = _gguf_path(FLAGS.model)
+    path = _gguf_path(_model())
     unknown = set(FLAGS.systems) - set(SYSTEMS)
     if unknown:
         raise ValueError(f"--systems has {sorted(unknown)}, not among {SYSTEMS}")
     busy = cpu_busy()
     torch.set_num_threads(FLAGS.threads)
-    packed = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    packed = ji.load_model(_model(), dtype=FLAGS.dtype)
     dense = ji.Model(packed.config, dequantize_params(packed.params), packed.tokenizer, packed.name)
     hf = None
     if "hf" in FLAGS.systems or FLAGS.heldout_tokens:
@@ -172,12 +176,12 @@ def run() -> dict:
         llm = llama_cpp.Llama(model_path=path, n_threads=FLAGS.threads, n_threads_batch=FLAGS.threads,
                               n_ctx=512, n_batch=512, verbose=False)
 
-    result: dict = dict(environment=environment("experiments.bench_peers"), model=packed.name, gguf=path,
+    result: dict = dict(model=packed.name, gguf=path,
                         prompt_tokens=FLAGS.prompt_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
                         threads=FLAGS.threads, dtype=FLAGS.dtype, runs=[], not_measured=[], cpu_busy_before=busy,
                         hf=result_hf if hf is not None else None,
                         llama_cpp=None if llm is None else importlib.metadata.version("llama_cpp_python"))
-    for batch in (int(b) for b in FLAGS.batch_sizes):
+    for batch in (int(b) for b in common.value_or("batch_sizes", ["1", "8"])):
         prompt_sets = _prompt_sets(packed.tokenizer, FLAGS.repeats + 1, batch, FLAGS.prompt_tokens)
         for system in FLAGS.systems:
             if system == "jaxinfer":
@@ -217,7 +221,7 @@ def run() -> dict:
     chat_ids = packed.tokenizer.apply_chat_template(messages, tokenize=True)
     answers = {}
     sp = ji.SamplingParams(max_tokens=32, temperature=0.0)
-    answers["jaxinfer-packed"] = ji.Engine(packed, ji.EngineConfig()).generate([chat_ids], sp)[0].text
+    answers["jaxinfer-packed"] = ji.Engine(packed, ji.EngineConfig(tp=FLAGS.tp)).generate([chat_ids], sp)[0].text
     if hf is not None:
         with torch.no_grad():
             out = hf.generate(torch.tensor([chat_ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)
@@ -230,12 +234,9 @@ def run() -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        result = run()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    del argv
+    common.check_out(FLAGS.out)
+    result = run()
     if result["cpu_busy_before"] is not None:
         print(f"CPUs busy with other work just before the run: {result['cpu_busy_before']:.0%}")
     print(f"{'system':16s} {'batch':>5s} {'tok/s':>8s} {'TTFT ms':>8s}")
@@ -251,10 +252,12 @@ def main(argv):
     for line in result["not_measured"]:
         print(f"not measured: {line}")
     if FLAGS.out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(result, f, indent=1)
+        metrics = {f"{r['system']}/b={r['batch']}": {"tokens_per_s": r["tokens_per_s"], "ttft_s": r["ttft_s"]}
+                   for r in result["runs"]}
+        metrics.update({k: result[k] for k in ("logits_max_row_rel_error", "llama_cpp_logits_max_row_rel_error")
+                        if k in result})
+        common.write_json(FLAGS.out, common.record(__name__, metrics, **result))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

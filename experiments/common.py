@@ -4,6 +4,11 @@ EngineConfig they build, one error path, the run record, and timing.
 
 An experiment's `main` is wrapped by `run(main)`: bad input (ValueError, and the ConfigError and
 CheckpointError subclasses of it) ends the run with one `error: ...` line and exit status 2.
+
+Scale-out: `--tp=N` runs the model tensor-parallel over the first N devices (EngineConfig(tp=N)).
+On several hosts, start the same command on each with `--coordinator=HOST:PORT --num_processes=P
+--process_id=I` (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID): `run` calls
+jax.distributed.initialize before main, so jax.devices() lists every host's devices.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax
 from absl import app, flags
 
 import jaxinfer as ji
+from jaxinfer import memory, sharding
 from jaxinfer.speculative import METHODS
 
 FLAGS = flags.FLAGS
@@ -29,9 +35,12 @@ flags.DEFINE_string("model", "tiny", "A shipped model (tiny, tiny-draft) or a lo
                     "bench_batching also takes random:NAME, random weights shaped like configs/models/NAME.json.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations dtype.")
 flags.DEFINE_integer("seed", 0, "Seed of the run's random draws (workload, sampling, calibration).")
+flags.DEFINE_string("dir", "", "The folder a report reads (sweep_report: a sweep's results.jsonl; gpu_report: a GPU "
+                    "session's JSON files).")
 flags.DEFINE_string("out", "", "Write the JSON result to this file ('' = do not write).")
-flags.DEFINE_enum("attention", "xla", ["xla", "pallas"], "Attention implementation (pallas runs interpreted on a CPU).")
-flags.DEFINE_enum("matmul", "xla", ["xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise "
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"], "Attention implementation (auto: pallas on a GPU, "
+                  "xla elsewhere; pallas runs interpreted on a CPU).")
+flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise "
                   "in the kernel, interpreted on a CPU).")
 flags.DEFINE_integer("windows", 64, "Held-out evaluation windows.")
 flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
@@ -43,6 +52,7 @@ flags.DEFINE_integer("max_tokens", None, "Tokens to generate per prompt (default
 flags.DEFINE_string("plot", "", "Write the script's plot to this PNG ('' = no plot).")
 flags.DEFINE_integer("runs", None, "Timed runs per variant; the median is reported (default: the script's).")
 flags.DEFINE_integer("calls", 50, "Back-to-back calls per timed run.")
+flags.DEFINE_list("batch_sizes", None, "Batch sizes to measure, one run each (default: the script's).")
 flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
 flags.DEFINE_integer("output_len", 48, "Tokens generated per request (bench_batching: the fixed value or the mean).")
 
@@ -71,8 +81,17 @@ flags.DEFINE_bool("overlap", True, "Dispatch the next decode call before reading
 flags.DEFINE_integer("max_adapters", 0, "LoRA adapter slots on the device (0: no adapters; lora_batching: one slot per "
                      "adapter).")
 flags.DEFINE_integer("max_lora_rank", 16, "The largest LoRA rank the slots take.")
-flags.DEFINE_enum("lora_impl", "xla", ["xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
+flags.DEFINE_enum("lora_impl", "auto", ["auto", "xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
                   "kernels, interpreted on a CPU).")
+
+flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: the model and its KV cache split over the first tp devices "
+                     "(every host's, with --coordinator; a CPU fakes devices with XLA_FLAGS="
+                     "--xla_force_host_platform_device_count=N). kv_capacity: plan per card at this tp.")
+flags.DEFINE_string("coordinator", os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+                    "Multi-host: the coordinator's HOST:PORT (process 0's host); '' = one process.")
+flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
+                     "Multi-host: processes in the run, one per host.")
+flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)), "Multi-host: this process's index.")
 
 flags.DEFINE_string("kv_dtype", "", "KV-cache dtype: '' (the model's own), int8 or fp8 (quantised per token and "
                     "head, float32 scales); kv_capacity also takes float32, bfloat16, float16 (its default bfloat16).")
@@ -85,7 +104,8 @@ flags.DEFINE_float("spec_accept", 0.8, "Acceptance probability of --spec=synthet
 
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
                 "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "kv_dtype",
-                "max_adapters", "max_lora_rank", "lora_impl")
+                "max_adapters", "max_lora_rank", "lora_impl", "tp")
+DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
 SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept")
 DEFAULT_DRAFTS = {"draft": "tiny-draft", "medusa": "tiny-medusa", "eagle": "tiny-eagle"}
 
@@ -96,6 +116,11 @@ def spec_config(method: str, k: int, draft: str = "", accept: float = 0.8) -> ji
         return None
     return ji.SpeculativeConfig(method=method, num_tokens=k, draft=draft or DEFAULT_DRAFTS.get(method),
                                 accept=accept if method == "synthetic" else None)
+
+
+def mesh():
+    """The tensor-parallel mesh --tp asks for (the first tp devices), or None for tp=1."""
+    return sharding.make_mesh(FLAGS.tp) if FLAGS.tp > 1 else None
 
 
 def value_or(name: str, default):
@@ -121,6 +146,8 @@ def run(main) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         try:
+            if FLAGS.coordinator:
+                sharding.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
             main(argv)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -162,7 +189,17 @@ def record(module: str, metrics: dict, **extra) -> dict:
     """Every experiment's JSON: `config` (the flags it ran with), `env` (where, when, how), `metrics`
     (flat: name -> number, nested names joined by "/", what sweeps tabulate) and any extra rows."""
     config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[module])}
-    return {"config": config, "env": environment(module), "metrics": flatten(metrics), **extra}
+    env = environment(module)
+    ran = {name: ji.model.auto_impl(config[name]) for name in ("attention", "matmul", "lora_impl") if name in config}
+    if ran:
+        env["implementations"] = ran  # which path ran ("auto" resolved)
+    return {"config": config, "env": env, "metrics": flatten(metrics), **extra}
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+    print(f"wrote {path}")
 
 
 def write_json(path: str, record: dict) -> None:
@@ -198,3 +235,17 @@ def median_call_time(fn, arg_sets, runs: int, calls: int) -> float:
         jax.block_until_ready(out)
         per_call.append((time.perf_counter() - t0) / calls)
     return statistics.median(per_call)
+
+
+def load_bench_model(name: str, dtype: str) -> ji.Model:
+    """A shipped or local model, or random weights shaped like configs/models/NAME.json (or like
+    the HF config.json at a path: random:/path/to/config.json)."""
+    if not name.startswith("random:"):
+        return ji.load_model(name, dtype=dtype)
+    shape = name.split(":", 1)[1]
+    path = shape if shape.endswith(".json") else os.path.join(memory.CONFIGS_DIR, "models", shape + ".json")
+    if not os.path.exists(path):
+        raise ValueError(f"--model={name}: no {path}")
+    cfg = ji.ModelConfig.from_json_file(path)
+    params = ji.init_params(cfg, jax.random.key(0), dtype=ji.weights.resolve_dtype(dtype))
+    return ji.Model(cfg, params, ji.ByteTokenizer(), name=name)

@@ -24,12 +24,12 @@ from . import common
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "tiny", "Target model (name or HF checkpoint directory).")
 flags.DEFINE_string("draft", "tiny-draft", "Draft model (name or HF checkpoint directory).")
-for _name in ("windows", "seq_len", "out"):
+for _name in ("windows", "seq_len", "out", "tp"):
     flags.declare_key_flag(_name)
 
 
 def evaluate(target: str, draft: str, windows: int, seq_len: int) -> dict:
-    t, d = ji.load_model(target), ji.load_model(draft)
+    t, d = ji.load_model(target, mesh=common.mesh()), ji.load_model(draft, mesh=common.mesh())
     w = data.heldout_windows(t, seq_len, windows)
     return {
         "target": {"model": target, "params": t.config.num_params(), "heldout_bits_per_byte": data.bits_per_byte(t, w)},

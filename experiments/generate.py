@@ -3,10 +3,12 @@
   python -m experiments.generate --prompt="def fibonacci(n):"
   python -m experiments.generate --model=smollm2-135m --chat --prompt="What is the capital of France?"
   python -m experiments.generate --model=/path/to/hf/checkpoint --dtype=bfloat16 --prompts_file=prompts.txt
+  python -m experiments.generate --stream --prompt="import os"
 
 Defaults to the shipped tiny byte-level model, served by the paged engine (`--baseline` for the
 contiguous-cache baseline loop). The first (warm-up) run compiles; the timed run after it reports
-time to first token, decode speed, and the compile time separately.
+time to first token, decode speed, and the compile time separately. With `--stream` the timed run
+prints the completion as it is generated, through `Engine.stream` (one prompt).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 from absl import flags
 
 import jaxinfer as ji
+from jaxinfer import sharding
 from jaxinfer.formats import QuantizedWeight
 from jaxinfer.quant import dequantize_params, quantize_by_name
 
@@ -38,6 +41,8 @@ flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-
 flags.DEFINE_bool("dequantize", False, "Dequantise a packed checkpoint's projections (GGUF blocks, AWQ/GPTQ) to "
                   "--dtype on load: on a CPU, XLA otherwise dequantises every matrix on every step.")
 flags.DEFINE_bool("baseline", False, "Serve with the contiguous-cache baseline loop (ji.generate), not the engine.")
+flags.DEFINE_bool("stream", False, "Print the completion as it is generated (Engine.stream): one prompt, the engine "
+                  "only (not --baseline).")
 MAX_TOKENS = 128  # default --max_tokens
 for _name in ("model", "seed", "dtype", "max_tokens", "out", *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
@@ -64,10 +69,20 @@ def prompts_of(model) -> tuple[list, list[str]]:
                                                 tokenize=True) for t in texts], texts
 
 
-def serve(model, prompts, sampling) -> list[ji.RequestOutput]:
+def serve(model, prompts, sampling, stream: bool = False) -> list[ji.RequestOutput]:
+    """Serve the prompts; with stream, the one prompt through Engine.stream, printing its text as it comes."""
     if FLAGS.baseline:
         return ji.generate(model, prompts, sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)
-    return ji.Engine(model, common.engine_config()).generate(prompts, sampling, raise_on_error=True)
+    engine = ji.Engine(model, common.engine_config())
+    if not stream:
+        return engine.generate(prompts, sampling, raise_on_error=True)
+    shown = 0  # characters (with no tokenizer: token ids) printed so far
+    for out in engine.stream(prompts[0], sampling):
+        pieces = out.text if out.text is not None else [f" {t}" for t in out.token_ids]
+        print("".join(pieces[shown:]), end="", flush=True)
+        shown = len(pieces)
+    print()
+    return [out]
 
 
 def run() -> None:
@@ -76,29 +91,39 @@ def run() -> None:
         top_k=FLAGS.top_k, min_p=FLAGS.min_p, seed=FLAGS.seed,
     )
     common.check_out(FLAGS.out)
+    if FLAGS.stream and FLAGS.baseline:
+        raise ValueError("--stream serves through the engine (Engine.stream); it does not go with --baseline")
     t0 = time.perf_counter()
-    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    transform = FLAGS.dequantize or FLAGS.weights != "dense"
+    # With --tp, a checkpoint is placed as it loads (no device holds it whole), once for every engine.
+    model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype, mesh=None if transform else common.mesh())
     if FLAGS.dequantize:
         model = dataclasses.replace(model, params=dequantize_params(model.params))
     model = quantize_by_name(model, FLAGS.weights)
+    if transform and common.mesh() is not None:
+        model = sharding.shard_model(model, common.mesh())
     load_s = time.perf_counter() - t0
     prompts, texts = prompts_of(model)
+    if FLAGS.stream and len(prompts) > 1:
+        raise ValueError(f"--stream serves one prompt; --prompts_file={FLAGS.prompts_file} has {len(prompts)}")
 
     t0 = time.perf_counter()
     serve(model, prompts, sampling)  # compiles what the run uses
     warm_s = time.perf_counter() - t0
+    if FLAGS.stream:
+        print(f"user: {texts[0]}\nassistant: " if FLAGS.chat else texts[0], end="", flush=True)
     t0 = time.perf_counter()
-    outs = serve(model, prompts, sampling)
+    outs = serve(model, prompts, sampling, stream=FLAGS.stream)
     run_s = time.perf_counter() - t0
 
-    for text, out in zip(texts, outs):
+    for text, out in zip(texts, [] if FLAGS.stream else outs):
         print(f"user: {text}\nassistant: {out.text}" if FLAGS.chat else text + (out.text or ""))
     print("-" * 72)
     out = outs[0]
     m = out.metrics
     n = len(out.token_ids)
     generated = sum(len(o.token_ids) for o in outs)
-    params = model.config.num_params()
+    params = sharding.logical_config(model).num_params()
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     packed = [w for w in jax.tree.leaves(model.params["layers"], is_leaf=lambda x: isinstance(x, QuantizedWeight))
               if isinstance(w, QuantizedWeight)]

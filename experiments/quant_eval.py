@@ -19,8 +19,10 @@ With --kv_dtype=int8|fp8 the model reads keys and values as a quantised KV cache
 dense reference keeps a float cache). Calibration text is held-out text that the evaluation
 windows do not contain. --outlier=100 gives the model a 100x activation outlier channel first (the
 float function unchanged), the case SmoothQuant is for. The run record says which FP8 GEMM ran
-(`fp8_gemm`): with --matmul=pallas the Pallas kernel (interpreted on a CPU; on a GPU only one with
-FP8 tensor cores, sm_89+), else the XLA reference numerics (float8_e4m3fn values cast to float32).
+(`fp8_gemm`): bits per byte and agreement always through the XLA reference numerics
+(float8_e4m3fn values cast to float32); decode timing with --matmul=pallas (or auto on a GPU)
+through the Pallas kernel on a card with FP8 tensor cores (sm_89+), interpreted on a CPU, and
+through the XLA numerics on older cards.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 
 import jaxinfer as ji
 from jaxinfer import data, matmul, quant
+from jaxinfer import model as model_lib
 from jaxinfer.quant import w8a8
 from jaxinfer.quant.spec import SimScheme, W8A8Scheme, scheme_from_name
 
@@ -52,7 +55,7 @@ flags.DEFINE_float("outlier", 0.0, "Make hidden channel 5 this many times larger
                    "outlier SmoothQuant is for.")
 flags.DEFINE_float("smooth_alpha", 0.5, "SmoothQuant's migration strength for w8a8-int8-smooth names without an "
                    "-a<alpha> suffix (a suffix wins).")
-for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype"):
+for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp"):
     flags.declare_key_flag(_name)
 flags.DEFINE_string("table", "", "Write a markdown table here.")
 
@@ -82,12 +85,13 @@ def resolve(name: str):
 
 
 def fp8_gemm(names: list[str]) -> str | None:
-    """Which FP8 GEMM this run's fp8 schemes ran through (None: no fp8 scheme)."""
+    """Which FP8 GEMM this run's fp8 schemes ran through (None: no fp8 scheme). The quality figures
+    always take the XLA path (jaxinfer.data); decode timing takes --matmul ("auto": pallas on a GPU)."""
     if not any(isinstance(s, W8A8Scheme) and s.dtype == "fp8" for s in map(scheme_from_name, names)):
         return None
-    if FLAGS.matmul == "xla":
-        return "xla reference (float8_e4m3fn values cast to float32, --matmul=xla)"
-    return matmul.fp8_gemm_path()
+    reference = "xla reference (float8_e4m3fn values cast to float32)"
+    decode = reference if model_lib.auto_impl(FLAGS.matmul) == "xla" else matmul.fp8_gemm_path()
+    return f"quality: {reference}; decode: {decode}"
 
 
 def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
@@ -95,7 +99,7 @@ def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
     `runs` runs after one that compiles."""
     sp = ji.SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     prompt = "def main(argv):\n"
-    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None)
+    config = ji.EngineConfig(max_batch=1, matmul=FLAGS.matmul, kv_dtype=FLAGS.kv_dtype or None, tp=FLAGS.tp)
     speeds = []
     for _ in range(runs + 1):
         out = ji.Engine(model, config).generate([prompt], sp)[0]
@@ -181,9 +185,7 @@ def main(argv):
     if FLAGS.out:
         common.write_json(FLAGS.out, record)
     if FLAGS.table:
-        with open(FLAGS.table, "w") as f:
-            f.write(md + "\n")
-        print(f"wrote {FLAGS.table}")
+        common.write_text(FLAGS.table, md)
 
 
 if __name__ == "__main__":

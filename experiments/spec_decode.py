@@ -28,22 +28,24 @@ import jaxinfer as ji
 from jaxinfer import data
 
 from . import common
-from .bench_batching import load_bench_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("methods", ["ngram", "draft", "medusa", "eagle"], "Methods to compare with plain decoding.")
 flags.DEFINE_list("ks", ["5"], "Drafted tokens per pass (k) to sweep.")
 flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures to sweep (0: greedy).")
-flags.DEFINE_list("batch_sizes", ["1"], "Requests running at once to sweep.")
 flags.DEFINE_integer("num_prompts", 8, "Held-out prompts per configuration.")
 PROMPT_LEN, MAX_TOKENS = 32, 64  # defaults: prompt tokens (BOS included), tokens generated (EOS ignored)
-for _name in ("model", "dtype", "seed", "out", "spec_accept", "attention", "matmul", "prompt_len", "max_tokens", "plot"):
+for _name in ("model", "dtype", "seed", "out", "batch_sizes", "spec_accept", "attention", "matmul", "prompt_len",
+              "max_tokens", "plot", "tp"):
     flags.declare_key_flag(_name)
+
+
+DEFAULT_LISTS = {"batch_sizes": ["1"]}  # defaults of the shared list flags
 
 
 def _numbers(name: str, cast) -> list:
     try:
-        values = [cast(v) for v in FLAGS[name].value]
+        values = [cast(v) for v in common.value_or(name, DEFAULT_LISTS.get(name))]
     except ValueError:
         raise ValueError(f"--{name}={','.join(FLAGS[name].value)}: not a list of numbers") from None
     if not values:
@@ -62,7 +64,7 @@ def prompts_for(model) -> list[list[int]]:
 
 
 def measure(model, prompts, method: str, k: int, temperature: float, batch: int) -> dict:
-    config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul,
+    config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul, tp=FLAGS.tp,
                              speculative=common.spec_config(method, k, accept=FLAGS.spec_accept))
     params = [ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=temperature, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
@@ -120,7 +122,7 @@ def main(argv):
     if FLAGS.plot:
         common.check_out(FLAGS.plot)
         common.require("matplotlib", "--plot", "plots")
-    model = load_bench_model(FLAGS.model, FLAGS.dtype)
+    model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
     prompts = prompts_for(model)
     grid = [("none", 0, t, b) for t in temperatures for b in batches]
     grid += [(m, k, t, b) for m in FLAGS.methods for k in ks for t in temperatures for b in batches]

@@ -19,10 +19,10 @@ from absl import flags
 from . import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dir", "", "The sweep directory (results.jsonl).")
 flags.DEFINE_string("x", "", "The flag on the x axis.")
 flags.DEFINE_string("y", "", "The metric (a name in the experiment's `metrics`).")
 flags.DEFINE_string("group", "", "A flag whose values get one line each ('' = one line).")
+flags.declare_key_flag("dir")
 
 
 def latest_rows(path: str) -> list[dict]:

@@ -9,7 +9,9 @@ is the reference every faster implementation is compared against.
 impl="pallas" runs the kernels in pallas_kernels/ (in interpret mode on the CPU). They take the
 sliding window as a static int, so the model passes one when all layers share a window; they
 assume the keys of a call sit at positions 0..S-1 (true of every caller here: a full causal
-pass, a contiguous cache, pages).
+pass, a contiguous cache, pages). Traced under a tensor-parallel mesh (jaxinfer.sharding), each
+kernel runs per shard under shard_map on its own query and KV heads (the partitioner cannot
+split a pallas_call); the XLA path is split by the partitioner itself.
 
 Axes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim,
 L layers, P pages, M pages per sequence (block-table width).
@@ -17,10 +19,13 @@ L layers, P pages, M pages per sequence (block-table width).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache, quantize
+from jaxinfer.sharding import P, per_shard
 from pallas_kernels.common import dequantize_pages, gather_pages
 from pallas_kernels.flash_attention import flash_attention, paged_flash_attention
 from pallas_kernels.paged_attention import paged_decode_attention
@@ -58,8 +63,9 @@ def attend(
     _check_impl(impl)
     if impl == "pallas":
         kv_lens = jnp.max(k_pos, axis=1) + 1  # keys sit at positions 0..S-1
-        return flash_attention(q, k, v, q_pos[:, 0], kv_lens, window=_static_window(window, impl),
-                               interpret=_interpret())
+        kernel = functools.partial(flash_attention, window=_static_window(window, impl), interpret=_interpret())
+        heads = P(None, None, "tp")
+        return per_shard(kernel, (heads, heads, heads, P(), P()), heads)(q, k, v, q_pos[:, 0], kv_lens)
     return xla_attention(q, k, v, q_pos, k_pos, window)
 
 
@@ -135,6 +141,20 @@ def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, 
     return out[None], PagedKVCache(k=k_all, v=v_all, k_scale=k_scale, v_scale=v_scale)
 
 
+def _per_shard_pages(kernel, heads, q, k_pages, v_pages, k_scales, v_scales, *rest):
+    """kernel(q, k_pages, v_pages, *rest, k_scales=, v_scales=) on each shard's query heads (q split
+    on `heads`) and KV heads (pages and scales split on axis 0); block tables and lengths whole."""
+    scales = () if k_scales is None else (k_scales, v_scales)
+
+    def run(q, k_pages, v_pages, *args):
+        ks, vs = args[len(rest):] or (None, None)
+        return kernel(q, k_pages, v_pages, *args[: len(rest)], k_scales=ks, v_scales=vs)
+
+    kv = P("tp")
+    in_specs = (heads, kv, kv, *[P()] * len(rest), *[kv] * len(scales))
+    return per_shard(run, in_specs, heads)(q, k_pages, v_pages, *rest, *scales)
+
+
 def _gather(pages, scales, block_tables, dtype):
     """pages (K, P, page, H) [+ scales (K, P, page)] -> each row's context (R, M * page, K, H) in dtype."""
     if scales is None:
@@ -147,8 +167,9 @@ def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, wi
     per-token scales (K, P, page) of int8 / fp8 pages."""
     _check_impl(impl)
     if impl == "pallas":
-        return paged_decode_attention(q, k_pages, v_pages, block_tables, lens, k_scales=k_scales, v_scales=v_scales,
-                                      window=_static_window(window, impl), interpret=_interpret())
+        kernel = functools.partial(paged_decode_attention, window=_static_window(window, impl),
+                                   interpret=_interpret())
+        return _per_shard_pages(kernel, P(None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables, lens)
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, S = keys.shape[:2]
@@ -163,8 +184,9 @@ def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, 
     q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk."""
     _check_impl(impl)
     if impl == "pallas":
-        return paged_flash_attention(q, k_pages, v_pages, block_tables, start, start + lens, k_scales=k_scales,
-                                     v_scales=v_scales, window=_static_window(window, impl), interpret=_interpret())
+        kernel = functools.partial(paged_flash_attention, window=_static_window(window, impl), interpret=_interpret())
+        return _per_shard_pages(kernel, P(None, None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables,
+                                start, start + lens)
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, C = q.shape[:2]

@@ -121,14 +121,18 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
-        with open(path) as f:
+        """The config of an HF config.json; ConfigError naming the file (and the field) otherwise."""
+        with open(path, "rb") as f:
             try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
+                hf = json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(hf, dict):
             raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object of config fields")
-        return _from_hf(hf)
+        try:
+            return _from_hf(hf)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF-style config.json dict that `from_hf_dict` reads back to an equal config."""
@@ -177,42 +181,44 @@ _ARCHITECTURES = {
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     # transformers >= 5 writes `rope_parameters`; older files carry `rope_theta` + `rope_scaling`.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    if not params:
-        params = dict(scaling)
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    for name in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(name) or {}, dict):
+            raise ConfigError(f"{name}={hf[name]!r} is not an object of rope fields")
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = _field(params, "rope_theta", float, _field(hf, "rope_theta", float, 10000.0, minimum=0.0), minimum=0.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
             f"rope_type={rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     if rope_type == "default":
-        return RopeConfig(theta=float(theta))
+        return RopeConfig(theta=theta)
     if "factor" not in params:
         raise ConfigError(f"rope scaling {rope_type!r} needs a 'factor'")
-    kwargs: dict[str, Any] = dict(theta=float(theta), type=rope_type, factor=float(params["factor"]))
+    kwargs: dict[str, Any] = dict(theta=theta, type=rope_type, factor=_field(params, "factor", float, minimum=0.0))
     if rope_type == "llama3":
         for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if name not in params:
                 raise ConfigError(f"llama3 rope scaling needs {name!r}")
-            kwargs[name] = type(getattr(RopeConfig, name))(params[name])
+            kwargs[name] = _field(params, name, type(getattr(RopeConfig, name)), minimum=0)
         if kwargs["high_freq_factor"] <= kwargs["low_freq_factor"]:
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
     return RopeConfig(**kwargs)
 
 
 def _layer_windows(hf: dict[str, Any], model_type: str, num_layers: int) -> tuple[int, ...]:
-    window = hf.get("sliding_window")
+    window = _field(hf, "sliding_window", int, 0, minimum=0)
     if model_type == "mistral":
-        return (int(window or 0),) * num_layers
+        return (window,) * num_layers
     if model_type in ("qwen2", "qwen3"):
         layer_types = hf.get("layer_types")
         if layer_types is None:
-            if not hf.get("use_sliding_window", False):
+            if not _field(hf, "use_sliding_window", bool, False):
                 return (0,) * num_layers
-            first = hf.get("max_window_layers", num_layers)
+            first = _field(hf, "max_window_layers", int, num_layers, minimum=0)
             layer_types = ["full_attention" if i < first else "sliding_attention" for i in range(num_layers)]
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise ConfigError(f"layer_types={layer_types!r} is not a list of layer type names")
         if len(layer_types) != num_layers:
             raise ConfigError(f"layer_types has {len(layer_types)} entries, num_hidden_layers is {num_layers}")
         unknown = set(layer_types) - {"full_attention", "sliding_attention"}
@@ -224,48 +230,83 @@ def _layer_windows(hf: dict[str, Any], model_type: str, num_layers: int) -> tupl
     return (0,) * num_layers
 
 
+MAX_LAYERS = 4096  # far past any published model; a larger count is a corrupt file (and would take forever to check)
+
+
+def _field(hf: dict[str, Any], name: str, kind: type, default: Any = None, minimum: float | None = None,
+           maximum: float | None = None) -> Any:
+    """hf[name] as an int, float or bool (default when absent or null; no default: required), or
+    ConfigError naming the field. An int field takes a whole float (4096.0), a float field an int."""
+    value = hf.get(name)
+    if value is None:
+        if default is None:
+            raise ConfigError(f"config.json has no {name!r}")
+        value = default
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is not true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            kind is int and value != int(value)):
+        raise ConfigError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}")
+    value = kind(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value!r} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={value!r} must be <= {maximum}")
+    return value
+
+
+def _token_ids(hf: dict[str, Any], name: str) -> tuple[int, ...]:
+    """A token id or a list of them (absent: none), or ConfigError naming the field."""
+    value = hf.get(name)
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    return tuple(_field({name: v}, name, int, minimum=0) for v in values)
+
+
 def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"model_type={model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if name not in hf:
-            raise ConfigError(f"config.json has no {name!r}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"hidden_act={act!r} is not supported (only 'silu')")
-    if hf.get("mlp_bias", False):
+    if _field(hf, "mlp_bias", bool, False):
         raise ConfigError("mlp_bias=True is not supported")
-    if model_type == "qwen2" and hf.get("attention_bias") is False:
+    attention_bias = _field(hf, "attention_bias", bool, model_type == "qwen2")
+    if model_type == "qwen2" and not attention_bias:
         raise ConfigError("qwen2 with attention_bias=False is not supported")
-    num_heads = int(hf["num_attention_heads"])
-    num_kv_heads = int(hf.get("num_key_value_heads") or num_heads)
-    hidden = int(hf["hidden_size"])
-    head_dim = hf.get("head_dim") or hidden // num_heads
-    num_layers = int(hf["num_hidden_layers"])
-    eos = hf.get("eos_token_id")
-    eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    vocab_size = _field(hf, "vocab_size", int, minimum=1)
+    hidden = _field(hf, "hidden_size", int, minimum=1)
+    intermediate = _field(hf, "intermediate_size", int, minimum=1)
+    num_layers = _field(hf, "num_hidden_layers", int, minimum=1, maximum=MAX_LAYERS)
+    num_heads = _field(hf, "num_attention_heads", int, minimum=1)
+    num_kv_heads = _field(hf, "num_key_value_heads", int, num_heads, minimum=1)
+    head_dim = _field(hf, "head_dim", int, hidden // num_heads, minimum=1)
+    bos = _token_ids(hf, "bos_token_id")
+    if len(bos) > 1:
+        raise ConfigError(f"bos_token_id={hf['bos_token_id']!r} is not one token id")
     # Llama and Qwen3 put `attention_bias` on q, k, v and o; Qwen2 always biases q, k, v only.
-    llama_bias = model_type in ("llama", "qwen3") and bool(hf.get("attention_bias", False))
+    llama_bias = model_type in ("llama", "qwen3") and attention_bias
     return ModelConfig(
         model_type=model_type,
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=int(hf["intermediate_size"]),
+        intermediate_size=intermediate,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=int(head_dim),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        head_dim=head_dim,
+        rms_norm_eps=_field(hf, "rms_norm_eps", float, 1e-6, minimum=0.0),
         rope=_rope_from_hf(hf),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=_field(hf, "max_position_embeddings", int, 2048, minimum=1),
+        tie_word_embeddings=_field(hf, "tie_word_embeddings", bool, False),
         qkv_bias=model_type == "qwen2" or llama_bias,
         o_bias=llama_bias,
         qk_norm=model_type == "qwen3",
         layer_windows=_layer_windows(hf, model_type, num_layers),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids,
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=_token_ids(hf, "eos_token_id"),
     )

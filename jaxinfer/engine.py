@@ -10,6 +10,22 @@ A step with decode work only becomes a decode call of up to `decode_steps` steps
 (jaxinfer/pipeline.py); with `overlap`, the next call is dispatched before the last one's tokens
 are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an adapter registry
 (jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits a sequence.
+With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
+(jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
+
+The request lifecycle, for callers that serve requests as they come (the contract a server is
+written against):
+  add_request(prompt, sampling, adapter=)  queue a request; bad input raises ValueError
+  step()          one iteration; returns a RequestOutput for every request that got new tokens or
+                  finished in it: `finished` False (finish_reason None, tokens and text so far)
+                  or True (the final output)
+  stream(prompt)  a generator of one request's outputs, each time it has new tokens, the last one
+                  finished; closing it early aborts the request
+  abort(id)       end a request now ("aborted"); its pages come back at once
+A request past its deadline (SamplingParams.timeout_s, or EngineConfig.request_timeout_s) ends
+with "timeout" at the start of the next step, its tokens so far kept. A request whose logits turn
+NaN or infinite ends with "error" (the sampler flags the row on the device, in the token array
+read back anyway); its pages are zeroed before they are reused and the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -18,18 +34,21 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from typing import Sequence as Seq
 
 import numpy as np
 
 from jaxinfer import model as model_lib
+from jaxinfer import sharding
 from jaxinfer.engine_config import EngineConfig
 from jaxinfer.kv_cache import PageAllocator
+from jaxinfer.lifecycle import Request, RequestTable, sample_seed
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
-from jaxinfer.requests import RequestOutput, StopRules, prepare_adapters, prepare_prompt, prepare_sampling, sequence_output
+from jaxinfer.requests import RequestOutput, StopRules, prepare_adapters, prepare_prompt, prepare_sampling
 from jaxinfer.pipeline import DecodePipeline
 from jaxinfer.runner import ModelRunner, possible_buckets
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import NONFINITE, SamplingParams
 from jaxinfer.scheduler import Scheduler, Sequence, Status
 from jaxinfer.speculative import load_drafter
 from jaxinfer.speculative.decoder import SpeculativeDecoder
@@ -38,42 +57,30 @@ from jaxinfer.speculative.decoder import SpeculativeDecoder
 log = logging.getLogger("jaxinfer")
 
 
-@dataclasses.dataclass(eq=False)
-class _Request:
-    request_id: int
-    prompt: list[int]
-    sampling: SamplingParams
-    sequences: list[Sequence]
-    aborted: bool = False
-
-
-def _sample_seed(seed: int, index: int) -> int:
-    """Seed of a request's index-th sample; sample 0 uses the request's own seed."""
-    return seed if index == 0 else hash((seed, index)) & 0x7FFFFFFF
-
-
 class Engine:
     def __init__(self, model, config: EngineConfig | None = None, *, runner=ModelRunner):
         """`runner(model, num_pages, page_size, max_seq_len, max_batch, impl, features, kv_dtype, lora)`
         builds the model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
-        num_pages, page_size = config.kv_pages(model, self.max_seq_len)
+        placed = sharding.place_model(model, config.tp)  # the model as the device runs it
+        num_pages, page_size = config.kv_pages(placed, self.max_seq_len)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)
         impl = model_lib.Impl(config.attention, config.matmul)
         self.drafter = (None if config.speculative is None else
-                        load_drafter(config.speculative, model, num_pages, page_size, self.max_seq_len, impl))
-        self.runner = runner(model, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
+                        load_drafter(config.speculative, placed, num_pages, page_size, self.max_seq_len, impl))
+        self.runner = runner(placed, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
                              features=bool(self.drafter and self.drafter.features), kv_dtype=config.kv_dtype,
                              lora=config.lora_slots())
-        self.adapters = AdapterRegistry(model.config, config.max_adapters, config.max_lora_rank, self.runner)
+        self.adapters = AdapterRegistry(sharding.logical_config(placed), config.max_adapters, config.max_lora_rank,
+                                        self.runner)
         self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,
                                    max_tokens_per_step=config.max_tokens_per_step,
                                    chunked_prefill=config.chunked_prefill,
                                    adapters=self.adapters if config.max_adapters else None)
         self.rules = StopRules(model)
-        self._requests: dict[int, _Request] = {}
+        self.requests = RequestTable(self.rules)  # by id: sequences, deadlines, outputs and streams
         self._next_id = 0
         self._counts: collections.Counter = collections.Counter()  # steps, preemptions, peak_running, host_s
         self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
@@ -110,7 +117,7 @@ class Engine:
                     adapter: str | None = None) -> int:
         """Queue a request (under an added LoRA adapter, or the base model) and return its id. Bad
         input raises ValueError; the engine is unchanged."""
-        sampling = sampling or SamplingParams()
+        sampling = SamplingParams() if sampling is None else sampling
         self.adapters.check(adapter)
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
@@ -130,21 +137,43 @@ class Engine:
         stop = self.rules.checker(sampling, self.max_seq_len + 1 - len(ids))
         seq = Sequence(rid, 0, list(ids), len(ids), sampling, seed, now, stop=stop, adapter=adapter,
                        cache_salt=self.adapters.salt.get(adapter, 0))
-        self._requests[rid] = _Request(rid, list(ids), sampling, [seq])
+        timeout = sampling.timeout_s if sampling.timeout_s is not None else self.config.request_timeout_s
+        self.requests.add(Request(rid, list(ids), sampling, [seq]), None if timeout is None else now + timeout)
         self.scheduler.add(seq)
         return rid
 
     def abort(self, request_id: int) -> RequestOutput:
-        """Stop a request now: its pages come back, its output (finish_reason "abort") is returned."""
-        if request_id not in self._requests:
+        """Stop a request now: its pages come back, its output (finish_reason "aborted", the tokens
+        so far) is returned."""
+        if request_id not in self.requests:
             raise ValueError(f"request_id={request_id} is not a running or waiting request")
-        req = self._requests[request_id]
-        req.aborted = True
-        for seq in req.sequences:
-            if seq.status is not Status.FINISHED:
-                seq.finish_time = time.perf_counter()
-                self.scheduler.finish(seq, "abort")
-        return self._collect(req.sequences)[0]
+        req = self.requests[request_id]
+        self._end(req, "aborted")
+        (out,) = self.requests.emit(self.requests.collect(req.sequences))
+        return out
+
+    def stream(self, prompt: str | Seq[int], sampling: SamplingParams | None = None,
+               adapter: str | None = None) -> Iterator[RequestOutput]:
+        """Add a request and yield its output each time it has new tokens (finished False, the
+        tokens and text so far), the last one finished, driving the engine with step() (other
+        requests advance too). Closing the generator early aborts the request. Bad input raises
+        ValueError at the first next()."""
+        rid = self.add_request(prompt, sampling, adapter=adapter)
+        queue = self.requests.streams[rid] = collections.deque()
+        try:
+            while True:
+                while not queue and rid in self.requests and self.has_unfinished():
+                    self.step()
+                if not queue:
+                    return
+                out = queue.popleft()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            del self.requests.streams[rid]
+            if rid in self.requests:
+                self.abort(rid)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -167,7 +196,7 @@ class Engine:
                     for rid in ids:
                         self.abort(rid)
                     raise ValueError(f"prompts[{i}]: {e}") from None
-                prompt_ids = list(p) if not isinstance(p, str) else []
+                prompt_ids = list(p) if isinstance(p, (list, tuple)) else []
                 ids.append(RequestOutput(prompt_ids, [], None, "error", {}, error=f"prompts[{i}]: {e}"))
         errors = [x.error for x in ids if isinstance(x, RequestOutput)]
         if errors:
@@ -175,7 +204,7 @@ class Engine:
         done: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while self.has_unfinished():
-            done.update((out.request_id, out) for out in self.step())
+            done.update((o.request_id, o) for o in self.requests.outputs(self._advance(), partial=False) if o.finished)
         wall = time.perf_counter() - start
         outs = [x if isinstance(x, RequestOutput) else done.pop(x) for x in ids]
         generated = sum(len(s.token_ids) for o in outs for s in (o.samples or [o]))
@@ -221,9 +250,16 @@ class Engine:
     # One iteration -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the requests that finished in it."""
+        """Run one scheduled batch; return an output for every request that got new tokens or
+        finished in it (finished False: the tokens and text so far), in request order."""
+        return self.requests.outputs(self._advance(), partial=True)
+
+    def _advance(self) -> list[Sequence]:
+        """One iteration: expire requests past their deadline, run the scheduled batch; returns
+        the sequences that finished (the requests that got tokens are in requests.touched)."""
         start, device_before = time.perf_counter(), self.runner.stats["device_s"]
         finished = self.pipeline.collect(self._append) if self.pipeline.in_flight else []
+        finished += self._expire()
         if self.pipeline.in_flight is None and self.scheduler.has_work():
             plan = self.scheduler.schedule()
             self._counts["preemptions"] += len(plan.preempted)
@@ -247,7 +283,22 @@ class Engine:
         self._counts["steps"] += 1
         # host_s: the step's time outside blocking reads (scheduling, arrays, bookkeeping).
         self._counts["host_s"] += time.perf_counter() - start - (self.runner.stats["device_s"] - device_before)
-        return self._collect(finished)
+        return finished
+
+    def _expire(self) -> list[Sequence]:
+        """End the requests whose deadline has passed ("timeout"); returns their sequences."""
+        ended = self.requests.expired(time.perf_counter())
+        for req in ended:
+            self._end(req, "timeout")
+        return [req.sequences[0] for req in ended]
+
+    def _end(self, req: Request, reason: str) -> None:
+        """Finish every unfinished sequence of a request now; its pages come back."""
+        now = time.perf_counter()
+        for seq in req.sequences:
+            if seq.status is not Status.FINISHED:
+                seq.finish_time = now
+                self.scheduler.finish(seq, reason)
 
     def _run(self, plan) -> list[Sequence]:
         """One mixed step; sequences that finish their input sample a token (n > 1: all samples)."""
@@ -269,8 +320,15 @@ class Engine:
         return finished
 
     def _append(self, seq: Sequence, token: int) -> bool:
-        """Append a sampled token to a running sequence; finish it if it stops. True if it did."""
+        """Append a sampled token to a running sequence; finish it if it stops (or fail it if the
+        token is NONFINITE). True if it finished."""
         now = time.perf_counter()
+        self.requests.touched.add(seq.request_id)
+        if token == NONFINITE:
+            seq.finish_time = now
+            self._fail(seq, f"non-finite logits (NaN or Inf) at generated token {len(seq.generated)} "
+                            f"(the request's step {len(seq.generated)})")
+            return True
         seq.tokens.append(token)
         seq.first_token_time = seq.first_token_time or now
         reason = seq.stop(seq.generated)
@@ -279,32 +337,27 @@ class Engine:
             self.scheduler.finish(seq, reason)
         return reason is not None
 
+    def _fail(self, seq: Sequence, error: str) -> None:
+        """Finish a sequence with "error": the pages it alone holds leave the prefix cache and are
+        zeroed on the device (they may hold NaN), then come back."""
+        log.warning("request %d failed: %s", seq.request_id, error)
+        own = [p for p in seq.pages if self.allocator.refcount[p] == 1]
+        for p in own:
+            self.allocator.unregister(p)
+        if own:
+            self.runner.clear_pages(own)
+        seq.error = error
+        self.scheduler.finish(seq, "error")
+
     def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
         """The other n - 1 samples of a request, sharing the parent's prompt pages once its last
         prompt chunk (n tokens, computed in this step) is in them."""
-        req = self._requests[parent.request_id]
+        req = self.requests[parent.request_id]
         children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[],
                                         num_computed=parent.num_computed + n, hashes=list(parent.hashes),
-                                        seed=_sample_seed(parent.seed, i),
+                                        seed=sample_seed(parent.seed, i),
                                         stop=self.rules.checker(parent.sampling, parent.stop.room))
                     for i in range(1, parent.sampling.n)]
         self.scheduler.fork(parent, children)
         req.sequences += children
         return children
-
-    # Outputs -----------------------------------------------------------------------------------
-
-    def _collect(self, finished: list[Sequence]) -> list[RequestOutput]:
-        outs = []
-        for rid in dict.fromkeys(s.request_id for s in finished):
-            req = self._requests[rid]
-            if (any(s.status is not Status.FINISHED for s in req.sequences)
-                    or (len(req.sequences) < req.sampling.n and not req.aborted)):
-                continue
-            del self._requests[rid]
-            samples = [sequence_output(req.prompt, s, self.rules, req.request_id)
-                       for s in sorted(req.sequences, key=lambda s: s.sample_index)]
-            if len(samples) > 1:
-                samples[0].samples = samples
-            outs.append(samples[0])
-        return outs

@@ -12,7 +12,8 @@ from jaxinfer import memory
 from jaxinfer.kv_cache import KV_DTYPES
 from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
 from jaxinfer.lora import SlotConfig
-from jaxinfer.model import Impl
+from jaxinfer.model import Impl, auto_impl
+from jaxinfer.sampling import check_timeout
 from jaxinfer.speculative.config import SpeculativeConfig
 
 SCALE_BYTES = 4  # a quantised cache's float32 scale per token and kv head, for each of K and V
@@ -32,8 +33,10 @@ class EngineConfig:
     chunked_prefill: bool = True  # split prompts across steps to fit the budget
     prefix_cache: bool = True  # reuse full KV pages of identical prompt prefixes
     max_seq_len: int | None = None  # None: the model's context length
-    attention: str = "xla"  # "xla" | "pallas"
-    matmul: str = "xla"  # how packed weights are multiplied: "xla" (dequantise) | "pallas" (kernel)
+    # "auto" (the default of these three): the Pallas kernels on a GPU, the XLA path elsewhere; the
+    # config holds the resolved name, so it says which ran.
+    attention: str = "auto"  # "xla" | "pallas" | "auto"
+    matmul: str = "auto"  # how packed weights are multiplied: "xla" (dequantise) | "pallas" (kernel) | "auto"
     decode_steps: int = 1  # decode steps per host round trip when a step has no prompt work
     overlap: bool = True  # dispatch the next decode call before reading the last one's tokens back
     # Draft and verify tokens (jaxinfer.speculative); decode-only steps then verify drafts instead of
@@ -41,12 +44,19 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     max_adapters: int = 0  # LoRA adapters held on the device at once (slots); 0 = no adapters
     max_lora_rank: int = 16  # the largest adapter rank the slots take (stored padded to a power of two >= 16)
-    lora_impl: str = "xla"  # how each token's LoRA delta is applied: "xla" (gather + einsum) | "pallas" (BGMV/SGMV)
+    lora_impl: str = "auto"  # how each token's LoRA delta is applied: "xla" (gather + einsum) | "pallas" (BGMV/SGMV)
+    # Tensor parallel over the first tp devices (jaxinfer.sharding): params and KV cache split, placed
+    # once. 1: one device, nothing placed. A model already placed (load_model(..., mesh=)) must match.
+    tp: int = 1
+    request_timeout_s: float | None = None  # deadline of a request without its own SamplingParams.timeout_s
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
+        lora_auto = self.lora_impl == "auto"
+        for name in ("attention", "matmul", "lora_impl"):
+            object.__setattr__(self, name, auto_impl(getattr(self, name)))
         Impl(self.attention, self.matmul)  # checks both
         if self.kv_dtype not in (None, *KV_DTYPES):
             raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
@@ -62,8 +72,16 @@ class EngineConfig:
             raise ValueError(f"max_adapters={self.max_adapters} must be >= 0")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be >= 1")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp={self.tp!r} must be an integer >= 1")
         if self.lora_impl not in LORA_IMPLEMENTATIONS:
             raise ValueError(f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLEMENTATIONS}")
+        if self.tp > 1 and self.max_adapters and self.lora_impl == "pallas":
+            if not lora_auto:
+                raise ValueError(f"lora_impl='pallas' with tp={self.tp}: the BGMV/SGMV kernels do not run per "
+                                 "shard; use lora_impl='xla'")
+            object.__setattr__(self, "lora_impl", "xla")  # "auto" under tensor parallelism: the XLA path
+        check_timeout("request_timeout_s", self.request_timeout_s)
 
     def lora_slots(self) -> SlotConfig | None:
         """The adapter slots a model runner holds, or None without adapters."""
@@ -79,7 +97,8 @@ class EngineConfig:
     def kv_pages(self, model, max_seq_len: int) -> tuple[int, int]:
         """(num_pages, page_size) of the KV cache. The contiguous layout reserves one "page" of
         max_seq_len tokens per request at admission (as serving systems did before PagedAttention).
-        A byte budget buys pages of kv_dtype (int8 / fp8: about twice a bfloat16 cache's)."""
+        A byte budget buys pages of kv_dtype (int8 / fp8: about twice a bfloat16 cache's); it is the
+        whole cache's, all tensor-parallel shards together (each device holds 1 / tp of it)."""
         page_size = max_seq_len if self.kv_layout == "contiguous" else self.page_size
         if self.num_pages is not None:
             return self.num_pages, page_size

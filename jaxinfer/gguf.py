@@ -123,6 +123,10 @@ _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 # --- reading the file --------------------------------------------------------------------------
 
 
+# What gguf's reader and our readers of its fields raise on a corrupt file (beyond our own CheckpointError).
+MALFORMED = (ValueError, IndexError, KeyError, TypeError, OverflowError, AttributeError)
+
+
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     """The file's reader, after checking it is a whole GGUF file: CheckpointError otherwise."""
     path = os.fspath(path)
@@ -133,7 +137,7 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         raise CheckpointError(f"{path} is not a GGUF file: it starts with {magic!r}, not {MAGIC!r}")
     try:
         reader = gguf.GGUFReader(path)
-    except ValueError as e:  # the reader's only signal for a bad type id or a short file
+    except MALFORMED as e:  # a bad type id or a short file (ValueError), or a corrupt field
         unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
         if unknown:
             raise CheckpointError(
@@ -462,12 +466,19 @@ def load_gguf(path: str | os.PathLike, dtype="float32", name: str | None = None)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"GGUF file {path!r} does not exist")
+    dtype = resolve_dtype(dtype)
     reader = open_gguf(path)
-    meta = read_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    cfg = config_from_metadata(meta, tensors)
-    params = load_params(reader, cfg, meta["general.architecture"], resolve_dtype(dtype))
-    tokenizer = tokenizer_from_metadata(meta, cfg.eos_token_ids)
+    try:
+        meta = read_metadata(reader)
+        tensors = {t.name: t for t in reader.tensors}
+        cfg = config_from_metadata(meta, tensors)
+        params = load_params(reader, cfg, meta["general.architecture"], dtype)
+        tokenizer = tokenizer_from_metadata(meta, cfg.eos_token_ids)
+    except ValueError as e:  # CheckpointError, ConfigError, ...: say which file
+        raise CheckpointError(f"{path}: {e}") from None
+    except MALFORMED as e:
+        raise CheckpointError(f"{path} is corrupt: a metadata field or tensor entry cannot be read "
+                              f"({type(e).__name__}: {e})") from None
     if name is None:
         name = os.path.basename(path).removesuffix(".gguf")
     return Model(config=cfg, params=params, tokenizer=tokenizer, name=name)

@@ -22,6 +22,7 @@ from jaxinfer import model as model_lib
 from jaxinfer.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes a dense weight may be stored in
 
 # HF tensor name -> (our name, transpose). Layer tensors are "model.layers.{i}.<suffix>".
 LAYER_NAMES = {
@@ -91,9 +92,15 @@ def safetensors_files(ckpt_dir: str) -> list[str]:
     """The checkpoint's safetensors files (from its index when sharded), each checked to exist."""
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        with open(index, "rb") as f:
+            try:
+                weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+                if not all(isinstance(name, str) for name in files):
+                    raise TypeError("a file name is not a string")
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a weight_map of "
+                                      f"tensor -> file): {type(e).__name__}: {e}") from None
     else:
         files = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
     if not files:

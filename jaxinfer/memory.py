@@ -14,6 +14,12 @@ float32[B, T, V], dominate unless prefill is chunked), XLA scratch buffers, the 
 cuBLAS/cuDNN workspaces and allocator fragmentation. JAX preallocates only 75% of the card by
 default (`XLA_PYTHON_CLIENT_MEM_FRACTION`); to run at these plans, raise that fraction to about
 `1 - reserve_fraction`.
+
+Tensor parallel (`tp`, jaxinfer.sharding): every figure is per card. A card holds 1 / tp of each
+projection, of the embedding and LM head (vocabulary padded to a multiple of tp) and of the KV
+heads (one head when tp > K: heads are replicated), and all of the norms and biases. The roofline
+reads that share at the card's bandwidth; the all-reduces between cards are not modelled.
+`min_tp` answers how many cards of a kind a model and context need.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import re
 from typing import Any
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.sharding import kv_replicas
 
 # configs/ sits beside the package in the repository; jaxinfer/configs links to it, so a wheel
 # carries it as package data.
@@ -62,8 +69,14 @@ def _check_kv_dtype(kv_dtype: str, kv_scale_bytes: int) -> None:
 # KV cache
 
 
-def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, kv_scale_bytes: int = 0) -> int:
-    """Bytes of K and V one token adds to the cache, over all layers.
+def kv_heads_per_card(cfg: ModelConfig, tp: int = 1) -> int:
+    """KV heads each of tp cards stores: K / tp, or 1 when tp > K (heads replicated). A tp the model
+    cannot split over raises ValueError naming the field."""
+    return cfg.num_kv_heads * kv_replicas(cfg, tp) // tp
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, kv_scale_bytes: int = 0, tp: int = 1) -> int:
+    """Bytes of K and V one token adds to the cache, over all layers (on each card, with tp).
 
     2 (K and V) x L layers x K kv heads x (H head_dim x bytes per element + kv_scale_bytes).
     `kv_scale_bytes` is the scale stored per token, per kv head, for each of K and V by an int8/fp8
@@ -71,11 +84,11 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, kv_scale_bytes: int = 0)
     """
     _check_kv_dtype(kv_dtype, kv_scale_bytes)
     per_head = cfg.head_dim * KV_DTYPE_BYTES[kv_dtype] + kv_scale_bytes  # bytes per token per head
-    return 2 * cfg.num_layers * cfg.num_kv_heads * per_head
+    return 2 * cfg.num_layers * kv_heads_per_card(cfg, tp) * per_head
 
 
 def kv_cache_bytes(
-    cfg: ModelConfig, seq_len: int, batch: int = 1, kv_dtype: str = "float16", kv_scale_bytes: int = 0
+    cfg: ModelConfig, seq_len: int, batch: int = 1, kv_dtype: str = "float16", kv_scale_bytes: int = 0, tp: int = 1
 ) -> int:
     """Bytes of a cache holding `seq_len` tokens for each of `batch` sequences.
 
@@ -85,17 +98,18 @@ def kv_cache_bytes(
     """
     _check_at_least("seq_len", seq_len, 0)
     _check_at_least("batch", batch, 1)
-    return kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes) * seq_len * batch
+    return kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp) * seq_len * batch
 
 
 # ---------------------------------------------------------------------------------------------
 # Weights
 
 
-def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(fan_in, fan_out) of the seven linear weights of one decoder layer: q, k, v, o, gate, up, down."""
-    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    N, K = cfg.num_heads, cfg.num_kv_heads
+def _linear_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of the seven linear weights of one decoder layer: q, k, v, o, gate, up, down
+    (one card's shard of each, with tp)."""
+    D, F, H = cfg.hidden_size, cfg.intermediate_size // tp, cfg.head_dim
+    N, K = cfg.num_heads // tp, kv_heads_per_card(cfg, tp)
     return [(D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, F), (D, F), (F, D)]
 
 
@@ -122,8 +136,9 @@ def _matrix_bytes(fan_in: int, fan_out: int, weight_format: str) -> int:
     return packed + groups * 2 * SCALE_BYTES  # a float16 scale and a float16 zero point per group
 
 
-def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16") -> int:
-    """Bytes of all parameters: embeddings, every layer, final norm and lm_head (tied: counted once).
+def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1) -> int:
+    """Bytes of all parameters: embeddings, every layer, final norm and lm_head (tied: counted once);
+    with tp, one card's share (see the module docstring).
 
     Formats: "float32", "bfloat16", "float16" store every parameter in that dtype. The quantised
     formats apply to the seven linear weights of each layer only; embeddings, lm_head, norms and
@@ -134,9 +149,11 @@ def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16") -> int:
     """
     _check_weight_format(weight_format)
     linear_params = cfg.num_layers * sum(i * o for i, o in _linear_shapes(cfg))
-    other_params = cfg.num_params() - linear_params  # embeddings, lm_head, norms, biases
-    other_bytes = other_params * (4 if weight_format == "float32" else 2)
-    linear_bytes = cfg.num_layers * sum(_matrix_bytes(i, o, weight_format) for i, o in _linear_shapes(cfg))
+    vocab_params = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    other_params = cfg.num_params() - linear_params - vocab_params  # norms, biases: whole on every card
+    vocab_params_per_card = vocab_params // cfg.vocab_size * math.ceil(cfg.vocab_size / tp)
+    other_bytes = (other_params + vocab_params_per_card) * (4 if weight_format == "float32" else 2)
+    linear_bytes = cfg.num_layers * sum(_matrix_bytes(i, o, weight_format) for i, o in _linear_shapes(cfg, tp))
     return linear_bytes + other_bytes
 
 
@@ -239,18 +256,19 @@ def usable_bytes(hw: Hardware, reserve_fraction: float = 0.1) -> int:
 
 
 def kv_budget_bytes(
-    cfg: ModelConfig, hw: Hardware, weight_format: str = "bfloat16", reserve_fraction: float = 0.1
+    cfg: ModelConfig, hw: Hardware, weight_format: str = "bfloat16", reserve_fraction: float = 0.1, tp: int = 1
 ) -> int:
-    """Bytes left for the KV cache once weights and reserve are placed.
+    """Bytes left for the KV cache once weights and reserve are placed (on each of tp cards).
 
     Raises DoesNotFitError (a ValueError) naming the card and the sizes when the weights alone do
     not fit: the planner never answers 0 for a model that cannot even load.
     """
     usable = usable_bytes(hw, reserve_fraction)
-    weights = weight_bytes(cfg, weight_format)
+    weights = weight_bytes(cfg, weight_format, tp)
     if weights > usable:
+        share = f" (1/{tp} of them per card)" if tp > 1 else ""
         raise DoesNotFitError(
-            f"weights of {weights / 1e9:.2f} GB ({weight_format}) do not fit on {hw.name}: "
+            f"weights of {weights / 1e9:.2f} GB ({weight_format}){share} do not fit on {hw.name}: "
             f"{hw.memory_bytes / 1e9:.2f} GB of memory, {usable / 1e9:.2f} GB after the "
             f"{reserve_fraction:.0%} reserve"
         )
@@ -259,16 +277,41 @@ def kv_budget_bytes(
 
 def fits(
     cfg: ModelConfig, hw: Hardware, batch: int, context: int, weight_format: str = "bfloat16",
-    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0,
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1,
 ) -> bool:
-    """Whether weights plus a cache of `batch` sequences of `context` tokens fit after the reserve."""
-    kv = kv_cache_bytes(cfg, context, batch, kv_dtype, kv_scale_bytes)
-    return weight_bytes(cfg, weight_format) + kv <= usable_bytes(hw, reserve_fraction)
+    """Whether weights plus a cache of `batch` sequences of `context` tokens fit after the reserve
+    (each card's share, with tp)."""
+    kv = kv_cache_bytes(cfg, context, batch, kv_dtype, kv_scale_bytes, tp)
+    return weight_bytes(cfg, weight_format, tp) + kv <= usable_bytes(hw, reserve_fraction)
+
+
+def valid_tps(cfg: ModelConfig, max_tp: int = 64) -> list[int]:
+    """The tensor-parallel degrees up to max_tp the model can split over (jaxinfer.sharding's rules)."""
+    out = []
+    for tp in range(1, max_tp + 1):
+        try:
+            kv_replicas(cfg, tp)
+        except ValueError:
+            continue
+        out.append(tp)
+    return out
+
+
+def min_tp(
+    cfg: ModelConfig, hw: Hardware, batch: int, context: int, weight_format: str = "bfloat16",
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, max_tp: int = 64,
+) -> int | None:
+    """The fewest cards of this kind (a tp the model splits over) that hold the weights and a cache of
+    `batch` sequences of `context` tokens; None if no tp up to max_tp does."""
+    for tp in valid_tps(cfg, max_tp):
+        if fits(cfg, hw, batch, context, weight_format, kv_dtype, reserve_fraction, kv_scale_bytes, tp):
+            return tp
+    return None
 
 
 def max_context(
     cfg: ModelConfig, hw: Hardware, batch: int = 1, weight_format: str = "bfloat16",
-    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0,
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1,
 ) -> int:
     """The largest tokens per sequence whose cache fits for `batch` sequences (may be 0).
 
@@ -276,21 +319,21 @@ def max_context(
     Raises DoesNotFitError when the weights alone do not fit.
     """
     _check_at_least("batch", batch, 1)
-    per_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes)
-    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction) // (per_token * batch)
+    per_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp)
+    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction, tp) // (per_token * batch)
 
 
 def max_batch(
     cfg: ModelConfig, hw: Hardware, context: int, weight_format: str = "bfloat16",
-    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0,
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1,
 ) -> int:
     """The most sequences of `context` tokens whose cache fits (may be 0).
 
     Raises DoesNotFitError when the weights alone do not fit.
     """
     _check_at_least("context", context, 1)
-    per_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes)
-    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction) // (per_token * context)
+    per_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp)
+    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction, tp) // (per_token * context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +356,10 @@ def _peak_flops(hw: Hardware, weight_format: str) -> float:
 
 def decode_roofline(
     cfg: ModelConfig, hw: Hardware, batch: int = 1, context: int = 4096, weight_format: str = "bfloat16",
-    kv_dtype: str = "bfloat16", kv_scale_bytes: int = 0, measured: bool = False,
+    kv_dtype: str = "bfloat16", kv_scale_bytes: int = 0, measured: bool = False, tp: int = 1,
 ) -> dict[str, Any]:
-    """Lower bound on one decode step's time: every sequence adds one token to a cache of `context`.
+    """Lower bound on one decode step's time: every sequence adds one token to a cache of `context`
+    (with tp: each card's share of the bytes and FLOPs, the all-reduces between cards left out).
 
     Bytes per step = weights read (all of them, except that an untied embedding table is only
     gathered: `batch` rows) + KV read (each layer reads `context` tokens, or its sliding window) +
@@ -329,19 +373,19 @@ def decode_roofline(
     _check_at_least("batch", batch, 1)
     _check_at_least("context", context, 1)
     side_bytes = 4 if weight_format == "float32" else 2  # embeddings stay 16-bit unless float32
-    D, V = cfg.hidden_size, cfg.vocab_size
+    D, V = cfg.hidden_size, math.ceil(cfg.vocab_size / tp)  # V: one card's vocabulary rows
 
-    weight_read = weight_bytes(cfg, weight_format) + batch * D * side_bytes  # gathered embedding rows
+    weight_read = weight_bytes(cfg, weight_format, tp) + batch * D * side_bytes  # gathered embedding rows
     if not cfg.tie_word_embeddings:
         weight_read -= V * D * side_bytes  # the table itself is not read; lm_head is
     tokens_read = sum(min(context, w) if w else context for w in cfg.layer_windows)  # over layers
-    per_layer_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes) // cfg.num_layers
+    per_layer_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp) // cfg.num_layers
     kv_read = batch * tokens_read * per_layer_token
-    kv_written = batch * kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes)
+    kv_written = batch * kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp)
     bytes_per_step = weight_read + kv_read + kv_written
 
-    matmul_params = cfg.num_layers * sum(i * o for i, o in _linear_shapes(cfg)) + V * D
-    attention_flops = batch * tokens_read * 4 * cfg.num_heads * cfg.head_dim  # q @ k^T and p @ v
+    matmul_params = cfg.num_layers * sum(i * o for i, o in _linear_shapes(cfg, tp)) + V * D
+    attention_flops = batch * tokens_read * 4 * cfg.num_heads // tp * cfg.head_dim  # q @ k^T and p @ v
     flops_per_step = 2 * matmul_params * batch + attention_flops
 
     if measured:
@@ -356,6 +400,7 @@ def decode_roofline(
     return {
         "batch": batch,
         "context": context,
+        "tp": tp,
         "weight_bytes_read": weight_read,
         "kv_bytes_read": kv_read,
         "kv_bytes_written": kv_written,

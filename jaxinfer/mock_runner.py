@@ -15,6 +15,10 @@ LoRA adapters: `load_adapter` puts an adapter's tag (`adapter_tag`, from its nam
 sequence on slot s writes token + TAG_WEIGHT * tag into the cache and adds the tag to its noise,
 with the tag read from slot s at that moment: an adapter swapped out from under a running
 sequence, or a prefix page computed under another adapter, changes the output.
+
+Non-finite logits: with `nan_token`, a row whose context holds that token samples NONFINITE (as
+the model runner reports a row whose logits hold a NaN or an infinity); `clear_pages` empties the
+slots again, so a later owner that reads one before writing it fails loudly.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from jaxinfer.requests import next_power_of_2
 from jaxinfer.runner import DecodeCall, StepOutput
+from jaxinfer.sampling import NONFINITE
 from jaxinfer.scheduler import Sequence
 
 _EMPTY = -1
@@ -53,8 +58,10 @@ def expected_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: i
 
 class MockRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None,
-                 features: bool = False, kv_dtype: str | None = None, lora=None):
+                 features: bool = False, kv_dtype: str | None = None, lora=None, nan_token: int | None = None):
+        """nan_token: rows whose context holds this token id sample NONFINITE (None: none do)."""
         del max_seq_len, impl, features, kv_dtype
+        self.nan_token = nan_token
         self.tags = [0] * (0 if lora is None else lora.num_slots)  # adapter_tag of each slot's adapter
         self.vocab_size = model.config.vocab_size
         self.page_size, self.num_pages = page_size, num_pages
@@ -82,11 +89,18 @@ class MockRunner:
         return ctx
 
     def _sample(self, seq: Sequence, context: np.ndarray, step: int) -> int:
+        if self.nan_token is not None and np.any(context % TAG_WEIGHT == self.nan_token):
+            return NONFINITE
         noise = 0 if seq.sampling.temperature == 0 else seq.seed + step
         return next_token(context, self.vocab_size, noise + self._tag(seq))
 
     def load_adapter(self, slot: int, adapter) -> None:
         self.tags[slot] = adapter_tag(adapter)
+
+    def clear_pages(self, pages) -> None:
+        for page in pages:
+            self.slots[page * self.page_size : (page + 1) * self.page_size] = _EMPTY
+        self.stats["cleared_pages"] += len(pages)
 
     def copy_pages(self, copies) -> None:
         for src, dst in copies:
@@ -115,7 +129,8 @@ class MockRunner:
             for j in range(w):
                 pos = s.num_computed + a + j
                 self._write(s, pos, tok)
-                tok = out[j, i] = self._sample(s, self._context(s, pos + 1), len(s.generated) + a + j)
+                out[j, i] = self._sample(s, self._context(s, pos + 1), len(s.generated) + a + j)
+                tok = max(int(out[j, i]), 0)  # a failed row runs on with token 0, as the model runner's does
         self.stats["decode_tokens"] += sum(wanted)
         return DecodeCall(out, list(seqs), list(wanted))
 

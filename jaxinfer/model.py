@@ -38,6 +38,7 @@ import numpy as np
 from jaxinfer import attention, matmul
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
+from jaxinfer.sharding import parallel_style, use_mesh
 from jaxinfer.tokenizer import Tokenizer
 
 Params = dict[str, Any]
@@ -45,12 +46,15 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: static config, params pytree, and a tokenizer (None: token ids only)."""
+    """A loaded model: static config, params pytree, and a tokenizer (None: token ids only).
+    placement: None (params on the default device), or where jaxinfer.sharding placed them (a
+    tensor-parallel mesh; the config is then the model as it runs, KV heads replicated if tp > K)."""
 
     config: ModelConfig
     params: Params
     tokenizer: Tokenizer | None = None
     name: str = ""
+    placement: Any = None
 
     @property
     def dtype(self):
@@ -133,10 +137,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def auto_impl(name: str) -> str:
+    """An implementation name with "auto" resolved: the Pallas kernels on a GPU, the XLA path
+    elsewhere (on a CPU the kernels only run interpreted, for tests)."""
+    if name != "auto":
+        return name
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class Impl:
-    """How each op runs (a static jit argument): attention and matmul "xla" (the reference) or
-    "pallas"; kv_dtype None, or "int8" / "fp8" to read keys and values as a quantised KV cache
+    """How each op runs (a static jit argument): attention and matmul "xla" (the reference),
+    "pallas", or "auto" (resolved on construction: see auto_impl); kv_dtype None, or "int8" / "fp8" to read keys and values as a quantised KV cache
     holds them (a forward without a cache quantises and dequantises them, the same numerics)."""
 
     attention: str = "xla"
@@ -144,6 +156,8 @@ class Impl:
     kv_dtype: str | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "attention", auto_impl(self.attention))
+        object.__setattr__(self, "matmul", auto_impl(self.matmul))
         if self.kv_dtype not in (None, *KV_DTYPES):
             raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
         if self.attention not in attention.IMPLEMENTATIONS:
@@ -161,7 +175,7 @@ def dense_projection(impl: Impl = Impl()) -> Project:
     """The default hook: the layer's own weight (dense or packed) through the matmul dispatch point."""
 
     def project(name: str, x: jax.Array, lp: Params) -> jax.Array:
-        return matmul.linear(x, lp[name], lp.get(BIASES.get(name)), impl=impl.matmul)
+        return matmul.linear(x, lp[name], lp.get(BIASES.get(name)), impl=impl.matmul, parallel=parallel_style(name))
 
     return project
 
@@ -226,9 +240,11 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Final-norm hidden states (..., D) -> float32 logits (..., V)."""
+    """Final-norm hidden states (..., D) -> float32 logits (..., V). A head padded past the
+    vocabulary (split over a tensor-parallel mesh) has its padding cut off."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
-    return jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
+    return logits[..., : cfg.vocab_size]
 
 
 def forward(
@@ -285,7 +301,8 @@ def forward_logits(model, tokens, *, attn_impl: str = "xla", matmul_impl: str = 
     _check_tokens(tokens, cfg)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return _forward_jit(model.params, cfg, tokens, positions, impl=Impl(attn_impl, matmul_impl)).logits
+    with use_mesh(model.placement and model.placement.mesh):
+        return _forward_jit(model.params, cfg, tokens, positions, impl=Impl(attn_impl, matmul_impl)).logits
 
 
 def _check_tokens(tokens, cfg: ModelConfig) -> None:

@@ -4,14 +4,19 @@ and the stop rules, checked incrementally as tokens arrive.
 Stop strings are matched on text decoded a few tokens at a time (the incremental detokenisation
 of serving systems): each new token decodes only the tokens since the last complete character,
 in the context of the token before them, so a long completion costs linear host work, and only
-the tail that a new stop string occurrence could touch is searched.
+the tail that a new stop string occurrence could touch is searched. The same decoded text gives
+the text of a streamed output (`StopChecker.stream_text`): it holds back a cut character and any
+tail that could still grow into a stop string, so what a stream shows is never taken back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
+import jax
+import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.sampling import SamplingParams
 
@@ -21,13 +26,17 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens (a stop token included)
     text: str | None  # decoded generated tokens, cut before a stop string; None without a tokenizer
-    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" (max_tokens, or a request that
-    # alone outgrew the KV cache) | "context" (no position left in the context) | "abort" | "error"
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" (max_tokens, or a request that
+    # alone outgrew the KV cache) | "context" (no position left in the context) | "aborted" (Engine.abort) |
+    # "timeout" (its deadline passed; tokens so far kept) | "error" (refused, or non-finite logits) | None (running)
     # ttft_s, tpot_s, latency_s, prompt_tokens, generated_tokens, ...; times include compiling any program the
     # request is the first to need (Engine.warmup compiles them all first)
     metrics: dict[str, float]
-    error: str | None = None  # why a request was refused (finish_reason "error")
+    error: str | None = None  # why a request was refused or failed (finish_reason "error")
     request_id: int | None = None
+    # False for a streamed output of a running request (Engine.step, Engine.stream): its tokens and text so
+    # far, finish_reason None; the text holds back a tail that could still become a stop string
+    finished: bool = True
     samples: list[RequestOutput] = dataclasses.field(default_factory=list)  # all n samples when n > 1
 
 
@@ -52,7 +61,12 @@ def prepare_prompt(model, prompt: str | Sequence[int], name: str = "prompt") -> 
             raise ValueError(f"{name} is empty")
         ids = model.tokenizer.encode(prompt)
     else:
-        ids = [int(t) for t in prompt]
+        arr = np.asarray(prompt) if isinstance(prompt, (list, tuple, np.ndarray, jax.Array)) else None
+        if arr is None or arr.ndim != 1:
+            raise ValueError(f"{name} is {type(prompt).__name__} {_short(prompt)}: pass a string or a list of token ids")
+        if arr.size and arr.dtype.kind not in "iu":
+            raise ValueError(f"{name} holds {arr.dtype} values, not integer token ids: {_short(prompt)}")
+        ids = arr.tolist()
     if not ids:
         raise ValueError(f"{name} is empty")
     if len(ids) > cfg.max_position_embeddings:
@@ -63,6 +77,11 @@ def prepare_prompt(model, prompt: str | Sequence[int], name: str = "prompt") -> 
     if bad:
         raise ValueError(f"{name} has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
     return ids
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def prepare_sampling(
@@ -95,17 +114,19 @@ def prepare_adapters(adapters: Sequence[str | None] | None, n: int) -> list[str 
 
 
 def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | None = None) -> RequestOutput:
-    """The output of one finished (or aborted) sequence (a jaxinfer.scheduler.Sequence): its
-    tokens, text and per-request timings (TTFT, TPOT, latency)."""
+    """The output of one sequence (a jaxinfer.scheduler.Sequence), finished or still running: its
+    tokens, text and per-request timings (TTFT, TPOT, latency; so far, while it runs)."""
     k = len(seq.generated)
+    finished = seq.finish_reason is not None
     first = seq.first_token_time or seq.finish_time or seq.arrival
-    end = seq.finish_time or first
+    end = seq.finish_time or (time.perf_counter() if not finished and k else first)
     metrics = {"ttft_s": first - seq.arrival, "latency_s": end - seq.arrival,
                "tpot_s": (end - first) / (k - 1) if k > 1 else 0.0, "prompt_tokens": float(len(prompt)),
                "generated_tokens": float(k), "cached_tokens": float(seq.num_cached_tokens),
                "preemptions": float(seq.num_preemptions)}
-    return RequestOutput(prompt, seq.generated, rules.completion_text(seq.sampling, seq.generated),
-                         seq.finish_reason, metrics, request_id=request_id)
+    text = rules.completion_text(seq.sampling, seq.generated) if finished else seq.stop.stream_text(seq.generated)
+    return RequestOutput(prompt, seq.generated, text, seq.finish_reason, metrics, error=seq.error,
+                         request_id=request_id, finished=finished)
 
 
 class StopRules:
@@ -156,6 +177,17 @@ class StopChecker:
         if len(generated) >= sp.max_tokens:
             return "length"
         return "context" if len(generated) >= self.room else None
+
+    def stream_text(self, generated: Sequence[int]) -> str | None:
+        """The text of a running sequence so far: the decoded whole characters, less any tail that
+        is the start of a stop string (it could still become one); None without a tokenizer."""
+        if self.rules.tokenizer is None:
+            return None
+        if len(generated) > self._read:
+            self._new_text(generated)
+        text = self.text
+        held = max((k for s in self.sampling.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[: len(text) - held]
 
     def _new_text(self, generated: Sequence[int]) -> str:
         """Text that the tokens since the last call add, once they end on a whole character."""

@@ -22,6 +22,11 @@ drafters (Medusa, EAGLE) read.
 With LoRA slots every program also takes them and each token's slot (BatchDescriptor.adapter_ids);
 the slots have a fixed size, so adapters add no program shapes.
 
+A model placed on a tensor-parallel mesh (jaxinfer.sharding; model.placement) keeps its params
+there; the runner makes the KV cache split over KV heads on the same mesh, the feature cache and
+LoRA slots as the sharding rules say, puts every step's host arrays on it replicated, and traces
+and runs every program under the mesh. Nothing is re-placed between steps.
+
 The runner also times the device from the host: the time it blocks on results (device_s) and
 an estimate of the time the device sat idle waiting for the host (device_idle_s): from the moment
 a blocking read found the device drained until the next dispatch.
@@ -42,9 +47,10 @@ import numpy as np
 
 from jaxinfer import lora as lora_lib
 from jaxinfer import model as model_lib
+from jaxinfer import sharding
 from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
 from jaxinfer.requests import next_power_of_2
-from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
+from jaxinfer.sampling import NONFINITE, SamplingBatch, SamplingParams, sample_checked
 from jaxinfer.scheduler import Sequence
 from jaxinfer.speculative.accept import accept, accept_synthetic
 
@@ -74,14 +80,14 @@ def _with_adapters(params, lora, lora_batch, impl, lora_impl):
 def _step(params, cfg, tokens, cache, features, batch, sp, steps, lora=None, *, impl, lora_impl="xla"):
     """tokens (N,) laid out as `batch` says; sp, steps (R,) each logits row's sampling and token
     index; lora: the adapter slots (jaxinfer.lora.LoraWeights) or None -> a token sampled from
-    each of the R rows at batch.logits_at, their logits (R, V) and hidden states (R, D), the cache
-    and the feature cache (None: none kept)."""
+    each of the R rows at batch.logits_at (NONFINITE where its logits are not finite), their
+    logits (R, V) and hidden states (R, D), the cache and the feature cache (None: none kept)."""
     TRACE_COUNTS["step"] += 1
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
     out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None,
                                   project=project)
     hidden = out.hidden if features is None else out.hidden[batch.logits_at]
-    return sample(out.logits, sp, steps), out.logits, hidden, out.cache, _store(features, batch, out.hidden)
+    return sample_checked(out.logits, sp, steps), out.logits, hidden, out.cache, _store(features, batch, out.hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl"),
@@ -90,7 +96,9 @@ def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features,
             impl, synthetic, lora_impl="xla"):
     """One target pass over rows [last, d_1, .., d_k] (batch: R prefill rows of k + 1 tokens) and
     the acceptance rule -> accepted (R,), tokens (R, k + 1), the cache and the feature cache.
-    synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless)."""
+    synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless).
+    A row whose logits are not finite at a position j <= accepted stops there: accepted becomes j
+    and tokens[j] NONFINITE."""
     TRACE_COUNTS["verify"] += 1
     R, k = drafts.shape
     tokens = jnp.concatenate([last[:, None], drafts], axis=1).reshape(-1)  # (R * (k + 1),)
@@ -102,6 +110,11 @@ def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features,
         accepted, emitted = accept(logits, drafts, draft_probs, num_drafts, sp, steps)
     else:
         accepted, emitted = accept_synthetic(logits, num_drafts, sp, steps, synthetic)
+    position = jnp.arange(k + 1)[None, :]
+    ok = jnp.all(jnp.isfinite(logits), axis=-1) | (position > num_drafts[:, None])  # (R, k + 1); padding is ok
+    first_bad = jnp.where(jnp.all(ok, axis=1), k + 1, jnp.argmin(ok, axis=1))  # (R,)
+    accepted = jnp.minimum(accepted, first_bad)
+    emitted = jnp.where(position == first_bad[:, None], NONFINITE, emitted)
     return accepted, emitted, out.cache, _store(features, batch, out.hidden)
 
 
@@ -110,7 +123,7 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
                   *, impl, num_steps, lora_impl="xla"):
     """num_steps decode steps in one program, each sampled token fed to the next step.
     tokens, positions, valid, steps, adapter_ids (R,); a row writes K/V only in its first valid[r]
-    steps. Returns tokens (num_steps, R) and the cache."""
+    steps. Returns tokens (num_steps, R) (NONFINITE where a row's logits are not finite) and the cache."""
     TRACE_COUNTS["multi_decode"] += 1
     R = tokens.shape[0]
     adapter_ids = jnp.full((R,), -1, jnp.int32) if adapter_ids is None else adapter_ids
@@ -130,8 +143,8 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
             prefill_start=jnp.zeros((0,), jnp.int32), prefill_lens=jnp.zeros((0,), jnp.int32), adapter_ids=adapter_ids,
         )
         out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, project=project)
-        new = sample(out.logits, sp, steps + j)
-        return (new, out.cache), new
+        new = sample_checked(out.logits, sp, steps + j)
+        return (jnp.maximum(new, 0), out.cache), new  # a failed row runs on (its request is failed) on token 0
 
     (_, cache), new_tokens = jax.lax.scan(one, (tokens, cache), jnp.arange(num_steps))
     return new_tokens, cache
@@ -155,7 +168,19 @@ def _newest(tokens, last):
 def _sample_rows(logits, rows, sp, steps):
     """More samples from given rows of a step's logits (the other n - 1 samples of a prompt)."""
     TRACE_COUNTS["sample"] += 1
-    return sample(logits[rows], sp, steps)
+    return sample_checked(logits[rows], sp, steps)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "features"))
+def _clear_pages(cache, features, pages):
+    """The cache (and feature cache) with pages (n,) zeroed; indices past the cache are ignored."""
+    TRACE_COUNTS["clear"] += 1
+    cache = jax.tree.map(lambda x: x.at[:, :, pages].set(0, mode="drop"), cache)
+    if features is None:
+        return cache, None
+    page_size = cache.page_size
+    slots = (pages[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
+    return cache, features.at[slots].set(0, mode="drop")
 
 
 @dataclasses.dataclass
@@ -183,7 +208,9 @@ def sampling_batch(seqs: list[Sequence], rows: int) -> SamplingBatch:
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    """x's shape, dtype and, for a placed array, its sharding (the program compiled for it)."""
+    placed = isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding if placed else None)
 
 
 def _powers_of_2(n: int) -> list[int]:
@@ -200,14 +227,24 @@ class ModelRunner:
         feature cache (num_pages * page_size, D). kv_dtype: None (the model dtype), "int8" or "fp8".
         lora: the LoRA adapter slots to hold (None: no adapters)."""
         self.model, self.impl = model, impl
+        self.mesh = None if model.placement is None else model.placement.mesh
         self.lora_impl = "xla" if lora is None else lora.impl
-        self.lora = None if lora is None else lora_lib.LoraWeights.zeros(model.config, lora.num_slots, lora.rank,
-                                                                           model.dtype)
+        cfg, dtype = model.config, model.dtype
+        self.lora = None if lora is None else lora_lib.LoraWeights.zeros(cfg, lora.num_slots, lora.rank, dtype)
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.decode_rows = next_power_of_2(max_batch)
-        self.cache = PagedKVCache.zeros(model.config, num_pages, page_size, model.dtype, kv_dtype)
-        self.features = (jnp.zeros((num_pages * page_size, model.config.hidden_size), model.dtype)
-                         if features else None)
+        # One page past the allocator's, never written: block-table padding points at it, so a row's padding
+        # reads zeros, not another sequence's page (attention weighs the padding by zero, and 0 * NaN is NaN).
+        self.pad_page = num_pages
+        features_shape = (num_pages * page_size, cfg.hidden_size)
+        if self.mesh is None:
+            self.cache = PagedKVCache.zeros(cfg, num_pages + 1, page_size, dtype, kv_dtype)
+            self.features = jnp.zeros(features_shape, dtype) if features else None
+        else:
+            self.cache = sharding.zeros_cache(cfg, num_pages + 1, page_size, dtype, kv_dtype, self.mesh)
+            self.features = sharding.zeros(features_shape, dtype, self.mesh) if features else None
+            if self.lora is not None:
+                self.lora = sharding.put(self.lora, sharding.lora_specs(self.lora), self.mesh)
         self.buckets: set[Bucket] = set()
         self.stats: collections.Counter = collections.Counter()  # device_s, device_idle_s, copied_pages, ...
         self.stats["adapter_device_bytes"] = 0 if self.lora is None else self.lora.nbytes
@@ -216,7 +253,17 @@ class ModelRunner:
 
     @property
     def num_pages(self) -> int:
-        return self.cache.num_pages
+        """Pages the allocator hands out (the cache holds one more: the padding page)."""
+        return self.pad_page
+
+    @property
+    def dropped_slot(self) -> int:
+        """A slot index past the cache: K/V written there are dropped."""
+        return self.cache.num_pages * self.page_size
+
+    def _put(self, tree):
+        """Host arrays onto the device in one transfer (on a mesh: replicated on every device)."""
+        return jax.device_put(tree, None if self.mesh is None else sharding.replicated(self.mesh))
 
     def pages_bucket(self, pages: int) -> int:
         return next_power_of_2(pages, min(MIN_PAGES, math.ceil(self.max_seq_len / self.page_size)))
@@ -224,15 +271,28 @@ class ModelRunner:
     # Verbs -------------------------------------------------------------------------------------
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
-        src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
-        self.cache = copy_pages(self.cache, src, dst)
-        if self.features is not None:
-            self.features = _copy_slots(self.features, src, dst, page_size=self.page_size)
+        src, dst = self._put(tuple(np.asarray(x, np.int32) for x in zip(*copies)))
+        with sharding.use_mesh(self.mesh):
+            self.cache = copy_pages(self.cache, src, dst)
+            if self.features is not None:
+                self.features = _copy_slots(self.features, src, dst, page_size=self.page_size)
         self.stats["copied_pages"] += len(copies)
+
+    def clear_pages(self, pages: list[int]) -> None:
+        """Zero pages (and their feature slots) that a failed request wrote, so that no NaN or
+        infinity it left there reaches the page's next owner: attention weighs a page's unwritten
+        slots by zero, and zero times NaN is NaN. (One small program, compiled when first needed.)"""
+        padded = np.full(next_power_of_2(len(pages)), self.cache.num_pages, np.int32)
+        padded[: len(pages)] = pages
+        with sharding.use_mesh(self.mesh):
+            self.cache, self.features = _clear_pages(self.cache, self.features, self._put(padded))
 
     def load_adapter(self, slot: int, adapter: lora_lib.LoraAdapter | None) -> None:
         """Write an adapter (None: nothing) into a device slot, between steps; blocks until written."""
-        self.lora = jax.block_until_ready(lora_lib.write_slot(self.lora, slot, adapter, self.model.config))
+        if adapter is not None and self.model.placement is not None:  # wk / wv widened like the weights
+            adapter = sharding.widen_adapter(adapter, self.model.config.head_dim, self.model.placement.kv_replicas)
+        with sharding.use_mesh(self.mesh):
+            self.lora = jax.block_until_ready(lora_lib.write_slot(self.lora, slot, adapter, self.model.config))
 
     def step(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]],
              samplers: list[tuple[int, Sequence]], *, hidden: bool = False) -> StepOutput:
@@ -248,12 +308,11 @@ class ModelRunner:
         M = self.pages_bucket(max(len(s.pages) for s in scheduled))
         N = Rd + Rp * C
         self.buckets.add(("step", Rd, Rp, C, M))
-        dropped = self.num_pages * page  # slot index past the cache: not written
-
         tokens, positions, adapter_ids = np.zeros(N, np.int32), np.zeros(N, np.int32), np.full(N, -1, np.int32)
-        slots = np.full(N, dropped, np.int32)
-        d_tables, d_lens = np.zeros((Rd, M), np.int32), np.zeros(Rd, np.int32)
-        p_tables, p_start, p_lens = np.zeros((Rp, M), np.int32), np.zeros(Rp, np.int32), np.zeros(Rp, np.int32)
+        slots = np.full(N, self.dropped_slot, np.int32)
+        d_tables, d_lens = np.full((Rd, M), self.pad_page, np.int32), np.zeros(Rd, np.int32)
+        p_tables, p_start = np.full((Rp, M), self.pad_page, np.int32), np.zeros(Rp, np.int32)
+        p_lens = np.zeros(Rp, np.int32)
         logits_at = np.zeros(Rd + Rp, np.int32)
 
         def place(seq, offset, n):
@@ -285,11 +344,12 @@ class ModelRunner:
         sp = SamplingBatch.from_params([s.sampling if s else _GREEDY for s in row_seqs],
                                        [s.seed if s else 0 for s in row_seqs])
         steps = np.asarray([len(s.generated) if s else 0 for s in row_seqs], np.int32)
-        tokens, batch, sp, steps = jax.device_put((tokens, batch, sp, steps))  # one transfer
+        tokens, batch, sp, steps = self._put((tokens, batch, sp, steps))  # one transfer
         self._mark_dispatch()
-        sampled, logits, hidden_states, self.cache, self.features = _step(
-            self.model.params, self.model.config, tokens, self.cache, self.features, batch, sp, steps, self.lora,
-            impl=self.impl, lora_impl=self.lora_impl)
+        with sharding.use_mesh(self.mesh):
+            sampled, logits, hidden_states, self.cache, self.features = _step(
+                self.model.params, self.model.config, tokens, self.cache, self.features, batch, sp, steps, self.lora,
+                impl=self.impl, lora_impl=self.lora_impl)
         self._last_dispatched = sampled
         self.stats["decode_tokens"] += len(decode)
         self.stats["prefill_tokens"] += sum(n for _, n in prefill)
@@ -302,7 +362,9 @@ class ModelRunner:
             idx, steps = np.zeros(R, np.int32), np.zeros(R, np.int32)
             idx[: len(others)] = [r for r, _ in others]
             steps[: len(others)] = [len(s.generated) for _, s in others]
-            extra = self._read(_sample_rows(logits, idx, sampling_batch([s for _, s in others], R), steps))
+            with sharding.use_mesh(self.mesh):
+                extra = self._read(_sample_rows(logits, *self._put((idx, sampling_batch([s for _, s in others], R),
+                                                                    steps))))
             new_tokens[[i for i, o in enumerate(own) if not o]] = extra[: len(others)]
         if not samplers:
             self._wait(sampled)
@@ -318,18 +380,21 @@ class ModelRunner:
         M = self.pages_bucket(max(len(s.pages) for s in seqs))
         self.buckets.add(("decode", R, k, M))
         positions, valid, steps = (np.zeros(R, np.int32) for _ in range(3))
-        tables, adapter_ids = np.zeros((R, M), np.int32), np.full(R, -1, np.int32)
+        tables, adapter_ids = np.full((R, M), self.pad_page, np.int32), np.full(R, -1, np.int32)
         for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
             positions[i], valid[i], steps[i], adapter_ids[i] = s.num_computed + a, w, len(s.generated) + a, s.lora_slot
             tables[i, : len(s.pages)] = s.pages
         if tokens is None:
             tokens = np.zeros(R, np.int32)
             tokens[: len(seqs)] = [s.tokens[s.num_computed] for s in seqs]
-        host = jax.device_put((positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids))
+            host = self._put((tokens, positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids))
+        else:  # the last call's newest tokens, already on the device
+            host = (tokens, *self._put((positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids)))
         self._mark_dispatch()
-        new_tokens, self.cache = _multi_decode(self.model.params, self.model.config, tokens, host[0], host[1],
-                                               host[2], self.cache, host[4], host[3], self.lora, host[5],
-                                               impl=self.impl, num_steps=k, lora_impl=self.lora_impl)
+        with sharding.use_mesh(self.mesh):
+            new_tokens, self.cache = _multi_decode(self.model.params, self.model.config, host[0], host[1], host[2],
+                                                   host[3], self.cache, host[5], host[4], self.lora, host[6],
+                                                   impl=self.impl, num_steps=k, lora_impl=self.lora_impl)
         self.stats["decode_tokens"] += sum(wanted)
         self._last_dispatched = new_tokens
         return DecodeCall(new_tokens, list(seqs), list(wanted))
@@ -338,7 +403,8 @@ class ModelRunner:
         """Each row's newest token of a dispatched call, left on device (the next call's input)."""
         last = np.zeros(call.tokens.shape[1], np.int32)
         last[: len(call.wanted)] = [max(w - 1, 0) for w in call.wanted]
-        return _newest(call.tokens, last)
+        with sharding.use_mesh(self.mesh):
+            return self._put(_newest(call.tokens, self._put(last)))  # replicated, as the next call was compiled
 
     def read(self, call: DecodeCall) -> np.ndarray:
         """The call's tokens (k, R) on the host (blocks until computed)."""
@@ -355,9 +421,8 @@ class ModelRunner:
         C = k + 1
         M = self.pages_bucket(max(len(s.pages) for s in seqs))
         self.buckets.add(("verify", R, k, M))
-        dropped = self.num_pages * page
-        positions, slots = np.zeros((R, C), np.int32), np.full((R, C), dropped, np.int32)
-        tables, start, lens = np.zeros((R, M), np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
+        positions, slots = np.zeros((R, C), np.int32), np.full((R, C), self.dropped_slot, np.int32)
+        tables, start, lens = np.full((R, M), self.pad_page, np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
         last, valid, adapter_ids = np.zeros(R, np.int32), np.zeros(R, np.int32), np.full(R, -1, np.int32)
         for i, (s, d) in enumerate(zip(seqs, num_drafts)):
             pos = s.num_computed + np.arange(d + 1)
@@ -373,11 +438,15 @@ class ModelRunner:
             adapter_ids=np.repeat(adapter_ids, C))
         steps = np.zeros(R, np.int32)
         steps[:n] = [len(s.generated) for s in seqs]
-        host = jax.device_put((last, valid, batch, sampling_batch(seqs, R), steps))
+        host = self._put((last, valid, batch, sampling_batch(seqs, R), steps))
+        if self.mesh is not None:  # the drafter's arrays (host or one device) onto the mesh
+            drafts, draft_probs = self._put((drafts, draft_probs))
         self._mark_dispatch()
-        accepted, tokens, self.cache, self.features = _verify(
-            self.model.params, self.model.config, host[0], drafts, draft_probs, host[1], self.cache, self.features,
-            host[2], host[3], host[4], self.lora, impl=self.impl, synthetic=synthetic, lora_impl=self.lora_impl)
+        with sharding.use_mesh(self.mesh):
+            accepted, tokens, self.cache, self.features = _verify(
+                self.model.params, self.model.config, host[0], drafts, draft_probs, host[1], self.cache,
+                self.features, host[2], host[3], host[4], self.lora, impl=self.impl, synthetic=synthetic,
+                lora_impl=self.lora_impl)
         self._last_dispatched = tokens
         accepted, tokens = self._read(accepted)[:n], self._read(tokens)[:n]
         self.stats["verify_tokens"] += sum(d + 1 for d in num_drafts)
@@ -390,12 +459,17 @@ class ModelRunner:
         how many programs this traced. Verify passes are compiled for drafts with (draft_probs) or
         without distributions, and the synthetic rate. (Forked samples, n > 1, draw through a small
         extra program; a drafter's own programs compile when first used.)"""
+        with sharding.use_mesh(self.mesh):
+            return self._warmup(buckets, draft_probs, synthetic)
+
+    def _warmup(self, buckets: list[Bucket], draft_probs: bool, synthetic: float | None) -> int:
         before = sum(TRACE_COUNTS.values())
         cfg, impl = self.model.config, self.impl
         params, cache, features, lora = jax.tree.map(_abstract, (self.model.params, self.cache, self.features,
                                                                  self.lora))
-        i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-        sp = lambda R: jax.tree.map(_abstract, sampling_batch([], R))  # noqa: E731
+        put = None if self.mesh is None else sharding.replicated(self.mesh)  # as _put places host arrays
+        i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=put)
+        sp = lambda R: jax.tree.map(_abstract, self._put(sampling_batch([], R)))  # noqa: E731
         V = cfg.vocab_size
         for kind, *shape in buckets:
             if kind == "verify":  # R rows of the next token and k drafts
@@ -405,15 +479,18 @@ class ModelRunner:
                                         decode_block_tables=i32((0, M)), decode_lens=i32((0,)),
                                         prefill_block_tables=i32((R, M)), prefill_start=i32((R,)),
                                         prefill_lens=i32((R,)), adapter_ids=i32((R * C,)))
-                probs = jax.ShapeDtypeStruct((R, k, V), jnp.float32) if draft_probs else None
+                probs = jax.ShapeDtypeStruct((R, k, V), jnp.float32, sharding=put) if draft_probs else None
                 _verify.lower(params, cfg, i32((R,)), i32((R, k)), probs, i32((R,)), cache, features, batch, sp(R),
                               i32((R,)), lora, impl=impl, synthetic=synthetic, lora_impl=self.lora_impl).compile()
                 continue
-            if kind == "decode":  # a k-step decode call of R rows
+            if kind == "decode":  # a k-step decode call of R rows, and the pick of its rows' newest tokens
                 R, k, M = shape
-                _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
-                                    i32((R,)), lora, i32((R,)), impl=impl, num_steps=k,
-                                    lora_impl=self.lora_impl).compile()
+                call = _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
+                                           i32((R,)), lora, i32((R,)), impl=impl, num_steps=k,
+                                           lora_impl=self.lora_impl).compile()
+                tokens = call.output_shardings[0]
+                _newest.lower(jax.ShapeDtypeStruct((k, R), jnp.int32, sharding=tokens if put else None),
+                              i32((R,))).compile()
                 continue
             Rd, Rp, C, M = shape
             N = Rd + Rp * C
@@ -450,7 +527,7 @@ class ModelRunner:
         return x
 
     def _read(self, x: jax.Array) -> np.ndarray:
-        return np.asarray(self._wait(x))
+        return sharding.to_host(self._wait(x))
 
 
 def possible_buckets(*, max_batch: int, max_tokens_per_step: int, chunked_prefill: bool, decode_steps: int,

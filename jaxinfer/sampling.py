@@ -3,6 +3,10 @@
 Every row of a batch carries its own temperature, top-k, top-p, min-p and PRNG key, so a
 request's tokens do not depend on what else shares its batch. The key for a request's t-th
 generated token is `fold_in(PRNGKey(seed), t)`.
+
+The serving programs sample through `sample_checked`: a row whose logits hold a NaN or an
+infinity gets the token NONFINITE instead, so the check travels back in the token array itself
+(no extra transfer) and the engine fails that request alone.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded completion
     ignore_eos: bool = False
     n: int = 1  # independent samples of the same prompt (they share its KV pages)
+    timeout_s: float | None = None  # deadline from arrival; then it ends with finish_reason "timeout"
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, (int, np.integer)) or self.max_tokens < 1:
@@ -45,6 +50,7 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not isinstance(self.n, (int, np.integer)) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        check_timeout("timeout_s", self.timeout_s)
         if isinstance(self.stop, str) or isinstance(self.stop_token_ids, int):
             raise ValueError("stop and stop_token_ids must be sequences, not a single value")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -55,6 +61,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_timeout(name: str, value) -> None:
+    """A timeout is None or a number of seconds > 0; ValueError naming `name` otherwise."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                              or not value > 0):
+        raise ValueError(f"{name} must be None or a number of seconds > 0, got {value!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -98,6 +111,20 @@ def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampled = jax.lax.cond(jnp.any(sp.temperature > 0), _sample_sorted, lambda *_: greedy, logits, sp, step)
     return jnp.where(sp.temperature > 0, sampled, greedy)
+
+
+NONFINITE = -1  # the token of a row whose logits are not all finite
+
+
+def sample_checked(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
+    """`sample`, with NONFINITE in place of the token of each row whose logits (R, V) hold a NaN
+    or an infinity."""
+    return guard(sample(logits, sp, step), logits)
+
+
+def guard(tokens: jax.Array, logits: jax.Array) -> jax.Array:
+    """tokens (...,) int32 sampled from logits (..., V) -> NONFINITE where a row's logits are not all finite."""
+    return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NONFINITE)
 
 
 def _sample_sorted(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:

@@ -54,6 +54,7 @@ class Sequence:
     num_registered: int = 0  # full pages offered to the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    error: str | None = None  # why it failed (finish_reason "error")
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0

@@ -114,8 +114,12 @@ class HFTokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike, bos_id: int | None = None, eos_ids: Sequence[int] = (),
                   chat_template: str | None = None, special_tokens: dict[str, str] | None = None) -> HFTokenizer:
-        """A tokenizer.json."""
-        return cls(tokenizers.Tokenizer.from_file(os.fspath(path)), bos_id, eos_ids, chat_template, special_tokens)
+        """A tokenizer.json; ValueError naming the file if `tokenizers` cannot read it."""
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(os.fspath(path))
+        except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
+            raise ValueError(f"{path} is not a readable tokenizer.json: {e}") from None
+        return cls(tokenizer, bos_id, eos_ids, chat_template, special_tokens)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -205,8 +209,13 @@ def _read_chat_template(ckpt_dir: str | os.PathLike) -> tuple[str | None, dict[s
     config: dict[str, Any] = {}
     path = os.path.join(ckpt_dir, _CONFIG_FILE)
     if os.path.exists(path):
-        with open(path) as f:
-            config = json.load(f)
+        with open(path, "rb") as f:
+            try:
+                config = json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of tokenizer settings")
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)

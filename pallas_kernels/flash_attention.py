@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
     LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, dequantize_pages,
-    gather_pages, pad_axis, round_up, tuned,
+    gather_pages, pad_axis, round_up, tile_bytes, tuned,
 )
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,25 @@ class BlockSizes:
         interpret mode), by head dim class, or the float32 entry: tiles that fit the card's
         shared memory."""
         entry = tuned("flash_attention", capability)
+        return cls(**entry[cls.shape_class(head_dim, dtype)])
+
+    @staticmethod
+    def shape_class(head_dim: int, dtype) -> str:
+        """The tuned.json key: "h64" | "h128" | "h256" by head dim, "float32" | "float32_h256" for float32."""
         if jnp.dtype(dtype) == jnp.float32:
-            return cls(**entry["float32"])
-        return cls(**entry["h64" if head_dim <= 64 else "h128" if head_dim <= 128 else "h256"])
+            return "float32" if head_dim <= 128 else "float32_h256"
+        return "h64" if head_dim <= 64 else "h128" if head_dim <= 128 else "h256"
+
+    def shared_memory_bytes(self, head_dim: int, dtype, kv_dtype=None, page_size: int = 16, paged: bool = True) -> int:
+        """Shared memory of the tiles: the query block once, and num_stages copies of each key
+        block's K and V tiles (and their scales when the pages are quantised): what Triton's
+        pipeliner keeps in flight. Paged, a key block is whole pages (at least one)."""
+        Hp = max(MIN_DOT, 1 << (head_dim - 1).bit_length())
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        block_k = max(self.block_k // page_size, 1) * page_size if paged else self.block_k
+        scales = 2 * tile_bytes(block_k, jnp.float32) if jnp.dtype(kv_dtype).itemsize == 1 else 0
+        kv = 2 * tile_bytes(block_k, Hp, kv_dtype) + scales
+        return tile_bytes(self.block_q, Hp, dtype) + self.num_stages * kv
 
 
 def _flash_kernel(

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import MIN_DOT, CompilerParams, pad_axis, round_up, tuned
+from pallas_kernels.common import MIN_DOT, CompilerParams, pad_axis, round_up, tile_bytes, tuned
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -54,10 +54,20 @@ class BlockSizes:
     num_stages: int = 2
 
     @classmethod
-    def default(cls, tokens_per_segment: int) -> "BlockSizes":
+    def default(cls, tokens_per_segment: int, capability: tuple[int, int] | None | str = "current") -> "BlockSizes":
         """From tuned.json: the "bgmv" entry for T = 1, else "sgmv" (untuned guesses so far)."""
-        t = tuned("lora_matmul")
+        t = tuned("lora_matmul", capability)
         return cls(**t["bgmv" if tokens_per_segment == 1 else "sgmv"])
+
+    def shared_memory_bytes(self, tokens_per_segment: int, rank: int, dtype) -> int:
+        """Shared memory of the larger of the two programs: shrink keeps num_stages copies of a
+        K step's x tile and A tile (block_k, R); expand of the B tile (R, block_n) and the
+        y tile. BGMV (T = 1) works on one row; R is padded to a power of two >= 16."""
+        Rp = max(MIN_DOT, 1 << (rank - 1).bit_length())
+        rows = 1 if tokens_per_segment == 1 else self.block_m
+        shrink = tile_bytes(rows, self.block_k, dtype) + tile_bytes(self.block_k, Rp, dtype)
+        expand = tile_bytes(Rp, self.block_n, dtype) + tile_bytes(rows, self.block_n, dtype)
+        return self.num_stages * max(shrink, expand) + tile_bytes(rows, Rp, jnp.float32)
 
 
 def _out_cols(num_cols: int, block_n: int, axis: int):

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
     LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, dequantize_pages,
-    pad_axis, round_up, tuned,
+    pad_axis, round_up, tile_bytes, tuned,
 )
 
 
@@ -45,19 +45,40 @@ class BlockSizes:
     num_stages: int = 2
 
     @classmethod
-    def default(cls, batch: int, num_kv_heads: int, max_pages: int, page_size: int) -> "BlockSizes":
+    def default(cls, batch: int, num_kv_heads: int, max_pages: int, page_size: int, head_dim: int = 128,
+                dtype=jnp.bfloat16, capability: tuple[int, int] | None | str = "current") -> "BlockSizes":
         """Key blocks of about `tokens_per_block` tokens; enough splits that the grid reaches
         about `target_programs` programs to keep a GPU's memory system busy, capped at `max_splits`
-        so the float32 partials stay small next to the pages (tuned.json; H100, B=32 K=8 L=4096: 8
-        splits of 4-page blocks read 2.2 TB/s, 2 splits of 8-page blocks 1.7 TB/s; B=1 L=32768: 32
-        splits of 8-page blocks 1.63 TB/s in two runs, 64 splits of 4-page blocks 1.69 and 1.29)."""
-        t = tuned("paged_attention")
+        so the float32 partials stay small next to the pages (tuned.json, by the card and the
+        pages' head dim / dtype class as flash attention's; H100, B=32 K=8 L=4096: 8 splits of
+        4-page blocks read 2.2 TB/s, 2 splits of 8-page blocks 1.7 TB/s; B=1 L=32768: 32 splits of
+        8-page blocks 1.63 TB/s in two runs, 64 splits of 4-page blocks 1.69 and 1.29)."""
+        t = tuned("paged_attention", capability)
+        t = t[cls.shape_class(head_dim, dtype)]
         pages_per_block = min(max(t["tokens_per_block"] // page_size, 1), pl.next_power_of_2(max_pages))
         blocks = -(-max_pages // pages_per_block)
         want = -(-t["target_programs"] // (batch * num_kv_heads))
         num_splits = min(pl.next_power_of_2(want), pl.next_power_of_2(blocks), t["max_splits"])
         return cls(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=t["num_warps"],
                    num_stages=t["num_stages"])
+
+    @staticmethod
+    def shape_class(head_dim: int, dtype) -> str:
+        """The tuned.json key of the pages: "h128" | "h256" by head dim (2-byte or quantised
+        pages), "float32" | "float32_h256" for float32 pages."""
+        if jnp.dtype(dtype) == jnp.float32:
+            return "float32" if head_dim <= 128 else "float32_h256"
+        return "h128" if head_dim <= 128 else "h256"
+
+    def shared_memory_bytes(self, group: int, head_dim: int, page_size: int, dtype, kv_dtype=None) -> int:
+        """Shared memory of the tiles: the (Gp, Hp) query tile once, and num_stages copies of a
+        key block's K and V pages (and their scales when quantised)."""
+        Gp = max(MIN_DOT, 1 << (group - 1).bit_length())
+        Hp = max(MIN_DOT, 1 << (head_dim - 1).bit_length())
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        tokens = max(self.pages_per_block, -(-MIN_DOT // page_size)) * page_size
+        scales = 2 * tile_bytes(tokens, jnp.float32) if jnp.dtype(kv_dtype).itemsize == 1 else 0
+        return tile_bytes(Gp, Hp, dtype) + self.num_stages * (2 * tile_bytes(tokens, Hp, kv_dtype) + scales)
 
 
 def _decode_kernel(
@@ -137,7 +158,7 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, w
     K, P, page_size, _ = k_pages.shape
     max_pages = block_tables.shape[1]
     G = N // K
-    bs = block_sizes or BlockSizes.default(B, K, max_pages, page_size)
+    bs = block_sizes or BlockSizes.default(B, K, max_pages, page_size, H, k_pages.dtype)
     sm_scale = H**-0.5 if sm_scale is None else sm_scale
 
     Gp = max(MIN_DOT, pl.next_power_of_2(G))

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import MIN_DOT, CompilerParams, pad_axis, round_up, tuned
+from pallas_kernels.common import MIN_DOT, CompilerParams, pad_axis, round_up, tile_bytes, tuned
 
 BITS = (4, 8)
 # Rows of x up to which the decode (split-K) path is taken.
@@ -66,14 +66,15 @@ class BlockSizes:
     num_stages: int = 3
 
     @classmethod
-    def default(cls, M: int, N: int, Kw: int, dtype=jnp.bfloat16) -> "BlockSizes":
+    def default(cls, M: int, N: int, Kw: int, dtype=jnp.bfloat16,
+                capability: tuple[int, int] | None | str = "current") -> "BlockSizes":
         """From tuned.json. Decode shape (M <= 16): 16-row tiles, narrow column tiles, split-K up
         to about `target_programs` programs (about two per SM on an H100's 132), at most
         `max_splits` (each split adds a float32 partial of (16, N) to write and read back: 4096 x
         14336 int4, 2 splits: 1.8 MB per 30 MB of weight). Prefill: one tiled GEMM. float32 runs
         exact (IEEE) dots on CUDA cores, which Triton unrolls: 32-wide tiles keep its compile time
         short. Untuned guesses so far: see --sweep in experiments/bench_quant_matmul.py."""
-        t = tuned("quant_matmul")
+        t = tuned("quant_matmul", capability)
         f32 = "_float32" if jnp.dtype(dtype) == jnp.float32 else ""
         if M <= DECODE_MAX_ROWS:
             d = t["decode" + f32]
@@ -84,6 +85,17 @@ class BlockSizes:
             return cls(block_m=DECODE_MAX_ROWS, block_n=d["block_n"], block_k=d["block_k"], num_splits=num_splits,
                        num_warps=d["num_warps"], num_stages=d["num_stages"])
         return cls(num_splits=1, **t["prefill" + f32])
+
+    def shared_memory_bytes(self, bits: int, dtype, group_size: int = 32, mins: bool = False) -> int:
+        """Shared memory of the tiles: num_stages copies of one K step's x tile (two halves for
+        4 bits), packed weight tile, and the scale / zero (or min) rows of the groups it spans."""
+        per_byte = 2 if bits == 4 else 1
+        groups = max(self.block_k // max(group_size // per_byte, 1), 1)
+        x = per_byte * tile_bytes(self.block_m, self.block_k, dtype)
+        w = tile_bytes(self.block_k, self.block_n, jnp.uint8)
+        group_rows = tile_bytes(groups, self.block_n, dtype) + tile_bytes(groups, self.block_n,
+                                                                          dtype if mins else jnp.uint8)
+        return self.num_stages * (x + w + group_rows)
 
 
 def _implicit_zero(bits: int, has_mins: bool) -> int:

@@ -54,9 +54,14 @@ class BlockSizes:
     num_stages: int = 3
 
     @classmethod
-    def default(cls, M: int) -> "BlockSizes":
+    def default(cls, M: int, capability: tuple[int, int] | None | str = "current") -> "BlockSizes":
         """From tuned.json: 16-row tiles for decode (M <= 16), the prefill tiles otherwise."""
-        return cls(**tuned("w8a8_matmul")["decode" if M <= DECODE_MAX_ROWS else "prefill"])
+        return cls(**tuned("w8a8_matmul", capability)["decode" if M <= DECODE_MAX_ROWS else "prefill"])
+
+    def shared_memory_bytes(self) -> int:
+        """Shared memory of the tiles: num_stages copies of one K step's 8-bit x and weight tiles
+        (the row and column scales are read once, in the epilogue)."""
+        return self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n)
 
 
 def _w8a8_matmul_kernel(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 
 from experiments import bench_batching
@@ -33,6 +34,8 @@ def runs(tmp_path_factory):
 def test_result_has_every_field(runs, capsys):
     record = runs["continuous"]
     assert record["config"]["batching"] == "continuous" and record["env"]["jax_version"]
+    expected = "pallas" if jax.default_backend() == "gpu" else "xla"  # "auto" resolved: which path ran
+    assert record["config"]["attention"] == "auto" and record["env"]["implementations"]["attention"] == expected
     assert record["metrics"]["throughput_tok_s"] > 0 and record["metrics"]["ttft_s/p50"] >= 0
     (r,) = record["results"]
     for key in ("throughput_tok_s", "ttft_s", "tpot_s", "latency_s", "kv_waste", "host_share", "preemptions"):

@@ -33,4 +33,5 @@ def test_bench_peers_short_run_writes_json(tmp_path):
     assert ours == hf  # the same greedy tokens
     assert result["logits_max_row_rel_error"] <= 1e-4
     assert result["chat_answers"]["jaxinfer-packed"] == "The capital of France is Paris."
-    assert "date" in result["environment"] and "command" in result["environment"]
+    assert "date" in result["env"] and "command" in result["env"]  # the shape every experiment writes
+    assert result["metrics"]["jaxinfer/b=2/tokens_per_s"] == result["runs"][0]["tokens_per_s"]

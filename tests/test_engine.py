@@ -169,6 +169,18 @@ def test_engine_config_errors():
             ji.EngineConfig(**kwargs)
 
 
+def test_auto_implementations_resolve_to_the_backends_path():
+    """"auto" is the engine's default: the Pallas kernels on a GPU, the XLA path on a CPU; the
+    config holds the resolved names, and an Impl built from "auto" is the same static jit key."""
+    expected = "pallas" if jax.default_backend() == "gpu" else "xla"
+    config = ji.EngineConfig()
+    assert (config.attention, config.matmul, config.lora_impl) == (expected,) * 3
+    assert ji.model.Impl("auto", "auto") == ji.model.Impl(expected, expected)
+    assert ji.EngineConfig(attention="pallas").attention == "pallas"
+    with pytest.raises(ValueError, match="attention='fast'"):
+        ji.EngineConfig(attention="fast")
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral_window"])
 def test_engine_matches_hf_transformers(arch, tmp_path):
     hf = hf_model(arch, seed=11)

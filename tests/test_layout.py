@@ -90,3 +90,14 @@ def test_model_does_not_import_the_quantisation_algorithms():
             todo.append(dep)
     assert not {m for m in seen if m.startswith("jaxinfer.quant")}, sorted(seen)
     assert "jaxinfer.matmul" in seen and "jaxinfer.formats" in seen
+
+
+def test_every_experiment_imports_beside_the_others():
+    """The experiments share one absl flag namespace: a flag two scripts define would stop the
+    second from importing (shared flags live in experiments/common.py)."""
+    import importlib
+
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "experiments"))
+                   if f.endswith(".py") and f != "__init__.py")
+    for name in names:
+        importlib.import_module(f"experiments.{name}")

@@ -130,7 +130,7 @@ def test_adapters_added_and_removed_while_serving(setup, rng):
         engine.add_request(prompt, GREEDY, adapter="gone")
     done = {}
     while engine.has_unfinished():
-        done.update((o.request_id, o) for o in engine.step())
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
     engine.remove_adapter("qv")  # no request uses it now
     assert "qv" not in engine.adapters.store and engine.adapters.slot_of.keys() == {"every"}
     outs = _serve(engine, [prompt, prompt, prompt], ["qv", "every", None])  # "qv" is gone

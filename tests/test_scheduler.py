@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import jaxinfer as ji
 from jaxinfer import lora
-from jaxinfer.engine import _sample_seed
+from jaxinfer.lifecycle import sample_seed
 from jaxinfer.mock_runner import MockRunner, expected_tokens
 from jaxinfer.scheduler import Scheduler
 
@@ -57,7 +57,7 @@ def serve(engine, prompts, params, max_steps: int = 20_000):
     for _ in range(max_steps):
         if not engine.has_unfinished():
             return [outs[i] if isinstance(i, int) else i for i in ids]
-        outs.update((o.request_id, o) for o in engine.step())
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
     raise AssertionError(f"the workload did not finish in {max_steps} steps")
 
 
@@ -145,7 +145,7 @@ def test_adapters_on_few_slots_get_their_tokens(seed, num_requests, slots, num_p
         except ValueError:
             ids.append(None)  # a prompt longer than the cache
     while engine.has_unfinished():
-        outs.update((o.request_id, o) for o in engine.step())
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
         engine.adapters.check_invariants(engine.scheduler.running)
     capacity = num_pages * page_size
     for p, sp, name, rid in zip(prompts, params, names, ids):
@@ -153,7 +153,7 @@ def test_adapters_on_few_slots_get_their_tokens(seed, num_requests, slots, num_p
             continue
         adapter = engine.adapters.store[name] if name else None
         for k, sample in enumerate(outs[rid].samples or [outs[rid]]):  # forked samples share the adapter
-            want = expected_tokens(p, sp.max_tokens, VOCAB, seed=_sample_seed(sp.seed, k), greedy=not sampled,
+            want = expected_tokens(p, sp.max_tokens, VOCAB, seed=sample_seed(sp.seed, k), greedy=not sampled,
                                    adapter=adapter)
             got = sample.token_ids
             assert got == want if len(p) + sp.max_tokens - 1 <= capacity else got == want[: len(got)]
@@ -231,12 +231,12 @@ def test_abort_returns_pages_and_leaves_others_alone():
     for _ in range(4):
         engine.step()
     out = engine.abort(ids[1])
-    assert out.finish_reason == "abort" and len(out.token_ids) < 20
+    assert out.finish_reason == "aborted" and len(out.token_ids) < 20
     with pytest.raises(ValueError, match=f"request_id={ids[1]}"):
         engine.abort(ids[1])
     done = {}
     while engine.has_unfinished():
-        done.update((o.request_id, o) for o in engine.step())
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
     assert ids[1] not in done
     for i in (0, 2, 3):
         assert done[ids[i]].token_ids == expected_tokens(prompts[i], 20, VOCAB)
@@ -255,7 +255,7 @@ def test_rollback_forgets_tokens_and_their_pages(n):
     rid = engine.add_request(prompt, ji.SamplingParams(max_tokens=20, temperature=0.0))
     for _ in range(8):
         engine.step()
-    (seq,) = engine._requests[rid].sequences
+    (seq,) = engine.requests[rid].sequences
     assert len(seq.generated) == 8 and seq.num_computed == 16
     registered = set(engine.allocator._page_hash)
     engine.scheduler.rollback(seq, n)

@@ -170,7 +170,7 @@ def test_rolled_back_cache_equals_plain_decoding(tiny):
     for spec in (None, ji.SpeculativeConfig(method="ngram", num_tokens=4)):
         engine = ji.Engine(tiny, ji.EngineConfig(page_size=16, speculative=spec))
         rid = engine.add_request(prompt, ji.SamplingParams(max_tokens=60, temperature=0.0))
-        (seq,) = engine._requests[rid].sequences
+        (seq,) = engine.requests[rid].sequences
         while len(seq.generated) < 16:
             engine.step()
         if spec is not None:

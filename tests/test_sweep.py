@@ -4,11 +4,12 @@ failures without stopping, and renders a report; bad grid files are refused befo
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from experiments import kv_capacity, sweep, sweep_report
-from helpers import run_main
+from helpers import REPO, run_main
 
 METRIC = "h100_80gb/llama3_8b/max_batch_at_context"
 # The swept experiment's flags are defined at import; importing it here defines them before
@@ -81,3 +82,9 @@ def test_ray_launcher_runs_the_points_as_tasks(tmp_path):
     run_main(sweep, f"--grid={grid}", f"--out={out}", "--launcher=ray")
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["flags"]["context"] for r in rows) == [2048, 4096] and all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs", "sweeps"))))
+def test_shipped_grids_name_real_flags(name):
+    spec = sweep.load_grid(os.path.join(REPO, "configs", "sweeps", name))
+    assert len(sweep.expand(spec)) >= 2

@@ -100,6 +100,21 @@ def test_main_job_runs():
         "error: model 'no-such-model' is neither a directory nor a shipped model")
 
 
+def test_main_job_streams(target, capsys, tmp_path):
+    """--stream prints the completion through Engine.stream: the same text as the engine's, then the
+    report; it serves one prompt through the engine only."""
+    run_main(generate, "--stream", "--prompt=def add(a, b):", "--max_tokens=12", "--temperature=0")
+    out = capsys.readouterr().out
+    (ref,) = ji.Engine(target).generate(["def add(a, b):"], ji.SamplingParams(max_tokens=12, temperature=0.0))
+    assert out.startswith("def add(a, b):" + ref.text + "\n" + "-" * 72) and "TTFT" in out
+    with pytest.raises(ValueError, match="--stream serves through the engine"):
+        run_main(generate, "--stream", "--baseline")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\nimport sys\n")
+    with pytest.raises(ValueError, match="--stream serves one prompt; --prompts_file=.* has 2"):
+        run_main(generate, "--stream", f"--prompts_file={prompts}")
+
+
 @pytest.mark.parametrize(
     "flag, message",
     [

@@ -68,7 +68,7 @@ class AdapterRegistry:
 
     def check(self, name: str | None) -> None:
         """ValueError unless name is None (the base model) or an added adapter."""
-        if name is not None and name not in self.store:
+        if name is not None and (not isinstance(name, str) or name not in self.store):
             known = ", ".join(map(repr, sorted(self.store))) or "none"
             raise ValueError(f"adapter={name!r} is not an added adapter (added: {known})")
 

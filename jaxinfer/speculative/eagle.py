@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxinfer import attention
 from jaxinfer import model as model_lib
+from jaxinfer import sharding
 from jaxinfer.kv_cache import PagedKVCache, copy_pages
 from jaxinfer.requests import next_power_of_2
 from jaxinfer.speculative.config import Proposal
@@ -75,8 +76,9 @@ class EagleDrafter:
     def __init__(self, target, path: str, num_pages: int, page_size: int, max_seq_len: int, impl):
         self.target, self.impl = target, impl
         self.page_size, self.max_seq_len = page_size, max_seq_len
-        self.cfg1 = eagle_layer_config(target.config)
-        self.heads, _ = load_heads(path, "eagle", target.config, target.dtype)
+        checkpoint = sharding.logical_config(target)  # the heads' shapes (a placed target may replicate KV heads)
+        self.cfg1 = eagle_layer_config(checkpoint)
+        self.heads, _ = load_heads(path, "eagle", checkpoint, target.dtype)
         self.cache = PagedKVCache.zeros(self.cfg1, num_pages, page_size, target.dtype)
 
     def propose(self, seqs, num_drafts, k, runner) -> Proposal:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import sharding
 from jaxinfer.requests import next_power_of_2
 from jaxinfer.speculative.config import Proposal
 from jaxinfer.speculative.draft_model import draw, row_keys, sampling_rows
@@ -30,7 +31,7 @@ class MedusaDrafter:
 
     def __init__(self, target, path: str):
         self.target = target
-        self.heads, meta = load_heads(path, "medusa", target.config, target.dtype)
+        self.heads, meta = load_heads(path, "medusa", sharding.logical_config(target), target.dtype)
         self.num_heads = int(self.heads["w"].shape[0])
 
     def propose(self, seqs, num_drafts, k, runner) -> Proposal:

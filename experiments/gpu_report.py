@@ -1,0 +1,105 @@
+"""Turn the JSON files a GPU session wrote (benchmarks/gpu_session.sh, under $OUT) into one markdown
+page of tables with the card, jax version and date of each run, and the targets of the GPU issue
+computed from the runs that measure them: so a lent session spends its minutes measuring.
+
+  python -m experiments.gpu_report --dir=/path/to/out --out=benchmarks/results/gpu_2026-11-27.md
+
+Every file is an experiment's record ({config, env, metrics} and optional `results` rows) or
+bench_kernels' ({device, jax_version, date, results}); each becomes a section: where and how it ran,
+its flat metrics, and its rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from absl import flags
+
+from . import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("max_columns", 12, "Columns shown per rows table (the first ones of the rows' keys).")
+for _name in ("out", "dir"):
+    flags.declare_key_flag(_name)
+
+# (measure, (file, metric) over (file, metric), the issue's target)
+RATIOS = [
+    ("continuous / static throughput, skewed outputs", ("skewed_continuous", "throughput_tok_s"),
+     ("skewed_static", "throughput_tok_s"), ">= 2x"),
+    ("engine TPOT / bare jitted step, batch 1, overlap on", ("overhead_overlap-true", "engine_tpot_s"),
+     ("overhead_overlap-true", "bare_step_s"), "<= 1.10x"),
+    ("engine TPOT / bare jitted step, batch 1, overlap off", ("overhead_overlap-false", "engine_tpot_s"),
+     ("overhead_overlap-false", "bare_step_s"), "(the control)"),
+]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}"
+    return str(v)
+
+
+def _env(record: dict) -> dict:
+    env = record.get("env") or record
+    return {k: env.get(k, "?") for k in ("device", "jax_version", "date", "command")}
+
+
+def section(name: str, record: dict, max_columns: int) -> list[str]:
+    env = _env(record)
+    lines = [f"## {name}", "", f"{env['device']}, jax {env['jax_version']}, {env['date']}", "",
+             f"`{env['command']}`", ""]
+    metrics = {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    if metrics:
+        lines += ["| metric | value |", "| --- | ---: |"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines.append("")
+    rows = [r for r in record.get("results") or [] if isinstance(r, dict)]
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))))
+        keys = keys[:max_columns]
+        lines += ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+        lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+        lines.append("")
+    return lines
+
+
+def targets(records: dict[str, dict]) -> list[str]:
+    lines = ["## Targets measured in this session", "", "| measure | figure | target |", "| --- | ---: | --- |"]
+    for label, (num_file, num), (den_file, den), target in RATIOS:
+        a = records.get(num_file, {}).get("metrics", {}).get(num)
+        b = records.get(den_file, {}).get("metrics", {}).get(den)
+        if a and b:
+            lines.append(f"| {label} | {a / b:.2f}x | {target} |")
+    return lines + [""] if len(lines) > 4 else []
+
+
+def main(argv):
+    del argv
+    if not (FLAGS.dir and os.path.isdir(FLAGS.dir)):
+        raise ValueError(f"--dir={FLAGS.dir!r} is not a directory")
+    common.check_out(FLAGS.out)
+    paths = sorted(glob.glob(os.path.join(FLAGS.dir, "*.json")))
+    if not paths:
+        raise ValueError(f"--dir={FLAGS.dir}: no JSON files")
+    records = {}
+    for path in paths:
+        with open(path) as f:
+            try:
+                records[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+    device = _env(next(iter(records.values())))["device"]
+    lines = [f"# GPU session on {device}", "", f"From {len(records)} files in {FLAGS.dir} "
+             "(benchmarks/gpu_session.sh), by `python -m experiments.gpu_report`.", ""]
+    lines += targets(records)
+    for name, record in records.items():
+        lines += section(name, record, FLAGS.max_columns)
+    text = "\n".join(lines)
+    print(text)
+    if FLAGS.out:
+        common.write_text(FLAGS.out, text)
+
+
+if __name__ == "__main__":
+    common.run(main)

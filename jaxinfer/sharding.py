@@ -1,0 +1,365 @@
+"""Tensor parallelism on jax.sharding: the device mesh, partition rules for every array a model
+runs with, their placement, multi-host start-up, and the per-shard form of the Pallas kernels.
+
+XLA's SPMD partitioner does all the communication. The params and the KV cache are placed once
+with a NamedSharding each; the jitted programs take them as placed and the partitioner inserts an
+all-reduce after each row-parallel projection and gathers what the sampler reads (the logits).
+The layout is Megatron-LM's:
+
+  mesh axes        "dp" (independent replicas: params and cache are replicated over it; the engine
+                   runs one replica, dp=1) and "tp" (tensor parallel)
+  column-parallel  wq wk wv w_gate w_up (L, D, out): out split over tp; bq bk bv (L, out) likewise
+  row-parallel     wo w_down (L, in, D): in split; bo (L, D) replicated (added after the all-reduce)
+  vocab-parallel   embed (V, D) rows and lm_head (D, V) columns, V zero-padded up to a multiple of
+                   tp (model.lm_head cuts the logits back to V)
+  replicated       every norm
+  KV cache         k, v (L, K, P, page, H) and int8 / fp8 scales (L, K, P, page): split over K
+  QuantizedWeight  column-parallel: qweight, scales, zeros, mins split over N (perm replicated);
+                   row-parallel: qweight rows and the scales / zeros / mins groups split together, so
+                   every shard holds whole groups (the groups must split evenly over tp; per-channel
+                   int8's single scale row is replicated); perm (GPTQ act order) replicated: the
+                   input is permuted whole, which gathers it across the shards
+  LoRA slots       column-parallel projection: A replicated, B split on its output;
+                   row-parallel projection: A split on its input, B replicated
+
+KV heads fewer than tp (the tiny model's 2 at tp=4, Llama-3-70B's 8 at tp=16): each KV head is
+stored tp / K times, as vLLM does, so every device holds one KV head; wk, wv (their packed forms
+too), bk, bv and the LoRA B of wk / wv are widened the same way. tp must then be a multiple of K.
+The placed model's config says K * replicas KV heads (the model as it runs); `logical_config`
+gives back the checkpoint's. Any other tp that does not divide num_heads, num_kv_heads or
+intermediate_size is refused with a ValueError naming the field, before anything is compiled.
+
+With attention="pallas" or matmul="pallas" (or lora_impl="pallas") the kernels run per shard under
+shard_map: a pallas_call is opaque to the partitioner. Each shard sees its own heads (attention),
+its output columns (column-parallel matmuls) or its input rows, whose partial products are summed
+with psum (row-parallel). `tp_mesh()` reads the mesh the caller set with `jax.set_mesh`; without
+one, or with tp=1, the kernels run as they are.
+
+Multi-host: `initialize(coordinator, num_processes, process_id)` calls jax.distributed.initialize
+(arguments or JAX's own environment), after which jax.devices() lists every host's devices and
+the same engine code runs in each process (one controller per host); host values are read back
+with `to_host`, which works on arrays that span other hosts' devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.formats import QuantizedWeight
+from jaxinfer.kv_cache import KV_DTYPES, PagedKVCache
+
+AXES = ("dp", "tp")
+COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # (in, out): out split
+ROW = ("wo", "w_down")  # (in, out): in split
+COLUMN_BIASES = ("bq", "bk", "bv")
+KV_PROJECTIONS = ("wk", "wv", "bk", "bv")  # widened when KV heads are replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a model's params live: the mesh, how many times each KV head is stored (tp > K), and
+    the vocabulary rows of embed / lm_head after padding."""
+
+    mesh: Mesh
+    kv_replicas: int = 1
+    padded_vocab: int = 0
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.shape["tp"]
+
+
+def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
+    """A ("dp", "tp") mesh over the first dp * tp devices (jax.devices(): every host's, after
+    `initialize`). A device's tp neighbours are adjacent in the list (one host's NVLink group)."""
+    devices = jax.devices() if devices is None else list(devices)
+    for name, value in (("tp", tp), ("dp", dp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if dp * tp > len(devices):
+        raise ValueError(f"tp={tp} x dp={dp} needs {dp * tp} devices; {len(devices)} are present "
+                         f"({devices[0].platform})")
+    grid = np.asarray(devices[: dp * tp], dtype=object).reshape(dp, tp)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def kv_replicas(cfg: ModelConfig, tp: int) -> int:
+    """How many times each KV head is stored at this tp (1 unless tp > num_kv_heads); raises
+    ValueError naming the field a tp does not divide."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp={tp!r} must be an integer >= 1")
+    for name, value in (("num_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size)):
+        if value % tp:
+            raise ValueError(f"tp={tp} does not divide {name}={value}")
+    K = cfg.num_kv_heads
+    if K % tp == 0:
+        return 1
+    if tp % K:
+        raise ValueError(f"tp={tp} neither divides num_kv_heads={K} nor is a multiple of it (KV heads are "
+                         "replicated only when tp is a multiple of their number)")
+    return tp // K
+
+
+def check(cfg: ModelConfig, tp: int, num_devices: int | None = None) -> int:
+    """Every tp check, before anything is placed or compiled: the model's dimensions, and tp against
+    the devices present. Returns the KV-head replicas."""
+    replicas = kv_replicas(cfg, tp)
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    if tp > num_devices:
+        raise ValueError(f"tp={tp} is more than the {num_devices} devices present")
+    return replicas
+
+
+def logical_config(model) -> ModelConfig:
+    """The config of the checkpoint a model was loaded from (KV heads not replicated)."""
+    placement = getattr(model, "placement", None)
+    if placement is None or placement.kv_replicas == 1:
+        return model.config
+    return dataclasses.replace(model.config, num_kv_heads=model.config.num_kv_heads // placement.kv_replicas)
+
+
+# Partition rules --------------------------------------------------------------------------------
+
+
+def _quantized_spec(name: str, w: QuantizedWeight, tp: int) -> QuantizedWeight:
+    """The specs of a stacked (L, ...) packed weight's fields, shaped like the weight."""
+    if name in COLUMN:
+        cols = P(None, None, "tp")
+        return w.replace(qweight=cols, scales=cols, zeros=cols if w.zeros is not None else None,
+                         perm=P() if w.perm is not None else None, mins=cols if w.mins is not None else None)
+    groups = w.scales.shape[-2]
+    if groups % tp == 0:
+        grouped = P(None, "tp", None)
+    elif groups == 1 and w.bits == 8:  # per-channel int8: rows split freely, the one scale row replicated
+        grouped = P()
+    elif groups == 1:
+        raise ValueError(f"layers.{name}: per-channel int{w.bits} cannot split its input rows over tp={tp} (4-bit "
+                         "packing pairs rows across the whole column): quantise with a group size")
+    else:
+        raise ValueError(f"layers.{name}: {groups} groups of {w.group_size} input rows do not split evenly over "
+                         f"tp={tp}: quantise with a group size that leaves a multiple of {tp} groups")
+    return w.replace(qweight=P(None, "tp", None), scales=grouped, zeros=grouped if w.zeros is not None else None,
+                     perm=P() if w.perm is not None else None, mins=grouped if w.mins is not None else None)
+
+
+def param_specs(params: dict, tp: int) -> dict:
+    """A PartitionSpec for every array of a (padded, widened) params pytree, in its structure."""
+    layers = {}
+    for name, w in params["layers"].items():
+        if isinstance(w, QuantizedWeight):
+            layers[name] = _quantized_spec(name, w, tp)
+        elif name in COLUMN:
+            layers[name] = P(None, None, "tp")
+        elif name in ROW:
+            layers[name] = P(None, "tp", None)
+        elif name in COLUMN_BIASES:
+            layers[name] = P(None, "tp")
+        else:  # norms, bo, a LoRA layer index
+            layers[name] = P()
+    specs = {"embed": P("tp", None), "layers": layers, "final_norm": P()}
+    if "lm_head" in params:
+        specs["lm_head"] = P(None, "tp")
+    return specs
+
+
+def cache_specs(cache: PagedKVCache) -> PagedKVCache:
+    """K and V pages and their scales split over the KV heads (axis 1)."""
+    return jax.tree.map(lambda x: P(None, "tp"), cache)
+
+
+def lora_specs(weights):
+    """jaxinfer.lora.LoraWeights: A of a column-parallel projection replicated and its B split on
+    the output; the reverse for a row-parallel one; the scales replicated."""
+    a = {p: P(None, None, "tp", None) if p in ROW else P() for p in weights.a}
+    b = {p: P(None, None, None, "tp") if p in COLUMN else P() for p in weights.b}
+    return type(weights)(a=a, b=b, scale={p: P() for p in weights.scale})
+
+
+def parallel_style(name: str) -> str | None:
+    """How a projection is split: "column", "row", or None (not a projection)."""
+    return "column" if name in COLUMN else "row" if name in ROW else None
+
+
+# Placement --------------------------------------------------------------------------------------
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def put(tree, specs, mesh: Mesh):
+    """Place host or device values on the mesh, each array as its spec says. Built from host copies
+    shard by shard, so it works across processes (each passes the same values)."""
+
+    def one(x, spec):
+        if x is None:
+            return None
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda index: host[index])
+
+    return jax.tree.map(one, tree, specs, is_leaf=lambda x: x is None)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _widen_heads(x, head_dim: int, replicas: int):
+    """(..., K * H) -> (..., K * replicas * H): KV head j becomes heads j * replicas .. + replicas - 1."""
+    x = np.asarray(x)
+    *lead, KH = x.shape
+    heads = x.reshape(*lead, KH // head_dim, head_dim)
+    return np.repeat(heads, replicas, axis=-2).reshape(*lead, KH * replicas)
+
+
+def widen_kv(params: dict, cfg: ModelConfig, replicas: int) -> dict:
+    """params with wk, wv (dense or packed: every field along N), bk, bv widened `replicas` times."""
+    if replicas == 1:
+        return params
+    layers = dict(params["layers"])
+    for name in KV_PROJECTIONS:
+        w = layers.get(name)
+        if isinstance(w, QuantizedWeight):
+            widen = lambda x: None if x is None else _widen_heads(x, cfg.head_dim, replicas)  # noqa: E731
+            layers[name] = w.replace(qweight=widen(w.qweight), scales=widen(w.scales), zeros=widen(w.zeros),
+                                     mins=widen(w.mins))
+        elif w is not None:
+            layers[name] = _widen_heads(w, cfg.head_dim, replicas)
+    return {**params, "layers": layers}
+
+
+def pad_vocab(params: dict, padded: int) -> dict:
+    """embed (V, D) and lm_head (D, V) zero-padded to `padded` vocabulary rows / columns."""
+    out = dict(params)
+    embed = np.asarray(params["embed"])
+    out["embed"] = np.pad(embed, ((0, padded - embed.shape[0]), (0, 0)))
+    if "lm_head" in params:
+        head = np.asarray(params["lm_head"])
+        out["lm_head"] = np.pad(head, ((0, 0), (0, padded - head.shape[1])))
+    return out
+
+
+def shard_model(model, mesh: Mesh):
+    """The model with its params placed on the mesh (a new Model; `model` is unchanged): checked,
+    KV heads widened where tp > K, the vocabulary padded, every array put as `param_specs` says.
+    A model already placed on this mesh comes back as it is."""
+    placement = getattr(model, "placement", None)
+    if placement is not None:
+        if placement.mesh == mesh:
+            return model
+        raise ValueError(f"the model is placed on a mesh of tp={placement.tp}; place the unplaced model instead")
+    tp = mesh.shape["tp"]
+    replicas = check(model.config, tp, mesh.size)
+    cfg = dataclasses.replace(model.config, num_kv_heads=model.config.num_kv_heads * replicas)
+    padded = math.ceil(model.config.vocab_size / tp) * tp
+    params = pad_vocab(widen_kv(model.params, model.config, replicas), padded)
+    specs = param_specs(params, tp)  # checks packed weights' groups before anything is placed
+    return dataclasses.replace(model, config=cfg, params=put(params, specs, mesh),
+                               placement=Placement(mesh, replicas, padded))
+
+
+def zeros_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_dtype: str | None,
+                mesh: Mesh) -> PagedKVCache:
+    """PagedKVCache.zeros made shard by shard on the mesh (no device ever holds the whole cache)."""
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype={kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
+    make = lambda: PagedKVCache.zeros(cfg, num_pages, page_size, dtype, kv_dtype)  # noqa: E731
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), cache_specs(jax.eval_shape(make)))
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def zeros(shape, dtype, mesh: Mesh, spec=P()) -> jax.Array:
+    """An array of zeros made on the mesh as `spec` says."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(mesh, spec))()
+
+
+def widen_adapter(adapter, head_dim: int, replicas: int):
+    """A jaxinfer.lora.LoraAdapter with the B of wk / wv widened like the weights they adapt."""
+    if replicas == 1:
+        return adapter
+    weights = {(p, layer): (a, _widen_heads(b, head_dim, replicas) if p in KV_PROJECTIONS else b)
+               for (p, layer), (a, b) in adapter.weights.items()}
+    return dataclasses.replace(adapter, weights=weights)
+
+
+def nbytes_per_device(tree) -> dict:
+    """Bytes each device holds of a pytree of placed arrays, measured from their shards."""
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return per_device
+
+
+# Programs under a mesh ---------------------------------------------------------------------------
+
+
+def use_mesh(mesh: Mesh | None):
+    """A context that sets the mesh for tracing (`tp_mesh` reads it); a no-op for None."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def tp_mesh():
+    """The mesh set for tracing when it has a "tp" axis of more than one device, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "tp" not in mesh.axis_names or mesh.shape["tp"] == 1:
+        return None
+    return mesh
+
+
+def per_shard(fn: Callable, in_specs, out_specs, **kwargs) -> Callable:
+    """fn run on each device's shards under the tp mesh set for tracing (fn itself without one)."""
+    mesh = tp_mesh()
+    if mesh is None:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False, **kwargs)
+
+
+# Multi-host -------------------------------------------------------------------------------------
+
+
+def initialize(coordinator: str = "", num_processes: int | None = None, process_id: int | None = None) -> None:
+    """jax.distributed.initialize: one process (controller) per host, then jax.devices() lists every
+    host's devices. Empty arguments are read from JAX's environment (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a cluster JAX detects (SLURM, ...)."""
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes={num_processes} must be >= 1")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
+    jax.distributed.initialize(coordinator_address=coordinator or None, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A device array's value on this host, also when it spans other hosts' devices."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def place_model(model, tp: int):
+    """The model on a mesh of the first tp devices (checked before anything is placed or compiled),
+    or as it is: tp=1 and unplaced, or already placed on tp devices."""
+    placement = getattr(model, "placement", None)
+    if placement is not None:
+        if placement.tp != tp:
+            raise ValueError(f"tp={tp}, but the model is placed on tp={placement.tp} devices")
+        return model
+    if tp == 1 or getattr(model, "params", None) is None:
+        return model
+    check(model.config, tp)
+    return shard_model(model, make_mesh(tp))

@@ -1,0 +1,46 @@
+"""The GPU session's report: every JSON under the session's folder becomes a section with its card
+and date, and the GPU issue's ratios are computed from the runs that measure them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import gpu_report
+from helpers import run_main
+
+
+def _record(command, metrics, results=()):
+    env = {"device": "NVIDIA H100 80GB HBM3", "jax_version": "0.11.2", "date": "2026-11-27", "command": command}
+    return {"config": {}, "env": env, "metrics": metrics, "results": list(results)}
+
+
+def test_report_has_every_run_and_the_targets(tmp_path):
+    runs = {
+        "skewed_continuous": _record("bench_batching --batching=continuous", {"throughput_tok_s": 900.0}),
+        "skewed_static": _record("bench_batching --batching=static", {"throughput_tok_s": 400.0}),
+        "overhead_overlap-true": _record("bench_batching --overlap", {"engine_tpot_s": 0.0105, "bare_step_s": 0.01}),
+        "kernels": {"device": "NVIDIA H100 80GB HBM3", "jax_version": "0.11.2", "date": "2026-11-27",
+                    "command": "bench_kernels", "results": [{"section": "decode", "variant": "ours", "GB/s": 2205.0}]},
+    }
+    for name, record in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    out = tmp_path / "report.md"
+    run_main(gpu_report, f"--dir={tmp_path}", f"--out={out}")
+    text = out.read_text()
+    assert "# GPU session on NVIDIA H100 80GB HBM3" in text
+    assert "| continuous / static throughput, skewed outputs | 2.25x | >= 2x |" in text
+    assert "| engine TPOT / bare jitted step, batch 1, overlap on | 1.05x | <= 1.10x |" in text
+    assert "overlap off" not in text  # not measured in this session: no row
+    for name in runs:
+        assert f"## {name}\n" in text
+    assert "| decode | ours | 2,205 |" in text and "jax 0.11.2, 2026-11-27" in text
+
+
+def test_bad_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no JSON files"):
+        run_main(gpu_report, f"--dir={tmp_path}")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        run_main(gpu_report, f"--dir={tmp_path}")

@@ -1,0 +1,59 @@
+"""The seed-claims report: every claim of the note gets a row with the figure, a verdict and its
+source; verdicts follow the figures (given rows here, so no experiment runs in the test)."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import seed_claims
+from helpers import run_main
+
+ROWS = {
+    "batching": [
+        {"batching": "continuous", "kv_layout": "paged", "throughput_tok_s": 300.0, "kv_waste": 0.03},
+        {"batching": "static", "kv_layout": "contiguous", "throughput_tok_s": 100.0, "kv_waste": 0.55},
+        {"batching": "static", "kv_layout": "paged", "throughput_tok_s": 150.0, "kv_waste": 0.05},
+    ],
+    "quant": [{"scheme": "dense", "bits_per_byte_change": 0.0}, {"scheme": "int8", "bits_per_byte_change": 0.0001},
+              {"scheme": "int4-awq-g32", "bits_per_byte_change": 0.012},
+              {"scheme": "int4-rtn-g32", "bits_per_byte_change": 0.031}],
+    "spec": [{"method": "none", "k": 0, "temperature": 0, "speedup": 1.0},
+             {"method": "eagle", "k": 3, "temperature": 0, "speedup": 1.6, "tokens_per_pass": 3.1},
+             {"method": "eagle", "k": 5, "temperature": 0, "speedup": 1.9, "tokens_per_pass": 4.3}],
+    "lora": [{"adapters": 1, "rank": 16, "ratio": 0.95, "adapter_device_bytes": 2**20, "adapter_host_bytes": 2**14,
+              "slots": 1},
+             {"adapters": 64, "rank": 16, "ratio": 0.84, "adapter_device_bytes": 2**23, "adapter_host_bytes": 2**20,
+              "slots": 64}],
+}
+
+
+def test_every_claim_gets_a_row_and_a_verdict(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(seed_claims, "run_sweep", lambda name, out: ran.append(name) or ROWS[name])
+    report = tmp_path / "claims.md"
+    run_main(seed_claims, f"--report={report}", f"--runs_dir={tmp_path}")
+    text = report.read_text()
+    assert sorted(ran) == sorted(ROWS)  # each run once, however many claims read it
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(seed_claims.CLAIMS)
+    by_claim = dict(zip((c.name for c in seed_claims.CLAIMS), rows))
+    assert "2,147,483,648 bytes" in by_claim["kv_formula"] and "**holds**" in by_claim["kv_formula"]
+    assert "8.0x fewer" in by_claim["gqa"]
+    assert "contiguous 55%, paged 3%" in by_claim["kv_waste"] and "**holds**" in by_claim["kv_waste"]
+    assert "3.00x the throughput" in by_claim["continuous"] and "**holds**" in by_claim["continuous"]
+    assert "int8 +0.01%" in by_claim["quant_accuracy"] and "+3.10% (int4-rtn-g32)" in by_claim["quant_accuracy"]
+    assert "1.60-1.90x" in by_claim["speculative"] and "**holds in part**" in by_claim["speculative"]
+    assert "0.84x" in by_claim["multi_lora"] and "**holds**" in by_claim["multi_lora"]
+
+
+def test_a_failed_run_is_said_not_hidden(tmp_path, monkeypatch):
+    monkeypatch.setattr(seed_claims, "run_sweep", lambda name, out: [])
+    report = tmp_path / "claims.md"
+    run_main(seed_claims, f"--report={report}", f"--runs_dir={tmp_path}", "--only=continuous,gqa")
+    text = report.read_text()
+    assert "**not measured here** | the batching run failed" in text and "8.0x fewer" in text
+
+
+def test_unknown_claim_is_refused():
+    with pytest.raises(ValueError, match="--only: 'speed' is not a claim"):
+        run_main(seed_claims, "--only=speed")

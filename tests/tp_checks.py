@@ -1,0 +1,243 @@
+"""Tensor-parallel checks on fake CPU devices, run by tests/test_tensor_parallel.py in processes of
+their own: XLA_FLAGS=--xla_force_host_platform_device_count=N must be set before jax starts, and
+the rest of the suite runs on one device.
+
+  python tests/tp_checks.py [CHECK ...]               every check (or those named); one JSON object
+                                                      on the last line: each check's figures, or
+                                                      its error
+  python tests/tp_checks.py --distributed PORT ID N   process ID of N in a jax.distributed run on
+                                                      localhost: tensor parallel over one device per
+                                                      process; prints the greedy tokens as JSON
+
+The figures are compared with their tolerances in test_tensor_parallel.py. Every engine here has
+the same small shape (max_batch 2, 64 tokens, prompts of at most 16 tokens), so they share
+compiled programs where their configs match.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # float32 compared at 1e-5
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxinfer as ji  # noqa: E402
+from jaxinfer import formats, matmul, quant, sharding  # noqa: E402
+from jaxinfer import runner as runner_lib  # noqa: E402
+from jaxinfer.lora.adapter import random_adapter  # noqa: E402
+
+PROMPTS = [[256, *b"def add(a, b):"], [256, *b"import os"]]
+GREEDY = ji.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+SHAPE = dict(max_batch=1, max_seq_len=64)
+CHECKS = {}
+COMPILES: collections.Counter = collections.Counter()  # XLA compilations by function name
+
+
+def _count_compile(event: str, duration: float, fun_name: str = "", **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        COMPILES[fun_name] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _tiny():
+    if "tiny" not in _CACHE:
+        _CACHE["tiny"] = ji.load_model("tiny")
+    return _CACHE["tiny"]
+
+
+_CACHE: dict = {}
+
+
+def _row_error(actual, expected) -> float:
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    a, e = a.reshape(-1, a.shape[-1]), e.reshape(-1, e.shape[-1])
+    return float(np.max(np.linalg.norm(a - e, axis=-1) / np.linalg.norm(e, axis=-1)))
+
+
+def _tokens(engine, adapters=None) -> list[list[int]]:
+    return [o.token_ids for o in engine.generate(PROMPTS, GREEDY, adapters=adapters)]
+
+
+def _gqa_model() -> ji.Model:
+    """A random Llama-shaped model with GQA (8 heads, 4 KV heads), q/k/v biases, an untied LM head and
+    a vocabulary that 4 and 8 do not divide."""
+    cfg = ji.ModelConfig(vocab_size=250, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                         num_kv_heads=4, head_dim=16, qkv_bias=True, max_position_embeddings=64)
+    return ji.Model(cfg, ji.init_params(cfg, jax.random.key(3), std=0.1))
+
+
+@check
+def forward_logits() -> dict:
+    """One full causal pass: per-row relative error against tp = 1 of the tiny model at tp = 2 and 4
+    (its 2 KV heads stored twice at 4, its tied vocabulary of 258 padded) and the GQA model at tp = 8
+    (its 4 KV heads stored twice, biases split, an untied head padded from 250 to 256)."""
+    tokens = np.asarray([PROMPTS[0], PROMPTS[0][::-1]], np.int32) % 250
+    out = {}
+    for name, model, tps in (("tiny", _tiny(), (2, 4)), ("gqa", _gqa_model(), (8,))):
+        reference = ji.forward_logits(model, tokens)
+        for tp in tps:
+            placed = sharding.shard_model(model, sharding.make_mesh(tp))
+            out[f"{name}_tp{tp}"] = _row_error(ji.forward_logits(placed, tokens), reference)
+    return {"max_row_error": out}
+
+
+@check
+def engine_greedy() -> dict:
+    """Greedy tokens through the paged engine at tp = 1, 2, 4; tp = 2 warmed up first, then counted:
+    its run must trace and compile nothing. Per-device bytes of params and KV cache, measured from
+    the arrays' shards."""
+    tokens, memory = {}, {}
+    for tp in (1, 2, 4):
+        engine = ji.Engine(_tiny(), ji.EngineConfig(tp=tp, **SHAPE))
+        if tp == 2:
+            engine.warmup(max_prompt_len=16, max_len=24)
+            traces, compiles = dict(runner_lib.TRACE_COUNTS), dict(COMPILES)
+        tokens[tp] = _tokens(engine)
+        if tp == 2:
+            new_traces = {k: v - traces.get(k, 0) for k, v in runner_lib.TRACE_COUNTS.items() if v != traces.get(k, 0)}
+            new_compiles = {k: v - compiles.get(k, 0) for k, v in COMPILES.items() if v != compiles.get(k, 0)}
+        runner = engine.runner
+        memory[tp] = {
+            "params": max(sharding.nbytes_per_device(runner.model.params).values()),
+            "layers": max(sharding.nbytes_per_device(runner.model.params["layers"]).values()),
+            "cache": max(sharding.nbytes_per_device(runner.cache).values()),
+            "cache_spec": str(runner.cache.k.sharding.spec) if tp > 1 else "",
+            "devices": len(sharding.nbytes_per_device(runner.cache)),
+        }
+    return {"tokens": tokens, "new_traces": new_traces, "new_compiles": new_compiles, "bytes_per_device": memory}
+
+
+@check
+def int4_lora_kv_int8() -> dict:
+    """An int4 model (RTN, groups of 32) with a LoRA adapter on every projection and an int8 KV
+    cache: tp = 2 against tp = 1, one prompt under the adapter and one on the base."""
+    model = quant.quantize_model(_tiny(), quant.QuantScheme(bits=4, group_size=32, pad=True), progress=False)
+    _CACHE["int4"] = model
+    adapter = random_adapter(model.config, 8, std=0.2, seed=1, name="a")
+    tokens, specs = {}, {}
+    for tp in (1, 2):
+        engine = ji.Engine(model, ji.EngineConfig(tp=tp, kv_dtype="int8", max_adapters=1, max_lora_rank=8, **SHAPE))
+        engine.add_adapter("a", adapter)
+        tokens[tp] = _tokens(engine, adapters=["a", None])
+        if tp == 2:
+            runner = engine.runner
+            layers = runner.model.params["layers"]
+            specs = {"wq.qweight": str(layers["wq"].qweight.sharding.spec),
+                     "w_down.qweight": str(layers["w_down"].qweight.sharding.spec),
+                     "w_down.scales": str(layers["w_down"].scales.sharding.spec),
+                     "k_scale": str(runner.cache.k_scale.sharding.spec),
+                     "lora.a.wq": str(runner.lora.a["wq"].sharding.spec),
+                     "lora.b.wq": str(runner.lora.b["wq"].sharding.spec),
+                     "lora.a.wo": str(runner.lora.a["wo"].sharding.spec),
+                     "lora.b.wo": str(runner.lora.b["wo"].sharding.spec)}
+    _CACHE["int4_tokens_tp1"] = tokens[1]
+    return {"tokens": tokens, "specs": specs}
+
+
+@check
+def lora_replicated_kv_heads() -> dict:
+    """tp = 4 on the tiny model's 2 KV heads (each stored twice), with a LoRA adapter on wk and wv
+    (their B widened like the weights): against tp = 1."""
+    adapter = random_adapter(_tiny().config, 8, ("wq", "wk", "wv"), std=0.2, seed=2, name="kv")
+    tokens = {}
+    for tp in (1, 4):
+        engine = ji.Engine(_tiny(), ji.EngineConfig(tp=tp, max_adapters=1, max_lora_rank=8, **SHAPE))
+        engine.add_adapter("kv", adapter)
+        tokens[tp] = _tokens(engine, adapters=["kv", "kv"])
+    return {"tokens": tokens}
+
+
+@check
+def pallas_per_shard() -> dict:
+    """attention="pallas" and matmul="pallas" at tp = 2 (the kernels per shard under shard_map, in
+    interpret mode): the int4 model with an int8 KV cache against the XLA path at tp = 1. Then the
+    quantised matmul alone with GPTQ's act-order permutation, column- and row-parallel."""
+    if "int4_tokens_tp1" not in _CACHE:
+        int4_lora_kv_int8()
+    engine = ji.Engine(_CACHE["int4"], ji.EngineConfig(tp=2, kv_dtype="int8", attention="pallas", matmul="pallas",
+                                                        **SHAPE))
+    shard_maps: collections.Counter = collections.Counter()  # the kernels wrapped per shard, by name
+    real = jax.shard_map
+
+    def counting(f, **kwargs):
+        shard_maps[getattr(f, "__name__", None) or getattr(f, "func").__name__] += 1
+        return real(f, **kwargs)
+
+    jax.shard_map = counting
+    try:
+        tokens = {"pallas_tp2": _tokens(engine)[1], "xla_tp1": _CACHE["int4_tokens_tp1"][1]}
+    finally:
+        jax.shard_map = real
+
+    rng = np.random.default_rng(0)
+    K, N, g = 96, 64, 16
+    w = formats.QuantizedWeight(qweight=jnp.asarray(rng.integers(0, 256, (1, K // 2, N)), jnp.uint8),
+                                scales=jnp.asarray(rng.uniform(0.01, 0.02, (1, K // g, N)), jnp.float32), zeros=None,
+                                perm=jnp.asarray(rng.permutation(K)[None], jnp.int32), bits=4, group_size=g,
+                                in_features=K)
+    x = jnp.asarray(rng.normal(size=(3, 5, K)), jnp.float32)
+    reference = jnp.einsum("btk,kn->btn", x, formats.dequantize(w)[0])
+    mesh = sharding.make_mesh(2)
+    errors = {}
+    for name, parallel in (("wq", "column"), ("wo", "row")):
+        placed = sharding.put(w, sharding.param_specs({"embed": None, "layers": {name: w}}, 2)["layers"][name], mesh)
+        x_spec = sharding.P(None, None, "tp") if parallel == "row" else sharding.P()
+        xs = sharding.put(x, x_spec, mesh)
+
+        def run(x, w, parallel=parallel):
+            return matmul.linear(x, jax.tree.map(lambda a: a[0], w), impl="pallas", parallel=parallel)
+
+        with sharding.use_mesh(mesh):
+            errors[parallel] = _row_error(jax.jit(run)(xs, placed), reference)
+    return {"tokens": tokens, "act_order_row_error": errors, "shard_maps": shard_maps}
+
+
+@check
+def speculative() -> dict:
+    """Greedy speculative decoding (lossless: the tokens of plain decoding): prompt lookup at tp = 2,
+    EAGLE at tp = 4 (its heads on the target's replicated KV heads and padded vocabulary)."""
+    tokens = {}
+    for method, draft, tp in (("ngram", None, 2), ("eagle", "tiny-eagle", 4)):
+        spec = ji.SpeculativeConfig(method=method, num_tokens=3, draft=draft)
+        engine = ji.Engine(_tiny(), ji.EngineConfig(tp=tp, speculative=spec, **SHAPE))
+        tokens[f"{method}_tp{tp}"] = _tokens(engine)
+        tokens[f"{method}_tp{tp}_tokens_per_pass"] = engine.metrics()["spec_tokens_per_pass"]
+    return {"tokens": tokens}
+
+
+def distributed(port: str, process_id: int, num_processes: int) -> None:
+    sharding.initialize(f"localhost:{port}", num_processes, process_id)
+    engine = ji.Engine(_tiny(), ji.EngineConfig(tp=num_processes, **SHAPE))
+    print(json.dumps({"devices": jax.device_count(), "local_devices": jax.local_device_count(),
+                      "tokens": _tokens(engine)}))
+
+
+def main(names: list[str]) -> None:
+    out = {}
+    for name in names or list(CHECKS):
+        try:
+            out[name] = CHECKS[name]()
+        except Exception:  # reported per check, so one failure leaves the others' figures
+            out[name] = {"error": traceback.format_exc()}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--distributed"]:
+        distributed(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main(sys.argv[1:])
