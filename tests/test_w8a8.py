@@ -205,19 +205,19 @@ def test_engine_serves_w8a8_token_for_token():
     (the contiguous-cache loop): per-token activation scales make a row's result independent of
     its batch, and int32 sums are exact."""
     model = _byte_model("w8a8-int8-naive", 5)
-    prompts = ["def fibonacci(n):", "import os\n", "class Engine:\n    def step(self"]
-    sp = ji.SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = ["def fibonacci(n):", "class Engine:\n    def step(self"]
+    sp = ji.SamplingParams(max_tokens=10, temperature=0.0)
     want = [o.token_ids for o in ji.generate(model, prompts, sp)]
     got = [o.token_ids for o in ji.Engine(model, ji.EngineConfig(max_batch=4, page_size=8)).generate(prompts, sp)]
-    assert got == want and len(set(map(tuple, got))) > 1
+    assert got == want and got[0] != got[1]
 
 
-@pytest.mark.parametrize("name", ["w8a8-int8-naive", "w8a8-fp8"])
-def test_engine_pallas_w8a8_equals_xla(name):
-    """EngineConfig(matmul="pallas") runs the W8A8 kernel (interpret mode) and serves the XLA path's tokens."""
-    model = _byte_model(name, 7)
+def test_engine_pallas_w8a8_equals_xla():
+    """EngineConfig(matmul="pallas") runs the W8A8 kernel (interpret mode) and serves the XLA path's
+    tokens (fp8 through the same dispatch: test_w8a8_matmul.test_linear_pallas_equals_xla)."""
+    model = _byte_model("w8a8-int8-naive", 7)
     sp = ji.SamplingParams(max_tokens=4, temperature=0.0)
     prompts = ["import os", "x = 1"]
-    want = [o.token_ids for o in ji.Engine(model).generate(prompts, sp)]
+    want = [o.token_ids for o in ji.Engine(model, ji.EngineConfig(matmul="xla")).generate(prompts, sp)]
     got = [o.token_ids for o in ji.Engine(model, ji.EngineConfig(matmul="pallas")).generate(prompts, sp)]
     assert got == want
