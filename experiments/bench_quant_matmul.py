@@ -1,5 +1,5 @@
-"""Checks the weight-only quantised matmul kernel against its reference, then times it against a
-dense bf16 matmul and XLA's dequantise-then-matmul.
+"""Checks the weight-only quantised matmul kernel and the W8A8 GEMM against their references, then
+times them against a dense bf16 matmul and the XLA paths.
 
 Run on a GPU:   python3 -m experiments.bench_quant_matmul [--sweep]
 Smoke on a CPU: python -m experiments.bench_quant_matmul --quick   (interpret mode, tiny shapes)
@@ -9,7 +9,11 @@ For each shape M x K x N (--shapes; default 1, 16 and 256 rows of Llama-3-8B's M
   dense bf16      x @ w
   xla <scheme>    jaxinfer.formats.reference_matmul (dequantise to bf16, one matmul)
   pallas <scheme> pallas_kernels.quant_matmul (default BlockSizes; --sweep adds a few others)
-for the schemes int8 per-channel, int4 g128 symmetric and int4 g128 with zero points (RTN).
+for the schemes int8 per-channel, int4 g128 symmetric and int4 g128 with zero points (RTN); then W8A8:
+  xla w8a8-<int8|fp8>     jaxinfer.act_formats.w8a8_reference (x quantised per token, int32 / float32 einsum)
+  pallas w8a8-<int8|fp8>  the same per-token quantisation, then pallas_kernels.w8a8_matmul (rescale in its
+                          epilogue); fp8 needs sm_89+ (elsewhere the row reports the kernel's refusal)
+The W8A8 timings include quantising x, as the model's matmul does.
 
 Each variant is first compared with quant_matmul.reference on the same inputs (max per-row
 relative error; the dense matmul with a float32 matmul of its own weight). Timing: warm-up, then
@@ -31,10 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from jaxinfer import act_formats as af
 from jaxinfer import formats as fmt
 from jaxinfer.memory import load_hardware
 from jaxinfer.quant import rtn
 from pallas_kernels import quant_matmul as qm
+from pallas_kernels import w8a8_matmul as wm
 
 from . import common
 from .common import environment, median_call_time
@@ -135,6 +141,21 @@ def bench_shape(rows, key, shape, *, bandwidth, l2_bytes, sweep, interpret, runs
             variants.append((f"pallas {scheme} {_block_name(bs)}", fn))
         for name, fn in variants:
             row = _run_variant(rows, shape, name, fn, arg_sets, expected, weight_bytes, bandwidth, runs, calls)
+            if "error" not in row and "error" not in dense:
+                row["speedup_vs_bf16"] = dense["seconds_per_call"] / row["seconds_per_call"]
+        del qws, arg_sets, expected
+    for w8 in ("int8", "fp8"):
+        qws = [af.W8A8Weight(*af.quantize_columns(w, w8)) for w in ws]
+        arg_sets = list(zip(xs, qws))
+        expected = jax.jit(af.w8a8_reference)(xs[0], qws[0])
+
+        def kernel(x, w):
+            xq, x_scale = af.quantize_activations(x, w)
+            return wm.w8a8_matmul(xq, x_scale, w.qweight, w.scales, out_dtype=x.dtype, interpret=interpret)
+
+        variants = [(f"xla w8a8-{w8}", jax.jit(af.w8a8_reference)), (f"pallas w8a8-{w8} default", jax.jit(kernel))]
+        for name, fn in variants:
+            row = _run_variant(rows, shape, name, fn, arg_sets, expected, qws[0].nbytes, bandwidth, runs, calls)
             if "error" not in row and "error" not in dense:
                 row["speedup_vs_bf16"] = dense["seconds_per_call"] / row["seconds_per_call"]
         del qws, arg_sets, expected

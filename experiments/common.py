@@ -225,6 +225,8 @@ def write_json(path: str, record: dict) -> None:
 
 def environment(module: str) -> dict:
     """When, where and how an experiment ran: date (UTC), device, backend, versions, command."""
+    if module == "__main__":  # run as `python -m experiments.X`: the name it was run by
+        module = getattr(sys.modules["__main__"].__spec__, "name", module)
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=jax.devices()[0].device_kind,

@@ -17,9 +17,12 @@ activations), and batch-1 decode tokens/s through the engine. Simulated formats 
 the bytes their format would store (marked nominal) and no decode speed (they run dense matmuls).
 With --kv_dtype=int8|fp8 the model reads keys and values as a quantised KV cache holds them (the
 dense reference keeps a float cache). Calibration text is held-out text that the evaluation
-windows do not contain. The run record says which FP8 GEMM ran (`fp8_gemm`): the Pallas kernel
-(interpreted on a CPU) with --matmul=pallas on a card with FP8 tensor cores, else the XLA
-reference numerics (float8_e4m3fn values cast to float32).
+windows do not contain. --outlier=100 gives the model a 100x activation outlier channel first (the
+float function unchanged), the case SmoothQuant is for. The run record says which FP8 GEMM ran
+(`fp8_gemm`): bits per byte and agreement always through the XLA reference numerics
+(float8_e4m3fn values cast to float32); decode timing with --matmul=pallas (or auto on a GPU)
+through the Pallas kernel on a card with FP8 tensor cores (sm_89+), interpreted on a CPU, and
+through the XLA numerics on older cards.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from tqdm.auto import tqdm
 
 import jaxinfer as ji
 from jaxinfer import data, matmul, quant
+from jaxinfer import model as model_lib
+from jaxinfer.quant import w8a8
 from jaxinfer.quant.spec import SimScheme, W8A8Scheme, scheme_from_name
 
 from . import common
@@ -45,11 +50,17 @@ flags.DEFINE_list("schemes", ["dense", "int8", "int4-rtn-g32", "int4-awq-g32", "
 flags.DEFINE_integer("calib_sequences", 256, "Calibration sequences (AWQ, GPTQ).")
 flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
 flags.DEFINE_integer("decode_tokens", 128, "Tokens to decode when timing batch-1 decode (0: skip).")
+flags.DEFINE_float("outlier", 0.0, "Make hidden channel 5 this many times larger at the q/k/v and gate/up inputs "
+                   "before quantising (a float-exact change, quant.w8a8.inject_outlier; 0: none): the activation "
+                   "outlier SmoothQuant is for.")
 flags.DEFINE_float("smooth_alpha", 0.5, "SmoothQuant's migration strength for w8a8-int8-smooth names without an "
                    "-a<alpha> suffix (a suffix wins).")
 for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp"):
     flags.declare_key_flag(_name)
 flags.DEFINE_string("table", "", "Write a markdown table here.")
+
+
+OUTLIER_CHANNEL = 5
 
 
 def projection_bytes(params) -> int:
@@ -74,12 +85,13 @@ def resolve(name: str):
 
 
 def fp8_gemm(names: list[str]) -> str | None:
-    """Which FP8 GEMM this run's fp8 schemes ran through (None: no fp8 scheme)."""
+    """Which FP8 GEMM this run's fp8 schemes ran through (None: no fp8 scheme). The quality figures
+    always take the XLA path (jaxinfer.data); decode timing takes --matmul ("auto": pallas on a GPU)."""
     if not any(isinstance(s, W8A8Scheme) and s.dtype == "fp8" for s in map(scheme_from_name, names)):
         return None
-    if FLAGS.matmul == "xla":
-        return "xla reference (float8_e4m3fn values cast to float32, --matmul=xla)"
-    return matmul.fp8_gemm_path()
+    reference = "xla reference (float8_e4m3fn values cast to float32)"
+    decode = reference if model_lib.auto_impl(FLAGS.matmul) == "xla" else matmul.fp8_gemm_path()
+    return f"quality: {reference}; decode: {decode}"
 
 
 def decode_speed(model, num_tokens: int, runs: int = 5) -> float:
@@ -109,6 +121,9 @@ def load_dense(name: str):
 
 def evaluate(names: list[str]) -> list[dict]:
     dense, source = load_dense(FLAGS.model)
+    if FLAGS.outlier:
+        dense = w8a8.inject_outlier(dense, OUTLIER_CHANNEL, FLAGS.outlier)
+        source += f", hidden channel {OUTLIER_CHANNEL} made {FLAGS.outlier:g}x larger at the q/k/v and gate/up inputs"
     print(f"{FLAGS.model}: quantising from {source}")
     windows = data.heldout_windows(dense, FLAGS.seq_len, FLAGS.windows)
     calibration = dict(num_sequences=FLAGS.calib_sequences, seq_len=FLAGS.calib_len)

@@ -25,6 +25,7 @@ from jaxinfer import gguf as gguf_lib
 from jaxinfer import model as model_lib
 from jaxinfer import sharding
 from jaxinfer.config import ModelConfig
+from jaxinfer.act_formats import SimWeight, W8A8Weight
 from jaxinfer.formats import QuantizedWeight
 from jaxinfer.model import Model
 from jaxinfer.hf_layout import (
@@ -200,10 +201,15 @@ def quantized_spec(params: model_lib.Params) -> dict[str, dict]:
 
 def save_model(model: Model, path: str | os.PathLike) -> None:
     """Write config.json and the converted params (orbax) so `load_model(path)` restores them.
-    Quantised projections are saved packed, with their layout in quantized_weights.json."""
+    Quantised projections are saved packed, with their layout in quantized_weights.json. W8A8 and
+    simulated projections are not saved: quantise the dense model again (quant.quantize_by_name)."""
     if model.placement is not None:
         raise ValueError("the model is placed on a tensor-parallel mesh (padded, KV heads replicated): save the "
                          "model as loaded, before placement")
+    for name, w in model.params["layers"].items():
+        if isinstance(w, (W8A8Weight, SimWeight)):
+            raise ValueError(f"layers.{name} is a {type(w).__name__}: save_model writes dense and weight-only "
+                             "quantised models; save the dense model and quantise it again after loading")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config.to_hf_dict(), f, indent=2)

@@ -33,6 +33,8 @@ def test_bench_quant_matmul_quick_writes_json(tmp_path):
             assert f"xla {scheme}" in variants
             assert f"pallas {scheme} default" in variants
             assert sum(v.startswith(f"pallas {scheme} m") for v in variants) == 1  # one swept BlockSizes
+        for w8 in ("int8", "fp8"):
+            assert {f"xla w8a8-{w8}", f"pallas w8a8-{w8} default"} <= set(variants)
     for row in rows:
         assert "error" not in row, row
         assert row["passed"] and row["max_row_error"] <= 2e-2, row  # bfloat16 outputs
@@ -45,5 +47,5 @@ def test_bench_quant_matmul_quick_writes_json(tmp_path):
     assert dense["weight_bytes"] == dense["K"] * dense["N"] * 2
     assert int4["weight_bytes"] == dense["K"] * dense["N"] // 2 + dense["K"] // 128 * dense["N"] * 2  # bf16 scales
     table = (out.parent / "quant_matmul.md").read_text()
-    assert table.count("| pallas ") == 2 * 3 * 2 and "% BW" in table
+    assert table.count("| pallas ") == 2 * (3 * 2 + 2) and "% BW" in table  # 2 shapes x (3 schemes x 2 + 2 W8A8)
     assert table.strip() in proc.stdout

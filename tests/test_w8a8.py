@@ -137,23 +137,12 @@ def test_smoothing_fold_leaves_the_float_model_unchanged(overrides, rng):
     assert row_rel_error(ji.forward_logits(smoothed, tokens), ji.forward_logits(model, tokens)) <= 1e-5
 
 
-def _with_outlier(model, channel=5, factor=100.0):
-    """The same float function with one hidden channel 100x larger at the q/k/v and gate/up inputs:
-    that channel of both norms' weights times 100, the matching weight rows divided by 100."""
-    layers = dict(model.params["layers"])
-    for norm, names in (("attn_norm", ("wq", "wk", "wv")), ("mlp_norm", ("w_gate", "w_up"))):
-        layers[norm] = layers[norm].at[:, channel].multiply(factor)
-        for name in names:
-            layers[name] = layers[name].at[:, channel, :].divide(factor)
-    return dataclasses.replace(model, params={**model.params, "layers": layers})
-
-
 def test_smoothquant_beats_naive_w8a8_on_an_outlier_channel(rng):
     """One hidden channel 100x the others (a float-exact change): naive per-token int8 crushes the
     other channels of every token, SmoothQuant moves the range into the weights and recovers most
     of the loss. Logits error against the float model, per row."""
     tiny = ji.load_model("tiny")
-    model = _with_outlier(tiny)
+    model = w8a8.inject_outlier(tiny, 5, 100.0)
     tokens = jnp.asarray([list(b"def main(argv):\n    for i in range(10):\n        print(i)\n")], jnp.int32)
     dense = ji.forward_logits(model, tokens)
     assert row_rel_error(dense, ji.forward_logits(tiny, tokens)) < 1e-4
@@ -166,6 +155,8 @@ def test_smoothquant_beats_naive_w8a8_on_an_outlier_channel(rng):
     naive, smooth, baseline = error("w8a8-int8-naive"), error("w8a8-int8-smooth"), error("w8a8-int8-naive", tiny)
     assert naive > 5 * baseline  # the outlier is what hurts naive W8A8
     assert smooth < 0.3 * naive
+    with pytest.raises(ValueError, match="channel=256 is outside the hidden size 256"):
+        w8a8.inject_outlier(tiny, 256, 100.0)
 
 
 def test_static_fp8_scales_come_from_the_calibration_maxima(rng):
@@ -183,9 +174,9 @@ def test_static_fp8_scales_come_from_the_calibration_maxima(rng):
     assert layers["wq"].scales.shape == (cfg.num_layers, cfg.num_heads * cfg.head_dim)
 
 
-def test_w8a8_models_stay_close_to_dense_and_dequantize(rng):
+def test_w8a8_models_stay_close_to_dense_and_dequantize(rng, tmp_path):
     """Every W8A8 scheme keeps the logits near the dense model's; dequantize_params turns the
-    weights back into dense arrays of the model dtype."""
+    weights back into dense arrays of the model dtype; save_model refuses W8A8 weights by name."""
     model = ji.load_model("tiny")
     tokens = jnp.asarray([list(b"import os\nprint(os.getcwd())\n")], jnp.int32)
     dense = ji.forward_logits(model, tokens)
@@ -196,7 +187,10 @@ def test_w8a8_models_stay_close_to_dense_and_dequantize(rng):
         assert all(isinstance(qm.params["layers"][n], af.W8A8Weight) for n in quant.LINEAR_WEIGHTS)
         assert 1e-4 < row_rel_error(ji.forward_logits(qm, tokens), dense) < 0.1, name
     back = quant.dequantize_params(qm.params)
-    assert back["layers"]["wq"].dtype == model.dtype and back["layers"]["wq"].shape == model.params["layers"]["wq"].shape
+    wq = back["layers"]["wq"]
+    assert wq.dtype == model.dtype and wq.shape == model.params["layers"]["wq"].shape
+    with pytest.raises(ValueError, match=r"layers\.\w+ is a W8A8Weight: save_model writes dense and weight-only"):
+        ji.save_model(qm, tmp_path / "w8a8")
 
 
 def _byte_model(name, seed):
@@ -211,19 +205,19 @@ def test_engine_serves_w8a8_token_for_token():
     (the contiguous-cache loop): per-token activation scales make a row's result independent of
     its batch, and int32 sums are exact."""
     model = _byte_model("w8a8-int8-naive", 5)
-    prompts = ["def fibonacci(n):", "import os\n", "class Engine:\n    def step(self"]
-    sp = ji.SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = ["def fibonacci(n):", "class Engine:\n    def step(self"]
+    sp = ji.SamplingParams(max_tokens=10, temperature=0.0)
     want = [o.token_ids for o in ji.generate(model, prompts, sp)]
     got = [o.token_ids for o in ji.Engine(model, ji.EngineConfig(max_batch=4, page_size=8)).generate(prompts, sp)]
-    assert got == want and len(set(map(tuple, got))) > 1
+    assert got == want and got[0] != got[1]
 
 
-@pytest.mark.parametrize("name", ["w8a8-int8-naive", "w8a8-fp8"])
-def test_engine_pallas_w8a8_equals_xla(name):
-    """EngineConfig(matmul="pallas") runs the W8A8 kernel (interpret mode) and serves the XLA path's tokens."""
-    model = _byte_model(name, 7)
+def test_engine_pallas_w8a8_equals_xla():
+    """EngineConfig(matmul="pallas") runs the W8A8 kernel (interpret mode) and serves the XLA path's
+    tokens (fp8 through the same dispatch: test_w8a8_matmul.test_linear_pallas_equals_xla)."""
+    model = _byte_model("w8a8-int8-naive", 7)
     sp = ji.SamplingParams(max_tokens=4, temperature=0.0)
     prompts = ["import os", "x = 1"]
-    want = [o.token_ids for o in ji.Engine(model).generate(prompts, sp)]
+    want = [o.token_ids for o in ji.Engine(model, ji.EngineConfig(matmul="xla")).generate(prompts, sp)]
     got = [o.token_ids for o in ji.Engine(model, ji.EngineConfig(matmul="pallas")).generate(prompts, sp)]
     assert got == want

@@ -108,8 +108,8 @@ def smooth_model(model: Model, alpha: float = spec.DEFAULT_ALPHA, calibration: n
     if calibration is None:
         calibration = calib.calibration_windows(model, num_sequences or calib.DEFAULT_NUM_SEQUENCES,
                                                 seq_len or calib.DEFAULT_SEQ_LEN, seed)
-    run = calib.run_layers(model, calibration, lambda l, lp, stats: w8a8.smooth_layer(model.config, lp, stats, alpha)[0],
-                           progress=progress)
+    smooth = lambda l, lp, stats: w8a8.smooth_layer(model.config, lp, stats, alpha)[0]  # noqa: E731
+    run = calib.run_layers(model, calibration, smooth, progress=progress)
     return dataclasses.replace(model, params={**model.params, "layers": run.layers})
 
 

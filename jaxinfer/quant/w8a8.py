@@ -32,11 +32,14 @@ inputs the already-quantised layers below it produce.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jaxinfer.act_formats import QMAX, W8A8Weight, quantize_columns
 from jaxinfer.config import ModelConfig
+from jaxinfer.model import Model
 from jaxinfer.quant.calibration import LayerInputs, Params
 from jaxinfer.quant.spec import LINEAR_WEIGHTS, W8A8Scheme
 
@@ -130,3 +133,20 @@ def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: W8A
     for name in LINEAR_WEIGHTS:
         lp[name] = quantize_weight(lp[name], scheme, stats.for_weight(name).abs_max)
     return lp
+
+
+def inject_outlier(model: Model, channel: int, factor: float) -> Model:
+    """The same float function with hidden channel `channel` `factor` times larger where q/k/v and
+    gate/up read it: that channel of attn_norm's and mlp_norm's weights times factor, the matching
+    rows of wq, wk, wv, w_gate and w_up divided by it. The activation outlier SmoothQuant is for,
+    made to order on a model that has none."""
+    if not 0 <= channel < model.config.hidden_size:
+        raise ValueError(f"channel={channel} is outside the hidden size {model.config.hidden_size}")
+    if factor <= 0:
+        raise ValueError(f"factor={factor} must be > 0")
+    layers = dict(model.params["layers"])
+    for norm, names in (("attn_norm", ("wq", "wk", "wv")), ("mlp_norm", ("w_gate", "w_up"))):
+        layers[norm] = layers[norm].at[:, channel].multiply(factor)
+        for name in names:
+            layers[name] = layers[name].at[:, channel, :].divide(factor)
+    return dataclasses.replace(model, params={**model.params, "layers": layers})
