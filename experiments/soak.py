@@ -100,7 +100,6 @@ class Soak:
         self.counts: collections.Counter = collections.Counter()
         self.engine = self.new_engine()
         self.max_seq_len = self.engine.max_seq_len
-        self.capacity = self.engine.allocator.num_pages * self.engine.allocator.page_size
         vocab = model.config.vocab_size
         ids = data.heldout_stream(model.tokenizer).ids if model.tokenizer is not None else None
         self.text = ids if ids is not None else rng.integers(0, vocab, size=100_000)
@@ -130,8 +129,9 @@ class Soak:
             prompt = prefix + self.slice(n_prompt - len(prefix))
         else:
             prompt = self.slice(n_prompt)
-        if self.model.tokenizer is not None and rng.random() < 0.2:
-            prompt = self.model.tokenizer.decode(prompt[: max(1, n_prompt - 1)]) or "#"  # a string (BOS added)
+        if self.model.tokenizer is not None and rng.random() < 0.2:  # as a string (BOS added), if it stays short
+            text = self.model.tokenizer.decode(prompt[: max(1, n_prompt - 1)])
+            prompt = text if text and len(self.model.tokenizer.encode(text)) <= FLAGS.max_prompt_len else prompt
         greedy = rng.random() < 0.5
         kwargs = dict(max_tokens=int(rng.integers(1, FLAGS.max_output_len + 1)), ignore_eos=bool(rng.random() < 0.5),
                       temperature=0.0 if greedy else float(rng.uniform(0.3, 1.5)), seed=int(rng.integers(0, 2**31)))

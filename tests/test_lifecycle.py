@@ -239,15 +239,15 @@ def test_nonfinite_logits_fail_only_their_request_mock(name, rng):
     engine.allocator.check_invariants(owners={})
 
 
-@pytest.mark.parametrize("config", [dict(num_pages=6, page_size=8, max_batch=4, decode_steps=2),
+@pytest.mark.parametrize("config", [dict(num_pages=6, page_size=8),
                                     dict(overlap=False, speculative=ji.SpeculativeConfig(method="ngram", num_tokens=3))],
-                         ids=["multi_decode", "ngram"])
+                         ids=["decode_calls", "ngram"])
 def test_nonfinite_logits_fail_only_their_request(model, config, rng):
     """On a model whose embedding of one token is NaN: the requests that meet it end with "error"
     at that token and keep the tokens before it, the others are token for token what the clean
     model serves, and no NaN is left in the KV cache (the failed requests' pages were zeroed
     before they were reused: 6 pages of 8 tokens make sure they are)."""
-    config = ji.EngineConfig(max_seq_len=32, max_tokens_per_step=16, **config)
+    config = ji.EngineConfig(max_seq_len=32, max_tokens_per_step=16, max_batch=2, **config)
     prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(2, 14, size=8)]
     # Sampled rows too, but not under speculation: which steps verify drafts depends on the batch, and a
     # verify pass draws other random numbers than a plain step (the same distribution, other tokens).
