@@ -134,9 +134,12 @@ class MockRunner:
         self.stats["decode_tokens"] += sum(wanted)
         return DecodeCall(out, list(seqs), list(wanted))
 
-    def verify(self, seqs, drafts, draft_probs, num_drafts, synthetic=None):
+    def verify(self, seqs, drafts, draft_probs, num_drafts, synthetic=None, parents=None):
         """Write each row's next token and drafts; accept drafts while they equal the mock's own
-        next token (the mock target is deterministic), then emit its token after them."""
+        next token (the mock target is deterministic), then emit its token after them. Chains
+        only (parents None): draft trees need the model runner."""
+        if parents is not None:
+            raise ValueError("MockRunner verifies chains of drafts only, not draft trees")
         self.calls.append(("verify", len(seqs)))
         drafts = np.asarray(drafts)
         k = drafts.shape[1]
