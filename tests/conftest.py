@@ -8,6 +8,9 @@ import os
 # Tests compare float32 results at 1e-5: keep matmuls at full precision on every backend.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+import gc
+
+import jax
 import numpy as np
 import pytest
 
@@ -34,3 +37,12 @@ def seed(request) -> int:
 @pytest.fixture
 def rng(seed) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every module's compiled programs when it ends: one process runs the whole suite, and
+    hundreds of test modules' executables would otherwise accumulate in JAX's caches."""
+    yield
+    jax.clear_caches()
+    gc.collect()
