@@ -21,7 +21,9 @@ draft cost being one drafted token's time over a plain decode step's (the measur
 verify call over k x plain TPOT): what the method would reach if a verify pass cost what a decode
 step does and nothing else were added. The synthetic method (a stand-in drafter accepted with
 probability --spec_accept, drafting for free) shows the engine's own overhead at that acceptance.
-Method eagle_tree is EAGLE with the draft tree of the --spec_tree_* flags (k: the tree's tokens).
+Method eagle_tree is EAGLE with the draft tree of the --spec_tree_* flags (k: the tree's tokens);
+METHOD:DIR names a drafter directory for a method (default: the shipped one), e.g.
+  python -m experiments.spec_decode --model=smollm2-135m --methods=eagle:runs/eagle,medusa:runs/medusa,ngram
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("methods", ["ngram", "draft", "medusa", "eagle"], "Methods to compare with plain decoding "
-                  "(eagle_tree: EAGLE with the --spec_tree_* draft tree).")
+                  "(eagle_tree: EAGLE with the --spec_tree_* draft tree; METHOD:DIR: with the drafter in DIR).")
 flags.DEFINE_list("ks", ["5"], "Drafted tokens per pass (k) to sweep.")
 flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures to sweep (0: greedy).")
 flags.DEFINE_integer("num_prompts", 8, "Held-out prompts per configuration.")
@@ -76,12 +78,14 @@ def prompts_for(model) -> list[list[int]]:
 
 
 def spec_config(method: str, k: int) -> ji.SpeculativeConfig | None:
+    """A --methods entry's config: a method, eagle_tree, or either with :DIR, its drafter directory."""
+    method, _, draft = method.partition(":")
     if method == "eagle_tree":
         tree = common.tree_config()
         if tree is None:
             raise ValueError("--methods=eagle_tree needs --spec_tree_top_k >= 1")
-        return common.spec_config("eagle", k, tree=tree)
-    return common.spec_config(method, k, accept=FLAGS.spec_accept)
+        return common.spec_config("eagle", k, draft, tree=tree)
+    return common.spec_config(method, k, draft, accept=FLAGS.spec_accept)
 
 
 def measure(model, prompts, method: str, k: int, temperature: float, batch: int) -> dict:
@@ -121,11 +125,13 @@ def plot(rows: list[dict], path: str) -> None:
             key=lambda r: (r["method"], r["temperature"], r["batch"])):
         group = list(group)
         label = f"{method} T={temperature:g} b={batch}"
-        ax.plot([r["k"] for r in group], [r["speedup"] for r in group], "o-", label=label)
-        ax_tokens.plot([r["k"] for r in group], [r["tokens_per_pass"] for r in group], "o-", label=label)
+        ks = [r["k"] for r in group]
+        line, = ax.plot(ks, [r["speedup_cpu"] for r in group], "o-", label=label)
+        ax.plot(ks, [r["speedup"] for r in group], "x", color=line.get_color())
+        ax_tokens.plot(ks, [r["tokens_per_pass"] for r in group], "o-", label=label)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("k (tokens drafted per pass)")
-    ax.set_ylabel("TPOT speedup over plain decoding")
+    ax.set_ylabel("speedup over plain decoding\n(o-: CPU time per token, x: median TPOT)")
     ax_tokens.set_xlabel("k (tokens drafted per pass)")
     ax_tokens.set_ylabel("tokens per target pass (bonus counted)")
     ax_tokens.legend(fontsize=7)

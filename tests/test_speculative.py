@@ -393,7 +393,7 @@ def test_spec_decode_runs_as_a_script():
     assert "synthetic" in result.stdout and "speedup" in result.stdout
 
 
-@pytest.mark.parametrize("method", ["ngram", "eagle_tree"])
+@pytest.mark.parametrize("method", ["ngram", pytest.param("eagle_tree", marks=pytest.mark.slow)])
 def test_warmup_covers_the_verify_passes(target, untrained_heads, method):
     """With speculation, Engine.warmup compiles the verify passes too (a tree's included): serving
     afterwards traces no target program (the drafter's own compile on first use)."""
