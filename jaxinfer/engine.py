@@ -5,7 +5,8 @@
 
 Each `step()` asks the scheduler for a mixed batch (one decode token per running sequence plus
 prompt chunks), has the runner (jaxinfer/runner.py) run it as one jitted forward over the
-paged cache, appends the sampled tokens, and retires finished requests, returning their pages.
+paged cache, appends the sampled tokens and retires finished requests, returning their pages
+(jaxinfer/lifecycle.py).
 A step with decode work only becomes a decode call of up to `decode_steps` steps
 (jaxinfer/pipeline.py); with `overlap`, the next call is dispatched before the last one's tokens
 are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an adapter registry
@@ -31,25 +32,24 @@ read back anyway); its pages are zeroed before they are reused and the rest of t
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
 from typing import Sequence as Seq
 
-import numpy as np
-
 from jaxinfer import model as model_lib
 from jaxinfer import sharding
 from jaxinfer.engine_config import EngineConfig
+from jaxinfer.engine_metrics import EngineMeter
 from jaxinfer.kv_cache import PageAllocator
-from jaxinfer.lifecycle import Request, RequestTable, sample_seed
+from jaxinfer.lifecycle import Request, RequestTable, SequenceEvents
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
-from jaxinfer.requests import RequestOutput, StopRules, prepare_adapters, prepare_prompt, prepare_sampling
-from jaxinfer.pipeline import DecodePipeline
-from jaxinfer.runner import ModelRunner, possible_buckets
-from jaxinfer.sampling import NONFINITE, SamplingParams
-from jaxinfer.scheduler import Scheduler, Sequence, Status
+from jaxinfer.requests import (RequestOutput, StopRules, check_request, prepare_adapters, prepare_prompt,
+                               prepare_sampling)
+from jaxinfer.pipeline import DecodePipeline, run_mixed
+from jaxinfer.runner import ModelRunner
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.scheduler import Scheduler, Sequence
 from jaxinfer.speculative import load_drafter
 from jaxinfer.speculative.decoder import SpeculativeDecoder
 
@@ -81,11 +81,11 @@ class Engine:
                                    adapters=self.adapters if config.max_adapters else None)
         self.rules = StopRules(model)
         self.requests = RequestTable(self.rules)  # by id: sequences, deadlines, outputs and streams
+        self.events = SequenceEvents(self.requests, self.scheduler, self.allocator, self.runner)
         self._next_id = 0
-        self._counts: collections.Counter = collections.Counter()  # steps, preemptions, peak_running, host_s
+        self.meter = EngineMeter(self.allocator)  # steps, preemptions, pages and KV slots in use per step
+        self.pages_in_use, self.kv_usage = self.meter.pages_in_use, self.meter.kv_usage
         self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
-        self.pages_in_use: list[int] = []  # after each step
-        self.kv_usage: list[tuple[int, int]] = []  # after each step: (slots reserved, tokens held)
         self.pipeline = DecodePipeline(self.scheduler, self.runner, config.decode_steps, config.overlap)
         self.speculator = (None if self.drafter is None else
                            SpeculativeDecoder(config.speculative, self.drafter, self.scheduler, self.runner))
@@ -93,7 +93,7 @@ class Engine:
     @property
     def stats(self) -> collections.Counter:
         """Counters so far: the engine's and the runner's (device_s, device_idle_s, tokens run, ...)."""
-        merged = collections.Counter(self._counts, lookahead_calls=self.pipeline.lookahead_calls)
+        merged = collections.Counter(self.meter.counts, lookahead_calls=self.pipeline.lookahead_calls)
         merged.update(self.runner.stats)
         return merged
 
@@ -119,17 +119,8 @@ class Engine:
         input raises ValueError; the engine is unchanged."""
         sampling = SamplingParams() if sampling is None else sampling
         self.adapters.check(adapter)
-        if not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
-        ids = prepare_prompt(self.model, prompt)
-        capacity = self.allocator.num_pages * self.allocator.page_size
-        if len(ids) > self.max_seq_len:
-            raise ValueError(f"prompt has {len(ids)} tokens, over the engine's max_seq_len={self.max_seq_len}")
-        if len(ids) > capacity:
-            raise ValueError(f"prompt has {len(ids)} tokens; the KV cache holds {capacity} "
-                             f"({self.allocator.num_pages} pages of {self.allocator.page_size}), it can never run")
-        if sampling.max_tokens > self.max_seq_len:
-            raise ValueError(f"max_tokens={sampling.max_tokens} is over the engine's max_seq_len={self.max_seq_len}")
+        ids = prepare_prompt(self.model, prompt) if isinstance(sampling, SamplingParams) else []
+        check_request(ids, sampling, self.max_seq_len, self.allocator.num_pages, self.allocator.page_size)
         rid, self._next_id = self._next_id, self._next_id + 1
         seed = sampling.seed if sampling.seed is not None else (rid if seed is None else seed)
         now = time.perf_counter()
@@ -148,7 +139,7 @@ class Engine:
         if request_id not in self.requests:
             raise ValueError(f"request_id={request_id} is not a running or waiting request")
         req = self.requests[request_id]
-        self._end(req, "aborted")
+        self.events.end(req, "aborted")
         (out,) = self.requests.emit(self.requests.collect(req.sequences))
         return out
 
@@ -216,32 +207,18 @@ class Engine:
         """Compile every program this config can run, for prompts up to max_prompt_len tokens and
         sequences up to max_len (prompt and output; both default to max_seq_len); returns how many
         programs were compiled now. n > 1 sampling may need sampler shapes beyond these."""
-        c, a, spec = self.config, self.allocator, self.config.speculative
-        return self.runner.warmup(possible_buckets(
-            max_batch=c.max_batch, max_tokens_per_step=c.max_tokens_per_step, chunked_prefill=c.chunked_prefill,
-            decode_steps=c.decode_steps, multi_step_decode=c.decode_steps > 1 or c.overlap,
-            max_seq_len=self.max_seq_len, max_prompt_len=min(max_prompt_len or self.max_seq_len, self.max_seq_len),
-            max_len=max_len or self.max_seq_len, page_size=a.page_size, num_pages=a.num_pages,
-            speculative_tokens=spec.num_tokens if spec else 0),
-            draft_probs=bool(spec) and spec.method in ("draft", "medusa", "eagle") and spec.tree is None,
-            synthetic=spec.accept if spec else None, tree=bool(spec) and spec.tree is not None)
+        a, spec = self.allocator, self.config.speculative
+        max_prompt_len = min(max_prompt_len or self.max_seq_len, self.max_seq_len)
+        buckets = self.config.buckets(self.max_seq_len, a.page_size, a.num_pages, max_prompt_len,
+                                      max_len or self.max_seq_len)
+        return self.runner.warmup(buckets, **(spec.verify_programs() if spec else {}))
 
     def metrics(self) -> dict[str, float]:
-        """Run-level figures so far: step and token counts, preemptions, host/device time, KV use."""
-        pages = self.pages_in_use or [0]
-        reserved = sum(r for r, _ in self.kv_usage)
-        held = sum(min(r, h) for r, h in self.kv_usage)
-        return {
-            **{k: float(v) for k, v in self.stats.items()},
-            "pages_in_use_mean": float(np.mean(pages)),
-            "pages_in_use_max": float(max(pages)),
-            "num_pages": float(self.allocator.num_pages),
-            "kv_waste": 1.0 - held / reserved if reserved else 0.0,  # reserved KV slots that held no token
-            "prefix_cache_hit_rate": self.allocator.hits / self.allocator.lookups if self.allocator.lookups else 0.0,
-            "compiled_programs": float(len(self.buckets)),
-            **(self.speculator.metrics() if self.speculator else {}),
-            **self.adapters.metrics(),  # lora_loads, lora_evictions, lora_swap_s, adapters held
-        }
+        """Run-level figures so far: step and token counts, preemptions, host/device time, KV use
+        (jaxinfer/engine_metrics.py), speculation's and the adapters' figures."""
+        return {**self.meter.metrics(self.stats, len(self.buckets)),
+                **(self.speculator.metrics() if self.speculator else {}),
+                **self.adapters.metrics()}  # lora_loads, lora_evictions, lora_swap_s, adapters held
 
     def kv_waste(self) -> float:
         """Share of reserved KV slots that held no token, averaged over the steps so far."""
@@ -258,106 +235,26 @@ class Engine:
         """One iteration: expire requests past their deadline, run the scheduled batch; returns
         the sequences that finished (the requests that got tokens are in requests.touched)."""
         start, device_before = time.perf_counter(), self.runner.stats["device_s"]
-        finished = self.pipeline.collect(self._append) if self.pipeline.in_flight else []
-        finished += self._expire()
+        finished = self.pipeline.collect(self.events.append) if self.pipeline.in_flight else []
+        finished += self.events.expire()
         if self.pipeline.in_flight is None and self.scheduler.has_work():
             plan = self.scheduler.schedule()
-            self._counts["preemptions"] += len(plan.preempted)
-            self._counts["peak_running"] = max(self._counts["peak_running"], len(self.scheduler.running))
+            self.meter.scheduled(len(plan.preempted), len(self.scheduler.running))
             finished += plan.finished
             if plan.copies:
                 self.runner.copy_pages(plan.copies)
                 if self.drafter:
                     self.drafter.copy_pages(plan.copies)
             if plan.decode and not plan.prefill and self.speculator:
-                finished += self.speculator.step(plan.decode, self._append)
+                finished += self.speculator.step(plan.decode, self.events.append)
             elif plan.decode and not plan.prefill and (self.config.decode_steps > 1 or self.config.overlap):
-                finished += self.pipeline.start(plan.decode, self._append)
+                finished += self.pipeline.start(plan.decode, self.events.append)
             elif not plan.empty:
-                finished += self._run(plan)
+                finished += run_mixed(plan, self.runner, self.scheduler, self.events.append,
+                                      self.events.fork)
         if not self.scheduler.has_work():
             self.runner.no_work()
-        self.pages_in_use.append(self.allocator.num_used)
-        live = sum(s.num_computed for s in self.scheduler.running)
-        self.kv_usage.append((self.allocator.num_used * self.allocator.page_size, live))
-        self._counts["steps"] += 1
-        # host_s: the step's time outside blocking reads (scheduling, arrays, bookkeeping).
-        self._counts["host_s"] += time.perf_counter() - start - (self.runner.stats["device_s"] - device_before)
+        device_s = self.runner.stats["device_s"] - device_before  # blocking reads
+        self.meter.stepped(sum(s.num_computed for s in self.scheduler.running),
+                           time.perf_counter() - start - device_s)
         return finished
-
-    def _expire(self) -> list[Sequence]:
-        """End the requests whose deadline has passed ("timeout"); returns their sequences."""
-        ended = self.requests.expired(time.perf_counter())
-        for req in ended:
-            self._end(req, "timeout")
-        return [req.sequences[0] for req in ended]
-
-    def _end(self, req: Request, reason: str) -> None:
-        """Finish every unfinished sequence of a request now; its pages come back."""
-        now = time.perf_counter()
-        for seq in req.sequences:
-            if seq.status is not Status.FINISHED:
-                seq.finish_time = now
-                self.scheduler.finish(seq, reason)
-
-    def _run(self, plan) -> list[Sequence]:
-        """One mixed step; sequences that finish their input sample a token (n > 1: all samples)."""
-        samplers = [(i, s) for i, s in enumerate(plan.decode)]
-        for j, (seq, n) in enumerate(plan.prefill):
-            if seq.num_computed + n == len(seq.tokens):
-                samplers.append((len(plan.decode) + j, seq))
-                if not seq.generated and seq.sample_index == 0 and seq.sampling.n > 1:
-                    samplers += [(len(plan.decode) + j, child) for child in self._fork(seq, n)]
-        out = self.runner.step(plan.decode, plan.prefill, samplers)
-        for seq in plan.decode:
-            self.scheduler.advance(seq, 1)
-        for seq, n in plan.prefill:
-            self.scheduler.advance(seq, n)
-        finished = []
-        for (_, seq), tok in zip(samplers, out.tokens.tolist()):
-            if self._append(seq, tok):
-                finished.append(seq)
-        return finished
-
-    def _append(self, seq: Sequence, token: int) -> bool:
-        """Append a sampled token to a running sequence; finish it if it stops (or fail it if the
-        token is NONFINITE). True if it finished."""
-        now = time.perf_counter()
-        self.requests.touched.add(seq.request_id)
-        if token == NONFINITE:
-            seq.finish_time = now
-            self._fail(seq, f"non-finite logits (NaN or Inf) at generated token {len(seq.generated)} "
-                            f"(the request's step {len(seq.generated)})")
-            return True
-        seq.tokens.append(token)
-        seq.first_token_time = seq.first_token_time or now
-        reason = seq.stop(seq.generated)
-        if reason is not None:
-            seq.finish_time = now
-            self.scheduler.finish(seq, reason)
-        return reason is not None
-
-    def _fail(self, seq: Sequence, error: str) -> None:
-        """Finish a sequence with "error": the pages it alone holds leave the prefix cache and are
-        zeroed on the device (they may hold NaN), then come back."""
-        log.warning("request %d failed: %s", seq.request_id, error)
-        own = [p for p in seq.pages if self.allocator.refcount[p] == 1]
-        for p in own:
-            self.allocator.unregister(p)
-        if own:
-            self.runner.clear_pages(own)
-        seq.error = error
-        self.scheduler.finish(seq, "error")
-
-    def _fork(self, parent: Sequence, n: int) -> list[Sequence]:
-        """The other n - 1 samples of a request, sharing the parent's prompt pages once its last
-        prompt chunk (n tokens, computed in this step) is in them."""
-        req = self.requests[parent.request_id]
-        children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[],
-                                        num_computed=parent.num_computed + n, hashes=list(parent.hashes),
-                                        seed=sample_seed(parent.seed, i),
-                                        stop=self.rules.checker(parent.sampling, parent.stop.room))
-                    for i in range(1, parent.sampling.n)]
-        self.scheduler.fork(parent, children)
-        req.sequences += children
-        return children

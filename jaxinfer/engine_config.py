@@ -13,6 +13,7 @@ from jaxinfer.kv_cache import KV_DTYPES
 from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
 from jaxinfer.lora import SlotConfig
 from jaxinfer.model import Impl, auto_impl
+from jaxinfer.runner import possible_buckets
 from jaxinfer.sampling import check_timeout
 from jaxinfer.speculative.config import SpeculativeConfig
 
@@ -93,6 +94,16 @@ class EngineConfig:
         if self.max_seq_len is not None and self.max_seq_len > context:
             raise ValueError(f"max_seq_len={self.max_seq_len} is over the model's context of {context}")
         return self.max_seq_len or context
+
+    def buckets(self, max_seq_len: int, page_size: int, num_pages: int, max_prompt_len: int,
+                max_len: int) -> list[tuple]:
+        """Every program shape an engine with this config can run (jaxinfer.runner.possible_buckets)."""
+        return possible_buckets(
+            max_batch=self.max_batch, max_tokens_per_step=self.max_tokens_per_step,
+            chunked_prefill=self.chunked_prefill, decode_steps=self.decode_steps,
+            multi_step_decode=self.decode_steps > 1 or self.overlap, max_seq_len=max_seq_len,
+            max_prompt_len=max_prompt_len, max_len=max_len, page_size=page_size, num_pages=num_pages,
+            speculative_tokens=self.speculative.num_tokens if self.speculative else 0)
 
     def kv_pages(self, model, max_seq_len: int) -> tuple[int, int]:
         """(num_pages, page_size) of the KV cache. The contiguous layout reserves one "page" of

@@ -1,9 +1,10 @@
-"""The requests an engine holds, by id: their sequences (n samples each), their deadlines, and the
-outputs a step hands back: the requests that finished, and those that got tokens and run on (for
-step() callers and streams).
+"""The requests an engine holds and what happens to their sequences as tokens arrive.
 
-The engine (jaxinfer/engine.py) decides what happens to a request; this table only remembers
-requests and renders their outputs.
+RequestTable remembers requests by id (their sequences, n samples each, and deadlines) and renders
+the outputs a step hands back: the requests that finished, and those that got tokens and run on
+(for step() callers and streams). SequenceEvents applies what the engine's steps produce: a token
+appended (finishing its sequence at a stop), a sequence failed (non-finite logits), a request
+ended (aborted, timed out), a request's other samples forked once its prompt is in the cache.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import logging
+import time
 
 from jaxinfer.requests import RequestOutput, StopRules, sequence_output
-from jaxinfer.sampling import SamplingParams
-from jaxinfer.scheduler import Sequence, Status
+from jaxinfer.kv_cache import PageAllocator
+from jaxinfer.sampling import NONFINITE, SamplingParams
+from jaxinfer.scheduler import Scheduler, Sequence, Status
+
+log = logging.getLogger("jaxinfer")
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,3 +107,70 @@ class RequestTable:
         if len(samples) == 1 and len(req.sequences) == req.sampling.n:
             return samples[0]
         return dataclasses.replace(samples[0], finish_reason=None, error=None, finished=False, samples=samples)
+
+
+class SequenceEvents:
+    """How tokens and ends change an engine's sequences; the pages of a finished sequence go back
+    through the scheduler. `append` is the callback the engine's step paths (mixed steps, decode
+    calls, verify passes) hand their sampled tokens to."""
+
+    def __init__(self, requests: RequestTable, scheduler: Scheduler, allocator: PageAllocator, runner):
+        self.requests, self.scheduler, self.allocator, self.runner = requests, scheduler, allocator, runner
+
+    def append(self, seq: Sequence, token: int) -> bool:
+        """Append a sampled token to a running sequence; finish it if it stops (or fail it if the
+        token is NONFINITE). True if it finished."""
+        now = time.perf_counter()
+        self.requests.touched.add(seq.request_id)
+        if token == NONFINITE:
+            seq.finish_time = now
+            self.fail(seq, f"non-finite logits (NaN or Inf) at generated token {len(seq.generated)} "
+                           f"(the request's step {len(seq.generated)})")
+            return True
+        seq.tokens.append(token)
+        seq.first_token_time = seq.first_token_time or now
+        reason = seq.stop(seq.generated)
+        if reason is not None:
+            seq.finish_time = now
+            self.scheduler.finish(seq, reason)
+        return reason is not None
+
+    def fail(self, seq: Sequence, error: str) -> None:
+        """Finish a sequence with "error": the pages it alone holds leave the prefix cache and are
+        zeroed on the device (they may hold NaN), then come back."""
+        log.warning("request %d failed: %s", seq.request_id, error)
+        own = [p for p in seq.pages if self.allocator.refcount[p] == 1]
+        for p in own:
+            self.allocator.unregister(p)
+        if own:
+            self.runner.clear_pages(own)
+        seq.error = error
+        self.scheduler.finish(seq, "error")
+
+    def end(self, req: Request, reason: str) -> None:
+        """Finish every unfinished sequence of a request now; its pages come back."""
+        now = time.perf_counter()
+        for seq in req.sequences:
+            if seq.status is not Status.FINISHED:
+                seq.finish_time = now
+                self.scheduler.finish(seq, reason)
+
+    def expire(self) -> list[Sequence]:
+        """End the requests whose deadline has passed ("timeout"); returns their sequences."""
+        ended = self.requests.expired(time.perf_counter())
+        for req in ended:
+            self.end(req, "timeout")
+        return [req.sequences[0] for req in ended]
+
+    def fork(self, parent: Sequence, n: int) -> list[Sequence]:
+        """The other samples of a request (n > 1 sampling), sharing the parent's prompt pages once
+        its last prompt chunk (n tokens, computed in this step) is in them."""
+        req = self.requests[parent.request_id]
+        children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[],
+                                        num_computed=parent.num_computed + n, hashes=list(parent.hashes),
+                                        seed=sample_seed(parent.seed, i),
+                                        stop=self.requests.rules.checker(parent.sampling, parent.stop.room))
+                    for i in range(1, parent.sampling.n)]
+        self.scheduler.fork(parent, children)
+        req.sequences += children
+        return children

@@ -78,3 +78,22 @@ class DecodePipeline:
                     finished.append(s)
                     break
         return finished
+
+
+def run_mixed(plan, runner, scheduler: Scheduler, append: Append,
+              fork: Callable[[Sequence, int], list[Sequence]]) -> list[Sequence]:
+    """One mixed step (decode rows and prompt chunks) read back now. Sequences that finish their
+    prompt sample a token (n > 1: fork(seq, chunk) adds the other samples, which sample too).
+    Returns the sequences that finished."""
+    samplers = list(enumerate(plan.decode))
+    for j, (seq, n) in enumerate(plan.prefill):
+        if seq.num_computed + n == len(seq.tokens):
+            samplers.append((len(plan.decode) + j, seq))
+            if not seq.generated and seq.sample_index == 0 and seq.sampling.n > 1:
+                samplers += [(len(plan.decode) + j, child) for child in fork(seq, n)]
+    out = runner.step(plan.decode, plan.prefill, samplers)
+    for seq in plan.decode:
+        scheduler.advance(seq, 1)
+    for seq, n in plan.prefill:
+        scheduler.advance(seq, n)
+    return [seq for (_, seq), tok in zip(samplers, out.tokens.tolist()) if append(seq, tok)]

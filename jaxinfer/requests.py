@@ -84,6 +84,21 @@ def _short(x) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def check_request(ids: list[int], sampling: SamplingParams, max_seq_len: int, num_pages: int,
+                  page_size: int) -> None:
+    """Refuse (ValueError) a request an engine could never run: its prompt past the context or the
+    whole KV cache, or max_tokens past the context."""
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
+    if len(ids) > max_seq_len:
+        raise ValueError(f"prompt has {len(ids)} tokens, over the engine's max_seq_len={max_seq_len}")
+    if len(ids) > num_pages * page_size:
+        raise ValueError(f"prompt has {len(ids)} tokens; the KV cache holds {num_pages * page_size} "
+                         f"({num_pages} pages of {page_size}), it can never run")
+    if sampling.max_tokens > max_seq_len:
+        raise ValueError(f"max_tokens={sampling.max_tokens} is over the engine's max_seq_len={max_seq_len}")
+
+
 def prepare_sampling(
     sampling: SamplingParams | Sequence[SamplingParams] | None, n: int
 ) -> list[SamplingParams]:

@@ -85,6 +85,12 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative num_tokens={self.num_tokens} is more than the {self.tree.num_candidates} "
                                  f"candidates of {self.tree}")
 
+    def verify_programs(self) -> dict:
+        """Which verify programs this config runs (ModelRunner.warmup's keywords): drafts with their
+        distributions (draft, medusa, eagle chains), the synthetic rate, or a draft tree."""
+        return {"draft_probs": self.method in ("draft", "medusa", "eagle") and self.tree is None,
+                "synthetic": self.accept, "tree": self.tree is not None}
+
 
 class Proposal(NamedTuple):
     tokens: np.ndarray | jax.Array  # (R, k) int32 drafted tokens (rows past the batch pad)
