@@ -14,6 +14,7 @@ and tools. Beside OpenAI's fields, `top_k`, `min_p` and `ignore_eos` are taken (
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from typing import Any
@@ -194,13 +195,13 @@ def _sampling(body: dict, kind: str, default_max: int, stop_ids: tuple[int, ...]
     try:
         return SamplingParams(**values)
     except ValueError as e:
-        field = str(e).split()[0]
+        field = re.match(r"\w*", str(e)).group()
         raise RequestError(str(e), max_name if field == "max_tokens" else field if field in SAMPLING_FIELDS else None)
 
 
 def engine_error(e: ValueError, parsed: Parsed) -> RequestError:
     """The engine refused a request (ValueError from add_request): a 400 naming the field it concerns."""
-    word = str(e).split()[0].rstrip(":=")
+    word = re.match(r"\w*", str(e)).group()
     param = word if word in SAMPLING_FIELDS else "model" if word == "adapter" else parsed.prompt_field
     return RequestError(str(e), param)
 
