@@ -15,6 +15,8 @@ import openai
 import pytest
 
 import jaxinfer as ji
+from experiments import bench_serving
+from helpers import run_main
 from jaxinfer import server
 
 # The shipped tiny model has no chat template: the server is given this one.
@@ -211,3 +213,19 @@ def test_models_and_health(served, client):
     assert [m.id for m in client.models.list()] == ["tiny"]
     h = _health(served)
     assert h["status"] == "ok" and h["num_pages"] > 0
+
+
+def test_bench_serving_runs_the_same_workload_both_ways(tmp_path):
+    """A few requests in-process and through a server it starts itself: every request's tokens
+    counted on both sides, the record and the table hold both modes."""
+    out, table = tmp_path / "serving.json", tmp_path / "serving.md"
+    run_main(bench_serving, "--model=tiny", "--rates=20", "--num_requests=4", "--prompt_dist=fixed", "--prompt_len=8",
+             "--output_dist=fixed", "--output_len=6", "--max_len=16", "--warmup=replay", f"--out={out}", f"--markdown={table}")
+    record = json.loads(out.read_text())
+    modes = {r["mode"]: r for r in record["results"]}
+    assert set(modes) == {"in-process", "server"}
+    for r in modes.values():
+        assert [q["tokens"] for q in r["requests"]] == [6] * 4
+        assert r["throughput_tok_s"] > 0 and 0 < r["ttft_s"]["p50"] <= r["latency_s"]["p50"]
+    assert record["metrics"]["server/rate=20/generated_tokens"] == 24
+    assert "| 20 | server |" in table.read_text() and "| 20 | in-process |" in table.read_text()
