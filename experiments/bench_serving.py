@@ -33,6 +33,7 @@ import httpx
 from absl import flags
 
 import jaxinfer as ji
+from jaxinfer import runner as runner_lib
 
 from . import bench_batching, common, serve
 
@@ -55,6 +56,14 @@ def summarize(mode: str, rate: float, timings: list[dict], wall: float) -> dict:
             "tpot_s": bench_batching.percentiles([t["tpot_s"] for t in timings if t["tokens"] > 1]),
             "latency_s": bench_batching.percentiles([t["latency_s"] for t in timings]),
             "requests": timings}
+
+
+def measured(mode: str, rate: float, run) -> dict:
+    """summarize() of run(), with the programs compiled during it (0 when the warm-up covered it)."""
+    traces = sum(runner_lib.TRACE_COUNTS.values())
+    result = summarize(mode, rate, *run())
+    result["compiles_during_run"] = sum(runner_lib.TRACE_COUNTS.values()) - traces
+    return result
 
 
 def timing(arrival: float, first: float, last: float, tokens: int) -> dict:
@@ -171,15 +180,17 @@ def main(argv):
     results = []
     engine = serve.build_engine(model) if FLAGS.in_process or not FLAGS.url else None
     warm_s = warm_up(engine, workloads) if engine else 0.0
-    if FLAGS.in_process:
-        for rate, w in zip(rates, workloads):
-            results.append(summarize("in-process", rate, *run_in_process(engine, w)))
+    print(f"compiled in {warm_s:.1f} s (--warmup={FLAGS.warmup}); then each run in real time: "
+          f"{', '.join(f'{len(w)} requests over {w[-1].arrival_s:.1f} s' for w in workloads)}", flush=True)
     name = FLAGS.served_model_name or model.name
-    if FLAGS.url:
-        results += [summarize("server", rate, *run_http(FLAGS.url, name, w)) for rate, w in zip(rates, workloads)]
-    else:
-        with server.BackgroundServer(server.build_app(engine, name)) as s:
-            results += [summarize("server", rate, *run_http(s.url, name, w)) for rate, w in zip(rates, workloads)]
+    for rate, w in zip(rates, workloads):  # in-process then server at each rate: drift in the machine's load hits both
+        if FLAGS.in_process:
+            results.append(measured("in-process", rate, lambda: run_in_process(engine, w)))
+        if FLAGS.url:
+            results.append(measured("server", rate, lambda: run_http(FLAGS.url, name, w)))
+        else:
+            with server.BackgroundServer(server.build_app(engine, name)) as s:
+                results.append(measured("server", rate, lambda: run_http(s.url, name, w)))
     results.sort(key=lambda r: (r["rate"], r["mode"] != "in-process"))
     env_extra = {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "warmup_s": warm_s}
     summaries = {f"{r['mode']}/rate={r['rate']:g}": {k: v for k, v in r.items() if k not in ("requests", "mode")}
@@ -197,7 +208,7 @@ def markdown(results: list[dict], device: str) -> str:
     """One row per rate and mode; beside each server row, its throughput and TTFT p50 against in-process."""
     lines = [f"{FLAGS.model}, {FLAGS.num_requests} requests per rate, max_batch={FLAGS.max_batch}, on {device}", "",
              "| rate (req/s) | mode | tok/s | vs in-process | TTFT p50 | p90 | p99 | TPOT p50 | p90 | e2e p50 | p90 "
-             "| p99 |", "|" + "---|" * 12]
+             "| p99 | compiles |", "|" + "---|" * 13]
     base = {r["rate"]: r for r in results if r["mode"] == "in-process"}
     for r in results:
         t, p, e = r["ttft_s"], r["tpot_s"], r["latency_s"]
@@ -206,7 +217,8 @@ def markdown(results: list[dict], device: str) -> str:
                                                      f"TTFT p50 {(t['p50'] - ref['ttft_s']['p50']) * 1e3:+.1f} ms")
         ms = [f"{x * 1e3:.1f} ms" for x in (t["p50"], t["p90"], t["p99"], p["p50"], p["p90"], e["p50"], e["p90"],
                                             e["p99"])]
-        lines.append(f"| {r['rate']:g} | {r['mode']} | {r['throughput_tok_s']:.1f} | {versus} | " + " | ".join(ms) + " |")
+        lines.append(f"| {r['rate']:g} | {r['mode']} | {r['throughput_tok_s']:.1f} | {versus} | " + " | ".join(ms)
+                     + f" | {r.get('compiles_during_run', '')} |")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ import pytest
 import jaxinfer as ji
 from experiments import bench_serving
 from helpers import run_main
-from jaxinfer import server
+from jaxinfer import lora, server
 
 # The shipped tiny model has no chat template: the server is given this one.
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
@@ -229,3 +229,21 @@ def test_bench_serving_runs_the_same_workload_both_ways(tmp_path):
         assert r["throughput_tok_s"] > 0 and 0 < r["ttft_s"]["p50"] <= r["latency_s"]["p50"]
     assert record["metrics"]["server/rate=20/generated_tokens"] == 24
     assert "| 20 | server |" in table.read_text() and "| 20 | in-process |" in table.read_text()
+
+
+def test_model_selects_a_loaded_lora_adapter(model):
+    """`model: NAME` serves under that adapter: the tokens of Engine.generate(adapters=[NAME]),
+    not the base model's; /v1/models lists it."""
+    adapter = lora.random_adapter(model.config, 8, std=0.5, seed=3)
+    engines = [ji.Engine(model, ji.EngineConfig(max_adapters=1, max_lora_rank=8)) for _ in range(2)]
+    for e in engines:
+        e.add_adapter("ada", adapter)
+    sp = ji.SamplingParams(max_tokens=8, temperature=0.0)
+    ref, base = engines[1].generate([PROMPTS[0]] * 2, sp, adapters=["ada", None])
+    assert ref.token_ids != base.token_ids  # the adapter changes the output
+    with server.BackgroundServer(server.build_app(engines[0])) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["tiny", "ada"]
+        for name, want in (("ada", ref), ("tiny", base)):
+            r = c.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+            assert r.choices[0].text == want.text and r.model == name
