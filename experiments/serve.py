@@ -1,0 +1,99 @@
+"""Serve a model over HTTP with OpenAI's API (jaxinfer/server.py): completions, chat completions,
+models, health.
+
+  python -m experiments.serve --model=tiny --port=8000
+  python -m experiments.serve --model=smollm2-135m --dequantize --max_batch=16 --kv_dtype=int8
+  python -m experiments.serve --model=tiny --max_adapters=4 --lora=math=/ckpt/lora-math,code=/ckpt/lora-code
+
+then `openai.OpenAI(base_url="http://localhost:8000/v1", api_key="-")`, or
+`curl localhost:8000/v1/completions -d '{"model": "tiny", "prompt": "def f(x):", "max_tokens": 16}'`.
+
+Every EngineConfig option is a flag (the engine flags of experiments/common.py, and here the few
+no other experiment takes). LoRA adapters (--lora=NAME=DIR,...) are loaded before serving; a
+request selects one with `model: NAME`. Needs `pip install 'jaxinfer[serve]'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from absl import flags
+
+import jaxinfer as ji
+from jaxinfer.quant import dequantize_params
+
+from . import common
+from . import generate  # noqa: F401  (defines --dequantize)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
+flags.DEFINE_integer("port", 8000, "Port to listen on (0: a free one).")
+flags.DEFINE_list("lora", [], "LoRA adapters to load, NAME=DIR (a PEFT directory) each; a request's `model` names one. "
+                  "Needs --max_adapters >= 1.")
+flags.DEFINE_string("chat_template", "", "A jinja chat template file, replacing the model's own ('' = the model's).")
+flags.DEFINE_string("served_model_name", "", "The base model's name in the API ('' = the model's own name).")
+flags.DEFINE_bool("precompile", False, "Compile every program the engine can run before serving (Engine.warmup); "
+                  "otherwise the first request of each new shape compiles it.")
+flags.DEFINE_integer("max_seq_len", None, "EngineConfig.max_seq_len: the longest sequence served (default: the model's "
+                     "context).")
+flags.DEFINE_integer("num_pages", None, "EngineConfig.num_pages: the KV budget in pages (default: --kv_budget_tokens).")
+flags.DEFINE_integer("kv_budget_bytes", None, "EngineConfig.kv_budget_bytes: the KV budget in bytes, when neither "
+                     "pages nor tokens are given.")
+flags.DEFINE_float("default_timeout_s", None, "EngineConfig.request_timeout_s: the deadline of a request (none: no "
+                   "deadline).")
+SERVE_FLAGS = ("max_seq_len", "num_pages", "kv_budget_bytes")
+for _name in ("model", "dtype", "dequantize", *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
+    flags.declare_key_flag(_name)
+
+
+def load_model() -> ji.Model:
+    """--model at --dtype; with --dequantize a packed checkpoint's projections unpacked once."""
+    model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
+    if FLAGS.dequantize:
+        model = dataclasses.replace(model, params=dequantize_params(model.params))
+    return model
+
+
+def build_engine(model: ji.Model) -> ji.Engine:
+    """The engine every flag describes, with the --lora adapters added."""
+    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
+    engine = ji.Engine(model, common.engine_config(**overrides, request_timeout_s=FLAGS.default_timeout_s))
+    for item in FLAGS.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora={item}: expected NAME=DIR")
+        engine.add_adapter(name, path)
+    return engine
+
+
+def chat_template() -> str | None:
+    if not FLAGS.chat_template:
+        return None
+    with open(FLAGS.chat_template) as f:
+        return f.read()
+
+
+def main(argv):
+    del argv
+    common.require("fastapi", "experiments.serve", "serve")
+    common.require("uvicorn", "experiments.serve", "serve")
+    from jaxinfer import server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
+    import uvicorn  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    model = load_model()
+    engine = build_engine(model)
+    print(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s; max_seq_len {engine.max_seq_len}, "
+          f"{engine.allocator.num_pages} KV pages of {engine.allocator.page_size}, adapters: "
+          f"{', '.join(sorted(engine.adapters.store)) or 'none'}")
+    if FLAGS.precompile:
+        t0 = time.perf_counter()
+        n = engine.warmup()
+        print(f"compiled {n} programs in {time.perf_counter() - t0:.1f} s")
+    app = server.build_app(engine, FLAGS.served_model_name or None, chat_template())
+    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level="info")
+
+
+if __name__ == "__main__":
+    common.run(main)

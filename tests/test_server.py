@@ -1,0 +1,249 @@
+"""The OpenAI-compatible server (jaxinfer/server.py), driven by the real `openai` client over HTTP
+on a free localhost port: the same tokens as Engine.generate for greedy requests, streamed or not;
+many concurrent streams; a client that leaves mid-stream gets its request aborted and its pages
+back; bad requests get a 400 naming the field and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+import jaxinfer as ji
+from experiments import bench_serving
+from helpers import run_main
+from jaxinfer import lora, server
+
+# The shipped tiny model has no chat template: the server is given this one.
+TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+PROMPTS = ["def fibonacci(n):", "import numpy as np\n", "class Stack:", "for i in range(10):"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ji.load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    """A server over its own engine, on a free port for the whole module."""
+    app = server.build_app(ji.Engine(model, ji.EngineConfig()), chat_template=TEMPLATE)
+    with server.BackgroundServer(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """An engine of the same config in this thread: what the server must return."""
+    engine = ji.Engine(model, ji.EngineConfig())
+
+    def generate(prompt, **sampling) -> ji.RequestOutput:
+        (out,) = engine.generate([prompt], ji.SamplingParams(**sampling))
+        return out
+
+    return generate
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _health(served) -> dict:
+    return httpx.get(served.url + "/health").json()
+
+
+def _wait_idle(served, limit_s: float = 120.0) -> dict:
+    """/health once the engine has no running or waiting request (a bound, not a timing check)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        h = _health(served)
+        if h["running"] == 0 and h["waiting"] == 0:
+            return h
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the engine still has work after {limit_s} s: {h}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stop", [None, "e"])
+def test_completion_equals_engine_generate(client, reference, stop):
+    for prompt in PROMPTS[:2]:
+        ref = reference(prompt, max_tokens=12, temperature=0.0, stop=() if stop is None else (stop,))
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=stop)
+        assert r.choices[0].text == ref.text
+        assert r.choices[0].finish_reason == ref.finish_reason
+        assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+        assert r.usage.completion_tokens == len(ref.token_ids)
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
+        assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+        if stop is None:  # one chunk per generated token
+            assert len([c for c in chunks if c.choices]) == len(ref.token_ids)
+
+
+def test_token_id_prompt(client, reference, model):
+    ids = model.tokenizer.encode(PROMPTS[2])
+    ref = reference(ids, max_tokens=8, temperature=0.0)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].text == ref.text and r.usage.prompt_tokens == len(ids)
+
+
+def test_chat_equals_engine_generate_through_the_template(client, reference, model):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A loop, please."}]
+    tok = copy.copy(model.tokenizer)
+    tok.chat_template = TEMPLATE
+    ref = reference(tok.apply_chat_template(messages, tokenize=True), max_tokens=10, temperature=0.0)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == ref.text
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids) and r.usage.completion_tokens == len(ref.token_ids)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+
+
+def test_n_samples_stream_like_the_whole_response(client):
+    kwargs = dict(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=1.0, n=3, seed=11)
+    whole = client.completions.create(**kwargs)
+    assert sorted(c.index for c in whole.choices) == [0, 1, 2]
+    texts = {i: "" for i in range(3)}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert len({c.text for c in whole.choices}) > 1  # independent samples
+    assert whole.usage.completion_tokens >= 3
+
+
+def test_sixteen_concurrent_streams_each_equal_its_whole_response(served, client):
+    """More clients than max_batch (8): requests wait, join the running batch, and all finish."""
+    prompts = [f"{PROMPTS[i % 4]}{' ' * (i // 4)}" for i in range(16)]
+    lengths = [6 + i % 7 for i in range(16)]
+    whole = [client.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0).choices[0].text
+             for p, n in zip(prompts, lengths)]
+    aclient = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+
+    async def stream(prompt, n):
+        text = ""
+        async for chunk in await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=n,
+                                                            temperature=0, stream=True):
+            text += chunk.choices[0].text
+        return text
+
+    async def all_streams():
+        try:
+            return await asyncio.gather(*(stream(p, n) for p, n in zip(prompts, lengths)))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(all_streams()) == whole
+    assert _wait_idle(served)["pages_in_use"] == 0
+
+
+def test_client_leaving_mid_stream_aborts_its_request_and_frees_its_pages(served):
+    start = _wait_idle(served)
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=served.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [line for line, _ in zip((x for x in lines if x.startswith("data: ")), range(3))]
+            assert len(got) == 3 and _health(served)["pages_in_use"] > start["pages_in_use"]
+    end = _wait_idle(served)
+    assert end["aborted"] == start["aborted"] + 1  # ended by the abort, not by running out of tokens
+    assert end["pages_in_use"] == start["pages_in_use"]
+
+
+BAD = [
+    ("completions", {"model": "nope", "prompt": "x"}, "model"),
+    ("completions", {"model": "tiny", "prompt": "x" * 600}, "prompt"),
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 600}, "max_tokens"),  # the engine's refusal
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": "8"}, "max_tokens"),
+    ("completions", {"model": "tiny", "prompt": "x", "top_p": 1.5}, "top_p"),
+    ("completions", {"model": "tiny", "prompt": "x", "top_p": 0}, "top_p"),
+    ("completions", {"model": "tiny", "prompt": "x", "temperature": -0.5}, "temperature"),
+    ("completions", {"model": "tiny", "prompt": "x", "n": 0}, "n"),
+    ("completions", {"model": "tiny", "prompt": "x", "stop": [""]}, "stop"),
+    ("completions", {"model": "tiny", "prompt": "x", "seed": -1}, "seed"),
+    ("completions", {"model": "tiny", "prompt": "x", "logprobs": 1}, "logprobs"),
+    ("completions", {"model": "tiny", "prompt": ""}, "prompt"),
+    ("completions", {"model": "tiny", "prompt": [1, 999]}, "prompt"),
+    ("completions", {"model": "tiny"}, "prompt"),
+    ("chat/completions", {"model": "tiny"}, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": [{"content": "hi"}]}, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 600}]}, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+     "logprobs"),
+    ("completions", "{not json", None),
+    ("completions", "[1, 2]", None),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD, ids=[f"{p}-{f}-{i}" for i, (p, _, f) in enumerate(BAD)])
+def test_bad_request_is_a_400_naming_the_field_and_the_server_goes_on(served, client, path, body, param):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{served.url}/v1/{path}", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"] is None
+    if param is not None:
+        assert param in error["message"] or param == "model", error["message"]
+    ok = client.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens >= 1 and _health(served)["status"] == "ok"
+
+
+def test_the_openai_client_sees_a_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", top_p=2.0)
+    assert e.value.status_code == 400 and "top_p" in str(e.value)
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    h = _health(served)
+    assert h["status"] == "ok" and h["num_pages"] > 0
+
+
+def test_bench_serving_runs_the_same_workload_both_ways(tmp_path):
+    """A few requests in-process and through a server it starts itself: every request's tokens
+    counted on both sides, the record and the table hold both modes."""
+    out, table = tmp_path / "serving.json", tmp_path / "serving.md"
+    run_main(bench_serving, "--model=tiny", "--rates=20", "--num_requests=4", "--prompt_dist=fixed", "--prompt_len=8",
+             "--output_dist=fixed", "--output_len=6", "--max_len=16", "--warmup=replay", f"--out={out}", f"--markdown={table}")
+    record = json.loads(out.read_text())
+    modes = {r["mode"]: r for r in record["results"]}
+    assert set(modes) == {"in-process", "server"}
+    for r in modes.values():
+        assert [q["tokens"] for q in r["requests"]] == [6] * 4
+        assert r["throughput_tok_s"] > 0 and 0 < r["ttft_s"]["p50"] <= r["latency_s"]["p50"]
+    assert record["metrics"]["server/rate=20/generated_tokens"] == 24
+    assert "| 20 | server |" in table.read_text() and "| 20 | in-process |" in table.read_text()
+
+
+def test_model_selects_a_loaded_lora_adapter(model):
+    """`model: NAME` serves under that adapter: the tokens of Engine.generate(adapters=[NAME]),
+    not the base model's; /v1/models lists it."""
+    adapter = lora.random_adapter(model.config, 8, std=0.5, seed=3)
+    engines = [ji.Engine(model, ji.EngineConfig(max_adapters=1, max_lora_rank=8)) for _ in range(2)]
+    for e in engines:
+        e.add_adapter("ada", adapter)
+    sp = ji.SamplingParams(max_tokens=8, temperature=0.0)
+    ref, base = engines[1].generate([PROMPTS[0]] * 2, sp, adapters=["ada", None])
+    assert ref.token_ids != base.token_ids  # the adapter changes the output
+    with server.BackgroundServer(server.build_app(engines[0])) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["tiny", "ada"]
+        for name, want in (("ada", ref), ("tiny", base)):
+            r = c.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+            assert r.choices[0].text == want.text and r.model == name
