@@ -261,6 +261,9 @@ class ModelRunner:
             self.features = sharding.zeros(features_shape, dtype, self.mesh) if features else None
             if self.lora is not None:
                 self.lora = sharding.put(self.lora, sharding.lora_specs(self.lora), self.mesh)
+        # Allocate the cache now: dispatched asynchronously, its zero-fill (GBs for a long context)
+        # would otherwise land in the first request's time to first token.
+        jax.block_until_ready((self.cache, self.features))
         self.buckets: set[Bucket] = set()
         self.stats: collections.Counter = collections.Counter()  # device_s, device_idle_s, copied_pages, ...
         self.stats["adapter_device_bytes"] = 0 if self.lora is None else self.lora.nbytes

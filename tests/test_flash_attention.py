@@ -23,7 +23,7 @@ from pallas_kernels import flash_attention as fa
 from pallas_kernels.common import pack_tree_mask
 
 SETTINGS = settings(
-    max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 BLOCKS = [fa.BlockSizes(16, 16, 4, 2), fa.BlockSizes(32, 16, 4, 2), fa.BlockSizes(16, 32, 4, 2), None]
 

@@ -17,7 +17,7 @@ from helpers import INTERPRET, TOLERANCE, assert_rows_close, row_rel_error
 from pallas_kernels import paged_attention as pa
 
 SETTINGS = settings(
-    max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 BLOCKS = [pa.BlockSizes(1, 1), pa.BlockSizes(1, 4), pa.BlockSizes(2, 2), pa.BlockSizes(4, 8), None]
 
@@ -96,7 +96,7 @@ def test_decode_matches_reference(case, seed):
     _run_case(case, seed)
 
 
-@settings(SETTINGS, max_examples=6)
+@settings(SETTINGS, max_examples=4)
 @given(case=decode_cases(kv_dtypes=["int8", "float8_e4m3fn"]))
 def test_quantised_decode_matches_reference(case, seed):
     """int8 and fp8 pages with per-token scales, dequantised in the kernel."""

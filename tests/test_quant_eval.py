@@ -40,6 +40,7 @@ def test_bad_scheme_is_one_error_line():
     assert bad.stderr.strip().splitlines()[-1].startswith("error: weights='int5'")
 
 
+@pytest.mark.slow  # the experiment's plumbing is test_quant_eval_end_to_end's; the schemes: test_w8a8, test_simulated
 def test_quant_eval_w8a8_and_simulated_schemes(tmp_path):
     """The W8A8 and simulated schemes through the experiment (no decode timing): canonical W8A8 names
     (the flag's alpha where the name gives none), nominal bytes for a simulated format, and the

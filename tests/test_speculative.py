@@ -228,6 +228,7 @@ def test_sampling_keeps_the_target_distribution(tmp_path):
 SHIPPED_TREE = ji.SpeculativeConfig(method="eagle", num_tokens=6, draft="tiny-eagle", tree=ji.DraftTree(top_k=3, depth=4))
 
 
+@pytest.mark.slow  # trees are checked on every pass by test_greedy_equals_plain_decoding[eagle_tree]
 def test_greedy_tree_equals_plain_decoding_on_the_shipped_pair(tiny):
     """tiny-eagle's trees are accepted down side branches too (so their K/V and features were
     moved into place), and the output is still the plain engine's, with stops and max_tokens."""
