@@ -234,6 +234,19 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def parse_rates() -> list[float]:
+    """--rates as numbers of requests per second, each > 0."""
+    rates = []
+    for r in FLAGS.rates:
+        try:
+            rates.append(float(r))
+        except ValueError:
+            raise ValueError(f"--rates: {r!r} is not a number of requests per second") from None
+        if not rates[-1] > 0:
+            raise ValueError(f"--rates: {r!r} must be > 0")
+    return rates
+
+
 def check_flags() -> list[float | None]:
     """Refuse bad flags before any work; returns the arrival rates to run (None: all at once)."""
     for name in ("num_requests", "prompt_len", "output_len", "max_len", "max_batch", "page_size"):
@@ -243,14 +256,7 @@ def check_flags() -> list[float | None]:
         raise ValueError(f"--sigma={FLAGS.sigma} must be > 0")
     if FLAGS["rates"].present and FLAGS.arrival != "poisson":
         raise ValueError("--rates applies to --arrival=poisson only")
-    rates = []
-    for r in FLAGS.rates:
-        try:
-            rates.append(float(r))
-        except ValueError:
-            raise ValueError(f"--rates: {r!r} is not a number of requests per second") from None
-        if not rates[-1] > 0:
-            raise ValueError(f"--rates: {r!r} must be > 0")
+    rates = parse_rates()
     common.check_out(FLAGS.out)
     if FLAGS.plot:
         common.check_out(FLAGS.plot)

@@ -154,14 +154,7 @@ def warm_up(engine: ji.Engine, workloads: list[list]) -> float:
 
 
 def check_flags() -> list[float]:
-    rates = []
-    for r in FLAGS.rates:
-        try:
-            rates.append(float(r))
-        except ValueError:
-            raise ValueError(f"--rates: {r!r} is not a number of requests per second") from None
-        if not rates[-1] > 0:
-            raise ValueError(f"--rates: {r!r} must be > 0")
+    rates = bench_batching.parse_rates()
     if FLAGS.num_requests < 1:
         raise ValueError(f"--num_requests={FLAGS.num_requests} must be >= 1")
     common.check_out(FLAGS.out)

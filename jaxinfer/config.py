@@ -19,6 +19,19 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def read_json_object(path: str | os.PathLike, what: str, error: type[ValueError] = ValueError) -> dict:
+    """The JSON object in a file (what: a few words on what its fields are, for the message); `error`
+    (a ValueError) naming the file when it is not valid JSON or not an object."""
+    with open(path, "rb") as f:
+        try:
+            value = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} holds a JSON {type(value).__name__}, not an object of {what}")
+    return value
+
+
 class ConfigError(ValueError):
     """A config.json that describes a model this code cannot run exactly."""
 
@@ -122,13 +135,7 @@ class ModelConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         """The config of an HF config.json; ConfigError naming the file (and the field) otherwise."""
-        with open(path, "rb") as f:
-            try:
-                hf = json.loads(f.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(hf, dict):
-            raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object of config fields")
+        hf = read_json_object(path, "config fields", ConfigError)
         try:
             return _from_hf(hf)
         except ConfigError as e:

@@ -84,7 +84,6 @@ class Engine:
         self.events = SequenceEvents(self.requests, self.scheduler, self.allocator, self.runner)
         self._next_id = 0
         self.meter = EngineMeter(self.allocator)  # steps, preemptions, pages and KV slots in use per step
-        self.pages_in_use, self.kv_usage = self.meter.pages_in_use, self.meter.kv_usage
         self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
         self.pipeline = DecodePipeline(self.scheduler, self.runner, config.decode_steps, config.overlap)
         self.speculator = (None if self.drafter is None else
@@ -96,6 +95,11 @@ class Engine:
         merged = collections.Counter(self.meter.counts, lookahead_calls=self.pipeline.lookahead_calls)
         merged.update(self.runner.stats)
         return merged
+
+    @property
+    def pages_in_use(self) -> list[int]:
+        """Pages in use after each step so far."""
+        return self.meter.pages_in_use
 
     @property
     def buckets(self) -> set:

@@ -58,7 +58,7 @@ class Parsed:
 
     @property
     def prompt_field(self) -> str:
-        return "prompt" if self.kind == "completion" else "messages"
+        return PROMPT_FIELD[self.kind]
 
 
 UNSUPPORTED = {
@@ -71,6 +71,7 @@ UNSUPPORTED = {
     "frequency_penalty": "frequency_penalty is not supported (only 0)",
     "tools": "tools are not supported",
 }
+PROMPT_FIELD = {"completion": "prompt", "chat": "messages"}  # the field a request's prompt is in
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop")
 
 
@@ -88,7 +89,7 @@ def parse(body: Any, kind: str, served: ServedModel) -> Parsed:
         known = ", ".join([served.name, *served.adapters])
         raise RequestError(f"the model {model!r} does not exist; this server has: {known}", "model")
     prompt, stop_ids = _completion_prompt(body, served) if kind == "completion" else _chat_prompt(body, served)
-    field = "prompt" if kind == "completion" else "messages"
+    field = PROMPT_FIELD[kind]
     if len(prompt) > served.max_seq_len:
         raise RequestError(f"{field} has {len(prompt)} tokens, over this model's context of {served.max_seq_len}",
                            field)

@@ -30,6 +30,8 @@ import tokenizers.models
 import tokenizers.pre_tokenizers
 import tokenizers.processors
 
+from jaxinfer.config import read_json_object
+
 
 log = logging.getLogger("jaxinfer")
 
@@ -209,13 +211,7 @@ def _read_chat_template(ckpt_dir: str | os.PathLike) -> tuple[str | None, dict[s
     config: dict[str, Any] = {}
     path = os.path.join(ckpt_dir, _CONFIG_FILE)
     if os.path.exists(path):
-        with open(path, "rb") as f:
-            try:
-                config = json.loads(f.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of tokenizer settings")
+        config = read_json_object(path, "tokenizer settings")
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)

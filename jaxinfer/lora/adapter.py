@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import ModelConfig, read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -120,13 +120,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
     config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     if not os.path.exists(config_path):
         raise AdapterError(f"no {CONFIG_FILE} in {path}")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path} holds a {type(config).__name__}, not a JSON object")
+    config = read_json_object(config_path, "adapter settings", AdapterError)
     rank, alpha, use_rslora, targets, layers = _read_config(config, config_path)
     if not os.path.exists(weights_path):
         other = " (adapter_model.bin is a pickle: save with safe_serialization=True)" if os.path.exists(
