@@ -120,13 +120,15 @@ async def _next(outputs: asyncio.Queue):
 async def _until_finished(request: fastapi.Request, rid: int, outputs: asyncio.Queue, loop: EngineLoop):
     """The request's final output; if the client disconnects first, the request is aborted."""
     async def last():
-        while not (out := await _next(outputs)).finished:
-            pass
-        return out
+        while True:
+            out = await _next(outputs)
+            if out.finished:
+                return out
 
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+    async def disconnected():  # returns when the client has gone
+        while True:
+            if (await request.receive())["type"] == "http.disconnect":
+                return
 
     result, watch = asyncio.ensure_future(last()), asyncio.ensure_future(disconnected())
     try:
