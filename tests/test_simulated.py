@@ -55,6 +55,18 @@ def test_fp4_rounds_to_nearest_even_and_saturates():
     np.testing.assert_array_equal(np.asarray(af.fp4(jnp.asarray(x, jnp.float32))), np_fp4(x.astype(np.float32)))
 
 
+def test_fp4_rounds_values_next_to_a_midpoint_once(rng):
+    """Values a few float32 steps either side of each midpoint (where rounding through a wider
+    intermediate type goes wrong) and random values: each rounds as e2m1's definition says."""
+    mids = (GRID[:-1] + np.diff(GRID) / 2).astype(np.float32)
+    near = np.concatenate([np.nextafter(mids, np.float32(d * 9)) if d else mids for d in (-1, 0, 1)])
+    steps = rng.integers(1, 1 << 12, size=(8, near.size)).astype(np.float32) * np.finfo(np.float32).eps
+    x = np.concatenate([near, (near * (1 + steps)).ravel(), (near * (1 - steps)).ravel(),
+                        rng.uniform(-7, 7, 20_000).astype(np.float32)])
+    x = np.concatenate([x, -x]).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(af.fp4(jnp.asarray(x))), np_fp4(x))
+
+
 def test_mxfp4_matches_its_definition(rng):
     """Power-of-two block scales 2**(floor(log2 max) - 2); rows of 70 (a partial last block), a
     row of zeros, rows spanning 2**-20 .. 2**20."""
