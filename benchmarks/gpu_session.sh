@@ -22,7 +22,7 @@ step() { local limit=$1; shift; echo "== [$(date +%T)] $* (limit ${limit}s)"; ti
 
 nvidia-smi -L
 python3 -c "import jax; print(jax.__version__, jax.devices())"
-step 80 python3 -m pytest -q -x -p no:cacheprovider tests/test_quant_matmul.py tests/test_tuned_configs.py 2>&1 | tail -15
+step 80 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" tests/test_quant_matmul.py tests/test_tuned_configs.py 2>&1 | tail -15
 step 90 python3 -m experiments.bench_kernels --runs=10 --out="$OUT/kernels.json"
 step 50 python3 -m experiments.bench_quant_matmul --out="$OUT/quant_matmul.json"
 for overlap in false true; do
