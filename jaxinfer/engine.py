@@ -44,8 +44,7 @@ from jaxinfer.engine_metrics import EngineMeter
 from jaxinfer.kv_cache import PageAllocator
 from jaxinfer.lifecycle import Request, RequestTable, SequenceEvents
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
-from jaxinfer.requests import (RequestOutput, StopRules, check_request, prepare_adapters, prepare_prompt,
-                               prepare_sampling)
+from jaxinfer.requests import RequestOutput, StopRules, check_request, prepare_adapters, prepare_sampling
 from jaxinfer.pipeline import DecodePipeline, run_mixed
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams
@@ -81,7 +80,7 @@ class Engine:
                                    adapters=self.adapters if config.max_adapters else None)
         self.rules = StopRules(model)
         self.requests = RequestTable(self.rules)  # by id: sequences, deadlines, outputs and streams
-        self.events = SequenceEvents(self.requests, self.scheduler, self.allocator, self.runner)
+        self.events = SequenceEvents(self.requests, self.scheduler, self.runner)
         self._next_id = 0
         self.meter = EngineMeter(self.allocator)  # steps, preemptions, pages and KV slots in use per step
         self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
@@ -123,8 +122,8 @@ class Engine:
         input raises ValueError; the engine is unchanged."""
         sampling = SamplingParams() if sampling is None else sampling
         self.adapters.check(adapter)
-        ids = prepare_prompt(self.model, prompt) if isinstance(sampling, SamplingParams) else []
-        check_request(ids, sampling, self.max_seq_len, self.allocator.num_pages, self.allocator.page_size)
+        ids = check_request(self.model, prompt, sampling, self.max_seq_len, self.allocator.num_pages,
+                            self.allocator.page_size)
         rid, self._next_id = self._next_id, self._next_id + 1
         seed = sampling.seed if sampling.seed is not None else (rid if seed is None else seed)
         now = time.perf_counter()

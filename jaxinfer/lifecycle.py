@@ -16,7 +16,6 @@ import logging
 import time
 
 from jaxinfer.requests import RequestOutput, StopRules, sequence_output
-from jaxinfer.kv_cache import PageAllocator
 from jaxinfer.sampling import NONFINITE, SamplingParams
 from jaxinfer.scheduler import Scheduler, Sequence, Status
 
@@ -114,8 +113,8 @@ class SequenceEvents:
     through the scheduler. `append` is the callback the engine's step paths (mixed steps, decode
     calls, verify passes) hand their sampled tokens to."""
 
-    def __init__(self, requests: RequestTable, scheduler: Scheduler, allocator: PageAllocator, runner):
-        self.requests, self.scheduler, self.allocator, self.runner = requests, scheduler, allocator, runner
+    def __init__(self, requests: RequestTable, scheduler: Scheduler, runner):
+        self.requests, self.scheduler, self.runner = requests, scheduler, runner
 
     def append(self, seq: Sequence, token: int) -> bool:
         """Append a sampled token to a running sequence; finish it if it stops (or fail it if the
@@ -139,9 +138,10 @@ class SequenceEvents:
         """Finish a sequence with "error": the pages it alone holds leave the prefix cache and are
         zeroed on the device (they may hold NaN), then come back."""
         log.warning("request %d failed: %s", seq.request_id, error)
-        own = [p for p in seq.pages if self.allocator.refcount[p] == 1]
+        allocator = self.scheduler.allocator
+        own = [p for p in seq.pages if allocator.refcount[p] == 1]
         for p in own:
-            self.allocator.unregister(p)
+            allocator.unregister(p)
         if own:
             self.runner.clear_pages(own)
         seq.error = error

@@ -84,12 +84,14 @@ def _short(x) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_request(ids: list[int], sampling: SamplingParams, max_seq_len: int, num_pages: int,
-                  page_size: int) -> None:
-    """Refuse (ValueError) a request an engine could never run: its prompt past the context or the
-    whole KV cache, or max_tokens past the context."""
+def check_request(model, prompt: str | Sequence[int], sampling: SamplingParams, max_seq_len: int, num_pages: int,
+                  page_size: int) -> list[int]:
+    """The prompt's token ids, or ValueError for a request an engine could never run: sampling not
+    SamplingParams, a bad prompt (prepare_prompt), the prompt past the context or the whole KV
+    cache, or max_tokens past the context."""
     if not isinstance(sampling, SamplingParams):
         raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
+    ids = prepare_prompt(model, prompt)
     if len(ids) > max_seq_len:
         raise ValueError(f"prompt has {len(ids)} tokens, over the engine's max_seq_len={max_seq_len}")
     if len(ids) > num_pages * page_size:
@@ -97,6 +99,7 @@ def check_request(ids: list[int], sampling: SamplingParams, max_seq_len: int, nu
                          f"({num_pages} pages of {page_size}), it can never run")
     if sampling.max_tokens > max_seq_len:
         raise ValueError(f"max_tokens={sampling.max_tokens} is over the engine's max_seq_len={max_seq_len}")
+    return ids
 
 
 def prepare_sampling(

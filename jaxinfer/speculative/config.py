@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 METHODS = ("draft", "ngram", "medusa", "eagle", "synthetic")
+LEARNED = ("draft", "medusa", "eagle")  # drafters loaded from draft=; their drafts carry distributions
 # Shipped drafters for the shipped tiny target (jaxinfer/assets): the draft model and trained heads.
 SHIPPED_DRAFTERS = {"tiny-draft": "draft", "tiny-medusa": "medusa", "tiny-eagle": "eagle"}
 
@@ -66,7 +67,7 @@ class SpeculativeConfig:
             raise ValueError(f"speculative method={self.method!r} is not one of {METHODS}")
         if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
             raise ValueError(f"speculative num_tokens={self.num_tokens!r} must be an integer >= 1")
-        if self.method in ("draft", "medusa", "eagle") and not self.draft:
+        if self.method in LEARNED and not self.draft:
             raise ValueError(f"speculative method={self.method!r} needs draft= (a shipped name or a directory)")
         if self.method in ("ngram", "synthetic") and self.draft:
             raise ValueError(f"speculative method={self.method!r} takes no draft, got draft={self.draft!r}")
@@ -88,7 +89,7 @@ class SpeculativeConfig:
     def verify_programs(self) -> dict:
         """Which verify programs this config runs (ModelRunner.warmup's keywords): drafts with their
         distributions (draft, medusa, eagle chains), the synthetic rate, or a draft tree."""
-        return {"draft_probs": self.method in ("draft", "medusa", "eagle") and self.tree is None,
+        return {"draft_probs": self.method in LEARNED and self.tree is None,
                 "synthetic": self.accept, "tree": self.tree is not None}
 
 
