@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 import jaxinfer as ji
 from jaxinfer import data
-from jaxinfer import runner as runner_lib
-from jaxinfer.sampling import SamplingBatch
+from jaxinfer.engine import runner as runner_lib
+from jaxinfer.sampling.sampler import SamplingBatch
 
 from . import common
 
@@ -200,7 +200,7 @@ def step_overhead(model, num_tokens: int) -> dict:
             pos = jnp.asarray([len(prompt) - 1 + i], jnp.int32)
             toks, cache = runner_lib._multi_decode(
                 model.params, model.config, tok, pos, jnp.ones(1, jnp.int32), tables, cache, spb,
-                jnp.asarray([i], jnp.int32), impl=ji.model.Impl(attention=FLAGS.attention), num_steps=1)
+                jnp.asarray([i], jnp.int32), impl=ji.models.decoder.Impl(attention=FLAGS.attention), num_steps=1)
             tok = toks[0]
         tok.block_until_ready()
         return cache

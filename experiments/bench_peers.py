@@ -31,15 +31,15 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import time
+from pydoc_data import topics
 
 import numpy as np
 import torch
 import transformers
 from absl import flags
-from pydoc_data import topics
 
 import jaxinfer as ji
-from jaxinfer import gguf as gguf_lib
+from jaxinfer.checkpoints import gguf as gguf_lib
 from jaxinfer.quant import dequantize_params
 
 from . import common

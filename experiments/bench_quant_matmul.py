@@ -7,10 +7,10 @@ Smoke on a CPU: python -m experiments.bench_quant_matmul --quick   (interpret mo
 For each shape M x K x N (--shapes; default 1, 16 and 256 rows of Llama-3-8B's MLP up projection,
 4096 x 14336), bf16 activations:
   dense bf16      x @ w
-  xla <scheme>    jaxinfer.formats.reference_matmul (dequantise to bf16, one matmul)
+  xla <scheme>    jaxinfer.models.formats.reference_matmul (dequantise to bf16, one matmul)
   pallas <scheme> pallas_kernels.quant_matmul (default BlockSizes; --sweep adds a few others)
 for the schemes int8 per-channel, int4 g128 symmetric and int4 g128 with zero points (RTN); then W8A8:
-  xla w8a8-<int8|fp8>     jaxinfer.act_formats.w8a8_reference (x quantised per token, int32 / float32 einsum)
+  xla w8a8-<int8|fp8>     jaxinfer.models.act_formats.w8a8_reference (x quantised per token, int32 / float32 einsum)
   pallas w8a8-<int8|fp8>  the same per-token quantisation, then pallas_kernels.w8a8_matmul (rescale in its
                           epilogue); fp8 needs sm_89+ (elsewhere the row reports the kernel's refusal)
 The W8A8 timings include quantising x, as the model's matmul does.
@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from jaxinfer import act_formats as af
-from jaxinfer import formats as fmt
 from jaxinfer.memory import load_hardware
+from jaxinfer.models import act_formats as af
+from jaxinfer.models import formats as fmt
 from jaxinfer.quant import rtn
 from pallas_kernels import quant_matmul as qm
 from pallas_kernels import w8a8_matmul as wm

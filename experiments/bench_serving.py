@@ -33,7 +33,7 @@ import httpx
 from absl import flags
 
 import jaxinfer as ji
-from jaxinfer import runner as runner_lib
+from jaxinfer.engine import runner as runner_lib
 
 from . import bench_batching, common, serve
 
@@ -166,7 +166,7 @@ def main(argv):
     del argv
     rates = check_flags()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
-    from jaxinfer import server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
+    from jaxinfer.serving import server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
 
     model = serve.load_model()
     workloads = [bench_batching.make_workload(rate, model) for rate in rates]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-import logging
 import json
+import logging
 import os
 import statistics
 import sys
@@ -205,7 +205,7 @@ def record(module: str, metrics: dict, **extra) -> dict:
     (flat: name -> number, nested names joined by "/", what sweeps tabulate) and any extra rows."""
     config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[module])}
     env = environment(module)
-    ran = {name: ji.model.auto_impl(config[name]) for name in ("attention", "matmul", "lora_impl") if name in config}
+    ran = {name: ji.models.decoder.auto_impl(config[name]) for name in ("attention", "matmul", "lora_impl") if name in config}
     if ran:
         env["implementations"] = ran  # which path ran ("auto" resolved)
     return {"config": config, "env": env, "metrics": flatten(metrics), **extra}
@@ -262,5 +262,5 @@ def load_bench_model(name: str, dtype: str) -> ji.Model:
     if not os.path.exists(path):
         raise ValueError(f"--model={name}: no {path}")
     cfg = ji.ModelConfig.from_json_file(path)
-    params = ji.init_params(cfg, jax.random.key(0), dtype=ji.weights.resolve_dtype(dtype))
+    params = ji.init_params(cfg, jax.random.key(0), dtype=ji.checkpoints.weights.resolve_dtype(dtype))
     return ji.Model(cfg, params, ji.ByteTokenizer(), name=name)

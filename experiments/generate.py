@@ -21,7 +21,7 @@ from absl import flags
 
 import jaxinfer as ji
 from jaxinfer import sharding
-from jaxinfer.formats import QuantizedWeight
+from jaxinfer.models.formats import QuantizedWeight
 from jaxinfer.quant import dequantize_params, quantize_by_name
 
 from . import common

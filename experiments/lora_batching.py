@@ -207,7 +207,7 @@ def main(argv):
 
 def print_table(results: list[dict], device: str, model_name: str) -> None:
     print(f"\n{model_name}: {FLAGS.num_requests} requests at once, {common.value_or('prompt_len', PROMPT_LEN)} prompt + {FLAGS.output_len} "
-          f"generated tokens each, adapters on {','.join(FLAGS.targets)}, lora_impl={ji.model.auto_impl(FLAGS.lora_impl)}, on {device}")
+          f"generated tokens each, adapters on {','.join(FLAGS.targets)}, lora_impl={ji.models.decoder.auto_impl(FLAGS.lora_impl)}, on {device}")
     header = ("adapters", "rank", "batch", "slots", "tok/s", "base tok/s", "vs base", "TPOT", "base TPOT",
               "loads/run", "evict/run", "swap/run", "slots MiB", "host MiB", "compile")
     print(" ".join(f"{h:>10}" for h in header))

@@ -36,8 +36,9 @@ from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
-from jaxinfer import data, matmul, quant
-from jaxinfer import model as model_lib
+from jaxinfer import data, quant
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import matmul
 from jaxinfer.quant import w8a8
 from jaxinfer.quant.spec import SimScheme, W8A8Scheme, scheme_from_name
 

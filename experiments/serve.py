@@ -1,4 +1,4 @@
-"""Serve a model over HTTP with OpenAI's API (jaxinfer/server.py): completions, chat completions,
+"""Serve a model over HTTP with OpenAI's API (jaxinfer/serving/server.py): completions, chat completions,
 models, health.
 
   python -m experiments.serve --model=tiny --port=8000
@@ -23,8 +23,10 @@ from absl import flags
 import jaxinfer as ji
 from jaxinfer.quant import dequantize_params
 
-from . import common
-from . import generate  # noqa: F401  (defines --dequantize)
+from . import (
+    common,
+    generate,  # noqa: F401  (defines --dequantize)
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
@@ -78,8 +80,9 @@ def main(argv):
     del argv
     common.require("fastapi", "experiments.serve", "serve")
     common.require("uvicorn", "experiments.serve", "serve")
-    from jaxinfer import server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
     import uvicorn  # noqa: PLC0415
+
+    from jaxinfer.serving import server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
 
     t0 = time.perf_counter()
     model = load_model()

@@ -43,14 +43,14 @@ from absl import flags
 
 import jaxinfer as ji
 from jaxinfer import data, lora
-from jaxinfer.mock_runner import MockRunner
-from jaxinfer.runner import ModelRunner
+from jaxinfer.engine.mock_runner import MockRunner
+from jaxinfer.engine.runner import ModelRunner
 
 from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("requests", 1000, "Requests in the soak, bad ones included.")
-flags.DEFINE_enum("runner", "model", ["model", "mock"], "model: --model's weights; mock: jaxinfer.mock_runner with "
+flags.DEFINE_enum("runner", "model", ["model", "mock"], "model: --model's weights; mock: jaxinfer.engine.mock_runner with "
                   "--model's config and tokenizer (no model: the scheduler and engine alone, exact outputs).")
 flags.DEFINE_integer("num_adapters", 0, "Random PEFT LoRA adapters (rank 4) that requests draw from; --max_adapters "
                      "device slots (0: half as many, at least 1).")

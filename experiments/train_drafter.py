@@ -41,8 +41,9 @@ from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
-from jaxinfer import attention, data
-from jaxinfer import model as model_lib
+from jaxinfer import data
+from jaxinfer.models import attention
+from jaxinfer.models import decoder as model_lib
 from jaxinfer.speculative import heads as heads_lib
 
 from . import common

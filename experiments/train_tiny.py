@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 import jaxinfer as ji
 from jaxinfer import data
-from jaxinfer import model as model_lib
-from jaxinfer.weights import save_hf_checkpoint
+from jaxinfer.checkpoints.weights import save_hf_checkpoint
+from jaxinfer.models import decoder as model_lib
 
 from . import common
 

@@ -1,16 +1,16 @@
 """jaxinfer: a pure-JAX research framework for LLM inference optimisation."""
 
-from jaxinfer.config import ConfigError, ModelConfig, RopeConfig
-from jaxinfer.engine import Engine, EngineConfig
-from jaxinfer.generation import generate
-from jaxinfer.kv_cache import KVCache, PagedKVCache
+from jaxinfer.checkpoints.tokenizer import ByteTokenizer, HFTokenizer
+from jaxinfer.checkpoints.weights import CheckpointError, Model, load_model, save_hf_checkpoint, save_model
+from jaxinfer.engine.baseline import generate
+from jaxinfer.engine.engine import Engine, EngineConfig
+from jaxinfer.engine.requests import RequestOutput
 from jaxinfer.lora import LoraAdapter, load_adapter
-from jaxinfer.model import forward, forward_logits, init_params
-from jaxinfer.requests import RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.models.config import ConfigError, ModelConfig, RopeConfig
+from jaxinfer.models.decoder import forward, forward_logits, init_params
+from jaxinfer.models.kv_cache import KVCache, PagedKVCache
+from jaxinfer.sampling.sampler import SamplingParams
 from jaxinfer.speculative import DraftTree, SpeculativeConfig
-from jaxinfer.tokenizer import ByteTokenizer, HFTokenizer
-from jaxinfer.weights import CheckpointError, Model, load_model, save_hf_checkpoint, save_model
 
 __all__ = [
     "ByteTokenizer",

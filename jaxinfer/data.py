@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import model as model_lib
-from jaxinfer.tokenizer import ByteTokenizer
+from jaxinfer.checkpoints.tokenizer import ByteTokenizer
+from jaxinfer.models import decoder as model_lib
 
 HELDOUT_EVERY = 20  # one document in 20 is held out
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "ensurepip", "__pycache__"}

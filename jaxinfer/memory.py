@@ -32,7 +32,7 @@ import pathlib
 import re
 from typing import Any
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.models.config import ModelConfig
 from jaxinfer.sharding import kv_replicas
 
 # configs/ sits beside the package in the repository; jaxinfer/configs links to it, so a wheel

@@ -54,9 +54,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer.config import ModelConfig
-from jaxinfer.formats import QuantizedWeight
-from jaxinfer.kv_cache import KV_DTYPES, PagedKVCache
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.formats import QuantizedWeight
+from jaxinfer.models.kv_cache import KV_DTYPES, PagedKVCache
 
 AXES = ("dp", "tp")
 COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # (in, out): out split

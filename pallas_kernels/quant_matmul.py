@@ -1,6 +1,6 @@
 """Weight-only int8 / int4 matmul that dequantises the packed weight in registers.
 
-y = x @ W for a weight stored as in `jaxinfer.formats` (uint8 qweight, one scale per group
+y = x @ W for a weight stored as in `jaxinfer.models.formats` (uint8 qweight, one scale per group
 of `group_size` stored rows and output column, optional uint8 zero points, optional act-order
 permutation, optional float per-group offsets `mins` (llama.cpp's Q4_1), padding rows Kp >= K).
 The wrapper gathers x's columns by perm, zero-pads them to Kp and, for 4 bits, splits them into

@@ -9,7 +9,7 @@ writes out_dtype. Without scales (both None) it writes the accumulator itself (i
 float32 for fp8): how the tests check int32 accumulation bit for bit.
 
 Quantising x (per-token dynamic scales, or one static scale) is the caller's step
-(`jaxinfer.act_formats.quantize_activations`); `jaxinfer.matmul` does it before the call.
+(`jaxinfer.models.act_formats.quantize_activations`); `jaxinfer.models.matmul` does it before the call.
 
 One tiled GEMM over the grid (M blocks, N blocks); no split-K (a W8A8 layer earns its keep on
 prefill-sized M, where the GEMM is compute-bound). Shapes that are not block multiples: x is
@@ -169,7 +169,7 @@ def _check(x_q, x_scale, w_q, w_scale, out_dtype, interpret):
             raise ValueError(f"w_scale must have shape (N,)=({w_q.shape[1]},), (1,) or (), got {w_scale.shape}")
         if jnp.dtype(out_dtype) not in _OUT_DTYPES:
             raise ValueError(f"out_dtype={jnp.dtype(out_dtype)} is not one of float32, bfloat16, float16")
-    check_fp8_supported(x_q.dtype, interpret, "GEMM inputs", "run the reference (jaxinfer.matmul falls back to it)")
+    check_fp8_supported(x_q.dtype, interpret, "GEMM inputs", "run the reference (jaxinfer.models.matmul falls back to it)")
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from jaxinfer.config import ConfigError, ModelConfig, RopeConfig
+from jaxinfer.models.config import ConfigError, ModelConfig, RopeConfig
 
 LLAMA31_OLD_STYLE = {
     "model_type": "llama",

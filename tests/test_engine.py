@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import hf_model, save_hf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxinfer as ji
-from jaxinfer import runner as runner_lib
-from helpers import hf_model, save_hf
+from jaxinfer.engine import runner as runner_lib
 
 GREEDY = ji.SamplingParams(max_tokens=16, temperature=0.0)
 
@@ -175,7 +175,7 @@ def test_auto_implementations_resolve_to_the_backends_path():
     expected = "pallas" if jax.default_backend() == "gpu" else "xla"
     config = ji.EngineConfig()
     assert (config.attention, config.matmul, config.lora_impl) == (expected,) * 3
-    assert ji.model.Impl("auto", "auto") == ji.model.Impl(expected, expected)
+    assert ji.models.decoder.Impl("auto", "auto") == ji.models.decoder.Impl(expected, expected)
     assert ji.EngineConfig(attention="pallas").attention == "pallas"
     with pytest.raises(ValueError, match="attention='fast'"):
         ji.EngineConfig(attention="fast")

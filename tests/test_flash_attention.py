@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import INTERPRET, TOLERANCE, row_errors, row_rel_error
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
-from helpers import INTERPRET, TOLERANCE, row_errors, row_rel_error
-from jaxinfer import attention
+from jaxinfer.models import attention
 from pallas_kernels import flash_attention as fa
 from pallas_kernels.common import pack_tree_mask
 

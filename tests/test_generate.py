@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxinfer as ji
-from jaxinfer import generation as generate_lib
-from jaxinfer.sampling import SamplingBatch, sample
+from jaxinfer.engine import baseline as generate_lib
+from jaxinfer.sampling.sampler import SamplingBatch, sample
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import assert_rows_close, row_errors
 
 import jaxinfer as ji
-from helpers import assert_rows_close, row_errors
-from jaxinfer import formats
-from jaxinfer import gguf as gguf_lib
+from jaxinfer.checkpoints import gguf as gguf_lib
+from jaxinfer.checkpoints.tokenizer import bytes_to_unicode
+from jaxinfer.models import formats
 from jaxinfer.quant import dequantize_params
-from jaxinfer.tokenizer import bytes_to_unicode
 
 Q = gguf.GGMLQuantizationType
 # Per projection: its block type in layer 0 and layer 1 (w_down mixes two: it loads dense).

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxinfer as ji
-from jaxinfer.kv_cache import OutOfPages, PageAllocator, copy_pages
+from jaxinfer.engine.kv_manager import OutOfPages, PageAllocator
+from jaxinfer.models.kv_cache import copy_pages
 
 OPS = st.lists(
     st.tuples(st.sampled_from(["new", "grow", "share", "finish"]), st.integers(0, 7), st.integers(1, 5)),

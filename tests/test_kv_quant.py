@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import INTERPRET, assert_rows_close
 
 import jaxinfer as ji
-from helpers import INTERPRET, assert_rows_close
-from jaxinfer import attention, data, kv_cache
-from jaxinfer.kv_cache import KV_DTYPES, fake_quantize, quantize
+from jaxinfer import data
+from jaxinfer.models import attention, kv_cache
+from jaxinfer.models.kv_cache import KV_DTYPES, fake_quantize, quantize
 from pallas_kernels import flash_attention as fa
 
 

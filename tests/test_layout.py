@@ -1,5 +1,6 @@
-"""The package's import graph: no cycles, no project import hidden inside a function, and the
-model below the quantisation algorithms (model.py never pulls in AWQ or GPTQ)."""
+"""The package's import graph: no cycles, no project import hidden inside a function, every
+import going down the layers of shared/DESIGN.md (a package imports only its own layer and those
+below it), and the model below the quantisation algorithms (the decoder never pulls in AWQ or GPTQ)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,38 @@ def test_no_import_cycle():
             visit(m)
 
 
+# The layers, bottom up: a module may import modules of its own layer and of the layers below.
+LAYERS = [
+    ("pallas_kernels",),
+    ("jaxinfer.buckets", "jaxinfer.sampling"),
+    ("jaxinfer.models", "jaxinfer.sharding"),
+    ("jaxinfer.checkpoints", "jaxinfer.quant", "jaxinfer.lora", "jaxinfer.data", "jaxinfer.memory"),
+    ("jaxinfer.speculative",),
+    ("jaxinfer.engine",),
+    ("jaxinfer.serving",),
+]
+
+
+def _layer(module: str) -> int | None:
+    """The layer of a module (None: the package's own __init__, which re-exports the public API)."""
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in _modules() if _layer(m) is None and m != "jaxinfer"]
+    assert not unplaced, f"modules in no layer of LAYERS: {unplaced}"
+
+
+def test_imports_go_down_the_layers():
+    upward = [f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+              for m, deps in _graph().items() for d in deps
+              if _layer(m) is not None and _layer(d) is not None and _layer(d) > _layer(m)]
+    assert not upward, "\n".join(upward)
+
+
 def test_no_project_import_inside_a_function():
     modules = _modules()
     for name, path in modules.items():
@@ -83,13 +116,13 @@ def test_no_project_import_inside_a_function():
 
 
 def test_model_does_not_import_the_quantisation_algorithms():
-    graph, seen, todo = _graph(), set(), ["jaxinfer.model"]
+    graph, seen, todo = _graph(), set(), ["jaxinfer.models.decoder"]
     while todo:
         for dep in graph[todo.pop()] - seen:
             seen.add(dep)
             todo.append(dep)
     assert not {m for m in seen if m.startswith("jaxinfer.quant")}, sorted(seen)
-    assert "jaxinfer.matmul" in seen and "jaxinfer.formats" in seen
+    assert "jaxinfer.models.matmul" in seen and "jaxinfer.models.formats" in seen
 
 
 def test_every_experiment_imports_beside_the_others():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import jaxinfer as ji
-from jaxinfer.lifecycle import sample_seed
-from jaxinfer.mock_runner import MockRunner, expected_tokens
+from jaxinfer.engine.lifecycle import sample_seed
+from jaxinfer.engine.mock_runner import MockRunner, expected_tokens
 
 VOCAB = 300
 CFG = ji.ModelConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,

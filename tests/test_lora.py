@@ -14,11 +14,11 @@ import numpy as np
 import peft
 import pytest
 import torch
+from helpers import TOLERANCE, hf_model, row_errors, save_hf
 from safetensors.numpy import save_file
 
 import jaxinfer as ji
 from jaxinfer import lora, quant
-from helpers import TOLERANCE, hf_model, row_errors, save_hf
 
 TOL = 1e-4  # float32 logits, per row, against HF + peft
 GREEDY = ji.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -148,7 +148,7 @@ def test_lora_over_int4_base_equals_merged(setup, rng):
     int4 = quant.quantize_model(model, quant.QuantScheme(bits=4, group_size=32), progress=False)
     adapter = ji.load_adapter(paths["every"])
     merged = lora.merge(int4, adapter)
-    assert not isinstance(merged.params["layers"]["wq"], ji.formats.QuantizedWeight)
+    assert not isinstance(merged.params["layers"]["wq"], ji.models.formats.QuantizedWeight)
     tokens = rng.integers(0, 256, size=(1, 12))
     actual = np.asarray(lora.forward_logits(int4, tokens, [adapter]))
     assert row_errors(actual, np.asarray(ji.forward_logits(merged, tokens))).max() <= TOLERANCE["float32"]

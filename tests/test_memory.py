@@ -6,11 +6,11 @@ import json
 
 import pytest
 from absl.testing import flagsaver
+from helpers import run_script
 
 from experiments import kv_capacity
-from helpers import run_script
 from jaxinfer import memory
-from jaxinfer.config import ModelConfig
+from jaxinfer.models.config import ModelConfig
 
 
 def _config(num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, **kwargs) -> ModelConfig:

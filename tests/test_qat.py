@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import row_rel_error, run_main
 
 import jaxinfer as ji
 from experiments import qat as qat_experiment
-from helpers import row_rel_error, run_main
-from jaxinfer import model as model_lib
 from jaxinfer import quant
+from jaxinfer.models import decoder as model_lib
 from jaxinfer.quant import qat
 from jaxinfer.quant.spec import scheme_from_name
 

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import row_rel_error
 
 import jaxinfer as ji
 from jaxinfer import quant
-from jaxinfer import formats as qf
+from jaxinfer.models import formats as qf
 from jaxinfer.quant.rtn import quantize_weight
 from jaxinfer.quant.spec import scheme_from_name
-from helpers import row_rel_error
 
 
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 64), (4, 256)])

@@ -7,17 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TOLERANCE, row_rel_error
 
 import jaxinfer as ji
-from jaxinfer import data
-from jaxinfer import matmul
-from jaxinfer import model as model_lib
-from jaxinfer import quant
+from jaxinfer import data, quant
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import formats as qf
+from jaxinfer.models import matmul
 from jaxinfer.quant import awq, gptq
 from jaxinfer.quant import calibration as calib
-from jaxinfer import formats as qf
 from jaxinfer.quant.rtn import quantize_weight
-from helpers import TOLERANCE, row_rel_error
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TOLERANCE, row_rel_error
 from safetensors.numpy import load_file, save_file
 
 import jaxinfer as ji
-from helpers import TOLERANCE, row_rel_error
+from jaxinfer.checkpoints.quantized import load_quantized_params
 from jaxinfer.quant import QuantizedWeight, dequantize
-from jaxinfer.quant.checkpoints import load_quantized_params
 
 CFG = ji.ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=16, layer_windows=(0, 0))

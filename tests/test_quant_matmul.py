@@ -1,4 +1,4 @@
-"""quant_matmul (interpret mode) against its reference; the reference against jaxinfer.formats.
+"""quant_matmul (interpret mode) against its reference; the reference against jaxinfer.models.formats.
 
 Shapes are drawn by hypothesis and kept small (each new shape costs an interpret-mode compile of a
 second or two). Interpret mode fills kernel outputs with NaN before the kernel runs
@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import INTERPRET, TOLERANCE, assert_rows_close, row_errors
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
-from helpers import INTERPRET, TOLERANCE, assert_rows_close, row_errors
-from jaxinfer import formats as fmt
+from jaxinfer.models import formats as fmt
+from jaxinfer.models.matmul import linear
 from jaxinfer.quant import rtn
-from jaxinfer.matmul import linear
 from pallas_kernels import quant_matmul as qm
 
 # helpers.TOLERANCE has no float16: rounding the float32 accumulator to float16 costs at most

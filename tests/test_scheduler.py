@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 import jaxinfer as ji
 from jaxinfer import lora
-from jaxinfer.lifecycle import sample_seed
-from jaxinfer.mock_runner import MockRunner, expected_tokens
-from jaxinfer.scheduler import Scheduler
+from jaxinfer.engine.lifecycle import sample_seed
+from jaxinfer.engine.mock_runner import MockRunner, expected_tokens
+from jaxinfer.engine.scheduler import Scheduler
 
 VOCAB = 300
 CFG = ji.ModelConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (jaxinfer/server.py), driven by the real `openai` client over HTTP
+"""The OpenAI-compatible server (jaxinfer/serving/server.py), driven by the real `openai` client over HTTP
 on a free localhost port: the same tokens as Engine.generate for greedy requests, streamed or not;
 many concurrent streams; a client that leaves mid-stream gets its request aborted and its pages
 back; bad requests get a 400 naming the field and the server keeps serving."""
@@ -13,11 +13,12 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import run_main
 
 import jaxinfer as ji
 from experiments import bench_serving
-from helpers import run_main
-from jaxinfer import lora, server
+from jaxinfer import lora
+from jaxinfer.serving import server
 
 # The shipped tiny model has no chat template: the server is given this one.
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"

@@ -4,15 +4,15 @@ to them."""
 
 from __future__ import annotations
 
-import ml_dtypes
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from helpers import row_rel_error
 
 import jaxinfer as ji
-from helpers import row_rel_error
-from jaxinfer import act_formats as af
 from jaxinfer import quant
+from jaxinfer.models import act_formats as af
 from jaxinfer.quant import simulated
 from jaxinfer.quant.spec import SimScheme, scheme_from_name
 

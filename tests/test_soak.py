@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from absl.testing import flagsaver
+from helpers import run_main
 
 from experiments import soak
-from helpers import run_main
-from jaxinfer import scheduler as scheduler_lib
-from jaxinfer.mock_runner import MockRunner
+from jaxinfer.engine import scheduler as scheduler_lib
+from jaxinfer.engine.mock_runner import MockRunner
 
 # Small shapes: few programs to compile (chunks of 16, block tables of 4 pages, at most 4 rows).
 SMALL = ("--max_batch=4", "--max_tokens_per_step=16", "--page_size=8", "--max_prompt_len=20", "--max_output_len=12",

@@ -16,8 +16,8 @@ from helpers import run_main, run_script
 
 import jaxinfer as ji
 from experiments import spec_decode, train_drafter
-from jaxinfer import runner as runner_lib
-from jaxinfer.sampling import SamplingBatch
+from jaxinfer.engine import runner as runner_lib
+from jaxinfer.sampling.sampler import SamplingBatch
 from jaxinfer.speculative import accept as accept_lib
 from jaxinfer.speculative import heads
 from jaxinfer.speculative import tree as tree_lib

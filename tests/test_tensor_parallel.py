@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import flagsaver
+from helpers import REPO
 
 import jaxinfer as ji
 from experiments import kv_capacity
-from helpers import REPO
-from jaxinfer import formats, memory, sharding
-from jaxinfer import runner as runner_lib
+from jaxinfer import memory, sharding
+from jaxinfer.engine import runner as runner_lib
 from jaxinfer.lora.adapter import random_adapter
+from jaxinfer.models import formats
 
 TOL = 1e-5  # float32 logits, largest per-row relative error against tp = 1 (measured: under 1e-6)
 FAST_CHECKS = ("forward_logits", "engine_greedy", "int4_lora_kv_int8")
@@ -81,7 +82,7 @@ def test_warmed_up_engine_compiles_nothing_new(checks):
 
 def test_per_device_bytes_fall_with_tp(checks):
     memory_ = _ok(checks["engine_greedy"])["bytes_per_device"]
-    cfg = ji.ModelConfig.from_json_file(os.path.join(ji.weights.ASSETS_DIR, "tiny", "config.json"))
+    cfg = ji.ModelConfig.from_json_file(os.path.join(ji.checkpoints.weights.ASSETS_DIR, "tiny", "config.json"))
     L, D, F, N, K, H = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim)
     for tp in (1, 2, 4):

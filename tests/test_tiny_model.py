@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import TOLERANCE, row_rel_error, run_main, run_script
 
 import jaxinfer as ji
-from jaxinfer import data
-from jaxinfer.weights import ASSETS_DIR
 from experiments import eval_tiny, generate, train_tiny
-from helpers import TOLERANCE, row_rel_error, run_main, run_script
+from jaxinfer import data
+from jaxinfer.checkpoints.weights import ASSETS_DIR
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import row_errors, row_rel_error
 
 import jaxinfer as ji
-from helpers import row_errors, row_rel_error
-from jaxinfer import act_formats as af
-from jaxinfer import model as model_lib
 from jaxinfer import quant
+from jaxinfer.models import act_formats as af
+from jaxinfer.models import decoder as model_lib
 from jaxinfer.quant import w8a8
 from jaxinfer.quant.spec import SimScheme, W8A8Scheme, scheme_from_name
 

@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import INTERPRET, assert_rows_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import INTERPRET, assert_rows_close
-from jaxinfer import act_formats as af
-from jaxinfer import matmul
-from jaxinfer.matmul import linear
+from jaxinfer.models import act_formats as af
+from jaxinfer.models import matmul
+from jaxinfer.models.matmul import linear
 from pallas_kernels import w8a8_matmul as wm
 
 FP8_TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}

@@ -29,9 +29,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinfer as ji  # noqa: E402
-from jaxinfer import formats, matmul, quant, sharding  # noqa: E402
-from jaxinfer import runner as runner_lib  # noqa: E402
+from jaxinfer import quant, sharding
+from jaxinfer.engine import runner as runner_lib  # noqa: E402
 from jaxinfer.lora.adapter import random_adapter  # noqa: E402
+from jaxinfer.models import (
+    formats,
+    matmul,  # noqa: E402
+)
 
 PROMPTS = [[256, *b"def add(a, b):"], [256, *b"import os"]]
 GREEDY = ji.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

@@ -30,8 +30,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig, read_json_object
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig, read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -6,7 +6,7 @@ per layer and slot, the rank zero-padded to R (a power of two >= 16, which the P
 without a copy). Inside a jitted step, `with_adapters` gives each layer's params its index and returns the
 projection hook, which reads that layer's rows of the slots and adds each token's delta to the
 base projection, which goes through
-jaxinfer.matmul.linear as always (dense or packed: a LoRA over an int4 base is QLoRA-style serving):
+jaxinfer.models.matmul.linear as always (dense or packed: a LoRA over an int4 base is QLoRA-style serving):
 
   y = x @ W (+ bias) + scale[l, s] * (x @ A[l, s]) @ B[l, s]     s: the token's slot; -1: no delta
 
@@ -30,12 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig
-from jaxinfer.formats import QuantizedWeight, dequantize
-from jaxinfer.kv_cache import BatchDescriptor
+from jaxinfer.buckets import next_power_of_2
+from jaxinfer.checkpoints.model import Model
 from jaxinfer.lora.adapter import PROJECTIONS, LoraAdapter, check_fits
-from jaxinfer.requests import next_power_of_2
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.formats import QuantizedWeight, dequantize
+from jaxinfer.models.kv_cache import BatchDescriptor
 from pallas_kernels import lora_matmul as kernel
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -208,7 +209,7 @@ def _segments(y, x, a, b, scale, slots, impl):
 # The reference paths -----------------------------------------------------------------------------
 
 
-def merge(model: model_lib.Model, adapter: LoraAdapter) -> model_lib.Model:
+def merge(model: Model, adapter: LoraAdapter) -> Model:
     """The base model with the adapter folded into its weights, W + scale * a @ b (in float32, cast
     to the model dtype): the reference the batched path is checked against. A packed (quantised)
     projection the adapter touches is dequantised first, so the result is dense there."""
@@ -233,7 +234,7 @@ def _forward(params, cfg, tokens, weights, slots, *, impl, lora_impl):
     return model_lib.forward(params, cfg, tokens, positions, impl=impl, project=project).logits
 
 
-def forward_logits(model: model_lib.Model, tokens, adapters: list[LoraAdapter | None], *, lora_impl: str = "xla",
+def forward_logits(model: Model, tokens, adapters: list[LoraAdapter | None], *, lora_impl: str = "xla",
                    attn_impl: str = "xla", matmul_impl: str = "xla") -> jax.Array:
     """int32[B, T] -> float32[B, T, V], row b under adapters[b] (None: the base model): one full
     causal pass, no cache, every distinct adapter in a slot of its own."""

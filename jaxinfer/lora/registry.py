@@ -15,8 +15,8 @@ import collections
 import os
 import time
 
-from jaxinfer.config import ModelConfig
 from jaxinfer.lora.adapter import LoraAdapter, check_fits, load_adapter
+from jaxinfer.models.config import ModelConfig
 
 
 class AdapterRegistry:

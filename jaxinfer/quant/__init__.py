@@ -1,6 +1,6 @@
 """Quantisation as a transform on params: `quantize(params, scheme)` returns params whose
 projection weights are packed pytrees (QuantizedWeight, W8A8Weight, SimWeight); `model.py` reaches
-them through `jaxinfer.matmul.linear`, its one matmul dispatch point.
+them through `jaxinfer.models.matmul.linear`, its one matmul dispatch point.
 
 Schemes (spec.py names them): weight-only RTN (here), AWQ (awq.py) and GPTQ (gptq.py); W8A8 int8
 (naive, or SmoothQuant) and FP8 (w8a8.py); simulated NVFP4, MXFP4, W4A8 and W4A16 with FP8
@@ -16,10 +16,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxinfer.act_formats import SimWeight, W8A8Weight, dequantize_w8a8
-from jaxinfer.formats import QuantizedWeight, dequantize, reference_matmul
-from jaxinfer.matmul import linear
-from jaxinfer.model import Model
+from jaxinfer.checkpoints.model import Model
+from jaxinfer.models.act_formats import SimWeight, W8A8Weight, dequantize_w8a8
+from jaxinfer.models.formats import QuantizedWeight, dequantize, reference_matmul
+from jaxinfer.models.matmul import linear
 from jaxinfer.quant import awq, gptq, simulated, spec, w8a8
 from jaxinfer.quant import calibration as calib
 from jaxinfer.quant.rtn import quantize_weight

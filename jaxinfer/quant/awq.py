@@ -32,11 +32,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.formats import QuantizedWeight, check_scheme
 from jaxinfer.quant import rtn
-from jaxinfer.quant.spec import LINEAR_WEIGHTS, QuantScheme
 from jaxinfer.quant.calibration import InputStats, LayerInputs, Params
-from jaxinfer.formats import QuantizedWeight, check_scheme
+from jaxinfer.quant.spec import LINEAR_WEIGHTS, QuantScheme
 
 SCALE_GRID = 20  # alphas 0, 1/19, ..., 1
 CLIP_GRID = 20  # clip ratios 1 - i / CLIP_GRID ...

@@ -10,7 +10,7 @@ SmoothQuant's and static FP8's activation maxima, without keeping the activation
 before layer l + 1 is measured: the sequential scheme of GPTQ and AWQ, in which each layer is
 calibrated on the inputs the already-quantised layers below it produce.
 
-The layer is `jaxinfer.model.layer` itself, with a projection hook that records the input of
+The layer is `jaxinfer.models.decoder.layer` itself, with a projection hook that records the input of
 every projection on its way to the matmul.
 
 Axes (as in model.py): C sequences in a chunk, T tokens, D hidden, F MLP hidden, N query heads,
@@ -29,10 +29,11 @@ import numpy as np
 from flax import struct
 from tqdm.auto import tqdm
 
-from jaxinfer import attention, data
-from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig
-from jaxinfer.model import Model
+from jaxinfer import data
+from jaxinfer.checkpoints.model import Model
+from jaxinfer.models import attention
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig
 
 Params = model_lib.Params
 

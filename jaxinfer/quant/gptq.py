@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.formats import QuantizedWeight, check_scheme
 from jaxinfer.quant import rtn
-from jaxinfer.quant.spec import LINEAR_WEIGHTS, QuantScheme
 from jaxinfer.quant.calibration import WEIGHT_INPUTS, LayerInputs, Params
-from jaxinfer.formats import QuantizedWeight, check_scheme
+from jaxinfer.quant.spec import LINEAR_WEIGHTS, QuantScheme
 
 PERCDAMP = 0.01
 BLOCK_SIZE = 128

@@ -27,10 +27,10 @@ import numpy as np
 import optax
 
 from jaxinfer import data
-from jaxinfer import model as model_lib
-from jaxinfer.act_formats import fake_quantize_activation
-from jaxinfer.formats import dequantize
-from jaxinfer.model import Model
+from jaxinfer.checkpoints.model import Model
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.act_formats import fake_quantize_activation
+from jaxinfer.models.formats import dequantize
 from jaxinfer.quant import rtn, simulated
 from jaxinfer.quant.spec import QuantScheme, Scheme, SimScheme
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.formats import QuantizedWeight, check_scheme, pack
+from jaxinfer.models.formats import QuantizedWeight, check_scheme, pack
 
 
 def group_params(w: jax.Array, bits: int, symmetric: bool, scale_dtype) -> tuple[jax.Array, jax.Array]:

@@ -23,8 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.act_formats import BLOCKS, QMAX, SimWeight, fake_mxfp4, fake_nvfp4
-from jaxinfer.formats import dequantize
+from jaxinfer.models.act_formats import BLOCKS, QMAX, SimWeight, fake_mxfp4, fake_nvfp4
+from jaxinfer.models.formats import dequantize
 from jaxinfer.quant import rtn
 from jaxinfer.quant.spec import LINEAR_WEIGHTS, SimScheme
 

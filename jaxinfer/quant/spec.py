@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from jaxinfer.formats import BITS
+from jaxinfer.models.formats import BITS
 
 # The projections a weight-only scheme quantises. Embeddings, norms, biases and the LM head stay dense.
 LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -83,7 +83,7 @@ SIM_WEIGHTS = ("nvfp4", "mxfp4", "int4", "int4-fp8scale")
 
 @dataclasses.dataclass(frozen=True)
 class W8A8Scheme:
-    """Weights and activations in 8 bits (jaxinfer.act_formats.W8A8Weight).
+    """Weights and activations in 8 bits (jaxinfer.models.act_formats.W8A8Weight).
 
     dtype: "int8" or "fp8" (e4m3). smooth_alpha: SmoothQuant's migration strength in [0, 1] (int8
     only), None for none. static_act: one calibrated activation scale per projection (fp8 only),
@@ -117,7 +117,7 @@ class W8A8Scheme:
 
 @dataclasses.dataclass(frozen=True)
 class SimScheme:
-    """A simulated format (jaxinfer.act_formats.SimWeight): weights rounded to `weights` (nvfp4,
+    """A simulated format (jaxinfer.models.act_formats.SimWeight): weights rounded to `weights` (nvfp4,
     mxfp4, int4 RTN in groups of group_size, int4-fp8scale: int4 with e4m3 group scales), and
     activations rounded to `act` in every matmul (None, "fp8", "nvfp4", "mxfp4")."""
 

@@ -4,7 +4,7 @@
 Weights get one scale per output channel (or, fp8 "-pt", one per matrix); activations one scale
 per token computed on the fly, or (fp8 "-static") one calibrated scale per projection: the largest
 |x| its input reached on the calibration windows, over 448. The format and its matmul are in
-`jaxinfer.act_formats`; naive W8A8 (no smoothing) is the control SmoothQuant is measured against.
+`jaxinfer.models.act_formats`; naive W8A8 (no smoothing) is the control SmoothQuant is measured against.
 
 SmoothQuant: per-token int8 activations lose the small channels of a token whose few outlier
 channels set its scale. Dividing input channel j by s_j (and multiplying weight row j by s_j)
@@ -37,9 +37,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.act_formats import QMAX, W8A8Weight, quantize_columns
-from jaxinfer.config import ModelConfig
-from jaxinfer.model import Model
+from jaxinfer.checkpoints.model import Model
+from jaxinfer.models.act_formats import QMAX, W8A8Weight, quantize_columns
+from jaxinfer.models.config import ModelConfig
 from jaxinfer.quant.calibration import LayerInputs, Params
 from jaxinfer.quant.spec import LINEAR_WEIGHTS, W8A8Scheme
 

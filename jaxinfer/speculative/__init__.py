@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 
+from jaxinfer.checkpoints.weights import ASSETS_DIR, load_model
 from jaxinfer.speculative.config import METHODS, SHIPPED_DRAFTERS, Drafter, DraftTree, Proposal, SpeculativeConfig
 from jaxinfer.speculative.draft_model import DraftModelDrafter
 from jaxinfer.speculative.eagle import EagleDrafter
 from jaxinfer.speculative.medusa import MedusaDrafter
 from jaxinfer.speculative.ngram import NgramDrafter
 from jaxinfer.speculative.synthetic import SyntheticDrafter
-from jaxinfer.weights import ASSETS_DIR, load_model
 
 
 def load_drafter(config: SpeculativeConfig, target, num_pages: int, page_size: int, max_seq_len: int,

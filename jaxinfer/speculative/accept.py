@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.sampling import SamplingBatch, filtered_probs
+from jaxinfer.sampling.sampler import SamplingBatch, filtered_probs
 
 # fold_in offsets that keep this rule's random draws apart from the drafters' and the sampler's.
 _UNIFORM, _FINAL = 1 << 20, 1 << 21

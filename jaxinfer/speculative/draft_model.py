@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import model as model_lib
-from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
-from jaxinfer.requests import next_power_of_2
-from jaxinfer.sampling import SamplingBatch, SamplingParams, filtered_probs
+from jaxinfer.buckets import next_power_of_2
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
+from jaxinfer.sampling.sampler import SamplingBatch, SamplingParams, filtered_probs
 from jaxinfer.speculative.config import Proposal
 
 DRAFT_KEYS = 1 << 22  # fold_in offset of the drafters' random draws (apart from the acceptance rule's)

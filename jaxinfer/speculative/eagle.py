@@ -28,17 +28,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import attention
-from jaxinfer import model as model_lib
 from jaxinfer import sharding
-from jaxinfer.kv_cache import PagedKVCache, copy_pages
-from jaxinfer.requests import next_power_of_2
+from jaxinfer.buckets import next_power_of_2
+from jaxinfer.models import attention
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.kv_cache import PagedKVCache, copy_pages
 from jaxinfer.speculative.config import Proposal
 from jaxinfer.speculative.draft_model import (
-    chunk_batch, decode_batch, draw, pages_bucket, row_keys, sampling_rows,
+    chunk_batch,
+    decode_batch,
+    draw,
+    pages_bucket,
+    row_keys,
+    sampling_rows,
 )
 from jaxinfer.speculative.heads import (
-    draft_logits, eagle_features, eagle_inputs, eagle_layer_config, load_heads, with_draft_head,
+    draft_logits,
+    eagle_features,
+    eagle_inputs,
+    eagle_layer_config,
+    load_heads,
+    with_draft_head,
 )
 from pallas_kernels.common import gather_pages
 

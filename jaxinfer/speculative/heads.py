@@ -10,7 +10,7 @@ EAGLE (Li et al. 2024): one decoder layer at the feature level. Input at positio
 feature, final-normed with the target's norm and read through the target's LM head:
     x_t = [f_t ; e(x_{t+1})] @ fc,   f^_{t+1} = norm(layer(x_<=t)),   logits = lm_head(f^_{t+1})
 
-Params pytrees (D hidden, H heads, the layer's shapes as in jaxinfer.model with L = 1):
+Params pytrees (D hidden, H heads, the layer's shapes as in jaxinfer.models.decoder with L = 1):
   medusa  w (H, D, D), b (H, D)
   eagle   fc (2D, D), layer {attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down, ...}
 Either may carry a truncated draft vocabulary, draft_vocab (W,) int32: the tokens the heads may
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig
 
 CONFIG_FILE, PARAMS_FILE = "drafter.json", "drafter.safetensors"
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import sharding
-from jaxinfer.requests import next_power_of_2
+from jaxinfer.buckets import next_power_of_2
 from jaxinfer.speculative.config import Proposal
 from jaxinfer.speculative.draft_model import draw, row_keys, sampling_rows
 from jaxinfer.speculative.heads import load_heads, medusa_logits, with_draft_head

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer.requests import next_power_of_2
+from jaxinfer.buckets import next_power_of_2
 from jaxinfer.speculative.config import Proposal
 
 

@@ -15,9 +15,9 @@ import heapq
 import logging
 import time
 
-from jaxinfer.requests import RequestOutput, StopRules, sequence_output
-from jaxinfer.sampling import NONFINITE, SamplingParams
-from jaxinfer.scheduler import Scheduler, Sequence, Status
+from jaxinfer.engine.requests import RequestOutput, StopRules, sequence_output
+from jaxinfer.engine.scheduler import Scheduler, Sequence, Status
+from jaxinfer.sampling.sampler import NONFINITE, SamplingParams
 
 log = logging.getLogger("jaxinfer")
 

@@ -4,11 +4,11 @@
   outs = engine.generate(prompts, ji.SamplingParams(max_tokens=64, temperature=0.0))
 
 Each `step()` asks the scheduler for a mixed batch (one decode token per running sequence plus
-prompt chunks), has the runner (jaxinfer/runner.py) run it as one jitted forward over the
+prompt chunks), has the runner (jaxinfer/engine/runner.py) run it as one jitted forward over the
 paged cache, appends the sampled tokens and retires finished requests, returning their pages
-(jaxinfer/lifecycle.py).
+(jaxinfer/engine/lifecycle.py).
 A step with decode work only becomes a decode call of up to `decode_steps` steps
-(jaxinfer/pipeline.py); with `overlap`, the next call is dispatched before the last one's tokens
+(jaxinfer/engine/pipeline.py); with `overlap`, the next call is dispatched before the last one's tokens
 are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an adapter registry
 (jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits a sequence.
 With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
@@ -37,21 +37,20 @@ import time
 from collections.abc import Iterator
 from typing import Sequence as Seq
 
-from jaxinfer import model as model_lib
 from jaxinfer import sharding
-from jaxinfer.engine_config import EngineConfig
-from jaxinfer.engine_metrics import EngineMeter
-from jaxinfer.kv_cache import PageAllocator
-from jaxinfer.lifecycle import Request, RequestTable, SequenceEvents
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.kv_manager import PageAllocator
+from jaxinfer.engine.lifecycle import Request, RequestTable, SequenceEvents
+from jaxinfer.engine.metrics import EngineMeter
+from jaxinfer.engine.pipeline import DecodePipeline, run_mixed
+from jaxinfer.engine.requests import RequestOutput, StopRules, check_request, prepare_adapters, prepare_sampling
+from jaxinfer.engine.runner import ModelRunner
+from jaxinfer.engine.scheduler import Scheduler, Sequence
+from jaxinfer.engine.speculation import SpeculativeDecoder
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
-from jaxinfer.requests import RequestOutput, StopRules, check_request, prepare_adapters, prepare_sampling
-from jaxinfer.pipeline import DecodePipeline, run_mixed
-from jaxinfer.runner import ModelRunner
-from jaxinfer.sampling import SamplingParams
-from jaxinfer.scheduler import Scheduler, Sequence
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.sampling.sampler import SamplingParams
 from jaxinfer.speculative import load_drafter
-from jaxinfer.speculative.decoder import SpeculativeDecoder
-
 
 log = logging.getLogger("jaxinfer")
 
@@ -59,7 +58,7 @@ log = logging.getLogger("jaxinfer")
 class Engine:
     def __init__(self, model, config: EngineConfig | None = None, *, runner=ModelRunner):
         """`runner(model, num_pages, page_size, max_seq_len, max_batch, impl, features, kv_dtype, lora)`
-        builds the model runner (jaxinfer.mock_runner.MockRunner runs the engine with no model)."""
+        builds the model runner (jaxinfer.engine.mock_runner.MockRunner runs the engine with no model)."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
         placed = sharding.place_model(model, config.tp)  # the model as the device runs it
@@ -218,7 +217,7 @@ class Engine:
 
     def metrics(self) -> dict[str, float]:
         """Run-level figures so far: step and token counts, preemptions, host/device time, KV use
-        (jaxinfer/engine_metrics.py), speculation's and the adapters' figures."""
+        (jaxinfer/engine/metrics.py), speculation's and the adapters' figures."""
         return {**self.meter.metrics(self.stats, len(self.buckets)),
                 **(self.speculator.metrics() if self.speculator else {}),
                 **self.adapters.metrics()}  # lora_loads, lora_evictions, lora_swap_s, adapters held

@@ -4,12 +4,12 @@
   with BackgroundServer(app) as server:         # or in a thread on a free localhost port
       openai.OpenAI(base_url=server.url + "/v1", api_key="-").completions.create(...)
 
-Endpoints: POST /v1/completions and /v1/chat/completions (request format in jaxinfer/openai_api.py;
+Endpoints: POST /v1/completions and /v1/chat/completions (request format in jaxinfer/serving/openai_api.py;
 `stream: true` answers with server-sent events, one chunk per engine output, then `data: [DONE]`),
 GET /v1/models (the base model and every loaded LoRA adapter, which `model` selects) and GET
 /health (the engine loop's state: running and waiting requests, pages in use).
 
-Every connection's requests go to one EngineLoop (jaxinfer/engine_loop.py), the only thread that
+Every connection's requests go to one EngineLoop (jaxinfer/serving/engine_loop.py), the only thread that
 touches the engine, which batches them continuously. A client that disconnects before its
 request finishes (mid-stream or while waiting for a whole response) aborts it; its pages come
 back at the loop's next turn. Bad requests get HTTP 400 with OpenAI's error body naming the field;
@@ -30,10 +30,10 @@ import fastapi
 import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from jaxinfer import openai_api
-from jaxinfer.engine import Engine
-from jaxinfer.engine_loop import EngineLoop
-from jaxinfer.openai_api import RequestError
+from jaxinfer.engine.engine import Engine
+from jaxinfer.serving import openai_api
+from jaxinfer.serving.engine_loop import EngineLoop
+from jaxinfer.serving.openai_api import RequestError
 
 
 def build_app(engine: Engine, name: str | None = None, chat_template: str | None = None) -> fastapi.FastAPI:

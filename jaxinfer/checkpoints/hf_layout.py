@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 
-from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes a dense weight may be stored in

@@ -17,8 +17,9 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jaxinfer.config import ModelConfig
-from jaxinfer.sampling import SamplingParams
+
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.sampling.sampler import SamplingParams
 
 
 @dataclasses.dataclass
@@ -38,10 +39,6 @@ class RequestOutput:
     # far, finish_reason None; the text holds back a tail that could still become a stop string
     finished: bool = True
     samples: list[RequestOutput] = dataclasses.field(default_factory=list)  # all n samples when n > 1
-
-
-def next_power_of_2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def prepare_prompts(model, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -132,7 +129,7 @@ def prepare_adapters(adapters: Sequence[str | None] | None, n: int) -> list[str 
 
 
 def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | None = None) -> RequestOutput:
-    """The output of one sequence (a jaxinfer.scheduler.Sequence), finished or still running: its
+    """The output of one sequence (a jaxinfer.engine.scheduler.Sequence), finished or still running: its
     tokens, text and per-request timings (TTFT, TPOT, latency; so far, while it runs)."""
     k = len(seq.generated)
     finished = seq.finish_reason is not None

@@ -19,8 +19,8 @@ import time
 import uuid
 from typing import Any
 
-from jaxinfer.requests import RequestOutput, prepare_prompt
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.engine.requests import RequestOutput, prepare_prompt
+from jaxinfer.sampling.sampler import SamplingParams
 
 
 class RequestError(ValueError):
@@ -41,7 +41,7 @@ class ServedModel:
 
     name: str  # the base model's name
     adapters: tuple[str, ...]  # loaded LoRA adapters, selected by `model`
-    tokenizer: Any  # jaxinfer.tokenizer.HFTokenizer (chat_template may be None)
+    tokenizer: Any  # jaxinfer.checkpoints.tokenizer.HFTokenizer (chat_template may be None)
     model: Any  # jaxinfer.Model, for prompt checks against its vocabulary and context
     max_seq_len: int
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jaxinfer.runner import DecodeCall
-from jaxinfer.scheduler import Scheduler, Sequence, Status
+from jaxinfer.engine.runner import DecodeCall
+from jaxinfer.engine.scheduler import Scheduler, Sequence, Status
 
 # append(seq, token) -> True if the sequence finished with that token.
 Append = Callable[[Sequence, int], bool]

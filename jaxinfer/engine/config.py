@@ -9,12 +9,12 @@ import math
 import jax.numpy as jnp
 
 from jaxinfer import memory
-from jaxinfer.kv_cache import KV_DTYPES
+from jaxinfer.engine.runner import possible_buckets
 from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
 from jaxinfer.lora import SlotConfig
-from jaxinfer.model import Impl, auto_impl
-from jaxinfer.runner import possible_buckets
-from jaxinfer.sampling import check_timeout
+from jaxinfer.models.decoder import Impl, auto_impl
+from jaxinfer.models.kv_cache import KV_DTYPES
+from jaxinfer.sampling.sampler import check_timeout
 from jaxinfer.speculative.config import SpeculativeConfig
 
 SCALE_BYTES = 4  # a quantised cache's float32 scale per token and kv head, for each of K and V
@@ -97,7 +97,7 @@ class EngineConfig:
 
     def buckets(self, max_seq_len: int, page_size: int, num_pages: int, max_prompt_len: int,
                 max_len: int) -> list[tuple]:
-        """Every program shape an engine with this config can run (jaxinfer.runner.possible_buckets)."""
+        """Every program shape an engine with this config can run (jaxinfer.engine.runner.possible_buckets)."""
         return possible_buckets(
             max_batch=self.max_batch, max_tokens_per_step=self.max_tokens_per_step,
             chunked_prefill=self.chunked_prefill, decode_steps=self.decode_steps,

@@ -1,7 +1,7 @@
 """Projection formats that round the activations too: W8A8 (int8 or FP8 e4m3 weights and
 activations, served by an 8-bit GEMM) and simulated low-bit formats (NVFP4, MXFP4, W4A8, W4A16
-with FP8 scales) for accuracy studies. Like `jaxinfer.formats`, these are pytrees that
-`jaxinfer.matmul.linear` dispatches on; the functions here are the numerics every path shares.
+with FP8 scales) for accuracy studies. Like `jaxinfer.models.formats`, these are pytrees that
+`jaxinfer.models.matmul.linear` dispatches on; the functions here are the numerics every path shares.
 
 W8A8Weight  y = (x_q @ w_q) * x_scale[m] * w_scale[n], the product of 8-bit values accumulated in
             int32 (int8) or float32 (fp8). Weights: one scale per output channel (or one per tensor,
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxinfer import kv_cache
+from jaxinfer.models import kv_cache
 
 DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
 QMAX = {"int8": 127.0, "fp8": 448.0}

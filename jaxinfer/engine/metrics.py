@@ -8,7 +8,7 @@ import collections
 
 import numpy as np
 
-from jaxinfer.kv_cache import PageAllocator
+from jaxinfer.engine.kv_manager import PageAllocator
 
 
 class EngineMeter:

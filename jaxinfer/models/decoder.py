@@ -35,30 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import attention, matmul
-from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
+from jaxinfer.models import attention, matmul
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
 from jaxinfer.sharding import parallel_style, use_mesh
-from jaxinfer.tokenizer import Tokenizer
 
 Params = dict[str, Any]
-
-
-@dataclasses.dataclass
-class Model:
-    """A loaded model: static config, params pytree, and a tokenizer (None: token ids only).
-    placement: None (params on the default device), or where jaxinfer.sharding placed them (a
-    tensor-parallel mesh; the config is then the model as it runs, KV heads replicated if tp > K)."""
-
-    config: ModelConfig
-    params: Params
-    tokenizer: Tokenizer | None = None
-    name: str = ""
-    placement: Any = None
-
-    @property
-    def dtype(self):
-        return self.params["embed"].dtype
 
 
 class ForwardOutput(NamedTuple):
@@ -261,7 +243,7 @@ def forward(
     """Run the decoder over tokens at the given positions: without a cache the tokens attend
     causally to each other; with a contiguous cache (passed in and returned) their K/V are
     written into it first and attention reads it. Logits are float32. Projection weights may be
-    dense arrays or packed formats (jaxinfer.formats); impl.matmul picks how those are multiplied."""
+    dense arrays or packed formats (jaxinfer.models.formats); impl.matmul picks how those are multiplied."""
     return _decoder(params, cfg, tokens, positions, cache, logits_at, None, impl, project)
 
 

@@ -30,8 +30,7 @@ import tokenizers.models
 import tokenizers.pre_tokenizers
 import tokenizers.processors
 
-from jaxinfer.config import read_json_object
-
+from jaxinfer.models.config import read_json_object
 
 log = logging.getLogger("jaxinfer")
 

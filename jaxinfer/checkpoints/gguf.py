@@ -52,12 +52,12 @@ import tokenizers.models
 import tokenizers.pre_tokenizers
 import tokenizers.processors
 
-from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig, RopeConfig
-from jaxinfer.formats import QuantizedWeight
-from jaxinfer.hf_layout import CheckpointError, check_complete, expected_tensors, resolve_dtype
-from jaxinfer.model import Model
-from jaxinfer.tokenizer import HFTokenizer, bytes_to_unicode
+from jaxinfer.checkpoints.hf_layout import CheckpointError, check_complete, expected_tensors, resolve_dtype
+from jaxinfer.checkpoints.model import Model
+from jaxinfer.checkpoints.tokenizer import HFTokenizer, bytes_to_unicode
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig, RopeConfig
+from jaxinfer.models.formats import QuantizedWeight
 
 MAGIC = b"GGUF"
 # general.architecture -> ModelConfig.model_type. Mistral-style models are written as "llama".

@@ -22,9 +22,8 @@ import logging
 import queue
 import threading
 
-from jaxinfer.engine import Engine
-from jaxinfer.sampling import SamplingParams
-
+from jaxinfer.engine.engine import Engine
+from jaxinfer.sampling.sampler import SamplingParams
 
 log = logging.getLogger("jaxinfer")
 

@@ -1,6 +1,6 @@
 """The one place the model multiplies activations by a weight.
 
-A dense weight is `x @ w`. A weight in a packed format (`jaxinfer.formats`) goes to the
+A dense weight is `x @ w`. A weight in a packed format (`jaxinfer.models.formats`) goes to the
 implementation registered for its type and the chosen `impl`, falling back to the type's "xla"
 entry when it has no entry for `impl`:
   QuantizedWeight  "xla"     dequantise in float32, cast to x.dtype, one einsum accumulated in
@@ -27,8 +27,8 @@ from collections.abc import Callable
 
 import jax
 
-from jaxinfer.act_formats import SimWeight, W8A8Weight, quantize_activations, sim_reference, w8a8_reference
-from jaxinfer.formats import QuantizedWeight, prepare_input, reference_matmul
+from jaxinfer.models.act_formats import SimWeight, W8A8Weight, quantize_activations, sim_reference, w8a8_reference
+from jaxinfer.models.formats import QuantizedWeight, prepare_input, reference_matmul
 from jaxinfer.sharding import P, per_shard, tp_mesh
 from pallas_kernels.common import fp8_supported
 from pallas_kernels.quant_matmul import quant_matmul

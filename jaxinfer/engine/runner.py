@@ -46,12 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import lora as lora_lib
-from jaxinfer import model as model_lib
 from jaxinfer import sharding
-from jaxinfer.kv_cache import BatchDescriptor, PagedKVCache, copy_pages, copy_slots
-from jaxinfer.requests import next_power_of_2
-from jaxinfer.sampling import NONFINITE, SamplingBatch, SamplingParams, sample_checked
-from jaxinfer.scheduler import Sequence
+from jaxinfer.buckets import next_power_of_2
+from jaxinfer.engine.scheduler import Sequence
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.kv_cache import BatchDescriptor, PagedKVCache, copy_pages, copy_slots
+from jaxinfer.sampling.sampler import NONFINITE, SamplingBatch, SamplingParams, sample_checked
 from jaxinfer.speculative import tree as tree_lib
 from jaxinfer.speculative.accept import accept, accept_synthetic, accept_tree
 from pallas_kernels.common import pack_tree_mask

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import KVCache
-from jaxinfer.requests import RequestOutput, StopRules, next_power_of_2, prepare_prompts, prepare_sampling
-from jaxinfer.sampling import SamplingBatch, SamplingParams, sample
-
+from jaxinfer.buckets import next_power_of_2
+from jaxinfer.engine.requests import RequestOutput, StopRules, prepare_prompts, prepare_sampling
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.kv_cache import KVCache
+from jaxinfer.sampling.sampler import SamplingBatch, SamplingParams, sample
 
 # How many times each jitted step was traced (= compiled); tests assert on it.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()

@@ -26,9 +26,9 @@ import dataclasses
 import enum
 import math
 
-from jaxinfer.kv_cache import OutOfPages, PageAllocator
-from jaxinfer.requests import StopChecker
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.engine.kv_manager import OutOfPages, PageAllocator
+from jaxinfer.engine.requests import StopChecker
+from jaxinfer.sampling.sampler import SamplingParams
 
 
 class Status(enum.Enum):

@@ -1,6 +1,6 @@
 """A model runner with no model, for testing the scheduler and the engine in milliseconds.
 
-It has the verbs of `jaxinfer.runner.ModelRunner` and keeps a host-side "KV cache" that stores
+It has the verbs of `jaxinfer.engine.runner.ModelRunner` and keeps a host-side "KV cache" that stores
 the token id written into each slot. A sequence's next token is a function of the tokens the
 runner reads back through its block table:
 
@@ -28,10 +28,10 @@ import zlib
 
 import numpy as np
 
-from jaxinfer.requests import next_power_of_2
-from jaxinfer.runner import DecodeCall, StepOutput
-from jaxinfer.sampling import NONFINITE
-from jaxinfer.scheduler import Sequence
+from jaxinfer.buckets import next_power_of_2
+from jaxinfer.engine.runner import DecodeCall, StepOutput
+from jaxinfer.engine.scheduler import Sequence
+from jaxinfer.sampling.sampler import NONFINITE
 
 _EMPTY = -1
 TAG_WEIGHT = 1009  # prime: a page written under another adapter shifts the context sum by a non-multiple of the vocab

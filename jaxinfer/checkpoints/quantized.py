@@ -56,13 +56,19 @@ import numpy as np
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from jaxinfer import model as model_lib
-from jaxinfer.config import ModelConfig
-from jaxinfer.formats import QuantizedWeight, pack
-from jaxinfer.hf_layout import (
-    LAYER_NAMES, CheckpointError, check_complete, expected_tensors, header_entries, resolve_dtype, safetensors_files,
+from jaxinfer.checkpoints.hf_layout import (
+    LAYER_NAMES,
+    CheckpointError,
+    check_complete,
+    expected_tensors,
+    header_entries,
+    resolve_dtype,
+    safetensors_files,
     write_layer,
 )
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.formats import QuantizedWeight, pack
 from jaxinfer.quant.spec import LINEAR_WEIGHTS
 
 QUANT_METHODS = ("awq", "gptq")

