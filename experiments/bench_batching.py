@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 
 import jaxinfer as ji
 from jaxinfer import data
+from jaxinfer.engine import programs
 from jaxinfer.engine import runner as runner_lib
+from jaxinfer.engine.batch import DecodeInputs
 from jaxinfer.sampling.sampler import SamplingBatch
 
 from . import common
@@ -197,10 +199,11 @@ def step_overhead(model, num_tokens: int) -> dict:
     def run(cache, n):
         tok = jnp.asarray([prompt[-1]], jnp.int32)
         for i in range(n):
-            pos = jnp.asarray([len(prompt) - 1 + i], jnp.int32)
-            toks, cache = runner_lib._multi_decode(
-                model.params, model.config, tok, pos, jnp.ones(1, jnp.int32), tables, cache, spb,
-                jnp.asarray([i], jnp.int32), impl=ji.models.decoder.Impl(attention=FLAGS.attention), num_steps=1)
+            x = DecodeInputs(tokens=tok, positions=jnp.asarray([len(prompt) - 1 + i], jnp.int32),
+                             valid=jnp.ones(1, jnp.int32), block_tables=tables, steps=jnp.asarray([i], jnp.int32),
+                             sampling=spb, adapter_ids=jnp.full(1, -1, jnp.int32))
+            toks, cache = programs.multi_decode(model.params, model.config, x, cache,
+                                                impl=ji.models.decoder.Impl(attention=FLAGS.attention), num_steps=1)
             tok = toks[0]
         tok.block_until_ready()
         return cache

@@ -27,7 +27,7 @@ from absl import app, flags
 
 import jaxinfer as ji
 from jaxinfer import memory, sharding
-from jaxinfer.speculative import METHODS
+from jaxinfer.speculative import DRAFTERS
 
 FLAGS = flags.FLAGS
 
@@ -96,7 +96,7 @@ flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)), "Mu
 flags.DEFINE_string("kv_dtype", "", "KV-cache dtype: '' (the model's own), int8 or fp8 (quantised per token and "
                     "head, float32 scales); kv_capacity also takes float32, bfloat16, float16 (its default bfloat16).")
 
-flags.DEFINE_enum("spec", "none", ["none", *METHODS], "Speculative decoding method (none: plain decoding).")
+flags.DEFINE_enum("spec", "none", ["none", *DRAFTERS], "Speculative decoding method (none: plain decoding).")
 flags.DEFINE_integer("spec_tokens", 5, "Tokens drafted per target pass (k).")
 flags.DEFINE_string("spec_draft", "", "The drafter: a shipped name (tiny-draft, tiny-medusa, tiny-eagle) or a directory "
                     "('': the method's shipped one).")

@@ -291,7 +291,7 @@ def test_rolled_back_cache_equals_plain_decoding(tiny, spec):
     (dict(method="draft"), "needs draft="),
     (dict(method="ngram", draft="tiny-draft"), "takes no draft"),
     (dict(method="synthetic"), "needs accept in \\[0, 1\\]"),
-    (dict(method="medusa", draft="tiny-medusa", tree=ji.DraftTree()), "tree= applies to method='eagle' only"),
+    (dict(method="medusa", draft="tiny-medusa", tree=ji.DraftTree()), "tree= applies to method 'eagle' only, not 'medusa'"),
     (dict(method="eagle", num_tokens=7, draft="tiny-eagle", tree=ji.DraftTree(top_k=2, depth=2)),
      "num_tokens=7 is more than the 6 candidates"),
     (dict(method="eagle", draft="tiny-eagle", tree=(4, 5)), "not a DraftTree"),

@@ -143,7 +143,7 @@ class Impl:
         if self.kv_dtype not in (None, *KV_DTYPES):
             raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
         if self.attention not in attention.IMPLEMENTATIONS:
-            raise ValueError(f"attention={self.attention!r} is not one of {attention.IMPLEMENTATIONS}")
+            raise ValueError(f"attention={self.attention!r} is not one of {tuple(attention.IMPLEMENTATIONS)}")
         if self.matmul not in matmul.IMPLEMENTATIONS:
             raise ValueError(f"matmul={self.matmul!r} is not one of {matmul.IMPLEMENTATIONS}")
 
