@@ -126,8 +126,9 @@ def main(argv):
 
     from jaxinfer.serving import guards, server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
 
-    key, limits, template = api_key(), server_limits(), chat_template()
+    key = api_key()
     guards.check_bind(FLAGS.host, key, FLAGS.allow_unauthenticated)
+    limits, template = server_limits(), chat_template()
     t0 = time.perf_counter()
     model = load_model()
     engine = build_engine(model)
