@@ -99,7 +99,7 @@ def server_limits() -> ServerLimits:
     values = {name: FLAGS[name].value for name in ("max_body_bytes", "max_prompt_chars", "max_n", "max_stop",
                                                      "max_stop_chars", "max_messages", "max_concurrent_requests")}
     if FLAGS.default_timeout_s is None or FLAGS.default_timeout_s < 0:
-        raise ValueError(f"--default_timeout_s must be a number of seconds >= 0 (0: none), got {FLAGS.default_timeout_s}")
+        raise ValueError(f"--default_timeout_s must be seconds >= 0 (0: none), got {FLAGS.default_timeout_s}")
     try:
         return ServerLimits(**values, request_timeout_s=FLAGS.default_timeout_s or None)
     except ValueError as e:

@@ -272,7 +272,8 @@ def test_a_prompt_over_the_context_is_refused_one_that_fits_runs_until_the_conte
     sp = ji.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
     (ref,) = engine.generate([ids], sp)
     assert ref.finish_reason == "context" and len(ref.token_ids) < 100
-    r = client.completions.create(model="tiny", prompt=ids, max_tokens=100, temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=100, temperature=0,
+                                  extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == len(ref.token_ids)
     assert r.choices[0].text == ref.text
 

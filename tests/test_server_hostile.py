@@ -20,10 +20,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from helpers import run_main
 
 import jaxinfer as ji
 from experiments import serve
-from helpers import run_main
 from jaxinfer.serving import guards, server
 from jaxinfer.serving.limits import ServerLimits
 
@@ -137,7 +137,7 @@ def _length(answer: bytes) -> int:
     return 1 << 30
 
 
-def _chunked_body(url: str, size: int) -> tuple[httpx.Response, float]:
+def _chunked_body(url: str, size: int, headers: dict[str, str] = AUTH) -> tuple[httpx.Response, float]:
     """POST `size` bytes with no declared length (chunked transfer), one MB at a time."""
     def chunks():
         yield b'{"model": "tiny", "prompt": "'
@@ -146,7 +146,7 @@ def _chunked_body(url: str, size: int) -> tuple[httpx.Response, float]:
             yield block
 
     start = time.monotonic()
-    r = httpx.post(url + "/v1/completions", content=chunks(), headers=AUTH, timeout=30)
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers=headers, timeout=30)
     return r, time.monotonic() - start
 
 

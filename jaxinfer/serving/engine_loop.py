@@ -25,7 +25,8 @@ import dataclasses
 import logging
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from jaxinfer.engine.engine import Engine
 from jaxinfer.sampling.sampler import SamplingParams

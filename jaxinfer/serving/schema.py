@@ -5,22 +5,23 @@ error a bad body gets.
 server, its limits written into them, so the same objects check every body and describe it in the
 server's /openapi.json (field, type, range, length). They are strict: a field the server does not
 know is refused (`extra="forbid"`), a number is not taken from a string nor an integer from a bool
-or a float, no float is NaN or infinite, and no string holds a lone surrogate. Lengths are checked before anything is tokenised: a
-prompt's characters against `prompt_chars`, token-id lists against the context, and the
-lists of stop strings and messages against their limits.
+or a float, no float is NaN or infinite, and no string holds a lone surrogate. Lengths are checked
+before anything is tokenised: a prompt's characters against `prompt_chars`, token-id lists against
+the context, and the lists of stop strings and messages against their limits. Every list is checked
+for its length before its items and stops at its first bad item, so no body makes work in
+proportion to its size beyond parsing it.
 
 Fields OpenAI defines that the engine cannot do yet (UNSUPPORTED) are refused with a message
 saying so, unless they hold their no-op value (`logprobs: false`, `presence_penalty: 0`,
 `response_format: {"type": "text"}`, ...). Fields OpenAI defines that do not change what is
-generated (IGNORED: `user`, `service_tier`, `parallel_tool_calls`) are accepted and ignored. Every
-list is checked for its length before its items, and stops at its first bad item, so no body makes
-work in proportion to its size beyond parsing it. `validation_error` turns pydantic's errors into one RequestError naming the field.
+generated (IGNORED: `user`, `service_tier`, `parallel_tool_calls`) are accepted and ignored.
+`validation_error` turns pydantic's errors into one RequestError naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -86,6 +87,8 @@ class StreamOptions(_Strict):
 
 @dataclasses.dataclass(frozen=True)
 class RequestModels:
+    """The request models of one server: /v1/completions' and /v1/chat/completions'."""
+
     completion: type[BaseModel]
     chat: type[BaseModel]
 
@@ -93,7 +96,8 @@ class RequestModels:
 def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prompt_chars: int) -> RequestModels:
     """The request models of a server with these limits, context and vocabulary."""
     Text = Annotated[str, Field(min_length=1, max_length=prompt_chars)]
-    TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=vocab_size)]], Field(min_length=1, max_length=max_seq_len, fail_fast=True)]
+    TokenId = Annotated[int, Field(ge=0, lt=vocab_size)]
+    TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=max_seq_len, fail_fast=True)]
     Content = Annotated[str, Field(max_length=prompt_chars)]
     Stop = Annotated[str, Field(min_length=1, max_length=limits.max_stop_chars)]
     Probability = Annotated[float, Field(allow_inf_nan=False)]
@@ -105,7 +109,7 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
                                        "request whose context fills first ends with finish_reason \"length\".")
         temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0: greedy. Default 1.")
         top_p: Probability | None = Field(None, gt=0, le=1)
-        top_k: int | None = Field(None, ge=0, description="0: no top-k cut (vLLM's field).")
+        top_k: int | None = Field(None, ge=0, le=vocab_size, description="0: no top-k cut (vLLM's field).")
         min_p: Probability | None = Field(None, ge=0, le=1, description="vLLM's field.")
         seed: int | None = Field(None, ge=0, lt=2**32)
         n: int | None = Field(None, ge=1, le=limits.max_n, description="Independent samples of the prompt.")
@@ -127,7 +131,7 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
             return data
 
     class CompletionRequest(_Request):
-        prompt: Union[Text, TokenIds, Annotated[list[Union[Text, TokenIds]], Field(min_length=1, max_length=1)]] = \
+        prompt: Text | TokenIds | Annotated[list[Text | TokenIds], Field(min_length=1, max_length=1)] = \
             Field(description="A string, a list of token ids, or a list holding one of either (one prompt per "
                   "request).")
         best_of: int | None = Field(None, ge=1, le=limits.max_n, description="Only 1 or n.")
@@ -142,10 +146,11 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
         type: Literal["text"]
         text: Content
 
+    Parts = Annotated[list[TextContentPart], Field(max_length=limits.max_messages, fail_fast=True)]
+
     class ChatMessage(_Strict):
         role: Literal["system", "developer", "user", "assistant"]
-        content: Content | Annotated[list[TextContentPart], Field(max_length=limits.max_messages, fail_fast=True)] = Field(
-            description="Text, or a list of text parts.")
+        content: Content | Parts = Field(description="Text, or a list of text parts.")
         name: str | None = Field(None, max_length=64, description="Passed to the chat template.")
 
     class ChatCompletionRequest(_Request):

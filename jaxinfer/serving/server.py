@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 from jaxinfer.engine.engine import Engine
 from jaxinfer.serving import openai_api, schema
 from jaxinfer.serving.engine_loop import EngineLoop
-from jaxinfer.serving.guards import GuardState, Guards
+from jaxinfer.serving.guards import Guards, GuardState
 from jaxinfer.serving.limits import ServerLimits, prompt_char_limit
 from jaxinfer.serving.schema import RequestError
 
@@ -115,8 +115,9 @@ def build_app(engine: Engine, name: str | None = None, chat_template: str | None
         body = {"requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
+        summary = "OpenAI's chat completions" if kind == "chat" else "OpenAI's completions"
         app.add_api_route(path, _endpoint(kind, model, models, served, loop), methods=["POST"], openapi_extra=body,
-                          responses=errors, name=kind, summary=f"OpenAI's {'chat ' if kind == 'chat' else ''}completions")
+                          responses=errors, name=kind, summary=summary)
     app.openapi = lambda: _openapi(app, models, api_key is not None)
     return app
 
