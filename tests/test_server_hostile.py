@@ -214,7 +214,7 @@ def _hostile(url: str) -> list[int]:
 def test_other_clients_streams_continue_during_hostile_requests(served):
     """Each stream's text equals the same server's whole response to the same request asked with no
     attack going on (test_server.py checks those against Engine.generate)."""
-    prompts, n = ["def fibonacci(n):", "class Stack:"], 300
+    prompts, n = ["def fibonacci(n):", "class Stack:"], 200
     body = {"model": "tiny", "max_tokens": n, "temperature": 0, "ignore_eos": True}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # batched together, as the streams will be
         want = list(pool.map(lambda p: httpx.post(served.url + "/v1/completions", json={**body, "prompt": p},
@@ -259,7 +259,7 @@ def test_without_the_key_every_v1_route_is_401_and_health_is_open(app, served):
 
 
 def test_past_the_admission_limit_a_request_gets_429_with_retry_after(served):
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.Client(base_url=served.url, headers=AUTH, timeout=120) as http:
         streams = [http.stream("POST", "/v1/completions", json=body) for _ in range(MAX_CONCURRENT)]
         responses = [s.__enter__() for s in streams]
@@ -300,7 +300,7 @@ def test_openapi_describes_the_request_bodies_as_the_server_checks_them(served):
         return jsonschema.Draft202012Validator({**schemas[name], **resolver}).is_valid(body)
 
     cases = [("completions", "CompletionRequest", {"model": "tiny", "prompt": "x", "max_tokens": 2}),
-             ("completions", "CompletionRequest", {"model": "tiny", "prompt": [1, 2], "stop": ["a"], "n": 2}),
+             ("completions", "CompletionRequest", {"model": "tiny", "prompt": [1, 2], "stop": ["a"], "n": 2, "max_tokens": 2}),
              ("completions", "CompletionRequest", {"prompt": "x", "frobnicate": 1}),
              ("completions", "CompletionRequest", {"prompt": "x", "max_tokens": 513}),
              ("completions", "CompletionRequest", {"prompt": "x" * 2049}),
