@@ -300,7 +300,8 @@ def test_openapi_describes_the_request_bodies_as_the_server_checks_them(served):
         return jsonschema.Draft202012Validator({**schemas[name], **resolver}).is_valid(body)
 
     cases = [("completions", "CompletionRequest", {"model": "tiny", "prompt": "x", "max_tokens": 2}),
-             ("completions", "CompletionRequest", {"model": "tiny", "prompt": [1, 2], "stop": ["a"], "n": 2, "max_tokens": 2}),
+             ("completions", "CompletionRequest", {"model": "tiny", "prompt": [1, 2], "stop": ["a"], "n": 2,
+                                                   "max_tokens": 2}),
              ("completions", "CompletionRequest", {"prompt": "x", "frobnicate": 1}),
              ("completions", "CompletionRequest", {"prompt": "x", "max_tokens": 513}),
              ("completions", "CompletionRequest", {"prompt": "x" * 2049}),
