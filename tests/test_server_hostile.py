@@ -241,10 +241,10 @@ def test_other_clients_streams_continue_during_hostile_requests(served):
     assert h["status"] == "ok" and h["in_flight"] == 0 and h["pages_free"] == h["num_pages"]
 
 
-def test_without_the_key_every_v1_route_is_401_and_health_is_open(app, served):
+def test_without_the_key_every_route_is_401_and_health_is_open(app, served):
     routes = [(r.path, m) for r in app.routes if r.path.startswith("/v1") for m in getattr(r, "methods", ())]
     assert {p for p, _ in routes} >= {"/v1/models", "/v1/completions", "/v1/chat/completions"}
-    routes.append(("/v1/no-such-route", "GET"))  # the key is asked for before the route is looked up
+    routes += [("/v1/no-such-route", "GET"), ("/admin", "POST"), ("/", "GET")]  # asked before routing
     for path, method in routes:
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {KEY}"},
                         {"authorization": KEY}, {"authorization": f"Bearer {KEY}x"}):
@@ -254,7 +254,8 @@ def test_without_the_key_every_v1_route_is_401_and_health_is_open(app, served):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(served.url + "/health").status_code == 200
-    assert httpx.get(served.url + "/openapi.json").status_code == 200
+    for path in ("/openapi.json", "/docs"):
+        assert httpx.get(served.url + path).status_code == 200
     assert httpx.get(served.url + "/v1/models", headers=AUTH).status_code == 200
 
 

@@ -4,8 +4,8 @@ generation requests the server holds at once, each checked before any of a reque
   app.add_middleware(Guards, state=GuardState(), api_key="sk-...", max_body_bytes=4 << 20,
                      max_concurrent=256, retry_after_s=1, counted=("/v1/completions", ...))
 
-Refusals carry OpenAI's error body: 401 on every /v1 route without the key (compared in constant
-time; /health, /openapi.json and /docs stay open), 413 for a body over the limit (its declared
+Refusals carry OpenAI's error body: 401 on every route but OPEN without the key (compared in
+constant time: the /v1 routes and any path not served; /health, /openapi.json and /docs stay open), 413 for a body over the limit (its declared
 Content-Length at once, else counted as it arrives: the app never holds more than the limit), 429
 with Retry-After past `max_concurrent` generation requests. A refusal sent before the body was read
 closes the connection, so the server does not go on reading what it refused.
@@ -21,6 +21,7 @@ import json
 from jaxinfer.serving.schema import RequestError
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+OPEN = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # no key needed
 
 
 @dataclasses.dataclass
@@ -52,8 +53,8 @@ class Guards:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
+        headers, path = dict(scope["headers"]), _route_path(scope)
+        if self.api_key is not None and path not in OPEN and not self._authorized(headers):
             error = RequestError("a valid API key is required: send the header 'Authorization: Bearer <key>'",
                                  None, status=401, code="invalid_api_key")
             return await self._refuse(send, error, [(b"www-authenticate", b"Bearer")])
@@ -61,7 +62,7 @@ class Guards:
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await self._refuse(send, BodyTooLarge(self.max_body_bytes) if length.isdigit() else
                                       RequestError(f"Content-Length {length[:20]!r} is not a number of bytes"))
-        counted = scope["path"] in self.counted
+        counted = path in self.counted
         if counted and self.state.in_flight >= self.max_concurrent:
             error = RequestError(f"the server is busy: {self.state.in_flight} requests are being served (its limit); "
                                  f"retry after {self.retry_after_s} s", None, status=429, code="rate_limit_exceeded")
@@ -101,6 +102,12 @@ class Guards:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"), *headers]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _route_path(scope) -> str:
+    """The path the app routes on: the request's, less the root path a proxy serves the app under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def check_bind(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:

@@ -51,7 +51,7 @@ def build_app(engine: Engine, name: str | None = None, chat_template: str | None
     """The ASGI app serving `engine` as the model `name` (default the model's own name);
     `chat_template` (jinja, as in HF tokenizer configs) replaces the model's own for
     /v1/chat/completions; `limits` bound each request (default ServerLimits()); with `api_key`,
-    every /v1 route needs it as a bearer token. Its lifespan starts the engine loop and stops it at
+    every route but /health and the API's description needs it as a bearer token. Its lifespan starts the engine loop and stops it at
     shutdown."""
     tokenizer = engine.model.tokenizer
     if tokenizer is None:
@@ -114,7 +114,6 @@ def build_app(engine: Engine, name: str | None = None, chat_template: str | None
         model = models.completion if kind == "completion" else models.chat
         body = {"requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
-
         summary = "OpenAI's chat completions" if kind == "chat" else "OpenAI's completions"
         app.add_api_route(path, _endpoint(kind, model, models, served, loop), methods=["POST"], openapi_extra=body,
                           responses=errors, name=kind, summary=summary)
