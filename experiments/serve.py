@@ -9,7 +9,8 @@ then `openai.OpenAI(base_url="http://localhost:8000/v1", api_key="-")`, or
 `curl localhost:8000/v1/completions -d '{"model": "tiny", "prompt": "def f(x):", "max_tokens": 16}'`.
 
 With an API key (--api_key, or the environment variable JAXINFER_API_KEY, which other users of the
-machine cannot read off the process list), every /v1 route needs `Authorization: Bearer KEY`. On an
+machine cannot read off the process list), every /v1 route (every path but /health and the API's
+description) needs `Authorization: Bearer KEY`. On an
 address other machines can reach (--host=0.0.0.0) the server refuses to start without a key unless
 --allow_unauthenticated. Each request is bounded before any work (--max_body_bytes, --max_n,
 --max_stop, --max_messages, the prompt's characters, --max_concurrent_requests, --default_timeout_s).
