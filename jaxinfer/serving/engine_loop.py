@@ -164,14 +164,16 @@ class EngineLoop:
     def _call(self, cmd: _Call) -> None:
         if not cmd.reply.set_running_or_notify_cancel():
             return
+        result = error = None
         try:
             result = cmd.fn(self.engine)
         except Exception as e:  # the caller's to handle, as if it had called the engine itself
-            self.snapshot = self._snapshot()
-            cmd.reply.set_exception(e)
-            return
+            error = e
         self.snapshot = self._snapshot()
-        cmd.reply.set_result(result)
+        if error is None:
+            cmd.reply.set_result(result)
+        else:
+            cmd.reply.set_exception(error)
 
     def _deliver(self, outs) -> None:
         """Hand each output to its request's queue; a finished request's queue is dropped."""
