@@ -75,7 +75,7 @@ def serve(model, prompts, sampling, stream: bool = False) -> list[ji.RequestOutp
         return ji.generate(model, prompts, sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)
     engine = ji.Engine(model, common.engine_config())
     if not stream:
-        return engine.generate(prompts, sampling, raise_on_error=True)
+        return engine.generate(prompts, sampling)
     shown = 0  # characters (with no tokenizer: token ids) printed so far
     for out in engine.stream(prompts[0], sampling):
         pieces = out.text if out.text is not None else [f" {t}" for t in out.token_ids]

@@ -125,7 +125,7 @@ def serve(engine: ji.Engine, prompts, names) -> dict:
     """One run of the workload; its throughput, TPOT and the slot traffic it caused."""
     before = engine.metrics()
     sp = ji.SamplingParams(max_tokens=FLAGS.output_len, temperature=0.0, ignore_eos=True)
-    outs = engine.generate(prompts, sp, adapters=names, raise_on_error=True)
+    outs = engine.generate(prompts, sp, adapters=names)
     after = engine.metrics()
     return {"tok_s": engine.last_run["throughput_tok_s"], "wall_s": engine.last_run["wall_s"],
             "tpot_s": float(np.mean([o.metrics["tpot_s"] for o in outs])),
