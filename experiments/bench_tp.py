@@ -27,7 +27,9 @@ from . import common
 
 FLAGS = flags.FLAGS
 _TPS = flags.DEFINE_list("tps", ["1", "2", "4"], "Tensor-parallel degrees to run (each needs that many devices).")
-for _name in ("model", "dtype", "seed", "out", "prompt_len", "max_tokens", "runs", *common.ENGINE_FLAGS):
+# --tp is not one of them: --tps sets each run's.
+for _name in ("model", "dtype", "seed", "out", "prompt_len", "max_tokens", "runs",
+              *(f for f in common.ENGINE_FLAGS if f != "tp"), *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 PROMPT_LEN, MAX_TOKENS, RUNS = 16, 32, 3  # defaults of --prompt_len, --max_tokens, --runs
 
@@ -63,9 +65,11 @@ def build(model, tp: int, prompts, sampling) -> tuple[ji.Engine, dict]:
 
 def main(argv) -> None:
     del argv
-    common.check_out(FLAGS.out)
-    tps = [int(t) for t in _TPS.value]
-    if tps[0] != 1:
+    try:
+        tps = [int(t) for t in _TPS.value]
+    except ValueError:
+        raise ValueError(f"--tps={','.join(_TPS.value)}: not a list of integers") from None
+    if not tps or tps[0] != 1:
         raise ValueError(f"--tps={','.join(_TPS.value)} must start with 1 (the reference)")
     if max(tps) > jax.device_count():
         raise ValueError(f"--tps asks for {max(tps)} devices; {jax.device_count()} are present (on a CPU: "

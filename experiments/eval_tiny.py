@@ -47,6 +47,9 @@ def evaluate(target: str, draft: str, windows: int, seq_len: int) -> dict:
 
 def main(argv):
     del argv
+    for name in ("windows", "seq_len"):
+        if FLAGS[name].value < 1:
+            raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
     result = evaluate(FLAGS.target, FLAGS.draft, FLAGS.windows, FLAGS.seq_len)
     if FLAGS.out:
         metrics = {role: result[role] for role in ("target", "draft")} | {"greedy_agreement": result["greedy_agreement"]}

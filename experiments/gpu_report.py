@@ -78,7 +78,6 @@ def main(argv):
     del argv
     if not (FLAGS.dir and os.path.isdir(FLAGS.dir)):
         raise ValueError(f"--dir={FLAGS.dir!r} is not a directory")
-    common.check_out(FLAGS.out)
     paths = sorted(glob.glob(os.path.join(FLAGS.dir, "*.json")))
     if not paths:
         raise ValueError(f"--dir={FLAGS.dir}: no JSON files")

@@ -36,7 +36,10 @@ DEFAULT_STEPS = 40
 
 def main(argv):
     del argv
-    schemes = [scheme_from_name(name) for name in FLAGS.qat_schemes]
+    try:
+        schemes = [scheme_from_name(name) for name in FLAGS.qat_schemes]
+    except ValueError as e:
+        raise ValueError(f"--qat_schemes: {e}") from None
     for name, scheme in zip(FLAGS.qat_schemes, schemes):
         if scheme is None:
             raise ValueError(f"--qat_schemes: {name!r} is not a quantisation scheme")

@@ -16,6 +16,7 @@ request selects one with `model: NAME`. Needs `pip install 'jaxinfer[serve]'`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 from absl import flags
@@ -57,14 +58,26 @@ def load_model() -> ji.Model:
     return model
 
 
-def build_engine(model: ji.Model) -> ji.Engine:
-    """The engine every flag describes, with the --lora adapters added."""
-    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
-    engine = ji.Engine(model, common.engine_config(**overrides, request_timeout_s=FLAGS.default_timeout_s))
+def adapters() -> dict[str, str]:
+    """--lora as {name: directory}, checked before any model loads."""
+    named = {}
     for item in FLAGS.lora:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--lora={item}: expected NAME=DIR")
+        if not os.path.isdir(path):
+            raise ValueError(f"--lora={item}: {path} is not a directory")
+        named[name] = path
+    if named and FLAGS.max_adapters < 1:
+        raise ValueError(f"--lora needs --max_adapters >= 1 (device slots for the adapters), not {FLAGS.max_adapters}")
+    return named
+
+
+def build_engine(model: ji.Model) -> ji.Engine:
+    """The engine every flag describes, with the --lora adapters added."""
+    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
+    engine = ji.Engine(model, common.engine_config(**overrides, request_timeout_s=FLAGS.default_timeout_s))
+    for name, path in adapters().items():
         engine.add_adapter(name, path)
     return engine
 
@@ -78,8 +91,8 @@ def chat_template() -> str | None:
 
 def main(argv):
     del argv
-    common.require("fastapi", "experiments.serve", "serve")
-    common.require("uvicorn", "experiments.serve", "serve")
+    common.require("experiments.serve", "fastapi", "uvicorn")
+    adapters()
     import uvicorn  # noqa: PLC0415
 
     from jaxinfer.serving import server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
@@ -98,5 +111,10 @@ def main(argv):
     uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level="info")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-serve` console script (the same as python -m jaxinfer.experiments.serve)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

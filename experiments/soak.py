@@ -68,8 +68,8 @@ flags.DEFINE_float("request_timeout_s", 600.0, "The engine's default deadline: a
                    "that reaches it is a violation (a request that never ends).")
 flags.DEFINE_bool("compile_first", True, "Compile every program the configuration can run before the soak (its time is "
                   "reported as compile time); off, programs compile as first needed, inside the run time.")
-for _name in ("model", "seed", "out", "kv_dtype", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
-              "max_adapters", *common.SPEC_FLAGS):
+# --max_lora_rank is not one of them: the soak's adapters are rank 4.
+for _name in ("model", "seed", "out", *(f for f in common.ENGINE_FLAGS if f != "max_lora_rank"), *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 
 STOP_STRINGS = ["\n", "  ", ":", "(", "def", "return", "self", ", ", "\u00e9"]
@@ -471,7 +471,6 @@ def print_table(rec: dict) -> None:
 
 def main(argv):
     del argv
-    common.check_out(FLAGS.out)
     rec = run_soak()
     print_table(rec)
     if FLAGS.out:
@@ -480,5 +479,10 @@ def main(argv):
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-soak` console script (the same as python -m jaxinfer.experiments.soak)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

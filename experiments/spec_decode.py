@@ -153,10 +153,10 @@ def main(argv):
         raise ValueError(f"--runs={FLAGS.runs} must be >= 1")
     for method in FLAGS.methods:
         spec_config(method, 1)  # a bad method name fails here, before any work
-    common.check_out(FLAGS.out)
+        name, _, draft = method.partition(":")
+        common.check_draft("eagle" if name == "eagle_tree" else name, draft, f"--methods={method}")
     if FLAGS.plot:
-        common.check_out(FLAGS.plot)
-        common.require("matplotlib", "--plot", "plots")
+        common.require("--plot", "matplotlib")
     model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
     prompts = prompts_for(model)
     grid = [("none", 0, t, b) for t in temperatures for b in batches]
@@ -212,5 +212,10 @@ def main(argv):
         print(f"wrote {FLAGS.plot}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-spec-decode` console script (the same as python -m jaxinfer.experiments.spec_decode)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

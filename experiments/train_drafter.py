@@ -270,14 +270,13 @@ def evaluate(model, path: str) -> None:
 
 def main(argv):
     del argv
+    if FLAGS.self_distill < 0 or FLAGS.draft_vocab < 0:
+        raise ValueError("--self_distill and --draft_vocab must be >= 0")
     model = ji.load_model(FLAGS.model)
     if model.tokenizer is None:
         raise ValueError(f"--model={FLAGS.model} has no tokenizer: the heads train on text in its tokens")
     if FLAGS.evaluate:
         return evaluate(model, FLAGS.evaluate)
-    if FLAGS.self_distill < 0 or FLAGS.draft_vocab < 0:
-        raise ValueError("--self_distill and --draft_vocab must be >= 0")
-    common.check_out(FLAGS.out_dir)  # its parent must exist
     heads, record = train(model, FLAGS.method)
     windows = data.heldout_windows(model, min(FLAGS.seq_len, model.config.max_position_embeddings), FLAGS.eval_windows)
     k = FLAGS.heads if FLAGS.method == "medusa" else 5

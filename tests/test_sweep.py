@@ -46,10 +46,17 @@ def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path, capsys):
     grid = write_grid(tmp_path, experiment="kv_capacity", flags={"models": "llama3_8b", "cards": "h100_80gb"},
                       points=[{"kv_dtype": "int8"}, {"kv_dtype": "int3"}])
     out = tmp_path / "sweep"
-    run_main(sweep, f"--grid={grid}", f"--out={out}", "--workers=2")
+    with pytest.raises(SystemExit) as exit_status:  # a sweep with a failed point ends with status 1
+        run_main(sweep, f"--grid={grid}", f"--out={out}", "--workers=2")
+    assert exit_status.value.code == 1
     rows = {r["flags"]["kv_dtype"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert rows["int8"]["status"] == "ok" and rows["int3"]["status"] == "failed"
-    assert "kv_dtype='int3'" in rows["int3"]["stderr"] and rows["int3"]["error"] == "exit status 2"
+    error_line = "exit status 2: error: kv_dtype='int3' is not one of"  # the point's last stderr line
+    assert rows["int3"]["error"].startswith(error_line)
+    assert f"failed {rows['int3']['key']} (--models=llama3_8b --cards=h100_80gb --kv_dtype=int3): {error_line}" in \
+        capsys.readouterr().err
+    run_main(sweep_report, f"--dir={out}", "--x=kv_dtype", f"--y={METRIC}")
+    assert error_line in (out / "report.md").read_text()
     run_main(sweep, f"--grid={grid}", f"--out={out}", "--dry_run")
     assert "2 points, 0 to run" in capsys.readouterr().out
     run_main(sweep, f"--grid={grid}", f"--out={out}", "--dry_run", "--rerun_failed")
