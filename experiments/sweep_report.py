@@ -133,7 +133,11 @@ def main(argv):
         print(f"no plot: it needs matplotlib: pip install 'jaxinfer[{common.EXTRAS['matplotlib']}]'")
         return
     png = os.path.join(FLAGS.dir, f"{FLAGS.y.replace('/', '_')}_vs_{FLAGS.x}.png")
-    figure(table, FLAGS.x, FLAGS.y, FLAGS.group).savefig(png, dpi=120)
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (the optional [plots] extra)
+
+    fig = figure(table, FLAGS.x, FLAGS.y, FLAGS.group)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
     print(f"wrote {png}")
 
 

@@ -95,3 +95,22 @@ def test_ray_launcher_runs_the_points_as_tasks(tmp_path):
 def test_shipped_grids_name_real_flags(name):
     spec = sweep.load_grid(os.path.join(REPO, "configs", "sweeps", name))
     assert len(sweep.expand(spec)) >= 2
+
+
+def test_a_shipped_grid_runs_by_name(tmp_path, capsys):
+    """--grid=NAME finds jaxinfer/configs/sweeps/NAME.json wherever the package is installed."""
+    run_main(sweep, "--grid=kv_capacity", f"--out={tmp_path / 'o'}", "--dry_run")
+    shipped = sweep.expand(sweep.load_grid(os.path.join(REPO, "configs", "sweeps", "kv_capacity.json")))
+    assert f"{len(shipped)} points, {len(shipped)} to run" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--grid=kv_capacity.json: no such file, nor a shipped grid"):
+        run_main(sweep, "--grid=kv_capacity.json", f"--out={tmp_path / 'o'}")
+
+
+def test_an_integer_flag_gets_integer_ticks():
+    matplotlib = pytest.importorskip("matplotlib.pyplot").matplotlib
+    table = [{"group": "", "x": x, "median": 1.0 / x, "min": 1.0 / x, "max": 1.0 / x, "n": 1} for x in (1, 2, 3)]
+    fig = sweep_report.figure(table, "max_batch", "tpot_s", "")
+    low, high = fig.axes[0].get_xlim()
+    ticks = [t for t in fig.axes[0].get_xticks() if low <= t <= high]
+    matplotlib.pyplot.close(fig)
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks  # no 1.25, 2.75 between batch sizes
