@@ -1,8 +1,8 @@
 """Serving benchmark: a synthetic workload through the engine under one batching / KV-layout policy.
 
-  python -m experiments.bench_batching --batching=continuous --output_dist=lognormal
-  python -m experiments.bench_batching --batching=static --kv_layout=contiguous --out=/tmp/static.json
-  python -m experiments.bench_batching --arrival=poisson --rates=2,4,8 --plot=/tmp/latency.png
+  python -m jaxinfer.experiments.bench_batching --batching=continuous --output_dist=lognormal
+  python -m jaxinfer.experiments.bench_batching --batching=static --kv_layout=contiguous --out=/tmp/static.json
+  python -m jaxinfer.experiments.bench_batching --arrival=poisson --rates=2,4,8 --plot=/tmp/latency.png
 
 Prompts are slices of held-out text; each request generates exactly its drawn output length
 (EOS ignored). Requests arrive all at once or as a Poisson process (--rate requests/s, real time).
@@ -12,7 +12,7 @@ Prints throughput, TTFT / TPOT percentiles, KV waste, preemptions, the host shar
 an estimate of the share of wall time the device sat idle waiting for the host, and writes a JSON
 with the config, the environment and every request's figures.
 
-  python -m experiments.bench_batching --model=random:llama3_8b --dtype=bfloat16 --step_overhead=256
+  python -m jaxinfer.experiments.bench_batching --model=random:llama3_8b --dtype=bfloat16 --step_overhead=256
 
 times batch-1 decode through the engine against the same jitted step run back to back.
 """

@@ -1,6 +1,6 @@
 """jaxinfer's engine against peers on the same real model, on this machine, in one run.
 
-  python -m experiments.bench_peers --model=smollm2-135m --batch_sizes=1,8 --out=/tmp/peers.json
+  python -m jaxinfer.experiments.bench_peers --model=smollm2-135m --batch_sizes=1,8 --out=/tmp/peers.json
 
 Every system decodes the same greedy workload: `batch` prompts of exactly --prompt_tokens tokens
 (openings of Python's own documentation, `pydoc_data.topics`, in the model's tokenizer), then

@@ -1,9 +1,9 @@
 """Serving benchmark over HTTP: a load generator against the OpenAI-compatible server, beside the
 same workload run in-process, so the server's own overhead is visible.
 
-  python -m experiments.bench_serving --model=tiny --rates=2,4 --num_requests=32
-  python -m experiments.bench_serving --model=smollm2-135m --dequantize --rates=1 --markdown=/tmp/serving.md
-  python -m experiments.bench_serving --url=http://localhost:8000 --model=tiny   # a server started elsewhere
+  python -m jaxinfer.experiments.bench_serving --model=tiny --rates=2,4 --num_requests=32
+  python -m jaxinfer.experiments.bench_serving --model=smollm2-135m --dequantize --rates=1 --markdown=/tmp/serving.md
+  python -m jaxinfer.experiments.bench_serving --url=http://localhost:8000 --model=tiny   # a server started elsewhere
 
 The workload is bench_batching's (--prompt_dist, --output_dist, --prompt_len, --output_len, --sigma,
 --max_len, or --workload_file): prompts of held-out text as token ids, each generating exactly its

@@ -3,8 +3,8 @@ largest per-row logits error of one full pass against tp=1, whether the greedy t
 the bytes each device holds (params and KV cache, measured from the arrays' shards), compile time,
 and throughput (the median of --runs generate runs after warm-up, taken in rounds over the tps).
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m experiments.bench_tp --tps=1,2,4
-  python -m experiments.bench_tp --model=random:llama3_8b --dtype=bfloat16 --tps=1,2   # on 2 GPUs
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m jaxinfer.experiments.bench_tp --tps=1,2,4
+  python -m jaxinfer.experiments.bench_tp --model=random:llama3_8b --dtype=bfloat16 --tps=1,2   # on 2 GPUs
 
 On fake CPU devices every "device" shares the same cores, so tp > 1 only adds the collectives'
 cost: the figures there check correctness and memory, not speed.

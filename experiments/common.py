@@ -356,7 +356,7 @@ def write_json(path: str, record: dict) -> None:
 
 def environment(module: str) -> dict:
     """When, where and how an experiment ran: date (UTC), device, backend, versions, command."""
-    if module == "__main__":  # run as `python -m experiments.X`: the name it was run by
+    if module == "__main__":  # run as `python -m jaxinfer.experiments.X`: the name it was run by
         module = getattr(sys.modules["__main__"].__spec__, "name", module)
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

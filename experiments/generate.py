@@ -1,9 +1,9 @@
 """The main job: complete a prompt with a model and report how fast it went.
 
-  python -m experiments.generate --prompt="def fibonacci(n):"
-  python -m experiments.generate --model=smollm2-135m --chat --prompt="What is the capital of France?"
-  python -m experiments.generate --model=/path/to/hf/checkpoint --dtype=bfloat16 --prompts_file=prompts.txt
-  python -m experiments.generate --stream --prompt="import os"
+  python -m jaxinfer.experiments.generate --prompt="def fibonacci(n):"
+  python -m jaxinfer.experiments.generate --model=smollm2-135m --chat --prompt="What is the capital of France?"
+  python -m jaxinfer.experiments.generate --model=/path/to/hf/checkpoint --dtype=bfloat16 --prompts_file=prompts.txt
+  python -m jaxinfer.experiments.generate --stream --prompt="import os"
 
 Defaults to the shipped tiny byte-level model, served by the paged engine (`--baseline` for the
 contiguous-cache baseline loop). The first (warm-up) run compiles; the timed run after it reports

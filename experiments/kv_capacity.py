@@ -7,9 +7,9 @@ With --tp=N every figure is per card of N running the model tensor-parallel (wei
 split, see jaxinfer/sharding.py); --min_tp instead answers "how many cards of each kind": the
 smallest tp whose cards hold the weights and --batch sequences of --context tokens.
 
-  python -m experiments.kv_capacity --cards=rtx3080_10gb,h100_80gb --weight_format=int4-g128
-  python -m experiments.kv_capacity --models=llama3_70b --tp=4 --cards=h100_80gb
-  python -m experiments.kv_capacity --models=llama3_70b,llama3_8b --min_tp --context=8192 --batch=8
+  python -m jaxinfer.experiments.kv_capacity --cards=rtx3080_10gb,h100_80gb --weight_format=int4-g128
+  python -m jaxinfer.experiments.kv_capacity --models=llama3_70b --tp=4 --cards=h100_80gb
+  python -m jaxinfer.experiments.kv_capacity --models=llama3_70b,llama3_8b --min_tp --context=8192 --batch=8
 """
 
 from __future__ import annotations

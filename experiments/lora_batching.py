@@ -1,8 +1,8 @@
 """Multi-LoRA batching: one batch serving many LoRA adapters over a shared base model, against the
 base model alone in the same run.
 
-  python -m experiments.lora_batching --adapters=1,4,16,64,256 --max_adapters=16
-  python -m experiments.lora_batching --adapters=64 --composition=distinct --num_requests=64   # a slot each
+  python -m jaxinfer.experiments.lora_batching --adapters=1,4,16,64,256 --max_adapters=16
+  python -m jaxinfer.experiments.lora_batching --adapters=64 --composition=distinct --num_requests=64   # a slot each
 
 For each point (number of adapters N, rank, batch composition), N random adapters (on --targets,
 N(0, 0.02) weights) are written in PEFT's layout (adapter_config.json + adapter_model.safetensors)

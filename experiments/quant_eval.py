@@ -1,11 +1,11 @@
 """Quantisation, measured: quality, bytes and decode speed per weight scheme and KV-cache dtype.
 
-  python -m experiments.quant_eval                                    # the shipped tiny model
-  python -m experiments.quant_eval --schemes=dense,int8,int4-rtn-g32,int4-awq-g32,int4-gptq-g32 \
+  python -m jaxinfer.experiments.quant_eval                                    # the shipped tiny model
+  python -m jaxinfer.experiments.quant_eval --schemes=dense,int8,int4-rtn-g32,int4-awq-g32,int4-gptq-g32 \
       --out=/tmp/quant.json --table=/tmp/quant.md
-  python -m experiments.quant_eval --schemes=dense,int4-gptq-g32 --kv_dtype=int8   # weights and KV cache
+  python -m jaxinfer.experiments.quant_eval --schemes=dense,int4-gptq-g32 --kv_dtype=int8   # weights and KV cache
 
-  python -m experiments.quant_eval --schemes=dense,w8a8-int8-naive,w8a8-int8-smooth,w8a8-fp8,w8a8-fp8-static,\
+  python -m jaxinfer.experiments.quant_eval --schemes=dense,w8a8-int8-naive,w8a8-int8-smooth,w8a8-fp8,w8a8-fp8-static,\
 nvfp4-sim,mxfp4-sim,nvfp4-sim-a4,w4a8-sim,w4a16-fp8scale-sim --smooth_alpha=0.5            # W8A8, simulated
 
 For each scheme (named as in jaxinfer.quant.spec: dense, int8, int4-{rtn,awq,gptq}-g<N>[-asym][-act],

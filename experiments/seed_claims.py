@@ -135,7 +135,7 @@ def kv_int8(_) -> Verdict:
                    "holds" if 0.45 <= int8 / bf16 <= 0.55 else "holds in part",
                    "int8 values halve the bytes; the per-token scales add 4 bytes per head and K/V (3%); measured "
                    "held-out bits/byte cost on tiny: +0.005% int8, +0.067% fp8 (benchmarks/results/quant.md)",
-                   "python -m experiments.kv_capacity --kv_dtype=int8; jaxinfer.memory")
+                   "python -m jaxinfer.experiments.kv_capacity --kv_dtype=int8; jaxinfer.memory")
 
 
 def cards(_) -> Verdict:
@@ -158,7 +158,7 @@ def cards(_) -> Verdict:
                    "in fp16 the 7B model does not load on the 10 GB card at all; on the 20 GB card one sequence gets "
                    f"{max(single, default=0):,} tokens and a batch of 4 'low thousands' each; int4 weights and an int8 "
                    "KV cache move the ceiling as the table shows",
-                   "python -m experiments.kv_capacity --models=llama2_7b --cards=rtx3080_10gb,rtx4000ada_20gb")
+                   "python -m jaxinfer.experiments.kv_capacity --models=llama2_7b --cards=rtx3080_10gb,rtx4000ada_20gb")
 
 
 def flash(_) -> Verdict:
@@ -179,7 +179,7 @@ def flash(_) -> Verdict:
                    f"materialised attention {xla:.0f} ({ours / xla:.1f}x)", "holds",
                    "O(L^2) -> O(L) traffic by construction; the measured prefill gain exceeds the note's 'up to 3x' "
                    "(its figure is end-to-end GPT-2 training, ours one attention op at L=4096)",
-                   f"{os.path.relpath(KERNELS_H100, REPO)} (python -m experiments.bench_kernels, H100, 2026-11-27)")
+                   f"{os.path.relpath(KERNELS_H100, REPO)} (python -m jaxinfer.experiments.bench_kernels, H100, 2026-11-27)")
 
 
 def int4_speed(_) -> Verdict:
@@ -313,7 +313,8 @@ def failure(name: str, out_dir: str) -> str:
         with open(path) as f:
             latest = {line["key"]: line for line in map(json.loads, filter(str.strip, f))}
         errors = [line.get("error", "") for line in latest.values() if line["status"] != "ok"]
-    return f"the {name} run failed" + (f" ({len(errors)} failed; the first: {errors[0]})" if errors else "") + f": see {path}"
+    points = f" ({len(errors)} failed; the first: {errors[0]})" if errors else ""
+    return f"the {name} run failed{points}: see {path}"
 
 
 def report(verdicts: list[tuple[Claim, Verdict]]) -> str:

@@ -1,9 +1,9 @@
 """Serve a model over HTTP with OpenAI's API (jaxinfer/serving/server.py): completions, chat completions,
 models, health.
 
-  python -m experiments.serve --model=tiny --port=8000
-  python -m experiments.serve --model=smollm2-135m --dequantize --max_batch=16 --kv_dtype=int8
-  python -m experiments.serve --model=tiny --max_adapters=4 --lora=math=/ckpt/lora-math,code=/ckpt/lora-code
+  python -m jaxinfer.experiments.serve --model=tiny --port=8000
+  python -m jaxinfer.experiments.serve --model=smollm2-135m --dequantize --max_batch=16 --kv_dtype=int8
+  python -m jaxinfer.experiments.serve --model=tiny --max_adapters=4 --lora=math=/ckpt/lora-math,code=/ckpt/lora-code
 
 then `openai.OpenAI(base_url="http://localhost:8000/v1", api_key="-")`, or
 `curl localhost:8000/v1/completions -d '{"model": "tiny", "prompt": "def f(x):", "max_tokens": 16}'`.

@@ -1,9 +1,9 @@
 """Soak: many randomised requests through one engine with a tight KV budget, and the invariants a
 long-running server must keep, checked as it runs.
 
-  python -m experiments.soak --requests=10000 --seed=0
-  python -m experiments.soak --requests=2000 --num_adapters=4 --max_adapters=2 --spec=ngram --kv_dtype=int8
-  python -m experiments.soak --runner=mock --requests=10000    # no model: the scheduler and engine alone
+  python -m jaxinfer.experiments.soak --requests=10000 --seed=0
+  python -m jaxinfer.experiments.soak --requests=2000 --num_adapters=4 --max_adapters=2 --spec=ngram --kv_dtype=int8
+  python -m jaxinfer.experiments.soak --runner=mock --requests=10000    # no model: the scheduler and engine alone
 
 The workload (from --seed): requests arrive a few per step while at most 2 x max_batch are in the
 engine, with random prompt and output lengths (held-out text, some behind a shared prefix, some as

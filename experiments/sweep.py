@@ -141,8 +141,8 @@ def run_point(argv: list[str], out: str, timeout_s: int, gpu: str | None, cwd: s
     if proc.returncode != 0 or not os.path.exists(out):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         why = f"exit status {proc.returncode}" if proc.returncode else "no result file"
-        return {"status": "failed", "seconds": seconds, "error": f"{why}: {lines[-1].strip() if lines else 'no stderr'}",
-                "stderr": proc.stderr[-STDERR_TAIL:]}
+        last = lines[-1].strip() if lines else "no stderr"
+        return {"status": "failed", "seconds": seconds, "error": f"{why}: {last}", "stderr": proc.stderr[-STDERR_TAIL:]}
     with open(out) as f:
         return {"status": "ok", "seconds": seconds, "record": json.load(f)}
 
@@ -253,7 +253,8 @@ def main(argv):
         flags_text = " ".join(f"--{k}={v}" for k, v in row["flags"].items())
         print(f"failed {row['key']} ({flags_text}): {row['error']}", file=sys.stderr)
     if failures:
-        print(f"error: {len(failures)} of {len(points)} points failed (--rerun_failed runs them again)", file=sys.stderr)
+        print(f"error: {len(failures)} of {len(points)} points failed (--rerun_failed runs them again)",
+              file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,10 +1,10 @@
 """Train speculative-decoding heads (Medusa or EAGLE) on a frozen target's hidden states.
 
-  python -m experiments.train_drafter --method=eagle                  # for the shipped tiny target
-  python -m experiments.train_drafter --method=medusa --out_dir=jaxinfer/assets/tiny-medusa
-  python -m experiments.train_drafter --model=smollm2-135m --method=eagle --self_distill=256 \
+  python -m jaxinfer.experiments.train_drafter --method=eagle                  # for the shipped tiny target
+  python -m jaxinfer.experiments.train_drafter --method=medusa --out_dir=jaxinfer/assets/tiny-medusa
+  python -m jaxinfer.experiments.train_drafter --model=smollm2-135m --method=eagle --self_distill=256 \
       --draft_vocab=8192 --seq_len=128 --steps=300 --batch_size=8 --eval_windows=8
-  python -m experiments.train_drafter --evaluate=jaxinfer/assets/tiny-eagle    # an existing drafter
+  python -m jaxinfer.experiments.train_drafter --evaluate=jaxinfer/assets/tiny-eagle    # an existing drafter
 
 Training windows are the corpus's training documents in the target's own tokens, or, with
 --self_distill=N, the target's own continuations (--distill_temperature) of N training-text
@@ -285,7 +285,7 @@ def main(argv):
         method=FLAGS.method, target=FLAGS.model, heldout_agreement=by_step, calibration_temperature=temperature,
         heldout_windows=FLAGS.eval_windows, seq_len=FLAGS.seq_len, batch=FLAGS.batch_size, lr=FLAGS.lr,
         seed=FLAGS.seed, device=jax.devices()[0].device_kind, jax=jax.__version__,
-        date=datetime.date.today().isoformat(), command="python -m experiments.train_drafter " + " ".join(sys.argv[1:]))
+        date=datetime.date.today().isoformat(), command=common.environment(__name__)["command"])
     out = FLAGS.out_dir or f"runs/train_drafter/{model.name}-{FLAGS.method}"
     heads_lib.save_heads(out, FLAGS.method, heads, model.config, dtype=np.float16,
                          **{k: v for k, v in record.items() if k in ("steps", "target")})

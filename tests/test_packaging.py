@@ -79,7 +79,7 @@ def test_installed_wheel_runs_the_main_job_a_sweep_and_seed_claims_from_any_dire
         return proc
 
     where = sh(python, "-c", "import jaxinfer, jaxinfer.experiments.sweep as s; print(jaxinfer.__file__, s.__file__)")
-    assert all(path.startswith(str(venv)) for path in where.stdout.split()), where.stdout  # the wheel's, not the checkout's
+    assert all(p.startswith(str(venv)) for p in where.stdout.split()), where.stdout  # the wheel's, not the checkout's
 
     job = sh(scripts / "jaxinfer-generate", "--prompt=def add(a, b):", "--max_tokens=8", "--temperature=0",
              "--out=generate.json")
