@@ -46,7 +46,7 @@ def build(model, tp: int, prompts, sampling) -> tuple[ji.Engine, dict]:
     engine = ji.Engine(model, common.engine_config(tp=tp))
     place_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    engine.warmup(max_prompt_len=len(prompts[0]), max_len=len(prompts[0]) + sampling.max_tokens)
+    engine.warmup(max_prompt_len=len(prompts[0]), max_len=min(len(prompts[0]) + sampling.max_tokens, engine.max_seq_len))
     compile_s = time.perf_counter() - t0
     outs = engine.generate(prompts, sampling)
     placed = engine.runner.model

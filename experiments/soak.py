@@ -376,7 +376,11 @@ def engine_config(model) -> ji.EngineConfig:
         raise ValueError("--requests, --max_prompt_len and --max_output_len must be >= 1")
     if FLAGS.runner == "mock" and FLAGS.spec not in ("none", "ngram"):
         raise ValueError(f"--runner=mock runs --spec=none or ngram (no drafter model), not --spec={FLAGS.spec}")
-    max_len = min(FLAGS.max_prompt_len + FLAGS.max_output_len, model.config.max_position_embeddings)
+    context = model.config.max_position_embeddings
+    if FLAGS.max_prompt_len >= context:
+        raise ValueError(f"--max_prompt_len={FLAGS.max_prompt_len} leaves no room in {FLAGS.model}'s context of "
+                         f"{context} tokens")
+    max_len = min(FLAGS.max_prompt_len + FLAGS.max_output_len, context)
     overrides = dict(max_seq_len=max_len, request_timeout_s=FLAGS.request_timeout_s,
                      kv_budget_tokens=FLAGS.kv_budget_tokens or 2 * max_len)
     if FLAGS.num_adapters:
