@@ -5,9 +5,9 @@ EngineConfig they build, one rule for bad input, the run record, and timing.
 The rule, for every experiment (its `main` runs under `run(main)`): bad input ends the run with one
 `error: ...` line that names the flag, and exit status 2, before any model loads or compiles.
 `run` parses the flags (an unknown or malformed one, or one that belongs to another experiment and
-would be ignored here, is refused), and checks the files the run will write (OUTPUT_FILES: their
-folder must exist and be writable); main checks its own flags and input files first thing
-(check_in, check_out, require, gpu_or_allow_cpu), then works. A ValueError raised later (the
+would be ignored here, is refused) and checks the paths they name (OUTPUT_FILES, OUTPUT_FOLDERS,
+INPUT_FILES, INPUT_FOLDERS) and --spec_draft; main checks the rest of its flags first thing
+(require, check_draft, gpu_or_allow_cpu and its own ranges), then works. A ValueError raised later (the
 library's, ConfigError and CheckpointError included) is reported the same way. Optional extras are
 imported only where used; a missing one is named with the `pip install 'jaxinfer[EXTRA]'` line
 that installs it (require, and any ModuleNotFoundError of a module in EXTRAS).
