@@ -1,9 +1,9 @@
 """Serve a model over HTTP with OpenAI's API (jaxinfer/serving/server.py): completions, chat completions,
 models, health.
 
-  python -m experiments.serve --model=tiny --port=8000
-  python -m experiments.serve --model=smollm2-135m --dequantize --max_batch=16 --kv_dtype=int8
-  python -m experiments.serve --model=tiny --max_adapters=4 --lora=math=/ckpt/lora-math,code=/ckpt/lora-code
+  python -m jaxinfer.experiments.serve --model=tiny --port=8000
+  python -m jaxinfer.experiments.serve --model=smollm2-135m --dequantize --max_batch=16 --kv_dtype=int8
+  python -m jaxinfer.experiments.serve --model=tiny --max_adapters=4 --lora=math=/ckpt/lora-math,code=/ckpt/lora-code
 
 then `openai.OpenAI(base_url="http://localhost:8000/v1", api_key="-")`, or
 `curl localhost:8000/v1/completions -d '{"model": "tiny", "prompt": "def f(x):", "max_tokens": 16}'`.
@@ -83,14 +83,26 @@ def load_model() -> ji.Model:
     return model
 
 
-def build_engine(model: ji.Model) -> ji.Engine:
-    """The engine every flag describes, with the --lora adapters added."""
-    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
-    engine = ji.Engine(model, common.engine_config(**overrides))
+def adapters() -> dict[str, str]:
+    """--lora as {name: directory}, checked before any model loads."""
+    named = {}
     for item in FLAGS.lora:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--lora={item}: expected NAME=DIR")
+        if not os.path.isdir(path):
+            raise ValueError(f"--lora={item}: {path} is not a directory")
+        named[name] = path
+    if named and FLAGS.max_adapters < 1:
+        raise ValueError(f"--lora needs --max_adapters >= 1 (device slots for the adapters), not {FLAGS.max_adapters}")
+    return named
+
+
+def build_engine(model: ji.Model) -> ji.Engine:
+    """The engine every flag describes, with the --lora adapters added."""
+    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
+    engine = ji.Engine(model, common.engine_config(**overrides))
+    for name, path in adapters().items():
         engine.add_adapter(name, path)
     return engine
 
@@ -121,8 +133,8 @@ def chat_template() -> str | None:
 
 def main(argv):
     del argv
-    common.require("fastapi", "experiments.serve", "serve")
-    common.require("uvicorn", "experiments.serve", "serve")
+    common.require("experiments.serve", "fastapi", "uvicorn")
+    adapters()
     import uvicorn  # noqa: PLC0415
 
     from jaxinfer.serving import guards, server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
@@ -144,5 +156,10 @@ def main(argv):
     uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level="info")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-serve` console script (the same as python -m jaxinfer.experiments.serve)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

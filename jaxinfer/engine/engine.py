@@ -34,7 +34,6 @@ read back anyway); its pages are zeroed before they are reused and the rest of t
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from collections.abc import Iterator
 from typing import Sequence as Seq
@@ -55,8 +54,6 @@ from jaxinfer.lora import AdapterRegistry, LoraAdapter
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.sampling.sampler import SamplingParams
 from jaxinfer.speculative import load_drafter
-
-log = logging.getLogger("jaxinfer")
 
 
 class Engine:
@@ -178,34 +175,28 @@ class Engine:
         return self.scheduler.has_work()
 
     def generate(self, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
-                 *, adapters: Seq[str | None] | None = None, raise_on_error: bool = False) -> list[RequestOutput]:
+                 *, adapters: Seq[str | None] | None = None) -> list[RequestOutput]:
         """Serve prompts to completion, prompt i under adapters[i] (None: the base model); outputs in
-        prompt order. A bad prompt (or adapter name) gets an output with finish_reason "error" and its
-        message (logged as a warning); the others are served as if it were not there. With
-        raise_on_error, a bad prompt raises instead, before any is served."""
+        prompt order. Bad input (a prompt empty, off the vocabulary or past the context, max_tokens
+        past it, an unknown adapter) raises ValueError naming prompts[i] before any prompt is served,
+        as add_request does; the engine is unchanged."""
         if isinstance(prompts, str) or not len(prompts):
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
         params, adapters = prepare_sampling(sampling, len(prompts)), prepare_adapters(adapters, len(prompts))
-        ids: list[int | RequestOutput] = []
+        ids: list[int] = []
         for i, (p, sp, adapter) in enumerate(zip(prompts, params, adapters)):
             try:
                 ids.append(self.add_request(p, sp, seed=i, adapter=adapter))
             except ValueError as e:
-                if raise_on_error:
-                    for rid in ids:
-                        self.abort(rid)
-                    raise ValueError(f"prompts[{i}]: {e}") from None
-                prompt_ids = list(p) if isinstance(p, (list, tuple)) else []
-                ids.append(RequestOutput(prompt_ids, [], None, "error", {}, error=f"prompts[{i}]: {e}"))
-        errors = [x.error for x in ids if isinstance(x, RequestOutput)]
-        if errors:
-            log.warning("%d of %d prompts were refused; the first: %s", len(errors), len(ids), errors[0])
+                for rid in ids:
+                    self.abort(rid)
+                raise ValueError(f"prompts[{i}]: {e}") from None
         done: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while self.has_unfinished():
             done.update((o.request_id, o) for o in self.requests.outputs(self._advance(), partial=False) if o.finished)
         wall = time.perf_counter() - start
-        outs = [x if isinstance(x, RequestOutput) else done.pop(x) for x in ids]
+        outs = [done.pop(rid) for rid in ids]
         generated = sum(len(s.token_ids) for o in outs for s in (o.samples or [o]))
         self.last_run = {"wall_s": wall, "generated_tokens": generated,
                          "throughput_tok_s": generated / wall if wall else 0.0}
@@ -213,12 +204,18 @@ class Engine:
 
     def warmup(self, max_prompt_len: int | None = None, max_len: int | None = None) -> int:
         """Compile every program this config can run, for prompts up to max_prompt_len tokens and
-        sequences up to max_len (prompt and output; both default to max_seq_len); returns how many
-        programs were compiled now. n > 1 sampling may need sampler shapes beyond these."""
+        sequences up to max_len (prompt and output; max_len defaults to max_seq_len, max_prompt_len to
+        max_len); returns how many programs were compiled now. Lengths past max_seq_len raise
+        ValueError. n > 1 sampling may need sampler shapes beyond these."""
         a, spec = self.allocator, self.config.speculative
-        max_prompt_len = min(max_prompt_len or self.max_seq_len, self.max_seq_len)
+        max_len = self.max_seq_len if max_len is None else max_len
+        max_prompt_len = max_len if max_prompt_len is None else max_prompt_len
+        if not 1 <= max_len <= self.max_seq_len:
+            raise ValueError(f"warmup: max_len={max_len} is outside [1, {self.max_seq_len}] (the engine's max_seq_len)")
+        if not 1 <= max_prompt_len <= max_len:
+            raise ValueError(f"warmup: max_prompt_len={max_prompt_len} is outside [1, max_len={max_len}]")
         layout = Layout(a.num_pages, a.page_size, self.max_seq_len, self.config.max_batch)
-        buckets = self.config.buckets(layout, max_prompt_len, max_len or self.max_seq_len)
+        buckets = self.config.buckets(layout, max_prompt_len, max_len)
         return self.runner.warmup(buckets, **(spec.verify_programs() if spec else {}))
 
     def metrics(self) -> dict[str, float]:

@@ -7,6 +7,13 @@ in the context of the token before them, so a long completion costs linear host 
 the tail that a new stop string occurrence could touch is searched. The same decoded text gives
 the text of a streamed output (`StopChecker.stream_text`): it holds back a cut character and any
 tail that could still grow into a stop string, so what a stream shows is never taken back.
+
+Limits, one rule for every entry (Engine.add_request, .stream, .generate and ji.generate): the
+context is the engine's max_seq_len (the baseline: the model's context). A prompt longer than it,
+or max_tokens past it, raises ValueError naming the prompt (or field) and both lengths, before any
+work; a prompt that fits but leaves fewer than max_tokens positions ends with finish_reason
+"context" when no position is left (a prompt of L tokens gets at most context - L + 1 tokens: the
+last one needs no position of its own).
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ class RequestOutput:
     token_ids: list[int]  # generated tokens (a stop token included)
     text: str | None  # decoded generated tokens, cut before a stop string; None without a tokenizer
     finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" (max_tokens, or a request that
-    # alone outgrew the KV cache) | "context" (no position left in the context) | "aborted" (Engine.abort) |
-    # "timeout" (its deadline passed; tokens so far kept) | "error" (refused, or non-finite logits) | None (running)
+    # alone outgrew the KV cache) | "context" (no position left in the context: the prompt fit but left fewer
+    # than max_tokens) | "aborted" (Engine.abort) | "timeout" (its deadline passed; tokens so far kept) |
+    # "error" (non-finite logits while it ran; bad input raises ValueError instead) | None (running)
     # ttft_s, tpot_s, latency_s, prompt_tokens, generated_tokens, ...; times include compiling any program the
     # request is the first to need (Engine.warmup compiles them all first)
     metrics: dict[str, float]
-    error: str | None = None  # why a request was refused or failed (finish_reason "error")
+    error: str | None = None  # why a request failed (finish_reason "error")
     request_id: int | None = None
     # False for a streamed output of a running request (Engine.step, Engine.stream): its tokens and text so
     # far, finish_reason None; the text holds back a tail that could still become a stop string

@@ -65,6 +65,8 @@ class QuantScheme:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size={self.group_size} must be >= 1 (or None for per-channel)")
+        if self.bits == 4 and self.group_size is not None and self.group_size % 2:
+            raise ValueError(f"group_size={self.group_size}: 4-bit packing needs an even group_size")
         if self.act_order and self.method != "gptq":
             raise ValueError("act_order applies to method='gptq' only")
 
