@@ -1,0 +1,34 @@
+"""Building blocks of a layer function: gated-MLP activations by HF's names, rotary embeddings.
+(The norms are part of a family's spec: jaxinfer.models.family.Norm.)"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.models.config import ModelConfig
+
+# HF's hidden_act / hidden_activation names -> the activation of the gate in act(x @ w_gate) * (x @ w_up).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: (B, T, H) for the given positions (half-split layout, as HF's rotate_half)."""
+    inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))  # (H/2,)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # (B, T, H)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, T, heads, H); cos, sin: (B, T, H)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
