@@ -281,9 +281,12 @@ def _meaning(p: Param) -> tuple:
 
 
 def register(family: Family) -> Family:
-    """Add a family to the registry (again: replaced). ValueError when one of its names already
-    belongs to another family: a model_type, an architecture, a GGUF architecture, or a param name
-    with another meaning."""
+    """Add a family to the registry. ValueError when one of its names already belongs to another
+    family: its name (model_type; registering the same Family object again is a no-op), an
+    architecture, a GGUF architecture, or a param name with another meaning. (A family is never
+    replaced: programs compiled for a config of it would keep the old arithmetic.)"""
+    if _FAMILIES.get(family.name, family) is not family:
+        raise ValueError(f"model_type {family.name!r} is already a registered family")
     for arch in family.architectures:
         if _BY_ARCHITECTURE.get(arch, family.name) != family.name:
             raise ValueError(f"architecture {arch!r} is already served by family {_BY_ARCHITECTURE[arch]!r}")
