@@ -203,9 +203,15 @@ def test_family_logits_match_the_numpy_reference(toy):
     assert errors.max() <= TOLERANCE, f"max row error {errors.max():.3g}"
 
 
-def test_family_paged_engine_matches_the_contiguous_baseline(toy):
+@pytest.fixture(scope="module")
+def toy_paged(toy) -> list[list[int]]:
+    """The toy family's greedy tokens through the paged engine (tp = 1)."""
+    return _greedy(ji.Engine(toy[2], ji.EngineConfig(**ENGINE_SHAPE)))
+
+
+def test_family_paged_engine_matches_the_contiguous_baseline(toy, toy_paged):
     _, _, model = toy
-    paged = _greedy(ji.Engine(model, ji.EngineConfig(**ENGINE_SHAPE)))
+    paged = toy_paged
     assert paged == _greedy(model)
     assert all(len(t) == GREEDY.max_tokens for t in paged) and len({tuple(t) for t in paged}) == 2
 
@@ -220,7 +226,7 @@ def test_family_quantisation_folds_go_through_its_norm(toy, method):
         folded = quant.smooth_model(model, 0.5, windows, progress=False)
     else:
         scheme = quant.QuantScheme(bits=4, group_size=32, method="awq")
-        run = calib.run_layers(model, windows, lambda l, lp, st: awq.scale_layer(model.config, lp, st, scheme)[0],
+        run = calib.run_layers(model, windows, lambda layer, lp, st: awq.scale_layer(model.config, lp, st, scheme)[0],
                                progress=False)
         folded = dataclasses.replace(model, params={**model.params, "layers": run.layers})
     for name in ("attn_norm", "mlp_norm", "w_up", "w_down"):
@@ -231,8 +237,9 @@ def test_family_quantisation_folds_go_through_its_norm(toy, method):
     assert errors.max() <= TOLERANCE, f"max row error {errors.max():.3g}"
 
 
-def test_family_tensor_parallel_on_fake_devices(toy):
-    path, tensors, model = toy
+@pytest.mark.slow  # a process of its own: 14 s on the 2-core CPU
+def test_family_tensor_parallel_on_fake_devices(toy, toy_paged):
+    path, tensors, _ = toy
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {os.environ.get('XLA_FLAGS', '')}"}
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "family-tp", path], cwd=REPO, env=env,
@@ -240,7 +247,7 @@ def test_family_tensor_parallel_on_fake_devices(toy):
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["devices"] == 2
-    assert out["tokens"] == _greedy(ji.Engine(model, ji.EngineConfig(**ENGINE_SHAPE)))
+    assert out["tokens"] == toy_paged
     expected = np.stack([reference_logits(tensors, row) for row in TOY_PROMPTS[:1]])
     assert _row_errors(np.asarray(out["logits"]), expected[0]).max() <= TOLERANCE
 

@@ -328,7 +328,8 @@ def check_fits(adapter: LoraAdapter, cfg: ModelConfig, name: str = "adapter") ->
         d_in, d_out = shapes[proj][1:]
         if a.shape[0] != d_in or b.shape[1] != d_out:
             raise AdapterError(
-                f"{name}: tensors of {cfg.family.param(proj).peft} (layer {layer}) are for a ({a.shape[0]} -> {b.shape[1]}) "
+                f"{name}: tensors of {cfg.family.param(proj).peft} (layer {layer}) are for a "
+                f"({a.shape[0]} -> {b.shape[1]}) "
                 f"projection; the model's is ({d_in} -> {d_out}): lora_A {(adapter.rank, a.shape[0])}, expected "
                 f"{(adapter.rank, d_in)}; lora_B {(b.shape[1], adapter.rank)}, expected {(d_out, adapter.rank)}")
 

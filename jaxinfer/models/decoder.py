@@ -40,7 +40,7 @@ import numpy as np
 from jaxinfer.models import attention, matmul
 from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
-from jaxinfer.models.family import rms_norm  # noqa: F401  (the Llama-style norm, reached from here by callers)
+from jaxinfer.models.family import rms_norm  # noqa: F401  (the Llama-style norm; callers reach it here)
 from jaxinfer.models.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
 from jaxinfer.models.layers import rope_tables
 from jaxinfer.sharding import parallel_style, use_mesh

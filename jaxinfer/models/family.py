@@ -214,7 +214,8 @@ class Family:
             raise ValueError(f"family {self.name!r} names a param twice: {names}")
         by_name = {p.name: p for p in self.params}
         top = {p.name: p.role for p in self.params if not p.layer}
-        if {k: v for k, v in TOP_LEVEL.items() if k != "lm_head"}.items() - top.items() or top.items() - TOP_LEVEL.items():
+        required = {k: v for k, v in TOP_LEVEL.items() if k != "lm_head"}
+        if required.items() - top.items() or top.items() - TOP_LEVEL.items():
             raise ValueError(f"family {self.name!r}: the top-level params must be embed (embedding), final_norm "
                              f"(norm) and optionally lm_head (head), got {top}")
         sites = {s.name for s in self.sites}

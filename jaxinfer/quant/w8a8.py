@@ -95,7 +95,8 @@ def smooth_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, alpha: float)
             scale(name, (_to_query_heads(factor, cfg) if site.grouped else factor)[:, None])
         fold = family.param(site.fold)
         if fold.role == "norm":
-            lp[fold.name] = family.norm.map_gain(lp[fold.name], lambda gain, f=factor: gain.astype(jnp.float32) * (1.0 / f))
+            lp[fold.name] = family.norm.map_gain(lp[fold.name],
+                                                 lambda gain, f=factor: gain.astype(jnp.float32) * (1.0 / f))
         else:
             scale(fold.name, 1.0 / factor[None, :])
             if fold.bias in lp:
