@@ -3,7 +3,7 @@
   config      ModelConfig (read from HF's config.json by its family), RoPE settings
   family      model-family specs (params, roles, checkpoint names, norm, activation, layer) and their registry
   llama       the Llama-style families: Llama, Mistral, Qwen2, Qwen3
-  layers      building blocks of layer functions (activations, rotary embeddings)
+  layers      rotary embeddings (a building block of layer functions)
   decoder     the functional decoder: params, forward over a contiguous or paged cache, logits
   attention   the attention dispatch point (XLA reference, Pallas kernels)
   matmul      the matmul dispatch point (dense, quantised weights, W8A8)

@@ -195,10 +195,14 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     cut off."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
     logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
-    logits = logits[..., : cfg.vocab_size]
-    if cfg.logit_softcap is not None:
-        logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
-    return logits
+    return softcap(cfg, logits[..., : cfg.vocab_size])
+
+
+def softcap(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
+    """The logits soft-capped as the config says, cap * tanh(logits / cap) (unchanged without a cap)."""
+    if cfg.logit_softcap is None:
+        return logits
+    return cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
 
 
 def forward(

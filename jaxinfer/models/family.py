@@ -21,6 +21,11 @@ Projections are stored (in, out), HF stores them (out, in): loaders transpose `c
 `head` tensors. Layer parameters are stacked over layers, (L, *shape(cfg)), for lax.scan. The
 decoder names the top-level ones (TOP_LEVEL): embed, final_norm and (untied) lm_head.
 
+The numbers a family's config.json carries per model (sliding windows per layer, an attention
+scale, an embedding scale, a soft-cap on the logits) are ModelConfig fields that its read_config
+sets and the decoder applies. (Soft-capping the attention scores, as Gemma 2 does, is not among
+them: the attention implementations would have to apply it.)
+
 A parameter name means one thing in every registered family (its role, bias, head layout): code
 that sees params without a config (sharding a params pytree, the default projection hook) looks a
 name up across families, and `register` refuses a family that would give a name a second meaning.
@@ -29,6 +34,7 @@ name up across families, and `register` refuses a family that would give a name 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -43,6 +49,12 @@ ROLES = ("embedding", "head", "norm", "column", "row", "bias")
 TOP_LEVEL = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # name -> role
 PROJECTION_ROLES = ("column", "row")
 NORM_KINDS = ("rms", "rms_plus_1")
+# HF's hidden_act / hidden_activation names -> the activation of the gate in act(x @ w_gate) * (x @ w_up).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
 
 
 # --- the norm ------------------------------------------------------------------------------------
@@ -186,7 +198,7 @@ class Family:
     layer                the layer function (see LayerFn; jaxinfer.models.llama.layer)
     read_config          (family, config.json dict) -> ModelConfig; ConfigError naming what it cannot run
     write_config         (family, ModelConfig) -> config.json dict that read_config reads back
-    norm, activation     its Norm; its MLP gate's activation by HF's hidden_act name (models.layers.ACTIVATIONS)
+    norm, activation     its Norm; its MLP gate's activation by HF's hidden_act name (ACTIVATIONS)
     gguf_architectures   llama.cpp `general.architecture` values it serves
     gguf_reordered_rope  llama.cpp's converter reorders the rows of `rotary` params within each head
     check_config         (family, ModelConfig) -> None, raising ValueError for a config read elsewhere
@@ -209,6 +221,8 @@ class Family:
     hf_layer_prefix: str = "model.layers.{layer}."
 
     def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"family {self.name!r}: activation={self.activation!r} is not one of {tuple(ACTIVATIONS)}")
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise ValueError(f"family {self.name!r} names a param twice: {names}")

@@ -1,22 +1,12 @@
-"""Building blocks of a layer function: gated-MLP activations by HF's names, rotary embeddings.
-(The norms are part of a family's spec: jaxinfer.models.family.Norm.)"""
+"""Rotary position embeddings, a building block of layer functions (the norms and activations a
+family names are in jaxinfer.models.family)."""
 
 from __future__ import annotations
-
-import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxinfer.models.config import ModelConfig
-
-# HF's hidden_act / hidden_activation names -> the activation of the gate in act(x @ w_gate) * (x @ w_up).
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-}
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

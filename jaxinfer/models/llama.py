@@ -27,8 +27,8 @@ from jaxinfer.models.config import (
     windows_from_layer_types,
     write_common,
 )
-from jaxinfer.models.family import Family, Param, Site, register
-from jaxinfer.models.layers import ACTIVATIONS, apply_rope
+from jaxinfer.models.family import ACTIVATIONS, Family, Param, Site, register
+from jaxinfer.models.layers import apply_rope
 
 
 def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):

@@ -66,11 +66,13 @@ def with_draft_head(target_params, cfg: ModelConfig, heads: dict) -> dict:
 
 
 def draft_logits(target_params, cfg: ModelConfig, heads: dict, h: jax.Array) -> jax.Array:
-    """h (..., D) -> (..., V) float32 logits through the target's LM head, or, with a draft
-    vocabulary (with_draft_head), through its columns only, every other token at -inf."""
+    """h (..., D) -> (..., V) float32 logits through the target's LM head (soft-capped as the
+    target's are), or, with a draft vocabulary (with_draft_head), through its columns only, every
+    other token at -inf."""
     if "draft_vocab" not in heads:
         return model_lib.lm_head(target_params, cfg, h)
-    sub = jnp.einsum("...D,DW->...W", h, heads["draft_head"], preferred_element_type=jnp.float32)
+    sub = jnp.einsum("...D,DW->...W", h, heads["draft_head"], preferred_element_type=jnp.float32)  # (..., W)
+    sub = model_lib.softcap(cfg, sub)
     return jnp.full((*h.shape[:-1], cfg.vocab_size), -jnp.inf, jnp.float32).at[..., heads["draft_vocab"]].set(sub)
 
 
