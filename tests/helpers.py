@@ -10,12 +10,27 @@ import sys
 import jax
 import numpy as np
 from absl.testing import flagsaver
+from hypothesis import HealthCheck, settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Kernel tests run compiled on a GPU and in interpret mode elsewhere (poisoned outputs, see the
 # kernel tests, are an interpret-mode guard; compiled runs check the values only).
 INTERPRET = jax.default_backend() != "gpu"
+
+# Property tests (kernels, engine workloads): each draws inputs with hypothesis, derandomised (the
+# same cases on every run). The fast tier runs a test's explicit @example()s, the hard shapes
+# (ragged lengths, page boundaries, GQA ratios, one-token sequences), then `draws(n)` drawn cases;
+# the slow tier runs the same check again under the "thorough" profile: many more drawn cases.
+settings.register_profile("thorough", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+THOROUGH = settings.get_profile("thorough")
+
+
+def draws(n: int) -> settings:
+    """The fast tier's settings: n drawn cases after the explicit examples."""
+    return settings(THOROUGH, max_examples=n)
+
 
 # Largest per-row relative error allowed, by dtype.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
