@@ -16,7 +16,7 @@ from jaxinfer.engine.mock_runner import MockRunner
 
 # Small shapes: few programs to compile (chunks of 16, block tables of 4 pages, at most 4 rows).
 SMALL = ("--max_batch=4", "--max_tokens_per_step=16", "--page_size=8", "--max_prompt_len=20", "--max_output_len=12",
-         "--nocompile_first", "--max_wall_s=300")
+         "--nocompile_first")
 
 
 def run_soak(*argv: str) -> dict:
@@ -28,7 +28,7 @@ def run_soak(*argv: str) -> dict:
 def test_soak_on_the_tiny_model():
     """The suite's real-model soak: 150 requests; every greedy one checked against serving it alone."""
     rec = run_soak("--requests=150", "--seed=3", "--bad_rate=0.1", "--abort_rate=0.08", "--deadline_rate=0.08",
-                   "--deadline_s=0.05", *SMALL)
+                   "--deadline_steps=8", *SMALL)
     r = rec["summary"]
     assert rec["violations"] == [] and r["violations"] == 0
     assert r["pages_leaked"] == 0 and r["free_pages_end"] == r["free_pages_start"] == r["num_pages"]
@@ -40,7 +40,7 @@ def test_soak_on_the_mock_with_adapters_and_speculation():
     """500 requests on the mock runner (exact outputs): LoRA adapters on fewer slots than adapters,
     prompt-lookup speculation, deadlines that do expire, every kind of bad input."""
     rec = run_soak("--runner=mock", "--requests=500", "--seed=4", "--num_adapters=3", "--max_adapters=2",
-                   "--spec=ngram", "--spec_tokens=3", "--bad_rate=0.15", "--deadline_rate=0.1", "--deadline_s=0.002",
+                   "--spec=ngram", "--spec_tokens=3", "--bad_rate=0.15", "--deadline_rate=0.1", "--deadline_steps=4",
                    *SMALL)
     r = rec["summary"]
     assert rec["violations"] == []
@@ -108,6 +108,6 @@ def test_soak_10000_requests_on_the_tiny_model():
     speculation and an int8 KV cache, every greedy one checked against serving it alone (about 25 minutes
     on a shared 2-core CPU)."""
     rec = run_soak("--requests=10000", "--seed=0", "--num_adapters=4", "--max_adapters=2", "--spec=ngram",
-                   "--spec_tokens=3", "--kv_dtype=int8", "--max_wall_s=10000")
+                   "--spec_tokens=3", "--kv_dtype=int8")
     assert rec["violations"] == [] and rec["summary"]["pages_leaked"] == 0
     assert np.isclose(rec["summary"]["good_requests"] + rec["summary"]["bad_requests"], 10000)
