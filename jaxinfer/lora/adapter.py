@@ -48,6 +48,7 @@ MODULES = {
 PROJECTIONS = tuple(MODULES)
 _SHORT = {path.split(".")[-1]: name for name, path in MODULES.items()}  # q_proj -> wq
 _NOT_ADAPTABLE = ("model.embed_tokens", "lm_head")  # modules PEFT could target that jaxinfer does not adapt
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # lora_alpha beyond it (or not finite) scales the delta to inf
 _TENSOR = re.compile(  # layer, self_attn | mlp, module, A | B (an adapter name before .weight in old files)
     r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight")
 # Options that must be absent or empty (false, None, {}, []): option -> what it is.
@@ -147,8 +148,8 @@ def _read_config(config: dict, where: str):
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterError(f"{where}: r={rank!r} must be an integer >= 1")
     alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise AdapterError(f"{where}: lora_alpha={alpha!r} must be a number")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not abs(alpha) < _FLOAT32_MAX:
+        raise AdapterError(f"{where}: lora_alpha={alpha!r} must be a number of float32 range")
     targets = config.get("target_modules")
     if isinstance(targets, list):
         targets = tuple(targets)
@@ -160,8 +161,9 @@ def _read_config(config: dict, where: str):
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = (layers,)
     elif layers is not None:
-        if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
-            raise AdapterError(f"{where}: layers_to_transform={layers!r} must be a layer index or a list of them")
+        if not isinstance(layers, list) or not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
+            raise AdapterError(f"{where}: layers_to_transform={layers!r} must be a layer index or a non-empty list "
+                               "of them (PEFT adapts no module for an empty one)")
         layers = tuple(layers)
     return rank, float(alpha), bool(config.get("use_rslora", False)), targets, layers
 
