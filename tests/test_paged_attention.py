@@ -94,7 +94,7 @@ def _case(lengths, page_size, K, G, H, dtype, kv_dtype=None, window=0, blocks=0,
 
 @draws(2)
 @given(case=decode_cases(kv_dtypes=[None]))
-@example(case=_case([15, 16, 17], 16, 1, 8, 64, "bfloat16", blocks=0))  # around a page boundary, GQA 8, one page a block
+@example(case=_case([15, 16, 17], 16, 1, 8, 64, "bfloat16", blocks=0))  # around a page boundary, GQA 8, 1-page blocks
 @example(case=_case([1, 43], 8, 2, 4, 128, "float32", window=9, blocks=3))  # a one-token sequence beside a long one
 def test_decode_matches_reference(case, seed):
     """Pages in the query's dtype; ragged lengths around page boundaries; windows; GQA 1/4/8."""

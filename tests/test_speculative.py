@@ -264,7 +264,8 @@ def small_pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain_samples(small_pair):
     target, _ = small_pair
-    return np.array([o.token_ids for o in ji.Engine(target, DIST_CONFIG).generate([DIST_PROMPT] * DIST_N, DIST_SAMPLING)])
+    outs = ji.Engine(target, DIST_CONFIG).generate([DIST_PROMPT] * DIST_N, DIST_SAMPLING)
+    return np.array([o.token_ids for o in outs])
 
 
 def sample_speculatively(small_pair, method: str, biased: bool = False) -> tuple[np.ndarray, dict]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 
-import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import flash_attention as fa
