@@ -22,7 +22,7 @@ INTERPRET = jax.default_backend() != "gpu"
 # same cases on every run). The fast tier runs a test's explicit @example()s, the hard shapes
 # (ragged lengths, page boundaries, GQA ratios, one-token sequences), then `draws(n)` drawn cases;
 # the slow tier runs the same check again under the "thorough" profile: many more drawn cases.
-settings.register_profile("thorough", max_examples=25, deadline=None, derandomize=True,
+settings.register_profile("thorough", max_examples=50, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 THOROUGH = settings.get_profile("thorough")
 
