@@ -9,7 +9,9 @@ The workload (from --seed): requests arrive a few per step while at most 2 x max
 engine, with random prompt and output lengths (held-out text, some behind a shared prefix, some as
 strings), sampling parameters (greedy, temperature, top-k, top-p, min-p, seeds), stop strings and
 stop tokens, n > 1, random PEFT LoRA adapters (--num_adapters), aborts after a random number of
-steps and deadlines (SamplingParams.timeout_s); a share (--bad_rate) is bad input of one of
+steps and deadlines (SamplingParams.timeout_s) counted in engine steps (--deadline_steps: the
+median time between the engine's steps so far, on the clock its deadlines use, so how many steps a
+deadline lasts does not depend on the machine's speed); a share (--bad_rate) is bad input of one of
 several kinds (BAD_KINDS). Checked while it runs (each failure is a violation):
   - no exception escapes the engine; each bad request is refused with a ValueError that says
     what is wrong (its kind's words), leaving the engine's pages and queue as they were;
@@ -24,7 +26,9 @@ several kinds (BAD_KINDS). Checked while it runs (each failure is a violation):
     divergence where the alone run's top two logits are within --tie_tol is counted as a near tie,
     not a violation: greedy decoding is exact only up to float summation order, which batch shapes
     change; the mock runner's outputs are exact;
-  - the run ends within --max_wall_s, and no request reaches the engine's --request_timeout_s.
+  - the engine never goes 50 x max_seq_len steps without an output (a request that never ends),
+    no request reaches the engine's --request_timeout_s, and, when --max_wall_s is set, the run
+    ends within it (off by default: a wall-clock cap depends on the machine's speed).
 Prints a summary table; exit status 1 on any violation (listed), 2 on bad flags.
 """
 
@@ -57,13 +61,16 @@ flags.DEFINE_integer("num_adapters", 0, "Random PEFT LoRA adapters (rank 4) that
 flags.DEFINE_float("bad_rate", 0.05, "Share of requests that are bad input.")
 flags.DEFINE_float("abort_rate", 0.05, "Share of good requests aborted after a random number of steps.")
 flags.DEFINE_float("deadline_rate", 0.05, "Share of good requests with a deadline (timeout_s).")
-flags.DEFINE_float("deadline_s", 0.1, "A deadline is this times a random factor in [0.05, 2].")
+flags.DEFINE_float("deadline_steps", 8.0, "A deadline lasts this many engine steps times a random factor in "
+                   "[0.05, 2]: the median time between the engine's last 100 steps when the request arrives, "
+                   "times that (a request arriving before the engine has taken two steps has none).")
 flags.DEFINE_integer("max_prompt_len", 48, "Longest prompt, in tokens.")
 flags.DEFINE_integer("max_output_len", 24, "Largest max_tokens of a request.")
 flags.DEFINE_integer("check_alone", -1, "Greedy requests served again alone and compared (-1: all of them).")
 flags.DEFINE_float("tie_tol", 1e-3, "Model runner: a greedy divergence where the alone run's top two logits are "
                    "closer than this is a near tie, not a violation.")
-flags.DEFINE_float("max_wall_s", 3600.0, "A soak that runs longer than this (serving and checks) is a violation.")
+flags.DEFINE_float("max_wall_s", 0.0, "A soak that runs longer than this (serving and checks) is a violation (0: "
+                   "no cap; the stall check catches an engine that stops making progress).")
 flags.DEFINE_float("request_timeout_s", 600.0, "The engine's default deadline: a request without its own deadline "
                    "that reaches it is a violation (a request that never ends).")
 flags.DEFINE_bool("compile_first", True, "Compile every program the configuration can run before the soak (its time is "
@@ -84,6 +91,7 @@ class Request:
     sampling: object  # SamplingParams, or for a bad request what is passed instead (kwargs of a bad one: dict)
     adapter: str | None = None
     abort_after: int | None = None  # steps after it was added
+    deadline_steps: float | None = None  # its deadline in engine steps, made a timeout_s when it is added
     expect: str = ""  # bad: words its error must hold
     request_id: int | None = None
     added_step: int = 0
@@ -98,6 +106,7 @@ class Soak:
         self.model, self.config, self.runner, self.adapter_paths, self.rng = model, config, runner, adapters, rng
         self.violations: list[str] = []
         self.counts: collections.Counter = collections.Counter()
+        self.step_starts: list[float] = []  # time.perf_counter() as each engine step began
         self.engine = self.new_engine()
         self.max_seq_len = self.engine.max_seq_len
         vocab = model.config.vocab_size
@@ -144,13 +153,12 @@ class Soak:
             kwargs["stop_token_ids"] = (int(rng.integers(0, self.model.config.vocab_size)),)
         if rng.random() < 0.1:
             kwargs["n"] = int(rng.integers(2, 4))
-        if rng.random() < FLAGS.deadline_rate:
-            kwargs["timeout_s"] = FLAGS.deadline_s * float(rng.uniform(0.05, 2.0))
+        deadline = FLAGS.deadline_steps * float(rng.uniform(0.05, 2.0)) if rng.random() < FLAGS.deadline_rate else None
         adapter = None
         if self.adapter_paths and rng.random() < 0.4:
             adapter = sorted(self.adapter_paths)[int(rng.integers(len(self.adapter_paths)))]
         abort_after = int(rng.integers(0, 2 * FLAGS.max_output_len)) if rng.random() < FLAGS.abort_rate else None
-        return Request(index, "good", prompt, ji.SamplingParams(**kwargs), adapter, abort_after)
+        return Request(index, "good", prompt, ji.SamplingParams(**kwargs), adapter, abort_after, deadline)
 
     def bad(self, index: int, kind: str) -> Request:
         """A bad request of one kind: what is passed, and the words its ValueError must hold."""
@@ -188,6 +196,9 @@ class Soak:
         """Add a good request; try a bad one and check how it is refused."""
         engine = self.engine
         if req.kind == "good":
+            step_s = self.step_seconds()
+            if req.deadline_steps is not None and step_s is not None:
+                req.sampling = dataclasses.replace(req.sampling, timeout_s=req.deadline_steps * step_s)
             req.request_id = engine.add_request(req.prompt, req.sampling, adapter=req.adapter)
             req.added_step = step
             return
@@ -211,8 +222,14 @@ class Soak:
             self.violation(f"request {req.index} ({req.kind}) changed the engine: (used pages, waiting, running) "
                            f"{before} -> {after}")
 
-    def serve(self, workload: list[Request], deadline: float) -> bool:
-        """Run the workload through the engine; False if it was cut short (a crash or the wall time)."""
+    def step_seconds(self) -> float | None:
+        """The median time between the engine's last 100 steps (None before two steps): what a
+        deadline of one step lasts on the clock the engine judges deadlines by."""
+        starts = self.step_starts[-101:]
+        return float(np.median(np.diff(starts))) if len(starts) > 1 else None
+
+    def serve(self, workload: list[Request], deadline: float | None) -> bool:
+        """Run the workload through the engine; False if it was cut short (a crash, a stall or the wall time)."""
         engine, rng = self.engine, self.rng
         pending = collections.deque(workload)
         live: dict[int, Request] = {}
@@ -221,7 +238,7 @@ class Soak:
         stall = 50 * self.max_seq_len  # steps in a row without an output: the engine is stuck
         step = quiet = 0
         while pending or engine.has_unfinished():
-            if time.perf_counter() > deadline:
+            if deadline is not None and time.perf_counter() > deadline:
                 self.violation(f"the soak ran past --max_wall_s={FLAGS.max_wall_s} at step {step} "
                                f"({len(pending)} requests not yet added)")
                 return False
@@ -236,6 +253,7 @@ class Soak:
                 req.outputs.append(engine.abort(req.request_id))
                 req.aborted = True
                 self.finish(req, live, finished_ids)
+            self.step_starts.append(time.perf_counter())
             outs = engine.step()
             quiet = 0 if outs else quiet + 1
             if quiet > stall:
@@ -307,13 +325,13 @@ class Soak:
             if s.text is not None and any(stop in s.text for stop in sp.stop):
                 self.violation(f"{name}: its text {s.text!r} holds a stop string of {sp.stop}")
 
-    def check_alone(self, workload: list[Request], limit: int, deadline: float) -> None:
+    def check_alone(self, workload: list[Request], limit: int, deadline: float | None) -> None:
         """Serve greedy requests again, each alone on a fresh engine, and compare tokens."""
         chosen = [r for r in workload if r.kind == "good" and r.sampling.greedy and r.outputs and r.outputs[-1].finished]
         chosen = chosen if limit < 0 else chosen[:limit]
         reference = self.new_engine()
         for req in chosen:
-            if time.perf_counter() > deadline:
+            if deadline is not None and time.perf_counter() > deadline:
                 self.violation(f"the checks ran past --max_wall_s={FLAGS.max_wall_s}")
                 return
             sp = dataclasses.replace(req.sampling, timeout_s=None)
@@ -397,7 +415,7 @@ def run_soak() -> dict:
         model = ji.Model(model.config, params=None, tokenizer=model.tokenizer, name=model.name)
     config = engine_config(model)
     rng = np.random.default_rng(FLAGS.seed)
-    deadline = t0 + FLAGS.max_wall_s
+    deadline = t0 + FLAGS.max_wall_s if FLAGS.max_wall_s > 0 else None
     with tempfile.TemporaryDirectory() as tmp:
         soak = Soak(model, config, FLAGS.runner, write_adapters(model, FLAGS.num_adapters, tmp), rng)
         workload = soak.workload(FLAGS.requests)

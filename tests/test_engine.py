@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import hf_model, save_hf
-from hypothesis import HealthCheck, given, settings
+from helpers import THOROUGH, draws, hf_model, save_hf
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import jaxinfer as ji
@@ -197,8 +197,7 @@ def test_engine_matches_hf_transformers(arch, tmp_path):
 
 # A few fixed cache shapes and budgets, so the examples share compiled programs; the scheduler's
 # own properties are checked over many more workloads on the mock runner (test_scheduler.py).
-@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
+WORKLOADS = dict(
     lengths=st.lists(st.integers(1, 30), min_size=1, max_size=6),
     max_tokens=st.lists(st.integers(1, 12), min_size=6, max_size=6),
     num_pages=st.sampled_from([6, 16]),
@@ -209,9 +208,34 @@ def test_engine_matches_hf_transformers(arch, tmp_path):
     overlap=st.booleans(),
     decode_steps=st.sampled_from([1, 3]),
 )
+
+
+@draws(2)
+@given(**WORKLOADS)
+# one-token prompts and prompts ending at and just past a page boundary, multi-step decode
+@example(lengths=[1, 8, 9, 16], max_tokens=[1, 8, 5, 12, 1, 1], num_pages=16, page_size=8, batching="continuous",
+         budget=8, shared_prefix=False, overlap=True, decode_steps=3)
+# a 12-token prefix over three pages shared under a cache of 6 pages (preemption), prompts too long for it
+@example(lengths=[1, 4, 20, 3, 18, 30], max_tokens=[12, 3, 1, 12, 7, 2], num_pages=6, page_size=4, batching="static",
+         budget=32, shared_prefix=True, overlap=False, decode_steps=1)
 def test_random_workloads(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix,
                           overlap, decode_steps):
     """Random workloads on the model: outputs equal the baseline, and every page comes back."""
+    _serve_workload(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix, overlap,
+                    decode_steps)
+
+
+@pytest.mark.slow
+@THOROUGH
+@given(**WORKLOADS)
+def test_random_workloads_many(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix,
+                               overlap, decode_steps):
+    _serve_workload(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix, overlap,
+                    decode_steps)
+
+
+def _serve_workload(model, lengths, max_tokens, num_pages, page_size, batching, budget, shared_prefix, overlap,
+                    decode_steps):
     rng = np.random.default_rng(len(lengths) * 1000 + num_pages)
     prefix = rng.integers(0, 256, size=12).tolist() if shared_prefix else []
     prompts = [(prefix + rng.integers(0, 256, size=n).tolist())[:30] for n in lengths]

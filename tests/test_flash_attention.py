@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import INTERPRET, TOLERANCE, row_errors, row_rel_error
-from hypothesis import HealthCheck, example, given, settings
+from helpers import INTERPRET, THOROUGH, TOLERANCE, draws, row_errors, row_rel_error
+from hypothesis import example, given
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
@@ -22,9 +22,6 @@ from jaxinfer.models import attention
 from pallas_kernels import flash_attention as fa
 from pallas_kernels.common import pack_tree_mask
 
-SETTINGS = settings(
-    max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
 BLOCKS = [fa.BlockSizes(16, 16, 4, 2), fa.BlockSizes(32, 16, 4, 2), fa.BlockSizes(16, 32, 4, 2), None]
 
 
@@ -60,11 +57,29 @@ def dense_cases(draw):
     )
 
 
-@SETTINGS
+def _dense(B, T, S_extra, K, G, H, dtype, window=0, cut_kv=False, blocks=0, data_seed=0):
+    return dict(B=B, T=T, S_extra=S_extra, K=K, G=G, H=H, dtype=dtype, window=window, cut_kv=cut_kv, blocks=blocks,
+                data_seed=data_seed)
+
+
+@draws(2)
 @given(case=dense_cases())
+@example(case=_dense(2, 1, 40, 1, 8, 64, "bfloat16"))  # one query per sequence after a ragged prefix, GQA 8
+@example(case=_dense(2, 33, 7, 2, 4, 128, "float32", window=1, cut_kv=True, blocks=2))  # window 1, keys cut
 def test_flash_attention_matches_reference(case, seed):
     """Chunked prefill over dense k/v: each sequence has q_len real queries after a prefix
     (and sometimes fewer keys than the last query's position: those queries see fewer keys)."""
+    _run_dense(case, seed)
+
+
+@pytest.mark.slow
+@THOROUGH
+@given(case=dense_cases())
+def test_flash_attention_matches_reference_on_many_shapes(case, seed):
+    _run_dense(case, seed)
+
+
+def _run_dense(case, seed):
     rng = np.random.default_rng([seed, case["data_seed"]])
     B, T, K, H, dtype = case["B"], case["T"], case["K"], case["H"], case["dtype"]
     N = K * case["G"]
@@ -119,12 +134,29 @@ def paged_cases(draw):
     )
 
 
-@SETTINGS
+def _paged(B, T, kv_lens, page_size, K, G, H, dtype, window=0, blocks=0, data_seed=0):
+    return dict(B=B, T=T, kv_lens=kv_lens, page_size=page_size, K=K, G=G, H=H, dtype=dtype, window=window,
+                blocks=blocks, data_seed=data_seed)
+
+
+@draws(2)
 @given(case=paged_cases())
-@example(case=dict(B=2, T=23, kv_lens=[101, 40], page_size=32, K=2, G=4, H=128, dtype="float32", window=20,
-                   blocks=0, data_seed=1))
+@example(case=_paged(2, 23, [101, 40], 32, 2, 4, 128, "float32", window=20, data_seed=1))
+@example(case=_paged(2, 1, [16, 17], 16, 1, 8, 64, "bfloat16", blocks=1))  # one query each side of a page boundary
+@example(case=_paged(2, 5, [1, 8], 8, 2, 1, 128, "float32", window=3, blocks=3))  # a one-token sequence, a full page
 def test_paged_flash_attention_matches_reference(case, seed):
     """Chunked prefill / prefix-cache hit: the chunk's queries are the last q_len of kv_len tokens."""
+    _run_paged(case, seed)
+
+
+@pytest.mark.slow
+@THOROUGH
+@given(case=paged_cases())
+def test_paged_flash_attention_matches_reference_on_many_shapes(case, seed):
+    _run_paged(case, seed)
+
+
+def _run_paged(case, seed):
     rng = np.random.default_rng([seed, case["data_seed"]])
     B, T, K, H, dtype = case["B"], case["T"], case["K"], case["H"], case["dtype"]
     N = K * case["G"]

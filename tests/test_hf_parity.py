@@ -51,7 +51,7 @@ def test_config_read_from_checkpoint(pair):
     cfg, hfc = model.config, hf.config
     assert cfg.num_layers == hfc.num_hidden_layers
     assert cfg.num_kv_heads == hfc.num_key_value_heads
-    assert cfg.head_dim == getattr(hfc, "head_dim", None) or hfc.hidden_size // hfc.num_attention_heads
+    assert cfg.head_dim == (getattr(hfc, "head_dim", None) or hfc.hidden_size // hfc.num_attention_heads)
     assert cfg.tie_word_embeddings == bool(hfc.tie_word_embeddings)
     assert ("lm_head" in model.params) != cfg.tie_word_embeddings
     assert cfg.num_params() == sum(p.numel() for p in hf.parameters())

@@ -130,6 +130,14 @@ def test_stream_yields_each_new_token_and_close_aborts(rng):
     engine = mock_engine(page_size=4, max_batch=4)
     prompts, params = workload(rng, 5)
     others = [engine.add_request(p, sp) for p, sp in zip(prompts[1:], params[1:])]
+    done, step = {}, engine.step
+
+    def recording_step():  # the steps the streams drive finish other requests too: keep their outputs
+        outs = step()
+        done.update((o.request_id, o) for o in outs if o.finished)
+        return outs
+
+    engine.step = recording_step
     sp = ji.SamplingParams(max_tokens=12, temperature=0.0)
     outs = list(engine.stream(prompts[0], sp))
     assert [len(o.token_ids) for o in outs] == list(range(1, 13)) and outs[-1].finished
@@ -143,13 +151,11 @@ def test_stream_yields_each_new_token_and_close_aborts(rng):
     assert rid not in engine.requests.live
     outs_b = list(b)
     assert outs_b[-1].token_ids == expected_tokens(prompts[2], 12, VOCAB) and outs_b[-1].finish_reason == "length"
-    done = {}
     while engine.has_unfinished():
-        done.update((o.request_id, o) for o in engine.step() if o.finished)
+        engine.step()
     for rid, p, sp_i in zip(others, prompts[1:], params[1:]):
-        if rid in done:  # the ones the streams did not drive to the end
-            want = expected_tokens(p, sp_i.max_tokens, VOCAB, seed=sp_i.seed, greedy=sp_i.greedy)
-            assert done[rid].token_ids == want
+        want = expected_tokens(p, sp_i.max_tokens, VOCAB, seed=sp_i.seed, greedy=sp_i.greedy)
+        assert done[rid].token_ids == want
     assert engine.allocator.num_used == 0
     with pytest.raises(ValueError, match="prompt is empty"):
         next(engine.stream([]))

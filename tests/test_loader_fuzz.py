@@ -1,14 +1,18 @@
 """Loader fuzzing: truncated and corrupted safetensors, GGUF and tokenizer files, tensors of the wrong
 dtype or shape, config.json and adapter_config.json fields missing or of the wrong type, checkpoint
-directories with a file missing. Each load either succeeds or raises a ValueError (CheckpointError,
-ConfigError, AdapterError) that names the file (and the field); never another exception, a crash in
-native code or a hang. Few examples each: the point is the kinds of damage, not their number."""
+directories with a file missing. Each load raises a ValueError (CheckpointError, ConfigError,
+AdapterError) that names the file and the field or tensor, or loads and the damage is shown to be
+benign (the same weights and settings as the undamaged file, or settings read as HF transformers /
+PEFT read them); never another exception, a crash in native code or a hang. Few examples each: the
+point is the kinds of damage, not their number."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -18,6 +22,8 @@ import gguf
 import jax
 import numpy as np
 import pytest
+import transformers
+from huggingface_hub.errors import StrictDataclassError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
@@ -53,14 +59,33 @@ def no_hang(seconds: int = 30):
         signal.signal(signal.SIGALRM, previous)
 
 
-def load_or_refuse(load, path, *names: str):
-    """Run load(path): it loads, or raises a ValueError whose message holds one of `names`."""
+def load_or_refuse(load, path, *names: str, benign=None):
+    """Run load(path): it raises a ValueError whose message holds one of `names` (returned), or it
+    loads and benign(what it loaded) shows the damage changed nothing that matters (None: loading
+    is wrong)."""
     with no_hang():
         try:
-            return load(path)
+            loaded = load(path)
         except ValueError as e:
             assert any(n in str(e) for n in names), f"{type(e).__name__}: {e} (names none of {names})"
             return e
+    assert benign is not None, f"the damaged {path} loaded"
+    benign(loaded)
+    return loaded
+
+
+def same_model(reference: ji.Model):
+    """benign= for damage that must leave the model as it was: the same config and weights."""
+    def check(model: ji.Model) -> None:
+        assert model.config == reference.config
+        same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), model.params,
+                            reference.params)
+        assert all(jax.tree.leaves(same)), "the damaged file loaded other weights"
+    return check
+
+
+def names_field(error: ValueError, field: str) -> bool:
+    return re.search(rf"\b{re.escape(field)}\b", str(error)) is not None
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +94,11 @@ def dense(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("dense"))
     ji.save_hf_checkpoint(ji.Model(CFG, ji.init_params(CFG, jax.random.key(0)), ji.ByteTokenizer()), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def dense_model(dense) -> ji.Model:
+    return ji.load_model(dense)
 
 
 def copy(src: str, tmp: str) -> str:
@@ -80,8 +110,9 @@ def copy(src: str, tmp: str) -> str:
 @FUZZ
 @given(kind=st.sampled_from(["truncate", "header_bytes", "header_length"]), where=st.floats(0, 1),
        junk=st.binary(min_size=1, max_size=8))
-def test_damaged_safetensors_is_refused_by_name(dense, kind, where, junk):
-    """(Damage to tensor data past the header only changes values: not tried.)"""
+def test_damaged_safetensors_is_refused_by_name(dense, dense_model, kind, where, junk):
+    """(Damage to tensor data past the header only changes values: not tried.) A load despite the
+    damage must give the undamaged model."""
     with tempfile.TemporaryDirectory() as tmp:
         path = copy(dense, tmp)
         weights = os.path.join(path, "model.safetensors")
@@ -95,7 +126,7 @@ def test_damaged_safetensors_is_refused_by_name(dense, kind, where, junk):
             at = int(where * (header - len(junk)))
             data[at : at + len(junk)] = junk
         open(weights, "wb").write(bytes(data))
-        load_or_refuse(ji.load_model, path, weights)
+        load_or_refuse(ji.load_model, path, weights, benign=same_model(dense_model))
 
 
 @FUZZ
@@ -116,12 +147,49 @@ def test_tensor_of_wrong_dtype_or_shape_is_named(dense, which, dtype, reshape):
             x = np.concatenate([x, x[:1]])
         tensors[name] = np.ascontiguousarray(x)
         save_file(tensors, weights)
-        out = load_or_refuse(ji.load_model, path, weights)
+        # whether it may load at all is decided below: only a float cast of the same shape
+        out = load_or_refuse(ji.load_model, path, weights, benign=lambda model: None)
         changed = x.shape != load_file(os.path.join(dense, "model.safetensors"))[name].shape
         if changed or dtype not in ("float16", "float64"):
             assert isinstance(out, ji.CheckpointError) and name in str(out)
         else:
             assert isinstance(out, ji.Model)
+
+
+def read_as_hf_or_absent(config_path: str, edited: set[str]):
+    """benign= for a config.json that loads: its settings are read as HF transformers' LlamaConfig
+    reads them (a null field as an absent one; the values as written where HF's stricter types
+    refuse them, e.g. an integer rms_norm_eps), or as if the edited fields were absent (a wrong-typed
+    empty value such as rope_parameters=false or bos_token_id=[] taken for none)."""
+    written = json.load(open(config_path))
+
+    def as_hf(cfg: ji.ModelConfig) -> None:
+        given = {k: v for k, v in written.items() if v is not None}
+        try:
+            hf = transformers.LlamaConfig(**given)
+        except StrictDataclassError:
+            hf = transformers.LlamaConfig()
+            hf.__dict__.update(given)
+        rope = hf.rope_parameters.get("rope_theta") if isinstance(hf.rope_parameters, dict) else None
+        # token ids as written (HF's defaults for absent ones are Llama's); a bos list of one, its id
+        bos, eos = written.get("bos_token_id"), written.get("eos_token_id")
+        bos = bos[0] if isinstance(bos, list) and len(bos) == 1 else bos
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (
+            hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads)
+        assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+        assert (cfg.rms_norm_eps, cfg.rope.theta, cfg.max_position_embeddings) == (
+            hf.rms_norm_eps, rope, hf.max_position_embeddings)
+        assert (cfg.tie_word_embeddings, cfg.qkv_bias) == (bool(hf.tie_word_embeddings), bool(hf.attention_bias))
+        assert (cfg.bos_token_id, list(cfg.eos_token_ids)) == (bos, eos)
+
+    def check(model: ji.Model) -> None:
+        try:
+            as_hf(model.config)
+        except AssertionError:
+            absent = ji.ModelConfig.from_hf_dict({k: v for k, v in written.items() if k not in edited})
+            assert model.config == absent, f"{model.config} is neither HF's reading nor the one without {edited}"
+    return check
 
 
 @FUZZ
@@ -132,7 +200,11 @@ def test_tensor_of_wrong_dtype_or_shape_is_named(dense, which, dtype, reshape):
     st.one_of(st.just("<delete>"), ODD_VALUES), min_size=1, max_size=2))
 @example(edits={"num_hidden_layers": 10**12})  # checking a trillion layers' tensors would take forever
 @example(edits={"num_attention_heads": 0, "hidden_size": "16"})
+@example(edits={"rms_norm_eps": 707663, "rope_theta": 707663})  # loads: odd but valid values, read as HF reads them
+@example(edits={"num_key_value_heads": "<delete>"})  # valid config, tensors of the wrong shape
 def test_bad_config_fields_are_named(dense, edits):
+    """A refused config names the field (ConfigError) or the tensor that no longer fits it
+    (CheckpointError); one that loads is read as HF transformers reads it, or as without the field."""
     with tempfile.TemporaryDirectory() as tmp:
         path = copy(dense, tmp)
         config_path = os.path.join(path, "config.json")
@@ -143,15 +215,22 @@ def test_bad_config_fields_are_named(dense, edits):
             else:
                 config[field] = value
         json.dump(config, open(config_path, "w"))
-        out = load_or_refuse(ji.load_model, path, config_path, os.path.join(path, "model.safetensors"))
-        if isinstance(out, ji.ConfigError):  # names the field too
-            assert any(field in str(out) for field in edits), out
+        weights = os.path.join(path, "model.safetensors")
+        out = load_or_refuse(ji.load_model, path, config_path, weights,
+                             benign=read_as_hf_or_absent(config_path, set(edits)))
+        if isinstance(out, ji.ConfigError):
+            assert any(names_field(out, field) for field in edits), out
+        elif isinstance(out, ValueError):
+            tensors = load_file(weights)
+            assert isinstance(out, ji.CheckpointError) and any(f"'{name}'" in str(out) for name in tensors), out
 
 
 @FUZZ
 @given(kind=st.sampled_from(["truncate", "header_bytes"]), where=st.floats(0, 1), junk=st.binary(min_size=1, max_size=8))
 def test_damaged_gguf_is_refused_by_name(tmp_path_factory, kind, where, junk):
-    """Truncated anywhere, or bytes overwritten in its metadata and tensor table (before the data)."""
+    """Truncated anywhere (always refused), or bytes overwritten in its metadata and tensor table
+    (before the data): refused, or the same config and weights (the bytes hit a string the model
+    does not depend on: a name, or a vocabulary entry's text, which is data as tensor values are)."""
     source = tmp_path_factory.getbasetemp() / "fuzz.gguf"
     if not source.exists():
         cfg = gguf_config("llama")
@@ -166,7 +245,8 @@ def test_damaged_gguf_is_refused_by_name(tmp_path_factory, kind, where, junk):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "damaged.gguf")
         open(path, "wb").write(bytes(data))
-        load_or_refuse(ji.load_model, path, path)
+        load_or_refuse(ji.load_model, path, path, benign=None if kind == "truncate" else same_model(
+            ji.load_model(str(source))))
 
 
 @FUZZ
@@ -178,13 +258,26 @@ def test_damaged_tokenizer_files_are_named(dense, junk, keep):
             file = os.path.join(path, name)
             data = open(file, "rb").read() if os.path.exists(file) else b"{}"
             open(file, "wb").write(data[: int(keep * len(data))] + junk)
-        load_or_refuse(ji.load_model, path, "tokenizer.json", "tokenizer_config.json")
+        load_or_refuse(ji.load_model, path, "tokenizer.json", "tokenizer_config.json", benign=same_tokenizer)
+
+
+def same_tokenizer(model: ji.Model) -> None:
+    """benign= for damaged tokenizer files that load: the tokenizer still encodes as the byte tokenizer."""
+    text = "def f(x):\n    return x  # \u00e9\u4e2d"
+    assert model.tokenizer.encode(text) == ji.ByteTokenizer().encode(text)
+    assert model.tokenizer.decode(ji.ByteTokenizer().encode(text)) == text
 
 
 @FUZZ
 @given(field=st.sampled_from(["r", "lora_alpha", "target_modules", "layers_to_transform", "peft_type", "bias",
                               "use_dora"]), value=ODD_VALUES)
+@example(field="lora_alpha", value=math.inf)  # a number, but no scale
+@example(field="r", value=1)  # an integer >= 1 that the tensors contradict
+@example(field="layers_to_transform", value=818823)  # a layer past the model's: refused when it meets the model
 def test_bad_adapter_config_fields_are_named(tmp_path_factory, field, value):
+    """A bad field is refused naming it, when the adapter is read or when it meets the base model
+    (check_fits, as add_adapter does); an adapter that fits has the tensors of the undamaged one and
+    the scale PEFT derives from the config (lora_alpha / r), finite."""
     source = tmp_path_factory.getbasetemp() / "fuzz-adapter"
     if not source.exists():
         lora.save_adapter(lora.random_adapter(CFG, 4, ("wq", "wv")), source)
@@ -194,9 +287,23 @@ def test_bad_adapter_config_fields_are_named(tmp_path_factory, field, value):
         config = json.load(open(config_path))
         config[field] = value
         json.dump(config, open(config_path, "w"))
-        out = load_or_refuse(ji.load_adapter, path, config_path)
+
+        def fits_as_peft_reads_it(adapter) -> None:
+            try:
+                lora.adapter.check_fits(adapter, CFG)
+            except lora.adapter.AdapterError as e:
+                assert names_field(e, field), e
+                return
+            original = ji.load_adapter(str(source))
+            assert adapter.weights.keys() == original.weights.keys()
+            assert all(np.array_equal(adapter.weights[k][0], original.weights[k][0]) for k in original.weights)
+            scale = config.get("lora_alpha", 8) / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+            assert math.isfinite(adapter.scale) and adapter.scale == scale, (adapter.scale, scale)
+
+        out = load_or_refuse(ji.load_adapter, path, config_path, os.path.join(path, lora.adapter.WEIGHTS_FILE),
+                             benign=fits_as_peft_reads_it)
         if isinstance(out, ValueError):
-            assert field in str(out)
+            assert names_field(out, field), out
 
 
 @pytest.mark.parametrize("layout, missing, words", [

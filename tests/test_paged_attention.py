@@ -8,17 +8,15 @@ one, so an unwritten partial shows up as NaN.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from helpers import INTERPRET, TOLERANCE, assert_rows_close, row_rel_error
+from helpers import INTERPRET, THOROUGH, TOLERANCE, assert_rows_close, draws, row_rel_error
 from pallas_kernels import paged_attention as pa
 
-SETTINGS = settings(
-    max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
 BLOCKS = [pa.BlockSizes(1, 1), pa.BlockSizes(1, 4), pa.BlockSizes(2, 2), pa.BlockSizes(4, 8), None]
 
 
@@ -89,32 +87,56 @@ def _run_case(case, seed):
     _check(pa.paged_decode_attention(*args, **kw, interpret=INTERPRET), pa.reference(*args, **kw), dtype)
 
 
-@SETTINGS
+def _case(lengths, page_size, K, G, H, dtype, kv_dtype=None, window=0, blocks=0, data_seed=0):
+    return dict(B=len(lengths), lengths=lengths, page_size=page_size, K=K, G=G, H=H, dtype=dtype, kv_dtype=kv_dtype,
+                window=window, blocks=blocks, data_seed=data_seed)
+
+
+@draws(2)
 @given(case=decode_cases(kv_dtypes=[None]))
+@example(case=_case([15, 16, 17], 16, 1, 8, 64, "bfloat16", blocks=0))  # around a page boundary, GQA 8, 1-page blocks
+@example(case=_case([1, 43], 8, 2, 4, 128, "float32", window=9, blocks=3))  # a one-token sequence beside a long one
 def test_decode_matches_reference(case, seed):
     """Pages in the query's dtype; ragged lengths around page boundaries; windows; GQA 1/4/8."""
     _run_case(case, seed)
 
 
-@settings(SETTINGS, max_examples=4)
+@draws(2)
 @given(case=decode_cases(kv_dtypes=["int8", "float8_e4m3fn"]))
+@example(case=_case([32, 33], 32, 2, 8, 128, "bfloat16", kv_dtype="float8_e4m3fn", blocks=1))  # fp8, a page boundary
+@example(case=_case([1, 7, 9], 8, 1, 4, 64, "float32", kv_dtype="int8", window=1, blocks=2))  # int8, window 1
 def test_quantised_decode_matches_reference(case, seed):
     """int8 and fp8 pages with per-token scales, dequantised in the kernel."""
     _run_case(case, seed)
 
 
-def test_reference_matches_naive_loops(rng):
-    """The reference against float64 loops over a hand gather of dequantised pages."""
+@pytest.mark.slow
+@THOROUGH
+@given(case=decode_cases(kv_dtypes=[None, "int8", "float8_e4m3fn"]))
+def test_decode_matches_reference_on_many_shapes(case, seed):
+    _run_case(case, seed)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_reference_matches_naive_loops(rng, kv_dtype):
+    """The reference against float64 loops over a hand gather of dequantised pages: int8 values, or
+    e4m3 values read by NumPy through ml_dtypes (an implementation of the format apart from XLA's)."""
     B, K, G, H, page_size = 2, 2, 3, 8, 4
     lengths = np.array([11, 3])
     max_pages = 3
     P = B * max_pages + 1
     tables = rng.permutation(P)[: B * max_pages].reshape(B, max_pages)
     q = rng.standard_normal((B, K * G, H)).astype(np.float32)
-    k_pages = rng.integers(-127, 128, (K, P, page_size, H)).astype(np.int8)
-    v_pages = rng.integers(-127, 128, (K, P, page_size, H)).astype(np.int8)
-    k_scales = rng.uniform(0.01, 0.03, (K, P, page_size)).astype(np.float32)
-    v_scales = rng.uniform(0.01, 0.03, (K, P, page_size)).astype(np.float32)
+    if kv_dtype == "int8":
+        k_pages = rng.integers(-127, 128, (K, P, page_size, H)).astype(np.int8)
+        v_pages = rng.integers(-127, 128, (K, P, page_size, H)).astype(np.int8)
+    else:  # every e4m3 magnitude from subnormals to 448, both signs
+        k_pages = (rng.choice([-1, 1], (K, P, page_size, H)) * 2.0 ** rng.uniform(-9, 8.8, (K, P, page_size, H)))
+        v_pages = (rng.choice([-1, 1], (K, P, page_size, H)) * 2.0 ** rng.uniform(-9, 8.8, (K, P, page_size, H)))
+        k_pages, v_pages = k_pages.astype(ml_dtypes.float8_e4m3fn), v_pages.astype(ml_dtypes.float8_e4m3fn)
+    low = 0.01 if kv_dtype == "int8" else 0.002  # scores of a few units either way
+    k_scales = rng.uniform(low, 3 * low, (K, P, page_size)).astype(np.float32)
+    v_scales = rng.uniform(low, 3 * low, (K, P, page_size)).astype(np.float32)
     for window in (0, 4):
         expected = np.zeros((B, K * G, H))
         for b in range(B):

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import INTERPRET, TOLERANCE, assert_rows_close, row_errors
-from hypothesis import HealthCheck, example, given, settings
+from helpers import INTERPRET, THOROUGH, TOLERANCE, assert_rows_close, draws, row_errors
+from hypothesis import example, given
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
@@ -26,9 +26,6 @@ from pallas_kernels import quant_matmul as qm
 # helpers.TOLERANCE has no float16: rounding the float32 accumulator to float16 costs at most
 # 2**-11 relative per element (bfloat16: 2**-8), well inside 1e-2.
 TOL = {**TOLERANCE, "float16": 1e-2}
-SETTINGS = settings(
-    max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
 BS = qm.BlockSizes
 BLOCKS = [None, BS(16, 16, 16, 3, 4, 2), BS(32, 32, 64, 2, 4, 2), BS(64, 64, 32, 1, 4, 2)]
 
@@ -107,7 +104,7 @@ def _case(M, K, N, bits, group, symmetric, permute, dtype, blocks=0, data_seed=0
                 blocks=blocks, data_seed=data_seed, mins=mins)
 
 
-@SETTINGS
+@draws(6)
 @given(case=cases())
 @example(case=_case(1, 512, 97, 4, 128, True, False, "bfloat16"))  # GEMV: split-K
 @example(case=_case(16, 256, 33, 8, None, False, True, "float16"))  # the largest decode shape
@@ -119,6 +116,13 @@ def _case(M, K, N, bits, group, symmetric, permute, dtype, blocks=0, data_seed=0
 def test_kernel_matches_reference(case, seed):
     """Both paths, int4 / int8, groups 32-128 and per-channel, zeros, mins (Q4_1's offsets),
     act-order, padded rows, three x dtypes, default and explicit block sizes (uneven split counts)."""
+    _run_case(case, seed)
+
+
+@pytest.mark.slow
+@THOROUGH
+@given(case=cases())
+def test_kernel_matches_reference_on_many_shapes(case, seed):
     _run_case(case, seed)
 
 

@@ -16,6 +16,7 @@ import jaxinfer as ji
 from jaxinfer import lora
 from jaxinfer.engine.lifecycle import sample_seed
 from jaxinfer.engine.mock_runner import MockRunner, expected_tokens
+from jaxinfer.engine.kv_manager import PageAllocator
 from jaxinfer.engine.scheduler import Scheduler
 
 VOCAB = 300
@@ -158,6 +159,26 @@ def test_adapters_on_few_slots_get_their_tokens(seed, num_requests, slots, num_p
             got = sample.token_ids
             assert got == want if len(p) + sp.max_tokens - 1 <= capacity else got == want[: len(got)]
     assert engine.allocator.num_used == 0 and engine.adapters.refs == [0] * slots
+
+
+def test_the_mock_tells_pages_handed_in_the_wrong_order(monkeypatch):
+    """Negative control of the mock: prefix-cache hits handed to a sequence in reverse order (every
+    page written, every token there, only their order wrong) change the outputs, so the workloads
+    above would catch a scheduler that reads pages out of order."""
+    rng = np.random.default_rng(6)
+    prefix = rng.integers(0, VOCAB, size=12).tolist()  # three full pages of 4 tokens
+    prompts = [prefix + rng.integers(0, VOCAB, size=5).tolist() for _ in range(4)]
+    params = ji.SamplingParams(max_tokens=10, temperature=0.0)
+    engine = mock_engine(page_size=4, max_batch=1, prefix_cache=True)
+    check_outputs(engine, prompts, [params] * 4, serve(engine, prompts, params))
+    assert engine.allocator.hits >= 9  # the later prompts took the three prefix pages from the cache
+
+    lookup = PageAllocator.lookup
+    monkeypatch.setattr(PageAllocator, "lookup", lambda self, hashes: lookup(self, hashes)[::-1])
+    engine = mock_engine(page_size=4, max_batch=1, prefix_cache=True)
+    outs = serve(engine, prompts, params)
+    assert outs[0].token_ids == expected_tokens(prompts[0], 10, VOCAB)  # the first one had no hits
+    assert all(o.token_ids != expected_tokens(p, 10, VOCAB) for p, o in zip(prompts[1:], outs[1:]))
 
 
 @pytest.mark.parametrize("chunked", [True, False])

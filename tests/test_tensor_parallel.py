@@ -1,9 +1,9 @@
 """Tensor parallelism (jaxinfer/sharding.py): sharded forward logits equal unsharded, the engine's
 greedy tokens equal across tp = 1, 2, 4, a warmed-up tp = 2 engine compiles nothing new, per-device
-bytes fall with tp, int4 weights with a LoRA adapter and an int8 KV cache under tp = 2, and (slow)
-KV heads replicated under a LoRA adapter, the Pallas kernels per shard, speculative decoding, two
-processes through jax.distributed; bad tp refused before anything is compiled; the planner's --tp
-and --min_tp.
+bytes fall with tp, int4 weights with a LoRA adapter and an int8 KV cache under tp = 2, two
+processes through jax.distributed, the Pallas kernels per shard and speculative decoding on a
+one-layer model, and (slow) the last two and KV heads replicated under a LoRA adapter on the tiny
+model; bad tp refused before anything is compiled; the planner's --tp and --min_tp.
 
 The sharded checks run in processes of their own (tests/tp_checks.py) with 8 fake CPU devices:
 XLA_FLAGS must be set before jax starts, and the rest of the suite runs on one device. Those
@@ -34,7 +34,9 @@ from jaxinfer.lora.adapter import random_adapter
 from jaxinfer.models import formats
 
 TOL = 1e-5  # float32 logits, largest per-row relative error against tp = 1 (measured: under 1e-6)
-FAST_CHECKS = ("forward_logits", "engine_greedy", "int4_lora_kv_int8")
+# The Pallas kernels per shard and speculation run in the fast tier on a one-layer model
+# (tp_checks._small_model), in the slow tier on the tiny model.
+FAST_CHECKS = ("forward_logits", "engine_greedy", "int4_lora_kv_int8", "pallas_per_shard_small", "speculative_small")
 COMPILE_FLAGS = os.environ.get("XLA_FLAGS", "")  # conftest.py's, set before this module is imported
 XLA_FLAGS = f"--xla_force_host_platform_device_count=8 {COMPILE_FLAGS}"
 
@@ -115,6 +117,17 @@ def test_lora_over_replicated_kv_heads():
     assert tokens["1"] == tokens["4"]
 
 
+def test_pallas_kernels_per_shard_on_a_small_model(checks):
+    result = _ok(checks["pallas_per_shard_small"])
+    assert result["tokens"]["pallas_tp2"] == result["tokens"]["xla_tp1"]
+    assert {"run", "kernel"} <= set(result["shard_maps"]), result["shard_maps"]
+
+
+def test_speculative_decoding_under_tp_on_a_small_model(checks):
+    result = _ok(checks["speculative_small"])
+    assert result["tokens"]["ngram_tp2"] == result["tokens"]["plain_tp1"] and result["spec_passes"] > 0
+
+
 @pytest.mark.slow
 def test_pallas_kernels_per_shard():
     result = _ok(_run_checks("pallas_per_shard")["pallas_per_shard"])
@@ -132,10 +145,11 @@ def test_speculative_decoding_under_tp(checks):
     assert tokens["eagle_tp4_tokens_per_pass"] > 1
 
 
-@pytest.mark.slow
 def test_two_processes_run_one_generation(checks):
     """Two processes on localhost, one CPU device each, tensor parallel over both through
-    jax.distributed (gloo collectives): the tokens of a single process at tp = 1."""
+    jax.distributed (gloo collectives): the tokens of a single process at tp = 1. In the fast tier
+    on the tiny model itself: its processes cost what a smaller model's would (about 4.5 s of CPU
+    each, 2 of them importing jax)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = str(s.getsockname()[1])

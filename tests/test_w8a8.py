@@ -176,7 +176,10 @@ def test_static_fp8_scales_come_from_the_calibration_maxima(rng):
 
 def test_w8a8_models_stay_close_to_dense_and_dequantize(rng, tmp_path):
     """Every W8A8 scheme keeps the logits near the dense model's; dequantize_params turns the
-    weights back into dense arrays of the model dtype; save_model refuses W8A8 weights by name."""
+    weights back into dense arrays of the model dtype holding what the 8-bit values stand for
+    (NumPy's product of the values, read through ml_dtypes for e4m3, and their scales), within half
+    a step of the original weight where no smoothing moved it, and the dequantised model's logits
+    near the dense model's; save_model refuses W8A8 weights by name."""
     model = ji.load_model("tiny")
     tokens = jnp.asarray([list(b"import os\nprint(os.getcwd())\n")], jnp.int32)
     dense = ji.forward_logits(model, tokens)
@@ -186,25 +189,39 @@ def test_w8a8_models_stay_close_to_dense_and_dequantize(rng, tmp_path):
             if quant.needs_calibration(scheme_from_name(name)) else quant.quantize_by_name(model, name)
         assert all(isinstance(qm.params["layers"][n], af.W8A8Weight) for n in quant.LINEAR_WEIGHTS)
         assert 1e-4 < row_rel_error(ji.forward_logits(qm, tokens), dense) < 0.1, name
-    back = quant.dequantize_params(qm.params)
-    wq = back["layers"]["wq"]
-    assert wq.dtype == model.dtype and wq.shape == model.params["layers"]["wq"].shape
+        back = quant.dequantize_params(qm.params)
+        for n in quant.LINEAR_WEIGHTS:
+            w, got = qm.params["layers"][n], back["layers"][n]
+            assert got.dtype == model.dtype and got.shape == model.params["layers"][n].shape, (name, n)
+            scales = np.asarray(w.scales, np.float64)[..., None, :]  # (L, 1, N) or (L, 1, 1)
+            want = np.asarray(w.qweight).astype(np.float64) * scales
+            np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=0, err_msg=f"{name} {n}")
+            if "smooth" not in name:  # the weight itself was quantised: back within half a step of it
+                original = np.asarray(model.params["layers"][n], np.float64)
+                # int8: half of one scale; e4m3: half a spacing of 3 mantissa bits, or of a subnormal
+                # (2**-9 scales). The margin: w / scale is rounded in float32 before it is rounded to 8 bits.
+                half = scales / 2 if w.fmt == "int8" else np.abs(original) / 16 + scales / 2**10
+                assert np.all(np.abs(want - original) <= half + 1e-4 * scales), (name, n)
+        assert row_rel_error(ji.forward_logits(dataclasses.replace(qm, params=back), tokens), dense) < 0.1, name
     with pytest.raises(ValueError, match=r"layers\.\w+ is a W8A8Weight: save_model writes dense and weight-only"):
         ji.save_model(qm, tmp_path / "w8a8")
 
 
 def _byte_model(name, seed):
-    """A one-layer random byte-level model quantised by the named scheme (small, so the engine compiles fast)."""
-    model = _random_model(seed, vocab_size=258, num_layers=1)
-    return dataclasses.replace(model, params=quant.quantize(model.params, scheme_from_name(name)),
-                               tokenizer=ji.ByteTokenizer())
+    """A one-layer random byte-level model quantised by the named scheme (small, so the engine compiles
+    fast); SmoothQuant and static scales calibrated on random windows."""
+    model = dataclasses.replace(_random_model(seed, vocab_size=258, num_layers=1), tokenizer=ji.ByteTokenizer())
+    windows = _windows(np.random.default_rng(seed), model.config)
+    return quant.quantize_by_name(model, name, calibration=windows, progress=False)
 
 
-def test_engine_serves_w8a8_token_for_token():
-    """The paged engine on a W8A8 model gives the greedy tokens of the model's own forward pass
-    (the contiguous-cache loop): per-token activation scales make a row's result independent of
-    its batch, and int32 sums are exact."""
-    model = _byte_model("w8a8-int8-naive", 5)
+@pytest.mark.parametrize("name", ["w8a8-int8-naive", "w8a8-int8-smooth", "w8a8-fp8", "w8a8-fp8-static-pt"])
+def test_engine_serves_w8a8_token_for_token(name):
+    """The paged engine on a W8A8 model (naive int8, SmoothQuant, FP8 with dynamic per-token or
+    calibrated per-tensor scales) gives the greedy tokens of the model's own forward pass (the
+    contiguous-cache loop): per-token or static activation scales make a row's result independent
+    of its batch, int32 sums are exact and e4m3 products exact in float32."""
+    model = _byte_model(name, 5)
     prompts = ["def fibonacci(n):", "class Engine:\n    def step(self"]
     sp = ji.SamplingParams(max_tokens=10, temperature=0.0)
     want = [o.token_ids for o in ji.generate(model, prompts, sp)]

@@ -1,5 +1,7 @@
-"""w8a8_matmul (interpret mode) against its reference, and the int8 accumulator against exact
-integer arithmetic; the model's dispatch point (linear) on W8A8 weights, Pallas against XLA.
+"""w8a8_matmul (interpret mode) against its reference, the int8 accumulator against exact integer
+arithmetic and the fp8 one against NumPy's float64 products of e4m3 values read through ml_dtypes
+(an implementation of the format apart from XLA's); the model's dispatch point (linear) on W8A8
+weights, Pallas against XLA.
 
 Shapes are drawn by hypothesis and kept small (each new shape costs an interpret-mode compile).
 Interpret mode starts outputs as NaN (test_quant_matmul.test_interpret_outputs_start_poisoned), so
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
-from helpers import INTERPRET, assert_rows_close
-from hypothesis import HealthCheck, given, settings
+from helpers import INTERPRET, THOROUGH, assert_rows_close, draws
+from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxinfer.models import act_formats as af
@@ -28,8 +31,6 @@ from jaxinfer.models.matmul import linear
 from pallas_kernels import w8a8_matmul as wm
 
 FP8_TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
-SETTINGS = settings(max_examples=2, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 BS = wm.BlockSizes
 BLOCKS = [None, BS(16, 16, 32), BS(32, 64, 64), BS(64, 32, 128)]
 
@@ -86,6 +87,32 @@ def _run_case(case, seed):
     else:
         assert acc.dtype == jnp.float32
         assert_rows_close(acc, _reference(x, None, w, None), FP8_TOL["float32"])
+        exact = _numpy_fp8(x) @ _numpy_fp8(w)  # (M, N) float64
+        assert_rows_close(acc, exact, FP8_TOL["float32"])
+        scaled = exact * np.asarray(xs, np.float64)[:, None] * np.asarray(ws, np.float64)[None, :]
+        assert_rows_close(out, scaled, FP8_TOL[case["out"]])
+
+
+def _numpy_fp8(a) -> np.ndarray:
+    """An e4m3 array's values in float64, decoded by ml_dtypes (checked against the format's table)."""
+    a = np.asarray(a)
+    assert a.dtype == ml_dtypes.float8_e4m3fn
+    return a.astype(np.float64)
+
+
+def test_ml_dtypes_decodes_e4m3_by_its_definition():
+    """The fp8 reference's decoder against the format's definition, bit pattern by bit pattern:
+    sign, 4 exponent bits (bias 7), 3 mantissa bits, subnormals at exponent 0, NaN at S.1111.111
+    (no infinities: e4m3fn)."""
+    bits = np.arange(256, dtype=np.uint8)
+    sign, exponent, mantissa = bits >> 7, (bits >> 3) & 0xF, bits & 0x7
+    value = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent.astype(int) - 7))
+    value = np.where(sign == 1, -value, value)
+    decoded = bits.view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    nan = (exponent == 0xF) & (mantissa == 0x7)
+    assert np.isnan(decoded[nan]).all() and nan.sum() == 2
+    np.testing.assert_array_equal(decoded[~nan], value[~nan])
+    assert decoded[~nan].max() == 448
 
 
 @pytest.mark.parametrize("case", [
@@ -99,9 +126,16 @@ def test_kernel_matches_reference(case, seed):
     _run_case(case, seed)
 
 
-@SETTINGS
+@draws(2)
 @given(case=cases())
 def test_kernel_matches_reference_on_drawn_shapes(case, seed):
+    _run_case(case, seed)
+
+
+@pytest.mark.slow
+@THOROUGH
+@given(case=cases())
+def test_kernel_matches_reference_on_many_shapes(case, seed):
     _run_case(case, seed)
 
 

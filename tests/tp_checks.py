@@ -84,6 +84,20 @@ def _gqa_model() -> ji.Model:
     return ji.Model(cfg, ji.init_params(cfg, jax.random.key(3), std=0.1))
 
 
+def _small_model(bits: int | None = None) -> ji.Model:
+    """A one-layer random model with the byte vocabulary (PROMPTS fit), small enough that the fast
+    tier's checks of the slow paths compile in seconds; bits: its projections RTN-quantised (groups of 32)."""
+    key = ("small", bits)
+    if key not in _CACHE:
+        cfg = ji.ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                             num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+        model = ji.Model(cfg, ji.init_params(cfg, jax.random.key(5), std=0.3))
+        if bits is not None:
+            model = quant.quantize_model(model, quant.QuantScheme(bits=bits, group_size=32), progress=False)
+        _CACHE[key] = model
+    return _CACHE[key]
+
+
 @check
 def forward_logits() -> dict:
     """One full causal pass: per-row relative error against tp = 1 of the tiny model at tp = 2 and 4
@@ -165,6 +179,22 @@ def lora_replicated_kv_heads() -> dict:
     return {"tokens": tokens}
 
 
+def _tokens_counting_shard_maps(engine) -> tuple[list[list[int]], collections.Counter]:
+    """The engine's greedy tokens, and the functions it wrapped per shard (jax.shard_map), by name."""
+    shard_maps: collections.Counter = collections.Counter()
+    real = jax.shard_map
+
+    def counting(f, **kwargs):
+        shard_maps[getattr(f, "__name__", None) or getattr(f, "func").__name__] += 1
+        return real(f, **kwargs)
+
+    jax.shard_map = counting
+    try:
+        return _tokens(engine), shard_maps
+    finally:
+        jax.shard_map = real
+
+
 @check
 def pallas_per_shard() -> dict:
     """attention="pallas" and matmul="pallas" at tp = 2 (the kernels per shard under shard_map, in
@@ -174,18 +204,8 @@ def pallas_per_shard() -> dict:
         int4_lora_kv_int8()
     engine = ji.Engine(_CACHE["int4"], ji.EngineConfig(tp=2, kv_dtype="int8", attention="pallas", matmul="pallas",
                                                         **SHAPE))
-    shard_maps: collections.Counter = collections.Counter()  # the kernels wrapped per shard, by name
-    real = jax.shard_map
-
-    def counting(f, **kwargs):
-        shard_maps[getattr(f, "__name__", None) or getattr(f, "func").__name__] += 1
-        return real(f, **kwargs)
-
-    jax.shard_map = counting
-    try:
-        tokens = {"pallas_tp2": _tokens(engine)[1], "xla_tp1": _CACHE["int4_tokens_tp1"][1]}
-    finally:
-        jax.shard_map = real
+    pallas_tokens, shard_maps = _tokens_counting_shard_maps(engine)
+    tokens = {"pallas_tp2": pallas_tokens[1], "xla_tp1": _CACHE["int4_tokens_tp1"][1]}
 
     rng = np.random.default_rng(0)
     K, N, g = 96, 64, 16
@@ -221,6 +241,29 @@ def speculative() -> dict:
         tokens[f"{method}_tp{tp}"] = _tokens(engine)
         tokens[f"{method}_tp{tp}_tokens_per_pass"] = engine.metrics()["spec_tokens_per_pass"]
     return {"tokens": tokens}
+
+
+@check
+def pallas_per_shard_small() -> dict:
+    """pallas_per_shard's path on the small int4 model (the fast tier's): attention="pallas" and
+    matmul="pallas" with an int8 KV cache at tp = 2 against the XLA path at tp = 1, and the kernels
+    that went through shard_map."""
+    model = _small_model(bits=4)
+    tokens = {"xla_tp1": _tokens(ji.Engine(model, ji.EngineConfig(kv_dtype="int8", **SHAPE)))}
+    engine = ji.Engine(model, ji.EngineConfig(tp=2, kv_dtype="int8", attention="pallas", matmul="pallas", **SHAPE))
+    tokens["pallas_tp2"], shard_maps = _tokens_counting_shard_maps(engine)
+    return {"tokens": tokens, "shard_maps": shard_maps}
+
+
+@check
+def speculative_small() -> dict:
+    """speculative's path on the small model (the fast tier's): prompt lookup at tp = 2, its verify
+    passes and rollbacks sharded, against plain decoding at tp = 1."""
+    model = _small_model()
+    spec = ji.SpeculativeConfig(method="ngram", num_tokens=3)
+    engine = ji.Engine(model, ji.EngineConfig(tp=2, speculative=spec, **SHAPE))
+    tokens = {"plain_tp1": _tokens(ji.Engine(model, ji.EngineConfig(**SHAPE))), "ngram_tp2": _tokens(engine)}
+    return {"tokens": tokens, "spec_passes": engine.metrics()["spec_passes"]}
 
 
 def distributed(port: str, process_id: int, num_processes: int) -> None:

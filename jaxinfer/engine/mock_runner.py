@@ -3,14 +3,19 @@
 It runs the step contract of `jaxinfer.engine.runner.ModelRunner` (jaxinfer/engine/step.py's Runner)
 and keeps a host-side "KV cache" that stores
 the token id written into each slot. A sequence's next token is a function of the tokens the
-runner reads back through its block table:
+runner reads back through its block table, in position order (`next_token`):
 
-    next_token(context) = (31 * sum(context) + len(context) + noise) % vocab_size
+    h = rolling_hash(context) = (c[0] * B^(n-1) + c[1] * B^(n-2) + ... + c[n-1]) mod M
+    next_token(context) = (h + len(context) + noise) % vocab_size, or, when h % COPY_EVERY == 0
+                          and the last token occurred before, the token that followed its latest
+                          earlier occurrence, plus the noise (an induction head: drafts from prompt
+                          lookup are accepted at times)
 
 with noise = 0 for greedy rows and seed + step for sampled rows, so the expected output of any
 request served alone can be worked out by hand (`expected_tokens`), and a scheduler that hands a
-sequence the wrong pages, frees a page still in use or lets a write land in a shared page makes
-the output differ. Reading a slot that was never written raises.
+sequence the wrong pages, hands them in the wrong order, frees a page still in use or lets a write
+land in a shared page makes the output differ (the hash depends on the order of the tokens, not
+only on which tokens there are). Reading a slot that was never written raises.
 
 LoRA adapters: `load_adapter` puts an adapter's tag (`adapter_tag`, from its name) in a slot. A
 sequence on slot s writes token + TAG_WEIGHT * tag into the cache and adds the tag to its noise,
@@ -37,11 +42,40 @@ from jaxinfer.engine.step import RowOutput, StepOutput, StepPlan
 from jaxinfer.sampling.sampler import NONFINITE
 
 _EMPTY = -1
-TAG_WEIGHT = 1009  # prime: a page written under another adapter shifts the context sum by a non-multiple of the vocab
+TAG_WEIGHT = 1009  # prime: a page written under another adapter holds other values, so the context hashes otherwise
+# The rolling hash: a prime modulus below 2**20 and a base coprime to it, so a context of stored values
+# (below 2**17: token + TAG_WEIGHT * tag) times a power stays below 2**37 and a dot product of up to
+# 2**26 of them fits in int64.
+HASH_BASE, HASH_MOD = 131, 1_000_003
+_powers = np.ones(1, np.int64)  # HASH_BASE**i % HASH_MOD for i < len(_powers), grown on demand
+COPY_EVERY = 2  # one context in COPY_EVERY (by its hash) copies, as an induction head does
+
+
+def rolling_hash(context) -> int:
+    """sum(context[i] * HASH_BASE**(n - 1 - i)) mod HASH_MOD: (h * B + token) mod M over the tokens in
+    order, as one dot product. Swapping two different tokens changes it (unless their difference
+    times a difference of powers is a multiple of M)."""
+    global _powers
+    context = np.asarray(context, np.int64)
+    n = len(context)
+    while len(_powers) < n:
+        _powers = np.concatenate([_powers, _powers * (int(_powers[-1]) * HASH_BASE % HASH_MOD) % HASH_MOD])
+    return int(np.dot(context % HASH_MOD, _powers[:n][::-1]) % HASH_MOD)
 
 
 def next_token(context, vocab_size: int, noise: int = 0) -> int:
-    return (31 * int(np.sum(context)) + len(context) + noise) % vocab_size
+    """The mock model, a function of the context's tokens in order and the noise. With h =
+    rolling_hash(context): (h + len(context) + noise) % vocab_size, except in one context in
+    COPY_EVERY (h % COPY_EVERY == 0) whose last token occurred before: then the token that followed
+    its latest earlier occurrence, plus the noise, as an induction head copies (so prompt lookup's
+    drafts are accepted at times, in runs, and rejected at others)."""
+    context = np.asarray(context, np.int64)
+    h = rolling_hash(context)
+    if h % COPY_EVERY == 0:
+        earlier = np.flatnonzero(context[:-1] == context[-1])
+        if earlier.size:
+            return int(context[earlier[-1] + 1] + noise) % vocab_size
+    return (h + len(context) + noise) % vocab_size
 
 
 def adapter_tag(adapter) -> int:
@@ -67,9 +101,10 @@ class MockPending:
 
 class MockRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None,
-                 features: bool = False, kv_dtype: str | None = None, lora=None, nan_token: int | None = None):
+                 features: bool = False, kv_dtype: str | None = None, lora=None, nan_token: int | None = None,
+                 feature_layers: tuple[int, ...] = ()):
         """nan_token: rows whose context holds this token id sample NONFINITE (None: none do)."""
-        del max_seq_len, impl, features, kv_dtype
+        del max_seq_len, impl, features, kv_dtype, feature_layers
         self.nan_token = nan_token
         self.tags = [0] * (0 if lora is None else lora.num_slots)  # adapter_tag of each slot's adapter
         self.vocab_size = model.config.vocab_size

@@ -42,6 +42,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # own: its family's Param.peft).
 MODULES = {name: LLAMA.param(name).peft for name in LLAMA.projections}
 PROJECTIONS = tuple(MODULES)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # lora_alpha beyond it (or not finite) scales the delta to inf
 _TENSOR = re.compile(  # module path, A | B (an adapter name before .weight in old files)
     r"base_model\.model\.(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight")
 
@@ -195,8 +196,8 @@ def _read_config(config: dict, where: str):
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterError(f"{where}: r={rank!r} must be an integer >= 1")
     alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise AdapterError(f"{where}: lora_alpha={alpha!r} must be a number")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not abs(alpha) < _FLOAT32_MAX:
+        raise AdapterError(f"{where}: lora_alpha={alpha!r} must be a number of float32 range")
     targets = config.get("target_modules")
     if isinstance(targets, list):
         targets = tuple(targets)
@@ -208,8 +209,9 @@ def _read_config(config: dict, where: str):
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = (layers,)
     elif layers is not None:
-        if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
-            raise AdapterError(f"{where}: layers_to_transform={layers!r} must be a layer index or a list of them")
+        if not isinstance(layers, list) or not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
+            raise AdapterError(f"{where}: layers_to_transform={layers!r} must be a layer index or a non-empty list "
+                               "of them (PEFT adapts no module for an empty one)")
         layers = tuple(layers)
     return rank, float(alpha), bool(config.get("use_rslora", False)), targets, layers
 
