@@ -201,7 +201,7 @@ def step_overhead(model, num_tokens: int) -> dict:
             toks, cache = runner_lib._multi_decode(
                 model.params, model.config, tok, pos, jnp.ones(1, jnp.int32), tables, cache, spb,
                 jnp.asarray([i], jnp.int32), impl=ji.models.decoder.Impl(attention=FLAGS.attention), num_steps=1)
-            tok = toks[0]
+            tok = toks.tokens[0]
         tok.block_until_ready()
         return cache
 

@@ -23,7 +23,8 @@ from jaxinfer.engine.requests import RequestOutput, StopRules, prepare_prompts, 
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.kv_cache import KVCache
-from jaxinfer.sampling.sampler import SamplingBatch, SamplingParams, sample
+from jaxinfer.sampling.params import SamplingParams
+from jaxinfer.sampling.sampler import SamplingBatch, sample
 
 # How many times each jitted step was traced (= compiled); tests assert on it.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()

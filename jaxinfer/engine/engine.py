@@ -122,7 +122,7 @@ class Engine:
         sampling = SamplingParams() if sampling is None else sampling
         self.adapters.check(adapter)
         ids = check_request(self.model, prompt, sampling, self.max_seq_len, self.allocator.num_pages,
-                            self.allocator.page_size)
+                            self.allocator.page_size, speculative=self.config.speculative is not None)
         rid, self._next_id = self._next_id, self._next_id + 1
         seed = sampling.seed if sampling.seed is not None else (rid if seed is None else seed)
         now = time.perf_counter()

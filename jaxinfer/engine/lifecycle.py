@@ -17,7 +17,8 @@ import time
 
 from jaxinfer.engine.requests import RequestOutput, StopRules, sequence_output
 from jaxinfer.engine.scheduler import Scheduler, Sequence, Status
-from jaxinfer.sampling.sampler import NONFINITE, SamplingParams
+from jaxinfer.sampling.params import SamplingParams
+from jaxinfer.sampling.sampler import NONFINITE, Logprob
 
 log = logging.getLogger("jaxinfer")
 
@@ -116,9 +117,9 @@ class SequenceEvents:
     def __init__(self, requests: RequestTable, scheduler: Scheduler, runner):
         self.requests, self.scheduler, self.runner = requests, scheduler, runner
 
-    def append(self, seq: Sequence, token: int) -> bool:
-        """Append a sampled token to a running sequence; finish it if it stops (or fail it if the
-        token is NONFINITE). True if it finished."""
+    def append(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> bool:
+        """Append a sampled token (and its Logprob, when the request asked) to a running sequence;
+        finish it if it stops (or fail it if the token is NONFINITE). True if it finished."""
         now = time.perf_counter()
         self.requests.touched.add(seq.request_id)
         if token == NONFINITE:
@@ -127,6 +128,8 @@ class SequenceEvents:
                            f"(the request's step {len(seq.generated)})")
             return True
         seq.tokens.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         seq.first_token_time = seq.first_token_time or now
         reason = seq.stop(seq.generated)
         if reason is not None:
@@ -166,7 +169,7 @@ class SequenceEvents:
         """The other samples of a request (n > 1 sampling), sharing the parent's prompt pages once
         its last prompt chunk (n tokens, computed in this step) is in them."""
         req = self.requests[parent.request_id]
-        children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[],
+        children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[], logprobs=[],
                                         num_computed=parent.num_computed + n, hashes=list(parent.hashes),
                                         seed=sample_seed(parent.seed, i),
                                         stop=self.requests.rules.checker(parent.sampling, parent.stop.room))

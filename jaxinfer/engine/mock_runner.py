@@ -134,7 +134,7 @@ class MockRunner:
         self.stats["decode_tokens"] += sum(wanted)
         return DecodeCall(out, list(seqs), list(wanted))
 
-    def verify(self, seqs, drafts, draft_probs, num_drafts, synthetic=None, parents=None):
+    def verify(self, seqs, drafts, num_drafts, synthetic=None, parents=None):
         """Write each row's next token and drafts; accept drafts while they equal the mock's own
         next token (the mock target is deterministic), then emit its token after them. Chains
         only (parents None): draft trees need the model runner."""
@@ -155,13 +155,13 @@ class MockRunner:
                     accepted[i] = j
                     break
         self.stats["verify_tokens"] += sum(n + 1 for n in num_drafts)
-        return accepted, out
+        return accepted, out, None
 
     def newest(self, call: DecodeCall) -> np.ndarray:
         return np.asarray([call.tokens[max(w - 1, 0), i] for i, w in enumerate(call.wanted)])
 
-    def read(self, call: DecodeCall) -> np.ndarray:
-        return call.tokens
+    def read(self, call: DecodeCall) -> tuple[np.ndarray, None]:
+        return call.tokens, None
 
     def warmup(self, buckets) -> int:
         return 0

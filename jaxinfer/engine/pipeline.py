@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 from jaxinfer.engine.runner import DecodeCall
 from jaxinfer.engine.scheduler import Scheduler, Sequence, Status
+from jaxinfer.sampling import processors
 
-# append(seq, token) -> True if the sequence finished with that token.
-Append = Callable[[Sequence, int], bool]
+# append(seq, token, logprob) -> True if the sequence finished with that token.
+Append = Callable[..., bool]
 
 
 class DecodePipeline:
@@ -28,8 +29,10 @@ class DecodePipeline:
         self.lookahead_calls = 0
 
     def wanted(self, seqs: list[Sequence], ahead: list[int]) -> list[int]:
-        """Decode steps each sequence can still take in one call, `ahead` tokens past the host's view."""
-        return [max(0, min(self.decode_steps, s.stop.budget - len(s.generated) - a)) for s, a in zip(seqs, ahead)]
+        """Decode steps each sequence can still take in one call, `ahead` tokens past the host's view
+        (one for a sequence whose logits processors run single-step)."""
+        return [max(0, min(self.decode_steps if processors.may_multi_step(s.sampling) else 1,
+                           s.stop.budget - len(s.generated) - a)) for s, a in zip(seqs, ahead)]
 
     def start(self, decode: list[Sequence], append: Append) -> list[Sequence]:
         """Dispatch a decode call for these sequences (schedule() reserved one token each). With
@@ -61,6 +64,8 @@ class DecodePipeline:
             return None
         if {id(s) for s in sched.running} != {id(s) for s in call.seqs}:
             return None
+        if not all(processors.may_overlap(s.sampling) for s in call.seqs):
+            return None  # a processor needs every earlier token on the host
         wanted = self.wanted(call.seqs, call.wanted)
         if not any(wanted) or not sched.reserve_ahead(call.seqs, wanted, call.wanted):
             return None
@@ -69,12 +74,12 @@ class DecodePipeline:
 
     def _finish(self, call: DecodeCall, append: Append) -> list[Sequence]:
         """Read a call back and advance its sequences (skipping those already finished)."""
-        new_tokens = self.runner.read(call)  # (k, R)
+        new_tokens, logprobs = self.runner.read(call)  # (k, R)
         finished = []
         for i, (s, w) in enumerate(zip(call.seqs, call.wanted)):
             for j in range(w if s.status is Status.RUNNING else 0):
                 self.scheduler.advance(s, 1)
-                if append(s, int(new_tokens[j, i])):
+                if append(s, int(new_tokens[j, i]), logprobs[j][i] if logprobs else None):
                     finished.append(s)
                     break
         return finished
@@ -96,4 +101,5 @@ def run_mixed(plan, runner, scheduler: Scheduler, append: Append,
         scheduler.advance(seq, 1)
     for seq, n in plan.prefill:
         scheduler.advance(seq, n)
-    return [seq for (_, seq), tok in zip(samplers, out.tokens.tolist()) if append(seq, tok)]
+    logprobs = out.logprobs or [None] * len(samplers)
+    return [seq for (_, seq), tok, lp in zip(samplers, out.tokens.tolist(), logprobs) if append(seq, tok, lp)]

@@ -48,10 +48,22 @@ import numpy as np
 from jaxinfer import lora as lora_lib
 from jaxinfer import sharding
 from jaxinfer.buckets import next_power_of_2
+from jaxinfer.engine.requests import model_vocab
 from jaxinfer.engine.scheduler import Sequence
 from jaxinfer.models import decoder as model_lib
-from jaxinfer.models.kv_cache import BatchDescriptor, PagedKVCache, copy_pages, copy_slots
-from jaxinfer.sampling.sampler import NONFINITE, SamplingBatch, SamplingParams, sample_checked
+from jaxinfer.models.kv_cache import (
+    BatchDescriptor,
+    PagedKVCache,
+    copy_pages,
+    copy_slots,
+)
+from jaxinfer.sampling.sampler import (
+    NONFINITE,
+    SamplingBatch,
+    TokenLogprobs,
+    host_logprobs,
+    sample_checked,
+)
 from jaxinfer.speculative import tree as tree_lib
 from jaxinfer.speculative.accept import accept, accept_synthetic, accept_tree
 from pallas_kernels.common import pack_tree_mask
@@ -82,8 +94,9 @@ def _with_adapters(params, lora, lora_batch, impl, lora_impl):
 def _step(params, cfg, tokens, cache, features, batch, sp, steps, lora=None, *, impl, lora_impl="xla"):
     """tokens (N,) laid out as `batch` says; sp, steps (R,) each logits row's sampling and token
     index; lora: the adapter slots (jaxinfer.lora.LoraWeights) or None -> a token sampled from
-    each of the R rows at batch.logits_at (NONFINITE where its logits are not finite), their
-    logits (R, V) and hidden states (R, D), the cache and the feature cache (None: none kept)."""
+    each of the R rows at batch.logits_at (Sampled: NONFINITE where its logits are not finite;
+    log-probabilities when sp asks), their logits (R, V) and hidden states (R, D), the cache and
+    the feature cache (None: none kept)."""
     TRACE_COUNTS["step"] += 1
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
     out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None,
@@ -94,10 +107,11 @@ def _step(params, cfg, tokens, cache, features, batch, sp, steps, lora=None, *, 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl"),
                    donate_argnames=("cache", "features"))
-def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features, batch, sp, steps, lora=None,
-            parents=None, *, impl, synthetic, lora_impl="xla"):
+def _verify(params, cfg, last, drafts, num_drafts, cache, features, batch, sp, steps, lora=None, parents=None, *,
+            impl, synthetic, lora_impl="xla"):
     """One target pass over rows [last, d_1, .., d_k] (batch: R prefill rows of k + 1 tokens) and
-    the acceptance rule -> accepted (R,), tokens (R, k + 1), the cache and the feature cache.
+    the acceptance rule -> accepted (R,), Sampled with tokens (R, k + 1) (and their
+    log-probabilities when sp asks), the cache and the feature cache.
     synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless).
     parents (R, k): the drafts are a tree (jaxinfer.speculative.tree): positions by depth, attention
     by ancestry, the tree rule, and the accepted path's K/V and features compacted into place.
@@ -123,23 +137,24 @@ def _verify(params, cfg, last, drafts, draft_probs, num_drafts, cache, features,
         if features is not None:
             features = features.at[dst].set(features.at[src].get(mode="clip"), mode="drop")
     elif synthetic is None:
-        accepted, emitted = accept(logits, drafts, draft_probs, num_drafts, sp, steps)
+        accepted, emitted = accept(logits, drafts, num_drafts, sp, steps)
     else:
         accepted, emitted = accept_synthetic(logits, num_drafts, sp, steps, synthetic)
     position = jnp.arange(k + 1)[None, :]
     ok = jnp.all(jnp.isfinite(logits), axis=-1) | (position > num_drafts[:, None])  # (R, k + 1); padding is ok
     first_bad = jnp.where(jnp.all(ok, axis=1), k + 1, 0 if parents is not None else jnp.argmin(ok, axis=1))  # (R,)
     accepted = jnp.minimum(accepted, first_bad)
-    emitted = jnp.where(position == first_bad[:, None], NONFINITE, emitted)
+    emitted = dataclasses.replace(emitted, tokens=jnp.where(position == first_bad[:, None], NONFINITE, emitted.tokens))
     return accepted, emitted, cache, features
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps", "lora_impl"), donate_argnames=("cache",))
 def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp, steps, lora=None, adapter_ids=None,
                   *, impl, num_steps, lora_impl="xla"):
-    """num_steps decode steps in one program, each sampled token fed to the next step.
-    tokens, positions, valid, steps, adapter_ids (R,); a row writes K/V only in its first valid[r]
-    steps. Returns tokens (num_steps, R) (NONFINITE where a row's logits are not finite) and the cache."""
+    """num_steps decode steps in one program, each sampled token fed to the next step (and, when sp
+    has processors, counted by them as generated). tokens, positions, valid, steps, adapter_ids
+    (R,); a row writes K/V only in its first valid[r] steps. Returns Sampled with tokens
+    (num_steps, R) (NONFINITE where a row's logits are not finite) and the cache."""
     TRACE_COUNTS["multi_decode"] += 1
     R = tokens.shape[0]
     adapter_ids = jnp.full((R,), -1, jnp.int32) if adapter_ids is None else adapter_ids
@@ -149,7 +164,7 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
     empty = jnp.zeros((0, block_tables.shape[1]), jnp.int32)
 
     def one(carry, j):
-        tokens, cache = carry
+        tokens, drawn, cache = carry
         pos = positions + j
         live = j < valid
         slots = jnp.take_along_axis(block_tables, (pos // page)[:, None], axis=1)[:, 0] * page + pos % page
@@ -159,11 +174,14 @@ def _multi_decode(params, cfg, tokens, positions, valid, block_tables, cache, sp
             prefill_start=jnp.zeros((0,), jnp.int32), prefill_lens=jnp.zeros((0,), jnp.int32), adapter_ids=adapter_ids,
         )
         out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, project=project)
-        new = sample_checked(out.logits, sp, steps + j)
-        return (jnp.maximum(new, 0), out.cache), new  # a failed row runs on (its request is failed) on token 0
+        new = sample_checked(out.logits, sp, steps + j, drawn)
+        if drawn is not None:
+            drawn = drawn.at[:, j].set(new.tokens)
+        return (jnp.maximum(new.tokens, 0), drawn, out.cache), new  # a failed row runs on, on token 0 (it is failed)
 
-    (_, cache), new_tokens = jax.lax.scan(one, (tokens, cache), jnp.arange(num_steps))
-    return new_tokens, cache
+    drawn = None if sp.processors is None else jnp.full((R, num_steps), -1, jnp.int32)
+    (_, _, cache), new = jax.lax.scan(one, (tokens, drawn, cache), jnp.arange(num_steps))
+    return new, cache
 
 
 @functools.partial(jax.jit, static_argnames="page_size", donate_argnames="features")
@@ -206,21 +224,14 @@ class DecodeCall:
     tokens: jax.Array  # (k, R) sampled tokens, on device until read
     seqs: list[Sequence]
     wanted: list[int]
+    logprobs: TokenLogprobs | None = None  # (k, R, ...) when asked, on device until read
 
 
 @dataclasses.dataclass
 class StepOutput:
     tokens: np.ndarray  # (S,) the token sampled for each requested row
     hidden: jax.Array | None = None  # (S, D) their final-norm hidden states, on device, when asked
-
-
-_GREEDY = SamplingParams(temperature=0.0)
-
-
-def sampling_batch(seqs: list[Sequence], rows: int) -> SamplingBatch:
-    """The sequences' sampling parameters as arrays, padded with greedy rows to `rows`."""
-    pad = rows - len(seqs)
-    return SamplingBatch.from_params([s.sampling for s in seqs] + [_GREEDY] * pad, [s.seed for s in seqs] + [0] * pad)
+    logprobs: TokenLogprobs | None = None  # (S, ...) on the host, when some row asked
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
@@ -248,6 +259,7 @@ class ModelRunner:
         cfg, dtype = model.config, model.dtype
         self.lora = None if lora is None else lora_lib.LoraWeights.zeros(cfg, lora.num_slots, lora.rank, dtype)
         self.page_size, self.max_seq_len = page_size, max_seq_len
+        self.vocab = model_vocab(model)
         self.decode_rows = next_power_of_2(max_batch)
         # One page past the allocator's, never written: block-table padding points at it, so a row's padding
         # reads zeros, not another sequence's page (attention weighs the padding by zero, and 0 * NaN is NaN).
@@ -283,6 +295,11 @@ class ModelRunner:
     def _put(self, tree):
         """Host arrays onto the device in one transfer (on a mesh: replicated on every device)."""
         return jax.device_put(tree, None if self.mesh is None else sharding.replicated(self.mesh))
+
+    def sampling_batch(self, seqs: list[Sequence | None], rows: int) -> SamplingBatch:
+        """The sequences' sampling parameters and logits processors' arrays, padded with greedy
+        rows (None: a padding row too) to `rows`."""
+        return SamplingBatch.from_rows(seqs, rows, self.vocab)
 
     def pages_bucket(self, pages: int) -> int:
         return next_power_of_2(pages, min(MIN_PAGES, math.ceil(self.max_seq_len / self.page_size)))
@@ -360,8 +377,7 @@ class ModelRunner:
         # Every logits row is sampled in the step with its sequence's parameters (padding: greedy).
         row_seqs = decode + [None] * (Rd - len(decode)) + [s for s, _ in prefill]
         row_seqs += [None] * (Rd + Rp - len(row_seqs))
-        sp = SamplingBatch.from_params([s.sampling if s else _GREEDY for s in row_seqs],
-                                       [s.seed if s else 0 for s in row_seqs])
+        sp = self.sampling_batch(row_seqs, Rd + Rp)
         steps = np.asarray([len(s.generated) if s else 0 for s in row_seqs], np.int32)
         tokens, batch, sp, steps = self._put((tokens, batch, sp, steps))  # one transfer
         self._mark_dispatch()
@@ -369,12 +385,16 @@ class ModelRunner:
             sampled, logits, hidden_states, self.cache, self.features = _step(
                 self.model.params, self.model.config, tokens, self.cache, self.features, batch, sp, steps, self.lora,
                 impl=self.impl, lora_impl=self.lora_impl)
-        self._last_dispatched = sampled
+        self._last_dispatched = sampled.tokens
         self.stats["decode_tokens"] += len(decode)
         self.stats["prefill_tokens"] += sum(n for _, n in prefill)
         rows = [i if i < len(decode) else Rd + i - len(decode) for i, _ in samplers]
         own = [row_seqs[r] is seq for r, (_, seq) in zip(rows, samplers)]
-        new_tokens = self._read(sampled)[rows] if samplers else np.zeros(0, np.int32)
+        if not samplers:
+            self._wait(sampled.tokens)
+            return StepOutput(np.zeros(0, np.int32))
+        new_tokens = self._read(sampled.tokens)[rows]
+        logprobs = host_logprobs(self._read_tree(sampled.logprobs), rows, [s.sampling for _, s in samplers])
         others = [(r, seq) for r, (_, seq), o in zip(rows, samplers, own) if not o]
         if others:  # forked samples: more draws from their parent's row
             R = next_power_of_2(len(others))
@@ -382,12 +402,15 @@ class ModelRunner:
             idx[: len(others)] = [r for r, _ in others]
             steps[: len(others)] = [len(s.generated) for _, s in others]
             with sharding.use_mesh(self.mesh):
-                extra = self._read(_sample_rows(logits, *self._put((idx, sampling_batch([s for _, s in others], R),
-                                                                    steps))))
-            new_tokens[[i for i, o in enumerate(own) if not o]] = extra[: len(others)]
-        if not samplers:
-            self._wait(sampled)
-        return StepOutput(new_tokens, hidden_states[np.asarray(rows, np.int32)] if hidden else None)
+                extra = self._read_tree(_sample_rows(logits, *self._put((idx, self.sampling_batch(
+                    [s for _, s in others], R), steps))))
+            forked = [i for i, o in enumerate(own) if not o]
+            new_tokens[forked] = extra.tokens[: len(others)]
+            drawn = host_logprobs(extra.logprobs, range(len(others)), [s.sampling for _, s in others])
+            for i, lp in zip(forked, drawn):
+                logprobs[i] = lp
+        return StepOutput(new_tokens, hidden_states[np.asarray(rows, np.int32)] if hidden else None,
+                          logprobs if sampled.logprobs is not None else None)
 
     def decode(self, seqs: list[Sequence], wanted: list[int], ahead: list[int], tokens=None) -> DecodeCall:
         """Dispatch one multi-step decode call without reading it back. Row i continues seqs[i]
@@ -406,17 +429,17 @@ class ModelRunner:
         if tokens is None:
             tokens = np.zeros(R, np.int32)
             tokens[: len(seqs)] = [s.tokens[s.num_computed] for s in seqs]
-            host = self._put((tokens, positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids))
+            host = self._put((tokens, positions, valid, tables, steps, self.sampling_batch(seqs, R), adapter_ids))
         else:  # the last call's newest tokens, already on the device
-            host = (tokens, *self._put((positions, valid, tables, steps, sampling_batch(seqs, R), adapter_ids)))
+            host = (tokens, *self._put((positions, valid, tables, steps, self.sampling_batch(seqs, R), adapter_ids)))
         self._mark_dispatch()
         with sharding.use_mesh(self.mesh):
-            new_tokens, self.cache = _multi_decode(self.model.params, self.model.config, host[0], host[1], host[2],
-                                                   host[3], self.cache, host[5], host[4], self.lora, host[6],
-                                                   impl=self.impl, num_steps=k, lora_impl=self.lora_impl)
+            new, self.cache = _multi_decode(self.model.params, self.model.config, host[0], host[1], host[2], host[3],
+                                            self.cache, host[5], host[4], self.lora, host[6], impl=self.impl,
+                                            num_steps=k, lora_impl=self.lora_impl)
         self.stats["decode_tokens"] += sum(wanted)
-        self._last_dispatched = new_tokens
-        return DecodeCall(new_tokens, list(seqs), list(wanted))
+        self._last_dispatched = new.tokens
+        return DecodeCall(new.tokens, list(seqs), list(wanted), new.logprobs)
 
     def newest(self, call: DecodeCall) -> jax.Array:
         """Each row's newest token of a dispatched call, left on device (the next call's input)."""
@@ -425,17 +448,24 @@ class ModelRunner:
         with sharding.use_mesh(self.mesh):
             return self._put(_newest(call.tokens, self._put(last)))  # replicated, as the next call was compiled
 
-    def read(self, call: DecodeCall) -> np.ndarray:
-        """The call's tokens (k, R) on the host (blocks until computed)."""
-        return self._read(call.tokens)
+    def read(self, call: DecodeCall) -> tuple[np.ndarray, list | None]:
+        """The call's tokens (k, R) on the host (blocks until computed), and when asked their
+        log-probabilities: [j][i] the Logprob of row i's j-th token (None for a row that did not ask)."""
+        tokens = self._read(call.tokens)
+        if call.logprobs is None:
+            return tokens, None
+        lp, params = self._read_tree(call.logprobs), [s.sampling for s in call.seqs]
+        return tokens, [host_logprobs(jax.tree.map(lambda x: x[j], lp), range(len(params)), params)
+                        for j in range(tokens.shape[0])]
 
-    def verify(self, seqs: list[Sequence], drafts, draft_probs, num_drafts: list[int],
-               synthetic: float | None = None, parents=None) -> tuple[np.ndarray, np.ndarray]:
+    def verify(self, seqs: list[Sequence], drafts, num_drafts: list[int], synthetic: float | None = None,
+               parents=None) -> tuple[np.ndarray, np.ndarray, list | None]:
         """One target pass over each sequence's next token and its drafts (R, k) (on the host or
         device; rows past len(seqs) pad), writing their K/V from num_computed on, then the
         acceptance rule. Returns accepted (n,) and tokens (n, k + 1) on the host: row i emits
-        tokens[i, :accepted[i] + 1]. parents (R, k): the drafts are a tree (tree.py), its accepted
-        path's K/V already compacted into place. The pages must be reserved already."""
+        tokens[i, :accepted[i] + 1]; and when asked their log-probabilities ([i][j] the Logprob of
+        tokens[i, j]). parents (R, k): the drafts are a tree (tree.py), its accepted path's K/V
+        already compacted into place. The pages must be reserved already."""
         n, page = len(seqs), self.page_size
         R, k = drafts.shape
         C = k + 1
@@ -458,40 +488,42 @@ class ModelRunner:
             adapter_ids=np.repeat(adapter_ids, C))
         steps = np.zeros(R, np.int32)
         steps[:n] = [len(s.generated) for s in seqs]
-        host = self._put((last, valid, batch, sampling_batch(seqs, R), steps))
+        host = self._put((last, valid, batch, self.sampling_batch(seqs, R), steps))
         if self.mesh is not None:  # the drafter's arrays (host or one device) onto the mesh
-            drafts, draft_probs, parents = self._put((drafts, draft_probs, parents))
+            drafts, parents = self._put((drafts, parents))
         self._mark_dispatch()
         with sharding.use_mesh(self.mesh):
-            accepted, tokens, self.cache, self.features = _verify(
-                self.model.params, self.model.config, host[0], drafts, draft_probs, host[1], self.cache,
-                self.features, host[2], host[3], host[4], self.lora, parents, impl=self.impl, synthetic=synthetic,
-                lora_impl=self.lora_impl)
-        self._last_dispatched = tokens
-        accepted, tokens = self._read(accepted)[:n], self._read(tokens)[:n]
+            accepted, out, self.cache, self.features = _verify(
+                self.model.params, self.model.config, host[0], drafts, host[1], self.cache, self.features, host[2],
+                host[3], host[4], self.lora, parents, impl=self.impl, synthetic=synthetic, lora_impl=self.lora_impl)
+        self._last_dispatched = out.tokens
+        accepted, tokens = self._read(accepted)[:n], self._read(out.tokens)[:n]
         self.stats["verify_tokens"] += sum(d + 1 for d in num_drafts)
-        return accepted, tokens
+        if out.logprobs is None:
+            return accepted, tokens, None
+        lp, params = self._read_tree(out.logprobs), [s.sampling for s in seqs]
+        return accepted, tokens, [host_logprobs(jax.tree.map(lambda x: x[i], lp), range(C), [params[i]] * C)
+                                  for i in range(n)]
 
     # Warm-up -----------------------------------------------------------------------------------
 
-    def warmup(self, buckets: list[Bucket], draft_probs: bool = False, synthetic: float | None = None,
-               tree: bool = False) -> int:
+    def warmup(self, buckets: list[Bucket], synthetic: float | None = None, tree: bool = False) -> int:
         """Compile the program of every bucket ahead of time, without running anything; returns
-        how many programs this traced. Verify passes are compiled for drafts with (draft_probs) or
-        without distributions, the synthetic rate, or draft trees. (Forked samples, n > 1, draw
-        through a small extra program; a drafter's own programs compile when first used.)"""
+        how many programs this traced. Verify passes are compiled for the synthetic rate, or draft
+        trees. Programs for requests with logits processors or log-probabilities compile when first
+        used. (Forked samples, n > 1, draw through a small extra program; a drafter's own programs
+        compile when first used.)"""
         with sharding.use_mesh(self.mesh):
-            return self._warmup(buckets, draft_probs, synthetic, tree)
+            return self._warmup(buckets, synthetic, tree)
 
-    def _warmup(self, buckets: list[Bucket], draft_probs: bool, synthetic: float | None, tree: bool) -> int:
+    def _warmup(self, buckets: list[Bucket], synthetic: float | None, tree: bool) -> int:
         before = sum(TRACE_COUNTS.values())
         cfg, impl = self.model.config, self.impl
         params, cache, features, lora = jax.tree.map(_abstract, (self.model.params, self.cache, self.features,
                                                                  self.lora))
         put = None if self.mesh is None else sharding.replicated(self.mesh)  # as _put places host arrays
         i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=put)
-        sp = lambda R: jax.tree.map(_abstract, self._put(sampling_batch([], R)))  # noqa: E731
-        V = cfg.vocab_size
+        sp = lambda R: jax.tree.map(_abstract, self._put(self.sampling_batch([], R)))  # noqa: E731
         for kind, *shape in buckets:
             if kind == "verify":  # R rows of the next token and k drafts
                 R, k, M = shape
@@ -500,8 +532,7 @@ class ModelRunner:
                                         decode_block_tables=i32((0, M)), decode_lens=i32((0,)),
                                         prefill_block_tables=i32((R, M)), prefill_start=i32((R,)),
                                         prefill_lens=i32((R,)), adapter_ids=i32((R * C,)))
-                probs = jax.ShapeDtypeStruct((R, k, V), jnp.float32, sharding=put) if draft_probs else None
-                _verify.lower(params, cfg, i32((R,)), i32((R, k)), probs, i32((R,)), cache, features, batch, sp(R),
+                _verify.lower(params, cfg, i32((R,)), i32((R, k)), i32((R,)), cache, features, batch, sp(R),
                               i32((R,)), lora, i32((R, k)) if tree else None, impl=impl, synthetic=synthetic,
                               lora_impl=self.lora_impl).compile()
                 continue
@@ -510,7 +541,7 @@ class ModelRunner:
                 call = _multi_decode.lower(params, cfg, i32((R,)), i32((R,)), i32((R,)), i32((R, M)), cache, sp(R),
                                            i32((R,)), lora, i32((R,)), impl=impl, num_steps=k,
                                            lora_impl=self.lora_impl).compile()
-                tokens = call.output_shardings[0]
+                tokens = call.output_shardings[0].tokens
                 _newest.lower(jax.ShapeDtypeStruct((k, R), jnp.int32, sharding=tokens if put else None),
                               i32((R,))).compile()
                 continue
@@ -550,6 +581,10 @@ class ModelRunner:
 
     def _read(self, x: jax.Array) -> np.ndarray:
         return sharding.to_host(self._wait(x))
+
+    def _read_tree(self, tree):
+        """Every array of a pytree (a Sampled, TokenLogprobs, or None) on the host."""
+        return jax.tree.map(self._read, tree)
 
 
 def possible_buckets(*, max_batch: int, max_tokens_per_step: int, chunked_prefill: bool, decode_steps: int,

@@ -34,7 +34,7 @@ class SpeculativeDecoder:
         self.stats = collections.Counter(dict.fromkeys(
             ("spec_calls", "spec_passes", "spec_drafted", "spec_accepted", "spec_emitted", "spec_draft_s"), 0))
 
-    def step(self, decode: list[Sequence], append: Callable[[Sequence, int], bool]) -> list[Sequence]:
+    def step(self, decode: list[Sequence], append: Callable[..., bool]) -> list[Sequence]:
         k, n = self.config.num_tokens, len(decode)
         want = [max(0, min(k, s.stop.budget - len(s.generated) - 1)) for s in decode]
         if not self.scheduler.reserve_ahead(decode, [w + 1 for w in want], [0] * n):
@@ -45,21 +45,21 @@ class SpeculativeDecoder:
             jax.block_until_ready(proposal.tokens)
         else:
             empty = np.zeros((next_power_of_2(n), k), np.int32)
-            proposal = Proposal(empty, None, parents=None if self.config.tree is None else empty)
+            proposal = Proposal(empty, parents=None if self.config.tree is None else empty)
         self.stats["spec_draft_s"] += time.perf_counter() - t0
         num = want if proposal.counts is None else [min(w, c) for w, c in zip(want, proposal.counts)]
-        accepted, tokens = self.runner.verify(decode, proposal.tokens, proposal.probs, num, self.config.accept,
-                                              proposal.parents)
+        accepted, tokens, logprobs = self.runner.verify(decode, proposal.tokens, num, self.config.accept,
+                                                        proposal.parents)
         self.stats["spec_calls"] += 1
         self.stats["spec_passes"] += n
         self.stats["spec_drafted"] += sum(num)
         self.stats["spec_accepted"] += int(accepted.sum())
 
         finished = []
-        for seq, a, row in zip(decode, accepted.tolist(), tokens):
-            for token in row[: a + 1].tolist():
+        for i, (seq, a, row) in enumerate(zip(decode, accepted.tolist(), tokens)):
+            for j, token in enumerate(row[: a + 1].tolist()):
                 self.stats["spec_emitted"] += 1
-                if append(seq, token):
+                if append(seq, token, logprobs[i][j] if logprobs else None):
                     finished.append(seq)
                     break
             if seq.status is Status.RUNNING:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 METHODS = ("draft", "ngram", "medusa", "eagle", "synthetic")
-LEARNED = ("draft", "medusa", "eagle")  # drafters loaded from draft=; their drafts carry distributions
+LEARNED = ("draft", "medusa", "eagle")  # drafters loaded from draft=
 # Shipped drafters for the shipped tiny target (jaxinfer/assets): the draft model and trained heads.
 SHIPPED_DRAFTERS = {"tiny-draft": "draft", "tiny-medusa": "medusa", "tiny-eagle": "eagle"}
 
@@ -87,15 +87,13 @@ class SpeculativeConfig:
                                  f"candidates of {self.tree}")
 
     def verify_programs(self) -> dict:
-        """Which verify programs this config runs (ModelRunner.warmup's keywords): drafts with their
-        distributions (draft, medusa, eagle chains), the synthetic rate, or a draft tree."""
-        return {"draft_probs": self.method in LEARNED and self.tree is None,
-                "synthetic": self.accept, "tree": self.tree is not None}
+        """Which verify programs this config runs (ModelRunner.warmup's keywords): the synthetic
+        rate, or a draft tree."""
+        return {"synthetic": self.accept, "tree": self.tree is not None}
 
 
 class Proposal(NamedTuple):
     tokens: np.ndarray | jax.Array  # (R, k) int32 drafted tokens (rows past the batch pad)
-    probs: jax.Array | None  # (R, k, V) the distribution each was drawn from; None: deterministic
     counts: list[int] | None = None  # tokens actually proposed per sequence (n-gram may find fewer)
     parents: jax.Array | None = None  # (R, k) int32 a tree's parent of each draft (0: the root, i: draft i); None: a chain
 

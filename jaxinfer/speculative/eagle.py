@@ -37,10 +37,8 @@ from jaxinfer.speculative.config import Proposal
 from jaxinfer.speculative.draft_model import (
     chunk_batch,
     decode_batch,
-    draw,
+    draft_token,
     pages_bucket,
-    row_keys,
-    sampling_rows,
 )
 from jaxinfer.speculative.heads import (
     draft_logits,
@@ -68,25 +66,23 @@ def _layer(cfg1, heads, x, cache, batch, impl):
 @functools.partial(jax.jit, static_argnames=("cfg", "cfg1", "impl", "k"), donate_argnames=("cache",))
 def _propose(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, valid, sp, steps,
              *, impl, k):
-    """Pairs (f_t, x_{t+1}) for t in [start, start + lens) per row -> drafts (R, k), q (R, k, V), cache."""
+    """Pairs (f_t, x_{t+1}) for t in [start, start + lens) per row -> drafts (R, k), cache."""
     page, P = cache.page_size, cache.num_pages
-    keys = row_keys(sp, steps)
     feature, cache = _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables,
                                impl)
-    first, q_first = draw(draft_logits(target_params, cfg, heads, feature), sp, keys, 0)
+    drafted = jnp.full((next_tokens.shape[0], k), -1, jnp.int32)
+    first, drafted = draft_token(draft_logits(target_params, cfg, heads, feature), sp, steps, 0, drafted)
 
     def one(carry, j):
-        token, feature, cache = carry
+        token, feature, drafted, cache = carry
         batch = decode_batch(start + lens - 1 + j, j < valid, tables, page, P)
         out, cache = _layer(cfg1, heads, eagle_inputs(target_params, heads, feature, token), cache, batch, impl)
         feature = eagle_features(target_params, cfg, out)
-        d, q = draw(draft_logits(target_params, cfg, heads, feature), sp, keys, j)
-        return (d, feature, cache), (d, q)
+        d, drafted = draft_token(draft_logits(target_params, cfg, heads, feature), sp, steps, j, drafted)
+        return (d, feature, drafted, cache), None
 
-    (_, _, cache), (rest, q_rest) = jax.lax.scan(one, (first, feature, cache), jnp.arange(1, k))
-    drafts = jnp.concatenate([first[None], rest], axis=0).T
-    probs = jnp.concatenate([q_first[None], q_rest], axis=0).transpose(1, 0, 2)
-    return drafts, probs, cache
+    (_, _, drafted, cache), _ = jax.lax.scan(one, (first, feature, drafted, cache), jnp.arange(1, k))
+    return drafted, cache
 
 
 def _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, impl):
@@ -195,15 +191,14 @@ class EagleDrafter:
         args = (self.target.params, self.target.config, self.cfg1, self.heads, runner.features, self.cache,
                 next_tokens, start, lens, tables)
         if self.tree is None:
-            drafts, probs, self.cache = _propose(*args, valid, sampling_rows(seqs, R), steps, impl=self.impl, k=k)
+            drafts, self.cache = _propose(*args, valid, runner.sampling_batch(seqs, R), steps, impl=self.impl, k=k)
             parents = None
         else:
             drafts, parents, self.cache = _propose_tree(*args, impl=self.impl, k=k, top_k=self.tree.top_k,
                                                         depth=self.tree.depth, temperature=self.tree.temperature)
-            probs = None
         for s in seqs:
             s.draft_computed = s.num_computed  # later positions were written from predicted features
-        return Proposal(drafts, probs, parents=parents)
+        return Proposal(drafts, parents=parents)
 
     def accepted(self, seqs) -> None:
         for s in seqs:

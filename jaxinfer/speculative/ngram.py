@@ -34,7 +34,7 @@ class NgramDrafter:
             found = lookup(s.tokens, self.max_n, want) if want else []
             tokens[i, : len(found)] = found
             counts.append(len(found))
-        return Proposal(tokens, None, counts)
+        return Proposal(tokens, counts)
 
     def accepted(self, seqs) -> None:
         pass

@@ -16,7 +16,7 @@ class SyntheticDrafter:
     features = False
 
     def propose(self, seqs, num_drafts, k, runner) -> Proposal:
-        return Proposal(np.zeros((next_power_of_2(len(seqs)), k), np.int32), None)
+        return Proposal(np.zeros((next_power_of_2(len(seqs)), k), np.int32))
 
     def accepted(self, seqs) -> None:
         pass
