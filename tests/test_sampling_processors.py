@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 
 import jax
@@ -17,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import run_main
 
 import jaxinfer as ji
+from experiments import bench_sampler
 from jaxinfer.checkpoints.weights import ASSETS_DIR
 from jaxinfer.sampling import processors, sampler
 from jaxinfer.sampling.processors import Row, Vocab
@@ -276,6 +279,15 @@ def test_bad_processing_params(kwargs, message):
         ji.SamplingParams(**kwargs)
 
 
+def test_bench_sampler_times_every_variant(tmp_path, capsys):
+    run_main(bench_sampler, "--rows=2", "--vocab=40", "--runs=1", "--calls=1", f"--out={tmp_path}/s.json")
+    results = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert [r["variant"] for r in results] == list(bench_sampler.VARIANTS)
+    assert "penalties" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--variants: \\['nope'\\] are not among"):
+        run_main(bench_sampler, "--variants=nope")
+
+
 # --- through the engine ------------------------------------------------------------------------
 
 PROMPTS = ["def fibonacci(n):", "The quick brown fox"]
@@ -326,6 +338,8 @@ def test_engine_greedy_with_processors_equals_hf_generate(tiny, hf_tokens, confi
     assert [o.token_ids for o in outs[:2]] == hf_tokens
     assert outs[2].token_ids == ji.Engine(tiny, config).generate(PROMPTS[:1], plain)[0].token_ids
     assert all(32 not in o.token_ids for o in outs[:2]) and 32 in outs[2].token_ids  # the ban took effect
+    with pytest.raises(ValueError, match=r"sampling\[0\] asks for penalties, logprobs: served by ji.Engine"):
+        ji.generate(tiny, PROMPTS[:1], ji.SamplingParams(repetition_penalty=1.1, logprobs=1))
     if config.speculative is not None:
         assert engine.metrics()["spec_accepted"] > 0
 
@@ -348,16 +362,22 @@ def test_engine_presence_and_frequency_equal_a_reference_loop(tiny, hf_tiny):
     assert engine.stats["lookahead_calls"] == 0
 
 
-def test_engine_logprobs_equal_hf_log_softmax(tiny, hf_tiny):
-    """Each generated token's raw log-probability and top-5 equal HF's log_softmax of its logits, also
-    for n > 1 samples forked from one prompt."""
-    engine = ji.Engine(tiny, ji.EngineConfig(max_batch=4, page_size=8))
+@pytest.mark.parametrize("config", [
+    ji.EngineConfig(max_batch=4, page_size=8),
+    pytest.param(ji.EngineConfig(max_batch=4, page_size=8, decode_steps=4, overlap=True), marks=pytest.mark.slow),
+    pytest.param(ji.EngineConfig(max_batch=4, page_size=8, speculative=ji.SpeculativeConfig(method="ngram")),
+                 marks=pytest.mark.slow),
+], ids=["continuous", "multi_step_overlap", "speculative"])
+def test_engine_logprobs_equal_hf_log_softmax(tiny, hf_tiny, config):
+    """Each generated token's raw log-probability and top-5 equal HF's log_softmax of its logits, for
+    n > 1 samples forked from one prompt too, from multi-step calls and from verify passes."""
+    engine = ji.Engine(tiny, config)
     prompt = tiny.tokenizer.encode(PROMPTS[0])
-    outs = engine.generate([prompt, prompt], [ji.SamplingParams(max_tokens=6, temperature=1.0, logprobs=5, seed=1, n=2),
-                                              ji.SamplingParams(max_tokens=6, temperature=0.0)])
+    outs = engine.generate([prompt, prompt], [ji.SamplingParams(max_tokens=8, temperature=1.0, logprobs=5, seed=1, n=2),
+                                              ji.SamplingParams(max_tokens=8, temperature=0.0)])
     assert outs[1].logprobs is None
     for sample in outs[0].samples:
-        assert len(sample.logprobs) == len(sample.token_ids) == 6
+        assert len(sample.logprobs) == len(sample.token_ids) == 8
         with torch.no_grad():
             ref = torch.log_softmax(hf_tiny(torch.tensor([prompt + sample.token_ids])).logits[0], -1).numpy()
         for j, (token, lp) in enumerate(zip(sample.token_ids, sample.logprobs)):
@@ -365,3 +385,5 @@ def test_engine_logprobs_equal_hf_log_softmax(tiny, hf_tiny):
             assert lp.logprob == pytest.approx(row[token], abs=1e-4)
             assert [t for t, _ in lp.top] == np.argsort(-row)[:5].tolist()
             np.testing.assert_allclose([v for _, v in lp.top], np.sort(row)[::-1][:5], atol=1e-4)
+    if config.speculative is not None:
+        assert engine.metrics()["spec_accepted"] > 0

@@ -152,10 +152,10 @@ def may_overlap(params: SamplingParams) -> bool:
 
 def fill(rows: Sequence[RowLike | None], vocab: Vocab | None) -> dict[str, Arrays] | None:
     """The arrays of every processor some row asks for, by name (None: no row asks)."""
-    out = {}
+    out, params = {}, [r.sampling for r in rows if r is not None]
     for p in _REGISTRY.values():
-        mine = [r if r is not None and p.asks(r.sampling) else None for r in rows]
-        if any(r is not None for r in mine):
+        if any(map(p.asks, params)):
+            mine = [r if r is not None and p.asks(r.sampling) else None for r in rows]
             if vocab is None:
                 raise ValueError(f"logits processor {p.name!r} needs the model's vocabulary (pass vocab=)")
             out[p.name] = p.fill(mine, vocab)

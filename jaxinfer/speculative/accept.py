@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.sampling.sampler import Sampled, SamplingBatch, draw, row_keys
+from jaxinfer.sampling.sampler import Sampled, SamplingBatch, draw, process, row_keys
 from jaxinfer.speculative import tree as tree_lib
 
 _UNIFORM = 1 << 20  # fold_in offset of the synthetic rule's draws (apart from the sampler's)
@@ -68,15 +68,18 @@ def accept_synthetic(
 ) -> tuple[jax.Array, Sampled]:
     """A stand-in drafter for measuring the engine at a set acceptance rate where no trained
     drafter exists: each draft is accepted with probability `rate` (independently, in order), and
-    the emitted tokens are the target's argmax at each position. NOT lossless: positions after the
-    first were computed after the stand-in's tokens, not the emitted ones. Same outputs as `accept`."""
-    R, K1, _ = logits.shape
+    the emitted tokens are the target's argmax at each position (after the row's processors). NOT
+    lossless: positions after the first were computed after the stand-in's tokens, not the emitted
+    ones. Same outputs as `accept`."""
+    R, K1, V = logits.shape
     k = K1 - 1
     keys = row_keys(sp.seed, step)
     u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _UNIFORM), (k,)))(keys)  # (R, k)
     ok = (u < rate) & (jnp.arange(k)[None, :] < num_drafts[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
-    return accepted.astype(jnp.int32), Sampled(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    steps = (step[:, None] + jnp.arange(K1)[None, :]).reshape(-1)
+    x = process(logits.reshape(R * K1, V), sp.repeat(K1), steps).reshape(R, K1, V)
+    return accepted.astype(jnp.int32), Sampled(jnp.argmax(x, axis=-1).astype(jnp.int32))
 
 
 def accept_tree(
