@@ -1,8 +1,8 @@
 """Serving benchmark: a synthetic workload through the engine under one batching / KV-layout policy.
 
-  python -m experiments.bench_batching --batching=continuous --output_dist=lognormal
-  python -m experiments.bench_batching --batching=static --kv_layout=contiguous --out=/tmp/static.json
-  python -m experiments.bench_batching --arrival=poisson --rates=2,4,8 --plot=/tmp/latency.png
+  python -m jaxinfer.experiments.bench_batching --batching=continuous --output_dist=lognormal
+  python -m jaxinfer.experiments.bench_batching --batching=static --kv_layout=contiguous --out=/tmp/static.json
+  python -m jaxinfer.experiments.bench_batching --arrival=poisson --rates=2,4,8 --plot=/tmp/latency.png
 
 Prompts are slices of held-out text; each request generates exactly its drawn output length
 (EOS ignored). Requests arrive all at once or as a Poisson process (--rate requests/s, real time).
@@ -12,7 +12,7 @@ Prints throughput, TTFT / TPOT percentiles, KV waste, preemptions, the host shar
 an estimate of the share of wall time the device sat idle waiting for the host, and writes a JSON
 with the config, the environment and every request's figures.
 
-  python -m experiments.bench_batching --model=random:llama3_8b --dtype=bfloat16 --step_overhead=256
+  python -m jaxinfer.experiments.bench_batching --model=random:llama3_8b --dtype=bfloat16 --step_overhead=256
 
 times batch-1 decode through the engine against the same jitted step run back to back.
 """
@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 
 import jaxinfer as ji
 from jaxinfer import data
+from jaxinfer.engine import programs
 from jaxinfer.engine import runner as runner_lib
+from jaxinfer.engine.batch import DecodeInputs
 from jaxinfer.sampling.sampler import SamplingBatch
 
 from . import common
@@ -72,12 +74,47 @@ def draw_lengths(rng, dist: str, mean: int, n: int, sigma: float, cap: int) -> n
     return np.clip(np.round(x), 1, cap).astype(int)
 
 
+def read_workload_file(path: str) -> list[dict]:
+    """The rows of a --workload_file: one JSON object per line with integer prompt_len and
+    output_len >= 1; ValueError naming the line and the field of a bad one."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"--workload_file={path} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where} is not an object with prompt_len and output_len")
+            for field in ("prompt_len", "output_len"):
+                value = row.get(field)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{where}: {field}={value!r} must be an integer >= 1")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"--workload_file={path} has no rows")
+    return rows
+
+
+def check_workload_flags() -> None:
+    """Refuse bad workload flags (bench_batching's and bench_serving's) before any work."""
+    for name in ("num_requests", "prompt_len", "output_len", "max_len"):
+        if FLAGS[name].value is not None and FLAGS[name].value < 1:
+            raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
+    if not FLAGS.sigma > 0:
+        raise ValueError(f"--sigma={FLAGS.sigma} must be > 0")
+    if FLAGS.workload_file:
+        read_workload_file(FLAGS.workload_file)
+
+
 def make_workload(rate: float | None, model) -> list[Request]:
     rng = np.random.default_rng(FLAGS.seed)
     n = FLAGS.num_requests
     if FLAGS.workload_file:
-        with open(FLAGS.workload_file) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_workload_file(FLAGS.workload_file)
         prompt_lens = np.array([r["prompt_len"] for r in rows])
         output_lens = np.array([r["output_len"] for r in rows])
         n = len(rows)
@@ -142,7 +179,7 @@ def run_once(model, rate: float | None) -> dict:
     engine = ji.Engine(model, common.engine_config())
     if FLAGS.warmup == "buckets":
         compiled = engine.warmup(max_prompt_len=max(len(r.prompt) for r in workload),
-                                 max_len=max(len(r.prompt) + r.output_len for r in workload))
+                                 max_len=min(max(len(r.prompt) + r.output_len for r in workload), engine.max_seq_len))
     warm_s = time.perf_counter() - t0
     traces = sum(runner_lib.TRACE_COUNTS.values())
     outs, wall = serve(engine, workload, progress=True)
@@ -197,10 +234,11 @@ def step_overhead(model, num_tokens: int) -> dict:
     def run(cache, n):
         tok = jnp.asarray([prompt[-1]], jnp.int32)
         for i in range(n):
-            pos = jnp.asarray([len(prompt) - 1 + i], jnp.int32)
-            toks, cache = runner_lib._multi_decode(
-                model.params, model.config, tok, pos, jnp.ones(1, jnp.int32), tables, cache, spb,
-                jnp.asarray([i], jnp.int32), impl=ji.models.decoder.Impl(attention=FLAGS.attention), num_steps=1)
+            x = DecodeInputs(tokens=tok, positions=jnp.asarray([len(prompt) - 1 + i], jnp.int32),
+                             valid=jnp.ones(1, jnp.int32), block_tables=tables, steps=jnp.asarray([i], jnp.int32),
+                             sampling=spb, adapter_ids=jnp.full(1, -1, jnp.int32))
+            toks, cache = programs.multi_decode(model.params, model.config, x, cache,
+                                                impl=ji.models.decoder.Impl(attention=FLAGS.attention), num_steps=1)
             tok = toks.tokens[0]
         tok.block_until_ready()
         return cache
@@ -249,18 +287,15 @@ def parse_rates() -> list[float]:
 
 def check_flags() -> list[float | None]:
     """Refuse bad flags before any work; returns the arrival rates to run (None: all at once)."""
-    for name in ("num_requests", "prompt_len", "output_len", "max_len", "max_batch", "page_size"):
-        if FLAGS[name].value is not None and FLAGS[name].value < 1:
+    check_workload_flags()
+    for name in ("max_batch", "page_size"):
+        if FLAGS[name].value < 1:
             raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
-    if not FLAGS.sigma > 0:
-        raise ValueError(f"--sigma={FLAGS.sigma} must be > 0")
     if FLAGS["rates"].present and FLAGS.arrival != "poisson":
         raise ValueError("--rates applies to --arrival=poisson only")
     rates = parse_rates()
-    common.check_out(FLAGS.out)
     if FLAGS.plot:
-        common.check_out(FLAGS.plot)
-        common.require("matplotlib", "--plot", "plots")
+        common.require("--plot", "matplotlib")
     return [None] if FLAGS.arrival == "all" else rates
 
 
@@ -304,5 +339,10 @@ def print_table(results: list[dict], device: str) -> None:
         print(" ".join(f"{c:>10}" for c in row))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-bench-batching` console script (the same as python -m jaxinfer.experiments.bench_batching)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

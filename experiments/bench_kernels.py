@@ -1,7 +1,9 @@
 """Checks the attention kernels against their references, then times them against XLA and cuDNN.
 
-Run on a GPU:   python3 -m experiments.bench_kernels
-Smoke on a CPU: python -m experiments.bench_kernels --quick   (interpret mode, tiny shapes)
+Run on a GPU:   python -m jaxinfer.experiments.bench_kernels
+Smoke on a CPU: python -m jaxinfer.experiments.bench_kernels --quick   (interpret mode, tiny shapes, 2 runs)
+On a CPU it refuses to start without --quick or --allow_cpu (the tiny shapes, interpreted, at
+the usual --runs and --calls): the GPU shapes would run interpreted for hours.
 
 (a) causal prefill, B=4 L=4096 N=32 K=32/8 H=128 bf16: flash_attention (a few BlockSizes),
     XLA and cuDNN (`jax.nn.dot_product_attention`), in TFLOP/s (causal: 2*2*B*N*L*L*H / 2).
@@ -32,7 +34,7 @@ from . import common
 from .common import environment, median_call_time
 
 FLAGS = flags.FLAGS
-for _name in ("quick", "out", "runs", "calls", "interpret"):
+for _name in ("quick", "allow_cpu", "out", "runs", "calls", "interpret"):
     flags.declare_key_flag(_name)
 RUNS = 20  # default timed runs per variant
 
@@ -250,6 +252,7 @@ def check_small_shapes(rows, *, interpret):
 def main(argv):
     del argv
     quick = FLAGS.quick
+    small = common.gpu_or_allow_cpu("bench_kernels", "prefill B=4 L=4096, paged decode up to L=32768") or quick
     interpret = FLAGS.interpret if FLAGS.interpret is not None else jax.default_backend() != "gpu"
     runs, calls = (2, 2) if quick else (FLAGS.runs or RUNS, FLAGS.calls)
     key = jax.random.key(0)
@@ -259,7 +262,7 @@ def main(argv):
           f"started after {time.perf_counter() - _T0:.0f} s", flush=True)
 
     FB = fa.BlockSizes
-    if quick:
+    if small:
         prefill_shapes = [dict(B=1, L=64, N=4, K=4, H=64), dict(B=1, L=64, N=4, K=2, H=64)]
         prefill_configs = [None]
         decode_shapes = [dict(B=2, L=64, N=4, K=2, H=64, page_size=16)]
@@ -274,13 +277,13 @@ def main(argv):
         decode_configs = [None, pa.BlockSizes(8, 4), pa.BlockSizes(4, 16), pa.BlockSizes(2, 16, 4, 3)]
         int8_configs = [None, pa.BlockSizes(8, 8)]
 
-    if not quick:
+    if not small:
         check_small_shapes(rows, interpret=interpret)
     for shape in prefill_shapes:
         bench_prefill(rows, key, **shape, configs=prefill_configs, interpret=interpret, runs=runs, calls=calls)
     for shape in decode_shapes:
         configs = decode_configs if shape["B"] > 1 else [None, pa.BlockSizes(8, 32), pa.BlockSizes(16, 16)]
-        if quick:
+        if small:
             configs = decode_configs
         bench_decode(rows, key, **shape, kv_dtype=jnp.bfloat16, configs=configs, interpret=interpret,
                      runs=runs, calls=calls)
@@ -290,6 +293,7 @@ def main(argv):
     result = dict(
         **environment("experiments.bench_kernels"),
         quick=quick,
+        small_shapes=small,
         interpret=interpret,
         runs=runs,
         calls_per_run=calls,

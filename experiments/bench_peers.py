@@ -1,6 +1,6 @@
 """jaxinfer's engine against peers on the same real model, on this machine, in one run.
 
-  python -m experiments.bench_peers --model=smollm2-135m --batch_sizes=1,8 --out=/tmp/peers.json
+  python -m jaxinfer.experiments.bench_peers --model=smollm2-135m --batch_sizes=1,8 --out=/tmp/peers.json
 
 Every system decodes the same greedy workload: `batch` prompts of exactly --prompt_tokens tokens
 (openings of Python's own documentation, `pydoc_data.topics`, in the model's tokenizer), then
@@ -34,8 +34,6 @@ import time
 from pydoc_data import topics
 
 import numpy as np
-import torch
-import transformers
 from absl import flags
 
 import jaxinfer as ji
@@ -107,6 +105,8 @@ def bench_engine(model: ji.Model, prompt_sets, new_tokens: int) -> dict:
 
 
 def bench_hf(hf, prompt_sets, new_tokens: int) -> dict:
+    import torch  # noqa: PLC0415  (the optional [peers] extra)
+
     def generate(prompts, n):
         ids = torch.tensor(prompts)
         with torch.no_grad():
@@ -156,17 +156,38 @@ def _max_row_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float((np.linalg.norm(actual - expected, axis=-1) / np.linalg.norm(expected, axis=-1)).max())
 
 
-def run() -> dict:
-    path = _gguf_path(_model())
+def check_flags() -> tuple[str, list[int]]:
+    """Refuse bad flags and a missing [peers] extra before any model loads; (the GGUF file, the batch sizes)."""
     unknown = set(FLAGS.systems) - set(SYSTEMS)
     if unknown:
         raise ValueError(f"--systems has {sorted(unknown)}, not among {SYSTEMS}")
+    for name in ("prompt_tokens", "new_tokens", "repeats", "threads"):
+        if FLAGS[name].value < 1:
+            raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
+    if FLAGS.heldout_tokens < 0:
+        raise ValueError(f"--heldout_tokens={FLAGS.heldout_tokens} must be >= 0")
+    batches = common.value_or("batch_sizes", ["1", "8"])
+    if not all(b.isdigit() and int(b) >= 1 for b in batches):
+        raise ValueError(f"--batch_sizes={','.join(batches)}: every value must be an integer >= 1")
+    if "hf" in FLAGS.systems or FLAGS.heldout_tokens:
+        common.require("--systems=hf or --heldout_tokens > 0 (HF transformers as the reference)", "torch",
+                       "transformers")
+    path = _gguf_path(_model())
+    if not os.path.isfile(path):
+        raise ValueError(f"--model={_model()}: no GGUF file at {path}")
+    return path, [int(b) for b in batches]
+
+
+def run(path: str, batches: list[int]) -> dict:
     busy = cpu_busy()
-    torch.set_num_threads(FLAGS.threads)
     packed = ji.load_model(_model(), dtype=FLAGS.dtype)
     dense = ji.Model(packed.config, dequantize_params(packed.params), packed.tokenizer, packed.name)
     hf = None
     if "hf" in FLAGS.systems or FLAGS.heldout_tokens:
+        import torch  # noqa: PLC0415  (the optional [peers] extra)
+        import transformers  # noqa: PLC0415
+
+        torch.set_num_threads(FLAGS.threads)
         folder, name = os.path.split(os.path.abspath(path))
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
         result_hf = dict(attn_implementation=hf.config._attn_implementation, torch_version=torch.__version__,
@@ -181,7 +202,7 @@ def run() -> dict:
                         threads=FLAGS.threads, dtype=FLAGS.dtype, runs=[], not_measured=[], cpu_busy_before=busy,
                         hf=result_hf if hf is not None else None,
                         llama_cpp=None if llm is None else importlib.metadata.version("llama_cpp_python"))
-    for batch in (int(b) for b in common.value_or("batch_sizes", ["1", "8"])):
+    for batch in batches:
         prompt_sets = _prompt_sets(packed.tokenizer, FLAGS.repeats + 1, batch, FLAGS.prompt_tokens)
         for system in FLAGS.systems:
             if system == "jaxinfer":
@@ -235,8 +256,7 @@ def run() -> dict:
 
 def main(argv):
     del argv
-    common.check_out(FLAGS.out)
-    result = run()
+    result = run(*check_flags())
     if result["cpu_busy_before"] is not None:
         print(f"CPUs busy with other work just before the run: {result['cpu_busy_before']:.0%}")
     print(f"{'system':16s} {'batch':>5s} {'tok/s':>8s} {'TTFT ms':>8s}")

@@ -1,8 +1,10 @@
 """Checks the weight-only quantised matmul kernel and the W8A8 GEMM against their references, then
 times them against a dense bf16 matmul and the XLA paths.
 
-Run on a GPU:   python3 -m experiments.bench_quant_matmul [--sweep]
-Smoke on a CPU: python -m experiments.bench_quant_matmul --quick   (interpret mode, tiny shapes)
+Run on a GPU:   python -m jaxinfer.experiments.bench_quant_matmul [--sweep]
+Smoke on a CPU: python -m jaxinfer.experiments.bench_quant_matmul --quick   (interpret mode, tiny shapes, 2 runs)
+On a CPU it refuses to start without --quick or --allow_cpu (then the tiny shapes unless --shapes
+is given, interpreted): the default shapes would run interpreted for minutes each.
 
 For each shape M x K x N (--shapes; default 1, 16 and 256 rows of Llama-3-8B's MLP up projection,
 4096 x 14336), bf16 activations:
@@ -46,11 +48,12 @@ from . import common
 from .common import environment, median_call_time
 
 FLAGS = flags.FLAGS
-for _name in ("quick", "out", "runs", "calls", "interpret"):
+for _name in ("quick", "allow_cpu", "out", "runs", "calls", "interpret"):
     flags.declare_key_flag(_name)
 RUNS = 10  # default timed runs per variant
 _SHAPES = flags.DEFINE_list("shapes", ["1x4096x14336", "16x4096x14336", "256x4096x14336"],
-                            "comma-separated MxKxN shapes (ignored with --quick)")
+                            "comma-separated MxKxN shapes (ignored with --quick; on a CPU with --allow_cpu "
+                            "the default is the --quick shapes)")
 _CARD = flags.DEFINE_string("card", "h100_80gb", "configs/hardware card whose bandwidth and L2 size are used")
 _BANDWIDTH = flags.DEFINE_float("bandwidth_gbs", None, "memory bandwidth in GB/s (default: the card's datasheet)")
 _SWEEP = flags.DEFINE_bool("sweep", False, "also time a few non-default BlockSizes per shape (interpret mode: one)")
@@ -186,6 +189,7 @@ def _markdown(result) -> str:
 def main(argv):
     del argv
     quick = FLAGS.quick
+    on_cpu = common.gpu_or_allow_cpu("bench_quant_matmul", "up to 256x4096x14336")
     interpret = FLAGS.interpret if FLAGS.interpret is not None else (quick or jax.default_backend() != "gpu")
     runs, calls = (2, 2) if quick else (FLAGS.runs or RUNS, FLAGS.calls)
     card = load_hardware(_CARD.value)
@@ -193,7 +197,7 @@ def main(argv):
         bandwidth, source = _BANDWIDTH.value * 1e9, "--bandwidth_gbs"
     else:
         bandwidth, source = card.memory_bandwidth_bytes_per_s, f"{_CARD.value} datasheet"
-    if quick:
+    if quick or (on_cpu and not _SHAPES.present):
         shapes = [(1, 256, 97), (40, 256, 97)]
     else:
         shapes = []

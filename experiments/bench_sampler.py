@@ -1,7 +1,7 @@
 """Times the jitted sampler alone on a (rows x vocabulary) batch of logits, per kind of request.
 
-  python -m experiments.bench_sampler                       # 8 x 49152 (SmolLM2's vocabulary)
-  python -m experiments.bench_sampler --variants=greedy,temperature,top_p   # the variants every version has
+  python -m jaxinfer.experiments.bench_sampler                     # 8 x 49152 (SmolLM2's vocabulary)
+  python -m jaxinfer.experiments.bench_sampler --variants=greedy,temperature,top_p   # those every version has
 
 Variants (every row alike): greedy (temperature 0), temperature (1.0), top_p (1.0, top_p 0.9),
 penalties (1.0; repetition, presence and frequency over 512 tokens of history), logprobs (1.0, top 5).
@@ -51,10 +51,13 @@ def batch(name: str, rows: int, vocab: int) -> sampler.SamplingBatch:
 
 
 def main(argv):
-    common.check_out(FLAGS.out)
+    del argv
     unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: {unknown} are not among {list(VARIANTS)}")
+    for name, value in (("rows", _ROWS.value), ("vocab", _VOCAB.value), ("calls", FLAGS.calls)):
+        if value < 1:
+            raise ValueError(f"--{name}={value} must be >= 1")
     R, V = _ROWS.value, _VOCAB.value
     logits = jax.random.normal(jax.random.key(0), (R, V), jnp.float32) * 3
     step = jnp.arange(R, dtype=jnp.int32)

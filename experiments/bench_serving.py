@@ -1,9 +1,9 @@
 """Serving benchmark over HTTP: a load generator against the OpenAI-compatible server, beside the
 same workload run in-process, so the server's own overhead is visible.
 
-  python -m experiments.bench_serving --model=tiny --rates=2,4 --num_requests=32
-  python -m experiments.bench_serving --model=smollm2-135m --dequantize --rates=1 --markdown=/tmp/serving.md
-  python -m experiments.bench_serving --url=http://localhost:8000 --model=tiny   # a server started elsewhere
+  python -m jaxinfer.experiments.bench_serving --model=tiny --rates=2,4 --num_requests=32
+  python -m jaxinfer.experiments.bench_serving --model=smollm2-135m --dequantize --rates=1 --markdown=/tmp/serving.md
+  python -m jaxinfer.experiments.bench_serving --url=http://localhost:8000 --model=tiny   # a server started elsewhere
 
 The workload is bench_batching's (--prompt_dist, --output_dist, --prompt_len, --output_len, --sigma,
 --max_len, or --workload_file): prompts of held-out text as token ids, each generating exactly its
@@ -29,7 +29,6 @@ import logging
 import os
 import time
 
-import httpx
 from absl import flags
 
 import jaxinfer as ji
@@ -42,8 +41,8 @@ flags.DEFINE_string("url", "", "Send the requests to the server at this URL ('' 
 flags.DEFINE_bool("in_process", True, "Also run the workload in-process (Engine.add_request / step) for comparison.")
 flags.DEFINE_string("markdown", "", "Write the markdown table to this file ('' = print it only).")
 for _name in ("model", "dtype", "seed", "out", "num_requests", "prompt_len", "output_len", "rates", "prompt_dist",
-              "output_dist", "sigma", "max_len", "workload_file", "warmup", "dequantize", *common.ENGINE_FLAGS,
-              *common.SPEC_FLAGS):
+              "output_dist", "sigma", "max_len", "workload_file", "warmup", "dequantize", "lora", "served_model_name",
+              "default_timeout_s", *serve.SERVE_FLAGS, *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 
 
@@ -103,7 +102,7 @@ def wall_time(timings: list[dict], workload: list) -> float:
     return max(t["latency_s"] + r.arrival_s for t, r in zip(timings, workload))
 
 
-async def _request(http: httpx.AsyncClient, model: str, req, start: float) -> dict:
+async def _request(http, model: str, req, start: float) -> dict:
     """One streaming request sent at its arrival time; its timings from the chunks' arrival."""
     await asyncio.sleep(max(0.0, start + req.arrival_s - time.perf_counter()))
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0,
@@ -128,6 +127,8 @@ async def _request(http: httpx.AsyncClient, model: str, req, start: float) -> di
 
 
 async def _run_http(url: str, model: str, workload: list) -> tuple[list[dict], float]:
+    import httpx  # noqa: PLC0415  (the optional [serve] extra)
+
     limits = httpx.Limits(max_connections=len(workload), max_keepalive_connections=len(workload))
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
         start = time.perf_counter()
@@ -149,16 +150,16 @@ def warm_up(engine: ji.Engine, workloads: list[list]) -> float:
     else:
         every = [r for w in workloads for r in w]
         engine.warmup(max_prompt_len=max(len(r.prompt) for r in every),
-                      max_len=max(len(r.prompt) + r.output_len for r in every))
+                      max_len=min(max(len(r.prompt) + r.output_len for r in every), engine.max_seq_len))
     return time.perf_counter() - t0
 
 
 def check_flags() -> list[float]:
+    """Refuse bad flags and missing extras before any work; returns the arrival rates."""
+    common.require("experiments.bench_serving", "httpx", *(() if FLAGS.url else ("fastapi", "uvicorn")))
     rates = bench_batching.parse_rates()
-    if FLAGS.num_requests < 1:
-        raise ValueError(f"--num_requests={FLAGS.num_requests} must be >= 1")
-    common.check_out(FLAGS.out)
-    common.check_out(FLAGS.markdown)
+    bench_batching.check_workload_flags()
+    serve.adapters()
     return rates
 
 
@@ -215,5 +216,10 @@ def markdown(results: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-bench-serving` console script (the same as python -m jaxinfer.experiments.bench_serving)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,8 +3,8 @@ largest per-row logits error of one full pass against tp=1, whether the greedy t
 the bytes each device holds (params and KV cache, measured from the arrays' shards), compile time,
 and throughput (the median of --runs generate runs after warm-up, taken in rounds over the tps).
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m experiments.bench_tp --tps=1,2,4
-  python -m experiments.bench_tp --model=random:llama3_8b --dtype=bfloat16 --tps=1,2   # on 2 GPUs
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m jaxinfer.experiments.bench_tp --tps=1,2,4
+  python -m jaxinfer.experiments.bench_tp --model=random:llama3_8b --dtype=bfloat16 --tps=1,2   # on 2 GPUs
 
 On fake CPU devices every "device" shares the same cores, so tp > 1 only adds the collectives'
 cost: the figures there check correctness and memory, not speed.
@@ -27,7 +27,9 @@ from . import common
 
 FLAGS = flags.FLAGS
 _TPS = flags.DEFINE_list("tps", ["1", "2", "4"], "Tensor-parallel degrees to run (each needs that many devices).")
-for _name in ("model", "dtype", "seed", "out", "prompt_len", "max_tokens", "runs", *common.ENGINE_FLAGS):
+# --tp is not one of them: --tps sets each run's.
+for _name in ("model", "dtype", "seed", "out", "prompt_len", "max_tokens", "runs",
+              *(f for f in common.ENGINE_FLAGS if f != "tp"), *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 PROMPT_LEN, MAX_TOKENS, RUNS = 16, 32, 3  # defaults of --prompt_len, --max_tokens, --runs
 
@@ -44,7 +46,7 @@ def build(model, tp: int, prompts, sampling) -> tuple[ji.Engine, dict]:
     engine = ji.Engine(model, common.engine_config(tp=tp))
     place_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    engine.warmup(max_prompt_len=len(prompts[0]), max_len=len(prompts[0]) + sampling.max_tokens)
+    engine.warmup(max_prompt_len=len(prompts[0]), max_len=min(len(prompts[0]) + sampling.max_tokens, engine.max_seq_len))
     compile_s = time.perf_counter() - t0
     outs = engine.generate(prompts, sampling)
     placed = engine.runner.model
@@ -63,9 +65,11 @@ def build(model, tp: int, prompts, sampling) -> tuple[ji.Engine, dict]:
 
 def main(argv) -> None:
     del argv
-    common.check_out(FLAGS.out)
-    tps = [int(t) for t in _TPS.value]
-    if tps[0] != 1:
+    try:
+        tps = [int(t) for t in _TPS.value]
+    except ValueError:
+        raise ValueError(f"--tps={','.join(_TPS.value)}: not a list of integers") from None
+    if not tps or tps[0] != 1:
         raise ValueError(f"--tps={','.join(_TPS.value)} must start with 1 (the reference)")
     if max(tps) > jax.device_count():
         raise ValueError(f"--tps asks for {max(tps)} devices; {jax.device_count()} are present (on a CPU: "

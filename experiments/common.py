@@ -1,9 +1,20 @@
 """What every experiment shares: the flags they have in common (each defined once, so experiments
 can be imported side by side, as the tests run them in one process), the engine's flags and the
-EngineConfig they build, one error path, the run record, and timing.
+EngineConfig they build, one rule for bad input, the run record, and timing.
 
-An experiment's `main` is wrapped by `run(main)`: bad input (ValueError, and the ConfigError and
-CheckpointError subclasses of it) ends the run with one `error: ...` line and exit status 2.
+The rule, for every experiment (its `main` runs under `run(main)`): bad input ends the run with one
+`error: ...` line that names the flag, and exit status 2, before any model loads or compiles.
+`run` parses the flags (an unknown or malformed one, or one that belongs to another experiment and
+would be ignored here, is refused) and checks the paths they name (OUTPUT_FILES, OUTPUT_FOLDERS,
+INPUT_FILES, INPUT_FOLDERS) and --spec_draft; main checks the rest of its flags first thing
+(require, check_draft, gpu_or_allow_cpu and its own ranges), then works. A ValueError raised later (the
+library's, ConfigError and CheckpointError included) is reported the same way. Optional extras are
+imported only where used; a missing one is named with the `pip install 'jaxinfer[EXTRA]'` line
+that installs it (require, and any ModuleNotFoundError of a module in EXTRAS).
+
+The experiments run the same from a checkout (`python -m experiments.X`, from the repository root)
+and from an installed wheel (`python -m jaxinfer.experiments.X` or the console scripts, from any
+directory); paths in flags are taken relative to the working directory.
 
 Scale-out: `--tp=N` runs the model tensor-parallel over the first N devices (EngineConfig(tp=N)).
 On several hosts, start the same command on each with `--coordinator=HOST:PORT --num_processes=P
@@ -27,7 +38,8 @@ from absl import app, flags
 
 import jaxinfer as ji
 from jaxinfer import memory, sharding
-from jaxinfer.speculative import METHODS
+from jaxinfer.speculative import DRAFTERS, heads
+from jaxinfer.speculative.config import SHIPPED_DRAFTERS
 
 FLAGS = flags.FLAGS
 
@@ -37,7 +49,8 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weigh
 flags.DEFINE_integer("seed", 0, "Seed of the run's random draws (workload, sampling, calibration).")
 flags.DEFINE_string("dir", "", "The folder a report reads (sweep_report: a sweep's results.jsonl; gpu_report: a GPU "
                     "session's JSON files).")
-flags.DEFINE_string("out", "", "Write the JSON result to this file ('' = do not write).")
+flags.DEFINE_string("out", "", "Write the JSON result to this file ('' = do not write; sweep: the folder of its "
+                    "points and results.jsonl).")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"], "Attention implementation (auto: pallas on a GPU, "
                   "xla elsewhere; pallas runs interpreted on a CPU).")
 flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "pallas"], "How quantised weights are multiplied (pallas: dequantise "
@@ -45,6 +58,8 @@ flags.DEFINE_enum("matmul", "auto", ["auto", "xla", "pallas"], "How quantised we
 flags.DEFINE_integer("windows", 64, "Held-out evaluation windows.")
 flags.DEFINE_integer("seq_len", 512, "Tokens per window.")
 flags.DEFINE_bool("quick", False, "Tiny shapes and 2 runs of 2 calls: a smoke test that runs on a CPU.")
+flags.DEFINE_bool("allow_cpu", False, "GPU benchmarks (bench_kernels, bench_quant_matmul): run on a CPU anyway, "
+                  "interpreted, at small default shapes (without it, or --quick, they refuse a CPU).")
 flags.DEFINE_bool("interpret", None, "Pallas interpret mode (default: on when there is no GPU).")
 flags.DEFINE_integer("prompt_len", None, "Prompt tokens (default: the script's; bench_batching: the fixed value or "
                      "the mean of its distribution).")
@@ -96,7 +111,7 @@ flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", 0)), "Mu
 flags.DEFINE_string("kv_dtype", "", "KV-cache dtype: '' (the model's own), int8 or fp8 (quantised per token and "
                     "head, float32 scales); kv_capacity also takes float32, bfloat16, float16 (its default bfloat16).")
 
-flags.DEFINE_enum("spec", "none", ["none", *METHODS], "Speculative decoding method (none: plain decoding).")
+flags.DEFINE_enum("spec", "none", ["none", *DRAFTERS], "Speculative decoding method (none: plain decoding).")
 flags.DEFINE_integer("spec_tokens", 5, "Tokens drafted per target pass (k).")
 flags.DEFINE_string("spec_draft", "", "The drafter: a shipped name (tiny-draft, tiny-medusa, tiny-eagle) or a directory "
                     "('': the method's shipped one).")
@@ -132,6 +147,24 @@ def spec_config(method: str, k: int, draft: str = "", accept: float = 0.8,
                                 accept=accept if method == "synthetic" else None, tree=tree)
 
 
+def check_draft(method: str, draft: str, flag: str) -> None:
+    """Refuse, before any model loads, a drafter for `method` that is neither a shipped one for it
+    nor a directory holding one (drafter.json for heads, config.json for a draft model)."""
+    draft = draft or DEFAULT_DRAFTS.get(method, "")
+    if method not in DRAFTERS or not DRAFTERS[method].checkpoint:
+        return
+    if draft in SHIPPED_DRAFTERS:
+        if SHIPPED_DRAFTERS[draft] != method:
+            raise ValueError(f"{flag}: {draft} is the shipped {SHIPPED_DRAFTERS[draft]} drafter, not one for method "
+                             f"{method}")
+        return
+    if not os.path.isdir(draft):
+        raise ValueError(f"{flag}: {draft} is neither a directory nor a shipped drafter ({', '.join(SHIPPED_DRAFTERS)})")
+    needed = "config.json" if method == "draft" else heads.CONFIG_FILE
+    if not os.path.isfile(os.path.join(draft, needed)):
+        raise ValueError(f"{flag}: {draft} holds no {needed}: not a drafter for method {method}")
+
+
 def mesh():
     """The tensor-parallel mesh --tp asks for (the first tp devices), or None for tp=1."""
     return sharding.make_mesh(FLAGS.tp) if FLAGS.tp > 1 else None
@@ -153,39 +186,137 @@ def engine_config(**overrides) -> ji.EngineConfig:
     return ji.EngineConfig(**{**values, **overrides})
 
 
-def run(main) -> None:
-    """app.run(main), with bad input reported as one `error: ...` line and exit status 2."""
+# Optional extras: the module, and the extra of pyproject.toml that installs it.
+EXTRAS = {"matplotlib": "plots", "ray": "ray", "fastapi": "serve", "uvicorn": "serve", "httpx": "serve",
+          "torch": "peers", "transformers": "peers"}
+# Flags naming paths, checked by `run` before main when the experiment takes them and they are set.
+OUTPUT_FILES = ("out", "plot", "report", "markdown", "table", "save_corpus")  # its folder must be writable
+OUTPUT_FOLDERS = ("out_dir", "ckpt_dir", "runs_dir")  # a folder the run creates (or resumes)
+INPUT_FILES = ("prompts_file", "workload_file", "chat_template", "corpus")  # must be a readable file
+INPUT_FOLDERS = ("dir", "evaluate", "adapter_dir")  # must be a folder
+
+
+def fail(message) -> None:
+    """End the run: one `error: ...` line on stderr, exit status 2."""
+    print("error: " + "; ".join(line.strip() for line in str(message).splitlines() if line.strip()), file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag reported as one error line (absl: a usage block, status 1)."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e} (--help lists the flags)")
+    if len(rest) > 1:
+        fail(f"unexpected arguments {rest[1:]}: every input is a --flag=value (--help lists the flags)")
+    return rest
+
+
+def check_taken(module) -> set[str]:
+    """The flags `module` (an experiment's main module) takes; a flag of another experiment given on
+    the command line is refused, since this one would ignore it."""
+    taken = {f.name for f in FLAGS.get_key_flags_for_module(module)} | set(DISTRIBUTED_FLAGS)
+    name = getattr(module.__spec__, "name", module.__name__).rsplit(".", 1)[-1]
+    for owner, defined in FLAGS.flags_by_module_dict().items():
+        if owner.startswith(f"{__package__}."):
+            for flag in defined:
+                if flag.present and flag.name not in taken:
+                    raise ValueError(f"--{flag.name} is not a flag of {name}, which would ignore it (--help lists "
+                                     "its flags)")
+    return taken
+
+
+def check_paths(taken: set[str], folders: tuple[str, ...] = ()) -> None:
+    """Check each path flag of OUTPUT_FILES, OUTPUT_FOLDERS, INPUT_FILES and INPUT_FOLDERS that the
+    experiment takes and that is set; `folders`: flags of OUTPUT_FILES that name a folder here."""
+    checks = {**dict.fromkeys(OUTPUT_FILES, check_out), **dict.fromkeys(OUTPUT_FOLDERS + folders, check_folder),
+              **dict.fromkeys(INPUT_FILES, check_in), **dict.fromkeys(INPUT_FOLDERS, check_dir)}
+    for name, check in checks.items():
+        if name in taken and FLAGS[name].value:
+            check(FLAGS[name].value, name)
+
+
+def run(main, *, folders: tuple[str, ...] = ()) -> None:
+    """app.run(main) under the experiments' rule (this module's docstring). `folders`: flags of
+    OUTPUT_FILES that name a folder the run creates, not a file."""
 
     def guarded(argv):
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU-probe line on a CPU
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         try:
+            taken = check_taken(sys.modules[main.__module__])
+            check_paths(taken, folders)
+            if "spec" in taken:
+                check_draft(FLAGS.spec, FLAGS.spec_draft, f"--spec_draft={FLAGS.spec_draft}")
             if FLAGS.coordinator:
                 sharding.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
             main(argv)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            fail(e)
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            if top not in EXTRAS:
+                raise
+            fail(f"{top} is not installed: pip install 'jaxinfer[{EXTRAS[top]}]'")
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=parse_flags)
 
 
-def check_out(path: str) -> None:
-    """Refuse, before any work, an output path whose directory is missing or not writable."""
-    if not path:
-        return
+def check_out(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file whose folder is missing or not writable."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--{flag}={path} is a directory, not a file")
     if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {path}: the directory {folder} does not exist")
+        raise ValueError(f"--{flag}={path}: the directory {folder} does not exist")
     if not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write {path}: the directory {folder} is not writable")
+        raise ValueError(f"--{flag}={path}: the directory {folder} is not writable")
 
 
-def require(module: str, flag: str, extra: str) -> None:
-    """Refuse, before any work, a flag that needs a package that is not installed."""
-    if importlib.util.find_spec(module) is None:
-        raise ValueError(f"{flag} needs {module}: pip install 'jaxinfer[{extra}]'")
+def check_folder(path: str, flag: str) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--{flag}={path} is a file, not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--{flag}={path}: cannot create it under {parent}")
+
+
+def check_dir(path: str, flag: str) -> None:
+    """Refuse, before any work, an input folder that does not exist."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--{flag}={path}: no such directory")
+
+
+def check_in(path: str, flag: str) -> None:
+    """Refuse, before any work, an input file that does not exist or cannot be read."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--{flag}={path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"--{flag}={path}: the file is not readable")
+
+
+def require(what: str, *modules: str) -> None:
+    """Refuse, before any work, `what` (a flag, or the script) when a module it needs is not
+    installed, naming the extra that installs it."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"{what} needs {module}: pip install 'jaxinfer[{EXTRAS[module]}]'")
+
+
+def gpu_or_allow_cpu(script: str, shapes: str) -> bool:
+    """For a benchmark of GPU kernels: whether it runs on a CPU (at small shapes, interpreted).
+    Refuses a CPU unless --allow_cpu (or --quick) asks for one: its GPU shapes would run
+    interpreted for minutes to hours."""
+    if jax.default_backend() == "gpu":
+        return False
+    if not (FLAGS.allow_cpu or FLAGS.quick):
+        raise ValueError(f"--allow_cpu: {script} times GPU kernels ({shapes}); on this {jax.default_backend()} "
+                         "they would run interpreted for minutes: run it on a GPU, or pass --allow_cpu (small shapes) "
+                         "or --quick")
+    return True
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -225,7 +356,7 @@ def write_json(path: str, record: dict) -> None:
 
 def environment(module: str) -> dict:
     """When, where and how an experiment ran: date (UTC), device, backend, versions, command."""
-    if module == "__main__":  # run as `python -m experiments.X`: the name it was run by
+    if module == "__main__":  # run as `python -m jaxinfer.experiments.X`: the name it was run by
         module = getattr(sys.modules["__main__"].__spec__, "name", module)
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,7 +1,7 @@
 """Evaluate the shipped tiny models on held-out text: bits per byte, and draft/target agreement.
 
-  python -m experiments.eval_tiny                       # prints the figures
-  python -m experiments.eval_tiny --out=jaxinfer/assets/eval.json   # records them beside the models
+  python -m jaxinfer.experiments.eval_tiny                       # prints the figures
+  python -m jaxinfer.experiments.eval_tiny --out=jaxinfer/assets/eval.json   # records them beside the models
 
 Greedy agreement is the fraction of held-out positions where the draft's argmax next token equals
 the target's (teacher forcing on the same text): the per-token acceptance rate that greedy
@@ -41,12 +41,15 @@ def evaluate(target: str, draft: str, windows: int, seq_len: int) -> dict:
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "python -m experiments.eval_tiny " + " ".join(sys.argv[1:]),
+        "command": common.environment(__name__)["command"],
     }
 
 
 def main(argv):
     del argv
+    for name in ("windows", "seq_len"):
+        if FLAGS[name].value < 1:
+            raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
     result = evaluate(FLAGS.target, FLAGS.draft, FLAGS.windows, FLAGS.seq_len)
     if FLAGS.out:
         metrics = {role: result[role] for role in ("target", "draft")} | {"greedy_agreement": result["greedy_agreement"]}

@@ -1,9 +1,9 @@
 """The main job: complete a prompt with a model and report how fast it went.
 
-  python -m experiments.generate --prompt="def fibonacci(n):"
-  python -m experiments.generate --model=smollm2-135m --chat --prompt="What is the capital of France?"
-  python -m experiments.generate --model=/path/to/hf/checkpoint --dtype=bfloat16 --prompts_file=prompts.txt
-  python -m experiments.generate --stream --prompt="import os"
+  python -m jaxinfer.experiments.generate --prompt="def fibonacci(n):"
+  python -m jaxinfer.experiments.generate --model=smollm2-135m --chat --prompt="What is the capital of France?"
+  python -m jaxinfer.experiments.generate --model=/path/to/hf/checkpoint --dtype=bfloat16 --prompts_file=prompts.txt
+  python -m jaxinfer.experiments.generate --stream --prompt="import os"
 
 Defaults to the shipped tiny byte-level model, served by the paged engine (`--baseline` for the
 contiguous-cache baseline loop). The first (warm-up) run compiles; the timed run after it reports
@@ -23,6 +23,7 @@ import jaxinfer as ji
 from jaxinfer import sharding
 from jaxinfer.models.formats import QuantizedWeight
 from jaxinfer.quant import dequantize_params, quantize_by_name
+from jaxinfer.quant.spec import scheme_from_name
 
 from . import common
 
@@ -48,25 +49,28 @@ for _name in ("model", "seed", "dtype", "max_tokens", "out", *common.ENGINE_FLAG
     flags.declare_key_flag(_name)
 
 
-def prompts_of(model) -> tuple[list, list[str]]:
-    """(the prompts to serve, their text): --prompt or --prompts_file, through the chat template
-    with --chat."""
+def read_prompts() -> list[str]:
+    """The prompts' text: --prompt, or the lines of --prompts_file (checked before the model loads)."""
     if FLAGS.prompts_file:
         with open(FLAGS.prompts_file) as f:
             texts = [line.rstrip("\n") for line in f if line.strip()]
         if not texts:
             raise ValueError(f"--prompts_file={FLAGS.prompts_file} has no prompts")
-    elif not FLAGS.prompt:
+        return texts
+    if not FLAGS.prompt:
         raise ValueError("--prompt is empty")
-    else:
-        texts = [FLAGS.prompt]
+    return [FLAGS.prompt]
+
+
+def prompts_of(model, texts: list[str]) -> list:
+    """The prompts to serve: the text itself, or through the model's chat template with --chat."""
     if not FLAGS.chat:
-        return texts, texts
+        return texts
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         raise ValueError(f"--chat needs a model with a chat template; {model.name} has none")
     # The template writes its own special tokens: encode it without adding BOS again.
     return [model.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                tokenize=True) for t in texts], texts
+                                                tokenize=True) for t in texts]
 
 
 def serve(model, prompts, sampling, stream: bool = False) -> list[ji.RequestOutput]:
@@ -75,7 +79,7 @@ def serve(model, prompts, sampling, stream: bool = False) -> list[ji.RequestOutp
         return ji.generate(model, prompts, sampling, attn_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)
     engine = ji.Engine(model, common.engine_config())
     if not stream:
-        return engine.generate(prompts, sampling, raise_on_error=True)
+        return engine.generate(prompts, sampling)
     shown = 0  # characters (with no tokenizer: token ids) printed so far
     for out in engine.stream(prompts[0], sampling):
         pieces = out.text if out.text is not None else [f" {t}" for t in out.token_ids]
@@ -90,9 +94,15 @@ def run() -> None:
         max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=FLAGS.temperature, top_p=FLAGS.top_p,
         top_k=FLAGS.top_k, min_p=FLAGS.min_p, seed=FLAGS.seed,
     )
-    common.check_out(FLAGS.out)
     if FLAGS.stream and FLAGS.baseline:
         raise ValueError("--stream serves through the engine (Engine.stream); it does not go with --baseline")
+    try:
+        scheme_from_name(FLAGS.weights)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+    texts = read_prompts()
+    if FLAGS.stream and len(texts) > 1:
+        raise ValueError(f"--stream serves one prompt; --prompts_file={FLAGS.prompts_file} has {len(texts)}")
     t0 = time.perf_counter()
     transform = FLAGS.dequantize or FLAGS.weights != "dense"
     # With --tp, a checkpoint is placed as it loads (no device holds it whole), once for every engine.
@@ -103,9 +113,7 @@ def run() -> None:
     if transform and common.mesh() is not None:
         model = sharding.shard_model(model, common.mesh())
     load_s = time.perf_counter() - t0
-    prompts, texts = prompts_of(model)
-    if FLAGS.stream and len(prompts) > 1:
-        raise ValueError(f"--stream serves one prompt; --prompts_file={FLAGS.prompts_file} has {len(prompts)}")
+    prompts = prompts_of(model, texts)
 
     t0 = time.perf_counter()
     serve(model, prompts, sampling)  # compiles what the run uses
@@ -153,7 +161,7 @@ def main(argv):
 
 
 def cli() -> None:
-    """The `jaxinfer-generate` console script."""
+    """The `jaxinfer-generate` console script (the same as python -m jaxinfer.experiments.generate)."""
     common.run(main)
 
 

@@ -2,7 +2,7 @@
 page of tables with the card, jax version and date of each run, and the targets of the GPU issue
 computed from the runs that measure them: so a lent session spends its minutes measuring.
 
-  python -m experiments.gpu_report --dir=/path/to/out --out=benchmarks/results/gpu_2026-11-27.md
+  python -m jaxinfer.experiments.gpu_report --dir=/path/to/out --out=benchmarks/results/gpu_2026-11-27.md
 
 Every file is an experiment's record ({config, env, metrics} and optional `results` rows) or
 bench_kernels' ({device, jax_version, date, results}); each becomes a section: where and how it ran,
@@ -78,7 +78,6 @@ def main(argv):
     del argv
     if not (FLAGS.dir and os.path.isdir(FLAGS.dir)):
         raise ValueError(f"--dir={FLAGS.dir!r} is not a directory")
-    common.check_out(FLAGS.out)
     paths = sorted(glob.glob(os.path.join(FLAGS.dir, "*.json")))
     if not paths:
         raise ValueError(f"--dir={FLAGS.dir}: no JSON files")
@@ -91,7 +90,7 @@ def main(argv):
                 raise ValueError(f"{path} is not valid JSON: {e}") from e
     device = _env(next(iter(records.values())))["device"]
     lines = [f"# GPU session on {device}", "", f"From {len(records)} files in {FLAGS.dir} "
-             "(benchmarks/gpu_session.sh), by `python -m experiments.gpu_report`.", ""]
+             "(benchmarks/gpu_session.sh), by `python -m jaxinfer.experiments.gpu_report`.", ""]
     lines += targets(records)
     for name, record in records.items():
         lines += section(name, record, FLAGS.max_columns)

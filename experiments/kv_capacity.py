@@ -7,9 +7,9 @@ With --tp=N every figure is per card of N running the model tensor-parallel (wei
 split, see jaxinfer/sharding.py); --min_tp instead answers "how many cards of each kind": the
 smallest tp whose cards hold the weights and --batch sequences of --context tokens.
 
-  python -m experiments.kv_capacity --cards=rtx3080_10gb,h100_80gb --weight_format=int4-g128
-  python -m experiments.kv_capacity --models=llama3_70b --tp=4 --cards=h100_80gb
-  python -m experiments.kv_capacity --models=llama3_70b,llama3_8b --min_tp --context=8192 --batch=8
+  python -m jaxinfer.experiments.kv_capacity --cards=rtx3080_10gb,h100_80gb --weight_format=int4-g128
+  python -m jaxinfer.experiments.kv_capacity --models=llama3_70b --tp=4 --cards=h100_80gb
+  python -m jaxinfer.experiments.kv_capacity --models=llama3_70b,llama3_8b --min_tp --context=8192 --batch=8
 """
 
 from __future__ import annotations
@@ -152,8 +152,20 @@ def main(argv: list[str]) -> None:
     models = _names(_MODELS.value, memory.list_models())
     cards = _names(_CARDS.value, memory.list_hardware())
     cards_out, metrics = {}, {}
-    if FLAGS.tp < 1:
-        raise ValueError(f"--tp={FLAGS.tp} must be >= 1")
+    for name, value in (("tp", FLAGS.tp), ("batch", _BATCH.value), ("context", _CONTEXT.value),
+                        ("max_tp", _MAX_TP.value)):
+        if value < 1:
+            raise ValueError(f"--{name}={value} must be >= 1")
+    if not 0 <= _RESERVE.value < 1:
+        raise ValueError(f"--reserve_fraction={_RESERVE.value} must be in [0, 1)")
+    if not models or not cards:
+        raise ValueError("--models and --cards each need at least one name")
+    for flag, names, load in (("models", models, memory.load_model_config), ("cards", cards, memory.load_hardware)):
+        for name in names:
+            try:
+                load(name)  # an unknown name fails here, before any row
+            except ValueError as e:
+                raise ValueError(f"--{flag}: {e}") from None
     for card in cards:
         hw = memory.load_hardware(card)
         if _MIN_TP.value:
@@ -168,5 +180,10 @@ def main(argv: list[str]) -> None:
         common.write_json(FLAGS.out, common.record(__name__, metrics, cards=cards_out))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-kv-capacity` console script (the same as python -m jaxinfer.experiments.kv_capacity)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

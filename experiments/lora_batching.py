@@ -1,8 +1,8 @@
 """Multi-LoRA batching: one batch serving many LoRA adapters over a shared base model, against the
 base model alone in the same run.
 
-  python -m experiments.lora_batching --adapters=1,4,16,64,256 --max_adapters=16
-  python -m experiments.lora_batching --adapters=64 --composition=distinct --num_requests=64   # a slot each
+  python -m jaxinfer.experiments.lora_batching --adapters=1,4,16,64,256 --max_adapters=16
+  python -m jaxinfer.experiments.lora_batching --adapters=64 --composition=distinct --num_requests=64   # a slot each
 
 For each point (number of adapters N, rank, batch composition), N random adapters (on --targets,
 N(0, 0.02) weights) are written in PEFT's layout (adapter_config.json + adapter_model.safetensors)
@@ -49,8 +49,9 @@ flags.DEFINE_list("targets", ["q_proj", "k_proj", "v_proj", "o_proj"], "Projecti
                   "names: q_proj ... down_proj), or all-linear.")
 flags.DEFINE_string("adapter_dir", "", "Write the adapters here and keep them ('' = a temporary directory).")
 PROMPT_LEN = 48  # default --prompt_len
+# --max_batch is not one of them: a run batches all --num_requests.
 for _name in ("model", "dtype", "seed", "out", "runs", "num_requests", "prompt_len", "output_len", "plot",
-              "max_adapters", "max_lora_rank", "lora_impl", "page_size", "decode_steps", "overlap"):
+              *(f for f in common.ENGINE_FLAGS if f != "max_batch"), *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 
 RUNS = 3  # default timed runs per engine and point
@@ -90,10 +91,8 @@ def check_flags() -> dict:
         raise ValueError(f"--zipf_a={FLAGS.zipf_a} must be > 0")
     if FLAGS.runs is not None and FLAGS.runs < 1:
         raise ValueError(f"--runs={FLAGS.runs} must be >= 1")
-    common.check_out(FLAGS.out)
     if FLAGS.plot:
-        common.check_out(FLAGS.plot)
-        common.require("matplotlib", "--plot", "plots")
+        common.require("--plot", "matplotlib")
     if FLAGS.adapter_dir and not os.path.isdir(FLAGS.adapter_dir):
         raise ValueError(f"--adapter_dir={FLAGS.adapter_dir} is not a directory")
     return parsed
@@ -125,7 +124,7 @@ def serve(engine: ji.Engine, prompts, names) -> dict:
     """One run of the workload; its throughput, TPOT and the slot traffic it caused."""
     before = engine.metrics()
     sp = ji.SamplingParams(max_tokens=FLAGS.output_len, temperature=0.0, ignore_eos=True)
-    outs = engine.generate(prompts, sp, adapters=names, raise_on_error=True)
+    outs = engine.generate(prompts, sp, adapters=names)
     after = engine.metrics()
     return {"tok_s": engine.last_run["throughput_tok_s"], "wall_s": engine.last_run["wall_s"],
             "tpot_s": float(np.mean([o.metrics["tpot_s"] for o in outs])),
@@ -244,5 +243,10 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-lora-batching` console script (the same as python -m jaxinfer.experiments.lora_batching)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

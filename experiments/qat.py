@@ -1,7 +1,7 @@
 """Quantisation-aware training against post-training quantisation at the same format.
 
-  python -m experiments.qat                                   # tiny, int4-rtn-g32 and nvfp4-sim
-  python -m experiments.qat --qat_schemes=int4-rtn-pc,mxfp4-sim-a4 --steps=100 --out=/tmp/qat.json
+  python -m jaxinfer.experiments.qat                                   # tiny, int4-rtn-g32 and nvfp4-sim
+  python -m jaxinfer.experiments.qat --qat_schemes=int4-rtn-pc,mxfp4-sim-a4 --steps=100 --out=/tmp/qat.json
 
 For each scheme (jaxinfer.quant.spec names with a fixed rounding: RTN, simulated formats), held-out
 bits per byte of
@@ -36,7 +36,10 @@ DEFAULT_STEPS = 40
 
 def main(argv):
     del argv
-    schemes = [scheme_from_name(name) for name in FLAGS.qat_schemes]
+    try:
+        schemes = [scheme_from_name(name) for name in FLAGS.qat_schemes]
+    except ValueError as e:
+        raise ValueError(f"--qat_schemes: {e}") from None
     for name, scheme in zip(FLAGS.qat_schemes, schemes):
         if scheme is None:
             raise ValueError(f"--qat_schemes: {name!r} is not a quantisation scheme")

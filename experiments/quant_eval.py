@@ -1,11 +1,11 @@
 """Quantisation, measured: quality, bytes and decode speed per weight scheme and KV-cache dtype.
 
-  python -m experiments.quant_eval                                    # the shipped tiny model
-  python -m experiments.quant_eval --schemes=dense,int8,int4-rtn-g32,int4-awq-g32,int4-gptq-g32 \
+  python -m jaxinfer.experiments.quant_eval                                    # the shipped tiny model
+  python -m jaxinfer.experiments.quant_eval --schemes=dense,int8,int4-rtn-g32,int4-awq-g32,int4-gptq-g32 \
       --out=/tmp/quant.json --table=/tmp/quant.md
-  python -m experiments.quant_eval --schemes=dense,int4-gptq-g32 --kv_dtype=int8   # weights and KV cache
+  python -m jaxinfer.experiments.quant_eval --schemes=dense,int4-gptq-g32 --kv_dtype=int8   # weights and KV cache
 
-  python -m experiments.quant_eval --schemes=dense,w8a8-int8-naive,w8a8-int8-smooth,w8a8-fp8,w8a8-fp8-static,\
+  python -m jaxinfer.experiments.quant_eval --schemes=dense,w8a8-int8-naive,w8a8-int8-smooth,w8a8-fp8,w8a8-fp8-static,\
 nvfp4-sim,mxfp4-sim,nvfp4-sim-a4,w4a8-sim,w4a16-fp8scale-sim --smooth_alpha=0.5            # W8A8, simulated
 
 For each scheme (named as in jaxinfer.quant.spec: dense, int8, int4-{rtn,awq,gptq}-g<N>[-asym][-act],
@@ -169,12 +169,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
+def check_flags() -> None:
+    """Refuse bad flags before any model loads: scheme names, counts and ranges."""
+    if not FLAGS.schemes:
+        raise ValueError("--schemes is empty: name at least the reference (dense)")
+    for name in FLAGS.schemes:
+        try:
+            resolve(name)
+        except ValueError as e:
+            raise ValueError(f"--schemes: {e}") from None
+    for name in ("calib_sequences", "calib_len", "windows", "seq_len"):
+        if FLAGS[name].value < 1:
+            raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
+    if FLAGS.decode_tokens < 0 or FLAGS.outlier < 0:
+        raise ValueError(f"--decode_tokens={FLAGS.decode_tokens} and --outlier={FLAGS.outlier:g} must be >= 0")
     if not 0.0 <= FLAGS.smooth_alpha <= 1.0:
         raise ValueError(f"--smooth_alpha={FLAGS.smooth_alpha} must be in [0, 1]")
-    for name in FLAGS.schemes:
-        resolve(name)  # fail on a bad name before any work
+
+
+def main(argv):
+    del argv
+    check_flags()
     rows = evaluate(FLAGS.schemes)
     metrics = {r["scheme"]: r for r in rows} | (rows[0] if len(rows) == 1 else {})  # one scheme: unprefixed too
     record = common.record(__name__, metrics, results=rows, fp8_gemm=fp8_gemm(FLAGS.schemes))
@@ -189,5 +204,10 @@ def main(argv):
         common.write_text(FLAGS.table, md)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-quant-eval` console script (the same as python -m jaxinfer.experiments.quant_eval)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,12 +1,14 @@
 """Re-measure the quantitative claims of the project's source note with the framework's own
 experiments, and write them beside the figures measured here, with a verdict each.
 
-  python -m experiments.seed_claims --report=benchmarks/results/seed_claims.md
-  python -m experiments.seed_claims --full ...      # the recorded figures: larger workloads, more prompts
-  python -m experiments.seed_claims --only=kv_formula,gqa,kv_int8,cards   # the planner's claims only
+  python -m jaxinfer.experiments.seed_claims --report=benchmarks/results/seed_claims.md
+  python -m jaxinfer.experiments.seed_claims --full ...      # the recorded figures: larger workloads, more prompts
+  python -m jaxinfer.experiments.seed_claims --only=kv_formula,gqa,kv_int8,cards   # the planner's claims only
 
 The claims that need runs get them as sweeps (experiments.sweep, one process per point, under
---runs_dir/<run>/): running the command again reuses the points already done, so a run that dies resumes.
+--runs_dir/<run>/, relative to the working directory; the grids are written there from RUNS below):
+running the command again reuses the points already done, so a run that dies resumes. A run with a
+failed point leaves its claims "not measured here", with the point's error line.
 The other claims are worked out by the memory planner (jaxinfer.memory) or read from figures
 recorded on a GPU (benchmarks/results/*.json, named in the report). A verdict says whether the claim
 holds here, holds in part, or does not hold, and why; what this machine cannot measure is said.
@@ -36,6 +38,8 @@ flags.DEFINE_list("only", [], "Claims to evaluate (default: all); see CLAIMS.")
 flags.declare_key_flag("timeout_s")  # sweep's: the time limit of one point
 flags.DEFINE_string("runs_dir", os.path.join("runs", "seed_claims"), "The sweeps' folder (one per run; resumed).")
 
+# The recorded GPU figures are in the repository (benchmarks/results), beside experiments/; an
+# installed package does not carry them.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS_H100 = os.path.join(REPO, "benchmarks", "results", "kernels_2026-11-27.json")
 GiB = 2**30
@@ -131,7 +135,7 @@ def kv_int8(_) -> Verdict:
                    "holds" if 0.45 <= int8 / bf16 <= 0.55 else "holds in part",
                    "int8 values halve the bytes; the per-token scales add 4 bytes per head and K/V (3%); measured "
                    "held-out bits/byte cost on tiny: +0.005% int8, +0.067% fp8 (benchmarks/results/quant.md)",
-                   "python -m experiments.kv_capacity --kv_dtype=int8; jaxinfer.memory")
+                   "python -m jaxinfer.experiments.kv_capacity --kv_dtype=int8; jaxinfer.memory")
 
 
 def cards(_) -> Verdict:
@@ -154,7 +158,7 @@ def cards(_) -> Verdict:
                    "in fp16 the 7B model does not load on the 10 GB card at all; on the 20 GB card one sequence gets "
                    f"{max(single, default=0):,} tokens and a batch of 4 'low thousands' each; int4 weights and an int8 "
                    "KV cache move the ceiling as the table shows",
-                   "python -m experiments.kv_capacity --models=llama2_7b --cards=rtx3080_10gb,rtx4000ada_20gb")
+                   "python -m jaxinfer.experiments.kv_capacity --models=llama2_7b --cards=rtx3080_10gb,rtx4000ada_20gb")
 
 
 def flash(_) -> Verdict:
@@ -164,7 +168,8 @@ def flash(_) -> Verdict:
     figure = (f"L={L}, 32 heads: the score matrix is {scores / GiB:.0f} GiB of HBM traffic against {io / 2**20:.0f} MiB "
               f"for q, k, v and o")
     if not os.path.exists(KERNELS_H100):
-        return Verdict(figure, "holds in part", "the traffic is worked out; no GPU figure recorded", "analytic")
+        return Verdict(figure, "holds in part", "the traffic is worked out; the H100 figure is recorded in the "
+                       "repository (benchmarks/results/kernels_2026-11-27.json), not in this install", "analytic")
     with open(KERNELS_H100) as f:
         rows = json.load(f)["results"]
     prefill = [r for r in rows if r.get("section", "").startswith("prefill") and "TFLOP/s" in r]
@@ -174,7 +179,7 @@ def flash(_) -> Verdict:
                    f"materialised attention {xla:.0f} ({ours / xla:.1f}x)", "holds",
                    "O(L^2) -> O(L) traffic by construction; the measured prefill gain exceeds the note's 'up to 3x' "
                    "(its figure is end-to-end GPT-2 training, ours one attention op at L=4096)",
-                   f"{os.path.relpath(KERNELS_H100, REPO)} (python -m experiments.bench_kernels, H100, 2026-11-27)")
+                   f"{os.path.relpath(KERNELS_H100, REPO)} (python -m jaxinfer.experiments.bench_kernels, H100, 2026-11-27)")
 
 
 def int4_speed(_) -> Verdict:
@@ -277,29 +282,46 @@ CLAIMS = [
 
 
 def run_sweep(name: str, out_dir: str) -> list[dict]:
-    """Run (or resume) one run's sweep; the result rows of its points that finished."""
-    directory = os.path.join(out_dir, name)
+    """Run (or resume) one run's sweep; the result rows of its points, or none if any point failed
+    (a claim reads the run whole; `failure` says why)."""
+    directory = os.path.abspath(os.path.join(out_dir, name))
     os.makedirs(directory, exist_ok=True)
     grid = os.path.join(directory, "grid.json")
     with open(grid, "w") as f:
         json.dump(RUNS[name].grid(FLAGS.full), f, indent=1)
     argv = [sys.executable, "-m", f"{__package__}.sweep", f"--grid={grid}", f"--out={directory}",
             f"--timeout_s={FLAGS.timeout_s}"]
-    subprocess.run(argv, check=True, cwd=REPO)
+    proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True)  # its progress and table go to the terminal
+    if proc.returncode not in (0, 1):  # 1: some points failed, read below
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise ValueError(f"the {name} sweep did not run: {lines[-1] if lines else f'exit status {proc.returncode}'}")
     rows = []
     with open(os.path.join(directory, "results.jsonl")) as f:
-        for line in f:
-            line = json.loads(line)
-            if line["status"] == "ok":
-                rows += [dict(line["flags"], **r) for r in line["record"].get("results", [])]  # a row's own fields win
+        latest = {line["key"]: line for line in map(json.loads, filter(str.strip, f))}
+    if any(line["status"] != "ok" for line in latest.values()):
+        return []
+    for line in latest.values():
+        rows += [dict(line["flags"], **r) for r in line["record"].get("results", [])]  # a row's own fields win
     return rows
+
+
+def failure(name: str, out_dir: str) -> str:
+    """Why a run has no rows: its first failed point's error line, and where its results are."""
+    path = os.path.join(out_dir, name, "results.jsonl")
+    errors = []
+    if os.path.exists(path):
+        with open(path) as f:
+            latest = {line["key"]: line for line in map(json.loads, filter(str.strip, f))}
+        errors = [line.get("error", "") for line in latest.values() if line["status"] != "ok"]
+    points = f" ({len(errors)} failed; the first: {errors[0]})" if errors else ""
+    return f"the {name} run failed{points}: see {path}"
 
 
 def report(verdicts: list[tuple[Claim, Verdict]]) -> str:
     date = datetime.date.today().isoformat()
     mode = "--full" if FLAGS.full else "small (the default)"
     lines = ["# The source note's claims, re-measured", "",
-             f"`python -m experiments.seed_claims{' --full' if FLAGS.full else ''}` ({mode}), {date}, on "
+             f"`python -m jaxinfer.experiments.seed_claims{' --full' if FLAGS.full else ''}` ({mode}), {date}, on "
              f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}. Runs: the sweeps under "
              f"`{FLAGS.runs_dir}`; figures recorded on a GPU are named with their file. CPU load average over the "
              f"last 15 minutes when the report was written: {os.getloadavg()[2]:.1f} on {os.cpu_count()} cores "
@@ -317,7 +339,6 @@ def main(argv):
     if unknown:
         raise ValueError(f"--only: {unknown[0]!r} is not a claim ({', '.join(c.name for c in CLAIMS)})")
     claims = [c for c in CLAIMS if not FLAGS.only or c.name in FLAGS.only]
-    common.check_out(FLAGS.report)
     out = FLAGS.runs_dir
     needed = list(dict.fromkeys(r for c in claims for r in c.runs))
     results = {name: run_sweep(name, out) for name in needed}
@@ -325,8 +346,7 @@ def main(argv):
     for claim in claims:
         missing = [r for r in claim.runs if not results.get(r)]
         if missing:
-            verdicts.append((claim, Verdict("-", "not measured here", f"the {missing[0]} run failed: see "
-                                            f"{os.path.join(out, missing[0], 'results.jsonl')}", "-")))
+            verdicts.append((claim, Verdict("-", "not measured here", failure(missing[0], out), "-")))
             continue
         verdicts.append((claim, claim.evaluate(results)))
     text = report(verdicts)
@@ -335,5 +355,10 @@ def main(argv):
         common.write_text(FLAGS.report, text)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-seed-claims` console script (the same as python -m jaxinfer.experiments.seed_claims)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

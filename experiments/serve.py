@@ -1,12 +1,19 @@
 """Serve a model over HTTP with OpenAI's API (jaxinfer/serving/server.py): completions, chat completions,
 models, health.
 
-  python -m experiments.serve --model=tiny --port=8000
-  python -m experiments.serve --model=smollm2-135m --dequantize --max_batch=16 --kv_dtype=int8
-  python -m experiments.serve --model=tiny --max_adapters=4 --lora=math=/ckpt/lora-math,code=/ckpt/lora-code
+  python -m jaxinfer.experiments.serve --model=tiny --port=8000
+  python -m jaxinfer.experiments.serve --model=smollm2-135m --dequantize --max_batch=16 --kv_dtype=int8
+  python -m jaxinfer.experiments.serve --model=tiny --max_adapters=4 --lora=math=/ckpt/lora-math,code=/ckpt/lora-code
 
 then `openai.OpenAI(base_url="http://localhost:8000/v1", api_key="-")`, or
 `curl localhost:8000/v1/completions -d '{"model": "tiny", "prompt": "def f(x):", "max_tokens": 16}'`.
+
+With an API key (--api_key, or the environment variable JAXINFER_API_KEY, which other users of the
+machine cannot read off the process list), every /v1 route (every path but /health and the API's
+description) needs `Authorization: Bearer KEY`. On an
+address other machines can reach (--host=0.0.0.0) the server refuses to start without a key unless
+--allow_unauthenticated. Each request is bounded before any work (--max_body_bytes, --max_n,
+--max_stop, --max_messages, the prompt's characters, --max_concurrent_requests, --default_timeout_s).
 
 Every EngineConfig option is a flag (the engine flags of experiments/common.py, and here the few
 no other experiment takes). LoRA adapters (--lora=NAME=DIR,...) are loaded before serving; a
@@ -16,12 +23,14 @@ request selects one with `model: NAME`. Needs `pip install 'jaxinfer[serve]'`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 from absl import flags
 
 import jaxinfer as ji
 from jaxinfer.quant import dequantize_params
+from jaxinfer.serving.limits import ServerLimits
 
 from . import (
     common,
@@ -29,6 +38,7 @@ from . import (
 )
 
 FLAGS = flags.FLAGS
+API_KEY_ENV = "JAXINFER_API_KEY"
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: a free one).")
 flags.DEFINE_list("lora", [], "LoRA adapters to load, NAME=DIR (a PEFT directory) each; a request's `model` names one. "
@@ -42,8 +52,24 @@ flags.DEFINE_integer("max_seq_len", None, "EngineConfig.max_seq_len: the longest
 flags.DEFINE_integer("num_pages", None, "EngineConfig.num_pages: the KV budget in pages (default: --kv_budget_tokens).")
 flags.DEFINE_integer("kv_budget_bytes", None, "EngineConfig.kv_budget_bytes: the KV budget in bytes, when neither "
                      "pages nor tokens are given.")
-flags.DEFINE_float("default_timeout_s", None, "EngineConfig.request_timeout_s: the deadline of a request (none: no "
-                   "deadline).")
+_LIMITS = ServerLimits()
+flags.DEFINE_float("default_timeout_s", _LIMITS.request_timeout_s, "Each request's deadline in seconds from arrival; "
+                   "then it ends with finish_reason \"timeout\" (0: none).")
+flags.DEFINE_string("api_key", "", "The key every /v1 request must send as 'Authorization: Bearer KEY' ('' = the "
+                    f"environment variable {API_KEY_ENV}; neither: no key).")
+flags.DEFINE_bool("allow_unauthenticated", False, "Serve an address other machines can reach (--host) without an API "
+                  "key.")
+flags.DEFINE_integer("max_body_bytes", _LIMITS.max_body_bytes, "Largest request body in bytes; a bigger one gets 413, "
+                     "refused as it arrives.")
+flags.DEFINE_integer("max_prompt_chars", None, "Most characters in a prompt (a chat's contents together), refused "
+                     "before tokenising (default: max_seq_len times the longest token).")
+flags.DEFINE_integer("max_n", _LIMITS.max_n, "Most samples (n) in one request.")
+flags.DEFINE_integer("max_stop", _LIMITS.max_stop, "Most stop strings in one request.")
+flags.DEFINE_integer("max_stop_chars", _LIMITS.max_stop_chars, "Most characters in one stop string.")
+flags.DEFINE_integer("max_messages", _LIMITS.max_messages, "Most messages in one chat request (and text parts in one "
+                     "message).")
+flags.DEFINE_integer("max_concurrent_requests", _LIMITS.max_concurrent_requests, "Most generation requests held at "
+                     "once, running or waiting; past it: 429 with Retry-After.")
 SERVE_FLAGS = ("max_seq_len", "num_pages", "kv_budget_bytes")
 for _name in ("model", "dtype", "dequantize", *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
@@ -57,16 +83,45 @@ def load_model() -> ji.Model:
     return model
 
 
-def build_engine(model: ji.Model) -> ji.Engine:
-    """The engine every flag describes, with the --lora adapters added."""
-    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
-    engine = ji.Engine(model, common.engine_config(**overrides, request_timeout_s=FLAGS.default_timeout_s))
+def adapters() -> dict[str, str]:
+    """--lora as {name: directory}, checked before any model loads."""
+    named = {}
     for item in FLAGS.lora:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--lora={item}: expected NAME=DIR")
+        if not os.path.isdir(path):
+            raise ValueError(f"--lora={item}: {path} is not a directory")
+        named[name] = path
+    if named and FLAGS.max_adapters < 1:
+        raise ValueError(f"--lora needs --max_adapters >= 1 (device slots for the adapters), not {FLAGS.max_adapters}")
+    return named
+
+
+def build_engine(model: ji.Model) -> ji.Engine:
+    """The engine every flag describes, with the --lora adapters added."""
+    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
+    engine = ji.Engine(model, common.engine_config(**overrides))
+    for name, path in adapters().items():
         engine.add_adapter(name, path)
     return engine
+
+
+def server_limits() -> ServerLimits:
+    """The limits the flags set (ValueError naming the flag if one is out of range)."""
+    values = {name: FLAGS[name].value for name in ("max_body_bytes", "max_prompt_chars", "max_n", "max_stop",
+                                                     "max_stop_chars", "max_messages", "max_concurrent_requests")}
+    if FLAGS.default_timeout_s is None or FLAGS.default_timeout_s < 0:
+        raise ValueError(f"--default_timeout_s must be seconds >= 0 (0: none), got {FLAGS.default_timeout_s}")
+    try:
+        return ServerLimits(**values, request_timeout_s=FLAGS.default_timeout_s or None)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+
+
+def api_key() -> str | None:
+    """--api_key, else the environment's JAXINFER_API_KEY, else None (no key)."""
+    return FLAGS.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def chat_template() -> str | None:
@@ -78,12 +133,15 @@ def chat_template() -> str | None:
 
 def main(argv):
     del argv
-    common.require("fastapi", "experiments.serve", "serve")
-    common.require("uvicorn", "experiments.serve", "serve")
+    common.require("experiments.serve", "fastapi", "uvicorn")
+    adapters()
     import uvicorn  # noqa: PLC0415
 
-    from jaxinfer.serving import server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
+    from jaxinfer.serving import guards, server  # noqa: PLC0415  (fastapi and uvicorn are an optional extra)
 
+    key = api_key()
+    guards.check_bind(FLAGS.host, key, FLAGS.allow_unauthenticated)
+    limits, template = server_limits(), chat_template()
     t0 = time.perf_counter()
     model = load_model()
     engine = build_engine(model)
@@ -94,9 +152,14 @@ def main(argv):
         t0 = time.perf_counter()
         n = engine.warmup()
         print(f"compiled {n} programs in {time.perf_counter() - t0:.1f} s")
-    app = server.build_app(engine, FLAGS.served_model_name or None, chat_template())
+    app = server.build_app(engine, FLAGS.served_model_name or None, template, limits=limits, api_key=key)
     uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level="info")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-serve` console script (the same as python -m jaxinfer.experiments.serve)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,9 +1,9 @@
 """Soak: many randomised requests through one engine with a tight KV budget, and the invariants a
 long-running server must keep, checked as it runs.
 
-  python -m experiments.soak --requests=10000 --seed=0
-  python -m experiments.soak --requests=2000 --num_adapters=4 --max_adapters=2 --spec=ngram --kv_dtype=int8
-  python -m experiments.soak --runner=mock --requests=10000    # no model: the scheduler and engine alone
+  python -m jaxinfer.experiments.soak --requests=10000 --seed=0
+  python -m jaxinfer.experiments.soak --requests=2000 --num_adapters=4 --max_adapters=2 --spec=ngram --kv_dtype=int8
+  python -m jaxinfer.experiments.soak --runner=mock --requests=10000    # no model: the scheduler and engine alone
 
 The workload (from --seed): requests arrive a few per step while at most 2 x max_batch are in the
 engine, with random prompt and output lengths (held-out text, some behind a shared prefix, some as
@@ -68,8 +68,8 @@ flags.DEFINE_float("request_timeout_s", 600.0, "The engine's default deadline: a
                    "that reaches it is a violation (a request that never ends).")
 flags.DEFINE_bool("compile_first", True, "Compile every program the configuration can run before the soak (its time is "
                   "reported as compile time); off, programs compile as first needed, inside the run time.")
-for _name in ("model", "seed", "out", "kv_dtype", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
-              "max_adapters", *common.SPEC_FLAGS):
+# --max_lora_rank is not one of them: the soak's adapters are rank 4.
+for _name in ("model", "seed", "out", *(f for f in common.ENGINE_FLAGS if f != "max_lora_rank"), *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 
 STOP_STRINGS = ["\n", "  ", ":", "(", "def", "return", "self", ", ", "\u00e9"]
@@ -376,7 +376,11 @@ def engine_config(model) -> ji.EngineConfig:
         raise ValueError("--requests, --max_prompt_len and --max_output_len must be >= 1")
     if FLAGS.runner == "mock" and FLAGS.spec not in ("none", "ngram"):
         raise ValueError(f"--runner=mock runs --spec=none or ngram (no drafter model), not --spec={FLAGS.spec}")
-    max_len = min(FLAGS.max_prompt_len + FLAGS.max_output_len, model.config.max_position_embeddings)
+    context = model.config.max_position_embeddings
+    if FLAGS.max_prompt_len >= context:
+        raise ValueError(f"--max_prompt_len={FLAGS.max_prompt_len} leaves no room in {FLAGS.model}'s context of "
+                         f"{context} tokens")
+    max_len = min(FLAGS.max_prompt_len + FLAGS.max_output_len, context)
     overrides = dict(max_seq_len=max_len, request_timeout_s=FLAGS.request_timeout_s,
                      kv_budget_tokens=FLAGS.kv_budget_tokens or 2 * max_len)
     if FLAGS.num_adapters:
@@ -471,7 +475,6 @@ def print_table(rec: dict) -> None:
 
 def main(argv):
     del argv
-    common.check_out(FLAGS.out)
     rec = run_soak()
     print_table(rec)
     if FLAGS.out:
@@ -480,5 +483,10 @@ def main(argv):
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-soak` console script (the same as python -m jaxinfer.experiments.soak)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,10 +1,10 @@
 """Speculative decoding, measured: method x k x temperature x batch size against plain decoding on
 the same engine, the same prompts, in the same run.
 
-  python -m experiments.spec_decode                                      # the shipped tiny pair
-  python -m experiments.spec_decode --methods=eagle,draft --ks=2,4,6 --temperatures=0,0.7 --batch_sizes=1,8
-  python -m experiments.spec_decode --model=random:llama3_8b --dtype=bfloat16 --methods=synthetic --spec_accept=0.8
-  python -m experiments.spec_decode --methods=eagle,eagle_tree --spec_tree_top_k=2 --spec_tree_depth=6 --ks=4,8
+  python -m jaxinfer.experiments.spec_decode                                      # the shipped tiny pair
+  python -m jaxinfer.experiments.spec_decode --methods=eagle,draft --ks=2,4,6 --temperatures=0,0.7 --batch_sizes=1,8
+  python -m jaxinfer.experiments.spec_decode --model=random:llama3_8b --dtype=bfloat16 --methods=synthetic --spec_accept=0.8
+  python -m jaxinfer.experiments.spec_decode --methods=eagle,eagle_tree --spec_tree_top_k=2 --spec_tree_depth=6 --ks=4,8
 
 Prompts are held-out text in the model's tokens. Each configuration runs the prompts once to
 compile; then --runs rounds each run every configuration once, in turn (so a change in the
@@ -23,7 +23,7 @@ step does and nothing else were added. The synthetic method (a stand-in drafter 
 probability --spec_accept, drafting for free) shows the engine's own overhead at that acceptance.
 Method eagle_tree is EAGLE with the draft tree of the --spec_tree_* flags (k: the tree's tokens);
 METHOD:DIR names a drafter directory for a method (default: the shipped one), e.g.
-  python -m experiments.spec_decode --model=smollm2-135m --methods=eagle:runs/eagle,medusa:runs/medusa,ngram
+  python -m jaxinfer.experiments.spec_decode --model=smollm2-135m --methods=eagle:runs/eagle,medusa:runs/medusa,ngram
 """
 
 from __future__ import annotations
@@ -153,10 +153,10 @@ def main(argv):
         raise ValueError(f"--runs={FLAGS.runs} must be >= 1")
     for method in FLAGS.methods:
         spec_config(method, 1)  # a bad method name fails here, before any work
-    common.check_out(FLAGS.out)
+        name, _, draft = method.partition(":")
+        common.check_draft("eagle" if name == "eagle_tree" else name, draft, f"--methods={method}")
     if FLAGS.plot:
-        common.check_out(FLAGS.plot)
-        common.require("matplotlib", "--plot", "plots")
+        common.require("--plot", "matplotlib")
     model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
     prompts = prompts_for(model)
     grid = [("none", 0, t, b) for t in temperatures for b in batches]
@@ -212,5 +212,10 @@ def main(argv):
         print(f"wrote {FLAGS.plot}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `jaxinfer-spec-decode` console script (the same as python -m jaxinfer.experiments.spec_decode)."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

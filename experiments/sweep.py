@@ -1,20 +1,25 @@
 """Sweep any experiment's flags over a grid; each point in its own process; resumable.
 
-  python -m experiments.sweep --grid=configs/sweeps/batching.json --out=runs/batching
-  python -m experiments.sweep --grid=configs/sweeps/batching.json --out=runs/batching --dry_run
-  python -m experiments.sweep_report --dir=runs/batching --x=max_batch --y=throughput_tok_s --group=batching
+  python -m jaxinfer.experiments.sweep --grid=batching --out=runs/batching     # a shipped grid, by name
+  python -m jaxinfer.experiments.sweep --grid=my_grid.json --out=runs/mine --dry_run
+  python -m jaxinfer.experiments.sweep_report --dir=runs/batching --x=max_batch --y=throughput_tok_s --group=batching
 
-A grid file:
+--grid is a JSON file, or the name of a grid shipped in jaxinfer/configs/sweeps (batching, kv_capacity,
+lora, page_size, quant, spec). A grid file:
   {"experiment": "kv_capacity", "flags": {"models": "llama3_8b"},
    "grid": {"kv_dtype": ["bfloat16", "int8"], "context": [2048, 8192]}, "repeats": 1}
 runs the product of the grid's values (and/or an explicit "points": [{flag: value, ...}] list), each
-with the fixed "flags", `repeats` times. Every point runs as `python -m experiments.<experiment>
---flag=value ... --out=DIR/points/<key>.json` with a time limit; its result (the experiment's JSON:
-config, env, metrics) or, if it crashed or timed out, its stderr tail, is appended as one line to
-DIR/results.jsonl. Running the same command again skips the points already done (--rerun_failed
-retries the failed ones). --workers=N runs N points at once, each pinned to its own GPU
-(CUDA_VISIBLE_DEVICES) where there are GPUs; --launcher=ray hands each point to a Ray cluster as a
-task (`pip install "jaxinfer[ray]"`; one GPU per task where the cluster has them).
+with the fixed "flags", `repeats` times; every flag must be one the experiment takes. Every point runs
+as `python -m <this package>.<experiment> --flag=value ... --out=DIR/points/<key>.json` (the same
+interpreter and package as the sweep: experiments.X from a checkout, jaxinfer.experiments.X from an
+installed wheel) in the sweep's working directory, so relative paths in flags mean what they mean to
+the sweep, with a time limit; its result (the experiment's JSON: config, env, metrics) or, if it
+crashed or timed out, its error line and stderr tail, is appended as one line to DIR/results.jsonl.
+Running the same command again skips the points already done (--rerun_failed retries the failed
+ones). The sweep ends with exit status 1 when any point's latest run failed, each printed with its
+error line. --workers=N runs N points at once, each pinned to its own GPU (CUDA_VISIBLE_DEVICES)
+where there are GPUs; --launcher=ray hands each point to a Ray cluster as a task
+(`pip install "jaxinfer[ray]"`; one GPU per task where the cluster has them).
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ import time
 from absl import flags
 from tqdm.auto import tqdm
 
+from jaxinfer import memory
+
 from . import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("grid", "", "The grid file (JSON; see this module's docstring).")
+flags.DEFINE_string("grid", "", "The grid: a JSON file, or the name of a shipped one (see this module's docstring).")
 flags.DEFINE_bool("dry_run", False, "List the points and run nothing.")
 flags.DEFINE_bool("rerun_failed", False, "Run again the points that failed before.")
 flags.DEFINE_integer("workers", 1, "Points run at once (each pinned to its own GPU where there are GPUs).")
@@ -49,8 +56,19 @@ GRID_KEYS = ("experiment", "flags", "grid", "points", "repeats")
 STDERR_TAIL = 4000
 
 
+def grid_path(grid: str) -> str:
+    """--grid as a file: the path itself, or a shipped grid's name (jaxinfer/configs/sweeps/NAME.json)."""
+    if os.path.exists(grid):
+        return grid
+    shipped = memory.CONFIGS_DIR / "sweeps" / f"{grid}.json"
+    if os.sep not in grid and not grid.endswith(".json") and shipped.is_file():
+        return str(shipped)
+    names = sorted(p.stem for p in (memory.CONFIGS_DIR / "sweeps").glob("*.json"))
+    raise ValueError(f"--grid={grid}: no such file, nor a shipped grid ({', '.join(names)})")
+
+
 def load_grid(path: str) -> dict:
-    """The grid file, checked: a known experiment, flags it defines, lists of values; no work done."""
+    """The grid file, checked: a known experiment, flags it takes, lists of values; no work done."""
     try:
         with open(path) as f:
             spec = json.load(f)
@@ -67,7 +85,7 @@ def load_grid(path: str) -> dict:
     if name in ("sweep", "sweep_report", "common") or not os.path.exists(
             os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")):
         raise ValueError(f"--grid={path}: experiment={name!r} is not an experiment in experiments/")
-    importlib.import_module(f"{__package__}.{name}")  # defines its flags
+    module = importlib.import_module(f"{__package__}.{name}")  # defines its flags
     grid, points, fixed = spec.get("grid", {}), spec.get("points", []), spec.get("flags", {})
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ValueError(f"--grid={path}: \"grid\" must map flags to non-empty lists of values")
@@ -78,11 +96,12 @@ def load_grid(path: str) -> dict:
     repeats = spec.get("repeats", 1)
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"--grid={path}: repeats={repeats!r} must be an integer >= 1")
-    known = set(FLAGS)
-    for flag in set(fixed) | set(grid) | {k for p in points for k in p}:
-        if flag not in known or flag == "out":
-            raise ValueError(f"--grid={path}: {name} has no flag --{flag}" if flag != "out"
-                             else f"--grid={path}: --out is the sweep's to set")
+    taken = {f.name for f in FLAGS.get_key_flags_for_module(module)}
+    for flag in sorted(set(fixed) | set(grid) | {k for p in points for k in p}):
+        if flag == "out":
+            raise ValueError(f"--grid={path}: --out is the sweep's to set")
+        if flag not in taken:
+            raise ValueError(f"--grid={path}: {name} has no flag --{flag}")
     return {"experiment": name, "flags": fixed, "grid": grid, "points": points, "repeats": repeats}
 
 
@@ -105,23 +124,25 @@ def command(experiment: str, point: dict, out: str) -> list[str]:
     return [sys.executable, "-m", f"{__package__}.{experiment}", *args, f"--out={out}"]
 
 
-def run_point(argv: list[str], out: str, timeout_s: int, gpu: str | None) -> dict:
-    """Run one point; its outcome as a results.jsonl line (without the point's own fields)."""
+def run_point(argv: list[str], out: str, timeout_s: int, gpu: str | None, cwd: str) -> dict:
+    """Run one point in `cwd` (the sweep's working directory); its outcome as a results.jsonl line
+    (without the point's own fields): "ok" with its record, or "failed" with its error line."""
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as e:
         tail = (e.stderr or b"")[-STDERR_TAIL:]
         return {"status": "failed", "seconds": time.perf_counter() - t0, "error": f"timed out after {timeout_s} s",
                 "stderr": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
     seconds = time.perf_counter() - t0
     if proc.returncode != 0 or not os.path.exists(out):
-        return {"status": "failed", "seconds": seconds, "error": f"exit status {proc.returncode}",
-                "stderr": proc.stderr[-STDERR_TAIL:]}
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        why = f"exit status {proc.returncode}" if proc.returncode else "no result file"
+        last = lines[-1].strip() if lines else "no stderr"
+        return {"status": "failed", "seconds": seconds, "error": f"{why}: {last}", "stderr": proc.stderr[-STDERR_TAIL:]}
     with open(out) as f:
         return {"status": "ok", "seconds": seconds, "record": json.load(f)}
 
@@ -135,17 +156,21 @@ def gpus() -> list[str]:
     return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
 
 
+def latest(results: str) -> dict[str, dict]:
+    """The latest results.jsonl line of each point, by key."""
+    rows = {}
+    if os.path.exists(results):
+        with open(results) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    rows[row["key"]] = row
+    return rows
+
+
 def done_keys(results: str, rerun_failed: bool) -> set[str]:
     """Keys already finished (and, unless rerunning them, failed) in results.jsonl."""
-    if not os.path.exists(results):
-        return set()
-    latest = {}
-    with open(results) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                latest[row["key"]] = row["status"]
-    return {k for k, status in latest.items() if status == "ok" or not rerun_failed}
+    return {k for k, row in latest(results).items() if row["status"] == "ok" or not rerun_failed}
 
 
 def run_local(todo, spec, out_dir, bar, results):
@@ -158,7 +183,7 @@ def run_local(todo, spec, out_dir, bar, results):
         gpu = slots.get()
         try:
             out = os.path.join(out_dir, "points", f"{point['key']}.json")
-            return point, run_point(command(spec["experiment"], point, out), out, FLAGS.timeout_s, gpu)
+            return point, run_point(command(spec["experiment"], point, out), out, FLAGS.timeout_s, gpu, os.getcwd())
         finally:
             slots.put(gpu)
 
@@ -174,11 +199,12 @@ def run_ray(todo, spec, out_dir, bar, results):
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
     per_task_gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-    remote = ray.remote(num_gpus=per_task_gpus)(lambda argv, out, timeout_s: run_point(argv, out, timeout_s, None))
+    remote = ray.remote(num_gpus=per_task_gpus)(
+        lambda argv, out, timeout_s, cwd: run_point(argv, out, timeout_s, None, cwd))
     pending = {}
     for point in todo:
         out = os.path.join(out_dir, "points", f"{point['key']}.json")
-        pending[remote.remote(command(spec["experiment"], point, out), out, FLAGS.timeout_s)] = point
+        pending[remote.remote(command(spec["experiment"], point, out), out, FLAGS.timeout_s, os.getcwd())] = point
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         results(pending.pop(ready[0]), ray.get(ready[0]))
@@ -191,9 +217,12 @@ def main(argv):
         raise ValueError("--grid and --out are required")
     if FLAGS.workers < 1 or FLAGS.timeout_s < 1:
         raise ValueError(f"--workers={FLAGS.workers} and --timeout_s={FLAGS.timeout_s} must be >= 1")
-    spec = load_grid(FLAGS.grid)
+    if FLAGS.launcher == "ray":
+        common.require("--launcher=ray", "ray")
+    spec = load_grid(grid_path(FLAGS.grid))
     points = expand(spec)
-    results_path = os.path.join(FLAGS.out, "results.jsonl")
+    out_dir = os.path.abspath(FLAGS.out)
+    results_path = os.path.join(out_dir, "results.jsonl")
     done = done_keys(results_path, FLAGS.rerun_failed)
     todo = [p for p in points if p["key"] not in done]
     if FLAGS.dry_run:
@@ -202,7 +231,7 @@ def main(argv):
             print(f"{p['key']}  {state:6}  repeat {p['repeat']}  " + " ".join(f"--{k}={v}" for k, v in p["flags"].items()))
         print(f"{len(points)} points, {len(todo)} to run")
         return
-    os.makedirs(os.path.join(FLAGS.out, "points"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "points"), exist_ok=True)
     failed = []
 
     def results(point, outcome):
@@ -213,12 +242,26 @@ def main(argv):
             failed.append(point["key"])
 
     bar = tqdm(total=len(todo), desc=f"sweep {spec['experiment']}", unit="point")
-    (run_ray if FLAGS.launcher == "ray" else run_local)(todo, spec, FLAGS.out, bar, results)
+    (run_ray if FLAGS.launcher == "ray" else run_local)(todo, spec, out_dir, bar, results)
     bar.close()
     print(f"{len(todo) - len(failed)} of {len(todo)} points ran ({len(points) - len(todo)} done before); "
-          f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+          f"{len(failed)} failed")
     print(f"wrote {results_path}")
+    rows = latest(results_path)
+    failures = [rows[p["key"]] for p in points if rows[p["key"]]["status"] != "ok"]
+    for row in failures:
+        flags_text = " ".join(f"--{k}={v}" for k, v in row["flags"].items())
+        print(f"failed {row['key']} ({flags_text}): {row['error']}", file=sys.stderr)
+    if failures:
+        print(f"error: {len(failures)} of {len(points)} points failed (--rerun_failed runs them again)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def cli() -> None:
+    """The `jaxinfer-sweep` console script (the same as python -m jaxinfer.experiments.sweep)."""
+    common.run(main, folders=("out",))
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli()

@@ -1,15 +1,18 @@
 """A sweep's table and plot: one metric against one flag, a line per value of another.
 
-  python -m experiments.sweep_report --dir=runs/batching --x=max_batch --y=throughput_tok_s --group=batching
+  python -m jaxinfer.experiments.sweep_report --dir=runs/batching --x=max_batch --y=throughput_tok_s --group=batching
 
 Reads DIR/results.jsonl (the last line of each point), takes the metric from each finished point's
 JSON (`metrics`, flat names such as "ttft_s/p50"), and over the repeats of a point its median, min
-and max. Writes DIR/report.md (a markdown table, failed points listed) and DIR/<y>_vs_<x>.png.
+and max. --x and --group must be flags the sweep sets, --y a metric its points report. Writes
+DIR/report.md (a markdown table; failed points listed with their error line) and, with matplotlib
+installed (`pip install 'jaxinfer[plots]'`), DIR/<y>_vs_<x>.png.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import os
 import statistics
@@ -26,30 +29,48 @@ flags.declare_key_flag("dir")
 
 
 def latest_rows(path: str) -> list[dict]:
+    """The last results.jsonl line of each point; ValueError naming the file and line of a bad one."""
     if not os.path.exists(path):
         raise ValueError(f"--dir: no results.jsonl at {path}")
     latest = {}
     with open(path) as f:
-        for line in f:
-            if line.strip():
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                latest[row["key"]] = row
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--dir: {path} line {number} is not JSON ({e.msg}): not a sweep's results") from None
+            if not isinstance(row, dict) or not {"key", "status", "flags"} <= row.keys() or (
+                    row["status"] == "ok" and not isinstance(row.get("record"), dict)):
+                raise ValueError(f"--dir: {path} line {number} is not a sweep's result line (key, status, flags, "
+                                 "and a record when ok)")
+            latest[row["key"]] = row
+    if not latest:
+        raise ValueError(f"--dir: {path} has no points")
     return list(latest.values())
 
 
+def check_names(rows: list[dict], x: str, y: str, group: str) -> None:
+    """Refuse an --x or --group that is not a flag the sweep sets, or a --y no finished point reports."""
+    flags_set = sorted({k for r in rows for k in r["flags"]})
+    for name, value in (("x", x), ("group", group)):
+        if value and value not in flags_set:
+            raise ValueError(f"--{name}={value} is not a flag this sweep varies or sets: {', '.join(flags_set)}")
+    metrics = sorted({m for r in rows if r["status"] == "ok" for m in r["record"].get("metrics", {})})
+    if metrics and y not in metrics:
+        raise ValueError(f"--y={y} is not a metric of this sweep; its metrics: {', '.join(metrics[:40])}")
+
+
 def summarise(rows: list[dict], x: str, y: str, group: str) -> tuple[list[dict], list[dict]]:
-    """(one row per (group, x) with the median/min/max of y over its finished points, the failed points)."""
+    """(one row per (group, x) with the median/min/max of y over its finished points that report
+    it, the failed points)."""
     values = collections.defaultdict(list)
     failed = [r for r in rows if r["status"] != "ok"]
     for r in rows:
-        if r["status"] != "ok":
-            continue
-        metrics = r["record"].get("metrics", {})
-        if y not in metrics:
-            raise ValueError(f"--y={y} is not a metric of this sweep; its metrics: {', '.join(sorted(metrics)[:40])}")
-        if x not in r["flags"]:
-            raise ValueError(f"--x={x} is not a flag this sweep varies or sets: {', '.join(sorted(r['flags']))}")
-        values[(r["flags"].get(group, "") if group else "", r["flags"][x])].append(metrics[y])
+        metrics = r["record"].get("metrics", {}) if r["status"] == "ok" else {}
+        if y in metrics and x in r["flags"]:
+            values[(r["flags"].get(group, "") if group else "", r["flags"][x])].append(metrics[y])
     table = [{"group": g, "x": xv, "median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
              for (g, xv), v in sorted(values.items(), key=lambda kv: (str(kv[0][0]), _sortable(kv[0][1])))]
     return table, failed
@@ -59,8 +80,10 @@ def _sortable(v):
     return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
 
 
-def plot(table: list[dict], path: str, x: str, y: str, group: str) -> None:
+def figure(table: list[dict], x: str, y: str, group: str):
+    """The plot of the table: y's median (min-max bars) against x, a line per group."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -74,12 +97,14 @@ def plot(table: list[dict], path: str, x: str, y: str, group: str) -> None:
                     marker="o", capsize=3, label=f"{group}={g}" if group else None)
         if xs and not isinstance(rows[0]["x"], (int, float)):
             ax.set_xticks(xs, [str(r["x"]) for r in rows])
+    if all(isinstance(r["x"], int) for r in table):  # whole-number flags: no ticks between them
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     if group:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(argv):
@@ -87,8 +112,9 @@ def main(argv):
     if not (FLAGS.dir and FLAGS.x and FLAGS.y):
         raise ValueError("--dir, --x and --y are required")
     rows = latest_rows(os.path.join(FLAGS.dir, "results.jsonl"))
+    check_names(rows, FLAGS.x, FLAGS.y, FLAGS.group)
     table, failed = summarise(rows, FLAGS.x, FLAGS.y, FLAGS.group)
-    experiment = rows[0]["experiment"] if rows else "?"
+    experiment = rows[0].get("experiment", "?")
     lines = [f"# {experiment}: {FLAGS.y} against {FLAGS.x}" + (f" by {FLAGS.group}" if FLAGS.group else ""), "",
              f"{len(rows) - len(failed)} points finished, {len(failed)} failed; median, min and max over repeats.", "",
              f"| {FLAGS.group or '-'} | {FLAGS.x} | {FLAGS.y} (median) | min | max | n |",
@@ -101,12 +127,24 @@ def main(argv):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {report}")
-    if table:
-        common.require("matplotlib", "the report's plot", "plots")
-        png = os.path.join(FLAGS.dir, f"{FLAGS.y.replace('/', '_')}_vs_{FLAGS.x}.png")
-        plot(table, png, FLAGS.x, FLAGS.y, FLAGS.group)
-        print(f"wrote {png}")
+    if not table:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"no plot: it needs matplotlib: pip install 'jaxinfer[{common.EXTRAS['matplotlib']}]'")
+        return
+    png = os.path.join(FLAGS.dir, f"{FLAGS.y.replace('/', '_')}_vs_{FLAGS.x}.png")
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (the optional [plots] extra)
+
+    fig = figure(table, FLAGS.x, FLAGS.y, FLAGS.group)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"wrote {png}")
+
+
+def cli() -> None:
+    """The `jaxinfer-sweep-report` console script (the same as python -m jaxinfer.experiments.sweep_report)."""
+    common.run(main)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli()

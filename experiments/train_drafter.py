@@ -1,10 +1,10 @@
 """Train speculative-decoding heads (Medusa or EAGLE) on a frozen target's hidden states.
 
-  python -m experiments.train_drafter --method=eagle                  # for the shipped tiny target
-  python -m experiments.train_drafter --method=medusa --out_dir=jaxinfer/assets/tiny-medusa
-  python -m experiments.train_drafter --model=smollm2-135m --method=eagle --self_distill=256 \
+  python -m jaxinfer.experiments.train_drafter --method=eagle                  # for the shipped tiny target
+  python -m jaxinfer.experiments.train_drafter --method=medusa --out_dir=jaxinfer/assets/tiny-medusa
+  python -m jaxinfer.experiments.train_drafter --model=smollm2-135m --method=eagle --self_distill=256 \
       --draft_vocab=8192 --seq_len=128 --steps=300 --batch_size=8 --eval_windows=8
-  python -m experiments.train_drafter --evaluate=jaxinfer/assets/tiny-eagle    # an existing drafter
+  python -m jaxinfer.experiments.train_drafter --evaluate=jaxinfer/assets/tiny-eagle    # an existing drafter
 
 Training windows are the corpus's training documents in the target's own tokens, or, with
 --self_distill=N, the target's own continuations (--distill_temperature) of N training-text
@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 import time
 
 import jax
@@ -270,14 +269,13 @@ def evaluate(model, path: str) -> None:
 
 def main(argv):
     del argv
+    if FLAGS.self_distill < 0 or FLAGS.draft_vocab < 0:
+        raise ValueError("--self_distill and --draft_vocab must be >= 0")
     model = ji.load_model(FLAGS.model)
     if model.tokenizer is None:
         raise ValueError(f"--model={FLAGS.model} has no tokenizer: the heads train on text in its tokens")
     if FLAGS.evaluate:
         return evaluate(model, FLAGS.evaluate)
-    if FLAGS.self_distill < 0 or FLAGS.draft_vocab < 0:
-        raise ValueError("--self_distill and --draft_vocab must be >= 0")
-    common.check_out(FLAGS.out_dir)  # its parent must exist
     heads, record = train(model, FLAGS.method)
     windows = data.heldout_windows(model, min(FLAGS.seq_len, model.config.max_position_embeddings), FLAGS.eval_windows)
     k = FLAGS.heads if FLAGS.method == "medusa" else 5
@@ -286,7 +284,7 @@ def main(argv):
         method=FLAGS.method, target=FLAGS.model, heldout_agreement=by_step, calibration_temperature=temperature,
         heldout_windows=FLAGS.eval_windows, seq_len=FLAGS.seq_len, batch=FLAGS.batch_size, lr=FLAGS.lr,
         seed=FLAGS.seed, device=jax.devices()[0].device_kind, jax=jax.__version__,
-        date=datetime.date.today().isoformat(), command="python -m experiments.train_drafter " + " ".join(sys.argv[1:]))
+        date=datetime.date.today().isoformat(), command=common.environment(__name__)["command"])
     out = FLAGS.out_dir or f"runs/train_drafter/{model.name}-{FLAGS.method}"
     heads_lib.save_heads(out, FLAGS.method, heads, model.config, dtype=np.float16,
                          **{k: v for k, v in record.items() if k in ("steps", "target")})

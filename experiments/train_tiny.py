@@ -1,7 +1,7 @@
 """Train the shipped tiny byte-level models: a target and a much smaller draft (same tokenizer).
 
-  python -m experiments.train_tiny                      # both models into jaxinfer/assets/
-  python -m experiments.train_tiny --which=draft --steps=200 --out_dir=/tmp/tiny
+  python -m jaxinfer.experiments.train_tiny                      # both models into jaxinfer/assets/
+  python -m jaxinfer.experiments.train_tiny --which=draft --steps=200 --out_dir=/tmp/tiny
 
 The corpus (Python's documentation and standard library source, see jaxinfer/data.py) is read at
 training time. Training is deterministic given --seed on a given backend. Orbax checkpoints of the
@@ -166,7 +166,7 @@ def train(which: str, corpus: data.Corpus) -> dict:
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": "python -m experiments.train_tiny " + " ".join(sys.argv[1:]),
+        "command": common.environment(__name__)["command"],
     }
     with open(os.path.join(out, "training.json"), "w") as f:
         json.dump(record, f, indent=2)

@@ -106,11 +106,22 @@ def kv_cache_bytes(
 
 
 def _linear_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
-    """(fan_in, fan_out) of the seven linear weights of one decoder layer: q, k, v, o, gate, up, down
-    (one card's shard of each, with tp)."""
-    D, F, H = cfg.hidden_size, cfg.intermediate_size // tp, cfg.head_dim
-    N, K = cfg.num_heads // tp, kv_heads_per_card(cfg, tp)
-    return [(D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, F), (D, F), (F, D)]
+    """(fan_in, fan_out) of the linear weights of one decoder layer, its family's projections (q, k,
+    v, o, gate, up, down for the Llama-style families): one card's shard of each, with tp (a column
+    projection's outputs split, a row projection's inputs; outputs over KV heads stored tp / K
+    times when tp > K)."""
+    replicas = kv_replicas(cfg, tp)
+    out = []
+    for p in cfg.family.present(cfg):
+        if not p.is_projection:
+            continue
+        fan_in, fan_out = p.shape(cfg)
+        if p.role == "row":
+            fan_in //= tp
+        else:
+            fan_out = fan_out * (replicas if p.heads == "kv" else 1) // tp
+        out.append((fan_in, fan_out))
+    return out
 
 
 def _check_weight_format(weight_format: str) -> None:
@@ -141,8 +152,8 @@ def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1)
     with tp, one card's share (see the module docstring).
 
     Formats: "float32", "bfloat16", "float16" store every parameter in that dtype. The quantised
-    formats apply to the seven linear weights of each layer only; embeddings, lm_head, norms and
-    biases stay 16-bit, as AWQ and GPTQ checkpoints keep them:
+    formats apply to the linear weights of each layer only (_linear_shapes); embeddings, lm_head,
+    norms and biases stay 16-bit, as AWQ and GPTQ checkpoints keep them:
       "int8" / "int4"    symmetric, one float16 scale per output channel;
       "int8-gN" / "int4-gN"  groups of N inputs, a float16 scale and zero point per group (int4-g128);
       "fp8"              float8_e4m3 with one float32 scale per matrix.

@@ -4,14 +4,17 @@ runs with, their placement, multi-host start-up, and the per-shard form of the P
 XLA's SPMD partitioner does all the communication. The params and the KV cache are placed once
 with a NamedSharding each; the jitted programs take them as placed and the partitioner inserts an
 all-reduce after each row-parallel projection and gathers what the sampler reads (the logits).
-The layout is Megatron-LM's:
+The layout is Megatron-LM's, by each parameter's role in its family's spec (jaxinfer.models.family;
+the Llama-style names in brackets):
 
   mesh axes        "dp" (independent replicas: params and cache are replicated over it; the engine
                    runs one replica, dp=1) and "tp" (tensor parallel)
-  column-parallel  wq wk wv w_gate w_up (L, D, out): out split over tp; bq bk bv (L, out) likewise
-  row-parallel     wo w_down (L, in, D): in split; bo (L, D) replicated (added after the all-reduce)
-  vocab-parallel   embed (V, D) rows and lm_head (D, V) columns, V zero-padded up to a multiple of
-                   tp (model.lm_head cuts the logits back to V)
+  column-parallel  projections (L, D, out) [wq wk wv w_gate w_up]: out split over tp; their biases
+                   (L, out) [bq bk bv] likewise
+  row-parallel     projections (L, in, D) [wo w_down]: in split; their biases (L, D) [bo] replicated
+                   (added after the all-reduce)
+  vocab-parallel   the embedding (V, D) rows and the LM head (D, V) columns, V zero-padded up to a
+                   multiple of tp (decoder.lm_head cuts the logits back to V)
   replicated       every norm
   KV cache         k, v (L, K, P, page, H) and int8 / fp8 scales (L, K, P, page): split over K
   QuantizedWeight  column-parallel: qweight, scales, zeros, mins split over N (perm replicated);
@@ -23,8 +26,9 @@ The layout is Megatron-LM's:
                    row-parallel projection: A split on its input, B replicated
 
 KV heads fewer than tp (the tiny model's 2 at tp=4, Llama-3-70B's 8 at tp=16): each KV head is
-stored tp / K times, as vLLM does, so every device holds one KV head; wk, wv (their packed forms
-too), bk, bv and the LoRA B of wk / wv are widened the same way. tp must then be a multiple of K.
+stored tp / K times, as vLLM does, so every device holds one KV head; the params whose output is
+laid out over KV heads (Param.heads == "kv": wk, wv, their packed forms, bk, bv) and the LoRA B of
+such projections are widened the same way. tp must then be a multiple of K.
 The placed model's config says K * replicas KV heads (the model as it runs); `logical_config`
 gives back the checkpoint's. Any other tp that does not divide num_heads, num_kv_heads or
 intermediate_size is refused with a ValueError naming the field, before anything is compiled.
@@ -54,15 +58,24 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.formats import QuantizedWeight
 from jaxinfer.models.kv_cache import KV_DTYPES, PagedKVCache
 
 AXES = ("dp", "tp")
-COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # (in, out): out split
-ROW = ("wo", "w_down")  # (in, out): in split
-COLUMN_BIASES = ("bq", "bk", "bv")
-KV_PROJECTIONS = ("wk", "wv", "bk", "bv")  # widened when KV heads are replicated
+
+
+def _role(name: str) -> str | None:
+    """A layer param's split, by name across the registered families: "column", "row",
+    "column_bias" (a column projection's bias), or None (replicated)."""
+    return family_lib.parallel_style(name)
+
+
+def _widened(name: str) -> bool:
+    """Whether a layer param's output is laid out over KV heads (stored tp / K times when tp > K)."""
+    p = family_lib.lookup_param(name)
+    return p is not None and p.layer and p.heads == "kv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +146,7 @@ def logical_config(model) -> ModelConfig:
 
 def _quantized_spec(name: str, w: QuantizedWeight, tp: int) -> QuantizedWeight:
     """The specs of a stacked (L, ...) packed weight's fields, shaped like the weight."""
-    if name in COLUMN:
+    if _role(name) == "column":
         cols = P(None, None, "tp")
         return w.replace(qweight=cols, scales=cols, zeros=cols if w.zeros is not None else None,
                          perm=P() if w.perm is not None else None, mins=cols if w.mins is not None else None)
@@ -152,23 +165,24 @@ def _quantized_spec(name: str, w: QuantizedWeight, tp: int) -> QuantizedWeight:
                      perm=P() if w.perm is not None else None, mins=grouped if w.mins is not None else None)
 
 
+_LAYER_SPECS = {"column": P(None, None, "tp"), "row": P(None, "tp", None), "column_bias": P(None, "tp")}
+_TOP_SPECS = {"embedding": P("tp", None), "head": P(None, "tp")}
+
+
 def param_specs(params: dict, tp: int) -> dict:
-    """A PartitionSpec for every array of a (padded, widened) params pytree, in its structure."""
+    """A PartitionSpec for every array of a (padded, widened) params pytree, in its structure, by
+    each param's role (norms, row biases and a LoRA layer index replicated)."""
     layers = {}
     for name, w in params["layers"].items():
         if isinstance(w, QuantizedWeight):
             layers[name] = _quantized_spec(name, w, tp)
-        elif name in COLUMN:
-            layers[name] = P(None, None, "tp")
-        elif name in ROW:
-            layers[name] = P(None, "tp", None)
-        elif name in COLUMN_BIASES:
-            layers[name] = P(None, "tp")
-        else:  # norms, bo, a LoRA layer index
-            layers[name] = P()
-    specs = {"embed": P("tp", None), "layers": layers, "final_norm": P()}
-    if "lm_head" in params:
-        specs["lm_head"] = P(None, "tp")
+        else:
+            layers[name] = _LAYER_SPECS.get(_role(name), P())
+    specs = {"layers": layers}
+    for name in params:
+        if name != "layers":
+            p = family_lib.lookup_param(name)
+            specs[name] = _TOP_SPECS.get(p.role if p is not None else None, P())
     return specs
 
 
@@ -180,14 +194,15 @@ def cache_specs(cache: PagedKVCache) -> PagedKVCache:
 def lora_specs(weights):
     """jaxinfer.lora.LoraWeights: A of a column-parallel projection replicated and its B split on
     the output; the reverse for a row-parallel one; the scales replicated."""
-    a = {p: P(None, None, "tp", None) if p in ROW else P() for p in weights.a}
-    b = {p: P(None, None, None, "tp") if p in COLUMN else P() for p in weights.b}
+    a = {p: P(None, None, "tp", None) if _role(p) == "row" else P() for p in weights.a}
+    b = {p: P(None, None, None, "tp") if _role(p) == "column" else P() for p in weights.b}
     return type(weights)(a=a, b=b, scale={p: P() for p in weights.scale})
 
 
 def parallel_style(name: str) -> str | None:
     """How a projection is split: "column", "row", or None (not a projection)."""
-    return "column" if name in COLUMN else "row" if name in ROW else None
+    style = _role(name)
+    return style if style in ("column", "row") else None
 
 
 # Placement --------------------------------------------------------------------------------------
@@ -223,17 +238,18 @@ def _widen_heads(x, head_dim: int, replicas: int):
 
 
 def widen_kv(params: dict, cfg: ModelConfig, replicas: int) -> dict:
-    """params with wk, wv (dense or packed: every field along N), bk, bv widened `replicas` times."""
+    """params with the params laid out over KV heads (wk, wv (dense or packed: every field along
+    N), bk, bv) widened `replicas` times."""
     if replicas == 1:
         return params
     layers = dict(params["layers"])
-    for name in KV_PROJECTIONS:
-        w = layers.get(name)
+    for name in [n for n in layers if _widened(n)]:
+        w = layers[name]
         if isinstance(w, QuantizedWeight):
             widen = lambda x: None if x is None else _widen_heads(x, cfg.head_dim, replicas)  # noqa: E731
             layers[name] = w.replace(qweight=widen(w.qweight), scales=widen(w.scales), zeros=widen(w.zeros),
                                      mins=widen(w.mins))
-        elif w is not None:
+        else:
             layers[name] = _widen_heads(w, cfg.head_dim, replicas)
     return {**params, "layers": layers}
 
@@ -287,7 +303,7 @@ def widen_adapter(adapter, head_dim: int, replicas: int):
     """A jaxinfer.lora.LoraAdapter with the B of wk / wv widened like the weights they adapt."""
     if replicas == 1:
         return adapter
-    weights = {(p, layer): (a, _widen_heads(b, head_dim, replicas) if p in KV_PROJECTIONS else b)
+    weights = {(p, layer): (a, _widen_heads(b, head_dim, replicas) if _widened(p) else b)
                for (p, layer), (a, b) in adapter.weights.items()}
     return dataclasses.replace(adapter, weights=weights)
 

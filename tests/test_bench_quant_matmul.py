@@ -8,6 +8,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import pytest
+from helpers import run_main
+
+from experiments import bench_quant_matmul
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -49,3 +55,16 @@ def test_bench_quant_matmul_quick_writes_json(tmp_path):
     table = (out.parent / "quant_matmul.md").read_text()
     assert table.count("| pallas ") == 2 * (3 * 2 + 2) and "% BW" in table  # 2 shapes x (3 schemes x 2 + 2 W8A8)
     assert table.strip() in proc.stdout
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU rule: on a GPU the benchmark runs its own shapes")
+def test_a_cpu_needs_allow_cpu_and_then_runs_small_shapes_unless_given(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_quant_matmul, "bench_shape", lambda rows, key, shape, **kw: seen.append(shape))
+    with pytest.raises(ValueError, match="--allow_cpu: bench_quant_matmul times GPU kernels"):
+        run_main(bench_quant_matmul)
+    run_main(bench_quant_matmul, "--allow_cpu")
+    assert seen == [(1, 256, 97), (40, 256, 97)]
+    seen.clear()
+    run_main(bench_quant_matmul, "--allow_cpu", "--shapes=2x128x64")  # shapes given: those
+    assert seen == [(2, 128, 64)]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import jaxinfer as ji
 from jaxinfer.engine import runner as runner_lib
+from jaxinfer.engine.batch import DecodeBucket
 
 GREEDY = ji.SamplingParams(max_tokens=16, temperature=0.0)
 
@@ -117,22 +118,20 @@ def test_stop_conditions_match_baseline(model, prompts, baseline):
     assert [(o.token_ids, o.finish_reason) for o in outs] == [(o.token_ids, o.finish_reason) for o in ref]
 
 
-def test_bad_requests_do_not_disturb_others(model, prompts, baseline):
+def test_bad_requests_are_refused_and_do_not_disturb_others(model, prompts, baseline):
+    """A bad prompt anywhere in a batch raises naming it, before any prompt is served; the engine
+    is left as it was and serves the good prompts after."""
     engine = ji.Engine(model, ji.EngineConfig(num_pages=8, page_size=8))  # holds 64 tokens
-    mixed = [prompts[0], [], prompts[1], [1, 2, 999], [5] * 70, prompts[3]]
-    outs = engine.generate(mixed, GREEDY)
-    assert [o.finish_reason for o in outs] == ["length", "error", "length", "error", "error", "length"]
-    assert "prompts[1]: prompt is empty" == outs[1].error
-    assert "token id 999 outside the vocabulary" in outs[3].error
-    assert "the KV cache holds 64" in outs[4].error and "can never run" in outs[4].error
-    assert [outs[i].token_ids for i in (0, 2, 5)] == [baseline[0], baseline[1], baseline[3]]
+    for bad, message in (([], r"prompts\[1\]: prompt is empty"),
+                         ([1, 2, 999], r"prompts\[1\]: prompt has token id 999 outside the vocabulary"),
+                         ([5] * 70, r"prompts\[1\]: prompt has 70 tokens; the KV cache holds 64 .* can never run")):
+        with pytest.raises(ValueError, match=message):
+            engine.generate([prompts[0], bad, prompts[1]], GREEDY)
+        assert not engine.has_unfinished() and engine.allocator.num_used == 0
+    outs = engine.generate([prompts[0], prompts[1], prompts[3]], GREEDY)
+    assert [o.token_ids for o in outs] == [baseline[0], baseline[1], baseline[3]]
     with pytest.raises(ValueError, match="prompt has 97 tokens, over the model's context of 96"):
         ji.Engine(model).add_request([1] * 97)
-    with pytest.raises(ValueError, match="prompt has 51 tokens, over the engine's max_seq_len=50"):
-        ji.Engine(model, ji.EngineConfig(max_seq_len=50)).add_request([1] * 51)
-    with pytest.raises(ValueError, match="max_tokens"):
-        engine.add_request([1], ji.SamplingParams(max_tokens=0))
-    assert engine.allocator.num_used == 0 and not engine.has_unfinished()
 
 
 def test_request_alone_too_long_for_the_cache_ends_with_length(model):
@@ -221,12 +220,17 @@ def test_random_workloads(model, lengths, max_tokens, num_pages, page_size, batc
     engine = ji.Engine(model, ji.EngineConfig(batching=batching, num_pages=num_pages, page_size=page_size,
                                               max_batch=3, max_tokens_per_step=budget, overlap=overlap,
                                               decode_steps=decode_steps))
-    outs = engine.generate(prompts, params)
-    ref = ji.generate(model, prompts, params)
+    never = [i for i, p in enumerate(prompts) if len(p) > capacity]
+    if never:  # a prompt the cache can never hold refuses the batch
+        with pytest.raises(ValueError, match=rf"prompts\[{never[0]}\]: .* can never run"):
+            engine.generate(prompts, params)
+        assert engine.allocator.num_used == 0
+        kept = [i for i in range(len(prompts)) if i not in never]
+        prompts, params = [prompts[i] for i in kept], [params[i] for i in kept]
+    outs = engine.generate(prompts, params) if prompts else []
+    ref = ji.generate(model, prompts, params) if prompts else []
     for p, sp, o, r in zip(prompts, params, outs, ref):
-        if len(p) > capacity:  # refused: it can never run
-            assert o.finish_reason == "error" and "can never run" in o.error
-        elif len(p) + sp.max_tokens - 1 <= capacity:  # fits alone: must equal the baseline
+        if len(p) + sp.max_tokens - 1 <= capacity:  # fits alone: must equal the baseline
             assert o.token_ids == r.token_ids
         else:  # ends early when it alone fills the cache
             assert o.finish_reason == "length" and o.token_ids == r.token_ids[: len(o.token_ids)]
@@ -267,7 +271,7 @@ def test_contiguous_layout_equals_paged_and_wastes_more(model, prompts, baseline
 def test_multi_step_decode_equals_single_step(model, prompts, baseline, batching):
     engine = ji.Engine(model, ji.EngineConfig(batching=batching, max_batch=3, decode_steps=4, page_size=8))
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == baseline
-    assert any(kind == "decode" for kind, *_ in engine.buckets)  # multi-step calls ran
+    assert any(isinstance(b, DecodeBucket) for b in engine.buckets)  # multi-step calls ran
     assert engine.stats["steps"] < 16 + len(prompts)
     assert engine.allocator.num_used == 0
     sp = [ji.SamplingParams(max_tokens=m, temperature=0.8, seed=i) for i, m in enumerate((5, 9, 3, 14, 7, 2))]
@@ -330,9 +334,9 @@ def test_warmup_compiles_every_program_a_run_needs(model, overlap, decode_steps)
     assert engine.warmup(max_prompt_len=14, max_len=26) == 0  # all compiled already
 
 
-def test_limits_and_finish_reasons(model, prompts, caplog):
+def test_limits_and_finish_reasons(model, prompts):
     """A request cut by the context ends with "context"; max_tokens or max_seq_len beyond the
-    context are refused; raise_on_error refuses a bad batch before serving any of it."""
+    context are refused; a bad batch is refused before any of it is served."""
     engine = ji.Engine(model)
     (out,) = engine.generate([[1] * 90], ji.SamplingParams(max_tokens=20, temperature=0.0))
     assert out.finish_reason == "context" and len(out.token_ids) == 96 - 90 + 1
@@ -341,10 +345,7 @@ def test_limits_and_finish_reasons(model, prompts, caplog):
     with pytest.raises(ValueError, match="max_seq_len=200 is over the model's context of 96"):
         ji.Engine(model, ji.EngineConfig(max_seq_len=200))
     with pytest.raises(ValueError, match=r"prompts\[1\]: prompt is empty"):
-        engine.generate([prompts[0], []], GREEDY, raise_on_error=True)
+        engine.generate([prompts[0], []], GREEDY)
     assert not engine.has_unfinished() and engine.allocator.num_used == 0
-    with caplog.at_level("WARNING", logger="jaxinfer"):
-        outs = engine.generate([prompts[0], []], GREEDY)
-    assert outs[1].finish_reason == "error" and "1 of 2 prompts were refused" in caplog.text
     with pytest.raises(ValueError, match="sampling is a dict"):
         engine.generate([prompts[0]], {"max_tokens": 4})

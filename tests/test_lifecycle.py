@@ -239,6 +239,23 @@ def test_nonfinite_logits_fail_only_their_request_mock(name, rng):
     engine.allocator.check_invariants(owners={})
 
 
+def test_nonfinite_logits_in_a_prompt_chunk_fail_the_request_at_that_chunk():
+    """Every prompt chunk's logits are checked, not only the chunk that completes the prompt (the
+    chunks of a preempted sequence being recomputed included): a request whose first chunk holds
+    POISON fails after that chunk, before the rest of its prompt is computed, and its pages come
+    back cleared; the request beside it is served as if alone."""
+    engine = mock_engine(nan_token=POISON, max_tokens_per_step=8, max_batch=2)
+    poisoned, clean = [POISON] + list(range(1, 40)), list(range(50, 70))
+    sp = ji.SamplingParams(max_tokens=5, temperature=0.0)
+    outs = engine.generate([poisoned, clean], sp)
+    assert outs[0].finish_reason == "error" and outs[0].token_ids == []
+    assert "at generated token 0 " in outs[0].error
+    assert outs[1].token_ids == expected_tokens(clean, 5, VOCAB)
+    # 8 tokens of the poisoned prompt ran (one chunk, shared with nothing else), not its 40.
+    assert engine.runner.stats["prefill_tokens"] - len(clean) <= 8
+    assert engine.allocator.num_used == 0 and engine.runner.stats["cleared_pages"] > 0
+
+
 @pytest.mark.parametrize("config", [dict(num_pages=6, page_size=8),
                                     dict(overlap=False, speculative=ji.SpeculativeConfig(method="ngram", num_tokens=3))],
                          ids=["decode_calls", "ngram"])

@@ -133,12 +133,13 @@ def test_adapters_added_and_removed_while_serving(setup, rng):
         done.update((o.request_id, o) for o in engine.step() if o.finished)
     engine.remove_adapter("qv")  # no request uses it now
     assert "qv" not in engine.adapters.store and engine.adapters.slot_of.keys() == {"every"}
-    outs = _serve(engine, [prompt, prompt, prompt], ["qv", "every", None])  # "qv" is gone
-    assert outs[0].finish_reason == "error" and "adapter='qv' is not an added adapter" in outs[0].error
-    assert outs[1].token_ids == done[rid2].token_ids
+    with pytest.raises(ValueError, match=r"prompts\[0\]: adapter='qv' is not an added adapter"):  # "qv" is gone
+        engine.generate([prompt, prompt], GREEDY, adapters=["qv", "every"])
+    outs = _serve(engine, [prompt, prompt], ["every", None])
+    assert outs[0].token_ids == done[rid2].token_ids
     engine.add_adapter("qv", paths["qv"])  # the name again: a new adapter, its old prefix pages not reused
     assert _serve(engine, [prompt], ["qv"])[0].token_ids == done[rid].token_ids
-    assert outs[2].token_ids == ji.generate(model, [prompt], GREEDY)[0].token_ids
+    assert outs[1].token_ids == ji.generate(model, [prompt], GREEDY)[0].token_ids
 
 
 def test_lora_over_int4_base_equals_merged(setup, rng):

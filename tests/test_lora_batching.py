@@ -61,7 +61,6 @@ def test_runs_as_a_script(tmp_path):
     (["--targets=embed_tokens"], "--targets: 'embed_tokens' is not all-linear or one of q_proj"),
     (["--num_requests=0"], "--num_requests=0 must be >= 1"),
     (["--zipf_a=0"], "--zipf_a=0.0 must be > 0"),
-    (["--out=/no/such/dir/x.json"], "cannot write /no/such/dir/x.json"),
 ])
 def test_bad_flags_are_refused_before_any_work(flags, message):
     with pytest.raises(ValueError, match=message):

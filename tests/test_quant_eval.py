@@ -37,7 +37,7 @@ def test_bad_scheme_fails_before_any_work():
 def test_bad_scheme_is_one_error_line():
     bad = run_script("experiments.quant_eval", "--schemes=dense,int5", timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: weights='int5'")
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --schemes: weights='int5'")
 
 
 @pytest.mark.slow  # the experiment's plumbing is test_quant_eval_end_to_end's; the schemes: test_w8a8, test_simulated

@@ -258,7 +258,7 @@ def test_rollback_forgets_tokens_and_their_pages(n):
     (seq,) = engine.requests[rid].sequences
     assert len(seq.generated) == 8 and seq.num_computed == 16
     registered = set(engine.allocator._page_hash)
-    engine.scheduler.rollback(seq, n)
+    engine.scheduler.kv.rollback(seq, n)
     assert len(seq.generated) == 8 - n and seq.num_computed == 16 - n == len(seq.tokens) - 1
     assert len(seq.pages) == -(-seq.num_computed // 4)
     assert not {seq.pages[i] for i in range(seq.num_computed // 4, len(seq.pages))} & set(engine.allocator._page_hash)
@@ -270,7 +270,7 @@ def test_rollback_forgets_tokens_and_their_pages(n):
     assert outs[0].token_ids == expected_tokens(prompt, 20, VOCAB)
     assert engine.allocator.num_used == 0
     with pytest.raises(ValueError, match="rollback of 30 tokens"):
-        engine.scheduler.rollback(dataclasses.replace(seq, tokens=prompt + [1]), 30)
+        engine.scheduler.kv.rollback(dataclasses.replace(seq, tokens=prompt + [1]), 30)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])

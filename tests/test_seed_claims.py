@@ -1,12 +1,16 @@
 """The seed-claims report: every claim of the note gets a row with the figure, a verdict and its
-source; verdicts follow the figures (given rows here, so no experiment runs in the test)."""
+source; verdicts follow the figures (given rows here, so no experiment runs in these tests but the
+slow one, which runs a small sweep from another directory)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from absl.testing import flagsaver
 
 from experiments import seed_claims
-from helpers import run_main
+from helpers import REPO, run_main
 
 ROWS = {
     "batching": [
@@ -57,3 +61,21 @@ def test_a_failed_run_is_said_not_hidden(tmp_path, monkeypatch):
 def test_unknown_claim_is_refused():
     with pytest.raises(ValueError, match="--only: 'speed' is not a claim"):
         run_main(seed_claims, "--only=speed")
+
+
+@pytest.mark.slow
+def test_a_run_sweeps_from_another_directory_and_a_failed_point_is_named(tmp_path, monkeypatch):
+    """run_sweep from a working directory that is not the checkout, with a relative --runs_dir: the
+    grid is written there, the sweep and its points run there; a failed point's error line reaches
+    the verdict."""
+    monkeypatch.setitem(seed_claims.RUNS, "probe", seed_claims.Run(
+        "kv_capacity", {"models": "llama3_8b", "cards": "h100_80gb"}, {}, ({"context": 2048}, {"kv_dtype": "int3"})))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", REPO)  # the checkout's experiments package, as from its root
+    with flagsaver.flagsaver():
+        seed_claims.FLAGS(["seed_claims", "--timeout_s=300"])
+        assert seed_claims.run_sweep("probe", "runs") == []  # a run with a failed point gives no rows
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "probe" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["status"] for r in rows) == ["failed", "ok"]
+    why = seed_claims.failure("probe", "runs")
+    assert "the probe run failed (1 failed; the first: exit status 2: error: kv_dtype='int3'" in why

@@ -59,11 +59,11 @@ class CorruptingRunner(MockRunner):
         super().__init__(*args, **kwargs)
         self.corrupt, CorruptingRunner.made = CorruptingRunner.made == 0, CorruptingRunner.made + 1
 
-    def step(self, decode, prefill, samplers, *, hidden=False):
-        out = super().step(decode, prefill, samplers, hidden=hidden)
-        for k, (_, seq) in enumerate(samplers):
-            if self.corrupt and len(seq.generated) == 2:
-                out.tokens[k] = (out.tokens[k] + 1) % self.vocab_size
+    def _mixed(self, plan):
+        out = super()._mixed(plan)
+        for row in out.rows:
+            if self.corrupt and row.tokens and len(row.seq.generated) == 2:
+                row.tokens[0] = (row.tokens[0] + 1) % self.vocab_size
         return out
 
 

@@ -263,15 +263,16 @@ def test_greedy_tree_equals_plain_decoding_on_the_shipped_pair(tiny):
     expected = [(o.token_ids, o.finish_reason) for o in ji.Engine(tiny, base).generate(prompts, params)]
     engine = ji.Engine(tiny, dataclasses.replace(base, speculative=SHIPPED_TREE))
     side = []
-    verify = engine.runner.verify
+    collect = engine.runner.collect
 
-    def spy(seqs, drafts, num, synthetic, parents):
-        accepted, tokens, logprobs = verify(seqs, drafts, num, synthetic, parents)
-        d = np.asarray(drafts)
-        side.extend(not np.array_equal(tokens[i, :a], d[i, :a]) for i, a in enumerate(accepted))
-        return accepted, tokens, logprobs
+    def spy(pending):
+        out = collect(pending)
+        if pending.plan.kind == "verify":
+            d = np.asarray(pending.plan.proposal.tokens)
+            side.extend(row.tokens[:a] != d[i, :a].tolist() for i, (row, a) in enumerate(zip(out.rows, out.accepted)))
+        return out
 
-    engine.runner.verify = spy
+    engine.runner.collect = spy
     outs = engine.generate(prompts, params)
     assert [(o.token_ids, o.finish_reason) for o in outs] == expected
     assert any(side) and engine.metrics()["spec_tokens_per_pass"] > 2
@@ -314,7 +315,7 @@ def test_rolled_back_cache_equals_plain_decoding(tiny, spec):
     (dict(method="draft"), "needs draft="),
     (dict(method="ngram", draft="tiny-draft"), "takes no draft"),
     (dict(method="synthetic"), "needs accept in \\[0, 1\\]"),
-    (dict(method="medusa", draft="tiny-medusa", tree=ji.DraftTree()), "tree= applies to method='eagle' only"),
+    (dict(method="medusa", draft="tiny-medusa", tree=ji.DraftTree()), "tree= applies to method 'eagle' only, not 'medusa'"),
     (dict(method="eagle", num_tokens=7, draft="tiny-eagle", tree=ji.DraftTree(top_k=2, depth=2)),
      "num_tokens=7 is more than the 6 candidates"),
     (dict(method="eagle", draft="tiny-eagle", tree=(4, 5)), "not a DraftTree"),

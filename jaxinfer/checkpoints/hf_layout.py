@@ -1,7 +1,7 @@
 """The Hugging Face checkpoint layout, shared by every loader (dense, AWQ/GPTQ, GGUF):
-tensor names and the params slot each fills, the shapes a config implies, the safetensors files
-of a directory, and header-only checks that name a missing or mis-shaped tensor before any data
-is read.
+tensor names and the params slot each fills (from the family's spec, jaxinfer.models.family), the
+shapes a config implies, the safetensors files of a directory, and header-only checks that name a
+missing or mis-shaped tensor before any data is read.
 """
 
 from __future__ import annotations
@@ -18,35 +18,11 @@ import jax
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 
-from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes a dense weight may be stored in
-
-# HF tensor name -> (our name, transpose). Layer tensors are "model.layers.{i}.<suffix>".
-LAYER_NAMES = {
-    "input_layernorm.weight": ("attn_norm", False),
-    "self_attn.q_proj.weight": ("wq", True),
-    "self_attn.k_proj.weight": ("wk", True),
-    "self_attn.v_proj.weight": ("wv", True),
-    "self_attn.o_proj.weight": ("wo", True),
-    "self_attn.q_proj.bias": ("bq", False),
-    "self_attn.k_proj.bias": ("bk", False),
-    "self_attn.v_proj.bias": ("bv", False),
-    "self_attn.o_proj.bias": ("bo", False),
-    "self_attn.q_norm.weight": ("q_norm", False),
-    "self_attn.k_norm.weight": ("k_norm", False),
-    "post_attention_layernorm.weight": ("mlp_norm", False),
-    "mlp.gate_proj.weight": ("w_gate", True),
-    "mlp.up_proj.weight": ("w_up", True),
-    "mlp.down_proj.weight": ("w_down", True),
-}
-TOP_NAMES = {
-    "model.embed_tokens.weight": ("embed", False),
-    "model.norm.weight": ("final_norm", False),
-    "lm_head.weight": ("lm_head", True),
-}
 # Present in some checkpoints, carry nothing the model needs.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -72,19 +48,20 @@ class Slot:
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, Slot]:
-    """Every HF tensor a dense checkpoint of this config holds, with the slot it fills."""
-    shapes = model_lib.param_shapes(cfg)
+    """Every HF tensor a dense checkpoint of this config holds (its family's params, HF names),
+    with the slot it fills: the top-level ones first, then layer by layer in params order."""
+    family = family_lib.of(cfg)
     out = {}
-    for hf, (name, transpose) in TOP_NAMES.items():
-        if name in shapes:
-            shape = shapes[name]
-            out[hf] = Slot(name, None, transpose, shape[::-1] if transpose else shape)
-    for suffix, (name, transpose) in LAYER_NAMES.items():
-        if name not in shapes["layers"]:
-            continue
-        shape = shapes["layers"][name][1:]
-        for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{suffix}"] = Slot(name, i, transpose, shape[::-1] if transpose else shape)
+    present = family.present(cfg)
+    for p in present:
+        if not p.layer:
+            shape = tuple(p.shape(cfg))
+            out[family.hf_name(p)] = Slot(p.name, None, p.transpose, shape[::-1] if p.transpose else shape)
+    for p in present:
+        if p.layer:
+            shape = tuple(p.shape(cfg))
+            for i in range(cfg.num_layers):
+                out[family.hf_name(p, i)] = Slot(p.name, i, p.transpose, shape[::-1] if p.transpose else shape)
     return out
 
 
@@ -114,7 +91,9 @@ def safetensors_files(ckpt_dir: str) -> list[str]:
 
 def header_entries(files: list[str], cfg: ModelConfig) -> Iterator[tuple[str, str, tuple[int, ...], str]]:
     """(file, tensor name, shape, safetensors dtype) of every tensor the model may read, from the
-    headers alone; ignored tensors (and a tied model's lm_head) are skipped."""
+    headers alone; ignored tensors (and a tied model's LM head) are skipped."""
+    family = family_lib.of(cfg)
+    tied = {family.hf_name(p) for p in family.params if p.role == "head"} if cfg.tie_word_embeddings else set()
     for path in files:
         try:
             f = safe_open(path, framework="numpy")
@@ -122,7 +101,7 @@ def header_entries(files: list[str], cfg: ModelConfig) -> Iterator[tuple[str, st
             raise CheckpointError(f"{path} is not a readable safetensors file (empty or truncated?): {e}") from None
         with f:
             for key in f.keys():
-                if IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                if IGNORED.match(key) or key in tied:
                     continue
                 sl = f.get_slice(key)
                 yield path, key, tuple(sl.get_shape()), sl.get_dtype()

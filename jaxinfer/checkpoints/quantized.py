@@ -57,7 +57,6 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from jaxinfer.checkpoints.hf_layout import (
-    LAYER_NAMES,
     CheckpointError,
     check_complete,
     expected_tensors,
@@ -67,9 +66,9 @@ from jaxinfer.checkpoints.hf_layout import (
     write_layer,
 )
 from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.formats import QuantizedWeight, pack
-from jaxinfer.quant.spec import LINEAR_WEIGHTS
 
 QUANT_METHODS = ("awq", "gptq")
 AWQ_VERSIONS = ("gemm",)
@@ -141,7 +140,7 @@ class CheckpointQuant:
 @dataclasses.dataclass(frozen=True)
 class _Projection:
     name: str  # key in params["layers"]: wq, ..., w_down
-    hf: str  # "self_attn.q_proj", ...
+    hf: str  # its module path, formatted with layer=i: "model.layers.{layer}.self_attn.q_proj"
     K: int  # in_features
     N: int  # out_features
     g: int  # rows per group
@@ -157,13 +156,14 @@ class _QSlot:
 
 
 def _projections(cfg: ModelConfig, quant: CheckpointQuant) -> list[_Projection]:
-    shapes = model_lib.param_shapes(cfg)["layers"]
+    """The family's projections (quantised in these checkpoints), with their HF module paths."""
+    family = family_lib.of(cfg)
     out = []
-    for suffix, (name, _) in LAYER_NAMES.items():
-        if name in LINEAR_WEIGHTS and suffix.endswith(".weight"):
-            _, K, N = shapes[name]
-            hf = suffix.removesuffix(".weight")
-            out.append(_Projection(name, hf, K, N, quant.groups(K, f"model.layers.*.{hf}")))
+    for p in family.present(cfg):
+        if p.is_projection:
+            K, N = p.shape(cfg)
+            hf = family.hf_layer_prefix + p.peft
+            out.append(_Projection(p.name, hf, K, N, quant.groups(K, hf.format(layer="*"))))
     return out
 
 
@@ -180,7 +180,7 @@ def _quant_tensors(cfg: ModelConfig, quant: CheckpointQuant, projs: list[_Projec
         for i in range(cfg.num_layers):
             for part, shape in shapes.items():
                 dtype = tuple(_SCALE_DTYPES) if part == "scales" else ("I32",)
-                out[f"model.layers.{i}.{p.hf}.{part}"] = _QSlot(p, i, part, shape, dtype)
+                out[f"{p.hf.format(layer=i)}.{part}"] = _QSlot(p, i, part, shape, dtype)
     return out
 
 
@@ -338,9 +338,8 @@ def load_quantized_params(
     quant = CheckpointQuant.from_hf(quantization_config)
     scale_dtype = resolve_dtype(scale_dtype) if scale_dtype is not None else None
     projs = _projections(cfg, quant)
-    dense_names = {p.hf + ".weight" for p in projs}
-    expected = {k: s for k, s in expected_tensors(cfg).items()
-                if not (s.layer is not None and k.split(".", 3)[3] in dense_names)}
+    quantised = {p.name for p in projs}
+    expected = {k: s for k, s in expected_tensors(cfg).items() if not (s.layer is not None and s.name in quantised)}
     qslots = _quant_tensors(cfg, quant, projs)
     files = safetensors_files(ckpt_dir)
 
@@ -350,8 +349,7 @@ def load_quantized_params(
     # Pass 3: stream dense tensors, qweights and scales into preallocated arrays.
     L = cfg.num_layers
     shapes = model_lib.param_shapes(cfg)
-    layers: dict[str, Any] = {k: jnp.zeros(s, dtype) for k, s in shapes["layers"].items()
-                              if k not in LINEAR_WEIGHTS}
+    layers: dict[str, Any] = {k: jnp.zeros(s, dtype) for k, s in shapes["layers"].items() if k not in quantised}
     qweights = {p.name: jnp.zeros((L, p.K * quant.bits // 8, p.N), jnp.uint8) for p in projs}
     scales = {p.name: jnp.zeros((L, p.K // p.g, p.N), scale_dtype or ckpt_scale_dtypes[p.name]) for p in projs}
     params: dict[str, Any] = {}

@@ -47,7 +47,7 @@ SHIPPED_MODELS = ("tiny", "tiny-draft")  # byte-level models trained by experime
 
 def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True,
                 on_host: bool = False) -> model_lib.Params:
-    """Read every tensor of an HF Llama-family checkpoint into the params pytree, cast to dtype.
+    """Read every tensor of an HF checkpoint (its family's names) into the params pytree, cast to dtype.
     on_host: numpy arrays in host memory, for placement on a mesh shard by shard (jaxinfer.sharding),
     so that no device ever holds more than its shard."""
     expected = expected_tensors(cfg)

@@ -9,7 +9,7 @@ import math
 import jax.numpy as jnp
 
 from jaxinfer import memory
-from jaxinfer.engine.runner import possible_buckets
+from jaxinfer.engine.batch import Bucket, Layout
 from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
 from jaxinfer.lora import SlotConfig
 from jaxinfer.models.decoder import Impl, auto_impl
@@ -95,14 +95,12 @@ class EngineConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} is over the model's context of {context}")
         return self.max_seq_len or context
 
-    def buckets(self, max_seq_len: int, page_size: int, num_pages: int, max_prompt_len: int,
-                max_len: int) -> list[tuple]:
-        """Every program shape an engine with this config can run (jaxinfer.engine.runner.possible_buckets)."""
-        return possible_buckets(
+    def buckets(self, layout: Layout, max_prompt_len: int, max_len: int) -> list[Bucket]:
+        """Every program shape an engine with this config can run over `layout` (Layout.possible_buckets)."""
+        return layout.possible_buckets(
             max_batch=self.max_batch, max_tokens_per_step=self.max_tokens_per_step,
             chunked_prefill=self.chunked_prefill, decode_steps=self.decode_steps,
-            multi_step_decode=self.decode_steps > 1 or self.overlap, max_seq_len=max_seq_len,
-            max_prompt_len=max_prompt_len, max_len=max_len, page_size=page_size, num_pages=num_pages,
+            multi_step_decode=self.decode_steps > 1 or self.overlap, max_prompt_len=max_prompt_len, max_len=max_len,
             speculative_tokens=self.speculative.num_tokens if self.speculative else 0)
 
     def kv_pages(self, model, max_seq_len: int) -> tuple[int, int]:

@@ -3,14 +3,16 @@
   engine = ji.Engine(model, ji.EngineConfig(batching="continuous", page_size=16))
   outs = engine.generate(prompts, ji.SamplingParams(max_tokens=64, temperature=0.0))
 
-Each `step()` asks the scheduler for a mixed batch (one decode token per running sequence plus
-prompt chunks), has the runner (jaxinfer/engine/runner.py) run it as one jitted forward over the
-paged cache, appends the sampled tokens and retires finished requests, returning their pages
-(jaxinfer/engine/lifecycle.py).
-A step with decode work only becomes a decode call of up to `decode_steps` steps
-(jaxinfer/engine/pipeline.py); with `overlap`, the next call is dispatched before the last one's tokens
-are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an adapter registry
-(jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits a sequence.
+Each `step()` follows one contract (jaxinfer/engine/step.py): the scheduler makes a plan (one
+decode token per running sequence plus prompt chunks), the runner (jaxinfer/engine/runner.py)
+executes it as one jitted program over the paged cache and returns a step output, and one update
+(jaxinfer/engine/lifecycle.py) appends the sampled tokens and retires finished requests, returning
+their pages. A plan with decode work only becomes a decode call of up to `decode_steps` steps
+(jaxinfer/engine/pipeline.py) or, with speculative decoding, a verify pass of drafted tokens
+(jaxinfer/engine/speculation.py); with `overlap`, the next decode call is dispatched before the last
+one's tokens are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an
+adapter registry (jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits
+a sequence.
 With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
 (jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
 
@@ -32,27 +34,27 @@ read back anyway); its pages are zeroed before they are reused and the rest of t
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from collections.abc import Iterator
 from typing import Sequence as Seq
 
 from jaxinfer import sharding
+from jaxinfer.engine.batch import Layout
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.kv_manager import PageAllocator
 from jaxinfer.engine.lifecycle import Request, RequestTable, SequenceEvents
 from jaxinfer.engine.metrics import EngineMeter
-from jaxinfer.engine.pipeline import DecodePipeline, run_mixed
+from jaxinfer.engine.pipeline import DecodeCalls
 from jaxinfer.engine.requests import RequestOutput, StopRules, check_request, prepare_adapters, prepare_sampling
 from jaxinfer.engine.runner import ModelRunner
 from jaxinfer.engine.scheduler import Scheduler, Sequence
-from jaxinfer.engine.speculation import SpeculativeDecoder
+from jaxinfer.engine.speculation import Speculation
+from jaxinfer.engine.step import StepOutput, StepPlan
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
 from jaxinfer.models import decoder as model_lib
-from jaxinfer.sampling.sampler import SamplingParams
+from jaxinfer.sampling.params import SamplingParams
+from jaxinfer.sampling.processors import Vocab
 from jaxinfer.speculative import load_drafter
-
-log = logging.getLogger("jaxinfer")
 
 
 class Engine:
@@ -69,8 +71,8 @@ class Engine:
         self.drafter = (None if config.speculative is None else
                         load_drafter(config.speculative, placed, num_pages, page_size, self.max_seq_len, impl))
         self.runner = runner(placed, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
-                             features=bool(self.drafter and self.drafter.features), kv_dtype=config.kv_dtype,
-                             lora=config.lora_slots())
+                             features=bool(config.speculative and config.speculative.spec.features),
+                             kv_dtype=config.kv_dtype, lora=config.lora_slots())
         self.adapters = AdapterRegistry(sharding.logical_config(placed), config.max_adapters, config.max_lora_rank,
                                         self.runner)
         self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,
@@ -83,14 +85,16 @@ class Engine:
         self._next_id = 0
         self.meter = EngineMeter(self.allocator)  # steps, preemptions, pages and KV slots in use per step
         self.last_run: dict[str, float] = {}  # wall time, tokens and throughput of the last generate()
-        self.pipeline = DecodePipeline(self.scheduler, self.runner, config.decode_steps, config.overlap)
-        self.speculator = (None if self.drafter is None else
-                           SpeculativeDecoder(config.speculative, self.drafter, self.scheduler, self.runner))
+        # How a plan with decode work only runs: verify passes, multi-step decode calls, or a plain step.
+        self.speculator = None if self.drafter is None else Speculation(config.speculative, self.drafter, self.scheduler)
+        self.calls = (DecodeCalls(self.scheduler, config.decode_steps)
+                      if self.drafter is None and (config.decode_steps > 1 or config.overlap) else None)
+        self.pending = None  # a decode call dispatched and not yet read back (overlap)
 
     @property
     def stats(self) -> collections.Counter:
         """Counters so far: the engine's and the runner's (device_s, device_idle_s, tokens run, ...)."""
-        merged = collections.Counter(self.meter.counts, lookahead_calls=self.pipeline.lookahead_calls)
+        merged = collections.Counter(self.meter.counts, lookahead_calls=self.calls.lookahead_calls if self.calls else 0)
         merged.update(self.runner.stats)
         return merged
 
@@ -172,34 +176,28 @@ class Engine:
         return self.scheduler.has_work()
 
     def generate(self, prompts: Seq[str | Seq[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
-                 *, adapters: Seq[str | None] | None = None, raise_on_error: bool = False) -> list[RequestOutput]:
+                 *, adapters: Seq[str | None] | None = None) -> list[RequestOutput]:
         """Serve prompts to completion, prompt i under adapters[i] (None: the base model); outputs in
-        prompt order. A bad prompt (or adapter name) gets an output with finish_reason "error" and its
-        message (logged as a warning); the others are served as if it were not there. With
-        raise_on_error, a bad prompt raises instead, before any is served."""
+        prompt order. Bad input (a prompt empty, off the vocabulary or past the context, max_tokens
+        past it, an unknown adapter) raises ValueError naming prompts[i] before any prompt is served,
+        as add_request does; the engine is unchanged."""
         if isinstance(prompts, str) or not len(prompts):
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
         params, adapters = prepare_sampling(sampling, len(prompts)), prepare_adapters(adapters, len(prompts))
-        ids: list[int | RequestOutput] = []
+        ids: list[int] = []
         for i, (p, sp, adapter) in enumerate(zip(prompts, params, adapters)):
             try:
                 ids.append(self.add_request(p, sp, seed=i, adapter=adapter))
             except ValueError as e:
-                if raise_on_error:
-                    for rid in ids:
-                        self.abort(rid)
-                    raise ValueError(f"prompts[{i}]: {e}") from None
-                prompt_ids = list(p) if isinstance(p, (list, tuple)) else []
-                ids.append(RequestOutput(prompt_ids, [], None, "error", {}, error=f"prompts[{i}]: {e}"))
-        errors = [x.error for x in ids if isinstance(x, RequestOutput)]
-        if errors:
-            log.warning("%d of %d prompts were refused; the first: %s", len(errors), len(ids), errors[0])
+                for rid in ids:
+                    self.abort(rid)
+                raise ValueError(f"prompts[{i}]: {e}") from None
         done: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while self.has_unfinished():
             done.update((o.request_id, o) for o in self.requests.outputs(self._advance(), partial=False) if o.finished)
         wall = time.perf_counter() - start
-        outs = [x if isinstance(x, RequestOutput) else done.pop(x) for x in ids]
+        outs = [done.pop(rid) for rid in ids]
         generated = sum(len(s.token_ids) for o in outs for s in (o.samples or [o]))
         self.last_run = {"wall_s": wall, "generated_tokens": generated,
                          "throughput_tok_s": generated / wall if wall else 0.0}
@@ -207,12 +205,18 @@ class Engine:
 
     def warmup(self, max_prompt_len: int | None = None, max_len: int | None = None) -> int:
         """Compile every program this config can run, for prompts up to max_prompt_len tokens and
-        sequences up to max_len (prompt and output; both default to max_seq_len); returns how many
-        programs were compiled now. n > 1 sampling may need sampler shapes beyond these."""
+        sequences up to max_len (prompt and output; max_len defaults to max_seq_len, max_prompt_len to
+        max_len); returns how many programs were compiled now. Lengths past max_seq_len raise
+        ValueError. n > 1 sampling may need sampler shapes beyond these."""
         a, spec = self.allocator, self.config.speculative
-        max_prompt_len = min(max_prompt_len or self.max_seq_len, self.max_seq_len)
-        buckets = self.config.buckets(self.max_seq_len, a.page_size, a.num_pages, max_prompt_len,
-                                      max_len or self.max_seq_len)
+        max_len = self.max_seq_len if max_len is None else max_len
+        max_prompt_len = max_len if max_prompt_len is None else max_prompt_len
+        if not 1 <= max_len <= self.max_seq_len:
+            raise ValueError(f"warmup: max_len={max_len} is outside [1, {self.max_seq_len}] (the engine's max_seq_len)")
+        if not 1 <= max_prompt_len <= max_len:
+            raise ValueError(f"warmup: max_prompt_len={max_prompt_len} is outside [1, max_len={max_len}]")
+        layout = Layout(a.num_pages, a.page_size, self.max_seq_len, self.config.max_batch, Vocab.of(self.model))
+        buckets = self.config.buckets(layout, max_prompt_len, max_len)
         return self.runner.warmup(buckets, **(spec.verify_programs() if spec else {}))
 
     def metrics(self) -> dict[str, float]:
@@ -234,12 +238,20 @@ class Engine:
         return self.requests.outputs(self._advance(), partial=True)
 
     def _advance(self) -> list[Sequence]:
-        """One iteration: expire requests past their deadline, run the scheduled batch; returns
-        the sequences that finished (the requests that got tokens are in requests.touched)."""
+        """One iteration: read back a decode call in flight (its successor dispatched first when it
+        is sure to be needed), expire requests past their deadline, then plan, execute and apply a
+        step; returns the sequences that finished (the requests that got tokens are in requests.touched)."""
         start, device_before = time.perf_counter(), self.runner.stats["device_s"]
-        finished = self.pipeline.collect(self.events.append) if self.pipeline.in_flight else []
+        finished = []
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            successor = self.calls.look_ahead(pending.plan) if self.config.overlap else None
+            if successor is not None:
+                successor.inputs = self.runner.newest(pending)
+                self.pending = self.runner.dispatch(successor)
+            finished += self._update(pending.plan, self.runner.collect(pending))
         finished += self.events.expire()
-        if self.pipeline.in_flight is None and self.scheduler.has_work():
+        if self.pending is None and self.scheduler.has_work():
             plan = self.scheduler.schedule()
             self.meter.scheduled(len(plan.preempted), len(self.scheduler.running))
             finished += plan.finished
@@ -247,16 +259,30 @@ class Engine:
                 self.runner.copy_pages(plan.copies)
                 if self.drafter:
                     self.drafter.copy_pages(plan.copies)
-            if plan.decode and not plan.prefill and self.speculator:
-                finished += self.speculator.step(plan.decode, self.events.append)
-            elif plan.decode and not plan.prefill and (self.config.decode_steps > 1 or self.config.overlap):
-                finished += self.pipeline.start(plan.decode, self.events.append)
-            elif not plan.empty:
-                finished += run_mixed(plan, self.runner, self.scheduler, self.events.append,
-                                      self.events.fork)
+            if not plan.empty:
+                finished += self._run(plan)
         if not self.scheduler.has_work():
             self.runner.no_work()
         device_s = self.runner.stats["device_s"] - device_before  # blocking reads
         self.meter.stepped(sum(s.num_computed for s in self.scheduler.running),
                            time.perf_counter() - start - device_s)
+        return finished
+
+    def _run(self, plan: StepPlan) -> list[Sequence]:
+        """Execute a plan and apply its output (a decode call under overlap is left in flight)."""
+        if plan.decode and not plan.prefill:
+            if self.speculator is not None:
+                plan = self.speculator.extend(plan, self.runner.features)
+            elif self.calls is not None:
+                plan = self.calls.extend(plan)
+        pending = self.runner.dispatch(plan)
+        if plan.kind == "decode" and self.config.overlap:
+            self.pending = pending
+            return []
+        return self._update(plan, self.runner.collect(pending))
+
+    def _update(self, plan: StepPlan, output: StepOutput) -> list[Sequence]:
+        finished = self.events.apply(output)
+        if plan.kind == "verify":
+            self.speculator.applied(plan, output)
         return finished

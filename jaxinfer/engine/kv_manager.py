@@ -3,6 +3,11 @@
   PageAllocator  free list, reference counts (shared prefixes, forked samples, copy-on-write)
                  and the prefix cache: a full page is found again by the hash of every token up to
                  and including it; unreferenced cached pages are evicted least recently used first.
+  KVManager      a sequence's pages over the allocator: prefix hits at admission, pages for its
+                 next tokens (copying a shared page before it is written), pages reserved ahead
+                 for multi-step and speculative calls and given back, rollback of rejected tokens,
+                 full pages offered to the prefix cache, pages shared by forked samples. The
+                 scheduler composes one and decides only who runs (and who is preempted).
 
 Plain Python, no tracing. The device side (the page pytree and its copies) is
 jaxinfer/models/kv_cache.py.
@@ -135,3 +140,111 @@ class PageAllocator:
             counts = collections.Counter(p for pages in owners.values() for p in pages)
             for page in range(self.num_pages):
                 assert counts[page] == self.refcount[page], f"page {page}: {counts[page]} owners, refcount {self.refcount[page]}"
+
+
+class KVManager:
+    """Pages of sequences (jaxinfer/engine/scheduler.py's Sequence: pages, num_computed, hashes,
+    num_registered, cache_salt, tokens) over one PageAllocator."""
+
+    def __init__(self, allocator: PageAllocator):
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+
+    def pages_for(self, seq, num_tokens: int) -> int:
+        """Pages seq must newly allocate to hold num_tokens more tokens."""
+        return max(0, -(-(seq.num_computed + num_tokens) // self.page_size) - len(seq.pages))
+
+    def admit(self, seq) -> None:
+        """Give a newly (re)admitted sequence the cached pages of its longest cached prefix. The last
+        token is never taken from the cache: its logits are needed."""
+        page = self.page_size
+        seq.hashes = PageAllocator.page_hashes(seq.tokens[: len(seq.tokens) - 1], page, seq.cache_salt)
+        seq.pages = self.allocator.lookup(seq.hashes)
+        seq.num_computed = len(seq.pages) * page
+        seq.num_registered = len(seq.pages)
+        seq.draft_computed = 0  # a drafter recomputes its own cache (pages it shares come out the same)
+
+    def reserve(self, seq, num_tokens: int, copies: list[tuple[int, int]]) -> None:
+        """Writable pages for seq's next num_tokens tokens: a shared page they go into is copied
+        first (appended to copies), new pages allocated. OutOfPages if they do not fit."""
+        idx = seq.num_computed // self.page_size
+        if idx < len(seq.pages) and self.allocator.refcount[seq.pages[idx]] > 1:
+            (dst,) = self.allocator.allocate(1)
+            copies.append((seq.pages[idx], dst))
+            self.allocator.free([seq.pages[idx]])
+            seq.pages[idx] = dst
+        seq.pages += self.allocator.allocate(self.pages_for(seq, num_tokens))
+
+    def reserve_ahead(self, seqs: list, wanted: list[int], ahead: list[int]) -> bool:
+        """Pages for a call in which seqs[i], ahead[i] tokens past its num_computed, takes wanted[i]
+        steps: all taken from free pages or none, returning whether."""
+        counts = [self.pages_for(s, a + w) for s, w, a in zip(seqs, wanted, ahead)]
+        if sum(counts) > self.allocator.num_free:
+            return False
+        for s, n in zip(seqs, counts):
+            s.pages += self.allocator.allocate(n)
+        return True
+
+    def release_unused(self, seq) -> None:
+        """Give back the pages past the one seq's next token goes into (reserved for speculative
+        tokens that were rejected)."""
+        keep = seq.num_computed // self.page_size + 1
+        self.allocator.free(seq.pages[keep:])
+        del seq.pages[keep:]
+
+    def advance(self, seq, n: int, register: bool = True) -> None:
+        """seq's next n tokens now have their K/V in its pages (register: offer full pages to the
+        prefix cache)."""
+        seq.num_computed += n
+        if register:
+            self.register_full_pages(seq)
+
+    def register_full_pages(self, seq) -> None:
+        """Offer newly completed pages of seq to the prefix cache."""
+        page = self.page_size
+        full = seq.num_computed // page
+        while len(seq.hashes) < full:  # extend the chained hashes over generated tokens
+            prev = seq.hashes[-1] if seq.hashes else seq.cache_salt
+            i = len(seq.hashes)
+            seq.hashes.append(hash((prev, tuple(seq.tokens[i * page : (i + 1) * page]))))
+        for i in range(seq.num_registered, full):
+            self.allocator.register(seq.pages[i], seq.hashes[i])
+        seq.num_registered = max(seq.num_registered, full)
+
+    def share(self, parent, child) -> None:
+        """child holds parent's pages too (copy-on-write before either writes into a shared one)."""
+        child.pages = list(parent.pages)
+        for p in child.pages:
+            self.allocator.incref(p)
+
+    def rollback(self, seq, n: int) -> None:
+        """Drop seq's newest n generated tokens (rejected speculative tokens). The newest token
+        left becomes its next input: K/V from its position on are forgotten, pages past them come
+        back, and a kept page that will be rewritten leaves the prefix cache."""
+        if not 0 <= n <= len(seq.generated):
+            raise ValueError(f"rollback of {n} tokens, but the sequence has generated {len(seq.generated)}")
+        del seq.tokens[len(seq.tokens) - n :]
+        seq.num_computed = min(seq.num_computed, len(seq.tokens) - 1)
+        seq.draft_computed = min(seq.draft_computed, seq.num_computed)
+        page = self.page_size
+        keep = -(-seq.num_computed // page)
+        self.allocator.free(seq.pages[keep:])
+        del seq.pages[keep:]
+        full = seq.num_computed // page
+        for p in seq.pages[full:]:
+            self.allocator.unregister(p)
+        del seq.hashes[full:]
+        seq.num_registered = min(seq.num_registered, full)
+
+    def forget_own(self, seq) -> list[int]:
+        """The pages seq alone holds, taken out of the prefix cache (a failed sequence's: they may
+        hold NaN, to be zeroed before reuse)."""
+        own = [p for p in seq.pages if self.allocator.refcount[p] == 1]
+        for p in own:
+            self.allocator.unregister(p)
+        return own
+
+    def free(self, seq) -> None:
+        """Give back every page of seq (they stay cached where the prefix cache holds them)."""
+        self.allocator.free(seq.pages)
+        seq.pages = []

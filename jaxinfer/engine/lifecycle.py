@@ -2,9 +2,11 @@
 
 RequestTable remembers requests by id (their sequences, n samples each, and deadlines) and renders
 the outputs a step hands back: the requests that finished, and those that got tokens and run on
-(for step() callers and streams). SequenceEvents applies what the engine's steps produce: a token
-appended (finishing its sequence at a stop), a sequence failed (non-finite logits), a request
-ended (aborted, timed out), a request's other samples forked once its prompt is in the cache.
+(for step() callers and streams). SequenceEvents is the step contract's one update
+(jaxinfer/engine/step.py): `apply` takes a step output and, row by row, advances each sequence over
+its computed tokens and appends its sampled ones (finishing it at a stop, failing it on non-finite
+logits), forks a request's other samples once its prompt is in the cache, and gives back pages
+reserved past a sequence's end; `end` and `expire` finish requests (aborted, timed out).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 from jaxinfer.engine.requests import RequestOutput, StopRules, sequence_output
 from jaxinfer.engine.scheduler import Scheduler, Sequence, Status
+from jaxinfer.engine.step import StepOutput
 from jaxinfer.sampling.params import SamplingParams
 from jaxinfer.sampling.sampler import NONFINITE, Logprob
 
@@ -110,12 +113,40 @@ class RequestTable:
 
 
 class SequenceEvents:
-    """How tokens and ends change an engine's sequences; the pages of a finished sequence go back
-    through the scheduler. `append` is the callback the engine's step paths (mixed steps, decode
-    calls, verify passes) hand their sampled tokens to."""
+    """How step outputs and ends change an engine's sequences; the pages of a finished sequence go
+    back through the scheduler."""
 
     def __init__(self, requests: RequestTable, scheduler: Scheduler, runner):
         self.requests, self.scheduler, self.runner = requests, scheduler, runner
+
+    def apply(self, output: StepOutput) -> list[Sequence]:
+        """The update of one step: for each row, in order, advance its sequence over the inputs
+        before its first sampled token, then per sampled token advance over its input and append
+        it, until the sequence ends. A row that ended while its step ran (aborted, timed out) is
+        skipped. Returns the sequences that finished."""
+        finished = []
+        for row in output.rows:
+            seq = row.seq
+            if seq.status is not Status.RUNNING:
+                continue
+            lead = row.computed - len(row.tokens)
+            if lead:
+                self.scheduler.advance(seq, lead)
+            children = []
+            for token, logprob in zip(row.tokens, row.logprobs or [None] * len(row.tokens)):
+                self.scheduler.advance(seq, 1)
+                if row.forks and not children:
+                    children = self._fork(seq)  # the prompt is in the cache; its first tokens follow
+                row.appended += 1
+                if self.append(seq, token, logprob):
+                    finished.append(seq)
+                    break
+            finished += [child for child, token, logprob in zip(children, row.forks, row.fork_logprobs or
+                                                                 [None] * len(row.forks))
+                         if self.append(child, token, logprob)]
+            if row.release and seq.status is Status.RUNNING:
+                self.scheduler.kv.release_unused(seq)
+        return finished
 
     def append(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> bool:
         """Append a sampled token (and its Logprob, when the request asked) to a running sequence;
@@ -141,10 +172,7 @@ class SequenceEvents:
         """Finish a sequence with "error": the pages it alone holds leave the prefix cache and are
         zeroed on the device (they may hold NaN), then come back."""
         log.warning("request %d failed: %s", seq.request_id, error)
-        allocator = self.scheduler.allocator
-        own = [p for p in seq.pages if allocator.refcount[p] == 1]
-        for p in own:
-            allocator.unregister(p)
+        own = self.scheduler.kv.forget_own(seq)
         if own:
             self.runner.clear_pages(own)
         seq.error = error
@@ -165,13 +193,12 @@ class SequenceEvents:
             self.end(req, "timeout")
         return [req.sequences[0] for req in ended]
 
-    def fork(self, parent: Sequence, n: int) -> list[Sequence]:
-        """The other samples of a request (n > 1 sampling), sharing the parent's prompt pages once
-        its last prompt chunk (n tokens, computed in this step) is in them."""
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The other samples of a request (n > 1 sampling), sharing the parent's pages once its
+        prompt is computed in them, before its first token."""
         req = self.requests[parent.request_id]
         children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[], logprobs=[],
-                                        num_computed=parent.num_computed + n, hashes=list(parent.hashes),
-                                        seed=sample_seed(parent.seed, i),
+                                        hashes=list(parent.hashes), seed=sample_seed(parent.seed, i),
                                         stop=self.requests.rules.checker(parent.sampling, parent.stop.room))
                     for i in range(1, parent.sampling.n)]
         self.scheduler.fork(parent, children)

@@ -1,6 +1,7 @@
 """A model runner with no model, for testing the scheduler and the engine in milliseconds.
 
-It has the verbs of `jaxinfer.engine.runner.ModelRunner` and keeps a host-side "KV cache" that stores
+It runs the step contract of `jaxinfer.engine.runner.ModelRunner` (jaxinfer/engine/step.py's Runner)
+and keeps a host-side "KV cache" that stores
 the token id written into each slot. A sequence's next token is a function of the tokens the
 runner reads back through its block table:
 
@@ -24,13 +25,15 @@ slots again, so a later owner that reads one before writing it fails loudly.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import zlib
 
 import numpy as np
 
 from jaxinfer.buckets import next_power_of_2
-from jaxinfer.engine.runner import DecodeCall, StepOutput
+from jaxinfer.engine.lifecycle import sample_seed
 from jaxinfer.engine.scheduler import Sequence
+from jaxinfer.engine.step import RowOutput, StepOutput, StepPlan
 from jaxinfer.sampling.sampler import NONFINITE
 
 _EMPTY = -1
@@ -56,6 +59,12 @@ def expected_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: i
     return tokens[len(prompt):]
 
 
+@dataclasses.dataclass
+class MockPending:
+    plan: StepPlan
+    output: StepOutput
+
+
 class MockRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None,
                  features: bool = False, kv_dtype: str | None = None, lora=None, nan_token: int | None = None):
@@ -68,6 +77,7 @@ class MockRunner:
         self.slots = np.full(num_pages * page_size, _EMPTY, np.int64)
         self.decode_rows = next_power_of_2(max_batch)
         self.buckets: set = set()
+        self.features = None  # no feature cache: feature-level drafters need the model runner
         self.stats: collections.Counter = collections.Counter()
         self.calls: list[tuple[str, int]] = []  # ("step", tokens) / ("decode", rows) in dispatch order
 
@@ -88,10 +98,10 @@ class MockRunner:
             raise AssertionError(f"request {seq.request_id} read an unwritten slot")
         return ctx
 
-    def _sample(self, seq: Sequence, context: np.ndarray, step: int) -> int:
+    def _sample(self, seq: Sequence, context: np.ndarray, step: int, seed: int | None = None) -> int:
         if self.nan_token is not None and np.any(context % TAG_WEIGHT == self.nan_token):
             return NONFINITE
-        noise = 0 if seq.sampling.temperature == 0 else seq.seed + step
+        noise = 0 if seq.sampling.temperature == 0 else (seq.seed if seed is None else seed) + step
         return next_token(context, self.vocab_size, noise + self._tag(seq))
 
     def load_adapter(self, slot: int, adapter) -> None:
@@ -108,60 +118,85 @@ class MockRunner:
             self.slots[d : d + self.page_size] = self.slots[s : s + self.page_size]
         self.stats["copied_pages"] += len(copies)
 
-    def step(self, decode, prefill, samplers, *, hidden: bool = False) -> StepOutput:
+    # The step contract: the mock computes a plan's tokens when it is dispatched.
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        return self.collect(self.dispatch(plan))
+
+    def dispatch(self, plan: StepPlan) -> MockPending:
+        if plan.kind == "verify":
+            return MockPending(plan, self._verify(plan))
+        if plan.kind == "decode":
+            return self._decode(plan)
+        return MockPending(plan, self._mixed(plan))
+
+    def collect(self, pending: MockPending) -> StepOutput:
+        return pending.output
+
+    def newest(self, pending: MockPending) -> np.ndarray:
+        return np.asarray([row.tokens[-1] if row.tokens else 0 for row in pending.output.rows])
+
+    def _mixed(self, plan: StepPlan) -> StepOutput:
+        decode, prefill = plan.decode, plan.prefill
         rows = [(s, 1) for s in decode] + list(prefill)
         self.calls.append(("step", sum(n for _, n in rows)))
         for seq, n in rows:
             for p in range(seq.num_computed, seq.num_computed + n):
                 self._write(seq, p, seq.tokens[p])
-        ends = [s.num_computed + n for s, n in rows]
         self.stats["decode_tokens"] += len(decode)
         self.stats["prefill_tokens"] += sum(n for _, n in prefill)
-        tokens = [self._sample(seq, self._context(rows[i][0], ends[i]), len(seq.generated)) for i, seq in samplers]
-        return StepOutput(np.asarray(tokens, np.int64))
+        out = []
+        for seq, n in rows:
+            end = seq.num_computed + n
+            context = self._context(seq, end)
+            if end < len(seq.tokens):  # a prompt chunk that does not finish the prompt samples nothing
+                bad = self._sample(seq, context, len(seq.generated)) == NONFINITE  # but its logits are checked
+                out.append(RowOutput(seq, n, [NONFINITE] if bad else []))
+                continue
+            forks = seq.sampling.n - 1 if not seq.generated and seq.sample_index == 0 else 0
+            out.append(RowOutput(seq, n, [self._sample(seq, context, len(seq.generated))],
+                                 [self._sample(seq, context, 0, sample_seed(seq.seed, i)) for i in range(1, 1 + forks)]))
+        return StepOutput(out)
 
-    def decode(self, seqs, wanted, ahead, tokens=None) -> DecodeCall:
+    def _decode(self, plan: StepPlan) -> MockPending:
+        seqs, wanted, ahead = plan.decode, plan.num_steps, plan.ahead or [0] * len(plan.decode)
         self.calls.append(("decode", len(seqs)))
-        k = next_power_of_2(max(wanted))
-        out = np.full((k, next_power_of_2(len(seqs))), _EMPTY, np.int64)
+        rows = []
         for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
-            tok = s.tokens[s.num_computed] if tokens is None else int(tokens[i])
+            tok = s.tokens[s.num_computed] if plan.inputs is None else int(plan.inputs[i])
+            tokens = []
             for j in range(w):
                 pos = s.num_computed + a + j
                 self._write(s, pos, tok)
-                out[j, i] = self._sample(s, self._context(s, pos + 1), len(s.generated) + a + j)
-                tok = max(int(out[j, i]), 0)  # a failed row runs on with token 0, as the model runner's does
+                tokens.append(self._sample(s, self._context(s, pos + 1), len(s.generated) + a + j))
+                tok = max(tokens[-1], 0)  # a failed row runs on with token 0, as the model runner's does
+            rows.append(RowOutput(s, w, tokens))
         self.stats["decode_tokens"] += sum(wanted)
-        return DecodeCall(out, list(seqs), list(wanted))
+        return MockPending(plan, StepOutput(rows))
 
-    def verify(self, seqs, drafts, num_drafts, synthetic=None, parents=None):
+    def _verify(self, plan: StepPlan) -> StepOutput:
         """Write each row's next token and drafts; accept drafts while they equal the mock's own
         next token (the mock target is deterministic), then emit its token after them. Chains
-        only (parents None): draft trees need the model runner."""
-        if parents is not None:
+        only (no parents): draft trees need the model runner."""
+        if plan.proposal.parents is not None:
             raise ValueError("MockRunner verifies chains of drafts only, not draft trees")
+        seqs, num_drafts = plan.decode, plan.num_drafts
         self.calls.append(("verify", len(seqs)))
-        drafts = np.asarray(drafts)
-        k = drafts.shape[1]
-        accepted, out = np.zeros(len(seqs), np.int64), np.zeros((len(seqs), k + 1), np.int64)
+        drafts = np.asarray(plan.proposal.tokens)
+        accepted, rows = np.zeros(len(seqs), np.int64), []
         for i, (s, num) in enumerate(zip(seqs, num_drafts)):
             row = [s.tokens[s.num_computed], *drafts[i, :num].tolist()]
             for j, tok in enumerate(row):
                 self._write(s, s.num_computed + j, tok)
+            out = []
             for j in range(num + 1):
-                t = self._sample(s, self._context(s, s.num_computed + j + 1), len(s.generated) + j)
-                out[i, j] = t
-                if j == num or t != row[j + 1]:
+                out.append(self._sample(s, self._context(s, s.num_computed + j + 1), len(s.generated) + j))
+                if j == num or out[-1] != row[j + 1]:
                     accepted[i] = j
                     break
+            rows.append(RowOutput(s, len(out), out, release=True))
         self.stats["verify_tokens"] += sum(n + 1 for n in num_drafts)
-        return accepted, out, None
-
-    def newest(self, call: DecodeCall) -> np.ndarray:
-        return np.asarray([call.tokens[max(w - 1, 0), i] for i, w in enumerate(call.wanted)])
-
-    def read(self, call: DecodeCall) -> tuple[np.ndarray, None]:
-        return call.tokens, None
+        return StepOutput(rows, accepted=accepted)
 
     def warmup(self, buckets) -> int:
         return 0

@@ -7,6 +7,13 @@ in the context of the token before them, so a long completion costs linear host 
 the tail that a new stop string occurrence could touch is searched. The same decoded text gives
 the text of a streamed output (`StopChecker.stream_text`): it holds back a cut character and any
 tail that could still grow into a stop string, so what a stream shows is never taken back.
+
+Limits, one rule for every entry (Engine.add_request, .stream, .generate and ji.generate): the
+context is the engine's max_seq_len (the baseline: the model's context). A prompt longer than it,
+or max_tokens past it, raises ValueError naming the prompt (or field) and both lengths, before any
+work; a prompt that fits but leaves fewer than max_tokens positions ends with finish_reason
+"context" when no position is left (a prompt of L tokens gets at most context - L + 1 tokens: the
+last one needs no position of its own).
 """
 
 from __future__ import annotations
@@ -31,12 +38,13 @@ class RequestOutput:
     token_ids: list[int]  # generated tokens (a stop token included)
     text: str | None  # decoded generated tokens, cut before a stop string; None without a tokenizer
     finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" (max_tokens, or a request that
-    # alone outgrew the KV cache) | "context" (no position left in the context) | "aborted" (Engine.abort) |
-    # "timeout" (its deadline passed; tokens so far kept) | "error" (refused, or non-finite logits) | None (running)
+    # alone outgrew the KV cache) | "context" (no position left in the context: the prompt fit but left fewer
+    # than max_tokens) | "aborted" (Engine.abort) | "timeout" (its deadline passed; tokens so far kept) |
+    # "error" (non-finite logits while it ran; bad input raises ValueError instead) | None (running)
     # ttft_s, tpot_s, latency_s, prompt_tokens, generated_tokens, ...; times include compiling any program the
     # request is the first to need (Engine.warmup compiles them all first)
     metrics: dict[str, float]
-    error: str | None = None  # why a request was refused or failed (finish_reason "error")
+    error: str | None = None  # why a request failed (finish_reason "error")
     request_id: int | None = None
     # False for a streamed output of a running request (Engine.step, Engine.stream): its tokens and text so
     # far, finish_reason None; the text holds back a tail that could still become a stop string
@@ -93,7 +101,7 @@ def check_request(model, prompt: str | Sequence[int], sampling: SamplingParams, 
     cache, or max_tokens past the context."""
     if not isinstance(sampling, SamplingParams):
         raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
-    processors.check(sampling, model_vocab(model), speculative)
+    processors.check(sampling, Vocab.of(model), speculative)
     ids = prepare_prompt(model, prompt)
     if len(ids) > max_seq_len:
         raise ValueError(f"prompt has {len(ids)} tokens, over the engine's max_seq_len={max_seq_len}")
@@ -151,19 +159,13 @@ def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | 
                          logprobs=list(seq.logprobs) if seq.sampling.logprobs is not None else None)
 
 
-def model_vocab(model) -> Vocab:
-    """The model's vocabulary size and end-of-sequence ids (from the config and the tokenizer)."""
-    eos = frozenset(model.config.eos_token_ids) | frozenset(model.tokenizer.eos_ids if model.tokenizer else ())
-    return Vocab(model.config.vocab_size, eos)
-
-
 class StopRules:
     """What ends a sequence for one model: its end-of-sequence ids (gathered once) and its
     tokenizer, for stop strings and the output text."""
 
     def __init__(self, model):
         self.tokenizer = model.tokenizer
-        self.eos_ids = model_vocab(model).eos_ids
+        self.eos_ids = Vocab.of(model).eos_ids
 
     def checker(self, sampling: SamplingParams, room: int) -> StopChecker:
         """A fresh checker for one sequence with `room` positions left in its context for new tokens."""

@@ -5,18 +5,20 @@ Plain host-side Python. Each step the scheduler
   2. spends the rest of the token budget on prompt chunks (chunked prefill), first of running
      sequences mid-prompt, then of waiting sequences it admits (continuous batching), or admits
      a whole batch only when nothing runs (static batching),
-  3. makes sure each scheduled sequence owns the pages its new tokens go to: allocating on
-     demand, copying a shared page before writing into it (copy-on-write), and preempting the
-     most recently admitted sequence (its pages freed, recomputed later) when pages run out.
+  3. makes sure each scheduled sequence owns the pages its new tokens go to, through its KV
+     manager (jaxinfer/engine/kv_manager.py: allocation on demand, copy-on-write, prefix hits),
+     preempting the most recently admitted sequence (its pages freed, recomputed later) when
+     pages run out.
+The plan it returns is the step contract's (jaxinfer/engine/step.py).
 
 With LoRA adapters (`adapters`, a jaxinfer.lora.AdapterRegistry), a sequence is admitted only
 once its adapter holds a device slot; one whose adapter finds every slot in use waits in its
 place while later sequences may be admitted. Slot references are dropped as sequences stop running.
 
-It owns every page reservation: the one-token reservations of a step, the extra pages of a
-multi-step or look-ahead decode call (`reserve_ahead`), the pages shared by forked samples
-(`fork`), and the pages given back when a sequence's newest tokens are dropped (`rollback`, for
-rejected speculative tokens), finishes or is aborted.
+Every page reservation goes through its KV manager (`kv`): the one-token reservations of a
+step, the extra pages of a multi-step or look-ahead decode call (`kv.reserve_ahead`), the pages
+shared by forked samples (`fork`), the pages given back when a sequence's newest tokens are
+dropped (`kv.rollback`, `kv.release_unused`), finishes or is aborted.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import dataclasses
 import enum
 import math
 
-from jaxinfer.engine.kv_manager import OutOfPages, PageAllocator
+from jaxinfer.engine.kv_manager import KVManager, OutOfPages, PageAllocator
 from jaxinfer.engine.requests import StopChecker
+from jaxinfer.engine.step import StepPlan
 from jaxinfer.sampling.sampler import SamplingParams
 
 
@@ -79,19 +82,6 @@ class Sequence:
         return self.num_uncomputed > 1 or not self.generated
 
 
-@dataclasses.dataclass
-class StepPlan:
-    decode: list[Sequence]
-    prefill: list[tuple[Sequence, int]]  # (sequence, number of tokens in its chunk)
-    copies: list[tuple[int, int]]  # (src page, dst page) to copy before the step
-    preempted: list[Sequence]
-    finished: list[Sequence]  # ended by the scheduler: alone, and still out of pages
-
-    @property
-    def empty(self) -> bool:
-        return not self.decode and not self.prefill
-
-
 class Scheduler:
     def __init__(
         self,
@@ -106,6 +96,7 @@ class Scheduler:
         if policy not in ("continuous", "static"):
             raise ValueError(f"batching={policy!r} is not one of 'continuous', 'static'")
         self.allocator = allocator
+        self.kv = KVManager(allocator)
         self.policy = policy
         self.max_batch = max_batch
         self.max_tokens_per_step = max_tokens_per_step
@@ -126,22 +117,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # Page management ---------------------------------------------------------------------------
-
-    def pages_for(self, seq: Sequence, num_tokens: int) -> int:
-        """Pages seq must newly allocate to hold num_tokens more tokens."""
-        return max(0, math.ceil((seq.num_computed + num_tokens) / self.page_size) - len(seq.pages))
+    # Pages, through the KV manager ---------------------------------------------------------------
 
     def _admit(self, seq: Sequence) -> None:
-        """Take prefix-cache hits for a newly (re)admitted sequence."""
-        page = self.page_size
-        # The last token is never taken from the cache: its logits are needed.
-        seq.hashes = PageAllocator.page_hashes(seq.tokens[: len(seq.tokens) - 1], page, seq.cache_salt)
-        hits = self.allocator.lookup(seq.hashes)
-        seq.pages = hits
-        seq.num_computed = len(hits) * page
-        seq.num_registered = len(hits)
-        seq.draft_computed = 0  # a drafter recomputes its own cache (pages it shares come out the same)
+        """Take prefix-cache hits for a newly (re)admitted sequence and run it."""
+        self.kv.admit(seq)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed
         seq.status = Status.RUNNING
@@ -149,8 +129,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self._release_adapter(seq)
-        self.allocator.free(seq.pages)
-        seq.pages, seq.hashes = [], []
+        self.kv.free(seq)
+        seq.hashes = []
         seq.num_computed = seq.num_registered = seq.draft_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
@@ -164,8 +144,7 @@ class Scheduler:
         it does not fit in the cache."""
         while True:
             try:
-                self._copy_on_write(seq, plan.copies)
-                seq.pages += self.allocator.allocate(self.pages_for(seq, num_tokens))
+                self.kv.reserve(seq, num_tokens, plan.copies)
                 return True
             except OutOfPages:
                 if self.running == [seq]:
@@ -178,79 +157,18 @@ class Scheduler:
                 if victim is seq:
                     return False
 
-    def _copy_on_write(self, seq: Sequence, copies: list) -> None:
-        """The page the next token goes into must not be shared with another sequence."""
-        idx = seq.num_computed // self.page_size
-        if idx < len(seq.pages) and self.allocator.refcount[seq.pages[idx]] > 1:
-            (dst,) = self.allocator.allocate(1)
-            copies.append((seq.pages[idx], dst))
-            self.allocator.free([seq.pages[idx]])
-            seq.pages[idx] = dst
-
-    def reserve_ahead(self, seqs: list[Sequence], wanted: list[int], ahead: list[int]) -> bool:
-        """Pages for a decode call in which seqs[i], ahead[i] tokens past its num_computed, takes
-        wanted[i] steps: all taken from free pages (no preemption) or none, returning whether."""
-        counts = [self.pages_for(s, a + w) for s, w, a in zip(seqs, wanted, ahead)]
-        if sum(counts) > self.allocator.num_free:
-            return False
-        for s, n in zip(seqs, counts):
-            s.pages += self.allocator.allocate(n)
-        return True
-
-    def release_unused(self, seq: Sequence) -> None:
-        """Give back the pages past the one seq's next token goes into (pages reserved for
-        speculative tokens that were rejected)."""
-        keep = seq.num_computed // self.page_size + 1
-        self.allocator.free(seq.pages[keep:])
-        del seq.pages[keep:]
-
     def advance(self, seq: Sequence, n: int) -> None:
         """seq's next n tokens now have their K/V in its pages."""
-        seq.num_computed += n
-        if seq.status is Status.RUNNING:
-            self.register_full_pages(seq)
+        self.kv.advance(seq, n, register=seq.status is Status.RUNNING)
 
     def fork(self, parent: Sequence, children: list[Sequence]) -> None:
         """Run children beside parent, sharing its pages (copy-on-write before either writes)."""
         for child in children:
-            child.pages = list(parent.pages)
-            for p in child.pages:
-                self.allocator.incref(p)
+            self.kv.share(parent, child)
             child.status = Status.RUNNING
             if self.adapters is not None:
                 self.adapters.acquire(child)  # the parent's adapter is resident: always succeeds
             self.running.append(child)
-
-    def rollback(self, seq: Sequence, n: int) -> None:
-        """Drop seq's newest n generated tokens (rejected speculative tokens). The newest token
-        left becomes its next input: K/V from its position on are forgotten, pages past them come
-        back, and a kept page that will be rewritten leaves the prefix cache."""
-        if not 0 <= n <= len(seq.generated):
-            raise ValueError(f"rollback of {n} tokens, but the sequence has generated {len(seq.generated)}")
-        del seq.tokens[len(seq.tokens) - n :]
-        seq.num_computed = min(seq.num_computed, len(seq.tokens) - 1)
-        seq.draft_computed = min(seq.draft_computed, seq.num_computed)
-        page = self.page_size
-        keep = math.ceil(seq.num_computed / page)
-        self.allocator.free(seq.pages[keep:])
-        del seq.pages[keep:]
-        full = seq.num_computed // page
-        for p in seq.pages[full:]:
-            self.allocator.unregister(p)
-        del seq.hashes[full:]
-        seq.num_registered = min(seq.num_registered, full)
-
-    def register_full_pages(self, seq: Sequence) -> None:
-        """Offer newly completed pages of seq to the prefix cache."""
-        page = self.page_size
-        full = seq.num_computed // page
-        while len(seq.hashes) < full:  # extend the chained hashes over generated tokens
-            prev = seq.hashes[-1] if seq.hashes else seq.cache_salt
-            i = len(seq.hashes)
-            seq.hashes.append(hash((prev, tuple(seq.tokens[i * page : (i + 1) * page]))))
-        for i in range(seq.num_registered, full):
-            self.allocator.register(seq.pages[i], seq.hashes[i])
-        seq.num_registered = max(seq.num_registered, full)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
@@ -259,8 +177,7 @@ class Scheduler:
             self._release_adapter(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self.kv.free(seq)
 
     def _release_adapter(self, seq: Sequence) -> None:
         if self.adapters is not None:
@@ -269,7 +186,7 @@ class Scheduler:
     # The plan ----------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan(decode=[], prefill=[], copies=[], preempted=[], finished=[])
+        plan = StepPlan(decode=[], prefill=[])
         budget = self.max_tokens_per_step
 
         for seq in list(self.running):

@@ -3,8 +3,9 @@
 A PEFT LoRA adapter is a directory as `peft`'s `save_pretrained` writes it:
   adapter_config.json        r, lora_alpha, use_rslora, target_modules, layers_to_transform, ...
   adapter_model.safetensors  base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (r, in),
-                             ...lora_B.weight (out, r), for q/k/v/o (self_attn) and gate/up/down (mlp)
-(the names PEFT writes for Llama, Mistral, Qwen2 and Qwen3). The adapter adds to a projection
+                             ...lora_B.weight (out, r), for each projection it adapts
+(module paths are the family's: Param.peft in jaxinfer.models.family, q/k/v/o under self_attn and
+gate/up/down under mlp for Llama, Mistral, Qwen2 and Qwen3). The adapter adds to a projection
   y = x @ W + scale * (x @ A^T) @ B^T,   scale = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora),
 which `LoraAdapter` holds in the (in, out) layout of jaxinfer's params: a = A^T (in, r), b = B^T
 (r, out), float32 on the host. target_modules may be short names ("q_proj"), full module paths
@@ -31,25 +32,62 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig, read_json_object
+from jaxinfer.models.llama import LLAMA
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-# jaxinfer projection -> the PEFT module path under a decoder layer.
-MODULES = {
-    "wq": "self_attn.q_proj",
-    "wk": "self_attn.k_proj",
-    "wv": "self_attn.v_proj",
-    "wo": "self_attn.o_proj",
-    "w_gate": "mlp.gate_proj",
-    "w_up": "mlp.up_proj",
-    "w_down": "mlp.down_proj",
-}
+# The Llama-style families' projections -> their PEFT module paths under a decoder layer (a model's
+# own: its family's Param.peft).
+MODULES = {name: LLAMA.param(name).peft for name in LLAMA.projections}
 PROJECTIONS = tuple(MODULES)
-_SHORT = {path.split(".")[-1]: name for name, path in MODULES.items()}  # q_proj -> wq
-_NOT_ADAPTABLE = ("model.embed_tokens", "lm_head")  # modules PEFT could target that jaxinfer does not adapt
-_TENSOR = re.compile(  # layer, self_attn | mlp, module, A | B (an adapter name before .weight in old files)
-    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight")
+_TENSOR = re.compile(  # module path, A | B (an adapter name before .weight in old files)
+    r"base_model\.model\.(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight")
+
+
+def _layer_modules() -> list[tuple[re.Pattern, str, dict[str, str]]]:
+    """For each registered family: (its layer prefix as a pattern with the layer as group 1, the
+    prefix itself, {PEFT module path under a layer: projection})."""
+    out = []
+    for family in map(family_lib.get, family_lib.names()):
+        prefix = re.escape(family.hf_layer_prefix).replace(re.escape("{layer}"), r"(\d+)")
+        out.append((re.compile(prefix + "(.+)"), family.hf_layer_prefix,
+                    {family.param(p).peft: p for p in family.projections}))
+    return out
+
+
+def _module_projection(module: str) -> tuple[int, str, str] | None:
+    """(layer, projection, module path with a {layer} field) of a full PEFT module path, read by the
+    registered families' names; None when no family has such a projection."""
+    for pattern, prefix, projections in _layer_modules():
+        m = pattern.fullmatch(module)
+        if m and m.group(2) in projections:
+            return int(m.group(1)), projections[m.group(2)], prefix + m.group(2)
+    return None
+
+
+def model_modules(cfg: ModelConfig) -> dict[str, str]:
+    """{projection: module path with a {layer} field} of a base model (its family's names)."""
+    family = cfg.family
+    return {p: family.hf_layer_prefix + family.param(p).peft for p in family.projections}
+
+
+def _short_names() -> set[str]:
+    """The last component of every registered projection's module path (q_proj, ...)."""
+    return {path.split(".")[-1] for _, _, projections in _layer_modules() for path in projections}
+
+
+def _not_adaptable() -> set[str]:
+    """Modules PEFT could target that jaxinfer does not adapt: the embeddings and LM heads."""
+    return {p.hf.removesuffix(".weight") for family in map(family_lib.get, family_lib.names())
+            for p in family.params if p.role in ("embedding", "head")}
+
+
+def _order(projection: str) -> int:
+    """A projection's place in the registered families' params (adapters list theirs in this order)."""
+    names = list(dict.fromkeys(p for family in map(family_lib.get, family_lib.names()) for p in family.projections))
+    return names.index(projection) if projection in names else len(names)
 # Options that must be absent or empty (false, None, {}, []): option -> what it is.
 _UNSUPPORTED = {
     "use_dora": "DoRA",
@@ -77,6 +115,8 @@ class LoraAdapter:
     """A LoRA adapter on the host, in jaxinfer's (in, out) layout.
 
       weights  {(projection, layer): (a (in, r), b (r, out))} float32, for every module it adapts
+      modules  {projection: its module path with a {layer} field} as the adapter names it
+               ("model.layers.{layer}.self_attn.q_proj"); None: the Llama-style names (MODULES)
     target_modules and layers_to_transform are as the config gives them (checked against a base
     model by `check_fits`); name is the directory's name unless given.
     """
@@ -88,6 +128,13 @@ class LoraAdapter:
     target_modules: tuple[str, ...] | str
     layers_to_transform: tuple[int, ...] | None = None
     name: str = ""
+    modules: dict[str, str] | None = None
+
+    def module(self, projection: str) -> str:
+        """The module path of one of its projections, with a {layer} field."""
+        if self.modules is not None:
+            return self.modules[projection]
+        return LLAMA.hf_layer_prefix + MODULES[projection]
 
     @property
     def scale(self) -> float:
@@ -95,18 +142,19 @@ class LoraAdapter:
 
     @property
     def projections(self) -> list[str]:
-        """The projections it adapts in at least one layer, in PROJECTIONS order."""
-        present = {name for name, _ in self.weights}
-        return [p for p in PROJECTIONS if p in present]
+        """The projections it adapts in at least one layer, in the registered families' order."""
+        return sorted({name for name, _ in self.weights}, key=_order)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
-def peft_name(projection: str, layer: int, which: str) -> str:
-    """The tensor name PEFT writes for a projection's lora_A or lora_B ("A" / "B") in a layer."""
-    return f"base_model.model.model.layers.{layer}.{MODULES[projection]}.lora_{which}.weight"
+def peft_name(projection: str, layer: int, which: str, adapter: LoraAdapter | None = None) -> str:
+    """The tensor name PEFT writes for a projection's lora_A or lora_B ("A" / "B") in a layer (the
+    adapter's module names; without one, the Llama-style names)."""
+    module = adapter.module(projection) if adapter is not None else LLAMA.hf_layer_prefix + MODULES[projection]
+    return f"base_model.model.{module.format(layer=layer)}.lora_{which}.weight"
 
 
 # Loading -----------------------------------------------------------------------------------------
@@ -126,11 +174,11 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
         other = " (adapter_model.bin is a pickle: save with safe_serialization=True)" if os.path.exists(
             os.path.join(path, "adapter_model.bin")) else ""
         raise AdapterError(f"no {WEIGHTS_FILE} in {path}{other}")
-    weights = _read_weights(weights_path, rank)
+    weights, modules = _read_weights(weights_path, rank)
     if not weights:
         raise AdapterError(f"{weights_path} holds no LoRA weights")
     return LoraAdapter(rank, alpha, use_rslora, weights, targets, layers,
-                       name=name or os.path.basename(path.rstrip("/")))
+                       name=name or os.path.basename(path.rstrip("/")), modules=modules)
 
 
 def _read_config(config: dict, where: str):
@@ -167,20 +215,22 @@ def _read_config(config: dict, where: str):
 
 
 def _check_target(target, where: str) -> None:
-    """A target_modules entry must name a q/k/v/o/gate/up/down projection (short or full path)."""
+    """A target_modules entry must name a projection of a registered family (short or full path)."""
     if not isinstance(target, str):
         raise AdapterError(f"{where}: target_modules entry {target!r} is not a module name")
     last = target.split(".")[-1]
-    if last in ("embed_tokens", "lm_head"):
+    if last in {m.split(".")[-1] for m in _not_adaptable()}:
         raise AdapterError(f"{where}: target_modules entry {target!r}: embedding and LM-head targets are not supported")
-    if last not in _SHORT:
+    if last not in _short_names():
         raise AdapterError(f"{where}: target_modules entry {target!r} is not one of the projections "
-                           f"{', '.join(_SHORT)} (or a module path ending in one)")
+                           f"{', '.join(sorted(_short_names()))} (or a module path ending in one)")
 
 
-def _read_weights(path: str, rank: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
-    """{(projection, layer): (a (in, r), b (r, out))}, every tensor's name and shape checked."""
+def _read_weights(path: str, rank: int) -> tuple[dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], dict]:
+    """{(projection, layer): (a (in, r), b (r, out))}, every tensor's name and shape checked, and
+    {projection: module path with a {layer} field} as the file names them."""
     found: dict[tuple[str, int, str], np.ndarray] = {}
+    modules: dict[str, str] = {}
     try:
         f = safe_open(path, framework="flax")  # numpy cannot read bfloat16 tensors
     except (SafetensorError, OSError) as e:
@@ -188,43 +238,48 @@ def _read_weights(path: str, rank: int) -> dict[tuple[str, int], tuple[np.ndarra
     with f:
         for key in f.keys():
             m = _TENSOR.fullmatch(key)
-            if m is None or m.group(3) not in _SHORT or MODULES[_SHORT[m.group(3)]] != f"{m.group(2)}.{m.group(3)}":
+            parsed = None if m is None else _module_projection(m.group(1))
+            if parsed is None:
                 what = ("embedding and LM-head targets are not supported" if re.search(r"embed|lm_head", key)
-                        else "not the lora_A / lora_B weight of a q/k/v/o/gate/up/down projection")
+                        else "not the lora_A / lora_B weight of a projection of a registered model family")
                 raise AdapterError(f"{path}: unexpected tensor {key!r}: {what}")
+            layer, proj, template = parsed
+            if modules.setdefault(proj, template) != template:
+                raise AdapterError(f"{path}: {proj} is named both {modules[proj]!r} and {template!r}")
             shape = tuple(f.get_slice(key).get_shape())
-            which = m.group(4)
+            which = m.group(2)
             if len(shape) != 2 or shape[0 if which == "A" else 1] != rank:
                 want = "(r, in)" if which == "A" else "(out, r)"
                 raise AdapterError(f"{path}: tensor {key!r} has shape {shape}, expected {want} with r={rank}")
-            found[_SHORT[m.group(3)], int(m.group(1)), which] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+            found[proj, layer, which] = np.asarray(f.get_tensor(key).astype(jnp.float32))
     weights = {}
     for (proj, layer, which), x in found.items():
         other = "B" if which == "A" else "A"
         if (proj, layer, other) not in found:
-            raise AdapterError(f"{path}: missing tensor {peft_name(proj, layer, other)!r} (its lora_{which} is there)")
+            missing = f"base_model.model.{modules[proj].format(layer=layer)}.lora_{other}.weight"
+            raise AdapterError(f"{path}: missing tensor {missing!r} (its lora_{which} is there)")
         if which == "A":
             weights[proj, layer] = (x.T, found[proj, layer, "B"].T)
     for proj in {p for p, _ in weights}:
         shapes = {(a.shape[0], b.shape[1]) for (p, _), (a, b) in weights.items() if p == proj}
         if len(shapes) > 1:
-            raise AdapterError(f"{path}: the {MODULES[proj]} tensors disagree on (in, out) across layers: "
-                               f"{sorted(shapes)}")
-    return dict(sorted(weights.items(), key=lambda kv: (PROJECTIONS.index(kv[0][0]), kv[0][1])))
+            raise AdapterError(f"{path}: the {modules[proj].format(layer='*')} tensors disagree on (in, out) across "
+                               f"layers: {sorted(shapes)}")
+    return dict(sorted(weights.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1]))), modules
 
 
 # Fitting a base model ------------------------------------------------------------------------------
 
 
-def expected_modules(adapter: LoraAdapter, num_layers: int) -> set[tuple[str, int]]:
-    """The (projection, layer) pairs the adapter's config targets in a model of num_layers layers,
-    matched as PEFT matches target_modules against module names."""
+def expected_modules(adapter: LoraAdapter, cfg: ModelConfig) -> set[tuple[str, int]]:
+    """The (projection, layer) pairs the adapter's config targets in a base model of this config,
+    matched as PEFT matches target_modules against the model's module names."""
     targets = adapter.target_modules
-    layers = range(num_layers) if adapter.layers_to_transform is None else adapter.layers_to_transform
+    layers = range(cfg.num_layers) if adapter.layers_to_transform is None else adapter.layers_to_transform
     out = set()
-    for proj, path in MODULES.items():
+    for proj, path in model_modules(cfg).items():
         for i in layers:
-            module = f"model.layers.{i}.{path}"
+            module = path.format(layer=i)
             if targets == "all-linear":
                 hit = True
             elif isinstance(targets, str):
@@ -240,33 +295,41 @@ def check_fits(adapter: LoraAdapter, cfg: ModelConfig, name: str = "adapter") ->
     """Raise AdapterError naming the first thing about the adapter that does not fit this base model:
     a target no projection matches, a layer past the model's, a missing or mis-shaped tensor."""
     if isinstance(adapter.target_modules, str) and adapter.target_modules != "all-linear":
-        for module in _NOT_ADAPTABLE:
+        for module in sorted(_not_adaptable()):
             if re.fullmatch(adapter.target_modules, module):
                 raise AdapterError(f"{name}: target_modules={adapter.target_modules!r} matches {module}: "
                                    "embedding and LM-head targets are not supported")
     if adapter.layers_to_transform and max(adapter.layers_to_transform) >= cfg.num_layers:
         raise AdapterError(f"{name}: layers_to_transform={list(adapter.layers_to_transform)} names a layer past "
                            f"the model's {cfg.num_layers}")
-    expected = expected_modules(adapter, cfg.num_layers)
+    modules = model_modules(cfg)
+    for proj in adapter.projections:
+        if proj in modules and adapter.module(proj) != modules[proj]:
+            raise AdapterError(f"{name}: adapts {adapter.module(proj).format(layer='*')}, but this model's {proj} is "
+                               f"{modules[proj].format(layer='*')} ({cfg.model_type})")
+    expected = expected_modules(adapter, cfg)
     if not expected:
         raise AdapterError(f"{name}: target_modules={adapter.target_modules!r} matches no projection of this model")
     present = set(adapter.weights)
-    extra = sorted(present - expected, key=lambda k: (k[1], PROJECTIONS.index(k[0])))
+    extra = sorted(present - expected, key=lambda k: (k[1], _order(k[0])))
     if extra:
         proj, layer = extra[0]
         where = f"layer {layer} is past the model's {cfg.num_layers}" if layer >= cfg.num_layers else \
             f"target_modules={adapter.target_modules!r} and layers_to_transform do not name it"
-        raise AdapterError(f"{name}: tensor {peft_name(proj, layer, 'A')!r} does not fit: {where}")
-    missing = sorted(expected - present, key=lambda k: (k[1], PROJECTIONS.index(k[0])))
+        raise AdapterError(f"{name}: tensor {peft_name(proj, layer, 'A', adapter)!r} does not fit: {where}")
+    missing = sorted(expected - present, key=lambda k: (k[1], _order(k[0])))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise AdapterError(f"{name}: missing tensor {peft_name(*missing[0], 'A')!r}{more}")
+        proj, layer = missing[0]
+        tensor = f"base_model.model.{modules[proj].format(layer=layer)}.lora_A.weight"
+        raise AdapterError(f"{name}: missing tensor {tensor!r}{more}")
     shapes = model_lib.param_shapes(cfg)["layers"]
     for (proj, layer), (a, b) in adapter.weights.items():
         d_in, d_out = shapes[proj][1:]
         if a.shape[0] != d_in or b.shape[1] != d_out:
             raise AdapterError(
-                f"{name}: tensors of {MODULES[proj]} (layer {layer}) are for a ({a.shape[0]} -> {b.shape[1]}) "
+                f"{name}: tensors of {cfg.family.param(proj).peft} (layer {layer}) are for a "
+                f"({a.shape[0]} -> {b.shape[1]}) "
                 f"projection; the model's is ({d_in} -> {d_out}): lora_A {(adapter.rank, a.shape[0])}, expected "
                 f"{(adapter.rank, d_in)}; lora_B {(b.shape[1], adapter.rank)}, expected {(d_out, adapter.rank)}")
 
@@ -287,16 +350,19 @@ def save_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> None:
         json.dump(config, f, indent=2)
     tensors = {}
     for (proj, layer), (a, b) in adapter.weights.items():
-        tensors[peft_name(proj, layer, "A")] = np.ascontiguousarray(a.T, np.float32)
-        tensors[peft_name(proj, layer, "B")] = np.ascontiguousarray(b.T, np.float32)
+        tensors[peft_name(proj, layer, "A", adapter)] = np.ascontiguousarray(a.T, np.float32)
+        tensors[peft_name(proj, layer, "B", adapter)] = np.ascontiguousarray(b.T, np.float32)
     save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def random_adapter(cfg: ModelConfig, rank: int, projections=PROJECTIONS, *, alpha: float | None = None,
+def random_adapter(cfg: ModelConfig, rank: int, projections=None, *, alpha: float | None = None,
                    use_rslora: bool = False, layers: tuple[int, ...] | None = None, std: float = 0.02,
                    seed: int = 0, name: str = "") -> LoraAdapter:
     """An adapter with N(0, std) weights (A and B both: a trained adapter's B is not zero) for a
-    base config: `projections` in `layers` (None: all), lora_alpha = 2 * rank unless given."""
+    base config: `projections` (None: all of its family's) in `layers` (None: all), lora_alpha =
+    2 * rank unless given."""
+    modules = model_modules(cfg)
+    projections = tuple(modules) if projections is None else projections
     rng = np.random.default_rng(seed)
     shapes = model_lib.param_shapes(cfg)["layers"]
     weights = {}
@@ -305,6 +371,7 @@ def random_adapter(cfg: ModelConfig, rank: int, projections=PROJECTIONS, *, alph
         for i in range(cfg.num_layers) if layers is None else layers:
             weights[proj, i] = (rng.normal(0, std, (d_in, rank)).astype(np.float32),
                                 rng.normal(0, std, (rank, d_out)).astype(np.float32))
-    targets = tuple(MODULES[p].split(".")[-1] for p in projections)
+    targets = tuple(modules[p].split(".")[-1] for p in projections)
     return LoraAdapter(rank, float(2 * rank if alpha is None else alpha), use_rslora, weights, targets,
-                       None if layers is None else tuple(layers), name=name)
+                       None if layers is None else tuple(layers), name=name,
+                       modules={p: modules[p] for p in projections})

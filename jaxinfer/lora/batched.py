@@ -32,7 +32,7 @@ from flax import struct
 
 from jaxinfer.buckets import next_power_of_2
 from jaxinfer.checkpoints.model import Model
-from jaxinfer.lora.adapter import PROJECTIONS, LoraAdapter, check_fits
+from jaxinfer.lora.adapter import LoraAdapter, check_fits
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.formats import QuantizedWeight, dequantize
@@ -71,7 +71,7 @@ class SlotConfig:
 
 @struct.dataclass
 class LoraWeights:
-    """S adapter slots on device, every projection p in PROJECTIONS stacked per layer:
+    """S adapter slots on device, every projection p of the model's family stacked per layer:
       a[p]      (L, S, D_in, R)  model dtype
       b[p]      (L, S, R, D_out) model dtype
       scale[p]  (L, S) float32   the slot's scale where its adapter adapts p in layer l, else 0
@@ -83,18 +83,18 @@ class LoraWeights:
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, num_slots: int, rank: int, dtype) -> LoraWeights:
-        shapes, L = model_lib.param_shapes(cfg)["layers"], cfg.num_layers
-        return cls(a={p: jnp.zeros((L, num_slots, shapes[p][1], rank), dtype) for p in PROJECTIONS},
-                   b={p: jnp.zeros((L, num_slots, rank, shapes[p][2]), dtype) for p in PROJECTIONS},
-                   scale={p: jnp.zeros((L, num_slots), jnp.float32) for p in PROJECTIONS})
+        shapes, L, projections = model_lib.param_shapes(cfg)["layers"], cfg.num_layers, cfg.family.projections
+        return cls(a={p: jnp.zeros((L, num_slots, shapes[p][1], rank), dtype) for p in projections},
+                   b={p: jnp.zeros((L, num_slots, rank, shapes[p][2]), dtype) for p in projections},
+                   scale={p: jnp.zeros((L, num_slots), jnp.float32) for p in projections})
 
     @property
     def num_slots(self) -> int:
-        return self.scale[PROJECTIONS[0]].shape[-1]
+        return next(iter(self.scale.values())).shape[-1]
 
     @property
     def rank(self) -> int:
-        return self.a[PROJECTIONS[0]].shape[-1]
+        return next(iter(self.a.values())).shape[-1]
 
     @property
     def nbytes(self) -> int:
@@ -104,10 +104,10 @@ class LoraWeights:
 def slot_arrays(adapter: LoraAdapter | None, cfg: ModelConfig, rank: int):
     """One slot's contents on the host: a[p] (L, D_in, R), b[p] (L, R, D_out) float32, zero where
     the adapter leaves p alone or past its rank; scale[p] (L,). None: an empty slot."""
-    shapes, L = model_lib.param_shapes(cfg)["layers"], cfg.num_layers
-    a = {p: np.zeros((L, shapes[p][1], rank), np.float32) for p in PROJECTIONS}
-    b = {p: np.zeros((L, rank, shapes[p][2]), np.float32) for p in PROJECTIONS}
-    scale = {p: np.zeros(L, np.float32) for p in PROJECTIONS}
+    shapes, L, projections = model_lib.param_shapes(cfg)["layers"], cfg.num_layers, cfg.family.projections
+    a = {p: np.zeros((L, shapes[p][1], rank), np.float32) for p in projections}
+    b = {p: np.zeros((L, rank, shapes[p][2]), np.float32) for p in projections}
+    scale = {p: np.zeros(L, np.float32) for p in projections}
     for (p, layer), (wa, wb) in ({} if adapter is None else adapter.weights).items():
         a[p][layer, :, : adapter.rank] = wa
         b[p][layer, : adapter.rank] = wb
@@ -168,7 +168,7 @@ def with_adapters(params: model_lib.Params, weights: LoraWeights, lora: LoraBatc
     layer's params carry its index (params["layers"]["lora_layer"], a scalar inside the scan), and
     the hook reads the stacked slots, flattened to L * S rows, at row layer * S + slot, so only the
     rows the tokens use are read."""
-    L, S = weights.scale[PROJECTIONS[0]].shape
+    L, S = next(iter(weights.scale.values())).shape
     flat = lambda x: x.reshape(L * S, *x.shape[2:])  # noqa: E731  (L, S, ...) -> (L * S, ...), no copy
     a, b, scale = (jax.tree.map(flat, t) for t in (weights.a, weights.b, weights.scale))
     base = model_lib.dense_projection(impl)

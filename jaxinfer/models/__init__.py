@@ -1,9 +1,17 @@
 """Models: what a network is and how it runs on the device.
 
-  config      ModelConfig (read from HF's config.json), RoPE settings
+  config      ModelConfig (read from HF's config.json by its family), RoPE settings
+  family      model-family specs (params, roles, checkpoint names, norm, activation, layer) and their registry
+  llama       the Llama-style families: Llama, Mistral, Qwen2, Qwen3
+  layers      rotary embeddings (a building block of layer functions)
   decoder     the functional decoder: params, forward over a contiguous or paged cache, logits
   attention   the attention dispatch point (XLA reference, Pallas kernels)
   matmul      the matmul dispatch point (dense, quantised weights, W8A8)
   kv_cache    the KV-cache pytrees and the batch descriptor of one step
   formats     packed weight formats; act_formats: simulated and W8A8 activation formats
+
+The built-in families register themselves when their modules are imported, here; a family of
+one's own registers itself the same way (jaxinfer.models.family.register) wherever it is defined.
 """
+
+from jaxinfer.models import llama  # noqa: F401  (registers the Llama-style families)

@@ -6,7 +6,10 @@ is the reference every faster implementation is compared against.
 
 `attend_cached` writes a step's new K/V into a cache (contiguous or paged) and attends over it.
 
-impl="pallas" runs the kernels in pallas_kernels/ (in interpret mode on the CPU). They take the
+Implementations are registered by name (`register`; `IMPLEMENTATIONS` maps names to them): each
+gives the three forms the model calls (dense, paged decode, paged prefill) with the reference's
+signatures, so a new kernel is one registration and the model code does not change. "xla" is the
+reference; "pallas" runs the kernels in pallas_kernels/ (in interpret mode on the CPU). They take the
 sliding window as a static int, so the model passes one when all layers share a window; they
 assume the keys of a call sit at positions 0..S-1 (true of every caller here: a full causal
 pass, a contiguous cache, pages). Traced under a tensor-parallel mesh (jaxinfer.sharding), each
@@ -19,7 +22,9 @@ L layers, P pages, M pages per sequence (block-table width).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +35,37 @@ from pallas_kernels.common import dequantize_pages, gather_pages, tree_visible
 from pallas_kernels.flash_attention import flash_attention, paged_flash_attention
 from pallas_kernels.paged_attention import paged_decode_attention
 
-IMPLEMENTATIONS = ("xla", "pallas")
-
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention impl={impl!r} is not one of {IMPLEMENTATIONS}")
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+    """One attention implementation, in the three forms the model calls:
+      dense(q, k, v, q_pos, k_pos, window)                      a full pass, or a contiguous cache
+      paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window)
+      paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask)
+    with the shapes and meanings of the reference functions below (xla_attention, _xla_paged_decode,
+    _xla_paged_prefill)."""
+
+    name: str
+    dense: Callable
+    paged_decode: Callable
+    paged_prefill: Callable
+
+
+IMPLEMENTATIONS: dict[str, AttentionImpl] = {}
+
+
+def register(impl: AttentionImpl) -> AttentionImpl:
+    """Make an implementation selectable by name (EngineConfig(attention=name), Impl(attention=name))."""
+    IMPLEMENTATIONS[impl.name] = impl
+    return impl
+
+
+def get(name: str) -> AttentionImpl:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={name!r} is not one of {tuple(IMPLEMENTATIONS)}")
+    return IMPLEMENTATIONS[name]
 
 
 def _static_window(window, impl: str) -> int:
@@ -60,13 +88,14 @@ def attend(
     *,
     impl: str = "xla",
 ) -> jax.Array:  # (B, T, N, H)
-    _check_impl(impl)
-    if impl == "pallas":
-        kv_lens = jnp.max(k_pos, axis=1) + 1  # keys sit at positions 0..S-1
-        kernel = functools.partial(flash_attention, window=_static_window(window, impl), interpret=_interpret())
-        heads = P(None, None, "tp")
-        return per_shard(kernel, (heads, heads, heads, P(), P()), heads)(q, k, v, q_pos[:, 0], kv_lens)
-    return xla_attention(q, k, v, q_pos, k_pos, window)
+    return get(impl).dense(q, k, v, q_pos, k_pos, window)
+
+
+def _pallas_dense(q, k, v, q_pos, k_pos, window):
+    kv_lens = jnp.max(k_pos, axis=1) + 1  # keys sit at positions 0..S-1
+    kernel = functools.partial(flash_attention, window=_static_window(window, "pallas"), interpret=_interpret())
+    heads = P(None, None, "tp")
+    return per_shard(kernel, (heads, heads, heads, P(), P()), heads)(q, k, v, q_pos[:, 0], kv_lens)
 
 
 def xla_attention(q, k, v, q_pos, k_pos, window=0, mask=None):
@@ -169,11 +198,15 @@ def _gather(pages, scales, block_tables, dtype):
 def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window=0, impl="xla"):
     """One query per row at position lens - 1. q (R, N, H) -> (R, N, H). Scales: None, or the
     per-token scales (K, P, page) of int8 / fp8 pages."""
-    _check_impl(impl)
-    if impl == "pallas":
-        kernel = functools.partial(paged_decode_attention, window=_static_window(window, impl),
-                                   interpret=_interpret())
-        return _per_shard_pages(kernel, P(None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables, lens)
+    return get(impl).paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window)
+
+
+def _pallas_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window):
+    kernel = functools.partial(paged_decode_attention, window=_static_window(window, "pallas"), interpret=_interpret())
+    return _per_shard_pages(kernel, P(None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables, lens)
+
+
+def _xla_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window):
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, S = keys.shape[:2]
@@ -189,17 +222,23 @@ def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, 
     q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk.
     tree_mask (R, C, W) int32: the row is a draft tree, its queries see the keys before start[r]
     and, from start[r] on, only their ancestors (pallas_kernels.flash_attention's docstring)."""
-    _check_impl(impl)
-    if impl == "pallas":
-        window = _static_window(window, impl)
+    return get(impl).paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window,
+                                   tree_mask)
 
-        def kernel(q, k_pages, v_pages, tables, begin, end, *mask, k_scales, v_scales):
-            return paged_flash_attention(q, k_pages, v_pages, tables, begin, end, k_scales=k_scales, v_scales=v_scales,
-                                         tree_mask=mask[0] if mask else None, window=window, interpret=_interpret())
 
-        mask = () if tree_mask is None else (tree_mask,)
-        return _per_shard_pages(kernel, P(None, None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables,
-                                start, start + lens, *mask)
+def _pallas_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask):
+    window = _static_window(window, "pallas")
+
+    def kernel(q, k_pages, v_pages, tables, begin, end, *mask, k_scales, v_scales):
+        return paged_flash_attention(q, k_pages, v_pages, tables, begin, end, k_scales=k_scales, v_scales=v_scales,
+                                     tree_mask=mask[0] if mask else None, window=window, interpret=_interpret())
+
+    mask = () if tree_mask is None else (tree_mask,)
+    return _per_shard_pages(kernel, P(None, None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables,
+                            start, start + lens, *mask)
+
+
+def _xla_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask):
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, C = q.shape[:2]
@@ -212,3 +251,7 @@ def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, 
         rel = jnp.arange(S, dtype=jnp.int32)[None, :] - start[:, None]  # (R, S): each key's index in the tree
         mask = (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)  # (R, C, S)
     return xla_attention(q, keys, values, q_pos, k_pos, window, mask)
+
+
+register(AttentionImpl("xla", xla_attention, _xla_paged_decode, _xla_paged_prefill))
+register(AttentionImpl("pallas", _pallas_dense, _pallas_paged_decode, _pallas_paged_prefill))

@@ -1,8 +1,11 @@
-"""ModelConfig: the static description of a Llama-family decoder, read from an HF config.json.
+"""ModelConfig: the static description of a decoder, read from an HF config.json.
 
 A frozen, hashable dataclass, so it can be a static argument of `jax.jit`. Every option that
 changes the model's arithmetic is a field here; an option that this code does not implement
 raises `ConfigError` naming it, so an unsupported checkpoint never loads as a silently wrong model.
+Which fields a config.json sets, and how, is its family's business (jaxinfer.models.family: the
+family of `model_type` reads and writes config.json); the helpers here read the fields most
+families share.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from jaxinfer.models import family as family_lib
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -70,7 +74,9 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Dimensions and options of a Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
+    """Dimensions and options of a decoder of a registered family (`model_type`: Llama 2/3,
+    Mistral, Qwen2/2.5, Qwen3 are built in; jaxinfer.models.family says what each family's
+    parameters and layer are).
 
     Axis names used across the project: L layers, D hidden_size, N num_heads, K num_kv_heads,
     H head_dim, F intermediate_size, V vocab_size.
@@ -90,11 +96,17 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    qk_norm: bool = False  # Qwen3: a norm over head_dim on q and k before RoPE
     # Sliding-window size per layer; 0 means full causal attention for that layer. None: all 0.
     layer_windows: tuple[int, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Scale of the attention scores; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5).
+    attention_scale: float | None = None
+    # The embedding rows are multiplied by this (in the model dtype); None: not scaled (Gemma: sqrt(D)).
+    embedding_scale: float | None = None
+    # The logits are soft-capped, cap * tanh(logits / cap); None: not capped (Gemma 2's final_logit_softcapping).
+    logit_softcap: float | None = None
 
     def __post_init__(self):
         if self.layer_windows is None:
@@ -110,6 +122,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("attention_scale", "embedding_scale", "logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}={value!r} must be None or a positive float")
 
     @property
     def q_per_kv(self) -> int:
@@ -120,79 +136,70 @@ class ModelConfig:
         """The largest window over layers (0 when every layer attends to the whole context)."""
         return max(self.layer_windows)
 
+    @property
+    def family(self) -> family_lib.Family:
+        """The model family this config is of (jaxinfer.models.family)."""
+        return family_lib.get(self.model_type)
+
     def num_params(self) -> int:
-        D, F, V, H = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        N, K = self.num_heads, self.num_kv_heads
-        attn = D * H * (N + 2 * K) + N * H * D
-        attn += self.qkv_bias * H * (N + 2 * K) + self.o_bias * D + self.qk_norm * 2 * H
-        per_layer = attn + 3 * D * F + 2 * D
-        return V * D + self.num_layers * per_layer + D + (0 if self.tie_word_embeddings else D * V)
+        return self.family.num_params(self)
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
-        return _from_hf(hf)
+        """The config an HF config.json dict describes, read by its family (`model_type`, or the
+        first registered `architectures` entry when the dict has no model_type)."""
+        family = family_for_hf(hf)
+        return family.read_config(family, hf)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         """The config of an HF config.json; ConfigError naming the file (and the field) otherwise."""
         hf = read_json_object(path, "config fields", ConfigError)
         try:
-            return _from_hf(hf)
+            return cls.from_hf_dict(hf)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF-style config.json dict that `from_hf_dict` reads back to an equal config."""
-        rope: dict[str, Any] = {"rope_type": self.rope.type, "rope_theta": self.rope.theta}
-        if self.rope.type in ("linear", "llama3"):
-            rope["factor"] = self.rope.factor
-        if self.rope.type == "llama3":
-            rope["low_freq_factor"] = self.rope.low_freq_factor
-            rope["high_freq_factor"] = self.rope.high_freq_factor
-            rope["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
-        out = {
-            "architectures": [_ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": rope,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1
-            else self.eos_token_ids[0],
-        }
-        if self.model_type in ("llama", "qwen3"):
-            out["attention_bias"] = self.o_bias
-        if any(self.layer_windows):
-            if self.model_type != "mistral" or len(set(self.layer_windows)) != 1:
-                raise ConfigError("to_hf_dict writes sliding windows for mistral (one window) only")
-            out["sliding_window"] = self.layer_windows[0]
-        return out
+        return self.family.write_config(self.family, self)
 
 
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+def family_for_hf(hf: dict[str, Any]) -> family_lib.Family:
+    """The registered family of a config.json dict: by model_type (as HF transformers picks a
+    config class), or by architectures when there is no model_type; ConfigError otherwise."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        architectures = hf.get("architectures")
+        for arch in architectures if isinstance(architectures, list) else []:
+            found = family_lib.by_architecture(arch) if isinstance(arch, str) else None
+            if found is not None:
+                return found
+    elif isinstance(model_type, str) and model_type in family_lib.names():
+        return family_lib.get(model_type)
+    raise ConfigError(f"model_type={model_type!r} is not supported (supported: {', '.join(family_lib.names())})")
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
+    """HF's rope_parameters for a RopeConfig (the inverse of rope_from_hf)."""
+    out: dict[str, Any] = {"rope_type": rope.type, "rope_theta": rope.theta}
+    if rope.type in ("linear", "llama3"):
+        out["factor"] = rope.factor
+    if rope.type == "llama3":
+        out["low_freq_factor"] = rope.low_freq_factor
+        out["high_freq_factor"] = rope.high_freq_factor
+        out["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    return out
+
+
+def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    """RoPE settings from HF's fields (either generation of them); ConfigError naming the field."""
     # transformers >= 5 writes `rope_parameters`; older files carry `rope_theta` + `rope_scaling`.
     for name in ("rope_parameters", "rope_scaling"):
         if not isinstance(hf.get(name) or {}, dict):
             raise ConfigError(f"{name}={hf[name]!r} is not an object of rope fields")
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = _field(params, "rope_theta", float, _field(hf, "rope_theta", float, 10000.0, minimum=0.0), minimum=0.0)
+    theta = hf_field(params, "rope_theta", float, hf_field(hf, "rope_theta", float, 10000.0, minimum=0.0), minimum=0.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
@@ -202,46 +209,22 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         return RopeConfig(theta=theta)
     if "factor" not in params:
         raise ConfigError(f"rope scaling {rope_type!r} needs a 'factor'")
-    kwargs: dict[str, Any] = dict(theta=theta, type=rope_type, factor=_field(params, "factor", float, minimum=0.0))
+    kwargs: dict[str, Any] = dict(theta=theta, type=rope_type, factor=hf_field(params, "factor", float, minimum=0.0))
     if rope_type == "llama3":
         for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if name not in params:
                 raise ConfigError(f"llama3 rope scaling needs {name!r}")
-            kwargs[name] = _field(params, name, type(getattr(RopeConfig, name)), minimum=0)
+            kwargs[name] = hf_field(params, name, type(getattr(RopeConfig, name)), minimum=0)
         if kwargs["high_freq_factor"] <= kwargs["low_freq_factor"]:
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
     return RopeConfig(**kwargs)
 
 
-def _layer_windows(hf: dict[str, Any], model_type: str, num_layers: int) -> tuple[int, ...]:
-    window = _field(hf, "sliding_window", int, 0, minimum=0)
-    if model_type == "mistral":
-        return (window,) * num_layers
-    if model_type in ("qwen2", "qwen3"):
-        layer_types = hf.get("layer_types")
-        if layer_types is None:
-            if not _field(hf, "use_sliding_window", bool, False):
-                return (0,) * num_layers
-            first = _field(hf, "max_window_layers", int, num_layers, minimum=0)
-            layer_types = ["full_attention" if i < first else "sliding_attention" for i in range(num_layers)]
-        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-            raise ConfigError(f"layer_types={layer_types!r} is not a list of layer type names")
-        if len(layer_types) != num_layers:
-            raise ConfigError(f"layer_types has {len(layer_types)} entries, num_hidden_layers is {num_layers}")
-        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise ConfigError(f"layer_types {sorted(unknown)} are not supported")
-        if "sliding_attention" in layer_types and not window:
-            raise ConfigError("layer_types asks for sliding_attention but sliding_window is not set")
-        return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
-    return (0,) * num_layers
-
-
 MAX_LAYERS = 4096  # far past any published model; a larger count is a corrupt file (and would take forever to check)
 
 
-def _field(hf: dict[str, Any], name: str, kind: type, default: Any = None, minimum: float | None = None,
-           maximum: float | None = None) -> Any:
+def hf_field(hf: dict[str, Any], name: str, kind: type, default: Any = None, minimum: float | None = None,
+             maximum: float | None = None) -> Any:
     """hf[name] as an int, float or bool (default when absent or null; no default: required), or
     ConfigError naming the field. An int field takes a whole float (4096.0), a float field an int."""
     value = hf.get(name)
@@ -264,41 +247,43 @@ def _field(hf: dict[str, Any], name: str, kind: type, default: Any = None, minim
     return value
 
 
-def _token_ids(hf: dict[str, Any], name: str) -> tuple[int, ...]:
+def hf_token_ids(hf: dict[str, Any], name: str) -> tuple[int, ...]:
     """A token id or a list of them (absent: none), or ConfigError naming the field."""
     value = hf.get(name)
     values = [] if value is None else value if isinstance(value, list) else [value]
-    return tuple(_field({name: v}, name, int, minimum=0) for v in values)
+    return tuple(hf_field({name: v}, name, int, minimum=0) for v in values)
 
 
-def _from_hf(hf: dict[str, Any]) -> ModelConfig:
-    model_type = hf.get("model_type")
-    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"model_type={model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"hidden_act={act!r} is not supported (only 'silu')")
-    if _field(hf, "mlp_bias", bool, False):
-        raise ConfigError("mlp_bias=True is not supported")
-    attention_bias = _field(hf, "attention_bias", bool, model_type == "qwen2")
-    if model_type == "qwen2" and not attention_bias:
-        raise ConfigError("qwen2 with attention_bias=False is not supported")
-    vocab_size = _field(hf, "vocab_size", int, minimum=1)
-    hidden = _field(hf, "hidden_size", int, minimum=1)
-    intermediate = _field(hf, "intermediate_size", int, minimum=1)
-    num_layers = _field(hf, "num_hidden_layers", int, minimum=1, maximum=MAX_LAYERS)
-    num_heads = _field(hf, "num_attention_heads", int, minimum=1)
-    num_kv_heads = _field(hf, "num_key_value_heads", int, num_heads, minimum=1)
-    head_dim = _field(hf, "head_dim", int, hidden // num_heads, minimum=1)
-    bos = _token_ids(hf, "bos_token_id")
+def windows_from_layer_types(hf: dict[str, Any], layer_types: Any, num_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding windows from HF's `layer_types` ("full_attention" / "sliding_attention"
+    per layer) and `sliding_window`; ConfigError naming what does not fit."""
+    window = hf_field(hf, "sliding_window", int, 0, minimum=0)
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise ConfigError(f"layer_types={layer_types!r} is not a list of layer type names")
+    if len(layer_types) != num_layers:
+        raise ConfigError(f"layer_types has {len(layer_types)} entries, num_hidden_layers is {num_layers}")
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ConfigError(f"layer_types {sorted(unknown)} are not supported")
+    if "sliding_attention" in layer_types and not window:
+        raise ConfigError("layer_types asks for sliding_attention but sliding_window is not set")
+    return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+
+
+def read_common(hf: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields most families' config.json share (dimensions, RoPE, context, tied
+    head, token ids), as keyword arguments; ConfigError naming a missing or bad field."""
+    vocab_size = hf_field(hf, "vocab_size", int, minimum=1)
+    hidden = hf_field(hf, "hidden_size", int, minimum=1)
+    intermediate = hf_field(hf, "intermediate_size", int, minimum=1)
+    num_layers = hf_field(hf, "num_hidden_layers", int, minimum=1, maximum=MAX_LAYERS)
+    num_heads = hf_field(hf, "num_attention_heads", int, minimum=1)
+    num_kv_heads = hf_field(hf, "num_key_value_heads", int, num_heads, minimum=1)
+    head_dim = hf_field(hf, "head_dim", int, hidden // num_heads, minimum=1)
+    bos = hf_token_ids(hf, "bos_token_id")
     if len(bos) > 1:
         raise ConfigError(f"bos_token_id={hf['bos_token_id']!r} is not one token id")
-    # Llama and Qwen3 put `attention_bias` on q, k, v and o; Qwen2 always biases q, k, v only.
-    llama_bias = model_type in ("llama", "qwen3") and attention_bias
-    return ModelConfig(
-        model_type=model_type,
+    return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -306,14 +291,32 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=_field(hf, "rms_norm_eps", float, 1e-6, minimum=0.0),
-        rope=_rope_from_hf(hf),
-        max_position_embeddings=_field(hf, "max_position_embeddings", int, 2048, minimum=1),
-        tie_word_embeddings=_field(hf, "tie_word_embeddings", bool, False),
-        qkv_bias=model_type == "qwen2" or llama_bias,
-        o_bias=llama_bias,
-        qk_norm=model_type == "qwen3",
-        layer_windows=_layer_windows(hf, model_type, num_layers),
+        rms_norm_eps=hf_field(hf, "rms_norm_eps", float, 1e-6, minimum=0.0),
+        rope=rope_from_hf(hf),
+        max_position_embeddings=hf_field(hf, "max_position_embeddings", int, 2048, minimum=1),
+        tie_word_embeddings=hf_field(hf, "tie_word_embeddings", bool, False),
         bos_token_id=bos[0] if bos else None,
-        eos_token_ids=_token_ids(hf, "eos_token_id"),
+        eos_token_ids=hf_token_ids(hf, "eos_token_id"),
     )
+
+
+def write_common(cfg: ModelConfig, family: family_lib.Family) -> dict[str, Any]:
+    """The config.json fields `read_common` reads, with the family's architecture and activation."""
+    return {
+        "architectures": [family.architectures[0]],
+        "model_type": family.name,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": family.activation,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": rope_to_hf(cfg.rope),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+    }

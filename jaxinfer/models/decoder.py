@@ -1,11 +1,12 @@
-"""A functional Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
+"""The functional decoder of every registered model family (jaxinfer.models.family: Llama 2/3,
+Mistral, Qwen2/2.5, Qwen3 built in).
 
 No classes hold state: `init_params` builds a params pytree, `forward` maps params and tokens
 (and optionally a KV cache, passed in and returned) to logits; `forward_paged` does the same for
 one flat step over a paged cache. The layers are stacked on a leading axis and run with
 `lax.scan`, so compile time does not grow with depth.
 
-One decoder layer (`layer`) serves every caller. Its projections go through a hook,
+One decoder layer (`layer`, the family's layer function) serves every caller. Its projections go through a hook,
 `project(name, x, lp) -> y`: by default `dense_projection(impl)`, the one matmul dispatch point;
 calibration records each projection's input through it, and adapters add their deltas through it.
 Which attention and matmul implementations run is one static, hashable `Impl`.
@@ -15,7 +16,8 @@ Axis legend:
   L layers           D hidden size            F MLP hidden size
   N query heads      K kv heads               H head dim          V vocab size
 
-Params pytree (weights stored as (in, out) so a projection is `x @ w`):
+Params pytree (weights stored as (in, out) so a projection is `x @ w`), as the family lists them;
+for the Llama-style families (jaxinfer.models.llama):
   embed       (V, D)
   layers      attn_norm (L, D); wq (L, D, N*H); wk, wv (L, D, K*H); wo (L, N*H, D);
               bq (L, N*H), bk, bv (L, K*H) if cfg.qkv_bias; bo (L, D) if cfg.o_bias;
@@ -36,8 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.models import attention, matmul
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.family import rms_norm  # noqa: F401  (the Llama-style norm; callers reach it here)
 from jaxinfer.models.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
+from jaxinfer.models.layers import rope_tables
 from jaxinfer.sharding import parallel_style, use_mesh
 
 Params = dict[str, Any]
@@ -51,72 +56,26 @@ class ForwardOutput(NamedTuple):
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """The shape of every parameter, as a pytree of tuples with the structure of the params."""
-    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    layers = {
-        "attn_norm": (L, D),
-        "wq": (L, D, N * H),
-        "wk": (L, D, K * H),
-        "wv": (L, D, K * H),
-        "wo": (L, N * H, D),
-        "mlp_norm": (L, D),
-        "w_gate": (L, D, F),
-        "w_up": (L, D, F),
-        "w_down": (L, F, D),
-    }
-    if cfg.qkv_bias:
-        layers.update(bq=(L, N * H), bk=(L, K * H), bv=(L, K * H))
-    if cfg.o_bias:
-        layers["bo"] = (L, D)
-    if cfg.qk_norm:
-        layers.update(q_norm=(L, H), k_norm=(L, H))
-    shapes: Params = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
-
-
-def _is_norm(name: str) -> bool:
-    return name.endswith("norm")
+    return family_lib.of(cfg).param_shapes(cfg)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random params: weights ~ N(0, std), norms 1, biases 0 (HF's initialisation)."""
-    shapes = param_shapes(cfg)
+    """Random params: weights ~ N(0, std), norms at a gain of 1, biases 0 (HF's initialisation)."""
+    family = family_lib.of(cfg)
+    roles = {p.name: p.role for p in family.params}
+    shapes = family.param_shapes(cfg)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(flat))
     leaves = []
     for (path, shape), k in zip(flat, keys):
-        name = str(path[-1].key)
-        if _is_norm(name):
-            leaves.append(jnp.ones(shape, dtype))
-        elif name.startswith("b"):
+        role = roles[str(path[-1].key)]
+        if role == "norm":
+            leaves.append(jnp.full(shape, family.norm.identity, dtype))
+        elif role == "bias":
             leaves.append(jnp.zeros(shape, dtype))
         else:
             leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm in float32, cast back, then scaled (the order HF transformers uses)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
-
-
-def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin: (B, T, H) for the given positions (half-split layout, as HF's rotate_half)."""
-    inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))  # (H/2,)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # (B, T, H)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: (B, T, heads, H); cos, sin: (B, T, H)."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 def auto_impl(name: str) -> str:
@@ -143,45 +102,54 @@ class Impl:
         if self.kv_dtype not in (None, *KV_DTYPES):
             raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
         if self.attention not in attention.IMPLEMENTATIONS:
-            raise ValueError(f"attention={self.attention!r} is not one of {attention.IMPLEMENTATIONS}")
+            raise ValueError(f"attention={self.attention!r} is not one of {tuple(attention.IMPLEMENTATIONS)}")
         if self.matmul not in matmul.IMPLEMENTATIONS:
             raise ValueError(f"matmul={self.matmul!r} is not one of {matmul.IMPLEMENTATIONS}")
 
 
 # project(name, x, lp) -> x @ lp[name] (+ its bias): every projection of a layer goes through one.
 Project = Callable[[str, jax.Array, Params], jax.Array]
-BIASES = {"wq": "bq", "wk": "bk", "wv": "bv", "wo": "bo"}
 
 
 def dense_projection(impl: Impl = Impl()) -> Project:
-    """The default hook: the layer's own weight (dense or packed) through the matmul dispatch point."""
+    """The default hook: the layer's own weight (dense or packed) and its bias (the family's
+    Param.bias) through the matmul dispatch point."""
 
     def project(name: str, x: jax.Array, lp: Params) -> jax.Array:
-        return matmul.linear(x, lp[name], lp.get(BIASES.get(name)), impl=impl.matmul, parallel=parallel_style(name))
+        return matmul.linear(x, lp[name], lp.get(family_lib.bias_of(name)), impl=impl.matmul,
+                             parallel=parallel_style(name))
 
     return project
 
 
 def layer(cfg: ModelConfig, lp: Params, x, cos, sin, attend, project: Project):
-    """One decoder layer: x (B, T, D) -> (B, T, D). `attend(q, k, v) -> (o, state)` sees this
-    layer's queries and new keys/values (rotated) and returns the attention output and whatever
-    it updated (a cache, or None); `project` runs every projection."""
-    B, T, _ = x.shape
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)  # (B, T, D)
-    q = project("wq", h, lp).reshape(B, T, N, H)
-    k = project("wk", h, lp).reshape(B, T, K, H)
-    v = project("wv", h, lp).reshape(B, T, K, H)
-    if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o, state = attend(q, k, v)  # (B, T, N, H)
-    x = x + project("wo", o.reshape(B, T, N * H), lp)
+    """One decoder layer of the config's family: x (B, T, D) -> (B, T, D). `attend(q, k, v) ->
+    (o, state)` sees this layer's queries and new keys/values (rotated) and returns the attention
+    output and whatever it updated (a cache, or None); `project` runs every projection. A config's
+    attention_scale is applied to the queries here, so every attend sees head_dim ** -0.5 scores."""
+    family = family_lib.of(cfg)
+    if cfg.attention_scale is not None:
+        factor = cfg.attention_scale * cfg.head_dim**0.5
+        unscaled = attend
 
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp = jax.nn.silu(project("w_gate", h, lp)) * project("w_up", h, lp)  # (B, T, F)
-    return x + project("w_down", mlp, lp), state
+        def attend(q, k, v):
+            return unscaled(q * jnp.asarray(factor, q.dtype), k, v)
+
+    return family.layer(family, cfg, lp, x, cos, sin, attend, project)
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Token ids (...) -> their embedding rows (..., D), scaled when the config says so."""
+    x = params["embed"][tokens]
+    if cfg.embedding_scale is not None:
+        x = x * jnp.asarray(cfg.embedding_scale, x.dtype)
+    return x
+
+
+def final_norm(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The family's norm with params["final_norm"]: the last layer's output (..., D) -> the LM
+    head's input."""
+    return family_lib.of(cfg).norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
 def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, project,
@@ -190,7 +158,7 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
     all_hidden, the hidden states of every token come back, not only those at logits_at."""
     dtype = params["embed"].dtype
     project = project or dense_projection(impl)
-    x = params["embed"][tokens]  # (B, T, D)
+    x = embed(params, cfg, tokens)  # (B, T, D)
     cos, sin = rope_tables(cfg, positions, dtype)
     # One window shared by every layer is passed as a static int (the Pallas kernels need it so).
     shared_window = cfg.layer_windows[0] if len(set(cfg.layer_windows)) == 1 else None
@@ -213,20 +181,28 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
     (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
 
     if all_hidden:
-        x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)  # (B, T, D)
+        x = final_norm(params, cfg, x)  # (B, T, D)
     selected = x if logits_at is None else jnp.take_along_axis(x, logits_at[..., None], axis=1)  # (B, T', D)
     if not all_hidden:
-        selected = x = rms_norm(selected, params["final_norm"], cfg.rms_norm_eps)
+        selected = x = final_norm(params, cfg, selected)
     logits = lm_head(params, cfg, selected)
     return ForwardOutput(logits=logits, hidden=x, cache=cache)
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Final-norm hidden states (..., D) -> float32 logits (..., V). A head padded past the
-    vocabulary (split over a tensor-parallel mesh) has its padding cut off."""
+    """Final-norm hidden states (..., D) -> float32 logits (..., V), soft-capped when the config
+    says so. A head padded past the vocabulary (split over a tensor-parallel mesh) has its padding
+    cut off."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
     logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
-    return logits[..., : cfg.vocab_size]
+    return softcap(cfg, logits[..., : cfg.vocab_size])
+
+
+def softcap(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
+    """The logits soft-capped as the config says, cap * tanh(logits / cap) (unchanged without a cap)."""
+    if cfg.logit_softcap is None:
+        return logits
+    return cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
 
 
 def forward(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -108,6 +109,50 @@ class BatchDescriptor:
     adapter_ids: jax.Array | None = None  # None: every token on the base model
     prefill_tree_mask: jax.Array | None = None  # None: rows are causal chunks
 
+    # The builders below are the one place a descriptor is laid out. They take numpy (the runner
+    # packs a step on the host, xp=np) or jax arrays (inside a jitted program, xp=jnp) alike.
+
+    @classmethod
+    def decode_rows(cls, positions, live, tables, page_size: int, dropped: int, adapter_ids=None,
+                    xp=jnp) -> BatchDescriptor:
+        """One token per row at positions (R,) through block tables (R, M); a row that is not live
+        writes no K/V (its slot is `dropped`, past the cache) and attends to nothing."""
+        R, M = tables.shape
+        return cls(positions=positions, logits_at=xp.arange(R, dtype=np.int32),
+                   slot_mapping=slots_of(tables, positions, live, page_size, dropped, xp),
+                   decode_block_tables=tables, decode_lens=xp.where(live, positions + 1, 0).astype(np.int32),
+                   prefill_block_tables=xp.zeros((0, M), np.int32), prefill_start=xp.zeros((0,), np.int32),
+                   prefill_lens=xp.zeros((0,), np.int32), adapter_ids=adapter_ids)
+
+    @classmethod
+    def chunk_rows(cls, start, lens, tables, chunk: int, page_size: int, dropped: int, *, all_logits: bool = False,
+                   adapter_ids=None, xp=jnp) -> BatchDescriptor:
+        """R rows of `chunk` tokens each, row r from position start[r] with lens[r] valid (the rest
+        pad: no K/V written); logits at each row's last valid token, or with all_logits at every token."""
+        R, M = tables.shape
+        offsets = xp.arange(chunk, dtype=np.int32)[None, :]
+        positions = start[:, None] + offsets  # (R, C)
+        live = offsets < lens[:, None]
+        logits_at = (xp.arange(R * chunk, dtype=np.int32) if all_logits
+                     else xp.arange(R, dtype=np.int32) * chunk + xp.maximum(lens - 1, 0))
+        return cls(positions=positions.reshape(-1), logits_at=logits_at,
+                   slot_mapping=slots_of(tables, positions, live, page_size, dropped, xp).reshape(-1),
+                   decode_block_tables=xp.zeros((0, M), np.int32), decode_lens=xp.zeros((0,), np.int32),
+                   prefill_block_tables=tables, prefill_start=start, prefill_lens=lens, adapter_ids=adapter_ids)
+
+    @classmethod
+    def mixed(cls, decode: BatchDescriptor, chunks: BatchDescriptor, xp=jnp) -> BatchDescriptor:
+        """A mixed step: decode's rows first, then chunks' rows, in one flat token layout."""
+        def cat(a, b):
+            return None if a is None and b is None else xp.concatenate([a, b])
+
+        return cls(positions=cat(decode.positions, chunks.positions),
+                   logits_at=cat(decode.logits_at, chunks.logits_at + decode.positions.shape[0]),
+                   slot_mapping=cat(decode.slot_mapping, chunks.slot_mapping),
+                   decode_block_tables=decode.decode_block_tables, decode_lens=decode.decode_lens,
+                   prefill_block_tables=chunks.prefill_block_tables, prefill_start=chunks.prefill_start,
+                   prefill_lens=chunks.prefill_lens, adapter_ids=cat(decode.adapter_ids, chunks.adapter_ids))
+
     @property
     def num_decode(self) -> int:
         return self.decode_lens.shape[0]
@@ -115,6 +160,15 @@ class BatchDescriptor:
     @property
     def num_prefill(self) -> int:
         return self.prefill_lens.shape[0]
+
+
+def slots_of(tables, positions, live, page_size: int, dropped: int, xp=jnp):
+    """Flat KV slots of positions (R, ...) through each row's block table (R, M); `dropped` where
+    not live (a position past the table, on a row that is not live, is never looked up)."""
+    by_row = positions if positions.ndim == 2 else positions[:, None]  # (R, T)
+    index = xp.minimum(by_row // page_size, tables.shape[1] - 1)
+    pages = xp.take_along_axis(tables, index, axis=1).reshape(positions.shape)
+    return xp.where(live, pages * page_size + positions % page_size, dropped).astype(np.int32)
 
 
 def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

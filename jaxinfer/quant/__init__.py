@@ -23,7 +23,16 @@ from jaxinfer.models.matmul import linear
 from jaxinfer.quant import awq, gptq, simulated, spec, w8a8
 from jaxinfer.quant import calibration as calib
 from jaxinfer.quant.rtn import quantize_weight
-from jaxinfer.quant.spec import LINEAR_WEIGHTS, METHODS, QuantScheme, Scheme, SimScheme, W8A8Scheme, scheme_from_name
+from jaxinfer.quant.spec import (
+    LINEAR_WEIGHTS,
+    METHODS,
+    QuantScheme,
+    Scheme,
+    SimScheme,
+    W8A8Scheme,
+    projections,
+    scheme_from_name,
+)
 
 PACKED = (QuantizedWeight, W8A8Weight, SimWeight)
 
@@ -36,9 +45,10 @@ def needs_calibration(scheme: Scheme) -> bool:
 
 
 def quantize(params: dict, scheme: Scheme) -> dict:
-    """Quantise every projection in LINEAR_WEIGHTS (stacked over layers) by a scheme that needs no
-    calibration: RTN, naive W8A8, FP8 with dynamic activation scales, the simulated formats. The
-    others (AWQ, GPTQ, SmoothQuant, static FP8) need calibration data: use `quantize_model`."""
+    """Quantise every projection (the layer params whose family role is column or row, stacked over
+    layers) by a scheme that needs no calibration: RTN, naive W8A8, FP8 with dynamic activation
+    scales, the simulated formats. The others (AWQ, GPTQ, SmoothQuant, static FP8) need calibration
+    data: use `quantize_model`."""
     if needs_calibration(scheme):
         raise ValueError(f"scheme {scheme.name} needs calibration data: use quantize_model")
     if isinstance(scheme, W8A8Scheme):
@@ -46,7 +56,7 @@ def quantize(params: dict, scheme: Scheme) -> dict:
     if isinstance(scheme, SimScheme):
         return simulated.quantize_params(params, scheme)
     layers = dict(params["layers"])
-    for name in LINEAR_WEIGHTS:
+    for name in projections(layers):
         layers[name] = quantize_weight(
             layers[name], scheme.bits, scheme.group_size, symmetric=scheme.symmetric, pad=scheme.pad,
             scale_dtype=scheme.scale_dtype, name=f"layers.{name}",
@@ -65,7 +75,7 @@ def quantize_model(
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> Model:
-    """A new Model with every projection in LINEAR_WEIGHTS quantised by `scheme`.
+    """A new Model with every projection of its family quantised by `scheme`.
 
     RTN, naive W8A8, dynamic FP8 and the simulated formats need no calibration. AWQ, GPTQ,
     SmoothQuant and static FP8 run the calibration windows through the model layer by layer
@@ -73,7 +83,7 @@ def quantize_model(
     once quantised. Without `calibration`, num_sequences windows of seq_len held-out
     tokens (in the model's own tokens) are drawn with `seed` (calibration.calibration_windows;
     defaults 256 x 256)."""
-    for name in LINEAR_WEIGHTS:
+    for name in projections(model.params["layers"]):
         if isinstance(model.params["layers"][name], PACKED):
             raise ValueError(f"layers.{name} is already quantised: quantize_model takes a dense model")
     if not needs_calibration(scheme):

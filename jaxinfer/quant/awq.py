@@ -3,12 +3,13 @@
 A few input channels carry much larger activations than the rest, and the weight rows they meet
 matter most. AWQ multiplies those rows by s > 1 before round-to-nearest (so their relative
 rounding error shrinks) and divides the input by s, folding 1/s into whatever produces the input:
+the family's sites (jaxinfer.models.family.Site) say which, for the Llama-style families
 
-  (wq, wk, wv)     after attn_norm   1/s folded into attn_norm's weight
+  (wq, wk, wv)     after attn_norm   1/s folded into attn_norm's gain (the family's Norm: w or 1 + w)
   wo               after wv          1/s folded into wv's output columns (and bv); only when
                                      num_kv_heads == num_heads, as AutoAWQ does (with GQA one v
                                      column feeds several wo rows, so a per-row s cannot fold)
-  (w_gate, w_up)   after mlp_norm    1/s folded into mlp_norm's weight
+  (w_gate, w_up)   after mlp_norm    1/s folded into mlp_norm's gain
   w_down           after w_up        1/s folded into w_up's output columns
 
 s = stat**alpha with stat the mean |x| per input channel, normalised so sqrt(max(s) min(s)) = 1;
@@ -36,16 +37,12 @@ from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.formats import QuantizedWeight, check_scheme
 from jaxinfer.quant import rtn
 from jaxinfer.quant.calibration import InputStats, LayerInputs, Params
-from jaxinfer.quant.spec import LINEAR_WEIGHTS, QuantScheme
+from jaxinfer.quant.spec import QuantScheme
 
 SCALE_GRID = 20  # alphas 0, 1/19, ..., 1
 CLIP_GRID = 20  # clip ratios 1 - i / CLIP_GRID ...
 MAX_SHRINK = 0.5  # ... for i < MAX_SHRINK * CLIP_GRID: 1.0 down to 0.55
 STAT_FLOOR = 1e-4  # s = max(stat, STAT_FLOOR)**alpha keeps dead channels from a zero scale
-
-# (projections sharing one input, the norm or projection whose weight takes 1/s)
-_GROUPS = ((("wq", "wk", "wv"), "attn"), (("wo",), "attn_out"), (("w_gate", "w_up"), "mlp"),
-           (("w_down",), "mlp_act"))
 
 
 def check_weight(w: jax.Array, bits: int, group_size: int | None, pad: bool, name: str) -> None:
@@ -164,43 +161,44 @@ def awq_quantize(w: jax.Array, stats: InputStats, bits: int, group_size: int | N
 
 
 def scale_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantScheme) -> tuple[Params, LayerInputs]:
-    """Search AWQ's scales for one layer's projection groups and fold them in (the float layer
-    computes the same function, up to rounding). Returns the new layer params and the statistics
-    of the inputs the scaled projections now see."""
-    for name in LINEAR_WEIGHTS:
+    """Search AWQ's scales for one layer's projection groups (the family's sites) and fold them in
+    (the float layer computes the same function, up to rounding). Returns the new layer params and
+    the statistics of the inputs the scaled projections now see."""
+    family = cfg.family
+    for name in _projections(cfg, lp):
         check_weight(lp[name], scheme.bits, scheme.group_size, scheme.pad, f"layers.{name}")
     kw = dict(symmetric=scheme.symmetric, pad=scheme.pad, scale_dtype=scheme.scale_dtype)
     lp = dict(lp)
     new_stats = {}
-    scales = {}
-    for names, site in _GROUPS:
-        st = getattr(stats, site)
-        if site == "attn_out" and cfg.num_kv_heads != cfg.num_heads:
-            new_stats[site] = st
-            continue
-        scales[site] = search_scale([lp[n] for n in names], st, scheme.bits, scheme.group_size, **kw)
-        new_stats[site] = st.scaled(scales[site])
 
     def rows(name, s):
         lp[name] = (lp[name] * s[:, None]).astype(lp[name].dtype)
 
-    def divide(name, s):  # a norm weight, a bias, or (with s[None, :]) a projection's columns
+    def divide(name, s):  # a bias, or (with s[None, :]) a projection's columns
         lp[name] = (lp[name] / s).astype(lp[name].dtype)
 
-    for name in ("wq", "wk", "wv"):
-        rows(name, scales["attn"])
-    divide("attn_norm", scales["attn"])
-    if "attn_out" in scales:
-        rows("wo", scales["attn_out"])
-        divide("wv", scales["attn_out"][None, :])
-        if "bv" in lp:
-            divide("bv", scales["attn_out"])
-    for name in ("w_gate", "w_up"):
-        rows(name, scales["mlp"])
-    divide("mlp_norm", scales["mlp"])
-    rows("w_down", scales["mlp_act"])
-    divide("w_up", scales["mlp_act"][None, :])
-    return lp, LayerInputs(**new_stats)
+    for site in family.sites:
+        names = [n for n in family.site_projections(site.name) if n in lp]
+        st = stats.sites[site.name]
+        if site.grouped and cfg.num_kv_heads != cfg.num_heads:
+            new_stats[site.name] = st
+            continue
+        s = search_scale([lp[n] for n in names], st, scheme.bits, scheme.group_size, **kw)
+        new_stats[site.name] = st.scaled(s)
+        for name in names:
+            rows(name, s)
+        fold = family.param(site.fold)
+        if fold.role == "norm":
+            lp[fold.name] = family.norm.map_gain(lp[fold.name], lambda gain, s=s: gain / s)
+        else:
+            divide(fold.name, s[None, :])
+            if fold.bias in lp:
+                divide(fold.bias, s)
+    return lp, LayerInputs(sites=new_stats, family=stats.family)
+
+
+def _projections(cfg: ModelConfig, lp: Params) -> list[str]:
+    return [n for n in cfg.family.projections if n in lp]
 
 
 def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantScheme, *,
@@ -208,7 +206,7 @@ def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: Qua
     """AWQ one decoder layer: fold the searched scales, clip, then RTN every projection."""
     lp, stats = scale_layer(cfg, lp, stats, scheme)
     kw = dict(symmetric=scheme.symmetric, pad=scheme.pad, scale_dtype=scheme.scale_dtype)
-    for name in LINEAR_WEIGHTS:
+    for name in _projections(cfg, lp):
         w = lp[name]
         if clip:
             w = search_clip(w, stats.for_weight(name), scheme.bits, scheme.group_size, **kw)

@@ -10,8 +10,9 @@ SmoothQuant's and static FP8's activation maxima, without keeping the activation
 before layer l + 1 is measured: the sequential scheme of GPTQ and AWQ, in which each layer is
 calibrated on the inputs the already-quantised layers below it produce.
 
-The layer is `jaxinfer.models.decoder.layer` itself, with a projection hook that records the input of
-every projection on its way to the matmul.
+The layer is `jaxinfer.models.decoder.layer` itself (the family's layer function), with a projection
+hook that records the input of every projection on its way to the matmul; which input feeds which
+projection is the family's spec (Param.calibration, Site).
 
 Axes (as in model.py): C sequences in a chunk, T tokens, D hidden, F MLP hidden, N query heads,
 K kv heads, H head dim, M = C * T tokens flattened.
@@ -33,6 +34,7 @@ from jaxinfer import data
 from jaxinfer.checkpoints.model import Model
 from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 
 Params = model_lib.Params
@@ -128,35 +130,35 @@ class InputStats:
 
 @struct.dataclass
 class LayerInputs:
-    """Input statistics of one decoder layer's projections, one InputStats per distinct input.
+    """Input statistics of one decoder layer's projections, one InputStats per site of its family
+    (jaxinfer.models.family.Site: an input projections share), also read as attributes (stats.attn).
+    For the Llama-style families:
 
       attn      (D)      attn-normed hidden: the input of wq, wk, wv
       attn_out  (N * H)  attention output: the input of wo
       mlp       (D)      mlp-normed hidden: the input of w_gate, w_up
-      mlp_act   (F)      silu(gate) * up: the input of w_down
+      mlp_act   (F)      act(gate) * up: the input of w_down
     """
 
-    attn: InputStats
-    attn_out: InputStats
-    mlp: InputStats
-    mlp_act: InputStats
+    sites: dict[str, InputStats]
+    family: str = struct.field(pytree_node=False)  # the family's name (ModelConfig.model_type)
 
     @classmethod
     def zeros(cls, cfg: ModelConfig) -> LayerInputs:
-        D, F = cfg.hidden_size, cfg.intermediate_size
-        return cls(attn=InputStats.zeros(D), attn_out=InputStats.zeros(cfg.num_heads * cfg.head_dim),
-                   mlp=InputStats.zeros(D), mlp_act=InputStats.zeros(F))
+        return cls(sites={s.name: InputStats.zeros(s.features(cfg)) for s in cfg.family.sites}, family=cfg.model_type)
+
+    def __getattr__(self, name: str) -> InputStats:
+        sites = self.__dict__.get("sites") or {}
+        if name in sites:
+            return sites[name]
+        raise AttributeError(f"LayerInputs has no site or attribute {name!r}")
 
     def for_weight(self, name: str) -> InputStats:
-        """The statistics of the input of projection `name` (one of quant.LINEAR_WEIGHTS)."""
-        if name not in WEIGHT_INPUTS:
-            raise ValueError(f"weight name={name!r} is not one of {tuple(WEIGHT_INPUTS)}")
-        return getattr(self, WEIGHT_INPUTS[name])
-
-
-# Which LayerInputs field feeds each projection.
-WEIGHT_INPUTS = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn_out", "w_gate": "mlp", "w_up": "mlp",
-                 "w_down": "mlp_act"}
+        """The statistics of the input of projection `name` (one of the family's projections)."""
+        family = family_lib.get(self.family)
+        if name not in family.projections:
+            raise ValueError(f"weight name={name!r} is not one of {family.projections}")
+        return self.sites[family.param(name).calibration]
 
 
 # --- one decoder layer, recording its projection inputs ----------------------------------------
@@ -183,9 +185,10 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="stats")
 def _accumulate(stats: LayerInputs, cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> LayerInputs:
-    sites: dict[str, jax.Array] = {}  # LayerInputs field -> the input its projections share
-    _layer(cfg, lp, x, window, lambda name, x: sites.setdefault(WEIGHT_INPUTS[name], x))
-    return LayerInputs(**{field: getattr(stats, field).add(sites[field]) for field in sites})
+    feeds = {p.name: p.calibration for p in cfg.family.params if p.is_projection}
+    sites: dict[str, jax.Array] = {}  # site -> the input its projections share
+    _layer(cfg, lp, x, window, lambda name, x: sites.setdefault(feeds[name], x))
+    return LayerInputs(sites={site: stats.sites[site].add(x) for site, x in sites.items()}, family=stats.family)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -193,14 +196,14 @@ def _apply(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> jax
     return _layer(cfg, lp, x, window)
 
 
-@jax.jit
-def _embed(embed: jax.Array, tokens: jax.Array) -> jax.Array:
-    return embed[tokens]  # (C, T, D)
+@functools.partial(jax.jit, static_argnames="cfg")
+def _embed(embed: jax.Array, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    return model_lib.embed({"embed": embed}, cfg, tokens)  # (C, T, D)
 
 
-@functools.partial(jax.jit, static_argnames="eps")
-def _final_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    return model_lib.rms_norm(x, weight, eps)
+@functools.partial(jax.jit, static_argnames="cfg")
+def _final_norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return model_lib.final_norm({"final_norm": weight}, cfg, x)
 
 
 # --- the runner ---------------------------------------------------------------------------------
@@ -235,7 +238,7 @@ def run_layers(
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
 
     params = model.params
-    chunks = [_embed(params["embed"], jnp.asarray(windows[i : i + chunk_size], jnp.int32))
+    chunks = [_embed(params["embed"], cfg, jnp.asarray(windows[i : i + chunk_size], jnp.int32))
               for i in range(0, len(windows), chunk_size)]  # each (C, T, D)
     new_layers = []
     for l in tqdm(range(cfg.num_layers), desc="calibrating", unit="layer", disable=not progress):
@@ -248,5 +251,5 @@ def run_layers(
         chunks = [_apply(cfg, lp, x, window) for x in chunks]
         new_layers.append(lp)
     layers = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *new_layers)
-    hidden = jnp.concatenate([_final_norm(x, params["final_norm"], cfg.rms_norm_eps) for x in chunks])
+    hidden = jnp.concatenate([_final_norm(x, params["final_norm"], cfg) for x in chunks])
     return CalibrationRun(layers=layers, hidden=hidden)

@@ -32,8 +32,8 @@ import numpy as np
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.formats import QuantizedWeight, check_scheme
 from jaxinfer.quant import rtn
-from jaxinfer.quant.calibration import WEIGHT_INPUTS, LayerInputs, Params
-from jaxinfer.quant.spec import LINEAR_WEIGHTS, QuantScheme
+from jaxinfer.quant.calibration import LayerInputs, Params
+from jaxinfer.quant.spec import QuantScheme
 
 PERCDAMP = 0.01
 BLOCK_SIZE = 128
@@ -135,14 +135,14 @@ def split_columns(w: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]
 
 def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantScheme) -> Params:
     """GPTQ every projection of one decoder layer from its input statistics. Projections that share
-    an input (wq, wk, wv; w_gate, w_up) run as one weight with their columns side by side, which
-    is the same computation (GPTQ treats output columns independently) with one factorisation."""
-    del cfg  # the projections and their inputs are all this needs
+    an input (the family's sites: wq, wk, wv; w_gate, w_up) run as one weight with their columns side
+    by side, which is the same computation (GPTQ treats output columns independently) with one
+    factorisation."""
     lp = dict(lp)
-    for site in dict.fromkeys(WEIGHT_INPUTS.values()):
-        names = [n for n in LINEAR_WEIGHTS if WEIGHT_INPUTS[n] == site]
+    for site in cfg.family.sites:
+        names = [n for n in cfg.family.site_projections(site.name) if n in lp]
         w = jnp.concatenate([lp[n] for n in names], axis=1)  # (K, sum of N)
-        qw = gptq_quantize(w, getattr(stats, site).hessian(), scheme.bits, scheme.group_size,
+        qw = gptq_quantize(w, stats.sites[site.name].hessian(), scheme.bits, scheme.group_size,
                            symmetric=scheme.symmetric, pad=scheme.pad, act_order=scheme.act_order,
                            scale_dtype=scheme.scale_dtype, name="layers." + "/".join(names))
         lp.update(zip(names, split_columns(qw, [lp[n].shape[1] for n in names])))

@@ -29,6 +29,7 @@ import optax
 from jaxinfer import data
 from jaxinfer.checkpoints.model import Model
 from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.act_formats import fake_quantize_activation
 from jaxinfer.models.formats import dequantize
 from jaxinfer.quant import rtn, simulated
@@ -63,7 +64,7 @@ def qat_projection(scheme: Scheme) -> model_lib.Project:
         if act is not None:
             x = ste(x, lambda v: fake_quantize_activation(v, act))
         y = x @ w
-        bias = lp.get(model_lib.BIASES.get(name))
+        bias = lp.get(family_lib.bias_of(name))
         return y if bias is None else y + bias
 
     return project

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxinfer.models.act_formats import BLOCKS, QMAX, SimWeight, fake_mxfp4, fake_nvfp4
 from jaxinfer.models.formats import dequantize
 from jaxinfer.quant import rtn
-from jaxinfer.quant.spec import LINEAR_WEIGHTS, SimScheme
+from jaxinfer.quant.spec import SimScheme, projections
 
 
 def fake_int4_fp8scale(w: jax.Array, group_size: int) -> jax.Array:
@@ -66,9 +66,9 @@ def fake_weight(w: jax.Array, scheme: SimScheme) -> tuple[jax.Array, int]:
 
 
 def quantize_params(params: dict, scheme: SimScheme) -> dict:
-    """Every projection of LINEAR_WEIGHTS (stacked over layers) as a SimWeight of the scheme."""
+    """Every projection (stacked over layers) as a SimWeight of the scheme."""
     layers = dict(params["layers"])
-    for name in LINEAR_WEIGHTS:
+    for name in projections(layers):
         w = layers[name]
         weight, stored = fake_weight(w, scheme)
         layers[name] = SimWeight(weight=weight.astype(w.dtype), act=scheme.act, stored=stored)

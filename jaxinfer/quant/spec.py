@@ -32,11 +32,21 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.formats import BITS
+from jaxinfer.models.llama import LLAMA
 
-# The projections a weight-only scheme quantises. Embeddings, norms, biases and the LM head stay dense.
-LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# The projections a scheme quantises: a family's column and row params (the Llama-style families'
+# below; a model's own: model.config.family.projections). Embeddings, norms, biases and the LM head
+# stay dense.
+LINEAR_WEIGHTS = LLAMA.projections
 METHODS = ("rtn", "awq", "gptq")
+
+
+def projections(layers: dict) -> list[str]:
+    """The projections among a params pytree's layer params (by their role in the registered
+    families), in the pytree's order."""
+    return [name for name in layers if family_lib.parallel_style(name) in family_lib.PROJECTION_ROLES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,8 @@ class QuantScheme:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size={self.group_size} must be >= 1 (or None for per-channel)")
+        if self.bits == 4 and self.group_size is not None and self.group_size % 2:
+            raise ValueError(f"group_size={self.group_size}: 4-bit packing needs an even group_size")
         if self.act_order and self.method != "gptq":
             raise ValueError("act_order applies to method='gptq' only")
 

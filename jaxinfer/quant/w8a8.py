@@ -13,15 +13,16 @@ moves that range into the weights, which have a scale per output channel to abso
   s_j = max|x_j|**alpha / max_n |W_jn|**(1 - alpha)      (alpha: migration strength, default 0.5)
 
 with max|x_j| over the calibration tokens and max_n |W_jn| over the projections sharing the input.
-1/s is folded into whatever produces the input, so the float model is unchanged (up to rounding):
+1/s is folded into whatever produces the input (the family's sites, jaxinfer.models.family.Site),
+so the float model is unchanged (up to rounding); for the Llama-style families:
 
-  (wq, wk, wv)     after attn_norm   1/s folded into attn_norm's weight
+  (wq, wk, wv)     after attn_norm   1/s folded into attn_norm's gain (the family's Norm: w or 1 + w)
   wo               after wv          1/s folded into wv's output columns (and bv). With GQA one v
                                      column feeds the wo rows of every query head in its group, so
                                      s is shared by that group: max|x| and max|W| are taken over
                                      the group's rows (exact for any num_kv_heads)
-  (w_gate, w_up)   after mlp_norm    1/s folded into mlp_norm's weight
-  w_down           after w_up        1/s folded into w_up's output columns: silu(g) * (u / s) = (silu(g) * u) / s
+  (w_gate, w_up)   after mlp_norm    1/s folded into mlp_norm's gain
+  w_down           after w_up        1/s folded into w_up's output columns: act(g) * (u / s) = (act(g) * u) / s
 
 The paper folds at the norms only (its Llama recipe smooths q/k/v and gate/up); the two folds
 through wv and w_up are exact as well (a column scale is free under per-channel weight scales),
@@ -41,7 +42,7 @@ from jaxinfer.checkpoints.model import Model
 from jaxinfer.models.act_formats import QMAX, W8A8Weight, quantize_columns
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.quant.calibration import LayerInputs, Params
-from jaxinfer.quant.spec import LINEAR_WEIGHTS, W8A8Scheme
+from jaxinfer.quant.spec import W8A8Scheme, projections
 
 SCALE_FLOOR = 1e-5  # a channel that never fires (or an all-zero weight row) keeps s = 1
 
@@ -73,31 +74,33 @@ def _to_query_heads(s: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def smooth_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, alpha: float) -> tuple[Params, dict]:
     """Fold SmoothQuant's factors into one decoder layer (float weights): the new params, which
-    compute the same function, and the factors by input site (attn, attn_out per kv channel, mlp, mlp_act)."""
-    s = {
-        "attn": smoothing_factors(stats.attn.abs_max, _row_max([lp[n] for n in ("wq", "wk", "wv")]), alpha),
-        "attn_out": smoothing_factors(_per_kv(stats.attn_out.abs_max, cfg), _per_kv(_row_max([lp["wo"]]), cfg),
-                                      alpha),
-        "mlp": smoothing_factors(stats.mlp.abs_max, _row_max([lp["w_gate"], lp["w_up"]]), alpha),
-        "mlp_act": smoothing_factors(stats.mlp_act.abs_max, _row_max([lp["w_down"]]), alpha),
-    }
+    compute the same function, and the factors by input site (the family's sites; a grouped site's
+    per kv channel: attn, attn_out per kv channel, mlp, mlp_act for the Llama-style families)."""
+    family = cfg.family
+    s = {}
+    for site in family.sites:
+        act_max = stats.sites[site.name].abs_max
+        w_max = _row_max([lp[n] for n in family.site_projections(site.name) if n in lp])
+        if site.grouped:
+            act_max, w_max = _per_kv(act_max, cfg), _per_kv(w_max, cfg)
+        s[site.name] = smoothing_factors(act_max, w_max, alpha)
     lp = dict(lp)
 
-    def scale(name, factor):  # rows (factor[:, None]), columns (factor[None, :]), a norm or a bias (factor)
+    def scale(name, factor):  # rows (factor[:, None]), columns (factor[None, :]), or a bias (factor)
         lp[name] = (lp[name].astype(jnp.float32) * factor).astype(lp[name].dtype)
 
-    for name in ("wq", "wk", "wv"):
-        scale(name, s["attn"][:, None])
-    scale("attn_norm", 1.0 / s["attn"])
-    scale("wv", 1.0 / s["attn_out"][None, :])
-    if "bv" in lp:
-        scale("bv", 1.0 / s["attn_out"])
-    scale("wo", _to_query_heads(s["attn_out"], cfg)[:, None])
-    for name in ("w_gate", "w_up"):
-        scale(name, s["mlp"][:, None])
-    scale("mlp_norm", 1.0 / s["mlp"])
-    scale("w_up", 1.0 / s["mlp_act"][None, :])
-    scale("w_down", s["mlp_act"][:, None])
+    for site in family.sites:
+        factor = s[site.name]
+        for name in [n for n in family.site_projections(site.name) if n in lp]:
+            scale(name, (_to_query_heads(factor, cfg) if site.grouped else factor)[:, None])
+        fold = family.param(site.fold)
+        if fold.role == "norm":
+            lp[fold.name] = family.norm.map_gain(lp[fold.name],
+                                                 lambda gain, f=factor: gain.astype(jnp.float32) * (1.0 / f))
+        else:
+            scale(fold.name, 1.0 / factor[None, :])
+            if fold.bias in lp:
+                scale(fold.bias, 1.0 / factor)
     return lp, s
 
 
@@ -115,12 +118,12 @@ def quantize_weight(w: jax.Array, scheme: W8A8Scheme, act_max: jax.Array | None 
 
 
 def quantize_params(params: dict, scheme: W8A8Scheme) -> dict:
-    """Every projection of LINEAR_WEIGHTS (stacked over layers) as W8A8: the schemes that need no
-    calibration (naive int8, fp8 with dynamic activation scales)."""
+    """Every projection (stacked over layers) as W8A8: the schemes that need no calibration (naive
+    int8, fp8 with dynamic activation scales)."""
     if scheme.needs_calibration:
         raise ValueError(f"scheme {scheme.name} needs calibration data: use quant.quantize_model")
     layers = dict(params["layers"])
-    for name in LINEAR_WEIGHTS:
+    for name in projections(layers):
         layers[name] = quantize_weight(layers[name], scheme)
     return {**params, "layers": layers}
 
@@ -130,23 +133,27 @@ def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: W8A
     if scheme.smooth_alpha is not None:
         lp, _ = smooth_layer(cfg, lp, stats, scheme.smooth_alpha)
     lp = dict(lp)
-    for name in LINEAR_WEIGHTS:
+    for name in [n for n in cfg.family.projections if n in lp]:
         lp[name] = quantize_weight(lp[name], scheme, stats.for_weight(name).abs_max)
     return lp
 
 
 def inject_outlier(model: Model, channel: int, factor: float) -> Model:
-    """The same float function with hidden channel `channel` `factor` times larger where q/k/v and
-    gate/up read it: that channel of attn_norm's and mlp_norm's weights times factor, the matching
-    rows of wq, wk, wv, w_gate and w_up divided by it. The activation outlier SmoothQuant is for,
-    made to order on a model that has none."""
+    """The same float function with hidden channel `channel` `factor` times larger where the
+    projections after a norm read it (q/k/v and gate/up): that channel of the norms' gains times
+    factor, the matching rows of those projections divided by it. The activation outlier
+    SmoothQuant is for, made to order on a model that has none."""
     if not 0 <= channel < model.config.hidden_size:
         raise ValueError(f"channel={channel} is outside the hidden size {model.config.hidden_size}")
     if factor <= 0:
         raise ValueError(f"factor={factor} must be > 0")
+    family = model.config.family
     layers = dict(model.params["layers"])
-    for norm, names in (("attn_norm", ("wq", "wk", "wv")), ("mlp_norm", ("w_gate", "w_up"))):
-        layers[norm] = layers[norm].at[:, channel].multiply(factor)
-        for name in names:
+    for site in family.sites:
+        norm = family.param(site.fold)
+        if norm.role != "norm":
+            continue
+        layers[norm.name] = family.norm.map_gain(layers[norm.name], lambda gain: gain.at[:, channel].multiply(factor))
+        for name in family.site_projections(site.name):
             layers[name] = layers[name].at[:, channel, :].divide(factor)
     return dataclasses.replace(model, params={**model.params, "layers": layers})

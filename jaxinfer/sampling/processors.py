@@ -60,6 +60,14 @@ class Vocab:
     size: int
     eos_ids: Collection[int] = frozenset()
 
+    @classmethod
+    def of(cls, model) -> Vocab:
+        """A model's (jaxinfer.Model): its config's vocabulary size, and the end-of-sequence ids of
+        its config and its tokenizer."""
+        tokenizer = model.tokenizer
+        return cls(model.config.vocab_size,
+                   frozenset(model.config.eos_token_ids) | frozenset(tokenizer.eos_ids if tokenizer else ()))
+
 
 class RowLike(Protocol):
     """A row to fill arrays for: an engine Sequence, or a Row."""

@@ -1,6 +1,9 @@
 """Serving: the OpenAI-compatible HTTP surface over one engine.
 
-  openai_api   the wire format: request bodies to engine calls, outputs to responses
+  openai_api   the wire format: checked requests to engine calls, outputs to responses
+  schema       the request bodies as pydantic models (checks and /openapi.json), the error body
+  limits       the bounds on one request and on the requests held at once
+  guards       the ASGI middleware before the app: API key, body size, admission (401, 413, 429)
   engine_loop  the thread that drives the engine's steps for many concurrent requests
   server       the ASGI app (FastAPI; the [serve] extra)
 """

@@ -11,6 +11,10 @@ across connections comes from the engine's scheduler, not from this loop.
   rid, outputs = await loop.add(prompt_ids, sampling, adapter)   # ValueError: refused
   out = await outputs.get()          # RequestOutput, finished False until the last one
   loop.abort(rid)                    # the client went away: its pages come back
+  loop.submit(lambda e: e.add_adapter("a", path)).result()   # any engine call, made on the loop's thread
+
+`snapshot` holds the engine's figures after the last step (requests, pages, the adapters it
+holds), readable from any thread.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import dataclasses
 import logging
 import queue
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from jaxinfer.engine.engine import Engine
 from jaxinfer.sampling.sampler import SamplingParams
@@ -41,6 +47,12 @@ class _Add:
 @dataclasses.dataclass
 class _Abort:
     request_id: int
+
+
+@dataclasses.dataclass
+class _Call:
+    fn: Callable[[Engine], Any]
+    reply: concurrent.futures.Future  # what fn returned, or what it raised
 
 
 _STOP = object()
@@ -92,10 +104,19 @@ class EngineLoop:
         """End a request at the loop's next turn (a no-op if it has finished by then)."""
         self._commands.put(_Abort(request_id))
 
+    def submit(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Call fn(engine) on the loop's thread between two steps (the engine is not thread-safe):
+        add or remove an adapter while serving. The future holds its result or its exception; the
+        snapshot is renewed before it resolves."""
+        reply: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Call(fn, reply))
+        return reply
+
     # The loop thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
+            self.snapshot = self._snapshot()  # adapters added between construction and start
             while True:
                 busy = self.engine.has_unfinished()
                 if not self._apply(block=not busy):
@@ -122,6 +143,8 @@ class EngineLoop:
                 return False
             if isinstance(cmd, _Add):
                 self._add(cmd)
+            elif isinstance(cmd, _Call):
+                self._call(cmd)
             elif cmd.request_id in self._sinks:
                 self._sinks.pop(cmd.request_id)
                 self.engine.abort(cmd.request_id)
@@ -138,6 +161,20 @@ class EngineLoop:
         self._sinks[rid] = (cmd.loop, cmd.outputs)
         cmd.reply.set_result(rid)
 
+    def _call(self, cmd: _Call) -> None:
+        if not cmd.reply.set_running_or_notify_cancel():
+            return
+        result = error = None
+        try:
+            result = cmd.fn(self.engine)
+        except Exception as e:  # the caller's to handle, as if it had called the engine itself
+            error = e
+        self.snapshot = self._snapshot()
+        if error is None:
+            cmd.reply.set_result(result)
+        else:
+            cmd.reply.set_exception(error)
+
     def _deliver(self, outs) -> None:
         """Hand each output to its request's queue; a finished request's queue is dropped."""
         for out in outs:
@@ -149,7 +186,8 @@ class EngineLoop:
             loop, outputs = sink
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
-    def _snapshot(self) -> dict[str, int]:
-        s = self.engine.scheduler
-        return {"running": len(s.running), "waiting": len(s.waiting), "pages_in_use": self.engine.allocator.num_used,
-                "num_pages": self.engine.allocator.num_pages}
+    def _snapshot(self) -> dict[str, Any]:
+        s, a = self.engine.scheduler, self.engine.allocator
+        return {"running": len(s.running), "waiting": len(s.waiting), "pages_in_use": a.num_used,
+                "pages_free": a.num_free, "num_pages": a.num_pages,
+                "adapters": tuple(sorted(self.engine.adapters.store))}

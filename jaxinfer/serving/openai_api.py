@@ -1,14 +1,24 @@
 """OpenAI's completions and chat-completions wire format, over jaxinfer's requests and outputs.
 
-`parse(body, kind, server)` checks a JSON request body field by field and returns the engine's
-view of it (prompt token ids, SamplingParams, adapter); anything wrong raises RequestError naming
-the field, which the server returns as HTTP 400 with OpenAI's error body. `response` renders a
-finished RequestOutput, `ChunkWriter` a running request's outputs as stream chunks (one chunk per
-engine output that brings tokens, so token by token at decode_steps=1 without speculation).
+`parse(request, kind, served, adapters)` takes a body already checked by its pydantic model
+(jaxinfer/serving/schema.py: types, ranges, lengths, refused fields) and returns the engine's view
+of it (prompt token ids, SamplingParams, adapter); what only the model can tell (the `model` name,
+the prompt's tokens against the context and the vocabulary, the chat template's verdict) raises
+RequestError naming the field, which the server returns as HTTP 400 with OpenAI's error body.
+`response` renders a finished RequestOutput, `ChunkWriter` a running request's outputs as stream
+chunks (one chunk per engine output that brings tokens, so token by token at decode_steps=1
+without speculation).
 
-What the engine cannot do is refused, not ignored: `logprobs` (the sampler returns no
-log-probabilities), `echo`, `best_of`, `suffix`, `logit_bias`, presence / frequency penalties,
-and tools. Beside OpenAI's fields, `top_k`, `min_p` and `ignore_eos` are taken (as vLLM takes them).
+Log-probabilities (the model's raw log-softmax, jaxinfer.sampling) come as OpenAI shapes them: for
+completions `logprobs: {tokens, token_logprobs, top_logprobs, text_offset}` (top_logprobs: the N
+most likely tokens and the drawn one, by their text), for chat `logprobs: {content: [{token,
+logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`, in each stream chunk for its new
+tokens. A token's text is its own decoding (a byte-level token that is part of a character decodes
+to U+FFFD; its `bytes` are that text's UTF-8), and a log-probability of -inf is sent as -9999.0.
+
+Limits: a prompt longer than the context is refused (400 naming the prompt and both lengths); a
+prompt that fits but leaves less room than max_tokens runs until the context is full, and ends
+with finish_reason "length" (the engine's "context": OpenAI has no such reason).
 """
 
 from __future__ import annotations
@@ -19,31 +29,22 @@ import time
 import uuid
 from typing import Any
 
+from pydantic import BaseModel
+
 from jaxinfer.engine.requests import RequestOutput, prepare_prompt
 from jaxinfer.sampling.sampler import SamplingParams
-
-
-class RequestError(ValueError):
-    """A bad request: HTTP `status` with OpenAI's error body naming the offending field (`param`)."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param, self.status = param, status
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": None}}
+from jaxinfer.serving.schema import RequestError
 
 
 @dataclasses.dataclass(frozen=True)
 class ServedModel:
-    """What requests are checked against: the names `model` may take, the tokenizer, the context."""
+    """What requests are checked against: the base model's name, the tokenizer, the context."""
 
-    name: str  # the base model's name
-    adapters: tuple[str, ...]  # loaded LoRA adapters, selected by `model`
+    name: str  # the base model's name; `model` may also name an adapter the engine holds
     tokenizer: Any  # jaxinfer.checkpoints.tokenizer.HFTokenizer (chat_template may be None)
     model: Any  # jaxinfer.Model, for prompt checks against its vocabulary and context
     max_seq_len: int
+    timeout_s: float | None = None  # each request's deadline (SamplingParams.timeout_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,103 +56,58 @@ class Parsed:
     sampling: SamplingParams
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    tokenizer: Any = None  # the served tokenizer: the text of each token of a logprobs answer
 
     @property
     def prompt_field(self) -> str:
         return PROMPT_FIELD[self.kind]
 
 
-UNSUPPORTED = {
-    "logprobs": "logprobs are not supported: the sampler returns no token log-probabilities",
-    "top_logprobs": "top_logprobs are not supported: the sampler returns no token log-probabilities",
-    "echo": "echo is not supported",
-    "suffix": "suffix is not supported",
-    "logit_bias": "logit_bias is not supported",
-    "presence_penalty": "presence_penalty is not supported (only 0)",
-    "frequency_penalty": "frequency_penalty is not supported (only 0)",
-    "tools": "tools are not supported",
-}
 PROMPT_FIELD = {"completion": "prompt", "chat": "messages"}  # the field a request's prompt is in
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "logprobs", "top_logprobs")
 
 
-def parse(body: Any, kind: str, served: ServedModel) -> Parsed:
-    """A completions (kind "completion") or chat-completions ("chat") body, checked; RequestError if bad."""
-    if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-    for name, message in UNSUPPORTED.items():
-        if not _unset(name, body.get(name)):
-            raise RequestError(message, name)
-    if body.get("best_of") not in (None, 1, body.get("n", 1)):
-        raise RequestError("best_of is not supported", "best_of")
-    model = body.get("model", served.name)
-    if model != served.name and model not in served.adapters:
-        known = ", ".join([served.name, *served.adapters])
+def parse(request: BaseModel, kind: str, served: ServedModel, adapters: tuple[str, ...] = ()) -> Parsed:
+    """A checked completions (kind "completion") or chat-completions ("chat") request as the
+    engine's; `adapters` are the LoRA adapters `model` may name. RequestError if bad."""
+    n = request.n or 1
+    if kind == "completion" and request.best_of not in (None, 1, n):
+        raise RequestError(f"best_of={request.best_of} is not supported (only 1 or n={n})", "best_of")
+    model = request.model or served.name
+    if model != served.name and model not in adapters:
+        known = ", ".join([served.name, *adapters])
         raise RequestError(f"the model {model!r} does not exist; this server has: {known}", "model")
-    prompt, stop_ids = _completion_prompt(body, served) if kind == "completion" else _chat_prompt(body, served)
+    prompt, stop_ids = _completion_prompt(request, served) if kind == "completion" else _chat_prompt(request, served)
     field = PROMPT_FIELD[kind]
     if len(prompt) > served.max_seq_len:
         raise RequestError(f"{field} has {len(prompt)} tokens, over this model's context of {served.max_seq_len}",
                            field)
     default_max = 16 if kind == "completion" else max(1, served.max_seq_len - len(prompt))
-    sampling = _sampling(body, kind, default_max, stop_ids)
-    stream = _typed(body, "stream", bool, False)
-    options = _typed(body, "stream_options", dict, {})
-    include_usage = _typed(options, "include_usage", bool, False, "stream_options.include_usage")
-    return Parsed(kind, model, None if model == served.name else model, prompt, sampling, stream, include_usage)
+    sampling = _sampling(request, kind, default_max, stop_ids, served.timeout_s)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return Parsed(kind, model, None if model == served.name else model, prompt, sampling, bool(request.stream),
+                  include_usage, served.tokenizer)
 
 
-def _unset(name: str, value) -> bool:
-    """An unsupported field left at its no-op value (null, false, empty; 0 for a penalty)."""
-    if value is None or value is False or (isinstance(value, (dict, list)) and not value):
-        return True
-    return name.endswith("_penalty") and not isinstance(value, bool) and value == 0
-
-
-def _typed(body: dict, name: str, kind, default, param: str | None = None):
-    """body[name] if it has the type `kind` (a bool is no number), `default` when absent or null."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        expected = {int: "an integer", bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
-        raise RequestError(f"{param or name} must be {expected.get(kind, 'a number')}, got {value!r}", param or name)
-    return value
-
-
-def _completion_prompt(body: dict, served: ServedModel) -> tuple[list[int], tuple[int, ...]]:
-    """The prompt as token ids: a string, a list of token ids, or a list holding one of either."""
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise RequestError("prompt is required", "prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise RequestError("prompt must be a string, a list of token ids, or a list of one of either "
-                           "(batched prompts are not supported)", "prompt")
-    if not isinstance(prompt, (str, list)):
-        raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
+def _completion_prompt(request: BaseModel, served: ServedModel) -> tuple[list[int], tuple[int, ...]]:
+    """The prompt as token ids (a string is tokenised here, its length already bounded)."""
     try:
-        return prepare_prompt(served.model, prompt, "prompt"), ()
+        return prepare_prompt(served.model, request.prompt, "prompt"), ()
     except ValueError as e:
         raise RequestError(str(e), "prompt") from None
 
 
-def _chat_prompt(body: dict, served: ServedModel) -> tuple[list[int], tuple[int, ...]]:
+def _chat_prompt(request: BaseModel, served: ServedModel) -> tuple[list[int], tuple[int, ...]]:
     """The conversation through the model's chat template, and the template's end-of-turn token
     (its eos_token, when that is one token) as a stop token."""
-    messages = body.get("messages")
-    if messages is None:
-        raise RequestError("messages is required", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a string role", "messages")
-        messages[i] = {**m, "content": _content(m.get("content"), i)}
     tok = served.tokenizer
     if tok.chat_template is None or not hasattr(tok, "apply_chat_template"):
         raise RequestError(f"the model {served.name!r} has no chat template: use /v1/completions", "messages")
+    messages = []
+    for m in request.messages:
+        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        messages.append({"role": m.role, "content": text, **({"name": m.name} if m.name is not None else {})})
     try:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     except ValueError as e:
@@ -163,35 +119,34 @@ def _chat_prompt(body: dict, served: ServedModel) -> tuple[list[int], tuple[int,
     return ids, tuple(eot_ids) if len(eot_ids) == 1 else ()
 
 
-def _content(content, i: int) -> str:
-    """A message's content as text: a string, null, or a list of {"type": "text", "text": ...} parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
-
-
-def _sampling(body: dict, kind: str, default_max: int, stop_ids: tuple[int, ...]) -> SamplingParams:
-    """SamplingParams from the body; SamplingParams' own range checks name the field they refuse."""
-    max_name = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
+def _sampling(request: BaseModel, kind: str, default_max: int, stop_ids: tuple[int, ...],
+              timeout_s: float | None) -> SamplingParams:
+    """SamplingParams from the request; SamplingParams' own range checks name the field they refuse."""
+    max_name = "max_completion_tokens" if kind == "chat" and request.max_completion_tokens is not None \
         else "max_tokens"
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise RequestError("stop must be a string or a list of strings", "stop")
+    max_tokens = getattr(request, max_name)
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    if kind == "chat" and request.top_logprobs is not None and not request.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = request.logprobs if kind == "completion" else (request.top_logprobs or 0) if request.logprobs else None
     values = dict(
-        max_tokens=_typed(body, max_name, int, default_max, max_name),
-        temperature=float(_typed(body, "temperature", (int, float), 1.0)),
-        top_p=float(_typed(body, "top_p", (int, float), 1.0)),
-        top_k=_typed(body, "top_k", int, 0),
-        min_p=float(_typed(body, "min_p", (int, float), 0.0)),
-        seed=_typed(body, "seed", int, None),
-        n=_typed(body, "n", int, 1),
+        max_tokens=default_max if max_tokens is None else max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=request.top_k or 0,
+        min_p=request.min_p or 0.0,
+        seed=request.seed,
+        n=request.n or 1,
         stop=tuple(stop or ()),
-        ignore_eos=_typed(body, "ignore_eos", bool, False),
+        ignore_eos=bool(request.ignore_eos),
         stop_token_ids=stop_ids,
+        timeout_s=timeout_s,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+        logit_bias={int(t): b for t, b in request.logit_bias.items()} if request.logit_bias else None,
+        min_tokens=request.min_tokens or 0,
+        logprobs=logprobs,
     )
     try:
         return SamplingParams(**values)
@@ -234,7 +189,8 @@ def response(parsed: Parsed, out: RequestOutput, rid: str) -> dict:
         raise RequestError(f"the request failed: {out.error}", None, status=500)
     choices = []
     for i, s in enumerate(_samples(out)):
-        choice = {"index": i, "logprobs": None, "finish_reason": _finish_reason(s.finish_reason)}
+        choice = {"index": i, "logprobs": _logprobs(parsed, s.token_ids, s.logprobs),
+                  "finish_reason": _finish_reason(s.finish_reason)}
         if parsed.kind == "completion":
             choice["text"] = s.text or ""
         else:
@@ -242,6 +198,33 @@ def response(parsed: Parsed, out: RequestOutput, rid: str) -> dict:
         choices.append(choice)
     return {"id": rid, "object": "text_completion" if parsed.kind == "completion" else "chat.completion",
             "created": int(time.time()), "model": parsed.model, "choices": choices, "usage": usage(out)}
+
+
+def _logprobs(parsed: Parsed, tokens: list[int], logprobs: list | None, offset: int = 0) -> dict | None:
+    """OpenAI's logprobs object for these generated tokens and their Logprobs (None: not asked);
+    completions' text offsets count from `offset`."""
+    if logprobs is None:
+        return None
+    decode, N = parsed.tokenizer.decode, parsed.sampling.logprobs
+
+    def text(t: int) -> str:
+        return decode([t])
+
+    def value(x: float) -> float:
+        return max(x, -9999.0)
+
+    if parsed.kind == "chat":
+        def entry(t: int, x: float) -> dict:
+            return {"token": text(t), "logprob": value(x), "bytes": list(text(t).encode())}
+
+        return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(a, x) for a, x in lp.top[:N]]}
+                            for t, lp in zip(tokens, logprobs)]}
+    texts = [text(t) for t in tokens]
+    offsets = [offset + sum(len(x) for x in texts[:j]) for j in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [value(lp.logprob) for lp in logprobs],
+            "top_logprobs": [{**{text(a): value(x) for a, x in lp.top[:N]}, text(t): value(lp.logprob)}
+                             for t, lp in zip(tokens, logprobs)],
+            "text_offset": offsets}
 
 
 class ChunkWriter:
@@ -253,6 +236,7 @@ class ChunkWriter:
         self.object = "text_completion" if parsed.kind == "completion" else "chat.completion.chunk"
         self.tokens: dict[int, int] = {}  # choice -> tokens sent
         self.text: dict[int, str] = {}  # choice -> text sent
+        self.offset: dict[int, int] = {}  # choice -> characters of the tokens sent (completions' text_offset)
         self.done: set[int] = set()  # choices whose finish reason was sent
 
     def chunks(self, out: RequestOutput) -> list[dict]:
@@ -266,20 +250,25 @@ class ChunkWriter:
             sent = self.text.get(i, "")
             text = s.text or ""
             delta = text[len(sent):] if text.startswith(sent) else ""
-            first = i not in self.tokens
+            first, start = i not in self.tokens, self.tokens.get(i, 0)
+            new = s.token_ids[start:]
+            logprobs = _logprobs(self.parsed, new, None if s.logprobs is None else s.logprobs[start:],
+                                 self.offset.get(i, 0))
+            if logprobs is not None and self.parsed.kind == "completion":
+                self.offset[i] = self.offset.get(i, 0) + sum(len(x) for x in logprobs["tokens"])
             self.tokens[i], self.text[i] = len(s.token_ids), sent + delta
             reason = _finish_reason(s.finish_reason)
             if reason is not None:
                 self.done.add(i)
-            chunks.append(self._chunk(i, delta, reason, first))
+            chunks.append(self._chunk(i, delta, reason, first, logprobs))
         return chunks
 
-    def _chunk(self, index: int, text: str, reason: str | None, first: bool) -> dict:
+    def _chunk(self, index: int, text: str, reason: str | None, first: bool, logprobs: dict | None) -> dict:
         if self.parsed.kind == "completion":
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         else:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return {"id": self.rid, "object": self.object, "created": self.created, "model": self.parsed.model,
                 "choices": [choice]}
 

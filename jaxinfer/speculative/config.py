@@ -1,17 +1,62 @@
-"""SpeculativeConfig and the interface every drafter implements."""
+"""SpeculativeConfig, the interface every drafter implements, and the registry of drafters.
+
+A drafter registers itself by method name with what it needs (`register_drafter`): a checkpoint
+named by draft=, the target's feature cache, whether it drafts trees, whether it is lossless. The
+config checks against the entry and the engine builds the drafter through it; a new drafter is one
+module that registers. (A drafter that samples draws with the target's keys, through
+jaxinfer.sampling.sampler.draw, so its drafts carry no distribution: the acceptance rule compares
+them with the target's own draws.)
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
 
-METHODS = ("draft", "ngram", "medusa", "eagle", "synthetic")
-LEARNED = ("draft", "medusa", "eagle")  # drafters loaded from draft=
 # Shipped drafters for the shipped tiny target (jaxinfer/assets): the draft model and trained heads.
 SHIPPED_DRAFTERS = {"tiny-draft": "draft", "tiny-medusa": "medusa", "tiny-eagle": "eagle"}
+
+
+class DraftContext(NamedTuple):
+    """What building a drafter is given: its config, the target model (as placed), the checkpoint
+    directory draft= resolves to (None where the method needs none), the target's paged-cache
+    geometry (a drafter with its own cache mirrors the target's pages) and its implementations."""
+
+    config: Any  # SpeculativeConfig
+    target: Any  # jaxinfer.checkpoints.model.Model
+    path: str | None
+    num_pages: int
+    page_size: int
+    max_seq_len: int
+    impl: Any  # jaxinfer.models.decoder.Impl
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterSpec:
+    """A registered drafter. build(ctx) -> Drafter; raises ValueError naming what does not fit."""
+
+    method: str
+    build: Callable[[DraftContext], Any]
+    checkpoint: bool  # loaded from draft= (a shipped name or a directory)
+    features: bool  # reads the target's feature cache (its final-norm hidden state of every token)
+    tree: bool = False  # takes tree= (a DraftTree): drafts a tree of candidates
+    lossless: bool = True  # False: a stand-in accepted at a set rate (SpeculativeConfig.accept), not lossless
+
+
+DRAFTERS: dict[str, DrafterSpec] = {}
+
+
+def register_drafter(method: str, *, checkpoint: bool, features: bool, tree: bool = False, lossless: bool = True):
+    """Decorator: register build(ctx: DraftContext) -> Drafter as the drafter of `method`."""
+    def decorate(build):
+        DRAFTERS[method] = DrafterSpec(method, build, checkpoint, features, tree, lossless)
+        return build
+
+    return decorate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +94,12 @@ class DraftTree:
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """method: one of METHODS. num_tokens: k, the tokens drafted per target pass (with a tree, the
-    tree's draft tokens: the verify pass is k + 1 tokens either way). draft: a shipped drafter name
+    """method: a registered drafter (DRAFTERS: draft, ngram, medusa, eagle, synthetic, and any
+    registered since). num_tokens: k, the tokens drafted per target pass (with a tree, the tree's
+    draft tokens: the verify pass is k + 1 tokens either way). draft: a shipped drafter name
     (SHIPPED_DRAFTERS), a local directory, or None where the method needs none (ngram, synthetic).
     ngram: the longest suffix prompt lookup matches. accept: the synthetic drafter's acceptance
-    probability. tree: None (a chain of k drafts) or a DraftTree (method='eagle' only)."""
+    probability. tree: None (a chain of k drafts) or a DraftTree (a method that drafts trees)."""
 
     method: str
     num_tokens: int = 5
@@ -63,28 +109,36 @@ class SpeculativeConfig:
     tree: DraftTree | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"speculative method={self.method!r} is not one of {METHODS}")
+        if self.method not in DRAFTERS:
+            raise ValueError(f"speculative method={self.method!r} is not one of {tuple(DRAFTERS)}")
+        spec = DRAFTERS[self.method]
         if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
             raise ValueError(f"speculative num_tokens={self.num_tokens!r} must be an integer >= 1")
-        if self.method in LEARNED and not self.draft:
+        if spec.checkpoint and not self.draft:
             raise ValueError(f"speculative method={self.method!r} needs draft= (a shipped name or a directory)")
-        if self.method in ("ngram", "synthetic") and self.draft:
+        if not spec.checkpoint and self.draft:
             raise ValueError(f"speculative method={self.method!r} takes no draft, got draft={self.draft!r}")
-        if self.method == "synthetic" and not (self.accept is not None and 0 <= self.accept <= 1):
-            raise ValueError(f"speculative method='synthetic' needs accept in [0, 1], got {self.accept!r}")
-        if self.method != "synthetic" and self.accept is not None:
-            raise ValueError("speculative accept= applies to method='synthetic' only")
+        if not spec.lossless and not (self.accept is not None and 0 <= self.accept <= 1):
+            raise ValueError(f"speculative method={self.method!r} needs accept in [0, 1], got {self.accept!r}")
+        if spec.lossless and self.accept is not None:
+            raise ValueError(f"speculative accept= applies to a stand-in drafter (method='synthetic'), "
+                             f"not to method={self.method!r}")
         if self.ngram < 1:
             raise ValueError(f"speculative ngram={self.ngram} must be >= 1")
         if self.tree is not None:
             if not isinstance(self.tree, DraftTree):
                 raise ValueError(f"speculative tree is a {type(self.tree).__name__}, not a DraftTree (or None)")
-            if self.method != "eagle":
-                raise ValueError(f"speculative tree= applies to method='eagle' only, not {self.method!r}")
+            if not spec.tree:
+                trees = [m for m, d in DRAFTERS.items() if d.tree]
+                raise ValueError(f"speculative tree= applies to method {' or '.join(map(repr, trees))} only, "
+                                 f"not {self.method!r}")
             if self.num_tokens > self.tree.num_candidates:
                 raise ValueError(f"speculative num_tokens={self.num_tokens} is more than the {self.tree.num_candidates} "
                                  f"candidates of {self.tree}")
+
+    @property
+    def spec(self) -> DrafterSpec:
+        return DRAFTERS[self.method]
 
     def verify_programs(self) -> dict:
         """Which verify programs this config runs (ModelRunner.warmup's keywords): the synthetic
@@ -99,11 +153,10 @@ class Proposal(NamedTuple):
 
 
 class Drafter(Protocol):
-    features: bool  # reads the runner's feature cache (the target's hidden state of every token)
-
-    def propose(self, seqs: list, num_drafts: list[int], k: int, runner) -> Proposal:
+    def propose(self, seqs: list, num_drafts: list[int], k: int, features: jax.Array | None) -> Proposal:
         """Draft up to num_drafts[i] (<= k) tokens after each sequence's tokens (its last token not
-        yet computed by the target). Pages for k + 1 more positions are reserved."""
+        yet computed by the target). Pages for k + 1 more positions are reserved. features: the
+        target's feature cache (num_pages * page_size, D), by KV slot, for drafters that read it."""
 
     def accepted(self, seqs: list) -> None:
         """The target accepted some drafts and set each sequence's num_computed: the drafter's own

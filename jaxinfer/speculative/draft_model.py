@@ -12,19 +12,19 @@ applied to the draft's logits), which is what makes a draft likely to be accepte
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import buckets
 from jaxinfer.buckets import next_power_of_2
+from jaxinfer.checkpoints.weights import load_model
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.kv_cache import BatchDescriptor, PagedKVCache, copy_pages
+from jaxinfer.sampling.processors import Vocab
 from jaxinfer.sampling.sampler import SamplingBatch, sample
-from jaxinfer.speculative.config import Proposal
-
-MIN_PAGES = 4
+from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
 
 
 def draft_token(logits: jax.Array, sp: SamplingBatch, steps: jax.Array, j, drafted: jax.Array):
@@ -34,34 +34,14 @@ def draft_token(logits: jax.Array, sp: SamplingBatch, steps: jax.Array, j, draft
     return d, drafted.at[:, j].set(d)
 
 
-def slots_of(tables: jax.Array, positions: jax.Array, live: jax.Array, page_size: int, num_pages: int) -> jax.Array:
-    """Flat KV slots of positions (R, ...) through each row's block table; dropped where not live."""
-    index = jnp.minimum(positions // page_size, tables.shape[1] - 1).reshape(tables.shape[0], -1)
-    pages = jnp.take_along_axis(tables, index, axis=1)
-    slots = pages.reshape(positions.shape) * page_size + positions % page_size
-    return jnp.where(live, slots, num_pages * page_size)
-
-
 def chunk_batch(start, lens, tables, C: int, page_size: int, num_pages: int) -> BatchDescriptor:
     """R prefill rows of C tokens from start (lens valid), logits at each row's last valid token."""
-    R = start.shape[0]
-    pos = start[:, None] + jnp.arange(C)[None, :]  # (R, C)
-    live = jnp.arange(C)[None, :] < lens[:, None]
-    return BatchDescriptor(
-        positions=pos.reshape(-1), logits_at=jnp.arange(R) * C + jnp.maximum(lens - 1, 0),
-        slot_mapping=slots_of(tables, pos, live, page_size, num_pages).reshape(-1),
-        decode_block_tables=jnp.zeros((0, tables.shape[1]), jnp.int32), decode_lens=jnp.zeros((0,), jnp.int32),
-        prefill_block_tables=tables, prefill_start=start, prefill_lens=lens)
+    return BatchDescriptor.chunk_rows(start, lens, tables, C, page_size, num_pages * page_size)
 
 
 def decode_batch(pos, live, tables, page_size: int, num_pages: int) -> BatchDescriptor:
     """One token per row at pos (R,), written where live."""
-    R = pos.shape[0]
-    return BatchDescriptor(
-        positions=pos, logits_at=jnp.arange(R), slot_mapping=slots_of(tables, pos, live, page_size, num_pages),
-        decode_block_tables=tables, decode_lens=jnp.where(live, pos + 1, 0),
-        prefill_block_tables=jnp.zeros((0, tables.shape[1]), jnp.int32), prefill_start=jnp.zeros((0,), jnp.int32),
-        prefill_lens=jnp.zeros((0,), jnp.int32))
+    return BatchDescriptor.decode_rows(pos, live, tables, page_size, num_pages * page_size)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "k"), donate_argnames=("cache",))
@@ -87,18 +67,17 @@ def _propose(params, cfg, chunk, start, lens, tables, valid, cache, sp, steps, *
 
 
 def pages_bucket(seqs, page_size: int, max_seq_len: int) -> int:
-    return next_power_of_2(max(len(s.pages) for s in seqs), min(MIN_PAGES, math.ceil(max_seq_len / page_size)))
+    return buckets.pages_bucket(max(len(s.pages) for s in seqs), page_size, max_seq_len)
 
 
 class DraftModelDrafter:
-    features = False
-
-    def __init__(self, draft, num_pages: int, page_size: int, max_seq_len: int, impl):
-        self.model, self.impl = draft, impl
+    def __init__(self, draft, num_pages: int, page_size: int, max_seq_len: int, impl, vocab: Vocab):
+        """vocab: the target's (its processors' arrays are filled for it)."""
+        self.model, self.impl, self.vocab = draft, impl, vocab
         self.page_size, self.max_seq_len = page_size, max_seq_len
         self.cache = PagedKVCache.zeros(draft.config, num_pages, page_size, draft.dtype)
 
-    def propose(self, seqs, num_drafts, k, runner) -> Proposal:
+    def propose(self, seqs, num_drafts, k, features) -> Proposal:
         R = next_power_of_2(len(seqs))
         C = next_power_of_2(max(len(s.tokens) - s.draft_computed for s in seqs), 2)
         M = pages_bucket(seqs, self.page_size, self.max_seq_len)
@@ -111,7 +90,7 @@ class DraftModelDrafter:
             start[i], lens[i], valid[i], steps[i] = s.draft_computed, c, w, len(s.generated)
         drafts, self.cache = _propose(
             self.model.params, self.model.config, chunk, start, lens, tables, valid, self.cache,
-            runner.sampling_batch(seqs, R), steps, impl=self.impl, k=k)
+            SamplingBatch.from_rows(seqs, R, self.vocab), steps, impl=self.impl, k=k)
         for s, w in zip(seqs, num_drafts):
             s.draft_computed = len(s.tokens) + max(w - 1, 0)  # valid if the target accepts its drafts
         return Proposal(drafts)
@@ -123,3 +102,13 @@ class DraftModelDrafter:
     def copy_pages(self, copies) -> None:
         src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
         self.cache = copy_pages(self.cache, src, dst)
+
+
+@register_drafter("draft", checkpoint=True, features=False)
+def build(ctx: DraftContext) -> DraftModelDrafter:
+    target = ctx.target
+    draft = load_model(ctx.path, dtype=target.dtype)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft={ctx.config.draft!r} has a vocabulary of {draft.config.vocab_size} tokens, the target "
+                         f"{target.config.vocab_size}: a draft model must share the target's vocabulary")
+    return DraftModelDrafter(draft, ctx.num_pages, ctx.page_size, ctx.max_seq_len, ctx.impl, Vocab.of(target))

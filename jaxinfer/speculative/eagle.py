@@ -33,7 +33,9 @@ from jaxinfer.buckets import next_power_of_2
 from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.kv_cache import PagedKVCache, copy_pages
-from jaxinfer.speculative.config import Proposal
+from jaxinfer.sampling.processors import Vocab
+from jaxinfer.sampling.sampler import SamplingBatch
+from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
 from jaxinfer.speculative.draft_model import (
     chunk_batch,
     decode_batch,
@@ -166,10 +168,8 @@ def _propose_tree(target_params, cfg, cfg1, heads, features, cache, next_tokens,
 
 
 class EagleDrafter:
-    features = True
-
     def __init__(self, target, path: str, num_pages: int, page_size: int, max_seq_len: int, impl, tree=None):
-        self.target, self.impl, self.tree = target, impl, tree
+        self.target, self.impl, self.tree, self.vocab = target, impl, tree, Vocab.of(target)
         self.page_size, self.max_seq_len = page_size, max_seq_len
         checkpoint = sharding.logical_config(target)  # the heads' shapes (a placed target may replicate KV heads)
         self.cfg1 = eagle_layer_config(checkpoint)
@@ -177,7 +177,7 @@ class EagleDrafter:
         self.heads = with_draft_head(target.params, target.config, heads)
         self.cache = PagedKVCache.zeros(self.cfg1, num_pages, page_size, target.dtype)
 
-    def propose(self, seqs, num_drafts, k, runner) -> Proposal:
+    def propose(self, seqs, num_drafts, k, features) -> Proposal:
         R = next_power_of_2(len(seqs))
         C = next_power_of_2(max(s.num_computed - s.draft_computed for s in seqs), 2)
         M = pages_bucket(seqs, self.page_size, self.max_seq_len)
@@ -188,10 +188,11 @@ class EagleDrafter:
             next_tokens[i, :c] = s.tokens[s.draft_computed + 1 : s.num_computed + 1]
             tables[i, : len(s.pages)] = s.pages
             start[i], lens[i], valid[i], steps[i] = s.draft_computed, c, w, len(s.generated)
-        args = (self.target.params, self.target.config, self.cfg1, self.heads, runner.features, self.cache,
+        args = (self.target.params, self.target.config, self.cfg1, self.heads, features, self.cache,
                 next_tokens, start, lens, tables)
         if self.tree is None:
-            drafts, self.cache = _propose(*args, valid, runner.sampling_batch(seqs, R), steps, impl=self.impl, k=k)
+            sp = SamplingBatch.from_rows(seqs, R, self.vocab)
+            drafts, self.cache = _propose(*args, valid, sp, steps, impl=self.impl, k=k)
             parents = None
         else:
             drafts, parents, self.cache = _propose_tree(*args, impl=self.impl, k=k, top_k=self.tree.top_k,
@@ -207,3 +208,11 @@ class EagleDrafter:
     def copy_pages(self, copies) -> None:
         src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*copies))
         self.cache = copy_pages(self.cache, src, dst)
+
+
+@register_drafter("eagle", checkpoint=True, features=True, tree=True)
+def build(ctx: DraftContext) -> EagleDrafter:
+    if ctx.config.tree is not None and any(ctx.target.config.layer_windows):
+        raise ValueError("speculative tree= needs a target without sliding windows (tree tokens sit at their "
+                         "depth's position but in consecutive slots)")
+    return EagleDrafter(ctx.target, ctx.path, ctx.num_pages, ctx.page_size, ctx.max_seq_len, ctx.impl, ctx.config.tree)

@@ -10,7 +10,8 @@ EAGLE (Li et al. 2024): one decoder layer at the feature level. Input at positio
 feature, final-normed with the target's norm and read through the target's LM head:
     x_t = [f_t ; e(x_{t+1})] @ fc,   f^_{t+1} = norm(layer(x_<=t)),   logits = lm_head(f^_{t+1})
 
-Params pytrees (D hidden, H heads, the layer's shapes as in jaxinfer.models.decoder with L = 1):
+Params pytrees (D hidden, H heads; the EAGLE layer is one layer of the target's family, its params
+as the family's spec lists them with L = 1, its norm the family's norm):
   medusa  w (H, D, D), b (H, D)
   eagle   fc (2D, D), layer {attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down, ...}
 Either may carry a truncated draft vocabulary, draft_vocab (W,) int32: the tokens the heads may
@@ -65,11 +66,13 @@ def with_draft_head(target_params, cfg: ModelConfig, heads: dict) -> dict:
 
 
 def draft_logits(target_params, cfg: ModelConfig, heads: dict, h: jax.Array) -> jax.Array:
-    """h (..., D) -> (..., V) float32 logits through the target's LM head, or, with a draft
-    vocabulary (with_draft_head), through its columns only, every other token at -inf."""
+    """h (..., D) -> (..., V) float32 logits through the target's LM head (soft-capped as the
+    target's are), or, with a draft vocabulary (with_draft_head), through its columns only, every
+    other token at -inf."""
     if "draft_vocab" not in heads:
         return model_lib.lm_head(target_params, cfg, h)
-    sub = jnp.einsum("...D,DW->...W", h, heads["draft_head"], preferred_element_type=jnp.float32)
+    sub = jnp.einsum("...D,DW->...W", h, heads["draft_head"], preferred_element_type=jnp.float32)  # (..., W)
+    sub = model_lib.softcap(cfg, sub)
     return jnp.full((*h.shape[:-1], cfg.vocab_size), -jnp.inf, jnp.float32).at[..., heads["draft_vocab"]].set(sub)
 
 
@@ -92,7 +95,7 @@ def eagle_inputs(target_params, heads: dict, features: jax.Array, next_tokens: j
 
 def eagle_features(target_params, cfg: ModelConfig, out: jax.Array) -> jax.Array:
     """The layer's output -> the predicted next feature (final-normed with the target's norm)."""
-    return model_lib.rms_norm(out, target_params["final_norm"], cfg.rms_norm_eps)
+    return model_lib.final_norm(target_params, cfg, out)
 
 
 def save_heads(path: str | os.PathLike, method: str, params: dict, cfg: ModelConfig, dtype=np.float32,

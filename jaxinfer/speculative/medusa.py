@@ -13,7 +13,9 @@ import numpy as np
 
 from jaxinfer import sharding
 from jaxinfer.buckets import next_power_of_2
-from jaxinfer.speculative.config import Proposal
+from jaxinfer.sampling.processors import Vocab
+from jaxinfer.sampling.sampler import SamplingBatch
+from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
 from jaxinfer.speculative.draft_model import draft_token
 from jaxinfer.speculative.heads import load_heads, medusa_logits, with_draft_head
 
@@ -30,22 +32,20 @@ def _propose(target_params, cfg, heads, features, slots, sp, steps, *, k):
 
 
 class MedusaDrafter:
-    features = True
-
-    def __init__(self, target, path: str):
-        self.target = target
+    def __init__(self, target, path: str, page_size: int):
+        self.target, self.page_size, self.vocab = target, page_size, Vocab.of(target)
         heads, meta = load_heads(path, "medusa", sharding.logical_config(target), target.dtype)
         self.heads = with_draft_head(target.params, target.config, heads)
         self.num_heads = int(self.heads["w"].shape[0])
 
-    def propose(self, seqs, num_drafts, k, runner) -> Proposal:
-        R, page = next_power_of_2(len(seqs)), runner.page_size
+    def propose(self, seqs, num_drafts, k, features) -> Proposal:
+        R, page = next_power_of_2(len(seqs)), self.page_size
         slots, steps = np.zeros(R, np.int32), np.zeros(R, np.int32)
         for i, s in enumerate(seqs):
             p = s.num_computed - 1
             slots[i], steps[i] = s.pages[p // page] * page + p % page, len(s.generated)
-        drafts = _propose(self.target.params, self.target.config, self.heads, runner.features, slots,
-                          runner.sampling_batch(seqs, R), steps, k=k)
+        drafts = _propose(self.target.params, self.target.config, self.heads, features, slots,
+                          SamplingBatch.from_rows(seqs, R, self.vocab), steps, k=k)
         return Proposal(drafts)
 
     def accepted(self, seqs) -> None:
@@ -53,3 +53,12 @@ class MedusaDrafter:
 
     def copy_pages(self, copies) -> None:
         pass
+
+
+@register_drafter("medusa", checkpoint=True, features=True)
+def build(ctx: DraftContext) -> MedusaDrafter:
+    drafter = MedusaDrafter(ctx.target, ctx.path, ctx.page_size)
+    if ctx.config.num_tokens > drafter.num_heads:
+        raise ValueError(f"num_tokens={ctx.config.num_tokens} is more than the {drafter.num_heads} Medusa heads of "
+                         f"draft={ctx.config.draft!r}")
+    return drafter

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxinfer.buckets import next_power_of_2
-from jaxinfer.speculative.config import Proposal
+from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
 
 
 def lookup(tokens: list[int], max_n: int, k: int) -> list[int]:
@@ -21,12 +21,10 @@ def lookup(tokens: list[int], max_n: int, k: int) -> list[int]:
 
 
 class NgramDrafter:
-    features = False
-
     def __init__(self, max_n: int):
         self.max_n = max_n
 
-    def propose(self, seqs, num_drafts, k, runner) -> Proposal:
+    def propose(self, seqs, num_drafts, k, features) -> Proposal:
         R = next_power_of_2(len(seqs))
         tokens = np.zeros((R, k), np.int32)
         counts = []
@@ -41,3 +39,8 @@ class NgramDrafter:
 
     def copy_pages(self, copies) -> None:
         pass
+
+
+@register_drafter("ngram", checkpoint=False, features=False)
+def build(ctx: DraftContext) -> NgramDrafter:
+    return NgramDrafter(ctx.config.ngram)

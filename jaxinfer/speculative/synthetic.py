@@ -9,13 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from jaxinfer.buckets import next_power_of_2
-from jaxinfer.speculative.config import Proposal
+from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
 
 
 class SyntheticDrafter:
-    features = False
-
-    def propose(self, seqs, num_drafts, k, runner) -> Proposal:
+    def propose(self, seqs, num_drafts, k, features) -> Proposal:
         return Proposal(np.zeros((next_power_of_2(len(seqs)), k), np.int32))
 
     def accepted(self, seqs) -> None:
@@ -23,3 +21,8 @@ class SyntheticDrafter:
 
     def copy_pages(self, copies) -> None:
         pass
+
+
+@register_drafter("synthetic", checkpoint=False, features=False, lossless=False)
+def build(ctx: DraftContext) -> SyntheticDrafter:
+    return SyntheticDrafter()

@@ -1,0 +1,380 @@
+"""Model-family specs: everything a family is, stated once, and the registry that finds it.
+
+A `Family` lists its parameters (`Param`: name, shape as a function of the config, role, HF / GGUF
+/ PEFT names, the calibration input of each projection), the inputs projections share (`Site`:
+where AWQ and SmoothQuant fold their per-channel factors), its norm, its activation, its layer
+function and how it reads and writes HF's config.json. The decoder, the loaders (safetensors,
+GGUF, AutoAWQ/GPTQ), sharding, LoRA, quantisation, the memory planner and the drafting heads read
+it; none of them keeps a table of parameter names of its own. A new family is one file that builds
+a Family and calls `register` (jaxinfer/models/llama.py is the example): the registry finds it by
+HF `model_type` or `architectures` and by GGUF `general.architecture`.
+
+Roles, and what each means to the code that reads them:
+  embedding   (V, D) token embedding: gathered by row; vocab-parallel (rows split over tp)
+  head        (D, V) LM head (absent when the config ties it to the embedding); columns split over tp
+  norm        a norm's weight, scaled as the family's `Norm` says; replicated
+  column      a projection (in, out) whose output is split over tp (q, k, v, gate, up)
+  row         a projection (in, out) whose input is split over tp, all-reduced after (o, down)
+  bias        a projection's bias (out,): split like a column projection's output, replicated
+              after a row projection (added once, after the all-reduce)
+Projections are stored (in, out), HF stores them (out, in): loaders transpose `column`, `row` and
+`head` tensors. Layer parameters are stacked over layers, (L, *shape(cfg)), for lax.scan. The
+decoder names the top-level ones (TOP_LEVEL): embed, final_norm and (untied) lm_head.
+
+The numbers a family's config.json carries per model (sliding windows per layer, an attention
+scale, an embedding scale, a soft-cap on the logits) are ModelConfig fields that its read_config
+sets and the decoder applies. (Soft-capping the attention scores, as Gemma 2 does, is not among
+them: the attention implementations would have to apply it.)
+
+A parameter name means one thing in every registered family (its role, bias, head layout): code
+that sees params without a config (sharding a params pytree, the default projection hook) looks a
+name up across families, and `register` refuses a family that would give a name a second meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from jaxinfer.models.config import ModelConfig
+
+ROLES = ("embedding", "head", "norm", "column", "row", "bias")
+TOP_LEVEL = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # name -> role
+PROJECTION_ROLES = ("column", "row")
+NORM_KINDS = ("rms", "rms_plus_1")
+# HF's hidden_act / hidden_activation names -> the activation of the gate in act(x @ w_gate) * (x @ w_up).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+# --- the norm ------------------------------------------------------------------------------------
+
+
+def _normalise(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32."""
+    xf = x.astype(jnp.float32)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, cast back, then scaled (the order HF transformers uses for Llama)."""
+    return weight * _normalise(x, eps).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A family's norm: how its weight w scales the normalised input.
+      "rms"         x / rms(x) * w         (Llama, Mistral, Qwen; HF casts x back before scaling)
+      "rms_plus_1"  x / rms(x) * (1 + w)   (Gemma; scaled in float32, then cast)
+    The scale a weight stands for is its gain (w, or 1 + w). A transform that folds a per-channel
+    factor into a norm (AWQ, SmoothQuant) changes the gain and stores it back with `map_gain`."""
+
+    kind: str = "rms"
+
+    def __post_init__(self):
+        if self.kind not in NORM_KINDS:
+            raise ValueError(f"norm kind={self.kind!r} is not one of {NORM_KINDS}")
+
+    def __call__(self, x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+        """x (..., C) normalised over C and scaled by the weight (C,), in x's dtype."""
+        if self.kind == "rms":
+            return rms_norm(x, weight, eps)
+        return (_normalise(x, eps) * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+    @property
+    def identity(self) -> float:
+        """The weight of a gain of 1 (a fresh norm's weight)."""
+        return 1.0 if self.kind == "rms" else 0.0
+
+    def map_gain(self, weight: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        """The weight whose gain is fn(the gain of `weight`), in weight's dtype."""
+        if self.kind == "rms":
+            return fn(weight).astype(weight.dtype)
+        return (fn(1.0 + weight.astype(jnp.float32)) - 1.0).astype(weight.dtype)
+
+
+# --- parameters and calibration sites ----------------------------------------------------------
+
+
+def _always(cfg: ModelConfig) -> bool:
+    del cfg
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter of a family.
+
+    name         key in params["layers"] (layer=True) or params (top level)
+    role         one of ROLES (module docstring)
+    shape        cfg -> one layer's shape (or the whole shape at the top level); projections (in, out)
+    hf           HF tensor name; a layer parameter's after the family's hf_layer_prefix
+    gguf         llama.cpp tensor name (a layer parameter's after "blk.{i}."), None: not in GGUF files
+    layer        stacked over layers (False: top level)
+    present      cfg -> whether this config has it (optional biases, q/k norms, an untied LM head)
+    bias         a projection's bias parameter, if it has one
+    calibration  a projection's input: the name of the family's Site that feeds it
+    heads        "query" or "kv" where the output axis is heads x head_dim ("kv": stored tp / K times
+                 when tp > K, see jaxinfer.sharding); None otherwise
+    rotary       its output is rotated by RoPE (llama.cpp's converter reorders these rows for "llama")
+    """
+
+    name: str
+    role: str
+    shape: Callable[[ModelConfig], tuple[int, ...]]
+    hf: str
+    gguf: str | None = None
+    layer: bool = True
+    present: Callable[[ModelConfig], bool] = _always
+    bias: str | None = None
+    calibration: str | None = None
+    heads: str | None = None
+    rotary: bool = False
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"param {self.name!r}: role={self.role!r} is not one of {ROLES}")
+        if self.heads not in (None, "query", "kv"):
+            raise ValueError(f"param {self.name!r}: heads={self.heads!r} is not None, 'query' or 'kv'")
+        if self.is_projection != (self.calibration is not None):
+            raise ValueError(f"param {self.name!r}: a projection (and only a projection) names its calibration input")
+
+    @property
+    def is_projection(self) -> bool:
+        return self.role in PROJECTION_ROLES
+
+    @property
+    def transpose(self) -> bool:
+        """HF stores it (out, in): transposed on load."""
+        return self.role in (*PROJECTION_ROLES, "head")
+
+    @property
+    def peft(self) -> str | None:
+        """The module path PEFT (and AutoAWQ / GPTQ) names a projection by, under a layer."""
+        return self.hf.removesuffix(".weight") if self.is_projection else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """An input that projections share (the projections whose Param.calibration names it).
+
+    features  cfg -> its width
+    fold      the parameter that produces it and can take a per-channel factor 1/s exactly, so the
+              projections' rows can take s (AWQ, SmoothQuant): a norm (its gain), or a projection
+              (its output columns and its bias) whose output reaches this input linearly
+    grouped   the fold's columns reach the input through attention: a kv head's v column feeds
+              the query heads of its group, so one factor serves the whole group
+    """
+
+    name: str
+    features: Callable[[ModelConfig], int]
+    fold: str
+    grouped: bool = False
+
+
+# The layer function: layer(family, cfg, lp, x (B, T, D), cos, sin, attend, project) -> (x, attend's state).
+LayerFn = Callable[..., tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family (module docstring). The functions take the family as their first argument,
+    so one function serves families that differ in data only.
+
+    name                 ModelConfig.model_type (HF's model_type)
+    architectures        HF config.json `architectures` it serves
+    params               every parameter (top level and per layer)
+    sites                the shared projection inputs, in layer order
+    layer                the layer function (see LayerFn; jaxinfer.models.llama.layer)
+    read_config          (family, config.json dict) -> ModelConfig; ConfigError naming what it cannot run
+    write_config         (family, ModelConfig) -> config.json dict that read_config reads back
+    norm, activation     its Norm; its MLP gate's activation by HF's hidden_act name (ACTIVATIONS)
+    gguf_architectures   llama.cpp `general.architecture` values it serves
+    gguf_reordered_rope  llama.cpp's converter reorders the rows of `rotary` params within each head
+    check_config         (family, ModelConfig) -> None, raising ValueError for a config read elsewhere
+                         (a GGUF file) that the family cannot be; None: nothing to check
+    hf_layer_prefix      HF name prefix of layer i's tensors, formatted with layer=i
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    params: tuple[Param, ...]
+    sites: tuple[Site, ...]
+    layer: LayerFn
+    read_config: Callable[[Family, dict], ModelConfig]
+    write_config: Callable[[Family, ModelConfig], dict]
+    norm: Norm = Norm()
+    activation: str = "silu"
+    gguf_architectures: tuple[str, ...] = ()
+    gguf_reordered_rope: bool = False
+    check_config: Callable[[Family, ModelConfig], None] | None = None
+    hf_layer_prefix: str = "model.layers.{layer}."
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"family {self.name!r}: activation={self.activation!r} is not one of {tuple(ACTIVATIONS)}")
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"family {self.name!r} names a param twice: {names}")
+        by_name = {p.name: p for p in self.params}
+        top = {p.name: p.role for p in self.params if not p.layer}
+        required = {k: v for k, v in TOP_LEVEL.items() if k != "lm_head"}
+        if required.items() - top.items() or top.items() - TOP_LEVEL.items():
+            raise ValueError(f"family {self.name!r}: the top-level params must be embed (embedding), final_norm "
+                             f"(norm) and optionally lm_head (head), got {top}")
+        sites = {s.name for s in self.sites}
+        for p in self.params:
+            if p.calibration is not None and p.calibration not in sites:
+                raise ValueError(f"family {self.name!r}: {p.name}'s calibration input {p.calibration!r} is not a site")
+            if p.bias is not None and (p.bias not in by_name or by_name[p.bias].role != "bias"):
+                raise ValueError(f"family {self.name!r}: {p.name}'s bias {p.bias!r} is not a bias param")
+        for s in self.sites:
+            if s.fold not in by_name:
+                raise ValueError(f"family {self.name!r}: site {s.name!r} folds into {s.fold!r}, not a param")
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(f"family {self.name!r} has no param {name!r}")
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The layer projections (every column / row param), in params order."""
+        return tuple(p.name for p in self.params if p.is_projection)
+
+    def site_projections(self, site: str) -> tuple[str, ...]:
+        """The projections that read one site's input."""
+        return tuple(p.name for p in self.params if p.calibration == site)
+
+    def present(self, cfg: ModelConfig) -> tuple[Param, ...]:
+        """The params this config has."""
+        return tuple(p for p in self.params if p.present(cfg))
+
+    def param_shapes(self, cfg: ModelConfig) -> dict:
+        """The shape of every parameter of this config, as a pytree of tuples shaped like the params."""
+        L = cfg.num_layers
+        shapes: dict[str, Any] = {"layers": {}}
+        for p in self.present(cfg):
+            if p.layer:
+                shapes["layers"][p.name] = (L, *p.shape(cfg))
+            else:
+                shapes[p.name] = tuple(p.shape(cfg))
+        return shapes
+
+    def num_params(self, cfg: ModelConfig) -> int:
+        shapes = self.param_shapes(cfg)
+        return sum(math.prod(s) for s in shapes["layers"].values()) + sum(
+            math.prod(s) for k, s in shapes.items() if k != "layers")
+
+    def hf_name(self, p: Param, layer: int | None = None) -> str:
+        """The HF tensor name of a parameter (of layer `layer` for a layer parameter)."""
+        return self.hf_layer_prefix.format(layer=layer) + p.hf if p.layer else p.hf
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+_FAMILIES: dict[str, Family] = {}
+_BY_ARCHITECTURE: dict[str, str] = {}
+_BY_GGUF: dict[str, str] = {}
+_PARAMS: dict[str, tuple[Param, str]] = {}  # param name -> (its meaning, the family that first gave it)
+
+
+def _meaning(p: Param) -> tuple:
+    """What the name-only readers (sharding, the projection hook) take from a param."""
+    return (p.role, p.layer, p.bias, p.heads)
+
+
+def register(family: Family) -> Family:
+    """Add a family to the registry. ValueError when one of its names already belongs to another
+    family: its name (model_type; registering the same Family object again is a no-op), an
+    architecture, a GGUF architecture, or a param name with another meaning. (A family is never
+    replaced: programs compiled for a config of it would keep the old arithmetic.)"""
+    if _FAMILIES.get(family.name, family) is not family:
+        raise ValueError(f"model_type {family.name!r} is already a registered family")
+    for arch in family.architectures:
+        if _BY_ARCHITECTURE.get(arch, family.name) != family.name:
+            raise ValueError(f"architecture {arch!r} is already served by family {_BY_ARCHITECTURE[arch]!r}")
+    for arch in family.gguf_architectures:
+        if _BY_GGUF.get(arch, family.name) != family.name:
+            raise ValueError(f"GGUF architecture {arch!r} is already served by family {_BY_GGUF[arch]!r}")
+    for p in family.params:
+        known, owner = _PARAMS.get(p.name, (None, family.name))
+        if known is not None and owner != family.name and _meaning(known) != _meaning(p):
+            raise ValueError(f"family {family.name!r}: param {p.name!r} means (role, layer, bias, heads) = "
+                             f"{_meaning(p)}, but {_meaning(known)} in family {owner!r}: give it another name")
+    _FAMILIES[family.name] = family
+    _BY_ARCHITECTURE.update(dict.fromkeys(family.architectures, family.name))
+    _BY_GGUF.update(dict.fromkeys(family.gguf_architectures, family.name))
+    for p in family.params:
+        _PARAMS.setdefault(p.name, (p, family.name))
+    return family
+
+
+def names() -> tuple[str, ...]:
+    """Every registered family's name (HF model_type), in registration order."""
+    return tuple(_FAMILIES)
+
+
+def get(name: str) -> Family:
+    """The family of a model_type; ValueError naming the registered ones otherwise."""
+    if name not in _FAMILIES:
+        raise ValueError(f"model_type={name!r} is not a registered family (registered: {', '.join(_FAMILIES)})")
+    return _FAMILIES[name]
+
+
+def of(cfg: ModelConfig) -> Family:
+    """The family of a config."""
+    return get(cfg.model_type)
+
+
+def by_architecture(arch: str) -> Family | None:
+    name = _BY_ARCHITECTURE.get(arch)
+    return None if name is None else _FAMILIES[name]
+
+
+def by_gguf_architecture(arch: str) -> Family | None:
+    name = _BY_GGUF.get(arch)
+    return None if name is None else _FAMILIES[name]
+
+
+def gguf_architectures() -> tuple[str, ...]:
+    return tuple(_BY_GGUF)
+
+
+def lookup_param(name: str) -> Param | None:
+    """The param of this name in any registered family (its role, bias and head layout are the same
+    in all of them); None for a name no family has (an adapter's layer index, ...)."""
+    known = _PARAMS.get(name)
+    return None if known is None else known[0]
+
+
+def bias_of(name: str) -> str | None:
+    """The bias param of a projection, by name (None: no bias, or not a projection)."""
+    p = lookup_param(name)
+    return None if p is None else p.bias
+
+
+def parallel_style(name: str) -> str | None:
+    """How a layer param is split over tp, by name: "column", "row", "column_bias" (a bias of a
+    column projection), or None (replicated)."""
+    p = lookup_param(name)
+    if p is None or not p.layer:
+        return None
+    if p.is_projection:
+        return p.role
+    if p.role == "bias":
+        for q, _ in _PARAMS.values():
+            if q.bias == name:
+                return "column_bias" if q.role == "column" else None
+    return None

@@ -1,0 +1,24 @@
+"""Rotary position embeddings, a building block of layer functions (the norms and activations a
+family names are in jaxinfer.models.family)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.models.config import ModelConfig
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: (B, T, H) for the given positions (half-split layout, as HF's rotate_half)."""
+    inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))  # (H/2,)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # (B, T, H)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, T, heads, H); cos, sin: (B, T, H)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
