@@ -13,6 +13,8 @@ SmoothQuant's folds go through its (1 + w) norm and leave its function unchanged
 Drafter (test_drafter_*): a drafter class defined below, registered by method name
 (jaxinfer.speculative.register_drafter) for the length of the test, runs through the engine's
 verify passes losslessly: greedy output equal to plain decoding, some drafts accepted, some rejected.
+A drafter that asks for the hidden states entering two of the target's layers (as EAGLE-3 does)
+gets them from the feature cache, equal to HF transformers' output_hidden_states.
 
 Logits processor (test_processor_*): a processor defined below (ban one token) is registered
 (jaxinfer.sampling.register), asked for by some requests through SamplingParams.extra_args, and
@@ -335,6 +337,58 @@ def test_drafter_defined_outside_the_library_runs_losslessly(tiny, monkeypatch):
     assert m["spec_accepted"] >= 10
 
 
+class LayerReader:
+    """Reads the feature cache a drafter asked for: at each sequence's last computed token, the
+    final-norm hidden state and the hidden states entering feature_layers. Drafts nothing."""
+
+    feature_layers = (0, 2)
+
+    def __init__(self, page_size: int):
+        self.page_size, self.seen = page_size, []  # (prompt, position, row (3 * D,))
+
+    def propose(self, seqs, num_drafts, k, features) -> Proposal:
+        page = self.page_size
+        for s in seqs:
+            p = s.num_computed - 1
+            row = np.asarray(features[s.pages[p // page] * page + p % page])
+            self.seen.append((tuple(s.tokens[: s.prompt_len]), p, row))
+        return Proposal(np.zeros((next_power_of_2(len(seqs)), k), np.int32), counts=[0] * len(seqs))
+
+    def accepted(self, seqs) -> None:
+        pass
+
+    def copy_pages(self, copies) -> None:
+        pass
+
+
+def test_drafter_gets_the_hidden_states_of_the_layers_it_asks_for(tiny, monkeypatch):
+    import torch  # noqa: PLC0415  (HF transformers: the reference)
+    from transformers import LlamaForCausalLM  # noqa: PLC0415
+
+    readers = []
+    monkeypatch.setitem(DRAFTERS, "layers", None)
+
+    @register_drafter("layers", checkpoint=False, features=True)
+    def build(ctx):
+        readers.append(LayerReader(ctx.page_size))
+        return readers[-1]
+
+    engine = ji.Engine(tiny, ji.EngineConfig(max_batch=4, speculative=ji.SpeculativeConfig(method="layers")))
+    outs = engine.generate(DRAFTER_PROMPTS[:2], ji.SamplingParams(max_tokens=6, temperature=0.0))
+    D = tiny.config.hidden_size
+    assert engine.runner.features.shape[1] == 3 * D
+    hf = LlamaForCausalLM.from_pretrained(os.path.join(ji.checkpoints.weights.ASSETS_DIR, "tiny"),
+                                          torch_dtype=torch.float32)
+    streams = {tuple(o.prompt_token_ids): o.prompt_token_ids + o.token_ids for o in outs}
+    (reader,) = readers
+    assert len(reader.seen) >= 8
+    for prompt, p, row in reader.seen:
+        with torch.no_grad():
+            hidden = hf(torch.tensor([streams[prompt][: p + 1]]), output_hidden_states=True).hidden_states
+        want = np.stack([hidden[-1][0, p].numpy(), hidden[0][0, p].numpy(), hidden[2][0, p].numpy()])
+        assert _row_errors(row.reshape(3, D), want).max() <= 1e-5
+
+
 # --- a logits processor of its own ---------------------------------------------------------------
 
 traced = []  # what the processor saw each time a program that carries it was traced
@@ -385,7 +439,6 @@ def test_processor_defined_outside_the_library_bans_its_token_in_the_jitted_step
     assert all(32 not in o.token_ids for o in outs[::2]) and all(32 in o.token_ids for o in outs[1::2])
     with pytest.raises(ValueError, match=r"extra_args\['ban'\] must be a token id in \[0, 258\)"):
         engine.add_request(prompts[0], ji.SamplingParams(extra_args={"ban": 999}))
-
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["family-tp"]:

@@ -72,7 +72,8 @@ class Engine:
                         load_drafter(config.speculative, placed, num_pages, page_size, self.max_seq_len, impl))
         self.runner = runner(placed, num_pages, page_size, self.max_seq_len, config.max_batch, impl,
                              features=bool(config.speculative and config.speculative.spec.features),
-                             kv_dtype=config.kv_dtype, lora=config.lora_slots())
+                             kv_dtype=config.kv_dtype, lora=config.lora_slots(),
+                             feature_layers=getattr(self.drafter, "feature_layers", ()))
         self.adapters = AdapterRegistry(sharding.logical_config(placed), config.max_adapters, config.max_lora_rank,
                                         self.runner)
         self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,

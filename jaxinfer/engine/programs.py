@@ -33,11 +33,14 @@ from pallas_kernels.common import pack_tree_mask
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
-def _store(features, batch: BatchDescriptor, hidden):
-    """The feature cache with every token's hidden state (N, D) written at its slot."""
+def _store(features, batch: BatchDescriptor, out: model_lib.ForwardOutput):
+    """The feature cache with every token's features written at its slot: its final-norm hidden
+    state (N, D), then the hidden states entering each requested layer (out.aux (A, N, D)): (N, (1 + A) * D)."""
     if features is None:
         return None
-    return features.at[batch.slot_mapping].set(hidden.astype(features.dtype), mode="drop")
+    rows = out.hidden if out.aux is None else jnp.concatenate([out.hidden[None], out.aux], axis=0)
+    rows = rows if out.aux is None else jnp.moveaxis(rows, 0, 1).reshape(rows.shape[1], -1)
+    return features.at[batch.slot_mapping].set(rows.astype(features.dtype), mode="drop")
 
 
 def _with_adapters(params, lora, lora_batch, impl, lora_impl):
@@ -47,26 +50,27 @@ def _with_adapters(params, lora, lora_batch, impl, lora_impl):
     return lora_lib.with_adapters(params, lora, lora_batch, impl, lora_impl)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "lora_impl"), donate_argnames=("cache", "features"))
-def mixed_step(params, cfg, x: MixedInputs, cache, features, lora=None, *, impl, lora_impl="xla"):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "lora_impl", "feature_layers"),
+                   donate_argnames=("cache", "features"))
+def mixed_step(params, cfg, x: MixedInputs, cache, features, lora=None, *, impl, lora_impl="xla", feature_layers=()):
     """-> a token sampled from each of the R logits rows at x.batch.logits_at (Sampled: NONFINITE
     where its logits are not finite; log-probabilities when x.sampling asks), their logits (R, V)
-    and hidden states (R, D), the cache and the feature cache (None: none kept). lora: the adapter
-    slots (jaxinfer.lora.LoraWeights) or None."""
+    and hidden states (R, D), the cache and the feature cache (None: none kept; feature_layers: the
+    layers whose inputs it keeps too). lora: the adapter slots (jaxinfer.lora.LoraWeights) or None."""
     TRACE_COUNTS["step"] += 1
     batch = x.batch
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
     out = model_lib.forward_paged(params, cfg, x.tokens, cache, batch, impl=impl, all_hidden=features is not None,
-                                  project=project)
+                                  project=project, aux_layers=feature_layers)
     hidden = out.hidden if features is None else out.hidden[batch.logits_at]
     return (sample_checked(out.logits, x.sampling, x.steps), out.logits, hidden, out.cache,
-            _store(features, batch, out.hidden))
+            _store(features, batch, out))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl"),
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl", "feature_layers"),
                    donate_argnames=("cache", "features"))
 def verify(params, cfg, x: VerifyInputs, drafts, cache, features, lora=None, parents=None, *, impl, synthetic,
-           lora_impl="xla"):
+           lora_impl="xla", feature_layers=()):
     """One target pass over rows [last, d_1, .., d_k] and the acceptance rule -> accepted (R,),
     Sampled with tokens (R, k + 1) (and their log-probabilities when x.sampling asks), the cache
     and the feature cache. drafts (R, k).
@@ -85,9 +89,9 @@ def verify(params, cfg, x: VerifyInputs, drafts, cache, features, lora=None, par
                               prefill_tree_mask=pack_tree_mask(visible))
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
     out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, all_hidden=features is not None,
-                                  project=project)
+                                  project=project, aux_layers=feature_layers)
     logits = out.logits.reshape(R, k + 1, -1)
-    cache, features = out.cache, _store(features, batch, out.hidden)
+    cache, features = out.cache, _store(features, batch, out)
     if parents is not None:
         accepted, emitted, path = accept_tree(logits, drafts, parents, x.num_drafts, sp, steps)
         dropped = cache.num_pages * cache.page_size

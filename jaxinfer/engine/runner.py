@@ -16,7 +16,8 @@ run, so a test can count the programs compiled.
 
 With `features=True` the runner also keeps a feature cache: the final-norm hidden state of every
 token it computes, stored by KV slot (the pages and slots of the KV cache), which feature-level
-drafters (Medusa, EAGLE) read.
+drafters (Medusa, EAGLE) read; with `feature_layers` (a drafter's request), each slot's row also
+holds the hidden states entering those layers, after the final one: ((1 + A) * D,) per token.
 
 With LoRA slots every program also takes them and each token's slot (BatchDescriptor.adapter_ids);
 the slots have a fixed size, so adapters add no program shapes.
@@ -91,18 +92,22 @@ def _forks(seq, n: int) -> int:
 class ModelRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int,
                  impl: model_lib.Impl, features: bool = False, kv_dtype: str | None = None,
-                 lora: lora_lib.SlotConfig | None = None):
+                 lora: lora_lib.SlotConfig | None = None, feature_layers: tuple[int, ...] = ()):
         """max_batch: sequences running at once. features: keep the feature cache
-        (num_pages * page_size, D). kv_dtype: None (the model dtype), "int8" or "fp8".
-        lora: the LoRA adapter slots to hold (None: no adapters)."""
-        self.model, self.impl = model, impl
+        (num_pages * page_size, (1 + len(feature_layers)) * D). kv_dtype: None (the model dtype),
+        "int8" or "fp8". lora: the LoRA adapter slots to hold (None: no adapters)."""
+        cfg = model.config
+        bad = [i for i in feature_layers if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"feature_layers {bad} are outside the model's {cfg.num_layers} layers")
+        self.model, self.impl, self.feature_layers = model, impl, tuple(feature_layers)
         self.mesh = None if model.placement is None else model.placement.mesh
         self.lora_impl = "xla" if lora is None else lora.impl
         cfg, dtype = model.config, model.dtype
         self.lora = None if lora is None else lora_lib.LoraWeights.zeros(cfg, lora.num_slots, lora.rank, dtype)
         self.layout = Layout(num_pages, page_size, max_seq_len, max_batch, Vocab.of(model))
         self.page_size = page_size
-        features_shape = (num_pages * page_size, cfg.hidden_size)
+        features_shape = (num_pages * page_size, (1 + len(self.feature_layers)) * cfg.hidden_size)
         if self.mesh is None:
             self.cache = PagedKVCache.zeros(cfg, num_pages + 1, page_size, dtype, kv_dtype)
             self.features = jnp.zeros(features_shape, dtype) if features else None
@@ -191,7 +196,7 @@ class ModelRunner:
         x = self._put(self.layout.mixed(bucket, plan.decode, plan.prefill))  # one transfer
         self._mark_dispatch()
         sampled, logits, _, self.cache, self.features = self._run(programs.mixed_step, x, self.cache, self.features,
-                                                                   self.lora)
+                                                                   self.lora, feature_layers=self.feature_layers)
         self._last_dispatched = sampled.tokens
         self.stats["decode_tokens"] += len(plan.decode)
         self.stats["prefill_tokens"] += sum(n for _, n in plan.prefill)
@@ -235,7 +240,8 @@ class ModelRunner:
             drafts, parents = self._put((drafts, parents))
         self._mark_dispatch()
         accepted, sampled, self.cache, self.features = self._run(
-            programs.verify, x, drafts, self.cache, self.features, self.lora, parents, synthetic=plan.accept)
+            programs.verify, x, drafts, self.cache, self.features, self.lora, parents, synthetic=plan.accept,
+            feature_layers=self.feature_layers)
         self._last_dispatched = sampled.tokens
         self.stats["verify_tokens"] += sum(d + 1 for d in plan.num_drafts)
         return Dispatched(plan, sampled, accepted=accepted)
@@ -296,7 +302,8 @@ class ModelRunner:
         if isinstance(bucket, VerifyBucket):  # R rows of the next token and k drafts
             R, k, _ = bucket
             programs.verify.lower(params, cfg, abstract(self.layout.verify(bucket)), spec((R, k)), cache, features,
-                                  lora, spec((R, k)) if tree else None, synthetic=synthetic, **kw).compile()
+                                  lora, spec((R, k)) if tree else None, synthetic=synthetic,
+                                  feature_layers=self.feature_layers, **kw).compile()
         elif isinstance(bucket, DecodeBucket):  # a k-step call of R rows, and the pick of its rows' newest tokens
             R, k, _ = bucket
             call = programs.multi_decode.lower(params, cfg, abstract(self.layout.decode(bucket)), cache, lora,
@@ -306,7 +313,7 @@ class ModelRunner:
         else:
             assert isinstance(bucket, StepBucket)
             programs.mixed_step.lower(params, cfg, abstract(self.layout.mixed(bucket)), cache, features, lora,
-                                      **kw).compile()
+                                      feature_layers=self.feature_layers, **kw).compile()
 
     # Device timing: the device is taken to be idle from the moment the host last found it done
     # (a blocking read returned) until the next dispatch, if nothing was queued in between.

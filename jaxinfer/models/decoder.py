@@ -52,6 +52,7 @@ class ForwardOutput(NamedTuple):
     logits: jax.Array  # (B, T', V) float32; T' = T, or the number of `logits_at` columns
     hidden: jax.Array  # (B, T', D) final-norm hidden states at the same positions ((B, T, D) with all_hidden)
     cache: KVCache | PagedKVCache | None
+    aux: jax.Array | None = None  # (A, B, T, D) the hidden states entering each of aux_layers, every token
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -153,9 +154,11 @@ def final_norm(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, project,
-             all_hidden=False) -> ForwardOutput:
+             all_hidden=False, aux_layers: tuple[int, ...] = ()) -> ForwardOutput:
     """Embed, run every layer under lax.scan (cache in the carry), final norm, LM head. With
-    all_hidden, the hidden states of every token come back, not only those at logits_at."""
+    all_hidden, the hidden states of every token come back, not only those at logits_at; with
+    aux_layers, the hidden states entering those layers too (the residual stream, as HF's
+    output_hidden_states gives them: hidden_states[i] for layer i), kept in the scan's carry."""
     dtype = params["embed"].dtype
     project = project or dense_projection(impl)
     x = embed(params, cfg, tokens)  # (B, T, D)
@@ -163,9 +166,13 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
     # One window shared by every layer is passed as a static int (the Pallas kernels need it so).
     shared_window = cfg.layer_windows[0] if len(set(cfg.layer_windows)) == 1 else None
 
+    aux_ids = jnp.asarray(aux_layers, jnp.int32)  # (A,)
+
     def body(carry, xs):
-        x, cache = carry
+        x, cache, aux = carry
         lp, window, index = xs
+        if aux_layers:
+            aux = jnp.where((aux_ids == index)[:, None, None, None], x[None], aux)  # (A, B, T, D)
         window = window if shared_window is None else shared_window
         if cache is None:
             def attend(q, k, v):
@@ -175,10 +182,12 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
         else:
             def attend(q, k, v):
                 return attention.attend_cached(cache, index, q, k, v, positions, window, batch, impl=impl.attention)
-        return layer(cfg, lp, x, cos, sin, attend, project), None
+        x, cache = layer(cfg, lp, x, cos, sin, attend, project)
+        return (x, cache, aux), None
 
     xs = (params["layers"], jnp.asarray(cfg.layer_windows, jnp.int32), jnp.arange(cfg.num_layers))
-    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+    aux = jnp.zeros((len(aux_layers), *x.shape), x.dtype) if aux_layers else None
+    (x, cache, aux), _ = jax.lax.scan(body, (x, cache, aux), xs)
 
     if all_hidden:
         x = final_norm(params, cfg, x)  # (B, T, D)
@@ -186,7 +195,7 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
     if not all_hidden:
         selected = x = final_norm(params, cfg, selected)
     logits = lm_head(params, cfg, selected)
-    return ForwardOutput(logits=logits, hidden=x, cache=cache)
+    return ForwardOutput(logits=logits, hidden=x, cache=cache, aux=aux)
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
@@ -233,13 +242,16 @@ def forward_paged(
     impl: Impl = Impl(),
     project: Project | None = None,
     all_hidden: bool = False,
+    aux_layers: tuple[int, ...] = (),
 ) -> ForwardOutput:
     """One mixed step over a paged cache: decode tokens and prompt chunks of many sequences at
     batch.positions, K/V written to batch.slot_mapping. Logits and hidden states (R, V), (R, D) at
-    batch.logits_at (with all_hidden, the hidden states (N, D) of every token); the updated cache."""
+    batch.logits_at (with all_hidden, the hidden states (N, D) of every token; with aux_layers, those
+    entering each of the layers too, aux (A, N, D)); the updated cache."""
     out = _decoder(params, cfg, tokens[None], batch.positions[None], cache, batch.logits_at[None], batch, impl,
-                   project, all_hidden)
-    return ForwardOutput(logits=out.logits[0], hidden=out.hidden[0], cache=out.cache)
+                   project, all_hidden, aux_layers)
+    return ForwardOutput(logits=out.logits[0], hidden=out.hidden[0], cache=out.cache,
+                         aux=None if out.aux is None else out.aux[:, 0])
 
 
 _forward_jit = jax.jit(forward, static_argnames=("cfg", "impl"))

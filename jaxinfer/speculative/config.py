@@ -42,7 +42,8 @@ class DrafterSpec:
     method: str
     build: Callable[[DraftContext], Any]
     checkpoint: bool  # loaded from draft= (a shipped name or a directory)
-    features: bool  # reads the target's feature cache (its final-norm hidden state of every token)
+    features: bool  # reads the target's feature cache (its final-norm hidden state of every token, and the
+    # hidden states entering the layers the drafter names in its feature_layers)
     tree: bool = False  # takes tree= (a DraftTree): drafts a tree of candidates
     lossless: bool = True  # False: a stand-in accepted at a set rate (SpeculativeConfig.accept), not lossless
 
@@ -153,6 +154,11 @@ class Proposal(NamedTuple):
 
 
 class Drafter(Protocol):
+    # Optional: the layers whose input hidden states (the residual stream entering each, as HF's
+    # output_hidden_states gives them) the feature cache keeps too, for a drafter registered with
+    # features=True. Each slot's row is then [final-norm hidden, layer l's input for l in order].
+    feature_layers: tuple[int, ...]
+
     def propose(self, seqs: list, num_drafts: list[int], k: int, features: jax.Array | None) -> Proposal:
         """Draft up to num_drafts[i] (<= k) tokens after each sequence's tokens (its last token not
         yet computed by the target). Pages for k + 1 more positions are reserved. features: the
