@@ -97,7 +97,7 @@ class Context:
     recent: jax.Array | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Processor:
     """name: its key in SamplingBatch.processors (and in SamplingParams.extra_args for one defined
     outside the library). asks(params): whether a request uses it. fill(rows, vocab): its arrays,
@@ -115,6 +115,7 @@ class Processor:
 
 
 _REGISTRY: dict[str, Processor] = {}
+_VERSION = [0]  # bumped when the registry changes: the processors a SamplingParams asks for are cached per version
 
 
 def register(processor: Processor) -> Processor:
@@ -122,6 +123,7 @@ def register(processor: Processor) -> Processor:
     if processor.name in _REGISTRY:
         raise ValueError(f"a logits processor named {processor.name!r} is already registered")
     _REGISTRY[processor.name] = processor
+    _VERSION[0] += 1
     return processor
 
 
@@ -129,10 +131,17 @@ def unregister(name: str) -> None:
     if name not in _REGISTRY or name in BUILT_IN:
         raise ValueError(f"{name!r} is not a registered logits processor defined outside the library")
     del _REGISTRY[name]
+    _VERSION[0] += 1
 
 
-def asked(params: SamplingParams) -> list[Processor]:
-    return [p for p in _REGISTRY.values() if p.asks(params)]
+def asked(params: SamplingParams) -> tuple[Processor, ...]:
+    """The registered processors a request asks for, in registration order. Asked once per
+    registry version and kept on the (frozen) params: every step asks it of every row."""
+    cached = params.__dict__.get("_asked")
+    if cached is None or cached[0] != _VERSION[0]:
+        cached = (_VERSION[0], tuple(p for p in _REGISTRY.values() if p.asks(params)))
+        object.__setattr__(params, "_asked", cached)
+    return cached[1]
 
 
 def check(params: SamplingParams, vocab: Vocab, speculative: bool = False) -> None:
@@ -160,10 +169,13 @@ def may_overlap(params: SamplingParams) -> bool:
 
 def fill(rows: Sequence[RowLike | None], vocab: Vocab | None) -> dict[str, Arrays] | None:
     """The arrays of every processor some row asks for, by name (None: no row asks)."""
-    out, params = {}, [r.sampling for r in rows if r is not None]
+    wanted = [asked(r.sampling) if r is not None else () for r in rows]
+    if not any(wanted):
+        return None
+    out = {}
     for p in _REGISTRY.values():
-        if any(map(p.asks, params)):
-            mine = [r if r is not None and p.asks(r.sampling) else None for r in rows]
+        mine = [r if p in w else None for r, w in zip(rows, wanted)]
+        if any(r is not None for r in mine):
             if vocab is None:
                 raise ValueError(f"logits processor {p.name!r} needs the model's vocabulary (pass vocab=)")
             out[p.name] = p.fill(mine, vocab)
