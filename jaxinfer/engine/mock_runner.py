@@ -67,9 +67,10 @@ class MockPending:
 
 class MockRunner:
     def __init__(self, model, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, impl=None,
-                 features: bool = False, kv_dtype: str | None = None, lora=None, nan_token: int | None = None):
+                 features: bool = False, kv_dtype: str | None = None, lora=None, nan_token: int | None = None,
+                 feature_layers: tuple[int, ...] = ()):
         """nan_token: rows whose context holds this token id sample NONFINITE (None: none do)."""
-        del max_seq_len, impl, features, kv_dtype
+        del max_seq_len, impl, features, kv_dtype, feature_layers
         self.nan_token = nan_token
         self.tags = [0] * (0 if lora is None else lora.num_slots)  # adapter_tag of each slot's adapter
         self.vocab_size = model.config.vocab_size
