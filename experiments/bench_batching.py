@@ -239,7 +239,7 @@ def step_overhead(model, num_tokens: int) -> dict:
                              sampling=spb, adapter_ids=jnp.full(1, -1, jnp.int32))
             toks, cache = programs.multi_decode(model.params, model.config, x, cache,
                                                 impl=ji.models.decoder.Impl(attention=FLAGS.attention), num_steps=1)
-            tok = toks[0]
+            tok = toks.tokens[0]
         tok.block_until_ready()
         return cache
 

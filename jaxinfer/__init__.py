@@ -9,7 +9,7 @@ from jaxinfer.lora import LoraAdapter, load_adapter
 from jaxinfer.models.config import ConfigError, ModelConfig, RopeConfig
 from jaxinfer.models.decoder import forward, forward_logits, init_params
 from jaxinfer.models.kv_cache import KVCache, PagedKVCache
-from jaxinfer.sampling.sampler import SamplingParams
+from jaxinfer.sampling.params import SamplingParams
 from jaxinfer.speculative import DraftTree, SpeculativeConfig
 
 __all__ = [

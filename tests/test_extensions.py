@@ -16,6 +16,11 @@ verify passes losslessly: greedy output equal to plain decoding, some drafts acc
 A drafter that asks for the hidden states entering two of the target's layers (as EAGLE-3 does)
 gets them from the feature cache, equal to HF transformers' output_hidden_states.
 
+Logits processor (test_processor_*): a processor defined below (ban one token) is registered
+(jaxinfer.sampling.register), asked for by some requests through SamplingParams.extra_args, and
+takes effect inside the jitted step under continuous batching, next to requests that do not ask:
+their tokens equal HF generate's with bad_words_ids, the others' HF's plain greedy tokens.
+
   python tests/test_extensions.py family-tp DIR   the toy family from DIR at tp = 2: its greedy
                                                   tokens and logits, as JSON on the last line
 """
@@ -28,17 +33,25 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from safetensors.numpy import save_file
 
 import jaxinfer as ji
 from jaxinfer import quant, sharding
 from jaxinfer.buckets import next_power_of_2
+from jaxinfer.checkpoints.weights import ASSETS_DIR
 from jaxinfer.models import family, llama
 from jaxinfer.models.config import ModelConfig, write_common
 from jaxinfer.quant import awq
 from jaxinfer.quant import calibration as calib
+from jaxinfer.sampling import Processor
+from jaxinfer.sampling import register as register_processor
+from jaxinfer.sampling import unregister as unregister_processor
 from jaxinfer.speculative import DRAFTERS, Proposal, register_drafter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,7 +308,7 @@ class OracleDrafter:
             for j in range(want):
                 t = answer[g + j] if g + j < len(answer) else 0
                 tokens[i, j] = (t + 1) % self.vocab_size if (g + j) % 3 == 2 else t
-        return Proposal(tokens, None)
+        return Proposal(tokens)
 
     def accepted(self, seqs) -> None:
         pass
@@ -309,7 +322,7 @@ def test_drafter_defined_outside_the_library_runs_losslessly(tiny, monkeypatch):
     answers = {tuple(o.prompt_token_ids): o.token_ids for o in plain}
     monkeypatch.setitem(DRAFTERS, "oracle", None)  # registered below; removed again after the test
 
-    @register_drafter("oracle", checkpoint=False, features=False, distributions=False)
+    @register_drafter("oracle", checkpoint=False, features=False)
     def build(ctx):
         assert ctx.path is None and ctx.target.config == tiny.config
         return OracleDrafter(answers, ctx.target.config.vocab_size)
@@ -322,7 +335,6 @@ def test_drafter_defined_outside_the_library_runs_losslessly(tiny, monkeypatch):
     # Two of every three drafts are right: chains of 2 are accepted, each pass emits about 3 tokens.
     assert 0.3 < m["spec_acceptance_rate"] < 0.9 and m["spec_tokens_per_pass"] > 2.0, m
     assert m["spec_accepted"] >= 10
-
 
 
 class LayerReader:
@@ -340,7 +352,7 @@ class LayerReader:
             p = s.num_computed - 1
             row = np.asarray(features[s.pages[p // page] * page + p % page])
             self.seen.append((tuple(s.tokens[: s.prompt_len]), p, row))
-        return Proposal(np.zeros((next_power_of_2(len(seqs)), k), np.int32), None, counts=[0] * len(seqs))
+        return Proposal(np.zeros((next_power_of_2(len(seqs)), k), np.int32), counts=[0] * len(seqs))
 
     def accepted(self, seqs) -> None:
         pass
@@ -356,7 +368,7 @@ def test_drafter_gets_the_hidden_states_of_the_layers_it_asks_for(tiny, monkeypa
     readers = []
     monkeypatch.setitem(DRAFTERS, "layers", None)
 
-    @register_drafter("layers", checkpoint=False, features=True, distributions=False)
+    @register_drafter("layers", checkpoint=False, features=True)
     def build(ctx):
         readers.append(LayerReader(ctx.page_size))
         return readers[-1]
@@ -375,6 +387,58 @@ def test_drafter_gets_the_hidden_states_of_the_layers_it_asks_for(tiny, monkeypa
             hidden = hf(torch.tensor([streams[prompt][: p + 1]]), output_hidden_states=True).hidden_states
         want = np.stack([hidden[-1][0, p].numpy(), hidden[0][0, p].numpy(), hidden[2][0, p].numpy()])
         assert _row_errors(row.reshape(3, D), want).max() <= 1e-5
+
+
+# --- a logits processor of its own ---------------------------------------------------------------
+
+traced = []  # what the processor saw each time a program that carries it was traced
+
+
+def _ban_fill(rows, vocab):
+    """The banned token of each row (a row that does not ask: the vocabulary size, which bans nothing)."""
+    return {"token": np.asarray([r.sampling.extra_args["ban"] if r is not None else vocab.size for r in rows],
+                                np.int32)}
+
+
+def _ban(logits, arrays, ctx):
+    traced.append(isinstance(logits, jax.core.Tracer))
+    return logits.at[jnp.arange(logits.shape[0]), arrays["token"]].set(-jnp.inf, mode="drop")
+
+
+def _ban_check(params, vocab):
+    if not 0 <= params.extra_args["ban"] < vocab.size:
+        raise ValueError(f"extra_args['ban'] must be a token id in [0, {vocab.size})")
+
+
+BAN = Processor("ban", asks=lambda sp: "ban" in (sp.extra_args or {}), fill=_ban_fill, apply=_ban, check=_ban_check)
+
+
+@pytest.fixture
+def ban_processor():
+    register_processor(BAN)
+    yield
+    unregister_processor("ban")
+
+
+def test_processor_defined_outside_the_library_bans_its_token_in_the_jitted_step(tiny, ban_processor):
+    prompts = [tiny.tokenizer.encode(p) for p in ("def fibonacci(n):", "The quick brown fox", "import os\nimport",
+                                                  "def fibonacci(n):")]
+    plain = ji.SamplingParams(max_tokens=12, temperature=0.0)
+    banned = ji.SamplingParams(max_tokens=12, temperature=0.0, extra_args={"ban": 32})  # the space
+    engine = ji.Engine(tiny, ji.EngineConfig(max_batch=2, page_size=8))  # four requests through two slots
+    outs = engine.generate(prompts, [banned, plain, banned, plain])
+    assert traced and all(traced)  # it ran while the step was traced: inside the jitted program
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ASSETS_DIR, "tiny"), dtype=torch.float32)
+    for prompt, out, bad in zip(prompts, outs, ([[32]], None, [[32]], None)):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              bad_words_ids=bad, eos_token_id=list(tiny.tokenizer.eos_ids), pad_token_id=0)
+        assert out.token_ids == ref[0, len(prompt):].tolist()
+    assert all(32 not in o.token_ids for o in outs[::2]) and all(32 in o.token_ids for o in outs[1::2])
+    with pytest.raises(ValueError, match=r"extra_args\['ban'\] must be a token id in \[0, 258\)"):
+        engine.add_request(prompts[0], ji.SamplingParams(extra_args={"ban": 999}))
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["family-tp"]:

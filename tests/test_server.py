@@ -192,11 +192,22 @@ BAD = [
     ("completions", {"model": "tiny", "prompt": "x", "stop": ["a"] * 17}, "stop", "17 items, over the limit of 16"),
     ("completions", {"model": "tiny", "prompt": "x", "stop": "a" * 257}, "stop", "257 characters"),
     ("completions", {"model": "tiny", "prompt": "x", "seed": -1}, "seed", "-1"),
-    ("completions", {"model": "tiny", "prompt": "x", "logprobs": 1}, "logprobs", "not supported"),
+    ("completions", {"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ("completions", {"model": "tiny", "prompt": "x", "logprobs": True}, "logprobs", "True"),
+    ("completions", {"model": "tiny", "prompt": "x", "echo": True}, "echo", "not supported"),
     ("completions", {"model": "tiny", "prompt": "x", "frobnicate": 1}, "frobnicate", "not a field"),
     ("completions", {"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, "response_format",
      "not supported"),
-    ("completions", {"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty", "only 0"),
+    ("completions", {"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty",
+     "less than or equal to 2"),
+    ("completions", {"model": "tiny", "prompt": "x", "frequency_penalty": -3}, "frequency_penalty",
+     "greater than or equal to -2"),
+    ("completions", {"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ("completions", {"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias",
+     "keys must be token ids in [0, 258), got 'abc'"),
+    ("completions", {"model": "tiny", "prompt": "x", "logit_bias": {"300": 1}}, "logit_bias", "got '300'"),
+    ("completions", {"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "less than or equal"),
+    ("completions", {"model": "tiny", "prompt": "x", "min_tokens": 20}, "min_tokens", "max_tokens=16"),
     ("completions", {"model": "tiny", "prompt": "x", "stream_options": {"foo": True}}, "stream_options",
      "stream_options.foo"),
     ("completions", {"model": "tiny", "prompt": ""}, "prompt", "prompt"),
@@ -217,7 +228,9 @@ BAD = [
     ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "messages", "messages[0].content[0].type"),
     ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 600}]}, "messages", "tokens"),
-    ("chat/completions", {**CHAT, "logprobs": True}, "logprobs", "not supported"),
+    ("chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    ("chat/completions", {**CHAT, "logprobs": 1}, "logprobs", "logprobs"),
     ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools", "not supported"),
     ("chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format", "not supported"),
     ("chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens"),
@@ -260,6 +273,55 @@ def test_fields_openai_defines_that_change_nothing_are_accepted(client, referenc
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x", "name": "ann"}],
                                        max_tokens=2, temperature=0, parallel_tool_calls=False, user="u-1")
     assert r.usage.completion_tokens >= 1
+
+
+def test_sampling_fields_and_logprobs_equal_the_engines(client, reference, model):
+    """OpenAI's presence / frequency penalties and logit_bias, vLLM's repetition_penalty and
+    min_tokens, and logprobs: the tokens and log-probabilities Engine.generate gives with the same
+    SamplingParams, whole and streamed, in the completions and the chat shapes."""
+    def text(t):
+        return model.tokenizer.decode([t])
+
+    def check_top(top: dict, ref_top):
+        texts = [text(a) for a, _ in ref_top]
+        for (a, x), t in zip(ref_top, texts):
+            if texts.count(t) == 1:  # two tokens that decode alike share one key
+                assert top[t] == pytest.approx(x, abs=1e-5)
+
+    vllm = dict(repetition_penalty=1.2, min_tokens=4)
+    ref = reference(PROMPTS[0], max_tokens=8, temperature=0.0, logprobs=3, presence_penalty=0.5, frequency_penalty=0.3,
+                    logit_bias={101: 3.0}, **vllm)
+    plain = reference(PROMPTS[0], max_tokens=8, temperature=0.0)
+    assert ref.token_ids != plain.token_ids  # the fields change the output
+    kwargs = dict(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=3, presence_penalty=0.5,
+                  frequency_penalty=0.3, logit_bias={"101": 3.0}, extra_body=vllm)
+    choice = client.completions.create(**kwargs).choices[0]
+    lp = choice.logprobs
+    assert choice.text == ref.text and lp.tokens == [text(t) for t in ref.token_ids]
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    assert lp.text_offset == [len("".join(lp.tokens[:j])) for j in range(len(lp.tokens))]
+    for top, t, x in zip(lp.top_logprobs, ref.token_ids, ref.logprobs):
+        assert top[text(t)] == pytest.approx(x.logprob, abs=1e-5)
+        check_top(top, x.top)
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert sum((c.tokens for c in chunks), []) == lp.tokens
+    assert sum((c.text_offset for c in chunks), []) == lp.text_offset
+
+    messages = [{"role": "user", "content": "A loop, please."}]
+    tok = copy.copy(model.tokenizer)
+    tok.chat_template = TEMPLATE
+    ref = reference(tok.apply_chat_template(messages, tokenize=True), max_tokens=6, temperature=0.0, logprobs=2,
+                    presence_penalty=0.5)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2, presence_penalty=0.5)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [text(t) for t in ref.token_ids]
+    assert [c.bytes for c in content] == [list(text(t).encode()) for t in ref.token_ids]
+    assert [c.logprob for c in content] == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    for c, x in zip(content, ref.logprobs):
+        assert [e.logprob for e in c.top_logprobs] == pytest.approx([v for _, v in x.top], abs=1e-5)
+        assert [e.token for e in c.top_logprobs] == [text(a) for a, _ in x.top]
+    assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].logprobs is None
 
 
 def test_a_prompt_over_the_context_is_refused_one_that_fits_runs_until_it_is_full(model, client, reference):

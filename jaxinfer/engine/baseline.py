@@ -23,7 +23,9 @@ from jaxinfer.engine.requests import RequestOutput, StopRules, prepare_prompts, 
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.kv_cache import KVCache
-from jaxinfer.sampling.sampler import SamplingBatch, SamplingParams, sample
+from jaxinfer.sampling import processors
+from jaxinfer.sampling.params import SamplingParams
+from jaxinfer.sampling.sampler import SamplingBatch, sample
 
 # How many times each jitted step was traced (= compiled); tests assert on it.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -61,6 +63,10 @@ def generate(
     if any(s.n > 1 for s in params_list):
         raise ValueError("n > 1 (parallel sampling) is served by ji.Engine, not the baseline generate")
     for i, s in enumerate(params_list):
+        asked = [p.name for p in processors.asked(s)] + (["logprobs"] if s.logprobs is not None else [])
+        if asked:
+            raise ValueError(f"sampling[{i}] asks for {', '.join(asked)}: served by ji.Engine, not the baseline "
+                             f"generate (plain sampling only)")
         if s.max_tokens > cfg.max_position_embeddings:
             raise ValueError(f"sampling[{i}].max_tokens={s.max_tokens} is over the model's context of "
                              f"{cfg.max_position_embeddings}")

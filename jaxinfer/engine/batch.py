@@ -9,6 +9,8 @@ device in one transfer:
 M is the block-table width (pages per sequence). Packing with no sequences gives the padding of a
 bucket: what warm-up compiles against, so the compiled and the run programs are the same.
 Padding rows are greedy, write no K/V (their slots are past the cache) and read the padding page.
+Each row's sampling parameters (SamplingBatch.from_rows) carry its logits processors' arrays, filled
+from its sequence's tokens, only when some row of the batch asks for a processor.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from flax import struct
 
 from jaxinfer.buckets import MIN_CHUNK, min_pages, next_power_of_2, pages_bucket, powers_of_2
 from jaxinfer.models.kv_cache import BatchDescriptor
-from jaxinfer.sampling.sampler import SamplingBatch, SamplingParams
-
-GREEDY = SamplingParams(temperature=0.0)  # padding rows
+from jaxinfer.sampling.processors import Vocab
+from jaxinfer.sampling.sampler import SamplingBatch
 
 
 class StepBucket(NamedTuple):
@@ -100,19 +101,15 @@ class VerifyInputs:
     steps: jax.Array
 
 
-def sampling_batch(seqs: list, rows: int) -> SamplingBatch:
-    """The sequences' sampling parameters as arrays, padded with greedy rows to `rows`."""
-    pad = rows - len(seqs)
-    return SamplingBatch.from_params([s.sampling for s in seqs] + [GREEDY] * pad, [s.seed for s in seqs] + [0] * pad)
-
-
 class Layout:
     """How sequences map onto a paged cache of num_pages pages (plus one padding page, never
     written, that padded block-table entries point at: padding reads zeros, not another
     sequence's page, since attention weighs padding by zero and 0 * NaN is NaN)."""
 
-    def __init__(self, num_pages: int, page_size: int, max_seq_len: int, max_batch: int):
+    def __init__(self, num_pages: int, page_size: int, max_seq_len: int, max_batch: int, vocab: Vocab):
+        """vocab: the model's (the logits processors' arrays are filled for it)."""
         self.num_pages, self.page_size, self.max_seq_len = num_pages, page_size, max_seq_len
+        self.vocab = vocab
         self.pad_page = num_pages
         self.dropped_slot = (num_pages + 1) * page_size  # a slot past the cache: K/V written there are dropped
         # A step with prompt work always has room for every running sequence's decode row, so the
@@ -166,8 +163,7 @@ class Layout:
                                        self.dropped_slot, adapter_ids=adapter_ids[Rd:], xp=np), xp=np)
         rows = list(decode) + [None] * (Rd - len(decode)) + [s for s, _ in prefill]
         rows += [None] * (Rd + Rp - len(rows))
-        sampling = SamplingBatch.from_params([s.sampling if s else GREEDY for s in rows],
-                                             [s.seed if s else 0 for s in rows])
+        sampling = SamplingBatch.from_rows(rows, vocab=self.vocab)
         steps = np.asarray([len(s.generated) if s else 0 for s in rows], np.int32)
         return MixedInputs(tokens, batch, sampling, steps)
 
@@ -182,8 +178,8 @@ class Layout:
         for i, (s, w, a) in enumerate(zip(seqs, wanted, ahead)):
             positions[i], valid[i], steps[i], adapter_ids[i] = s.num_computed + a, w, len(s.generated) + a, s.lora_slot
             tokens[i] = s.tokens[s.num_computed] if s.num_computed < len(s.tokens) else 0
-        return DecodeInputs(tokens, positions, valid, self._tables(seqs, R, M), steps, sampling_batch(list(seqs), R),
-                            adapter_ids)
+        return DecodeInputs(tokens, positions, valid, self._tables(seqs, R, M), steps,
+                            SamplingBatch.from_rows(seqs, R, self.vocab), adapter_ids)
 
     def verify(self, bucket: VerifyBucket, seqs: list = (), num_drafts: list[int] = ()) -> VerifyInputs:
         """Each sequence's next token and its drafts, written from num_computed on."""
@@ -196,7 +192,7 @@ class Layout:
             adapter_ids[i], steps[i] = s.lora_slot, len(s.generated)
         batch = BatchDescriptor.chunk_rows(start, lens, self._tables(seqs, R, M), C, self.page_size, self.dropped_slot,
                                            all_logits=True, adapter_ids=np.repeat(adapter_ids, C), xp=np)
-        return VerifyInputs(last, valid, batch, sampling_batch(list(seqs), R), steps)
+        return VerifyInputs(last, valid, batch, SamplingBatch.from_rows(seqs, R, self.vocab), steps)
 
     # Every shape a run can need ------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
 from jaxinfer.lora import SlotConfig
 from jaxinfer.models.decoder import Impl, auto_impl
 from jaxinfer.models.kv_cache import KV_DTYPES
-from jaxinfer.sampling.sampler import check_timeout
+from jaxinfer.sampling.params import check_timeout
 from jaxinfer.speculative.config import SpeculativeConfig
 
 SCALE_BYTES = 4  # a quantised cache's float32 scale per token and kv head, for each of K and V

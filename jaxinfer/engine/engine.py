@@ -52,7 +52,8 @@ from jaxinfer.engine.speculation import Speculation
 from jaxinfer.engine.step import StepOutput, StepPlan
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
 from jaxinfer.models import decoder as model_lib
-from jaxinfer.sampling.sampler import SamplingParams
+from jaxinfer.sampling.params import SamplingParams
+from jaxinfer.sampling.processors import Vocab
 from jaxinfer.speculative import load_drafter
 
 
@@ -126,7 +127,7 @@ class Engine:
         sampling = SamplingParams() if sampling is None else sampling
         self.adapters.check(adapter)
         ids = check_request(self.model, prompt, sampling, self.max_seq_len, self.allocator.num_pages,
-                            self.allocator.page_size)
+                            self.allocator.page_size, speculative=self.config.speculative is not None)
         rid, self._next_id = self._next_id, self._next_id + 1
         seed = sampling.seed if sampling.seed is not None else (rid if seed is None else seed)
         now = time.perf_counter()
@@ -215,7 +216,7 @@ class Engine:
             raise ValueError(f"warmup: max_len={max_len} is outside [1, {self.max_seq_len}] (the engine's max_seq_len)")
         if not 1 <= max_prompt_len <= max_len:
             raise ValueError(f"warmup: max_prompt_len={max_prompt_len} is outside [1, max_len={max_len}]")
-        layout = Layout(a.num_pages, a.page_size, self.max_seq_len, self.config.max_batch)
+        layout = Layout(a.num_pages, a.page_size, self.max_seq_len, self.config.max_batch, Vocab.of(self.model))
         buckets = self.config.buckets(layout, max_prompt_len, max_len)
         return self.runner.warmup(buckets, **(spec.verify_programs() if spec else {}))
 

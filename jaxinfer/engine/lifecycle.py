@@ -20,7 +20,8 @@ import time
 from jaxinfer.engine.requests import RequestOutput, StopRules, sequence_output
 from jaxinfer.engine.scheduler import Scheduler, Sequence, Status
 from jaxinfer.engine.step import StepOutput
-from jaxinfer.sampling.sampler import NONFINITE, SamplingParams
+from jaxinfer.sampling.params import SamplingParams
+from jaxinfer.sampling.sampler import NONFINITE, Logprob
 
 log = logging.getLogger("jaxinfer")
 
@@ -132,22 +133,24 @@ class SequenceEvents:
             if lead:
                 self.scheduler.advance(seq, lead)
             children = []
-            for token in row.tokens:
+            for token, logprob in zip(row.tokens, row.logprobs or [None] * len(row.tokens)):
                 self.scheduler.advance(seq, 1)
                 if row.forks and not children:
                     children = self._fork(seq)  # the prompt is in the cache; its first tokens follow
                 row.appended += 1
-                if self.append(seq, token):
+                if self.append(seq, token, logprob):
                     finished.append(seq)
                     break
-            finished += [child for child, token in zip(children, row.forks) if self.append(child, token)]
+            finished += [child for child, token, logprob in zip(children, row.forks, row.fork_logprobs or
+                                                                 [None] * len(row.forks))
+                         if self.append(child, token, logprob)]
             if row.release and seq.status is Status.RUNNING:
                 self.scheduler.kv.release_unused(seq)
         return finished
 
-    def append(self, seq: Sequence, token: int) -> bool:
-        """Append a sampled token to a running sequence; finish it if it stops (or fail it if the
-        token is NONFINITE). True if it finished."""
+    def append(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> bool:
+        """Append a sampled token (and its Logprob, when the request asked) to a running sequence;
+        finish it if it stops (or fail it if the token is NONFINITE). True if it finished."""
         now = time.perf_counter()
         self.requests.touched.add(seq.request_id)
         if token == NONFINITE:
@@ -156,6 +159,8 @@ class SequenceEvents:
                            f"(the request's step {len(seq.generated)})")
             return True
         seq.tokens.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         seq.first_token_time = seq.first_token_time or now
         reason = seq.stop(seq.generated)
         if reason is not None:
@@ -192,7 +197,7 @@ class SequenceEvents:
         """The other samples of a request (n > 1 sampling), sharing the parent's pages once its
         prompt is computed in them, before its first token."""
         req = self.requests[parent.request_id]
-        children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[],
+        children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[], logprobs=[],
                                         hashes=list(parent.hashes), seed=sample_seed(parent.seed, i),
                                         stop=self.requests.rules.checker(parent.sampling, parent.stop.room))
                     for i in range(1, parent.sampling.n)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from jaxinfer.engine.scheduler import Scheduler, Sequence
 from jaxinfer.engine.step import StepPlan
+from jaxinfer.sampling import processors
 
 
 class DecodeCalls:
@@ -21,8 +22,10 @@ class DecodeCalls:
         self.lookahead_calls = 0
 
     def wanted(self, seqs: list[Sequence], ahead: list[int]) -> list[int]:
-        """Decode steps each sequence can still take in one call, `ahead` tokens past the host's view."""
-        return [max(0, min(self.decode_steps, s.stop.budget - len(s.generated) - a)) for s, a in zip(seqs, ahead)]
+        """Decode steps each sequence can still take in one call, `ahead` tokens past the host's view
+        (one for a sequence whose logits processors run single-step)."""
+        return [max(0, min(self.decode_steps if processors.may_multi_step(s.sampling) else 1,
+                           s.stop.budget - len(s.generated) - a)) for s, a in zip(seqs, ahead)]
 
     def extend(self, plan: StepPlan) -> StepPlan:
         """A decode-only plan as one call of up to decode_steps steps per row (schedule() reserved
@@ -44,6 +47,8 @@ class DecodeCalls:
             return None
         if {id(s) for s in sched.running} != {id(s) for s in last.decode}:
             return None
+        if not all(processors.may_overlap(s.sampling) for s in last.decode):
+            return None  # a processor needs every earlier token of its row on the host
         wanted = self.wanted(last.decode, last.num_steps)
         if not any(wanted) or not sched.kv.reserve_ahead(last.decode, wanted, last.num_steps):
             return None

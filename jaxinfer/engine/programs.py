@@ -4,6 +4,7 @@
   multi_decode  k decode steps in one program, each sampled token fed to the next step
   verify        one pass over each row's token and its drafts, then the acceptance rule
   sample_rows   more samples from rows of a step's logits (the other samples of n > 1 sampling)
+Sampled tokens come back as jaxinfer.sampling.Sampled (tokens, and log-probabilities when asked).
   newest        each row's newest token of a multi-step call (the next call's input, on device)
   copy_features, clear_pages   copy-on-write of the feature cache; zeroing pages a failed row wrote
 Inputs are the named structures of jaxinfer/engine/batch.py. Every program counts its traces in
@@ -13,6 +14,7 @@ TRACE_COUNTS, so tests can assert how many programs a run compiled.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import jax
@@ -51,10 +53,10 @@ def _with_adapters(params, lora, lora_batch, impl, lora_impl):
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "lora_impl", "feature_layers"),
                    donate_argnames=("cache", "features"))
 def mixed_step(params, cfg, x: MixedInputs, cache, features, lora=None, *, impl, lora_impl="xla", feature_layers=()):
-    """-> a token sampled from each of the R logits rows at x.batch.logits_at (NONFINITE where its
-    logits are not finite), their logits (R, V) and hidden states (R, D), the cache and the
-    feature cache (None: none kept; feature_layers: the layers whose inputs it keeps too).
-    lora: the adapter slots (jaxinfer.lora.LoraWeights) or None."""
+    """-> a token sampled from each of the R logits rows at x.batch.logits_at (Sampled: NONFINITE
+    where its logits are not finite; log-probabilities when x.sampling asks), their logits (R, V)
+    and hidden states (R, D), the cache and the feature cache (None: none kept; feature_layers: the
+    layers whose inputs it keeps too). lora: the adapter slots (jaxinfer.lora.LoraWeights) or None."""
     TRACE_COUNTS["step"] += 1
     batch = x.batch
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
@@ -67,10 +69,11 @@ def mixed_step(params, cfg, x: MixedInputs, cache, features, lora=None, *, impl,
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl", "feature_layers"),
                    donate_argnames=("cache", "features"))
-def verify(params, cfg, x: VerifyInputs, drafts, draft_probs, cache, features, lora=None, parents=None, *, impl,
-           synthetic, lora_impl="xla", feature_layers=()):
+def verify(params, cfg, x: VerifyInputs, drafts, cache, features, lora=None, parents=None, *, impl, synthetic,
+           lora_impl="xla", feature_layers=()):
     """One target pass over rows [last, d_1, .., d_k] and the acceptance rule -> accepted (R,),
-    tokens (R, k + 1), the cache and the feature cache. drafts (R, k); draft_probs (R, k, V) or None.
+    Sampled with tokens (R, k + 1) (and their log-probabilities when x.sampling asks), the cache
+    and the feature cache. drafts (R, k).
     synthetic: None, or the probability a synthetic drafter's token is accepted (not lossless).
     parents (R, k): the drafts are a tree (jaxinfer.speculative.tree): positions by depth, attention
     by ancestry, the tree rule, and the accepted path's K/V and features compacted into place.
@@ -97,21 +100,22 @@ def verify(params, cfg, x: VerifyInputs, drafts, draft_probs, cache, features, l
         if features is not None:
             features = features.at[dst].set(features.at[src].get(mode="clip"), mode="drop")
     elif synthetic is None:
-        accepted, emitted = accept(logits, drafts, draft_probs, x.num_drafts, sp, steps)
+        accepted, emitted = accept(logits, drafts, x.num_drafts, sp, steps)
     else:
         accepted, emitted = accept_synthetic(logits, x.num_drafts, sp, steps, synthetic)
     position = jnp.arange(k + 1)[None, :]
     ok = jnp.all(jnp.isfinite(logits), axis=-1) | (position > x.num_drafts[:, None])  # (R, k + 1); padding is ok
     first_bad = jnp.where(jnp.all(ok, axis=1), k + 1, 0 if parents is not None else jnp.argmin(ok, axis=1))  # (R,)
     accepted = jnp.minimum(accepted, first_bad)
-    emitted = jnp.where(position == first_bad[:, None], NONFINITE, emitted)
+    emitted = dataclasses.replace(emitted, tokens=jnp.where(position == first_bad[:, None], NONFINITE, emitted.tokens))
     return accepted, emitted, cache, features
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps", "lora_impl"), donate_argnames=("cache",))
 def multi_decode(params, cfg, x: DecodeInputs, cache, lora=None, *, impl, num_steps, lora_impl="xla"):
-    """num_steps decode steps in one program, each sampled token fed to the next step; a row writes
-    K/V only in its first x.valid[r] steps. Returns tokens (num_steps, R) (NONFINITE where a row's
+    """num_steps decode steps in one program, each sampled token fed to the next step (and, when the
+    rows have logits processors, handed to them as drawn in the call); a row writes K/V only in its
+    first x.valid[r] steps. Returns Sampled with tokens (num_steps, R) (NONFINITE where a row's
     logits are not finite) and the cache."""
     TRACE_COUNTS["multi_decode"] += 1
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch(x.adapter_ids, x.adapter_ids[:0]), impl,
@@ -119,16 +123,19 @@ def multi_decode(params, cfg, x: DecodeInputs, cache, lora=None, *, impl, num_st
     dropped = cache.num_pages * cache.page_size
 
     def one(carry, j):
-        tokens, cache = carry
+        tokens, drawn, cache = carry
         pos = x.positions + j
         batch = BatchDescriptor.decode_rows(pos, j < x.valid, x.block_tables, cache.page_size, dropped,
                                             x.adapter_ids)
         out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, project=project)
-        new = sample_checked(out.logits, x.sampling, x.steps + j)
-        return (jnp.maximum(new, 0), out.cache), new  # a failed row runs on (its request is failed) on token 0
+        new = sample_checked(out.logits, x.sampling, x.steps + j, drawn)
+        if drawn is not None:
+            drawn = drawn.at[:, j].set(new.tokens)
+        return (jnp.maximum(new.tokens, 0), drawn, out.cache), new  # a failed row runs on, on token 0 (it is failed)
 
-    (_, cache), new_tokens = jax.lax.scan(one, (x.tokens, cache), jnp.arange(num_steps))
-    return new_tokens, cache
+    drawn = None if x.sampling.processors is None else jnp.full((x.tokens.shape[0], num_steps), -1, jnp.int32)
+    (_, _, cache), new = jax.lax.scan(one, (x.tokens, drawn, cache), jnp.arange(num_steps))
+    return new, cache
 
 
 @functools.partial(jax.jit, static_argnames="page_size", donate_argnames="features")

@@ -26,7 +26,10 @@ import jax
 import numpy as np
 
 from jaxinfer.models.config import ModelConfig
-from jaxinfer.sampling.sampler import SamplingParams
+from jaxinfer.sampling import processors
+from jaxinfer.sampling.params import SamplingParams
+from jaxinfer.sampling.processors import Vocab
+from jaxinfer.sampling.sampler import Logprob
 
 
 @dataclasses.dataclass
@@ -47,6 +50,7 @@ class RequestOutput:
     # far, finish_reason None; the text holds back a tail that could still become a stop string
     finished: bool = True
     samples: list[RequestOutput] = dataclasses.field(default_factory=list)  # all n samples when n > 1
+    logprobs: list[Logprob] | None = None  # one per generated token, when SamplingParams.logprobs asked
 
 
 def prepare_prompts(model, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -90,12 +94,14 @@ def _short(x) -> str:
 
 
 def check_request(model, prompt: str | Sequence[int], sampling: SamplingParams, max_seq_len: int, num_pages: int,
-                  page_size: int) -> list[int]:
+                  page_size: int, speculative: bool = False) -> list[int]:
     """The prompt's token ids, or ValueError for a request an engine could never run: sampling not
-    SamplingParams, a bad prompt (prepare_prompt), the prompt past the context or the whole KV
+    SamplingParams, logits processing the model or speculative decoding cannot serve
+    (processors.check), a bad prompt (prepare_prompt), the prompt past the context or the whole KV
     cache, or max_tokens past the context."""
     if not isinstance(sampling, SamplingParams):
         raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
+    processors.check(sampling, Vocab.of(model), speculative)
     ids = prepare_prompt(model, prompt)
     if len(ids) > max_seq_len:
         raise ValueError(f"prompt has {len(ids)} tokens, over the engine's max_seq_len={max_seq_len}")
@@ -149,17 +155,17 @@ def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | 
                "preemptions": float(seq.num_preemptions)}
     text = rules.completion_text(seq.sampling, seq.generated) if finished else seq.stop.stream_text(seq.generated)
     return RequestOutput(prompt, seq.generated, text, seq.finish_reason, metrics, error=seq.error,
-                         request_id=request_id, finished=finished)
+                         request_id=request_id, finished=finished,
+                         logprobs=list(seq.logprobs) if seq.sampling.logprobs is not None else None)
 
 
 class StopRules:
-    """What ends a sequence for one model: its end-of-sequence ids (from the config and the
-    tokenizer, gathered once) and its tokenizer, for stop strings and the output text."""
+    """What ends a sequence for one model: its end-of-sequence ids (gathered once) and its
+    tokenizer, for stop strings and the output text."""
 
     def __init__(self, model):
         self.tokenizer = model.tokenizer
-        self.eos_ids = frozenset(model.config.eos_token_ids) | frozenset(
-            model.tokenizer.eos_ids if model.tokenizer else ())
+        self.eos_ids = Vocab.of(model).eos_ids
 
     def checker(self, sampling: SamplingParams, room: int) -> StopChecker:
         """A fresh checker for one sequence with `room` positions left in its context for new tokens."""
@@ -176,7 +182,8 @@ class StopRules:
 
 class StopChecker:
     """Why one sequence ends after its newest token, checked once per token: "stop" for an EOS
-    (unless ignored), a stop token or a stop string in the text; "length" once max_tokens are out;
+    (unless ignored), a stop token or a stop string in the text, once min_tokens are generated;
+    "length" once max_tokens are out;
     "context" once its `room` in the context is used up; else None. `budget` is the tokens it may
     generate at most. Holds the sequence's decoded text so far when it has stop strings."""
 
@@ -190,6 +197,8 @@ class StopChecker:
 
     def __call__(self, generated: Sequence[int]) -> str | None:
         sp, tok = self.sampling, generated[-1]
+        if len(generated) < sp.min_tokens:  # no stop before min_tokens (its stop tokens are banned)
+            return "context" if len(generated) >= self.room else None
         if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self.rules.eos_ids):
             return "stop"
         if sp.stop and self.rules.tokenizer is not None:

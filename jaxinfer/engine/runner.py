@@ -46,12 +46,13 @@ from jaxinfer import lora as lora_lib
 from jaxinfer import sharding
 from jaxinfer.buckets import next_power_of_2
 from jaxinfer.engine import programs
-from jaxinfer.engine.batch import GREEDY, Bucket, DecodeBucket, Layout, StepBucket, VerifyBucket
+from jaxinfer.engine.batch import Bucket, DecodeBucket, Layout, StepBucket, VerifyBucket
 from jaxinfer.engine.lifecycle import sample_seed
 from jaxinfer.engine.step import RowOutput, StepOutput, StepPlan
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.kv_cache import PagedKVCache, copy_pages
-from jaxinfer.sampling.sampler import NONFINITE, SamplingBatch
+from jaxinfer.sampling.processors import Row, Vocab
+from jaxinfer.sampling.sampler import NONFINITE, Sampled, SamplingBatch, host_logprobs
 
 TRACE_COUNTS = programs.TRACE_COUNTS  # how many times each jitted program was traced (= compiled)
 
@@ -61,10 +62,15 @@ class Dispatched:
     """A plan whose program is running: its device results, not read back yet."""
 
     plan: StepPlan
-    tokens: jax.Array  # mixed: (R,) a token per logits row; decode: (k, R); verify: (R, k + 1)
-    extra: jax.Array | None = None  # mixed: the forked samples' tokens
+    sampled: Sampled  # tokens (and log-probabilities when asked); mixed: (R,) a token per logits row;
+    # decode: (k, R); verify: (R, k + 1)
+    extra: Sampled | None = None  # mixed: the forked samples' tokens
     accepted: jax.Array | None = None  # verify: (R,)
     rows: list[int] = dataclasses.field(default_factory=list)  # mixed: each prefill row's logits row
+
+    @property
+    def tokens(self) -> jax.Array:
+        return self.sampled.tokens
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
@@ -99,7 +105,7 @@ class ModelRunner:
         self.lora_impl = "xla" if lora is None else lora.impl
         cfg, dtype = model.config, model.dtype
         self.lora = None if lora is None else lora_lib.LoraWeights.zeros(cfg, lora.num_slots, lora.rank, dtype)
-        self.layout = Layout(num_pages, page_size, max_seq_len, max_batch)
+        self.layout = Layout(num_pages, page_size, max_seq_len, max_batch, Vocab.of(model))
         self.page_size = page_size
         features_shape = (num_pages * page_size, (1 + len(self.feature_layers)) * cfg.hidden_size)
         if self.mesh is None:
@@ -146,25 +152,33 @@ class ModelRunner:
     def collect(self, pending: Dispatched) -> StepOutput:
         """Read a dispatched plan back: per sequence, the tokens its rows sampled."""
         plan = pending.plan
+        out = self._read_tree(pending.sampled)
+        lp = out.logprobs  # host arrays, or None when no row asked
         if plan.kind == "verify":
             n = len(plan.decode)
-            accepted, tokens = self._read(pending.accepted)[:n], self._read(pending.tokens)[:n]
-            return StepOutput([RowOutput(s, 1 + a, tokens[i, : a + 1].tolist(), release=True)
+            accepted = self._read(pending.accepted)[:n]
+            return StepOutput([RowOutput(s, 1 + a, out.tokens[i, : a + 1].tolist(), release=True,
+                                         logprobs=_logprobs(lp, s, range(a + 1), row=i))
                                for i, (s, a) in enumerate(zip(plan.decode, accepted.tolist()))], accepted=accepted)
-        if plan.kind == "decode":
-            tokens = self._read(pending.tokens)  # (k, R)
-            return StepOutput([RowOutput(s, w, tokens[:w, i].tolist()) for i, (s, w) in
-                               enumerate(zip(plan.decode, plan.num_steps))])
-        sampled = self._read(pending.tokens)
-        extra = [] if pending.extra is None else self._read(pending.extra).tolist()
-        rows = [RowOutput(s, 1, [int(sampled[i])]) for i, s in enumerate(plan.decode)]
+        if plan.kind == "decode":  # tokens (k, R)
+            return StepOutput([RowOutput(s, w, out.tokens[:w, i].tolist(),
+                                         logprobs=_logprobs(lp, s, range(w), column=i))
+                               for i, (s, w) in enumerate(zip(plan.decode, plan.num_steps))])
+        sampled = out.tokens
+        extra = None if pending.extra is None else self._read_tree(pending.extra)
+        rows = [RowOutput(s, 1, [int(sampled[i])], logprobs=_logprobs(lp, s, [i]))
+                for i, s in enumerate(plan.decode)]
+        used = 0
         for (s, n), r in zip(plan.prefill, pending.rows):
             forks = _forks(s, n)
             # A chunk that does not complete its prompt samples nothing, but its logits are checked too:
             # a prompt (or a preempted sequence being recomputed) whose state turned non-finite fails now.
             done = _completes_prompt(s, n) or sampled[r] == NONFINITE
-            rows.append(RowOutput(s, n, [int(sampled[r])] if done else [], extra[:forks]))
-            del extra[:forks]
+            mine = range(used, used + forks)
+            rows.append(RowOutput(s, n, [int(sampled[r])] if done else [], [int(extra.tokens[j]) for j in mine],
+                                  logprobs=_logprobs(lp, s, [r]) if done else [],
+                                  fork_logprobs=_logprobs(extra.logprobs, s, mine) if forks else []))
+            used += forks
         return StepOutput(rows)
 
     def newest(self, pending: Dispatched) -> jax.Array:
@@ -172,7 +186,7 @@ class ModelRunner:
         last = np.zeros(pending.tokens.shape[1], np.int32)
         last[: len(pending.plan.num_steps)] = [max(w - 1, 0) for w in pending.plan.num_steps]
         with sharding.use_mesh(self.mesh):
-            return self._put(programs.newest(pending.tokens, self._put(last)))  # replicated, as the next call was compiled
+            return self._put(programs.newest(pending.tokens, self._put(last)))  # replicated, as compiled
 
     def _mixed(self, plan: StepPlan) -> Dispatched:
         """One token of each decode sequence, then a chunk of each prefill sequence's prompt;
@@ -183,7 +197,7 @@ class ModelRunner:
         self._mark_dispatch()
         sampled, logits, _, self.cache, self.features = self._run(programs.mixed_step, x, self.cache, self.features,
                                                                    self.lora, feature_layers=self.feature_layers)
-        self._last_dispatched = sampled
+        self._last_dispatched = sampled.tokens
         self.stats["decode_tokens"] += len(plan.decode)
         self.stats["prefill_tokens"] += sum(n for _, n in plan.prefill)
         rows = [bucket.decode_rows + j for j in range(len(plan.prefill))]
@@ -193,8 +207,8 @@ class ModelRunner:
             R = next_power_of_2(len(forks))
             idx, steps = np.zeros(R, np.int32), np.zeros(R, np.int32)
             idx[: len(forks)] = [r for r, _, _ in forks]
-            sp = SamplingBatch.from_params([s.sampling for _, s, _ in forks] + [GREEDY] * (R - len(forks)),
-                                           [sample_seed(s.seed, i) for _, s, i in forks] + [0] * (R - len(forks)))
+            sp = SamplingBatch.from_rows([Row(s.sampling, sample_seed(s.seed, i), s.tokens, s.prompt_len)
+                                          for _, s, i in forks], R, self.layout.vocab)
             with sharding.use_mesh(self.mesh):
                 extra = programs.sample_rows(logits, *self._put((idx, sp, steps)))
         return Dispatched(plan, sampled, extra=extra, rows=rows)
@@ -208,29 +222,29 @@ class ModelRunner:
         if plan.inputs is not None:  # the last call's newest tokens, already on the device
             x = x.replace(tokens=plan.inputs)
         self._mark_dispatch()
-        tokens, self.cache = self._run(programs.multi_decode, x, self.cache, self.lora, num_steps=bucket.steps)
+        sampled, self.cache = self._run(programs.multi_decode, x, self.cache, self.lora, num_steps=bucket.steps)
         self.stats["decode_tokens"] += sum(plan.num_steps)
-        self._last_dispatched = tokens
-        return Dispatched(plan, tokens)
+        self._last_dispatched = sampled.tokens
+        return Dispatched(plan, sampled)
 
     def _verify(self, plan: StepPlan) -> Dispatched:
         """One target pass over each sequence's next token and its drafts (rows past the plan's
         sequences pad), writing their K/V from num_computed on, then the acceptance rule. A tree's
         accepted path has its K/V compacted into place."""
         proposal = plan.proposal
-        drafts, probs, parents = proposal.tokens, proposal.probs, proposal.parents
+        drafts, parents = proposal.tokens, proposal.parents
         bucket = self.layout.verify_bucket(plan.decode, drafts.shape[1])
         self.buckets.add(bucket)
         x = self._put(self.layout.verify(bucket, plan.decode, plan.num_drafts))
         if self.mesh is not None:  # the drafter's arrays (host or one device) onto the mesh
-            drafts, probs, parents = self._put((drafts, probs, parents))
+            drafts, parents = self._put((drafts, parents))
         self._mark_dispatch()
-        accepted, tokens, self.cache, self.features = self._run(
-            programs.verify, x, drafts, probs, self.cache, self.features, self.lora, parents, synthetic=plan.accept,
+        accepted, sampled, self.cache, self.features = self._run(
+            programs.verify, x, drafts, self.cache, self.features, self.lora, parents, synthetic=plan.accept,
             feature_layers=self.feature_layers)
-        self._last_dispatched = tokens
+        self._last_dispatched = sampled.tokens
         self.stats["verify_tokens"] += sum(d + 1 for d in plan.num_drafts)
-        return Dispatched(plan, tokens, accepted=accepted)
+        return Dispatched(plan, sampled, accepted=accepted)
 
     # Cache and adapter upkeep ------------------------------------------------------------------
 
@@ -260,21 +274,20 @@ class ModelRunner:
 
     # Warm-up -----------------------------------------------------------------------------------
 
-    def warmup(self, buckets: list[Bucket], draft_probs: bool = False, synthetic: float | None = None,
-               tree: bool = False) -> int:
+    def warmup(self, buckets: list[Bucket], synthetic: float | None = None, tree: bool = False) -> int:
         """Compile the program of every bucket ahead of time, without running anything; returns
-        how many programs this traced. Verify passes are compiled for drafts with (draft_probs) or
-        without distributions, the synthetic rate, or draft trees. (Forked samples, n > 1, draw
-        through a small extra program; a drafter's own programs compile when first used.)"""
+        how many programs this traced. Verify passes are compiled for the synthetic rate, or draft
+        trees. (Forked samples, n > 1, draw through a small extra program; requests with logits
+        processors or log-probabilities run programs of their own, and a drafter its own, compiled
+        when first used.)"""
         before = sum(TRACE_COUNTS.values())
         state = jax.tree.map(_abstract, (self.model.params, self.cache, self.features, self.lora))
-        V = self.model.config.vocab_size
         with sharding.use_mesh(self.mesh):
             for bucket in buckets:
-                self._compile(bucket, state, V, draft_probs, synthetic, tree)
+                self._compile(bucket, state, synthetic, tree)
         return sum(TRACE_COUNTS.values()) - before
 
-    def _compile(self, bucket: Bucket, state, V: int, draft_probs: bool, synthetic: float | None, tree: bool) -> None:
+    def _compile(self, bucket: Bucket, state, synthetic: float | None, tree: bool) -> None:
         """Lower and compile one bucket's program against its padding inputs (packed as a run packs them)."""
         params, cache, features, lora = state
         cfg, kw = self.model.config, dict(impl=self.impl, lora_impl=self.lora_impl)
@@ -288,15 +301,14 @@ class ModelRunner:
 
         if isinstance(bucket, VerifyBucket):  # R rows of the next token and k drafts
             R, k, _ = bucket
-            probs = spec((R, k, V), jnp.float32) if draft_probs else None
-            programs.verify.lower(params, cfg, abstract(self.layout.verify(bucket)), spec((R, k)), probs, cache,
-                                  features, lora, spec((R, k)) if tree else None, synthetic=synthetic,
+            programs.verify.lower(params, cfg, abstract(self.layout.verify(bucket)), spec((R, k)), cache, features,
+                                  lora, spec((R, k)) if tree else None, synthetic=synthetic,
                                   feature_layers=self.feature_layers, **kw).compile()
         elif isinstance(bucket, DecodeBucket):  # a k-step call of R rows, and the pick of its rows' newest tokens
             R, k, _ = bucket
             call = programs.multi_decode.lower(params, cfg, abstract(self.layout.decode(bucket)), cache, lora,
                                                num_steps=k, **kw).compile()
-            programs.newest.lower(spec((k, R), sharding_=call.output_shardings[0] if put else None),
+            programs.newest.lower(spec((k, R), sharding_=call.output_shardings[0].tokens if put else None),
                                   spec((R,))).compile()
         else:
             assert isinstance(bucket, StepBucket)
@@ -329,3 +341,20 @@ class ModelRunner:
 
     def _read(self, x: jax.Array) -> np.ndarray:
         return sharding.to_host(self._wait(x))
+
+    def _read_tree(self, tree):
+        """Every array of a pytree (Sampled, TokenLogprobs, or None) on the host."""
+        return jax.tree.map(self._read, tree)
+
+
+def _logprobs(lp, seq, index, row: int | None = None, column: int | None = None) -> list:
+    """The Logprob of each token `index` picks from host log-probability arrays lp, for seq's
+    request (each None where it did not ask; [] where the batch asked for none): lp[row, j] for a
+    verify row, lp[j, column] for a decode call's row, lp[j] for a mixed step's logits row j."""
+    if lp is None:
+        return []
+    if row is not None:
+        lp = jax.tree.map(lambda x: x[row], lp)
+    elif column is not None:
+        lp = jax.tree.map(lambda x: x[:, column], lp)
+    return host_logprobs(lp, index, [seq.sampling] * len(index))

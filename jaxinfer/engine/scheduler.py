@@ -67,6 +67,7 @@ class Sequence:
     adapter: str | None = None  # the LoRA adapter it runs under (None: the base model)
     lora_slot: int = -1  # the device slot holding that adapter while it runs
     cache_salt: int = 0  # starts its prefix-cache hash chain: one per added adapter (its K/V differ), 0 for the base
+    logprobs: list = dataclasses.field(default_factory=list)  # per generated token, when sampling.logprobs asks
 
     @property
     def generated(self) -> list[int]:

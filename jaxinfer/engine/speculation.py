@@ -48,7 +48,7 @@ class Speculation:
             jax.block_until_ready(proposal.tokens)
         else:
             empty = np.zeros((next_power_of_2(n), k), np.int32)
-            proposal = Proposal(empty, None, parents=None if self.config.tree is None else empty)
+            proposal = Proposal(empty, parents=None if self.config.tree is None else empty)
         self.stats["spec_draft_s"] += time.perf_counter() - t0
         plan.proposal = proposal
         plan.num_drafts = want if proposal.counts is None else [min(w, c) for w, c in zip(want, proposal.counts)]

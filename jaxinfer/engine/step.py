@@ -55,6 +55,10 @@ class RowOutput:
     computed: int  # its tokens whose K/V this step wrote
     tokens: list[int]  # sampled for it, in order; tokens[j] follows input computed - len(tokens) + j
     forks: list[int] = dataclasses.field(default_factory=list)  # the first token of samples 1..n-1 (n > 1)
+    # the Logprob (jaxinfer.sampling.Logprob) of each of tokens / forks, when the request asked (else None each);
+    # empty when no row of the step asked
+    logprobs: list = dataclasses.field(default_factory=list)
+    fork_logprobs: list = dataclasses.field(default_factory=list)
     release: bool = False  # give back pages reserved past the sequence's next token (rejected drafts)
     appended: int = 0  # set by the update: tokens appended before the sequence ended
 
@@ -97,7 +101,6 @@ class Runner(Protocol):
 
     def load_adapter(self, slot: int, adapter) -> None: ...
 
-    def warmup(self, buckets: list[Bucket], draft_probs: bool = False, synthetic: float | None = None,
-               tree: bool = False) -> int: ...
+    def warmup(self, buckets: list[Bucket], synthetic: float | None = None, tree: bool = False) -> int: ...
 
     def no_work(self) -> None: ...

@@ -1,73 +1,52 @@
-"""Sampling: per-request SamplingParams and one batched, jittable sampler.
+"""The batched, jittable sampler: per-row keys, the processing stage, the top-k / top-p / min-p
+filter, the draw, and log-probabilities.
 
-Every row of a batch carries its own temperature, top-k, top-p, min-p and PRNG key, so a
-request's tokens do not depend on what else shares its batch. The key for a request's t-th
-generated token is `fold_in(PRNGKey(seed), t)`.
+Every row carries its own parameters and seed, so a row's token depends on its own logits alone,
+never on the batch. The token with index t among a request's generated tokens is drawn with the
+key fold_in(PRNGKey(seed), t) (`row_keys`, the one key derivation of the project) as
 
-The serving programs sample through `sample_checked`: a row whose logits hold a NaN or an
-infinity gets the token NONFINITE instead, so the check travels back in the token array itself
-(no extra transfer) and the engine fails that request alone.
+    argmax over the kept tokens v of  logits'[v] / temperature + G[v],   G = Gumbel noise (V,) of that key
+
+(the Gumbel-max trick: a draw from the filtered softmax). The noise is indexed by token id, not by
+rank, so two distributions drawn with one key pick the same token as often as they can: a drafter
+that draws with the target's key for the same index proposes the token the target will draw
+whenever the two distributions allow it, and the acceptance rule (jaxinfer/speculative/accept.py)
+keeps exactly the tokens plain decoding would draw (drafter-invariant speculative sampling;
+Daliri, Musco and Suresh 2024, "Coupling without communication and drafter-invariant speculative
+decoding"). That makes a request's tokens independent of its batch under speculative decoding
+too: whether a token comes from a plain step or a verify pass, it is the same token.
+
+The serving programs sample through `sample_checked`: a row whose model logits hold a NaN or an
+infinity gets the token NONFINITE instead, so the check travels back in the token array itself (no
+extra transfer) and the engine fails that request alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.buckets import next_power_of_2
+from jaxinfer.sampling import processors
+from jaxinfer.sampling.params import MAX_LOGPROBS, SamplingParams
+from jaxinfer.sampling.processors import Context, Row, RowLike, Vocab
 
+NONFINITE = -1  # the token of a row whose logits are not all finite
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens for one request. temperature=0 is greedy (argmax)."""
+class LogprobsRequest:
+    """processed (R,) bool: the row wants its processed distribution's log-probabilities (else the
+    raw log-softmax); top_n (static): alternatives returned per token (a bucket of the rows' asks)."""
 
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
-    min_p: float = 0.0  # drop tokens with prob < min_p * max prob, in [0, 1]
-    seed: int | None = None  # None: derived from the request's index
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()  # stop strings, matched on the decoded completion
-    ignore_eos: bool = False
-    n: int = 1  # independent samples of the same prompt (they share its KV pages)
-    timeout_s: float | None = None  # deadline from arrival; then it ends with finish_reason "timeout"
-
-    def __post_init__(self):
-        if not isinstance(self.max_tokens, (int, np.integer)) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**32):
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not isinstance(self.n, (int, np.integer)) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        check_timeout("timeout_s", self.timeout_s)
-        if isinstance(self.stop, str) or isinstance(self.stop_token_ids, int):
-            raise ValueError("stop and stop_token_ids must be sequences, not a single value")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if any(s == "" for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def check_timeout(name: str, value) -> None:
-    """A timeout is None or a number of seconds > 0; ValueError naming `name` otherwise."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-                              or not value > 0):
-        raise ValueError(f"{name} must be None or a number of seconds > 0, got {value!r}")
+    processed: jax.Array
+    top_n: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -76,7 +55,9 @@ class SamplingBatch:
     """Per-row sampling parameters as arrays (R rows), built on the host (numpy).
 
     temperature (R,) f32; top_k (R,) i32; top_p (R,) f32; min_p (R,) f32; seed (R,) u32.
-    Keys are made from the seeds inside the jitted sampler: no per-row work on the host.
+    processors: {name: arrays} of the processors some row asks for (processors.py), or None.
+    logprobs: a LogprobsRequest when some row asks for log-probabilities, or None.
+    None fields are not traced: a batch that asks for neither runs the plain sampler's program.
     """
 
     temperature: jax.Array
@@ -84,88 +65,178 @@ class SamplingBatch:
     top_p: jax.Array
     min_p: jax.Array
     seed: jax.Array
+    processors: dict | None = None
+    logprobs: LogprobsRequest | None = None
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int]) -> SamplingBatch:
+    def from_rows(cls, rows: Sequence[RowLike | None], size: int | None = None,
+                  vocab: Vocab | None = None) -> SamplingBatch:
+        """The rows' parameters (and their processors' arrays), padded with greedy rows to `size`.
+        vocab: the model's, needed when a row asks for a processor."""
+        rows = list(rows) + [None] * ((size or len(rows)) - len(rows))
+        params = [r.sampling if r is not None else _GREEDY for r in rows]
+        asks = [p.logprobs for p in params if p.logprobs is not None]
+        logprobs = None
+        if asks:
+            top_n = min(next_power_of_2(max(asks)), MAX_LOGPROBS) if max(asks) else 0
+            logprobs = LogprobsRequest(np.asarray([p.logprobs_mode == "processed" for p in params]), top_n)
         return cls(
             temperature=np.asarray([p.temperature for p in params], np.float32),
             top_k=np.asarray([p.top_k for p in params], np.int32),
             top_p=np.asarray([p.top_p for p in params], np.float32),
             min_p=np.asarray([p.min_p for p in params], np.float32),
-            seed=np.asarray(seeds, np.uint32),
+            seed=np.asarray([r.seed if r is not None else 0 for r in rows], np.uint32),
+            processors=processors.fill(rows, vocab),
+            logprobs=logprobs,
         )
 
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int],
+                    vocab: Vocab | None = None) -> SamplingBatch:
+        """Rows with no tokens so far (penalties then count only the context's tokens)."""
+        return cls.from_rows([Row(p, s) for p, s in zip(params, seeds)], vocab=vocab)
 
-def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
-    """logits (R, V) float32 -> token ids (R,) int32. `step` (R,) is each row's token index.
-
-    Greedy rows (temperature 0) take the argmax. Sampled rows draw from the filtered distribution
-    over the vocabulary sorted by probability (`_sample_sorted`), which costs a full sort of every
-    row: the sort runs only when some row samples (a lax.cond), so an all-greedy batch pays for an
-    argmax alone (8 rows x 49,152 on a 2-core CPU: about 3 ms instead of about 115 ms). Each row's
-    token is computed from its own logits, parameters and key either way, so it does not depend on
-    the batch. The sorted draw stays a full sort for every sampled row, plain temperature and top-k
-    included, because the draw's Gumbel noise is indexed by rank and top_p=1 still drops the tail
-    whose float32 cumulative mass rounds to 1: a partial top-k or an unsorted draw would change
-    which token a given seed yields."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(jnp.any(sp.temperature > 0), _sample_sorted, lambda *_: greedy, logits, sp, step)
-    return jnp.where(sp.temperature > 0, sampled, greedy)
+    def repeat(self, n: int) -> SamplingBatch:
+        """Each row repeated n times in place (R * n rows): one row per position of a verify pass."""
+        return jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n, axis=0), self)
 
 
-NONFINITE = -1  # the token of a row whose logits are not all finite
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """token (R,) f32: the drawn token's log-probability; top_ids (R, N) int32 and top (R, N) f32:
+    the N most likely tokens and theirs, most likely first."""
+
+    token: jax.Array
+    top_ids: jax.Array
+    top: jax.Array
 
 
-def sample_checked(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
-    """`sample`, with NONFINITE in place of the token of each row whose logits (R, V) hold a NaN
-    or an infinity."""
-    return guard(sample(logits, sp, step), logits)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """tokens (R,) int32; logprobs: TokenLogprobs, when the batch asked for them."""
+
+    tokens: jax.Array
+    logprobs: TokenLogprobs | None = None
+
+    def reshape(self, *shape) -> Sampled:
+        return jax.tree.map(lambda x: x.reshape(*shape, *x.shape[1:]), self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    """One generated token's log-probability, and its request's top alternatives as (token id,
+    log-probability), most likely first (as many as SamplingParams.logprobs asked)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def host_logprobs(lp: TokenLogprobs | None, rows, params: Sequence[SamplingParams]) -> list[Logprob | None]:
+    """Logprob of rows[i] of host arrays lp for params[i] (None where params[i] did not ask)."""
+    if lp is None:
+        return [None] * len(params)
+    return [None if p.logprobs is None else
+            Logprob(float(lp.token[r]), tuple(zip(lp.top_ids[r, : p.logprobs].tolist(),
+                                                  lp.top[r, : p.logprobs].tolist())))
+            for r, p in zip(rows, params)]
+
+
+def row_keys(seed: jax.Array, step: jax.Array) -> jax.Array:
+    """seed (R,) u32, step (R,) int32 -> each row's key for its token `step`: fold_in(key(seed), step)."""
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed, step)
+
+
+def process(logits: jax.Array, sp: SamplingBatch, step: jax.Array, recent: jax.Array | None = None) -> jax.Array:
+    """logits (R, V) through the batch's processors (none: unchanged)."""
+    if sp.processors is None:
+        return logits
+    return processors.apply(logits, sp.processors, Context(step, recent))
+
+
+def scaled(logits: jax.Array, sp: SamplingBatch) -> jax.Array:
+    """logits (R, V) / each row's temperature (greedy rows: 1)."""
+    return logits / jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+
+
+def keep_mask(x: jax.Array, sp: SamplingBatch) -> jax.Array:
+    """x (R, V) temperature-scaled logits -> (R, V) bool, the tokens each row may draw, as HF's
+    warpers chain them: top-k (ties with the k-th kept), then top-p over the top-k renormalised
+    distribution (the smallest prefix by probability whose mass reaches top_p; top_p = 1 keeps
+    all), and min-p (probability >= min_p times the largest). Only a batch with a top-k or top-p
+    row pays for the sort."""
+    keep = x - jnp.max(x, axis=-1, keepdims=True) >= jnp.log(sp.min_p)[:, None]
+    cut = jnp.any(sp.top_k > 0) | jnp.any(sp.top_p < 1)
+    return jax.lax.cond(cut, lambda: keep & _sorted_cuts(x, sp), lambda: keep)
+
+
+def _sorted_cuts(x: jax.Array, sp: SamplingBatch) -> jax.Array:
+    R, V = x.shape
+    values = -jnp.sort(-x, axis=-1)  # (R, V) descending
+    kth = jnp.take_along_axis(values, jnp.clip(sp.top_k - 1, 0, V - 1)[:, None], axis=-1)
+    top_k = sp.top_k[:, None] > 0
+    probs = jax.nn.softmax(jnp.where(top_k & (values < kth), -jnp.inf, values), axis=-1)
+    kept = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < sp.top_p[:, None], axis=-1)  # >= 1
+    last = jnp.take_along_axis(values, jnp.maximum(kept - 1, 0)[:, None], axis=-1)  # smallest kept value
+    return (~top_k | (x >= kth)) & ((sp.top_p[:, None] >= 1) | (x >= last))
+
+
+def draw(logits: jax.Array, sp: SamplingBatch, step: jax.Array, recent: jax.Array | None = None) -> Sampled:
+    """logits (R, V) float32 -> Sampled: token ids (R,) and, when the batch asks, log-probabilities.
+    `step` (R,) is each row's token index; `recent` (R, J) the tokens drawn since the batch's
+    processor arrays were filled (processors.Context).
+
+    Greedy rows (temperature 0) take the argmax of the processed logits. Sampled rows draw with
+    Gumbel noise (the module docstring), only when some row samples (a lax.cond), so an
+    all-greedy batch pays for an argmax alone; the filter's sort runs only when some row has a
+    top-k or top-p cut, so plain temperature sampling pays for the noise and an argmax."""
+    x = process(logits, sp, step, recent)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(jnp.any(sp.temperature > 0), _gumbel_draw, lambda *_: greedy, x, sp, step)
+    tokens = jnp.where(sp.temperature > 0, sampled, greedy)
+    return Sampled(tokens, None if sp.logprobs is None else _logprobs(logits, x, sp, tokens))
+
+
+def _gumbel_draw(x: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
+    V = x.shape[1]
+    s = scaled(x, sp)
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, (V,), jnp.float32))(row_keys(sp.seed, step))
+    return jnp.argmax(jnp.where(keep_mask(s, sp), s + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def _logprobs(raw: jax.Array, x: jax.Array, sp: SamplingBatch, tokens: jax.Array) -> TokenLogprobs:
+    """Log-probabilities of the raw logits (R, V), or for rows that ask, of the processed
+    distribution the token was drawn from: processors, temperature (greedy rows: 1), the cuts."""
+    lp = jax.nn.log_softmax(raw, axis=-1)
+
+    def processed():
+        s = scaled(x, sp)
+        return jnp.where(sp.logprobs.processed[:, None], jax.nn.log_softmax(jnp.where(keep_mask(s, sp), s, -jnp.inf),
+                                                                            axis=-1), lp)
+
+    lp = jax.lax.cond(jnp.any(sp.logprobs.processed), processed, lambda: lp)
+    token = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    if sp.logprobs.top_n == 0:
+        empty = jnp.zeros((lp.shape[0], 0))
+        return TokenLogprobs(token, empty.astype(jnp.int32), empty)
+    top, top_ids = jax.lax.top_k(lp, sp.logprobs.top_n)
+    return TokenLogprobs(token, top_ids.astype(jnp.int32), top)
+
+
+def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array, recent: jax.Array | None = None) -> jax.Array:
+    """`draw`'s tokens (R,) int32."""
+    return draw(logits, sp, step, recent).tokens
+
+
+def sample_checked(logits: jax.Array, sp: SamplingBatch, step: jax.Array,
+                   recent: jax.Array | None = None) -> Sampled:
+    """`draw`, with NONFINITE in place of the token of each row whose logits (R, V) hold a NaN or
+    an infinity."""
+    out = draw(logits, sp, step, recent)
+    return dataclasses.replace(out, tokens=guard(out.tokens, logits))
 
 
 def guard(tokens: jax.Array, logits: jax.Array) -> jax.Array:
     """tokens (...,) int32 sampled from logits (..., V) -> NONFINITE where a row's logits are not all finite."""
     return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NONFINITE)
-
-
-def _sample_sorted(logits: jax.Array, sp: SamplingBatch, step: jax.Array) -> jax.Array:
-    """(R, V) -> (R,): every row drawn at its temperature after its top-k / top-p / min-p cuts."""
-    R, V = logits.shape
-    temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
-    scaled = logits / temperature[:, None]
-    values, order = jax.lax.top_k(scaled, V)  # (R, V), descending
-    rank = jnp.arange(V)[None, :]
-    keep = (sp.top_k[:, None] <= 0) | (rank < sp.top_k[:, None])
-    probs = jax.nn.softmax(values, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= mass_before < sp.top_p[:, None]
-    keep &= probs >= sp.min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
-    masked = jnp.where(keep, values, -jnp.inf)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(sp.seed, step)
-    choice = jax.vmap(jax.random.categorical)(keys, masked)  # (R,)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-def filtered_probs(logits: jax.Array, sp: SamplingBatch) -> jax.Array:
-    """logits (R, V) -> the distribution (R, V) each row samples from: softmax at the row's
-    temperature over the tokens its top-k / top-p / min-p cuts keep (as `sample` draws); a greedy
-    row (temperature 0) is one-hot on its argmax. Speculative decoding's acceptance rule compares
-    these for the target and the drafter. An all-greedy batch skips the sort."""
-    one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    return jax.lax.cond(jnp.any(sp.temperature > 0), _filtered_sorted, lambda *_: one_hot, logits, sp)
-
-
-def _filtered_sorted(logits: jax.Array, sp: SamplingBatch) -> jax.Array:
-    R, V = logits.shape
-    temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
-    values, order = jax.lax.top_k(logits / temperature[:, None], V)  # (R, V), descending
-    probs = jax.nn.softmax(values, axis=-1)
-    rank = jnp.arange(V)[None, :]
-    keep = (sp.top_k[:, None] <= 0) | (rank < sp.top_k[:, None])
-    keep &= jnp.cumsum(probs, axis=-1) - probs < sp.top_p[:, None]
-    keep &= probs >= sp.min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
-    kept = jnp.where(keep, probs, 0.0)
-    kept = kept / jnp.sum(kept, axis=-1, keepdims=True)
-    kept = jnp.where(sp.temperature[:, None] > 0, kept, (rank == 0).astype(kept.dtype))
-    return jnp.zeros_like(kept).at[jnp.arange(R)[:, None], order].set(kept)

@@ -9,6 +9,13 @@ RequestError naming the field, which the server returns as HTTP 400 with OpenAI'
 chunks (one chunk per engine output that brings tokens, so token by token at decode_steps=1
 without speculation).
 
+Log-probabilities (the model's raw log-softmax, jaxinfer.sampling) come as OpenAI shapes them: for
+completions `logprobs: {tokens, token_logprobs, top_logprobs, text_offset}` (top_logprobs: the N
+most likely tokens and the drawn one, by their text), for chat `logprobs: {content: [{token,
+logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`, in each stream chunk for its new
+tokens. A token's text is its own decoding (a byte-level token that is part of a character decodes
+to U+FFFD; its `bytes` are that text's UTF-8), and a log-probability of -inf is sent as -9999.0.
+
 Limits: a prompt longer than the context is refused (400 naming the prompt and both lengths); a
 prompt that fits but leaves less room than max_tokens runs until the context is full, and ends
 with finish_reason "length" (the engine's "context": OpenAI has no such reason).
@@ -49,6 +56,7 @@ class Parsed:
     sampling: SamplingParams
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    tokenizer: Any = None  # the served tokenizer: the text of each token of a logprobs answer
 
     @property
     def prompt_field(self) -> str:
@@ -56,7 +64,8 @@ class Parsed:
 
 
 PROMPT_FIELD = {"completion": "prompt", "chat": "messages"}  # the field a request's prompt is in
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "logprobs", "top_logprobs")
 
 
 def parse(request: BaseModel, kind: str, served: ServedModel, adapters: tuple[str, ...] = ()) -> Parsed:
@@ -78,7 +87,7 @@ def parse(request: BaseModel, kind: str, served: ServedModel, adapters: tuple[st
     sampling = _sampling(request, kind, default_max, stop_ids, served.timeout_s)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Parsed(kind, model, None if model == served.name else model, prompt, sampling, bool(request.stream),
-                  include_usage)
+                  include_usage, served.tokenizer)
 
 
 def _completion_prompt(request: BaseModel, served: ServedModel) -> tuple[list[int], tuple[int, ...]]:
@@ -117,6 +126,9 @@ def _sampling(request: BaseModel, kind: str, default_max: int, stop_ids: tuple[i
         else "max_tokens"
     max_tokens = getattr(request, max_name)
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    if kind == "chat" and request.top_logprobs is not None and not request.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = request.logprobs if kind == "completion" else (request.top_logprobs or 0) if request.logprobs else None
     values = dict(
         max_tokens=default_max if max_tokens is None else max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -129,6 +141,12 @@ def _sampling(request: BaseModel, kind: str, default_max: int, stop_ids: tuple[i
         ignore_eos=bool(request.ignore_eos),
         stop_token_ids=stop_ids,
         timeout_s=timeout_s,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+        logit_bias={int(t): b for t, b in request.logit_bias.items()} if request.logit_bias else None,
+        min_tokens=request.min_tokens or 0,
+        logprobs=logprobs,
     )
     try:
         return SamplingParams(**values)
@@ -171,7 +189,8 @@ def response(parsed: Parsed, out: RequestOutput, rid: str) -> dict:
         raise RequestError(f"the request failed: {out.error}", None, status=500)
     choices = []
     for i, s in enumerate(_samples(out)):
-        choice = {"index": i, "logprobs": None, "finish_reason": _finish_reason(s.finish_reason)}
+        choice = {"index": i, "logprobs": _logprobs(parsed, s.token_ids, s.logprobs),
+                  "finish_reason": _finish_reason(s.finish_reason)}
         if parsed.kind == "completion":
             choice["text"] = s.text or ""
         else:
@@ -179,6 +198,33 @@ def response(parsed: Parsed, out: RequestOutput, rid: str) -> dict:
         choices.append(choice)
     return {"id": rid, "object": "text_completion" if parsed.kind == "completion" else "chat.completion",
             "created": int(time.time()), "model": parsed.model, "choices": choices, "usage": usage(out)}
+
+
+def _logprobs(parsed: Parsed, tokens: list[int], logprobs: list | None, offset: int = 0) -> dict | None:
+    """OpenAI's logprobs object for these generated tokens and their Logprobs (None: not asked);
+    completions' text offsets count from `offset`."""
+    if logprobs is None:
+        return None
+    decode, N = parsed.tokenizer.decode, parsed.sampling.logprobs
+
+    def text(t: int) -> str:
+        return decode([t])
+
+    def value(x: float) -> float:
+        return max(x, -9999.0)
+
+    if parsed.kind == "chat":
+        def entry(t: int, x: float) -> dict:
+            return {"token": text(t), "logprob": value(x), "bytes": list(text(t).encode())}
+
+        return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(a, x) for a, x in lp.top[:N]]}
+                            for t, lp in zip(tokens, logprobs)]}
+    texts = [text(t) for t in tokens]
+    offsets = [offset + sum(len(x) for x in texts[:j]) for j in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [value(lp.logprob) for lp in logprobs],
+            "top_logprobs": [{**{text(a): value(x) for a, x in lp.top[:N]}, text(t): value(lp.logprob)}
+                             for t, lp in zip(tokens, logprobs)],
+            "text_offset": offsets}
 
 
 class ChunkWriter:
@@ -190,6 +236,7 @@ class ChunkWriter:
         self.object = "text_completion" if parsed.kind == "completion" else "chat.completion.chunk"
         self.tokens: dict[int, int] = {}  # choice -> tokens sent
         self.text: dict[int, str] = {}  # choice -> text sent
+        self.offset: dict[int, int] = {}  # choice -> characters of the tokens sent (completions' text_offset)
         self.done: set[int] = set()  # choices whose finish reason was sent
 
     def chunks(self, out: RequestOutput) -> list[dict]:
@@ -203,20 +250,25 @@ class ChunkWriter:
             sent = self.text.get(i, "")
             text = s.text or ""
             delta = text[len(sent):] if text.startswith(sent) else ""
-            first = i not in self.tokens
+            first, start = i not in self.tokens, self.tokens.get(i, 0)
+            new = s.token_ids[start:]
+            logprobs = _logprobs(self.parsed, new, None if s.logprobs is None else s.logprobs[start:],
+                                 self.offset.get(i, 0))
+            if logprobs is not None and self.parsed.kind == "completion":
+                self.offset[i] = self.offset.get(i, 0) + sum(len(x) for x in logprobs["tokens"])
             self.tokens[i], self.text[i] = len(s.token_ids), sent + delta
             reason = _finish_reason(s.finish_reason)
             if reason is not None:
                 self.done.add(i)
-            chunks.append(self._chunk(i, delta, reason, first))
+            chunks.append(self._chunk(i, delta, reason, first, logprobs))
         return chunks
 
-    def _chunk(self, index: int, text: str, reason: str | None, first: bool) -> dict:
+    def _chunk(self, index: int, text: str, reason: str | None, first: bool, logprobs: dict | None) -> dict:
         if self.parsed.kind == "completion":
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         else:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return {"id": self.rid, "object": self.object, "created": self.created, "model": self.parsed.model,
                 "choices": [choice]}
 

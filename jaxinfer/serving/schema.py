@@ -12,8 +12,10 @@ for its length before its items and stops at its first bad item, so no body make
 proportion to its size beyond parsing it.
 
 Fields OpenAI defines that the engine cannot do yet (UNSUPPORTED) are refused with a message
-saying so, unless they hold their no-op value (`logprobs: false`, `presence_penalty: 0`,
-`response_format: {"type": "text"}`, ...). Fields OpenAI defines that do not change what is
+saying so, unless they hold their no-op value (`echo: false`, `response_format: {"type": "text"}`,
+...). The sampling fields are OpenAI's (`presence_penalty`, `frequency_penalty`, `logit_bias` with
+token ids as string keys, `logprobs`: an integer for completions, true/false with `top_logprobs`
+for chat) and vLLM's (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`). Fields OpenAI defines that do not change what is
 generated (IGNORED: `user`, `service_tier`, `parallel_tool_calls`) are accepted and ignored.
 `validation_error` turns pydantic's errors into one RequestError naming the field.
 """
@@ -27,6 +29,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from jaxinfer.sampling.params import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY
 from jaxinfer.serving.limits import ServerLimits
 
 
@@ -43,13 +46,8 @@ class RequestError(ValueError):
 
 
 UNSUPPORTED = {
-    "logprobs": "logprobs are not supported: the sampler returns no token log-probabilities",
-    "top_logprobs": "top_logprobs are not supported: the sampler returns no token log-probabilities",
-    "echo": "echo is not supported",
+    "echo": "echo is not supported (the prompt's log-probabilities are not computed)",
     "suffix": "suffix is not supported",
-    "logit_bias": "logit_bias is not supported",
-    "presence_penalty": "presence_penalty is not supported (only 0)",
-    "frequency_penalty": "frequency_penalty is not supported (only 0)",
     "response_format": "response_format is not supported (only {\"type\": \"text\"}): structured output is not "
                        "implemented",
     "tools": "tools are not supported",
@@ -64,7 +62,7 @@ UNSUPPORTED = {
     "reasoning_effort": "reasoning_effort is not supported",
     "web_search_options": "web_search_options are not supported",
 }
-NO_OP = {"response_format": {"type": "text"}, "tool_choice": "none"}  # beside null, false, empty and 0 penalties
+NO_OP = {"response_format": {"type": "text"}, "tool_choice": "none"}  # beside null, false and empty
 IGNORED = ("user", "service_tier", "parallel_tool_calls")
 
 
@@ -72,8 +70,6 @@ def _unset(name: str, value) -> bool:
     """An unsupported field left at its no-op value."""
     if value is None or value is False or (isinstance(value, (dict, list, str)) and not value):
         return True
-    if name.endswith("_penalty"):
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0
     return NO_OP.get(name, ...) == value
 
 
@@ -101,6 +97,8 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
     Content = Annotated[str, Field(max_length=prompt_chars)]
     Stop = Annotated[str, Field(min_length=1, max_length=limits.max_stop_chars)]
     Probability = Annotated[float, Field(allow_inf_nan=False)]
+    Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)]
+    Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
 
     class _Request(_Strict):
         model: str | None = Field(None, max_length=256, description="The base model's name or a LoRA adapter's "
@@ -115,6 +113,26 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
         n: int | None = Field(None, ge=1, le=limits.max_n, description="Independent samples of the prompt.")
         stop: Stop | Annotated[list[Stop], Field(max_length=limits.max_stop, fail_fast=True)] | None = None
         ignore_eos: bool | None = Field(None, description="Generate past end-of-sequence (vLLM's field).")
+        presence_penalty: Penalty | None = Field(None, description="Subtracted from the logit of every token the "
+                                                 "output holds (OpenAI's).")
+        frequency_penalty: Penalty | None = Field(None, description="Subtracted once per occurrence of the token in "
+                                                  "the output (OpenAI's).")
+        repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False, description="Divides positive, "
+                                                 "multiplies negative logits of tokens in the prompt or output "
+                                                 "(vLLM's; 1: none).")
+        logit_bias: Annotated[dict[str, Bias], Field(max_length=vocab_size)] | None = Field(
+            None, description="{token id (a string): bias in [-100, 100]} added to the logits.")
+        min_tokens: int | None = Field(None, ge=0, le=max_seq_len, description="Tokens generated before "
+                                       "end-of-sequence, stop tokens and stop strings may end the output (vLLM's).")
+
+        @field_validator("logit_bias")
+        @classmethod
+        def _token_ids(cls, bias):
+            for key in bias or {}:
+                if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+                    raise PydanticCustomError("token_id", "keys must be token ids in [0, {vocab}), got '{key}'",
+                                              {"vocab": vocab_size, "key": key[:20]})
+            return bias
         stream: bool | None = None
         stream_options: StreamOptions | None = None
         user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
@@ -135,6 +153,8 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
             Field(description="A string, a list of token ids, or a list holding one of either (one prompt per "
                   "request).")
         best_of: int | None = Field(None, ge=1, le=limits.max_n, description="Only 1 or n.")
+        logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Each generated token's "
+                                     "log-probability and this many of the most likely alternatives.")
 
         @field_validator("prompt")
         @classmethod
@@ -156,6 +176,9 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
     class ChatCompletionRequest(_Request):
         messages: list[ChatMessage] = Field(min_length=1, max_length=limits.max_messages, fail_fast=True)
         max_completion_tokens: int | None = Field(None, ge=1, le=max_seq_len, description="max_tokens' new name.")
+        logprobs: bool | None = Field(None, description="Each generated token's log-probability.")
+        top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="The most likely alternatives "
+                                         "of each generated token (needs logprobs: true).")
 
         @field_validator("messages")
         @classmethod

@@ -1,9 +1,11 @@
 """SpeculativeConfig, the interface every drafter implements, and the registry of drafters.
 
 A drafter registers itself by method name with what it needs (`register_drafter`): a checkpoint
-named by draft=, the target's feature cache, whether its drafts carry the distributions they were
-drawn from, whether it drafts trees, whether it is lossless. The config checks against the entry and
-the engine builds the drafter through it; a new drafter is one module that registers.
+named by draft=, the target's feature cache, whether it drafts trees, whether it is lossless. The
+config checks against the entry and the engine builds the drafter through it; a new drafter is one
+module that registers. (A drafter that samples draws with the target's keys, through
+jaxinfer.sampling.sampler.draw, so its drafts carry no distribution: the acceptance rule compares
+them with the target's own draws.)
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ class DrafterSpec:
     checkpoint: bool  # loaded from draft= (a shipped name or a directory)
     features: bool  # reads the target's feature cache (its final-norm hidden state of every token, and the
     # hidden states entering the layers the drafter names in its feature_layers)
-    distributions: bool  # its drafts carry q, the distribution each was drawn from (else deterministic)
     tree: bool = False  # takes tree= (a DraftTree): drafts a tree of candidates
     lossless: bool = True  # False: a stand-in accepted at a set rate (SpeculativeConfig.accept), not lossless
 
@@ -50,11 +51,10 @@ class DrafterSpec:
 DRAFTERS: dict[str, DrafterSpec] = {}
 
 
-def register_drafter(method: str, *, checkpoint: bool, features: bool, distributions: bool, tree: bool = False,
-                     lossless: bool = True):
+def register_drafter(method: str, *, checkpoint: bool, features: bool, tree: bool = False, lossless: bool = True):
     """Decorator: register build(ctx: DraftContext) -> Drafter as the drafter of `method`."""
     def decorate(build):
-        DRAFTERS[method] = DrafterSpec(method, build, checkpoint, features, distributions, tree, lossless)
+        DRAFTERS[method] = DrafterSpec(method, build, checkpoint, features, tree, lossless)
         return build
 
     return decorate
@@ -142,15 +142,13 @@ class SpeculativeConfig:
         return DRAFTERS[self.method]
 
     def verify_programs(self) -> dict:
-        """Which verify programs this config runs (ModelRunner.warmup's keywords): drafts with their
-        distributions (chains of a drafter that draws them), the synthetic rate, or a draft tree."""
-        return {"draft_probs": self.spec.distributions and self.tree is None,
-                "synthetic": self.accept, "tree": self.tree is not None}
+        """Which verify programs this config runs (ModelRunner.warmup's keywords): the synthetic
+        rate, or a draft tree."""
+        return {"synthetic": self.accept, "tree": self.tree is not None}
 
 
 class Proposal(NamedTuple):
     tokens: np.ndarray | jax.Array  # (R, k) int32 drafted tokens (rows past the batch pad)
-    probs: jax.Array | None  # (R, k, V) the distribution each was drawn from; None: deterministic
     counts: list[int] | None = None  # tokens actually proposed per sequence (n-gram may find fewer)
     parents: jax.Array | None = None  # (R, k) int32 a tree's parent of each draft (0: the root, i: draft i); None: a chain
 

@@ -33,14 +33,14 @@ from jaxinfer.buckets import next_power_of_2
 from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.kv_cache import PagedKVCache, copy_pages
+from jaxinfer.sampling.processors import Vocab
+from jaxinfer.sampling.sampler import SamplingBatch
 from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
 from jaxinfer.speculative.draft_model import (
     chunk_batch,
     decode_batch,
-    draw,
+    draft_token,
     pages_bucket,
-    row_keys,
-    sampling_rows,
 )
 from jaxinfer.speculative.heads import (
     draft_logits,
@@ -68,25 +68,23 @@ def _layer(cfg1, heads, x, cache, batch, impl):
 @functools.partial(jax.jit, static_argnames=("cfg", "cfg1", "impl", "k"), donate_argnames=("cache",))
 def _propose(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, valid, sp, steps,
              *, impl, k):
-    """Pairs (f_t, x_{t+1}) for t in [start, start + lens) per row -> drafts (R, k), q (R, k, V), cache."""
+    """Pairs (f_t, x_{t+1}) for t in [start, start + lens) per row -> drafts (R, k), cache."""
     page, P = cache.page_size, cache.num_pages
-    keys = row_keys(sp, steps)
     feature, cache = _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables,
                                impl)
-    first, q_first = draw(draft_logits(target_params, cfg, heads, feature), sp, keys, 0)
+    drafted = jnp.full((next_tokens.shape[0], k), -1, jnp.int32)
+    first, drafted = draft_token(draft_logits(target_params, cfg, heads, feature), sp, steps, 0, drafted)
 
     def one(carry, j):
-        token, feature, cache = carry
+        token, feature, drafted, cache = carry
         batch = decode_batch(start + lens - 1 + j, j < valid, tables, page, P)
         out, cache = _layer(cfg1, heads, eagle_inputs(target_params, heads, feature, token), cache, batch, impl)
         feature = eagle_features(target_params, cfg, out)
-        d, q = draw(draft_logits(target_params, cfg, heads, feature), sp, keys, j)
-        return (d, feature, cache), (d, q)
+        d, drafted = draft_token(draft_logits(target_params, cfg, heads, feature), sp, steps, j, drafted)
+        return (d, feature, drafted, cache), None
 
-    (_, _, cache), (rest, q_rest) = jax.lax.scan(one, (first, feature, cache), jnp.arange(1, k))
-    drafts = jnp.concatenate([first[None], rest], axis=0).T
-    probs = jnp.concatenate([q_first[None], q_rest], axis=0).transpose(1, 0, 2)
-    return drafts, probs, cache
+    (_, _, drafted, cache), _ = jax.lax.scan(one, (first, feature, drafted, cache), jnp.arange(1, k))
+    return drafted, cache
 
 
 def _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, impl):
@@ -171,7 +169,7 @@ def _propose_tree(target_params, cfg, cfg1, heads, features, cache, next_tokens,
 
 class EagleDrafter:
     def __init__(self, target, path: str, num_pages: int, page_size: int, max_seq_len: int, impl, tree=None):
-        self.target, self.impl, self.tree = target, impl, tree
+        self.target, self.impl, self.tree, self.vocab = target, impl, tree, Vocab.of(target)
         self.page_size, self.max_seq_len = page_size, max_seq_len
         checkpoint = sharding.logical_config(target)  # the heads' shapes (a placed target may replicate KV heads)
         self.cfg1 = eagle_layer_config(checkpoint)
@@ -193,15 +191,15 @@ class EagleDrafter:
         args = (self.target.params, self.target.config, self.cfg1, self.heads, features, self.cache,
                 next_tokens, start, lens, tables)
         if self.tree is None:
-            drafts, probs, self.cache = _propose(*args, valid, sampling_rows(seqs, R), steps, impl=self.impl, k=k)
+            sp = SamplingBatch.from_rows(seqs, R, self.vocab)
+            drafts, self.cache = _propose(*args, valid, sp, steps, impl=self.impl, k=k)
             parents = None
         else:
             drafts, parents, self.cache = _propose_tree(*args, impl=self.impl, k=k, top_k=self.tree.top_k,
                                                         depth=self.tree.depth, temperature=self.tree.temperature)
-            probs = None
         for s in seqs:
             s.draft_computed = s.num_computed  # later positions were written from predicted features
-        return Proposal(drafts, probs, parents=parents)
+        return Proposal(drafts, parents=parents)
 
     def accepted(self, seqs) -> None:
         for s in seqs:
@@ -212,7 +210,7 @@ class EagleDrafter:
         self.cache = copy_pages(self.cache, src, dst)
 
 
-@register_drafter("eagle", checkpoint=True, features=True, distributions=True, tree=True)
+@register_drafter("eagle", checkpoint=True, features=True, tree=True)
 def build(ctx: DraftContext) -> EagleDrafter:
     if ctx.config.tree is not None and any(ctx.target.config.layer_windows):
         raise ValueError("speculative tree= needs a target without sliding windows (tree tokens sit at their "

@@ -32,7 +32,7 @@ class NgramDrafter:
             found = lookup(s.tokens, self.max_n, want) if want else []
             tokens[i, : len(found)] = found
             counts.append(len(found))
-        return Proposal(tokens, None, counts)
+        return Proposal(tokens, counts)
 
     def accepted(self, seqs) -> None:
         pass
@@ -41,6 +41,6 @@ class NgramDrafter:
         pass
 
 
-@register_drafter("ngram", checkpoint=False, features=False, distributions=False)
+@register_drafter("ngram", checkpoint=False, features=False)
 def build(ctx: DraftContext) -> NgramDrafter:
     return NgramDrafter(ctx.config.ngram)

@@ -14,7 +14,7 @@ from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
 
 class SyntheticDrafter:
     def propose(self, seqs, num_drafts, k, features) -> Proposal:
-        return Proposal(np.zeros((next_power_of_2(len(seqs)), k), np.int32), None)
+        return Proposal(np.zeros((next_power_of_2(len(seqs)), k), np.int32))
 
     def accepted(self, seqs) -> None:
         pass
@@ -23,6 +23,6 @@ class SyntheticDrafter:
         pass
 
 
-@register_drafter("synthetic", checkpoint=False, features=False, distributions=False, lossless=False)
+@register_drafter("synthetic", checkpoint=False, features=False, lossless=False)
 def build(ctx: DraftContext) -> SyntheticDrafter:
     return SyntheticDrafter()
