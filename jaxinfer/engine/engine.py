@@ -74,8 +74,7 @@ class Engine:
                              features=bool(config.speculative and config.speculative.spec.features),
                              kv_dtype=config.kv_dtype, lora=config.lora_slots(),
                              feature_layers=getattr(self.drafter, "feature_layers", ()))
-        self.adapters = AdapterRegistry(sharding.logical_config(placed), config.max_adapters, config.max_lora_rank,
-                                        self.runner)
+        self.adapters = AdapterRegistry(sharding.logical_config(placed), config.max_adapters, config.max_lora_rank)
         self.scheduler = Scheduler(self.allocator, policy=config.batching, max_batch=config.max_batch,
                                    max_tokens_per_step=config.max_tokens_per_step,
                                    chunked_prefill=config.chunked_prefill,
@@ -256,6 +255,7 @@ class Engine:
             plan = self.scheduler.schedule()
             self.meter.scheduled(len(plan.preempted), len(self.scheduler.running))
             finished += plan.finished
+            self._load_adapters()
             if plan.copies:
                 self.runner.copy_pages(plan.copies)
                 if self.drafter:
@@ -268,6 +268,15 @@ class Engine:
         self.meter.stepped(sum(s.num_computed for s in self.scheduler.running),
                            time.perf_counter() - start - device_s)
         return finished
+
+    def _load_adapters(self) -> None:
+        """Write the adapters the scheduler gave slots to into those slots, before the step uses them."""
+        loads = self.adapters.take_loads()
+        if loads:
+            start = time.perf_counter()
+            for slot, adapter in loads:
+                self.runner.load_adapter(slot, adapter)
+            self.adapters.loaded(time.perf_counter() - start)
 
     def _run(self, plan: StepPlan) -> list[Sequence]:
         """Execute a plan and apply its output (a decode call under overlap is left in flight)."""

@@ -1,28 +1,29 @@
 """The engine's adapter registry: a host store of adapters by name, the model runner's S device slots,
 least-recently-used swapping, and a reference count per slot of the running sequences that use it.
 
-Plain host-side Python. The scheduler calls `acquire(seq)` as it admits a sequence and
-`release(seq)` as the sequence stops running (finished, aborted or preempted). Acquiring an adapter
-that is not in a slot loads it into one, between steps: an empty slot if there is one, else the
+Plain host-side Python that touches no device. The scheduler calls `acquire(seq)` as it admits a
+sequence and `release(seq)` as the sequence stops running (finished, aborted or preempted).
+Acquiring an adapter that is not in a slot assigns it one: an empty slot if there is one, else the
 least recently used slot that no running sequence uses (evicting its adapter, which stays in the
-host store and comes back when asked for). When every slot is in use by running sequences, acquire
-returns False and the sequence waits. Loads, evictions and the time they took are counted in `stats`.
+host store and comes back when asked for), and queues the write; the engine takes the queued
+writes (`take_loads`) and has its runner make them before the step that uses them. When every slot
+is in use by running sequences, acquire returns False and the sequence waits. Loads, evictions and
+the time the writes took (`loaded`) are counted in `stats`.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import time
 
 from jaxinfer.lora.adapter import LoraAdapter, check_fits, load_adapter
 from jaxinfer.models.config import ModelConfig
 
 
 class AdapterRegistry:
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, runner):
-        """runner.load_adapter(slot, adapter) writes a slot on the device."""
-        self.cfg, self.num_slots, self.max_rank, self.runner = cfg, num_slots, max_rank, runner
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int):
+        self.cfg, self.num_slots, self.max_rank = cfg, num_slots, max_rank
+        self._loads: list[tuple[int, LoraAdapter]] = []  # (slot, adapter) writes assigned, not yet made
         self.store: dict[str, LoraAdapter] = {}
         self.salt: dict[str, int] = {}  # a fresh prefix-cache salt per add (a name added again is a new adapter)
         self._adds = 0
@@ -97,15 +98,22 @@ class AdapterRegistry:
             seq.lora_slot = -1
 
     def _load(self, slot: int, name: str) -> None:
-        start = time.perf_counter()
         evicted = self.adapter_in[slot]
         if evicted is not None:
             del self.slot_of[evicted]
             self.stats["lora_evictions"] += 1
-        self.runner.load_adapter(slot, self.store[name])
+        self._loads.append((slot, self.store[name]))
         self.adapter_in[slot], self.slot_of[name] = name, slot
         self.stats["lora_loads"] += 1
-        self.stats["lora_swap_s"] += time.perf_counter() - start
+
+    def take_loads(self) -> list[tuple[int, LoraAdapter]]:
+        """The slot writes acquire assigned since the last call, in order, to be made before the next step."""
+        loads, self._loads = self._loads, []
+        return loads
+
+    def loaded(self, seconds: float) -> None:
+        """The queued writes were made on the device, taking this long."""
+        self.stats["lora_swap_s"] += seconds
 
     def metrics(self) -> dict[str, float]:
         return {"lora_loads": float(self.stats["lora_loads"]), "lora_evictions": float(self.stats["lora_evictions"]),
