@@ -244,7 +244,7 @@ def test_shipped_drafters_reach_their_recorded_acceptance(tiny, method):
 
 SMALL_CFG = ji.ModelConfig(vocab_size=8, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                            num_kv_heads=2, head_dim=8, max_position_embeddings=32)
-DIST_N, DIST_PROMPT, DIST_TOKENS = 1000, [1, 2, 3], 4
+DIST_N, DIST_PROMPT, DIST_TOKENS = 300, [1, 2, 3], 4  # equality, not statistics: a few hundred do
 DIST_SAMPLING = [ji.SamplingParams(max_tokens=DIST_TOKENS, temperature=0.9, top_p=0.95, seed=i) for i in range(DIST_N)]
 DIST_CONFIG = ji.EngineConfig(max_batch=256, page_size=8, max_tokens_per_step=1024)
 
@@ -283,13 +283,13 @@ def sample_speculatively(small_pair, method: str) -> tuple[list[list[int]], dict
                                     pytest.param("eagle", marks=pytest.mark.slow),
                                     pytest.param("eagle_tree", marks=pytest.mark.slow)])
 def test_sampling_draws_the_plain_engines_tokens(small_pair, plain_samples, method):
-    """A thousand sampled completions (temperature and top-p) with and without a drafter that
+    """Three hundred sampled completions (temperature and top-p) with and without a drafter that
     disagrees with the target: every completion is token for token the plain engine's at every
     position (the rule keeps exactly the target's draws), while drafts are accepted and rejected
     both. The fast tier runs the draft model; the slow one Medusa, EAGLE's chain and its tree too.
     test_the_engine_level_test_rejects_a_biased_rule: this test can fail."""
     drafted, m = sample_speculatively(small_pair, method)
-    assert m["spec_accepted"] > 100 and m["spec_accepted"] < m["spec_drafted"], m
+    assert m["spec_accepted"] > 30 and m["spec_accepted"] < m["spec_drafted"], m
     assert drafted == plain_samples
 
 
@@ -313,7 +313,7 @@ def test_the_engine_level_test_rejects_a_biased_rule(small_pair, plain_samples, 
     finally:
         programs.verify.clear_cache()
     assert m["spec_accepted"] == m["spec_drafted"]
-    assert sum(d != p for d, p in zip(drafted, plain_samples)) > 100
+    assert sum(d != p for d, p in zip(drafted, plain_samples)) > 30
 
 
 @pytest.fixture(scope="module")
