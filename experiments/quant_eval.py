@@ -173,7 +173,9 @@ def check_flags() -> None:
     """Refuse bad flags before any model loads: scheme names, counts and ranges."""
     if not FLAGS.schemes:
         raise ValueError("--schemes is empty: name at least the reference (dense)")
-    for name in FLAGS.schemes:
+    if not 0.0 <= FLAGS.smooth_alpha <= 1.0:
+        raise ValueError(f"--smooth_alpha={FLAGS.smooth_alpha} must be in [0, 1]")
+    for name in FLAGS.schemes:  # after --smooth_alpha: a smooth name without an alpha takes the flag's
         try:
             resolve(name)
         except ValueError as e:
@@ -183,8 +185,6 @@ def check_flags() -> None:
             raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1")
     if FLAGS.decode_tokens < 0 or FLAGS.outlier < 0:
         raise ValueError(f"--decode_tokens={FLAGS.decode_tokens} and --outlier={FLAGS.outlier:g} must be >= 0")
-    if not 0.0 <= FLAGS.smooth_alpha <= 1.0:
-        raise ValueError(f"--smooth_alpha={FLAGS.smooth_alpha} must be in [0, 1]")
 
 
 def main(argv):

@@ -120,7 +120,8 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
         repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False, description="Divides positive, "
                                                  "multiplies negative logits of tokens in the prompt or output "
                                                  "(vLLM's; 1: none).")
-        logit_bias: Annotated[dict[str, Bias], Field(max_length=vocab_size)] | None = Field(
+        logit_bias: Annotated[dict[str, Bias], Field(max_length=vocab_size, json_schema_extra={
+            "propertyNames": {"pattern": "^[0-9]+$"}})] | None = Field(  # ids past the vocabulary: the validator
             None, description="{token id (a string): bias in [-100, 100]} added to the logits.")
         min_tokens: int | None = Field(None, ge=0, le=max_seq_len, description="Tokens generated before "
                                        "end-of-sequence, stop tokens and stop strings may end the output (vLLM's).")
