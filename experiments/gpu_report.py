@@ -6,7 +6,9 @@ computed from the runs that measure them: so a lent session spends its minutes m
 
 Every file is an experiment's record ({config, env, metrics} and optional `results` rows) or
 bench_kernels' ({device, jax_version, date, results}); each becomes a section: where and how it ran,
-its flat metrics, and its rows.
+its flat metrics, and its rows. The script's steps.tsv becomes the steps table (exit status and
+seconds of each step, a failed one marked) and says whether the run was a rehearsal on the CPU,
+which the page's title then says.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _fmt(v) -> str:
 
 
 def _env(record: dict) -> dict:
-    env = record.get("env") or record
+    env = record.get("env") or record.get("environment") or record
     return {k: env.get(k, "?") for k in ("device", "jax_version", "date", "command")}
 
 
@@ -74,6 +76,23 @@ def targets(records: dict[str, dict]) -> list[str]:
     return lines + [""] if len(lines) > 4 else []
 
 
+def steps(path: str) -> tuple[str, list[str]]:
+    """The script's steps.tsv ("# mode\t<device|rehearsal>", then step, limit_s, exit, seconds, json
+    rows) -> (mode, a table of the steps with a failed one marked)."""
+    with open(path) as f:
+        lines = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    mode = lines[0][1] if lines and lines[0][0] == "# mode" else "device"
+    rows = [r for r in lines if r[0] not in ("# mode", "step") and len(r) >= 4]
+    out = ["## Steps", "", "| step | limit (s) | exit | seconds |", "| --- | ---: | ---: | ---: |"]
+    for name, limit, rc, seconds, *_ in rows:
+        note = "" if rc == "0" else " (over its limit)" if rc == "124" else " (failed)"
+        out.append(f"| {'tests' if name == '-' else name} | {limit} | {rc}{note} | {seconds} |")
+    failed = sum(r[2] != "0" for r in rows)
+    total = sum(int(r[3]) for r in rows if r[3].isdigit())
+    out += ["", f"{len(rows)} steps, {failed} failed, {total} s in all.", ""]
+    return mode, out
+
+
 def main(argv):
     del argv
     if not (FLAGS.dir and os.path.isdir(FLAGS.dir)):
@@ -89,9 +108,18 @@ def main(argv):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from e
     device = _env(next(iter(records.values())))["device"]
-    lines = [f"# GPU session on {device}", "", f"From {len(records)} files in {FLAGS.dir} "
-             "(benchmarks/gpu_session.sh), by `python -m jaxinfer.experiments.gpu_report`.", ""]
-    lines += targets(records)
+    tsv = os.path.join(FLAGS.dir, "steps.tsv")
+    mode, step_lines = steps(tsv) if os.path.exists(tsv) else ("device", [])
+    if mode == "rehearsal":
+        lines = [f"# GPU session rehearsal on {device}", "",
+                 ("A rehearsal (`REHEARSE=1 bash benchmarks/gpu_session.sh`): the session's steps on the CPU, the "
+                  "kernels interpreted, a small shape for the 8B model. It shows that every step runs and writes its "
+                  "JSON; its figures are not measurements."), ""]
+    else:
+        lines = [f"# GPU session on {device}", ""]
+    lines += [(f"From {len(records)} files in {FLAGS.dir} (benchmarks/gpu_session.sh), by "
+               "`python -m jaxinfer.experiments.gpu_report`."), ""]
+    lines += step_lines + targets(records)
     for name, record in records.items():
         lines += section(name, record, FLAGS.max_columns)
     text = "\n".join(lines)

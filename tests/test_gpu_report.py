@@ -44,3 +44,23 @@ def test_bad_folder_is_refused(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):
         run_main(gpu_report, f"--dir={tmp_path}")
+
+
+def test_steps_table_and_rehearsal_mark(tmp_path):
+    """steps.tsv (the script's own log) becomes the steps table with failures marked; a rehearsal's
+    page says in its title and first line that its figures are not measurements."""
+    (tmp_path / "kernels.json").write_text(json.dumps({"device": "cpu", "jax_version": "0.10.2", "date": "2026-12-05",
+                                                       "command": "bench_kernels --quick", "results": []}))
+    (tmp_path / "steps.tsv").write_text("# mode\trehearsal\nstep\tlimit_s\texit\tseconds\tjson\n"
+                                        "-\t31\t0\t20\t-\nkernels\t40\t0\t12\tkernels.json\n"
+                                        "lora_64\t27\t124\t27\tlora_64.json\nsampler\t6\t1\t3\tsampler.json\n")
+    out = tmp_path / "report.md"
+    run_main(gpu_report, f"--dir={tmp_path}", f"--out={out}")
+    text = out.read_text()
+    assert text.startswith("# GPU session rehearsal on cpu\n") and "its figures are not measurements" in text
+    assert "| tests | 31 | 0 | 20 |" in text and "| kernels | 40 | 0 | 12 |" in text
+    assert "| lora_64 | 27 | 124 (over its limit) | 27 |" in text and "| sampler | 6 | 1 (failed) | 3 |" in text
+    assert "4 steps, 2 failed, 62 s in all." in text
+    (tmp_path / "steps.tsv").write_text("# mode\tdevice\nstep\tlimit_s\texit\tseconds\tjson\nkernels\t90\t0\t50\tk\n")
+    run_main(gpu_report, f"--dir={tmp_path}", f"--out={out}")
+    assert out.read_text().startswith("# GPU session on cpu\n") and "not measurements" not in out.read_text()

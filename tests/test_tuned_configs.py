@@ -172,3 +172,27 @@ def test_the_footprints_by_hand():
     (uint8) rows 1 KiB + 512 B: 3 * 13,824 = 41,472 B."""
     assert decode_footprint(pa.BlockSizes(4, 8, 4, 2), 8, 128, 16, "bfloat16", "int8") == 37_888
     assert quant_footprint(qm.BlockSizes(16, 128, 64, 1, 4, 3), 4, "bfloat16", 32, False) == 41_472
+
+
+@pytest.mark.parametrize("card,auto_runs", [((8, 0), "xla"), ((8, 6), "xla"), ((8, 9), "pallas"), ((9, 0), "pallas")])
+def test_fp8_kv_pages_on_a_card_without_fp8(monkeypatch, card, auto_runs):
+    """Triton reads float8_e4m3fn pages from sm_89 on: before it, attention="auto" over an fp8 cache
+    falls back to the XLA path and attention="pallas" is refused when the engine is configured (not
+    inside the first step's trace); int8 pages and bf16 caches keep the kernels on every card."""
+    import jax
+
+    import jaxinfer as ji
+    from jaxinfer.models.decoder import Impl
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr("pallas_kernels.common.capability", lambda: card)
+    assert ji.EngineConfig(attention="auto", kv_dtype="fp8").attention == auto_runs
+    assert Impl(attention="auto", kv_dtype="fp8").attention == auto_runs
+    assert ji.EngineConfig(attention="auto", kv_dtype="int8").attention == "pallas"
+    assert ji.EngineConfig(attention="auto").attention == "pallas"
+    if auto_runs == "pallas":
+        assert ji.EngineConfig(attention="pallas", kv_dtype="fp8").attention == "pallas"
+    else:
+        with pytest.raises(ValueError, match=r"kv_dtype='fp8' with attention='pallas' needs a GPU of compute "
+                                             r"capability >= 8.9"):
+            ji.EngineConfig(attention="pallas", kv_dtype="fp8")

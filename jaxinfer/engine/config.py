@@ -12,7 +12,7 @@ from jaxinfer import memory
 from jaxinfer.engine.batch import Bucket, Layout
 from jaxinfer.lora import IMPLEMENTATIONS as LORA_IMPLEMENTATIONS
 from jaxinfer.lora import SlotConfig
-from jaxinfer.models.decoder import Impl, auto_impl
+from jaxinfer.models.decoder import Impl, attention_impl_for, auto_impl
 from jaxinfer.models.kv_cache import KV_DTYPES
 from jaxinfer.sampling.params import check_timeout
 from jaxinfer.speculative.config import SpeculativeConfig
@@ -56,11 +56,12 @@ class EngineConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
         lora_auto = self.lora_impl == "auto"
-        for name in ("attention", "matmul", "lora_impl"):
-            object.__setattr__(self, name, auto_impl(getattr(self, name)))
-        Impl(self.attention, self.matmul)  # checks both
         if self.kv_dtype not in (None, *KV_DTYPES):
             raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
+        object.__setattr__(self, "attention", attention_impl_for(self.attention, self.kv_dtype))
+        for name in ("matmul", "lora_impl"):
+            object.__setattr__(self, name, auto_impl(getattr(self, name)))
+        Impl(self.attention, self.matmul)  # checks both
         for name in ("page_size", "max_batch", "max_tokens_per_step", "decode_steps", "num_pages", "kv_budget_tokens",
                      "kv_budget_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -44,6 +44,7 @@ from jaxinfer.models.family import rms_norm  # noqa: F401  (the Llama-style norm
 from jaxinfer.models.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
 from jaxinfer.models.layers import rope_tables
 from jaxinfer.sharding import parallel_style, use_mesh
+from pallas_kernels.common import fp8_supported
 
 Params = dict[str, Any]
 
@@ -87,6 +88,20 @@ def auto_impl(name: str) -> str:
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def attention_impl_for(name: str, kv_dtype: str | None) -> str:
+    """The attention implementation that runs for `name` over a KV cache of kv_dtype: "auto"
+    resolved (auto_impl), except that Triton reads float8_e4m3fn only from sm_89 (Ada, Hopper) on,
+    so fp8 pages on an older GPU fall back to the XLA path under "auto" and are refused under
+    "pallas" (a clear error at construction, not inside the first step's trace)."""
+    impl = auto_impl(name)
+    if kv_dtype != "fp8" or impl != "pallas" or jax.default_backend() != "gpu" or fp8_supported():
+        return impl
+    if name != "auto":
+        raise ValueError("kv_dtype='fp8' with attention='pallas' needs a GPU of compute capability >= 8.9 (Ada, "
+                         "Hopper): use kv_dtype='int8', or attention='auto' or 'xla' (the XLA path reads fp8 pages)")
+    return "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """How each op runs (a static jit argument): attention and matmul "xla" (the reference),
@@ -98,10 +113,11 @@ class Impl:
     kv_dtype: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "attention", auto_impl(self.attention))
-        object.__setattr__(self, "matmul", auto_impl(self.matmul))
         if self.kv_dtype not in (None, *KV_DTYPES):
             raise ValueError(f"kv_dtype={self.kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
+        attention_impl = attention_impl_for(self.attention, self.kv_dtype)
+        object.__setattr__(self, "attention", attention_impl)
+        object.__setattr__(self, "matmul", auto_impl(self.matmul))
         if self.attention not in attention.IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} is not one of {tuple(attention.IMPLEMENTATIONS)}")
         if self.matmul not in matmul.IMPLEMENTATIONS:
