@@ -64,3 +64,17 @@ def test_steps_table_and_rehearsal_mark(tmp_path):
     (tmp_path / "steps.tsv").write_text("# mode\tdevice\nstep\tlimit_s\texit\tseconds\tjson\nkernels\t90\t0\t50\tk\n")
     run_main(gpu_report, f"--dir={tmp_path}", f"--out={out}")
     assert out.read_text().startswith("# GPU session on cpu\n") and "not measurements" not in out.read_text()
+
+
+def test_ratio_targets_read_metrics_and_rows(tmp_path):
+    """A figure that is already a ratio: from flat metrics (spec_decode) or the first row (lora_batching)."""
+    (tmp_path / "spec_synthetic.json").write_text(json.dumps(
+        _record("spec_decode --methods=synthetic", {"synthetic/k=5/T=0/b=1/speedup": 2.75})))
+    (tmp_path / "lora_64.json").write_text(json.dumps({"environment": _record("lora_batching", {})["env"],
+                                                        "results": [{"adapters": 64, "ratio": 0.83}]}))
+    out = tmp_path / "report.md"
+    run_main(gpu_report, f"--dir={tmp_path}", f"--out={out}")
+    text = out.read_text()
+    assert "| speculative (synthetic, acceptance 0.8, k=5) / plain decode, TPOT speed-up | 2.75x | >= 2.5x |" in text
+    assert "| 64 distinct LoRA adapters r16, batch 64 / base model, throughput | 0.83x | >= 0.8x |" in text
+    assert "## lora_64\n\nNVIDIA H100 80GB HBM3, jax 0.11.2, 2026-11-27" in text  # its `environment` read
