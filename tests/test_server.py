@@ -176,7 +176,8 @@ BAD = [
     ("completions", {"model": "tiny", "prompt": "x" * 600}, "prompt", "601 tokens"),  # over the context: tokens
     ("completions", {"model": "tiny", "prompt": "x" * 5000}, "prompt", "5000 characters"),  # refused untokenised
     ("completions", {"model": "tiny", "prompt": [5] * 513}, "prompt", "513 token ids, over the limit of 512"),
-    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens", "needs echo: true"),
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
     ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 600}, "max_tokens", "512"),
     ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 100000000}, "max_tokens", "512"),
     ("completions", {"model": "tiny", "prompt": "x", "max_tokens": "8"}, "max_tokens", "'8'"),
@@ -194,7 +195,7 @@ BAD = [
     ("completions", {"model": "tiny", "prompt": "x", "seed": -1}, "seed", "-1"),
     ("completions", {"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
     ("completions", {"model": "tiny", "prompt": "x", "logprobs": True}, "logprobs", "True"),
-    ("completions", {"model": "tiny", "prompt": "x", "echo": True}, "echo", "not supported"),
+    ("chat/completions", {**CHAT, "echo": True}, "echo", "not supported by /v1/chat/completions"),
     ("completions", {"model": "tiny", "prompt": "x", "frobnicate": 1}, "frobnicate", "not a field"),
     ("completions", {"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, "response_format",
      "not supported"),

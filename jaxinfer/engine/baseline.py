@@ -63,7 +63,8 @@ def generate(
     if any(s.n > 1 for s in params_list):
         raise ValueError("n > 1 (parallel sampling) is served by ji.Engine, not the baseline generate")
     for i, s in enumerate(params_list):
-        asked = [p.name for p in processors.asked(s)] + (["logprobs"] if s.logprobs is not None else [])
+        asked = [p.name for p in processors.asked(s)] + [name for name in ("logprobs", "prompt_logprobs")
+                                                         if getattr(s, name) is not None]
         if asked:
             raise ValueError(f"sampling[{i}] asks for {', '.join(asked)}: served by ji.Engine, not the baseline "
                              f"generate (plain sampling only)")

@@ -10,7 +10,9 @@ M is the block-table width (pages per sequence). Packing with no sequences gives
 bucket: what warm-up compiles against, so the compiled and the run programs are the same.
 Padding rows are greedy, write no K/V (their slots are past the cache) and read the padding page.
 Each row's sampling parameters (SamplingBatch.from_rows) carry its logits processors' arrays, filled
-from its sequence's tokens, only when some row of the batch asks for a processor.
+from its sequence's tokens, only when some row of the batch asks for a processor. A mixed step
+whose prompt chunks hold tokens whose log-probabilities a request asks for (prompt_logprobs)
+carries their targets (PromptTargets); any other step carries None and runs the plain program.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from flax import struct
 from jaxinfer.buckets import MIN_CHUNK, min_pages, next_power_of_2, pages_bucket, powers_of_2
 from jaxinfer.models.kv_cache import BatchDescriptor
 from jaxinfer.sampling.processors import Vocab
-from jaxinfer.sampling.sampler import SamplingBatch
+from jaxinfer.sampling.sampler import SamplingBatch, top_bucket
 
 
 class StepBucket(NamedTuple):
@@ -52,17 +54,30 @@ Bucket = StepBucket | DecodeBucket | VerifyBucket
 
 
 @struct.dataclass
+class PromptTargets:
+    """The prompt log-probabilities a mixed step computes, for its Rp prompt chunks of C tokens.
+      targets  (Rp, C) int32  the prompt token that each chunk token's logits predict (the next
+                              one), -1 where no request asks for its log-probability
+      top_n    (static)       alternatives per token (a bucket of the rows' asks)"""
+
+    targets: jax.Array
+    top_n: int = struct.field(pytree_node=False, default=0)
+
+
+@struct.dataclass
 class MixedInputs:
     """A mixed step's inputs: N = Rd + Rp * C tokens, R = Rd + Rp logits rows.
       tokens    (N,) int32        the step's tokens, laid out as `batch` says
       batch     BatchDescriptor   positions, slots, block tables, adapter ids
       sampling  SamplingBatch     (R,) each logits row's sampling parameters
-      steps     (R,) int32        each row's generated-token index (its PRNG key's step)"""
+      steps     (R,) int32        each row's generated-token index (its PRNG key's step)
+      prompt    PromptTargets     the prompt log-probabilities asked for, or None (the plain program)"""
 
     tokens: jax.Array
     batch: BatchDescriptor
     sampling: SamplingBatch
     steps: jax.Array
+    prompt: PromptTargets | None = None
 
 
 @struct.dataclass
@@ -165,7 +180,20 @@ class Layout:
         rows += [None] * (Rd + Rp - len(rows))
         sampling = SamplingBatch.from_rows(rows, vocab=self.vocab)
         steps = np.asarray([len(s.generated) if s else 0 for s in rows], np.int32)
-        return MixedInputs(tokens, batch, sampling, steps)
+        return MixedInputs(tokens, batch, sampling, steps, self._prompt_targets(bucket, prefill))
+
+    @staticmethod
+    def _prompt_targets(bucket: StepBucket, prefill: list[tuple]) -> PromptTargets | None:
+        """The targets of the prompt log-probabilities that the chunks' logits give, or None when
+        no chunk holds a token whose log-probability is asked for."""
+        wanted = [(j, s, s.prompt_targets(n)) for j, (s, n) in enumerate(prefill)]
+        wanted = [(j, s, t) for j, s, t in wanted if t is not None]
+        if not wanted:
+            return None
+        targets = np.full((bucket.prefill_rows, bucket.chunk), -1, np.int32)
+        for j, _, t in wanted:
+            targets[j, : len(t)] = t
+        return PromptTargets(targets, top_bucket([s.sampling.prompt_logprobs for _, s, _ in wanted]))
 
     def decode(self, bucket: DecodeBucket, seqs: list = (), wanted: list[int] = (),
                ahead: list[int] = ()) -> DecodeInputs:

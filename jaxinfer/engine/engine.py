@@ -25,6 +25,8 @@ written against):
   stream(prompt)  a generator of one request's outputs, each time it has new tokens, the last one
                   finished; closing it early aborts the request
   abort(id)       end a request now ("aborted"); its pages come back at once
+Scoring (lm-eval's loglikelihood verbs, jaxinfer/engine/scoring.py): score(contexts, continuations),
+score_rolling(texts), over requests with prompt log-probabilities (SamplingParams.prompt_logprobs).
 A request past its deadline (SamplingParams.timeout_s, or EngineConfig.request_timeout_s) ends
 with "timeout" at the start of the next step, its tokens so far kept. A request whose logits turn
 NaN or infinite ends with "error" (the sampler flags the row on the device, in the token array
@@ -39,6 +41,7 @@ from collections.abc import Iterator
 from typing import Sequence as Seq
 
 from jaxinfer import sharding
+from jaxinfer.engine import scoring
 from jaxinfer.engine.batch import Layout
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.kv_manager import PageAllocator
@@ -120,20 +123,29 @@ class Engine:
         self.adapters.remove(name, users=users)
 
     def add_request(self, prompt: str | Seq[int], sampling: SamplingParams | None = None, seed: int | None = None,
-                    adapter: str | None = None) -> int:
+                    adapter: str | None = None, prompt_logprobs_from: int = 1) -> int:
         """Queue a request (under an added LoRA adapter, or the base model) and return its id. Bad
-        input raises ValueError; the engine is unchanged."""
+        input raises ValueError; the engine is unchanged. With sampling.prompt_logprobs, the prompt
+        tokens from position `prompt_logprobs_from` on get their log-probabilities (the default, 1:
+        every token but the first); the pages of the prefix cache that hold tokens before the one
+        preceding it are shared (a request that asks for the whole prompt's computes it all)."""
         sampling = SamplingParams() if sampling is None else sampling
         self.adapters.check(adapter)
         ids = check_request(self.model, prompt, sampling, self.max_seq_len, self.allocator.num_pages,
                             self.allocator.page_size, speculative=self.config.speculative is not None)
+        if prompt_logprobs_from != 1 and (sampling.prompt_logprobs is None or isinstance(prompt_logprobs_from, bool)
+                                          or not isinstance(prompt_logprobs_from, int)
+                                          or not 1 <= prompt_logprobs_from <= len(ids)):
+            raise ValueError(f"prompt_logprobs_from must be an integer in [1, {len(ids)}] (the prompt's length) and "
+                             f"needs sampling.prompt_logprobs, got {prompt_logprobs_from!r}")
         rid, self._next_id = self._next_id, self._next_id + 1
         seed = sampling.seed if sampling.seed is not None else (rid if seed is None else seed)
         now = time.perf_counter()
         # A sequence stops at max_tokens or at the end of the context (no position left for its next token).
         stop = self.rules.checker(sampling, self.max_seq_len + 1 - len(ids))
         seq = Sequence(rid, 0, list(ids), len(ids), sampling, seed, now, stop=stop, adapter=adapter,
-                       cache_salt=self.adapters.salt.get(adapter, 0))
+                       cache_salt=self.adapters.salt.get(adapter, 0), prompt_logprobs_from=prompt_logprobs_from,
+                       prompt_logprobs=None if sampling.prompt_logprobs is None else [None] * len(ids))
         timeout = sampling.timeout_s if sampling.timeout_s is not None else self.config.request_timeout_s
         self.requests.add(Request(rid, list(ids), sampling, [seq]), None if timeout is None else now + timeout)
         self.scheduler.add(seq)
@@ -202,6 +214,17 @@ class Engine:
         self.last_run = {"wall_s": wall, "generated_tokens": generated,
                          "throughput_tok_s": generated / wall if wall else 0.0}
         return outs
+
+    def score(self, contexts: Seq[str | Seq[int]], continuations: Seq[str | Seq[int]]) -> list[scoring.Score]:
+        """Per (context, continuation) pair: Score(logprob, greedy), the sum of the continuation
+        tokens' log-probabilities and whether each is the most likely one (lm-eval's loglikelihood;
+        jaxinfer/engine/scoring.py). Pairs that share a context share its pages (the prefix cache)."""
+        return scoring.score(self, contexts, continuations)
+
+    def score_rolling(self, texts: Seq[str | Seq[int]], max_length: int | None = None) -> list[float]:
+        """Per text: the sum of every token's log-probability, over lm-eval's rolling windows of
+        max_length tokens (loglikelihood_rolling; default max_seq_len - 1)."""
+        return scoring.score_rolling(self, texts, max_length)
 
     def warmup(self, max_prompt_len: int | None = None, max_len: int | None = None) -> int:
         """Compile every program this config can run, for prompts up to max_prompt_len tokens and

@@ -155,10 +155,11 @@ class KVManager:
         return max(0, -(-(seq.num_computed + num_tokens) // self.page_size) - len(seq.pages))
 
     def admit(self, seq) -> None:
-        """Give a newly (re)admitted sequence the cached pages of its longest cached prefix. The last
-        token is never taken from the cache: its logits are needed."""
+        """Give a newly (re)admitted sequence the cached pages of its longest cached prefix among its
+        `cacheable` leading tokens (never the last: its logits are needed; nor those whose logits
+        give prompt log-probabilities still to compute)."""
         page = self.page_size
-        seq.hashes = PageAllocator.page_hashes(seq.tokens[: len(seq.tokens) - 1], page, seq.cache_salt)
+        seq.hashes = PageAllocator.page_hashes(seq.tokens[: seq.cacheable], page, seq.cache_salt)
         seq.pages = self.allocator.lookup(seq.hashes)
         seq.num_computed = len(seq.pages) * page
         seq.num_registered = len(seq.pages)

@@ -3,8 +3,8 @@
 RequestTable remembers requests by id (their sequences, n samples each, and deadlines) and renders
 the outputs a step hands back: the requests that finished, and those that got tokens and run on
 (for step() callers and streams). SequenceEvents is the step contract's one update
-(jaxinfer/engine/step.py): `apply` takes a step output and, row by row, advances each sequence over
-its computed tokens and appends its sampled ones (finishing it at a stop, failing it on non-finite
+(jaxinfer/engine/step.py): `apply` takes a step output and, row by row, records the prompt
+log-probabilities it brings, advances each sequence over its computed tokens and appends its sampled ones (finishing it at a stop, failing it on non-finite
 logits), forks a request's other samples once its prompt is in the cache, and gives back pages
 reserved past a sequence's end; `end` and `expire` finish requests (aborted, timed out).
 """
@@ -129,6 +129,9 @@ class SequenceEvents:
             seq = row.seq
             if seq.status is not Status.RUNNING:
                 continue
+            for position, logprob in row.prompt_logprobs:
+                seq.prompt_logprobs[position] = logprob
+                seq.prompt_logprobs_from = max(seq.prompt_logprobs_from, position + 1)
             lead = row.computed - len(row.tokens)
             if lead:
                 self.scheduler.advance(seq, lead)

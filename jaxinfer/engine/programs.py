@@ -4,7 +4,8 @@
   multi_decode  k decode steps in one program, each sampled token fed to the next step
   verify        one pass over each row's token and its drafts, then the acceptance rule
   sample_rows   more samples from rows of a step's logits (the other samples of n > 1 sampling)
-Sampled tokens come back as jaxinfer.sampling.Sampled (tokens, and log-probabilities when asked).
+Sampled tokens come back as jaxinfer.sampling.Sampled (tokens, and log-probabilities when asked);
+a mixed step whose inputs ask for prompt log-probabilities returns them too.
   newest        each row's newest token of a multi-step call (the next call's input, on device)
   copy_features, clear_pages   copy-on-write of the feature cache; zeroing pages a failed row wrote
 Inputs are the named structures of jaxinfer/engine/batch.py. Every program counts its traces in
@@ -21,10 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer import lora as lora_lib
-from jaxinfer.engine.batch import DecodeInputs, MixedInputs, VerifyInputs
+from jaxinfer.engine.batch import DecodeInputs, MixedInputs, PromptTargets, VerifyInputs
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.kv_cache import BatchDescriptor, copy_slots
-from jaxinfer.sampling.sampler import NONFINITE, sample_checked
+from jaxinfer.sampling.sampler import NONFINITE, TokenLogprobs, sample_checked, target_logprobs
 from jaxinfer.speculative import tree as tree_lib
 from jaxinfer.speculative.accept import accept, accept_synthetic, accept_tree
 from pallas_kernels.common import pack_tree_mask
@@ -55,16 +56,35 @@ def _with_adapters(params, lora, lora_batch, impl, lora_impl):
 def mixed_step(params, cfg, x: MixedInputs, cache, features, lora=None, *, impl, lora_impl="xla", feature_layers=()):
     """-> a token sampled from each of the R logits rows at x.batch.logits_at (Sampled: NONFINITE
     where its logits are not finite; log-probabilities when x.sampling asks), their logits (R, V)
-    and hidden states (R, D), the cache and the feature cache (None: none kept; feature_layers: the
-    layers whose inputs it keeps too). lora: the adapter slots (jaxinfer.lora.LoraWeights) or None."""
-    TRACE_COUNTS["step"] += 1
+    and hidden states (R, D), the cache, the feature cache (None: none kept; feature_layers: the
+    layers whose inputs it keeps too) and, when x.prompt asks, the prompt log-probabilities of the
+    prompt chunks' tokens (TokenLogprobs of shapes (Rp, C), (Rp, C, top_n); else None). lora: the
+    adapter slots (jaxinfer.lora.LoraWeights) or None. A step without x.prompt traces the program
+    it traced before prompt log-probabilities existed (counted as "step"; the others as "prompt_step")."""
+    TRACE_COUNTS["step" if x.prompt is None else "prompt_step"] += 1
     batch = x.batch
     params, project = _with_adapters(params, lora, lora_lib.LoraBatch.from_descriptor(batch), impl, lora_impl)
-    out = model_lib.forward_paged(params, cfg, x.tokens, cache, batch, impl=impl, all_hidden=features is not None,
+    all_hidden = features is not None or x.prompt is not None
+    out = model_lib.forward_paged(params, cfg, x.tokens, cache, batch, impl=impl, all_hidden=all_hidden,
                                   project=project, aux_layers=feature_layers)
-    hidden = out.hidden if features is None else out.hidden[batch.logits_at]
+    hidden = out.hidden[batch.logits_at] if all_hidden else out.hidden
+    prompt = None if x.prompt is None else _prompt_logprobs(params, cfg, out.hidden, x.prompt)
     return (sample_checked(out.logits, x.sampling, x.steps), out.logits, hidden, out.cache,
-            _store(features, batch, out))
+            _store(features, batch, out), prompt)
+
+
+def _prompt_logprobs(params, cfg, hidden, prompt: PromptTargets) -> TokenLogprobs:
+    """The raw log-probabilities of the prompt chunks' targets (Rp, C) from the final-norm hidden
+    states of every token of the step (N, D), the chunks last: one chunk's logits (C, V) at a time,
+    so the step holds no (Rp * C, V) array."""
+    Rp, C = prompt.targets.shape
+    chunks = hidden[hidden.shape[0] - Rp * C :].reshape(Rp, C, -1)  # (Rp, C, D)
+
+    def one(xs):
+        h, targets = xs
+        return target_logprobs(model_lib.lm_head(params, cfg, h), targets, prompt.top_n)
+
+    return jax.lax.map(one, (chunks, prompt.targets))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "synthetic", "lora_impl", "feature_layers"),

@@ -51,6 +51,9 @@ class RequestOutput:
     finished: bool = True
     samples: list[RequestOutput] = dataclasses.field(default_factory=list)  # all n samples when n > 1
     logprobs: list[Logprob] | None = None  # one per generated token, when SamplingParams.logprobs asked
+    # one per prompt token, when SamplingParams.prompt_logprobs asked: None for the first (nothing predicts it) and
+    # for those before the request's prompt_logprobs_from (Engine.add_request), a Logprob for each other
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 def prepare_prompts(model, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -156,7 +159,8 @@ def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | 
     text = rules.completion_text(seq.sampling, seq.generated) if finished else seq.stop.stream_text(seq.generated)
     return RequestOutput(prompt, seq.generated, text, seq.finish_reason, metrics, error=seq.error,
                          request_id=request_id, finished=finished,
-                         logprobs=list(seq.logprobs) if seq.sampling.logprobs is not None else None)
+                         logprobs=list(seq.logprobs) if seq.sampling.logprobs is not None else None,
+                         prompt_logprobs=None if seq.prompt_logprobs is None else list(seq.prompt_logprobs))
 
 
 class StopRules:

@@ -52,7 +52,7 @@ from jaxinfer.engine.step import RowOutput, StepOutput, StepPlan
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.kv_cache import PagedKVCache, copy_pages
 from jaxinfer.sampling.processors import Row, Vocab
-from jaxinfer.sampling.sampler import NONFINITE, Sampled, SamplingBatch, host_logprobs
+from jaxinfer.sampling.sampler import NONFINITE, Sampled, SamplingBatch, TokenLogprobs, host_logprob, host_logprobs
 
 TRACE_COUNTS = programs.TRACE_COUNTS  # how many times each jitted program was traced (= compiled)
 
@@ -67,6 +67,8 @@ class Dispatched:
     extra: Sampled | None = None  # mixed: the forked samples' tokens
     accepted: jax.Array | None = None  # verify: (R,)
     rows: list[int] = dataclasses.field(default_factory=list)  # mixed: each prefill row's logits row
+    prompt: TokenLogprobs | None = None  # mixed: the prompt chunks' log-probabilities (Rp, C), when asked
+    prompt_from: list[int] = dataclasses.field(default_factory=list)  # mixed: each chunk's first token's position
 
     @property
     def tokens(self) -> jax.Array:
@@ -166,10 +168,11 @@ class ModelRunner:
                                for i, (s, w) in enumerate(zip(plan.decode, plan.num_steps))])
         sampled = out.tokens
         extra = None if pending.extra is None else self._read_tree(pending.extra)
+        prompt = None if pending.prompt is None else self._read_tree(pending.prompt)
         rows = [RowOutput(s, 1, [int(sampled[i])], logprobs=_logprobs(lp, s, [i]))
                 for i, s in enumerate(plan.decode)]
         used = 0
-        for (s, n), r in zip(plan.prefill, pending.rows):
+        for j, ((s, n), r) in enumerate(zip(plan.prefill, pending.rows)):
             forks = _forks(s, n)
             # A chunk that does not complete its prompt samples nothing, but its logits are checked too:
             # a prompt (or a preempted sequence being recomputed) whose state turned non-finite fails now.
@@ -177,7 +180,8 @@ class ModelRunner:
             mine = range(used, used + forks)
             rows.append(RowOutput(s, n, [int(sampled[r])] if done else [], [int(extra.tokens[j]) for j in mine],
                                   logprobs=_logprobs(lp, s, [r]) if done else [],
-                                  fork_logprobs=_logprobs(extra.logprobs, s, mine) if forks else []))
+                                  fork_logprobs=_logprobs(extra.logprobs, s, mine) if forks else [],
+                                  prompt_logprobs=_prompt_logprobs(prompt, j, s, pending.prompt_from[j], n)))
             used += forks
         return StepOutput(rows)
 
@@ -195,8 +199,8 @@ class ModelRunner:
         self.buckets.add(bucket)
         x = self._put(self.layout.mixed(bucket, plan.decode, plan.prefill))  # one transfer
         self._mark_dispatch()
-        sampled, logits, _, self.cache, self.features = self._run(programs.mixed_step, x, self.cache, self.features,
-                                                                   self.lora, feature_layers=self.feature_layers)
+        sampled, logits, _, self.cache, self.features, prompt = self._run(
+            programs.mixed_step, x, self.cache, self.features, self.lora, feature_layers=self.feature_layers)
         self._last_dispatched = sampled.tokens
         self.stats["decode_tokens"] += len(plan.decode)
         self.stats["prefill_tokens"] += sum(n for _, n in plan.prefill)
@@ -211,7 +215,8 @@ class ModelRunner:
                                           for _, s, i in forks], R, self.layout.vocab)
             with sharding.use_mesh(self.mesh):
                 extra = programs.sample_rows(logits, *self._put((idx, sp, steps)))
-        return Dispatched(plan, sampled, extra=extra, rows=rows)
+        return Dispatched(plan, sampled, extra=extra, rows=rows, prompt=prompt,
+                          prompt_from=[s.num_computed for s, _ in plan.prefill])
 
     def _decode(self, plan: StepPlan) -> Dispatched:
         """Up to k decode steps of each row in one program, not read back."""
@@ -345,6 +350,16 @@ class ModelRunner:
     def _read_tree(self, tree):
         """Every array of a pytree (Sampled, TokenLogprobs, or None) on the host."""
         return jax.tree.map(self._read, tree)
+
+
+def _prompt_logprobs(lp, row: int, seq, start: int, n: int) -> list:
+    """(prompt position, Logprob) of each prompt token whose log-probability seq asks for among
+    those that the logits of its chunk's n tokens from position `start` predict, from host arrays
+    lp (Rp, C) of prompt chunk `row` ([] when the step computed none)."""
+    if lp is None:
+        return []
+    return [(q, host_logprob(lp, (row, q - start - 1), seq.sampling.prompt_logprobs))
+            for q in seq.wanted_prompt(start, n)]
 
 
 def _logprobs(lp, seq, index, row: int | None = None, column: int | None = None) -> list:

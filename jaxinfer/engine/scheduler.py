@@ -68,10 +68,40 @@ class Sequence:
     lora_slot: int = -1  # the device slot holding that adapter while it runs
     cache_salt: int = 0  # starts its prefix-cache hash chain: one per added adapter (its K/V differ), 0 for the base
     logprobs: list = dataclasses.field(default_factory=list)  # per generated token, when sampling.logprobs asks
+    # When sampling.prompt_logprobs asks: one entry per prompt position (None until computed, and at 0), and
+    # the first position whose log-probability is still to compute (positions before it are not wanted or done).
+    prompt_logprobs: list | None = None
+    prompt_logprobs_from: int = 1
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len :]
+
+    @property
+    def cacheable(self) -> int:
+        """Leading tokens whose K/V may come from the prefix cache: all but the last (its logits are
+        needed), and none from the one before the first prompt token whose log-probability is
+        still to compute (its logits are needed too): a request that asks for the whole prompt's
+        log-probabilities computes it all, one that asks from position p shares the pages before p - 1."""
+        if self.prompt_logprobs is not None and self.prompt_logprobs_from < self.prompt_len:
+            return min(len(self.tokens) - 1, self.prompt_logprobs_from - 1)
+        return len(self.tokens) - 1
+
+    def wanted_prompt(self, start: int, n: int) -> range:
+        """The prompt positions whose log-probabilities are still to compute among those that the
+        logits of n tokens from position `start` predict (start + 1 .. start + n)."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        return range(max(start + 1, self.prompt_logprobs_from), min(start + 1 + n, self.prompt_len))
+
+    def prompt_targets(self, n: int) -> list[int] | None:
+        """The token each of the next n tokens' logits predicts where its log-probability is wanted
+        (-1 elsewhere), or None where none of them is."""
+        wanted = self.wanted_prompt(self.num_computed, n)
+        if not wanted:
+            return None
+        first = self.num_computed + 1  # the position the first of them predicts
+        return [-1] * (wanted.start - first) + self.tokens[wanted.start : wanted.stop] + [-1] * (first + n - wanted.stop)
 
     @property
     def num_uncomputed(self) -> int:

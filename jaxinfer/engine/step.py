@@ -8,8 +8,8 @@ several decode steps per row in one program (`num_steps`, with `ahead` tokens st
 a look-ahead call) or drafted tokens to verify (`proposal`). Multi-step decode, overlap and
 speculative verification are these properties of the plan, not separate loops.
 
-A step output holds, per sequence that ran, the tokens whose K/V the step wrote (`computed`) and
-the tokens sampled for it (`tokens`), in order; the update (jaxinfer/engine/lifecycle.py) appends
+A step output holds, per sequence that ran, the tokens whose K/V the step wrote (`computed`), the
+tokens sampled for it (`tokens`), in order, and the prompt log-probabilities its chunk gave; the update (jaxinfer/engine/lifecycle.py) appends
 them one by one, advancing the sequence over its inputs first, and stops at the sequence's end.
 """
 
@@ -59,6 +59,9 @@ class RowOutput:
     # empty when no row of the step asked
     logprobs: list = dataclasses.field(default_factory=list)
     fork_logprobs: list = dataclasses.field(default_factory=list)
+    # (prompt position, Logprob) of each prompt token whose log-probability the request asks for (prompt_logprobs)
+    # among those that the logits of this row's computed tokens predict
+    prompt_logprobs: list = dataclasses.field(default_factory=list)
     release: bool = False  # give back pages reserved past the sequence's next token (rejected drafts)
     appended: int = 0  # set by the update: tokens appended before the sequence ended
 

@@ -57,7 +57,9 @@ class SamplingParams:
     logprobs: None, or N in [0, 20]: each generated token's log-probability and the N most likely
     alternatives; logprobs_mode "raw" (the model's log-softmax, what HF's log_softmax(logits) gives)
     or "processed" (the distribution the token was drawn from: after processing, temperature and
-    the cuts). extra_args: {name: value} for processors registered outside the library
+    the cuts). prompt_logprobs: None, or N in [0, 20]: the log-probability of every prompt token
+    after the first under the model (always the raw log-softmax: no processing applies to the
+    prompt) and its N most likely alternatives. extra_args: {name: value} for processors registered outside the library
     (jaxinfer.sampling.processors.register); a name no processor claims is refused by the engine.
     """
 
@@ -81,6 +83,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     logprobs: int | None = None
     logprobs_mode: str = "raw"
+    prompt_logprobs: int | None = None
     extra_args: Mapping[str, Any] | None = None
 
     def __post_init__(self):
@@ -136,6 +139,10 @@ class SamplingParams:
             object.__setattr__(self, "allowed_token_ids", allowed)
         if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not (_is_int(self.prompt_logprobs)
+                                                     and 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
+                             f"got {self.prompt_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         if self.extra_args is not None:

@@ -78,8 +78,7 @@ class SamplingBatch:
         asks = [p.logprobs for p in params if p.logprobs is not None]
         logprobs = None
         if asks:
-            top_n = min(next_power_of_2(max(asks)), MAX_LOGPROBS) if max(asks) else 0
-            logprobs = LogprobsRequest(np.asarray([p.logprobs_mode == "processed" for p in params]), top_n)
+            logprobs = LogprobsRequest(np.asarray([p.logprobs_mode == "processed" for p in params]), top_bucket(asks))
         return cls(
             temperature=np.asarray([p.temperature for p in params], np.float32),
             top_k=np.asarray([p.top_k for p in params], np.int32),
@@ -105,11 +104,13 @@ class SamplingBatch:
 @dataclasses.dataclass(frozen=True)
 class TokenLogprobs:
     """token (R,) f32: the drawn token's log-probability; top_ids (R, N) int32 and top (R, N) f32:
-    the N most likely tokens and theirs, most likely first."""
+    the N most likely tokens and theirs, most likely first; rank (R,) int32: the token's rank (1:
+    the most likely), computed for prompt tokens only (None otherwise)."""
 
     token: jax.Array
     top_ids: jax.Array
     top: jax.Array
+    rank: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -126,21 +127,26 @@ class Sampled:
 
 @dataclasses.dataclass(frozen=True)
 class Logprob:
-    """One generated token's log-probability, and its request's top alternatives as (token id,
-    log-probability), most likely first (as many as SamplingParams.logprobs asked)."""
+    """One token's log-probability, and its request's top alternatives as (token id,
+    log-probability), most likely first (as many as SamplingParams.logprobs, or prompt_logprobs
+    for a prompt token, asked)."""
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # the token's rank among all (1: the most likely); prompt tokens only
 
 
 def host_logprobs(lp: TokenLogprobs | None, rows, params: Sequence[SamplingParams]) -> list[Logprob | None]:
     """Logprob of rows[i] of host arrays lp for params[i] (None where params[i] did not ask)."""
     if lp is None:
         return [None] * len(params)
-    return [None if p.logprobs is None else
-            Logprob(float(lp.token[r]), tuple(zip(lp.top_ids[r, : p.logprobs].tolist(),
-                                                  lp.top[r, : p.logprobs].tolist())))
-            for r, p in zip(rows, params)]
+    return [None if p.logprobs is None else host_logprob(lp, r, p.logprobs) for r, p in zip(rows, params)]
+
+
+def host_logprob(lp: TokenLogprobs, row, n: int) -> Logprob:
+    """The Logprob of row `row` (an index into lp's leading axes) of host arrays lp, n alternatives."""
+    return Logprob(float(lp.token[row]), tuple(zip(lp.top_ids[row][:n].tolist(), lp.top[row][:n].tolist())),
+                   None if lp.rank is None else int(lp.rank[row]))
 
 
 def row_keys(seed: jax.Array, step: jax.Array) -> jax.Array:
@@ -216,12 +222,32 @@ def _logprobs(raw: jax.Array, x: jax.Array, sp: SamplingBatch, tokens: jax.Array
                                                                             axis=-1), lp)
 
     lp = jax.lax.cond(jnp.any(sp.logprobs.processed), processed, lambda: lp)
+    return _pick(lp, tokens, sp.logprobs.top_n)
+
+
+def _pick(lp: jax.Array, tokens: jax.Array, top_n: int) -> TokenLogprobs:
+    """Of log-probabilities lp (T, V): tokens' (T,) and the top_n largest, with their token ids."""
     token = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
-    if sp.logprobs.top_n == 0:
+    if top_n == 0:
         empty = jnp.zeros((lp.shape[0], 0))
         return TokenLogprobs(token, empty.astype(jnp.int32), empty)
-    top, top_ids = jax.lax.top_k(lp, sp.logprobs.top_n)
+    top, top_ids = jax.lax.top_k(lp, top_n)
     return TokenLogprobs(token, top_ids.astype(jnp.int32), top)
+
+
+def target_logprobs(logits: jax.Array, targets: jax.Array, top_n: int) -> TokenLogprobs:
+    """The raw log-probabilities (log-softmax of logits (T, V)) of targets (T,) (an entry < 0 reads
+    token 0's: unused) and the top_n most likely tokens: the prompt's log-probabilities."""
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    picked = _pick(lp, jnp.maximum(targets, 0), top_n)
+    rank = 1 + jnp.sum(lp > picked.token[:, None], axis=-1, dtype=jnp.int32)
+    return dataclasses.replace(picked, rank=rank)
+
+
+def top_bucket(asks: Sequence[int]) -> int:
+    """How many alternatives a batch computes when its rows ask for `asks` (a power of 2, at most
+    MAX_LOGPROBS, so the batch compiles few programs; 0 when none asks for any)."""
+    return min(next_power_of_2(max(asks)), MAX_LOGPROBS) if max(asks) else 0
 
 
 def sample(logits: jax.Array, sp: SamplingBatch, step: jax.Array, recent: jax.Array | None = None) -> jax.Array:

@@ -15,6 +15,11 @@ most likely tokens and the drawn one, by their text), for chat `logprobs: {conte
 logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`, in each stream chunk for its new
 tokens. A token's text is its own decoding (a byte-level token that is part of a character decodes
 to U+FFFD; its `bytes` are that text's UTF-8), and a log-probability of -inf is sent as -9999.0.
+With completions' `echo` the prompt comes first, in the text and in the logprobs object (its first
+token's entries null, as OpenAI and vLLM send them; `max_tokens: 0` sends the prompt alone: the
+engine draws one token, which is dropped); vLLM's `prompt_logprobs` adds each choice's
+`prompt_logprobs` list. Both are refused with `stream`. Prompt log-probabilities are the raw
+log-softmax, computed over the whole prompt (jaxinfer.SamplingParams.prompt_logprobs).
 
 Limits: a prompt longer than the context is refused (400 naming the prompt and both lengths); a
 prompt that fits but leaves less room than max_tokens runs until the context is full, and ends
@@ -24,6 +29,7 @@ with finish_reason "length" (the engine's "context": OpenAI has no such reason).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import time
 import uuid
@@ -57,6 +63,10 @@ class Parsed:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     tokenizer: Any = None  # the served tokenizer: the text of each token of a logprobs answer
+    echo: bool = False  # completions: the prompt before the completion (text and logprobs)
+    no_tokens: bool = False  # completions' max_tokens 0 (with echo): the one token the engine draws is dropped
+    prompt_text: str = ""  # the prompt as text (echo)
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: each choice's, with this many alternatives
 
     @property
     def prompt_field(self) -> str:
@@ -65,7 +75,8 @@ class Parsed:
 
 PROMPT_FIELD = {"completion": "prompt", "chat": "messages"}  # the field a request's prompt is in
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "logprobs", "top_logprobs")
+                   "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "logprobs", "top_logprobs",
+                   "prompt_logprobs")
 
 
 def parse(request: BaseModel, kind: str, served: ServedModel, adapters: tuple[str, ...] = ()) -> Parsed:
@@ -84,10 +95,27 @@ def parse(request: BaseModel, kind: str, served: ServedModel, adapters: tuple[st
         raise RequestError(f"{field} has {len(prompt)} tokens, over this model's context of {served.max_seq_len}",
                            field)
     default_max = 16 if kind == "completion" else max(1, served.max_seq_len - len(prompt))
+    echo = kind == "completion" and bool(request.echo)
+    if kind == "completion":
+        _check_echo(request, echo)
     sampling = _sampling(request, kind, default_max, stop_ids, served.timeout_s)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    prompt_text = "" if not echo else request.prompt if isinstance(request.prompt, str) else \
+        served.tokenizer.decode(prompt)
     return Parsed(kind, model, None if model == served.name else model, prompt, sampling, bool(request.stream),
-                  include_usage, served.tokenizer)
+                  include_usage, served.tokenizer, echo=echo, no_tokens=kind == "completion" and request.max_tokens == 0,
+                  prompt_text=prompt_text, prompt_logprobs=request.prompt_logprobs if kind == "completion" else None)
+
+
+def _check_echo(request: BaseModel, echo: bool) -> None:
+    """The checks between completions' echo, max_tokens, min_tokens, stream and prompt_logprobs."""
+    if request.max_tokens == 0 and not echo:
+        raise RequestError("max_tokens: 0 needs echo: true (the prompt's log-probabilities alone)", "max_tokens")
+    if request.max_tokens == 0 and request.min_tokens:
+        raise RequestError(f"min_tokens={request.min_tokens} is over max_tokens=0", "min_tokens")
+    for field in ("echo", "prompt_logprobs"):
+        if request.stream and getattr(request, field) not in (None, False):
+            raise RequestError(f"{field} is not supported with stream: true", field)
 
 
 def _completion_prompt(request: BaseModel, served: ServedModel) -> tuple[list[int], tuple[int, ...]]:
@@ -129,8 +157,12 @@ def _sampling(request: BaseModel, kind: str, default_max: int, stop_ids: tuple[i
     if kind == "chat" and request.top_logprobs is not None and not request.logprobs:
         raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = request.logprobs if kind == "completion" else (request.top_logprobs or 0) if request.logprobs else None
+    prompt_logprobs = None
+    if kind == "completion":  # echo's prompt part and vLLM's field share one ask: the larger
+        asks = [n for n in (request.logprobs if request.echo else None, request.prompt_logprobs) if n is not None]
+        prompt_logprobs = max(asks) if asks else None
     values = dict(
-        max_tokens=default_max if max_tokens is None else max_tokens,
+        max_tokens=default_max if max_tokens is None else max(max_tokens, 1),  # 0 (echo): one token, dropped
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
@@ -147,6 +179,7 @@ def _sampling(request: BaseModel, kind: str, default_max: int, stop_ids: tuple[i
         logit_bias={int(t): b for t, b in request.logit_bias.items()} if request.logit_bias else None,
         min_tokens=request.min_tokens or 0,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
     try:
         return SamplingParams(**values)
@@ -173,8 +206,9 @@ def _samples(out: RequestOutput) -> list[RequestOutput]:
     return out.samples or [out]
 
 
-def usage(out: RequestOutput) -> dict:
-    done = sum(len(s.token_ids) for s in _samples(out))
+def usage(out: RequestOutput, no_tokens: bool = False) -> dict:
+    """OpenAI's usage object (no_tokens: max_tokens 0, the engine's one token dropped)."""
+    done = 0 if no_tokens else sum(len(s.token_ids) for s in _samples(out))
     return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": done,
             "total_tokens": len(out.prompt_token_ids) + done}
 
@@ -189,29 +223,53 @@ def response(parsed: Parsed, out: RequestOutput, rid: str) -> dict:
         raise RequestError(f"the request failed: {out.error}", None, status=500)
     choices = []
     for i, s in enumerate(_samples(out)):
-        choice = {"index": i, "logprobs": _logprobs(parsed, s.token_ids, s.logprobs),
-                  "finish_reason": _finish_reason(s.finish_reason)}
+        tokens, logprobs, text = s.token_ids, s.logprobs, s.text or ""
+        if parsed.no_tokens:
+            tokens, logprobs, text = [], None if logprobs is None else [], ""
+        prompt = (out.prompt_token_ids, s.prompt_logprobs) if parsed.echo else None
+        choice = {"index": i, "logprobs": _logprobs(parsed, tokens, logprobs, prompt=prompt),
+                  "finish_reason": "length" if parsed.no_tokens else _finish_reason(s.finish_reason)}
         if parsed.kind == "completion":
-            choice["text"] = s.text or ""
+            choice["text"] = parsed.prompt_text + text
+            if parsed.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = _vllm_prompt_logprobs(parsed, out.prompt_token_ids, s.prompt_logprobs)
         else:
             choice["message"] = {"role": "assistant", "content": s.text or ""}
         choices.append(choice)
     return {"id": rid, "object": "text_completion" if parsed.kind == "completion" else "chat.completion",
-            "created": int(time.time()), "model": parsed.model, "choices": choices, "usage": usage(out)}
+            "created": int(time.time()), "model": parsed.model, "choices": choices,
+            "usage": usage(out, parsed.no_tokens)}
 
 
-def _logprobs(parsed: Parsed, tokens: list[int], logprobs: list | None, offset: int = 0) -> dict | None:
+def _value(x: float) -> float:
+    """A log-probability as sent: -inf as -9999.0 (JSON has no infinity)."""
+    return max(x, -9999.0)
+
+
+def _vllm_prompt_logprobs(parsed: Parsed, prompt: list[int], logprobs: list) -> list:
+    """vLLM's prompt_logprobs: per prompt token, None for the first, else {token id: {logprob, rank,
+    decoded_token}} for the token and its most likely alternatives (ranks 1, 2, ...)."""
+    decode, N = parsed.tokenizer.decode, parsed.prompt_logprobs
+
+    def entry(x: float, rank: int | None, t: int) -> dict:
+        return {"logprob": _value(x), "rank": rank, "decoded_token": decode([t])}
+
+    return [None if lp is None else {**{str(a): entry(x, r + 1, a) for r, (a, x) in enumerate(lp.top[:N])},
+                                     str(t): entry(lp.logprob, lp.rank, t)}
+            for t, lp in zip(prompt, logprobs)]
+
+
+def _logprobs(parsed: Parsed, tokens: list[int], logprobs: list | None, offset: int = 0,
+              prompt: tuple[list[int], list] | None = None) -> dict | None:
     """OpenAI's logprobs object for these generated tokens and their Logprobs (None: not asked);
-    completions' text offsets count from `offset`."""
+    completions' text offsets count from `offset`; with `prompt` (echo: its token ids and their
+    Logprobs, None for the first), the prompt's tokens come first, the first one's entries null."""
     if logprobs is None:
         return None
-    decode, N = parsed.tokenizer.decode, parsed.sampling.logprobs
+    decode, N, value = parsed.tokenizer.decode, parsed.sampling.logprobs, _value
 
     def text(t: int) -> str:
         return decode([t])
-
-    def value(x: float) -> float:
-        return max(x, -9999.0)
 
     if parsed.kind == "chat":
         def entry(t: int, x: float) -> dict:
@@ -219,11 +277,12 @@ def _logprobs(parsed: Parsed, tokens: list[int], logprobs: list | None, offset: 
 
         return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(a, x) for a, x in lp.top[:N]]}
                             for t, lp in zip(tokens, logprobs)]}
-    texts = [text(t) for t in tokens]
-    offsets = [offset + sum(len(x) for x in texts[:j]) for j in range(len(texts))]
-    return {"tokens": texts, "token_logprobs": [value(lp.logprob) for lp in logprobs],
-            "top_logprobs": [{**{text(a): value(x) for a, x in lp.top[:N]}, text(t): value(lp.logprob)}
-                             for t, lp in zip(tokens, logprobs)],
+    pairs = list(zip(*prompt)) + list(zip(tokens, logprobs)) if prompt else list(zip(tokens, logprobs))
+    texts = [text(t) for t, _ in pairs]
+    offsets = list(itertools.accumulate((len(x) for x in texts[:-1]), initial=offset)) if texts else []
+    return {"tokens": texts, "token_logprobs": [None if lp is None else value(lp.logprob) for _, lp in pairs],
+            "top_logprobs": [None if lp is None else {**{text(a): value(x) for a, x in lp.top[:N]},
+                                                      text(t): value(lp.logprob)} for t, lp in pairs],
             "text_offset": offsets}
 
 

@@ -12,10 +12,11 @@ for its length before its items and stops at its first bad item, so no body make
 proportion to its size beyond parsing it.
 
 Fields OpenAI defines that the engine cannot do yet (UNSUPPORTED) are refused with a message
-saying so, unless they hold their no-op value (`echo: false`, `response_format: {"type": "text"}`,
-...). The sampling fields are OpenAI's (`presence_penalty`, `frequency_penalty`, `logit_bias` with
-token ids as string keys, `logprobs`: an integer for completions, true/false with `top_logprobs`
-for chat) and vLLM's (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`). Fields OpenAI defines that do not change what is
+saying so, unless they hold their no-op value (`echo: false` for chat, `response_format: {"type":
+"text"}`, ...). The sampling fields are OpenAI's (`presence_penalty`, `frequency_penalty`,
+`logit_bias` with token ids as string keys, `logprobs`: an integer for completions, true/false with
+`top_logprobs` for chat; completions' `echo`, with `max_tokens: 0` allowed beside it) and vLLM's
+(`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, completions' `prompt_logprobs`). Fields OpenAI defines that do not change what is
 generated (IGNORED: `user`, `service_tier`, `parallel_tool_calls`) are accepted and ignored.
 `validation_error` turns pydantic's errors into one RequestError naming the field.
 """
@@ -46,7 +47,7 @@ class RequestError(ValueError):
 
 
 UNSUPPORTED = {
-    "echo": "echo is not supported (the prompt's log-probabilities are not computed)",
+    "echo": "echo is not supported by /v1/chat/completions (/v1/completions takes it)",
     "suffix": "suffix is not supported",
     "response_format": "response_format is not supported (only {\"type\": \"text\"}): structured output is not "
                        "implemented",
@@ -154,8 +155,18 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
             Field(description="A string, a list of token ids, or a list holding one of either (one prompt per "
                   "request).")
         best_of: int | None = Field(None, ge=1, le=limits.max_n, description="Only 1 or n.")
+        max_tokens: int | None = Field(None, ge=0, le=max_seq_len, description="Most tokens to generate (0 only "
+                                       "with echo: the prompt's log-probabilities alone); a request whose context "
+                                       "fills first ends with finish_reason \"length\".")
         logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Each generated token's "
-                                     "log-probability and this many of the most likely alternatives.")
+                                     "log-probability and this many of the most likely alternatives (with echo, "
+                                     "each prompt token's too).")
+        echo: bool | None = Field(None, description="The prompt before the completion, in the text and (with "
+                                  "logprobs) the log-probabilities, the first prompt token's null. Not with stream.")
+        prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's field: each "
+                                            "choice's prompt_logprobs, per prompt token (null for the first) "
+                                            "{token id: {logprob, rank, decoded_token}} for it and this many of "
+                                            "the most likely alternatives. Not with stream.")
 
         @field_validator("prompt")
         @classmethod
