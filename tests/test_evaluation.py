@@ -131,3 +131,31 @@ def test_command_line_runs_the_shipped_task(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     (result,) = list(out.rglob("results_*.json"))
     assert json.loads(result.read_text())["results"][TASK]["sample_len"] == 8
+
+
+@pytest.mark.slow
+def test_adapter_scores_equal_lm_eval_hf_on_the_peft_merged_model(tmp_path):
+    """adapter=DIR runs through the engine's LoRA slots; the reference is lm-eval's HF backend on
+    PEFT's own merge of the same adapter into the tiny model."""
+    peft = pytest.importorskip("peft")
+    path = os.path.join(ASSETS_DIR, "tiny")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, p in peft_model.named_parameters():
+            if "lora_" in key:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"),
+                                               bos_token="<s>", eos_token="</s>")
+    ref = HFLM(pretrained=peft_model.merge_and_unload().eval(), tokenizer=tok, batch_size=8, max_length=64,
+               device="cpu")
+    ours = ev.JaxInferLM(model="tiny", adapter=str(tmp_path / "adapter"), max_length=64, max_batch=8)
+    assert ours.engine.config.max_adapters == 1
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(TEXTS)]
+    np.testing.assert_allclose(ours.loglikelihood_rolling(requests), ref.loglikelihood_rolling(requests),
+                               atol=1e-3, rtol=0)
+    base = ev.JaxInferLM(model="tiny", max_length=64, max_batch=8).loglikelihood_rolling(requests)
+    assert np.abs(np.subtract(base, ours.loglikelihood_rolling(requests))).max() > 0.1  # the adapter is applied
