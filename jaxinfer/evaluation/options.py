@@ -7,7 +7,8 @@ an adapter in the engine's LoRA slots). It needs no lm-eval: the backend (backen
   dtype       float32 (default), bfloat16 or float16
   quant       a weight scheme of jaxinfer.quant.spec (dense, int8, int4-rtn-g128, int4-awq-g128,
               w8a8-int8-smooth, w8a8-fp8, ...); calibrated schemes draw their calibration windows
-              with `seed`
+              with `seed`; a checkpoint that loads packed (a Q4 GGUF file) is dequantised first
+              and re-quantised from there, as experiments.quant_eval does
   spec        a speculative method (jaxinfer.speculative.DRAFTERS) or none; spec_tokens (k) and
               spec_draft (default: the method's shipped drafter)
   adapter     a PEFT LoRA directory, served through the engine's adapter slots (max_adapters=1)
@@ -88,11 +89,14 @@ def engine_config(options: dict) -> EngineConfig:
 
 
 def build(args: dict) -> Built:
-    """The engine the model arguments describe: the model loaded at dtype, quantised by `quant`,
+    """The engine the model arguments describe: the model loaded at dtype, quantised by `quant` (from dense weights),
     served under the EngineConfig, with the adapter added."""
     options = check_options(args)
     config = engine_config(options)
     model = ji.load_model(options["model"], dtype=options["dtype"])
+    if scheme_from_name(str(options["quant"])) is not None and any(
+            isinstance(w, quant.PACKED) for w in model.params["layers"].values()):
+        model = dataclasses.replace(model, params=quant.dequantize_params(model.params))  # a packed GGUF / GPTQ file
     model = quant.quantize_by_name(model, str(options["quant"]), seed=options["seed"], progress=False)
     engine = ji.Engine(model, config)
     if options["adapter"] is not None:
