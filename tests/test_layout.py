@@ -80,7 +80,7 @@ LAYERS = [
     ("jaxinfer.checkpoints", "jaxinfer.quant", "jaxinfer.lora", "jaxinfer.data", "jaxinfer.memory"),
     ("jaxinfer.speculative",),
     ("jaxinfer.engine",),
-    ("jaxinfer.serving",),
+    ("jaxinfer.serving", "jaxinfer.evaluation"),
 ]
 
 

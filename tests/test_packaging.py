@@ -44,10 +44,14 @@ def test_wheel_carries_configs_and_experiments_under_jaxinfer(tmp_path):
     assert "jaxinfer/configs/hardware/h100_80gb.json" in names and "pallas_kernels/tuned.json" in names
     assert "jaxinfer/configs/sweeps/batching.json" in names  # sweep --grid=batching from an install
     assert "jaxinfer/experiments/kv_capacity.py" in names
+    # the lm-eval backend and its shipped task (YAML + data) for jaxinfer-lm-eval from an install
+    assert {"jaxinfer/evaluation/backend.py", "jaxinfer/configs/tasks/arith_mc.yaml",
+            "jaxinfer/configs/tasks/arith_mc.jsonl"} <= set(names)
     assert not any(n.startswith("experiments/") for n in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for name in SCRIPTS:
         assert f"jaxinfer-{name.replace('_', '-')} = jaxinfer.experiments.{name}:cli" in entry_points
+    assert "jaxinfer-lm-eval = jaxinfer.evaluation.__main__:cli" in entry_points
 
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),

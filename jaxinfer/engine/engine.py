@@ -215,16 +215,19 @@ class Engine:
                          "throughput_tok_s": generated / wall if wall else 0.0}
         return outs
 
-    def score(self, contexts: Seq[str | Seq[int]], continuations: Seq[str | Seq[int]]) -> list[scoring.Score]:
+    def score(self, contexts: Seq[str | Seq[int]], continuations: Seq[str | Seq[int]],
+              adapter: str | None = None) -> list[scoring.Score]:
         """Per (context, continuation) pair: Score(logprob, greedy), the sum of the continuation
         tokens' log-probabilities and whether each is the most likely one (lm-eval's loglikelihood;
-        jaxinfer/engine/scoring.py). Pairs that share a context share its pages (the prefix cache)."""
-        return scoring.score(self, contexts, continuations)
+        jaxinfer/engine/scoring.py), under an added adapter or the base model. Pairs that share a
+        context share its pages (the prefix cache)."""
+        return scoring.score(self, contexts, continuations, adapter)
 
-    def score_rolling(self, texts: Seq[str | Seq[int]], max_length: int | None = None) -> list[float]:
+    def score_rolling(self, texts: Seq[str | Seq[int]], max_length: int | None = None,
+                      adapter: str | None = None) -> list[float]:
         """Per text: the sum of every token's log-probability, over lm-eval's rolling windows of
-        max_length tokens (loglikelihood_rolling; default max_seq_len - 1)."""
-        return scoring.score_rolling(self, texts, max_length)
+        max_length tokens (loglikelihood_rolling; default max_seq_len - 1), under an adapter or not."""
+        return scoring.score_rolling(self, texts, max_length, adapter)
 
     def warmup(self, max_prompt_len: int | None = None, max_len: int | None = None) -> int:
         """Compile every program this config can run, for prompts up to max_prompt_len tokens and

@@ -39,14 +39,17 @@ class Score(NamedTuple):
     greedy: bool  # every continuation token is the most likely one after what precedes it
 
 
-def score(engine, contexts: Seq[str | Seq[int]], continuations: Seq[str | Seq[int]]) -> list[Score]:
-    """The Score of each (context, continuation) pair, in order. ValueError naming the pair for a
-    bad one (empty, off the vocabulary, longer than the engine's max_seq_len), before any work.
-    Runs the engine until the pairs are scored (other requests in it advance too)."""
+def score(engine, contexts: Seq[str | Seq[int]], continuations: Seq[str | Seq[int]],
+          adapter: str | None = None) -> list[Score]:
+    """The Score of each (context, continuation) pair, in order, under an added LoRA adapter (None:
+    the base model). ValueError naming the pair for a bad one (empty, off the vocabulary, longer
+    than the engine's max_seq_len) or an unknown adapter, before any work. Runs the engine until
+    the pairs are scored (other requests in it advance too)."""
     if isinstance(contexts, str) or isinstance(continuations, str) or len(contexts) != len(continuations):
         raise ValueError("contexts and continuations must be lists of equal length (strings or token-id lists)")
     if not len(contexts):
         raise ValueError("contexts must hold at least one context")
+    engine.adapters.check(adapter)
     pairs = [_encode_pair(engine.model, ctx, cont, i) for i, (ctx, cont) in enumerate(zip(contexts, continuations))]
     prompts = [ctx + cont for ctx, cont in pairs]
     froms = [len(ctx) for ctx, _ in pairs]
@@ -60,7 +63,7 @@ def score(engine, contexts: Seq[str | Seq[int]], continuations: Seq[str | Seq[in
     logprobs: dict[int, list] = {}
     for members in rounds:
         logprobs.update(zip(members, _prompt_logprobs(engine, [prompts[i] for i in members],
-                                                      [froms[i] for i in members], members)))
+                                                      [froms[i] for i in members], members, adapter)))
     out = []
     for i, (prompt, start) in enumerate(zip(prompts, froms)):
         entries = logprobs[i][start:]
@@ -69,7 +72,8 @@ def score(engine, contexts: Seq[str | Seq[int]], continuations: Seq[str | Seq[in
     return out
 
 
-def score_rolling(engine, texts: Seq[str | Seq[int]], max_length: int | None = None) -> list[float]:
+def score_rolling(engine, texts: Seq[str | Seq[int]], max_length: int | None = None,
+                  adapter: str | None = None) -> list[float]:
     """The log-likelihood of each whole text (a string, or token ids): every token's log-probability
     summed, over lm-eval's rolling windows of max_length tokens (`rolling_windows`; default the
     engine's max_seq_len - 1: a window's prompt holds max_length + 1 tokens)."""
@@ -79,7 +83,7 @@ def score_rolling(engine, texts: Seq[str | Seq[int]], max_length: int | None = N
     if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length < engine.max_seq_len:
         raise ValueError(f"max_length must be an integer in [1, {engine.max_seq_len - 1}] (the engine's "
                          f"max_seq_len - 1), got {max_length!r}")
-    prefix = _prefix_token(engine.model)
+    prefix = prefix_token(engine.model)
     windows, owner = [], []
     for i, text in enumerate(texts):
         tokens = _encode(engine.model, text, f"texts[{i}]")
@@ -88,7 +92,7 @@ def score_rolling(engine, texts: Seq[str | Seq[int]], max_length: int | None = N
         for window in rolling_windows(tokens, prefix, max_length):
             windows.append(window)
             owner.append(i)
-    scores = score(engine, [c for c, _ in windows], [t for _, t in windows])
+    scores = score(engine, [c for c, _ in windows], [t for _, t in windows], adapter)
     totals = [0.0] * len(texts)
     for i, s in zip(owner, scores):
         totals[i] += s.logprob
@@ -119,12 +123,13 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int,
     return [(inputs[: len(inputs) - (len(pred) - 1)], pred) for inputs, pred in windows]
 
 
-def _prompt_logprobs(engine, prompts: list[list[int]], froms: list[int], index: list[int]) -> list[list]:
+def _prompt_logprobs(engine, prompts: list[list[int]], froms: list[int], index: list[int],
+                     adapter: str | None) -> list[list]:
     """Run prompts as scoring requests (log-probabilities from froms[i] on); their prompt_logprobs."""
     ids = []
     for prompt, start, i in zip(prompts, froms, index):
         try:
-            ids.append(engine.add_request(prompt, _SCORING, prompt_logprobs_from=start))
+            ids.append(engine.add_request(prompt, _SCORING, adapter=adapter, prompt_logprobs_from=start))
         except ValueError as e:
             for rid in ids:
                 engine.abort(rid)
@@ -151,7 +156,7 @@ def _encode_pair(model, context, continuation, i: int) -> tuple[list[int], list[
         if not continuation:
             raise ValueError(f"continuations[{i}] is empty")
         if not context:  # the prefix token stands for it (unless the continuation starts with it)
-            cont, prefix = _encode(model, continuation, f"continuations[{i}]"), _prefix_token(model)
+            cont, prefix = _encode(model, continuation, f"continuations[{i}]"), prefix_token(model)
             return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
         spaces = len(context) - len(context.rstrip())
         if spaces:
@@ -179,7 +184,7 @@ def _encode(model, text, name: str) -> list[int]:
     return [int(t) for t in text]
 
 
-def _prefix_token(model) -> int:
+def prefix_token(model) -> int:
     """The token an empty context becomes, as lm-eval's prefix_token_id: BOS, else EOS."""
     tok = model.tokenizer
     bos = tok.bos_id if tok is not None and tok.bos_id is not None else model.config.bos_token_id
