@@ -86,8 +86,8 @@ class PagedKVCache:
             raise ValueError(f"kv_dtype={kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
         shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         store = store_dtype(dtype if kv_dtype is None else KV_DTYPES[kv_dtype])  # zeros' bits are the float's zeros
-        scales = {} if kv_dtype is None else dict(k_scale=jnp.ones(shape[:-1], jnp.float32),
-                                                  v_scale=jnp.ones(shape[:-1], jnp.float32))
+        scales = {} if kv_dtype is None else {"k_scale": jnp.ones(shape[:-1], jnp.float32),
+                                              "v_scale": jnp.ones(shape[:-1], jnp.float32)}
         return cls(k=jnp.zeros(shape, store), v=jnp.zeros(shape, store), **scales)
 
     @property
