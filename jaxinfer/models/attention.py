@@ -29,7 +29,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.models.kv_cache import BatchDescriptor, KVCache, PagedKVCache, quantize
+from jaxinfer.models.kv_cache import BatchDescriptor, KVCache, PagedKVCache, as_floats, as_stored, quantize
 from jaxinfer.sharding import P, per_shard
 from pallas_kernels.common import dequantize_pages, gather_pages, tree_visible
 from pallas_kernels.flash_attention import flash_attention, paged_flash_attention
@@ -150,9 +150,10 @@ def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, 
 
     def write(store, scales, new):  # store (L, K, P, page, H), new (N, K, H)
         if scales is None:
-            return store.at[layer, :, page_idx, offset].set(new.astype(store.dtype), mode="drop"), None
-        values, new_scales = quantize(new, store.dtype)  # (N, K, H), (N, K)
-        return (store.at[layer, :, page_idx, offset].set(values, mode="drop"),
+            values = as_stored(new.astype(cache.dtype), store)
+            return store.at[layer, :, page_idx, offset].set(values, mode="drop"), None
+        values, new_scales = quantize(new, cache.dtype)  # (N, K, H), (N, K)
+        return (store.at[layer, :, page_idx, offset].set(as_stored(values, store), mode="drop"),
                 scales.at[layer, :, page_idx, offset].set(new_scales, mode="drop"))
 
     k_all, k_scale = write(cache.k, cache.k_scale, k[0])
@@ -189,10 +190,12 @@ def _per_shard_pages(kernel, heads, q, k_pages, v_pages, k_scales, v_scales, *re
 
 
 def _gather(pages, scales, block_tables, dtype):
-    """pages (K, P, page, H) [+ scales (K, P, page)] -> each row's context (R, M * page, K, H) in dtype."""
+    """pages (K, P, page, H) [+ scales (K, P, page)] -> each row's context (R, M * page, K, H) in dtype.
+    Only the rows' pages are read: gathered first, then viewed (as_floats) and dequantised."""
+    context = as_floats(gather_pages(pages, block_tables))
     if scales is None:
-        return gather_pages(pages, block_tables)
-    return gather_pages(dequantize_pages(pages, scales), block_tables).astype(dtype)
+        return context
+    return dequantize_pages(context, gather_pages(scales[..., None], block_tables)[..., 0]).astype(dtype)
 
 
 def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window=0, impl="xla"):
@@ -202,6 +205,7 @@ def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, wi
 
 
 def _pallas_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window):
+    k_pages, v_pages = as_floats(k_pages), as_floats(v_pages)  # bits only on the CPU (interpret mode)
     kernel = functools.partial(paged_decode_attention, window=_static_window(window, "pallas"), interpret=_interpret())
     return _per_shard_pages(kernel, P(None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables, lens)
 
@@ -228,6 +232,7 @@ def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, 
 
 def _pallas_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask):
     window = _static_window(window, "pallas")
+    k_pages, v_pages = as_floats(k_pages), as_floats(v_pages)  # bits only on the CPU (interpret mode)
 
     def kernel(q, k_pages, v_pages, tables, begin, end, *mask, k_scales, v_scales):
         return paged_flash_attention(q, k_pages, v_pages, tables, begin, end, k_scales=k_scales, v_scales=v_scales,

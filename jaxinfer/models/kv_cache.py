@@ -40,11 +40,38 @@ class KVCache:
 KV_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
 
+# XLA's CPU backend writes into a bfloat16 or float8 array by converting all of it to float32 and
+# back (a pass over the whole cache for each token written; benchmarks/results/bf16_cpu_scatter.md).
+# On the CPU such pages are held as their bit pattern, an integer array it updates in place, and
+# read as floats after each gather (`as_floats`). The store's dtype says which: uint16 pages hold
+# bfloat16, uint8 pages float8_e4m3fn (a cache never holds those integers as such).
+_BITS = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16), jnp.dtype(jnp.float8_e4m3fn): jnp.dtype(jnp.uint8)}
+_FLOATS = {bits: dtype for dtype, bits in _BITS.items()}
+
+
+def store_dtype(dtype) -> jnp.dtype:
+    """The dtype pages of `dtype` are stored in here: their bits on the CPU for bf16 and fp8."""
+    dtype = jnp.dtype(dtype)
+    return _BITS[dtype] if dtype in _BITS and jax.default_backend() == "cpu" else dtype
+
+
+def as_floats(pages: jax.Array) -> jax.Array:
+    """Pages (or gathered pages) as the dtype they hold. Call it after a gather, on the pages read:
+    on the whole store it is a copy."""
+    dtype = _FLOATS.get(jnp.dtype(pages.dtype))
+    return pages if dtype is None else jax.lax.bitcast_convert_type(pages, dtype)
+
+
+def as_stored(values: jax.Array, store: jax.Array) -> jax.Array:
+    """Values in the dtype a store holds, as the store keeps them."""
+    return values if values.dtype == store.dtype else jax.lax.bitcast_convert_type(values, store.dtype)
+
 
 @struct.dataclass
 class PagedKVCache:
     """Paged KV cache; P physical pages.
-      k, v              (L, K, P, page_size, H)  the model dtype, or int8 / float8_e4m3fn
+      k, v              (L, K, P, page_size, H)  the model dtype, or int8 / float8_e4m3fn; on the
+                        CPU bf16 and fp8 pages as their bits (uint16 / uint8: `store_dtype`)
       k_scale, v_scale  (L, K, P, page_size) float32: a quantised token's scale per head (max |x| of
                         its head vector over the dtype's largest value); None for a float cache."""
 
@@ -58,15 +85,19 @@ class PagedKVCache:
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
         shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-        if kv_dtype is None:
-            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-        q = KV_DTYPES[kv_dtype]
-        return cls(k=jnp.zeros(shape, q), v=jnp.zeros(shape, q), k_scale=jnp.ones(shape[:-1], jnp.float32),
-                   v_scale=jnp.ones(shape[:-1], jnp.float32))
+        store = store_dtype(dtype if kv_dtype is None else KV_DTYPES[kv_dtype])  # zeros' bits are the float's zeros
+        scales = {} if kv_dtype is None else {"k_scale": jnp.ones(shape[:-1], jnp.float32),
+                                              "v_scale": jnp.ones(shape[:-1], jnp.float32)}
+        return cls(k=jnp.zeros(shape, store), v=jnp.zeros(shape, store), **scales)
 
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The dtype the pages hold (whatever they are stored as)."""
+        return _FLOATS.get(jnp.dtype(self.k.dtype), jnp.dtype(self.k.dtype))
 
     @property
     def num_pages(self) -> int:

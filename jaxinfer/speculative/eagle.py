@@ -32,7 +32,7 @@ from jaxinfer import sharding
 from jaxinfer.buckets import next_power_of_2
 from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
-from jaxinfer.models.kv_cache import PagedKVCache, copy_pages
+from jaxinfer.models.kv_cache import PagedKVCache, as_floats, copy_pages
 from jaxinfer.sampling.processors import Vocab
 from jaxinfer.sampling.sampler import SamplingBatch
 from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
@@ -116,7 +116,7 @@ def _propose_tree(target_params, cfg, cfg1, heads, features, cache, next_tokens,
     parent = jnp.full((R, K), -1, jnp.int32)  # candidate index of each candidate's parent (-1: the root)
     inputs = jnp.broadcast_to(root[:, None], (R, K, root.shape[-1]))  # (R, N, D) the feature each pairs with
 
-    prefix = [gather_pages(x[0], tables) for x in (cache.k, cache.v)]  # (R, S, Kv, H) the layer's cache
+    prefix = [as_floats(gather_pages(x[0], tables)) for x in (cache.k, cache.v)]  # (R, S, Kv, H) the layer's cache
     S = prefix[0].shape[1]
     prefix_pos = jnp.where(jnp.arange(S)[None, :] < n[:, None], jnp.arange(S)[None, :], -1)  # (R, S)
     T = (depth - 1) * K  # candidates run through the layer, K per step
