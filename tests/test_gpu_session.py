@@ -33,14 +33,17 @@ def test_step_limits_fit_the_session():
     total = sum(limits) + 40  # the overhead step runs twice (overlap false, true)
     assert len(limits) >= 9 and total < 9 * 60, (limits, total)
     assert f"add up to {total} s" in text  # the header says the true sum
-    scale = int(re.search(r"^\s*SCALE=(\d+)\s+#", text, re.MULTILINE).group(1))
+    scale = int(re.search(r"^\s*SCALE=\$\{REHEARSE_SCALE:-(\d+)\}\s+#", text, re.MULTILINE).group(1))
     assert sum(limit * scale // 100 for limit in limits + [40]) < 4 * 60  # the script's integer arithmetic
 
 
 @pytest.mark.slow  # about 2 minutes on a 2-core CPU
 def test_rehearsal_runs_every_step(tmp_path):
+    """Every step exits 0 and writes its JSON. Under the device limits, not the rehearsal's scaled
+    ones: beside the other slow tests the machine is loaded past what the 4-minute budget assumes
+    (measured: 107 s in all at load 4-5, five steps over their scaled limits at load 5-6)."""
     out = tmp_path / "session"
-    env = {**os.environ, "REHEARSE": "1", "OUT": str(out), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "REHEARSE": "1", "REHEARSE_SCALE": "100", "OUT": str(out), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(["bash", SCRIPT], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[2:]]
