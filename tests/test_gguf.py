@@ -384,6 +384,7 @@ def test_smollm2_loads_by_name_without_importing_its_package(smollm2):
 
 
 @needs_smollm2
+@pytest.mark.slow  # the real model against HF's loader: 17-25 s each on the 2-core CPU (CI runs the slow tier)
 def test_smollm2_tokenizer_matches_hf(smollm2, smollm2_hf):
     ours, (_, hf) = smollm2.tokenizer, smollm2_hf
     texts = ["What is the capital of France?", "  leading spaces,\ttabs\t\tand\n\n\nnewlines  ",
@@ -402,6 +403,7 @@ def test_smollm2_tokenizer_matches_hf(smollm2, smollm2_hf):
 
 
 @needs_smollm2
+@pytest.mark.slow  # the real model against HF's loader: 17-25 s each on the 2-core CPU (CI runs the slow tier)
 def test_smollm2_logits_and_greedy_tokens_match_hf(smollm2, smollm2_hf):
     """A 43-token chat prompt: float32 logits within 1e-4 per row of HF's GGUF-loaded model; then 32
     greedy tokens from the engine, each of which is HF's argmax given the tokens before it (one HF
@@ -422,6 +424,7 @@ def test_smollm2_logits_and_greedy_tokens_match_hf(smollm2, smollm2_hf):
 
 
 @needs_smollm2
+@pytest.mark.slow  # the real model against HF's loader: 17-25 s each on the 2-core CPU (CI runs the slow tier)
 def test_smollm2_answers_the_chat_prompt(smollm2):
     """The issue's check: the packed Q4_1 model answers greedily through its chat template, stops at
     <|im_end|>, and the engine on the packed weights equals the dequantised reference."""

@@ -26,6 +26,7 @@ def run_soak(*argv: str) -> dict:
         return soak.run_soak()
 
 
+@pytest.mark.slow  # 14 s; the slow tier also runs the 10,000-request soak
 def test_soak_on_the_tiny_model():
     """The suite's real-model soak: 150 requests on the path of the 10,000-request one (LoRA adapters
     on fewer slots, prompt-lookup speculation, an int8 KV cache); every greedy one checked against
