@@ -11,6 +11,7 @@ from experiments import quant_eval
 from helpers import run_main, run_script
 
 
+@pytest.mark.slow  # 11 s: the fast tier stays under 5 minutes on the 2-core CPU (CI runs both)
 def test_quant_eval_end_to_end(tmp_path):
     out, table = tmp_path / "quant.json", tmp_path / "quant.md"
     run_main(quant_eval, "--schemes=dense,int8,int4-rtn-g32,int4-gptq-g32", "--windows=4", "--seq_len=128",

@@ -23,6 +23,7 @@ def write_grid(tmp_path, **spec):
     return str(path)
 
 
+@pytest.mark.slow  # 9 s: the fast tier stays under 5 minutes on the 2-core CPU (CI runs both)
 def test_sweep_runs_resumes_and_reports(tmp_path, capsys):
     grid = write_grid(tmp_path, experiment="kv_capacity", flags={"models": "llama3_8b", "cards": "h100_80gb"},
                       grid={"kv_dtype": ["bfloat16", "int8"], "context": [2048, 8192]}, repeats=1)

@@ -145,6 +145,7 @@ def test_speculative_decoding_under_tp(checks):
     assert tokens["eagle_tp4_tokens_per_pass"] > 1
 
 
+@pytest.mark.slow  # 8 s: the fast tier stays under 5 minutes on the 2-core CPU (CI runs both)
 def test_two_processes_run_one_generation(checks):
     """Two processes on localhost, one CPU device each, tensor parallel over both through
     jax.distributed (gloo collectives): the tokens of a single process at tp = 1. In the fast tier
