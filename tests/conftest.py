@@ -67,3 +67,23 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The shipped tiny model (float32)."""
+    import jaxinfer as ji
+
+    return ji.load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def hf_tiny():
+    """The same checkpoint in HF transformers (float32, eval mode): the reference."""
+    import torch
+    import transformers
+
+    from jaxinfer.checkpoints.weights import ASSETS_DIR
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ASSETS_DIR, "tiny"), dtype=torch.float32)
+    return model.eval()

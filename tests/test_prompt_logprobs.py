@@ -6,33 +6,19 @@ recompiled for them; lm-eval's rolling windows (values taken from lm-eval 0.4.13
 
 from __future__ import annotations
 
-import os
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import torch
-import transformers
 
 import jaxinfer as ji
-from jaxinfer.checkpoints.weights import ASSETS_DIR
 from jaxinfer.engine import runner as runner_lib
 from jaxinfer.engine.scoring import rolling_windows
 from jaxinfer.serving import server
 
 KEY = "sk-test-key"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return ji.load_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def hf_tiny():
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ASSETS_DIR, "tiny"), dtype=torch.float32)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

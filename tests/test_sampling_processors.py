@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,6 @@ from helpers import run_main
 
 import jaxinfer as ji
 from experiments import bench_sampler
-from jaxinfer.checkpoints.weights import ASSETS_DIR
 from jaxinfer.sampling import processors, sampler
 from jaxinfer.sampling.processors import Row, Vocab
 from jaxinfer.sampling.sampler import SamplingBatch
@@ -292,17 +290,6 @@ def test_bench_sampler_times_every_variant(tmp_path, capsys):
 
 PROMPTS = ["def fibonacci(n):", "The quick brown fox"]
 ENGINE_PARAMS = dict(repetition_penalty=1.3, min_tokens=6, bad_token_ids=(32,), logit_bias={101: 2.5})
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return ji.load_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def hf_tiny():
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ASSETS_DIR, "tiny"), dtype=torch.float32)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Sequence as Seq
 
 from jaxinfer import sharding
@@ -184,6 +184,19 @@ class Engine:
             if rid in self.requests:
                 self.abort(rid)
 
+    def add_all(self, requests: Iterable[tuple[str, dict]]) -> list[int]:
+        """Add every (label, add_request's keyword arguments) or none: a ValueError aborts the ones
+        already added and is raised again with the label of the request it concerns."""
+        ids: list[int] = []
+        for label, kwargs in requests:
+            try:
+                ids.append(self.add_request(**kwargs))
+            except ValueError as e:
+                for rid in ids:
+                    self.abort(rid)
+                raise ValueError(f"{label}: {e}") from None
+        return ids
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -196,14 +209,8 @@ class Engine:
         if isinstance(prompts, str) or not len(prompts):
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
         params, adapters = prepare_sampling(sampling, len(prompts)), prepare_adapters(adapters, len(prompts))
-        ids: list[int] = []
-        for i, (p, sp, adapter) in enumerate(zip(prompts, params, adapters)):
-            try:
-                ids.append(self.add_request(p, sp, seed=i, adapter=adapter))
-            except ValueError as e:
-                for rid in ids:
-                    self.abort(rid)
-                raise ValueError(f"prompts[{i}]: {e}") from None
+        ids = self.add_all((f"prompts[{i}]", {"prompt": p, "sampling": sp, "seed": i, "adapter": adapter})
+                           for i, (p, sp, adapter) in enumerate(zip(prompts, params, adapters)))
         done: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while self.has_unfinished():

@@ -126,14 +126,9 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int,
 def _prompt_logprobs(engine, prompts: list[list[int]], froms: list[int], index: list[int],
                      adapter: str | None) -> list[list]:
     """Run prompts as scoring requests (log-probabilities from froms[i] on); their prompt_logprobs."""
-    ids = []
-    for prompt, start, i in zip(prompts, froms, index):
-        try:
-            ids.append(engine.add_request(prompt, _SCORING, adapter=adapter, prompt_logprobs_from=start))
-        except ValueError as e:
-            for rid in ids:
-                engine.abort(rid)
-            raise ValueError(f"pair {i} (contexts[{i}] + continuations[{i}]): {e}") from None
+    ids = engine.add_all((f"pair {i} (contexts[{i}] + continuations[{i}])",
+                          {"prompt": prompt, "sampling": _SCORING, "adapter": adapter, "prompt_logprobs_from": start})
+                         for prompt, start, i in zip(prompts, froms, index))
     done = {}
     wanted = set(ids)
     while len(done) < len(ids) and engine.has_unfinished():
