@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO
 
 EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "experiments"))
-                     if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+                     if f.endswith(".py") and not f.startswith("_") and f != "common.py")  # _x.py: a helper module
 MISSING = "/nonexistent/folder"
 
 # (experiment, arguments, what its one error line says); {tmp} is a folder the test fills first.
