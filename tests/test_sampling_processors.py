@@ -168,7 +168,7 @@ def hf_filter(x, top_k, top_p, min_p) -> np.ndarray:
 
 
 @pytest.mark.parametrize("top_k, top_p, min_p", [(5, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.2), (12, 0.8, 0.05),
-                                                 (3, 0.5, 0.3), (0, 1.0, 0.0)])
+                                                 (3, 0.5, 0.3), (0, 1.0, 0.0), (V + 3, 1.0, 0.0), (2**40, 0.9, 0.0)])
 def test_filter_equals_hf_warpers(rng, top_k, top_p, min_p):
     x = (rng.normal(size=(6, V)) * 2.5).astype(np.float32)
     sp = SamplingBatch.from_params([ji.SamplingParams(top_k=top_k, top_p=top_p, min_p=min_p)] * 6, range(6))

@@ -81,7 +81,7 @@ class SamplingBatch:
             logprobs = LogprobsRequest(np.asarray([p.logprobs_mode == "processed" for p in params]), top_bucket(asks))
         return cls(
             temperature=np.asarray([p.temperature for p in params], np.float32),
-            top_k=np.asarray([p.top_k for p in params], np.int32),
+            top_k=np.asarray([min(p.top_k, 2**31 - 1) for p in params], np.int32),  # any k over V: no cut
             top_p=np.asarray([p.top_p for p in params], np.float32),
             min_p=np.asarray([p.min_p for p in params], np.float32),
             seed=np.asarray([r.seed if r is not None else 0 for r in rows], np.uint32),
