@@ -65,6 +65,7 @@ flags.DEFINE_integer("prompt_len", None, "Prompt tokens (default: the script's; 
                      "the mean of its distribution).")
 flags.DEFINE_integer("max_tokens", None, "Tokens to generate per prompt (default: the script's).")
 flags.DEFINE_string("plot", "", "Write the script's plot to this PNG ('' = no plot).")
+flags.DEFINE_string("table", "", "Write the script's markdown table here ('' = print it only).")
 flags.DEFINE_integer("runs", None, "Timed runs per variant; the median is reported (default: the script's).")
 flags.DEFINE_integer("calls", 50, "Back-to-back calls per timed run.")
 flags.DEFINE_list("batch_sizes", None, "Batch sizes to measure, one run each (default: the script's).")
@@ -188,7 +189,7 @@ def engine_config(**overrides) -> ji.EngineConfig:
 
 # Optional extras: the module, and the extra of pyproject.toml that installs it.
 EXTRAS = {"matplotlib": "plots", "ray": "ray", "fastapi": "serve", "uvicorn": "serve", "httpx": "serve",
-          "torch": "peers", "transformers": "peers"}
+          "torch": "peers", "transformers": "peers", "lm_eval": "eval"}
 # Flags naming paths, checked by `run` before main when the experiment takes them and they are set.
 OUTPUT_FILES = ("out", "plot", "report", "markdown", "table", "save_corpus")  # its folder must be writable
 OUTPUT_FOLDERS = ("out_dir", "ckpt_dir", "runs_dir")  # a folder the run creates (or resumes)

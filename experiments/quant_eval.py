@@ -56,9 +56,8 @@ flags.DEFINE_float("outlier", 0.0, "Make hidden channel 5 this many times larger
                    "outlier SmoothQuant is for.")
 flags.DEFINE_float("smooth_alpha", 0.5, "SmoothQuant's migration strength for w8a8-int8-smooth names without an "
                    "-a<alpha> suffix (a suffix wins).")
-for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp"):
+for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp", "table"):
     flags.declare_key_flag(_name)
-flags.DEFINE_string("table", "", "Write a markdown table here.")
 
 
 OUTLIER_CHANNEL = 5

@@ -5,7 +5,7 @@
   python -m jaxinfer.experiments.sweep_report --dir=runs/batching --x=max_batch --y=throughput_tok_s --group=batching
 
 --grid is a JSON file, or the name of a grid shipped in jaxinfer/configs/sweeps (batching, kv_capacity,
-lora, page_size, quant, spec). A grid file:
+eval, lora, page_size, quant, spec). A grid file:
   {"experiment": "kv_capacity", "flags": {"models": "llama3_8b"},
    "grid": {"kv_dtype": ["bfloat16", "int8"], "context": [2048, 8192]}, "repeats": 1}
 runs the product of the grid's values (and/or an explicit "points": [{flag: value, ...}] list), each

@@ -69,6 +69,7 @@ BAD_INPUT = [
     ("qat", ["--qat_schemes=int9"], "--qat_schemes: weights='int9': bits=9 is not one of"),
     ("eval_tiny", ["--windows=0"], "--windows=0 must be >= 1"),
     ("soak", ["--max_lora_rank=8"], "--max_lora_rank is not a flag of soak"),
+    ("eval_tasks", [], r"eval_tasks needs lm_eval: pip install 'jaxinfer\[eval\]'"),
 ]
 
 

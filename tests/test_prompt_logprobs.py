@@ -8,6 +8,8 @@ from __future__ import annotations
 
 
 import httpx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
@@ -16,6 +18,7 @@ import torch
 import jaxinfer as ji
 from jaxinfer.engine import runner as runner_lib
 from jaxinfer.engine.scoring import rolling_windows
+from jaxinfer.models import decoder as model_lib
 from jaxinfer.serving import server
 
 KEY = "sk-test-key"
@@ -53,7 +56,9 @@ def _check(prompt, entries, ref, n: int, start: int = 1) -> None:
 @pytest.mark.parametrize("config", [
     pytest.param(ji.EngineConfig(max_batch=4, page_size=8), marks=pytest.mark.slow),
     ji.EngineConfig(max_batch=4, page_size=4, max_tokens_per_step=8),  # prompts over 3-8 chunks
-], ids=["one_chunk", "chunked"])
+    pytest.param(ji.EngineConfig(max_batch=4, page_size=4, max_tokens_per_step=8,
+                                 speculative=ji.SpeculativeConfig(method="ngram", num_tokens=3)), marks=pytest.mark.slow),
+], ids=["one_chunk", "chunked", "speculative"])
 def test_prompt_logprobs_equal_hf_log_softmax(tiny, reference, config):
     """Every prompt token's log-probability, rank and top-3 (beside a request that does not ask,
     whose tokens are unchanged, and generated-token logprobs of the same request)."""
@@ -93,6 +98,30 @@ def test_prefix_cache_is_bypassed_for_the_logits_needed_and_shared_below(tiny, r
         engine.add_request(prompt, ji.SamplingParams(prompt_logprobs=1), prompt_logprobs_from=41)
     with pytest.raises(ValueError, match="needs sampling.prompt_logprobs"):
         engine.add_request(prompt, ji.SamplingParams(), prompt_logprobs_from=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_logprobs_with_a_quantised_kv_cache_are_the_models_with_that_cache(tiny, reference, kv_dtype):
+    """An int8 / fp8 KV cache changes the logits: the reference is the model's own full pass reading
+    keys and values as that cache holds them (decoder.Impl(kv_dtype), the numerics bits_per_byte
+    measures), not the float model's; the float model's differ, so the comparison can tell."""
+    prompts = _prompts(11, (26, 9))
+    sp = ji.SamplingParams(max_tokens=5, temperature=0.0, prompt_logprobs=3, logprobs=2)
+    outs = ji.Engine(tiny, ji.EngineConfig(max_batch=4, page_size=4, max_tokens_per_step=8,
+                                           kv_dtype=kv_dtype)).generate(prompts, sp)
+    impl = model_lib.Impl(kv_dtype=kv_dtype)
+    for prompt, out in zip(prompts, outs):
+        tokens = jnp.asarray([prompt + out.token_ids], jnp.int32)
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        logits = model_lib.forward(tiny.params, tiny.config, tokens, positions, impl=impl).logits[0]
+        ref = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
+        _check(prompt, out.prompt_logprobs, ref, 3)
+        for j, (token, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert lp.logprob == pytest.approx(ref[len(prompt) - 1 + j][token], abs=1e-4)
+        float_ref = reference(prompt + out.token_ids)
+        assert max(abs(e.logprob - float_ref[q - 1][prompt[q]]) for q, e in enumerate(out.prompt_logprobs)
+                   if e is not None) > 1e-4
 
 
 @pytest.mark.slow

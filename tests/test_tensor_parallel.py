@@ -112,6 +112,13 @@ def test_int4_weights_lora_and_int8_kv_under_tp2(checks):
 
 
 @pytest.mark.slow
+def test_logprobs_equal_across_tp():
+    result = _ok(_run_checks("logprobs")["logprobs"])
+    assert result["tokens_equal"] and result["same_top"] and result["entries"] == 25 + 2 * 6  # prompts, tokens
+    assert result["max_abs_error"] <= 1e-4, result
+
+
+@pytest.mark.slow
 def test_lora_over_replicated_kv_heads():
     tokens = _ok(_run_checks("lora_replicated_kv_heads")["lora_replicated_kv_heads"])["tokens"]
     assert tokens["1"] == tokens["4"]

@@ -179,6 +179,26 @@ def lora_replicated_kv_heads() -> dict:
     return {"tokens": tokens}
 
 
+@check
+def logprobs() -> dict:
+    """Prompt and generated-token log-probabilities (top-3) at tp = 2 against tp = 1, over chunked
+    prompts: the largest difference of any log-probability, and whether the top ids agree."""
+    sp = ji.SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=3, logprobs=3)
+    runs = {}
+    for tp in (1, 2):
+        engine = ji.Engine(_tiny(), ji.EngineConfig(tp=tp, max_tokens_per_step=8, **SHAPE))
+        runs[tp] = engine.generate(PROMPTS, sp)
+    error, same_top = 0.0, True
+    for a, b in zip(runs[1], runs[2]):
+        pairs = [(x, y) for x, y in zip(a.prompt_logprobs, b.prompt_logprobs) if x is not None]
+        pairs += list(zip(a.logprobs, b.logprobs))
+        for x, y in pairs:
+            error = max(error, abs(x.logprob - y.logprob), *(abs(u - v) for (_, u), (_, v) in zip(x.top, y.top)))
+            same_top &= [t for t, _ in x.top] == [t for t, _ in y.top]
+    return {"max_abs_error": error, "same_top": same_top, "tokens_equal": [o.token_ids for o in runs[1]] ==
+            [o.token_ids for o in runs[2]], "entries": sum(len(o.prompt_logprobs) + len(o.logprobs) for o in runs[1])}
+
+
 def _tokens_counting_shard_maps(engine) -> tuple[list[list[int]], collections.Counter]:
     """The engine's greedy tokens, and the functions it wrapped per shard (jax.shard_map), by name."""
     shard_maps: collections.Counter = collections.Counter()
