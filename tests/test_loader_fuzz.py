@@ -249,6 +249,22 @@ def test_damaged_gguf_is_refused_by_name(tmp_path_factory, kind, where, junk):
             ji.load_model(str(source))))
 
 
+def test_gguf_tensors_that_overlap_are_refused(tmp_path):
+    """A tensor table whose second tensor points into the first's bytes (each alone in bounds)."""
+    source = tmp_path / "ok.gguf"
+    cfg = gguf_config("llama")
+    write_gguf(source, cfg, _random_params(cfg, 0))
+    reader = gguf.GGUFReader(source)
+    first, second = reader.tensors[0], reader.tensors[1]
+    at = second.field.offset + sum(p.nbytes for p in second.field.parts[:-1])  # its offset: the last part
+    data = bytearray(source.read_bytes())
+    data[at : at + 8] = np.uint64(first.data_offset - reader.data_offset).tobytes()
+    path = tmp_path / "overlap.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ji.CheckpointError, match=f"tensors .*{first.name}.* overlap"):
+        ji.load_model(str(path))
+
+
 @FUZZ
 @given(junk=st.binary(max_size=64), keep=st.floats(0, 1))
 def test_damaged_tokenizer_files_are_named(dense, junk, keep):

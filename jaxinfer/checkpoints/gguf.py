@@ -102,6 +102,10 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         end = t.data_offset + t.n_bytes
         if end > size:
             raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends at byte {end}, the file has {size}")
+    spans = sorted((t.data_offset, t.data_offset + t.n_bytes, t.name) for t in reader.tensors)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:  # two tensors would read the same bytes: a corrupt tensor table
+            raise CheckpointError(f"{path} is corrupt: tensors {a!r} and {b!r} overlap (at bytes {start} to {end})")
     return reader
 
 
