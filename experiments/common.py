@@ -65,6 +65,8 @@ flags.DEFINE_integer("prompt_len", None, "Prompt tokens (default: the script's; 
                      "the mean of its distribution).")
 flags.DEFINE_integer("max_tokens", None, "Tokens to generate per prompt (default: the script's).")
 flags.DEFINE_string("plot", "", "Write the script's plot to this PNG ('' = no plot).")
+flags.DEFINE_integer("calib_sequences", 256, "Calibration sequences (AWQ, GPTQ, SmoothQuant, static FP8).")
+flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
 flags.DEFINE_string("table", "", "Write the script's markdown table here ('' = print it only).")
 flags.DEFINE_integer("runs", None, "Timed runs per variant; the median is reported (default: the script's).")
 flags.DEFINE_integer("calls", 50, "Back-to-back calls per timed run.")

@@ -40,12 +40,13 @@ from . import common
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["jaxinfer_pydoc_cloze"], "lm-eval tasks (the shipped configs/tasks/ ones, or lm-eval's).")
 flags.DEFINE_string("quant", "dense", "Weight scheme (jaxinfer.quant.spec: dense, int8, int4-gptq-g128, "
-                    "w8a8-int8-smooth, w8a8-fp8, ...); calibrated schemes draw windows with --seed.")
+                    "w8a8-int8-smooth, w8a8-fp8, ...); calibrated schemes draw --calib_sequences windows of "
+                    "--calib_len held-out tokens with --seed.")
 flags.DEFINE_integer("limit", 0, "Documents per task (0: all).")
 flags.DEFINE_integer("num_fewshot", 0, "Few-shot examples per prompt.")
 flags.DEFINE_string("baseline", "", "Another eval_tasks JSON: add paired differences against it.")
-for _name in ("model", "dtype", "seed", "out", "table", "windows", "seq_len", *common.ENGINE_FLAGS,
-              "spec", "spec_tokens", "spec_draft"):
+for _name in ("model", "dtype", "seed", "calib_sequences", "calib_len", "out", "table", "windows", "seq_len",
+              *common.ENGINE_FLAGS, "spec", "spec_tokens", "spec_draft"):
     flags.declare_key_flag(_name)
 
 MC_METRICS = ("acc", "acc_norm")
@@ -56,7 +57,8 @@ def model_args() -> dict:
     engine = {name: FLAGS[name].value for name in common.ENGINE_FLAGS}
     engine["kv_budget_tokens"] = engine["kv_budget_tokens"] or None
     engine["kv_dtype"] = engine["kv_dtype"] or None
-    return {"model": FLAGS.model, "dtype": FLAGS.dtype, "quant": FLAGS.quant, "seed": FLAGS.seed, "spec": FLAGS.spec,
+    return {"model": FLAGS.model, "dtype": FLAGS.dtype, "quant": FLAGS.quant, "seed": FLAGS.seed,
+            "calib_sequences": FLAGS.calib_sequences, "calib_len": FLAGS.calib_len, "spec": FLAGS.spec,
             "spec_tokens": FLAGS.spec_tokens, "spec_draft": FLAGS.spec_draft or None, **engine}
 
 

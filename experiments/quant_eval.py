@@ -48,15 +48,14 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("schemes", ["dense", "int8", "int4-rtn-g32", "int4-awq-g32", "int4-gptq-g32", "int4-rtn-g128",
                               "int4-awq-g128", "int4-gptq-g128", "int4-gptq-g128-act", "int4-rtn-pc", "int4-awq-pc",
                               "int4-gptq-pc"], "Weight schemes to compare (first: the reference).")
-flags.DEFINE_integer("calib_sequences", 256, "Calibration sequences (AWQ, GPTQ).")
-flags.DEFINE_integer("calib_len", 256, "Tokens per calibration sequence.")
 flags.DEFINE_integer("decode_tokens", 128, "Tokens to decode when timing batch-1 decode (0: skip).")
 flags.DEFINE_float("outlier", 0.0, "Make hidden channel 5 this many times larger at the q/k/v and gate/up inputs "
                    "before quantising (a float-exact change, quant.w8a8.inject_outlier; 0: none): the activation "
                    "outlier SmoothQuant is for.")
 flags.DEFINE_float("smooth_alpha", 0.5, "SmoothQuant's migration strength for w8a8-int8-smooth names without an "
                    "-a<alpha> suffix (a suffix wins).")
-for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp", "table"):
+for _name in ("model", "windows", "seq_len", "matmul", "out", "kv_dtype", "tp", "table", "calib_sequences",
+              "calib_len"):
     flags.declare_key_flag(_name)
 
 

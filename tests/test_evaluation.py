@@ -105,6 +105,7 @@ def test_registered_and_model_args_reach_the_engine():
     ({"model": "tiny", "kv_dtype": "int4"}, "kv_dtype"),
     ({"model": "tiny", "adapter": "/no/such/dir"}, "adapter="),
     ({"model": "tiny", "dtype": "float64"}, "dtype="),
+    ({"model": "tiny", "calib_sequences": 0}, "calib_sequences=0 must be an integer >= 1"),
 ])
 def test_bad_model_args_are_refused_before_loading(args, words):
     with pytest.raises(ValueError, match=words):

@@ -7,7 +7,8 @@ an adapter in the engine's LoRA slots). It needs no lm-eval: the backend (backen
   dtype       float32 (default), bfloat16 or float16
   quant       a weight scheme of jaxinfer.quant.spec (dense, int8, int4-rtn-g128, int4-awq-g128,
               w8a8-int8-smooth, w8a8-fp8, ...); calibrated schemes draw their calibration windows
-              with `seed`; a checkpoint that loads packed (a Q4 GGUF file) is dequantised first
+              with `seed`, calib_sequences windows of calib_len tokens (default 256 x 256, as
+              experiments.quant_eval); a checkpoint that loads packed (a Q4 GGUF file) is dequantised first
               and re-quantised from there, as experiments.quant_eval does
   spec        a speculative method (jaxinfer.speculative.DRAFTERS) or none; spec_tokens (k) and
               spec_draft (default: the method's shipped drafter)
@@ -27,6 +28,7 @@ from typing import NamedTuple
 
 import jaxinfer as ji
 from jaxinfer import quant
+from jaxinfer.quant import calibration as calib
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.quant.spec import scheme_from_name
 from jaxinfer.speculative import DRAFTERS
@@ -35,7 +37,8 @@ from jaxinfer.speculative.config import SHIPPED_DRAFTERS
 ADAPTER = "eval"  # the name the adapter is added under
 # The engine options taken as they are (speculative is built from the spec* arguments).
 ENGINE_OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "speculative")
-MODEL_OPTIONS = ("model", "dtype", "quant", "seed", "spec", "spec_tokens", "spec_draft", "adapter")
+MODEL_OPTIONS = ("model", "dtype", "quant", "seed", "calib_sequences", "calib_len", "spec", "spec_tokens", "spec_draft",
+                 "adapter")
 # The shipped drafter of each method that needs one (a method's default spec_draft).
 DEFAULT_DRAFTS = {method: name for name, method in SHIPPED_DRAFTERS.items()}
 
@@ -53,7 +56,8 @@ def check_options(args: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown model argument(s) {', '.join(unknown)}; known: "
                          f"{', '.join(MODEL_OPTIONS + ENGINE_OPTIONS)}")
-    options = {"dtype": "float32", "quant": "dense", "seed": 0, "spec": "none", "spec_tokens": 5,
+    options = {"dtype": "float32", "quant": "dense", "seed": 0, "calib_sequences": calib.DEFAULT_NUM_SEQUENCES,
+               "calib_len": calib.DEFAULT_SEQ_LEN, "spec": "none", "spec_tokens": 5,
                "spec_draft": None, "adapter": None, **args}
     if not isinstance(options.get("model"), str) or not options["model"]:
         raise ValueError("model is required: a shipped model name (tiny, smollm2-135m), a GGUF file or a "
@@ -66,7 +70,7 @@ def check_options(args: dict) -> dict:
         raise ValueError(f"quant={options['quant']!r}: {e}") from None
     if options["spec"] not in ("none", *DRAFTERS):
         raise ValueError(f"spec={options['spec']!r} is not one of none, {', '.join(DRAFTERS)}")
-    for name, least in (("spec_tokens", 1), ("seed", 0)):
+    for name, least in (("spec_tokens", 1), ("seed", 0), ("calib_sequences", 1), ("calib_len", 1)):
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name}={value!r} must be an integer >= {least}")
@@ -97,7 +101,8 @@ def build(args: dict) -> Built:
     if scheme_from_name(str(options["quant"])) is not None and any(
             isinstance(w, quant.PACKED) for w in model.params["layers"].values()):
         model = dataclasses.replace(model, params=quant.dequantize_params(model.params))  # a packed GGUF / GPTQ file
-    model = quant.quantize_by_name(model, str(options["quant"]), seed=options["seed"], progress=False)
+    model = quant.quantize_by_name(model, str(options["quant"]), seed=options["seed"], progress=False,
+                                   num_sequences=options["calib_sequences"], seq_len=options["calib_len"])
     engine = ji.Engine(model, config)
     if options["adapter"] is not None:
         engine.add_adapter(ADAPTER, str(options["adapter"]))
