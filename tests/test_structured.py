@@ -145,7 +145,7 @@ def test_sampled_json_validates_regex_and_choice_match(engine):
     batch: every finished JSON output validates, most finish, regex and choice outputs match, and a
     budget too small to finish says "length"."""
     schemas = sample(8)
-    outs = _run_corpus(engine, schemas, 48)
+    outs = _run_corpus(engine, schemas, 96)
     assert sum(o.finish_reason == "stop" for o in outs) >= 5
     more = engine.generate([PROMPT] * 5, [_sp(24, 1.0, 1, regex=REGEX), _sp(24, 1.0, 2, choice=CHOICE),
                                           _sp(24, 1.0, 3, json_object=True), ji.SamplingParams(max_tokens=8, seed=4),
