@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 from llguidance.numpy import allocate_token_bitmask, apply_token_bitmask_inplace, fill_next_token_bitmask
-from structured_schemas import corpus, sample
+from experiments._structured_schemas import corpus, sample
 
 import jaxinfer as ji
 from jaxinfer import structured

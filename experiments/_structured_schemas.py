@@ -1,5 +1,5 @@
-"""A corpus of JSON schemas of the kinds people send for structured output, generated from a few
-dozen templates: nested objects, arrays with min/max items, enums, string patterns and formats,
+"""A corpus of JSON schemas of the kinds people send for structured output (shared by
+tests/test_structured.py and experiments/bench_structured.py), generated from a few dozen templates: nested objects, arrays with min/max items, enums, string patterns and formats,
 numbers with bounds, optional fields, $ref and anyOf. `corpus()` gives (label, schema) pairs,
 each label the template's name and its variant."""
 
