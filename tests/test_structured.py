@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import llguidance
@@ -21,7 +22,7 @@ from llguidance.numpy import allocate_token_bitmask, apply_token_bitmask_inplace
 from experiments._structured_schemas import corpus, sample
 
 import jaxinfer as ji
-from jaxinfer import structured
+from jaxinfer import lora, structured
 from jaxinfer.engine import runner as runner_lib
 from jaxinfer.sampling.processors import pack_bitmask
 from jaxinfer.serving import server
@@ -76,6 +77,8 @@ def test_bad_constraints_are_refused_when_made(kwargs, message):
         ji.StructuredOutput(**kwargs)
     with pytest.raises(ValueError, match="structured must be a jaxinfer.StructuredOutput"):
         ji.SamplingParams(structured={"regex": "a"})
+    with pytest.raises(ValueError, match="min_tokens=2 cannot be combined with structured output"):
+        ji.SamplingParams(min_tokens=2, structured=ji.StructuredOutput(regex="b?"))
 
 
 def test_matcher_follows_a_document_and_rolls_back(tiny):
@@ -233,6 +236,44 @@ def test_n_samples_fork_their_matchers_and_stop_strings_still_cut(engine):
     (cut,) = engine.generate([PROMPT], [ji.SamplingParams(max_tokens=48, temperature=0.0, stop=[","],
                                                           structured=ji.StructuredOutput(json_schema=PERSON))])
     assert cut.finish_reason == "stop" and "," not in cut.text and cut.text.startswith('{"name":')
+
+
+def test_a_request_whose_matcher_is_being_built_waits_without_holding_back_the_batch(tiny):
+    """A backend whose matchers wait for a signal: the free request runs to its end while the
+    constrained one waits unscheduled; once its matcher is built it runs and follows its regex."""
+    release = threading.Event()
+
+    class Held(structured.LLGuidanceBackend):
+        def matcher(self, compiled):
+            release.wait(30)
+            return super().matcher(compiled)
+
+    e = ji.Engine(tiny, ji.EngineConfig(max_batch=4))
+    e.grammars = structured.Grammars(lambda: Held(tiny.tokenizer.to_json(), tiny.config.vocab_size, [257]))
+    held = e.add_request(PROMPT, _sp(24, 1.0, 1, regex=REGEX))
+    free = e.add_request(PROMPT, ji.SamplingParams(max_tokens=6, seed=2))
+    done = {}
+    while free not in done:
+        done.update((o.request_id, o) for o in e.step() if o.finished)
+    assert held not in done and e.scheduler.waiting and not e.scheduler.running
+    release.set()
+    while e.has_unfinished():
+        done.update((o.request_id, o) for o in e.step() if o.finished)
+    assert re.fullmatch(REGEX, done[held].text) and done[held].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_constrained_rows_under_a_lora_adapter_equal_the_merged_model(tiny):
+    """A LoRA adapter's constrained greedy output equals the merged model's, beside a base-model row."""
+    adapter = lora.random_adapter(tiny.config, 4, std=0.2, seed=1)
+    e = ji.Engine(tiny, ji.EngineConfig(max_adapters=1, max_lora_rank=4))
+    e.add_adapter("a", adapter)
+    sps = [_sp(40, 0.0, json_schema=PERSON), _sp(24, 0.0, regex=REGEX)]
+    outs = e.generate([PROMPT] * 4, sps * 2, adapters=["a", "a", None, None])
+    merged = ji.Engine(lora.merge(tiny, adapter)).generate([PROMPT] * 2, sps)
+    base = ji.Engine(tiny).generate([PROMPT] * 2, sps)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in merged + base]
+    assert [o.token_ids for o in merged] != [o.token_ids for o in base]  # the adapter changes the output
 
 
 def test_batches_without_constrained_rows_compile_nothing_new(tiny):

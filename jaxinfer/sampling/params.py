@@ -154,6 +154,9 @@ class SamplingParams:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise ValueError(f"structured must be a jaxinfer.StructuredOutput, got {type(self.structured).__name__}")
+        if self.structured is not None and self.min_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} cannot be combined with structured output: the constraint "
+                             f"decides where the output may end (EOS is allowed only there)")
         if self.extra_args is not None:
             if not isinstance(self.extra_args, Mapping) or not all(isinstance(k, str) for k in self.extra_args):
                 raise ValueError(f"extra_args must be a mapping with string keys, got {self.extra_args!r}")
