@@ -161,6 +161,14 @@ def test_sampled_json_validates_regex_and_choice_match(engine):
     assert more[4].finish_reason == "length" and len(more[4].token_ids) == 3
 
 
+def test_a_temperature_near_float32s_largest_keeps_the_mask(engine):
+    """At temperature 2**126 the reciprocal underflows: a banned token must stay banned, not turn
+    NaN (a NaN row would draw token 0, outside the grammar)."""
+    outs = engine.generate(["0"] * 2, [_sp(16, 2.0**126, 3, json_object=True), _sp(16, 3e38, 4, regex=REGEX)])
+    assert outs[0].finish_reason in ("stop", "length") and outs[0].text.startswith("{"), outs[0].error
+    assert re.fullmatch(REGEX, outs[1].text), outs[1].error
+
+
 @pytest.mark.slow
 def test_the_whole_corpus_validates(tiny):
     """All 132 schemas of the corpus at temperature 1 on the tiny model."""
