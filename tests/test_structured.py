@@ -270,6 +270,21 @@ def test_a_request_whose_matcher_is_being_built_waits_without_holding_back_the_b
     assert re.fullmatch(REGEX, done[held].text) and done[held].finish_reason == "stop"
 
 
+def test_xgrammar_backend_follows_the_same_constraints(tiny, engine):
+    """The optional backend (skipped without the structured-xgrammar extra): sampled JSON validates,
+    and greedy regex and choice output equals llguidance's (the same language over a byte-level
+    vocabulary gives the same masks)."""
+    pytest.importorskip("xgrammar")
+    e = ji.Engine(tiny, ji.EngineConfig(max_batch=16, structured_backend="xgrammar"))
+    assert e.grammars.backend.name == "xgrammar"
+    _run_corpus(e, sample(6), 96)
+    sps = [_sp(24, 0.0, regex=REGEX), _sp(24, 0.0, choice=CHOICE), _sp(24, 1.0, 5, choice=CHOICE)]
+    assert [o.token_ids for o in e.generate([PROMPT] * 3, sps)] == [o.token_ids for o in engine.generate(
+        [PROMPT] * 3, sps)]
+    with pytest.raises(ValueError, match=re.escape("structured.regex does not compile (xgrammar)")):
+        e.add_request(PROMPT, _sp(regex="a[b"))
+
+
 @pytest.mark.slow
 def test_constrained_rows_under_a_lora_adapter_equal_the_merged_model(tiny):
     """A LoRA adapter's constrained greedy output equals the merged model's, beside a base-model row."""

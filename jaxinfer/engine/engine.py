@@ -85,7 +85,8 @@ class Engine:
                                    adapters=self.adapters if config.max_adapters else None)
         self.rules = StopRules(model)
         # Structured output: constraints compiled (cached by text) and matchers built off the step loop.
-        self.grammars = structured.for_tokenizer(model.tokenizer, model.config.vocab_size, Vocab.of(model).eos_ids)
+        self.grammars = structured.for_tokenizer(model.tokenizer, model.config.vocab_size, Vocab.of(model).eos_ids,
+                                                 config.structured_backend)
         self.requests = RequestTable(self.rules)  # by id: sequences, deadlines, outputs and streams
         self.events = SequenceEvents(self.requests, self.scheduler, self.runner)
         self._next_id = 0

@@ -5,6 +5,7 @@ backend.py     the backend interface (compile, matcher: advance, fill the bitmas
                complete, fork) and Grammars (compiled constraints cached by text; matchers built
                on a thread pool)
 llguidance_backend.py  the default backend
+xgrammar_backend.py    the optional second (pip install 'jaxinfer[structured-xgrammar]')
 
 The engine applies a constrained row's mask as the `grammar` logits processor
 (jaxinfer/sampling/processors.py): filled on the host from the row's matcher before each token,
@@ -14,8 +15,9 @@ applied on the device before temperature, top-k and top-p.
 from jaxinfer.structured.backend import Backend, Grammars, Matcher
 from jaxinfer.structured.llguidance_backend import LLGuidanceBackend, LLGuidanceMatcher
 from jaxinfer.structured.spec import StructuredOutput
+from jaxinfer.structured.xgrammar_backend import XGrammarBackend, XGrammarMatcher
 
-BACKENDS = {"llguidance": LLGuidanceBackend}
+BACKENDS = {"llguidance": LLGuidanceBackend, "xgrammar": XGrammarBackend}
 
 
 def for_tokenizer(tokenizer, vocab_size: int, eos_ids, backend: str = "llguidance") -> Grammars:
@@ -33,4 +35,4 @@ def for_tokenizer(tokenizer, vocab_size: int, eos_ids, backend: str = "llguidanc
 
 
 __all__ = ["BACKENDS", "Backend", "Grammars", "LLGuidanceBackend", "LLGuidanceMatcher", "Matcher",
-           "StructuredOutput", "for_tokenizer"]
+           "StructuredOutput", "XGrammarBackend", "XGrammarMatcher", "for_tokenizer"]
