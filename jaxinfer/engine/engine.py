@@ -13,6 +13,10 @@ their pages. A plan with decode work only becomes a decode call of up to `decode
 one's tokens are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an
 adapter registry (jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits
 a sequence.
+Structured output (SamplingParams.structured; jaxinfer/structured): add_request compiles the
+constraint (cached by its text; ValueError naming the field when it does not compile) and builds the
+request's matcher on a thread pool; the scheduler admits the sequence once it is built, and the rows
+of constrained sequences decode one step per call, not overlapped (the `grammar` processor).
 With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
 (jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
 
