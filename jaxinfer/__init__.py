@@ -11,6 +11,7 @@ from jaxinfer.models.decoder import forward, forward_logits, init_params
 from jaxinfer.models.kv_cache import KVCache, PagedKVCache
 from jaxinfer.sampling.params import SamplingParams
 from jaxinfer.speculative import DraftTree, SpeculativeConfig
+from jaxinfer.structured import StructuredOutput
 
 __all__ = [
     "ByteTokenizer",
@@ -28,6 +29,7 @@ __all__ = [
     "RopeConfig",
     "SamplingParams",
     "SpeculativeConfig",
+    "StructuredOutput",
     "DraftTree",
     "forward",
     "forward_logits",

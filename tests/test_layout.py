@@ -75,7 +75,7 @@ def test_no_import_cycle():
 # The layers, bottom up: a module may import modules of its own layer and of the layers below.
 LAYERS = [
     ("pallas_kernels",),
-    ("jaxinfer.buckets", "jaxinfer.sampling"),
+    ("jaxinfer.buckets", "jaxinfer.sampling", "jaxinfer.structured"),
     ("jaxinfer.models", "jaxinfer.sharding"),
     ("jaxinfer.checkpoints", "jaxinfer.quant", "jaxinfer.lora", "jaxinfer.data", "jaxinfer.memory"),
     ("jaxinfer.speculative",),

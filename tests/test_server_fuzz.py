@@ -43,9 +43,9 @@ ROUTES = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatC
 # What a body the schema accepts may still be refused for: the model's own checks (its name, the prompt's tokens, a
 # logit_bias id past the vocabulary) and the checks between fields a JSON schema cannot state (best_of against n,
 # min_tokens against max_tokens, top_logprobs without logprobs, max_tokens 0 without echo, echo or prompt_logprobs with
-# stream).
+# stream), and a structured output constraint that does not compile against the tokenizer (or names two).
 MODEL_CHECKS = ("model", "prompt", "messages", "best_of", "logit_bias", "min_tokens", "top_logprobs", "max_tokens",
-                "echo", "prompt_logprobs")
+                "echo", "prompt_logprobs", "response_format", "structured_outputs")
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
                     | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)

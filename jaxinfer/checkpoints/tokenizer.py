@@ -47,6 +47,8 @@ class Tokenizer(Protocol):
 
     def save(self, ckpt_dir: str | os.PathLike) -> None: ...
 
+    def to_json(self) -> str: ...
+
     def token_bytes(self) -> np.ndarray: ...
 
 
@@ -69,6 +71,10 @@ class ByteTokenizer:
     def token_bytes(self) -> np.ndarray:
         """(vocab_size,) int32: 1 for each byte token, 0 for BOS and EOS."""
         return (np.arange(self.vocab_size) < 256).astype(np.int32)
+
+    def to_json(self) -> str:
+        """The same tokenizer as HF `tokenizers` JSON (what a grammar backend builds its tables from)."""
+        return self.to_hf().to_str()
 
     def save(self, ckpt_dir: str | os.PathLike) -> None:
         """Write the same tokenizer as an HF tokenizer.json (byte-level BPE with no merges)."""
@@ -127,6 +133,10 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def to_json(self) -> str:
+        """The tokenizer as HF `tokenizers` JSON (what a grammar backend builds its tables from)."""
+        return self._tok.to_str()
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = False, **kwargs: Any) -> str | list[int]:

@@ -50,9 +50,11 @@ class EngineConfig:
     # once. 1: one device, nothing placed. A model already placed (load_model(..., mesh=)) must match.
     tp: int = 1
     request_timeout_s: float | None = None  # deadline of a request without its own SamplingParams.timeout_s
+    structured_backend: str = "llguidance"  # grammar backend of structured output: "llguidance" | "xgrammar" (an extra)
 
     def __post_init__(self):
-        for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous"))):
+        for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous")),
+                              ("structured_backend", ("llguidance", "xgrammar"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
         lora_auto = self.lora_impl == "auto"

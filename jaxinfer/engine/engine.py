@@ -13,6 +13,10 @@ their pages. A plan with decode work only becomes a decode call of up to `decode
 one's tokens are read back. LoRA adapters (`add_adapter`; a request's `adapter=`) live in an
 adapter registry (jaxinfer/lora/registry.py) that the scheduler asks for a device slot as it admits
 a sequence.
+Structured output (SamplingParams.structured; jaxinfer/structured): add_request compiles the
+constraint (cached by its text; ValueError naming the field when it does not compile) and builds the
+request's matcher on a thread pool; the scheduler admits the sequence once it is built, and the rows
+of constrained sequences decode one step per call, not overlapped (the `grammar` processor).
 With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
 (jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
 
@@ -36,11 +40,12 @@ read back anyway); its pages are zeroed before they are reused and the rest of t
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import time
 from collections.abc import Iterable, Iterator
 from typing import Sequence as Seq
 
-from jaxinfer import sharding
+from jaxinfer import sharding, structured
 from jaxinfer.engine import scoring
 from jaxinfer.engine.batch import Layout
 from jaxinfer.engine.config import EngineConfig
@@ -83,6 +88,9 @@ class Engine:
                                    chunked_prefill=config.chunked_prefill,
                                    adapters=self.adapters if config.max_adapters else None)
         self.rules = StopRules(model)
+        # Structured output: constraints compiled (cached by text) and matchers built off the step loop.
+        self.grammars = structured.for_tokenizer(model.tokenizer, model.config.vocab_size, Vocab.of(model).eos_ids,
+                                                 config.structured_backend)
         self.requests = RequestTable(self.rules)  # by id: sequences, deadlines, outputs and streams
         self.events = SequenceEvents(self.requests, self.scheduler, self.runner)
         self._next_id = 0
@@ -138,6 +146,7 @@ class Engine:
                                           or not 1 <= prompt_logprobs_from <= len(ids)):
             raise ValueError(f"prompt_logprobs_from must be an integer in [1, {len(ids)}] (the prompt's length) and "
                              f"needs sampling.prompt_logprobs, got {prompt_logprobs_from!r}")
+        compiling = self._start_grammar(sampling)
         rid, self._next_id = self._next_id, self._next_id + 1
         seed = sampling.seed if sampling.seed is not None else (rid if seed is None else seed)
         now = time.perf_counter()
@@ -145,11 +154,19 @@ class Engine:
         stop = self.rules.checker(sampling, self.max_seq_len + 1 - len(ids))
         seq = Sequence(rid, 0, list(ids), len(ids), sampling, seed, now, stop=stop, adapter=adapter,
                        cache_salt=self.adapters.salt.get(adapter, 0), prompt_logprobs_from=prompt_logprobs_from,
-                       prompt_logprobs=None if sampling.prompt_logprobs is None else [None] * len(ids))
+                       prompt_logprobs=None if sampling.prompt_logprobs is None else [None] * len(ids),
+                       compiling=compiling)
         timeout = sampling.timeout_s if sampling.timeout_s is not None else self.config.request_timeout_s
         self.requests.add(Request(rid, list(ids), sampling, [seq]), None if timeout is None else now + timeout)
         self.scheduler.add(seq)
         return rid
+
+    def _start_grammar(self, sampling: SamplingParams) -> concurrent.futures.Future | None:
+        """The future of a structured request's matcher (built on the grammar pool), or None;
+        ValueError naming the field for a constraint that does not compile."""
+        if sampling.structured is None:
+            return None
+        return self.grammars.start(sampling.structured)
 
     def abort(self, request_id: int) -> RequestOutput:
         """Stop a request now: its pages come back, its output (finish_reason "aborted", the tokens
@@ -295,12 +312,20 @@ class Engine:
                     self.drafter.copy_pages(plan.copies)
             if not plan.empty:
                 finished += self._run(plan)
+            elif not self.scheduler.running:
+                self._wait_for_grammars()
         if not self.scheduler.has_work():
             self.runner.no_work()
         device_s = self.runner.stats["device_s"] - device_before  # blocking reads
         self.meter.stepped(sum(s.num_computed for s in self.scheduler.running),
                            time.perf_counter() - start - device_s)
         return finished
+
+    def _wait_for_grammars(self, timeout_s: float = 0.05) -> None:
+        """Nothing ran: wait (briefly) for a waiting sequence's grammar matcher rather than spin."""
+        compiling = [s.compiling for s in self.scheduler.waiting if s.compiling is not None]
+        if compiling:
+            concurrent.futures.wait(compiling, timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _load_adapters(self) -> None:
         """Write the adapters the scheduler gave slots to into those slots, before the step uses them."""

@@ -5,7 +5,8 @@ the outputs a step hands back: the requests that finished, and those that got to
 (for step() callers and streams). SequenceEvents is the step contract's one update
 (jaxinfer/engine/step.py): `apply` takes a step output and, row by row, records the prompt
 log-probabilities it brings, advances each sequence over its computed tokens and appends its sampled ones (finishing it at a stop, failing it on non-finite
-logits), forks a request's other samples once its prompt is in the cache, and gives back pages
+logits; with structured output, advancing its grammar matcher and finishing it when the grammar is
+complete), forks a request's other samples (and their matchers) once its prompt is in the cache, and gives back pages
 reserved past a sequence's end; `end` and `expire` finish requests (aborted, timed out).
 """
 
@@ -165,7 +166,14 @@ class SequenceEvents:
         if logprob is not None:
             seq.logprobs.append(logprob)
         seq.first_token_time = seq.first_token_time or now
+        if seq.grammar is not None and not seq.grammar.advance(token):
+            seq.finish_time = now
+            self.fail(seq, f"token {token} is outside the structured output's grammar (SamplingParams.structured; "
+                           f"bad_token_ids or stop_token_ids may have banned every allowed token): {seq.grammar.error}")
+            return True
         reason = seq.stop(seq.generated)
+        if seq.grammar is not None and seq.grammar.complete and reason != "stop":
+            reason = "stop"  # the constraint is complete: nothing but end-of-sequence could follow
         if reason is not None:
             seq.finish_time = now
             self.scheduler.finish(seq, reason)
@@ -202,7 +210,8 @@ class SequenceEvents:
         req = self.requests[parent.request_id]
         children = [dataclasses.replace(parent, sample_index=i, tokens=list(parent.tokens), pages=[], logprobs=[],
                                         hashes=list(parent.hashes), seed=sample_seed(parent.seed, i),
-                                        stop=self.requests.rules.checker(parent.sampling, parent.stop.room))
+                                        stop=self.requests.rules.checker(parent.sampling, parent.stop.room),
+                                        grammar=None if parent.grammar is None else parent.grammar.fork())
                     for i in range(1, parent.sampling.n)]
         self.scheduler.fork(parent, children)
         req.sequences += children

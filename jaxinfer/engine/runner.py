@@ -211,7 +211,7 @@ class ModelRunner:
             R = next_power_of_2(len(forks))
             idx, steps = np.zeros(R, np.int32), np.zeros(R, np.int32)
             idx[: len(forks)] = [r for r, _, _ in forks]
-            sp = SamplingBatch.from_rows([Row(s.sampling, sample_seed(s.seed, i), s.tokens, s.prompt_len)
+            sp = SamplingBatch.from_rows([Row(s.sampling, sample_seed(s.seed, i), s.tokens, s.prompt_len, s.grammar)
                                           for _, s, i in forks], R, self.layout.vocab)
             with sharding.use_mesh(self.mesh):
                 extra = programs.sample_rows(logits, *self._put((idx, sp, steps)))

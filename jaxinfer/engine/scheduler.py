@@ -13,7 +13,8 @@ The plan it returns is the step contract's (jaxinfer/engine/step.py).
 
 With LoRA adapters (`adapters`, a jaxinfer.lora.AdapterRegistry), a sequence is admitted only
 once its adapter holds a device slot; one whose adapter finds every slot in use waits in its
-place while later sequences may be admitted. Slot references are dropped as sequences stop running.
+place while later sequences may be admitted. A sequence whose grammar matcher (structured output) is
+still being built waits the same way. Slot references are dropped as sequences stop running.
 
 Every page reservation goes through its KV manager (`kv`): the one-token reservations of a
 step, the extra pages of a multi-step or look-ahead decode call (`kv.reserve_ahead`), the pages
@@ -24,9 +25,11 @@ dropped (`kv.rollback`, `kv.release_unused`), finishes or is aborted.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import enum
 import math
+from typing import Any
 
 from jaxinfer.engine.kv_manager import KVManager, OutOfPages, PageAllocator
 from jaxinfer.engine.requests import StopChecker
@@ -72,6 +75,10 @@ class Sequence:
     # the first position whose log-probability is still to compute (positions before it are not wanted or done).
     prompt_logprobs: list | None = None
     prompt_logprobs_from: int = 1
+    # With sampling.structured: the grammar matcher at its next token (jaxinfer.structured), and while
+    # the matcher is being built off the step loop, its future (the sequence is not admitted until it is done).
+    grammar: Any = None
+    compiling: concurrent.futures.Future | None = None
 
     @property
     def generated(self) -> list[int]:
@@ -247,6 +254,10 @@ class Scheduler:
             if self.allocator.num_free < math.ceil(max(n, 1) / self.page_size):
                 break
             self.waiting.popleft()
+            if seq.compiling is not None and not self._grammar_ready(seq, plan):
+                if seq.status is Status.WAITING:
+                    blocked.append(seq)
+                continue
             if self.adapters is not None and not self.adapters.acquire(seq):
                 blocked.append(seq)
                 continue
@@ -263,6 +274,21 @@ class Scheduler:
         plan.decode = [s for s in plan.decode if s.status is Status.RUNNING]
         plan.prefill = [(s, n) for s, n in plan.prefill if s.status is Status.RUNNING]
         return plan
+
+    def _grammar_ready(self, seq: Sequence, plan: StepPlan) -> bool:
+        """Whether seq's grammar matcher is built (then it is taken from its future); a matcher that
+        failed to build finishes the sequence with "error"."""
+        if not seq.compiling.done():
+            return False
+        future, seq.compiling = seq.compiling, None
+        try:
+            seq.grammar = future.result()
+        except ValueError as e:
+            seq.error = f"structured output: the grammar matcher could not be built: {e}"
+            self.finish(seq, "error")
+            plan.finished.append(seq)
+            return False
+        return True
 
     def _chunk_len(self, remaining: int, budget: int, first: bool) -> int:
         if self.chunked_prefill:

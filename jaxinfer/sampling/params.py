@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxinfer.structured.spec import StructuredOutput
+
 MAX_LOGPROBS = 20  # top alternatives a request may ask for per token (OpenAI's and vLLM's limit)
 MAX_BIAS = 100.0  # |logit_bias| limit (OpenAI's)
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| limit (OpenAI's)
@@ -61,6 +63,10 @@ class SamplingParams:
     after the first under the model (always the raw log-softmax: no processing applies to the
     prompt) and its N most likely alternatives. extra_args: {name: value} for processors registered outside the library
     (jaxinfer.sampling.processors.register); a name no processor claims is refused by the engine.
+    structured: a StructuredOutput (JSON schema, JSON object, regex, choice or Lark grammar) the
+    output must follow: each token is drawn from those the constraint allows next (EOS only where
+    it may end), and the request ends ("stop") when the constraint is complete. Checked against the
+    model's tokenizer when the request reaches an engine (ValueError naming the field).
     """
 
     max_tokens: int = 16
@@ -85,6 +91,7 @@ class SamplingParams:
     logprobs_mode: str = "raw"
     prompt_logprobs: int | None = None
     extra_args: Mapping[str, Any] | None = None
+    structured: StructuredOutput | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -145,6 +152,11 @@ class SamplingParams:
                              f"got {self.prompt_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a jaxinfer.StructuredOutput, got {type(self.structured).__name__}")
+        if self.structured is not None and self.min_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} cannot be combined with structured output: the constraint "
+                             f"decides where the output may end (EOS is allowed only there)")
         if self.extra_args is not None:
             if not isinstance(self.extra_args, Mapping) or not all(isinstance(k, str) for k in self.extra_args):
                 raise ValueError(f"extra_args must be a mapping with string keys, got {self.extra_args!r}")

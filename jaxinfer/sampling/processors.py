@@ -7,6 +7,10 @@ tokens. Registered processors run in registration order, the built-ins first:
   token_mask   allowed_token_ids / bad_token_ids as a packed bitmask (R, ceil(V / 32)) int32:
                bit t % 32 of word t // 32 set = token t allowed (the layout llguidance and xgrammar
                fill, so a grammar stage can hand its masks to `apply_bitmask` as they are)
+  grammar      SamplingParams.structured: the allowed tokens of the row's grammar matcher (the row's
+               `grammar`, jaxinfer/structured) for its next token, as the same packed bitmask; the
+               matcher follows each accepted token on the host, so its rows run single-step and
+               not overlapped, and cannot be verified speculatively
   min_tokens   EOS (unless ignore_eos) and stop_token_ids banned while step < min_tokens
   logit_bias   {token: bias} added
   penalties    repetition (prompt and output tokens, HF's and vLLM's rule), frequency and presence
@@ -76,6 +80,7 @@ class RowLike(Protocol):
     seed: int
     tokens: Sequence[int]  # prompt and generated tokens so far
     prompt_len: int
+    grammar: object  # a jaxinfer.structured Matcher at the row's next token (None: no constraint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Row:
     seed: int = 0
     tokens: Sequence[int] = ()
     prompt_len: int = 0
+    grammar: object = None
 
 
 @jax.tree_util.register_dataclass
@@ -251,6 +257,17 @@ def _mask_check(sp: SamplingParams, vocab: Vocab) -> None:
         raise ValueError("bad_token_ids ban every one of allowed_token_ids: no token could be drawn")
 
 
+def _grammar_fill(rows, vocab: Vocab) -> Arrays:
+    words = np.full((len(rows), -(-vocab.size // 32)), -1, np.int32)  # (R, W): every token allowed
+    for i, r in enumerate(rows):
+        if r is not None:
+            if getattr(r, "grammar", None) is None:
+                raise ValueError("a row with SamplingParams.structured has no grammar matcher: structured output "
+                                 "runs in an Engine (its matcher follows the row's tokens)")
+            r.grammar.fill(words[i])
+    return {"words": words}
+
+
 def _stop_ids(sp: SamplingParams, vocab: Vocab) -> list[int]:
     return sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(vocab.eos_ids)))
 
@@ -311,6 +328,9 @@ def _penalties_apply(logits, a: Arrays, ctx: Context):
 _BUILT_IN = (
     Processor("token_mask", lambda sp: sp.allowed_token_ids is not None or bool(sp.bad_token_ids), _mask_fill,
               lambda logits, a, ctx: apply_bitmask(logits, a["words"]), _mask_check),
+    # The matcher must see every token before the next mask: one token per call, none in flight.
+    Processor("grammar", lambda sp: sp.structured is not None, _grammar_fill,
+              lambda logits, a, ctx: apply_bitmask(logits, a["words"]), multi_step=False, overlap=False),
     Processor("min_tokens", lambda sp: sp.min_tokens > 0, _min_tokens_fill, _min_tokens_apply, _min_tokens_check),
     Processor("logit_bias", lambda sp: sp.logit_bias is not None, _bias_fill, _bias_apply,
               lambda sp, vocab: _check_ids("logit_bias", sp.logit_bias, vocab)),

@@ -162,8 +162,11 @@ def process(logits: jax.Array, sp: SamplingBatch, step: jax.Array, recent: jax.A
 
 
 def scaled(logits: jax.Array, sp: SamplingBatch) -> jax.Array:
-    """logits (R, V) / each row's temperature (greedy rows: 1)."""
-    return logits / jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+    """logits (R, V) / each row's temperature (greedy rows: 1). A banned token (-inf: a mask, a
+    grammar) stays -inf: at a temperature near float32's largest, XLA's division by multiplying with
+    the reciprocal would make it -inf * 0 = NaN, and a NaN row draws token 0."""
+    t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+    return jnp.where(logits == -jnp.inf, -jnp.inf, logits / t)
 
 
 def keep_mask(x: jax.Array, sp: SamplingBatch) -> jax.Array:

@@ -40,6 +40,7 @@ from pydantic import BaseModel
 from jaxinfer.engine.requests import RequestOutput, prepare_prompt
 from jaxinfer.sampling.sampler import SamplingParams
 from jaxinfer.serving.schema import RequestError
+from jaxinfer.structured import StructuredOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Parsed:
     no_tokens: bool = False  # completions' max_tokens 0 (with echo): the one token the engine draws is dropped
     prompt_text: str = ""  # the prompt as text (echo)
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: each choice's, with this many alternatives
+    structured_field: str | None = None  # the path of the request field the structured output constraint came from
 
     @property
     def prompt_field(self) -> str:
@@ -98,13 +100,40 @@ def parse(request: BaseModel, kind: str, served: ServedModel, adapters: tuple[st
     echo = kind == "completion" and bool(request.echo)
     if kind == "completion":
         _check_echo(request, echo)
-    sampling = _sampling(request, kind, default_max, stop_ids, served.timeout_s)
+    structured, structured_field = _structured(request)
+    sampling = _sampling(request, kind, default_max, stop_ids, served.timeout_s, structured)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     prompt_text = "" if not echo else request.prompt if isinstance(request.prompt, str) else \
         served.tokenizer.decode(prompt)
     return Parsed(kind, model, None if model == served.name else model, prompt, sampling, bool(request.stream),
                   include_usage, served.tokenizer, echo=echo, no_tokens=kind == "completion" and request.max_tokens == 0,
-                  prompt_text=prompt_text, prompt_logprobs=request.prompt_logprobs if kind == "completion" else None)
+                  prompt_text=prompt_text, prompt_logprobs=request.prompt_logprobs if kind == "completion" else None,
+                  structured_field=structured_field)
+
+
+def _structured(request: BaseModel) -> tuple[StructuredOutput | None, str | None]:
+    """The constraint of response_format or structured_outputs (not both), and the field it is in."""
+    fmt, vllm = request.response_format, request.structured_outputs
+    if fmt is not None and fmt.type != "text" and vllm is not None:
+        raise RequestError("response_format and structured_outputs both ask for structured output: send one",
+                           "structured_outputs")
+    if fmt is not None and fmt.type == "json_object":
+        return StructuredOutput(json_object=True), "response_format"
+    if fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_
+        return StructuredOutput(json_schema={} if schema is None else schema), "response_format.json_schema.schema"
+    if vllm is None:
+        return None, None
+    given = {"json_schema" if k == "json_" else k: v for k, v in vllm if v is not None}
+    if len(given) != 1:
+        raise RequestError(f"structured_outputs must set exactly one of json, regex, choice, grammar; got "
+                           f"{len(given)}", "structured_outputs")
+    (name, value), = given.items()
+    field = f"structured_outputs.{'json' if name == 'json_schema' else name}"
+    try:
+        return StructuredOutput(**{name: value}), field
+    except ValueError as e:
+        raise RequestError(f"{field}: {e}", "structured_outputs") from None
 
 
 def _check_echo(request: BaseModel, echo: bool) -> None:
@@ -148,7 +177,7 @@ def _chat_prompt(request: BaseModel, served: ServedModel) -> tuple[list[int], tu
 
 
 def _sampling(request: BaseModel, kind: str, default_max: int, stop_ids: tuple[int, ...],
-              timeout_s: float | None) -> SamplingParams:
+              timeout_s: float | None, structured: StructuredOutput | None = None) -> SamplingParams:
     """SamplingParams from the request; SamplingParams' own range checks name the field they refuse."""
     max_name = "max_completion_tokens" if kind == "chat" and request.max_completion_tokens is not None \
         else "max_tokens"
@@ -180,6 +209,7 @@ def _sampling(request: BaseModel, kind: str, default_max: int, stop_ids: tuple[i
         min_tokens=request.min_tokens or 0,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        structured=structured,
     )
     try:
         return SamplingParams(**values)
@@ -191,6 +221,8 @@ def _sampling(request: BaseModel, kind: str, default_max: int, stop_ids: tuple[i
 def engine_error(e: ValueError, parsed: Parsed) -> RequestError:
     """The engine refused a request (ValueError from add_request): a 400 naming the field it concerns."""
     word = re.match(r"\w*", str(e)).group()
+    if word == "structured" and parsed.structured_field is not None:
+        return RequestError(f"{parsed.structured_field}: {e}", parsed.structured_field.split(".")[0])
     param = word if word in SAMPLING_FIELDS else "model" if word == "adapter" else parsed.prompt_field
     return RequestError(str(e), param)
 

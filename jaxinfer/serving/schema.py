@@ -12,8 +12,11 @@ for its length before its items and stops at its first bad item, so no body make
 proportion to its size beyond parsing it.
 
 Fields OpenAI defines that the engine cannot do yet (UNSUPPORTED) are refused with a message
-saying so, unless they hold their no-op value (`echo: false` for chat, `response_format: {"type":
-"text"}`, ...). The sampling fields are OpenAI's (`presence_penalty`, `frequency_penalty`,
+saying so, unless they hold their no-op value (`echo: false` for chat, `tool_choice: "none"`, ...).
+Structured output: OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema",
+"json_schema": {"name", "schema", "strict", "description"}}) and vLLM's `structured_outputs`
+({"json" | "regex" | "choice" | "grammar": ...}, one of them); whether a schema or grammar compiles
+is checked against the tokenizer after parsing (openai_api, the engine's grammars). The sampling fields are OpenAI's (`presence_penalty`, `frequency_penalty`,
 `logit_bias` with token ids as string keys, `logprobs`: an integer for completions, true/false with
 `top_logprobs` for chat; completions' `echo`, with `max_tokens: 0` allowed beside it) and vLLM's
 (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, completions' `prompt_logprobs`). Fields OpenAI defines that do not change what is
@@ -24,7 +27,7 @@ generated (IGNORED: `user`, `service_tier`, `parallel_tool_calls`) are accepted 
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -49,8 +52,6 @@ class RequestError(ValueError):
 UNSUPPORTED = {
     "echo": "echo is not supported by /v1/chat/completions (/v1/completions takes it)",
     "suffix": "suffix is not supported",
-    "response_format": "response_format is not supported (only {\"type\": \"text\"}): structured output is not "
-                       "implemented",
     "tools": "tools are not supported",
     "tool_choice": "tool_choice is not supported (only \"none\")",
     "functions": "functions are not supported",
@@ -63,7 +64,7 @@ UNSUPPORTED = {
     "reasoning_effort": "reasoning_effort is not supported",
     "web_search_options": "web_search_options are not supported",
 }
-NO_OP = {"response_format": {"type": "text"}, "tool_choice": "none"}  # beside null, false and empty
+NO_OP = {"tool_choice": "none"}  # beside null, false and empty
 IGNORED = ("user", "service_tier", "parallel_tool_calls")
 
 
@@ -80,6 +81,44 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = Field(None, description="A last chunk with the request's usage.")
+
+
+class ResponseFormatText(_Strict):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, description="The schema's name (OpenAI's; not used).")
+    description: str | None = Field(None, max_length=1024, description="Accepted and ignored.")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema the output follows "
+                                           "(none: any JSON value).")
+    strict: bool | None = Field(None, description="Accepted: the output always follows the schema.")
+
+
+class ResponseFormatJsonSchema(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+                           Field(discriminator="type")]
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema (an object, or its "
+                                               "JSON text).")
+    regex: str | None = Field(None, min_length=1, max_length=65536, description="A regular expression (Rust "
+                              "syntax).")
+    choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=65536)]],
+                      Field(min_length=1, max_length=1024, fail_fast=True)] | None = None
+    grammar: str | None = Field(None, min_length=1, max_length=65536, description="A Lark grammar "
+                                "(llguidance's dialect).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +165,10 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
             None, description="{token id (a string): bias in [-100, 100]} added to the logits.")
         min_tokens: int | None = Field(None, ge=0, le=max_seq_len, description="Tokens generated before "
                                        "end-of-sequence, stop tokens and stop strings may end the output (vLLM's).")
+        response_format: ResponseFormat | None = Field(None, description="OpenAI's: text, json_object or "
+                                                       "json_schema.")
+        structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: one of json, regex, "
+                                                             "choice, grammar. Not with response_format.")
 
         @field_validator("logit_bias")
         @classmethod

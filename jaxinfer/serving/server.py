@@ -185,8 +185,12 @@ def _short_error(e: Exception) -> str:
 
 
 async def _serve(request: fastapi.Request, parsed: openai_api.Parsed, loop: EngineLoop):
-    """Add the request to the engine loop; answer with a whole response or a stream of chunks."""
+    """Add the request to the engine loop; answer with a whole response or a stream of chunks. A
+    structured output constraint is compiled first on a worker thread (cached by its text), so a
+    large schema neither holds up the engine's steps nor reaches it when it does not compile."""
     try:
+        if parsed.sampling.structured is not None:
+            await asyncio.to_thread(loop.engine.grammars.compile, parsed.sampling.structured)
         rid, outputs = await loop.add(parsed.prompt, parsed.sampling, parsed.adapter)
     except ValueError as e:
         raise openai_api.engine_error(e, parsed) from None
