@@ -143,6 +143,7 @@ def _run_corpus(engine, schemas, max_tokens):
     return outs
 
 
+@pytest.mark.slow  # 5-10 s: the fast tier keeps the greedy comparison with HF
 def test_sampled_json_validates_regex_and_choice_match(engine):
     """Temperature 1, a spread of the corpus, with regex and choice rows and a free row in the same
     batch: every finished JSON output validates, most finish, regex and choice outputs match, and a
@@ -220,7 +221,7 @@ MIX = [(_sp(48, 1.0, 11, json_schema=PERSON), True), (ji.SamplingParams(max_toke
 
 
 @pytest.mark.parametrize("config", [
-    dict(overlap=False),
+    pytest.param(dict(overlap=False), marks=pytest.mark.slow),
     pytest.param(dict(decode_steps=4, max_batch=2, max_tokens_per_step=16),  # multi-step free rows, chunked prefill
                  marks=pytest.mark.slow),
     pytest.param(dict(num_pages=10, page_size=8, max_batch=6), marks=pytest.mark.slow),  # preemption
