@@ -2,7 +2,7 @@
 held-out bits per byte and the speed of the evaluation; JSON plus a markdown table. A sweep point.
 
   python -m jaxinfer.experiments.eval_tasks --model=smollm2-135m --quant=int4-gptq-g128 --kv_dtype=int8 \\
-      --tasks=jaxinfer_pydoc_cloze --out=runs/eval/gptq.json --baseline=runs/eval/dense.json
+      --tasks=jaxinfer_pydoc_cloze --out=runs/eval/gptq.json --paired_with=runs/eval/dense.json
   python -m jaxinfer.experiments.sweep --grid=eval --out=runs/eval_sweep   # quant x kv_dtype x spec on tiny
 
 Tasks are lm-eval task names: the shipped ones of configs/tasks/ (jaxinfer_pydoc_cloze: 400 questions
@@ -11,7 +11,7 @@ or any task lm-eval knows (those read their data from the HF hub, which this run
 The model runs as lm-eval's `jaxinfer` model (jaxinfer.evaluation.JaxInferLM) under --quant and the
 engine and speculative flags; every metric comes with lm-eval's standard error.
 
---baseline names another run's JSON (usually the dense model's, same tasks and --limit): the paired
+--paired_with names another run's JSON (usually the dense model's, same tasks and --limit): the paired
 differences on the documents both scored are added. A 135M model's accuracy on a few hundred
 questions moves by a few points between equally good models (its stderr says so); the paired
 difference of the same questions (mean and stderr of the per-question difference) and the shift of
@@ -44,7 +44,7 @@ flags.DEFINE_string("quant", "dense", "Weight scheme (jaxinfer.quant.spec: dense
                     "--calib_len held-out tokens with --seed.")
 flags.DEFINE_integer("limit", 0, "Documents per task (0: all).")
 flags.DEFINE_integer("num_fewshot", 0, "Few-shot examples per prompt.")
-flags.DEFINE_string("baseline", "", "Another eval_tasks JSON: add paired differences against it.")
+flags.DEFINE_string("paired_with", "", "Another eval_tasks JSON (the baseline): add paired differences against it.")
 for _name in ("model", "dtype", "seed", "calib_sequences", "calib_len", "out", "table", "windows", "seq_len",
               *common.ENGINE_FLAGS, "spec", "spec_tokens", "spec_draft"):
     flags.declare_key_flag(_name)
@@ -80,7 +80,7 @@ def paired(mine: list[dict], base: list[dict]) -> dict:
     by_id = {r["doc_id"]: r for r in base}
     pairs = [(r, by_id[r["doc_id"]]) for r in mine if r["doc_id"] in by_id]
     if not pairs:
-        raise ValueError("--baseline: it scored none of this run's documents (same tasks and --limit?)")
+        raise ValueError("--paired_with: it scored none of this run's documents (same tasks and --limit?)")
     out = {"paired_docs": len(pairs)}
     for metric in pairs[0][0]["metrics"]:
         d = np.array([a["metrics"][metric] - b["metrics"][metric] for a, b in pairs])
@@ -160,8 +160,8 @@ def check_flags() -> None:
         check_options(model_args())
     except ValueError as e:
         raise ValueError(f"--{e!s}") from None
-    if FLAGS.baseline:
-        common.check_in(FLAGS.baseline, "baseline")
+    if FLAGS.paired_with:
+        common.check_in(FLAGS.paired_with, "paired_with")
 
 
 def main(argv):
@@ -174,8 +174,8 @@ def main(argv):
     if unknown:
         raise ValueError(f"--tasks: {', '.join(unknown)} is not a task lm-eval knows (with configs/tasks/)")
     baseline = None
-    if FLAGS.baseline:
-        with open(FLAGS.baseline) as f:
+    if FLAGS.paired_with:
+        with open(FLAGS.paired_with) as f:
             baseline = json.load(f)
     lm = JaxInferLM(**model_args())
     before = lm.engine.stats  # a snapshot
@@ -187,7 +187,7 @@ def main(argv):
     if baseline is not None:
         for task, rows in samples.items():
             if task not in baseline.get("samples", {}):
-                raise ValueError(f"--baseline: {FLAGS.baseline} has no samples of task {task}")
+                raise ValueError(f"--paired_with: {FLAGS.paired_with} has no samples of task {task}")
             metrics.update({f"{task}/{k}": v for k, v in paired(rows, baseline["samples"][task]).items()})
     metrics["bits_per_byte"] = None
     if FLAGS.windows:

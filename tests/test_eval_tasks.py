@@ -108,10 +108,10 @@ def test_eval_tasks_end_to_end_with_a_baseline(tmp_path):
     assert m["jaxinfer_arith_mc/acc"] == pytest.approx(np.mean(
         [s["metrics"]["acc"] for s in dense["samples"]["jaxinfer_arith_mc"]]))
     assert 0 < m["jaxinfer_arith_mc/acc_stderr"] and 0 < m["bits_per_byte"] < 8 and m["prefill_tok_s"] > 0
-    same = _run(tmp_path, "same", f"--baseline={tmp_path / 'dense.json'}")["metrics"]
+    same = _run(tmp_path, "same", f"--paired_with={tmp_path / 'dense.json'}")["metrics"]
     assert same["jaxinfer_arith_mc/acc_diff"] == 0 and same["jaxinfer_arith_mc/same_answer"] == 1
     assert abs(same["jaxinfer_arith_mc/ll_abs_shift"]) < 1e-4
-    q = _run(tmp_path, "int8", "--quant=int8", "--kv_dtype=int8", f"--baseline={tmp_path / 'dense.json'}")
+    q = _run(tmp_path, "int8", "--quant=int8", "--kv_dtype=int8", f"--paired_with={tmp_path / 'dense.json'}")
     assert q["model_args"]["quant"] == "int8" and q["model_args"]["kv_dtype"] == "int8"
     assert 0 < q["metrics"]["jaxinfer_arith_mc/ll_abs_shift"] < 0.5
 
@@ -121,7 +121,7 @@ def test_eval_tasks_end_to_end_with_a_baseline(tmp_path):
     (["--quant=int5"], "--quant="),
     (["--tasks=no_such_task"], "--tasks: no_such_task is not a task"),
     (["--limit=-1"], "--limit=-1 must be >= 0"),
-    (["--baseline=/no/such.json"], "--baseline=/no/such.json: no such file"),
+    (["--paired_with=/no/such.json"], "--paired_with=/no/such.json: no such file"),
     (["--kv_dtype=int3"], "kv_dtype"),
 ])
 def test_bad_flags_end_in_one_error_line(args, words):

@@ -118,3 +118,11 @@ def test_bad_input_is_one_error_line_and_status_2(results, case):
     assert r["rc"] == 2 and len(errors) == 1, r
     assert re.search(message, errors[0]), errors[0]
     assert "loaded" not in r["stdout"] and "compil" not in r["stdout"].lower(), r["stdout"]  # refused before any work
+
+
+def test_experiments_import_side_by_side():
+    """Every flag is defined once (common.py holds the shared ones): the experiments import into one
+    process, as the tests import them, without absl's DuplicateFlagError."""
+    code = "import importlib\n" + "".join(f"importlib.import_module('experiments.{name}')\n" for name in EXPERIMENTS)
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
