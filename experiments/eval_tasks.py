@@ -95,16 +95,14 @@ def paired(mine: list[dict], base: list[dict]) -> dict:
     return out
 
 
-def evaluate(lm) -> tuple[dict, dict, float]:
-    """lm-eval's results and this run's samples per task, and the evaluation's wall time."""
+def evaluate(lm, manager) -> tuple[dict, dict, float]:
+    """lm-eval's results and this run's samples per task (tasks found by `manager`, an lm-eval
+    TaskManager), and the evaluation's wall time."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from jaxinfer.evaluation import TASKS_DIR
 
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(model=lm, tasks=list(FLAGS.tasks), num_fewshot=FLAGS.num_fewshot or None,
-                                      task_manager=TaskManager(include_path=TASKS_DIR), limit=FLAGS.limit or None,
+                                      task_manager=manager, limit=FLAGS.limit or None,
                                       log_samples=True, random_seed=FLAGS.seed, numpy_random_seed=FLAGS.seed,
                                       torch_random_seed=FLAGS.seed, fewshot_random_seed=FLAGS.seed)
     wall = time.perf_counter() - start
@@ -170,7 +168,8 @@ def main(argv):
 
     from jaxinfer.evaluation import TASKS_DIR, JaxInferLM
 
-    unknown = sorted(set(FLAGS.tasks) - set(TaskManager(include_path=TASKS_DIR).all_tasks))
+    manager = TaskManager(include_path=TASKS_DIR)
+    unknown = sorted(set(FLAGS.tasks) - set(manager.all_tasks))
     if unknown:
         raise ValueError(f"--tasks: {', '.join(unknown)} is not a task lm-eval knows (with configs/tasks/)")
     baseline = None
@@ -179,7 +178,7 @@ def main(argv):
             baseline = json.load(f)
     lm = JaxInferLM(**model_args())
     before = lm.engine.stats  # a snapshot
-    results, samples, wall = evaluate(lm)
+    results, samples, wall = evaluate(lm, manager)
     after = lm.engine.stats
     metrics = task_metrics(results)
     metrics.update(eval_s=wall, prefill_tok_s=(after["prefill_tokens"] - before["prefill_tokens"]) / wall,
