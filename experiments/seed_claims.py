@@ -251,9 +251,10 @@ def quant_accuracy(results) -> Verdict:
                        "of a 2M-parameter model, not a task benchmark as the note's 0.5-2% is (the SmolLM2 task figures "
                        "are recorded in the repository, not in this install)", "experiments.quant_eval on tiny")
     return Verdict(f"{figure}; {tasks}", "holds in part",
-                   "int8 weight-only and W8A8 are near lossless on the task as on bits/byte; int4 at g128 costs a "
-                   "135M model more than the note's 0.5-2% (a small model, re-quantised from a Q4_1 file, quantises "
-                   "worse than the 7B+ models the note means), GPTQ and AWQ less than RTN",
+                   "int8 weight-only, W8A8 and an int8/fp8 KV cache stay within a point of dense on the task: near "
+                   "lossless; int4 at g128 costs a 135M model more than the note's 0.5-2% (its weights re-quantised "
+                   "from a Q4_1 file; small models quantise worse than the 7B+ ones the note means), GPTQ and AWQ "
+                   "less than RTN",
                    "experiments.quant_eval on tiny; experiments.eval_tasks on SmolLM2-135M")
 
 

@@ -46,6 +46,8 @@ def test_every_claim_gets_a_row_and_a_verdict(tmp_path, monkeypatch):
     assert "contiguous 55%, paged 3%" in by_claim["kv_waste"] and "**holds**" in by_claim["kv_waste"]
     assert "3.00x the throughput" in by_claim["continuous"] and "**holds**" in by_claim["continuous"]
     assert "int8 +0.01%" in by_claim["quant_accuracy"] and "+3.10% (int4-rtn-g32)" in by_claim["quant_accuracy"]
+    # the recorded SmolLM2 task figures (benchmarks/results/eval_quant_smollm2.json)
+    assert "int4-rtn-g128 -3.5 ± 1.3" in by_claim["quant_accuracy"] and "fp8 KV +0.5 ± 0.5" in by_claim["quant_accuracy"]
     assert "1.60-1.90x" in by_claim["speculative"] and "**holds in part**" in by_claim["speculative"]
     assert "0.84x" in by_claim["multi_lora"] and "**holds**" in by_claim["multi_lora"]
 
