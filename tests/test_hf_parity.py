@@ -46,6 +46,26 @@ def test_greedy_tokens_match_hf(pair, rng):
         assert out.finish_reason == "length"
 
 
+@pytest.mark.slow  # an engine per architecture
+def test_prompt_and_token_logprobs_match_hf_log_softmax(pair, rng):
+    """Through the paged engine, prompts over several chunks: each prompt token's and each generated
+    token's log-probability and top-2 equal HF's log_softmax of its logits."""
+    arch, hf, model = pair
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (13, 6)]
+    engine = ji.Engine(model, ji.EngineConfig(max_batch=2, page_size=4, max_tokens_per_step=8))
+    sp = ji.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2, logprobs=2)
+    for prompt, out in zip(prompts, engine.generate(prompts, sp)):
+        tokens = prompt + out.token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([tokens])).logits[0].double(), -1).numpy()
+        entries = out.prompt_logprobs[1:] + out.logprobs
+        assert out.prompt_logprobs[0] is None and len(entries) == len(tokens) - 1
+        for q, entry in enumerate(entries, start=1):
+            row = ref[q - 1]
+            assert entry.logprob == pytest.approx(row[tokens[q]], abs=1e-4), (arch, q)
+            assert [t for t, _ in entry.top] == np.argsort(-row, kind="stable")[:2].tolist(), (arch, q)
+
+
 def test_config_read_from_checkpoint(pair):
     arch, hf, model = pair
     cfg, hfc = model.config, hf.config
