@@ -17,6 +17,7 @@ from experiments import bench_kernels
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 8-16 s of interpreted kernels; the kernels' own tests stay fast
 def test_bench_kernels_quick_writes_json(tmp_path):
     out = tmp_path / "kernels.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -17,6 +17,7 @@ from experiments import bench_quant_matmul
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 8-15 s; the matmul kernels' own tests stay fast
 def test_bench_quant_matmul_quick_writes_json(tmp_path):
     out = tmp_path / "quant_matmul.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -452,6 +452,7 @@ def test_bad_drafter_is_refused_before_anything_starts(tiny, tmp_path):
 ACCEPTANCE_FLOOR = {"draft": 0.5, "medusa": 0.25, "eagle": 0.55}
 
 
+@pytest.mark.slow  # the experiment's plumbing (8-11 s); the fast tier keeps the lossless checks
 def test_spec_decode_experiment(tmp_path, capsys):
     """The experiment on every shipped drafter and prompt lookup (a small run): JSON with tokens per
     pass, acceptance and speedups against plain decoding in the same run, a table and a plot; each

@@ -247,6 +247,7 @@ def test_n_samples_fork_their_matchers_and_stop_strings_still_cut(engine):
     assert cut.finish_reason == "stop" and "," not in cut.text and cut.text.startswith('{"name":')
 
 
+@pytest.mark.slow  # 4-5 s
 def test_a_request_whose_matcher_is_being_built_waits_without_holding_back_the_batch(tiny):
     """A backend whose matchers wait for a signal: the free request runs to its end while the
     constrained one waits unscheduled; once its matcher is built it runs and follows its regex."""
