@@ -179,11 +179,17 @@ def value_or(name: str, default):
     return default if value is None else value
 
 
-def engine_config(**overrides) -> ji.EngineConfig:
-    """The EngineConfig the engine and speculative flags describe (overrides win)."""
+def engine_values() -> dict:
+    """The engine flags as EngineConfig fields (0 / '' flag values mean the library's None)."""
     values = {name: FLAGS[name].value for name in ENGINE_FLAGS}
     values["kv_budget_tokens"] = values["kv_budget_tokens"] or None
     values["kv_dtype"] = values["kv_dtype"] or None
+    return values
+
+
+def engine_config(**overrides) -> ji.EngineConfig:
+    """The EngineConfig the engine and speculative flags describe (overrides win)."""
+    values = engine_values()
     values["speculative"] = spec_config(FLAGS.spec, FLAGS.spec_tokens, FLAGS.spec_draft, FLAGS.spec_accept,
                                         tree_config())
     return ji.EngineConfig(**{**values, **overrides})

@@ -54,12 +54,9 @@ MC_METRICS = ("acc", "acc_norm")
 
 def model_args() -> dict:
     """The `jaxinfer` model's arguments from the flags (jaxinfer.evaluation.options)."""
-    engine = {name: FLAGS[name].value for name in common.ENGINE_FLAGS}
-    engine["kv_budget_tokens"] = engine["kv_budget_tokens"] or None
-    engine["kv_dtype"] = engine["kv_dtype"] or None
     return {"model": FLAGS.model, "dtype": FLAGS.dtype, "quant": FLAGS.quant, "seed": FLAGS.seed,
             "calib_sequences": FLAGS.calib_sequences, "calib_len": FLAGS.calib_len, "spec": FLAGS.spec,
-            "spec_tokens": FLAGS.spec_tokens, "spec_draft": FLAGS.spec_draft or None, **engine}
+            "spec_tokens": FLAGS.spec_tokens, "spec_draft": FLAGS.spec_draft or None, **common.engine_values()}
 
 
 def samples_of(task_samples: list[dict]) -> list[dict]:
