@@ -9,11 +9,12 @@ text, the backend's tokenizer tables already built; their build is timed once ap
 (the same text again), and building a matcher from it. Throughput: at each batch size B, B requests
 with JSON schemas (temperature 1, the corpus in turn) and B unconstrained requests of the same
 prompt run as two workloads of one engine each; each is run once to compile its programs, then
-timed --runs times (the fastest run: generated tokens / wall, mean TPOT; no prefix cache, so the timed run repeats the first
-run's programs). The unconstrained requests ignore EOS and generate as
-many tokens as the constrained run's mean, so both workloads decode alike. Mask: each constrained
+timed --runs times (the fastest run: generated tokens / wall, mean TPOT; no prefix cache, so the
+timed run repeats the first run's programs). Unconstrained request i ignores EOS and generates as
+many tokens as constrained output i, so both workloads decode the same batch shapes step by step. Mask: each constrained
 output's tokens replayed through a fresh matcher, timing the fill of every position's bitmask
-(p50 / p99). Writes a JSON to --out and prints tables; compile time is reported apart (the first run's wall,
+(p50 / p99); in the engine, the fill of each decode call's masks (ms per call) and the share of
+them done before the device finished the call's forward pass (hidden). Writes a JSON to --out and prints tables; compile time is reported apart (the first run's wall,
 its programs compiled).
 """
 
@@ -90,13 +91,23 @@ def _run(model, batch: int, params: list) -> tuple[dict, list]:
     # from the first run's and need a program it did not compile.
     runs = []
     for _ in range(common.value_or("runs", RUNS)):
+        before = engine.stats
         outs = engine.generate([PROMPT] * len(params), params)
         tpot = [o.metrics["tpot_s"] for o in outs if o.metrics["generated_tokens"] > 1]
-        runs.append((engine.last_run["wall_s"], float(np.mean(tpot)) if tpot else 0.0, outs))
-    wall, tpot, outs = min(runs, key=lambda r: r[0])
+        stats = engine.stats
+        stats.subtract(before)
+        runs.append((engine.last_run["wall_s"], float(np.mean(tpot)) if tpot else 0.0, outs, stats))
+    wall, tpot, outs, stats = min(runs, key=lambda r: r[0])
     tokens = sum(len(o.token_ids) for o in outs)
+    # The grammar masks of a decode call are filled while the device computes its forward pass
+    # (jaxinfer.sampling.processors.Processor.late): "hidden" counts the fills done before it was.
+    fills = stats["late_fills"]
     return {"first_run_s": first_s, "wall_s": wall, "tokens": tokens, "throughput_tok_s": tokens / wall,
-            "tpot_ms": 1e3 * tpot, "finished_stop": sum(o.finish_reason == "stop" for o in outs)}, outs
+            "tpot_ms": 1e3 * tpot, "finished_stop": sum(o.finish_reason == "stop" for o in outs),
+            "decode_calls_lookahead": stats["lookahead_calls"], "mask_fills": fills,
+            "mask_fill_ms_per_call": 1e3 * stats["late_fill_s"] / fills if fills else 0.0,
+            "mask_fills_hidden_share": stats["late_fills_hidden"] / fills if fills else None,
+            "device_idle_share": stats["device_idle_s"] / wall}, outs
 
 
 def main(argv):
@@ -119,8 +130,9 @@ def main(argv):
                                          structured=ji.StructuredOutput(json_schema=s)) for i, (_, s) in
                        enumerate(picked)]
         c, outs = _run(model, batch, constrained)
-        mean_len = max(1, round(c["tokens"] / batch))
-        free = [ji.SamplingParams(max_tokens=mean_len, seed=FLAGS.seed + i, ignore_eos=True) for i in range(batch)]
+        # The same workload unconstrained: request i generates as many tokens as constrained output i.
+        free = [ji.SamplingParams(max_tokens=max(1, len(o.token_ids)), seed=FLAGS.seed + i, ignore_eos=True)
+                for i, o in enumerate(outs)]
         u, _ = _run(model, batch, free)
         mask += _mask_times(grammars.backend, picked, outs, model.config.vocab_size)
         rows.append({"batch": batch, "constrained": c, "unconstrained": u,
@@ -138,12 +150,13 @@ def main(argv):
           f"matcher {ct['matcher']['p50_ms']:.3f}/{ct['matcher']['p99_ms']:.3f}")
     print(f"mask fill per token ({m['positions']} positions): p50 {m['p50_us']:.1f} us, p99 {m['p99_us']:.1f} us")
     print(f"{'batch':>5} {'constr tok/s':>13} {'free tok/s':>11} {'ratio':>6} {'constr TPOT ms':>15} "
-          f"{'free TPOT ms':>13} {'stop':>5} {'1st run s':>10}")
+          f"{'free TPOT ms':>13} {'stop':>5} {'fill ms':>8} {'hidden':>7} {'1st run s':>10}")
     for r in rows:
         c, u = r["constrained"], r["unconstrained"]
+        hidden = "-" if c["mask_fills_hidden_share"] is None else f"{c['mask_fills_hidden_share']:.0%}"
         print(f"{r['batch']:>5} {c['throughput_tok_s']:>13.1f} {u['throughput_tok_s']:>11.1f} "
               f"{r['throughput_ratio']:>6.2f} {c['tpot_ms']:>15.2f} {u['tpot_ms']:>13.2f} "
-              f"{c['finished_stop']:>5} {c['first_run_s']:>10.2f}")
+              f"{c['finished_stop']:>5} {c['mask_fill_ms_per_call']:>8.3f} {hidden:>7} {c['first_run_s']:>10.2f}")
 
 
 if __name__ == "__main__":

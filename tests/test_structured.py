@@ -126,10 +126,29 @@ def test_compiled_constraints_are_cached_and_bad_ones_name_the_field(engine):
     assert not engine.has_unfinished()
 
 
-def test_structured_with_speculative_decoding_is_refused(tiny):
-    e = ji.Engine(tiny, ji.EngineConfig(speculative=ji.SpeculativeConfig(method="ngram", num_tokens=2)))
-    with pytest.raises(ValueError, match="not served with speculative decoding"):
-        e.add_request(PROMPT, _sp(regex="a"))
+SPECULATIVE = {
+    "draft chain": ji.SpeculativeConfig(method="draft", num_tokens=4, draft="tiny-draft"),
+    "eagle tree": ji.SpeculativeConfig(method="eagle", num_tokens=6, draft="tiny-eagle",
+                                       tree=ji.DraftTree(top_k=3, depth=4)),
+    "ngram": ji.SpeculativeConfig(method="ngram", num_tokens=3),
+}
+
+
+@pytest.mark.parametrize("method", [
+    "draft chain", pytest.param("eagle tree", marks=pytest.mark.slow), pytest.param("ngram", marks=pytest.mark.slow)])
+def test_speculative_decoding_keeps_constrained_outputs(tiny, engine, method):
+    """Each verified position's mask is the grammar's after the drafts before it (a tree: its
+    ancestors), so a verify pass emits the tokens plain constrained decoding draws, at
+    temperature 0 and 1 (the sampler's drafter-invariant draw), beside free rows; and the drafts
+    are checked: some are accepted, and every output follows its constraint."""
+    params = [sp for sp, _ in MIX] + [_sp(40, 0.0, json_schema=PERSON), _sp(24, 0.0, regex=REGEX)]
+    plain = engine.generate([PROMPT] * len(params), params)
+    e = ji.Engine(tiny, ji.EngineConfig(max_batch=8, speculative=SPECULATIVE[method]))
+    spec = e.generate([PROMPT] * len(params), params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert e.metrics()["spec_accepted"] > 0
+    _check_json(spec[0], PERSON)
+    assert re.fullmatch(REGEX, spec[2].text) and spec[4].text in CHOICE
 
 
 # The engine ----------------------------------------------------------------------------------
@@ -208,7 +227,13 @@ def test_greedy_equals_hf_with_llguidance_over_its_logits(tiny, hf_tiny, engine)
              (dict(regex=REGEX), llguidance.LLMatcher.grammar_from_regex(REGEX)),
              (dict(choice=CHOICE), llguidance.LLMatcher.grammar_from_lark(
                  "start: " + " | ".join(json.dumps(c) for c in CHOICE)))]
+    before = engine.stats
     outs = engine.generate([prompt] * len(cases), [_sp(40, 0.0, **spec) for spec, _ in cases])
+    # Decoded overlapped: each call's forward pass dispatched before the last call's tokens were read,
+    # its masks filled once they were applied (a mask filled too early would break the equality below).
+    ran = engine.stats
+    ran.subtract(before)
+    assert ran["lookahead_calls"] > 10 and ran["late_fills"] >= ran["lookahead_calls"]
     for (spec, grammar), out in zip(cases, outs):
         want = _hf_constrained_greedy(hf_tiny, tiny.tokenizer.to_json(), prompt, grammar, 40,
                                       tiny.config.vocab_size, 257)

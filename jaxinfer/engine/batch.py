@@ -27,6 +27,7 @@ from flax import struct
 
 from jaxinfer.buckets import MIN_CHUNK, min_pages, next_power_of_2, pages_bucket, powers_of_2
 from jaxinfer.models.kv_cache import BatchDescriptor
+from jaxinfer.sampling import processors
 from jaxinfer.sampling.processors import Vocab
 from jaxinfer.sampling.sampler import SamplingBatch, top_bucket
 
@@ -88,7 +89,7 @@ class DecodeInputs:
       valid         (R,) int32     steps the row takes (it writes K/V in those only; 0: padding)
       block_tables  (R, M) int32
       steps         (R,) int32     the first step's generated-token index
-      sampling      SamplingBatch  (R,)
+      sampling      SamplingBatch  (R,), or None (decode_logits: drawn later)
       adapter_ids   (R,) int32     LoRA slot, -1: the base model"""
 
     tokens: jax.Array
@@ -96,7 +97,7 @@ class DecodeInputs:
     valid: jax.Array
     block_tables: jax.Array
     steps: jax.Array
-    sampling: SamplingBatch
+    sampling: SamplingBatch | None
     adapter_ids: jax.Array
 
 
@@ -196,10 +197,11 @@ class Layout:
         return PromptTargets(targets, top_bucket([s.sampling.prompt_logprobs for _, s, _ in wanted]))
 
     def decode(self, bucket: DecodeBucket, seqs: list = (), wanted: list[int] = (),
-               ahead: list[int] = ()) -> DecodeInputs:
+               ahead: list[int] = (), sampling: bool = True) -> DecodeInputs:
         """Row i continues seqs[i] `ahead[i]` tokens past what the host has seen (tokens still in
         flight) for wanted[i] steps; its input token is the sequence's next uncomputed one (a
-        look-ahead call replaces them with the last call's newest tokens, on the device)."""
+        look-ahead call replaces them with the last call's newest tokens, on the device).
+        sampling=False: no sampling parameters (a forward pass whose draw is filled later)."""
         R, _, M = bucket
         tokens, positions, valid, steps = (np.zeros(R, np.int32) for _ in range(4))
         adapter_ids = np.full(R, -1, np.int32)
@@ -207,10 +209,13 @@ class Layout:
             positions[i], valid[i], steps[i], adapter_ids[i] = s.num_computed + a, w, len(s.generated) + a, s.lora_slot
             tokens[i] = s.tokens[s.num_computed] if s.num_computed < len(s.tokens) else 0
         return DecodeInputs(tokens, positions, valid, self._tables(seqs, R, M), steps,
-                            SamplingBatch.from_rows(seqs, R, self.vocab), adapter_ids)
+                            SamplingBatch.from_rows(seqs, R, self.vocab) if sampling else None, adapter_ids)
 
-    def verify(self, bucket: VerifyBucket, seqs: list = (), num_drafts: list[int] = ()) -> VerifyInputs:
-        """Each sequence's next token and its drafts, written from num_computed on."""
+    def verify(self, bucket: VerifyBucket, seqs: list = (), num_drafts: list[int] = (),
+               proposal=None) -> VerifyInputs:
+        """Each sequence's next token and its drafts, written from num_computed on. When a row asks
+        for a logits processor filled per position (structured output's grammar), the sampling
+        parameters are filled for every position from the proposal's drafts (read to the host)."""
         R, k, M = bucket
         C = k + 1
         start, lens, last, valid = (np.zeros(R, np.int32) for _ in range(4))
@@ -220,7 +225,11 @@ class Layout:
             adapter_ids[i], steps[i] = s.lora_slot, len(s.generated)
         batch = BatchDescriptor.chunk_rows(start, lens, self._tables(seqs, R, M), C, self.page_size, self.dropped_slot,
                                            all_logits=True, adapter_ids=np.repeat(adapter_ids, C), xp=np)
-        return VerifyInputs(last, valid, batch, SamplingBatch.from_rows(seqs, R, self.vocab), steps)
+        drafts = None
+        if proposal is not None and any(processors.by_position(s.sampling) for s in seqs):
+            host = lambda x: None if x is None else np.asarray(x)[:R]
+            drafts = processors.Drafts(host(proposal.tokens), host(proposal.parents), list(num_drafts) + [0] * R)
+        return VerifyInputs(last, valid, batch, SamplingBatch.from_rows(seqs, R, self.vocab, drafts), steps)
 
     # Every shape a run can need ------------------------------------------------------------------
 

@@ -16,7 +16,10 @@ a sequence.
 Structured output (SamplingParams.structured; jaxinfer/structured): add_request compiles the
 constraint (cached by its text; ValueError naming the field when it does not compile) and builds the
 request's matcher on a thread pool; the scheduler admits the sequence once it is built, and the rows
-of constrained sequences decode one step per call, not overlapped (the `grammar` processor).
+of constrained sequences decode one step per call (the `grammar` processor, filled late): the
+runner dispatches the forward pass, fills the grammar masks while the device computes it, then
+draws; under overlap the next call's forward pass is dispatched before the last call's tokens are
+read back, and its masks are filled once they are applied (`runner.draw`).
 With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
 (jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
 
@@ -228,6 +231,10 @@ class Engine:
         params, adapters = prepare_sampling(sampling, len(prompts)), prepare_adapters(adapters, len(prompts))
         ids = self.add_all((f"prompts[{i}]", {"prompt": p, "sampling": sp, "seed": i, "adapter": adapter})
                            for i, (p, sp, adapter) in enumerate(zip(prompts, params, adapters)))
+        # The prompts' grammar matchers first (milliseconds): every prompt is admitted as it would be
+        # without structured output, so a run's steps (and the programs they need) do not depend on
+        # how fast the thread pool built them.
+        concurrent.futures.wait([s.compiling for s in self.scheduler.waiting if s.compiling is not None])
         done: dict[int, RequestOutput] = {}
         start = time.perf_counter()
         while self.has_unfinished():
@@ -298,8 +305,10 @@ class Engine:
             successor = self.calls.look_ahead(pending.plan) if self.config.overlap else None
             if successor is not None:
                 successor.inputs = self.runner.newest(pending)
-                self.pending = self.runner.dispatch(successor)
+                self.pending = self.runner.dispatch(successor)  # rows filled late: the forward pass only
             finished += self._update(pending.plan, self.runner.collect(pending))
+            if self.pending is not None:
+                self.runner.draw(self.pending)  # the successor's late fills see the tokens just applied
         finished += self.events.expire()
         if self.pending is None and self.scheduler.has_work():
             plan = self.scheduler.schedule()

@@ -165,6 +165,9 @@ class MockRunner:
             return self._decode(plan)
         return MockPending(plan, self._mixed(plan))
 
+    def draw(self, pending: MockPending) -> None:
+        pass  # the mock has no logits processors
+
     def collect(self, pending: MockPending) -> StepOutput:
         return pending.output
 

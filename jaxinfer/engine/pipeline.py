@@ -2,6 +2,10 @@
 in one program, and with `overlap` the next call is dispatched before the last one's tokens are
 read back, so the device does not wait on the host between calls.
 
+A call with a row whose logits processors are filled late (the grammar of structured output;
+processors.Processor.late) takes one step, run by the runner as the forward pass and then the draw:
+a look-ahead call's draw waits until the last call's tokens are read and applied.
+
 Both are properties of the plan (StepPlan.num_steps, .ahead, .inputs; jaxinfer/engine/step.py):
 `extend` turns a decode-only plan into a multi-step call; `look_ahead` plans the call after a
 dispatched one when the next step is sure to decode the same sequences. Tokens past a sequence's
@@ -23,8 +27,10 @@ class DecodeCalls:
 
     def wanted(self, seqs: list[Sequence], ahead: list[int]) -> list[int]:
         """Decode steps each sequence can still take in one call, `ahead` tokens past the host's view
-        (one for a sequence whose logits processors run single-step)."""
-        return [max(0, min(self.decode_steps if processors.may_multi_step(s.sampling) else 1,
+        (one for a sequence whose logits processors run single-step; one for every sequence of a
+        call with a row whose processors are filled late, as that call runs one step split in two)."""
+        most = 1 if any(processors.is_late(s.sampling) for s in seqs) else self.decode_steps
+        return [max(0, min(most if processors.may_multi_step(s.sampling) else 1,
                            s.stop.budget - len(s.generated) - a)) for s, a in zip(seqs, ahead)]
 
     def extend(self, plan: StepPlan) -> StepPlan:

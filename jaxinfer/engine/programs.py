@@ -2,6 +2,9 @@
 
   mixed_step    one mixed step (decode tokens and prompt chunks), each logits row sampled
   multi_decode  k decode steps in one program, each sampled token fed to the next step
+  decode_logits, draw   one decode step as two programs, the forward pass and the draw: the rows'
+                sampling arrays are filled in between, while the device computes the logits
+                (logits processors filled late: jaxinfer.sampling.processors.Processor.late)
   verify        one pass over each row's token and its drafts, then the acceptance rule
   sample_rows   more samples from rows of a step's logits (the other samples of n > 1 sampling)
 Sampled tokens come back as jaxinfer.sampling.Sampled (tokens, and log-probabilities when asked);
@@ -156,6 +159,27 @@ def multi_decode(params, cfg, x: DecodeInputs, cache, lora=None, *, impl, num_st
     drawn = None if x.sampling.processors is None else jnp.full((x.tokens.shape[0], num_steps), -1, jnp.int32)
     (_, _, cache), new = jax.lax.scan(one, (x.tokens, drawn, cache), jnp.arange(num_steps))
     return new, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "lora_impl"), donate_argnames=("cache",))
+def decode_logits(params, cfg, x: DecodeInputs, cache, lora=None, *, impl, lora_impl="xla"):
+    """multi_decode's first step without its draw (x.sampling is not read): the logits (R, V) and
+    the cache. `draw` samples them once the rows' sampling arrays are filled."""
+    TRACE_COUNTS["decode_logits"] += 1
+    params, project = _with_adapters(params, lora, lora_lib.LoraBatch(x.adapter_ids, x.adapter_ids[:0]), impl,
+                                     lora_impl)
+    batch = BatchDescriptor.decode_rows(x.positions, 0 < x.valid, x.block_tables, cache.page_size,
+                                        cache.num_pages * cache.page_size, x.adapter_ids)
+    out = model_lib.forward_paged(params, cfg, x.tokens, cache, batch, impl=impl, project=project)
+    return out.logits, out.cache
+
+
+@jax.jit
+def draw(logits, sp, steps):
+    """A decode step's draw from its logits (R, V) -> Sampled with tokens (1, R), as multi_decode
+    returns a one-step call's."""
+    TRACE_COUNTS["draw"] += 1
+    return sample_checked(logits, sp, steps).reshape(1, logits.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames="page_size", donate_argnames="features")

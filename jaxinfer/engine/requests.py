@@ -99,15 +99,12 @@ def _short(x) -> str:
 def check_request(model, prompt: str | Sequence[int], sampling: SamplingParams, max_seq_len: int, num_pages: int,
                   page_size: int, speculative: bool = False) -> list[int]:
     """The prompt's token ids, or ValueError for a request an engine could never run: sampling not
-    SamplingParams, structured output with speculative decoding, logits processing the model or
+    SamplingParams, logits processing the model or
     speculative decoding cannot serve
     (processors.check), a bad prompt (prepare_prompt), the prompt past the context or the whole KV
     cache, or max_tokens past the context."""
     if not isinstance(sampling, SamplingParams):
         raise ValueError(f"sampling is {type(sampling).__name__}, not SamplingParams")
-    if speculative and sampling.structured is not None:
-        raise ValueError("structured output (SamplingParams.structured) is not served with speculative decoding "
-                         "(EngineConfig.speculative): drafts are not checked against the grammar")
     processors.check(sampling, Vocab.of(model), speculative)
     ids = prepare_prompt(model, prompt)
     if len(ids) > max_seq_len:

@@ -5,6 +5,8 @@ work and hands back a StepOutput:
   dispatch(plan)        pack the plan (jaxinfer/engine/batch.py) and start its program
                         (jaxinfer/engine/programs.py): a mixed step, a multi-step decode call, or a
                         verify pass with the acceptance rule (jaxinfer.speculative.accept)
+  draw(pending)         start the draw of a decode call whose rows' logits processors are filled
+                        late (structured output's grammar), once the host has the tokens before it
   collect(pending)      read its tokens back: per sequence, the tokens sampled for it
   execute(plan)         both at once; newest(pending): a decode call's last tokens, left on device
   copy_pages(copies)    copy-on-write of shared pages
@@ -51,6 +53,7 @@ from jaxinfer.engine.lifecycle import sample_seed
 from jaxinfer.engine.step import RowOutput, StepOutput, StepPlan
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.kv_cache import PagedKVCache, copy_pages
+from jaxinfer.sampling import processors
 from jaxinfer.sampling.processors import Row, Vocab
 from jaxinfer.sampling.sampler import NONFINITE, Sampled, SamplingBatch, TokenLogprobs, host_logprob, host_logprobs
 
@@ -69,6 +72,10 @@ class Dispatched:
     rows: list[int] = dataclasses.field(default_factory=list)  # mixed: each prefill row's logits row
     prompt: TokenLogprobs | None = None  # mixed: the prompt chunks' log-probabilities (Rp, C), when asked
     prompt_from: list[int] = dataclasses.field(default_factory=list)  # mixed: each chunk's first token's position
+    # decode with rows filled late: the forward pass's logits (R, V) and the rows' token indices (R,), on
+    # device, until `draw` samples them (sampled is None until then)
+    logits: jax.Array | None = None
+    steps: jax.Array | None = None
 
     @property
     def tokens(self) -> jax.Array:
@@ -154,6 +161,7 @@ class ModelRunner:
     def collect(self, pending: Dispatched) -> StepOutput:
         """Read a dispatched plan back: per sequence, the tokens its rows sampled."""
         plan = pending.plan
+        assert pending.sampled is not None, "a call whose rows are filled late is read before its draw"
         out = self._read_tree(pending.sampled)
         lp = out.logprobs  # host arrays, or None when no row asked
         if plan.kind == "verify":
@@ -219,18 +227,47 @@ class ModelRunner:
                           prompt_from=[s.num_computed for s, _ in plan.prefill])
 
     def _decode(self, plan: StepPlan) -> Dispatched:
-        """Up to k decode steps of each row in one program, not read back."""
+        """Up to k decode steps of each row in one program, not read back. A call with a row whose
+        logits processors are filled late (one step) runs the forward pass, then fills the rows'
+        sampling arrays while the device computes it and starts the draw; a look-ahead call's draw
+        waits for `draw`, once the last call's tokens are applied."""
         bucket = self.layout.decode_bucket(plan.decode, plan.num_steps)
         self.buckets.add(bucket)
         ahead = plan.ahead or [0] * len(plan.decode)
-        x = self._put(self.layout.decode(bucket, plan.decode, plan.num_steps, ahead))
+        late = any(processors.is_late(s.sampling) for s in plan.decode)
+        x = self._put(self.layout.decode(bucket, plan.decode, plan.num_steps, ahead, sampling=not late))
         if plan.inputs is not None:  # the last call's newest tokens, already on the device
             x = x.replace(tokens=plan.inputs)
         self._mark_dispatch()
-        sampled, self.cache = self._run(programs.multi_decode, x, self.cache, self.lora, num_steps=bucket.steps)
         self.stats["decode_tokens"] += sum(plan.num_steps)
+        if late:
+            assert bucket.steps == 1, "a call with rows filled late runs one step"
+            logits, self.cache = self._run(programs.decode_logits, x, self.cache, self.lora)
+            pending = Dispatched(plan, None, logits=logits, steps=x.steps)
+            if not any(ahead):
+                self.draw(pending)
+            return pending
+        sampled, self.cache = self._run(programs.multi_decode, x, self.cache, self.lora, num_steps=bucket.steps)
         self._last_dispatched = sampled.tokens
         return Dispatched(plan, sampled)
+
+    def draw(self, pending: Dispatched) -> None:
+        """Start the draw of a decode call whose rows' sampling arrays are filled late (nothing for
+        any other): fill them from the rows as the host sees them now (every earlier token applied)
+        and sample the forward pass's logits. stats: late_fills, and late_fills_hidden, those that
+        were done before the forward pass was (the fill cost the device nothing)."""
+        if pending.logits is None:
+            return
+        plan = pending.plan
+        start = time.perf_counter()
+        sp = SamplingBatch.from_rows(plan.decode, pending.logits.shape[0], self.layout.vocab)
+        self.stats["late_fill_s"] += time.perf_counter() - start
+        self.stats["late_fills"] += 1
+        self.stats["late_fills_hidden"] += not pending.logits.is_ready()
+        with sharding.use_mesh(self.mesh):
+            pending.sampled = programs.draw(pending.logits, self._put(sp), pending.steps)
+        pending.logits = None
+        self._last_dispatched = pending.sampled.tokens
 
     def _verify(self, plan: StepPlan) -> Dispatched:
         """One target pass over each sequence's next token and its drafts (rows past the plan's
@@ -240,7 +277,7 @@ class ModelRunner:
         drafts, parents = proposal.tokens, proposal.parents
         bucket = self.layout.verify_bucket(plan.decode, drafts.shape[1])
         self.buckets.add(bucket)
-        x = self._put(self.layout.verify(bucket, plan.decode, plan.num_drafts))
+        x = self._put(self.layout.verify(bucket, plan.decode, plan.num_drafts, proposal))
         if self.mesh is not None:  # the drafter's arrays (host or one device) onto the mesh
             drafts, parents = self._put((drafts, parents))
         self._mark_dispatch()

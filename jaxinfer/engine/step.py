@@ -89,6 +89,10 @@ class Runner(Protocol):
     def dispatch(self, plan: StepPlan) -> Pending:
         """Start the plan's program on the device; the pages it writes are reserved already."""
 
+    def draw(self, pending: Pending) -> None:
+        """Start the draw of a dispatched decode call whose rows' logits processors are filled late
+        (processors.Processor.late), from the host's view now; nothing for any other call."""
+
     def collect(self, pending: Pending) -> StepOutput:
         """Read a dispatched plan's tokens back (blocks until computed)."""
 

@@ -9,8 +9,8 @@ tokens. Registered processors run in registration order, the built-ins first:
                fill, so a grammar stage can hand its masks to `apply_bitmask` as they are)
   grammar      SamplingParams.structured: the allowed tokens of the row's grammar matcher (the row's
                `grammar`, jaxinfer/structured) for its next token, as the same packed bitmask; the
-               matcher follows each accepted token on the host, so its rows run single-step and
-               not overlapped, and cannot be verified speculatively
+               matcher follows each accepted token on the host, so its rows run single-step, filled
+               late (below); a verify pass gets the mask after the drafts before each position
   min_tokens   EOS (unless ignore_eos) and stop_token_ids banned while step < min_tokens
   logit_bias   {token: bias} added
   penalties    repetition (prompt and output tokens, HF's and vLLM's rule), frequency and presence
@@ -28,8 +28,17 @@ Each processor declares where its rows may run:
               several decode steps per call, and be drafted and verified speculatively
   overlap     its arrays may be filled while earlier tokens of the row are still on the device,
               unread: its rows may run in an overlapped (look-ahead) decode call
-An engine runs a row whose processors forbid either without it (single-step, not overlapped), and
-refuses a speculative request whose processors are not multi_step.
+  late        its arrays are filled after the step's forward pass is dispatched, once every
+              earlier token of the row is on the host: a decode call with such a row runs one
+              step as two programs, the forward pass and then the draw, and the fill runs on the
+              host while the device computes the logits; under overlap the next call's forward
+              pass is dispatched before this call's tokens are read back, and its fill waits for
+              them (so a late processor may run overlapped although its fill needs every token)
+An engine runs a row whose processors forbid multi_step or overlap without it (single-step, not
+overlapped), and refuses a speculative request whose processors are neither multi_step nor filled
+per position (`fill_positions`: a verify pass's arrays for each of its positions, given the drafts;
+the grammar's masks after the drafts before each position). A drafter's rows carry only the
+multi_step processors (the others hold for the first drafted position alone).
 
 A processor defined outside the library is asked for through `SamplingParams.extra_args[name]`:
 
@@ -103,13 +112,34 @@ class Context:
     recent: jax.Array | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Drafts:
+    """A verify pass's drafts, on the host: tokens (R, k) int32; parents (R, k) int32 for a tree
+    (draft j's parent: 0 the root, i draft i) or None for a chain; counts[r] the drafts row r really
+    has. Position 0 of a row is its next token's, position j its token after draft j."""
+
+    tokens: np.ndarray
+    parents: np.ndarray | None
+    counts: Sequence[int]
+
+    @property
+    def positions(self) -> int:
+        return self.tokens.shape[1] + 1
+
+    def parent(self, row: int, j: int) -> int:
+        """The position whose logits draw draft j (1-based): its parent's."""
+        return j - 1 if self.parents is None else int(self.parents[row, j - 1])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Processor:
     """name: its key in SamplingBatch.processors (and in SamplingParams.extra_args for one defined
     outside the library). asks(params): whether a request uses it. fill(rows, vocab): its arrays,
     one row each (None: a row that does not ask or pads; give it neutral values). apply(logits
     (R, V), arrays, context) -> logits (R, V). check(params, vocab): ValueError for a request it
-    cannot serve (token ids outside the vocabulary), before any device work."""
+    cannot serve (token ids outside the vocabulary), before any device work.
+    fill_positions(rows, vocab, drafts): its arrays for every position of a verify pass, row r's
+    position j at r * C + j (C = drafts.positions); None: the row's arrays repeated (multi_step)."""
 
     name: str
     asks: Callable[[SamplingParams], bool]
@@ -118,6 +148,8 @@ class Processor:
     check: Callable[[SamplingParams, Vocab], None] | None = None
     multi_step: bool = True
     overlap: bool = True
+    late: bool = False
+    fill_positions: Callable[[list[RowLike | None], Vocab, Drafts], Arrays] | None = None
 
 
 _REGISTRY: dict[str, Processor] = {}
@@ -160,7 +192,7 @@ def check(params: SamplingParams, vocab: Vocab, speculative: bool = False) -> No
     for p in asked(params):
         if p.check is not None:
             p.check(params, vocab)
-        if speculative and not p.multi_step:
+        if speculative and not p.multi_step and p.fill_positions is None:
             raise ValueError(f"logits processor {p.name!r} runs single-step and cannot be verified "
                              f"speculatively: drop it or serve the request without speculative decoding")
 
@@ -170,21 +202,39 @@ def may_multi_step(params: SamplingParams) -> bool:
 
 
 def may_overlap(params: SamplingParams) -> bool:
-    return all(p.overlap for p in asked(params))
+    return all(p.overlap or p.late for p in asked(params))
 
 
-def fill(rows: Sequence[RowLike | None], vocab: Vocab | None) -> dict[str, Arrays] | None:
-    """The arrays of every processor some row asks for, by name (None: no row asks)."""
+def by_position(params: SamplingParams) -> bool:
+    """Whether a request asks for a processor whose verify-pass arrays are filled per position."""
+    return any(p.fill_positions is not None for p in asked(params))
+
+
+def is_late(params: SamplingParams) -> bool:
+    """Whether a request asks for a processor filled after the forward pass (Processor.late)."""
+    return any(p.late for p in asked(params))
+
+
+def fill(rows: Sequence[RowLike | None], vocab: Vocab | None, drafts: Drafts | None = None,
+         drafting: bool = False) -> dict[str, Arrays] | None:
+    """The arrays of every processor some row asks for, by name (None: no row asks). drafts: a
+    verify pass's, for arrays of each of its positions (rows * drafts.positions). drafting: for a
+    drafter's rows, the multi_step processors only."""
     wanted = [asked(r.sampling) if r is not None else () for r in rows]
     if not any(wanted):
         return None
     out = {}
     for p in _REGISTRY.values():
         mine = [r if p in w else None for r, w in zip(rows, wanted)]
-        if any(r is not None for r in mine):
+        if any(r is not None for r in mine) and not (drafting and not p.multi_step):
             if vocab is None:
                 raise ValueError(f"logits processor {p.name!r} needs the model's vocabulary (pass vocab=)")
-            out[p.name] = p.fill(mine, vocab)
+            if drafts is None:
+                out[p.name] = p.fill(mine, vocab)
+            elif p.fill_positions is not None:
+                out[p.name] = p.fill_positions(mine, vocab, drafts)
+            else:
+                out[p.name] = {k: np.repeat(v, drafts.positions, axis=0) for k, v in p.fill(mine, vocab).items()}
     return out or None
 
 
@@ -264,8 +314,44 @@ def _grammar_fill(rows, vocab: Vocab) -> Arrays:
             if getattr(r, "grammar", None) is None:
                 raise ValueError("a row with SamplingParams.structured has no grammar matcher: structured output "
                                  "runs in an Engine (its matcher follows the row's tokens)")
+            if r.grammar.complete or r.grammar.error is not None:
+                continue  # its sequence has ended (a look-ahead row, dropped when read): no next token
             r.grammar.fill(words[i])
     return {"words": words}
+
+
+def _grammar_positions(rows, vocab: Vocab, drafts: Drafts) -> Arrays:
+    """The grammar's mask at every position of a verify pass: after the drafts on the path to it
+    (its ancestors in a tree). A draft its parent's mask does not allow is never accepted (the
+    target draws from masked logits there), so it and the positions after it keep every token
+    allowed, unused; the matcher is walked there and back (rolled back), as the update then
+    advances it over the tokens the pass emits."""
+    C = drafts.positions
+    words = np.full((len(rows), C, -(-vocab.size // 32)), -1, np.int32)  # (R, C, W)
+    for i, r in enumerate(rows):
+        if r is None:
+            continue
+        m = r.grammar
+        if m is None or m.complete or m.error is not None:
+            continue  # plain rows; a finished sequence's row is dropped
+        m.fill(words[i, 0])
+        paths, walked = {0: ()}, ()  # the tokens from the row's next one to each valid position; the matcher's
+        for j in range(1, min(drafts.counts[i], C - 1) + 1):
+            parent, token = drafts.parent(i, j), int(drafts.tokens[i, j - 1])
+            if parent not in paths or not words[i, parent, token // 32] >> (token % 32) & 1:
+                continue  # not allowed where it was drafted: never accepted
+            path = paths[j] = (*paths[parent], token)
+            common = next((n for n, (a, b) in enumerate(zip(walked, path)) if a != b), min(len(walked), len(path)))
+            m.rollback(len(walked) - common)
+            for t in path[common:]:
+                m.advance(t)
+            walked = path
+            if m.complete:
+                del paths[j]  # the output ends at this draft (its end-of-sequence): nothing follows it
+            else:
+                m.fill(words[i, j])
+        m.rollback(len(walked))
+    return {"words": words.reshape(len(rows) * C, -1)}
 
 
 def _stop_ids(sp: SamplingParams, vocab: Vocab) -> list[int]:
@@ -328,9 +414,11 @@ def _penalties_apply(logits, a: Arrays, ctx: Context):
 _BUILT_IN = (
     Processor("token_mask", lambda sp: sp.allowed_token_ids is not None or bool(sp.bad_token_ids), _mask_fill,
               lambda logits, a, ctx: apply_bitmask(logits, a["words"]), _mask_check),
-    # The matcher must see every token before the next mask: one token per call, none in flight.
+    # The matcher must see every token before the next mask: one token per call, filled once the
+    # last token is read (late), while the device runs the forward pass.
     Processor("grammar", lambda sp: sp.structured is not None, _grammar_fill,
-              lambda logits, a, ctx: apply_bitmask(logits, a["words"]), multi_step=False, overlap=False),
+              lambda logits, a, ctx: apply_bitmask(logits, a["words"]), multi_step=False, overlap=False, late=True,
+              fill_positions=_grammar_positions),
     Processor("min_tokens", lambda sp: sp.min_tokens > 0, _min_tokens_fill, _min_tokens_apply, _min_tokens_check),
     Processor("logit_bias", lambda sp: sp.logit_bias is not None, _bias_fill, _bias_apply,
               lambda sp, vocab: _check_ids("logit_bias", sp.logit_bias, vocab)),

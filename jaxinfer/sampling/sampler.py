@@ -69,23 +69,29 @@ class SamplingBatch:
     logprobs: LogprobsRequest | None = None
 
     @classmethod
-    def from_rows(cls, rows: Sequence[RowLike | None], size: int | None = None,
-                  vocab: Vocab | None = None) -> SamplingBatch:
+    def from_rows(cls, rows: Sequence[RowLike | None], size: int | None = None, vocab: Vocab | None = None,
+                  drafts: processors.Drafts | None = None, drafting: bool = False) -> SamplingBatch:
         """The rows' parameters (and their processors' arrays), padded with greedy rows to `size`.
-        vocab: the model's, needed when a row asks for a processor."""
+        vocab: the model's, needed when a row asks for a processor. drafts: a verify pass's; the
+        batch then has a row per position (R * drafts.positions, row r's position j at r * C + j),
+        as `repeat` would make it, with the arrays of processors filled per position (the grammar's
+        masks). drafting: a drafter's rows (processors.fill)."""
         rows = list(rows) + [None] * ((size or len(rows)) - len(rows))
         params = [r.sampling if r is not None else _GREEDY for r in rows]
         asks = [p.logprobs for p in params if p.logprobs is not None]
+        n = 1 if drafts is None else drafts.positions
+        each = lambda values, dtype: np.repeat(np.asarray(values, dtype), n)
         logprobs = None
         if asks:
-            logprobs = LogprobsRequest(np.asarray([p.logprobs_mode == "processed" for p in params]), top_bucket(asks))
+            logprobs = LogprobsRequest(each([p.logprobs_mode == "processed" for p in params], np.bool_),
+                                       top_bucket(asks))
         return cls(
-            temperature=np.asarray([p.temperature for p in params], np.float32),
-            top_k=np.asarray([min(p.top_k, 2**31 - 1) for p in params], np.int32),  # any k over V: no cut
-            top_p=np.asarray([p.top_p for p in params], np.float32),
-            min_p=np.asarray([p.min_p for p in params], np.float32),
-            seed=np.asarray([r.seed if r is not None else 0 for r in rows], np.uint32),
-            processors=processors.fill(rows, vocab),
+            temperature=each([p.temperature for p in params], np.float32),
+            top_k=each([min(p.top_k, 2**31 - 1) for p in params], np.int32),  # any k over V: no cut
+            top_p=each([p.top_p for p in params], np.float32),
+            min_p=each([p.min_p for p in params], np.float32),
+            seed=each([r.seed if r is not None else 0 for r in rows], np.uint32),
+            processors=processors.fill(rows, vocab, drafts, drafting),
             logprobs=logprobs,
         )
 
@@ -98,6 +104,11 @@ class SamplingBatch:
     def repeat(self, n: int) -> SamplingBatch:
         """Each row repeated n times in place (R * n rows): one row per position of a verify pass."""
         return jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n, axis=0), self)
+
+    def per_position(self, rows: int, n: int) -> SamplingBatch:
+        """A verify pass's batch of `rows` rows with n positions each, one row per position:
+        repeated, unless built per position already (from_rows with drafts)."""
+        return self if self.temperature.shape[0] == rows * n else self.repeat(n)
 
 
 @jax.tree_util.register_dataclass

@@ -35,7 +35,7 @@ def target_tokens(logits: jax.Array, sp: SamplingBatch, steps: jax.Array, recent
     before each position that the host has not seen (-1: none) -> the target's draw at every
     position, Sampled with (R, C) tokens."""
     R, C, V = logits.shape
-    out = draw(logits.reshape(R * C, V), sp.repeat(C), steps.reshape(-1), recent.reshape(R * C, -1))
+    out = draw(logits.reshape(R * C, V), sp.per_position(R, C), steps.reshape(-1), recent.reshape(R * C, -1))
     return out.reshape(R, C)
 
 
@@ -43,7 +43,7 @@ def accept(
     logits: jax.Array,  # (R, k + 1, V) float32: the target's logits after last, d_1, .., d_k
     drafts: jax.Array,  # (R, k) int32
     num_drafts: jax.Array,  # (R,) int32: a row's drafts past num_drafts are padding, never accepted
-    sp: SamplingBatch,  # (R,) each row's sampling parameters
+    sp: SamplingBatch,  # (R,) each row's sampling parameters, or (R * (k + 1),) each position's
     step: jax.Array,  # (R,) index of the first token this pass emits (the request's generated count)
 ) -> tuple[jax.Array, Sampled]:
     """-> (accepted (R,) int32, Sampled with tokens (R, k + 1)): tokens[r, :accepted[r]] are the
@@ -73,12 +73,12 @@ def accept_synthetic(
     ones. Same outputs as `accept`."""
     R, K1, V = logits.shape
     k = K1 - 1
-    keys = row_keys(sp.seed, step)
+    keys = row_keys(sp.seed[:: sp.seed.shape[0] // R], step)  # a row's seed (sp may hold one per position)
     u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _UNIFORM), (k,)))(keys)  # (R, k)
     ok = (u < rate) & (jnp.arange(k)[None, :] < num_drafts[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
     steps = (step[:, None] + jnp.arange(K1)[None, :]).reshape(-1)
-    x = process(logits.reshape(R * K1, V), sp.repeat(K1), steps).reshape(R, K1, V)
+    x = process(logits.reshape(R * K1, V), sp.per_position(R, K1), steps).reshape(R, K1, V)
     return accepted.astype(jnp.int32), Sampled(jnp.argmax(x, axis=-1).astype(jnp.int32))
 
 

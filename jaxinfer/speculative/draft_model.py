@@ -90,7 +90,7 @@ class DraftModelDrafter:
             start[i], lens[i], valid[i], steps[i] = s.draft_computed, c, w, len(s.generated)
         drafts, self.cache = _propose(
             self.model.params, self.model.config, chunk, start, lens, tables, valid, self.cache,
-            SamplingBatch.from_rows(seqs, R, self.vocab), steps, impl=self.impl, k=k)
+            SamplingBatch.from_rows(seqs, R, self.vocab, drafting=True), steps, impl=self.impl, k=k)
         for s, w in zip(seqs, num_drafts):
             s.draft_computed = len(s.tokens) + max(w - 1, 0)  # valid if the target accepts its drafts
         return Proposal(drafts)

@@ -191,7 +191,7 @@ class EagleDrafter:
         args = (self.target.params, self.target.config, self.cfg1, self.heads, features, self.cache,
                 next_tokens, start, lens, tables)
         if self.tree is None:
-            sp = SamplingBatch.from_rows(seqs, R, self.vocab)
+            sp = SamplingBatch.from_rows(seqs, R, self.vocab, drafting=True)
             drafts, self.cache = _propose(*args, valid, sp, steps, impl=self.impl, k=k)
             parents = None
         else:
