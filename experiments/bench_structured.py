@@ -3,6 +3,7 @@ TPOT of constrained against unconstrained requests.
 
   python -m experiments.bench_structured --model=tiny --batch_sizes=1,8 --max_tokens=32 --num_schemas=8
   python -m experiments.bench_structured --model=smollm2-135m --out=structured.json    # batch 1, 8, 32
+  python -m experiments.bench_structured --model=tiny --spec=draft --spec_draft=tiny-draft --spec_tokens=4
 
 Compile: per schema of the corpus (experiments/_structured_schemas.py), cold (first compile of its
 text, the backend's tokenizer tables already built; their build is timed once apart) and cached
@@ -20,6 +21,7 @@ its programs compiled).
 
 from __future__ import annotations
 
+import collections
 import time
 
 import numpy as np
@@ -32,7 +34,7 @@ from ._structured_schemas import corpus
 from .common import environment
 
 FLAGS = flags.FLAGS
-for _name in ("model", "dtype", "seed", "out", "batch_sizes", "max_tokens", "runs"):
+for _name in ("model", "dtype", "seed", "out", "batch_sizes", "max_tokens", "runs", *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 _NUM_SCHEMAS = flags.DEFINE_integer("num_schemas", 33, "Schemas of the corpus to compile and sample (at most "
                                     f"{len(corpus())}).")
@@ -91,10 +93,11 @@ def _run(model, batch: int, params: list) -> tuple[dict, list]:
     # from the first run's and need a program it did not compile.
     runs = []
     for _ in range(common.value_or("runs", RUNS)):
-        before = engine.stats
+        counts = lambda: engine.stats + (engine.speculator.stats if engine.speculator else collections.Counter())
+        before = counts()
         outs = engine.generate([PROMPT] * len(params), params)
         tpot = [o.metrics["tpot_s"] for o in outs if o.metrics["generated_tokens"] > 1]
-        stats = engine.stats
+        stats = counts()
         stats.subtract(before)
         runs.append((engine.last_run["wall_s"], float(np.mean(tpot)) if tpot else 0.0, outs, stats))
     wall, tpot, outs, stats = min(runs, key=lambda r: r[0])
@@ -107,7 +110,8 @@ def _run(model, batch: int, params: list) -> tuple[dict, list]:
             "decode_calls_lookahead": stats["lookahead_calls"], "mask_fills": fills,
             "mask_fill_ms_per_call": 1e3 * stats["late_fill_s"] / fills if fills else 0.0,
             "mask_fills_hidden_share": stats["late_fills_hidden"] / fills if fills else None,
-            "device_idle_share": stats["device_idle_s"] / wall}, outs
+            "device_idle_share": stats["device_idle_s"] / wall,
+            "spec_tokens_per_pass": (stats["spec_emitted"] / stats["spec_passes"]) if stats["spec_passes"] else None}, outs
 
 
 def main(argv):
@@ -138,25 +142,28 @@ def main(argv):
         rows.append({"batch": batch, "constrained": c, "unconstrained": u,
                      "throughput_ratio": c["throughput_tok_s"] / u["throughput_tok_s"]})
     result = {"environment": environment(__name__), "model": FLAGS.model, "backend": grammars.backend.name,
+              "speculative": None if FLAGS.spec == "none" else {n: FLAGS[n].value for n in common.SPEC_FLAGS},
               "max_tokens": max_tokens, "schemas": len(schemas), "compile": compile_times,
               "mask": {"positions": len(mask), "p50_us": 1e6 * float(np.percentile(mask, 50)),
                        "p99_us": 1e6 * float(np.percentile(mask, 99))}, "results": rows}
     if FLAGS.out:
         common.write_json(FLAGS.out, result)
     ct, m = compile_times, result["mask"]
-    print(f"structured output on {FLAGS.model} ({result['backend']}), {len(schemas)} schemas")
+    spec = "" if FLAGS.spec == "none" else f", speculative {FLAGS.spec} k={FLAGS.spec_tokens}"
+    print(f"structured output on {FLAGS.model} ({result['backend']}{spec}), {len(schemas)} schemas")
     print(f"tokenizer tables {ct['tokenizer_s']:.3f} s; compile p50/p99 ms: cold {ct['cold']['p50_ms']:.3f}/"
           f"{ct['cold']['p99_ms']:.3f}, cached {ct['cached']['p50_ms']:.4f}/{ct['cached']['p99_ms']:.4f}, "
           f"matcher {ct['matcher']['p50_ms']:.3f}/{ct['matcher']['p99_ms']:.3f}")
     print(f"mask fill per token ({m['positions']} positions): p50 {m['p50_us']:.1f} us, p99 {m['p99_us']:.1f} us")
     print(f"{'batch':>5} {'constr tok/s':>13} {'free tok/s':>11} {'ratio':>6} {'constr TPOT ms':>15} "
-          f"{'free TPOT ms':>13} {'stop':>5} {'fill ms':>8} {'hidden':>7} {'1st run s':>10}")
+          f"{'free TPOT ms':>13} {'stop':>5} {'fill ms':>8} {'hidden':>7} {'tok/pass':>13} {'1st run s':>10}")
     for r in rows:
         c, u = r["constrained"], r["unconstrained"]
         hidden = "-" if c["mask_fills_hidden_share"] is None else f"{c['mask_fills_hidden_share']:.0%}"
         print(f"{r['batch']:>5} {c['throughput_tok_s']:>13.1f} {u['throughput_tok_s']:>11.1f} "
               f"{r['throughput_ratio']:>6.2f} {c['tpot_ms']:>15.2f} {u['tpot_ms']:>13.2f} "
-              f"{c['finished_stop']:>5} {c['mask_fill_ms_per_call']:>8.3f} {hidden:>7} {c['first_run_s']:>10.2f}")
+              f"{c['finished_stop']:>5} {c['mask_fill_ms_per_call']:>8.3f} {hidden:>7} "
+              f"{c['spec_tokens_per_pass'] or 0:>6.2f}/{u['spec_tokens_per_pass'] or 0:<6.2f} {c['first_run_s']:>10.2f}")
 
 
 if __name__ == "__main__":

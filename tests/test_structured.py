@@ -308,6 +308,12 @@ def test_xgrammar_backend_follows_the_same_constraints(tiny, engine):
     sps = [_sp(24, 0.0, regex=REGEX), _sp(24, 0.0, choice=CHOICE), _sp(24, 1.0, 5, choice=CHOICE)]
     assert [o.token_ids for o in e.generate([PROMPT] * 3, sps)] == [o.token_ids for o in engine.generate(
         [PROMPT] * 3, sps)]
+    # Its matchers rolled back after each verify pass's walk over the drafts.
+    spec = ji.Engine(tiny, ji.EngineConfig(max_batch=16, structured_backend="xgrammar",
+                                           speculative=SPECULATIVE["draft chain"]))
+    sps.append(_sp(40, 1.0, 6, json_schema=PERSON))
+    assert [o.token_ids for o in spec.generate([PROMPT] * 4, sps)] == [o.token_ids for o in e.generate(
+        [PROMPT] * 4, sps)]
     with pytest.raises(ValueError, match=re.escape("structured.regex does not compile (xgrammar)")):
         e.add_request(PROMPT, _sp(regex="a[b"))
 

@@ -119,6 +119,13 @@ def test_logprobs_equal_across_tp():
 
 
 @pytest.mark.slow
+def test_structured_output_equal_across_tp():
+    tokens = _ok(_run_checks("structured")["structured"])["tokens"]
+    assert tokens["tp2"] == tokens["tp1"] and tokens["ngram_tp2"] == tokens["tp1"]
+    assert len(tokens["tp1"][0]) > 4  # the JSON row ran
+
+
+@pytest.mark.slow
 def test_lora_over_replicated_kv_heads():
     tokens = _ok(_run_checks("lora_replicated_kv_heads")["lora_replicated_kv_heads"])["tokens"]
     assert tokens["1"] == tokens["4"]

@@ -264,6 +264,26 @@ def speculative() -> dict:
 
 
 @check
+def structured() -> dict:
+    """Structured output at tp = 2 against tp = 1: JSON-schema and regex rows at temperature 1 and 0
+    beside a free row, decoded overlapped (masks filled while the sharded forward pass runs), and
+    verified speculatively (prompt lookup: each position's grammar mask)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"]}
+    params = [ji.SamplingParams(max_tokens=24, seed=1, structured=ji.StructuredOutput(json_schema=schema)),
+              ji.SamplingParams(max_tokens=16, temperature=0.0,
+                                structured=ji.StructuredOutput(regex=r"[a-c]{2,4}-[0-9]{2}")),
+              ji.SamplingParams(max_tokens=12, seed=2)]
+    prompts = [PROMPTS[0]] * len(params)
+    tokens = {}
+    for name, tp, spec in (("tp1", 1, None), ("tp2", 2, None),
+                           ("ngram_tp2", 2, ji.SpeculativeConfig(method="ngram", num_tokens=3))):
+        engine = ji.Engine(_tiny(), ji.EngineConfig(tp=tp, speculative=spec, max_batch=4, max_seq_len=64))
+        tokens[name] = [o.token_ids for o in engine.generate(prompts, params)]
+    return {"tokens": tokens}
+
+
+@check
 def pallas_per_shard_small() -> dict:
     """pallas_per_shard's path on the small int4 model (the fast tier's): attention="pallas" and
     matmul="pallas" with an int8 KV cache at tp = 2 against the XLA path at tp = 1, and the kernels
