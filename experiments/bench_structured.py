@@ -34,7 +34,7 @@ from ._structured_schemas import corpus
 from .common import environment
 
 FLAGS = flags.FLAGS
-for _name in ("model", "dtype", "seed", "out", "batch_sizes", "max_tokens", "runs", *common.SPEC_FLAGS):
+for _name in ("model", "dtype", "dequantize", "seed", "out", "batch_sizes", "max_tokens", "runs", *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 _NUM_SCHEMAS = flags.DEFINE_integer("num_schemas", 33, "Schemas of the corpus to compile and sample (at most "
                                     f"{len(corpus())}).")

@@ -24,6 +24,7 @@ jax.distributed.initialize before main, so jax.devices() lists every host's devi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -46,6 +47,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "tiny", "A shipped model (tiny, tiny-draft) or a local HF checkpoint directory; "
                     "bench_batching also takes random:NAME, random weights shaped like configs/models/NAME.json.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations dtype.")
+flags.DEFINE_bool("dequantize", False, "Dequantise a packed checkpoint's projections (GGUF blocks, AWQ/GPTQ) to "
+                  "--dtype on load: on a CPU, XLA otherwise dequantises every matrix on every step.")
 flags.DEFINE_integer("seed", 0, "Seed of the run's random draws (workload, sampling, calibration).")
 flags.DEFINE_string("dir", "", "The folder a report reads (sweep_report: a sweep's results.jsonl; gpu_report: a GPU "
                     "session's JSON files).")
@@ -396,7 +399,11 @@ def load_bench_model(name: str, dtype: str) -> ji.Model:
     """A shipped or local model, or random weights shaped like configs/models/NAME.json (or like
     the HF config.json at a path: random:/path/to/config.json)."""
     if not name.startswith("random:"):
-        return ji.load_model(name, dtype=dtype)
+        model = ji.load_model(name, dtype=dtype)
+        if FLAGS.dequantize:  # (an experiment that does not declare --dequantize refuses it)
+            from jaxinfer.quant import dequantize_params  # noqa: PLC0415
+            model = dataclasses.replace(model, params=dequantize_params(model.params))
+        return model
     shape = name.split(":", 1)[1]
     path = shape if shape.endswith(".json") else os.path.join(memory.CONFIGS_DIR, "models", shape + ".json")
     if not os.path.exists(path):

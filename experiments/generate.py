@@ -39,13 +39,11 @@ flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probabil
 flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
                     "int4-gptq-g128, w8a8-int8-smooth, w8a8-fp8, nvfp4-sim, ... (see jaxinfer/quant/spec.py); "
                     "AWQ/GPTQ/SmoothQuant/static FP8 calibrate on held-out text.")
-flags.DEFINE_bool("dequantize", False, "Dequantise a packed checkpoint's projections (GGUF blocks, AWQ/GPTQ) to "
-                  "--dtype on load: on a CPU, XLA otherwise dequantises every matrix on every step.")
 flags.DEFINE_bool("baseline", False, "Serve with the contiguous-cache baseline loop (ji.generate), not the engine.")
 flags.DEFINE_bool("stream", False, "Print the completion as it is generated (Engine.stream): one prompt, the engine "
                   "only (not --baseline).")
 MAX_TOKENS = 128  # default --max_tokens
-for _name in ("model", "seed", "dtype", "max_tokens", "out", *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
+for _name in ("model", "seed", "dtype", "dequantize", "max_tokens", "out", *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
     flags.declare_key_flag(_name)
 
 
