@@ -332,6 +332,18 @@ def test_constrained_rows_under_a_lora_adapter_equal_the_merged_model(tiny):
     assert [o.token_ids for o in merged] != [o.token_ids for o in base]  # the adapter changes the output
 
 
+def test_a_repeated_constrained_run_compiles_nothing_new(tiny):
+    """generate() admits its prompts once their matchers are built, so the second run of the same
+    workload steps as the first did (without that, a matcher built a step later regrouped the
+    prompt chunks into a step shape the first run had not compiled)."""
+    e = ji.Engine(tiny, ji.EngineConfig(max_batch=4, prefix_cache=False))
+    params = [_sp(6, 1.0, i, json_schema=s) for i, (_, s) in enumerate(sample(4))]
+    first = [o.token_ids for o in e.generate([PROMPT] * 4, params)]
+    compiled = sum(runner_lib.TRACE_COUNTS.values())
+    assert [o.token_ids for o in e.generate([PROMPT] * 4, params)] == first
+    assert sum(runner_lib.TRACE_COUNTS.values()) == compiled
+
+
 def test_batches_without_constrained_rows_compile_nothing_new(tiny):
     e = ji.Engine(tiny, ji.EngineConfig(max_batch=4))
     free = [ji.SamplingParams(max_tokens=12, seed=i) for i in range(3)]
