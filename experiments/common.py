@@ -105,6 +105,9 @@ flags.DEFINE_integer("max_lora_rank", 16, "The largest LoRA rank the slots take.
 flags.DEFINE_enum("lora_impl", "auto", ["auto", "xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
                   "kernels, interpreted on a CPU).")
 
+flags.DEFINE_enum("layer_loop", "scan", ["scan", "unroll"], "How a step runs the layers: a scan over the stacked "
+                  "weights, or unrolled over one array per layer (the CPU's fast layout, bfloat16 above all; "
+                  "compile time grows with depth; tp = 1).")
 flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: the model and its KV cache split over the first tp devices "
                      "(every host's, with --coordinator; a CPU fakes devices with XLA_FLAGS="
                      "--xla_force_host_platform_device_count=N). kv_capacity: plan per card at this tp.")
@@ -130,7 +133,7 @@ flags.DEFINE_float("spec_tree_temperature", 1.0, "EAGLE tree: temperature of the
 
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
                 "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "kv_dtype",
-                "max_adapters", "max_lora_rank", "lora_impl", "tp")
+                "max_adapters", "max_lora_rank", "lora_impl", "tp", "layer_loop")
 DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
 SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept", "spec_tree_top_k", "spec_tree_depth",
               "spec_tree_temperature")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 from typing import Sequence as Seq
@@ -75,6 +76,8 @@ class Engine:
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
         placed = sharding.place_model(model, config.tp)  # the model as the device runs it
+        if config.layer_loop == "unroll":  # one array per layer weight, the layers unrolled in the step
+            placed = dataclasses.replace(placed, params=model_lib.unstack_layers(placed.params))
         num_pages, page_size = config.kv_pages(placed, self.max_seq_len)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)

@@ -4,7 +4,8 @@ Mistral, Qwen2/2.5, Qwen3 built in).
 No classes hold state: `init_params` builds a params pytree, `forward` maps params and tokens
 (and optionally a KV cache, passed in and returned) to logits; `forward_paged` does the same for
 one flat step over a paged cache. The layers are stacked on a leading axis and run with
-`lax.scan`, so compile time does not grow with depth.
+`lax.scan`, so compile time does not grow with depth; params whose layers are a list of per-layer
+dicts (`unstack_layers`, EngineConfig(layer_loop="unroll")) run them unrolled.
 
 One decoder layer (`layer`, the family's layer function) serves every caller. Its projections go through a hook,
 `project(name, x, lp) -> y`: by default `dense_projection(impl)`, the one matmul dispatch point;
@@ -201,9 +202,15 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
         x, cache = layer(cfg, lp, x, cos, sin, attend, project)
         return (x, cache, aux), None
 
-    xs = (params["layers"], jnp.asarray(cfg.layer_windows, jnp.int32), jnp.arange(cfg.num_layers))
     aux = jnp.zeros((len(aux_layers), *x.shape), x.dtype) if aux_layers else None
-    (x, cache, aux), _ = jax.lax.scan(body, (x, cache, aux), xs)
+    if isinstance(params["layers"], (list, tuple)):  # one params dict per layer (unstack_layers): unrolled
+        carry = (x, cache, aux)
+        for i, lp in enumerate(params["layers"]):
+            carry, _ = body(carry, (lp, cfg.layer_windows[i], i))
+        x, cache, aux = carry
+    else:
+        xs = (params["layers"], jnp.asarray(cfg.layer_windows, jnp.int32), jnp.arange(cfg.num_layers))
+        (x, cache, aux), _ = jax.lax.scan(body, (x, cache, aux), xs)
 
     if all_hidden:
         x = final_norm(params, cfg, x)  # (B, T, D)
@@ -218,8 +225,13 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden states (..., D) -> float32 logits (..., V), soft-capped when the config
     says so. A head padded past the vocabulary (split over a tensor-parallel mesh) has its padding
     cut off."""
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
-    logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
+    if hidden.dtype != jnp.float32 and jax.default_backend() == "cpu":  # the tied embedding not transposed
+        head, equation = ((params["embed"], "...D,VD->...V") if cfg.tie_word_embeddings else
+                          (params["lm_head"], "...D,DV->...V"))
+        logits = matmul.dense_f32(hidden, head, equation)
+    else:
+        head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
+        logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
     return softcap(cfg, logits[..., : cfg.vocab_size])
 
 
@@ -246,6 +258,19 @@ def forward(
     written into it first and attention reads it. Logits are float32. Projection weights may be
     dense arrays or packed formats (jaxinfer.models.formats); impl.matmul picks how those are multiplied."""
     return _decoder(params, cfg, tokens, positions, cache, logits_at, None, impl, project)
+
+
+def unstack_layers(params: Params) -> Params:
+    """params with the stacked layers split into one dict of arrays per layer (new buffers): the
+    decoder then runs its layers unrolled, each weight an array of its own. On the CPU that is the
+    fast layout: XLA multiplies a bfloat16 weight natively only when it is its own array (a scan
+    over a stack converts the whole stack to float32 every call), and even float32 products over a
+    scanned stack cost 1.5-3x (benchmarks/results/cpu_dots.md). Compile time grows with depth."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    L = next(iter(jax.tree.leaves(layers))).shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a, i=i: jnp.array(a[i]), layers) for i in range(L)]}
 
 
 def forward_paged(

@@ -1,6 +1,6 @@
 """The one place the model multiplies activations by a weight.
 
-A dense weight is `x @ w`. A weight in a packed format (`jaxinfer.models.formats`) goes to the
+A dense weight is `x @ w` (`dense`: on the CPU, half precision with a float32 accumulator). A weight in a packed format (`jaxinfer.models.formats`) goes to the
 implementation registered for its type and the chosen `impl`, falling back to the type's "xla"
 entry when it has no entry for `impl`:
   QuantizedWeight  "xla"     dequantise in float32, cast to x.dtype, one einsum accumulated in
@@ -23,9 +23,11 @@ W8A8 under a mesh takes its XLA numerics (no per-shard W8A8 kernel yet).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxinfer.models.act_formats import SimWeight, W8A8Weight, quantize_activations, sim_reference, w8a8_reference
 from jaxinfer.models.formats import QuantizedWeight, prepare_input, reference_matmul
@@ -57,8 +59,29 @@ def linear(x: jax.Array, w, b: jax.Array | None = None, *, impl: str = "xla", pa
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"matmul impl={impl!r} is not one of {IMPLEMENTATIONS}")
     fn = _REGISTRY.get((type(w), impl)) or _REGISTRY.get((type(w), "xla"))
-    y = x @ w if fn is None else fn(x, w, parallel)  # no entry: a dense array (or a tracer of one)
+    y = dense(x, w) if fn is None else fn(x, w, parallel)  # no entry: a dense array (or a tracer of one)
     return y if b is None else y + b
+
+
+def dense(x: jax.Array, w: jax.Array, equation: str = "...K,KN->...N") -> jax.Array:
+    """x @ w (or the einsum `equation` of x and w) in x's dtype. On the CPU, half-precision
+    operands are multiplied with a float32 accumulator, one row taken as two: XLA's CPU backend
+    multiplies bfloat16 natively only with float32 out and at least two rows, and otherwise
+    converts the whole weight to float32 first, every call (benchmarks/results/cpu_dots.md).
+    float32, and every dtype off the CPU, take the product as it was."""
+    if x.dtype == jnp.float32 or jax.default_backend() != "cpu":
+        return x @ w if equation == "...K,KN->...N" else jnp.einsum(equation, x, w)
+    return dense_f32(x, w, equation).astype(x.dtype)
+
+
+def dense_f32(x: jax.Array, w: jax.Array, equation: str = "...K,KN->...N") -> jax.Array:
+    """The einsum of x (..., K) and w accumulated and returned in float32; on the CPU a single
+    half-precision row is multiplied as two (`dense`)."""
+    lead = x.shape[:-1]
+    if math.prod(lead) == 1 and x.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        two = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))
+        return jnp.einsum(equation, two, w, preferred_element_type=jnp.float32)[:1].reshape(*lead, -1)
+    return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
 
 
 @register(QuantizedWeight, "xla")

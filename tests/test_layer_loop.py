@@ -1,0 +1,88 @@
+"""EngineConfig(layer_loop="unroll"): the layers run unrolled over one array per layer weight
+(decoder.unstack_layers), the CPU's fast layout (benchmarks/results/cpu_dots.md). It must change
+nothing but the speed: the same tokens as the scan over the stacked weights, in float32 and
+bfloat16, with LoRA adapters; and in bfloat16 on the CPU no weight is converted to float32 in the
+compiled step (the reason for the layout), as it is under the scan."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer as ji
+from jaxinfer import lora
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.kv_cache import BatchDescriptor, PagedKVCache
+
+PROMPTS = ["def add(a, b):", "import os", "The quick brown fox"]
+GREEDY = ji.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unrolled_layers_give_the_scans_tokens(dtype):
+    model = ji.load_model("tiny", dtype=dtype)
+    scan = ji.Engine(model, ji.EngineConfig(max_batch=4)).generate(PROMPTS, GREEDY)
+    unrolled = ji.Engine(model, ji.EngineConfig(max_batch=4, layer_loop="unroll"))
+    assert isinstance(unrolled.runner.model.params["layers"], list)
+    assert [o.token_ids for o in unrolled.generate(PROMPTS, GREEDY)] == [o.token_ids for o in scan]
+    # batch 1: the CPU's one-row half-precision products are taken as two rows
+    assert unrolled.generate(PROMPTS[:1], GREEDY)[0].token_ids == scan[0].token_ids
+
+
+def test_unrolled_layers_with_a_lora_adapter():
+    model = ji.load_model("tiny")
+    adapter = lora.random_adapter(model.config, 4, std=0.2, seed=1)
+    outs = {}
+    for loop in ("scan", "unroll"):
+        e = ji.Engine(model, ji.EngineConfig(max_adapters=1, max_lora_rank=4, layer_loop=loop))
+        e.add_adapter("a", adapter)
+        outs[loop] = [o.token_ids for o in e.generate(PROMPTS[:2], GREEDY, adapters=["a", None])]
+    assert outs["unroll"] == outs["scan"]
+    assert outs["scan"][0] != ji.Engine(model).generate(PROMPTS[:1], GREEDY)[0].token_ids  # the adapter ran
+
+
+def _weight_converts(model) -> int:
+    """float32 `convert`s of a weight's shape (one layer's, the stack's, or the embedding's) in the
+    compiled one-row decode step."""
+    cfg, params = model.config, model.params
+    cache = PagedKVCache.zeros(cfg, 8, 8, model.dtype)
+    tables = np.arange(2, dtype=np.int32)[None, :]
+    batch = BatchDescriptor.decode_rows(np.array([3], np.int32), np.array([True]), tables, 8, 64, xp=np)
+    hlo = jax.jit(model_lib.forward_paged, static_argnames=("cfg",)).lower(
+        params, cfg, jnp.zeros((1,), jnp.int32), cache, batch).compile().as_text()
+    stacked = model_lib.param_shapes(cfg)["layers"]
+    shapes = {tuple(s) for s in stacked.values()} | {tuple(s[1:]) for s in stacked.values()}
+    shapes |= {tuple(np.shape(params["embed"]))}
+    shapes = {"f32[" + ",".join(map(str, s)) + "]" for s in shapes if len(s) >= 2}
+    count, fused = 0, False
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):  # a computation's header
+            fused = line.startswith(("%fused", "%wrapped"))  # inside a fusion nothing is materialised
+        elif not fused and re.search(r"\b(convert|fusion)\(", line) and "convert" in line:
+            count += any(line.split("=", 1)[-1].lstrip().startswith(s) for s in shapes)
+    return count
+
+
+def test_a_bf16_step_converts_no_weight_when_unrolled():
+    """The guard on the layout, and on its reason: a scan over stacked bfloat16 weights converts
+    them to float32 every step on the CPU; unrolled over per-layer arrays, none is converted."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU backend's bfloat16 products")
+    model = ji.load_model("tiny", dtype="bfloat16")
+    unrolled = dataclasses.replace(model, params=model_lib.unstack_layers(model.params))
+    assert _weight_converts(unrolled) == 0
+    assert _weight_converts(model) > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layer_loop="unrolled"), "layer_loop='unrolled' is not one of"),
+    (dict(layer_loop="unroll", tp=2), "layer_loop='unroll' with tp=2"),
+])
+def test_bad_layer_loop_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ji.EngineConfig(**kwargs)
