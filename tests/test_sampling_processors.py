@@ -262,6 +262,8 @@ def test_processor_checks(rng):
     (dict(presence_penalty=2.5), r"presence_penalty must be a number in \[-2, 2\]"),
     (dict(frequency_penalty=float("nan")), r"frequency_penalty must be a number in \[-2, 2\]"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+    (dict(repetition_penalty=1e300), r"within float32's range \[1e-37, 3.403e\+38\], got 1e\+300"),
+    (dict(repetition_penalty=1e-300), "within float32's range"),
     (dict(min_tokens=17), r"min_tokens must be an integer in \[0, max_tokens=16\]"),
     (dict(min_tokens=-1), r"min_tokens must be an integer in \[0, max_tokens=16\]"),
     (dict(bad_token_ids=5), "bad_token_ids must be a sequence of token ids"),

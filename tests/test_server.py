@@ -210,7 +210,8 @@ BAD = [
      "less than or equal to 2"),
     ("completions", {"model": "tiny", "prompt": "x", "frequency_penalty": -3}, "frequency_penalty",
      "greater than or equal to -2"),
-    ("completions", {"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ("completions", {"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty",
+     "greater than or equal to 0.0000000000000000000000000000000000001"),  # 1e-37
     ("completions", {"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias",
      "keys must be token ids in [0, 258), got 'abc'"),
     ("completions", {"model": "tiny", "prompt": "x", "logit_bias": {"300": 1}}, "logit_bias", "got '300'"),

@@ -21,6 +21,8 @@ from jaxinfer.structured.spec import StructuredOutput
 MAX_LOGPROBS = 20  # top alternatives a request may ask for per token (OpenAI's and vLLM's limit)
 MAX_BIAS = 100.0  # |logit_bias| limit (OpenAI's)
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| limit (OpenAI's)
+# repetition_penalty's range: float32's (the sampler divides by it in float32; 0 or inf there make NaN rows)
+REPETITION_PENALTY_RANGE = (1e-37, float(np.finfo(np.float32).max))
 LOGPROBS_MODES = ("raw", "processed")
 
 
@@ -132,9 +134,10 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or abs(value) > MAX_PENALTY:
                 raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got "
-                             f"{self.repetition_penalty!r}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not _is_number(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none) within float32's range "
+                             f"[{low:.4g}, {high:.4g}], got {self.repetition_penalty!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")

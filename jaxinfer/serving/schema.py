@@ -33,7 +33,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from jaxinfer.sampling.params import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY
+from jaxinfer.sampling.params import MAX_BIAS, MAX_LOGPROBS, MAX_PENALTY, REPETITION_PENALTY_RANGE
 from jaxinfer.serving.limits import ServerLimits
 
 
@@ -157,7 +157,8 @@ def request_models(limits: ServerLimits, max_seq_len: int, vocab_size: int, prom
                                                  "output holds (OpenAI's).")
         frequency_penalty: Penalty | None = Field(None, description="Subtracted once per occurrence of the token in "
                                                   "the output (OpenAI's).")
-        repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False, description="Divides positive, "
+        repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                                 allow_inf_nan=False, description="Divides positive, "
                                                  "multiplies negative logits of tokens in the prompt or output "
                                                  "(vLLM's; 1: none).")
         logit_bias: Annotated[dict[str, Bias], Field(max_length=vocab_size, json_schema_extra={
