@@ -58,7 +58,8 @@ def cases(dtype):
         "stacked_scan": (lambda x, ws: jax.lax.scan(lambda h, w: (_step(h, w, dtype), None), x, ws)[0],
                          lambda M, D, F, L: (jnp.ones((M, D), dtype), jnp.ones((L, D, D), dtype))),
         "stacked_loop": (loop, lambda M, D, F, L: (jnp.ones((M, D), dtype), jnp.ones((L, D, D), dtype))),
-        "list_loop": (list_loop, lambda M, D, F, L: (jnp.ones((M, D), dtype), [jnp.ones((D, D), dtype) for _ in range(L)])),
+        "list_loop": (list_loop, lambda M, D, F, L: (jnp.ones((M, D), dtype),
+                                                      [jnp.ones((D, D), dtype) for _ in range(L)])),
     }
 
 

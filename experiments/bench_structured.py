@@ -12,11 +12,11 @@ with JSON schemas (temperature 1, the corpus in turn) and B unconstrained reques
 prompt run as two workloads of one engine each; each is run once to compile its programs, then
 timed --runs times (the fastest run: generated tokens / wall, mean TPOT; no prefix cache, so the
 timed run repeats the first run's programs). Unconstrained request i ignores EOS and generates as
-many tokens as constrained output i, so both workloads decode the same batch shapes step by step. Mask: each constrained
-output's tokens replayed through a fresh matcher, timing the fill of every position's bitmask
-(p50 / p99); in the engine, the fill of each decode call's masks (ms per call) and the share of
-them done before the device finished the call's forward pass (hidden). Writes a JSON to --out and prints tables; compile time is reported apart (the first run's wall,
-its programs compiled).
+many tokens as constrained output i, so both workloads decode the same batch shapes step by step.
+Mask: each constrained output's tokens replayed through a fresh matcher, timing the fill of every
+position's bitmask (p50 / p99); in the engine, the fill of each decode call's masks (ms per call) and the share of
+them done before the device finished the call's forward pass (hidden). Writes a JSON to --out and
+prints tables; compile time is reported apart (the first run's wall, its programs compiled).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def _run(model, batch: int, params: list) -> tuple[dict, list]:
             "mask_fill_ms_per_call": 1e3 * stats["late_fill_s"] / fills if fills else 0.0,
             "mask_fills_hidden_share": stats["late_fills_hidden"] / fills if fills else None,
             "device_idle_share": stats["device_idle_s"] / wall,
-            "spec_tokens_per_pass": (stats["spec_emitted"] / stats["spec_passes"]) if stats["spec_passes"] else None}, outs
+            "spec_tokens_per_pass": stats["spec_emitted"] / stats["spec_passes"] if stats["spec_passes"] else None,
+            }, outs
 
 
 def main(argv):
@@ -163,7 +164,8 @@ def main(argv):
         print(f"{r['batch']:>5} {c['throughput_tok_s']:>13.1f} {u['throughput_tok_s']:>11.1f} "
               f"{r['throughput_ratio']:>6.2f} {c['tpot_ms']:>15.2f} {u['tpot_ms']:>13.2f} "
               f"{c['finished_stop']:>5} {c['mask_fill_ms_per_call']:>8.3f} {hidden:>7} "
-              f"{c['spec_tokens_per_pass'] or 0:>6.2f}/{u['spec_tokens_per_pass'] or 0:<6.2f} {c['first_run_s']:>10.2f}")
+              f"{c['spec_tokens_per_pass'] or 0:>6.2f}/{u['spec_tokens_per_pass'] or 0:<6.2f} "
+              f"{c['first_run_s']:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def test_smollm2_bf16_greedy_tokens_against_hf():
     for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype).eval()
         with torch.no_grad():
-            hf[dtype] = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
+            hf[dtype] = out[0, len(prompt):].tolist()
         m = ji.load_model("smollm2-135m", dtype=dtype)
         m = dataclasses.replace(m, params=dequantize_params(m.params))
         for loop in ("scan", "unroll"):

@@ -38,7 +38,8 @@ def test_the_corpus_validates_on_smollm2(model):
     cut silently (_check_json), and most finish within the budget."""
     schemas = corpus()
     engine = ji.Engine(model, ji.EngineConfig(max_batch=32, max_seq_len=256))
-    outs = engine.generate([PROMPT] * len(schemas), [_sp(96, 1.0, i, json_schema=s) for i, (_, s) in enumerate(schemas)])
+    params = [_sp(96, 1.0, i, json_schema=s) for i, (_, s) in enumerate(schemas)]
+    outs = engine.generate([PROMPT] * len(schemas), params)
     for out, (_, schema) in zip(outs, schemas):
         _check_json(out, schema)
     assert sum(o.finish_reason == "stop" for o in outs) >= 0.7 * len(schemas)

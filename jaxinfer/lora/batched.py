@@ -178,7 +178,8 @@ def with_adapters(params: model_lib.Params, weights: LoraWeights, lora: LoraBatc
         return apply(base(name, x, lp), x, a[name], b[name], scale[name], rows, lora_impl)
 
     if isinstance(params["layers"], (list, tuple)):  # per-layer params (decoder.unstack_layers)
-        return {**params, "layers": [{**lp, "lora_layer": jnp.int32(i)} for i, lp in enumerate(params["layers"])]}, project
+        layers = [{**lp, "lora_layer": jnp.int32(i)} for i, lp in enumerate(params["layers"])]
+        return {**params, "layers": layers}, project
     layer_index = jnp.arange(L, dtype=jnp.int32)
     return {**params, "layers": {**params["layers"], "lora_layer": layer_index}}, project
 

@@ -1,8 +1,8 @@
 """The one place the model multiplies activations by a weight.
 
-A dense weight is `x @ w` (`dense`: on the CPU, half precision with a float32 accumulator). A weight in a packed format (`jaxinfer.models.formats`) goes to the
-implementation registered for its type and the chosen `impl`, falling back to the type's "xla"
-entry when it has no entry for `impl`:
+A dense weight is `x @ w` (`dense`: on the CPU, half precision with a float32 accumulator). A
+weight in a packed format (`jaxinfer.models.formats`) goes to the implementation registered for its
+type and the chosen `impl`, falling back to the type's "xla" entry when it has no entry for `impl`:
   QuantizedWeight  "xla"     dequantise in float32, cast to x.dtype, one einsum accumulated in
                              float32 (the reference)
                    "pallas"  pallas_kernels.quant_matmul: packed weights read and dequantised in
