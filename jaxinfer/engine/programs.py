@@ -134,6 +134,20 @@ def verify(params, cfg, x: VerifyInputs, drafts, cache, features, lora=None, par
     return accepted, emitted, cache, features
 
 
+def _decode_forward(params, cfg, x: DecodeInputs, lora, impl, lora_impl):
+    """fn(tokens (R,), cache, j) -> ForwardOutput: decode step j of a call's rows (a row writes K/V
+    only while j < x.valid[r]), under the rows' LoRA adapters."""
+    params, project = _with_adapters(params, lora, lora_lib.LoraBatch(x.adapter_ids, x.adapter_ids[:0]), impl,
+                                     lora_impl)
+
+    def forward(tokens, cache, j):
+        batch = BatchDescriptor.decode_rows(x.positions + j, j < x.valid, x.block_tables, cache.page_size,
+                                            cache.num_pages * cache.page_size, x.adapter_ids)
+        return model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, project=project)
+
+    return forward
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "impl", "num_steps", "lora_impl"), donate_argnames=("cache",))
 def multi_decode(params, cfg, x: DecodeInputs, cache, lora=None, *, impl, num_steps, lora_impl="xla"):
     """num_steps decode steps in one program, each sampled token fed to the next step (and, when the
@@ -141,16 +155,11 @@ def multi_decode(params, cfg, x: DecodeInputs, cache, lora=None, *, impl, num_st
     first x.valid[r] steps. Returns Sampled with tokens (num_steps, R) (NONFINITE where a row's
     logits are not finite) and the cache."""
     TRACE_COUNTS["multi_decode"] += 1
-    params, project = _with_adapters(params, lora, lora_lib.LoraBatch(x.adapter_ids, x.adapter_ids[:0]), impl,
-                                     lora_impl)
-    dropped = cache.num_pages * cache.page_size
+    forward = _decode_forward(params, cfg, x, lora, impl, lora_impl)
 
     def one(carry, j):
         tokens, drawn, cache = carry
-        pos = x.positions + j
-        batch = BatchDescriptor.decode_rows(pos, j < x.valid, x.block_tables, cache.page_size, dropped,
-                                            x.adapter_ids)
-        out = model_lib.forward_paged(params, cfg, tokens, cache, batch, impl=impl, project=project)
+        out = forward(tokens, cache, j)
         new = sample_checked(out.logits, x.sampling, x.steps + j, drawn)
         if drawn is not None:
             drawn = drawn.at[:, j].set(new.tokens)
@@ -166,11 +175,7 @@ def decode_logits(params, cfg, x: DecodeInputs, cache, lora=None, *, impl, lora_
     """multi_decode's first step without its draw (x.sampling is not read): the logits (R, V) and
     the cache. `draw` samples them once the rows' sampling arrays are filled."""
     TRACE_COUNTS["decode_logits"] += 1
-    params, project = _with_adapters(params, lora, lora_lib.LoraBatch(x.adapter_ids, x.adapter_ids[:0]), impl,
-                                     lora_impl)
-    batch = BatchDescriptor.decode_rows(x.positions, 0 < x.valid, x.block_tables, cache.page_size,
-                                        cache.num_pages * cache.page_size, x.adapter_ids)
-    out = model_lib.forward_paged(params, cfg, x.tokens, cache, batch, impl=impl, project=project)
+    out = _decode_forward(params, cfg, x, lora, impl, lora_impl)(x.tokens, cache, 0)
     return out.logits, out.cache
 
 
