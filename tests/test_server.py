@@ -1,6 +1,7 @@
 """The OpenAI-compatible server (jaxinfer/serving/server.py), driven by the real `openai` client over HTTP
 on a free localhost port, with an API key set: the same tokens as Engine.generate for greedy
-requests, streamed or not; many concurrent streams; a client that leaves mid-stream gets its
+requests, streamed or not (the engine in a thread of the server's process, or, in the slow tier,
+in an engine core process of its own); many concurrent streams; a client that leaves mid-stream gets its
 request aborted and its pages back; bad requests (unknown or unsupported fields, malformed
 messages, values out of range) get a 400 naming the field and the server keeps serving; a prompt
 over the context is refused, one that fits but leaves less room than max_tokens runs until the
@@ -21,7 +22,7 @@ from helpers import run_main
 import jaxinfer as ji
 from experiments import bench_serving
 from jaxinfer import lora
-from jaxinfer.serving import server
+from jaxinfer.serving import core, core_client, server
 
 # The shipped tiny model has no chat template: the server is given this one.
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
@@ -36,12 +37,23 @@ def model():
     return ji.load_model("tiny")
 
 
-@pytest.fixture(scope="module")
-def served(model):
-    """A server over its own engine, on a free port for the whole module."""
-    app = server.build_app(ji.Engine(model, ji.EngineConfig()), chat_template=TEMPLATE, api_key=KEY)
-    with server.BackgroundServer(app) as s:
-        yield s
+@pytest.fixture(scope="module", params=["thread", pytest.param("process", marks=pytest.mark.slow)])
+def served(model, request):
+    """A server over its own engine, on a free port for the whole module: the engine in a thread of
+    this process, or in an engine core process of its own (jaxinfer/serving/core.py)."""
+    if request.param == "thread":
+        app = server.build_app(ji.Engine(model, ji.EngineConfig()), chat_template=TEMPLATE, api_key=KEY)
+        with server.BackgroundServer(app) as s:
+            yield s
+        return
+    proc = core.spawn_core(core.CoreSpec(model))
+    try:
+        app = server.build_app(core_client.CoreClient(proc.address, process=proc), chat_template=TEMPLATE,
+                               api_key=KEY)
+        with server.BackgroundServer(app) as s:
+            yield s
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")

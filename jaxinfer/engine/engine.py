@@ -70,9 +70,11 @@ from jaxinfer.speculative import load_drafter
 
 
 class Engine:
-    def __init__(self, model, config: EngineConfig | None = None, *, runner=ModelRunner):
+    def __init__(self, model, config: EngineConfig | None = None, *, runner=ModelRunner, detokenize: bool = True):
         """`runner(model, num_pages, page_size, max_seq_len, max_batch, impl, features, kv_dtype, lora)`
-        builds the model runner (jaxinfer.engine.mock_runner.MockRunner runs the engine with no model)."""
+        builds the model runner (jaxinfer.engine.mock_runner.MockRunner runs the engine with no model).
+        detokenize False: outputs carry token ids, their text None (an engine core whose API server
+        decodes them, jaxinfer/serving/core.py); stop strings are still checked."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
         placed = sharding.place_model(model, config.tp)  # the model as the device runs it
@@ -93,7 +95,7 @@ class Engine:
                                    max_tokens_per_step=config.max_tokens_per_step,
                                    chunked_prefill=config.chunked_prefill,
                                    adapters=self.adapters if config.max_adapters else None)
-        self.rules = StopRules(model)
+        self.rules = StopRules(model, text=detokenize)  # detokenize False: outputs' text None (an engine core's)
         # Structured output: constraints compiled (cached by text) and matchers built off the step loop.
         self.grammars = structured.for_tokenizer(model.tokenizer, model.config.vocab_size, Vocab.of(model).eos_ids,
                                                  config.structured_backend)

@@ -157,7 +157,8 @@ def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | 
                "tpot_s": (end - first) / (k - 1) if k > 1 else 0.0, "prompt_tokens": float(len(prompt)),
                "generated_tokens": float(k), "cached_tokens": float(seq.num_cached_tokens),
                "preemptions": float(seq.num_preemptions)}
-    text = rules.completion_text(seq.sampling, seq.generated) if finished else seq.stop.stream_text(seq.generated)
+    text = (None if not rules.text else rules.completion_text(seq.sampling, seq.generated) if finished
+            else seq.stop.stream_text(seq.generated))
     return RequestOutput(prompt, seq.generated, text, seq.finish_reason, metrics, error=seq.error,
                          request_id=request_id, finished=finished,
                          logprobs=list(seq.logprobs) if seq.sampling.logprobs is not None else None,
@@ -166,11 +167,13 @@ def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | 
 
 class StopRules:
     """What ends a sequence for one model: its end-of-sequence ids (gathered once) and its
-    tokenizer, for stop strings and the output text."""
+    tokenizer, for stop strings and the output text (text False: outputs carry token ids only, their
+    text None, for a caller that decodes them itself)."""
 
-    def __init__(self, model):
+    def __init__(self, model, text: bool = True):
         self.tokenizer = model.tokenizer
         self.eos_ids = Vocab.of(model).eos_ids
+        self.text = text
 
     def checker(self, sampling: SamplingParams, room: int) -> StopChecker:
         """A fresh checker for one sequence with `room` positions left in its context for new tokens."""

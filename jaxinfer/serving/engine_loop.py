@@ -34,6 +34,11 @@ from jaxinfer.sampling.sampler import SamplingParams
 log = logging.getLogger("jaxinfer")
 
 
+class EngineUnavailable(RuntimeError):
+    """No engine to serve a request: its loop or its core (jaxinfer/serving/core.py) has stopped.
+    The server answers 503."""
+
+
 @dataclasses.dataclass
 class _Add:
     prompt: list[int]
@@ -41,6 +46,7 @@ class _Add:
     adapter: str | None
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    stream: bool  # False: only the last output is delivered
     reply: concurrent.futures.Future  # the request id, or the ValueError that refused it
 
 
@@ -62,7 +68,7 @@ class EngineLoop:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # live request id -> its queue
+        self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}  # live id -> its queue
         self._thread = threading.Thread(target=self._run, name="jaxinfer-engine-loop", daemon=True)
         self.error: BaseException | None = None  # what stopped the loop, if it failed
         self.aborted = 0  # requests aborted because their caller left
@@ -80,16 +86,29 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def add(self, prompt: list[int], sampling: SamplingParams,
-                  adapter: str | None = None) -> tuple[int, asyncio.Queue]:
-        """Queue a request; returns its id and the asyncio queue its outputs arrive on. Raises the
-        engine's ValueError if it refuses the request."""
+    @property
+    def model(self):
+        return self.engine.model
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def grammars(self):
+        return self.engine.grammars
+
+    async def add(self, prompt: list[int], sampling: SamplingParams, adapter: str | None = None,
+                  stream: bool = True) -> tuple[int, asyncio.Queue]:
+        """Queue a request; returns its id and the asyncio queue its outputs arrive on (only the
+        last one when not `stream`). Raises the engine's ValueError if it refuses the request,
+        EngineUnavailable if the loop has stopped."""
         if not self.alive:
-            raise RuntimeError(f"the engine loop is not running ({self.error!r})")
+            raise EngineUnavailable(f"the engine loop is not running ({self.error!r})")
         loop = asyncio.get_running_loop()
         reply: concurrent.futures.Future = concurrent.futures.Future()
         outputs: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(prompt, sampling, adapter, outputs, loop, reply))
+        self._commands.put(_Add(prompt, sampling, adapter, outputs, loop, stream, reply))
         try:
             return await asyncio.wrap_future(reply), outputs
         except asyncio.CancelledError:  # the caller left while the loop was adding it: abort it once added
@@ -112,6 +131,10 @@ class EngineLoop:
         self._commands.put(_Call(fn, reply))
         return reply
 
+    def call(self, method: str, *args) -> concurrent.futures.Future:
+        """engine.method(*args) on the loop's thread (add_adapter, remove_adapter): CoreClient's call."""
+        return self.submit(lambda engine: getattr(engine, method)(*args))
+
     # The loop thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -127,7 +150,7 @@ class EngineLoop:
         except BaseException as e:  # the engine failed: no request can go on; callers see it in /health
             log.exception("the engine loop stopped")
             self.error = e
-            for loop, outputs in self._sinks.values():
+            for loop, outputs, _ in self._sinks.values():
                 loop.call_soon_threadsafe(outputs.put_nowait, e)
             raise
 
@@ -158,7 +181,7 @@ class EngineLoop:
         except ValueError as e:
             cmd.reply.set_exception(e)
             return
-        self._sinks[rid] = (cmd.loop, cmd.outputs)
+        self._sinks[rid] = (cmd.loop, cmd.outputs, cmd.stream)
         cmd.reply.set_result(rid)
 
     def _call(self, cmd: _Call) -> None:
@@ -176,15 +199,17 @@ class EngineLoop:
             cmd.reply.set_exception(error)
 
     def _deliver(self, outs) -> None:
-        """Hand each output to its request's queue; a finished request's queue is dropped."""
+        """Hand each output to its request's queue (a request not streamed: its last only); a finished
+        request's queue is dropped."""
         for out in outs:
             sink = self._sinks.get(out.request_id)
             if sink is None:
                 continue
             if out.finished:
                 del self._sinks[out.request_id]
-            loop, outputs = sink
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
+            loop, outputs, stream = sink
+            if stream or out.finished:
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
 
     def _snapshot(self) -> dict[str, Any]:
         s, a = self.engine.scheduler, self.engine.allocator

@@ -11,7 +11,9 @@ every LoRA adapter the engine holds now, which `model` selects) and GET /health 
 state: running and waiting requests, pages in use, requests refused by status).
 
 Every connection's requests go to one EngineLoop (jaxinfer/serving/engine_loop.py), the only thread that
-touches the engine, which batches them continuously. A client that disconnects before its
+touches the engine, which batches them continuously; or, with the engine core in its own process
+(jaxinfer/serving/core.py), to a CoreClient or to Replicas of several cores (core_client.py), and this
+process keeps only the HTTP work, tokenising and detokenising. An engine that has stopped is a 503. A client that disconnects before its
 request finishes (mid-stream or while waiting for a whole response) aborts it; its pages come
 back at the loop's next turn. Requests are bounded before work (jaxinfer/serving/guards.py and
 limits.py): the API key, the body's size, the requests held at once, then every field's type,
@@ -38,7 +40,7 @@ from starlette.exceptions import HTTPException
 
 from jaxinfer.engine.engine import Engine
 from jaxinfer.serving import openai_api, schema
-from jaxinfer.serving.engine_loop import EngineLoop
+from jaxinfer.serving.engine_loop import EngineLoop, EngineUnavailable
 from jaxinfer.serving.guards import Guards, GuardState
 from jaxinfer.serving.limits import ServerLimits, prompt_char_limit
 from jaxinfer.serving.schema import RequestError
@@ -46,27 +48,29 @@ from jaxinfer.serving.schema import RequestError
 ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}  # generation routes -> request kind
 
 
-def build_app(engine: Engine, name: str | None = None, chat_template: str | None = None, *,
+def build_app(engine, name: str | None = None, chat_template: str | None = None, *,
               limits: ServerLimits | None = None, api_key: str | None = None) -> fastapi.FastAPI:
-    """The ASGI app serving `engine` as the model `name` (default the model's own name);
+    """The ASGI app serving `engine` as the model `name` (default the model's own name). `engine`
+    is an Engine, driven by an EngineLoop thread in this process, or a client of engine cores in
+    other processes (jaxinfer/serving/core_client.py: CoreClient, Replicas);
     `chat_template` (jinja, as in HF tokenizer configs) replaces the model's own for
     /v1/chat/completions; `limits` bound each request (default ServerLimits()); with `api_key`,
     every route but /health and the API's description needs it as a bearer token. Its lifespan starts the engine loop and stops it at
     shutdown."""
-    tokenizer = engine.model.tokenizer
+    loop = EngineLoop(engine) if isinstance(engine, Engine) else engine
+    tokenizer = loop.model.tokenizer
     if tokenizer is None:
-        raise ValueError(f"the model {engine.model.name!r} has no tokenizer: the server takes and returns text")
+        raise ValueError(f"the model {loop.model.name!r} has no tokenizer: the server takes and returns text")
     if api_key is not None and not api_key:
         raise ValueError("api_key is empty: pass None to serve without a key")
     limits = ServerLimits() if limits is None else limits
     if chat_template is not None:
         tokenizer = copy.copy(tokenizer)
         tokenizer.chat_template = chat_template
-    served = openai_api.ServedModel(name or engine.model.name or "model", tokenizer, engine.model,
-                                    engine.max_seq_len, limits.request_timeout_s)
-    models = schema.request_models(limits, engine.max_seq_len, engine.model.config.vocab_size,
-                                   prompt_char_limit(engine.max_seq_len, tokenizer, limits))
-    loop = EngineLoop(engine)
+    served = openai_api.ServedModel(name or loop.model.name or "model", tokenizer, loop.model,
+                                    loop.max_seq_len, limits.request_timeout_s)
+    models = schema.request_models(limits, loop.max_seq_len, loop.model.config.vocab_size,
+                                   prompt_char_limit(loop.max_seq_len, tokenizer, limits))
     guards = GuardState()
 
     @contextlib.asynccontextmanager
@@ -122,7 +126,7 @@ def build_app(engine: Engine, name: str | None = None, chat_template: str | None
 
 
 def _endpoint(kind: str, model: type[pydantic.BaseModel], models: schema.RequestModels,
-              served: openai_api.ServedModel, loop: EngineLoop):
+              served: openai_api.ServedModel, loop):
     """The endpoint of one generation route: the body checked by `model`, parsed, served."""
 
     async def generate(request: fastapi.Request):
@@ -184,16 +188,18 @@ def _short_error(e: Exception) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-async def _serve(request: fastapi.Request, parsed: openai_api.Parsed, loop: EngineLoop):
+async def _serve(request: fastapi.Request, parsed: openai_api.Parsed, loop):
     """Add the request to the engine loop; answer with a whole response or a stream of chunks. A
     structured output constraint is compiled first on a worker thread (cached by its text), so a
     large schema neither holds up the engine's steps nor reaches it when it does not compile."""
     try:
         if parsed.sampling.structured is not None:
-            await asyncio.to_thread(loop.engine.grammars.compile, parsed.sampling.structured)
-        rid, outputs = await loop.add(parsed.prompt, parsed.sampling, parsed.adapter)
+            await asyncio.to_thread(loop.grammars.compile, parsed.sampling.structured)
+        rid, outputs = await loop.add(parsed.prompt, parsed.sampling, parsed.adapter, stream=parsed.stream)
     except ValueError as e:
         raise openai_api.engine_error(e, parsed) from None
+    except EngineUnavailable as e:
+        raise RequestError(str(e), None, status=503) from None
     if parsed.stream:
         return _EventStream(_events(parsed, outputs), rid, loop)
     final = await _until_finished(request, rid, outputs, loop)
@@ -218,6 +224,8 @@ class _EventStream(StreamingResponse):
 async def _next(outputs: asyncio.Queue):
     """The request's next output; the engine loop's failure, raised."""
     out = await outputs.get()
+    if isinstance(out, EngineUnavailable):
+        raise RequestError(str(out), None, status=503)
     if isinstance(out, BaseException):
         raise RequestError(f"the engine failed: {out!r}", None, status=500)
     return out
