@@ -22,14 +22,13 @@ request selects one with `model: NAME`. Needs `pip install 'jaxinfer[serve]'`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
 from absl import flags
 
 import jaxinfer as ji
-from jaxinfer.quant import dequantize_params
+from jaxinfer.serving import core, core_client
 from jaxinfer.serving.limits import ServerLimits
 
 from . import (
@@ -68,6 +67,17 @@ flags.DEFINE_integer("max_stop", _LIMITS.max_stop, "Most stop strings in one req
 flags.DEFINE_integer("max_stop_chars", _LIMITS.max_stop_chars, "Most characters in one stop string.")
 flags.DEFINE_integer("max_messages", _LIMITS.max_messages, "Most messages in one chat request (and text parts in one "
                      "message).")
+flags.DEFINE_enum("engine", "process", ["process", "thread"], "Where the engine runs: 'process', an engine core "
+                  "process of its own (jaxinfer/serving/core.py; this process does the HTTP work, tokenising and "
+                  "detokenising); 'thread', a thread of this process.")
+flags.DEFINE_integer("data_parallel", 1, "Engine cores (replicas, --engine=process), one per device or per --tp "
+                     "group, behind this one API; a request goes to the core most likely to hold its prompt's prefix.")
+flags.DEFINE_list("engine_cores", [], "Serve engine cores already running at these addresses (tcp://HOST:PORT or "
+                  "ipc://PATH, each started with --core_only) instead of starting any: the model comes from them.")
+flags.DEFINE_string("core_only", "", "Run only an engine core, bound to this address (tcp://*:PORT, ipc://PATH), "
+                    "for API servers started with --engine_cores; no HTTP.")
+flags.DEFINE_float("client_timeout_s", 10.0, "An engine core aborts the requests of an API server it has not heard "
+                   "from in this many seconds (API servers ping twice a second).")
 flags.DEFINE_integer("max_concurrent_requests", _LIMITS.max_concurrent_requests, "Most generation requests held at "
                      "once, running or waiting; past it: 429 with Retry-After.")
 SERVE_FLAGS = ("max_seq_len", "num_pages", "kv_budget_bytes")
@@ -77,10 +87,39 @@ for _name in ("model", "dtype", "dequantize", *common.ENGINE_FLAGS, *common.SPEC
 
 def load_model() -> ji.Model:
     """--model at --dtype; with --dequantize a packed checkpoint's projections unpacked once."""
-    model = common.load_bench_model(FLAGS.model, FLAGS.dtype)
-    if FLAGS.dequantize:
-        model = dataclasses.replace(model, params=dequantize_params(model.params))
-    return model
+    return common.load_bench_model(FLAGS.model, FLAGS.dtype)
+
+
+def core_spec(model: ji.Model | None = None, warmup: tuple | None = None) -> core.CoreSpec:
+    """What each engine core builds: --model (or `model`, sent whole), the engine flags, --lora."""
+    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
+    return core.CoreSpec(FLAGS.model if model is None else model, common.engine_config(**overrides),
+                         dtype=FLAGS.dtype, dequantize=FLAGS.dequantize and model is None, adapters=adapters(),
+                         warmup=warmup)
+
+
+def replica_env(i: int) -> dict[str, str]:
+    """The devices of replica i: its --tp GPUs (CUDA_VISIBLE_DEVICES, which the CPU backend ignores).
+    This process never starts a JAX backend of its own, so it holds no GPU memory."""
+    if FLAGS.data_parallel == 1:
+        return {}
+    tp = FLAGS.tp
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in range(i * tp, (i + 1) * tp))}
+
+
+def start_cores(spec: core.CoreSpec) -> tuple[object, list]:
+    """--data_parallel engine cores for `spec`, each in its own process; the client the server uses
+    (a CoreClient, or Replicas) and the processes."""
+    if FLAGS.data_parallel < 1:
+        raise ValueError(f"--data_parallel must be >= 1, got {FLAGS.data_parallel}")
+    procs = [core.spawn_core(spec, env=replica_env(i), client_timeout_s=FLAGS.client_timeout_s)
+             for i in range(FLAGS.data_parallel)]
+    try:
+        return core_client.connect([p.address for p in procs], procs), procs
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
 
 
 def adapters() -> dict[str, str]:
@@ -133,7 +172,14 @@ def chat_template() -> str | None:
 
 def main(argv):
     del argv
-    common.require("experiments.serve", "fastapi", "uvicorn")
+    if FLAGS.core_only:
+        common.require("experiments.serve --core_only", "zmq")
+        engine = core_spec(warmup=() if FLAGS.precompile else None).build()
+        served = core.Core(engine, FLAGS.core_only, client_timeout_s=FLAGS.client_timeout_s)
+        print(f"engine core for {engine.model.name} serving {served.address}", flush=True)
+        served.run()
+        return
+    common.require("experiments.serve", "fastapi", "uvicorn", *(("zmq",) if FLAGS.engine == "process" else ()))
     adapters()
     import uvicorn  # noqa: PLC0415
 
@@ -143,17 +189,23 @@ def main(argv):
     guards.check_bind(FLAGS.host, key, FLAGS.allow_unauthenticated)
     limits, template = server_limits(), chat_template()
     t0 = time.perf_counter()
-    model = load_model()
-    engine = build_engine(model)
-    print(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s; max_seq_len {engine.max_seq_len}, "
-          f"{engine.allocator.num_pages} KV pages of {engine.allocator.page_size}, adapters: "
-          f"{', '.join(sorted(engine.adapters.store)) or 'none'}")
-    if FLAGS.precompile:
-        t0 = time.perf_counter()
-        n = engine.warmup()
-        print(f"compiled {n} programs in {time.perf_counter() - t0:.1f} s")
+    procs = []
+    if FLAGS.engine_cores:
+        engine = core_client.connect(FLAGS.engine_cores)
+    elif FLAGS.engine == "process":
+        engine, procs = start_cores(core_spec(warmup=() if FLAGS.precompile else None))
+    else:
+        engine = build_engine(load_model())
+        if FLAGS.precompile:
+            engine.warmup()
+    print(f"{engine.model.name} ready in {time.perf_counter() - t0:.1f} s (--engine={FLAGS.engine}"
+          f"{f', {len(procs)} engine cores' if procs else ''}); max_seq_len {engine.max_seq_len}", flush=True)
     app = server.build_app(engine, FLAGS.served_model_name or None, template, limits=limits, api_key=key)
-    uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level="info")
+    try:
+        uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level="info")
+    finally:
+        for p in procs:
+            p.stop()
 
 
 def cli() -> None:

@@ -42,6 +42,7 @@ from jaxinfer.checkpoints.model import Model
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.requests import RequestOutput
+from jaxinfer.engine.runner import TRACE_COUNTS
 
 log = logging.getLogger("jaxinfer")
 METHODS = ("add_adapter", "remove_adapter")  # the engine methods an API server may call
@@ -105,10 +106,11 @@ class Delta:
 
 
 def snapshot(engine: Engine, aborted: int = 0) -> dict:
+    """The core's figures: requests, pages, adapters, aborts, and the programs compiled so far."""
     s, a = engine.scheduler, engine.allocator
     return {"running": len(s.running), "waiting": len(s.waiting), "pages_in_use": a.num_used,
             "pages_free": a.num_free, "num_pages": a.num_pages, "adapters": tuple(sorted(engine.adapters.store)),
-            "aborted": aborted}
+            "aborted": aborted, "compiles": sum(TRACE_COUNTS.values())}
 
 
 class Core:

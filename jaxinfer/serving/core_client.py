@@ -134,7 +134,7 @@ class CoreClient:
             self._send(("bye",))
             self.socket.disable_monitor()
             self.socket.close()
-        self._fail("the API server stopped")
+        self._fail("the API server stopped", quiet=True)
 
     @property
     def alive(self) -> bool:
@@ -278,12 +278,13 @@ class CoreClient:
         finally:
             monitor.close()
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, quiet: bool = False) -> None:
         """No core any more: every live request and call gets EngineUnavailable, and so will new ones."""
         if self.error is not None:
             return
         self.error = EngineUnavailable(message)
-        log.error("%s", message)
+        if not quiet:
+            log.error("%s", message)
         for req in self._requests.values():
             if req.accepted.done():
                 req.outputs.put_nowait(self.error)
@@ -333,8 +334,8 @@ class Replicas:
     @property
     def snapshot(self) -> dict:
         snaps = [c.snapshot for c in self.clients if c.alive] or [self.clients[0].snapshot]
-        total = {k: sum(s[k] for s in snaps) for k in ("running", "waiting", "pages_in_use", "pages_free",
-                                                         "num_pages")}
+        total = {k: sum(s.get(k, 0) for s in snaps) for k in ("running", "waiting", "pages_in_use", "pages_free",
+                                                                "num_pages", "aborted", "compiles")}
         return {**total, "adapters": snaps[0]["adapters"], "replicas": len(snaps)}
 
     def prefix_hashes(self, prompt: list[int], adapter: str | None) -> list[int]:
