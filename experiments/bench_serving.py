@@ -50,7 +50,12 @@ flags.DEFINE_bool("in_process", True, "Also run the workload in-process (Engine.
 flags.DEFINE_string("markdown", "", "Write the markdown table to this file ('' = print it only).")
 flags.DEFINE_list("concurrency", ["64"], "Closed-loop runs: this many clients, each sending its next request when its "
                   "last one ends ('' = none).")
-DEFAULT_RATES = (20.0, 100.0, 1000.0)  # without --rates: up to saturation on the tiny model
+flags.DEFINE_list("engine_cpus", [], "Pin the engine to these CPUs and this process (its in-process runs' engine "
+                  "too, unless --engine=process) to the others: with --engine=process, the engine core gets these "
+                  "CPUs and the HTTP server and the load generator the rest, while the in-process runs' engine gets "
+                  "the rest alone ('' = no pinning). Give as many CPUs as remain, so both engines get equal shares.")
+DEFAULT_RATES = (20.0, 100.0, 1000.0)
+_START_CPUS = frozenset(os.sched_getaffinity(0))  # without --rates: up to saturation on the tiny model
 for _name in ("model", "dtype", "seed", "out", "num_requests", "prompt_len", "output_len", "rates", "prompt_dist",
               "output_dist", "sigma", "max_len", "workload_file", "warmup", "dequantize", "lora", "served_model_name",
               "default_timeout_s", "engine", *serve.SERVE_FLAGS, *common.ENGINE_FLAGS, *common.SPEC_FLAGS):
@@ -117,7 +122,8 @@ def run_in_process(engine: ji.Engine, workload: list, clients: int | None = None
 
 
 async def _stream(http, model: str, req) -> tuple[float, float, int]:
-    """One streaming request: when its first and last chunks came (perf_counter) and its tokens."""
+    """One streaming request: when its first and last chunks with tokens came (perf_counter) and its
+    tokens (the usage chunk's)."""
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     first = last = None
@@ -218,7 +224,7 @@ def started_server(model: ji.Model, engine: ji.Engine | None, workloads: list[li
         return
     context = FLAGS.max_seq_len or model.config.max_position_embeddings
     warmup = None if FLAGS.warmup == "replay" else warmup_lengths(workloads, context)
-    client, procs = serve.start_cores(serve.core_spec(warmup=warmup))
+    client, procs = serve.start_cores(serve.core_spec(warmup=warmup), cpus=engine_cpus())
     try:
         with server.BackgroundServer(server.build_app(client, name)) as s:
             if FLAGS.warmup == "replay":
@@ -228,6 +234,16 @@ def started_server(model: ji.Model, engine: ji.Engine | None, workloads: list[li
     finally:
         for p in procs:
             p.stop()
+
+
+def engine_cpus() -> tuple[int, ...]:
+    """--engine_cpus as CPU numbers, each one this process could run on at its start, leaving it at least one."""
+    cpus = tuple(sorted({int(c) for c in FLAGS.engine_cpus})) if FLAGS.engine_cpus else ()
+    allowed = _START_CPUS
+    if cpus and (not set(cpus) < allowed):
+        raise ValueError(f"--engine_cpus={','.join(FLAGS.engine_cpus)}: must be some, not all, of this process's "
+                         f"CPUs {sorted(allowed)}")
+    return cpus
 
 
 def check_flags() -> list[tuple[str, float | None, int | None]]:
@@ -249,6 +265,8 @@ def check_flags() -> list[tuple[str, float | None, int | None]]:
 def main(argv):
     del argv
     loads = check_flags()
+    if FLAGS.engine_cpus:  # before JAX starts its threads: they inherit it
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - set(engine_cpus()))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     model = serve.load_model()
     rate_of = {label: rate for label, rate, _ in loads}
@@ -269,7 +287,8 @@ def main(argv):
             results.append(measured("server", label, lambda: run_http(url, name, workloads[label], clients), compiles))
     results.sort(key=lambda r: ([x[0] for x in loads].index(r["load"]), r["mode"] != "in-process"))
     env_extra = {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "warmup_s": warm_s,
-                 "server_engine": "url" if FLAGS.url else FLAGS.engine}
+                 "server_engine": "url" if FLAGS.url else FLAGS.engine, "engine_cpus": list(engine_cpus()),
+                 "bench_cpus": sorted(os.sched_getaffinity(0))}
     summaries = {f"{r['mode']}/{r['load']}": {k: v for k, v in r.items() if k not in ("requests", "mode", "load")}
                  for r in results}
     for r in results:

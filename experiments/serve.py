@@ -107,12 +107,12 @@ def replica_env(i: int) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in range(i * tp, (i + 1) * tp))}
 
 
-def start_cores(spec: core.CoreSpec) -> tuple[object, list]:
-    """--data_parallel engine cores for `spec`, each in its own process; the client the server uses
-    (a CoreClient, or Replicas) and the processes."""
+def start_cores(spec: core.CoreSpec, cpus: tuple[int, ...] = ()) -> tuple[object, list]:
+    """--data_parallel engine cores for `spec`, each in its own process (cpus: the CPUs they run on);
+    the client the server uses (a CoreClient, or Replicas) and the processes."""
     if FLAGS.data_parallel < 1:
         raise ValueError(f"--data_parallel must be >= 1, got {FLAGS.data_parallel}")
-    procs = [core.spawn_core(spec, env=replica_env(i), client_timeout_s=FLAGS.client_timeout_s)
+    procs = [core.spawn_core(spec, env=replica_env(i), client_timeout_s=FLAGS.client_timeout_s, cpus=cpus)
              for i in range(FLAGS.data_parallel)]
     try:
         return core_client.connect([p.address for p in procs], procs), procs

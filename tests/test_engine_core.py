@@ -257,3 +257,28 @@ def test_two_replicas_behind_one_api_and_the_prefix_aware_balancer(model):
     finally:
         for p in procs:
             p.stop()
+
+
+@pytest.mark.slow
+def test_a_core_started_on_its_own_serves_api_servers_over_tcp(reference):
+    """experiments.serve --core_only on a TCP address (as on another host), an API server connecting
+    to it by address: the same greedy text as the engine; the core killed, the API answers 503."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", "--model=tiny",
+                             f"--core_only=tcp://127.0.0.1:{port}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        client = core_client.CoreClient(f"tcp://127.0.0.1:{port}", connect_timeout_s=120)
+        with server.BackgroundServer(server.build_app(client)) as s:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
+            r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
+            (want,) = reference.generate([PROMPT], ji.SamplingParams(max_tokens=8, temperature=0.0))
+            assert r.choices[0].text == want.text
+            proc.kill()
+            proc.wait(30)
+            _wait(s.url, lambda h: h["status"] == "error")
+            with pytest.raises(openai.InternalServerError, match="503"):
+                c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -376,19 +376,23 @@ def test_models_and_health(served, client):
 
 
 def test_bench_serving_runs_the_same_workload_both_ways(tmp_path):
-    """A few requests in-process and through a server it starts itself: every request's tokens
-    counted on both sides, the record and the table hold both modes."""
+    """A few requests in-process and through a server it starts itself (the engine in a core process
+    of its own), open loop and closed loop: every request's tokens counted on both sides, nothing
+    compiled during a run, the record and the table hold both modes at both loads."""
     out, table = tmp_path / "serving.json", tmp_path / "serving.md"
-    run_main(bench_serving, "--model=tiny", "--rates=20", "--num_requests=4", "--prompt_dist=fixed", "--prompt_len=8",
-             "--output_dist=fixed", "--output_len=6", "--max_len=16", "--warmup=replay", f"--out={out}", f"--markdown={table}")
+    run_main(bench_serving, "--model=tiny", "--rates=20", "--concurrency=2", "--num_requests=4", "--prompt_dist=fixed",
+             "--prompt_len=8", "--output_dist=fixed", "--output_len=6", "--max_len=16", f"--out={out}",
+             f"--markdown={table}")
     record = json.loads(out.read_text())
-    modes = {r["mode"]: r for r in record["results"]}
-    assert set(modes) == {"in-process", "server"}
-    for r in modes.values():
-        assert [q["tokens"] for q in r["requests"]] == [6] * 4
+    runs = {(r["mode"], r["load"]): r for r in record["results"]}
+    assert set(runs) == {(m, load) for m in ("in-process", "server") for load in ("rate=20", "concurrency=2")}
+    for r in runs.values():
+        assert [q["tokens"] for q in r["requests"]] == [6] * 4 and r["compiles_during_run"] == 0
         assert r["throughput_tok_s"] > 0 and 0 < r["ttft_s"]["p50"] <= r["latency_s"]["p50"]
     assert record["metrics"]["server/rate=20/generated_tokens"] == 24
-    assert "| 20 | server |" in table.read_text() and "| 20 | in-process |" in table.read_text()
+    assert record["metrics"]["server/concurrency=2/generated_tokens"] == 24
+    text = table.read_text()
+    assert all(f"| {load} | {mode} |" in text for mode, load in runs)
 
 
 def test_model_selects_a_loaded_lora_adapter(model):

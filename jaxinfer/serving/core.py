@@ -47,6 +47,7 @@ from jaxinfer.engine.runner import TRACE_COUNTS
 log = logging.getLogger("jaxinfer")
 METHODS = ("add_adapter", "remove_adapter")  # the engine methods an API server may call
 PARENT_ENV = "JAXINFER_CORE_PARENT"  # set by CoreProcess: the pid whose exit ends the core
+CPUS_ENV = "JAXINFER_CORE_CPUS"  # the CPUs the core runs on (a benchmark's pinning), comma-separated; unset: any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,8 @@ class Core:
         self.client_timeout_s, self.tick_s = client_timeout_s, tick_s
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        for option in (zmq.SNDHWM, zmq.RCVHWM):  # no limit: a ROUTER drops what is past its high-water mark
+            self.socket.setsockopt(option, 0)
         self.socket.bind(address)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.seen: dict[bytes, float] = {}  # API server -> when it last sent anything
@@ -261,6 +264,8 @@ def main(argv: list[str]) -> None:
     """python -m jaxinfer.serving.core ADDRESS [CLIENT_TIMEOUT_S] < pickled CoreSpec: build the
     engine, bind ADDRESS (tcp://HOST:PORT, ipc://PATH), serve until killed."""
     spec: CoreSpec = pickle.load(sys.stdin.buffer)
+    if os.environ.get(CPUS_ENV):  # before the engine's threads start: they inherit it
+        os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_ENV].split(",")})
     engine = spec.build()
     parent = os.environ.get(PARENT_ENV)
     core = Core(engine, argv[1], client_timeout_s=float(argv[2]) if len(argv) > 2 else 10.0,
@@ -273,11 +278,12 @@ class CoreProcess:
     """An engine core started as a child process (python -m jaxinfer.serving.core)."""
 
     def __init__(self, spec: CoreSpec, address: str | None = None, env: dict[str, str] | None = None,
-                 client_timeout_s: float = 10.0):
+                 client_timeout_s: float = 10.0, cpus: tuple[int, ...] = ()):
         self.address = address or f"ipc://{tempfile.gettempdir()}/jaxinfer-core-{uuid.uuid4().hex[:12]}"
         self.process = subprocess.Popen([sys.executable, "-m", "jaxinfer.serving.core", self.address,
                                          str(client_timeout_s)], stdin=subprocess.PIPE,
-                                        env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())})
+                                        env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid()),
+                                             **({CPUS_ENV: ",".join(map(str, cpus))} if cpus else {})})
         self.process.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
         self.process.stdin.close()
 
@@ -295,10 +301,11 @@ class CoreProcess:
 
 
 def spawn_core(spec: CoreSpec, address: str | None = None, env: dict[str, str] | None = None,
-               client_timeout_s: float = 10.0) -> CoreProcess:
+               client_timeout_s: float = 10.0, cpus: tuple[int, ...] = ()) -> CoreProcess:
     """Start an engine core for `spec` in a child process (env: extra environment variables, such
-    as the devices it may use); returns at once (CoreClient waits for it to answer)."""
-    return CoreProcess(spec, address, env, client_timeout_s)
+    as the devices it may use; cpus: the only CPUs it may run on); returns at once (CoreClient
+    waits for it to answer)."""
+    return CoreProcess(spec, address, env, client_timeout_s, cpus)
 
 
 if __name__ == "__main__":

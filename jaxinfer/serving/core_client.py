@@ -121,6 +121,8 @@ class CoreClient:
         self.loop = asyncio.get_running_loop()
         self.socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        for option in (zmq.SNDHWM, zmq.RCVHWM):  # no limit: a step's outputs are never dropped nor held back
+            self.socket.setsockopt(option, 0)
         monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.socket.connect(self.address)
         self._send(("hello",))
@@ -196,29 +198,37 @@ class CoreClient:
         self.socket.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
     async def _read(self) -> None:
-        while True:
-            msg = pickle.loads(await self.socket.recv())
-            kind = msg[0]
-            if kind == "outs":
-                self.snapshot = msg[2]
-                for delta in msg[1]:
-                    self._apply(delta)
-            elif kind == "tick":
-                self.snapshot = msg[1]
-            elif kind in ("added", "refused"):
-                req = self._requests.get(msg[1])
-                if req is not None and not req.accepted.done():
-                    if kind == "added":
-                        req.accepted.set_result(msg[1])
-                    else:
-                        req.accepted.set_exception(ValueError(msg[2]))
-            elif kind == "result":
-                _, cid, value, error, self.snapshot = msg
-                reply = self._calls.pop(cid, None)
-                if reply is not None and not reply.done():
-                    reply.set_result(value) if error is None else reply.set_exception(error)
-            elif kind == "failed":
-                self._fail(msg[1])
+        try:
+            while True:
+                self._receive(pickle.loads(await self.socket.recv()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a message this client cannot read: no request could go on
+            self._fail(f"reading from the engine core at {self.address} failed: {e!r}")
+
+    def _receive(self, msg: tuple) -> None:
+        """One message from the core: outputs, figures, answers to adds and calls, its failure."""
+        kind = msg[0]
+        if kind == "outs":
+            self.snapshot = msg[2]
+            for delta in msg[1]:
+                self._apply(delta)
+        elif kind == "tick":
+            self.snapshot = msg[1]
+        elif kind in ("added", "refused"):
+            req = self._requests.get(msg[1])
+            if req is not None and not req.accepted.done():
+                if kind == "added":
+                    req.accepted.set_result(msg[1])
+                else:
+                    req.accepted.set_exception(ValueError(msg[2]))
+        elif kind == "result":
+            _, cid, value, error, self.snapshot = msg
+            reply = self._calls.pop(cid, None)
+            if reply is not None and not reply.done():
+                reply.set_result(value) if error is None else reply.set_exception(error)
+        elif kind == "failed":
+            self._fail(msg[1])
 
     def _apply(self, delta) -> None:
         """A step's delta of one request: its samples' new tokens; its output queued if streamed or done."""

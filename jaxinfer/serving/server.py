@@ -265,8 +265,9 @@ async def _events(parsed: openai_api.Parsed, outputs: asyncio.Queue):
         while not finished:
             out = await _next(outputs)
             finished = out.finished
-            for chunk in writer.chunks(out):
-                yield f"data: {json.dumps(chunk)}\n\n"
+            chunks = writer.chunks(out)  # every choice's chunk of this step, written together
+            if chunks:
+                yield "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks)
         if parsed.include_usage:
             yield f"data: {json.dumps(writer.usage_chunk(out))}\n\n"
         yield "data: [DONE]\n\n"
