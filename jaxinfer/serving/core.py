@@ -39,10 +39,12 @@ import uuid
 from typing import Any
 
 from jaxinfer.checkpoints.model import Model
+from jaxinfer.checkpoints.weights import load_model
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.requests import RequestOutput
 from jaxinfer.engine.runner import TRACE_COUNTS
+from jaxinfer.quant import dequantize_params
 
 log = logging.getLogger("jaxinfer")
 METHODS = ("add_adapter", "remove_adapter")  # the engine methods an API server may call
@@ -65,12 +67,8 @@ class CoreSpec:
     warmup: tuple | None = None
 
     def build(self) -> Engine:
-        import jaxinfer as ji  # noqa: PLC0415  (the package root imports serving's siblings)
-
-        model = self.model if isinstance(self.model, Model) else ji.load_model(self.model, dtype=self.dtype)
+        model = self.model if isinstance(self.model, Model) else load_model(self.model, dtype=self.dtype)
         if self.dequantize:
-            from jaxinfer.quant import dequantize_params  # noqa: PLC0415
-
             model = dataclasses.replace(model, params=dequantize_params(model.params))
         engine = Engine(model, self.config, detokenize=False)
         for name, adapter in self.adapters.items():
