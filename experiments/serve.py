@@ -90,12 +90,17 @@ def load_model() -> ji.Model:
     return common.load_bench_model(FLAGS.model, FLAGS.dtype)
 
 
-def core_spec(model: ji.Model | None = None, warmup: tuple | None = None) -> core.CoreSpec:
-    """What each engine core builds: --model (or `model`, sent whole), the engine flags, --lora."""
-    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
-    return core.CoreSpec(FLAGS.model if model is None else model, common.engine_config(**overrides),
-                         dtype=FLAGS.dtype, dequantize=FLAGS.dequantize and model is None, adapters=adapters(),
-                         warmup=warmup)
+def engine_config() -> ji.EngineConfig:
+    """The EngineConfig of the engine flags and this script's own (SERVE_FLAGS)."""
+    return common.engine_config(**{name: FLAGS[name].value for name in SERVE_FLAGS})
+
+
+def core_spec(warmup: tuple | None = None) -> core.CoreSpec:
+    """What each engine core builds: --model (a name the core loads itself; random weights,
+    random:SHAPE, are drawn here and sent whole), the engine flags, --lora."""
+    model = load_model() if FLAGS.model.startswith("random:") else FLAGS.model
+    return core.CoreSpec(model, engine_config(), dtype=FLAGS.dtype,
+                         dequantize=FLAGS.dequantize and isinstance(model, str), adapters=adapters(), warmup=warmup)
 
 
 def replica_env(i: int) -> dict[str, str]:
@@ -139,8 +144,7 @@ def adapters() -> dict[str, str]:
 
 def build_engine(model: ji.Model) -> ji.Engine:
     """The engine every flag describes, with the --lora adapters added."""
-    overrides = {name: FLAGS[name].value for name in SERVE_FLAGS}
-    engine = ji.Engine(model, common.engine_config(**overrides))
+    engine = ji.Engine(model, engine_config())
     for name, path in adapters().items():
         engine.add_adapter(name, path)
     return engine

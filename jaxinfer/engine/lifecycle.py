@@ -18,7 +18,7 @@ import heapq
 import logging
 import time
 
-from jaxinfer.engine.requests import RequestOutput, StopRules, sequence_output
+from jaxinfer.engine.requests import RequestOutput, StopRules, request_output, sequence_output
 from jaxinfer.engine.scheduler import Scheduler, Sequence, Status
 from jaxinfer.engine.step import StepOutput
 from jaxinfer.sampling.params import SamplingParams
@@ -104,13 +104,7 @@ class RequestTable:
         """A request's output: finished (with all n samples), or so far (finished False)."""
         samples = [sequence_output(req.prompt, s, self.rules, req.request_id)
                    for s in sorted(req.sequences, key=lambda s: s.sample_index)]
-        if req.done:
-            if len(samples) > 1:
-                samples[0].samples = samples
-            return samples[0]
-        if len(samples) == 1 and len(req.sequences) == req.sampling.n:
-            return samples[0]
-        return dataclasses.replace(samples[0], finish_reason=None, error=None, finished=False, samples=samples)
+        return request_output(samples, req.done, req.sampling.n)
 
 
 class SequenceEvents:

@@ -165,6 +165,19 @@ def sequence_output(prompt: list[int], seq, rules: StopRules, request_id: int | 
                          prompt_logprobs=None if seq.prompt_logprobs is None else list(seq.prompt_logprobs))
 
 
+def request_output(samples: list[RequestOutput], done: bool, n: int) -> RequestOutput:
+    """A request's output from its samples' (in sample order): when done, the first with all n as
+    `samples` (n > 1); while it runs, the one sample alone (n = 1), else the first's tokens so far
+    with every sample's (finished False)."""
+    if done:
+        if len(samples) > 1:
+            samples[0].samples = samples
+        return samples[0]
+    if len(samples) == 1 and n == 1:
+        return samples[0]
+    return dataclasses.replace(samples[0], finish_reason=None, error=None, finished=False, samples=samples)
+
+
 class StopRules:
     """What ends a sequence for one model: its end-of-sequence ids (gathered once) and its
     tokenizer, for stop strings and the output text (text False: outputs carry token ids only, their

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from jaxinfer import structured
-from jaxinfer.engine.requests import RequestOutput, StopChecker, StopRules
+from jaxinfer.engine.requests import RequestOutput, StopChecker, StopRules, request_output
 from jaxinfer.sampling.params import SamplingParams
 from jaxinfer.sampling.processors import Vocab
 from jaxinfer.serving.core import Info
@@ -262,13 +262,7 @@ class CoreClient:
                                          error=s.error, request_id=req.rid, finished=finished,
                                          logprobs=None if s.logprobs is None else list(s.logprobs),
                                          prompt_logprobs=done.prompt_logprobs if finished else None))
-        if finished:
-            if len(samples) > 1:
-                samples[0].samples = samples
-            return samples[0]
-        if len(samples) == 1 and req.sampling.n == 1:
-            return samples[0]
-        return dataclasses.replace(samples[0], finish_reason=None, error=None, finished=False, samples=samples)
+        return request_output(samples, finished, req.sampling.n)
 
     async def _ping(self) -> None:
         while True:
