@@ -12,7 +12,8 @@ drawn output length (EOS ignored, greedy). Two kinds of load: open loop, request
 Poisson process at each of --rates (requests/s, real time; by default 20, 100 and 1,000, past what
 the CPU keeps up with), and closed loop, --concurrency clients each sending its next request when
 its last one ends (vLLM's benchmark's --max-concurrency; by default 64). Each request is a
-streaming client (asyncio + httpx) that timestamps every chunk: TTFT is first chunk minus arrival
+streaming client (asyncio + aiohttp, as vLLM's benchmark: a third of httpx's CPU per streamed token,
+which matters where the load generator shares the machine) that timestamps every chunk: TTFT is first chunk minus arrival
 (closed loop: minus the moment it was sent), TPOT the time per token after the first, end-to-end
 the last chunk minus arrival; throughput is output tokens over the wall time from the first
 arrival to the last completion.
@@ -33,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import time
 
@@ -121,20 +121,20 @@ def run_in_process(engine: ji.Engine, workload: list, clients: int | None = None
     return [done[i] for i in range(len(workload))]
 
 
-async def _stream(http, model: str, req) -> tuple[float, float, int]:
+async def _stream(http, url: str, model: str, req) -> tuple[float, float, int]:
     """One streaming request: when its first and last chunks with tokens came (perf_counter) and its
     tokens (the usage chunk's)."""
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     first = last = None
     tokens = 0
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise ValueError(f"the server answered {r.status_code}: {(await r.aread()).decode()[:500]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    async with http.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise ValueError(f"the server answered {r.status}: {(await r.read()).decode()[:500]}")
+        async for line in r.content:  # one SSE line at a time
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len(b"data: "):])
             if "error" in chunk:
                 raise ValueError(f"the server failed a request: {chunk['error']['message']}")
             if chunk["choices"]:
@@ -146,19 +146,19 @@ async def _stream(http, model: str, req) -> tuple[float, float, int]:
 
 
 async def _run_http(url: str, model: str, workload: list, clients: int | None) -> list[dict]:
-    import httpx  # noqa: PLC0415  (the optional [serve] extra)
+    import aiohttp  # noqa: PLC0415  (the optional [serve] extra)
 
     n = clients or len(workload)
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     timings: list[dict | None] = [None] * len(workload)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as http:
         start = time.perf_counter()
 
         async def one(i: int, arrival: float | None) -> None:
             if arrival is None:  # open loop: at its arrival time
                 arrival = workload[i].arrival_s
                 await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
-            first, last, tokens = await _stream(http, model, workload[i])
+            first, last, tokens = await _stream(http, url, model, workload[i])
             timings[i] = timing(arrival, first - start, last - start, tokens)
 
         if clients is None:
@@ -249,7 +249,7 @@ def engine_cpus() -> tuple[int, ...]:
 def check_flags() -> list[tuple[str, float | None, int | None]]:
     """Refuse bad flags and missing extras before any work; returns the loads: (label, rate, clients)."""
     engine_process = not FLAGS.url and FLAGS.engine == "process"
-    common.require("experiments.bench_serving", "httpx", *(() if FLAGS.url else ("fastapi", "uvicorn")),
+    common.require("experiments.bench_serving", "aiohttp", *(() if FLAGS.url else ("fastapi", "uvicorn")),
                    *(("zmq",) if engine_process else ()))
     rates = bench_batching.parse_rates() if FLAGS["rates"].present else list(DEFAULT_RATES)
     clients = []
@@ -267,7 +267,6 @@ def main(argv):
     loads = check_flags()
     if FLAGS.engine_cpus:  # before JAX starts its threads: they inherit it
         os.sched_setaffinity(0, os.sched_getaffinity(0) - set(engine_cpus()))
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     model = serve.load_model()
     rate_of = {label: rate for label, rate, _ in loads}
     workloads = {label: bench_batching.make_workload(rate if rate is not None else 1.0, model)

@@ -202,7 +202,7 @@ def engine_config(**overrides) -> ji.EngineConfig:
 
 
 # Optional extras: the module, and the extra of pyproject.toml that installs it.
-EXTRAS = {"matplotlib": "plots", "ray": "ray", "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "zmq": "serve",
+EXTRAS = {"matplotlib": "plots", "ray": "ray", "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "aiohttp": "serve", "zmq": "serve",
           "torch": "peers", "transformers": "peers", "lm_eval": "eval"}
 # Flags naming paths, checked by `run` before main when the experiment takes them and they are set.
 OUTPUT_FILES = ("out", "plot", "report", "markdown", "table", "save_corpus")  # its folder must be writable
@@ -252,9 +252,10 @@ def check_paths(taken: set[str], folders: tuple[str, ...] = ()) -> None:
             check(FLAGS[name].value, name)
 
 
-def run(main, *, folders: tuple[str, ...] = ()) -> None:
+def run(main, *, folders: tuple[str, ...] = (), distributed: bool = True) -> None:
     """app.run(main) under the experiments' rule (this module's docstring). `folders`: flags of
-    OUTPUT_FILES that name a folder the run creates, not a file."""
+    OUTPUT_FILES that name a folder the run creates, not a file. distributed=False: main starts
+    jax.distributed itself, if at all (--coordinator is its to read)."""
 
     def guarded(argv):
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no TPU-probe line on a CPU
@@ -263,7 +264,7 @@ def run(main, *, folders: tuple[str, ...] = ()) -> None:
             check_paths(taken, folders)
             if "spec" in taken:
                 check_draft(FLAGS.spec, FLAGS.spec_draft, f"--spec_draft={FLAGS.spec_draft}")
-            if FLAGS.coordinator:
+            if FLAGS.coordinator and distributed:
                 sharding.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
             main(argv)
         except ValueError as e:

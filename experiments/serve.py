@@ -15,6 +15,14 @@ address other machines can reach (--host=0.0.0.0) the server refuses to start wi
 --allow_unauthenticated. Each request is bounded before any work (--max_body_bytes, --max_n,
 --max_stop, --max_messages, the prompt's characters, --max_concurrent_requests, --default_timeout_s).
 
+Replicas on several hosts: start one engine core per host as the processes of one jax.distributed
+job, `--core_only=tcp://*:PORT --coordinator=HOST0:PORT0 --num_processes=N --process_id=I` (each
+core a replica on its own host's devices, --tp within the host), then an API server with
+`--engine_cores=tcp://ANY_CORE_HOST:PORT`: a core of the job names every other (their addresses
+go through jax.distributed's key-value store), and requests go to the core most likely to hold
+their prefix. A core that dies leaves the others serving (the job is recoverable), except process 0:
+it runs the job's coordination service, and JAX ends the others when it goes.
+
 Every EngineConfig option is a flag (the engine flags of experiments/common.py, and here the few
 no other experiment takes). LoRA adapters (--lora=NAME=DIR,...) are loaded before serving; a
 request selects one with `model: NAME`. Needs `pip install 'jaxinfer[serve]'`.
@@ -23,6 +31,7 @@ request selects one with `model: NAME`. Needs `pip install 'jaxinfer[serve]'`.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from absl import flags
@@ -76,6 +85,8 @@ flags.DEFINE_list("engine_cores", [], "Serve engine cores already running at the
                   "ipc://PATH, each started with --core_only) instead of starting any: the model comes from them.")
 flags.DEFINE_string("core_only", "", "Run only an engine core, bound to this address (tcp://*:PORT, ipc://PATH), "
                     "for API servers started with --engine_cores; no HTTP.")
+flags.DEFINE_string("core_host", "", "--core_only with --coordinator: the host name or address other hosts reach "
+                    "this core at, when --core_only binds every interface ('' = this host's name).")
 flags.DEFINE_float("client_timeout_s", 10.0, "An engine core aborts the requests of an API server it has not heard "
                    "from in this many seconds (API servers ping twice a second).")
 flags.DEFINE_integer("max_concurrent_requests", _LIMITS.max_concurrent_requests, "Most generation requests held at "
@@ -176,11 +187,19 @@ def chat_template() -> str | None:
 
 def main(argv):
     del argv
+    if FLAGS.coordinator and not FLAGS.core_only:
+        raise ValueError("--coordinator: the processes of a jax.distributed job are engine cores (--core_only); "
+                         "an API server reaches them with --engine_cores")
     if FLAGS.core_only:
         common.require("experiments.serve --core_only", "zmq")
+        if FLAGS.coordinator:  # one replica of a job on several hosts
+            core.join_group(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
         engine = core_spec(warmup=() if FLAGS.precompile else None).build()
         served = core.Core(engine, FLAGS.core_only, client_timeout_s=FLAGS.client_timeout_s)
-        print(f"engine core for {engine.model.name} serving {served.address}", flush=True)
+        if FLAGS.coordinator:
+            served.peers = core.publish_address(served.address, FLAGS.core_host or socket.gethostname())
+        print(f"engine core for {engine.model.name} serving {served.address}"
+              f"{f' (group of {len(served.peers)}: {served.peers})' if served.peers else ''}", flush=True)
         served.run()
         return
     common.require("experiments.serve", "fastapi", "uvicorn", *(("zmq",) if FLAGS.engine == "process" else ()))
@@ -214,7 +233,7 @@ def main(argv):
 
 def cli() -> None:
     """The `jaxinfer-serve` console script (the same as python -m jaxinfer.experiments.serve)."""
-    common.run(main)
+    common.run(main, distributed=False)
 
 
 if __name__ == "__main__":

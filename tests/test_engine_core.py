@@ -282,3 +282,39 @@ def test_a_core_started_on_its_own_serves_api_servers_over_tcp(reference):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.slow
+def test_engine_cores_of_a_jax_distributed_job_serve_one_api(reference):
+    """Two engine cores as the processes of one jax.distributed job (as on two hosts): an API server
+    given one core's address serves both (each gets a request); the second core killed, the first
+    serves on (the job is recoverable) and /health counts one replica."""
+    coordinator, ports = _free_port(), [_free_port(), _free_port()]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.serve", "--model=tiny", f"--core_only=tcp://*:{port}",
+                               "--core_host=127.0.0.1", f"--coordinator=127.0.0.1:{coordinator}", "--num_processes=2",
+                               f"--process_id={i}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i, port in enumerate(ports)]
+    try:
+        replicas = core_client.connect([f"tcp://127.0.0.1:{ports[1]}"], connect_timeout_s=120)
+        assert isinstance(replicas, core_client.Replicas)
+        assert [c.address for c in replicas.clients] == [f"tcp://127.0.0.1:{p}" for p in ports]
+        app = server.build_app(replicas)
+        with server.BackgroundServer(app) as s:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
+            prompts = ["hi", "yo"]  # no full page of prompt: the replicas take turns
+            want = [o.text for o in reference.generate(prompts, ji.SamplingParams(max_tokens=8, temperature=0.0))]
+            for prompt, text in zip(prompts, want):
+                r = c.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+                assert r.choices[0].text == text
+            assert replicas.sent == [1, 1] and _health(s.url)["replicas"] == 2
+            procs[1].kill()
+            procs[1].wait(30)
+            _wait(s.url, lambda h: h.get("replicas") == 1)
+            for prompt, text in zip(prompts, want):
+                r = c.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+                assert r.choices[0].text == text
+            assert replicas.sent == [3, 1] and procs[0].poll() is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

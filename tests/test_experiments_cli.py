@@ -30,7 +30,7 @@ BAD_INPUT = [
     ("bench_batching", ["--workload_file={tmp}/short.jsonl"], r"short.jsonl line 2: output_len=None must be an integer"),
     ("bench_batching", ["--workload_file={tmp}/garbage.jsonl"], r"garbage.jsonl line 1 is not JSON"),
     ("bench_peers", ["--systems=hf"], r"needs torch: pip install 'jaxinfer\[peers\]'"),
-    ("bench_serving", [], r"bench_serving needs httpx: pip install 'jaxinfer\[serve\]'"),
+    ("bench_serving", [], r"bench_serving needs aiohttp: pip install 'jaxinfer\[serve\]'"),
     ("serve", [], r"serve needs fastapi: pip install 'jaxinfer\[serve\]'"),
     ("bench_batching", ["--plot={tmp}/p.png"], r"--plot needs matplotlib: pip install 'jaxinfer\[plots\]'"),
     ("sweep", ["--grid={tmp}/grid.json", "--out={tmp}/o", "--launcher=ray"], r"needs ray: pip install 'jaxinfer\[ray\]'"),

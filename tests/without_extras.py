@@ -23,7 +23,7 @@ import time
 import traceback
 
 # The modules of the optional extras (pyproject.toml), and the peers they bring.
-BLOCKED = ("torch", "transformers", "peft", "accelerate", "httpx", "fastapi", "uvicorn", "starlette", "matplotlib",
+BLOCKED = ("torch", "transformers", "peft", "accelerate", "httpx", "aiohttp", "fastapi", "uvicorn", "starlette", "matplotlib",
            "ray", "llama_cpp", "openai", "lm_eval")
 TIMEOUT_S = 120
 

@@ -23,6 +23,13 @@ for the requests that ask for them). Between steps, ("tick", snapshot) every tic
 An API server that sends nothing for client_timeout_s (it was killed, or its host is gone) has
 its requests aborted: their pages come back and the other API servers are served on. If the
 engine fails, the core sends ("failed", message) to every API server and exits.
+
+Across hosts, engine cores run as the processes of one jax.distributed job (`join_group`, before
+the engine is built): each is a replica on its own host's devices, publishes its address in the
+job's key-value store and waits for every other's; its Info names them all (Info.peers), so an API
+server given any one core serves the whole group (core_client.connect). The job is recoverable
+(jax_enable_recoverability): a core that dies leaves the others serving, except process 0, which
+runs the job's coordination service: JAX ends the other processes when it goes (seconds later).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import time
 import uuid
 from typing import Any
 
+from jaxinfer import sharding
 from jaxinfer.checkpoints.model import Model
 from jaxinfer.checkpoints.weights import load_model
 from jaxinfer.engine.config import EngineConfig
@@ -50,6 +58,7 @@ log = logging.getLogger("jaxinfer")
 METHODS = ("add_adapter", "remove_adapter")  # the engine methods an API server may call
 PARENT_ENV = "JAXINFER_CORE_PARENT"  # set by CoreProcess: the pid whose exit ends the core
 CPUS_ENV = "JAXINFER_CORE_CPUS"  # the CPUs the core runs on (a benchmark's pinning), comma-separated; unset: any
+GROUP_KEY = "jaxinfer/engine_core/"  # + process index: that core's address, in the jax.distributed key-value store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,8 @@ class CoreSpec:
         model = self.model if isinstance(self.model, Model) else load_model(self.model, dtype=self.dtype)
         if self.dequantize:
             model = dataclasses.replace(model, params=dequantize_params(model.params))
+        if self.config.tp > 1 and in_group():  # a replica of a group: tp over this host's devices, not the job's
+            model = sharding.shard_model(model, sharding.make_mesh(self.config.tp, devices=_jax().local_devices()))
         engine = Engine(model, self.config, detokenize=False)
         for name, adapter in self.adapters.items():
             engine.add_adapter(name, adapter)
@@ -89,6 +100,7 @@ class Info:
     page_size: int
     structured_backend: str
     snapshot: dict
+    peers: tuple[str, ...] = ()  # every core of this one's jax.distributed group (join_group), by process index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +129,8 @@ class Core:
 
     def __init__(self, engine: Engine, address: str, *, client_timeout_s: float = 10.0, tick_s: float = 0.5,
                  parent: int | None = None):
-        """parent: the pid of the process that started this core; the core exits when that one has."""
+        """parent: the pid of the process that started this core; the core exits when that one has.
+        self.peers: the addresses of this core's group (publish_address), () when alone."""
         import zmq  # noqa: PLC0415  (the [serve] extra)
 
         self.zmq, self.engine = zmq, engine
@@ -134,6 +147,7 @@ class Core:
         self.sent: dict[int, list[tuple[int, int]]] = {}  # engine request id -> per sample (tokens, logprobs) sent
         self.aborted = 0
         self.parent = parent
+        self.peers: tuple[str, ...] = ()
 
     def run(self) -> None:
         last_tick = 0.0
@@ -181,7 +195,7 @@ class Core:
                 e = self.engine
                 self._send(client, ("info", Info(dataclasses.replace(e.model, params=None, placement=None),
                                                  e.max_seq_len, e.allocator.page_size, e.config.structured_backend,
-                                                 snapshot(e, self.aborted))))
+                                                 snapshot(e, self.aborted), self.peers)))
             elif kind == "call":
                 self._call(client, *msg[1:])
             elif kind == "bye":
@@ -256,6 +270,47 @@ class Core:
         if not out.finished:
             return Delta(rid, samples, False)
         return Delta(rid, samples, True, out.metrics, out.prompt_logprobs)
+
+
+def _jax():
+    import jax  # noqa: PLC0415  (the core's process only: an API server never starts a JAX backend)
+
+    return jax
+
+
+def in_group() -> bool:
+    """Whether this process is one of a jax.distributed job's (join_group)."""
+    from jax._src import distributed  # noqa: PLC0415  (its key-value store has no public name)
+
+    return distributed.global_state.client is not None
+
+
+def join_group(coordinator: str = "", num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Make this process an engine core of a jax.distributed job (sharding.initialize's arguments),
+    recoverable: one core that dies leaves the others running. Call before anything starts a JAX
+    backend (the engine is built after)."""
+    _jax().config.update("jax_enable_recoverability", True)
+    sharding.initialize(coordinator, num_processes, process_id)
+
+
+def publish_address(address: str, host: str, timeout_s: float = 300.0) -> tuple[str, ...]:
+    """Put this core's address, reachable at `host` when it was bound to every interface, in the job's
+    key-value store, and wait up to timeout_s for every other core's: the group's addresses, by process index."""
+    from jax._src import distributed  # noqa: PLC0415
+
+    jax = _jax()
+    scheme, sep, rest = address.partition("://")
+    bound, _, port = rest.rpartition(":")
+    if scheme == "tcp" and bound in ("0.0.0.0", "*", "[::]", "::"):
+        address = f"tcp://{host}:{port}"
+    client = distributed.global_state.client
+    client.key_value_set(f"{GROUP_KEY}{jax.process_index()}", address)
+    try:
+        return tuple(client.blocking_key_value_get(f"{GROUP_KEY}{i}", int(timeout_s * 1000))
+                     for i in range(jax.process_count()))
+    except Exception as e:  # the store's own error names no process
+        raise RuntimeError(f"the engine cores of this jax.distributed job did not all publish their addresses in "
+                           f"{timeout_s:.0f} s ({jax.process_count()} processes): {e}") from None
 
 
 def main(argv: list[str]) -> None:

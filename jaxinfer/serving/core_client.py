@@ -100,6 +100,7 @@ class CoreClient:
         info = handshake(address, process, connect_timeout_s)
         self.model, self.max_seq_len, self.page_size = info.model, info.max_seq_len, info.page_size
         self.snapshot: dict[str, Any] = info.snapshot
+        self.peers = info.peers  # the core's jax.distributed group (core.join_group), () when alone
         self.rules = StopRules(self.model)
         self.grammars = structured.for_tokenizer(self.model.tokenizer, self.model.config.vocab_size,
                                                  Vocab.of(self.model).eos_ids, info.structured_backend)
@@ -403,9 +404,14 @@ class Replicas:
 
 
 def connect(addresses: list[str], processes: list | None = None, connect_timeout_s: float = 600.0):
-    """A CoreClient for one address, Replicas for several (processes: their CoreProcesses, or None)."""
+    """A CoreClient for one address, Replicas for several (processes: their CoreProcesses, or None).
+    One address of a core in a jax.distributed group (core.join_group) stands for its whole group."""
     processes = processes or [None] * len(addresses)
     n = len(addresses)
     clients = [CoreClient(a, process=p, connect_timeout_s=connect_timeout_s, id_offset=i, id_stride=n)
                for i, (a, p) in enumerate(zip(addresses, processes))]
+    if n == 1 and len(clients[0].peers) > 1:
+        n = len(clients[0].peers)
+        clients = [CoreClient(a, connect_timeout_s=connect_timeout_s, id_offset=i, id_stride=n)
+                   for i, a in enumerate(clients[0].peers)]
     return clients[0] if n == 1 else Replicas(clients)
