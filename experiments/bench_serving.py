@@ -248,9 +248,7 @@ def engine_cpus() -> tuple[int, ...]:
 
 def check_flags() -> list[tuple[str, float | None, int | None]]:
     """Refuse bad flags and missing extras before any work; returns the loads: (label, rate, clients)."""
-    engine_process = not FLAGS.url and FLAGS.engine == "process"
-    common.require("experiments.bench_serving", "aiohttp", *(() if FLAGS.url else ("fastapi", "uvicorn")),
-                   *(("zmq",) if engine_process else ()))
+    common.require("experiments.bench_serving", "aiohttp", *(() if FLAGS.url else ("fastapi", "uvicorn")))
     rates = bench_batching.parse_rates() if FLAGS["rates"].present else list(DEFAULT_RATES)
     clients = []
     for c in FLAGS.concurrency:

@@ -191,7 +191,6 @@ def main(argv):
         raise ValueError("--coordinator: the processes of a jax.distributed job are engine cores (--core_only); "
                          "an API server reaches them with --engine_cores")
     if FLAGS.core_only:
-        common.require("experiments.serve --core_only", "zmq")
         if FLAGS.coordinator:  # one replica of a job on several hosts
             core.join_group(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
         engine = core_spec(warmup=() if FLAGS.precompile else None).build()
@@ -202,7 +201,7 @@ def main(argv):
               f"{f' (group of {len(served.peers)}: {served.peers})' if served.peers else ''}", flush=True)
         served.run()
         return
-    common.require("experiments.serve", "fastapi", "uvicorn", *(("zmq",) if FLAGS.engine == "process" else ()))
+    common.require("experiments.serve", "fastapi", "uvicorn")
     adapters()
     import uvicorn  # noqa: PLC0415
 

@@ -1,18 +1,19 @@
 """The engine core in its own process: it owns the devices and the step loop; API servers, in
-other processes, talk to it over ZeroMQ (vLLM v1's split of API server and engine core).
+other processes, talk to it over a Unix or TCP socket (jaxinfer/serving/wire.py; vLLM v1's split
+of API server and engine core).
 
   proc = spawn_core(CoreSpec("tiny", config=ji.EngineConfig()))   # python -m jaxinfer.serving.core ADDRESS
   client = CoreClient(proc.address, process=proc)                 # jaxinfer/serving/core_client.py
 
-The core binds a ROUTER socket; each API server connects a DEALER (its identity names it). Every
-message is one pickled tuple. From an API server:
+The core listens; each API server connects once. Every message is one pickled tuple. From an API
+server:
 
   ("hello",)                                  -> ("info", Info)
   ("add", rid, prompt, sampling, adapter)     -> ("added", rid) or ("refused", rid, message)
   ("abort", rid)                              end the request; its pages come back
   ("call", cid, method, args)                 -> ("result", cid, value, error): add_adapter, remove_adapter
   ("ping",)                                   I am alive (API servers send one every ping_s)
-  ("bye",)                                    I am leaving: abort my requests
+  ("bye",)                                    I am leaving: abort my requests (so does closing)
 
 and from the core, once per step to each API server with requests in it, ("outs", deltas,
 snapshot): per request that got tokens or finished, what is new since the last delta (Delta),
@@ -38,6 +39,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import selectors
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,7 @@ from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.requests import RequestOutput
 from jaxinfer.engine.runner import TRACE_COUNTS
 from jaxinfer.quant import dequantize_params
+from jaxinfer.serving import wire
 
 log = logging.getLogger("jaxinfer")
 METHODS = ("add_adapter", "remove_adapter")  # the engine methods an API server may call
@@ -125,37 +128,33 @@ def snapshot(engine: Engine, aborted: int = 0) -> dict:
 
 
 class Core:
-    """The core's loop over one engine and one ROUTER socket (run in the core's process)."""
+    """The core's loop over one engine and the connections of its API servers (in the core's process)."""
 
     def __init__(self, engine: Engine, address: str, *, client_timeout_s: float = 10.0, tick_s: float = 0.5,
                  parent: int | None = None):
         """parent: the pid of the process that started this core; the core exits when that one has.
         self.peers: the addresses of this core's group (publish_address), () when alone."""
-        import zmq  # noqa: PLC0415  (the [serve] extra)
-
-        self.zmq, self.engine = zmq, engine
+        self.engine = engine
         self.client_timeout_s, self.tick_s = client_timeout_s, tick_s
-        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        for option in (zmq.SNDHWM, zmq.RCVHWM):  # no limit: a ROUTER drops what is past its high-water mark
-            self.socket.setsockopt(option, 0)
-        self.socket.bind(address)
-        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.seen: dict[bytes, float] = {}  # API server -> when it last sent anything
-        self.owner: dict[int, tuple[bytes, int]] = {}  # engine request id -> (API server, its request id)
-        self.ids: dict[tuple[bytes, int], int] = {}  # (API server, its request id) -> engine request id
+        self.listener, self.address = wire.listen(address)
+        self.listener.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.clients: dict[int, wire.Connection] = {}  # API server (a number) -> its connection
+        self.seen: dict[int, float] = {}  # API server -> when it last sent anything
+        self.owner: dict[int, tuple[int, int]] = {}  # engine request id -> (API server, its request id)
+        self.ids: dict[tuple[int, int], int] = {}  # (API server, its request id) -> engine request id
         self.sent: dict[int, list[tuple[int, int]]] = {}  # engine request id -> per sample (tokens, logprobs) sent
         self.aborted = 0
         self.parent = parent
         self.peers: tuple[str, ...] = ()
+        self._next_client = 0
 
     def run(self) -> None:
         last_tick = 0.0
         try:
             while True:
-                busy = self.engine.has_unfinished()
-                if self.socket.poll(0 if busy else int(self.tick_s * 1000)):
-                    self._drain()
+                self._poll(0 if self.engine.has_unfinished() else self.tick_s)
                 self._expire_clients()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
@@ -169,39 +168,90 @@ class Core:
             log.exception("the engine core stopped")
             self._broadcast(("failed", f"the engine core failed: {e!r}"))
             raise
+        finally:
+            self.close()
 
-    def _send(self, client: bytes, message: tuple) -> None:
-        self.socket.send_multipart([client, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)])
+    def close(self) -> None:
+        for client in list(self.clients):
+            self._drop(client)
+        self.selector.close()
+        self.listener.close()
+        family, where = wire.parse(self.address)
+        if family == wire.socket.AF_UNIX and os.path.exists(where):
+            os.unlink(where)
+
+    def _send(self, client: int, message: tuple) -> None:
+        conn = self.clients.get(client)
+        if conn is None:
+            return
+        try:
+            pending = conn.send(message)
+        except OSError:  # it has gone
+            self._drop(client)
+            return
+        if pending:  # the rest goes when the socket is writable (_poll)
+            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
 
     def _broadcast(self, message: tuple) -> None:
-        for client in self.seen:
+        for client in list(self.clients):
             self._send(client, message)
 
-    def _drain(self) -> None:
-        zmq = self.zmq
+    def _poll(self, timeout_s: float) -> None:
+        """Take new API servers, their messages, and write what waits to be written."""
+        for key, mask in self.selector.select(timeout_s):
+            if key.fileobj is self.listener:
+                self._accept()
+                continue
+            client = key.data
+            conn = self.clients.get(client)
+            if conn is None:
+                continue
+            if mask & selectors.EVENT_WRITE:
+                try:
+                    if not conn.flush():
+                        self.selector.modify(conn.sock, selectors.EVENT_READ, client)
+                except OSError:
+                    self._drop(client)
+                    continue
+            if mask & selectors.EVENT_READ:
+                messages = conn.receive()
+                if messages is None:  # it closed its end (left, or its process ended)
+                    self._drop(client)
+                    continue
+                self.seen[client] = time.monotonic()
+                for msg in messages:
+                    if client not in self.clients:  # it said bye
+                        break
+                    self._handle(client, msg)
+
+    def _accept(self) -> None:
         while True:
             try:
-                client, data = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return
+            client, self._next_client = self._next_client, self._next_client + 1
+            self.clients[client] = wire.Connection(sock)
             self.seen[client] = time.monotonic()
-            msg = pickle.loads(data)
-            kind = msg[0]
-            if kind == "add":
-                self._add(client, *msg[1:])
-            elif kind == "abort":
-                self._abort(client, msg[1])
-            elif kind == "hello":
-                e = self.engine
-                self._send(client, ("info", Info(dataclasses.replace(e.model, params=None, placement=None),
-                                                 e.max_seq_len, e.allocator.page_size, e.config.structured_backend,
-                                                 snapshot(e, self.aborted), self.peers)))
-            elif kind == "call":
-                self._call(client, *msg[1:])
-            elif kind == "bye":
-                self._forget(client)
+            self.selector.register(sock, selectors.EVENT_READ, client)
 
-    def _add(self, client: bytes, rid: int, prompt, sampling, adapter) -> None:
+    def _handle(self, client: int, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "add":
+            self._add(client, *msg[1:])
+        elif kind == "abort":
+            self._abort(client, msg[1])
+        elif kind == "hello":
+            e = self.engine
+            self._send(client, ("info", Info(dataclasses.replace(e.model, params=None, placement=None),
+                                             e.max_seq_len, e.allocator.page_size, e.config.structured_backend,
+                                             snapshot(e, self.aborted), self.peers)))
+        elif kind == "call":
+            self._call(client, *msg[1:])
+        elif kind == "bye":
+            self._drop(client)
+
+    def _add(self, client: int, rid: int, prompt, sampling, adapter) -> None:
         try:
             eid = self.engine.add_request(prompt, sampling, adapter=adapter)
         except ValueError as e:
@@ -211,7 +261,7 @@ class Core:
         self.sent[eid] = []
         self._send(client, ("added", rid))
 
-    def _abort(self, client: bytes, rid: int) -> None:
+    def _abort(self, client: int, rid: int) -> None:
         eid = self.ids.pop((client, rid), None)
         if eid is None:  # finished already
             return
@@ -219,7 +269,7 @@ class Core:
         self.engine.abort(eid)
         self.aborted += 1
 
-    def _call(self, client: bytes, cid: int, method: str, args: tuple) -> None:
+    def _call(self, client: int, cid: int, method: str, args: tuple) -> None:
         value = error = None
         try:
             if method not in METHODS:
@@ -229,9 +279,13 @@ class Core:
             error = e
         self._send(client, ("result", cid, value, error, snapshot(self.engine, self.aborted)))
 
-    def _forget(self, client: bytes) -> None:
-        """An API server left: abort its requests."""
+    def _drop(self, client: int) -> None:
+        """An API server left (or is taken for gone): close its connection, abort its requests."""
         self.seen.pop(client, None)
+        conn = self.clients.pop(client, None)
+        if conn is not None:
+            self.selector.unregister(conn.sock)
+            conn.close()
         for (c, rid) in [k for k in self.ids if k[0] == client]:
             self._abort(c, rid)
 
@@ -240,11 +294,11 @@ class Core:
         for client in [c for c, t in self.seen.items() if now - t > self.client_timeout_s]:
             log.warning("API server %r sent nothing for %.0f s: its requests are aborted", client,
                         self.client_timeout_s)
-            self._forget(client)
+            self._drop(client)
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         """One message per API server: the deltas of its requests in this step."""
-        batches: dict[bytes, list[Delta]] = {}
+        batches: dict[int, list[Delta]] = {}
         for out in outs:
             owner = self.owner.get(out.request_id)
             if owner is None:

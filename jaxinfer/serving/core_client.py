@@ -8,8 +8,8 @@ several cores behind one API with a prefix-aware balancer.
 CoreClient has the surface the server uses of EngineLoop (jaxinfer/serving/engine_loop.py): `add`
 (a request id and an asyncio queue of RequestOutputs), `abort`, `call` (add or remove an adapter),
 `snapshot`, `alive`, `error`, `model` (weights left in the core), `max_seq_len`, `grammars` (to
-compile a constraint before the request reaches the core). Its socket lives on the server's event
-loop (zmq.asyncio): `start` there, `stop` at shutdown. The host work the core leaves out happens
+compile a constraint before the request reaches the core). Its connection (wire.Connection) lives
+on the server's event loop: `start` there, `stop` at shutdown. The host work the core leaves out happens
 here, once per step for all of a step's requests: the tokens of each delta are appended, a
 streamed request's text is decoded incrementally (StopChecker.stream_text: never taken back) and
 its RequestOutput queued; a request that is not streamed is rendered once, when it finishes.
@@ -31,14 +31,13 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
-import pickle
-import time
 from typing import Any
 
 from jaxinfer import structured
 from jaxinfer.engine.requests import RequestOutput, StopChecker, StopRules, request_output
 from jaxinfer.sampling.params import SamplingParams
 from jaxinfer.sampling.processors import Vocab
+from jaxinfer.serving import wire
 from jaxinfer.serving.core import Info
 from jaxinfer.serving.engine_loop import EngineUnavailable
 
@@ -68,27 +67,13 @@ class _Request:
 def handshake(address: str, process=None, timeout_s: float = 600.0) -> Info:
     """Ask the core at `address` for its Info, waiting while it starts (loads, compiles); RuntimeError
     if its process exits first or it does not answer in timeout_s."""
-    import zmq  # noqa: PLC0415  (the [serve] extra)
 
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    try:
-        sock.send(pickle.dumps(("hello",)))
-        deadline = time.monotonic() + timeout_s
-        while not sock.poll(250):
-            if process is not None and process.exit_code() is not None:
-                raise RuntimeError(f"the engine core for {address} exited with code {process.exit_code()} before "
-                                   f"it served")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the engine core at {address} did not answer in {timeout_s:.0f} s")
-        while True:
-            msg = pickle.loads(sock.recv())
-            if msg[0] == "info":
-                sock.send(pickle.dumps(("bye",)))
-                return msg[1]
-    finally:
-        sock.close()
+    def gone() -> str | None:
+        if process is not None and process.exit_code() is not None:
+            return f"the engine core for {address} exited with code {process.exit_code()} before it served"
+        return None
+
+    return wire.request(address, ("hello",), "info", timeout_s, gone)[1]
 
 
 class CoreClient:
@@ -110,33 +95,25 @@ class CoreClient:
         self._calls: dict[int, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.socket = None
+        self.conn: wire.Connection | None = None
 
     # The server's lifespan ---------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect on the running event loop (the server's); read outputs and send pings there."""
-        import zmq  # noqa: PLC0415
-        import zmq.asyncio  # noqa: PLC0415
-
         self.loop = asyncio.get_running_loop()
-        self.socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        for option in (zmq.SNDHWM, zmq.RCVHWM):  # no limit: a step's outputs are never dropped nor held back
-            self.socket.setsockopt(option, 0)
-        monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.socket.connect(self.address)
+        self.conn = wire.Connection(wire.connect(self.address, 10.0, self._gone))
+        self.loop.add_reader(self.conn.fileno(), self._readable)
         self._send(("hello",))
-        self._tasks = [self.loop.create_task(t) for t in (self._read(), self._ping(), self._watch(monitor))]
+        self._tasks = [self.loop.create_task(self._ping())]
 
     def stop(self) -> None:
         """Leave the core (it aborts this server's requests); the core itself runs on."""
         for t in self._tasks:
             t.cancel()
-        if self.socket is not None and not self.socket.closed:
+        if self.conn is not None and self.conn.sock.fileno() >= 0:
             self._send(("bye",))
-            self.socket.disable_monitor()
-            self.socket.close()
+            self._close()
         self._fail("the API server stopped", quiet=True)
 
     @property
@@ -196,16 +173,42 @@ class CoreClient:
     # On the event loop ---------------------------------------------------------------------------
 
     def _send(self, message: tuple) -> None:
-        self.socket.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-    async def _read(self) -> None:
+        if self.conn is None or self.conn.sock.fileno() < 0:
+            return
         try:
-            while True:
-                self._receive(pickle.loads(await self.socket.recv()))
-        except asyncio.CancelledError:
-            raise
+            if self.conn.send(message):  # the rest when the socket takes it
+                self.loop.add_writer(self.conn.fileno(), self._writable)
+        except OSError as e:
+            self._fail(f"the connection to the engine core at {self.address} dropped ({e})")
+
+    def _writable(self) -> None:
+        try:
+            if not self.conn.flush():
+                self.loop.remove_writer(self.conn.fileno())
+        except OSError as e:
+            self._fail(f"the connection to the engine core at {self.address} dropped ({e})")
+
+    def _readable(self) -> None:
+        try:
+            messages = self.conn.receive()
+            if messages is None:  # its process ended, or its host went away
+                self._fail(f"the connection to the engine core at {self.address} dropped")
+                return
+            for msg in messages:
+                self._receive(msg)
         except Exception as e:  # a message this client cannot read: no request could go on
             self._fail(f"reading from the engine core at {self.address} failed: {e!r}")
+
+    def _close(self) -> None:
+        if self.conn is not None and self.conn.sock.fileno() >= 0:
+            self.loop.remove_reader(self.conn.fileno())
+            self.loop.remove_writer(self.conn.fileno())
+            self.conn.close()
+
+    def _gone(self) -> str | None:
+        if self.process is not None and self.process.exit_code() is not None:
+            return f"the engine core exited with code {self.process.exit_code()}"
+        return None
 
     def _receive(self, msg: tuple) -> None:
         """One message from the core: outputs, figures, answers to adds and calls, its failure."""
@@ -273,21 +276,12 @@ class CoreClient:
                 return
             self._send(("ping",))
 
-    async def _watch(self, monitor) -> None:
-        """The connection to the core dropped (its process ended, its host went away)."""
-        from zmq.utils.monitor import recv_monitor_message  # noqa: PLC0415
-
-        try:
-            await recv_monitor_message(monitor)
-            self._fail(f"the connection to the engine core at {self.address} dropped")
-        finally:
-            monitor.close()
-
     def _fail(self, message: str, quiet: bool = False) -> None:
         """No core any more: every live request and call gets EngineUnavailable, and so will new ones."""
         if self.error is not None:
             return
         self.error = EngineUnavailable(message)
+        self._close()
         if not quiet:
             log.error("%s", message)
         for req in self._requests.values():
