@@ -84,7 +84,8 @@ flags.DEFINE_integer("data_parallel", 1, "Engine cores (replicas, --engine=proce
 flags.DEFINE_list("engine_cores", [], "Serve engine cores already running at these addresses (tcp://HOST:PORT or "
                   "ipc://PATH, each started with --core_only) instead of starting any: the model comes from them.")
 flags.DEFINE_string("core_only", "", "Run only an engine core, bound to this address (tcp://*:PORT, ipc://PATH), "
-                    "for API servers started with --engine_cores; no HTTP.")
+                    "for API servers started with --engine_cores; no HTTP. Its messages are pickles: only the API "
+                    "servers may reach the address (a trusted network).")
 flags.DEFINE_string("core_host", "", "--core_only with --coordinator: the host name or address other hosts reach "
                     "this core at, when --core_only binds every interface ('' = this host's name).")
 flags.DEFINE_float("client_timeout_s", 10.0, "An engine core aborts the requests of an API server it has not heard "
