@@ -353,7 +353,7 @@ def publish_address(address: str, host: str, timeout_s: float = 300.0) -> tuple[
     from jax._src import distributed  # noqa: PLC0415
 
     jax = _jax()
-    scheme, sep, rest = address.partition("://")
+    scheme, _, rest = address.partition("://")
     bound, _, port = rest.rpartition(":")
     if scheme == "tcp" and bound in ("0.0.0.0", "*", "[::]", "::"):
         address = f"tcp://{host}:{port}"

@@ -3,14 +3,21 @@ running a memory-streaming loop, or a pure-Python busy loop; TPOT and TTFT p50, 
 
   python benchmarks/results/serving_split/neighbour.py   (from the repository root)
 """
-import os, subprocess, sys, time, statistics
+import os
+import statistics
+import subprocess
+import sys
+import time
+
 os.sched_setaffinity(0, {0})
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))  # the repository root
+import dataclasses
+
 import jaxinfer as ji
+from experiments import bench_serving as bs
 from jaxinfer.checkpoints.weights import load_model
 from jaxinfer.quant import dequantize_params
-import dataclasses
-from experiments import bench_serving as bs
+
 model = load_model("smollm2-135m")
 model = dataclasses.replace(model, params=dequantize_params(model.params))
 engine = ji.Engine(model, ji.EngineConfig(max_batch=32, max_seq_len=128))

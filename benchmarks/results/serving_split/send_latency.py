@@ -8,7 +8,6 @@ core's XLA threads, or an API server's load generator). Needs pyzmq (no longer a
 
 import os
 import pickle
-import selectors
 import socket
 import statistics
 import subprocess
