@@ -288,7 +288,7 @@ def test_a_core_started_on_its_own_serves_api_servers_over_tcp(reference):
 def test_engine_cores_of_a_jax_distributed_job_serve_one_api(reference):
     """Two engine cores as the processes of one jax.distributed job (as on two hosts): an API server
     given one core's address serves both (each gets a request); the second core killed, the first
-    serves on (the job is recoverable) and /health counts one replica."""
+    serves on (the job is recoverable) and /health counts one replica; SIGTERM stops a core."""
     coordinator, ports = _free_port(), [_free_port(), _free_port()]
     procs = [subprocess.Popen([sys.executable, "-m", "experiments.serve", "--model=tiny", f"--core_only=tcp://*:{port}",
                                "--core_host=127.0.0.1", f"--coordinator=127.0.0.1:{coordinator}", "--num_processes=2",
@@ -314,6 +314,8 @@ def test_engine_cores_of_a_jax_distributed_job_serve_one_api(reference):
                 r = c.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
                 assert r.choices[0].text == text
             assert replicas.sent == [3, 1] and procs[0].poll() is None
+        procs[0].terminate()  # a core told to stop, stops (JAX's preemption handler would swallow SIGTERM)
+        procs[0].wait(60)
     finally:
         for p in procs:
             p.kill()

@@ -341,9 +341,12 @@ def in_group() -> bool:
 
 def join_group(coordinator: str = "", num_processes: int | None = None, process_id: int | None = None) -> None:
     """Make this process an engine core of a jax.distributed job (sharding.initialize's arguments),
-    recoverable: one core that dies leaves the others running. Call before anything starts a JAX
-    backend (the engine is built after)."""
-    _jax().config.update("jax_enable_recoverability", True)
+    recoverable: one core that dies leaves the others running. Without JAX's preemption service,
+    whose SIGTERM handler would keep the core from stopping when told to. Call before anything
+    starts a JAX backend (the engine is built after)."""
+    jax = _jax()
+    jax.config.update("jax_enable_recoverability", True)
+    jax.config.update("jax_enable_preemption_service", False)
     sharding.initialize(coordinator, num_processes, process_id)
 
 
