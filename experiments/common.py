@@ -202,7 +202,7 @@ def engine_config(**overrides) -> ji.EngineConfig:
 
 
 # Optional extras: the module, and the extra of pyproject.toml that installs it.
-EXTRAS = {"matplotlib": "plots", "ray": "ray", "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "aiohttp": "serve",
+EXTRAS = {"matplotlib": "plots", "ray": "ray", "fastapi": "serve", "uvicorn": "serve", "aiohttp": "serve",
           "torch": "peers", "transformers": "peers", "lm_eval": "eval"}
 # Flags naming paths, checked by `run` before main when the experiment takes them and they are set.
 OUTPUT_FILES = ("out", "plot", "report", "markdown", "table", "save_corpus")  # its folder must be writable

@@ -153,10 +153,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_killing_an_api_server_leaves_the_core_and_the_others_serving(model):
     """An API server process (experiments.serve --engine_cores) killed with SIGKILL mid-stream: the
-    core and the other API server serve on, and the core aborts the dead one's request once it has
-    been silent for its client timeout (2 s here): its pages come back. (The core's attention runs
-    as the interpreted Pallas kernel, about 20 ms a step, so the request is still running then.)"""
-    proc = core.spawn_core(core.CoreSpec(model, ji.EngineConfig(attention="pallas")), client_timeout_s=2.0)
+    core and the other API server serve on, and the core aborts the dead one's request when its
+    connection closes, not after the client timeout (600 s here, longer than the test may wait): its
+    pages come back. (The core's attention runs as the interpreted Pallas kernel, about 20 ms a step,
+    so the 480-token request would otherwise run for seconds.)"""
+    proc = core.spawn_core(core.CoreSpec(model, ji.EngineConfig(attention="pallas")), client_timeout_s=600.0)
     port = _free_port()
     api = None
     try:
@@ -182,10 +183,9 @@ def test_killing_an_api_server_leaves_the_core_and_the_others_serving(model):
                 next(x for x in r.iter_lines() if x.startswith("data: "))
                 os.kill(api.pid, signal.SIGKILL)
                 api.wait(30)
-            assert _health(served.url)["running"] == 1  # the dead server's request runs on in the core, for now
             c = openai.OpenAI(base_url=served.url + "/v1", api_key="-", max_retries=0)
             assert c.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).usage.completion_tokens == 4
-            end = _wait(served.url, _idle)
+            end = _wait(served.url, _idle, limit_s=30)  # the request alone would run for seconds more
             assert end["aborted"] == start["aborted"] + 1 and proc.exit_code() is None
     finally:
         if api is not None:
