@@ -176,9 +176,7 @@ class Core:
             self._drop(client)
         self.selector.close()
         self.listener.close()
-        family, where = wire.parse(self.address)
-        if family == wire.socket.AF_UNIX and os.path.exists(where):
-            os.unlink(where)
+        wire.remove(self.address)
 
     def _send(self, client: int, message: tuple) -> None:
         conn = self.clients.get(client)

@@ -41,8 +41,7 @@ def listen(address: str) -> tuple[socket.socket, str]:
     family, where = parse(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     if family == socket.AF_UNIX:
-        if os.path.exists(where):  # a socket file left by a core that was killed
-            os.unlink(where)
+        remove(address)  # a socket file left by a core that was killed
     else:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(where)
@@ -54,8 +53,8 @@ def listen(address: str) -> tuple[socket.socket, str]:
 
 
 def connect(address: str, timeout_s: float, gone: Callable[[], str | None] = lambda: None) -> socket.socket:
-    """A socket connected to the core at `address`, trying again while it starts; RuntimeError when
-    gone() says why it never will, or after timeout_s."""
+    """A (blocking) socket connected to the core at `address`, trying again while it starts;
+    RuntimeError when gone() says why it never will, or after timeout_s. Connection() it to use it."""
     family, where = parse(address)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -70,9 +69,14 @@ def connect(address: str, timeout_s: float, gone: Callable[[], str | None] = lam
                 raise RuntimeError(f"the engine core at {address} did not answer in {timeout_s:.0f} s") from None
             time.sleep(0.1)
             continue
-        if family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages, sent at once
         return sock
+
+
+def remove(address: str) -> None:
+    """The socket file of a Unix address, once its listener is closed (nothing for TCP)."""
+    family, where = parse(address)
+    if family == socket.AF_UNIX and os.path.exists(where):
+        os.unlink(where)
 
 
 def frame(message) -> bytes:
