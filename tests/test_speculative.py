@@ -21,6 +21,7 @@ from jaxinfer import data
 from jaxinfer.engine import runner as runner_lib
 from jaxinfer.sampling.sampler import SamplingBatch
 from jaxinfer.speculative import accept as accept_lib
+from jaxinfer.speculative import eagle3
 from jaxinfer.speculative import heads
 from jaxinfer.speculative import tree as tree_lib
 
@@ -259,7 +260,11 @@ def small_pair(tmp_path_factory):
     ji.save_model(ji.Model(small, ji.init_params(small, jax.random.key(2), std=0.7)), root / "draft")
     heads.save_heads(root / "medusa", "medusa", heads.init_medusa(SMALL_CFG, 3, jax.random.key(3)), SMALL_CFG)
     heads.save_heads(root / "eagle", "eagle", heads.init_eagle(SMALL_CFG, jax.random.key(4)), SMALL_CFG)
-    return target, {m: str(root / m) for m in ("draft", "medusa", "eagle")}
+    cfg1 = eagle3.layer_config(SMALL_CFG)
+    eagle3.save(root / "eagle3", eagle3.Eagle3Head(cfg1, SMALL_CFG.hidden_size),
+                eagle3.init_params(cfg1, SMALL_CFG.hidden_size, jax.random.key(5), std=0.5),
+                eagle3.aux_layers_for(SMALL_CFG.num_layers), SMALL_CFG)
+    return target, {m: str(root / m) for m in ("draft", "medusa", "eagle", "eagle3")}
 
 
 @pytest.fixture(scope="module")
@@ -281,12 +286,14 @@ def sample_speculatively(small_pair, method: str) -> tuple[list[list[int]], dict
 
 @pytest.mark.parametrize("method", ["draft", pytest.param("medusa", marks=pytest.mark.slow),
                                     pytest.param("eagle", marks=pytest.mark.slow),
-                                    pytest.param("eagle_tree", marks=pytest.mark.slow)])
+                                    pytest.param("eagle_tree", marks=pytest.mark.slow),
+                                    pytest.param("eagle3", marks=pytest.mark.slow),
+                                    pytest.param("eagle3_tree", marks=pytest.mark.slow)])
 def test_sampling_draws_the_plain_engines_tokens(small_pair, plain_samples, method):
     """Three hundred sampled completions (temperature and top-p) with and without a drafter that
     disagrees with the target: every completion is token for token the plain engine's at every
     position (the rule keeps exactly the target's draws), while drafts are accepted and rejected
-    both. The fast tier runs the draft model; the slow one Medusa, EAGLE's chain and its tree too.
+    both. The fast tier runs the draft model; the slow one Medusa, EAGLE's and EAGLE-3's chains and trees too.
     test_the_engine_level_test_rejects_a_biased_rule: this test can fail."""
     drafted, m = sample_speculatively(small_pair, method)
     assert m["spec_accepted"] > 30 and m["spec_accepted"] < m["spec_drafted"], m

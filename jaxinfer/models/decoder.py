@@ -252,12 +252,14 @@ def forward(
     *,
     impl: Impl = Impl(),
     project: Project | None = None,
+    aux_layers: tuple[int, ...] = (),
 ) -> ForwardOutput:
     """Run the decoder over tokens at the given positions: without a cache the tokens attend
     causally to each other; with a contiguous cache (passed in and returned) their K/V are
     written into it first and attention reads it. Logits are float32. Projection weights may be
-    dense arrays or packed formats (jaxinfer.models.formats); impl.matmul picks how those are multiplied."""
-    return _decoder(params, cfg, tokens, positions, cache, logits_at, None, impl, project)
+    dense arrays or packed formats (jaxinfer.models.formats); impl.matmul picks how those are multiplied.
+    aux_layers: the hidden states entering those layers come back too (out.aux (A, B, T, D))."""
+    return _decoder(params, cfg, tokens, positions, cache, logits_at, None, impl, project, aux_layers=aux_layers)
 
 
 def unstack_layers(params: Params) -> Params:

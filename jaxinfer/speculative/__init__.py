@@ -12,6 +12,9 @@ Drafters register themselves (config.register_drafter) with what they need; buil
              state, through the target's LM head (eagle.py); a chain of k drafts, or with
              tree=DraftTree(top_k, depth) an EAGLE-2 dynamic tree of k drafts verified in one pass
              (tree.py, accept.accept_tree)
+  eagle3     EAGLE-3: the layer reads a fusion of three target layers and its own output, and
+             drafts from its own head over a draft vocabulary; checkpoints in the format SGLang
+             and vLLM load (eagle3.py); chain or tree as eagle
   synthetic  stand-in tokens accepted with a set probability, to measure the engine's own cost at
              a given acceptance on a model with no trained drafter (not lossless)
 The engine side (reserve pages, propose, verify, emit, give back rejected pages) is
@@ -23,7 +26,7 @@ from __future__ import annotations
 import os
 
 from jaxinfer.checkpoints.weights import ASSETS_DIR
-from jaxinfer.speculative import draft_model, eagle, medusa, ngram, synthetic  # noqa: F401  (they register)
+from jaxinfer.speculative import draft_model, eagle, eagle3, medusa, ngram, synthetic  # noqa: F401  (they register)
 from jaxinfer.speculative.config import (
     DRAFTERS,
     SHIPPED_DRAFTERS,

@@ -1,12 +1,20 @@
-"""EAGLE drafting (chain): a one-layer network at the feature level (heads.py) drafts k tokens.
+"""Feature-level drafting (EAGLE, EAGLE-3): a one-layer network over the target's hidden states
+drafts k tokens, as a chain or as an EAGLE-2 dynamic tree.
 
-Its layer keeps a one-layer paged KV cache addressed through the target's block tables. The K/V
-at position t come from the pair (f_t, x_{t+1}), so they can be written once the target has
+A head (`FeatureHead`) says what the layer reads and gives: `first` makes, from a token's row of
+the runner's feature cache, the hidden state its pair carries; `step` runs the layer on pairs
+(hidden state h_t, token x_{t+1}) at position t; `read` turns the layer's output into the next
+hidden state and the draft logits. EAGLE (heads.py) pairs the target's final-norm feature and
+reads the final-normed output through the target's LM head; EAGLE-3 (eagle3.py) pairs a fusion of
+three of the target's layers and reads its own head over a draft vocabulary.
+
+The layer keeps a one-layer paged KV cache addressed through the target's block tables. The K/V
+at position t come from the pair (h_t, x_{t+1}), so they can be written once the target has
 computed position t and the token after it exists. Each proposal first runs, as one chunk, the
 pairs the cache lacks with the target's true features (from the runner's feature cache) — after a
-prompt, all of them; after a verify pass, the accepted ones — and the chunk's last output is the
-first draft's feature; then k - 1 more steps feed the layer its own predicted feature and draft.
-The K/V those steps write came from predicted features, so the cache stays valid only up to the
+prompt, all of them; after a verify pass, the accepted ones — and the chunk's last output gives the
+first draft; then k - 1 more steps feed the layer its own next hidden state and draft.
+The K/V those steps write came from predicted hidden states, so the cache stays valid only up to the
 last true position (`Sequence.draft_computed`).
 
 Tree drafting (SpeculativeConfig.tree, EAGLE-2): after the same catch-up chunk, the root's top_k
@@ -22,7 +30,9 @@ parent always comes before its children.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +42,7 @@ from jaxinfer import sharding
 from jaxinfer.buckets import next_power_of_2
 from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.kv_cache import PagedKVCache, as_floats, copy_pages
 from jaxinfer.sampling.processors import Vocab
 from jaxinfer.sampling.sampler import SamplingBatch
@@ -53,68 +64,110 @@ from jaxinfer.speculative.heads import (
 from pallas_kernels.common import gather_pages
 
 
-def _layer(cfg1, heads, x, cache, batch, impl):
-    """The EAGLE layer over a flat step: x (N, D) at batch.positions -> output (N, D), cache."""
+class FeatureHead(Protocol):
+    """What the feature-level drafter runs: static and hashable (a jit argument); its params are a
+    separate pytree. Axes: ... any leading axes, D the layer's hidden size, W the feature-cache
+    row width, V the target's vocabulary."""
+
+    cfg1: ModelConfig  # the layer's shapes and RoPE (its paged cache)
+
+    def first(self, target_params, params, rows: jax.Array) -> jax.Array:
+        """Feature-cache rows (..., W) -> the hidden state each token's pair carries (..., D)."""
+
+    def step(self, target_params, params, h: jax.Array, tokens: jax.Array, cos, sin, attend, impl):
+        """Pairs (h (B, T, D), tokens (B, T)) at the positions of cos/sin through the layer ->
+        (output (B, T, D), attend's state)."""
+
+    def read(self, target_params, params, out: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The layer's output (..., D) -> (the next pair's hidden state (..., D), draft logits
+        (..., V) float32: -inf outside a draft vocabulary)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleHead:
+    """EAGLE (heads.py): x = [f ; e(token)] @ fc through one layer of the target's family; the output,
+    final-normed with the target's norm, is the next feature and is read through the target's LM
+    head (or its draft-vocabulary columns)."""
+
+    cfg: ModelConfig  # the target's
+    cfg1: ModelConfig
+
+    def first(self, target_params, params, rows):
+        return rows[..., : self.cfg.hidden_size]
+
+    def step(self, target_params, params, h, tokens, cos, sin, attend, impl):
+        x = eagle_inputs(target_params, params, h, tokens)
+        return model_lib.layer(self.cfg1, params["layer"], x, cos, sin, attend, model_lib.dense_projection(impl))
+
+    def read(self, target_params, params, out):
+        f = eagle_features(target_params, self.cfg, out)
+        return f, draft_logits(target_params, self.cfg, params, f)
+
+
+def _layer(head, target_params, params, h, tokens, cache, batch, impl):
+    """The layer over a flat step: pairs (h (N, D), tokens (N,)) at batch.positions -> output (N, D), cache."""
     positions = batch.positions[None]
-    cos, sin = model_lib.rope_tables(cfg1, positions, x.dtype)
+    cfg1 = head.cfg1
+    cos, sin = model_lib.rope_tables(cfg1, positions, h.dtype)
 
     def attend(q, k, v):
         return attention.attend_cached(cache, 0, q, k, v, positions, cfg1.layer_windows[0], batch, impl=impl.attention)
 
-    out, cache = model_lib.layer(cfg1, heads["layer"], x[None], cos, sin, attend, model_lib.dense_projection(impl))
+    out, cache = head.step(target_params, params, h[None], tokens[None], cos, sin, attend, impl)
     return out[0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cfg1", "impl", "k"), donate_argnames=("cache",))
-def _propose(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, valid, sp, steps,
+@functools.partial(jax.jit, static_argnames=("head", "impl", "k"), donate_argnames=("cache",))
+def _propose(head, target_params, params, features, cache, next_tokens, start, lens, tables, valid, sp, steps,
              *, impl, k):
-    """Pairs (f_t, x_{t+1}) for t in [start, start + lens) per row -> drafts (R, k), cache."""
+    """Pairs (h_t, x_{t+1}) for t in [start, start + lens) per row -> drafts (R, k), cache."""
     page, P = cache.page_size, cache.num_pages
-    feature, cache = _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables,
-                               impl)
+    (h, logits), cache = _catch_up(head, target_params, params, features, cache, next_tokens, start, lens, tables,
+                                   impl)
     drafted = jnp.full((next_tokens.shape[0], k), -1, jnp.int32)
-    first, drafted = draft_token(draft_logits(target_params, cfg, heads, feature), sp, steps, 0, drafted)
+    first, drafted = draft_token(logits, sp, steps, 0, drafted)
 
     def one(carry, j):
-        token, feature, drafted, cache = carry
+        token, h, drafted, cache = carry
         batch = decode_batch(start + lens - 1 + j, j < valid, tables, page, P)
-        out, cache = _layer(cfg1, heads, eagle_inputs(target_params, heads, feature, token), cache, batch, impl)
-        feature = eagle_features(target_params, cfg, out)
-        d, drafted = draft_token(draft_logits(target_params, cfg, heads, feature), sp, steps, j, drafted)
-        return (d, feature, drafted, cache), None
+        out, cache = _layer(head, target_params, params, h, token, cache, batch, impl)
+        h, logits = head.read(target_params, params, out)
+        d, drafted = draft_token(logits, sp, steps, j, drafted)
+        return (d, h, drafted, cache), None
 
-    (_, _, drafted, cache), _ = jax.lax.scan(one, (first, feature, drafted, cache), jnp.arange(1, k))
+    (_, _, drafted, cache), _ = jax.lax.scan(one, (first, h, drafted, cache), jnp.arange(1, k))
     return drafted, cache
 
 
-def _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, impl):
-    """Pairs (f_t, x_{t+1}) for t in [start, start + lens) per row through the layer -> the
-    predicted feature after each row's last pair (R, D), the cache."""
+def _catch_up(head, target_params, params, features, cache, next_tokens, start, lens, tables, impl):
+    """Pairs (h_t, x_{t+1}) for t in [start, start + lens) per row through the layer, h_t from the
+    target's features -> (next hidden state (R, D), draft logits (R, V)) after each row's last pair,
+    the cache."""
     R, C = next_tokens.shape
     batch = chunk_batch(start, lens, tables, C, cache.page_size, cache.num_pages)
-    f = features[batch.slot_mapping].reshape(R, C, -1)  # the target's features (dropped slots: clamped junk)
-    out, cache = _layer(cfg1, heads, eagle_inputs(target_params, heads, f, next_tokens).reshape(R * C, -1), cache,
-                        batch, impl)
-    return eagle_features(target_params, cfg, out[batch.logits_at]), cache
+    h = head.first(target_params, params, features[batch.slot_mapping])  # (R * C, D) (dropped slots: clamped junk)
+    out, cache = _layer(head, target_params, params, h, next_tokens.reshape(R * C), cache, batch, impl)
+    return head.read(target_params, params, out[batch.logits_at]), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cfg1", "impl", "k", "top_k", "depth", "temperature"),
+@functools.partial(jax.jit, static_argnames=("head", "impl", "k", "top_k", "depth", "temperature"),
                    donate_argnames=("cache",))
-def _propose_tree(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, *, impl, k,
+def _propose_tree(head, target_params, params, features, cache, next_tokens, start, lens, tables, *, impl, k,
                   top_k, depth, temperature):
     """Pairs as in _propose, then a dynamic tree (module docstring) -> drafts (R, k), parents (R, k)
     (tree.py's layout), the cache (holding the true pairs only)."""
     R = next_tokens.shape[0]
     K, rows = top_k, jnp.arange(R)[:, None]
-    root, cache = _catch_up(target_params, cfg, cfg1, heads, features, cache, next_tokens, start, lens, tables, impl)
+    (root, logits), cache = _catch_up(head, target_params, params, features, cache, next_tokens, start, lens, tables,
+                                      impl)
     n = start + lens  # (R,) the root's position: tree tokens of depth d pair up at n + d - 1
 
-    def log_probs(feature):
-        return jax.nn.log_softmax(draft_logits(target_params, cfg, heads, feature) / temperature, axis=-1)
+    def log_probs(logits):
+        return jax.nn.log_softmax(logits / temperature, axis=-1)
 
-    score, token = jax.lax.top_k(log_probs(root), K)  # (R, K): the first layer of candidates
+    score, token = jax.lax.top_k(log_probs(logits), K)  # (R, K): the first layer of candidates
     parent = jnp.full((R, K), -1, jnp.int32)  # candidate index of each candidate's parent (-1: the root)
-    inputs = jnp.broadcast_to(root[:, None], (R, K, root.shape[-1]))  # (R, N, D) the feature each pairs with
+    inputs = jnp.broadcast_to(root[:, None], (R, K, root.shape[-1]))  # (R, N, D) the hidden state each pairs with
 
     prefix = [as_floats(gather_pages(x[0], tables)) for x in (cache.k, cache.v)]  # (R, S, Kv, H) the layer's cache
     S = prefix[0].shape[1]
@@ -145,19 +198,17 @@ def _propose_tree(target_params, cfg, cfg1, heads, features, cache, next_tokens,
             out = attention.xla_attention(q, keys, values, pos, k_pos, mask=visible)
             return out, (keys[:, S:], values[:, S:])
 
-        x = eagle_inputs(target_params, heads, jnp.take_along_axis(inputs, frontier[..., None], axis=1),
-                         jnp.take_along_axis(token, frontier, axis=1))  # (R, K, D)
-        cos, sin = model_lib.rope_tables(cfg1, pos, x.dtype)
-        out, (tree_k, tree_v) = model_lib.layer(cfg1, heads["layer"], x, cos, sin, attend,
-                                                model_lib.dense_projection(impl))
-        feature = eagle_features(target_params, cfg, out)  # (R, K, D)
-        child_score, child = jax.lax.top_k(log_probs(feature), K)  # (R, K, K)
+        cos, sin = model_lib.rope_tables(head.cfg1, pos, root.dtype)
+        out, (tree_k, tree_v) = head.step(target_params, params, jnp.take_along_axis(inputs, frontier[..., None], axis=1),
+                                          jnp.take_along_axis(token, frontier, axis=1), cos, sin, attend, impl)
+        h, logits = head.read(target_params, params, out)  # (R, K, D), (R, K, V)
+        child_score, child = jax.lax.top_k(log_probs(logits), K)  # (R, K, K)
         child_score += jnp.take_along_axis(score, frontier, axis=1)[..., None]
         offset = score.shape[1]
         score = jnp.concatenate([score, child_score.reshape(R, K * K)], axis=1)
         token = jnp.concatenate([token, child.reshape(R, K * K)], axis=1)
         parent = jnp.concatenate([parent, jnp.repeat(frontier, K, axis=1)], axis=1)
-        inputs = jnp.concatenate([inputs, jnp.repeat(feature, K, axis=1)], axis=1)
+        inputs = jnp.concatenate([inputs, jnp.repeat(h, K, axis=1)], axis=1)
         frontier = offset + jax.lax.top_k(child_score.reshape(R, K * K), K)[1]
 
     chosen = jnp.sort(jax.lax.top_k(score, k)[1], axis=1)  # (R, k) in creation order
@@ -167,15 +218,17 @@ def _propose_tree(target_params, cfg, cfg1, heads, features, cache, next_tokens,
     return jnp.take_along_axis(token, chosen, axis=1).astype(jnp.int32), parents, cache
 
 
-class EagleDrafter:
-    def __init__(self, target, path: str, num_pages: int, page_size: int, max_seq_len: int, impl, tree=None):
-        self.target, self.impl, self.tree, self.vocab = target, impl, tree, Vocab.of(target)
+class FeatureDrafter:
+    """A head and its params, drafting for a target through its own one-layer paged cache.
+    feature_layers: the target layers whose input hidden states the head's `first` reads (the
+    runner keeps them in the feature cache, after the final-norm hidden state)."""
+
+    def __init__(self, target, head, params, num_pages: int, page_size: int, max_seq_len: int, impl, tree=None,
+                 feature_layers: tuple[int, ...] = ()):
+        self.target, self.head, self.params, self.impl, self.tree = target, head, params, impl, tree
+        self.vocab, self.feature_layers = Vocab.of(target), tuple(feature_layers)
         self.page_size, self.max_seq_len = page_size, max_seq_len
-        checkpoint = sharding.logical_config(target)  # the heads' shapes (a placed target may replicate KV heads)
-        self.cfg1 = eagle_layer_config(checkpoint)
-        heads, _ = load_heads(path, "eagle", checkpoint, target.dtype)
-        self.heads = with_draft_head(target.params, target.config, heads)
-        self.cache = PagedKVCache.zeros(self.cfg1, num_pages, page_size, target.dtype)
+        self.cache = PagedKVCache.zeros(head.cfg1, num_pages, page_size, target.dtype)
 
     def propose(self, seqs, num_drafts, k, features) -> Proposal:
         R = next_power_of_2(len(seqs))
@@ -188,8 +241,7 @@ class EagleDrafter:
             next_tokens[i, :c] = s.tokens[s.draft_computed + 1 : s.num_computed + 1]
             tables[i, : len(s.pages)] = s.pages
             start[i], lens[i], valid[i], steps[i] = s.draft_computed, c, w, len(s.generated)
-        args = (self.target.params, self.target.config, self.cfg1, self.heads, features, self.cache,
-                next_tokens, start, lens, tables)
+        args = (self.head, self.target.params, self.params, features, self.cache, next_tokens, start, lens, tables)
         if self.tree is None:
             sp = SamplingBatch.from_rows(seqs, R, self.vocab, drafting=True)
             drafts, self.cache = _propose(*args, valid, sp, steps, impl=self.impl, k=k)
@@ -198,7 +250,7 @@ class EagleDrafter:
             drafts, parents, self.cache = _propose_tree(*args, impl=self.impl, k=k, top_k=self.tree.top_k,
                                                         depth=self.tree.depth, temperature=self.tree.temperature)
         for s in seqs:
-            s.draft_computed = s.num_computed  # later positions were written from predicted features
+            s.draft_computed = s.num_computed  # later positions were written from predicted hidden states
         return Proposal(drafts, parents=parents)
 
     def accepted(self, seqs) -> None:
@@ -210,9 +262,17 @@ class EagleDrafter:
         self.cache = copy_pages(self.cache, src, dst)
 
 
-@register_drafter("eagle", checkpoint=True, features=True, tree=True)
-def build(ctx: DraftContext) -> EagleDrafter:
+def check_tree(ctx: DraftContext) -> None:
     if ctx.config.tree is not None and any(ctx.target.config.layer_windows):
         raise ValueError("speculative tree= needs a target without sliding windows (tree tokens sit at their "
                          "depth's position but in consecutive slots)")
-    return EagleDrafter(ctx.target, ctx.path, ctx.num_pages, ctx.page_size, ctx.max_seq_len, ctx.impl, ctx.config.tree)
+
+
+@register_drafter("eagle", checkpoint=True, features=True, tree=True)
+def build(ctx: DraftContext) -> FeatureDrafter:
+    check_tree(ctx)
+    checkpoint = sharding.logical_config(ctx.target)  # the heads' shapes (a placed target may replicate KV heads)
+    params, _ = load_heads(ctx.path, "eagle", checkpoint, ctx.target.dtype)
+    head = EagleHead(ctx.target.config, eagle_layer_config(checkpoint))
+    return FeatureDrafter(ctx.target, head, with_draft_head(ctx.target.params, ctx.target.config, params),
+                          ctx.num_pages, ctx.page_size, ctx.max_seq_len, ctx.impl, ctx.config.tree)
