@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared run for a session lent a GPU (one call, under 9 minutes on an H100: the step limits
-# add up to 535 s): what the CPU machines cannot check or measure. Every step has its own time
+# add up to 539 s): what the CPU machines cannot check or measure. Every step has its own time
 # limit and must exit 0 and write its JSON under $OUT; the most valuable steps come first. The
 # script goes on past a failed step, lists every step's exit status and seconds in $OUT/steps.tsv
 # and exits 1 if any failed.
@@ -22,7 +22,8 @@
 #  3. the weight-only and W8A8 quantised matmuls against the bf16 GEMV/GEMM and the roofline
 #  4. the engine's batch-1 step overhead on a Llama-3-8B-shaped bf16 model, overlap off and on
 #  5. continuous vs static batching on the same model, skewed output lengths (issue: batching)
-#  6. speculative decoding with the synthetic drafter, acceptance 0.8, k=5, on the same model
+#  6. speculative decoding at acceptance 0.8, k=5, on the same model: the synthetic drafter (drafting
+#     for free) and a random EAGLE-3 head of the 8B shape (its true drafting cost)
 #  7. 64 distinct rank-16 LoRA adapters in a batch of 64 against the base, on the same model
 #  8. the sampler at batch 64 over Llama-3's 128,256-token vocabulary, logprobs (top 5) among the
 #     variants: the per-step cost a request for logprobs adds
@@ -88,7 +89,7 @@ SKEWED="--model=$MODEL --dtype=bfloat16 --num_requests=$REQUESTS --max_batch=8 -
 step skewed_continuous 55 python3 -m experiments.bench_batching $SKEWED --batching=continuous \
   --out="$OUT/skewed_continuous.json"
 step skewed_static 55 python3 -m experiments.bench_batching $SKEWED --batching=static --out="$OUT/skewed_static.json"
-step spec_synthetic 60 python3 -m experiments.spec_decode --model=$MODEL --dtype=bfloat16 --methods=synthetic \
+step spec_synthetic 64 python3 -m experiments.spec_decode --model=$MODEL --dtype=bfloat16 --methods=synthetic,eagle3:random \
   --spec_accept=0.8 --ks=5 --num_prompts=4 --prompt_len=32 --max_tokens=64 --out="$OUT/spec_synthetic.json"
 step lora_64 60 python3 -m experiments.lora_batching --model=$MODEL --dtype=bfloat16 --adapters=64 --ranks=16 \
   --composition=distinct --num_requests=$REQUESTS --prompt_len=32 --output_len=32 --runs=1 --out="$OUT/lora_64.json"

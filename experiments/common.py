@@ -39,7 +39,7 @@ from absl import app, flags
 
 import jaxinfer as ji
 from jaxinfer import memory, sharding
-from jaxinfer.speculative import DRAFTERS, heads
+from jaxinfer.speculative import DRAFTERS
 from jaxinfer.speculative.config import SHIPPED_DRAFTERS
 
 FLAGS = flags.FLAGS
@@ -122,9 +122,10 @@ flags.DEFINE_string("kv_dtype", "", "KV-cache dtype: '' (the model's own), int8 
 
 flags.DEFINE_enum("spec", "none", ["none", *DRAFTERS], "Speculative decoding method (none: plain decoding).")
 flags.DEFINE_integer("spec_tokens", 5, "Tokens drafted per target pass (k).")
-flags.DEFINE_string("spec_draft", "", "The drafter: a shipped name (tiny-draft, tiny-medusa, tiny-eagle) or a directory "
+flags.DEFINE_string("spec_draft", "", f"The drafter: a shipped name ({', '.join(SHIPPED_DRAFTERS)}) or a directory "
                     "('': the method's shipped one).")
-flags.DEFINE_float("spec_accept", 0.8, "Acceptance probability of --spec=synthetic (a stand-in drafter, not lossless).")
+flags.DEFINE_float("spec_accept", 0.8, "Acceptance probability of --spec=synthetic (a stand-in drafter), and of a "
+                   "random EAGLE-3 head (draft 'random': its drafting timed at this acceptance); not lossless.")
 flags.DEFINE_integer("spec_tree_top_k", 0, "EAGLE: draft a dynamic tree (EAGLE-2) expanding this many candidates per "
                      "step into this many children each, --spec_tokens of them verified (0: a chain).")
 flags.DEFINE_integer("spec_tree_depth", 5, "EAGLE tree: its depth (expansion steps + 1).")
@@ -137,7 +138,7 @@ ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_b
 DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
 SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept", "spec_tree_top_k", "spec_tree_depth",
               "spec_tree_temperature")
-DEFAULT_DRAFTS = {"draft": "tiny-draft", "medusa": "tiny-medusa", "eagle": "tiny-eagle"}
+DEFAULT_DRAFTS = {method: name for name, method in SHIPPED_DRAFTERS.items()}  # each method's shipped drafter
 
 
 def tree_config() -> ji.DraftTree | None:
@@ -158,7 +159,8 @@ def spec_config(method: str, k: int, draft: str = "", accept: float = 0.8,
 
 def check_draft(method: str, draft: str, flag: str) -> None:
     """Refuse, before any model loads, a drafter for `method` that is neither a shipped one for it
-    nor a directory holding one (drafter.json for heads, config.json for a draft model)."""
+    nor a directory holding one (the file its registry entry names: drafter.json for heads,
+    config.json for a draft model or an EAGLE-3 head)."""
     draft = draft or DEFAULT_DRAFTS.get(method, "")
     if method not in DRAFTERS or not DRAFTERS[method].checkpoint:
         return
@@ -169,7 +171,7 @@ def check_draft(method: str, draft: str, flag: str) -> None:
         return
     if not os.path.isdir(draft):
         raise ValueError(f"{flag}: {draft} is neither a directory nor a shipped drafter ({', '.join(SHIPPED_DRAFTERS)})")
-    needed = "config.json" if method == "draft" else heads.CONFIG_FILE
+    needed = DRAFTERS[method].marker
     if not os.path.isfile(os.path.join(draft, needed)):
         raise ValueError(f"{flag}: {draft} holds no {needed}: not a drafter for method {method}")
 

@@ -21,7 +21,9 @@ draft cost being one drafted token's time over a plain decode step's (the measur
 verify call over k x plain TPOT): what the method would reach if a verify pass cost what a decode
 step does and nothing else were added. The synthetic method (a stand-in drafter accepted with
 probability --spec_accept, drafting for free) shows the engine's own overhead at that acceptance.
-Method eagle_tree is EAGLE with the draft tree of the --spec_tree_* flags (k: the tree's tokens);
+Method eagle_tree (eagle3_tree) is EAGLE (EAGLE-3) with the draft tree of the --spec_tree_* flags (k: the tree's tokens);
+eagle3:random is a randomly initialised EAGLE-3 head of the model's shape accepted at --spec_accept:
+the true drafting cost at a set acceptance, for a model with no trained head (not lossless);
 METHOD:DIR names a drafter directory for a method (default: the shipped one), e.g.
   python -m jaxinfer.experiments.spec_decode --model=smollm2-135m --methods=eagle:runs/eagle,medusa:runs/medusa,ngram
 """
@@ -29,20 +31,23 @@ METHOD:DIR names a drafter directory for a method (default: the shipped one), e.
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
 
+import ml_dtypes
 import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
 import jaxinfer as ji
 from jaxinfer import data
+from jaxinfer.speculative import eagle3
 
 from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("methods", ["ngram", "draft", "medusa", "eagle"], "Methods to compare with plain decoding "
-                  "(eagle_tree: EAGLE with the --spec_tree_* draft tree; METHOD:DIR: with the drafter in DIR).")
+                  "(eagle_tree, eagle3_tree: with the --spec_tree_* draft tree; METHOD:DIR: with the drafter in DIR).")
 flags.DEFINE_list("ks", ["5"], "Drafted tokens per pass (k) to sweep.")
 flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures to sweep (0: greedy).")
 flags.DEFINE_integer("num_prompts", 8, "Held-out prompts per configuration.")
@@ -77,21 +82,42 @@ def prompts_for(model) -> list[list[int]]:
     return [(bos + stream[s : s + n].tolist())[:n] for s in starts]
 
 
-def spec_config(method: str, k: int) -> ji.SpeculativeConfig | None:
-    """A --methods entry's config: a method, eagle_tree, or either with :DIR, its drafter directory."""
+_RANDOM_HEADS: dict[str, str] = {}
+RANDOM_DRAFT_VOCAB = 32000  # the published EAGLE3-LLaMA3.1-Instruct-8B head's draft vocabulary
+
+
+def random_head(model) -> str:
+    """eagle3:random: a randomly initialised EAGLE-3 head of the model's shape (bfloat16), written
+    once per run to a temporary directory."""
+    if model.name not in _RANDOM_HEADS:
+        path = tempfile.mkdtemp(prefix="jaxinfer-eagle3-random-")
+        _RANDOM_HEADS[model.name] = eagle3.write_random(path, model.config, RANDOM_DRAFT_VOCAB, dtype=ml_dtypes.bfloat16)
+    return _RANDOM_HEADS[model.name]
+
+
+def spec_config(method: str, k: int, model=None) -> ji.SpeculativeConfig | None:
+    """A --methods entry's config: a method, METHOD_tree (a method that drafts trees, with the
+    --spec_tree_* tree), or either with :DIR, its drafter directory; eagle3:random, a random head
+    of the model's shape accepted at --spec_accept (its drafting cost at that acceptance; not
+    lossless). Without a model, the config only (checked, nothing written)."""
     method, _, draft = method.partition(":")
-    if method == "eagle_tree":
+    if draft == "random":
+        if method != "eagle3":
+            raise ValueError(f"--methods={method}:random: a random head (timed at --spec_accept) is for eagle3 only")
+        return ji.SpeculativeConfig(method=method, num_tokens=k, draft=random_head(model) if model else "random",
+                                    accept=FLAGS.spec_accept)
+    if method.endswith("_tree"):
         tree = common.tree_config()
         if tree is None:
-            raise ValueError("--methods=eagle_tree needs --spec_tree_top_k >= 1")
-        return common.spec_config("eagle", k, draft, tree=tree)
+            raise ValueError(f"--methods={method} needs --spec_tree_top_k >= 1")
+        return common.spec_config(method.removesuffix("_tree"), k, draft, tree=tree)
     return common.spec_config(method, k, draft, accept=FLAGS.spec_accept)
 
 
 def measure(model, prompts, method: str, k: int, temperature: float, batch: int) -> dict:
     """One run of the prompts on a new engine (the programs compiled already, by an earlier run)."""
     config = ji.EngineConfig(max_batch=batch, attention=FLAGS.attention, matmul=FLAGS.matmul, overlap=FLAGS.overlap,
-                             tp=FLAGS.tp, speculative=spec_config(method, k))
+                             tp=FLAGS.tp, speculative=spec_config(method, k, model))
     params = [ji.SamplingParams(max_tokens=common.value_or("max_tokens", MAX_TOKENS), temperature=temperature, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
     engine = ji.Engine(model, config)
@@ -154,7 +180,8 @@ def main(argv):
     for method in FLAGS.methods:
         spec_config(method, 1)  # a bad method name fails here, before any work
         name, _, draft = method.partition(":")
-        common.check_draft("eagle" if name == "eagle_tree" else name, draft, f"--methods={method}")
+        if draft != "random":
+            common.check_draft(name.removesuffix("_tree"), draft, f"--methods={method}")
     if FLAGS.plot:
         common.require("--plot", "matplotlib")
     model = common.load_bench_model(FLAGS.model, FLAGS.dtype)

@@ -1,9 +1,10 @@
-"""Train speculative-decoding heads (Medusa or EAGLE) on a frozen target's hidden states.
+"""Train speculative-decoding heads (Medusa, EAGLE or EAGLE-3) on a frozen target's hidden states.
 
   python -m jaxinfer.experiments.train_drafter --method=eagle                  # for the shipped tiny target
   python -m jaxinfer.experiments.train_drafter --method=medusa --out_dir=jaxinfer/assets/tiny-medusa
   python -m jaxinfer.experiments.train_drafter --model=smollm2-135m --method=eagle --self_distill=256 \
       --draft_vocab=8192 --seq_len=128 --steps=300 --batch_size=8 --eval_windows=8
+  python -m jaxinfer.experiments.train_drafter --method=eagle3 --out_dir=jaxinfer/assets/tiny-eagle3
   python -m jaxinfer.experiments.train_drafter --evaluate=jaxinfer/assets/tiny-eagle    # an existing drafter
 
 Training windows are the corpus's training documents in the target's own tokens, or, with
@@ -16,7 +17,12 @@ LM head's cost shrinks by V / W; heads.py), their cross-entropy taken over those
 to predict token t + 1 + i from f_t (cross-entropy, head i weighted 0.8**i). EAGLE learns, from the
 pairs (f_t, token t + 1), the next feature f_{t+1} (smooth L1) and the token after it through the
 target's LM head (cross-entropy, weight 0.1), with uniform noise on its input features (EAGLE's
-recipe for robustness to its own errors). AdamW with warm-up and cosine decay; orbax checkpoints
+recipe for robustness to its own errors). EAGLE-3 (jaxinfer/speculative/eagle3.py) trains with
+training-time test: the layer is unrolled over its own outputs for --ttt_steps steps
+(eagle3.unroll), step i's soft cross-entropy against the target's distribution over the draft
+vocabulary weighted 0.8**i, positions whose target (greedy) token lies outside the draft vocabulary
+left out; it starts from the target's LM head columns and final norm, its fusion from the
+highest fused layer. AdamW with warm-up and cosine decay; orbax checkpoints
 of the train state (a rerun resumes); the heads are written as a drafter directory
 (jaxinfer/speculative/heads.py), then evaluated on held-out text: each head's (Medusa) or each
 chained step's (EAGLE) greedy agreement with the target's own next tokens, and the temperature
@@ -33,6 +39,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -43,13 +50,15 @@ import jaxinfer as ji
 from jaxinfer import data
 from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
+from jaxinfer.speculative import eagle3
 from jaxinfer.speculative import heads as heads_lib
 
 from . import common
 from .train_tiny import batches, make_optimizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("method", "eagle", ["medusa", "eagle"], "Which heads to train.")
+flags.DEFINE_enum("method", "eagle", ["medusa", "eagle", "eagle3"], "Which heads to train.")
+flags.DEFINE_integer("ttt_steps", 7, "EAGLE-3: training-time-test steps (the layer unrolled over its own outputs).")
 flags.DEFINE_integer("heads", 5, "Medusa heads (the most tokens it can draft).")
 flags.DEFINE_float("noise", 0.1, "EAGLE: half-width of the uniform noise added to its input features.")
 flags.DEFINE_integer("self_distill", 0, "Train on the target's own continuations of this many training-text prompts "
@@ -119,6 +128,56 @@ def eagle_loss(heads, params, cfg, tokens, f, vocab, key):
     return regression + 0.1 * cross_entropy(params, cfg, predicted[:, :-1], tokens[:, 2:], vocab)
 
 
+def target_inputs(params, cfg, tokens: jax.Array, aux_layers: tuple[int, ...]):
+    """The frozen target over windows (B, T): (final-norm hidden (B, T, D), the fused layers'
+    inputs concatenated in layer order (B, T, 3D), its greedy next token (B, T))."""
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    out = model_lib.forward(params, cfg, tokens, positions, aux_layers=aux_layers)
+    aux = jnp.concatenate(list(out.aux), axis=-1)
+    return (jax.lax.stop_gradient(out.hidden), jax.lax.stop_gradient(aux),
+            jnp.argmax(out.logits, axis=-1).astype(jnp.int32))
+
+
+_target_inputs = jax.jit(target_inputs, static_argnames=("cfg", "aux_layers"))
+
+
+def eagle3_loss(params, target_params, cfg, tokens, f, aux, target_next, vocab, head, steps):
+    """Training-time test (module docstring): sum over steps j of 0.8**j times the soft
+    cross-entropy of step j's guesses (row t: token t + j + 2) against the target's distribution at
+    position t + j + 1 over the draft vocabulary (W,); positions whose target token is outside it
+    left out."""
+    target_head = target_params["embed"].T if cfg.tie_word_embeddings else target_params["lm_head"]
+    target_logits = jnp.einsum("BTD,DW->BTW", f, target_head[:, vocab], preferred_element_type=jnp.float32)
+    p = jax.nn.softmax(target_logits, axis=-1)  # (B, T, W)
+    inside = jnp.zeros((cfg.vocab_size,), jnp.bool_).at[vocab].set(True)[target_next]  # (B, T)
+    total = 0.0
+    for j, logits in enumerate(eagle3.unroll(head, target_params, params, aux, tokens, steps)):
+        q, mask = p[:, 1 + j :], inside[:, 1 + j :]  # (B, T - 1 - j, W): rows' targets
+        ce = -jnp.sum(q * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+        total += 0.8**j * jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+    return total
+
+
+def eagle3_agreement(model, head, params, aux_layers, windows: np.ndarray, k: int) -> tuple[list[float], float]:
+    """Each chained step's greedy agreement with the target's own next tokens on held-out windows
+    (teacher-forced on tokens, as a verify pass accepts them), and the calibration temperature of
+    the first guess over the draft vocabulary (positions whose target token is in it)."""
+    vocab = np.asarray(params["draft_vocab"]) if "draft_vocab" in params else np.arange(model.config.vocab_size)
+    index = np.full(model.config.vocab_size, -1, np.int64)
+    index[vocab] = np.arange(vocab.size)
+    tokens = jnp.asarray(windows)
+    _, aux, target_next = _target_inputs(model.params, model.config, tokens, aux_layers)
+    steps = eagle3.unroll(head, model.params, params, aux, tokens, k)
+    out, target_next = [], np.asarray(target_next)
+    for j, logits in enumerate(steps):
+        guess = vocab[np.asarray(jnp.argmax(logits, -1))]  # (B, T - 1 - j) target ids
+        out.append(float(np.mean(guess == target_next[:, 1 + j :])))
+    want = index[target_next[:, 1:]]  # (B, T - 1) the target's next token as a draft id (-1: outside)
+    first = np.asarray(steps[0])[want >= 0]
+    return out, calibration(jnp.asarray(first), jnp.asarray(want[want >= 0]))
+
+
 def agreement(model, heads, method: str, windows: np.ndarray, k: int) -> tuple[list[float], float]:
     """Greedy agreement with the target's own next tokens on held-out windows: Medusa head i's guess
     for token t + 1 + i; EAGLE's j-th chained guess from (f_t, x_{t+1}), feeding back its own
@@ -178,31 +237,71 @@ def draft_vocabulary(tokens: np.ndarray, size: int, vocab_size: int) -> np.ndarr
     return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
 
 
+def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Self-distilled windows and the frozen target's view of them, cached in ckpt_dir (another
+    method, or a rerun, reads them again): tokens (N, T); features (N, T, D) its final-norm hidden
+    states; with aux_layers, aux (N, T, 3D) the fused layers' inputs and target_next (N, T) its
+    greedy next tokens. The target runs over windows in batches."""
+    name = (f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-p{FLAGS.distill_prompt_len}-"
+            f"t{FLAGS.distill_temperature:g}-s{FLAGS.seed}" + (f"-aux{'_'.join(map(str, aux_layers))}" if aux_layers
+                                                               else "") + ".npz")
+    cache = os.path.join(ckpt_dir, name)
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            return dict(f)
+    t0 = time.perf_counter()
+    windows = self_distilled(model, FLAGS.self_distill, FLAGS.seq_len)
+    seconds = time.perf_counter() - t0
+    out: dict[str, list] = {"features": [], "aux": [], "target_next": []}
+    batch = 8
+    for i in tqdm(range(0, len(windows), batch), desc="target features", unit="batch"):
+        w = jnp.asarray(windows[i : i + batch])
+        if aux_layers:
+            f, aux, nxt = _target_inputs(model.params, model.config, w, aux_layers)
+            out["aux"].append(np.asarray(aux))
+            out["target_next"].append(np.asarray(nxt))
+        else:
+            f = target_features(model.params, model.config, w)
+        out["features"].append(np.asarray(f))
+    data = {"tokens": windows, **{k: np.concatenate(v) for k, v in out.items() if v},
+            "generate_seconds": np.float64(seconds)}
+    os.makedirs(ckpt_dir, exist_ok=True)
+    np.savez(cache, **data)
+    return data
+
+
+def init_eagle3(model, vocab: np.ndarray | None, key: jax.Array) -> tuple[eagle3.Eagle3Head, dict]:
+    """A new EAGLE-3 head for the target: random layer, its head the target's LM head columns of the
+    draft vocabulary and its norm the target's final norm, its fusion passing the highest fused
+    layer through (plus noise): at step 0 it starts as the target's logit lens at that layer."""
+    cfg = model.config
+    D = cfg.hidden_size
+    head = eagle3.Eagle3Head(eagle3.layer_config(cfg), D)
+    params = eagle3.init_params(head.cfg1, D, key, vocab)
+    target_head = model.params["embed"].T if cfg.tie_word_embeddings else model.params["lm_head"]
+    params["lm_head"] = jnp.asarray(target_head if vocab is None else target_head[:, vocab], jnp.float32)
+    params["norm"] = jnp.asarray(model.params["final_norm"], jnp.float32)
+    params["fc"] = params["fc"].at[2 * D :].add(jnp.eye(D))
+    return head, params
+
+
 def train(model, method: str) -> tuple[dict, dict]:
     steps = FLAGS.steps or STEPS
     key = jax.random.key(FLAGS.seed)
-    heads = (heads_lib.init_medusa(model.config, FLAGS.heads, key) if method == "medusa"
-             else heads_lib.init_eagle(model.config, key))
-    loss_fn = medusa_loss if method == "medusa" else eagle_loss
-    optimizer = make_optimizer(steps, FLAGS.lr, FLAGS.warmup_steps)
-    record: dict = {}
-    t0 = time.perf_counter()
+    aux_layers = eagle3.aux_layers_for(model.config.num_layers) if method == "eagle3" else ()
+    record: dict = {"aux_layers": list(aux_layers)} if aux_layers else {}
     ckpt_dir = os.path.abspath(FLAGS.ckpt_dir or "/tmp/jaxinfer_train_drafter")
     if FLAGS.self_distill:
-        cache = os.path.join(ckpt_dir, f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-"
-                                       f"p{FLAGS.distill_prompt_len}-t{FLAGS.distill_temperature:g}-s{FLAGS.seed}.npz")
-        if os.path.exists(cache):  # the same data for another method (or a rerun), not generated again
-            with np.load(cache) as f:
-                windows, features = f["tokens"], f["features"]
-        else:
-            windows = self_distilled(model, FLAGS.self_distill, FLAGS.seq_len)
-            features = np.concatenate([np.asarray(target_features(model.params, model.config, jnp.asarray(w[None])))
-                                       for w in tqdm(windows, desc="target features")])  # (N, T, D): frozen target
-            os.makedirs(ckpt_dir, exist_ok=True)
-            np.savez(cache, tokens=windows, features=features)
+        distilled = distilled_data(model, ckpt_dir, aux_layers)
+        windows = distilled["tokens"]
         record.update(self_distill=FLAGS.self_distill, distill_temperature=FLAGS.distill_temperature,
-                      distill_prompt_len=FLAGS.distill_prompt_len, distill_seconds=time.perf_counter() - t0)
-        source = ((step, windows[i], features[i]) for step, i in _rows(FLAGS.self_distill, FLAGS.batch_size))
+                      distill_prompt_len=FLAGS.distill_prompt_len, distill_tokens=int(windows.size),
+                      distill_seconds=float(distilled["generate_seconds"]),
+                      distill_tokens_per_second=float((windows.size - windows.shape[0] * FLAGS.distill_prompt_len)
+                                                      / distilled["generate_seconds"]))
+        names = ("features", "aux", "target_next") if aux_layers else ("features",)
+        source = ((step, windows[i], tuple(distilled[n][i] for n in names))
+                  for step, i in _rows(FLAGS.self_distill, FLAGS.batch_size))
     else:
         stream = data.text_stream(model.tokenizer, "train").ids
         windows = stream[: min(stream.size, 1 << 22)]  # counts for the draft vocabulary
@@ -213,13 +312,33 @@ def train(model, method: str) -> tuple[dict, dict]:
         counts = np.bincount(np.asarray(windows).reshape(-1), minlength=model.config.vocab_size)
         record.update(draft_vocab=int(vocab.size), draft_vocab_coverage=float(counts[vocab].sum() / counts.sum()))
 
+    vocab_array = None if vocab is None else jnp.asarray(vocab)
+    if method == "eagle3":
+        head, heads = init_eagle3(model, vocab, key)
+        in_vocab = jnp.arange(model.config.vocab_size, dtype=jnp.int32) if vocab is None else vocab_array
+
+        def loss_fn(h, params, batch, target, key):
+            del key
+            f, aux, nxt = target_inputs(params, model.config, batch, aux_layers) if target is None else target
+            return eagle3_loss(h, params, model.config, batch, f, aux, nxt, in_vocab, head, FLAGS.ttt_steps)
+    else:
+        head = None
+        heads = (heads_lib.init_medusa(model.config, FLAGS.heads, key) if method == "medusa"
+                 else heads_lib.init_eagle(model.config, key))
+        base = medusa_loss if method == "medusa" else eagle_loss
+
+        def loss_fn(h, params, batch, target, key):
+            return base(h, params, model.config, batch, None if target is None else target[0], vocab_array, key)
+    optimizer = make_optimizer(steps, FLAGS.lr, FLAGS.warmup_steps)
+
     @jax.jit
-    def train_step(state, params, batch, f, vocab, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state["heads"], params, model.config, batch, f, vocab, key)
+    def train_step(state, params, batch, target, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state["heads"], params, batch, target, key)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["heads"])
         return {"heads": optax.apply_updates(state["heads"], updates), "opt_state": opt_state}, loss
 
-    state = {"heads": heads, "opt_state": optimizer.init(heads)}
+    trained = {k: v for k, v in heads.items() if k != "draft_vocab"}  # the vocabulary is data, not trained
+    state = {"heads": trained, "opt_state": optimizer.init(trained)}
     manager = ocp.CheckpointManager(
         os.path.join(ckpt_dir, f"{model.name}-{method}"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=FLAGS.ckpt_every))
@@ -229,13 +348,13 @@ def train(model, method: str) -> tuple[dict, dict]:
         print(f"resumed from step {start}")
     bar = tqdm(total=steps, initial=start, desc=f"train {method}", unit="step")
     t0, loss = time.perf_counter(), float("nan")
-    for step, batch, f in source:
+    for step, batch, target in source:
         if step >= steps:
             break
         if step < start:
             continue
-        state, loss = train_step(state, model.params, jnp.asarray(batch), None if f is None else jnp.asarray(f),
-                                 vocab, jax.random.fold_in(key, step))
+        target = None if target is None else tuple(jnp.asarray(x) for x in target)
+        state, loss = train_step(state, model.params, jnp.asarray(batch), target, jax.random.fold_in(key, step))
         if (step + 1) % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}")
         bar.update()
@@ -244,7 +363,8 @@ def train(model, method: str) -> tuple[dict, dict]:
     manager.wait_until_finished()
     bar.close()
     heads = state["heads"] if vocab is None else {**state["heads"], "draft_vocab": jnp.asarray(vocab)}
-    return heads, {**record, "steps": steps, "final_loss": float(loss), "train_seconds": time.perf_counter() - t0}
+    record.update(steps=steps, final_loss=float(loss), train_seconds=time.perf_counter() - t0)
+    return (heads, head), record
 
 
 def _rows(num: int, batch: int):
@@ -257,12 +377,18 @@ def _rows(num: int, batch: int):
 
 def evaluate(model, path: str) -> None:
     """Held-out agreement and calibration of an existing drafter directory, printed."""
-    with open(os.path.join(path, heads_lib.CONFIG_FILE)) as f:
-        method = json.load(f).get("method")
-    heads, _ = heads_lib.load_heads(path, method, model.config, model.dtype)
     windows = data.heldout_windows(model, min(FLAGS.seq_len, model.config.max_position_embeddings), FLAGS.eval_windows)
-    k = int(heads["w"].shape[0]) if method == "medusa" else 5
-    by_step, temperature = agreement(model, heads, method, windows.tokens, k)
+    if os.path.exists(os.path.join(path, eagle3.CONFIG_FILE)):
+        method = "eagle3"
+        head, params, aux_layers = eagle3.load(path, model.config, model.dtype)
+        by_step, temperature = eagle3_agreement(model, head, params, tuple(sorted(aux_layers)), windows.tokens,
+                                                FLAGS.ttt_steps)
+    else:
+        with open(os.path.join(path, heads_lib.CONFIG_FILE)) as f:
+            method = json.load(f).get("method")
+        heads, _ = heads_lib.load_heads(path, method, model.config, model.dtype)
+        k = int(heads["w"].shape[0]) if method == "medusa" else 5
+        by_step, temperature = agreement(model, heads, method, windows.tokens, k)
     print(f"{path} ({method}) on {FLAGS.eval_windows} held-out windows of {FLAGS.seq_len}: greedy agreement by step "
           + ", ".join(f"{a:.3f}" for a in by_step) + f"; calibration temperature {temperature}")
 
@@ -276,18 +402,25 @@ def main(argv):
         raise ValueError(f"--model={FLAGS.model} has no tokenizer: the heads train on text in its tokens")
     if FLAGS.evaluate:
         return evaluate(model, FLAGS.evaluate)
-    heads, record = train(model, FLAGS.method)
+    (heads, head), record = train(model, FLAGS.method)
     windows = data.heldout_windows(model, min(FLAGS.seq_len, model.config.max_position_embeddings), FLAGS.eval_windows)
-    k = FLAGS.heads if FLAGS.method == "medusa" else 5
-    by_step, temperature = agreement(model, heads, FLAGS.method, windows.tokens, k)
+    if FLAGS.method == "eagle3":
+        by_step, temperature = eagle3_agreement(model, head, heads, tuple(record["aux_layers"]), windows.tokens,
+                                                FLAGS.ttt_steps)
+    else:
+        k = FLAGS.heads if FLAGS.method == "medusa" else 5
+        by_step, temperature = agreement(model, heads, FLAGS.method, windows.tokens, k)
     record.update(
         method=FLAGS.method, target=FLAGS.model, heldout_agreement=by_step, calibration_temperature=temperature,
         heldout_windows=FLAGS.eval_windows, seq_len=FLAGS.seq_len, batch=FLAGS.batch_size, lr=FLAGS.lr,
         seed=FLAGS.seed, device=jax.devices()[0].device_kind, jax=jax.__version__,
         date=datetime.date.today().isoformat(), command=common.environment(__name__)["command"])
     out = FLAGS.out_dir or f"runs/train_drafter/{model.name}-{FLAGS.method}"
-    heads_lib.save_heads(out, FLAGS.method, heads, model.config, dtype=np.float16,
-                         **{k: v for k, v in record.items() if k in ("steps", "target")})
+    info = {k: v for k, v in record.items() if k in ("steps", "target")}
+    if FLAGS.method == "eagle3":  # the format SGLang and vLLM load
+        eagle3.save(out, head, heads, tuple(record["aux_layers"]), model.config, dtype=ml_dtypes.bfloat16, **info)
+    else:
+        heads_lib.save_heads(out, FLAGS.method, heads, model.config, dtype=np.float16, **info)
     common.write_json(os.path.join(out, "training.json"), record)
     print(f"{FLAGS.method} heads for {FLAGS.model}: {record['steps']} steps, loss {record['final_loss']:.3f}, "
           f"held-out greedy agreement by step: " + ", ".join(f"{a:.3f}" for a in record["heldout_agreement"])

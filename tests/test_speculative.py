@@ -414,7 +414,10 @@ def test_rolled_back_cache_equals_plain_decoding(tiny, spec):
     (dict(method="draft"), "needs draft="),
     (dict(method="ngram", draft="tiny-draft"), "takes no draft"),
     (dict(method="synthetic"), "needs accept in \\[0, 1\\]"),
-    (dict(method="medusa", draft="tiny-medusa", tree=ji.DraftTree()), "tree= applies to method 'eagle' only, not 'medusa'"),
+    (dict(method="medusa", draft="tiny-medusa", tree=ji.DraftTree()),
+     "tree= applies to method 'eagle' or 'eagle3' only, not 'medusa'"),
+    (dict(method="eagle3", draft="tiny-eagle3", accept=1.5), "accept=1.5 must be in \\[0, 1\\]"),
+    (dict(method="eagle3", draft="tiny-eagle3", accept=0.8, tree=ji.DraftTree()), "applies to a chain of drafts, not to a tree"),
     (dict(method="eagle", num_tokens=7, draft="tiny-eagle", tree=ji.DraftTree(top_k=2, depth=2)),
      "num_tokens=7 is more than the 6 candidates"),
     (dict(method="eagle", draft="tiny-eagle", tree=(4, 5)), "not a DraftTree"),
@@ -496,6 +499,34 @@ def test_train_drafter_self_distilled_with_a_draft_vocabulary(tiny, tmp_path, ca
     assert ji.Engine(tiny, ji.EngineConfig(speculative=spec)).generate(["import os\n"], GREEDY)[0].token_ids
 
 
+@pytest.mark.slow
+def test_train_drafter_eagle3_writes_a_published_head(tiny, tmp_path, capsys):
+    """train_drafter --method=eagle3 on self-distilled data with a draft vocabulary (a few steps of
+    training-time test): the head is written in the SGLang/vLLM layout (d2t, t2d, bf16), the record
+    has the data rate and every unrolled step's agreement, and a rerun resumes; the engine drafts
+    with the head by path."""
+    out = tmp_path / "eagle3"
+    flags = ["--method=eagle3", "--self_distill=4", "--distill_prompt_len=8", "--seq_len=24", "--steps=2",
+             "--batch_size=2", "--warmup_steps=1", "--draft_vocab=40", "--eval_windows=2", "--ttt_steps=3",
+             f"--out_dir={out}", f"--ckpt_dir={tmp_path / 'ckpt'}"]
+    run_main(train_drafter, *flags)
+    record = json.loads((out / "training.json").read_text())
+    assert record["draft_vocab"] == 40 and record["aux_layers"] == [0, 1, 2] and record["distill_tokens_per_second"] > 0
+    assert len(record["heldout_agreement"]) == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["torch_dtype"] == "bfloat16"
+    assert config["draft_vocab_size"] == 40 and config["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors["d2t"].shape == (40,) and tensors["t2d"].sum() == 40 and tensors["fc.weight"].shape == (256, 768)
+    spec = ji.SpeculativeConfig(method="eagle3", num_tokens=3, draft=str(out))
+    assert ji.Engine(tiny, ji.EngineConfig(speculative=spec)).generate(["import os\n"], GREEDY)[0].token_ids
+    capsys.readouterr()
+    run_main(train_drafter, *flags)
+    assert "resumed from step 2" in capsys.readouterr().out
+
+
 def test_draft_vocabulary_drafts_only_its_tokens(target, plain, tmp_path):
     """EAGLE heads with a truncated draft vocabulary draft from it alone (through heads.draft_logits,
     as Medusa's do), and decoding stays lossless."""
@@ -522,10 +553,15 @@ def test_draft_vocabulary_drafts_only_its_tokens(target, plain, tmp_path):
 
 
 def test_spec_decode_runs_as_a_script():
-    result = run_script("experiments.spec_decode", "--methods=synthetic", "--spec_accept=0.8", "--ks=3",
+    """Including eagle3:random, a random EAGLE-3 head of the model's shape accepted at
+    --spec_accept (what the GPU session runs on the 8B shape): it drafts (its cost shows) and the
+    set rate, not the head's nonsense, decides acceptance."""
+    result = run_script("experiments.spec_decode", "--methods=synthetic,eagle3:random", "--spec_accept=0.8", "--ks=3",
                         "--num_prompts=2", "--prompt_len=8", "--max_tokens=8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "synthetic" in result.stdout and "speedup" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["eagle3:random"]]
+    assert len(rows) == 1 and float(rows[0][4]) > 1.5, result.stdout  # tokens per pass at acceptance 0.8, k = 3
 
 
 @pytest.mark.parametrize("method", ["ngram", pytest.param("eagle_tree", marks=pytest.mark.slow)])

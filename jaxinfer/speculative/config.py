@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 # Shipped drafters for the shipped tiny target (jaxinfer/assets): the draft model and trained heads.
-SHIPPED_DRAFTERS = {"tiny-draft": "draft", "tiny-medusa": "medusa", "tiny-eagle": "eagle"}
+SHIPPED_DRAFTERS = {"tiny-draft": "draft", "tiny-medusa": "medusa", "tiny-eagle": "eagle", "tiny-eagle3": "eagle3"}
 
 
 class DraftContext(NamedTuple):
@@ -46,15 +46,17 @@ class DrafterSpec:
     # hidden states entering the layers the drafter names in its feature_layers)
     tree: bool = False  # takes tree= (a DraftTree): drafts a tree of candidates
     lossless: bool = True  # False: a stand-in accepted at a set rate (SpeculativeConfig.accept), not lossless
+    marker: str | None = None  # the file a drafter directory of this method holds (checked before loading)
 
 
 DRAFTERS: dict[str, DrafterSpec] = {}
 
 
-def register_drafter(method: str, *, checkpoint: bool, features: bool, tree: bool = False, lossless: bool = True):
+def register_drafter(method: str, *, checkpoint: bool, features: bool, tree: bool = False, lossless: bool = True,
+                     marker: str | None = None):
     """Decorator: register build(ctx: DraftContext) -> Drafter as the drafter of `method`."""
     def decorate(build):
-        DRAFTERS[method] = DrafterSpec(method, build, checkpoint, features, tree, lossless)
+        DRAFTERS[method] = DrafterSpec(method, build, checkpoint, features, tree, lossless, marker)
         return build
 
     return decorate
@@ -99,8 +101,11 @@ class SpeculativeConfig:
     registered since). num_tokens: k, the tokens drafted per target pass (with a tree, the tree's
     draft tokens: the verify pass is k + 1 tokens either way). draft: a shipped drafter name
     (SHIPPED_DRAFTERS), a local directory, or None where the method needs none (ngram, synthetic).
-    ngram: the longest suffix prompt lookup matches. accept: the synthetic drafter's acceptance
-    probability. tree: None (a chain of k drafts) or a DraftTree (a method that drafts trees)."""
+    ngram: the longest suffix prompt lookup matches. accept: None (the lossless rule), or the
+    probability with which the verify pass accepts each draft instead: the synthetic drafter's, or,
+    with a real drafter (a randomly initialised EAGLE-3 head of a large shape, say), its true
+    drafting cost timed at a set acceptance; not lossless. tree: None (a chain of k drafts) or a
+    DraftTree (a method that drafts trees)."""
 
     method: str
     num_tokens: int = 5
@@ -121,9 +126,10 @@ class SpeculativeConfig:
             raise ValueError(f"speculative method={self.method!r} takes no draft, got draft={self.draft!r}")
         if not spec.lossless and not (self.accept is not None and 0 <= self.accept <= 1):
             raise ValueError(f"speculative method={self.method!r} needs accept in [0, 1], got {self.accept!r}")
-        if spec.lossless and self.accept is not None:
-            raise ValueError(f"speculative accept= applies to a stand-in drafter (method='synthetic'), "
-                             f"not to method={self.method!r}")
+        if self.accept is not None and not 0 <= self.accept <= 1:
+            raise ValueError(f"speculative accept={self.accept!r} must be in [0, 1]")
+        if self.accept is not None and self.tree is not None:
+            raise ValueError("speculative accept= (a set acceptance rate) applies to a chain of drafts, not to a tree")
         if self.ngram < 1:
             raise ValueError(f"speculative ngram={self.ngram} must be >= 1")
         if self.tree is not None:

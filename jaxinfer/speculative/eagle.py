@@ -54,6 +54,7 @@ from jaxinfer.speculative.draft_model import (
     pages_bucket,
 )
 from jaxinfer.speculative.heads import (
+    CONFIG_FILE,
     draft_logits,
     eagle_features,
     eagle_inputs,
@@ -268,7 +269,7 @@ def check_tree(ctx: DraftContext) -> None:
                          "depth's position but in consecutive slots)")
 
 
-@register_drafter("eagle", checkpoint=True, features=True, tree=True)
+@register_drafter("eagle", checkpoint=True, features=True, tree=True, marker=CONFIG_FILE)
 def build(ctx: DraftContext) -> FeatureDrafter:
     check_tree(ctx)
     checkpoint = sharding.logical_config(ctx.target)  # the heads' shapes (a placed target may replicate KV heads)

@@ -80,11 +80,11 @@ def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
 
 
 def aux_layers_for(num_layers: int) -> tuple[int, int, int]:
-    """The layers a new head fuses: the default, or, for a target too shallow for it (fewer than
-    6 layers), the inputs of its first, middle and last layer (written into the config)."""
+    """The layers a new head fuses, in increasing order (the order fc reads them in): the default,
+    or, for a target too shallow for it, the inputs of its first, middle and last layer."""
     aux = default_aux_layers(num_layers)
     if len(set(aux)) == 3 and min(aux) >= 0:
-        return aux
+        return tuple(sorted(aux))
     return (0, num_layers // 2, num_layers - 1)  # repeats a layer below 3 layers (jaxinfer reads it; vLLM would not)
 
 
@@ -280,7 +280,7 @@ def _torch_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
     return tuple(shape[::-1]) if transpose else tuple(shape)
 
 
-def save(path, head: Eagle3Head, params: dict, aux_layers: tuple[int, ...], target: ModelConfig,
+def save(path, head: Eagle3Head, params: dict, aux_layers: tuple[int, ...], target_config: ModelConfig,
          dtype=np.float32, **info) -> None:
     """Write an EAGLE-3 directory in the published format (weights in dtype; `info` goes into
     config.json under "jaxinfer")."""
@@ -297,22 +297,36 @@ def save(path, head: Eagle3Head, params: dict, aux_layers: tuple[int, ...], targ
     if "draft_vocab" in params:
         vocab = np.asarray(params["draft_vocab"], np.int64)
         tensors["d2t"] = vocab - np.arange(W, dtype=np.int64)
-        t2d = np.zeros(target.vocab_size, bool)
+        t2d = np.zeros(target_config.vocab_size, bool)
         t2d[vocab] = True
         tensors["t2d"] = t2d
     save_file(tensors, os.path.join(path, WEIGHTS_FILE))
     hf = {**cfg1.to_hf_dict(), "architectures": [ARCHITECTURE], "num_hidden_layers": 1,
-          "vocab_size": target.vocab_size, "draft_vocab_size": W, "tie_word_embeddings": False,
+          "vocab_size": target_config.vocab_size, "draft_vocab_size": W, "tie_word_embeddings": False,
           "torch_dtype": {np.float32: "float32", np.float16: "float16"}.get(dtype, "bfloat16")}
     if head.target_hidden != cfg1.hidden_size:
         hf["target_hidden_size"] = head.target_hidden
-    if tuple(aux_layers) != default_aux_layers(target.num_layers):
+    if tuple(aux_layers) != default_aux_layers(target_config.num_layers):
         hf["eagle_aux_hidden_state_layer_ids"] = list(aux_layers)
         hf["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in aux_layers]}
     if info:
         hf["jaxinfer"] = info
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(hf, f, indent=2)
+
+
+def write_random(path, target_config: ModelConfig, draft_vocab_size: int | None = None, seed: int = 0,
+                 dtype=np.float32) -> str:
+    """A randomly initialised head for a target's shape, written in the published format (its
+    draft vocabulary the first draft_vocab_size ids): for timing drafting where no trained head
+    exists, with SpeculativeConfig(accept=...) setting the acceptance. -> path."""
+    cfg1 = layer_config(target_config)
+    W = min(draft_vocab_size or target_config.vocab_size, target_config.vocab_size)
+    vocab = None if W == target_config.vocab_size else np.arange(W, dtype=np.int32)
+    params = init_params(cfg1, target_config.hidden_size, jax.random.key(seed), vocab)
+    save(path, Eagle3Head(cfg1, target_config.hidden_size), params, aux_layers_for(target_config.num_layers),
+         target_config, dtype=dtype)
+    return os.fspath(path)
 
 
 # --- the reference over whole windows (training, evaluation) -------------------------------------
@@ -375,7 +389,7 @@ def _attend_rows(q, k0, v0, extra):
 # --- the drafter -----------------------------------------------------------------------------------
 
 
-@register_drafter("eagle3", checkpoint=True, features=True, tree=True)
+@register_drafter("eagle3", checkpoint=True, features=True, tree=True, marker=CONFIG_FILE)
 def build(ctx: DraftContext) -> FeatureDrafter:
     check_tree(ctx)
     head, params, aux = load(ctx.path, sharding.logical_config(ctx.target), ctx.target.dtype)

@@ -17,7 +17,7 @@ from jaxinfer.sampling.processors import Vocab
 from jaxinfer.sampling.sampler import SamplingBatch
 from jaxinfer.speculative.config import DraftContext, Proposal, register_drafter
 from jaxinfer.speculative.draft_model import draft_token
-from jaxinfer.speculative.heads import load_heads, medusa_logits, with_draft_head
+from jaxinfer.speculative.heads import CONFIG_FILE, load_heads, medusa_logits, with_draft_head
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k"))
@@ -55,7 +55,7 @@ class MedusaDrafter:
         pass
 
 
-@register_drafter("medusa", checkpoint=True, features=True)
+@register_drafter("medusa", checkpoint=True, features=True, marker=CONFIG_FILE)
 def build(ctx: DraftContext) -> MedusaDrafter:
     drafter = MedusaDrafter(ctx.target, ctx.path, ctx.page_size)
     if ctx.config.num_tokens > drafter.num_heads:
