@@ -171,9 +171,9 @@ def check_draft(method: str, draft: str, flag: str) -> None:
         return
     if not os.path.isdir(draft):
         raise ValueError(f"{flag}: {draft} is neither a directory nor a shipped drafter ({', '.join(SHIPPED_DRAFTERS)})")
-    needed = DRAFTERS[method].marker
-    if not os.path.isfile(os.path.join(draft, needed)):
-        raise ValueError(f"{flag}: {draft} holds no {needed}: not a drafter for method {method}")
+    needed = DRAFTERS[method].markers
+    if not any(os.path.isfile(os.path.join(draft, name)) for name in needed):
+        raise ValueError(f"{flag}: {draft} holds no {' or '.join(needed)}: not a drafter for method {method}")
 
 
 def mesh():

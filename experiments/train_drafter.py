@@ -2,7 +2,7 @@
 
   python -m jaxinfer.experiments.train_drafter --method=eagle                  # for the shipped tiny target
   python -m jaxinfer.experiments.train_drafter --method=medusa --out_dir=jaxinfer/assets/tiny-medusa
-  python -m jaxinfer.experiments.train_drafter --model=smollm2-135m --method=eagle --self_distill=256 \
+  python -m jaxinfer.experiments.train_drafter --model=smollm2-135m --dequantize --method=eagle --self_distill=256 \
       --draft_vocab=8192 --seq_len=128 --steps=300 --batch_size=8 --eval_windows=8
   python -m jaxinfer.experiments.train_drafter --method=eagle3 --out_dir=jaxinfer/assets/tiny-eagle3
   python -m jaxinfer.experiments.train_drafter --evaluate=jaxinfer/assets/tiny-eagle    # an existing drafter
@@ -67,7 +67,7 @@ flags.DEFINE_integer("distill_prompt_len", 32, "Self-distillation: prompt tokens
 flags.DEFINE_float("distill_temperature", 0.0, "Self-distillation: the target's sampling temperature (0: greedy).")
 flags.DEFINE_integer("draft_vocab", 0, "Draft from the N tokens most frequent in the training data only (0: all).")
 flags.DEFINE_string("evaluate", "", "Evaluate this drafter directory on held-out text instead of training one.")
-for _name in ("model", "seq_len", "seed", *common.TRAIN_FLAGS):
+for _name in ("model", "dequantize", "seq_len", "seed", *common.TRAIN_FLAGS):
     flags.declare_key_flag(_name)
 STEPS = 400  # Axes: B windows, T positions, D hidden, H heads, V vocabulary, W draft vocabulary.
 TEMPERATURES = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2)  # searched by `calibration`
@@ -241,7 +241,8 @@ def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[st
     """Self-distilled windows and the frozen target's view of them, cached in ckpt_dir (another
     method, or a rerun, reads them again): tokens (N, T); features (N, T, D) its final-norm hidden
     states; with aux_layers, aux (N, T, 3D) the fused layers' inputs and target_next (N, T) its
-    greedy next tokens. The target runs over windows in batches."""
+    greedy next tokens. The target runs over windows in batches; hidden states are kept in float16
+    (1M tokens of a 576-wide model's four states: 4.6 GB)."""
     name = (f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-p{FLAGS.distill_prompt_len}-"
             f"t{FLAGS.distill_temperature:g}-s{FLAGS.seed}" + (f"-aux{'_'.join(map(str, aux_layers))}" if aux_layers
                                                                else "") + ".npz")
@@ -258,11 +259,11 @@ def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[st
         w = jnp.asarray(windows[i : i + batch])
         if aux_layers:
             f, aux, nxt = _target_inputs(model.params, model.config, w, aux_layers)
-            out["aux"].append(np.asarray(aux))
+            out["aux"].append(np.asarray(aux, np.float16))
             out["target_next"].append(np.asarray(nxt))
         else:
             f = target_features(model.params, model.config, w)
-        out["features"].append(np.asarray(f))
+        out["features"].append(np.asarray(f, np.float16))
     data = {"tokens": windows, **{k: np.concatenate(v) for k, v in out.items() if v},
             "generate_seconds": np.float64(seconds)}
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -353,7 +354,8 @@ def train(model, method: str) -> tuple[dict, dict]:
             break
         if step < start:
             continue
-        target = None if target is None else tuple(jnp.asarray(x) for x in target)
+        target = None if target is None else tuple(jnp.asarray(x, jnp.float32 if x.dtype == np.float16 else x.dtype)
+                                                   for x in target)
         state, loss = train_step(state, model.params, jnp.asarray(batch), target, jax.random.fold_in(key, step))
         if (step + 1) % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}")
@@ -397,7 +399,7 @@ def main(argv):
     del argv
     if FLAGS.self_distill < 0 or FLAGS.draft_vocab < 0:
         raise ValueError("--self_distill and --draft_vocab must be >= 0")
-    model = ji.load_model(FLAGS.model)
+    model = common.load_bench_model(FLAGS.model, "float32")  # --dequantize: a packed checkpoint's float32 twin
     if model.tokenizer is None:
         raise ValueError(f"--model={FLAGS.model} has no tokenizer: the heads train on text in its tokens")
     if FLAGS.evaluate:

@@ -16,6 +16,7 @@ from jaxinfer.models import decoder as model_lib
 from jaxinfer.speculative import eagle3
 
 GREEDY = ji.SamplingParams(max_tokens=16, temperature=0.0)
+HF_PATH: list[str] = []  # where hf_target wrote its checkpoint (hf_hidden reads it back with transformers)
 PROMPTS = ["def fibonacci(n):\n    if n", "import os\nimport sys\n", "class Queue:\n    def", "The",
            "def fibonacci(n):\n    return"]
 # Preemption (4 pages of 16 for 5 prompts through 3 slots) and a shared prefix page.
@@ -34,6 +35,7 @@ def hf_target(tmp_path_factory):
                                   rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.3)
     path = tmp_path_factory.mktemp("hf-llama")
     transformers.LlamaForCausalLM(hf).save_pretrained(path, safe_serialization=True)
+    HF_PATH[:] = [str(path)]
     model = ji.load_model(str(path))
     return ji.Model(model.config, model.params, ji.ByteTokenizer())
 
@@ -217,3 +219,141 @@ def test_int8_kv_cache_keeps_greedy_tokens(hf_target, published):
     spec = ji.SpeculativeConfig(method="eagle3", num_tokens=4, draft=published, tree=ji.DraftTree(top_k=2, depth=3))
     assert [o.token_ids for o in ji.Engine(hf_target, dataclasses.replace(config, speculative=spec)).generate(
         PROMPTS, GREEDY)] == expected
+
+
+# --- the published formulas, in numpy, against HF transformers' hidden states ----------------------
+
+
+def _rms(x, w, eps=1e-5):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _rope(x, theta=10000.0):
+    """HF's rotate-half RoPE of x (T, heads, H) at positions 0..T-1."""
+    T, H = x.shape[0], x.shape[-1]
+    angles = np.arange(T)[:, None] * (1.0 / theta ** (np.arange(0, H, 2) / H))[None]
+    cos, sin = (np.concatenate([f(angles)] * 2, -1)[:, None] for f in (np.cos, np.sin))
+    return x * cos + np.concatenate([-x[..., H // 2 :], x[..., : H // 2]], -1) * sin
+
+
+def _llama_layer(x, attn_in, t, prefix, heads, kv_heads):
+    """One Llama layer in torch layout: attention reads attn_in (T, *), the residual is x (T, D)."""
+    T = x.shape[0]
+    H = t[prefix + "self_attn.q_proj.weight"].shape[0] // heads
+    q = _rope((attn_in @ t[prefix + "self_attn.q_proj.weight"].T).reshape(T, heads, H))
+    k = _rope((attn_in @ t[prefix + "self_attn.k_proj.weight"].T).reshape(T, kv_heads, H))
+    v = (attn_in @ t[prefix + "self_attn.v_proj.weight"].T).reshape(T, kv_heads, H)
+    k, v = (np.repeat(a, heads // kv_heads, axis=1) for a in (k, v))
+    scores = np.einsum("tnh,snh->nts", q, k) / np.sqrt(H) + np.triu(np.full((T, T), -np.inf), 1)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    o = np.einsum("nts,snh->tnh", p / p.sum(-1, keepdims=True), v).reshape(T, heads * H)
+    y = x + o @ t[prefix + "self_attn.o_proj.weight"].T
+    m = _rms(y, t[prefix + "post_attention_layernorm.weight"])
+    gate = m @ t[prefix + "mlp.gate_proj.weight"].T
+    return y + (gate / (1 + np.exp(-gate)) * (m @ t[prefix + "mlp.up_proj.weight"].T)) @ t[prefix + "mlp.down_proj.weight"].T
+
+
+def _chain(h, tokens, step, k):
+    """Greedy chain drafting by recomputing the pairs (h_t, token t + 1) causally each step:
+    step(h (T, D), tokens (T,)) -> (outputs' next hidden states (T, D), their draft tokens (T,))."""
+    h, tokens, drafts = list(h), list(tokens), []
+    for _ in range(k):
+        nxt, guess = step(np.asarray(h), np.asarray(tokens))
+        drafts.append(int(guess[-1]))
+        h.append(nxt[-1])
+        tokens.append(drafts[-1])
+    return drafts
+
+
+def _first_chain(engine, prompt, k):
+    seen, propose = [], engine.drafter.propose
+
+    def spy(seqs, *args):
+        proposal = propose(seqs, *args)
+        seen.append((list(seqs[0].tokens), np.asarray(proposal.tokens)[0].tolist()))
+        return proposal
+
+    engine.drafter.propose = spy
+    engine.generate([prompt], dataclasses.replace(GREEDY, max_tokens=3))
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def hf_hidden(hf_target):
+    """HF transformers' own model of the target: hidden_states of a token list (its output_hidden_states)."""
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    model = transformers.LlamaForCausalLM.from_pretrained(HF_PATH[0]).eval()
+
+    def hidden(tokens):
+        with torch.no_grad():
+            out = model(torch.tensor([tokens]), output_hidden_states=True)
+        return [h[0].numpy().astype(np.float64) for h in out.hidden_states]
+
+    return hidden
+
+
+def test_eagle3_drafts_follow_the_published_formulas(hf_target, published, hf_hidden):
+    """The engine's first two EAGLE-3 drafts equal the published model computed in numpy from the
+    checkpoint's tensors and HF transformers' hidden states: g = [a ; b ; c] fc^T (layers 1, 3, 4
+    in), u = [rms(e) ; rms(h)], h + attention(u), its MLP, rms(out) lm_head^T through d2t, the next
+    pair carrying out."""
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    t = {k: v.astype(np.float64) for k, v in load_file(published + "/model.safetensors").items()}
+    engine = ji.Engine(hf_target, ji.EngineConfig(max_batch=1, page_size=16, speculative=ji.SpeculativeConfig(
+        method="eagle3", num_tokens=2, draft=published)))
+    tokens, drafts = _first_chain(engine, "import numpy as np\n", 2)
+    states = hf_hidden(tokens[:-1])  # the target computed the prompt; tokens[-1] is its first token
+    g = np.concatenate([states[i] for i in (1, 3, 4)], -1) @ t["fc.weight"].T
+    embed = np.asarray(hf_target.params["embed"], np.float64)
+    d2t = t["d2t"].astype(np.int64)
+
+    def step(h, nxt):
+        u = np.concatenate([_rms(embed[nxt], t["midlayer.input_layernorm.weight"]),
+                            _rms(h, t["midlayer.hidden_norm.weight"])], -1)
+        out = _llama_layer(h, u, t, "midlayer.", 4, 2)
+        draft = np.argmax(_rms(out, t["norm.weight"]) @ t["lm_head.weight"].T, -1)
+        return out, draft + d2t[draft]
+
+    assert _chain(g, tokens[1:], step, 2) == drafts
+
+
+def test_an_eagle_reference_checkpoint_loads(hf_target, plain, tmp_path, hf_hidden):
+    """An EAGLE-1/2 head in the reference repository's layout (config.json, model.safetensors: fc
+    with its bias over [e ; f], layers.0.* without input_layernorm, no final norm), written here
+    from its tensor names: its drafts follow those formulas (numpy against HF's hidden states) and
+    decoding stays lossless, chain and tree."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    rng, D, F = np.random.default_rng(3), 64, 96
+    shapes = {"fc.weight": (D, 2 * D), "fc.bias": (D,), "layers.0.self_attn.q_proj.weight": (D, D),
+              "layers.0.self_attn.k_proj.weight": (32, D), "layers.0.self_attn.v_proj.weight": (32, D),
+              "layers.0.self_attn.o_proj.weight": (D, D), "layers.0.mlp.gate_proj.weight": (F, D),
+              "layers.0.mlp.up_proj.weight": (F, D), "layers.0.mlp.down_proj.weight": (D, F)}
+    t = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}  # no norm: keep it tame
+    t["layers.0.post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": D, "intermediate_size": F, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 258, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 256, "bias": True}))
+    engine = ji.Engine(hf_target, ji.EngineConfig(max_batch=1, page_size=16, speculative=ji.SpeculativeConfig(
+        method="eagle", num_tokens=2, draft=str(tmp_path))))
+    tokens, drafts = _first_chain(engine, "import numpy as np\n", 2)
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    embed = np.asarray(hf_target.params["embed"], np.float64)
+    head = np.asarray(hf_target.params["lm_head"], np.float64)  # (D, V)
+
+    def step(h, nxt):
+        x = np.concatenate([embed[nxt], h], -1) @ t["fc.weight"].T + t["fc.bias"]
+        out = _llama_layer(x, x, t, "layers.0.", 4, 2)
+        return out, np.argmax(out @ head, -1)
+
+    assert _chain(hf_hidden(tokens[:-1])[-1], tokens[1:], step, 2) == drafts
+    params, expected = plain
+    for tree in (None, ji.DraftTree(top_k=2, depth=3)):
+        spec = ji.SpeculativeConfig(method="eagle", num_tokens=4, draft=str(tmp_path), tree=tree)
+        engine = ji.Engine(hf_target, dataclasses.replace(BASE, speculative=spec))
+        assert [o.token_ids for o in engine.generate(PROMPTS, params)] == expected

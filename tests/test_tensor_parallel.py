@@ -155,8 +155,8 @@ def test_pallas_kernels_per_shard():
 def test_speculative_decoding_under_tp(checks):
     tokens = _ok(_run_checks("speculative")["speculative"])["tokens"]
     plain = _ok(checks["engine_greedy"])["tokens"]["1"]
-    assert tokens["ngram_tp2"] == tokens["eagle_tp4"] == plain
-    assert tokens["eagle_tp4_tokens_per_pass"] > 1
+    assert tokens["ngram_tp2"] == tokens["eagle_tp4"] == tokens["eagle3_tp2"] == plain
+    assert tokens["eagle_tp4_tokens_per_pass"] > 1 and tokens["eagle3_tp2_tokens_per_pass"] > 1
 
 
 @pytest.mark.slow  # 8 s: the fast tier stays under 5 minutes on the 2-core CPU (CI runs both)

@@ -253,9 +253,10 @@ def pallas_per_shard() -> dict:
 @check
 def speculative() -> dict:
     """Greedy speculative decoding (lossless: the tokens of plain decoding): prompt lookup at tp = 2,
-    EAGLE at tp = 4 (its heads on the target's replicated KV heads and padded vocabulary)."""
+    EAGLE at tp = 4 (its heads on the target's replicated KV heads and padded vocabulary), EAGLE-3
+    at tp = 2 (its fused layers read from the sharded feature cache)."""
     tokens = {}
-    for method, draft, tp in (("ngram", None, 2), ("eagle", "tiny-eagle", 4)):
+    for method, draft, tp in (("ngram", None, 2), ("eagle", "tiny-eagle", 4), ("eagle3", "tiny-eagle3", 2)):
         spec = ji.SpeculativeConfig(method=method, num_tokens=3, draft=draft)
         engine = ji.Engine(_tiny(), ji.EngineConfig(tp=tp, speculative=spec, **SHAPE))
         tokens[f"{method}_tp{tp}"] = _tokens(engine)

@@ -46,17 +46,17 @@ class DrafterSpec:
     # hidden states entering the layers the drafter names in its feature_layers)
     tree: bool = False  # takes tree= (a DraftTree): drafts a tree of candidates
     lossless: bool = True  # False: a stand-in accepted at a set rate (SpeculativeConfig.accept), not lossless
-    marker: str | None = None  # the file a drafter directory of this method holds (checked before loading)
+    markers: tuple[str, ...] = ()  # a drafter directory of this method holds one of these files (checked early)
 
 
 DRAFTERS: dict[str, DrafterSpec] = {}
 
 
 def register_drafter(method: str, *, checkpoint: bool, features: bool, tree: bool = False, lossless: bool = True,
-                     marker: str | None = None):
+                     markers: tuple[str, ...] = ()):
     """Decorator: register build(ctx: DraftContext) -> Drafter as the drafter of `method`."""
     def decorate(build):
-        DRAFTERS[method] = DrafterSpec(method, build, checkpoint, features, tree, lossless, marker)
+        DRAFTERS[method] = DrafterSpec(method, build, checkpoint, features, tree, lossless, markers)
         return build
 
     return decorate

@@ -104,7 +104,7 @@ class DraftModelDrafter:
         self.cache = copy_pages(self.cache, src, dst)
 
 
-@register_drafter("draft", checkpoint=True, features=False, marker="config.json")
+@register_drafter("draft", checkpoint=True, features=False, markers=("config.json",))
 def build(ctx: DraftContext) -> DraftModelDrafter:
     target = ctx.target
     draft = load_model(ctx.path, dtype=target.dtype)

@@ -32,17 +32,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 from jaxinfer import sharding
 from jaxinfer.buckets import next_power_of_2
 from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.family import ACTIVATIONS, rms_norm
+from jaxinfer.models.layers import apply_rope
 from jaxinfer.models.kv_cache import PagedKVCache, as_floats, copy_pages
 from jaxinfer.sampling.processors import Vocab
 from jaxinfer.sampling.sampler import SamplingBatch
@@ -103,6 +108,44 @@ class EagleHead:
     def read(self, target_params, params, out):
         f = eagle_features(target_params, self.cfg, out)
         return f, draft_logits(target_params, self.cfg, params, f)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleReferenceHead:
+    """EAGLE-1/2 as its reference repository (SafeAILab/EAGLE) and vLLM/SGLang define it:
+    x = [e(token) ; f] @ fc (+ fc bias), one Llama layer without its input norm, and the output
+    itself (no norm) is both the next feature and the LM head's input (the target's head)."""
+
+    cfg: ModelConfig  # the target's
+    cfg1: ModelConfig
+
+    def first(self, target_params, params, rows):
+        return rows[..., : self.cfg.hidden_size]
+
+    def step(self, target_params, params, h, tokens, cos, sin, attend, impl):
+        e = target_params["embed"][tokens].astype(h.dtype) if "embed" not in params else params["embed"][tokens]
+        x = jnp.concatenate([e, h], axis=-1) @ params["fc"]
+        if "fc_bias" in params:
+            x = x + params["fc_bias"]
+        return unnormed_layer(self.cfg1, params["layer"], x, cos, sin, attend, model_lib.dense_projection(impl))
+
+    def read(self, target_params, params, out):
+        return out, draft_logits(target_params, self.cfg, params, out)
+
+
+def unnormed_layer(cfg1: ModelConfig, lp, x, cos, sin, attend, project):
+    """A Llama layer whose attention reads x itself (EAGLE-1's first layer has no input norm)."""
+    B, T, _ = x.shape
+    N, K, H = cfg1.num_heads, cfg1.num_kv_heads, cfg1.head_dim
+    q = project("wq", x, lp).reshape(B, T, N, H)
+    k = project("wk", x, lp).reshape(B, T, K, H)
+    v = project("wv", x, lp).reshape(B, T, K, H)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    o, state = attend(q, k, v)
+    y = x + project("wo", o.reshape(B, T, N * H), lp)
+    m = rms_norm(y, lp["mlp_norm"], cfg1.rms_norm_eps)
+    act = ACTIVATIONS[cfg1.family.activation]
+    return y + project("w_down", act(project("w_gate", m, lp)) * project("w_up", m, lp), lp), state
 
 
 def _layer(head, target_params, params, h, tokens, cache, batch, impl):
@@ -269,11 +312,86 @@ def check_tree(ctx: DraftContext) -> None:
                          "depth's position but in consecutive slots)")
 
 
-@register_drafter("eagle", checkpoint=True, features=True, tree=True, marker=CONFIG_FILE)
+@register_drafter("eagle", checkpoint=True, features=True, tree=True, markers=(CONFIG_FILE, "config.json"))  # ours, or the reference repository's
 def build(ctx: DraftContext) -> FeatureDrafter:
     check_tree(ctx)
     checkpoint = sharding.logical_config(ctx.target)  # the heads' shapes (a placed target may replicate KV heads)
+    if is_reference_checkpoint(ctx.path):
+        cfg1, params = load_reference(ctx.path, checkpoint, ctx.target.dtype)
+        return FeatureDrafter(ctx.target, EagleReferenceHead(ctx.target.config, cfg1), params, ctx.num_pages,
+                              ctx.page_size, ctx.max_seq_len, ctx.impl, ctx.config.tree)
     params, _ = load_heads(ctx.path, "eagle", checkpoint, ctx.target.dtype)
     head = EagleHead(ctx.target.config, eagle_layer_config(checkpoint))
     return FeatureDrafter(ctx.target, head, with_draft_head(ctx.target.params, ctx.target.config, params),
                           ctx.num_pages, ctx.page_size, ctx.max_seq_len, ctx.impl, ctx.config.tree)
+
+
+# --- the EAGLE reference repository's checkpoints -------------------------------------------------
+
+REFERENCE_TENSORS = {  # ours -> (theirs, stored transposed), under the layer's "layers.0." prefix
+    "wq": ("self_attn.q_proj.weight", True), "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True), "wo": ("self_attn.o_proj.weight", True),
+    "mlp_norm": ("post_attention_layernorm.weight", False), "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True), "w_down": ("mlp.down_proj.weight", True),
+}
+
+
+def is_reference_checkpoint(path) -> bool:
+    """A directory of the EAGLE reference repository's layout: config.json and weights, no drafter.json."""
+    return (os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, CONFIG_FILE))
+            and any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "pytorch_model.bin")))
+
+
+def _reference_tensors(path) -> dict[str, np.ndarray]:
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        with safe_open(os.path.join(path, "model.safetensors"), framework="numpy") as f:
+            return {k.removeprefix("model."): f.get_tensor(k) for k in f.keys()}
+    try:
+        import torch  # noqa: PLC0415  (pytorch_model.bin is a torch pickle)
+    except ImportError:
+        raise ValueError(f"draft={os.fspath(path)!r} holds pytorch_model.bin, which needs torch to read "
+                         "(pip install 'jaxinfer[peers]'), or convert it to model.safetensors") from None
+    state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    return {k.removeprefix("model."): v.float().numpy() for k, v in state.items()}
+
+
+def load_reference(path, target: ModelConfig, dtype) -> tuple[ModelConfig, dict]:
+    """(layer config, params) of an EAGLE-1/2 checkpoint as the reference repository publishes it
+    (config.json, model.safetensors or pytorch_model.bin: fc.weight (D, 2D), optional fc.bias,
+    layers.0.* without input_layernorm, optional embed_tokens.weight), checked against the target:
+    a misfit names the tensor and both shapes."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    for field in ("hidden_size", "vocab_size"):
+        if hf.get(field) != getattr(target, field):
+            raise ValueError(f"draft={os.fspath(path)!r}: config.json {field}={hf.get(field)}, the target's is "
+                             f"{getattr(target, field)}")
+    if hf.get("num_hidden_layers", 1) != 1:
+        raise ValueError(f"draft={os.fspath(path)!r}: num_hidden_layers={hf.get('num_hidden_layers')}: an EAGLE "
+                         "drafter has one layer")
+    cfg1 = ModelConfig.from_hf_dict({**hf, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                     "tie_word_embeddings": False})
+    D, F, N, K, H = cfg1.hidden_size, cfg1.intermediate_size, cfg1.num_heads, cfg1.num_kv_heads, cfg1.head_dim
+    shapes = {"wq": (D, N * H), "wk": (D, K * H), "wv": (D, K * H), "wo": (N * H, D), "mlp_norm": (D,),
+              "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+    found = _reference_tensors(path)
+
+    def take(name, shape, transpose):
+        want = tuple(shape[::-1]) if transpose else tuple(shape)
+        if name not in found:
+            raise ValueError(f"draft={os.fspath(path)!r}: missing tensor {name!r} (expected shape {want})")
+        x = np.asarray(found.pop(name), np.float32)
+        if x.shape != want:
+            raise ValueError(f"draft={os.fspath(path)!r}: tensor {name!r} has shape {x.shape}, the target needs {want}")
+        return jnp.asarray(x.T if transpose else x, dtype)
+
+    layer = {ours: take("layers.0." + theirs, shapes[ours], t) for ours, (theirs, t) in REFERENCE_TENSORS.items()}
+    params = {"fc": take("fc.weight", (2 * D, D), True), "layer": layer}
+    if "fc.bias" in found:
+        params["fc_bias"] = take("fc.bias", (D,), False)
+    if "embed_tokens.weight" in found:
+        params["embed"] = take("embed_tokens.weight", (target.vocab_size, D), False)
+    extra = sorted(k for k in found if "rotary_emb" not in k)
+    if extra:
+        raise ValueError(f"draft={os.fspath(path)!r}: unexpected tensor {extra[0]!r}")
+    return dataclasses.replace(cfg1, vocab_size=target.vocab_size), params

@@ -389,7 +389,7 @@ def _attend_rows(q, k0, v0, extra):
 # --- the drafter -----------------------------------------------------------------------------------
 
 
-@register_drafter("eagle3", checkpoint=True, features=True, tree=True, marker=CONFIG_FILE)
+@register_drafter("eagle3", checkpoint=True, features=True, tree=True, markers=(CONFIG_FILE,))
 def build(ctx: DraftContext) -> FeatureDrafter:
     check_tree(ctx)
     head, params, aux = load(ctx.path, sharding.logical_config(ctx.target), ctx.target.dtype)

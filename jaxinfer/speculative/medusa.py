@@ -55,7 +55,7 @@ class MedusaDrafter:
         pass
 
 
-@register_drafter("medusa", checkpoint=True, features=True, marker=CONFIG_FILE)
+@register_drafter("medusa", checkpoint=True, features=True, markers=(CONFIG_FILE,))
 def build(ctx: DraftContext) -> MedusaDrafter:
     drafter = MedusaDrafter(ctx.target, ctx.path, ctx.page_size)
     if ctx.config.num_tokens > drafter.num_heads:
