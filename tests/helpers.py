@@ -136,3 +136,17 @@ def run_script(module: str, *argv: str, timeout: int = 600) -> subprocess.Comple
     """`python -m <module> argv...` from the repository root, as a user runs it."""
     return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def spy_proposals(engine) -> list[tuple[list[list[int]], np.ndarray]]:
+    """Every proposal the engine's drafter makes from now on, as (each sequence's tokens at the
+    time, the drafts (sequences, k)), appended to the list returned."""
+    seen, propose = [], engine.drafter.propose
+
+    def spy(seqs, *args):
+        proposal = propose(seqs, *args)
+        seen.append(([list(s.tokens) for s in seqs], np.asarray(proposal.tokens)[: len(seqs)]))
+        return proposal
+
+    engine.drafter.propose = spy
+    return seen

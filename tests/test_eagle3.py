@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxinfer as ji
+from helpers import spy_proposals
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.speculative import eagle3
 
@@ -99,6 +100,16 @@ def plain(hf_target):
     return params, [o.token_ids for o in outs]
 
 
+def _first_chain(engine, prompt, k):
+    """The first sequence's tokens (the prompt and the target's first token) and its first k drafts
+    (room for all k: a request near its end gets fewer)."""
+    seen = spy_proposals(engine)
+    engine.generate([prompt], dataclasses.replace(GREEDY, max_tokens=k + 2))
+    (tokens,), drafts = seen[0]
+    assert drafts.shape[1] == k
+    return tokens, drafts[0].tolist()
+
+
 @pytest.mark.parametrize("tree", [None, ji.DraftTree(top_k=2, depth=3)], ids=["chain", "tree"])
 def test_a_published_checkpoint_drafts_losslessly(hf_target, published, plain, tree):
     """A random EAGLE-3 head in the SGLang/vLLM layout, loaded by path next to an HF Llama target,
@@ -108,17 +119,10 @@ def test_a_published_checkpoint_drafts_losslessly(hf_target, published, plain, t
     spec = ji.SpeculativeConfig(method="eagle3", num_tokens=4, draft=published, tree=tree)
     engine = ji.Engine(hf_target, dataclasses.replace(BASE, speculative=spec))
     assert engine.drafter.feature_layers == (1, 3, 4)
-    drafted, propose = [], engine.drafter.propose
-
-    def spy(seqs, *args):
-        proposal = propose(seqs, *args)
-        drafted.append(np.asarray(proposal.tokens)[: len(seqs)])
-        return proposal
-
-    engine.drafter.propose = spy
+    seen = spy_proposals(engine)
     assert [o.token_ids for o in engine.generate(PROMPTS, params)] == expected
     assert engine.metrics()["spec_passes"] > 0 and engine.allocator.num_used == 0
-    assert np.isin(np.concatenate(drafted), DRAFT_VOCAB).all()
+    assert np.isin(np.concatenate([drafts for _, drafts in seen]), DRAFT_VOCAB).all()
 
 
 def test_the_drafters_chain_is_the_reference_unroll(hf_target, published):
@@ -128,16 +132,7 @@ def test_the_drafters_chain_is_the_reference_unroll(hf_target, published):
     k = 5
     engine = ji.Engine(hf_target, ji.EngineConfig(max_batch=1, page_size=16, speculative=ji.SpeculativeConfig(
         method="eagle3", num_tokens=k, draft=published)))
-    seen, propose = [], engine.drafter.propose
-
-    def spy(seqs, *args):
-        proposal = propose(seqs, *args)
-        seen.append((list(seqs[0].tokens), np.asarray(proposal.tokens)[0].tolist()))
-        return proposal
-
-    engine.drafter.propose = spy
-    engine.generate(["import numpy as np\n"], dataclasses.replace(GREEDY, max_tokens=4))
-    tokens, drafts = seen[0]  # the prompt and the target's first token; its first k drafts
+    tokens, drafts = _first_chain(engine, "import numpy as np\n", k)  # the prompt and the target's first token
     n = len(tokens) - 1
     head, params, aux_layers = eagle3.load(published, hf_target.config, jnp.float32)
     window = jnp.asarray([tokens + drafts[: k - 1]], jnp.int32)
@@ -263,19 +258,6 @@ def _chain(h, tokens, step, k):
         h.append(nxt[-1])
         tokens.append(drafts[-1])
     return drafts
-
-
-def _first_chain(engine, prompt, k):
-    seen, propose = [], engine.drafter.propose
-
-    def spy(seqs, *args):
-        proposal = propose(seqs, *args)
-        seen.append((list(seqs[0].tokens), np.asarray(proposal.tokens)[0].tolist()))
-        return proposal
-
-    engine.drafter.propose = spy
-    engine.generate([prompt], dataclasses.replace(GREEDY, max_tokens=3))
-    return seen[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, run_main, run_script
+from helpers import REPO, run_main, run_script, spy_proposals
 
 import jaxinfer as ji
 from experiments import spec_decode, train_drafter
@@ -536,16 +536,9 @@ def test_draft_vocabulary_drafts_only_its_tokens(target, plain, tmp_path):
     params, expected = plain
     engine = ji.Engine(target, dataclasses.replace(BASE, speculative=ji.SpeculativeConfig(
         method=method, num_tokens=4, draft=str(tmp_path))))
-    drafted, propose = [], engine.drafter.propose
-
-    def spy(seqs, *args):
-        proposal = propose(seqs, *args)
-        drafted.append(np.asarray(proposal.tokens)[: len(seqs)])
-        return proposal
-
-    engine.drafter.propose = spy
+    seen = spy_proposals(engine)
     assert [(o.token_ids, o.finish_reason) for o in engine.generate(PROMPTS, params)] == expected
-    assert drafted and np.isin(np.concatenate(drafted), vocab).all()
+    assert seen and np.isin(np.concatenate([drafts for _, drafts in seen]), vocab).all()
     bad = tmp_path / "bad"
     heads.save_heads(bad, method, {**init, "draft_vocab": np.array([3, 300], np.int32)}, target.config)
     with pytest.raises(ValueError, match="draft_vocab must be token ids below 258"):

@@ -127,19 +127,20 @@ class EagleReferenceHead:
         x = jnp.concatenate([e, h], axis=-1) @ params["fc"]
         if "fc_bias" in params:
             x = x + params["fc_bias"]
-        return unnormed_layer(self.cfg1, params["layer"], x, cos, sin, attend, model_lib.dense_projection(impl))
+        return drafter_layer(self.cfg1, params["layer"], x, x, cos, sin, attend, model_lib.dense_projection(impl))
 
     def read(self, target_params, params, out):
         return out, draft_logits(target_params, self.cfg, params, out)
 
 
-def unnormed_layer(cfg1: ModelConfig, lp, x, cos, sin, attend, project):
-    """A Llama layer whose attention reads x itself (EAGLE-1's first layer has no input norm)."""
+def drafter_layer(cfg1: ModelConfig, lp, u, x, cos, sin, attend, project):
+    """A Llama layer whose attention reads u (B, T, *) as given (no input norm) over the residual
+    x (B, T, D): EAGLE-1's first layer (u = x) and EAGLE-3's (u its two normed inputs side by side)."""
     B, T, _ = x.shape
     N, K, H = cfg1.num_heads, cfg1.num_kv_heads, cfg1.head_dim
-    q = project("wq", x, lp).reshape(B, T, N, H)
-    k = project("wk", x, lp).reshape(B, T, K, H)
-    v = project("wv", x, lp).reshape(B, T, K, H)
+    q = project("wq", u, lp).reshape(B, T, N, H)
+    k = project("wk", u, lp).reshape(B, T, K, H)
+    v = project("wv", u, lp).reshape(B, T, K, H)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o, state = attend(q, k, v)
     y = x + project("wo", o.reshape(B, T, N * H), lp)

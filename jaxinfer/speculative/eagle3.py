@@ -47,10 +47,9 @@ from safetensors.numpy import save_file
 from jaxinfer import sharding
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.config import ConfigError, ModelConfig
-from jaxinfer.models.family import ACTIVATIONS, rms_norm
-from jaxinfer.models.layers import apply_rope
+from jaxinfer.models.family import rms_norm
 from jaxinfer.speculative.config import DraftContext, register_drafter
-from jaxinfer.speculative.eagle import FeatureDrafter, check_tree
+from jaxinfer.speculative.eagle import FeatureDrafter, check_tree, drafter_layer
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -114,18 +113,9 @@ def fuse(params, aux: jax.Array) -> jax.Array:
 
 def midlayer(cfg1: ModelConfig, lp, e, h, cos, sin, attend, project):
     """The EAGLE-3 layer (module docstring): embeddings e and hidden states h (B, T, D) -> (B, T, D)."""
-    B, T, _ = h.shape
-    N, K, H, eps = cfg1.num_heads, cfg1.num_kv_heads, cfg1.head_dim, cfg1.rms_norm_eps
+    eps = cfg1.rms_norm_eps
     u = jnp.concatenate([rms_norm(e, lp["input_norm"], eps), rms_norm(h, lp["hidden_norm"], eps)], axis=-1)
-    q = project("wq", u, lp).reshape(B, T, N, H)
-    k = project("wk", u, lp).reshape(B, T, K, H)
-    v = project("wv", u, lp).reshape(B, T, K, H)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o, state = attend(q, k, v)
-    y = h + project("wo", o.reshape(B, T, N * H), lp)
-    m = rms_norm(y, lp["mlp_norm"], eps)
-    act = ACTIVATIONS[cfg1.family.activation]
-    return y + project("w_down", act(project("w_gate", m, lp)) * project("w_up", m, lp), lp), state
+    return drafter_layer(cfg1, lp, u, h, cos, sin, attend, project)
 
 
 def draft_head_logits(cfg1: ModelConfig, params, out: jax.Array) -> jax.Array:
