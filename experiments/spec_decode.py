@@ -53,7 +53,7 @@ flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures to sweep (0: gre
 flags.DEFINE_integer("num_prompts", 8, "Held-out prompts per configuration.")
 PROMPT_LEN, MAX_TOKENS = 32, 64  # defaults: prompt tokens (BOS included), tokens generated (EOS ignored)
 RUNS = 1  # default measured rounds
-for _name in ("model", "dtype", "seed", "out", "batch_sizes", "spec_accept", "spec_tree_top_k", "spec_tree_depth",
+for _name in ("model", "dtype", "dequantize", "seed", "out", "batch_sizes", "spec_accept", "spec_tree_top_k", "spec_tree_depth",
               "spec_tree_temperature", "attention", "matmul", "overlap", "prompt_len", "max_tokens", "plot", "runs",
               "tp"):
     flags.declare_key_flag(_name)

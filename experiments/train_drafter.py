@@ -33,6 +33,7 @@ DraftTree.temperature to rank a tree's candidates by for greedy requests).
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import time
@@ -243,13 +244,15 @@ def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[st
     states; with aux_layers, aux (N, T, 3D) the fused layers' inputs and target_next (N, T) its
     greedy next tokens. The target runs over windows in batches; hidden states are kept in float16
     (1M tokens of a 576-wide model's four states: 4.6 GB)."""
-    name = (f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-p{FLAGS.distill_prompt_len}-"
-            f"t{FLAGS.distill_temperature:g}-s{FLAGS.seed}" + (f"-aux{'_'.join(map(str, aux_layers))}" if aux_layers
-                                                               else "") + ".npz")
-    cache = os.path.join(ckpt_dir, name)
-    if os.path.exists(cache):
-        with np.load(cache) as f:
-            return dict(f)
+    base = (f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-p{FLAGS.distill_prompt_len}-"
+            f"t{FLAGS.distill_temperature:g}-s{FLAGS.seed}")
+    cache = os.path.join(ckpt_dir, base + (f"-aux{'_'.join(map(str, aux_layers))}" if aux_layers else "") + ".npz")
+    # The same windows for another method: EAGLE-3's file holds EAGLE's features too.
+    found = [cache] + ([] if aux_layers else sorted(glob.glob(os.path.join(ckpt_dir, base + "-aux*.npz"))))
+    for path in found:
+        if os.path.exists(path):
+            with np.load(path) as f:
+                return dict(f)
     t0 = time.perf_counter()
     windows = self_distilled(model, FLAGS.self_distill, FLAGS.seq_len)
     seconds = time.perf_counter() - t0
