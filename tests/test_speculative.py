@@ -503,11 +503,11 @@ def test_train_drafter_self_distilled_with_a_draft_vocabulary(tiny, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_train_drafter_eagle3_writes_a_published_head(tiny, tmp_path, capsys):
+def test_train_drafter_eagle3_writes_a_published_head(tiny, tmp_path, capsys, monkeypatch):
     """train_drafter --method=eagle3 on self-distilled data with a draft vocabulary (a few steps of
     training-time test): the head is written in the SGLang/vLLM layout (d2t, t2d, bf16), the record
-    has the data rate and every unrolled step's agreement, and a rerun resumes; the engine drafts
-    with the head by path."""
+    has the data rate and every unrolled step's agreement, and a rerun resumes, its data from the
+    saved parts (nothing generated again); the engine drafts with the head by path."""
     out = tmp_path / "eagle3"
     flags = ["--method=eagle3", "--self_distill=4", "--distill_prompt_len=8", "--seq_len=24", "--steps=2",
              "--batch_size=2", "--warmup_steps=1", "--draft_vocab=40", "--eval_windows=2", "--ttt_steps=3",
@@ -526,6 +526,9 @@ def test_train_drafter_eagle3_writes_a_published_head(tiny, tmp_path, capsys):
     spec = ji.SpeculativeConfig(method="eagle3", num_tokens=3, draft=str(out))
     assert ji.Engine(tiny, ji.EngineConfig(speculative=spec)).generate(["import os\n"], GREEDY)[0].token_ids
     capsys.readouterr()
+    (cache,) = (tmp_path / "ckpt").glob("*.npz")
+    cache.unlink()  # its parts stay
+    monkeypatch.setattr(train_drafter, "self_distilled", lambda *args: pytest.fail("a saved part was generated again"))
     run_main(train_drafter, *flags)
     assert "resumed from step 2" in capsys.readouterr().out
 
