@@ -110,7 +110,8 @@ def _first_chain(engine, prompt, k):
     return tokens, drafts[0].tolist()
 
 
-@pytest.mark.parametrize("tree", [None, ji.DraftTree(top_k=2, depth=3)], ids=["chain", "tree"])
+@pytest.mark.parametrize("tree", [None, pytest.param(ji.DraftTree(top_k=2, depth=3), marks=pytest.mark.slow)],
+                         ids=["chain", "tree"])
 def test_a_published_checkpoint_drafts_losslessly(hf_target, published, plain, tree):
     """A random EAGLE-3 head in the SGLang/vLLM layout, loaded by path next to an HF Llama target,
     gives the plain engine's greedy tokens under continuous batching, preemption and prefix hits,
@@ -195,6 +196,7 @@ def test_bad_d2t_and_t2d_are_refused(hf_target, tmp_path):
         eagle3.load(path, hf_target.config, jnp.float32)
 
 
+@pytest.mark.slow  # the fast tier keeps the draft model's sampling test (test_speculative.py)
 def test_sampled_tokens_are_the_targets(hf_target, published):
     """At temperature 1 (top-p 0.9) every request gets the tokens plain decoding draws for it:
     the acceptance rule keeps the target's draws whatever EAGLE-3 drafts."""
@@ -206,6 +208,7 @@ def test_sampled_tokens_are_the_targets(hf_target, published):
     assert engine.metrics()["spec_passes"] > 0
 
 
+@pytest.mark.slow
 def test_int8_kv_cache_keeps_greedy_tokens(hf_target, published):
     """With an int8 KV cache the drafter changes nothing: speculative decoding gives the tokens the
     same int8 engine gives without it."""
@@ -302,6 +305,7 @@ def test_eagle3_drafts_follow_the_published_formulas(hf_target, published, hf_hi
     assert _chain(g, tokens[1:], step, 2) == drafts
 
 
+@pytest.mark.slow  # 22 s: the fast tier has EAGLE-3's formula test
 def test_an_eagle_reference_checkpoint_loads(hf_target, plain, tmp_path, hf_hidden):
     """An EAGLE-1/2 head in the reference repository's layout (config.json, model.safetensors: fc
     with its bias over [e ; f], layers.0.* without input_layernorm, no final norm), written here
