@@ -33,7 +33,6 @@ DraftTree.temperature to rank a tree's candidates by for greedy requests).
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import os
 import time
@@ -47,7 +46,6 @@ import orbax.checkpoint as ocp
 from absl import flags
 from tqdm.auto import tqdm
 
-import jaxinfer as ji
 from jaxinfer import data
 from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
@@ -55,6 +53,7 @@ from jaxinfer.speculative import eagle3
 from jaxinfer.speculative import heads as heads_lib
 
 from . import common
+from ._distill import _target_inputs, distilled_data, target_features, target_inputs
 from .train_tiny import batches, make_optimizer
 
 FLAGS = flags.FLAGS
@@ -62,23 +61,13 @@ flags.DEFINE_enum("method", "eagle", ["medusa", "eagle", "eagle3"], "Which heads
 flags.DEFINE_integer("ttt_steps", 7, "EAGLE-3: training-time-test steps (the layer unrolled over its own outputs).")
 flags.DEFINE_integer("heads", 5, "Medusa heads (the most tokens it can draft).")
 flags.DEFINE_float("noise", 0.1, "EAGLE: half-width of the uniform noise added to its input features.")
-flags.DEFINE_integer("self_distill", 0, "Train on the target's own continuations of this many training-text prompts "
-                     "(0: on the training text itself).")
-flags.DEFINE_integer("distill_prompt_len", 32, "Self-distillation: prompt tokens (the rest of --seq_len is generated).")
-flags.DEFINE_float("distill_temperature", 0.0, "Self-distillation: the target's sampling temperature (0: greedy).")
 flags.DEFINE_integer("draft_vocab", 0, "Draft from the N tokens most frequent in the training data only (0: all).")
 flags.DEFINE_string("evaluate", "", "Evaluate this drafter directory on held-out text instead of training one.")
-for _name in ("model", "dequantize", "seq_len", "seed", *common.TRAIN_FLAGS):
+for _name in ("model", "dequantize", "seq_len", "seed", "self_distill", "distill_prompt_len", "distill_temperature",
+              *common.TRAIN_FLAGS):
     flags.declare_key_flag(_name)
 STEPS = 400  # Axes: B windows, T positions, D hidden, H heads, V vocabulary, W draft vocabulary.
 TEMPERATURES = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2)  # searched by `calibration`
-
-
-def target_features(params, cfg, tokens: jax.Array) -> jax.Array:
-    """The frozen target's final-norm hidden states (B, T, D) of token windows (B, T)."""
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return jax.lax.stop_gradient(model_lib.forward(params, cfg, tokens, positions).hidden)
 
 
 def eagle_layer(target_params, cfg, heads, features, next_tokens):
@@ -101,7 +90,7 @@ def cross_entropy(params, cfg, h, labels, vocab):
     with a draft vocabulary (W,), over its columns only, labels outside it left out."""
     if vocab is None:
         return optax.softmax_cross_entropy_with_integer_labels(model_lib.lm_head(params, cfg, h), labels).mean()
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    head = model_lib.head_weight(params, cfg)
     logits = jnp.einsum("...D,DW->...W", h, head[:, vocab], preferred_element_type=jnp.float32)
     index = jnp.full((cfg.vocab_size,), -1, jnp.int32).at[vocab].set(jnp.arange(vocab.size, dtype=jnp.int32))[labels]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(index, 0))
@@ -129,27 +118,12 @@ def eagle_loss(heads, params, cfg, tokens, f, vocab, key):
     return regression + 0.1 * cross_entropy(params, cfg, predicted[:, :-1], tokens[:, 2:], vocab)
 
 
-def target_inputs(params, cfg, tokens: jax.Array, aux_layers: tuple[int, ...]):
-    """The frozen target over windows (B, T): (final-norm hidden (B, T, D), the fused layers'
-    inputs concatenated in layer order (B, T, 3D), its greedy next token (B, T))."""
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    out = model_lib.forward(params, cfg, tokens, positions, aux_layers=aux_layers)
-    aux = jnp.concatenate(list(out.aux), axis=-1)
-    return (jax.lax.stop_gradient(out.hidden), jax.lax.stop_gradient(aux),
-            jnp.argmax(out.logits, axis=-1).astype(jnp.int32))
-
-
-_target_inputs = jax.jit(target_inputs, static_argnames=("cfg", "aux_layers"))
-
-
 def eagle3_loss(params, target_params, cfg, tokens, f, aux, target_next, vocab, head, steps):
     """Training-time test (module docstring): sum over steps j of 0.8**j times the soft
     cross-entropy of step j's guesses (row t: token t + j + 2) against the target's distribution at
     position t + j + 1 over the draft vocabulary (W,); positions whose target token is outside it
     left out."""
-    target_head = target_params["embed"].T if cfg.tie_word_embeddings else target_params["lm_head"]
-    target_logits = jnp.einsum("BTD,DW->BTW", f, target_head[:, vocab], preferred_element_type=jnp.float32)
+    target_logits = jnp.einsum("BTD,DW->BTW", f, model_lib.head_weight(target_params, cfg)[:, vocab], preferred_element_type=jnp.float32)
     p = jax.nn.softmax(target_logits, axis=-1)  # (B, T, W)
     inside = jnp.zeros((cfg.vocab_size,), jnp.bool_).at[vocab].set(True)[target_next]  # (B, T)
     total = 0.0
@@ -216,89 +190,10 @@ def calibration(logits: jax.Array, target_next: jax.Array) -> float:
     return TEMPERATURES[int(np.argmin(nll))]
 
 
-DISTILL_BATCH, DISTILL_PART = 32, 256  # sequences the engine runs at once; prompts per resumable part
-
-
-def distill_prompts(model, num: int, seq_len: int) -> list[list[int]]:
-    """num prompts of --distill_prompt_len training-text tokens (BOS first, if any) from seeded starts."""
-    stream = data.text_stream(model.tokenizer, "train").ids
-    bos = [] if model.tokenizer.bos_id is None else [model.tokenizer.bos_id]
-    n = FLAGS.distill_prompt_len
-    if not 0 < n < seq_len:
-        raise ValueError(f"--distill_prompt_len={n} must be in [1, --seq_len={seq_len})")
-    starts = np.random.default_rng([FLAGS.seed, 1]).integers(0, stream.size - n, size=num)
-    return [(bos + stream[s : s + n].tolist())[:n] for s in starts]
-
-
-def self_distilled(model, prompts: list[list[int]], first: int, seq_len: int) -> np.ndarray:
-    """(len(prompts), seq_len) token windows: each prompt and the target's own continuation to
-    seq_len (EOS ignored; prompt i of the whole set sampled with seed first + i), generated by the
-    engine DISTILL_BATCH sequences at a time."""
-    n = len(prompts[0])
-    params = [ji.SamplingParams(max_tokens=seq_len - n, temperature=FLAGS.distill_temperature, seed=first + i,
-                                ignore_eos=True) for i in range(len(prompts))]
-    engine = ji.Engine(model, ji.EngineConfig(max_batch=min(len(prompts), DISTILL_BATCH), max_seq_len=seq_len))
-    return np.asarray([p + o.token_ids for p, o in zip(prompts, engine.generate(prompts, params))], np.int32)
-
-
-def target_views(model, windows: np.ndarray, aux_layers: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The frozen target over windows, 8 at a time: features (final-norm hidden states) and, with
-    aux_layers, aux and target_next (target_inputs); hidden states in float16."""
-    out: dict[str, list] = {"features": [], "aux": [], "target_next": []}
-    for i in range(0, len(windows), 8):
-        w = jnp.asarray(windows[i : i + 8])
-        if aux_layers:
-            f, aux, nxt = _target_inputs(model.params, model.config, w, aux_layers)
-            out["aux"].append(np.asarray(aux, np.float16))
-            out["target_next"].append(np.asarray(nxt))
-        else:
-            f = target_features(model.params, model.config, w)
-        out["features"].append(np.asarray(f, np.float16))
-    return {k: np.concatenate(v) for k, v in out.items() if v}
-
-
 def draft_vocabulary(tokens: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
     """The `size` tokens most frequent in the training windows, in id order."""
     counts = np.bincount(tokens.reshape(-1), minlength=vocab_size)
     return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
-
-
-def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Self-distilled windows and the frozen target's view of them, cached in ckpt_dir (another
-    method, or a rerun, reads them again): tokens (N, T); features (N, T, D) its final-norm hidden
-    states; with aux_layers, aux (N, T, 3D) the fused layers' inputs and target_next (N, T) its
-    greedy next tokens. The target runs over windows in batches; hidden states are kept in float16
-    (1M tokens of a 576-wide model's four states: 4.6 GB). Made in parts of DISTILL_PART prompts,
-    each saved as it is done (a rerun resumes at the first missing part)."""
-    base = (f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-p{FLAGS.distill_prompt_len}-"
-            f"t{FLAGS.distill_temperature:g}-s{FLAGS.seed}")
-    cache = os.path.join(ckpt_dir, base + (f"-aux{'_'.join(map(str, aux_layers))}" if aux_layers else "") + ".npz")
-    # The same windows for another method: EAGLE-3's file holds EAGLE's features too.
-    found = [cache] + ([] if aux_layers else sorted(glob.glob(os.path.join(ckpt_dir, base + "-aux*.npz"))))
-    for path in found:
-        if os.path.exists(path):
-            with np.load(path) as f:
-                return dict(f)
-    prompts = distill_prompts(model, FLAGS.self_distill, FLAGS.seq_len)
-    parts_dir = cache.removesuffix(".npz") + ".parts"
-    os.makedirs(parts_dir, exist_ok=True)
-    parts = []
-    for first in tqdm(range(0, len(prompts), DISTILL_PART), desc="self-distil", unit="part"):
-        part = os.path.join(parts_dir, f"{first:09d}.npz")
-        parts.append(part)
-        if os.path.exists(part):
-            continue
-        t0 = time.perf_counter()
-        windows = self_distilled(model, prompts[first : first + DISTILL_PART], first, FLAGS.seq_len)
-        seconds = time.perf_counter() - t0  # the engine's generation alone (the data rate reported)
-        tmp = part.removesuffix(".npz") + ".tmp.npz"
-        np.savez(tmp, tokens=windows, generate_seconds=np.float64(seconds), **target_views(model, windows, aux_layers))
-        os.replace(tmp, part)
-    loaded = [dict(np.load(p)) for p in parts]
-    data = {k: np.concatenate([d[k] for d in loaded]) for k in loaded[0] if k != "generate_seconds"}
-    data["generate_seconds"] = np.float64(sum(float(d["generate_seconds"]) for d in loaded))
-    np.savez(cache, **data)
-    return data
 
 
 def init_eagle3(model, vocab: np.ndarray | None, key: jax.Array) -> tuple[eagle3.Eagle3Head, dict]:
@@ -309,7 +204,7 @@ def init_eagle3(model, vocab: np.ndarray | None, key: jax.Array) -> tuple[eagle3
     D = cfg.hidden_size
     head = eagle3.Eagle3Head(eagle3.layer_config(cfg), D)
     params = eagle3.init_params(head.cfg1, D, key, vocab)
-    target_head = model.params["embed"].T if cfg.tie_word_embeddings else model.params["lm_head"]
+    target_head = model_lib.head_weight(model.params, cfg)
     params["lm_head"] = jnp.asarray(target_head if vocab is None else target_head[:, vocab], jnp.float32)
     params["norm"] = jnp.asarray(model.params["final_norm"], jnp.float32)
     params["fc"] = params["fc"].at[2 * D :].add(jnp.eye(D))

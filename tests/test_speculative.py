@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, run_main, run_script, spy_proposals
 
 import jaxinfer as ji
-from experiments import spec_decode, train_drafter
+from experiments import _distill, spec_decode, train_drafter
 from jaxinfer import data
 from jaxinfer.engine import runner as runner_lib
 from jaxinfer.sampling.sampler import SamplingBatch
@@ -528,7 +528,7 @@ def test_train_drafter_eagle3_writes_a_published_head(tiny, tmp_path, capsys, mo
     capsys.readouterr()
     (cache,) = (tmp_path / "ckpt").glob("*.npz")
     cache.unlink()  # its parts stay
-    monkeypatch.setattr(train_drafter, "self_distilled", lambda *args: pytest.fail("a saved part was generated again"))
+    monkeypatch.setattr(_distill, "self_distilled", lambda *args: pytest.fail("a saved part was generated again"))
     run_main(train_drafter, *flags)
     assert "resumed from step 2" in capsys.readouterr().out
 

@@ -221,6 +221,11 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
     return ForwardOutput(logits=logits, hidden=x, cache=cache, aux=aux)
 
 
+def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The LM head as a (D, V) matrix: lm_head, or the tied embedding transposed."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden states (..., D) -> float32 logits (..., V), soft-capped when the config
     says so. A head padded past the vocabulary (split over a tensor-parallel mesh) has its padding
@@ -230,7 +235,7 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
                           (params["lm_head"], "...D,DV->...V"))
         logits = matmul.dense_f32(hidden, head, equation)
     else:
-        head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # (D, V)
+        head = head_weight(params, cfg)
         logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
     return softcap(cfg, logits[..., : cfg.vocab_size])
 

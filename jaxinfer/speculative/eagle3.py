@@ -45,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxinfer import sharding
+from jaxinfer.models import attention
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.config import ConfigError, ModelConfig
 from jaxinfer.models.family import rms_norm
@@ -53,7 +54,6 @@ from jaxinfer.speculative.eagle import FeatureDrafter, check_tree, drafter_layer
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-_MASKED = float(jnp.finfo(jnp.float32).min)
 
 # jaxinfer's params -> the published tensor names, and whether the tensor is stored transposed.
 LAYER_TENSORS = {
@@ -366,7 +366,7 @@ def _attend_rows(q, k0, v0, extra):
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k0, preferred_element_type=jnp.float32) * H**-0.5
     S = k0.shape[1]
     visible = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]  # (T, S)
-    scores = jnp.where(visible, scores, _MASKED)
+    scores = jnp.where(visible, scores, attention._MASKED)
     diag = [jnp.einsum("BTKGH,BTKH->BKGT", qg, k, preferred_element_type=jnp.float32)[..., None] * H**-0.5
             for k, _ in extra]
     probs = jax.nn.softmax(jnp.concatenate([scores, *diag], axis=-1), axis=-1)

@@ -61,7 +61,7 @@ def with_draft_head(target_params, cfg: ModelConfig, heads: dict) -> dict:
     """Heads with a draft vocabulary get draft_head (D, W): its columns of the target's LM head."""
     if "draft_vocab" not in heads:
         return heads
-    head = target_params["embed"].T if cfg.tie_word_embeddings else target_params["lm_head"]  # (D, V)
+    head = model_lib.head_weight(target_params, cfg)
     return {**heads, "draft_head": head[:, heads["draft_vocab"]]}
 
 
