@@ -41,6 +41,20 @@ def tile_bytes(*shape_and_dtype) -> int:
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
 
 
+def soft_cap(scores: jax.Array, cap: float) -> jax.Array:
+    """Attention scores soft-capped, cap * tanh(scores / cap) (Gemma 2's attn_logit_softcapping)."""
+    return cap * jnp.tanh(scores * (1.0 / cap))
+
+
+def check_softcap(softcap) -> float | None:
+    """A kernel's static soft-cap: None, or a positive finite float; ValueError otherwise."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap={softcap!r} must be None or a positive number")
+    return float(softcap)
+
+
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 

@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
-    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, dequantize_pages,
-    gather_pages, pad_axis, round_up, tile_bytes, tree_visible, tuned,
+    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, check_softcap, dequantize_pages,
+    gather_pages, pad_axis, round_up, soft_cap, tile_bytes, tree_visible, tuned,
 )
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +93,7 @@ def _flash_kernel(
     o_ref,  # (block_q, Hp)
     *,
     sm_scale: float,
+    softcap: float | None,
     window: int,
     block_k: int,
     pages_per_block: int,
@@ -106,7 +107,8 @@ def _flash_kernel(
     kv_len = kv_lens_ref[0]
     q_pos = first_pos + jnp.arange(block_q, dtype=jnp.int32)[:, None]  # (block_q, 1)
     q = q_ref[...]  # (block_q, Hp)
-    scale = sm_scale * LOG2_E  # scores live in the log2 domain: exp(x) = exp2(x * log2 e)
+    # Scores live in the log2 domain: exp(x) = exp2(x * log2 e). A soft-cap is applied before.
+    scale = sm_scale if softcap else sm_scale * LOG2_E
 
     def load_kv(kb):
         """Key block kb: k, v (block_k, Hp) in q's dtype, and their per-token scales or None."""
@@ -129,6 +131,8 @@ def _flash_kernel(
             preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST,
         )  # (block_q, block_k)
         s = s * scale if k_scales is None else s * (k_scales * scale)[None, :]
+        if softcap:
+            s = soft_cap(s, softcap) * LOG2_E
         if masked:
             k_pos = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)[None, :]  # (1, block_k)
             visible = (k_pos <= q_pos) & (k_pos < kv_len)
@@ -205,7 +209,7 @@ def _check_common(q, K, H_k, q_offsets, kv_lens, window, tree_mask=None):
 
 
 def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_mask, *, window, sm_scale,
-           block_sizes, interpret):
+           softcap, block_sizes, interpret):
     """Pads to powers of two and block multiples, builds the BlockSpecs and calls the kernel."""
     B, T, N, H = q.shape
     paged = block_tables is not None
@@ -255,7 +259,7 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_m
         kv_spec = pl.BlockSpec((None, S_pad, None, Hp), lambda i, b, n: (b, 0, lax.div(n, G), 0))
 
     kernel = functools.partial(
-        _flash_kernel, sm_scale=float(sm_scale), window=int(window), block_k=block_k,
+        _flash_kernel, sm_scale=float(sm_scale), softcap=check_softcap(softcap), window=int(window), block_k=block_k,
         pages_per_block=pages_per_block, num_q_blocks=num_q_blocks,
     )
     scalar_spec = pl.BlockSpec((1,), lambda i, b, n: (b,))
@@ -282,7 +286,7 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_m
     return out[:, :T, :, :H]
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "softcap", "block_sizes", "interpret"))
 def flash_attention(
     q: jax.Array,  # (B, T, N, H)
     k: jax.Array,  # (B, S, K, H)
@@ -293,6 +297,7 @@ def flash_attention(
     tree_mask: jax.Array | None = None,  # (B, T, W) int32: the queries are a tree's tokens (module docstring)
     window: int = 0,
     sm_scale: float | None = None,
+    softcap: float | None = None,  # scores soft-capped, cap * tanh(scores / cap), after sm_scale (Gemma 2)
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, T, N, H), q.dtype
@@ -301,7 +306,7 @@ def flash_attention(
         raise ValueError(f"k and v must both be (B, S, K, H) with B={q.shape[0]}, got {k.shape} and {v.shape}")
     _check_common(q, k.shape[2], k.shape[3], q_offsets, kv_lens, window, tree_mask)
     return _flash(q, k, v, q_offsets, kv_lens, None, None, None, tree_mask, window=window, sm_scale=sm_scale,
-                  block_sizes=block_sizes, interpret=interpret)
+                  softcap=softcap, block_sizes=block_sizes, interpret=interpret)
 
 
 def _check_pages(q, k_pages, v_pages, block_tables):
@@ -316,7 +321,7 @@ def _check_pages(q, k_pages, v_pages, block_tables):
         raise ValueError(f"block_tables must be (B, max_pages) with B={q.shape[0]}, got {block_tables.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "softcap", "block_sizes", "interpret"))
 def paged_flash_attention(
     q: jax.Array,  # (B, T, N, H)
     k_pages: jax.Array,  # (K, P, page_size, H)
@@ -330,6 +335,7 @@ def paged_flash_attention(
     tree_mask: jax.Array | None = None,  # (B, T, W) int32: the queries are a tree's tokens (module docstring)
     window: int = 0,
     sm_scale: float | None = None,
+    softcap: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, T, N, H), q.dtype
@@ -341,11 +347,11 @@ def paged_flash_attention(
     check_page_scales(k_pages, v_pages, k_scales, v_scales)
     check_fp8_supported(k_pages.dtype, interpret)
     return _flash(q, k_pages, v_pages, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_mask,
-                  window=window, sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
+                  window=window, sm_scale=sm_scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
 
 
-def reference(q, k, v, q_offsets, kv_lens, *, tree_mask=None, window=0, sm_scale=None, block_sizes=None,
-              interpret=False):
+def reference(q, k, v, q_offsets, kv_lens, *, tree_mask=None, window=0, sm_scale=None, softcap=None,
+              block_sizes=None, interpret=False):
     """flash_attention in plain jnp: the whole (T, S) score matrix, scores and softmax in float32."""
     del block_sizes, interpret
     B, T, N, H = q.shape
@@ -353,6 +359,8 @@ def reference(q, k, v, q_offsets, kv_lens, *, tree_mask=None, window=0, sm_scale
     sm_scale = H**-0.5 if sm_scale is None else sm_scale
     qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)  # (B, T, K, G, H)
     s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision="highest") * sm_scale
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
     q_pos = q_offsets[:, None, None] + jnp.arange(T)[None, :, None]  # (B, T, 1)
     k_pos = jnp.arange(S)[None, None, :]  # (1, 1, S)
     visible = (k_pos <= q_pos) & (k_pos < kv_lens[:, None, None])  # (B, T, S)
@@ -373,11 +381,11 @@ def reference(q, k, v, q_offsets, kv_lens, *, tree_mask=None, window=0, sm_scale
 
 def paged_reference(
     q, k_pages, v_pages, block_tables, q_offsets, kv_lens, *, k_scales=None, v_scales=None, tree_mask=None, window=0,
-    sm_scale=None, block_sizes=None, interpret=False,
+    sm_scale=None, softcap=None, block_sizes=None, interpret=False,
 ):
     """paged_flash_attention in plain jnp: dequantise and gather the pages into dense k/v, then
     `reference`."""
     k = gather_pages(dequantize_pages(k_pages, k_scales), block_tables)
     v = gather_pages(dequantize_pages(v_pages, v_scales), block_tables)
     return reference(q, k, v, q_offsets, kv_lens, tree_mask=tree_mask, window=window, sm_scale=sm_scale,
-                     block_sizes=block_sizes, interpret=interpret)
+                     softcap=softcap, block_sizes=block_sizes, interpret=interpret)

@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
-    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, dequantize_pages,
-    pad_axis, round_up, tile_bytes, tuned,
+    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, check_softcap, dequantize_pages,
+    pad_axis, round_up, soft_cap, tile_bytes, tuned,
 )
 
 
@@ -94,6 +94,7 @@ def _decode_kernel(
     l_ref,  # (Gp,) float32: running sum
     *,
     sm_scale: float,
+    softcap: float | None,
     window: int,
     pages_per_block: int,
     num_splits: int,
@@ -108,7 +109,7 @@ def _decode_kernel(
     start = lo + pl.program_id(2) * per_split
     end = jnp.minimum(start + per_split, n_blocks)
     q = q_ref[...]  # (Gp, Hp)
-    scale = sm_scale * LOG2_E  # scores live in the log2 domain
+    scale = sm_scale if softcap else sm_scale * LOG2_E  # scores live in the log2 domain (after a soft-cap)
 
     def step(kb, carry):
         acc, m, l = carry  # (Gp, Hp), (Gp,), (Gp,) float32
@@ -122,6 +123,8 @@ def _decode_kernel(
             s = s * scale
         else:
             s = s * (k_scales_ref[pages].reshape(block_k).astype(jnp.float32) * scale)[None, :]
+        if softcap:
+            s = soft_cap(s, softcap) * LOG2_E
         k_pos = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)  # (block_k,)
         visible = k_pos < length
         if window:
@@ -151,7 +154,7 @@ def _decode_kernel(
     l_ref[...] = l
 
 
-def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, window, sm_scale,
+def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, window, sm_scale, softcap,
             block_sizes, interpret):
     """Pads to powers of two, builds the BlockSpecs, runs the split kernel, merges the splits."""
     B, N, H = q.shape
@@ -177,7 +180,7 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, w
     scale_spec = pl.BlockSpec((None, P, page_size), lambda b, h, s: (h, 0, 0))
     row_spec = pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0))
     kernel = functools.partial(
-        _decode_kernel, sm_scale=float(sm_scale), window=int(window),
+        _decode_kernel, sm_scale=float(sm_scale), softcap=check_softcap(softcap), window=int(window),
         pages_per_block=pages_per_block, num_splits=num_splits,
     )
     o, m, l = pl.pallas_call(
@@ -242,7 +245,7 @@ def _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, windo
     check_page_scales(k_pages, v_pages, k_scales, v_scales)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "softcap", "block_sizes", "interpret"))
 def paged_decode_attention(
     q: jax.Array,  # (B, N, H)
     k_pages: jax.Array,  # (K, P, page_size, H)
@@ -254,6 +257,7 @@ def paged_decode_attention(
     v_scales: jax.Array | None = None,  # (K, P, page_size) float32
     window: int = 0,
     sm_scale: float | None = None,
+    softcap: float | None = None,  # scores soft-capped, cap * tanh(scores / cap), after sm_scale (Gemma 2)
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, N, H), q.dtype
@@ -261,12 +265,12 @@ def paged_decode_attention(
     _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window)
     check_fp8_supported(k_pages.dtype, interpret)
     return _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window=window,
-                   sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
+                   sm_scale=sm_scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
 
 
 def reference(
     q, k_pages, v_pages, block_tables, lengths, *, k_scales=None, v_scales=None, window=0,
-    sm_scale=None, block_sizes=None, interpret=False,
+    sm_scale=None, softcap=None, block_sizes=None, interpret=False,
 ):
     """paged_decode_attention in plain jnp: dequantise, gather the pages, dense masked softmax."""
     del block_sizes, interpret
@@ -279,6 +283,8 @@ def reference(
     v = v[:, block_tables].reshape(K, B, max_pages * page_size, H)
     qg = q.astype(jnp.float32).reshape(B, K, N // K, H)  # (B, K, G, H)
     s = jnp.einsum("BKGH,KBSH->BKGS", qg, k, precision="highest") * sm_scale
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
     k_pos = jnp.arange(max_pages * page_size)[None, :]  # (1, S)
     visible = k_pos < lengths[:, None]  # (B, S)
     if window:

@@ -71,6 +71,14 @@ ARCHS = {
     "mistral_window": ("mistral", dict(sliding_window=8, head_dim=16)),
     "qwen2": ("qwen2", dict(num_key_value_heads=4)),
     "qwen3": ("qwen3", dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2)),
+    # Gemma 2: soft-capped scores and logits, a query scale of its own, local and global layers.
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+                              final_logit_softcapping=4.0)),
+    # Gemma 3: q/k norms, the local layers' own RoPE base, one global layer in two.
+    "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, num_hidden_layers=4,
+                                   sliding_window_pattern=2, rope_parameters={
+                                       "full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
 }
 
 

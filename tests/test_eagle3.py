@@ -126,6 +126,7 @@ def test_a_published_checkpoint_drafts_losslessly(hf_target, published, plain, t
     assert np.isin(np.concatenate([drafts for _, drafts in seen]), DRAFT_VOCAB).all()
 
 
+@pytest.mark.slow  # 7 s: the fast tier stays under 5 minutes (the lossless chain tests stay fast)
 def test_the_drafters_chain_is_the_reference_unroll(hf_target, published):
     """The engine's first chain of drafts after a prompt equals, token for token, the greedy
     choices of `unroll` (the reference training runs) at the prompt's last row, teacher-forced on

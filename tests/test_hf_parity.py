@@ -82,7 +82,10 @@ def test_bfloat16_close_to_float32(pair, rng, tmp_path):
 
     The bound is on the mean over rows: with these random weights, bf16 rounding of weights and
     activations alone puts single rows near 2e-2 in HF transformers too (measured 0.011-0.023
-    max, 0.010-0.012 mean over the ARCHS), so the max row is held against HF's bf16 instead.
+    max, 0.010-0.012 mean over the Llama-style ARCHS), so the max row is held against HF's bf16
+    instead. Gemma 3 (four norms of gain ~2 per layer, q/k norms) rounds more in HF too: its own
+    bf16 run sits at 0.030 mean, 0.082 max (ours 0.029, 0.049), so the mean bound is 2e-2 or HF's
+    own mean, whichever is larger.
     """
     arch, hf, model = pair
     path = save_hf(hf, tmp_path / "ckpt")
@@ -95,6 +98,6 @@ def test_bfloat16_close_to_float32(pair, rng, tmp_path):
     assert np.all(np.isfinite(low))
     with torch.no_grad():
         hf_low = copy.deepcopy(hf).to(torch.bfloat16)(torch.from_numpy(tokens)).logits.float().numpy()
-    errors = row_errors(low, ref)
-    assert errors.mean() <= TOLERANCE["bfloat16"], arch
-    assert errors.max() <= 1.5 * row_errors(hf_low, ref).max(), arch
+    errors, hf_errors = row_errors(low, ref), row_errors(hf_low, ref)
+    assert errors.mean() <= max(TOLERANCE["bfloat16"], hf_errors.mean()), arch
+    assert errors.max() <= 1.5 * hf_errors.max(), arch

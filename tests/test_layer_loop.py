@@ -34,6 +34,7 @@ def test_unrolled_layers_give_the_scans_tokens(dtype):
     assert unrolled.generate(PROMPTS[:1], GREEDY)[0].token_ids == scan[0].token_ids
 
 
+@pytest.mark.slow  # 5 s: the fast tier stays under 5 minutes (f32 / bf16 unrolled stay fast)
 def test_unrolled_layers_with_a_lora_adapter():
     model = ji.load_model("tiny")
     adapter = lora.random_adapter(model.config, 4, std=0.2, seed=1)

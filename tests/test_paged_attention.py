@@ -69,6 +69,7 @@ def decode_cases(draw, kv_dtypes):
         dtype=draw(st.sampled_from(["float32", "bfloat16"])),
         kv_dtype=draw(st.sampled_from(kv_dtypes)),
         window=draw(st.sampled_from([0, 0, 1, 9, 40])),
+        softcap=draw(st.sampled_from([None, None, 2.0])),
         blocks=draw(st.sampled_from(range(len(BLOCKS)))),
         data_seed=draw(st.integers(0, 2**16)),
     )
@@ -83,19 +84,20 @@ def _run_case(case, seed):
     )
     q = jnp.asarray(rng.standard_normal((B, K * case["G"], H)), dtype)
     args = (q, k_pages, v_pages, block_tables, jnp.asarray(case["lengths"], jnp.int32))
-    kw = dict(scales, window=case["window"], block_sizes=BLOCKS[case["blocks"]])
+    kw = dict(scales, window=case["window"], softcap=case.get("softcap"), block_sizes=BLOCKS[case["blocks"]])
     _check(pa.paged_decode_attention(*args, **kw, interpret=INTERPRET), pa.reference(*args, **kw), dtype)
 
 
-def _case(lengths, page_size, K, G, H, dtype, kv_dtype=None, window=0, blocks=0, data_seed=0):
+def _case(lengths, page_size, K, G, H, dtype, kv_dtype=None, window=0, blocks=0, data_seed=0, softcap=None):
     return dict(B=len(lengths), lengths=lengths, page_size=page_size, K=K, G=G, H=H, dtype=dtype, kv_dtype=kv_dtype,
-                window=window, blocks=blocks, data_seed=data_seed)
+                window=window, blocks=blocks, data_seed=data_seed, softcap=softcap)
 
 
 @draws(2)
 @given(case=decode_cases(kv_dtypes=[None]))
 @example(case=_case([15, 16, 17], 16, 1, 8, 64, "bfloat16", blocks=0))  # around a page boundary, GQA 8, 1-page blocks
 @example(case=_case([1, 43], 8, 2, 4, 128, "float32", window=9, blocks=3))  # a one-token sequence beside a long one
+@example(case=_case([9, 30], 8, 2, 2, 64, "float32", window=9, softcap=2.0))  # soft-capped scores (Gemma 2)
 def test_decode_matches_reference(case, seed):
     """Pages in the query's dtype; ragged lengths around page boundaries; windows; GQA 1/4/8."""
     _run_case(case, seed)
@@ -105,6 +107,7 @@ def test_decode_matches_reference(case, seed):
 @given(case=decode_cases(kv_dtypes=["int8", "float8_e4m3fn"]))
 @example(case=_case([32, 33], 32, 2, 8, 128, "bfloat16", kv_dtype="float8_e4m3fn", blocks=1))  # fp8, a page boundary
 @example(case=_case([1, 7, 9], 8, 1, 4, 64, "float32", kv_dtype="int8", window=1, blocks=2))  # int8, window 1
+@example(case=_case([12, 40], 8, 2, 2, 64, "float32", kv_dtype="int8", softcap=2.0))  # int8 keys' scales, then the cap
 def test_quantised_decode_matches_reference(case, seed):
     """int8 and fp8 pages with per-token scales, dequantised in the kernel."""
     _run_case(case, seed)
@@ -137,7 +140,7 @@ def test_reference_matches_naive_loops(rng, kv_dtype):
     low = 0.01 if kv_dtype == "int8" else 0.002  # scores of a few units either way
     k_scales = rng.uniform(low, 3 * low, (K, P, page_size)).astype(np.float32)
     v_scales = rng.uniform(low, 3 * low, (K, P, page_size)).astype(np.float32)
-    for window in (0, 4):
+    for window, softcap in ((0, None), (4, None), (4, 1.5)):
         expected = np.zeros((B, K * G, H))
         for b in range(B):
             pos = lengths[b] - 1
@@ -148,11 +151,13 @@ def test_reference_matches_naive_loops(rng, kv_dtype):
                 k = k_pages[kv, pages, offs].astype(np.float64) * k_scales[kv, pages, offs][:, None]
                 v = v_pages[kv, pages, offs].astype(np.float64) * v_scales[kv, pages, offs][:, None]
                 s = k @ q[b, n] / np.sqrt(H)
+                if softcap:
+                    s = softcap * np.tanh(s / softcap)
                 p = np.exp(s - s.max())
                 expected[b, n] = p @ v / p.sum()
         actual = pa.reference(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables),
                               jnp.asarray(lengths), k_scales=jnp.asarray(k_scales),
-                              v_scales=jnp.asarray(v_scales), window=window)
+                              v_scales=jnp.asarray(v_scales), window=window, softcap=softcap)
         assert row_rel_error(actual, expected) <= 1e-5
 
 

@@ -375,6 +375,7 @@ def test_models_and_health(served, client):
     assert h["status"] == "ok" and h["num_pages"] > 0
 
 
+@pytest.mark.slow  # plumbing, 6 s: the fast tier stays under 5 minutes
 def test_bench_serving_runs_the_same_workload_both_ways(tmp_path):
     """A few requests in-process and through a server it starts itself (the engine in a core process
     of its own), open loop and closed loop: every request's tokens counted on both sides, nothing

@@ -551,6 +551,7 @@ def test_draft_vocabulary_drafts_only_its_tokens(target, plain, tmp_path):
         heads.load_heads(bad, method, target.config, jnp.float32)
 
 
+@pytest.mark.slow  # plumbing, 6 s: the fast tier stays under 5 minutes
 def test_spec_decode_runs_as_a_script():
     """Including eagle3:random, a random EAGLE-3 head of the model's shape accepted at
     --spec_accept (what the GPU session runs on the 8B shape): it drafts (its cost shows) and the

@@ -159,6 +159,17 @@ def test_speculative_decoding_under_tp(checks):
     assert tokens["eagle_tp4_tokens_per_pass"] > 1 and tokens["eagle3_tp2_tokens_per_pass"] > 1
 
 
+@pytest.mark.slow
+def test_gemma_under_tp2():
+    """Gemma 2 and 3 split over two devices: logits within TOL of tp = 1, the same greedy tokens
+    through the XLA and the per-shard Pallas attention."""
+    result = _ok(_run_checks("gemma")["gemma"])
+    assert max(result["max_row_error"].values()) <= TOL, result["max_row_error"]
+    for name, tokens in result["tokens"].items():
+        assert tokens["tp2"] == tokens["tp1"] == tokens["pallas_tp2"], name
+        assert len(tokens["tp1"][0]) == 8
+
+
 @pytest.mark.slow  # 8 s: the fast tier stays under 5 minutes on the 2-core CPU (CI runs both)
 def test_two_processes_run_one_generation(checks):
     """Two processes on localhost, one CPU device each, tensor parallel over both through

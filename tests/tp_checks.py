@@ -307,6 +307,29 @@ def speculative_small() -> dict:
     return {"tokens": tokens, "spec_passes": engine.metrics()["spec_passes"]}
 
 
+@check
+def gemma() -> dict:
+    """Random small Gemma 2 (soft-caps, local and global layers) and Gemma 3 (q/k norms, local RoPE)
+    models: forward logits at tp = 2 against tp = 1, and greedy tokens through the paged engine,
+    XLA and Pallas (per shard, a window per layer) attention, against tp = 1."""
+    common = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=5,
+                  query_pre_attn_scalar=24)
+    configs = {"gemma2": dict(common, model_type="gemma2", attn_logit_softcapping=3.0, final_logit_softcapping=4.0),
+               "gemma3": dict(common, model_type="gemma3_text", sliding_window_pattern=2)}
+    errors, tokens = {}, {}
+    for name, hf in configs.items():
+        cfg = ji.ModelConfig.from_hf_dict(hf)
+        model = ji.Model(cfg, ji.init_params(cfg, jax.random.key(11), std=0.02))  # (0.02: tokens that vary)
+        batch = np.asarray([PROMPTS[0], PROMPTS[0][::-1]], np.int32)
+        placed = sharding.shard_model(model, sharding.make_mesh(2))
+        errors[name] = _row_error(ji.forward_logits(placed, batch), ji.forward_logits(model, batch))
+        tokens[name] = {"tp1": _tokens(ji.Engine(model, ji.EngineConfig(**SHAPE))),
+                        "tp2": _tokens(ji.Engine(model, ji.EngineConfig(tp=2, **SHAPE))),
+                        "pallas_tp2": _tokens(ji.Engine(model, ji.EngineConfig(tp=2, attention="pallas", **SHAPE)))}
+    return {"max_row_error": errors, "tokens": tokens}
+
+
 def distributed(port: str, process_id: int, num_processes: int) -> None:
     sharding.initialize(f"localhost:{port}", num_processes, process_id)
     engine = ji.Engine(_tiny(), ji.EngineConfig(tp=num_processes, **SHAPE))

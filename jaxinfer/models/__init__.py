@@ -3,6 +3,7 @@
   config      ModelConfig (read from HF's config.json by its family), RoPE settings
   family      model-family specs (params, roles, checkpoint names, norm, activation, layer) and their registry
   llama       the Llama-style families: Llama, Mistral, Qwen2, Qwen3
+  gemma       Gemma 2 and Gemma 3 (text)
   layers      rotary embeddings (a building block of layer functions)
   decoder     the functional decoder: params, forward over a contiguous or paged cache, logits
   attention   the attention dispatch point (XLA reference, Pallas kernels)
@@ -14,4 +15,4 @@ The built-in families register themselves when their modules are imported, here;
 one's own registers itself the same way (jaxinfer.models.family.register) wherever it is defined.
 """
 
-from jaxinfer.models import llama  # noqa: F401  (registers the Llama-style families)
+from jaxinfer.models import gemma, llama  # noqa: F401  (register the built-in families)

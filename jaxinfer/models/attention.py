@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxinfer.models.kv_cache import BatchDescriptor, KVCache, PagedKVCache, as_floats, as_stored, quantize
 from jaxinfer.sharding import P, per_shard
-from pallas_kernels.common import dequantize_pages, gather_pages, tree_visible
+from pallas_kernels.common import dequantize_pages, gather_pages, soft_cap, tree_visible
 from pallas_kernels.flash_attention import flash_attention, paged_flash_attention
 from pallas_kernels.paged_attention import paged_decode_attention
 
@@ -41,16 +42,45 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 @dataclasses.dataclass(frozen=True)
 class AttentionImpl:
     """One attention implementation, in the three forms the model calls:
-      dense(q, k, v, q_pos, k_pos, window)                      a full pass, or a contiguous cache
-      paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window)
-      paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask)
+      dense(q, k, v, q_pos, k_pos, window, softcap)             a full pass, or a contiguous cache
+      paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap)
+      paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask, softcap)
     with the shapes and meanings of the reference functions below (xla_attention, _xla_paged_decode,
-    _xla_paged_prefill)."""
+    _xla_paged_prefill). softcap: None, or the scores' soft-cap (cap * tanh(scores / cap), after the
+    head_dim ** -0.5 scale and before the mask; Gemma 2). static_window: the forms take the window
+    as a Python int only (a kernel's compile-time constant); a layer whose window is chosen at run
+    time (LayerWindow) then runs one branch per window."""
 
     name: str
     dense: Callable
     paged_decode: Callable
     paged_prefill: Callable
+    static_window: bool = False
+
+
+class LayerWindow(NamedTuple):
+    """The sliding window of one layer of a scan over layers whose windows differ (Gemma 2/3's
+    local and global layers): choices[index], index traced, the distinct windows static."""
+
+    index: jax.Array
+    choices: tuple[int, ...]
+
+
+def window_value(window):
+    """A layer's window as an int or a traced int32 (a LayerWindow's choice)."""
+    if isinstance(window, LayerWindow):
+        return jnp.asarray(window.choices, jnp.int32)[window.index]
+    return window
+
+
+def _per_window(impl: AttentionImpl, window, call: Callable):
+    """call(window) with the layer's window: an int or traced window as it is; a LayerWindow as a
+    traced value, or, for an implementation that needs a static window, lax.switch over its choices."""
+    if not isinstance(window, LayerWindow):
+        return call(window)
+    if not impl.static_window:
+        return call(window_value(window))
+    return jax.lax.switch(window.index, [functools.partial(call, w) for w in window.choices])
 
 
 IMPLEMENTATIONS: dict[str, AttentionImpl] = {}
@@ -84,28 +114,34 @@ def attend(
     v: jax.Array,  # (B, S, K, H)
     q_pos: jax.Array,  # (B, T) int32
     k_pos: jax.Array,  # (B, S) int32; a negative position marks an empty slot
-    window: jax.Array | int = 0,  # keys with q_pos - k_pos >= window are hidden; 0 = no window
+    window: jax.Array | int | LayerWindow = 0,  # keys with q_pos - k_pos >= window are hidden; 0 = no window
     *,
     impl: str = "xla",
+    softcap: float | None = None,  # the scores soft-capped (AttentionImpl)
 ) -> jax.Array:  # (B, T, N, H)
-    return get(impl).dense(q, k, v, q_pos, k_pos, window)
+    form = get(impl)
+    return _per_window(form, window, lambda w: form.dense(q, k, v, q_pos, k_pos, w, softcap))
 
 
-def _pallas_dense(q, k, v, q_pos, k_pos, window):
+def _pallas_dense(q, k, v, q_pos, k_pos, window, softcap):
     kv_lens = jnp.max(k_pos, axis=1) + 1  # keys sit at positions 0..S-1
-    kernel = functools.partial(flash_attention, window=_static_window(window, "pallas"), interpret=_interpret())
+    kernel = functools.partial(flash_attention, window=_static_window(window, "pallas"), softcap=softcap,
+                               interpret=_interpret())
     heads = P(None, None, "tp")
     return per_shard(kernel, (heads, heads, heads, P(), P()), heads)(q, k, v, q_pos[:, 0], kv_lens)
 
 
-def xla_attention(q, k, v, q_pos, k_pos, window=0, mask=None):
+def xla_attention(q, k, v, q_pos, k_pos, window=0, softcap=None, mask=None):
     """Masked softmax attention with scores and softmax in float32 (HF's eager path does the same).
-    mask: None, or (B, T, S) bool further hiding keys (a draft tree's non-ancestors)."""
+    softcap: None, or the scores' soft-cap; mask: None, or (B, T, S) bool further hiding keys (a
+    draft tree's non-ancestors)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, N // K, H)  # (B, T, K, G, H)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (H**-0.5)
+    if softcap:
+        scores = soft_cap(scores, softcap)
     visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # (B, T, S)
     distance = q_pos[:, :, None] - k_pos[:, None, :]
     visible &= (window <= 0) | (distance < window)
@@ -117,18 +153,19 @@ def xla_attention(q, k, v, q_pos, k_pos, window=0, mask=None):
     return out.astype(q.dtype).reshape(B, T, N, H)
 
 
-def attend_cached(cache, layer, q, k, v, positions, window, batch: BatchDescriptor | None, *, impl="xla"):
+def attend_cached(cache, layer, q, k, v, positions, window, batch: BatchDescriptor | None, *, impl="xla",
+                  softcap: float | None = None):
     """Write k, v (B, T, K, H) into layer `layer` of the cache, then attend. Returns (out, cache)."""
     if isinstance(cache, KVCache):
-        return _contiguous(cache, layer, q, k, v, positions, window, impl)
+        return _contiguous(cache, layer, q, k, v, positions, window, impl, softcap)
     if isinstance(cache, PagedKVCache):
         if batch is None:
             raise ValueError("a PagedKVCache needs a BatchDescriptor")
-        return _paged(cache, layer, q, k, v, window, batch, impl)
+        return _paged(cache, layer, q, k, v, window, batch, impl, softcap)
     raise TypeError(f"unknown cache type {type(cache).__name__}")
 
 
-def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl):
+def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl, softcap):
     B = q.shape[0]
     rows = jnp.arange(B)[:, None]  # (B, 1)
     k_all = cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype), mode="drop")
@@ -136,11 +173,11 @@ def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl):
     keys, values = k_all[layer], v_all[layer]  # (B, S, K, H)
     S = keys.shape[1]
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    out = attend(q, keys, values, positions, k_pos, window, impl=impl)
+    out = attend(q, keys, values, positions, k_pos, window, impl=impl, softcap=softcap)
     return out, KVCache(k=k_all, v=v_all)
 
 
-def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, impl):
+def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, impl, softcap):
     """q, k, v: (1, N, heads, H) flat tokens: Rd decode tokens, then Rp rows of C prefill tokens.
     A quantised cache stores the new K/V quantised per token and head, with their scales."""
     _, N, NH, H = q.shape
@@ -164,12 +201,13 @@ def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, 
     Rd, Rp = batch.num_decode, batch.num_prefill
     outs = []
     if Rd:
-        outs.append(paged_decode(q[0, :Rd], *pages, batch.decode_block_tables, batch.decode_lens, window, impl))
+        outs.append(paged_decode(q[0, :Rd], *pages, batch.decode_block_tables, batch.decode_lens, window, impl,
+                                 softcap))
     if Rp:
         C = (N - Rd) // Rp
         qp = q[0, Rd:].reshape(Rp, C, NH, H)
         o = paged_prefill(qp, *pages, batch.prefill_block_tables, batch.prefill_start, batch.prefill_lens, window, impl,
-                          batch.prefill_tree_mask)
+                          batch.prefill_tree_mask, softcap)
         outs.append(o.reshape(Rp * C, NH, H))
     out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
     return out[None], PagedKVCache(k=k_all, v=v_all, k_scale=k_scale, v_scale=v_scale)
@@ -198,52 +236,59 @@ def _gather(pages, scales, block_tables, dtype):
     return dequantize_pages(context, gather_pages(scales[..., None], block_tables)[..., 0]).astype(dtype)
 
 
-def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window=0, impl="xla"):
+def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window=0, impl="xla", softcap=None):
     """One query per row at position lens - 1. q (R, N, H) -> (R, N, H). Scales: None, or the
     per-token scales (K, P, page) of int8 / fp8 pages."""
-    return get(impl).paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window)
+    form = get(impl)
+    return _per_window(form, window, lambda w: form.paged_decode(q, k_pages, v_pages, k_scales, v_scales,
+                                                                 block_tables, lens, w, softcap))
 
 
-def _pallas_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window):
+def _pallas_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap):
     k_pages, v_pages = as_floats(k_pages), as_floats(v_pages)  # bits only on the CPU (interpret mode)
-    kernel = functools.partial(paged_decode_attention, window=_static_window(window, "pallas"), interpret=_interpret())
+    kernel = functools.partial(paged_decode_attention, window=_static_window(window, "pallas"), softcap=softcap,
+                               interpret=_interpret())
     return _per_shard_pages(kernel, P(None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables, lens)
 
 
-def _xla_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window):
+def _xla_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap):
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, S = keys.shape[:2]
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     k_pos = jnp.where(k_pos < lens[:, None], k_pos, -1)  # (R, S); slots past the context are empty
     q_pos = (lens - 1)[:, None]  # (R, 1)
-    return xla_attention(q[:, None], keys, values, q_pos, k_pos, window)[:, 0]
+    return xla_attention(q[:, None], keys, values, q_pos, k_pos, window, softcap)[:, 0]
 
 
 def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window=0, impl="xla",
-                  tree_mask=None):
+                  tree_mask=None, softcap=None):
     """Row r's queries are at positions start[r] + [0, C); it sees its pages up to its own position.
     q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk.
     tree_mask (R, C, W) int32: the row is a draft tree, its queries see the keys before start[r]
     and, from start[r] on, only their ancestors (pallas_kernels.flash_attention's docstring)."""
-    return get(impl).paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window,
-                                   tree_mask)
+    form = get(impl)
+    return _per_window(form, window, lambda w: form.paged_prefill(q, k_pages, v_pages, k_scales, v_scales,
+                                                                  block_tables, start, lens, w, tree_mask, softcap))
 
 
-def _pallas_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask):
+def _pallas_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask,
+                          softcap):
     window = _static_window(window, "pallas")
     k_pages, v_pages = as_floats(k_pages), as_floats(v_pages)  # bits only on the CPU (interpret mode)
 
     def kernel(q, k_pages, v_pages, tables, begin, end, *mask, k_scales, v_scales):
         return paged_flash_attention(q, k_pages, v_pages, tables, begin, end, k_scales=k_scales, v_scales=v_scales,
-                                     tree_mask=mask[0] if mask else None, window=window, interpret=_interpret())
+                                     tree_mask=mask[0] if mask else None, window=window, softcap=softcap,
+                                     interpret=_interpret())
 
     mask = () if tree_mask is None else (tree_mask,)
     return _per_shard_pages(kernel, P(None, None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables,
                             start, start + lens, *mask)
 
 
-def _xla_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask):
+def _xla_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask,
+                       softcap):
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, C = q.shape[:2]
@@ -255,8 +300,8 @@ def _xla_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, st
     if tree_mask is not None:
         rel = jnp.arange(S, dtype=jnp.int32)[None, :] - start[:, None]  # (R, S): each key's index in the tree
         mask = (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)  # (R, C, S)
-    return xla_attention(q, keys, values, q_pos, k_pos, window, mask)
+    return xla_attention(q, keys, values, q_pos, k_pos, window, softcap, mask)
 
 
 register(AttentionImpl("xla", xla_attention, _xla_paged_decode, _xla_paged_prefill))
-register(AttentionImpl("pallas", _pallas_dense, _pallas_paged_decode, _pallas_paged_prefill))
+register(AttentionImpl("pallas", _pallas_dense, _pallas_paged_decode, _pallas_paged_prefill, static_window=True))

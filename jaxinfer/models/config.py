@@ -107,6 +107,12 @@ class ModelConfig:
     embedding_scale: float | None = None
     # The logits are soft-capped, cap * tanh(logits / cap); None: not capped (Gemma 2's final_logit_softcapping).
     logit_softcap: float | None = None
+    # The attention scores are soft-capped the same way, after the scale and before the mask; None: not
+    # capped (Gemma 2's attn_logit_softcapping).
+    attn_softcap: float | None = None
+    # The RoPE of the sliding-window layers when it differs from `rope` (Gemma 3's local base
+    # frequency); None: every layer rotates by `rope`.
+    local_rope: RopeConfig | None = None
 
     def __post_init__(self):
         if self.layer_windows is None:
@@ -122,7 +128,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        for name in ("attention_scale", "embedding_scale", "logit_softcap"):
+        for name in ("attention_scale", "embedding_scale", "logit_softcap", "attn_softcap"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name}={value!r} must be None or a positive float")

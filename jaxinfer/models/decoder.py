@@ -170,6 +170,28 @@ def final_norm(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return family_lib.of(cfg).norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
+Ropes = tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array] | None]
+
+
+def layer_ropes(cfg: ModelConfig, positions: jax.Array, dtype) -> Ropes:
+    """The RoPE tables the layers rotate by: (cos, sin) of cfg.rope, and of cfg.local_rope (the
+    sliding-window layers' own, Gemma 3) or None."""
+    local = None if cfg.local_rope is None else rope_tables(cfg, positions, dtype, cfg.local_rope)
+    return rope_tables(cfg, positions, dtype), local
+
+
+def layer_rope(ropes: Ropes, window) -> tuple[jax.Array, jax.Array]:
+    """The (cos, sin) of a layer with this window (an int, a traced int or an attention.LayerWindow):
+    the local tables for a sliding-window layer when the config has them, else the global ones."""
+    tables, local = ropes
+    if local is None:
+        return tables
+    if isinstance(window, int):
+        return local if window > 0 else tables
+    is_local = attention.window_value(window) > 0
+    return jnp.where(is_local, local[0], tables[0]), jnp.where(is_local, local[1], tables[1])
+
+
 def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, project,
              all_hidden=False, aux_layers: tuple[int, ...] = ()) -> ForwardOutput:
     """Embed, run every layer under lax.scan (cache in the carry), final norm, LM head. With
@@ -179,9 +201,11 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
     dtype = params["embed"].dtype
     project = project or dense_projection(impl)
     x = embed(params, cfg, tokens)  # (B, T, D)
-    cos, sin = rope_tables(cfg, positions, dtype)
-    # One window shared by every layer is passed as a static int (the Pallas kernels need it so).
-    shared_window = cfg.layer_windows[0] if len(set(cfg.layer_windows)) == 1 else None
+    ropes = layer_ropes(cfg, positions, dtype)
+    # A layer's window: a static int when every layer shares it or the layers are unrolled (the
+    # Pallas kernels need it so); under the scan over layers with different windows, a LayerWindow.
+    windows = tuple(sorted(set(cfg.layer_windows)))
+    softcap = cfg.attn_softcap
 
     aux_ids = jnp.asarray(aux_layers, jnp.int32)  # (A,)
 
@@ -190,16 +214,19 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
         lp, window, index = xs
         if aux_layers:
             aux = jnp.where((aux_ids == index)[:, None, None, None], x[None], aux)  # (A, B, T, D)
-        window = window if shared_window is None else shared_window
+        if not isinstance(window, int):
+            window = windows[0] if len(windows) == 1 else attention.LayerWindow(window, windows)
         if cache is None:
             def attend(q, k, v):
                 if impl.kv_dtype:
                     k, v = fake_quantize(k, KV_DTYPES[impl.kv_dtype]), fake_quantize(v, KV_DTYPES[impl.kv_dtype])
-                return attention.attend(q, k, v, positions, positions, window, impl=impl.attention), None
+                return attention.attend(q, k, v, positions, positions, window, impl=impl.attention,
+                                        softcap=softcap), None
         else:
             def attend(q, k, v):
-                return attention.attend_cached(cache, index, q, k, v, positions, window, batch, impl=impl.attention)
-        x, cache = layer(cfg, lp, x, cos, sin, attend, project)
+                return attention.attend_cached(cache, index, q, k, v, positions, window, batch, impl=impl.attention,
+                                               softcap=softcap)
+        x, cache = layer(cfg, lp, x, *layer_rope(ropes, window), attend, project)
         return (x, cache, aux), None
 
     aux = jnp.zeros((len(aux_layers), *x.shape), x.dtype) if aux_layers else None
@@ -209,7 +236,8 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
             carry, _ = body(carry, (lp, cfg.layer_windows[i], i))
         x, cache, aux = carry
     else:
-        xs = (params["layers"], jnp.asarray(cfg.layer_windows, jnp.int32), jnp.arange(cfg.num_layers))
+        window_index = jnp.asarray([windows.index(w) for w in cfg.layer_windows], jnp.int32)
+        xs = (params["layers"], window_index, jnp.arange(cfg.num_layers))
         (x, cache, aux), _ = jax.lax.scan(body, (x, cache, aux), xs)
 
     if all_hidden:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.config import ModelConfig, RopeConfig
 
 
-def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin: (B, T, H) for the given positions (half-split layout, as HF's rotate_half)."""
-    inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))  # (H/2,)
+def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype, rope: RopeConfig | None = None,
+                ) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: (B, T, H) for the given positions (half-split layout, as HF's rotate_half), of
+    cfg.rope or of `rope`."""
+    inv_freq = jnp.asarray((rope or cfg.rope).inv_freq(cfg.head_dim))  # (H/2,)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # (B, T, H)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)

@@ -169,7 +169,7 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record
     `record`, each projection's input is passed to record(name, x) on its way to the matmul."""
     C, T, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (C, T))
-    cos, sin = model_lib.rope_tables(cfg, positions, x.dtype)  # (C, T, H)
+    cos, sin = model_lib.layer_rope(model_lib.layer_ropes(cfg, positions, x.dtype), window)  # (C, T, H)
     dense = model_lib.dense_projection()
 
     def project(name, x, lp):
@@ -178,7 +178,7 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record
         return dense(name, x, lp)
 
     def attend(q, k, v):
-        return attention.attend(q, k, v, positions, positions, window), None
+        return attention.attend(q, k, v, positions, positions, window, softcap=cfg.attn_softcap), None
 
     return model_lib.layer(cfg, lp, x, cos, sin, attend, project)[0]
 
