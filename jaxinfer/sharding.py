@@ -165,7 +165,8 @@ def _quantized_spec(name: str, w: QuantizedWeight, tp: int) -> QuantizedWeight:
                      perm=P() if w.perm is not None else None, mins=grouped if w.mins is not None else None)
 
 
-_LAYER_SPECS = {"column": P(None, None, "tp"), "row": P(None, "tp", None), "column_bias": P(None, "tp")}
+_LAYER_SPECS = {"column": P(None, None, "tp"), "row": P(None, "tp", None), "column_bias": P(None, "tp"),
+                "expert_column": P(None, None, None, "tp"), "expert_row": P(None, None, "tp", None)}
 _TOP_SPECS = {"embedding": P("tp", None), "head": P(None, "tp")}
 
 

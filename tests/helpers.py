@@ -79,6 +79,12 @@ ARCHS = {
                                    sliding_window_pattern=2, rope_parameters={
                                        "full_attention": {"rope_type": "default", "rope_theta": 100000.0},
                                        "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    # Phi-3: q/k/v and gate/up stored fused (split at load), a sliding window on every layer.
+    "phi3": ("phi3", dict(sliding_window=7)),
+    # Mixture of experts: 4 experts, 2 per token (Mixtral renormalises them; Qwen3-MoE here too).
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16,
+                                    norm_topk_prob=True)),
 }
 
 

@@ -85,7 +85,9 @@ def test_bfloat16_close_to_float32(pair, rng, tmp_path):
     max, 0.010-0.012 mean over the Llama-style ARCHS), so the max row is held against HF's bf16
     instead. Gemma 3 (four norms of gain ~2 per layer, q/k norms) rounds more in HF too: its own
     bf16 run sits at 0.030 mean, 0.082 max (ours 0.029, 0.049), so the mean bound is 2e-2 or HF's
-    own mean, whichever is larger.
+    own mean, whichever is larger. A mixture of experts routes on bf16 logits: in some rows the
+    rounding picks another expert, in HF's run and in ours alike but not the same rows (measured on
+    Mixtral: 0.0329 ours, 0.0328 HF's mean), so the mean may exceed HF's by 10%.
     """
     arch, hf, model = pair
     path = save_hf(hf, tmp_path / "ckpt")
@@ -99,5 +101,5 @@ def test_bfloat16_close_to_float32(pair, rng, tmp_path):
     with torch.no_grad():
         hf_low = copy.deepcopy(hf).to(torch.bfloat16)(torch.from_numpy(tokens)).logits.float().numpy()
     errors, hf_errors = row_errors(low, ref), row_errors(hf_low, ref)
-    assert errors.mean() <= max(TOLERANCE["bfloat16"], hf_errors.mean()), arch
+    assert errors.mean() <= max(TOLERANCE["bfloat16"], 1.1 * hf_errors.mean()), arch
     assert errors.max() <= 1.5 * hf_errors.max(), arch

@@ -308,15 +308,20 @@ def speculative_small() -> dict:
 
 
 @check
-def gemma() -> dict:
-    """Random small Gemma 2 (soft-caps, local and global layers) and Gemma 3 (q/k norms, local RoPE)
+def families() -> dict:
+    """Random small Gemma 2 (soft-caps, local and global layers), Gemma 3 (q/k norms, local RoPE),
+    Phi-3 (its split fused projections), Mixtral and Qwen3-MoE (experts split on their F axis)
     models: forward logits at tp = 2 against tp = 1, and greedy tokens through the paged engine,
     XLA and Pallas (per shard, a window per layer) attention, against tp = 1."""
     common = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=5,
                   query_pre_attn_scalar=24)
     configs = {"gemma2": dict(common, model_type="gemma2", attn_logit_softcapping=3.0, final_logit_softcapping=4.0),
-               "gemma3": dict(common, model_type="gemma3_text", sliding_window_pattern=2)}
+               "gemma3": dict(common, model_type="gemma3_text", sliding_window_pattern=2),
+               "phi3": dict(common, model_type="phi3"),
+               "mixtral": dict(common, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+               "qwen3_moe": dict(common, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, norm_topk_prob=True)}
     errors, tokens = {}, {}
     for name, hf in configs.items():
         cfg = ji.ModelConfig.from_hf_dict(hf)

@@ -41,28 +41,51 @@ def resolve_dtype(dtype) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    name: str  # key in params (top level) or params["layers"]
+    name: str | None  # key in params (top level) or params["layers"]; None: a fused tensor (parts)
     layer: int | None  # None for top-level params
     transpose: bool
     hf_shape: tuple[int, ...]  # the shape the checkpoint must hold
+    rows: tuple[int, int] | None = None  # a part of a fused tensor: its rows [start, stop)
+    parts: tuple[Slot, ...] = ()  # a fused tensor: the params its rows are split into (Param.hf_rows)
+    expert: int | None = None  # a per-expert tensor: its index on the param's expert axis
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, Slot]:
     """Every HF tensor a dense checkpoint of this config holds (its family's params, HF names),
-    with the slot it fills: the top-level ones first, then layer by layer in params order."""
+    with the slot it fills: the top-level ones first, then layer by layer in params order. A fused
+    tensor (several params' rows, Param.hf_rows) is one slot whose parts are the params' slots."""
     family = family_lib.of(cfg)
-    out = {}
+    out: dict[str, Slot] = {}
     present = family.present(cfg)
-    for p in present:
-        if not p.layer:
+    for top in (True, False):
+        for p in present:
+            if p.layer == top:
+                continue
             shape = tuple(p.shape(cfg))
-            out[family.hf_name(p)] = Slot(p.name, None, p.transpose, shape[::-1] if p.transpose else shape)
-    for p in present:
-        if p.layer:
-            shape = tuple(p.shape(cfg))
-            for i in range(cfg.num_layers):
-                out[family.hf_name(p, i)] = Slot(p.name, i, p.transpose, shape[::-1] if p.transpose else shape)
+            hf_shape = shape[::-1] if p.transpose else shape
+            for i in [None] if top else range(cfg.num_layers):
+                name = family.hf_name(p, i)
+                if p.per_expert:
+                    for e in range(shape[0]):
+                        out[name.format(expert=e)] = Slot(p.name, i, p.transpose, tuple(shape[1:][::-1]), expert=e)
+                    continue
+                if p.hf_rows is None:
+                    out[name] = Slot(p.name, i, p.transpose, hf_shape)
+                    continue
+                start, stop = p.hf_rows(cfg)
+                if stop - start != hf_shape[0]:
+                    raise ValueError(f"param {p.name}: hf_rows {start}:{stop} do not hold its {hf_shape[0]} rows")
+                fused = out.get(name, Slot(None, i, p.transpose, (0, *hf_shape[1:])))
+                part = Slot(p.name, i, p.transpose, hf_shape, rows=(start, stop))
+                if start != fused.hf_shape[0] or fused.hf_shape[1:] != hf_shape[1:]:
+                    raise ValueError(f"param {p.name}: rows {start}:{stop} of {name} do not follow its other parts")
+                out[name] = dataclasses.replace(fused, hf_shape=(stop, *hf_shape[1:]), parts=(*fused.parts, part))
     return out
+
+
+def fused_tensors(cfg: ModelConfig) -> list[str]:
+    """The HF names (layer 0's, for a layer tensor) of the config's fused tensors."""
+    return [name for name, slot in expected_tensors(cfg).items() if slot.parts and slot.layer in (None, 0)]
 
 
 def safetensors_files(ckpt_dir: str) -> list[str]:
@@ -120,3 +143,10 @@ def write_layer(buf, x, i, *, transpose):
     """buf (L, ...) with x (transposed if asked, cast to buf's dtype) written at layer i."""
     x = x.T if transpose else x
     return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose",), donate_argnums=0)
+def write_expert(buf, x, i, e, *, transpose):
+    """buf (L, E, ...) with x (transposed if asked, cast) written at layer i, expert e."""
+    x = x.T if transpose else x
+    return buf.at[i, e].set(x.astype(buf.dtype))

@@ -31,6 +31,7 @@ from jaxinfer.checkpoints.hf_layout import (
     header_entries,
     resolve_dtype,
     safetensors_files,
+    write_expert,
     write_layer,
 )
 from jaxinfer.checkpoints.model import Model
@@ -76,17 +77,27 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
             for key in f.keys():
                 if key not in location:
                     continue
+                tensor = f.get_tensor(key)
                 slot = expected[key]
-                x = f.get_tensor(key)
-                if slot.layer is None:
-                    params[slot.name] = (x.T if slot.transpose else x).astype(dtype)
-                    if on_host:
-                        params[slot.name] = np.asarray(params[slot.name])
-                elif on_host:
-                    params["layers"][slot.name][slot.layer] = np.asarray((x.T if slot.transpose else x).astype(dtype))
-                else:
-                    layers = params["layers"]
-                    layers[slot.name] = write_layer(layers[slot.name], x, slot.layer, transpose=slot.transpose)
+                for slot, x in ([(part, tensor[slice(*part.rows)]) for part in slot.parts] if slot.parts else
+                                [(slot, tensor)]):
+                    if slot.layer is None:
+                        params[slot.name] = (x.T if slot.transpose else x).astype(dtype)
+                        if on_host:
+                            params[slot.name] = np.asarray(params[slot.name])
+                    elif slot.expert is not None:
+                        layers = params["layers"]
+                        if on_host:
+                            layers[slot.name][slot.layer, slot.expert] = np.asarray((x.T if slot.transpose else x)
+                                                                                    .astype(dtype))
+                        else:
+                            layers[slot.name] = write_expert(layers[slot.name], x, slot.layer, slot.expert,
+                                                             transpose=slot.transpose)
+                    elif on_host:
+                        params["layers"][slot.name][slot.layer] = np.asarray((x.T if slot.transpose else x).astype(dtype))
+                    else:
+                        layers = params["layers"]
+                        layers[slot.name] = write_layer(layers[slot.name], x, slot.layer, transpose=slot.transpose)
                 bar.update()
     bar.close()
     return params
@@ -145,11 +156,13 @@ _QUANTIZED_ARRAYS = ("qweight", "scales", "zeros", "perm", "mins")
 
 def to_hf_tensors(params: model_lib.Params, cfg: ModelConfig) -> dict[str, jax.Array]:
     """The params under HF transformers' tensor names and layouts (the inverse of load_params)."""
-    out = {}
-    for hf_name, slot in expected_tensors(cfg).items():
+    def tensor(slot):
         x = params[slot.name] if slot.layer is None else params["layers"][slot.name][slot.layer]
-        out[hf_name] = x.T if slot.transpose else x
-    return out
+        x = x if slot.expert is None else x[slot.expert]
+        return x.T if slot.transpose else x
+
+    return {hf_name: jnp.concatenate([tensor(part) for part in slot.parts]) if slot.parts else tensor(slot)
+            for hf_name, slot in expected_tensors(cfg).items()}
 
 
 def save_hf_checkpoint(model: Model, path: str | os.PathLike, dtype=None) -> None:

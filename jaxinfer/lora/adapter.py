@@ -54,7 +54,7 @@ def _layer_modules() -> list[tuple[re.Pattern, str, dict[str, str]]]:
     for family in map(family_lib.get, family_lib.names()):
         prefix = re.escape(family.hf_layer_prefix).replace(re.escape("{layer}"), r"(\d+)")
         out.append((re.compile(prefix + "(.+)"), family.hf_layer_prefix,
-                    {family.param(p).peft: p for p in family.projections}))
+                    {family.param(p).peft: p for p in family.projections if family.param(p).peft}))
     return out
 
 
@@ -69,9 +69,10 @@ def _module_projection(module: str) -> tuple[int, str, str] | None:
 
 
 def model_modules(cfg: ModelConfig) -> dict[str, str]:
-    """{projection: module path with a {layer} field} of a base model (its family's names)."""
+    """{projection: module path with a {layer} field} of a base model (its family's names); the
+    projections inside a fused tensor (Phi-3's qkv_proj, gate_up_proj) have none and are not adapted."""
     family = cfg.family
-    return {p: family.hf_layer_prefix + family.param(p).peft for p in family.projections}
+    return {p: family.hf_layer_prefix + family.param(p).peft for p in family.projections if family.param(p).peft}
 
 
 def _short_names() -> set[str]:

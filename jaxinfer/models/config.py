@@ -113,6 +113,12 @@ class ModelConfig:
     # The RoPE of the sliding-window layers when it differs from `rope` (Gemma 3's local base
     # frequency); None: every layer rotates by `rope`.
     local_rope: RopeConfig | None = None
+    # Mixture of experts (jaxinfer.models.moe): E experts of intermediate_size each per layer, each
+    # token routed to experts_per_token of them (their softmax probabilities renormalised over the
+    # chosen ones when norm_topk_prob). 0: a dense MLP.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True
 
     def __post_init__(self):
         if self.layer_windows is None:
@@ -128,6 +134,9 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.experts_per_token} must be in [1, num_experts="
+                              f"{self.num_experts}]")
         for name in ("attention_scale", "embedding_scale", "logit_softcap", "attn_softcap"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, float) and math.isfinite(value) and value > 0):

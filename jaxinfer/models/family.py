@@ -17,8 +17,14 @@ Roles, and what each means to the code that reads them:
   row         a projection (in, out) whose input is split over tp, all-reduced after (o, down)
   bias        a projection's bias (out,): split like a column projection's output, replicated
               after a row projection (added once, after the all-reduce)
-Projections are stored (in, out), HF stores them (out, in): loaders transpose `column`, `row` and
-`head` tensors. Layer parameters are stacked over layers, (L, *shape(cfg)), for lax.scan. The
+  router      (D, E) a mixture-of-experts router: replicated; not a projection (never quantised or adapted)
+  expert_column, expert_row
+              (E, in, out) one weight per expert, multiplied by the MoE layer's grouped matmul:
+              split over tp like a column / row projection on its last two axes; not projections
+              (no calibration input: quantisation and LoRA leave them as they are). HF stores one
+              tensor per expert: the param's hf name holds an {expert} field.
+Projections are stored (in, out), HF stores them (out, in): loaders transpose `column`, `row`,
+`head`, `router` and expert tensors. Layer parameters are stacked over layers, (L, *shape(cfg)), for lax.scan. The
 decoder names the top-level ones (TOP_LEVEL): embed, final_norm and (untied) lm_head.
 
 The numbers a family's config.json carries per model (sliding windows per layer, an attention
@@ -45,7 +51,8 @@ import jax.numpy as jnp
 if TYPE_CHECKING:
     from jaxinfer.models.config import ModelConfig
 
-ROLES = ("embedding", "head", "norm", "column", "row", "bias")
+ROLES = ("embedding", "head", "norm", "column", "row", "bias", "router", "expert_column", "expert_row")
+EXPERT_ROLES = ("expert_column", "expert_row")
 TOP_LEVEL = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # name -> role
 PROJECTION_ROLES = ("column", "row")
 NORM_KINDS = ("rms", "rms_plus_1")
@@ -127,6 +134,9 @@ class Param:
     heads        "query" or "kv" where the output axis is heads x head_dim ("kv": stored tp / K times
                  when tp > K, see jaxinfer.sharding); None otherwise
     rotary       its output is rotated by RoPE (llama.cpp's converter reorders these rows for "llama")
+    hf_rows      cfg -> (start, stop): the param is rows [start, stop) of the HF tensor `hf`, which
+                 holds several params stacked on its output axis (Phi-3's qkv_proj, gate_up_proj);
+                 loaders split it, writers stack the params back; None: the whole tensor
     """
 
     name: str
@@ -140,6 +150,7 @@ class Param:
     calibration: str | None = None
     heads: str | None = None
     rotary: bool = False
+    hf_rows: Callable[[ModelConfig], tuple[int, int]] | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -156,12 +167,19 @@ class Param:
     @property
     def transpose(self) -> bool:
         """HF stores it (out, in): transposed on load."""
-        return self.role in (*PROJECTION_ROLES, "head")
+        return self.role in (*PROJECTION_ROLES, *EXPERT_ROLES, "head", "router")
+
+    @property
+    def per_expert(self) -> bool:
+        """One HF tensor per expert (the hf name's {expert} field), stacked on the param's axis 0."""
+        return self.role in EXPERT_ROLES
 
     @property
     def peft(self) -> str | None:
-        """The module path PEFT (and AutoAWQ / GPTQ) names a projection by, under a layer."""
-        return self.hf.removesuffix(".weight") if self.is_projection else None
+        """The module path PEFT (and AutoAWQ / GPTQ) names a projection by, under a layer (None
+        also for a projection stored inside a fused tensor: adapters and packed checkpoints of it
+        are not read)."""
+        return self.hf.removesuffix(".weight") if self.is_projection and self.hf_rows is None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,11 +385,11 @@ def bias_of(name: str) -> str | None:
 
 def parallel_style(name: str) -> str | None:
     """How a layer param is split over tp, by name: "column", "row", "column_bias" (a bias of a
-    column projection), or None (replicated)."""
+    column projection), "expert_column" / "expert_row" (per-expert weights), or None (replicated)."""
     p = lookup_param(name)
     if p is None or not p.layer:
         return None
-    if p.is_projection:
+    if p.is_projection or p.per_expert:
         return p.role
     if p.role == "bias":
         for q, _ in _PARAMS.values():

@@ -35,6 +35,14 @@ def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
     """One decoder layer: x (B, T, D) -> (B, T, D). `attend(q, k, v) -> (o, state)` sees this
     layer's queries and new keys/values (rotated) and returns the attention output and whatever
     it updated (a cache, or None); `project(name, x, lp)` runs every projection."""
+    x, state = attention_block(family, cfg, lp, x, cos, sin, attend, project)
+    h = family.norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    mlp = ACTIVATIONS[family.activation](project("w_gate", h, lp)) * project("w_up", h, lp)  # (B, T, F)
+    return x + project("w_down", mlp, lp), state
+
+
+def attention_block(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
+    """The attention half of a layer, its residual added: x (B, T, D) -> (x + attention, attend's state)."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     norm, eps = family.norm, cfg.rms_norm_eps
@@ -47,11 +55,7 @@ def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
         k = norm(k, lp["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o, state = attend(q, k, v)  # (B, T, N, H)
-    x = x + project("wo", o.reshape(B, T, N * H), lp)
-
-    h = norm(x, lp["mlp_norm"], eps)
-    mlp = ACTIVATIONS[family.activation](project("w_gate", h, lp)) * project("w_up", h, lp)  # (B, T, F)
-    return x + project("w_down", mlp, lp), state
+    return x + project("wo", o.reshape(B, T, N * H), lp), state
 
 
 def _q_out(c: ModelConfig) -> int:

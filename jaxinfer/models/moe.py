@@ -1,0 +1,164 @@
+"""Mixture-of-experts families: Mixtral and Qwen3-MoE.
+
+The attention half of each layer is the Llama-style one (jaxinfer.models.llama.attention_block);
+the MLP is replaced by E experts, each a SwiGLU of its own, and a router:
+
+  h = norm(x, mlp_norm)                         (N tokens, D)
+  p = softmax(h @ router)  in float32           (N, E)
+  top-k experts per token, their p renormalised over the k when norm_topk_prob (Mixtral always)
+  x = x + sum over the token's k experts e of  p_e * down_e(act(gate_e(h)) * up_e(h))
+
+No token is dropped (no capacity factor): every (token, expert) pair is computed. The pairs are
+sorted by expert and each projection is one grouped matmul over the E groups
+(`jax.lax.ragged_dot`, the XLA path), then the outputs are weighted and summed back per token.
+`reference_moe` is the same layer as a dense loop over experts (every token through every
+expert, masked), the definition the grouped path is checked against.
+
+The expert weights are per-expert params (family roles expert_column / expert_row: stacked
+(L, E, in, out), split over tp on their F axis like the dense MLP's); the router is replicated.
+Neither is a projection: quantisation, AWQ / SmoothQuant folds and LoRA apply to the attention
+projections only, and these families have no MLP calibration sites. Not yet: a layer mix of
+dense and sparse MLPs (Qwen3-MoE's decoder_sparse_step / mlp_only_layers), Qwen2-MoE's shared
+expert, gpt-oss, expert parallelism, a Pallas grouped GEMM, GGUF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.models import llama
+from jaxinfer.models.config import ConfigError, ModelConfig, hf_field
+from jaxinfer.models.family import ACTIVATIONS, Family, Param, register
+
+Params = dict[str, Any]
+
+
+def route(cfg: ModelConfig, router: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """h (N, D) -> (weights (N, k) in h's dtype, experts (N, k) int32): each token's top-k experts
+    by softmax probability (float32), renormalised over the k when cfg.norm_topk_prob."""
+    logits = jnp.dot(h, router, preferred_element_type=jnp.float32)  # (N, E)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(h.dtype), experts.astype(jnp.int32)
+
+
+def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array) -> jax.Array:
+    """The experts' output (..., D) for normed inputs h (..., D): grouped matmuls over the
+    (token, expert) pairs sorted by expert (module docstring)."""
+    shape, D = h.shape, h.shape[-1]
+    x = h.reshape(-1, D)  # (N, D)
+    weights, experts = route(cfg, lp["router"], x)  # (N, k)
+    k, E = cfg.experts_per_token, cfg.num_experts
+    flat = experts.reshape(-1)  # (N k,)
+    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
+    token = order // k  # (N k,) the token of each sorted pair
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # (E,) pairs per expert
+    xs = x[token]  # (N k, D)
+    act = ACTIVATIONS[family.activation]
+    gate = jax.lax.ragged_dot(xs, lp["experts_gate"], sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+    up = jax.lax.ragged_dot(xs, lp["experts_up"], sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+    y = jax.lax.ragged_dot(act(gate) * up, lp["experts_down"], sizes, preferred_element_type=jnp.float32)
+    y = y * weights.reshape(-1)[order][:, None].astype(jnp.float32)  # (N k, D)
+    out = jnp.zeros(x.shape, jnp.float32).at[token].add(y)
+    return out.astype(h.dtype).reshape(shape)
+
+
+def reference_moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array) -> jax.Array:
+    """`moe` as a dense loop over experts: every token through every expert, each output weighted
+    by the token's routing weight for that expert (0 when it was not chosen)."""
+    shape, D = h.shape, h.shape[-1]
+    x = h.reshape(-1, D)
+    weights, experts = route(cfg, lp["router"], x)
+    act = ACTIVATIONS[family.activation]
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(cfg.num_experts):
+        w = jnp.sum(jnp.where(experts == e, weights, 0), axis=-1).astype(jnp.float32)  # (N,)
+        y = (act(x @ lp["experts_gate"][e]) * (x @ lp["experts_up"][e])) @ lp["experts_down"][e]
+        out = out + w[:, None] * y.astype(jnp.float32)
+    return out.astype(h.dtype).reshape(shape)
+
+
+def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
+    """One MoE decoder layer: Llama-style attention, then the experts (module docstring)."""
+    x, state = llama.attention_block(family, cfg, lp, x, cos, sin, attend, project)
+    return x + moe(family, cfg, lp, family.norm(x, lp["mlp_norm"], cfg.rms_norm_eps)), state
+
+
+def _expert_params(prefix: str, gate: str, up: str, down: str) -> tuple[Param, ...]:
+    """The router and the per-expert weights under an HF MoE block's names."""
+    return (
+        Param("router", "router", lambda c: (c.hidden_size, c.num_experts), f"{prefix}.gate.weight"),
+        Param("experts_gate", "expert_column", lambda c: (c.num_experts, c.hidden_size, c.intermediate_size),
+              f"{prefix}.experts.{{expert}}.{gate}.weight"),
+        Param("experts_up", "expert_column", lambda c: (c.num_experts, c.hidden_size, c.intermediate_size),
+              f"{prefix}.experts.{{expert}}.{up}.weight"),
+        Param("experts_down", "expert_row", lambda c: (c.num_experts, c.intermediate_size, c.hidden_size),
+              f"{prefix}.experts.{{expert}}.{down}.weight"),
+    )
+
+
+_DENSE_MLP = ("w_gate", "w_up", "w_down")
+_ATTENTION = tuple(dataclasses.replace(p, gguf=None) for p in llama.PARAMS if p.name not in _DENSE_MLP)
+SITES = tuple(s for s in llama.SITES if s.name in ("attn", "attn_out"))  # the experts are not calibrated
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What tells the MoE families apart in config.json: the Llama-style attention variant, the
+    expert count's field, the experts' intermediate size's field, and whether norm_topk_prob is read
+    (Qwen3-MoE) or always on (Mixtral)."""
+
+    attention: llama.Variant
+    experts_field: str
+    intermediate_field: str
+    norm_topk_field: bool
+
+    def read_config(self, family: Family, hf: dict[str, Any]) -> ModelConfig:
+        if hf_field(hf, "decoder_sparse_step", int, 1, minimum=1) != 1 or hf.get("mlp_only_layers"):
+            raise ConfigError(f"decoder_sparse_step={hf.get('decoder_sparse_step')!r} / mlp_only_layers="
+                              f"{hf.get('mlp_only_layers')!r}: a mix of dense and MoE layers is not supported")
+        if hf.get("shared_expert_intermediate_size"):
+            raise ConfigError("shared_expert_intermediate_size: a shared expert is not supported")
+        F = hf_field(hf, self.intermediate_field, int, minimum=1)
+        cfg = self.attention.read_config(family, {**hf, "intermediate_size": F})
+        # transformers >= 5 writes Qwen3-MoE's expert count as num_local_experts (published files: num_experts)
+        field = next((f for f in (self.experts_field, "num_local_experts") if hf.get(f) is not None), self.experts_field)
+        return dataclasses.replace(
+            cfg, num_experts=hf_field(hf, field, int, minimum=1),
+            experts_per_token=hf_field(hf, "num_experts_per_tok", int, minimum=1),
+            norm_topk_prob=hf_field(hf, "norm_topk_prob", bool, False) if self.norm_topk_field else True)
+
+    def write_config(self, family: Family, cfg: ModelConfig) -> dict[str, Any]:
+        if not self.norm_topk_field and not cfg.norm_topk_prob:
+            raise ConfigError(f"{family.name} always renormalises the top-k probabilities (norm_topk_prob)")
+        out = self.attention.write_config(family, cfg)
+        out.update({self.experts_field: cfg.num_experts, self.intermediate_field: cfg.intermediate_size,
+                    "num_experts_per_tok": cfg.experts_per_token})
+        if self.norm_topk_field:
+            out["norm_topk_prob"] = cfg.norm_topk_prob
+        return out
+
+    def check_config(self, family: Family, cfg: ModelConfig) -> None:
+        if not cfg.num_experts:
+            raise ConfigError(f"{family.name} needs num_experts")
+        self.attention.check_config(family, cfg)
+
+
+def _moe(name: str, architecture: str, prefix: str, names: tuple[str, str, str], variant: Variant) -> Family:
+    return Family(name=name, architectures=(architecture,), params=_ATTENTION + _expert_params(prefix, *names),
+                  sites=SITES, layer=layer, read_config=variant.read_config, write_config=variant.write_config,
+                  check_config=variant.check_config)
+
+
+MIXTRAL = register(_moe("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"),
+                        Variant(llama.Variant("none", windows="all"), "num_local_experts", "intermediate_size",
+                                norm_topk_field=False)))
+QWEN3_MOE = register(_moe("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                          Variant(llama.Variant("attention_bias", qk_norm=True, windows="layer_types"),
+                                  "num_experts", "moe_intermediate_size", norm_topk_field=True)))

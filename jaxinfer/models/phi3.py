@@ -1,0 +1,58 @@
+"""Phi-3 (Phi3ForCausalLM): the Llama-style layer and parameters, stored as HF stores them, fused.
+
+HF's Phi-3 holds q, k and v in one tensor (`self_attn.qkv_proj`, rows q then k then v) and the
+MLP's gate and up in another (`mlp.gate_up_proj`, gate rows then up rows). The family names each
+param's rows of the fused tensor (Param.hf_rows): the loaders split them into the Llama-style
+projections (wq, wk, wv, w_gate, w_up), and the writers stack them back, so everything past the
+loader (the layer, sharding, quantisation, LoRA on the split projections) is the Llama-style
+family's. A config.json asking for what the layer does not compute is refused naming the field:
+LongRoPE / "su" scaling (rope_type), a partial rotary dimension (partial_rotary_factor, Phi-3.5 /
+Phi-4-mini). `sliding_window` applies to every layer (as HF's Phi-3 attention applies it).
+AWQ / GPTQ checkpoints and PEFT adapters of the fused projections are not read yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxinfer.models import llama
+from jaxinfer.models.config import ConfigError, ModelConfig, hf_field
+from jaxinfer.models.family import Family, register
+
+
+def _q(c: ModelConfig) -> int:
+    return c.num_heads * c.head_dim
+
+
+def _kv(c: ModelConfig) -> int:
+    return c.num_kv_heads * c.head_dim
+
+
+# param -> (the fused HF tensor it lives in, its rows of it)
+FUSED = {
+    "wq": ("self_attn.qkv_proj.weight", lambda c: (0, _q(c))),
+    "wk": ("self_attn.qkv_proj.weight", lambda c: (_q(c), _q(c) + _kv(c))),
+    "wv": ("self_attn.qkv_proj.weight", lambda c: (_q(c) + _kv(c), _q(c) + 2 * _kv(c))),
+    "w_gate": ("mlp.gate_up_proj.weight", lambda c: (0, c.intermediate_size)),
+    "w_up": ("mlp.gate_up_proj.weight", lambda c: (c.intermediate_size, 2 * c.intermediate_size)),
+}
+
+PARAMS = tuple(
+    dataclasses.replace(p, hf=FUSED[p.name][0], hf_rows=FUSED[p.name][1], gguf=None) if p.name in FUSED else
+    dataclasses.replace(p, gguf=None) for p in llama.PARAMS)
+
+_VARIANT = llama.Variant("none", windows="all")
+
+
+def read_config(family: Family, hf: dict[str, Any]) -> ModelConfig:
+    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if hf_field({"partial_rotary_factor": factor}, "partial_rotary_factor", float) != 1.0:
+        raise ConfigError(f"partial_rotary_factor={factor!r} is not supported (rotary over the whole head only)")
+    return _VARIANT.read_config(family, hf)
+
+
+PHI3 = register(Family(name="phi3", architectures=("Phi3ForCausalLM",), params=PARAMS, sites=llama.SITES,
+                       layer=llama.layer, read_config=read_config, write_config=_VARIANT.write_config,
+                       check_config=_VARIANT.check_config))

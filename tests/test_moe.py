@@ -1,0 +1,121 @@
+"""Mixture-of-experts layers (Mixtral, Qwen3-MoE): the grouped matmul path against a dense loop over
+experts, configs as HF transformers reads them, the paged engine's features on a MoE model. Logits
+and greedy parity with HF are in test_hf_parity.py (ARCHS "mixtral", "qwen3_moe")."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import TOLERANCE, hf_model, row_rel_error, save_hf
+from test_gemma import _hf_config, _hf_num_params
+
+import jaxinfer as ji
+from jaxinfer import memory, quant
+from jaxinfer.models import family as family_lib
+from jaxinfer.models import moe
+from jaxinfer.models.config import ConfigError, ModelConfig
+from jaxinfer.quant import dequantize_params
+
+
+def _random_moe(num_experts, k, norm_topk_prob=True, seed=0, dtype=jnp.float32):
+    cfg = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=24, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, num_experts=num_experts,
+                      experts_per_token=k, norm_topk_prob=norm_topk_prob)
+    params = ji.init_params(cfg, jax.random.key(seed), dtype=dtype, std=0.3)
+    return cfg, {k: v[0] for k, v in params["layers"].items()}
+
+
+@pytest.mark.parametrize("num_experts, k, tokens, norm", [
+    (4, 2, 24, True), (8, 1, 3, False),  # 3 tokens, 1 expert each: most of the 8 experts get no token
+    (16, 4, 40, True), (2, 2, 5, False),  # every token to every expert
+])
+def test_grouped_matmul_equals_the_dense_loop_over_experts(num_experts, k, tokens, norm):
+    cfg, lp = _random_moe(num_experts, k, norm, seed=num_experts)
+    family = family_lib.of(cfg)
+    h = jax.random.normal(jax.random.key(1), (2, tokens, cfg.hidden_size))
+    grouped = moe.moe(family, cfg, lp, h)
+    reference = moe.reference_moe(family, cfg, lp, h)
+    assert row_rel_error(grouped, reference) <= TOLERANCE["float32"]
+    _, experts = moe.route(cfg, lp["router"], h.reshape(-1, cfg.hidden_size))
+    used = np.unique(np.asarray(experts)).size
+    assert (used < num_experts) == (tokens == 3)  # the empty-expert case has empty groups
+
+
+def test_routing_weights_by_hand():
+    """top-k of the softmax, renormalised over the k only when asked."""
+    cfg, lp = _random_moe(4, 2, norm_topk_prob=False)
+    h = jax.random.normal(jax.random.key(2), (5, cfg.hidden_size))
+    probs = np.asarray(jax.nn.softmax(np.asarray(h) @ np.asarray(lp["router"]), axis=-1))
+    weights, experts = moe.route(cfg, lp["router"], h)
+    top = np.argsort(-probs, axis=-1)[:, :2]
+    np.testing.assert_array_equal(np.sort(np.asarray(experts), -1), np.sort(top, -1))
+    np.testing.assert_allclose(np.asarray(weights), np.take_along_axis(probs, np.asarray(experts), -1), rtol=1e-6)
+    cfg = dataclasses.replace(cfg, norm_topk_prob=True)
+    np.testing.assert_allclose(np.asarray(moe.route(cfg, lp["router"], h)[0]).sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, published_b", [("mixtral_8x7b", 46.70), ("qwen3_30b_a3b", 30.53)])
+def test_published_configs_read_as_hf_reads_them(name, published_b):
+    path = memory.CONFIGS_DIR / "models" / f"{name}.json"
+    hf_dict = json.loads(path.read_text())
+    cfg, hf = memory.load_model_config(name), _hf_config(hf_dict)
+    assert cfg.num_experts == hf.num_local_experts and cfg.experts_per_token == hf.num_experts_per_tok
+    assert cfg.norm_topk_prob == getattr(hf, "norm_topk_prob", True)
+    assert cfg.num_params() == _hf_num_params(hf)
+    assert cfg.num_params() / 1e9 == pytest.approx(published_b, abs=0.01)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"decoder_sparse_step": 2}, "a mix of dense and MoE layers"),
+    ({"mlp_only_layers": [0, 3]}, "a mix of dense and MoE layers"),
+    ({"num_experts_per_tok": 200}, r"num_experts_per_tok=200 must be in \[1, num_experts=128\]"),
+    ({"num_experts": None}, "num_experts"),
+])
+def test_unsupported_options_raise_naming_them(change, message):
+    hf = json.loads((memory.CONFIGS_DIR / "models" / "qwen3_30b_a3b.json").read_text())
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict({**hf, **change})
+    with pytest.raises(ConfigError, match="model_type='qwen2_moe'"):  # its shared expert: not yet
+        ModelConfig.from_hf_dict({**hf, "model_type": "qwen2_moe"})
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    hf = hf_model("mixtral", seed=5)
+    return hf, ji.load_model(save_hf(hf, tmp_path_factory.mktemp("mixtral")))
+
+
+def test_engine_features_on_a_moe_model(mixtral, rng):
+    """Chunked prefill over pages, a prefix hit, preemption (a cache too small for both), and
+    prompt-lookup speculation: the tokens of plain decoding at batch 1."""
+    _, model = mixtral
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (13, 9)]
+    prompts.append(prompts[0][:8] + [1, 2, 3])
+    sp = ji.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = [ji.Engine(model, ji.EngineConfig(max_batch=1)).generate([p], sp)[0].token_ids for p in prompts]
+    tight = ji.Engine(model, ji.EngineConfig(max_batch=3, page_size=4, max_tokens_per_step=8, num_pages=10))
+    assert [o.token_ids for o in tight.generate(prompts, sp)] == alone
+    assert tight.allocator.hits > 0 and tight.stats["preemptions"] > 0
+    spec = ji.Engine(model, ji.EngineConfig(max_batch=3, speculative=ji.SpeculativeConfig(method="ngram",
+                                                                                         num_tokens=3)))
+    assert [o.token_ids for o in spec.generate(prompts, sp)] == alone
+
+
+def test_quantising_a_moe_model_leaves_the_experts_in_float(mixtral, rng):
+    """RTN int8 quantises the attention projections; the router and experts stay as they are."""
+    _, model = mixtral
+    q = quant.quantize_model(model, quant.QuantScheme(bits=8, group_size=32), progress=False)
+    layers = q.params["layers"]
+    assert type(layers["wq"]).__name__ == "QuantizedWeight"
+    for name in ("router", "experts_gate", "experts_up", "experts_down"):
+        assert layers[name] is model.params["layers"][name]
+    tokens = rng.integers(0, 256, (2, 12))
+    dequantised = dataclasses.replace(model, params=dequantize_params(q.params))  # the same numbers, in float
+    assert row_rel_error(ji.forward_logits(q, tokens), ji.forward_logits(dequantised, tokens)) <= 1e-5
+    assert row_rel_error(ji.forward_logits(q, tokens), ji.forward_logits(model, tokens)) > 1e-4
