@@ -124,6 +124,38 @@ def _linear_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
     return out
 
 
+def _expert_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of one expert's weights in one layer (gate, up, down for the MoE families;
+    none for a dense model): one card's shard, split over tp on the expert's F axis."""
+    out = []
+    for p in cfg.family.present(cfg):
+        if p.per_expert:
+            fan_in, fan_out = p.shape(cfg)[1:]
+            out.append((fan_in // tp, fan_out) if p.role == "expert_row" else (fan_in, fan_out // tp))
+    return out
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of one expert in one layer (0 for a dense model)."""
+    return sum(i * o for i, o in _expert_shapes(cfg))
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters one token's forward pass uses: all of them, less the experts it is not routed to
+    (num_experts - experts_per_token per layer)."""
+    return cfg.num_params() - cfg.num_layers * (cfg.num_experts - cfg.experts_per_token) * expert_params(cfg)
+
+
+def experts_touched(cfg: ModelConfig, batch: int) -> float:
+    """Expected experts one layer reads in a decode step of `batch` tokens, each routed to k of E
+    experts uniformly at random: E (1 - (1 - k / E) ** batch). k at batch 1, E for a large batch.
+    (Real routers are not uniform: their skew makes fewer experts touched; this is the upper model.)"""
+    if not cfg.num_experts:
+        return 0.0
+    E, k = cfg.num_experts, cfg.experts_per_token
+    return E * (1.0 - (1.0 - k / E) ** batch)
+
+
 def _check_weight_format(weight_format: str) -> None:
     if weight_format in FLOAT_WEIGHT_BYTES or weight_format == "fp8":
         return
@@ -159,13 +191,19 @@ def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1)
       "fp8"              float8_e4m3 with one float32 scale per matrix.
     """
     _check_weight_format(weight_format)
-    linear_params = cfg.num_layers * sum(i * o for i, o in _linear_shapes(cfg))
+    L, E = cfg.num_layers, cfg.num_experts
+    linear_params = L * sum(i * o for i, o in _linear_shapes(cfg)) + L * E * expert_params(cfg)
     vocab_params = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    other_params = cfg.num_params() - linear_params - vocab_params  # norms, biases: whole on every card
+    other_params = cfg.num_params() - linear_params - vocab_params  # norms, biases, routers: whole on every card
     vocab_params_per_card = vocab_params // cfg.vocab_size * math.ceil(cfg.vocab_size / tp)
     other_bytes = (other_params + vocab_params_per_card) * (4 if weight_format == "float32" else 2)
-    linear_bytes = cfg.num_layers * sum(_matrix_bytes(i, o, weight_format) for i, o in _linear_shapes(cfg, tp))
-    return linear_bytes + other_bytes
+    linear_bytes = L * sum(_matrix_bytes(i, o, weight_format) for i, o in _linear_shapes(cfg, tp))
+    return linear_bytes + L * E * _expert_bytes(cfg, weight_format, tp) + other_bytes
+
+
+def _expert_bytes(cfg: ModelConfig, weight_format: str, tp: int = 1) -> int:
+    """Bytes of one expert's weights in one layer (one card's shard) in a weight format."""
+    return sum(_matrix_bytes(i, o, weight_format) for i, o in _expert_shapes(cfg, tp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +411,10 @@ def decode_roofline(
     (with tp: each card's share of the bytes and FLOPs, the all-reduces between cards left out).
 
     Bytes per step = weights read (all of them, except that an untied embedding table is only
-    gathered: `batch` rows) + KV read (each layer reads `context` tokens, or its sliding window) +
-    KV written (one token per sequence). FLOPs per step = 2 x matmul params (layers and lm_head)
-    x batch + attention (4 x num_heads x head_dim per token read, per layer, per sequence).
+    gathered: `batch` rows, and a mixture of experts reads only the experts its tokens are routed
+    to: experts_touched per layer) + KV read (each layer reads `context` tokens, or its sliding window) +
+    KV written (one token per sequence). FLOPs per step = 2 x matmul params (layers and lm_head;
+    of the experts, the k each token uses) x batch + attention (4 x num_heads x head_dim per token read, per layer, per sequence).
     Time >= max(bytes / bandwidth, flops / peak); tokens/s <= batch / time.
 
     `measured=True` uses the card's measured GEMV bandwidth and matmul FLOP/s instead of the
@@ -389,13 +428,16 @@ def decode_roofline(
     weight_read = weight_bytes(cfg, weight_format, tp) + batch * D * side_bytes  # gathered embedding rows
     if not cfg.tie_word_embeddings:
         weight_read -= V * D * side_bytes  # the table itself is not read; lm_head is
+    touched = experts_touched(cfg, batch)
+    weight_read -= round(cfg.num_layers * (cfg.num_experts - touched) * _expert_bytes(cfg, weight_format, tp))
     tokens_read = sum(min(context, w) if w else context for w in cfg.layer_windows)  # over layers
     per_layer_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp) // cfg.num_layers
     kv_read = batch * tokens_read * per_layer_token
     kv_written = batch * kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp)
     bytes_per_step = weight_read + kv_read + kv_written
 
-    matmul_params = cfg.num_layers * sum(i * o for i, o in _linear_shapes(cfg, tp)) + V * D
+    matmul_params = cfg.num_layers * (sum(i * o for i, o in _linear_shapes(cfg, tp))
+                                      + cfg.experts_per_token * expert_params(cfg) // tp) + V * D
     attention_flops = batch * tokens_read * 4 * cfg.num_heads // tp * cfg.head_dim  # q @ k^T and p @ v
     flops_per_step = 2 * matmul_params * batch + attention_flops
 
@@ -424,4 +466,5 @@ def decode_roofline(
         "step_time_s": step_time,
         "tokens_per_s": batch / step_time,
         "bound": "memory" if memory_time >= compute_time else "compute",
+        "experts_touched_per_layer": touched,
     }

@@ -229,3 +229,27 @@ def test_kv_capacity_rejects_bad_kv_dtype():
         kv_capacity.FLAGS(argv)
         with pytest.raises(ValueError, match="kv_dtype"):
             kv_capacity.main(argv[:1])
+
+
+def test_mixture_of_experts_planner():
+    """Active parameters as the model cards state them (Mixtral-8x7B 12.9B of 46.7B, Qwen3-30B-A3B
+    3.3B of 30.5B); every weight counted in weight_bytes, the experts quantised with the rest; a
+    decode step reads the experts its tokens touch: k at batch 1, all E for a large batch."""
+    mixtral, qwen = memory.load_model_config("mixtral_8x7b"), memory.load_model_config("qwen3_30b_a3b")
+    assert memory.active_params(mixtral) / 1e9 == pytest.approx(12.88, abs=0.01)
+    assert memory.active_params(qwen) / 1e9 == pytest.approx(3.35, abs=0.01)
+    assert memory.weight_bytes(mixtral) == 2 * mixtral.num_params()
+    expert = memory.expert_params(mixtral)
+    assert expert == 3 * 4096 * 14336
+    L, E = mixtral.num_layers, mixtral.num_experts
+    # int4-g128: each expert matrix at 4 bits plus a float16 scale and zero per 128 inputs
+    assert memory.weight_bytes(mixtral, "int4-g128") < memory.weight_bytes(mixtral) / 3.5
+    hw = memory.load_hardware("h100_80gb")
+    one = memory.decode_roofline(mixtral, hw, batch=1, context=1024)
+    assert one["experts_touched_per_layer"] == 2
+    untouched = L * (E - 2) * expert * 2  # bf16 bytes of the 6 experts per layer no token reads
+    many = memory.decode_roofline(mixtral, hw, batch=256, context=1024)
+    assert many["weight_bytes_read"] - one["weight_bytes_read"] == pytest.approx(untouched + 255 * 4096 * 2, rel=1e-6)
+    assert memory.experts_touched(qwen, 8) == pytest.approx(128 * (1 - (1 - 8 / 128) ** 8))
+    dense = memory.load_model_config("llama3_8b")
+    assert memory.active_params(dense) == dense.num_params() and memory.experts_touched(dense, 64) == 0
