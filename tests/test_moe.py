@@ -17,6 +17,7 @@ from test_gemma import _hf_config, _hf_num_params
 import jaxinfer as ji
 from jaxinfer import memory, quant
 from jaxinfer.models import family as family_lib
+from jaxinfer.models import decoder as model_lib
 from jaxinfer.models import moe
 from jaxinfer.models.config import ConfigError, ModelConfig
 from jaxinfer.quant import dequantize_params
@@ -38,7 +39,7 @@ def test_grouped_matmul_equals_the_dense_loop_over_experts(num_experts, k, token
     cfg, lp = _random_moe(num_experts, k, norm, seed=num_experts)
     family = family_lib.of(cfg)
     h = jax.random.normal(jax.random.key(1), (2, tokens, cfg.hidden_size))
-    grouped = moe.moe(family, cfg, lp, h)
+    grouped = moe.moe(family, cfg, lp, h, model_lib.dense_projection())
     reference = moe.reference_moe(family, cfg, lp, h)
     assert row_rel_error(grouped, reference) <= TOLERANCE["float32"]
     _, experts = moe.route(cfg, lp["router"], h.reshape(-1, cfg.hidden_size))
@@ -119,3 +120,21 @@ def test_quantising_a_moe_model_leaves_the_experts_in_float(mixtral, rng):
     dequantised = dataclasses.replace(model, params=dequantize_params(q.params))  # the same numbers, in float
     assert row_rel_error(ji.forward_logits(q, tokens), ji.forward_logits(dequantised, tokens)) <= 1e-5
     assert row_rel_error(ji.forward_logits(q, tokens), ji.forward_logits(model, tokens)) > 1e-4
+
+
+def test_bench_moe_times_every_path(tmp_path, capsys):
+    from experiments import bench_moe
+    from helpers import run_main
+
+    out = tmp_path / "moe.json"
+    run_main(bench_moe, "--tokens=1,16", "--experts=4", "--experts_per_token=2", "--moe_hidden=32", "--moe_ffn=48", "--runs=1",
+             "--calls=1", "--paths=xla,pallas,loop,gather", f"--out={out}")
+    result = json.loads(out.read_text())
+    assert [r["tokens"] for r in result["results"]] == [1, 16]
+    for r in result["results"]:
+        assert set(r["ms"]) == {"xla", "pallas", "loop", "gather"}
+        assert max(r["max_abs_diff_from_first"].values()) <= 1e-5  # every path computes the same layer
+        assert r["experts_touched"] <= min(4, 2 * r["tokens"])
+    assert result["results"][0]["experts_touched"] == 2 and "touched" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--experts_per_token=5 must be <= --experts=4"):
+        run_main(bench_moe, "--experts=4", "--experts_per_token=5")

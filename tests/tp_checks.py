@@ -312,7 +312,8 @@ def families() -> dict:
     """Random small Gemma 2 (soft-caps, local and global layers), Gemma 3 (q/k norms, local RoPE),
     Phi-3 (its split fused projections), Mixtral and Qwen3-MoE (experts split on their F axis)
     models: forward logits at tp = 2 against tp = 1, and greedy tokens through the paged engine,
-    XLA and Pallas (per shard, a window per layer) attention, against tp = 1."""
+    XLA, and Pallas per shard (attention with a window per layer, the experts' grouped matmul),
+    against tp = 1."""
     common = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=5,
                   query_pre_attn_scalar=24)
@@ -331,7 +332,8 @@ def families() -> dict:
         errors[name] = _row_error(ji.forward_logits(placed, batch), ji.forward_logits(model, batch))
         tokens[name] = {"tp1": _tokens(ji.Engine(model, ji.EngineConfig(**SHAPE))),
                         "tp2": _tokens(ji.Engine(model, ji.EngineConfig(tp=2, **SHAPE))),
-                        "pallas_tp2": _tokens(ji.Engine(model, ji.EngineConfig(tp=2, attention="pallas", **SHAPE)))}
+                        "pallas_tp2": _tokens(ji.Engine(model, ji.EngineConfig(tp=2, attention="pallas", matmul="pallas",
+                                                                               **SHAPE)))}
     return {"max_row_error": errors, "tokens": tokens}
 
 

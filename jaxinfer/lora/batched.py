@@ -173,7 +173,9 @@ def with_adapters(params: model_lib.Params, weights: LoraWeights, lora: LoraBatc
     a, b, scale = (jax.tree.map(flat, t) for t in (weights.a, weights.b, weights.scale))
     base = model_lib.dense_projection(impl)
 
-    def project(name: str, x: jax.Array, lp: model_lib.Params) -> jax.Array:
+    def project(name: str, x: jax.Array, lp: model_lib.Params, group_sizes: jax.Array | None = None) -> jax.Array:
+        if group_sizes is not None:  # a per-expert weight: not adapted
+            return base(name, x, lp, group_sizes)
         rows = lora.offset(lp["lora_layer"] * S)
         return apply(base(name, x, lp), x, a[name], b[name], scale[name], rows, lora_impl)
 

@@ -126,14 +126,18 @@ class Impl:
 
 
 # project(name, x, lp) -> x @ lp[name] (+ its bias): every projection of a layer goes through one.
-Project = Callable[[str, jax.Array, Params], jax.Array]
+# project(name, x, lp, group_sizes=sizes): a mixture of experts' per-expert weight lp[name] (E, in,
+# out), x's rows sorted by expert, group_sizes (E,) rows each (matmul.grouped).
+Project = Callable[..., jax.Array]
 
 
 def dense_projection(impl: Impl = Impl()) -> Project:
     """The default hook: the layer's own weight (dense or packed) and its bias (the family's
-    Param.bias) through the matmul dispatch point."""
+    Param.bias) through the matmul dispatch point; per-expert weights through matmul.grouped."""
 
-    def project(name: str, x: jax.Array, lp: Params) -> jax.Array:
+    def project(name: str, x: jax.Array, lp: Params, group_sizes: jax.Array | None = None) -> jax.Array:
+        if group_sizes is not None:
+            return matmul.grouped(x, lp[name], group_sizes, impl=impl.matmul, parallel=parallel_style(name))
         return matmul.linear(x, lp[name], lp.get(family_lib.bias_of(name)), impl=impl.matmul,
                              parallel=parallel_style(name))
 

@@ -40,26 +40,15 @@ from jaxinfer.models.config import (
     write_common,
 )
 from jaxinfer.models.family import ACTIVATIONS, Family, Norm, Param, register
-from jaxinfer.models.layers import apply_rope
 
 ACTIVATION = "gelu_pytorch_tanh"
 
 
 def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
     """One Gemma 2/3 decoder layer: x (B, T, D) -> (B, T, D) (module docstring)."""
-    B, T, _ = x.shape
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     norm, eps = family.norm, cfg.rms_norm_eps
-    h = norm(x, lp["attn_norm"], eps)
-    q = project("wq", h, lp).reshape(B, T, N, H)
-    k = project("wk", h, lp).reshape(B, T, K, H)
-    v = project("wv", h, lp).reshape(B, T, K, H)
-    if cfg.qk_norm:
-        q = norm(q, lp["q_norm"], eps)
-        k = norm(k, lp["k_norm"], eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o, state = attend(q, k, v)  # (B, T, N, H)
-    x = x + norm(project("wo", o.reshape(B, T, N * H), lp), lp["post_attn_norm"], eps)
+    a, state = llama.attention(family, cfg, lp, x, cos, sin, attend, project)  # q/k norms when cfg.qk_norm
+    x = x + norm(a, lp["post_attn_norm"], eps)
 
     h = norm(x, lp["mlp_norm"], eps)
     mlp = ACTIVATIONS[family.activation](project("w_gate", h, lp)) * project("w_up", h, lp)  # (B, T, F)

@@ -35,14 +35,16 @@ def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
     """One decoder layer: x (B, T, D) -> (B, T, D). `attend(q, k, v) -> (o, state)` sees this
     layer's queries and new keys/values (rotated) and returns the attention output and whatever
     it updated (a cache, or None); `project(name, x, lp)` runs every projection."""
-    x, state = attention_block(family, cfg, lp, x, cos, sin, attend, project)
+    a, state = attention(family, cfg, lp, x, cos, sin, attend, project)
+    x = x + a
     h = family.norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     mlp = ACTIVATIONS[family.activation](project("w_gate", h, lp)) * project("w_up", h, lp)  # (B, T, F)
     return x + project("w_down", mlp, lp), state
 
 
-def attention_block(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
-    """The attention half of a layer, its residual added: x (B, T, D) -> (x + attention, attend's state)."""
+def attention(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
+    """The attention half of a layer, before the residual: x (B, T, D) -> (its output after wo
+    (B, T, D), attend's state). Other families' layers reuse it (Gemma, the MoE families)."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     norm, eps = family.norm, cfg.rms_norm_eps
@@ -55,7 +57,7 @@ def attention_block(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, p
         k = norm(k, lp["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o, state = attend(q, k, v)  # (B, T, N, H)
-    return x + project("wo", o.reshape(B, T, N * H), lp), state
+    return project("wo", o.reshape(B, T, N * H), lp), state
 
 
 def _q_out(c: ModelConfig) -> int:

@@ -15,6 +15,8 @@ type and the chosen `impl`, falling back to the type's "xla" entry when it has n
                              (`fp8_gemm_path` says which)
   SimWeight        "xla"     x rounded to the simulated activation format, times the rounded weight
                              (accuracy studies only; no kernel)
+A mixture of experts' per-expert weights go through `grouped` (jax.lax.ragged_dot, or the
+pallas_kernels.grouped_matmul kernel).
 A new format adds entries with `register`, not branches here. `parallel` says how the weight is
 split over a tensor-parallel mesh ("column": its output, "row": its input, None), which a kernel
 run per shard under shard_map needs (jaxinfer.sharding); the XLA path is split by the partitioner.
@@ -33,6 +35,7 @@ from jaxinfer.models.act_formats import SimWeight, W8A8Weight, quantize_activati
 from jaxinfer.models.formats import QuantizedWeight, prepare_input, reference_matmul
 from jaxinfer.sharding import P, per_shard, tp_mesh
 from pallas_kernels.common import fp8_supported
+from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.quant_matmul import quant_matmul
 from pallas_kernels.w8a8_matmul import w8a8_matmul
 
@@ -61,6 +64,32 @@ def linear(x: jax.Array, w, b: jax.Array | None = None, *, impl: str = "xla", pa
     fn = _REGISTRY.get((type(w), impl)) or _REGISTRY.get((type(w), "xla"))
     y = dense(x, w) if fn is None else fn(x, w, parallel)  # no entry: a dense array (or a tracer of one)
     return y if b is None else y + b
+
+
+def grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = "xla",
+            parallel: str | None = None) -> jax.Array:
+    """x (M, K), its rows sorted by group, times w (E, K, N): group g's rows (group_sizes (E,)) by
+    w[g], accumulated in float32, in x's dtype (a mixture of experts' projections). "xla":
+    jax.lax.ragged_dot; "pallas": pallas_kernels.grouped_matmul (interpret mode on the CPU), per
+    shard under a tensor-parallel mesh ("expert_column": each shard's columns; "expert_row": each
+    shard's rows of K, the partial products summed)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"matmul impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    if impl == "xla":
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+    interpret = jax.default_backend() == "cpu"
+    if parallel is None or tp_mesh() is None:
+        return grouped_matmul(x, w, group_sizes, interpret=interpret)
+
+    def kernel(xs, ws, sizes):
+        y = grouped_matmul(xs, ws, sizes, interpret=interpret)
+        return jax.lax.psum(y, "tp") if parallel == "expert_row" else y
+
+    if parallel == "expert_column":
+        in_specs, out_spec = (P(), P(None, None, "tp"), P()), P(None, "tp")
+    else:
+        in_specs, out_spec = (P(None, "tp"), P(None, "tp", None), P()), P()
+    return per_shard(kernel, in_specs, out_spec)(x, w, group_sizes)
 
 
 def dense(x: jax.Array, w: jax.Array, equation: str = "...K,KN->...N") -> jax.Array:

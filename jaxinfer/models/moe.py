@@ -1,6 +1,6 @@
 """Mixture-of-experts families: Mixtral and Qwen3-MoE.
 
-The attention half of each layer is the Llama-style one (jaxinfer.models.llama.attention_block);
+The attention half of each layer is the Llama-style one (jaxinfer.models.llama.attention);
 the MLP is replaced by E experts, each a SwiGLU of its own, and a router:
 
   h = norm(x, mlp_norm)                         (N tokens, D)
@@ -9,8 +9,10 @@ the MLP is replaced by E experts, each a SwiGLU of its own, and a router:
   x = x + sum over the token's k experts e of  p_e * down_e(act(gate_e(h)) * up_e(h))
 
 No token is dropped (no capacity factor): every (token, expert) pair is computed. The pairs are
-sorted by expert and each projection is one grouped matmul over the E groups
-(`jax.lax.ragged_dot`, the XLA path), then the outputs are weighted and summed back per token.
+sorted by expert and each projection is one grouped matmul over the E groups, through the
+layer's projection hook with the group sizes (decoder.Project: `jax.lax.ragged_dot` on the XLA
+path, `pallas_kernels.grouped_matmul` under matmul="pallas"), then the outputs are weighted and
+summed back per token.
 `reference_moe` is the same layer as a dense loop over experts (every token through every
 expert, masked), the definition the grouped path is checked against.
 
@@ -19,7 +21,7 @@ The expert weights are per-expert params (family roles expert_column / expert_ro
 Neither is a projection: quantisation, AWQ / SmoothQuant folds and LoRA apply to the attention
 projections only, and these families have no MLP calibration sites. Not yet: a layer mix of
 dense and sparse MLPs (Qwen3-MoE's decoder_sparse_step / mlp_only_layers), Qwen2-MoE's shared
-expert, gpt-oss, expert parallelism, a Pallas grouped GEMM, GGUF.
+expert, gpt-oss, expert parallelism, quantised experts in the grouped kernel, GGUF.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ def route(cfg: ModelConfig, router: jax.Array, h: jax.Array) -> tuple[jax.Array,
     return weights.astype(h.dtype), experts.astype(jnp.int32)
 
 
-def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array) -> jax.Array:
+def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> jax.Array:
     """The experts' output (..., D) for normed inputs h (..., D): grouped matmuls over the
-    (token, expert) pairs sorted by expert (module docstring)."""
+    (token, expert) pairs sorted by expert, through `project` with the group sizes (decoder.Project:
+    jax.lax.ragged_dot, or the Pallas grouped matmul under matmul="pallas")."""
     shape, D = h.shape, h.shape[-1]
     x = h.reshape(-1, D)  # (N, D)
     weights, experts = route(cfg, lp["router"], x)  # (N, k)
@@ -61,10 +64,10 @@ def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array) -> jax.Array
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # (E,) pairs per expert
     xs = x[token]  # (N k, D)
     act = ACTIVATIONS[family.activation]
-    gate = jax.lax.ragged_dot(xs, lp["experts_gate"], sizes, preferred_element_type=jnp.float32).astype(x.dtype)
-    up = jax.lax.ragged_dot(xs, lp["experts_up"], sizes, preferred_element_type=jnp.float32).astype(x.dtype)
-    y = jax.lax.ragged_dot(act(gate) * up, lp["experts_down"], sizes, preferred_element_type=jnp.float32)
-    y = y * weights.reshape(-1)[order][:, None].astype(jnp.float32)  # (N k, D)
+    gate = project("experts_gate", xs, lp, group_sizes=sizes)  # (N k, F)
+    up = project("experts_up", xs, lp, group_sizes=sizes)
+    y = project("experts_down", act(gate) * up, lp, group_sizes=sizes).astype(jnp.float32)  # (N k, D)
+    y = y * weights.reshape(-1)[order][:, None].astype(jnp.float32)
     out = jnp.zeros(x.shape, jnp.float32).at[token].add(y)
     return out.astype(h.dtype).reshape(shape)
 
@@ -86,8 +89,9 @@ def reference_moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array) ->
 
 def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
     """One MoE decoder layer: Llama-style attention, then the experts (module docstring)."""
-    x, state = llama.attention_block(family, cfg, lp, x, cos, sin, attend, project)
-    return x + moe(family, cfg, lp, family.norm(x, lp["mlp_norm"], cfg.rms_norm_eps)), state
+    a, state = llama.attention(family, cfg, lp, x, cos, sin, attend, project)
+    x = x + a
+    return x + moe(family, cfg, lp, family.norm(x, lp["mlp_norm"], cfg.rms_norm_eps), project), state
 
 
 def _expert_params(prefix: str, gate: str, up: str, down: str) -> tuple[Param, ...]:

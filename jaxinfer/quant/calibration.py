@@ -172,10 +172,10 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record
     cos, sin = model_lib.layer_rope(model_lib.layer_ropes(cfg, positions, x.dtype), window)  # (C, T, H)
     dense = model_lib.dense_projection()
 
-    def project(name, x, lp):
-        if record is not None:
+    def project(name, x, lp, group_sizes=None):
+        if record is not None and group_sizes is None:  # per-expert weights have no calibration site
             record(name, x)
-        return dense(name, x, lp)
+        return dense(name, x, lp, group_sizes)
 
     def attend(q, k, v):
         return attention.attend(q, k, v, positions, positions, window, softcap=cfg.attn_softcap), None

@@ -59,7 +59,11 @@ def qat_projection(scheme: Scheme) -> model_lib.Project:
     quantize_w = weight_quantizer(scheme)
     act = scheme.act if isinstance(scheme, SimScheme) else None
 
-    def project(name: str, x: jax.Array, lp: model_lib.Params) -> jax.Array:
+    dense = model_lib.dense_projection()
+
+    def project(name: str, x: jax.Array, lp: model_lib.Params, group_sizes: jax.Array | None = None) -> jax.Array:
+        if group_sizes is not None:  # a per-expert weight: not a projection the scheme quantises
+            return dense(name, x, lp, group_sizes)
         w = ste(lp[name], quantize_w)
         if act is not None:
             x = ste(x, lambda v: fake_quantize_activation(v, act))
