@@ -110,7 +110,9 @@ def _hf_greedy(hf, prompt, n):
 
 
 @pytest.mark.parametrize("engine_config", [
-    dict(attention="pallas"),  # both kernels in interpret mode: soft-cap, a window per layer (lax.switch)
+    # both kernels in interpret mode: soft-cap, a window per layer (lax.switch); slow: 12 s a model (the
+    # fast tier keeps test_pallas_prefill_and_decode_equal_xla_with_soft_caps and the kernels' own tests)
+    pytest.param(dict(attention="pallas"), marks=pytest.mark.slow),
     pytest.param(dict(layer_loop="unroll"), marks=pytest.mark.slow),  # static windows, RoPE chosen at trace time
     pytest.param(dict(kv_dtype="int8"), marks=pytest.mark.slow),
 ], ids=["pallas", "unroll", "int8-kv"])

@@ -92,6 +92,7 @@ def mixtral(tmp_path_factory):
     return hf, ji.load_model(save_hf(hf, tmp_path_factory.mktemp("mixtral")))
 
 
+@pytest.mark.slow  # 13 s: the fast tier keeps HF's greedy tokens through the engine (test_hf_parity)
 def test_engine_features_on_a_moe_model(mixtral, rng):
     """Chunked prefill over pages, a prefix hit, preemption (a cache too small for both), and
     prompt-lookup speculation: the tokens of plain decoding at batch 1."""
