@@ -85,6 +85,9 @@ ARCHS = {
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16,
                                     norm_topk_prob=True)),
+    # Qwen2-MoE: a shared expert beside the routed ones, q/k/v biases, top-k probabilities not renormalised.
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    shared_expert_intermediate_size=40, norm_topk_prob=False)),
 }
 
 

@@ -82,8 +82,57 @@ def test_unsupported_options_raise_naming_them(change, message):
     hf = json.loads((memory.CONFIGS_DIR / "models" / "qwen3_30b_a3b.json").read_text())
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf_dict({**hf, **change})
-    with pytest.raises(ConfigError, match="model_type='qwen2_moe'"):  # its shared expert: not yet
+    with pytest.raises(ConfigError, match="shared_expert_intermediate_size"):  # Qwen2-MoE without its shared expert
         ModelConfig.from_hf_dict({**hf, "model_type": "qwen2_moe"})
+
+
+# config.json of Qwen/Qwen1.5-MoE-A2.7B as published.
+QWEN15_MOE = {
+    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21, "moe_intermediate_size": 1408,
+    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+    "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+def test_qwen2_moe_config_reads_as_hf_reads_it():
+    """Qwen1.5-MoE-A2.7B: 14.3B parameters, 2.7B of them a token uses (the shared expert among them)."""
+    cfg, hf = ModelConfig.from_hf_dict(QWEN15_MOE), _hf_config(QWEN15_MOE)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.shared_expert_size) == (60, 4, 5632)
+    assert not cfg.norm_topk_prob and cfg.qkv_bias and not cfg.o_bias
+    assert cfg.num_params() == _hf_num_params(hf)
+    assert cfg.num_params() / 1e9 == pytest.approx(14.32, abs=0.01)
+    assert memory.active_params(cfg) / 1e9 == pytest.approx(2.69, abs=0.01)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("how", ["smoothquant", "awq"])
+def test_folds_beside_a_shared_expert_keep_the_float_model(how, rng, tmp_path):
+    """Qwen2-MoE's shared expert reads the input the router and experts read: that site is not
+    folded (nothing there can take 1/s); the attention sites and the shared expert's inner site
+    (folded into shared_up) are. The float model's logits do not move."""
+    from jaxinfer.quant import awq
+    from jaxinfer.quant import calibration as calib
+
+    model = ji.load_model(save_hf(hf_model("qwen2_moe", seed=9), tmp_path))
+    windows = rng.integers(0, 256, (4, 24)).astype(np.int32)
+    if how == "smoothquant":
+        folded = quant.smooth_model(model, 0.5, windows, progress=False)
+    else:
+        scheme = quant.QuantScheme(bits=4, group_size=32, pad=True, method="awq")
+        run = calib.run_layers(model, windows, lambda i, lp, stats: awq.scale_layer(model.config, lp, stats,
+                                                                                    scheme)[0], progress=False)
+        folded = dataclasses.replace(model, params={**model.params, "layers": run.layers})
+    before, after = model.params["layers"], folded.params["layers"]
+    for name in ("shared_gate", "router", "experts_gate", "mlp_norm"):  # the unfolded site and its readers
+        np.testing.assert_array_equal(after[name], before[name])
+    for name in ("attn_norm", "shared_up", "shared_down"):
+        assert row_rel_error(after[name], before[name]) > 1e-3, name
+    tokens = rng.integers(0, 256, (2, 16))
+    assert row_rel_error(ji.forward_logits(folded, tokens), ji.forward_logits(model, tokens)) <= 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,9 @@ class ModelConfig:
     num_experts: int = 0
     experts_per_token: int = 0
     norm_topk_prob: bool = True
+    # A shared expert beside them, every token through it, gated by sigmoid(h @ its gate) (Qwen2-MoE):
+    # its intermediate size; 0: none.
+    shared_expert_size: int = 0
 
     def __post_init__(self):
         if self.layer_windows is None:

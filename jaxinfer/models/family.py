@@ -189,14 +189,16 @@ class Site:
     features  cfg -> its width
     fold      the parameter that produces it and can take a per-channel factor 1/s exactly, so the
               projections' rows can take s (AWQ, SmoothQuant): a norm (its gain), or a projection
-              (its output columns and its bias) whose output reaches this input linearly
+              (its output columns and its bias) whose output reaches this input linearly; None
+              when the input also feeds something that cannot take s (a router and experts beside a
+              shared expert): its projections are quantised unscaled
     grouped   the fold's columns reach the input through attention: a kv head's v column feeds
               the query heads of its group, so one factor serves the whole group
     """
 
     name: str
     features: Callable[[ModelConfig], int]
-    fold: str
+    fold: str | None
     grouped: bool = False
 
 
@@ -257,7 +259,7 @@ class Family:
             if p.bias is not None and (p.bias not in by_name or by_name[p.bias].role != "bias"):
                 raise ValueError(f"family {self.name!r}: {p.name}'s bias {p.bias!r} is not a bias param")
         for s in self.sites:
-            if s.fold not in by_name:
+            if s.fold is not None and s.fold not in by_name:
                 raise ValueError(f"family {self.name!r}: site {s.name!r} folds into {s.fold!r}, not a param")
 
     def param(self, name: str) -> Param:

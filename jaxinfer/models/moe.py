@@ -1,4 +1,4 @@
-"""Mixture-of-experts families: Mixtral and Qwen3-MoE.
+"""Mixture-of-experts families: Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 The attention half of each layer is the Llama-style one (jaxinfer.models.llama.attention);
 the MLP is replaced by E experts, each a SwiGLU of its own, and a router:
@@ -19,9 +19,11 @@ expert, masked), the definition the grouped path is checked against.
 The expert weights are per-expert params (family roles expert_column / expert_row: stacked
 (L, E, in, out), split over tp on their F axis like the dense MLP's); the router is replicated.
 Neither is a projection: quantisation, AWQ / SmoothQuant folds and LoRA apply to the attention
-projections only, and these families have no MLP calibration sites. Not yet: a layer mix of
-dense and sparse MLPs (Qwen3-MoE's decoder_sparse_step / mlp_only_layers), Qwen2-MoE's shared
-expert, gpt-oss, expert parallelism, quantised experts in the grouped kernel, GGUF.
+projections only, and these families have no MLP calibration sites. Qwen2-MoE adds a shared expert
+beside them (every token, gated by sigmoid(h @ shared_expert_gate)): its projections are ordinary
+projections, quantised and adaptable, on an input site with no fold (the router and experts read
+it too, and cannot take a fold's factor). Not yet: a layer mix of dense and sparse MLPs
+(decoder_sparse_step / mlp_only_layers), gpt-oss, expert parallelism, quantised experts in the grouped kernel, GGUF.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 
 from jaxinfer.models import llama
 from jaxinfer.models.config import ConfigError, ModelConfig, hf_field
-from jaxinfer.models.family import ACTIVATIONS, Family, Param, register
+from jaxinfer.models.family import ACTIVATIONS, Family, Param, Site, register
 
 Params = dict[str, Any]
 
@@ -87,11 +89,24 @@ def reference_moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array) ->
     return out.astype(h.dtype).reshape(shape)
 
 
+def shared_expert(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> jax.Array:
+    """Qwen2-MoE's shared expert: every token through one more SwiGLU, scaled by
+    sigmoid(h @ shared_expert_gate)."""
+    act = ACTIVATIONS[family.activation]
+    y = project("shared_down", act(project("shared_gate", h, lp)) * project("shared_up", h, lp), lp)
+    gate = jax.nn.sigmoid(jnp.dot(h, lp["shared_expert_gate"], preferred_element_type=jnp.float32))  # (..., 1)
+    return (gate * y.astype(jnp.float32)).astype(h.dtype)
+
+
 def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
-    """One MoE decoder layer: Llama-style attention, then the experts (module docstring)."""
+    """One MoE decoder layer: Llama-style attention, then the experts (and the shared expert)."""
     a, state = llama.attention(family, cfg, lp, x, cos, sin, attend, project)
     x = x + a
-    return x + moe(family, cfg, lp, family.norm(x, lp["mlp_norm"], cfg.rms_norm_eps), project), state
+    h = family.norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    out = moe(family, cfg, lp, h, project)
+    if cfg.shared_expert_size:
+        out = out + shared_expert(family, cfg, lp, h, project)
+    return x + out, state
 
 
 def _expert_params(prefix: str, gate: str, up: str, down: str) -> tuple[Param, ...]:
@@ -112,23 +127,45 @@ _ATTENTION = tuple(dataclasses.replace(p, gguf=None) for p in llama.PARAMS if p.
 SITES = tuple(s for s in llama.SITES if s.name in ("attn", "attn_out"))  # the experts are not calibrated
 
 
+def _has_shared(c: ModelConfig) -> bool:
+    return c.shared_expert_size > 0
+
+
+# Qwen2-MoE's shared expert: projections (quantised, adapted); their input also feeds the router and
+# the experts, which cannot take a fold's factor, so that site has no fold.
+SHARED_PARAMS = (
+    Param("shared_gate", "column", lambda c: (c.hidden_size, c.shared_expert_size), "mlp.shared_expert.gate_proj.weight",
+          present=_has_shared, calibration="moe_in"),
+    Param("shared_up", "column", lambda c: (c.hidden_size, c.shared_expert_size), "mlp.shared_expert.up_proj.weight",
+          present=_has_shared, calibration="moe_in"),
+    Param("shared_down", "row", lambda c: (c.shared_expert_size, c.hidden_size), "mlp.shared_expert.down_proj.weight",
+          present=_has_shared, calibration="shared_act"),
+    Param("shared_expert_gate", "router", lambda c: (c.hidden_size, 1), "mlp.shared_expert_gate.weight",
+          present=_has_shared),
+)
+SHARED_SITES = (Site("moe_in", lambda c: c.hidden_size, fold=None),
+                Site("shared_act", lambda c: c.shared_expert_size, fold="shared_up"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """What tells the MoE families apart in config.json: the Llama-style attention variant, the
-    expert count's field, the experts' intermediate size's field, and whether norm_topk_prob is read
-    (Qwen3-MoE) or always on (Mixtral)."""
+    expert count's field, the experts' intermediate size's field, whether norm_topk_prob is read
+    (Qwen-MoE) or always on (Mixtral), and whether there is a shared expert (Qwen2-MoE)."""
 
     attention: llama.Variant
     experts_field: str
     intermediate_field: str
     norm_topk_field: bool
+    shared: bool = False  # a shared expert (Qwen2-MoE)
 
     def read_config(self, family: Family, hf: dict[str, Any]) -> ModelConfig:
         if hf_field(hf, "decoder_sparse_step", int, 1, minimum=1) != 1 or hf.get("mlp_only_layers"):
             raise ConfigError(f"decoder_sparse_step={hf.get('decoder_sparse_step')!r} / mlp_only_layers="
                               f"{hf.get('mlp_only_layers')!r}: a mix of dense and MoE layers is not supported")
-        if hf.get("shared_expert_intermediate_size"):
-            raise ConfigError("shared_expert_intermediate_size: a shared expert is not supported")
+        shared = hf_field(hf, "shared_expert_intermediate_size", int, 0, minimum=0) if self.shared else 0
+        if self.shared and not shared:
+            raise ConfigError("shared_expert_intermediate_size: Qwen2-MoE's shared expert is required")
         F = hf_field(hf, self.intermediate_field, int, minimum=1)
         cfg = self.attention.read_config(family, {**hf, "intermediate_size": F})
         # transformers >= 5 writes Qwen3-MoE's expert count as num_local_experts (published files: num_experts)
@@ -136,7 +173,8 @@ class Variant:
         return dataclasses.replace(
             cfg, num_experts=hf_field(hf, field, int, minimum=1),
             experts_per_token=hf_field(hf, "num_experts_per_tok", int, minimum=1),
-            norm_topk_prob=hf_field(hf, "norm_topk_prob", bool, False) if self.norm_topk_field else True)
+            norm_topk_prob=hf_field(hf, "norm_topk_prob", bool, False) if self.norm_topk_field else True,
+            shared_expert_size=shared)
 
     def write_config(self, family: Family, cfg: ModelConfig) -> dict[str, Any]:
         if not self.norm_topk_field and not cfg.norm_topk_prob:
@@ -146,6 +184,8 @@ class Variant:
                     "num_experts_per_tok": cfg.experts_per_token})
         if self.norm_topk_field:
             out["norm_topk_prob"] = cfg.norm_topk_prob
+        if self.shared:
+            out["shared_expert_intermediate_size"] = cfg.shared_expert_size
         return out
 
     def check_config(self, family: Family, cfg: ModelConfig) -> None:
@@ -155,9 +195,10 @@ class Variant:
 
 
 def _moe(name: str, architecture: str, prefix: str, names: tuple[str, str, str], variant: Variant) -> Family:
-    return Family(name=name, architectures=(architecture,), params=_ATTENTION + _expert_params(prefix, *names),
-                  sites=SITES, layer=layer, read_config=variant.read_config, write_config=variant.write_config,
-                  check_config=variant.check_config)
+    shared = (SHARED_PARAMS, SHARED_SITES) if variant.shared else ((), ())
+    return Family(name=name, architectures=(architecture,), params=_ATTENTION + _expert_params(prefix, *names) +
+                  shared[0], sites=SITES + shared[1], layer=layer, read_config=variant.read_config,
+                  write_config=variant.write_config, check_config=variant.check_config)
 
 
 MIXTRAL = register(_moe("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"),
@@ -166,3 +207,6 @@ MIXTRAL = register(_moe("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w
 QWEN3_MOE = register(_moe("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
                           Variant(llama.Variant("attention_bias", qk_norm=True, windows="layer_types"),
                                   "num_experts", "moe_intermediate_size", norm_topk_field=True)))
+QWEN2_MOE = register(_moe("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                          Variant(llama.Variant("qkv", windows="layer_types"), "num_experts", "moe_intermediate_size",
+                                  norm_topk_field=True, shared=True)))

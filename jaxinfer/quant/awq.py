@@ -180,7 +180,7 @@ def scale_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantS
     for site in family.sites:
         names = [n for n in family.site_projections(site.name) if n in lp]
         st = stats.sites[site.name]
-        if site.grouped and cfg.num_kv_heads != cfg.num_heads:
+        if (site.grouped and cfg.num_kv_heads != cfg.num_heads) or site.fold is None:
             new_stats[site.name] = st
             continue
         s = search_scale([lp[n] for n in names], st, scheme.bits, scheme.group_size, **kw)

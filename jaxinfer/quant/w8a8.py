@@ -90,6 +90,9 @@ def smooth_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, alpha: float)
         lp[name] = (lp[name].astype(jnp.float32) * factor).astype(lp[name].dtype)
 
     for site in family.sites:
+        if site.fold is None:  # nothing can take 1/s: the site stays unsmoothed
+            s[site.name] = jnp.ones_like(s[site.name])
+            continue
         factor = s[site.name]
         for name in [n for n in family.site_projections(site.name) if n in lp]:
             scale(name, (_to_query_heads(factor, cfg) if site.grouped else factor)[:, None])
@@ -150,9 +153,9 @@ def inject_outlier(model: Model, channel: int, factor: float) -> Model:
     family = model.config.family
     layers = dict(model.params["layers"])
     for site in family.sites:
-        norm = family.param(site.fold)
-        if norm.role != "norm":
+        if site.fold is None or family.param(site.fold).role != "norm":
             continue
+        norm = family.param(site.fold)
         layers[norm.name] = family.norm.map_gain(layers[norm.name], lambda gain: gain.at[:, channel].multiply(factor))
         for name in family.site_projections(site.name):
             layers[name] = layers[name].at[:, channel, :].divide(factor)
