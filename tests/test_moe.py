@@ -188,3 +188,18 @@ def test_bench_moe_times_every_path(tmp_path, capsys):
     assert result["results"][0]["experts_touched"] == 2 and "touched" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--experts_per_token=5 must be <= --experts=4"):
         run_main(bench_moe, "--experts=4", "--experts_per_token=5")
+
+
+def test_lora_on_a_moe_models_attention(mixtral, rng):
+    """An adapter over every projection of a MoE model (its attention: the experts are not
+    adaptable) gives the merged model's logits; a row without it, the base model's."""
+    from jaxinfer import lora
+
+    _, model = mixtral
+    adapter = lora.random_adapter(model.config, 4, std=0.05, seed=3, name="a")
+    assert set(adapter.projections) == {"wq", "wk", "wv", "wo"}
+    tokens = rng.integers(0, 256, (2, 12))
+    both = lora.forward_logits(model, tokens, [adapter, None])
+    assert row_rel_error(both[0], ji.forward_logits(lora.merge(model, adapter), tokens[:1])[0]) <= 1e-5
+    assert row_rel_error(both[1], ji.forward_logits(model, tokens[1:])[0]) <= 1e-5
+    assert row_rel_error(both[0], ji.forward_logits(model, tokens[:1])[0]) > 1e-3
