@@ -115,7 +115,8 @@ def _hf_greedy(hf, prompt, n):
     pytest.param(dict(attention="pallas"), marks=pytest.mark.slow),
     pytest.param(dict(layer_loop="unroll"), marks=pytest.mark.slow),  # static windows, RoPE chosen at trace time
     pytest.param(dict(kv_dtype="int8"), marks=pytest.mark.slow),
-], ids=["pallas", "unroll", "int8-kv"])
+    pytest.param(dict(kv_dtype="fp8"), marks=pytest.mark.slow),
+], ids=["pallas", "unroll", "int8-kv", "fp8-kv"])
 def test_engine_paths_match_hf_greedy(pair, engine_config, rng):
     """Prompts longer than the window (5), in chunks of 8 tokens over pages of 4, a prefix-cache hit
     (the third prompt starts with the first), 16 greedy tokens each: HF's tokens, except that int8
