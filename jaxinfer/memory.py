@@ -33,6 +33,7 @@ import re
 from typing import Any
 
 from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.experts import _expert_shapes, active_params, expert_params, experts_touched  # noqa: F401
 from jaxinfer.sharding import kv_replicas
 
 # configs/ sits beside the package in the repository; jaxinfer/configs links to it, so a wheel
@@ -122,38 +123,6 @@ def _linear_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
             fan_out = fan_out * (replicas if p.heads == "kv" else 1) // tp
         out.append((fan_in, fan_out))
     return out
-
-
-def _expert_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
-    """(fan_in, fan_out) of one expert's weights in one layer (gate, up, down for the MoE families;
-    none for a dense model): one card's shard, split over tp on the expert's F axis."""
-    out = []
-    for p in cfg.family.present(cfg):
-        if p.per_expert:
-            fan_in, fan_out = p.shape(cfg)[1:]
-            out.append((fan_in // tp, fan_out) if p.role == "expert_row" else (fan_in, fan_out // tp))
-    return out
-
-
-def expert_params(cfg: ModelConfig) -> int:
-    """Parameters of one expert in one layer (0 for a dense model)."""
-    return sum(i * o for i, o in _expert_shapes(cfg))
-
-
-def active_params(cfg: ModelConfig) -> int:
-    """Parameters one token's forward pass uses: all of them, less the experts it is not routed to
-    (num_experts - experts_per_token per layer)."""
-    return cfg.num_params() - cfg.num_layers * (cfg.num_experts - cfg.experts_per_token) * expert_params(cfg)
-
-
-def experts_touched(cfg: ModelConfig, batch: int) -> float:
-    """Expected experts one layer reads in a decode step of `batch` tokens, each routed to k of E
-    experts uniformly at random: E (1 - (1 - k / E) ** batch). k at batch 1, E for a large batch.
-    (Real routers are not uniform: their skew makes fewer experts touched; this is the upper model.)"""
-    if not cfg.num_experts:
-        return 0.0
-    E, k = cfg.num_experts, cfg.experts_per_token
-    return E * (1.0 - (1.0 - k / E) ** batch)
 
 
 def _check_weight_format(weight_format: str) -> None:
