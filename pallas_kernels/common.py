@@ -55,6 +55,27 @@ def check_softcap(softcap) -> float | None:
     return float(softcap)
 
 
+def check_sinks(sinks, num_heads: int) -> None:
+    """Attention sinks: None, or one logit per query head, (N,); ValueError otherwise."""
+    if sinks is not None and tuple(sinks.shape) != (num_heads,):
+        raise ValueError(f"sinks must have shape (N,)=({num_heads},), got {tuple(sinks.shape)}")
+
+
+def sink_softmax(s: jax.Array, visible: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """The references' softmax over the last axis of float32 scores s (-inf where hidden), a row
+    with no visible key giving zeros; with sinks (broadcast to s[..., :1]), each row's softmax
+    has one more logit, the sink, whose probability is dropped (it has no value: gpt-oss)."""
+    m = jnp.max(s, axis=-1, keepdims=True)
+    if sinks is not None:
+        m = jnp.maximum(m, sinks.astype(jnp.float32))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(visible, jnp.exp(s - m), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+        l = l + jnp.exp(sinks.astype(jnp.float32) - m)
+    return p / jnp.where(l > 0, l, 1.0)
+
+
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 

@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
-    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, check_softcap, dequantize_pages,
-    gather_pages, pad_axis, round_up, soft_cap, tile_bytes, tree_visible, tuned,
+    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, check_sinks, check_softcap,
+    dequantize_pages, gather_pages, pad_axis, round_up, sink_softmax, soft_cap, tile_bytes, tree_visible, tuned,
 )
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,7 @@ def _flash_kernel(
     k_scales_ref,  # paged int8 / fp8: (P, page_size) per-token scales; else None
     v_scales_ref,  # paged int8 / fp8: (P, page_size); else None
     tree_mask_ref,  # tree attention: (block_q, Wp) int32 ancestor bitmask words; else None
+    sinks_ref,  # attention sinks: (1,) float32 this head's sink logit; else None
     o_ref,  # (block_q, Hp)
     *,
     sm_scale: float,
@@ -175,24 +176,27 @@ def _flash_kernel(
     mid_lo = jnp.minimum(jnp.maximum(mid_lo, lo), hi)
     mid_hi = jnp.minimum(jnp.maximum(mid_hi, mid_lo), hi)
 
-    carry = (
-        jnp.zeros((block_q, head_dim), jnp.float32),
-        jnp.full((block_q,), MASKED, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
-    )
+    # A sink is one more score with a zero value: it starts the running max and sum.
+    if sinks_ref is None:
+        m0, l0 = jnp.full((block_q,), MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32)
+    else:
+        m0, l0 = jnp.full((block_q,), sinks_ref[0] * LOG2_E, jnp.float32), jnp.ones((block_q,), jnp.float32)
+    carry = (jnp.zeros((block_q, head_dim), jnp.float32), m0, l0)
     carry = lax.fori_loop(lo, mid_lo, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(mid_hi, hi, functools.partial(step, masked=True), carry)
-    # A query that saw no key keeps m == MASKED: its output is zero, not an average of hidden keys.
+    # A query that saw no key keeps m == MASKED: its output is zero, not an average of hidden keys
+    # (with a sink, acc stays zero and l is the sink's share).
     seen = m > MASKED
     out = acc / jnp.where(seen, l, 1.0)[:, None]
     o_ref[...] = jnp.where(seen[:, None], out, 0.0).astype(o_ref.dtype)
 
 
-def _check_common(q, K, H_k, q_offsets, kv_lens, window, tree_mask=None):
+def _check_common(q, K, H_k, q_offsets, kv_lens, window, tree_mask=None, sinks=None):
     if q.ndim != 4:
         raise ValueError(f"q must be (B, T, N, H), got shape {q.shape}")
     B, T, N, H = q.shape
+    check_sinks(sinks, N)
     if tree_mask is not None and (tree_mask.ndim != 3 or tree_mask.shape[:2] != (B, T)
                                   or 32 * tree_mask.shape[2] < T or tree_mask.dtype != jnp.int32):
         raise ValueError(f"tree_mask must be int32 (B, T, W)=({B}, {T}, >={-(-T // 32)}), got {tree_mask.dtype} "
@@ -208,7 +212,7 @@ def _check_common(q, K, H_k, q_offsets, kv_lens, window, tree_mask=None):
         raise ValueError(f"window must be >= 0 (0 = no window), got {window}")
 
 
-def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_mask, *, window, sm_scale,
+def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_mask, sinks, *, window, sm_scale,
            softcap, block_sizes, interpret):
     """Pads to powers of two and block multiples, builds the BlockSpecs and calls the kernel."""
     B, T, N, H = q.shape
@@ -276,13 +280,15 @@ def _flash(q, k, v, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_m
             None if k_scales is None else scale_spec,
             None if v_scales is None else scale_spec,
             tree_spec,  # tree_mask
+            None if sinks is None else pl.BlockSpec((1,), lambda i, b, n: (n,)),  # sinks
         ],
         out_specs=pl.BlockSpec((None, block_q, None, Hp), q_map),
         out_shape=jax.ShapeDtypeStruct((B, T_pad, N, Hp), q.dtype),
         compiler_params=CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="paged_flash_attention" if paged else "flash_attention",
-    )(q_offsets, kv_lens, block_tables, q, k, v, k_scales, v_scales, tree_mask)
+    )(q_offsets, kv_lens, block_tables, q, k, v, k_scales, v_scales, tree_mask,
+      None if sinks is None else sinks.astype(jnp.float32))
     return out[:, :T, :, :H]
 
 
@@ -298,14 +304,15 @@ def flash_attention(
     window: int = 0,
     sm_scale: float | None = None,
     softcap: float | None = None,  # scores soft-capped, cap * tanh(scores / cap), after sm_scale (Gemma 2)
+    sinks: jax.Array | None = None,  # (N,) attention sinks: a logit per head beside the scores, no value (gpt-oss)
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, T, N, H), q.dtype
     """Causal (optionally sliding-window) attention of q over dense k/v, masked by position."""
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
         raise ValueError(f"k and v must both be (B, S, K, H) with B={q.shape[0]}, got {k.shape} and {v.shape}")
-    _check_common(q, k.shape[2], k.shape[3], q_offsets, kv_lens, window, tree_mask)
-    return _flash(q, k, v, q_offsets, kv_lens, None, None, None, tree_mask, window=window, sm_scale=sm_scale,
+    _check_common(q, k.shape[2], k.shape[3], q_offsets, kv_lens, window, tree_mask, sinks)
+    return _flash(q, k, v, q_offsets, kv_lens, None, None, None, tree_mask, sinks, window=window, sm_scale=sm_scale,
                   softcap=softcap, block_sizes=block_sizes, interpret=interpret)
 
 
@@ -336,6 +343,7 @@ def paged_flash_attention(
     window: int = 0,
     sm_scale: float | None = None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,  # (N,) attention sinks (flash_attention)
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, T, N, H), q.dtype
@@ -343,14 +351,14 @@ def paged_flash_attention(
     fp8 pages are dequantised in the kernel (a key's scale multiplies its scores, a value's scale
     the probability that weights it)."""
     _check_pages(q, k_pages, v_pages, block_tables)
-    _check_common(q, k_pages.shape[0], k_pages.shape[3], q_offsets, kv_lens, window, tree_mask)
+    _check_common(q, k_pages.shape[0], k_pages.shape[3], q_offsets, kv_lens, window, tree_mask, sinks)
     check_page_scales(k_pages, v_pages, k_scales, v_scales)
     check_fp8_supported(k_pages.dtype, interpret)
-    return _flash(q, k_pages, v_pages, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_mask,
+    return _flash(q, k_pages, v_pages, q_offsets, kv_lens, block_tables, k_scales, v_scales, tree_mask, sinks,
                   window=window, sm_scale=sm_scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
 
 
-def reference(q, k, v, q_offsets, kv_lens, *, tree_mask=None, window=0, sm_scale=None, softcap=None,
+def reference(q, k, v, q_offsets, kv_lens, *, tree_mask=None, window=0, sm_scale=None, softcap=None, sinks=None,
               block_sizes=None, interpret=False):
     """flash_attention in plain jnp: the whole (T, S) score matrix, scores and softmax in float32."""
     del block_sizes, interpret
@@ -371,21 +379,18 @@ def reference(q, k, v, q_offsets, kv_lens, *, tree_mask=None, window=0, sm_scale
         visible &= (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)
     visible = visible[:, None, None]  # (B, 1, 1, T, S)
     s = jnp.where(visible, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l > 0, l, 1.0)  # a query that sees no key gets zeros
+    p = sink_softmax(s, visible, None if sinks is None else sinks.reshape(K, N // K)[None, :, :, None, None])
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32), precision="highest")
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
 def paged_reference(
     q, k_pages, v_pages, block_tables, q_offsets, kv_lens, *, k_scales=None, v_scales=None, tree_mask=None, window=0,
-    sm_scale=None, softcap=None, block_sizes=None, interpret=False,
+    sm_scale=None, softcap=None, sinks=None, block_sizes=None, interpret=False,
 ):
     """paged_flash_attention in plain jnp: dequantise and gather the pages into dense k/v, then
     `reference`."""
     k = gather_pages(dequantize_pages(k_pages, k_scales), block_tables)
     v = gather_pages(dequantize_pages(v_pages, v_scales), block_tables)
     return reference(q, k, v, q_offsets, kv_lens, tree_mask=tree_mask, window=window, sm_scale=sm_scale,
-                     softcap=softcap, block_sizes=block_sizes, interpret=interpret)
+                     softcap=softcap, sinks=sinks, block_sizes=block_sizes, interpret=interpret)

@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
-    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, check_softcap, dequantize_pages,
-    pad_axis, round_up, soft_cap, tile_bytes, tuned,
+    LOG2_E, MASKED, MIN_DOT, CompilerParams, check_fp8_supported, check_page_scales, check_sinks, check_softcap,
+    dequantize_pages, pad_axis, round_up, sink_softmax, soft_cap, tile_bytes, tuned,
 )
 
 
@@ -154,7 +154,7 @@ def _decode_kernel(
     l_ref[...] = l
 
 
-def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, window, sm_scale, softcap,
+def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, *, window, sm_scale, softcap,
             block_sizes, interpret):
     """Pads to powers of two, builds the BlockSpecs, runs the split kernel, merges the splits."""
     B, N, H = q.shape
@@ -209,6 +209,11 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, *, w
         interpret=interpret,
         name="paged_decode_attention",
     )(lengths, block_tables, qg, k_pages, v_pages, k_scales, v_scales)
+    if sinks is not None:  # one more split: the sink's logit (log2 domain), sum 1, no value
+        m_sink = pad_axis(sinks.astype(jnp.float32).reshape(K, G) * LOG2_E, 1, Gp)  # padded rows: 0, harmless
+        m = jnp.concatenate([m, jnp.broadcast_to(m_sink, (1, B, K, Gp))])
+        l = jnp.concatenate([l, jnp.ones((1, B, K, Gp), jnp.float32)])
+        o = jnp.concatenate([o, jnp.zeros((1, *o.shape[1:]), o.dtype)])
     return _combine(o, m, l)[:, :, :G, :H].reshape(B, N, H).astype(q.dtype)
 
 
@@ -221,10 +226,11 @@ def _combine(o, m, l):
     return o_all / jnp.where(l_all > 0, l_all, 1.0)[..., None]  # no visible key: zeros
 
 
-def _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window):
+def _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window, sinks=None):
     if q.ndim != 3:
         raise ValueError(f"q must be (B, N, H), got shape {q.shape}")
     B, N, H = q.shape
+    check_sinks(sinks, N)
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(
             f"k_pages and v_pages must both be (K, P, page_size, H), got {k_pages.shape} and {v_pages.shape}"
@@ -258,19 +264,20 @@ def paged_decode_attention(
     window: int = 0,
     sm_scale: float | None = None,
     softcap: float | None = None,  # scores soft-capped, cap * tanh(scores / cap), after sm_scale (Gemma 2)
+    sinks: jax.Array | None = None,  # (N,) attention sinks: a logit per head beside the scores, no value (gpt-oss)
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, N, H), q.dtype
     """Attention of each sequence's newest token over its pages (split-K, GQA packed)."""
-    _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window)
+    _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window, sinks)
     check_fp8_supported(k_pages.dtype, interpret)
-    return _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window=window,
+    return _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window=window,
                    sm_scale=sm_scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
 
 
 def reference(
     q, k_pages, v_pages, block_tables, lengths, *, k_scales=None, v_scales=None, window=0,
-    sm_scale=None, softcap=None, block_sizes=None, interpret=False,
+    sm_scale=None, softcap=None, sinks=None, block_sizes=None, interpret=False,
 ):
     """paged_decode_attention in plain jnp: dequantise, gather the pages, dense masked softmax."""
     del block_sizes, interpret
@@ -291,9 +298,6 @@ def reference(
         visible &= lengths[:, None] - 1 - k_pos < window
     visible = visible[:, None, None, :]  # (B, 1, 1, S)
     s = jnp.where(visible, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l > 0, l, 1.0)  # a sequence with no visible key gets zeros
+    p = sink_softmax(s, visible, None if sinks is None else sinks.reshape(K, N // K)[None, :, :, None])
     out = jnp.einsum("BKGS,KBSH->BKGH", p, v, precision="highest")
     return out.reshape(B, N, H).astype(q.dtype)

@@ -88,6 +88,12 @@ ARCHS = {
     # Qwen2-MoE: a shared expert beside the routed ones, q/k/v biases, top-k probabilities not renormalised.
     "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                     shared_expert_intermediate_size=40, norm_topk_prob=False)),
+    # gpt-oss: attention sinks, biased router and experts, a SwiGLU clamp small enough to bite, local and
+    # global layers, YaRN RoPE (its frequency ramp and attention factor inside 64 positions).
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, head_dim=16,
+                                num_hidden_layers=4, sliding_window=5, swiglu_limit=0.5, rope_parameters=dict(
+                                    rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=8.0, beta_slow=1.0,
+                                    truncate=False, original_max_position_embeddings=16))),
 }
 
 

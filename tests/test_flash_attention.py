@@ -52,15 +52,21 @@ def dense_cases(draw):
         dtype=draw(st.sampled_from(["float32", "bfloat16"])),
         window=draw(st.sampled_from([0, 0, 1, 7, 33])),
         softcap=draw(st.sampled_from([None, None, 2.0])),
+        sinks=draw(st.sampled_from([False, False, True])),
         cut_kv=draw(st.booleans()),
         blocks=draw(st.sampled_from(range(len(BLOCKS)))),
         data_seed=draw(st.integers(0, 2**16)),
     )
 
 
-def _dense(B, T, S_extra, K, G, H, dtype, window=0, cut_kv=False, blocks=0, data_seed=0, softcap=None):
+def _dense(B, T, S_extra, K, G, H, dtype, window=0, cut_kv=False, blocks=0, data_seed=0, softcap=None, sinks=False):
     return dict(B=B, T=T, S_extra=S_extra, K=K, G=G, H=H, dtype=dtype, window=window, cut_kv=cut_kv, blocks=blocks,
-                data_seed=data_seed, softcap=softcap)
+                data_seed=data_seed, softcap=softcap, sinks=sinks)
+
+
+def _sinks(rng, case, N):
+    """kw with random attention sinks (logits of the scores' size) when the case asks for them."""
+    return dict(sinks=jnp.asarray(2 * rng.standard_normal(N), jnp.float32)) if case.get("sinks") else {}
 
 
 @draws(2)
@@ -68,6 +74,7 @@ def _dense(B, T, S_extra, K, G, H, dtype, window=0, cut_kv=False, blocks=0, data
 @example(case=_dense(2, 1, 40, 1, 8, 64, "bfloat16"))  # one query per sequence after a ragged prefix, GQA 8
 @example(case=_dense(2, 33, 7, 2, 4, 128, "float32", window=1, cut_kv=True, blocks=2))  # window 1, keys cut
 @example(case=_dense(1, 20, 9, 2, 2, 64, "float32", window=7, softcap=2.0))  # soft-capped scores (Gemma 2)
+@example(case=_dense(2, 20, 9, 2, 2, 64, "float32", window=7, cut_kv=True, blocks=0, sinks=True))  # sinks (gpt-oss)
 def test_flash_attention_matches_reference(case, seed):
     """Chunked prefill over dense k/v: each sequence has q_len real queries after a prefix
     (and sometimes fewer keys than the last query's position: those queries see fewer keys)."""
@@ -95,7 +102,7 @@ def _run_dense(case, seed):
         _normal(rng, (B, T, N, H), dtype), _normal(rng, (B, S, K, H), dtype), _normal(rng, (B, S, K, H), dtype),
         jnp.asarray(q_offsets, jnp.int32), jnp.asarray(kv_lens, jnp.int32),
     )
-    kw = dict(window=case["window"], softcap=case.get("softcap"), block_sizes=BLOCKS[case["blocks"]])
+    kw = dict(window=case["window"], softcap=case.get("softcap"), block_sizes=BLOCKS[case["blocks"]], **_sinks(rng, case, N))
     actual = fa.flash_attention(*args, **kw, interpret=INTERPRET)
     _assert_matches(actual, fa.reference(*args, **kw), q_lens, dtype)
 
@@ -132,14 +139,15 @@ def paged_cases(draw):
         dtype=draw(st.sampled_from(["float32", "bfloat16"])),
         window=draw(st.sampled_from([0, 0, 3, 20])),
         softcap=draw(st.sampled_from([None, None, 2.0])),
+        sinks=draw(st.sampled_from([False, False, True])),
         blocks=draw(st.sampled_from(range(len(BLOCKS)))),
         data_seed=draw(st.integers(0, 2**16)),
     )
 
 
-def _paged(B, T, kv_lens, page_size, K, G, H, dtype, window=0, blocks=0, data_seed=0, softcap=None):
+def _paged(B, T, kv_lens, page_size, K, G, H, dtype, window=0, blocks=0, data_seed=0, softcap=None, sinks=False):
     return dict(B=B, T=T, kv_lens=kv_lens, page_size=page_size, K=K, G=G, H=H, dtype=dtype, window=window,
-                blocks=blocks, data_seed=data_seed, softcap=softcap)
+                blocks=blocks, data_seed=data_seed, softcap=softcap, sinks=sinks)
 
 
 @draws(2)
@@ -148,6 +156,7 @@ def _paged(B, T, kv_lens, page_size, K, G, H, dtype, window=0, blocks=0, data_se
 @example(case=_paged(2, 1, [16, 17], 16, 1, 8, 64, "bfloat16", blocks=1))  # one query each side of a page boundary
 @example(case=_paged(2, 5, [1, 8], 8, 2, 1, 128, "float32", window=3, blocks=3))  # a one-token sequence, a full page
 @example(case=_paged(2, 16, [40, 17], 16, 1, 4, 64, "bfloat16", blocks=1, softcap=2.0))  # soft-capped scores
+@example(case=_paged(2, 5, [40, 3], 8, 2, 2, 64, "float32", window=20, sinks=True))  # sinks (gpt-oss)
 def test_paged_flash_attention_matches_reference(case, seed):
     """Chunked prefill / prefix-cache hit: the chunk's queries are the last q_len of kv_len tokens."""
     _run_paged(case, seed)
@@ -173,12 +182,12 @@ def _run_paged(case, seed):
         _normal(rng, (B, T, N, H), dtype), k_pages, v_pages, block_tables,
         jnp.asarray(kv_lens - q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32),
     )
-    kw = dict(window=case["window"], softcap=case.get("softcap"), block_sizes=BLOCKS[case["blocks"]])
+    kw = dict(window=case["window"], softcap=case.get("softcap"), block_sizes=BLOCKS[case["blocks"]], **_sinks(rng, case, N))
     actual = fa.paged_flash_attention(*args, **kw, interpret=INTERPRET)
     _assert_matches(actual, fa.paged_reference(*args, **kw), q_lens, dtype)
 
 
-def _naive(q, k, v, q_offsets, kv_lens, window, tree=None, softcap=None):
+def _naive(q, k, v, q_offsets, kv_lens, window, tree=None, softcap=None, sinks=None):
     """Loops in float64 numpy over (b, n, i): the definition of masked-by-position attention
     (tree (B, T, T) bool: from q_offsets[b] on, query i sees key q_offsets[b] + j only if tree[b, i, j])."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
@@ -196,8 +205,9 @@ def _naive(q, k, v, q_offsets, kv_lens, window, tree=None, softcap=None):
                 s = k[b, keys, n // G] @ q[b, i, n] / np.sqrt(H)
                 if softcap:
                     s = softcap * np.tanh(s / softcap)
-                p = np.exp(s - s.max())
-                out[b, i, n] = p @ v[b, keys, n // G] / p.sum()
+                top = s.max() if sinks is None else max(s.max(), sinks[n])
+                p = np.exp(s - top)
+                out[b, i, n] = p @ v[b, keys, n // G] / (p.sum() + (0 if sinks is None else np.exp(sinks[n] - top)))
     return out
 
 
@@ -208,9 +218,11 @@ def test_references_match_naive_loops(rng):
     k = rng.standard_normal((B, S, K, H)).astype(np.float32)
     v = rng.standard_normal((B, S, K, H)).astype(np.float32)
     q_offsets, kv_lens = np.array([15, 0]), np.array([21, 4])  # sequence 1: queries past kv_len
-    for window, softcap in ((0, None), (5, None), (5, 1.5)):
-        expected = _naive(q, k, v, q_offsets, kv_lens, window, softcap=softcap)
-        actual = fa.reference(q, k, v, jnp.asarray(q_offsets), jnp.asarray(kv_lens), window=window, softcap=softcap)
+    sink_logits = 2 * rng.standard_normal(K * G)
+    for window, softcap, sinks in ((0, None, None), (5, None, None), (5, 1.5, None), (5, None, sink_logits)):
+        expected = _naive(q, k, v, q_offsets, kv_lens, window, softcap=softcap, sinks=sinks)
+        actual = fa.reference(q, k, v, jnp.asarray(q_offsets), jnp.asarray(kv_lens), window=window, softcap=softcap,
+                              sinks=None if sinks is None else jnp.asarray(sinks))
         assert row_rel_error(actual, expected + 1e-30) <= 1e-5
     assert row_rel_error(_naive(q, k, v, q_offsets, kv_lens, 5, softcap=1.5), _naive(q, k, v, q_offsets, kv_lens, 5)) > 1e-2
 

@@ -88,7 +88,7 @@ def test_to_hf_dict_round_trips_and_hf_reads_it(published):
     ({"final_logit_softcapping": 0.0}, "final_logit_softcapping=0.0"),
     ({"query_pre_attn_scalar": -1}, "query_pre_attn_scalar"),
     ({"layer_types": ["sliding_attention"] * 3}, "layer_types has 3 entries"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_type='yarn'"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "rope_type='longrope'"),
 ])
 def test_unsupported_options_raise_naming_them(change, message):
     with pytest.raises(ConfigError, match=message):

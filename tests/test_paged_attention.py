@@ -70,6 +70,7 @@ def decode_cases(draw, kv_dtypes):
         kv_dtype=draw(st.sampled_from(kv_dtypes)),
         window=draw(st.sampled_from([0, 0, 1, 9, 40])),
         softcap=draw(st.sampled_from([None, None, 2.0])),
+        sinks=draw(st.sampled_from([False, False, True])),
         blocks=draw(st.sampled_from(range(len(BLOCKS)))),
         data_seed=draw(st.integers(0, 2**16)),
     )
@@ -85,12 +86,15 @@ def _run_case(case, seed):
     q = jnp.asarray(rng.standard_normal((B, K * case["G"], H)), dtype)
     args = (q, k_pages, v_pages, block_tables, jnp.asarray(case["lengths"], jnp.int32))
     kw = dict(scales, window=case["window"], softcap=case.get("softcap"), block_sizes=BLOCKS[case["blocks"]])
+    if case.get("sinks"):  # logits of the scores' size, so the sink takes a real share
+        kw["sinks"] = jnp.asarray(2 * rng.standard_normal(K * case["G"]), jnp.float32)
     _check(pa.paged_decode_attention(*args, **kw, interpret=INTERPRET), pa.reference(*args, **kw), dtype)
 
 
-def _case(lengths, page_size, K, G, H, dtype, kv_dtype=None, window=0, blocks=0, data_seed=0, softcap=None):
+def _case(lengths, page_size, K, G, H, dtype, kv_dtype=None, window=0, blocks=0, data_seed=0, softcap=None,
+          sinks=False):
     return dict(B=len(lengths), lengths=lengths, page_size=page_size, K=K, G=G, H=H, dtype=dtype, kv_dtype=kv_dtype,
-                window=window, blocks=blocks, data_seed=data_seed, softcap=softcap)
+                window=window, blocks=blocks, data_seed=data_seed, softcap=softcap, sinks=sinks)
 
 
 @draws(2)
@@ -98,6 +102,7 @@ def _case(lengths, page_size, K, G, H, dtype, kv_dtype=None, window=0, blocks=0,
 @example(case=_case([15, 16, 17], 16, 1, 8, 64, "bfloat16", blocks=0))  # around a page boundary, GQA 8, 1-page blocks
 @example(case=_case([1, 43], 8, 2, 4, 128, "float32", window=9, blocks=3))  # a one-token sequence beside a long one
 @example(case=_case([9, 30], 8, 2, 2, 64, "float32", window=9, softcap=2.0))  # soft-capped scores (Gemma 2)
+@example(case=_case([0, 9, 70], 8, 2, 4, 64, "float32", window=9, blocks=1, sinks=True))  # sinks (gpt-oss), split-K
 def test_decode_matches_reference(case, seed):
     """Pages in the query's dtype; ragged lengths around page boundaries; windows; GQA 1/4/8."""
     _run_case(case, seed)
@@ -140,7 +145,8 @@ def test_reference_matches_naive_loops(rng, kv_dtype):
     low = 0.01 if kv_dtype == "int8" else 0.002  # scores of a few units either way
     k_scales = rng.uniform(low, 3 * low, (K, P, page_size)).astype(np.float32)
     v_scales = rng.uniform(low, 3 * low, (K, P, page_size)).astype(np.float32)
-    for window, softcap in ((0, None), (4, None), (4, 1.5)):
+    sink_logits = 2 * rng.standard_normal(K * G)
+    for window, softcap, sinks in ((0, None, None), (4, None, None), (4, 1.5, None), (4, None, sink_logits)):
         expected = np.zeros((B, K * G, H))
         for b in range(B):
             pos = lengths[b] - 1
@@ -153,11 +159,12 @@ def test_reference_matches_naive_loops(rng, kv_dtype):
                 s = k @ q[b, n] / np.sqrt(H)
                 if softcap:
                     s = softcap * np.tanh(s / softcap)
-                p = np.exp(s - s.max())
-                expected[b, n] = p @ v / p.sum()
+                top = s.max() if sinks is None else max(s.max(), sinks[n])
+                p = np.exp(s - top)
+                expected[b, n] = p @ v / (p.sum() + (0 if sinks is None else np.exp(sinks[n] - top)))
         actual = pa.reference(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables),
-                              jnp.asarray(lengths), k_scales=jnp.asarray(k_scales),
-                              v_scales=jnp.asarray(v_scales), window=window, softcap=softcap)
+                              jnp.asarray(lengths), k_scales=jnp.asarray(k_scales), v_scales=jnp.asarray(v_scales),
+                              window=window, softcap=softcap, sinks=None if sinks is None else jnp.asarray(sinks))
         assert row_rel_error(actual, expected) <= 1e-5
 
 

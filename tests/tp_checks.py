@@ -310,8 +310,8 @@ def speculative_small() -> dict:
 @check
 def families() -> dict:
     """Random small Gemma 2 (soft-caps, local and global layers), Gemma 3 (q/k norms, local RoPE),
-    Phi-3 (its split fused projections), Mixtral, Qwen3-MoE and Qwen2-MoE (experts split on their F
-    axis, a shared expert)
+    Phi-3 (its split fused projections), Mixtral, Qwen3-MoE, Qwen2-MoE and gpt-oss (experts split on
+    their F axis, a shared expert, attention sinks split by head)
     models: forward logits at tp = 2 against tp = 1, and greedy tokens through the paged engine,
     XLA, and Pallas per shard (attention with a window per layer, the experts' grouped matmul),
     against tp = 1."""
@@ -325,7 +325,11 @@ def families() -> dict:
                "qwen3_moe": dict(common, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
                                  moe_intermediate_size=32, norm_topk_prob=True),
                "qwen2_moe": dict(common, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
-                                 moe_intermediate_size=32, shared_expert_intermediate_size=48)}
+                                 moe_intermediate_size=32, shared_expert_intermediate_size=48),
+               "gpt_oss": dict(common, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                               rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                    original_max_position_embeddings=16))}
     errors, tokens = {}, {}
     for name, hf in configs.items():
         cfg = ji.ModelConfig.from_hf_dict(hf)

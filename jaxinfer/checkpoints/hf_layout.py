@@ -45,15 +45,22 @@ class Slot:
     layer: int | None  # None for top-level params
     transpose: bool
     hf_shape: tuple[int, ...]  # the shape the checkpoint must hold
-    rows: tuple[int, int] | None = None  # a part of a fused tensor: its rows [start, stop)
-    parts: tuple[Slot, ...] = ()  # a fused tensor: the params its rows are split into (Param.hf_rows)
+    part: tuple[int, int, int, int] | None = None  # a part of a fused tensor: (axis, start, stop, step)
+    parts: tuple[Slot, ...] = ()  # a fused tensor: the params it is split into (Param.hf_part)
     expert: int | None = None  # a per-expert tensor: its index on the param's expert axis
+
+    @property
+    def index(self) -> tuple[slice, ...]:
+        """A part's index into its fused tensor."""
+        axis, start, stop, step = self.part
+        return (slice(None),) * axis + (slice(start, stop, step),)
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, Slot]:
     """Every HF tensor a dense checkpoint of this config holds (its family's params, HF names),
     with the slot it fills: the top-level ones first, then layer by layer in params order. A fused
-    tensor (several params' rows, Param.hf_rows) is one slot whose parts are the params' slots."""
+    tensor (several params' slices, Param.hf_part) is one slot whose parts are the params' slots,
+    which must cover it exactly."""
     family = family_lib.of(cfg)
     out: dict[str, Slot] = {}
     present = family.present(cfg)
@@ -69,17 +76,26 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, Slot]:
                     for e in range(shape[0]):
                         out[name.format(expert=e)] = Slot(p.name, i, p.transpose, tuple(shape[1:][::-1]), expert=e)
                     continue
-                if p.hf_rows is None:
+                if p.hf_part is None:
                     out[name] = Slot(p.name, i, p.transpose, hf_shape)
                     continue
-                start, stop = p.hf_rows(cfg)
-                if stop - start != hf_shape[0]:
-                    raise ValueError(f"param {p.name}: hf_rows {start}:{stop} do not hold its {hf_shape[0]} rows")
-                fused = out.get(name, Slot(None, i, p.transpose, (0, *hf_shape[1:])))
-                part = Slot(p.name, i, p.transpose, hf_shape, rows=(start, stop))
-                if start != fused.hf_shape[0] or fused.hf_shape[1:] != hf_shape[1:]:
-                    raise ValueError(f"param {p.name}: rows {start}:{stop} of {name} do not follow its other parts")
-                out[name] = dataclasses.replace(fused, hf_shape=(stop, *hf_shape[1:]), parts=(*fused.parts, part))
+                axis, start, stop, step = p.hf_part(cfg)
+                if len(range(start, stop, step)) != hf_shape[axis]:
+                    raise ValueError(f"param {p.name}: hf_part {start}:{stop}:{step} of axis {axis} does not hold its "
+                                     f"{hf_shape[axis]} entries")
+                empty = tuple(0 if a == axis else d for a, d in enumerate(hf_shape))
+                fused = out.get(name, Slot(None, i, p.transpose, empty))
+                if any(d != f for a, (d, f) in enumerate(zip(hf_shape, fused.hf_shape)) if a != axis):
+                    raise ValueError(f"param {p.name}: its shape {hf_shape} does not fit {name}'s other parts")
+                shape = tuple(max(d, stop) if a == axis else d for a, d in enumerate(fused.hf_shape))
+                part = Slot(p.name, i, p.transpose, hf_shape, part=(axis, start, stop, step))
+                out[name] = dataclasses.replace(fused, hf_shape=shape, parts=(*fused.parts, part))
+    for name, slot in out.items():
+        if slot.parts and slot.layer in (None, 0):
+            axis = slot.parts[0].part[0]
+            covered = sorted(j for s in slot.parts for j in range(*s.part[1:]))
+            if covered != list(range(slot.hf_shape[axis])):
+                raise ValueError(f"the params of {name} do not cover its axis {axis} exactly once")
     return out
 
 

@@ -158,7 +158,7 @@ class _QSlot:
 def _projections(cfg: ModelConfig, quant: CheckpointQuant) -> list[_Projection]:
     """The family's projections (quantised in these checkpoints), with their HF module paths."""
     family = family_lib.of(cfg)
-    fused = [family.hf_name(p, 0).removesuffix(".weight") for p in family.present(cfg) if p.hf_rows is not None]
+    fused = [family.hf_name(p, 0).removesuffix(".weight") for p in family.present(cfg) if p.hf_part is not None]
     if fused:
         raise CheckpointError(f"{quant.method} checkpoints of {cfg.model_type} are not read: its fused projections "
                               f"({', '.join(dict.fromkeys(fused))}) would have to be split packed")

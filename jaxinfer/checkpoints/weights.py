@@ -79,7 +79,7 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
                     continue
                 tensor = f.get_tensor(key)
                 slot = expected[key]
-                for slot, x in ([(part, tensor[slice(*part.rows)]) for part in slot.parts] if slot.parts else
+                for slot, x in ([(part, tensor[part.index]) for part in slot.parts] if slot.parts else
                                 [(slot, tensor)]):
                     if slot.layer is None:
                         params[slot.name] = (x.T if slot.transpose else x).astype(dtype)
@@ -161,8 +161,13 @@ def to_hf_tensors(params: model_lib.Params, cfg: ModelConfig) -> dict[str, jax.A
         x = x if slot.expert is None else x[slot.expert]
         return x.T if slot.transpose else x
 
-    return {hf_name: jnp.concatenate([tensor(part) for part in slot.parts]) if slot.parts else tensor(slot)
-            for hf_name, slot in expected_tensors(cfg).items()}
+    def fused(slot):
+        out = jnp.zeros(slot.hf_shape, tensor(slot.parts[0]).dtype)
+        for part in slot.parts:
+            out = out.at[part.index].set(tensor(part))
+        return out
+
+    return {hf_name: fused(slot) if slot.parts else tensor(slot) for hf_name, slot in expected_tensors(cfg).items()}
 
 
 def save_hf_checkpoint(model: Model, path: str | os.PathLike, dtype=None) -> None:

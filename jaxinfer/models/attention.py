@@ -42,12 +42,14 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 @dataclasses.dataclass(frozen=True)
 class AttentionImpl:
     """One attention implementation, in the three forms the model calls:
-      dense(q, k, v, q_pos, k_pos, window, softcap)             a full pass, or a contiguous cache
-      paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap)
-      paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask, softcap)
+      dense(q, k, v, q_pos, k_pos, window, softcap, sinks=)      a full pass, or a contiguous cache
+      paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap, sinks=)
+      paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask, softcap,
+                    sinks=)
     with the shapes and meanings of the reference functions below (xla_attention, _xla_paged_decode,
     _xla_paged_prefill). softcap: None, or the scores' soft-cap (cap * tanh(scores / cap), after the
-    head_dim ** -0.5 scale and before the mask; Gemma 2). static_window: the forms take the window
+    head_dim ** -0.5 scale and before the mask; Gemma 2). sinks: None, or (N,) attention sinks, one
+    logit per query head that joins each softmax with no value (gpt-oss): the layer's own array. static_window: the forms take the window
     as a Python int only (a kernel's compile-time constant); a layer whose window is chosen at run
     time (LayerWindow) then runs one branch per window."""
 
@@ -118,23 +120,28 @@ def attend(
     *,
     impl: str = "xla",
     softcap: float | None = None,  # the scores soft-capped (AttentionImpl)
+    sinks: jax.Array | None = None,  # (N,) attention sinks (AttentionImpl)
 ) -> jax.Array:  # (B, T, N, H)
     form = get(impl)
-    return _per_window(form, window, lambda w: form.dense(q, k, v, q_pos, k_pos, w, softcap))
+    return _per_window(form, window, lambda w: form.dense(q, k, v, q_pos, k_pos, w, softcap, sinks=sinks))
 
 
-def _pallas_dense(q, k, v, q_pos, k_pos, window, softcap):
+def _pallas_dense(q, k, v, q_pos, k_pos, window, softcap, sinks=None):
     kv_lens = jnp.max(k_pos, axis=1) + 1  # keys sit at positions 0..S-1
     kernel = functools.partial(flash_attention, window=_static_window(window, "pallas"), softcap=softcap,
                                interpret=_interpret())
     heads = P(None, None, "tp")
-    return per_shard(kernel, (heads, heads, heads, P(), P()), heads)(q, k, v, q_pos[:, 0], kv_lens)
+    args, specs = (q, k, v, q_pos[:, 0], kv_lens), (heads, heads, heads, P(), P())
+    if sinks is None:
+        return per_shard(kernel, specs, heads)(*args)
+    return per_shard(lambda *a: kernel(*a[:-1], sinks=a[-1]), (*specs, P("tp")), heads)(*args, sinks)
 
 
-def xla_attention(q, k, v, q_pos, k_pos, window=0, softcap=None, mask=None):
+def xla_attention(q, k, v, q_pos, k_pos, window=0, softcap=None, mask=None, sinks=None):
     """Masked softmax attention with scores and softmax in float32 (HF's eager path does the same).
     softcap: None, or the scores' soft-cap; mask: None, or (B, T, S) bool further hiding keys (a
-    draft tree's non-ancestors)."""
+    draft tree's non-ancestors); sinks: None, or (N,) logits that join each head's softmax as one
+    more column, whose probability is then dropped (HF's gpt-oss eager attention)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, N // K, H)  # (B, T, K, G, H)
@@ -148,24 +155,29 @@ def xla_attention(q, k, v, q_pos, k_pos, window=0, softcap=None, mask=None):
     if mask is not None:
         visible &= mask
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    else:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(K, N // K)[None, :, :, None, None],
+                                (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1].astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(B, T, N, H)
 
 
 def attend_cached(cache, layer, q, k, v, positions, window, batch: BatchDescriptor | None, *, impl="xla",
-                  softcap: float | None = None):
+                  softcap: float | None = None, sinks: jax.Array | None = None):
     """Write k, v (B, T, K, H) into layer `layer` of the cache, then attend. Returns (out, cache)."""
     if isinstance(cache, KVCache):
-        return _contiguous(cache, layer, q, k, v, positions, window, impl, softcap)
+        return _contiguous(cache, layer, q, k, v, positions, window, impl, softcap, sinks)
     if isinstance(cache, PagedKVCache):
         if batch is None:
             raise ValueError("a PagedKVCache needs a BatchDescriptor")
-        return _paged(cache, layer, q, k, v, window, batch, impl, softcap)
+        return _paged(cache, layer, q, k, v, window, batch, impl, softcap, sinks)
     raise TypeError(f"unknown cache type {type(cache).__name__}")
 
 
-def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl, softcap):
+def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl, softcap, sinks):
     B = q.shape[0]
     rows = jnp.arange(B)[:, None]  # (B, 1)
     k_all = cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype), mode="drop")
@@ -173,11 +185,11 @@ def _contiguous(cache: KVCache, layer, q, k, v, positions, window, impl, softcap
     keys, values = k_all[layer], v_all[layer]  # (B, S, K, H)
     S = keys.shape[1]
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    out = attend(q, keys, values, positions, k_pos, window, impl=impl, softcap=softcap)
+    out = attend(q, keys, values, positions, k_pos, window, impl=impl, softcap=softcap, sinks=sinks)
     return out, KVCache(k=k_all, v=v_all)
 
 
-def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, impl, softcap):
+def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, impl, softcap, sinks):
     """q, k, v: (1, N, heads, H) flat tokens: Rd decode tokens, then Rp rows of C prefill tokens.
     A quantised cache stores the new K/V quantised per token and head, with their scales."""
     _, N, NH, H = q.shape
@@ -202,29 +214,32 @@ def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, 
     outs = []
     if Rd:
         outs.append(paged_decode(q[0, :Rd], *pages, batch.decode_block_tables, batch.decode_lens, window, impl,
-                                 softcap))
+                                 softcap, sinks))
     if Rp:
         C = (N - Rd) // Rp
         qp = q[0, Rd:].reshape(Rp, C, NH, H)
         o = paged_prefill(qp, *pages, batch.prefill_block_tables, batch.prefill_start, batch.prefill_lens, window, impl,
-                          batch.prefill_tree_mask, softcap)
+                          batch.prefill_tree_mask, softcap, sinks)
         outs.append(o.reshape(Rp * C, NH, H))
     out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
     return out[None], PagedKVCache(k=k_all, v=v_all, k_scale=k_scale, v_scale=v_scale)
 
 
-def _per_shard_pages(kernel, heads, q, k_pages, v_pages, k_scales, v_scales, *rest):
-    """kernel(q, k_pages, v_pages, *rest, k_scales=, v_scales=) on each shard's query heads (q split
-    on `heads`) and KV heads (pages and scales split on axis 0); block tables and lengths whole."""
+def _per_shard_pages(kernel, heads, q, k_pages, v_pages, k_scales, v_scales, *rest, sinks=None):
+    """kernel(q, k_pages, v_pages, *rest, k_scales=, v_scales= [, sinks=]) on each shard's query heads
+    (q and sinks split on `heads`) and KV heads (pages and scales split on axis 0); block tables
+    and lengths whole."""
     scales = () if k_scales is None else (k_scales, v_scales)
+    sink = () if sinks is None else (sinks,)
 
     def run(q, k_pages, v_pages, *args):
-        ks, vs = args[len(rest):] or (None, None)
-        return kernel(q, k_pages, v_pages, *args[: len(rest)], k_scales=ks, v_scales=vs)
+        args, tail = args[: len(rest)], args[len(rest):]
+        ks, vs = tail[:2] if scales else (None, None)
+        return kernel(q, k_pages, v_pages, *args, k_scales=ks, v_scales=vs, **({"sinks": tail[-1]} if sink else {}))
 
     kv = P("tp")
-    in_specs = (heads, kv, kv, *[P()] * len(rest), *[kv] * len(scales))
-    return per_shard(run, in_specs, heads)(q, k_pages, v_pages, *rest, *scales)
+    in_specs = (heads, kv, kv, *[P()] * len(rest), *[kv] * len(scales), *[P("tp")] * len(sink))
+    return per_shard(run, in_specs, heads)(q, k_pages, v_pages, *rest, *scales, *sink)
 
 
 def _gather(pages, scales, block_tables, dtype):
@@ -236,59 +251,62 @@ def _gather(pages, scales, block_tables, dtype):
     return dequantize_pages(context, gather_pages(scales[..., None], block_tables)[..., 0]).astype(dtype)
 
 
-def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window=0, impl="xla", softcap=None):
+def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window=0, impl="xla", softcap=None,
+                 sinks=None):
     """One query per row at position lens - 1. q (R, N, H) -> (R, N, H). Scales: None, or the
     per-token scales (K, P, page) of int8 / fp8 pages."""
     form = get(impl)
     return _per_window(form, window, lambda w: form.paged_decode(q, k_pages, v_pages, k_scales, v_scales,
-                                                                 block_tables, lens, w, softcap))
+                                                                 block_tables, lens, w, softcap, sinks=sinks))
 
 
-def _pallas_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap):
+def _pallas_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap, sinks=None):
     k_pages, v_pages = as_floats(k_pages), as_floats(v_pages)  # bits only on the CPU (interpret mode)
     kernel = functools.partial(paged_decode_attention, window=_static_window(window, "pallas"), softcap=softcap,
                                interpret=_interpret())
-    return _per_shard_pages(kernel, P(None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables, lens)
+    return _per_shard_pages(kernel, P(None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables, lens,
+                            sinks=sinks)
 
 
-def _xla_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap):
+def _xla_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap, sinks=None):
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, S = keys.shape[:2]
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     k_pos = jnp.where(k_pos < lens[:, None], k_pos, -1)  # (R, S); slots past the context are empty
     q_pos = (lens - 1)[:, None]  # (R, 1)
-    return xla_attention(q[:, None], keys, values, q_pos, k_pos, window, softcap)[:, 0]
+    return xla_attention(q[:, None], keys, values, q_pos, k_pos, window, softcap, sinks=sinks)[:, 0]
 
 
 def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window=0, impl="xla",
-                  tree_mask=None, softcap=None):
+                  tree_mask=None, softcap=None, sinks=None):
     """Row r's queries are at positions start[r] + [0, C); it sees its pages up to its own position.
     q (R, C, N, H) -> (R, C, N, H); rows' padding queries (index >= lens[r]) produce junk.
     tree_mask (R, C, W) int32: the row is a draft tree, its queries see the keys before start[r]
     and, from start[r] on, only their ancestors (pallas_kernels.flash_attention's docstring)."""
     form = get(impl)
     return _per_window(form, window, lambda w: form.paged_prefill(q, k_pages, v_pages, k_scales, v_scales,
-                                                                  block_tables, start, lens, w, tree_mask, softcap))
+                                                                  block_tables, start, lens, w, tree_mask, softcap,
+                                                                  sinks=sinks))
 
 
 def _pallas_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask,
-                          softcap):
+                          softcap, sinks=None):
     window = _static_window(window, "pallas")
     k_pages, v_pages = as_floats(k_pages), as_floats(v_pages)  # bits only on the CPU (interpret mode)
 
-    def kernel(q, k_pages, v_pages, tables, begin, end, *mask, k_scales, v_scales):
+    def kernel(q, k_pages, v_pages, tables, begin, end, *mask, k_scales, v_scales, sinks=None):
         return paged_flash_attention(q, k_pages, v_pages, tables, begin, end, k_scales=k_scales, v_scales=v_scales,
                                      tree_mask=mask[0] if mask else None, window=window, softcap=softcap,
-                                     interpret=_interpret())
+                                     sinks=sinks, interpret=_interpret())
 
     mask = () if tree_mask is None else (tree_mask,)
     return _per_shard_pages(kernel, P(None, None, "tp"), q, k_pages, v_pages, k_scales, v_scales, block_tables,
-                            start, start + lens, *mask)
+                            start, start + lens, *mask, sinks=sinks)
 
 
 def _xla_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask,
-                       softcap):
+                       softcap, sinks=None):
     keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     values = _gather(v_pages, v_scales, block_tables, q.dtype)
     R, C = q.shape[:2]
@@ -300,7 +318,7 @@ def _xla_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, st
     if tree_mask is not None:
         rel = jnp.arange(S, dtype=jnp.int32)[None, :] - start[:, None]  # (R, S): each key's index in the tree
         mask = (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)  # (R, C, S)
-    return xla_attention(q, keys, values, q_pos, k_pos, window, softcap, mask)
+    return xla_attention(q, keys, values, q_pos, k_pos, window, softcap, mask, sinks=sinks)
 
 
 register(AttentionImpl("xla", xla_attention, _xla_paged_decode, _xla_paged_prefill))

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxinfer.models import family as family_lib
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def read_json_object(path: str | os.PathLike, what: str, error: type[ValueError] = ValueError) -> dict:
@@ -45,11 +45,26 @@ class RopeConfig:
     """Rotary position embedding: base frequency and the optional long-context rescaling."""
 
     theta: float = 10000.0
-    type: str = "default"  # "default" | "linear" | "llama3"
+    type: str = "default"  # "default" | "linear" | "llama3" | "yarn"
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 and yarn
+    beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn: the ramp's ends rounded to whole dimensions
+    # yarn: the factor cos and sin are multiplied by; None: 0.1 ln(factor) + 1 (YaRN's default)
+    attention_factor: float | None = None
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """What the cos / sin tables are multiplied by (YaRN's attention factor; 1 otherwise), as HF
+        transformers computes it."""
+        if self.type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """float32[head_dim // 2]: the rotation frequencies, computed as HF transformers does."""
@@ -69,6 +84,20 @@ class RopeConfig:
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
             return np.where(medium, smoothed, scaled).astype(np.float32)
+        if self.type == "yarn":  # extrapolated (high) frequencies ramp into interpolated (low) ones
+            def dim_of(rotations):  # the dimension that turns `rotations` times over the original context
+                return head_dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                    2 * math.log(self.theta))
+            low, high = dim_of(self.beta_fast), dim_of(self.beta_slow)
+            if self.truncate:
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, head_dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+            extrapolation = 1 - ramp
+            interpolated = np.float32(1.0) / (np.float32(self.factor) * (np.float32(self.theta) ** exponent))
+            return (interpolated * (1 - extrapolation) + inv_freq * extrapolation).astype(np.float32)
         return inv_freq
 
 
@@ -122,6 +151,13 @@ class ModelConfig:
     # A shared expert beside them, every token through it, gated by sigmoid(h @ its gate) (Qwen2-MoE):
     # its intermediate size; 0: none.
     shared_expert_size: int = 0
+    # Attention sinks: each layer has a learned logit per query head that joins every softmax with no
+    # value (gpt-oss; the layer param `sinks`).
+    attn_sinks: bool = False
+    # The experts' clamped SwiGLU (gpt-oss): gate clamped above and up on both sides at swiglu_limit,
+    # then (up + 1) * gate * sigmoid(swiglu_alpha * gate); None: act(gate) * up.
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self):
         if self.layer_windows is None:
@@ -201,12 +237,17 @@ def family_for_hf(hf: dict[str, Any]) -> family_lib.Family:
 def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
     """HF's rope_parameters for a RopeConfig (the inverse of rope_from_hf)."""
     out: dict[str, Any] = {"rope_type": rope.type, "rope_theta": rope.theta}
-    if rope.type in ("linear", "llama3"):
+    if rope.type in ("linear", "llama3", "yarn"):
         out["factor"] = rope.factor
     if rope.type == "llama3":
         out["low_freq_factor"] = rope.low_freq_factor
         out["high_freq_factor"] = rope.high_freq_factor
+    if rope.type in ("llama3", "yarn"):
         out["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    if rope.type == "yarn":
+        out.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
+        if rope.attention_factor is not None:
+            out["attention_factor"] = rope.attention_factor
     return out
 
 
@@ -235,6 +276,19 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
             kwargs[name] = hf_field(params, name, type(getattr(RopeConfig, name)), minimum=0)
         if kwargs["high_freq_factor"] <= kwargs["low_freq_factor"]:
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+    if rope_type == "yarn":
+        for name in ("mscale", "mscale_all_dim"):  # DeepSeek's variant of the attention factor
+            if params.get(name):
+                raise ConfigError(f"yarn rope scaling with {name}={params[name]!r} is not supported")
+        if "original_max_position_embeddings" not in params:
+            raise ConfigError("yarn rope scaling needs 'original_max_position_embeddings'")
+        kwargs.update(
+            original_max_position_embeddings=hf_field(params, "original_max_position_embeddings", int, minimum=1),
+            beta_fast=hf_field(params, "beta_fast", float, 32.0, minimum=0.0),
+            beta_slow=hf_field(params, "beta_slow", float, 1.0, minimum=0.0),
+            truncate=hf_field(params, "truncate", bool, True))
+        if params.get("attention_factor") is not None:
+            kwargs["attention_factor"] = hf_field(params, "attention_factor", float, minimum=0.0)
     return RopeConfig(**kwargs)
 
 

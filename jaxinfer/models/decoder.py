@@ -145,17 +145,18 @@ def dense_projection(impl: Impl = Impl()) -> Project:
 
 
 def layer(cfg: ModelConfig, lp: Params, x, cos, sin, attend, project: Project):
-    """One decoder layer of the config's family: x (B, T, D) -> (B, T, D). `attend(q, k, v) ->
-    (o, state)` sees this layer's queries and new keys/values (rotated) and returns the attention
-    output and whatever it updated (a cache, or None); `project` runs every projection. A config's
+    """One decoder layer of the config's family: x (B, T, D) -> (B, T, D). `attend(q, k, v[, sinks])
+    -> (o, state)` sees this layer's queries and new keys/values (rotated), and the layer's attention
+    sinks (N,) where the config has them, and returns the attention output and whatever it updated
+    (a cache, or None); `project` runs every projection. A config's
     attention_scale is applied to the queries here, so every attend sees head_dim ** -0.5 scores."""
     family = family_lib.of(cfg)
     if cfg.attention_scale is not None:
         factor = cfg.attention_scale * cfg.head_dim**0.5
         unscaled = attend
 
-        def attend(q, k, v):
-            return unscaled(q * jnp.asarray(factor, q.dtype), k, v)
+        def attend(q, k, v, sinks=None):
+            return unscaled(q * jnp.asarray(factor, q.dtype), k, v, sinks)
 
     return family.layer(family, cfg, lp, x, cos, sin, attend, project)
 
@@ -221,15 +222,15 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
         if not isinstance(window, int):
             window = windows[0] if len(windows) == 1 else attention.LayerWindow(window, windows)
         if cache is None:
-            def attend(q, k, v):
+            def attend(q, k, v, sinks=None):
                 if impl.kv_dtype:
                     k, v = fake_quantize(k, KV_DTYPES[impl.kv_dtype]), fake_quantize(v, KV_DTYPES[impl.kv_dtype])
                 return attention.attend(q, k, v, positions, positions, window, impl=impl.attention,
-                                        softcap=softcap), None
+                                        softcap=softcap, sinks=sinks), None
         else:
-            def attend(q, k, v):
+            def attend(q, k, v, sinks=None):
                 return attention.attend_cached(cache, index, q, k, v, positions, window, batch, impl=impl.attention,
-                                               softcap=softcap)
+                                               softcap=softcap, sinks=sinks)
         x, cache = layer(cfg, lp, x, *layer_rope(ropes, window), attend, project)
         return (x, cache, aux), None
 

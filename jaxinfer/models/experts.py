@@ -4,6 +4,7 @@ jaxinfer.memory reads these)."""
 
 from __future__ import annotations
 
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 
 
@@ -12,7 +13,7 @@ def _expert_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
     none for a dense model): one card's shard, split over tp on the expert's F axis."""
     out = []
     for p in cfg.family.present(cfg):
-        if p.per_expert:
+        if p.role in family_lib.EXPERT_ROLES:
             fan_in, fan_out = p.shape(cfg)[1:]
             out.append((fan_in // tp, fan_out) if p.role == "expert_row" else (fan_in, fan_out // tp))
     return out

@@ -18,13 +18,15 @@ Roles, and what each means to the code that reads them:
   bias        a projection's bias (out,): split like a column projection's output, replicated
               after a row projection (added once, after the all-reduce)
   router      (D, E) a mixture-of-experts router: replicated; not a projection (never quantised or adapted)
+  sink        (N,) a logit per query head (attention sinks, gpt-oss): split over tp by head
   expert_column, expert_row
               (E, in, out) one weight per expert, multiplied by the MoE layer's grouped matmul:
               split over tp like a column / row projection on its last two axes; not projections
               (no calibration input: quantisation and LoRA leave them as they are). HF stores one
-              tensor per expert: the param's hf name holds an {expert} field.
+              tensor per expert (the param's hf name holds an {expert} field), or all of them
+              stacked (E, ...) in one (gpt-oss).
 Projections are stored (in, out), HF stores them (out, in): loaders transpose `column`, `row`,
-`head`, `router` and expert tensors. Layer parameters are stacked over layers, (L, *shape(cfg)), for lax.scan. The
+`head`, `router` and expert tensors (unless the param says HF stores it (in, out): hf_in_out). Layer parameters are stacked over layers, (L, *shape(cfg)), for lax.scan. The
 decoder names the top-level ones (TOP_LEVEL): embed, final_norm and (untied) lm_head.
 
 The numbers a family's config.json carries per model (sliding windows per layer, an attention
@@ -51,7 +53,7 @@ import jax.numpy as jnp
 if TYPE_CHECKING:
     from jaxinfer.models.config import ModelConfig
 
-ROLES = ("embedding", "head", "norm", "column", "row", "bias", "router", "expert_column", "expert_row")
+ROLES = ("embedding", "head", "norm", "column", "row", "bias", "router", "sink", "expert_column", "expert_row")
 EXPERT_ROLES = ("expert_column", "expert_row")
 TOP_LEVEL = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # name -> role
 PROJECTION_ROLES = ("column", "row")
@@ -134,9 +136,12 @@ class Param:
     heads        "query" or "kv" where the output axis is heads x head_dim ("kv": stored tp / K times
                  when tp > K, see jaxinfer.sharding); None otherwise
     rotary       its output is rotated by RoPE (llama.cpp's converter reorders these rows for "llama")
-    hf_rows      cfg -> (start, stop): the param is rows [start, stop) of the HF tensor `hf`, which
-                 holds several params stacked on its output axis (Phi-3's qkv_proj, gate_up_proj);
-                 loaders split it, writers stack the params back; None: the whole tensor
+    hf_part      cfg -> (axis, start, stop, step): the param is that strided slice, along `axis`, of
+                 the HF tensor `hf`, which holds several params (Phi-3's qkv_proj and gate_up_proj:
+                 blocks of rows; gpt-oss's experts' gate_up_proj: interleaved columns); loaders
+                 split it, writers put the params back; None: the whole tensor
+    hf_in_out    HF stores it as the params do, (in, out) (gpt-oss's stacked expert tensors): not
+                 transposed on load
     """
 
     name: str
@@ -150,7 +155,8 @@ class Param:
     calibration: str | None = None
     heads: str | None = None
     rotary: bool = False
-    hf_rows: Callable[[ModelConfig], tuple[int, int]] | None = None
+    hf_part: Callable[[ModelConfig], tuple[int, int, int, int]] | None = None
+    hf_in_out: bool = False
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -167,19 +173,19 @@ class Param:
     @property
     def transpose(self) -> bool:
         """HF stores it (out, in): transposed on load."""
-        return self.role in (*PROJECTION_ROLES, *EXPERT_ROLES, "head", "router")
+        return self.role in (*PROJECTION_ROLES, *EXPERT_ROLES, "head", "router") and not self.hf_in_out
 
     @property
     def per_expert(self) -> bool:
         """One HF tensor per expert (the hf name's {expert} field), stacked on the param's axis 0."""
-        return self.role in EXPERT_ROLES
+        return self.role in EXPERT_ROLES and "{expert}" in self.hf
 
     @property
     def peft(self) -> str | None:
         """The module path PEFT (and AutoAWQ / GPTQ) names a projection by, under a layer (None
         also for a projection stored inside a fused tensor: adapters and packed checkpoints of it
         are not read)."""
-        return self.hf.removesuffix(".weight") if self.is_projection and self.hf_rows is None else None
+        return self.hf.removesuffix(".weight") if self.is_projection and self.hf_part is None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,12 +393,15 @@ def bias_of(name: str) -> str | None:
 
 def parallel_style(name: str) -> str | None:
     """How a layer param is split over tp, by name: "column", "row", "column_bias" (a bias of a
-    column projection), "expert_column" / "expert_row" (per-expert weights), or None (replicated)."""
+    column projection, or attention sinks), "expert_column" / "expert_row" (per-expert weights), or
+    None (replicated)."""
     p = lookup_param(name)
     if p is None or not p.layer:
         return None
-    if p.is_projection or p.per_expert:
+    if p.is_projection or p.role in EXPERT_ROLES:
         return p.role
+    if p.role == "sink":  # (L, N): split by head like a column projection's bias
+        return "column_bias"
     if p.role == "bias":
         for q, _ in _PARAMS.values():
             if q.bias == name:

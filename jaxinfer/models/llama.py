@@ -56,7 +56,7 @@ def attention(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project
         q = norm(q, lp["q_norm"], eps)
         k = norm(k, lp["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o, state = attend(q, k, v)  # (B, T, N, H)
+    o, state = attend(q, k, v, lp["sinks"]) if "sinks" in lp else attend(q, k, v)  # (B, T, N, H)
     return project("wo", o.reshape(B, T, N * H), lp), state
 
 

@@ -41,10 +41,14 @@ from jaxinfer.models.family import ACTIVATIONS, Family, Param, Site, register
 Params = dict[str, Any]
 
 
-def route(cfg: ModelConfig, router: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+def route(cfg: ModelConfig, router: jax.Array, h: jax.Array, bias: jax.Array | None = None,
+          ) -> tuple[jax.Array, jax.Array]:
     """h (N, D) -> (weights (N, k) in h's dtype, experts (N, k) int32): each token's top-k experts
-    by softmax probability (float32), renormalised over the k when cfg.norm_topk_prob."""
+    by softmax probability (float32) of h @ router (+ bias), renormalised over the k when
+    cfg.norm_topk_prob (the same as a softmax over the k logits alone: gpt-oss)."""
     logits = jnp.dot(h, router, preferred_element_type=jnp.float32)  # (N, E)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, cfg.experts_per_token)
     if cfg.norm_topk_prob:
@@ -52,23 +56,42 @@ def route(cfg: ModelConfig, router: jax.Array, h: jax.Array) -> tuple[jax.Array,
     return weights.astype(h.dtype), experts.astype(jnp.int32)
 
 
+def glu(family: Family, cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """An expert's gated unit: act(gate) * up, or gpt-oss's clamped SwiGLU (cfg.swiglu_limit)."""
+    if cfg.swiglu_limit is None:
+        return ACTIVATIONS[family.activation](gate) * up
+    limit = cfg.swiglu_limit
+    gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha))
+
+
+EXPERT_BIASES = ("experts_gate_bias", "experts_up_bias", "experts_down_bias")  # gpt-oss's
+
+
+def _biased(lp: Params, name: str, y: jax.Array, experts: jax.Array) -> jax.Array:
+    """y (rows, out) plus the bias of each row's expert (experts (rows,)), where the layer has one."""
+    return y if name not in lp else y + lp[name][experts].astype(y.dtype)
+
+
 def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> jax.Array:
     """The experts' output (..., D) for normed inputs h (..., D): grouped matmuls over the
     (token, expert) pairs sorted by expert, through `project` with the group sizes (decoder.Project:
-    jax.lax.ragged_dot, or the Pallas grouped matmul under matmul="pallas")."""
+    jax.lax.ragged_dot, or the Pallas grouped matmul under matmul="pallas"); the experts' biases
+    (gpt-oss), by each pair's expert, after."""
     shape, D = h.shape, h.shape[-1]
     x = h.reshape(-1, D)  # (N, D)
-    weights, experts = route(cfg, lp["router"], x)  # (N, k)
+    weights, experts = route(cfg, lp["router"], x, lp.get("router_bias"))  # (N, k)
     k, E = cfg.experts_per_token, cfg.num_experts
     flat = experts.reshape(-1)  # (N k,)
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     token = order // k  # (N k,) the token of each sorted pair
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # (E,) pairs per expert
     xs = x[token]  # (N k, D)
-    act = ACTIVATIONS[family.activation]
-    gate = project("experts_gate", xs, lp, group_sizes=sizes)  # (N k, F)
-    up = project("experts_up", xs, lp, group_sizes=sizes)
-    y = project("experts_down", act(gate) * up, lp, group_sizes=sizes).astype(jnp.float32)  # (N k, D)
+    pair_expert = flat[order]  # (N k,) the expert of each sorted pair
+    gate = _biased(lp, "experts_gate_bias", project("experts_gate", xs, lp, group_sizes=sizes), pair_expert)  # (N k, F)
+    up = _biased(lp, "experts_up_bias", project("experts_up", xs, lp, group_sizes=sizes), pair_expert)
+    y = project("experts_down", glu(family, cfg, gate, up), lp, group_sizes=sizes)
+    y = _biased(lp, "experts_down_bias", y, pair_expert).astype(jnp.float32)  # (N k, D)
     y = y * weights.reshape(-1)[order][:, None].astype(jnp.float32)
     out = jnp.zeros(x.shape, jnp.float32).at[token].add(y)
     return out.astype(h.dtype).reshape(shape)
@@ -79,12 +102,13 @@ def reference_moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array) ->
     by the token's routing weight for that expert (0 when it was not chosen)."""
     shape, D = h.shape, h.shape[-1]
     x = h.reshape(-1, D)
-    weights, experts = route(cfg, lp["router"], x)
-    act = ACTIVATIONS[family.activation]
+    weights, experts = route(cfg, lp["router"], x, lp.get("router_bias"))
     out = jnp.zeros(x.shape, jnp.float32)
     for e in range(cfg.num_experts):
         w = jnp.sum(jnp.where(experts == e, weights, 0), axis=-1).astype(jnp.float32)  # (N,)
-        y = (act(x @ lp["experts_gate"][e]) * (x @ lp["experts_up"][e])) @ lp["experts_down"][e]
+        b = {name: lp[name][e] if name in lp else 0 for name in EXPERT_BIASES}
+        gate, up = x @ lp["experts_gate"][e] + b["experts_gate_bias"], x @ lp["experts_up"][e] + b["experts_up_bias"]
+        y = glu(family, cfg, gate, up) @ lp["experts_down"][e] + b["experts_down_bias"]
         out = out + w[:, None] * y.astype(jnp.float32)
     return out.astype(h.dtype).reshape(shape)
 

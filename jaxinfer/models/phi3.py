@@ -2,7 +2,7 @@
 
 HF's Phi-3 holds q, k and v in one tensor (`self_attn.qkv_proj`, rows q then k then v) and the
 MLP's gate and up in another (`mlp.gate_up_proj`, gate rows then up rows). The family names each
-param's rows of the fused tensor (Param.hf_rows): the loaders split them into the Llama-style
+param's rows of the fused tensor (Param.hf_part): the loaders split them into the Llama-style
 projections (wq, wk, wv, w_gate, w_up), and the writers stack them back, so everything past the
 loader (the layer, sharding, quantisation, LoRA on the split projections) is the Llama-style
 family's. A config.json asking for what the layer does not compute is refused naming the field:
@@ -39,7 +39,8 @@ FUSED = {
 }
 
 PARAMS = tuple(
-    dataclasses.replace(p, hf=FUSED[p.name][0], hf_rows=FUSED[p.name][1], gguf=None) if p.name in FUSED else
+    dataclasses.replace(p, hf=FUSED[p.name][0], hf_part=lambda c, rows=FUSED[p.name][1]: (0, *rows(c), 1), gguf=None)
+    if p.name in FUSED else
     dataclasses.replace(p, gguf=None) for p in llama.PARAMS)
 
 _VARIANT = llama.Variant("none", windows="all")

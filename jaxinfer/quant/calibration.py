@@ -177,8 +177,8 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record
             record(name, x)
         return dense(name, x, lp, group_sizes)
 
-    def attend(q, k, v):
-        return attention.attend(q, k, v, positions, positions, window, softcap=cfg.attn_softcap), None
+    def attend(q, k, v, sinks=None):
+        return attention.attend(q, k, v, positions, positions, window, softcap=cfg.attn_softcap, sinks=sinks), None
 
     return model_lib.layer(cfg, lp, x, cos, sin, attend, project)[0]
 

@@ -1,0 +1,168 @@
+"""gpt-oss: the published config as HF transformers reads it, YaRN against HF's own RoPE init, the
+stacked and interleaved expert tensors at load and save, that each gpt-oss feature moves the logits
+(so the HF parity in test_hf_parity.py, ARCHS "gpt_oss", holds them all), the experts' grouped
+path against the dense loop, and the engine's paths (Pallas kernels with sinks) against HF."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+from helpers import TOLERANCE, hf_model, row_rel_error, save_hf
+from test_gemma import _hf_config, _hf_greedy, _hf_num_params
+
+import jaxinfer as ji
+from jaxinfer import memory
+from jaxinfer.models import decoder as model_lib
+from jaxinfer.models import family as family_lib
+from jaxinfer.models import moe
+from jaxinfer.models.config import ConfigError, ModelConfig, rope_from_hf
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(HF torch model, our model from its checkpoint, the checkpoint's path): helpers.ARCHS["gpt_oss"]."""
+    hf = hf_model("gpt_oss", seed=11)
+    path = save_hf(hf, tmp_path_factory.mktemp("gpt_oss"))
+    return hf, ji.load_model(path), path
+
+
+def test_published_config_reads_as_hf_reads_it():
+    """gpt-oss-20b's config.json (old-style rope_scaling, experts_per_token beside num_experts_per_tok):
+    HF's parameter count (20.9B, the model card's 21B), its layer types, YaRN settings and round trip."""
+    published = json.loads((memory.CONFIGS_DIR / "models" / "gpt_oss_20b.json").read_text())
+    cfg, hf = ModelConfig.from_hf_dict(published), _hf_config(published)
+    assert cfg.num_params() == _hf_num_params(hf) == 20_914_757_184
+    assert cfg.layer_windows == tuple(128 if t == "sliding_attention" else 0 for t in hf.layer_types)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.swiglu_limit) == (32, 4, 7.0)
+    assert cfg.rope.type == "yarn" and cfg.rope.factor == 32.0 and not cfg.rope.truncate and cfg.attn_sinks
+    # the model card's 3.6B active parameters leave out the embedding table (a token reads one row of it)
+    assert (memory.active_params(cfg) - cfg.vocab_size * cfg.hidden_size) / 1e9 == pytest.approx(3.61, abs=0.01)
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("rope", [
+    dict(factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=4096,
+         rope_theta=150000.0),  # gpt-oss
+    dict(factor=4.0, original_max_position_embeddings=2048, rope_theta=10000.0),  # the defaults, truncated
+    dict(factor=8.0, original_max_position_embeddings=512, rope_theta=1e6, attention_factor=0.9, beta_fast=16.0),
+])
+def test_yarn_matches_hf_rope_init(rope):
+    """Frequencies and the cos / sin factor against transformers' own YaRN init."""
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "yarn", **rope}
+    hf = GptOssConfig(head_dim=64, num_attention_heads=4, hidden_size=64, rope_parameters=rope,
+                      max_position_embeddings=rope["original_max_position_embeddings"] * int(rope["factor"]))
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    ours = rope_from_hf({"rope_parameters": rope})
+    np.testing.assert_allclose(ours.inv_freq(64), inv_freq.numpy(), rtol=1e-6)  # an ulp or two of float32 pow
+    assert ours.cos_sin_scale == pytest.approx(factor, rel=1e-12)
+    assert rope_from_hf({"rope_parameters": ji.ModelConfig(rope=ours).to_hf_dict()["rope_parameters"]}) == ours
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": False}, "attention_bias=False"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                       "original_max_position_embeddings": 4096}}, "mscale=1.0 is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 40.0}}, "original_max_position_embeddings"),
+    ({"layer_types": ["sliding_attention"] * 3}, "layer_types has 3 entries"),
+])
+def test_unsupported_options_raise_naming_them(change, message):
+    published = json.loads((memory.CONFIGS_DIR / "models" / "gpt_oss_20b.json").read_text())
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict({**published, **change})
+
+
+def test_stacked_interleaved_experts_split_at_load_and_interleave_back_on_save(pair, tmp_path):
+    """gate_up_proj (E, D, 2F) holds gate and up in alternate columns, stored (in, out): the loader
+    takes every other column and does not transpose; the writer gives back HF's file exactly."""
+    hf, model, path = pair
+    experts = hf.model.layers[1].mlp.experts
+    gate_up, bias = experts.gate_up_proj.detach().numpy(), experts.gate_up_proj_bias.detach().numpy()
+    lp = {k: np.asarray(v[1]) for k, v in model.params["layers"].items()}
+    np.testing.assert_array_equal(lp["experts_gate"], gate_up[..., ::2])
+    np.testing.assert_array_equal(lp["experts_up"], gate_up[..., 1::2])
+    np.testing.assert_array_equal(lp["experts_gate_bias"], bias[:, ::2])
+    np.testing.assert_array_equal(lp["experts_down"], experts.down_proj.detach().numpy())
+    np.testing.assert_array_equal(lp["sinks"], hf.model.layers[1].self_attn.sinks.detach().numpy())
+    ji.save_hf_checkpoint(model, tmp_path / "ours")
+    theirs = safetensors.numpy.load_file(f"{path}/model.safetensors")
+    ours = safetensors.numpy.load_file(tmp_path / "ours" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def _without(model, **changes):
+    """model with config fields changed (and the sinks dropped when attn_sinks goes)."""
+    cfg = dataclasses.replace(model.config, **changes)
+    layers = {k: v for k, v in model.params["layers"].items() if cfg.attn_sinks or k != "sinks"}
+    return dataclasses.replace(model, config=cfg, params={**model.params, "layers": layers})
+
+
+@pytest.mark.parametrize("changes", [
+    dict(attn_sinks=False), dict(swiglu_limit=None), dict(rope=ji.ModelConfig().rope),
+    dict(layer_windows=(0, 0, 0, 0)), dict(norm_topk_prob=False),
+], ids=["no-sinks", "no-clamp", "no-yarn", "no-windows", "softmax-over-all"])
+def test_each_feature_moves_the_logits(pair, changes, rng):
+    """Parity with HF (1e-5 per row) holds every feature: each one, left out, moves the logits by far more."""
+    hf, model, _ = pair
+    tokens = rng.integers(0, 256, size=(2, 24))
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    assert row_rel_error(ji.forward_logits(model, tokens), expected) <= TOLERANCE["float32"]
+    assert row_rel_error(ji.forward_logits(_without(model, **changes), tokens), expected) > 1e-3
+
+
+def test_grouped_experts_with_biases_and_clamp_equal_the_dense_loop(pair):
+    _, model, _ = pair
+    cfg, lp = model.config, {k: v[0] for k, v in model.params["layers"].items()}
+    h = 3 * jax.random.normal(jax.random.key(4), (3, 7, cfg.hidden_size))  # large enough for the clamp to bite
+    grouped = moe.moe(family_lib.of(cfg), cfg, lp, h, model_lib.dense_projection())
+    assert row_rel_error(grouped, moe.reference_moe(family_lib.of(cfg), cfg, lp, h)) <= TOLERANCE["float32"]
+
+
+def test_pallas_forward_equals_xla_with_sinks(pair, rng):
+    """Both Pallas kernels (interpret mode) take the sinks and a window per layer (lax.switch)."""
+    _, model, _ = pair
+    tokens = rng.integers(0, 256, size=(2, 12))
+    assert row_rel_error(ji.forward_logits(model, tokens, attn_impl="pallas"),
+                         ji.forward_logits(model, tokens)) <= TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("engine_config", [
+    pytest.param(dict(attention="pallas"), marks=pytest.mark.slow),  # paged prefill and decode kernels with sinks
+    pytest.param(dict(kv_dtype="int8"), marks=pytest.mark.slow),
+    dict(),
+], ids=["pallas", "int8-kv", "xla"])
+def test_engine_paths_match_hf_greedy(pair, engine_config, rng):
+    """Prompts longer than the window (5), chunks of 8 over pages of 4, a prefix-cache hit: HF's 16
+    greedy tokens (int8 KV: agreement, as for other models' int8 KV)."""
+    hf, model, _ = pair
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (13, 6)]
+    prompts.append(prompts[0][:8] + [3, 4, 5])
+    engine = ji.Engine(model, ji.EngineConfig(max_batch=2, page_size=4, max_tokens_per_step=8, **engine_config))
+    outs = engine.generate(prompts, ji.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    assert engine.allocator.hits > 0
+    expected = [_hf_greedy(hf, p, 16) for p in prompts]
+    if "kv_dtype" in engine_config:
+        agree = np.mean([a == b for o, e in zip(outs, expected) for a, b in zip(o.token_ids, e)])
+        assert agree >= 0.5, agree
+    else:
+        assert [o.token_ids for o in outs] == expected
+
+
+def test_sinks_split_over_tp_like_query_heads():
+    from jaxinfer import sharding
+
+    assert family_lib.parallel_style("sinks") == "column_bias"
+    specs = sharding.param_specs({"layers": {"sinks": jnp.zeros((2, 4))}}, tp=2)
+    assert specs["layers"]["sinks"] == sharding.P(None, "tp")
