@@ -60,7 +60,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
-from jaxinfer.models.formats import QuantizedWeight
+from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight
 from jaxinfer.models.kv_cache import KV_DTYPES, PagedKVCache
 
 AXES = ("dp", "tp")
@@ -165,6 +165,17 @@ def _quantized_spec(name: str, w: QuantizedWeight, tp: int) -> QuantizedWeight:
                      perm=P() if w.perm is not None else None, mins=grouped if w.mins is not None else None)
 
 
+def _mxfp4_spec(name: str, w: MXFP4Weight, tp: int) -> MXFP4Weight:
+    """A stacked (L, E, N, K // 32, 16) MXFP4 expert weight: split on N (expert_column) or on its
+    blocks of K (expert_row), like the dense expert weight it stands for."""
+    if _role(name) == "expert_column":
+        return w.replace(blocks=P(None, None, "tp", None, None), scales=P(None, None, "tp", None))
+    if w.scales.shape[-1] % tp:
+        raise ValueError(f"layers.{name}: {w.scales.shape[-1]} MXFP4 blocks of input rows do not split evenly over "
+                         f"tp={tp}")
+    return w.replace(blocks=P(None, None, None, "tp", None), scales=P(None, None, None, "tp"))
+
+
 _LAYER_SPECS = {"column": P(None, None, "tp"), "row": P(None, "tp", None), "column_bias": P(None, "tp"),
                 "expert_column": P(None, None, None, "tp"), "expert_row": P(None, None, "tp", None)}
 _TOP_SPECS = {"embedding": P("tp", None), "head": P(None, "tp")}
@@ -177,6 +188,8 @@ def param_specs(params: dict, tp: int) -> dict:
     for name, w in params["layers"].items():
         if isinstance(w, QuantizedWeight):
             layers[name] = _quantized_spec(name, w, tp)
+        elif isinstance(w, MXFP4Weight):
+            layers[name] = _mxfp4_spec(name, w, tp)
         else:
             layers[name] = _LAYER_SPECS.get(_role(name), P())
     specs = {"layers": layers}

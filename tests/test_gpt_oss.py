@@ -166,3 +166,78 @@ def test_sinks_split_over_tp_like_query_heads():
     assert family_lib.parallel_style("sinks") == "column_bias"
     specs = sharding.param_specs({"layers": {"sinks": jnp.zeros((2, 4))}}, tp=2)
     assert specs["layers"]["sinks"] == sharding.P(None, "tp")
+
+
+@pytest.fixture(scope="module")
+def mxfp4_pair(tmp_path_factory):
+    """A random gpt-oss checkpoint with its experts in MXFP4 as published (random codes, scales of
+    2^-9..2^-6: weights of the other tensors' size), (HF's model dequantised by its own Mxfp4
+    integration, our model, the path)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    path = save_hf(hf_model("gpt_oss", seed=2, intermediate_size=64), tmp_path_factory.mktemp("mxfp4"))
+    tensors, rng = load_file(f"{path}/model.safetensors"), np.random.default_rng(0)
+    for name in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        E, K, N = tensors.pop(name).shape
+        tensors[name + "_blocks"] = torch.from_numpy(rng.integers(0, 256, (E, N, K // 32, 16), dtype=np.uint8))
+        tensors[name + "_scales"] = torch.from_numpy(rng.integers(118, 122, (E, N, K // 32), dtype=np.uint8))
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    config = json.loads(open(f"{path}/config.json").read())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(config, f)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32,
+        attn_implementation="eager").eval()
+    return hf, ji.load_model(path), path
+
+
+def test_mxfp4_experts_load_packed_and_match_hf(mxfp4_pair, rng):
+    """The experts stay packed (4.25 bits a weight), dequantise to HF's weights exactly, and the
+    logits and greedy tokens are HF's (its own MXFP4 dequantiser)."""
+    from jaxinfer.models.formats import MXFP4Weight, dequantize_mxfp4
+
+    hf, model, _ = mxfp4_pair
+    layers = model.params["layers"]
+    for name in ("experts_gate", "experts_up", "experts_down"):
+        assert isinstance(layers[name], MXFP4Weight), name
+        assert layers[name].nbytes * 8 / np.prod(layers[name].shape) == 4.25
+    gate_up = hf.model.layers[2].mlp.experts.gate_up_proj.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(dequantize_mxfp4(layers["experts_up"])[2]), gate_up[..., 1::2])
+    tokens = rng.integers(0, 256, size=(2, 24))
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    assert row_rel_error(ji.forward_logits(model, tokens), expected) <= TOLERANCE["float32"]
+    prompt = rng.integers(0, 256, size=9).tolist()
+    out = ji.generate(model, [prompt], ji.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    assert out[0].token_ids == _hf_greedy(hf, prompt, 16)
+
+
+def test_mxfp4_misshaped_blocks_are_named(mxfp4_pair, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    _, _, path = mxfp4_pair
+    bad = shutil.copytree(path, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    tensors[name] = tensors[name][:, :-1]
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(ji.CheckpointError if hasattr(ji, "CheckpointError") else ValueError, match=name):
+        ji.load_model(bad)
+
+
+def test_mxfp4_experts_split_over_tp():
+    """Column experts split on their output columns, row experts on their blocks of input rows."""
+    from jaxinfer import sharding
+    from jaxinfer.models.formats import MXFP4Weight
+
+    w = MXFP4Weight(blocks=jnp.zeros((2, 4, 8, 6, 16), jnp.uint8), scales=jnp.zeros((2, 4, 8, 6), jnp.uint8))
+    specs = sharding.param_specs({"layers": {"experts_gate": w, "experts_down": w}}, tp=2)["layers"]
+    assert specs["experts_gate"].blocks == sharding.P(None, None, "tp", None, None)
+    assert specs["experts_down"].scales == sharding.P(None, None, None, "tp")
+    with pytest.raises(ValueError, match="6 MXFP4 blocks of input rows do not split evenly over tp=4"):
+        sharding.param_specs({"layers": {"experts_down": w}}, tp=4)

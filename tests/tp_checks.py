@@ -307,11 +307,22 @@ def speculative_small() -> dict:
     return {"tokens": tokens, "spec_passes": engine.metrics()["spec_passes"]}
 
 
+def _with_mxfp4_experts(model):
+    from jaxinfer.models.formats import MXFP4Weight
+
+    rng, layers = np.random.default_rng(5), dict(model.params["layers"])
+    for name in ("experts_gate", "experts_up", "experts_down"):
+        *lead, K, N = layers[name].shape
+        layers[name] = MXFP4Weight(blocks=rng.integers(0, 256, (*lead, N, K // 32, 16), dtype=np.uint8),
+                                   scales=rng.integers(118, 122, (*lead, N, K // 32), dtype=np.uint8))
+    return ji.Model(model.config, {**model.params, "layers": layers})
+
+
 @check
 def families() -> dict:
     """Random small Gemma 2 (soft-caps, local and global layers), Gemma 3 (q/k norms, local RoPE),
     Phi-3 (its split fused projections), Mixtral, Qwen3-MoE, Qwen2-MoE and gpt-oss (experts split on
-    their F axis, a shared expert, attention sinks split by head)
+    their F axis, a shared expert, attention sinks split by head; gpt-oss's experts in MXFP4 too)
     models: forward logits at tp = 2 against tp = 1, and greedy tokens through the paged engine,
     XLA, and Pallas per shard (attention with a window per layer, the experts' grouped matmul),
     against tp = 1."""
@@ -330,10 +341,13 @@ def families() -> dict:
                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                     original_max_position_embeddings=16))}
+    configs["gpt_oss_mxfp4"] = configs["gpt_oss"]
     errors, tokens = {}, {}
     for name, hf in configs.items():
         cfg = ji.ModelConfig.from_hf_dict(hf)
         model = ji.Model(cfg, ji.init_params(cfg, jax.random.key(11), std=0.02))  # (0.02: tokens that vary)
+        if name.endswith("mxfp4"):  # the experts packed as published, random codes of the dense weights' size
+            model = _with_mxfp4_experts(model)
         batch = np.asarray([PROMPTS[0], PROMPTS[0][::-1]], np.int32)
         placed = sharding.shard_model(model, sharding.make_mesh(2))
         errors[name] = _row_error(ji.forward_logits(placed, batch), ji.forward_logits(model, batch))

@@ -35,6 +35,7 @@ from jaxinfer.checkpoints.hf_layout import (
     write_layer,
 )
 from jaxinfer.checkpoints.model import Model
+from jaxinfer.checkpoints import mxfp4
 from jaxinfer.checkpoints.quantized import load_quantized_params
 from jaxinfer.checkpoints.tokenizer import load_tokenizer
 from jaxinfer.models import decoder as model_lib
@@ -47,16 +48,22 @@ SHIPPED_MODELS = ("tiny", "tiny-draft")  # byte-level models trained by experime
 
 
 def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True,
-                on_host: bool = False) -> model_lib.Params:
+                on_host: bool = False, packed: dict[str, tuple[str, ...]] | None = None) -> model_lib.Params:
     """Read every tensor of an HF checkpoint (its family's names) into the params pytree, cast to dtype.
     on_host: numpy arrays in host memory, for placement on a mesh shard by shard (jaxinfer.sharding),
-    so that no device ever holds more than its shard."""
+    so that no device ever holds more than its shard. packed: HF tensors stored packed, by name ->
+    the names of the files' tensors that hold them (MXFP4 `_blocks` / `_scales`): not read here,
+    their params left out (the packed format's loader adds them)."""
     expected = expected_tensors(cfg)
     files = safetensors_files(ckpt_dir)
+    stored_packed = {name for names in (packed or {}).values() for name in names}
+    expected = {k: v for k, v in expected.items() if k not in (packed or {})}
 
     # Pass 1: headers only. Every tensor must be expected, well shaped, and present.
     location: dict[str, str] = {}
     for path, key, shape, stored in header_entries(files, cfg):
+        if key in stored_packed:
+            continue
         if key not in expected:
             raise CheckpointError(f"unexpected tensor {key!r} in {path}")
         if shape != expected[key].hf_shape:
@@ -70,7 +77,8 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, dtype=jnp.float32, progress: bo
     # Pass 2: stream the data into preallocated arrays.
     shapes = model_lib.param_shapes(cfg)
     zeros = np.zeros if on_host else jnp.zeros
-    params: dict[str, Any] = {"layers": {k: zeros(s, dtype) for k, s in shapes["layers"].items()}}
+    names = {s.name for slot in expected.values() for s in slot.parts or (slot,)}
+    params: dict[str, Any] = {"layers": {k: zeros(s, dtype) for k, s in shapes["layers"].items() if k in names}}
     bar = tqdm(total=len(location), desc="loading", unit="tensor", disable=not progress)
     for path in files:
         with safe_open(path, framework="flax") as f:
@@ -140,6 +148,10 @@ def _load_model(path: str, dtype, progress: bool, on_host: bool) -> Model:
             with open(os.path.join(path, _QUANTIZED_FILE)) as f:
                 quantized = json.load(f)
         params = restore_params(os.path.join(path, _ORBAX_DIR), cfg, dtype, quantized)
+    elif isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "mxfp4":
+        packed = mxfp4.packed_tensors(cfg)  # gpt-oss's experts, as published: they stay packed
+        params = load_params(path, cfg, dtype, progress=progress, packed=packed)
+        params["layers"].update(mxfp4.load_packed(path, cfg, packed))
     elif quantization_config is not None:  # a published AutoAWQ / GPTQ checkpoint
         params = load_quantized_params(path, cfg, quantization_config, dtype, progress=progress)
     else:

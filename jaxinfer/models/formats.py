@@ -163,3 +163,45 @@ def reference_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     xp = prepare_input(x, w)
     wd = dequantize_stored(w, x.dtype)
     return jnp.einsum("...k,kn->...n", xp, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+# --- MXFP4 (OCP microscaling FP4), as gpt-oss publishes its experts ------------------------------
+
+# The 16 values of an e2m1 (FP4) code: sign bit 3, then the magnitude of codes 0..7.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MX_BLOCK = 32  # values per shared scale
+
+
+@struct.dataclass
+class MXFP4Weight:
+    """A (..., K, N) matrix in MXFP4, stored by output column as the published checkpoints store it
+    (gpt-oss's `*_blocks` / `*_scales`): each column's K values in blocks of 32 along K, each block
+    16 bytes of FP4 codes (value 2j in byte j's low nibble, 2j + 1 in its high nibble) and one
+    scale byte s (e8m0: the block is multiplied by 2 ** (s - 127)). Every value is exact in
+    bfloat16 and float32; the matmuls dequantise it in the program that multiplies by it.
+
+      blocks  uint8 (..., N, K // 32, 16)
+      scales  uint8 (..., N, K // 32)
+    """
+
+    blocks: jax.Array
+    scales: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense weight's shape, (..., K, N)."""
+        *lead, N, G, _ = self.blocks.shape
+        return (*lead, G * MX_BLOCK, N)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.size + self.scales.size
+
+
+def dequantize_mxfp4(w: MXFP4Weight, dtype=jnp.float32) -> jax.Array:
+    """The dense (..., K, N) weight: each code's FP4 value times its block's power of two."""
+    lut = jnp.asarray(FP4_VALUES, jnp.float32)
+    codes = jnp.stack([w.blocks & 0xF, w.blocks >> 4], axis=-1)  # (..., N, G, 16, 2): values 2j, 2j + 1
+    values = lut[codes.astype(jnp.int32)].reshape(*w.blocks.shape[:-1], MX_BLOCK)  # (..., N, G, 32)
+    scaled = values * jnp.exp2(w.scales.astype(jnp.float32) - 127.0)[..., None]
+    return jnp.swapaxes(scaled.reshape(*scaled.shape[:-2], -1), -1, -2).astype(dtype)

@@ -13,9 +13,12 @@ with what gpt-oss adds, all of it data on the family seam:
     (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
 HF stores the experts stacked, (in, out) as the params are: `mlp.experts.gate_up_proj` (E, D, 2F)
 with gate and up interleaved column by column, `down_proj` (E, F, D), and their biases; the loaders
-split the interleaved columns (Param.hf_part) and do not transpose (Param.hf_in_out).
+split the interleaved columns (Param.hf_part) and do not transpose (Param.hf_in_out). The
+published checkpoints store the experts in MXFP4 (`*_blocks` / `*_scales`): they load packed
+(jaxinfer.checkpoints.mxfp4) and are dequantised inside the grouped matmul's program.
 
-Not yet: the published MXFP4 expert weights (`*_blocks` / `*_scales`), GGUF files, quantised experts.
+Not yet: GGUF files; the planner counting MXFP4 experts at 4.25 bits; a Pallas kernel that reads
+MXFP4 tiles directly (the Pallas grouped matmul takes them dequantised in the same program).
 """
 
 from __future__ import annotations

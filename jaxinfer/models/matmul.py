@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.models.act_formats import SimWeight, W8A8Weight, quantize_activations, sim_reference, w8a8_reference
-from jaxinfer.models.formats import QuantizedWeight, prepare_input, reference_matmul
+from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight, dequantize_mxfp4, prepare_input, reference_matmul
 from jaxinfer.sharding import P, per_shard, tp_mesh
 from pallas_kernels.common import fp8_supported
 from pallas_kernels.grouped_matmul import grouped_matmul
@@ -69,12 +69,15 @@ def linear(x: jax.Array, w, b: jax.Array | None = None, *, impl: str = "xla", pa
 def grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = "xla",
             parallel: str | None = None) -> jax.Array:
     """x (M, K), its rows sorted by group, times w (E, K, N): group g's rows (group_sizes (E,)) by
-    w[g], accumulated in float32, in x's dtype (a mixture of experts' projections). "xla":
+    w[g], accumulated in float32, in x's dtype (a mixture of experts' projections; w may be an
+    MXFP4Weight, dequantised inside this program: the params stay packed). "xla":
     jax.lax.ragged_dot; "pallas": pallas_kernels.grouped_matmul (interpret mode on the CPU), per
     shard under a tensor-parallel mesh ("expert_column": each shard's columns; "expert_row": each
     shard's rows of K, the partial products summed)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"matmul impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    if isinstance(w, MXFP4Weight):  # packed experts (gpt-oss): dequantised here, in the program that multiplies
+        w = dequantize_mxfp4(w, x.dtype)
     if impl == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
     interpret = jax.default_backend() == "cpu"

@@ -23,7 +23,8 @@ projections only, and these families have no MLP calibration sites. Qwen2-MoE ad
 beside them (every token, gated by sigmoid(h @ shared_expert_gate)): its projections are ordinary
 projections, quantised and adaptable, on an input site with no fold (the router and experts read
 it too, and cannot take a fold's factor). Not yet: a layer mix of dense and sparse MLPs
-(decoder_sparse_step / mlp_only_layers), gpt-oss, expert parallelism, quantised experts in the grouped kernel, GGUF.
+(decoder_sparse_step / mlp_only_layers), expert parallelism, quantised experts in the grouped kernel, GGUF.
+gpt-oss (jaxinfer.models.gpt_oss) reuses this layer with biases, a biased router and a clamped SwiGLU.
 """
 
 from __future__ import annotations

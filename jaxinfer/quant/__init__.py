@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxinfer.checkpoints.model import Model
 from jaxinfer.models.act_formats import SimWeight, W8A8Weight, dequantize_w8a8
-from jaxinfer.models.formats import QuantizedWeight, dequantize, reference_matmul
+from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight, dequantize, dequantize_mxfp4, reference_matmul
 from jaxinfer.models.matmul import linear
 from jaxinfer.quant import awq, gptq, simulated, spec, w8a8
 from jaxinfer.quant import calibration as calib
@@ -126,6 +126,8 @@ def smooth_model(model: Model, alpha: float = spec.DEFAULT_ALPHA, calibration: n
 def _dense(x, dtype):
     if isinstance(x, QuantizedWeight):
         return dequantize(x, dtype)
+    if isinstance(x, MXFP4Weight):
+        return dequantize_mxfp4(x, dtype)
     if isinstance(x, W8A8Weight):
         return dequantize_w8a8(x, dtype)
     if isinstance(x, SimWeight):
@@ -138,7 +140,8 @@ def dequantize_params(params: dict, dtype=None) -> dict:
     model a weight-only quantised model's outputs are compared against (W8A8 and simulated weights
     lose their activation rounding)."""
     dtype = dtype or params["embed"].dtype
-    return jax.tree_util.tree_map(lambda x: _dense(x, dtype), params, is_leaf=lambda x: isinstance(x, PACKED))
+    return jax.tree_util.tree_map(lambda x: _dense(x, dtype), params,
+                                  is_leaf=lambda x: isinstance(x, (*PACKED, MXFP4Weight)))
 
 
 __all__ = [
