@@ -46,7 +46,8 @@ FLOAT_WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SCALE_BYTES = 2  # float16 scales and zero points of int weights
 FP8_SCALE_BYTES = 4  # one float32 scale per fp8 weight matrix
 _INT_FORMAT = re.compile(r"int(4|8)(?:-g(\d+))?")
-WEIGHT_FORMATS_HELP = "float32, bfloat16, float16, fp8, int8, int4, int8-gN, int4-gN"
+MXFP4_FORMATS = ("mxfp4", "mxfp4-experts")  # every linear weight / the experts only (gpt-oss as published)
+WEIGHT_FORMATS_HELP = "float32, bfloat16, float16, fp8, int8, int4, int8-gN, int4-gN, mxfp4, mxfp4-experts"
 
 
 class DoesNotFitError(ValueError):
@@ -126,7 +127,7 @@ def _linear_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
 
 
 def _check_weight_format(weight_format: str) -> None:
-    if weight_format in FLOAT_WEIGHT_BYTES or weight_format == "fp8":
+    if weight_format in FLOAT_WEIGHT_BYTES or weight_format in ("fp8", *MXFP4_FORMATS):
         return
     match = _INT_FORMAT.fullmatch(weight_format)
     if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
@@ -139,6 +140,8 @@ def _matrix_bytes(fan_in: int, fan_out: int, weight_format: str) -> int:
         return fan_in * fan_out * FLOAT_WEIGHT_BYTES[weight_format]
     if weight_format == "fp8":
         return fan_in * fan_out + FP8_SCALE_BYTES
+    if weight_format in MXFP4_FORMATS:  # 4-bit codes, one scale byte per 32 inputs (formats.MXFP4Weight)
+        return fan_in * fan_out // 2 + math.ceil(fan_in / 32) * fan_out
     match = _INT_FORMAT.fullmatch(weight_format)
     bits, group = int(match.group(1)), match.group(2)
     packed = math.ceil(fan_in * fan_out * bits / 8)
@@ -157,7 +160,9 @@ def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1)
     norms and biases stay 16-bit, as AWQ and GPTQ checkpoints keep them:
       "int8" / "int4"    symmetric, one float16 scale per output channel;
       "int8-gN" / "int4-gN"  groups of N inputs, a float16 scale and zero point per group (int4-g128);
-      "fp8"              float8_e4m3 with one float32 scale per matrix.
+      "fp8"              float8_e4m3 with one float32 scale per matrix;
+      "mxfp4"            MXFP4 (4-bit e2m1 codes, an e8m0 scale byte per 32 inputs);
+      "mxfp4-experts"    the experts in MXFP4, every other linear weight in bfloat16 (gpt-oss as published).
     """
     _check_weight_format(weight_format)
     L, E = cfg.num_layers, cfg.num_experts
@@ -166,7 +171,8 @@ def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1)
     other_params = cfg.num_params() - linear_params - vocab_params  # norms, biases, routers: whole on every card
     vocab_params_per_card = vocab_params // cfg.vocab_size * math.ceil(cfg.vocab_size / tp)
     other_bytes = (other_params + vocab_params_per_card) * (4 if weight_format == "float32" else 2)
-    linear_bytes = L * sum(_matrix_bytes(i, o, weight_format) for i, o in _linear_shapes(cfg, tp))
+    dense_format = "bfloat16" if weight_format == "mxfp4-experts" else weight_format
+    linear_bytes = L * sum(_matrix_bytes(i, o, dense_format) for i, o in _linear_shapes(cfg, tp))
     return linear_bytes + L * E * _expert_bytes(cfg, weight_format, tp) + other_bytes
 
 

@@ -241,3 +241,14 @@ def test_mxfp4_experts_split_over_tp():
     assert specs["experts_down"].scales == sharding.P(None, None, None, "tp")
     with pytest.raises(ValueError, match="6 MXFP4 blocks of input rows do not split evenly over tp=4"):
         sharding.param_specs({"layers": {"experts_down": w}}, tp=4)
+
+
+def test_planner_counts_mxfp4_experts_at_4_25_bits():
+    """gpt-oss-20b as published: experts in MXFP4 (a byte per two weights, a scale byte per 32),
+    everything else in bfloat16 (12.8 GiB; the experts' 19.1B weights would be 36 GiB in bfloat16)."""
+    cfg = memory.load_model_config("gpt_oss_20b")
+    experts = cfg.num_layers * cfg.num_experts * memory.expert_params(cfg)
+    assert memory.weight_bytes(cfg, "mxfp4-experts") == memory.weight_bytes(cfg, "bfloat16") - 2 * experts + (
+        experts // 2 + experts // 32)
+    assert memory.weight_bytes(cfg, "mxfp4-experts") / 2**30 == pytest.approx(12.82, abs=0.01)
+    assert memory.weight_bytes(cfg, "mxfp4") < memory.weight_bytes(cfg, "mxfp4-experts")

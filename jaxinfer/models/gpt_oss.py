@@ -17,8 +17,8 @@ split the interleaved columns (Param.hf_part) and do not transpose (Param.hf_in_
 published checkpoints store the experts in MXFP4 (`*_blocks` / `*_scales`): they load packed
 (jaxinfer.checkpoints.mxfp4) and are dequantised inside the grouped matmul's program.
 
-Not yet: GGUF files; the planner counting MXFP4 experts at 4.25 bits; a Pallas kernel that reads
-MXFP4 tiles directly (the Pallas grouped matmul takes them dequantised in the same program).
+Not yet: GGUF files; a Pallas kernel that reads MXFP4 tiles directly (the Pallas grouped matmul
+takes them dequantised in the same program).
 """
 
 from __future__ import annotations
