@@ -145,7 +145,11 @@ def logical_config(model) -> ModelConfig:
 
 
 def _quantized_spec(name: str, w: QuantizedWeight, tp: int) -> QuantizedWeight:
-    """The specs of a stacked (L, ...) packed weight's fields, shaped like the weight."""
+    """The specs of a stacked (L, ...) packed weight's fields, shaped like the weight (an expert
+    weight (L, E, ...): the same after its expert axis)."""
+    if _role(name) in ("expert_column", "expert_row"):
+        inner = _quantized_spec({"expert_column": "wq", "expert_row": "wo"}[_role(name)], w, tp)
+        return jax.tree.map(lambda s: P(None, *s), inner, is_leaf=lambda s: isinstance(s, P))
     if _role(name) == "column":
         cols = P(None, None, "tp")
         return w.replace(qweight=cols, scales=cols, zeros=cols if w.zeros is not None else None,

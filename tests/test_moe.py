@@ -203,3 +203,30 @@ def test_lora_on_a_moe_models_attention(mixtral, rng):
     assert row_rel_error(both[0], ji.forward_logits(lora.merge(model, adapter), tokens[:1])[0]) <= 1e-5
     assert row_rel_error(both[1], ji.forward_logits(model, tokens[1:])[0]) <= 1e-5
     assert row_rel_error(both[0], ji.forward_logits(model, tokens[:1])[0]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["int8-experts", "int4-g16-experts"])
+def test_quantised_experts_equal_their_dequantised_model(mixtral, name, rng):
+    """RTN on the experts too (QuantScheme(experts=True)): one QuantizedWeight (L, E, K, N) per
+    expert weight, dequantised in the grouped matmul's program (XLA and Pallas alike): the model's
+    logits are its dequantised twin's, and the quantisation moved them."""
+    _, model = mixtral
+    scheme = quant.scheme_from_name(name)
+    assert scheme.experts and scheme.name.endswith("-experts")
+    q = quant.quantize_model(model, scheme, progress=False)
+    for expert in ("experts_gate", "experts_up", "experts_down"):
+        w = q.params["layers"][expert]
+        assert isinstance(w, quant.QuantizedWeight) and w.shape == model.params["layers"][expert].shape
+    tokens = rng.integers(0, 256, (2, 12))
+    dequantised = dataclasses.replace(model, params=dequantize_params(q.params))
+    expected = ji.forward_logits(dequantised, tokens)
+    assert row_rel_error(ji.forward_logits(q, tokens), expected) <= 1e-5
+    assert row_rel_error(ji.forward_logits(q, tokens, matmul_impl="pallas"), expected) <= 1e-5
+    assert row_rel_error(expected, ji.forward_logits(model, tokens)) > 1e-4
+
+
+def test_quantised_experts_by_a_calibrated_method_are_refused():
+    with pytest.raises(ValueError, match="experts are quantised by RTN only"):
+        quant.scheme_from_name("int4-awq-experts")
+    with pytest.raises(ValueError, match="only int4 / int8 weight-only schemes"):
+        quant.scheme_from_name("w8a8-fp8-experts")

@@ -322,7 +322,7 @@ def _with_mxfp4_experts(model):
 def families() -> dict:
     """Random small Gemma 2 (soft-caps, local and global layers), Gemma 3 (q/k norms, local RoPE),
     Phi-3 (its split fused projections), Mixtral, Qwen3-MoE, Qwen2-MoE and gpt-oss (experts split on
-    their F axis, a shared expert, attention sinks split by head; gpt-oss's experts in MXFP4 too)
+    their F axis, a shared expert, attention sinks split by head; gpt-oss's experts in MXFP4, Mixtral's in int4, too)
     models: forward logits at tp = 2 against tp = 1, and greedy tokens through the paged engine,
     XLA, and Pallas per shard (attention with a window per layer, the experts' grouped matmul),
     against tp = 1."""
@@ -342,12 +342,17 @@ def families() -> dict:
                                rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                     original_max_position_embeddings=16))}
     configs["gpt_oss_mxfp4"] = configs["gpt_oss"]
+    configs["mixtral_int4_experts"] = configs["mixtral"]
     errors, tokens = {}, {}
     for name, hf in configs.items():
         cfg = ji.ModelConfig.from_hf_dict(hf)
         model = ji.Model(cfg, ji.init_params(cfg, jax.random.key(11), std=0.02))  # (0.02: tokens that vary)
         if name.endswith("mxfp4"):  # the experts packed as published, random codes of the dense weights' size
             model = _with_mxfp4_experts(model)
+        if name.endswith("int4_experts"):  # RTN int4 on the experts too (split over tp by their groups)
+            from jaxinfer import quant
+
+            model = quant.quantize_model(model, quant.scheme_from_name("int4-g32-experts"), progress=False)
         batch = np.asarray([PROMPTS[0], PROMPTS[0][::-1]], np.int32)
         placed = sharding.shard_model(model, sharding.make_mesh(2))
         errors[name] = _row_error(ji.forward_logits(placed, batch), ji.forward_logits(model, batch))

@@ -32,7 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.models.act_formats import SimWeight, W8A8Weight, quantize_activations, sim_reference, w8a8_reference
-from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight, dequantize_mxfp4, prepare_input, reference_matmul
+from jaxinfer.models.formats import (
+    MXFP4Weight,
+    QuantizedWeight,
+    dequantize,
+    dequantize_mxfp4,
+    prepare_input,
+    reference_matmul,
+)
 from jaxinfer.sharding import P, per_shard, tp_mesh
 from pallas_kernels.common import fp8_supported
 from pallas_kernels.grouped_matmul import grouped_matmul
@@ -78,6 +85,8 @@ def grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = "
         raise ValueError(f"matmul impl={impl!r} is not one of {IMPLEMENTATIONS}")
     if isinstance(w, MXFP4Weight):  # packed experts (gpt-oss): dequantised here, in the program that multiplies
         w = dequantize_mxfp4(w, x.dtype)
+    elif isinstance(w, QuantizedWeight):  # int8 / int4 experts (QuantScheme(experts=True)), the same way
+        w = dequantize(w, x.dtype)
     if impl == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
     interpret = jax.default_backend() == "cpu"

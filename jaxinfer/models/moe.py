@@ -18,8 +18,10 @@ expert, masked), the definition the grouped path is checked against.
 
 The expert weights are per-expert params (family roles expert_column / expert_row: stacked
 (L, E, in, out), split over tp on their F axis like the dense MLP's); the router is replicated.
-Neither is a projection: quantisation, AWQ / SmoothQuant folds and LoRA apply to the attention
-projections only, and these families have no MLP calibration sites. Qwen2-MoE adds a shared expert
+Neither is a projection: AWQ / SmoothQuant folds and LoRA apply to the attention projections only,
+and these families have no MLP calibration sites; RTN quantises the experts when asked
+(QuantScheme(experts=True): one QuantizedWeight (L, E, K, N) per expert weight, dequantised in the
+grouped matmul's program). Qwen2-MoE adds a shared expert
 beside them (every token, gated by sigmoid(h @ shared_expert_gate)): its projections are ordinary
 projections, quantised and adaptable, on an input site with no fold (the router and experts read
 it too, and cannot take a fold's factor). Not yet: a layer mix of dense and sparse MLPs

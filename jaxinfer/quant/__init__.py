@@ -19,6 +19,7 @@ import numpy as np
 from jaxinfer.checkpoints.model import Model
 from jaxinfer.models.act_formats import SimWeight, W8A8Weight, dequantize_w8a8
 from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight, dequantize, dequantize_mxfp4, reference_matmul
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.matmul import linear
 from jaxinfer.quant import awq, gptq, simulated, spec, w8a8
 from jaxinfer.quant import calibration as calib
@@ -56,7 +57,9 @@ def quantize(params: dict, scheme: Scheme) -> dict:
     if isinstance(scheme, SimScheme):
         return simulated.quantize_params(params, scheme)
     layers = dict(params["layers"])
-    for name in projections(layers):
+    experts = [n for n in layers if scheme.experts and family_lib.parallel_style(n) in family_lib.EXPERT_ROLES
+               and not isinstance(layers[n], MXFP4Weight)]
+    for name in projections(layers) + experts:  # experts: (L, E, K, N), one QuantizedWeight, leading axes kept
         layers[name] = quantize_weight(
             layers[name], scheme.bits, scheme.group_size, symmetric=scheme.symmetric, pad=scheme.pad,
             scale_dtype=scheme.scale_dtype, name=f"layers.{name}",

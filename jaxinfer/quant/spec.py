@@ -57,7 +57,8 @@ class QuantScheme:
     channel. symmetric: implicit zero point 2**(bits-1); otherwise a stored zero per group.
     pad: zero-pad input rows up to a multiple of group_size (else such a layer is an error).
     method: rtn | awq | gptq. act_order: GPTQ's descending-Hessian-diagonal column order.
-    scale_dtype: None keeps the weight dtype.
+    scale_dtype: None keeps the weight dtype. experts: a mixture of experts' expert weights too
+    (RTN only; the grouped matmul dequantises them in its program), not the projections alone.
     """
 
     bits: int = 4
@@ -67,8 +68,12 @@ class QuantScheme:
     method: str = "rtn"
     act_order: bool = False
     scale_dtype: str | None = None
+    experts: bool = False
 
     def __post_init__(self):
+        if self.experts and self.method != "rtn":
+            raise ValueError(f"experts=True with method={self.method!r}: the experts are quantised by RTN only "
+                             "(calibrating each expert on its own tokens is not built)")
         if self.bits not in BITS:
             raise ValueError(f"bits={self.bits} is not one of {BITS}")
         if self.method not in METHODS:
@@ -85,7 +90,7 @@ class QuantScheme:
         group = f"g{self.group_size}" if self.group_size else "pc"
         sym = "" if self.symmetric else "-asym"
         order = "-act" if self.act_order else ""
-        return f"int{self.bits}-{self.method}-{group}{sym}{order}"
+        return f"int{self.bits}-{self.method}-{group}{sym}{order}" + ("-experts" if self.experts else "")
 
 
 DEFAULT_ALPHA = 0.5  # SmoothQuant's migration strength when a name gives none
@@ -165,13 +170,25 @@ _SIM = re.compile(r"(?P<fmt>nvfp4|mxfp4)-sim(?:-a(?P<abits>8|4))?")
 _SIM_NAMED = {"w4a8-sim": SimScheme("int4", "fp8", 128), "w4a16-fp8scale-sim": SimScheme("int4-fp8scale", None, 32)}
 NAMES_HELP = ("'dense', int{4,8}-{rtn,awq,gptq}[-g<N>|-pc][-asym][-act] (e.g. int8, int4-awq-g128), "
               "w8a8-int8-naive, w8a8-int8-smooth[-a<alpha>], w8a8-fp8[-static][-pt], "
-              "{nvfp4,mxfp4}-sim[-a8|-a4], w4a8-sim or w4a16-fp8scale-sim")
+              "{nvfp4,mxfp4}-sim[-a8|-a4], w4a8-sim or w4a16-fp8scale-sim; an int{4,8} RTN name + '-experts' "
+              "quantises a mixture of experts' experts too")
+
+
+EXPERTS_SUFFIX = "-experts"
 
 
 def scheme_from_name(name: str) -> Scheme | None:
     """The scheme a name stands for (None for a dense model). Unknown names raise ValueError."""
     if name in DENSE:
         return None
+    if name.endswith(EXPERTS_SUFFIX):  # the experts' weights too: "int8-experts", "int4-g32-experts"
+        base = scheme_from_name(name.removesuffix(EXPERTS_SUFFIX))
+        if not isinstance(base, QuantScheme):
+            raise ValueError(f"weights={name!r}: only int4 / int8 weight-only schemes quantise the experts")
+        try:
+            return dataclasses.replace(base, experts=True)
+        except ValueError as e:
+            raise ValueError(f"weights={name!r}: {e}") from None
     try:
         if m := _W8A8.fullmatch(name):
             smooth = "smooth" in name
