@@ -177,11 +177,12 @@ def _flash_kernel(
     mid_hi = jnp.minimum(jnp.maximum(mid_hi, mid_lo), hi)
 
     # A sink is one more score with a zero value: it starts the running max and sum.
+    acc0 = jnp.zeros((block_q, head_dim), jnp.float32)
     if sinks_ref is None:
         m0, l0 = jnp.full((block_q,), MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32)
     else:
         m0, l0 = jnp.full((block_q,), sinks_ref[0] * LOG2_E, jnp.float32), jnp.ones((block_q,), jnp.float32)
-    carry = (jnp.zeros((block_q, head_dim), jnp.float32), m0, l0)
+    carry = (acc0, m0, l0)
     carry = lax.fori_loop(lo, mid_lo, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(mid_hi, hi, functools.partial(step, masked=True), carry)

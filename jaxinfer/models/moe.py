@@ -90,7 +90,7 @@ def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> 
     token = order // k  # (N k,) the token of each sorted pair
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # (E,) pairs per expert
     xs = x[token]  # (N k, D)
-    pair_expert = flat[order]  # (N k,) the expert of each sorted pair
+    pair_expert = flat[order] if any(n in lp for n in EXPERT_BIASES) else None  # (N k,) each sorted pair's expert
     gate = _biased(lp, "experts_gate_bias", project("experts_gate", xs, lp, group_sizes=sizes), pair_expert)  # (N k, F)
     up = _biased(lp, "experts_up_bias", project("experts_up", xs, lp, group_sizes=sizes), pair_expert)
     y = project("experts_down", glu(family, cfg, gate, up), lp, group_sizes=sizes)
