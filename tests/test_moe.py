@@ -205,7 +205,7 @@ def test_lora_on_a_moe_models_attention(mixtral, rng):
     assert row_rel_error(both[0], ji.forward_logits(model, tokens[:1])[0]) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["int8-experts", "int4-g16-experts"])
+@pytest.mark.parametrize("name", ["int8-experts", pytest.param("int4-g16-experts", marks=pytest.mark.slow)])
 def test_quantised_experts_equal_their_dequantised_model(mixtral, name, rng):
     """RTN on the experts too (QuantScheme(experts=True)): one QuantizedWeight (L, E, K, N) per
     expert weight, dequantised in the grouped matmul's program (XLA and Pallas alike): the model's
