@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import TOLERANCE, hf_model, row_rel_error, save_hf
+from helpers import TOLERANCE, check_engine_paths_against_hf_greedy, hf_model, row_rel_error, save_hf
 
 import jaxinfer as ji
 from jaxinfer import quant
@@ -102,13 +102,6 @@ def pair(request, tmp_path_factory):
     return hf, ji.load_model(save_hf(hf, tmp_path_factory.mktemp(request.param)))
 
 
-def _hf_greedy(hf, prompt, n):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("engine_config", [
     # both kernels in interpret mode: soft-cap, a window per layer (lax.switch); slow: 12 s a model (the
     # fast tier keeps test_pallas_prefill_and_decode_equal_xla_with_soft_caps and the kernels' own tests)
@@ -118,22 +111,10 @@ def _hf_greedy(hf, prompt, n):
     pytest.param(dict(kv_dtype="fp8"), marks=pytest.mark.slow),
 ], ids=["pallas", "unroll", "int8-kv", "fp8-kv"])
 def test_engine_paths_match_hf_greedy(pair, engine_config, rng):
-    """Prompts longer than the window (5), in chunks of 8 tokens over pages of 4, a prefix-cache hit
-    (the third prompt starts with the first), 16 greedy tokens each: HF's tokens, except that int8
-    KV may part from them (its agreement is counted, as for other models' int8 KV)."""
+    """helpers.check_engine_paths_against_hf_greedy: windows of 5 crossed, chunked prefill, a
+    prefix hit, HF's 16 greedy tokens (int8 / fp8 KV: agreement)."""
     hf, model = pair
-    prompts = [rng.integers(0, 256, size=n).tolist() for n in (13, 6)]
-    prompts.append(prompts[0][:8] + [3, 4, 5])
-    config = ji.EngineConfig(max_batch=2, page_size=4, max_tokens_per_step=8, **engine_config)
-    engine = ji.Engine(model, config)
-    outs = engine.generate(prompts, ji.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    assert engine.allocator.hits > 0
-    expected = [_hf_greedy(hf, p, 16) for p in prompts]
-    if "kv_dtype" in engine_config:
-        agree = np.mean([a == b for o, e in zip(outs, expected) for a, b in zip(o.token_ids, e)])
-        assert agree >= 0.5, agree
-    else:
-        assert [o.token_ids for o in outs] == expected
+    check_engine_paths_against_hf_greedy(hf, model, engine_config, rng)
 
 
 def test_pallas_prefill_and_decode_equal_xla_with_soft_caps(pair, rng):

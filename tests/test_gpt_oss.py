@@ -12,10 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
-from helpers import TOLERANCE, hf_model, row_rel_error, save_hf
-from test_gemma import _hf_config, _hf_greedy, _hf_num_params
+from helpers import (
+    TOLERANCE,
+    check_engine_paths_against_hf_greedy,
+    check_saved_equals_hf_file,
+    hf_greedy,
+    hf_model,
+    row_rel_error,
+    save_hf,
+)
+from test_gemma import _hf_config, _hf_num_params
 
 import jaxinfer as ji
 from jaxinfer import memory
@@ -93,12 +100,7 @@ def test_stacked_interleaved_experts_split_at_load_and_interleave_back_on_save(p
     np.testing.assert_array_equal(lp["experts_gate_bias"], bias[:, ::2])
     np.testing.assert_array_equal(lp["experts_down"], experts.down_proj.detach().numpy())
     np.testing.assert_array_equal(lp["sinks"], hf.model.layers[1].self_attn.sinks.detach().numpy())
-    ji.save_hf_checkpoint(model, tmp_path / "ours")
-    theirs = safetensors.numpy.load_file(f"{path}/model.safetensors")
-    ours = safetensors.numpy.load_file(tmp_path / "ours" / "model.safetensors")
-    assert sorted(ours) == sorted(theirs)
-    for name in theirs:
-        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    check_saved_equals_hf_file(model, path, tmp_path / "ours")
 
 
 def _without(model, **changes):
@@ -144,20 +146,10 @@ def test_pallas_forward_equals_xla_with_sinks(pair, rng):
     pytest.param(dict(), marks=pytest.mark.slow),  # 5 s; the fast tier keeps HF's 32 greedy tokens (test_hf_parity)
 ], ids=["pallas", "int8-kv", "xla"])
 def test_engine_paths_match_hf_greedy(pair, engine_config, rng):
-    """Prompts longer than the window (5), chunks of 8 over pages of 4, a prefix-cache hit: HF's 16
-    greedy tokens (int8 KV: agreement, as for other models' int8 KV)."""
+    """helpers.check_engine_paths_against_hf_greedy: the window (5) crossed, chunked prefill, a
+    prefix hit, HF's 16 greedy tokens (int8 KV: agreement)."""
     hf, model, _ = pair
-    prompts = [rng.integers(0, 256, size=n).tolist() for n in (13, 6)]
-    prompts.append(prompts[0][:8] + [3, 4, 5])
-    engine = ji.Engine(model, ji.EngineConfig(max_batch=2, page_size=4, max_tokens_per_step=8, **engine_config))
-    outs = engine.generate(prompts, ji.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    assert engine.allocator.hits > 0
-    expected = [_hf_greedy(hf, p, 16) for p in prompts]
-    if "kv_dtype" in engine_config:
-        agree = np.mean([a == b for o, e in zip(outs, expected) for a, b in zip(o.token_ids, e)])
-        assert agree >= 0.5, agree
-    else:
-        assert [o.token_ids for o in outs] == expected
+    check_engine_paths_against_hf_greedy(hf, model, engine_config, rng)
 
 
 def test_sinks_split_over_tp_like_query_heads():
@@ -212,7 +204,7 @@ def test_mxfp4_experts_load_packed_and_match_hf(mxfp4_pair, rng):
     assert row_rel_error(ji.forward_logits(model, tokens), expected) <= TOLERANCE["float32"]
     prompt = rng.integers(0, 256, size=9).tolist()
     out = ji.generate(model, [prompt], ji.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    assert out[0].token_ids == _hf_greedy(hf, prompt, 16)
+    assert out[0].token_ids == hf_greedy(hf, prompt, 16)
 
 
 def test_mxfp4_misshaped_blocks_are_named(mxfp4_pair, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import safetensors.numpy
-from helpers import hf_model, save_hf
+from helpers import check_saved_equals_hf_file, hf_model, save_hf
 from test_gemma import _hf_config, _hf_num_params
 
 import jaxinfer as ji
@@ -61,12 +61,7 @@ def test_fused_tensors_split_at_load_and_stack_back_on_save(tmp_path):
     np.testing.assert_array_equal(lp["wv"].T, qkv[q + kv:])
     np.testing.assert_array_equal(lp["w_gate"].T, gate_up[:cfg.intermediate_size])
     np.testing.assert_array_equal(lp["w_up"].T, gate_up[cfg.intermediate_size:])
-    ji.save_hf_checkpoint(model, tmp_path / "ours")
-    theirs = safetensors.numpy.load_file(f"{path}/model.safetensors")
-    ours = safetensors.numpy.load_file(tmp_path / "ours" / "model.safetensors")
-    assert sorted(ours) == sorted(theirs)
-    for name in theirs:
-        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    check_saved_equals_hf_file(model, path, tmp_path / "ours")
     fused = {k: s for k, s in expected_tensors(cfg).items() if s.parts}
     assert len(fused) == 2 * cfg.num_layers and fused["model.layers.0.self_attn.qkv_proj.weight"].hf_shape == (
         q + 2 * kv, cfg.hidden_size)
