@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer import sharding
 from jaxinfer.checkpoints import gguf as gguf_lib
+from jaxinfer.checkpoints import mxfp4
 from jaxinfer.checkpoints.hf_layout import (
     FLOAT_DTYPES,
     CheckpointError,
@@ -35,7 +36,6 @@ from jaxinfer.checkpoints.hf_layout import (
     write_layer,
 )
 from jaxinfer.checkpoints.model import Model
-from jaxinfer.checkpoints import mxfp4
 from jaxinfer.checkpoints.quantized import load_quantized_params
 from jaxinfer.checkpoints.tokenizer import load_tokenizer
 from jaxinfer.models import decoder as model_lib
