@@ -319,6 +319,12 @@ def hf_field(hf: dict[str, Any], name: str, kind: type, default: Any = None, min
     return value
 
 
+def first_field(hf: dict[str, Any], *names: str) -> str:
+    """The first of names that config.json sets (not null), else the first: one value that
+    published files and transformers versions spell differently."""
+    return next((name for name in names if hf.get(name) is not None), names[0])
+
+
 def hf_token_ids(hf: dict[str, Any], name: str) -> tuple[int, ...]:
     """A token id or a list of them (absent: none), or ConfigError naming the field."""
     value = hf.get(name)

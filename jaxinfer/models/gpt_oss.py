@@ -26,7 +26,15 @@ from __future__ import annotations
 from typing import Any
 
 from jaxinfer.models import moe
-from jaxinfer.models.config import ConfigError, ModelConfig, hf_field, read_common, windows_from_layer_types, write_common
+from jaxinfer.models.config import (
+    ConfigError,
+    ModelConfig,
+    first_field,
+    hf_field,
+    read_common,
+    windows_from_layer_types,
+    write_common,
+)
 from jaxinfer.models.family import Family, Param, register
 
 _EXPERTS = "mlp.experts."
@@ -72,9 +80,8 @@ def read_config(family: Family, hf: dict[str, Any]) -> ModelConfig:
     common = read_common(hf)
     layer_types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
                                             for i in range(common["num_layers"])]
-    experts = next((f for f in ("num_local_experts", "num_experts") if hf.get(f) is not None), "num_local_experts")
-    top_k = next((f for f in ("num_experts_per_tok", "experts_per_token") if hf.get(f) is not None),
-                 "num_experts_per_tok")
+    experts = first_field(hf, "num_local_experts", "num_experts")
+    top_k = first_field(hf, "num_experts_per_tok", "experts_per_token")  # published files write both
     return ModelConfig(
         model_type=family.name, **common, qkv_bias=True, o_bias=True, attn_sinks=True,
         layer_windows=windows_from_layer_types(hf, layer_types, common["num_layers"]),

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.models import llama
-from jaxinfer.models.config import ConfigError, ModelConfig, hf_field
+from jaxinfer.models.config import ConfigError, ModelConfig, first_field, hf_field
 from jaxinfer.models.family import ACTIVATIONS, Family, Param, Site, register
 
 Params = dict[str, Any]
@@ -196,7 +196,7 @@ class Variant:
         F = hf_field(hf, self.intermediate_field, int, minimum=1)
         cfg = self.attention.read_config(family, {**hf, "intermediate_size": F})
         # transformers >= 5 writes Qwen3-MoE's expert count as num_local_experts (published files: num_experts)
-        field = next((f for f in (self.experts_field, "num_local_experts") if hf.get(f) is not None), self.experts_field)
+        field = first_field(hf, self.experts_field, "num_local_experts")
         return dataclasses.replace(
             cfg, num_experts=hf_field(hf, field, int, minimum=1),
             experts_per_token=hf_field(hf, "num_experts_per_tok", int, minimum=1),
