@@ -61,6 +61,7 @@ def test_continuous_takes_fewer_steps_and_wastes_less_kv(runs):
     assert c["kv_waste"] < s["kv_waste"]
 
 
+@pytest.mark.slow  # 2.4 s: the sweep and plot; the runs fixture keeps the bench itself fast
 def test_poisson_sweep_and_plot(tmp_path):
     png = tmp_path / "latency.png"
     record = _bench(tmp_path, "poisson", "--num_requests=4", "--arrival=poisson", "--rates=40,80", "--max_batch=2",
@@ -85,6 +86,7 @@ def test_random_model_shaped_like_a_config(tmp_path, capsys):
     assert "random:" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 3 s: a subprocess; the module's other tests run main in process
 def test_runs_as_a_script(tmp_path):
     out = tmp_path / "smoke.json"
     result = run_script("experiments.bench_batching", "--num_requests=3", "--max_batch=2", "--prompt_len=8",

@@ -216,6 +216,7 @@ def test_kv_capacity_runs_end_to_end(tmp_path, capsys):
     assert not result["cards"]["rtx3080_10gb"]["rows"][0]["fits"]
 
 
+@pytest.mark.slow  # 3 s: a subprocess; the fast tier runs kv_capacity's main in process
 def test_kv_capacity_runs_as_a_script():
     result = run_script("experiments.kv_capacity", "--models=llama3_8b", "--cards=h100_80gb", timeout=120)
     assert result.returncode == 0 and "H100" in result.stdout, result.stderr[-2000:]

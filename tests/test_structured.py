@@ -135,7 +135,9 @@ SPECULATIVE = {
 
 
 @pytest.mark.parametrize("method", [
-    "draft chain", pytest.param("eagle tree", marks=pytest.mark.slow), pytest.param("ngram", marks=pytest.mark.slow)])
+    # all slow (10 s each): structured output's own tests and speculative decoding's stay fast
+    pytest.param("draft chain", marks=pytest.mark.slow), pytest.param("eagle tree", marks=pytest.mark.slow),
+    pytest.param("ngram", marks=pytest.mark.slow)])
 def test_speculative_decoding_keeps_constrained_outputs(tiny, engine, method):
     """Each verified position's mask is the grammar's after the drafts before it (a tree: its
     ancestors), so a verify pass emits the tokens plain constrained decoding draws, at

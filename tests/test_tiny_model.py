@@ -135,6 +135,7 @@ def test_main_job_bad_input_is_refused(flag, message):
         run_main(generate, flag)
 
 
+@pytest.mark.slow  # 2.7 s: the scripts' flags; the main job stays fast
 def test_eval_and_training_scripts_run(tmp_path, capsys):
     """eval_tiny prints its table (and writes only when asked); train_tiny trains, exports and
     evaluates a model (two steps of the draft here)."""
