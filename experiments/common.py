@@ -16,7 +16,8 @@ The experiments run the same from a checkout (`python -m experiments.X`, from th
 and from an installed wheel (`python -m jaxinfer.experiments.X` or the console scripts, from any
 directory); paths in flags are taken relative to the working directory.
 
-Scale-out: `--tp=N` runs the model tensor-parallel over the first N devices (EngineConfig(tp=N)).
+Scale-out: `--tp=N` runs the model tensor-parallel over the first N devices (EngineConfig(tp=N)),
+`--ep=M` a mixture of experts' experts split over M groups of them as well (EngineConfig(ep=M)).
 On several hosts, start the same command on each with `--coordinator=HOST:PORT --num_processes=P
 --process_id=I` (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID): `run` calls
 jax.distributed.initialize before main, so jax.devices() lists every host's devices.
@@ -111,6 +112,8 @@ flags.DEFINE_enum("layer_loop", "scan", ["scan", "unroll"], "How a step runs the
 flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: the model and its KV cache split over the first tp devices "
                      "(every host's, with --coordinator; a CPU fakes devices with XLA_FLAGS="
                      "--xla_force_host_platform_device_count=N). kv_capacity: plan per card at this tp.")
+flags.DEFINE_integer("ep", 1, "Expert-parallel degree (a mixture-of-experts model): the experts split on E over ep "
+                     "groups of tp devices, tp x ep devices in all. kv_capacity: plan per card at this ep.")
 flags.DEFINE_string("coordinator", os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
                     "Multi-host: the coordinator's HOST:PORT (process 0's host); '' = one process.")
 flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 1)),
@@ -134,7 +137,7 @@ flags.DEFINE_float("spec_tree_temperature", 1.0, "EAGLE tree: temperature of the
 
 ENGINE_FLAGS = ("batching", "kv_layout", "page_size", "kv_budget_tokens", "max_batch", "max_tokens_per_step",
                 "chunked_prefill", "prefix_cache", "attention", "matmul", "decode_steps", "overlap", "kv_dtype",
-                "max_adapters", "max_lora_rank", "lora_impl", "tp", "layer_loop")
+                "max_adapters", "max_lora_rank", "lora_impl", "tp", "ep", "layer_loop")
 DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id")
 SPEC_FLAGS = ("spec", "spec_tokens", "spec_draft", "spec_accept", "spec_tree_top_k", "spec_tree_depth",
               "spec_tree_temperature")
@@ -177,8 +180,8 @@ def check_draft(method: str, draft: str, flag: str) -> None:
 
 
 def mesh():
-    """The tensor-parallel mesh --tp asks for (the first tp devices), or None for tp=1."""
-    return sharding.make_mesh(FLAGS.tp) if FLAGS.tp > 1 else None
+    """The mesh --tp and --ep ask for (the first tp x ep devices), or None for tp = ep = 1."""
+    return sharding.make_mesh(FLAGS.tp, ep=FLAGS.ep) if FLAGS.tp * FLAGS.ep > 1 else None
 
 
 def value_or(name: str, default):

@@ -4,11 +4,13 @@ For each card, prints one row per model: weights (GB), KV cache per 1K tokens (M
 context at batch 1 and at --batch, the largest batch at --context, and the decode roofline's
 tokens/s at batch 1 and --context. Pure arithmetic (jaxinfer.memory): no device, no compilation.
 With --tp=N every figure is per card of N running the model tensor-parallel (weights and KV heads
-split, see jaxinfer/sharding.py); --min_tp instead answers "how many cards of each kind": the
+split, see jaxinfer/sharding.py), and with --ep=M (a mixture of experts) per card of N x M, the
+experts split over M groups of N as well; --min_tp instead answers "how many cards of each kind": the
 smallest tp whose cards hold the weights and --batch sequences of --context tokens.
 
   python -m jaxinfer.experiments.kv_capacity --cards=rtx3080_10gb,h100_80gb --weight_format=int4-g128
   python -m jaxinfer.experiments.kv_capacity --models=llama3_70b --tp=4 --cards=h100_80gb
+  python -m jaxinfer.experiments.kv_capacity --models=mixtral_8x7b --ep=4 --cards=rtx3080_10gb
   python -m jaxinfer.experiments.kv_capacity --models=llama3_70b,llama3_8b --min_tp --context=8192 --batch=8
 """
 
@@ -24,7 +26,7 @@ from . import common
 
 FLAGS = flags.FLAGS
 
-for _name in ("out", "kv_dtype", "tp"):
+for _name in ("out", "kv_dtype", "tp", "ep"):
     flags.declare_key_flag(_name)
 _MODELS = flags.DEFINE_string("models", "all", "Comma-separated model names from configs/models, or 'all'.")
 _CARDS = flags.DEFINE_string("cards", "all", "Comma-separated card names from configs/hardware, or 'all'.")
@@ -58,17 +60,19 @@ def _names(value: str, known: list[str]) -> list[str]:
 def model_row(name: str, hw: memory.Hardware) -> dict:
     """One model on one card, with the settings from the flags; None where the weights do not fit."""
     cfg = memory.load_model_config(name)
-    fmt, kv, reserve, tp = _WEIGHT_FORMAT.value, FLAGS.kv_dtype or KV_DTYPE, _RESERVE.value, FLAGS.tp
+    fmt, kv, reserve, tp, ep = _WEIGHT_FORMAT.value, FLAGS.kv_dtype or KV_DTYPE, _RESERVE.value, FLAGS.tp, FLAGS.ep
     scale = SCALE_BYTES if kv in memory.QUANTISED_KV_DTYPES else 0
     try:
         memory.kv_heads_per_card(cfg, tp)
+        memory.check_ep(cfg, ep)
     except ValueError as e:
-        return {"model": name, "params": cfg.num_params(), "tp": tp, "fits": False, "error": str(e)}
+        return {"model": name, "params": cfg.num_params(), "tp": tp, "ep": ep, "fits": False, "error": str(e)}
     row = {
         "model": name,
         "params": cfg.num_params(),
         "tp": tp,
-        "weight_bytes": memory.weight_bytes(cfg, fmt, tp),
+        "ep": ep,
+        "weight_bytes": memory.weight_bytes(cfg, fmt, tp, ep),
         "kv_bytes_per_1k_tokens": memory.kv_cache_bytes(cfg, 1024, kv_dtype=kv, kv_scale_bytes=scale, tp=tp),
         "model_max_context": cfg.max_position_embeddings,
         "fits": True,
@@ -78,16 +82,16 @@ def model_row(name: str, hw: memory.Hardware) -> dict:
         "decode_tokens_per_s_batch_1": None,
     }
     try:
-        row["kv_max_context_batch_1"] = memory.max_context(cfg, hw, 1, fmt, kv, reserve, scale, tp)
+        row["kv_max_context_batch_1"] = memory.max_context(cfg, hw, 1, fmt, kv, reserve, scale, tp, ep)
     except memory.DoesNotFitError:
         row["fits"] = False
         return row
-    row["kv_max_context_batch_n"] = memory.max_context(cfg, hw, _BATCH.value, fmt, kv, reserve, scale, tp)
+    row["kv_max_context_batch_n"] = memory.max_context(cfg, hw, _BATCH.value, fmt, kv, reserve, scale, tp, ep)
     # What the KV cache would hold, capped at what the model was trained for.
     for n in ("1", "n"):
         row[f"max_context_batch_{n}"] = min(row[f"kv_max_context_batch_{n}"], cfg.max_position_embeddings)
-    row["max_batch_at_context"] = memory.max_batch(cfg, hw, _CONTEXT.value, fmt, kv, reserve, scale, tp)
-    roofline = memory.decode_roofline(cfg, hw, 1, _CONTEXT.value, fmt, kv, kv_scale_bytes=scale, tp=tp)
+    row["max_batch_at_context"] = memory.max_batch(cfg, hw, _CONTEXT.value, fmt, kv, reserve, scale, tp, ep)
+    roofline = memory.decode_roofline(cfg, hw, 1, _CONTEXT.value, fmt, kv, kv_scale_bytes=scale, tp=tp, ep=ep)
     row["decode_tokens_per_s_batch_1"] = roofline["tokens_per_s"]
     return row
 
@@ -135,6 +139,7 @@ def _min_tp_cells(row: dict) -> list[str]:
 
 def print_table(hw: memory.Hardware, rows: list[dict], columns=COLUMNS, cells=None) -> None:
     tp = f", per card of tp={FLAGS.tp}" if FLAGS.tp > 1 and columns is COLUMNS else ""
+    tp += f", experts over ep={FLAGS.ep}" if FLAGS.ep > 1 and columns is COLUMNS else ""
     need = f" | smallest tp for {_BATCH.value} x {_CONTEXT.value:,} tokens" if columns is MIN_TP_COLUMNS else ""
     print(f"\n{hw.name}: {hw.memory_bytes / 1e9:.1f} GB, {hw.memory_bandwidth_bytes_per_s / 1e9:,.0f} GB/s, "
           f"{hw.peak_bf16_flops / 1e12:.1f} TFLOP/s bf16 | weights {_WEIGHT_FORMAT.value}, "
@@ -152,7 +157,7 @@ def main(argv: list[str]) -> None:
     models = _names(_MODELS.value, memory.list_models())
     cards = _names(_CARDS.value, memory.list_hardware())
     cards_out, metrics = {}, {}
-    for name, value in (("tp", FLAGS.tp), ("batch", _BATCH.value), ("context", _CONTEXT.value),
+    for name, value in (("tp", FLAGS.tp), ("ep", FLAGS.ep), ("batch", _BATCH.value), ("context", _CONTEXT.value),
                         ("max_tp", _MAX_TP.value)):
         if value < 1:
             raise ValueError(f"--{name}={value} must be >= 1")

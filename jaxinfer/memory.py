@@ -20,6 +20,9 @@ projection, of the embedding and LM head (vocabulary padded to a multiple of tp)
 heads (one head when tp > K: heads are replicated), and all of the norms and biases. The roofline
 reads that share at the card's bandwidth; the all-reduces between cards are not modelled.
 `min_tp` answers how many cards of a kind a model and context need.
+Expert parallel (`ep`, a mixture of experts): the experts are split over ep groups of tp cards as
+well, so a card holds 1 / (tp x ep) of the expert weights and reads, in a decode step, the experts
+touched among its own E / ep; everything else is as at tp (replicated over ep).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.experts import _expert_shapes, active_params, expert_params, experts_touched  # noqa: F401
-from jaxinfer.sharding import kv_replicas
+from jaxinfer.sharding import check_ep, kv_replicas
 
 # configs/ sits beside the package in the repository; jaxinfer/configs links to it, so a wheel
 # carries it as package data.
@@ -151,9 +154,9 @@ def _matrix_bytes(fan_in: int, fan_out: int, weight_format: str) -> int:
     return packed + groups * 2 * SCALE_BYTES  # a float16 scale and a float16 zero point per group
 
 
-def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1) -> int:
+def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1, ep: int = 1) -> int:
     """Bytes of all parameters: embeddings, every layer, final norm and lm_head (tied: counted once);
-    with tp, one card's share (see the module docstring).
+    with tp (and ep), one card's share (see the module docstring).
 
     Formats: "float32", "bfloat16", "float16" store every parameter in that dtype. The quantised
     formats apply to the linear weights of each layer only (_linear_shapes); embeddings, lm_head,
@@ -173,7 +176,13 @@ def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1)
     other_bytes = (other_params + vocab_params_per_card) * (4 if weight_format == "float32" else 2)
     dense_format = "bfloat16" if weight_format == "mxfp4-experts" else weight_format
     linear_bytes = L * sum(_matrix_bytes(i, o, dense_format) for i, o in _linear_shapes(cfg, tp))
-    return linear_bytes + L * E * _expert_bytes(cfg, weight_format, tp) + other_bytes
+    return linear_bytes + L * _experts_per_card(cfg, ep) * _expert_bytes(cfg, weight_format, tp) + other_bytes
+
+
+def _experts_per_card(cfg: ModelConfig, ep: int) -> int:
+    """The experts of one layer each card holds: E / ep (ep must divide E; 0 for a dense model)."""
+    check_ep(cfg, ep)
+    return cfg.num_experts // ep
 
 
 def _expert_bytes(cfg: ModelConfig, weight_format: str, tp: int = 1) -> int:
@@ -280,7 +289,8 @@ def usable_bytes(hw: Hardware, reserve_fraction: float = 0.1) -> int:
 
 
 def kv_budget_bytes(
-    cfg: ModelConfig, hw: Hardware, weight_format: str = "bfloat16", reserve_fraction: float = 0.1, tp: int = 1
+    cfg: ModelConfig, hw: Hardware, weight_format: str = "bfloat16", reserve_fraction: float = 0.1, tp: int = 1,
+    ep: int = 1,
 ) -> int:
     """Bytes left for the KV cache once weights and reserve are placed (on each of tp cards).
 
@@ -288,9 +298,10 @@ def kv_budget_bytes(
     not fit: the planner never answers 0 for a model that cannot even load.
     """
     usable = usable_bytes(hw, reserve_fraction)
-    weights = weight_bytes(cfg, weight_format, tp)
+    weights = weight_bytes(cfg, weight_format, tp, ep)
     if weights > usable:
         share = f" (1/{tp} of them per card)" if tp > 1 else ""
+        share += f" (1/{tp * ep} of the experts per card)" if ep > 1 else ""
         raise DoesNotFitError(
             f"weights of {weights / 1e9:.2f} GB ({weight_format}){share} do not fit on {hw.name}: "
             f"{hw.memory_bytes / 1e9:.2f} GB of memory, {usable / 1e9:.2f} GB after the "
@@ -301,12 +312,12 @@ def kv_budget_bytes(
 
 def fits(
     cfg: ModelConfig, hw: Hardware, batch: int, context: int, weight_format: str = "bfloat16",
-    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1,
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1, ep: int = 1,
 ) -> bool:
     """Whether weights plus a cache of `batch` sequences of `context` tokens fit after the reserve
-    (each card's share, with tp)."""
+    (each card's share, with tp and ep)."""
     kv = kv_cache_bytes(cfg, context, batch, kv_dtype, kv_scale_bytes, tp)
-    return weight_bytes(cfg, weight_format, tp) + kv <= usable_bytes(hw, reserve_fraction)
+    return weight_bytes(cfg, weight_format, tp, ep) + kv <= usable_bytes(hw, reserve_fraction)
 
 
 def valid_tps(cfg: ModelConfig, max_tp: int = 64) -> list[int]:
@@ -335,7 +346,7 @@ def min_tp(
 
 def max_context(
     cfg: ModelConfig, hw: Hardware, batch: int = 1, weight_format: str = "bfloat16",
-    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1,
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1, ep: int = 1,
 ) -> int:
     """The largest tokens per sequence whose cache fits for `batch` sequences (may be 0).
 
@@ -344,12 +355,12 @@ def max_context(
     """
     _check_at_least("batch", batch, 1)
     per_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp)
-    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction, tp) // (per_token * batch)
+    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction, tp, ep) // (per_token * batch)
 
 
 def max_batch(
     cfg: ModelConfig, hw: Hardware, context: int, weight_format: str = "bfloat16",
-    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1,
+    kv_dtype: str = "bfloat16", reserve_fraction: float = 0.1, kv_scale_bytes: int = 0, tp: int = 1, ep: int = 1,
 ) -> int:
     """The most sequences of `context` tokens whose cache fits (may be 0).
 
@@ -357,7 +368,7 @@ def max_batch(
     """
     _check_at_least("context", context, 1)
     per_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp)
-    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction, tp) // (per_token * context)
+    return kv_budget_bytes(cfg, hw, weight_format, reserve_fraction, tp, ep) // (per_token * context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,10 +391,11 @@ def _peak_flops(hw: Hardware, weight_format: str) -> float:
 
 def decode_roofline(
     cfg: ModelConfig, hw: Hardware, batch: int = 1, context: int = 4096, weight_format: str = "bfloat16",
-    kv_dtype: str = "bfloat16", kv_scale_bytes: int = 0, measured: bool = False, tp: int = 1,
+    kv_dtype: str = "bfloat16", kv_scale_bytes: int = 0, measured: bool = False, tp: int = 1, ep: int = 1,
 ) -> dict[str, Any]:
     """Lower bound on one decode step's time: every sequence adds one token to a cache of `context`
-    (with tp: each card's share of the bytes and FLOPs, the all-reduces between cards left out).
+    (with tp and ep: each card's share of the bytes and FLOPs, the collectives between cards left
+    out; under ep a card reads the experts touched among its own E / ep, touched / ep on average).
 
     Bytes per step = weights read (all of them, except that an untied embedding table is only
     gathered: `batch` rows, and a mixture of experts reads only the experts its tokens are routed
@@ -400,11 +412,12 @@ def decode_roofline(
     side_bytes = 4 if weight_format == "float32" else 2  # embeddings stay 16-bit unless float32
     D, V = cfg.hidden_size, math.ceil(cfg.vocab_size / tp)  # V: one card's vocabulary rows
 
-    weight_read = weight_bytes(cfg, weight_format, tp) + batch * D * side_bytes  # gathered embedding rows
+    weight_read = weight_bytes(cfg, weight_format, tp, ep) + batch * D * side_bytes  # gathered embedding rows
     if not cfg.tie_word_embeddings:
         weight_read -= V * D * side_bytes  # the table itself is not read; lm_head is
     touched = experts_touched(cfg, batch)
-    weight_read -= round(cfg.num_layers * (cfg.num_experts - touched) * _expert_bytes(cfg, weight_format, tp))
+    untouched = (cfg.num_experts - touched) / ep  # of this card's E / ep
+    weight_read -= round(cfg.num_layers * untouched * _expert_bytes(cfg, weight_format, tp))
     tokens_read = sum(min(context, w) if w else context for w in cfg.layer_windows)  # over layers
     per_layer_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp) // cfg.num_layers
     kv_read = batch * tokens_read * per_layer_token
@@ -412,7 +425,7 @@ def decode_roofline(
     bytes_per_step = weight_read + kv_read + kv_written
 
     matmul_params = cfg.num_layers * (sum(i * o for i, o in _linear_shapes(cfg, tp))
-                                      + cfg.experts_per_token * expert_params(cfg) // tp) + V * D
+                                      + cfg.experts_per_token * expert_params(cfg) // (tp * ep)) + V * D
     attention_flops = batch * tokens_read * 4 * cfg.num_heads // tp * cfg.head_dim  # q @ k^T and p @ v
     flops_per_step = 2 * matmul_params * batch + attention_flops
 
@@ -429,6 +442,7 @@ def decode_roofline(
         "batch": batch,
         "context": context,
         "tp": tp,
+        "ep": ep,
         "weight_bytes_read": weight_read,
         "kv_bytes_read": kv_read,
         "kv_bytes_written": kv_written,

@@ -8,7 +8,7 @@ The layout is Megatron-LM's, by each parameter's role in its family's spec (jaxi
 the Llama-style names in brackets):
 
   mesh axes        "dp" (independent replicas: params and cache are replicated over it; the engine
-                   runs one replica, dp=1) and "tp" (tensor parallel)
+                   runs one replica, dp=1), "ep" (expert parallel, below) and "tp" (tensor parallel)
   column-parallel  projections (L, D, out) [wq wk wv w_gate w_up]: out split over tp; their biases
                    (L, out) [bq bk bv] likewise
   row-parallel     projections (L, in, D) [wo w_down]: in split; their biases (L, D) [bo] replicated
@@ -24,6 +24,14 @@ the Llama-style names in brackets):
                    input is permuted whole, which gathers it across the shards
   LoRA slots       column-parallel projection: A replicated, B split on its output;
                    row-parallel projection: A split on its input, B replicated
+
+Expert parallelism (ep > 1, a mixture-of-experts model): the experts' weights (L, E, ...) and their
+biases are split on E over "ep" as well as on F over "tp"; everything else is replicated over ep
+(each ep group runs the attention and the router on every token, as one engine replica does). The
+MoE layer then runs its experts per ep shard under shard_map (`ep_mesh`; jaxinfer.models.moe):
+every shard sees all the tokens (they are replicated, so no all-to-all dispatch is needed), computes
+the (token, expert) pairs routed to its E / ep experts, and one psum over "ep" sums the shards'
+outputs. ep must divide num_experts; ep x tp devices are used.
 
 KV heads fewer than tp (the tiny model's 2 at tp=4, Llama-3-70B's 8 at tp=16): each KV head is
 stored tp / K times, as vLLM does, so every device holds one KV head; the params whose output is
@@ -63,7 +71,7 @@ from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight
 from jaxinfer.models.kv_cache import KV_DTYPES, PagedKVCache
 
-AXES = ("dp", "tp")
+AXES = ("dp", "ep", "tp")
 
 
 def _role(name: str) -> str | None:
@@ -91,26 +99,34 @@ class Placement:
     def tp(self) -> int:
         return self.mesh.shape["tp"]
 
+    @property
+    def ep(self) -> int:
+        return self.mesh.shape.get("ep", 1)
 
-def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
-    """A ("dp", "tp") mesh over the first dp * tp devices (jax.devices(): every host's, after
-    `initialize`). A device's tp neighbours are adjacent in the list (one host's NVLink group)."""
+
+def _check_degree(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+
+
+def make_mesh(tp: int = 1, dp: int = 1, devices=None, ep: int = 1) -> Mesh:
+    """A ("dp", "ep", "tp") mesh over the first dp * ep * tp devices (jax.devices(): every host's,
+    after `initialize`). A device's tp neighbours are adjacent in the list (one host's NVLink
+    group), then its ep neighbours."""
     devices = jax.devices() if devices is None else list(devices)
-    for name, value in (("tp", tp), ("dp", dp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    if dp * tp > len(devices):
-        raise ValueError(f"tp={tp} x dp={dp} needs {dp * tp} devices; {len(devices)} are present "
+    for name, value in (("tp", tp), ("ep", ep), ("dp", dp)):
+        _check_degree(name, value)
+    if dp * ep * tp > len(devices):
+        raise ValueError(f"tp={tp} x ep={ep} x dp={dp} needs {dp * ep * tp} devices; {len(devices)} are present "
                          f"({devices[0].platform})")
-    grid = np.asarray(devices[: dp * tp], dtype=object).reshape(dp, tp)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    grid = np.asarray(devices[: dp * ep * tp], dtype=object).reshape(dp, ep, tp)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def kv_replicas(cfg: ModelConfig, tp: int) -> int:
     """How many times each KV head is stored at this tp (1 unless tp > num_kv_heads); raises
     ValueError naming the field a tp does not divide."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tp={tp!r} must be an integer >= 1")
+    _check_degree("tp", tp)
     for name, value in (("num_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size)):
         if value % tp:
             raise ValueError(f"tp={tp} does not divide {name}={value}")
@@ -123,13 +139,26 @@ def kv_replicas(cfg: ModelConfig, tp: int) -> int:
     return tp // K
 
 
-def check(cfg: ModelConfig, tp: int, num_devices: int | None = None) -> int:
-    """Every tp check, before anything is placed or compiled: the model's dimensions, and tp against
-    the devices present. Returns the KV-head replicas."""
+def check_ep(cfg: ModelConfig, ep: int) -> None:
+    """Raises ValueError when the model's experts cannot split over ep (a dense model, or an expert
+    count ep does not divide)."""
+    _check_degree("ep", ep)
+    if ep > 1 and not cfg.num_experts:
+        raise ValueError(f"ep={ep}: expert parallelism needs a mixture-of-experts model ({cfg.family.name} has no "
+                         "experts)")
+    if cfg.num_experts % ep:
+        raise ValueError(f"ep={ep} does not divide num_experts={cfg.num_experts}")
+
+
+def check(cfg: ModelConfig, tp: int, num_devices: int | None = None, ep: int = 1) -> int:
+    """Every tp / ep check, before anything is placed or compiled: the model's dimensions, and
+    tp x ep against the devices present. Returns the KV-head replicas."""
     replicas = kv_replicas(cfg, tp)
+    check_ep(cfg, ep)
     num_devices = jax.device_count() if num_devices is None else num_devices
-    if tp > num_devices:
-        raise ValueError(f"tp={tp} is more than the {num_devices} devices present")
+    if tp * ep > num_devices:
+        what = f"tp={tp}" if ep == 1 else f"tp={tp} x ep={ep}"
+        raise ValueError(f"{what} is more than the {num_devices} devices present")
     return replicas
 
 
@@ -144,12 +173,20 @@ def logical_config(model) -> ModelConfig:
 # Partition rules --------------------------------------------------------------------------------
 
 
-def _quantized_spec(name: str, w: QuantizedWeight, tp: int) -> QuantizedWeight:
+def _experts_on(spec: P, ep: int) -> P:
+    """A stacked expert array's spec (L, E, ...) with E split over "ep" when ep > 1."""
+    if ep == 1:
+        return spec
+    full = (*spec, *[None] * (2 - len(spec)))
+    return P(full[0], "ep", *full[2:])
+
+
+def _quantized_spec(name: str, w: QuantizedWeight, tp: int, ep: int = 1) -> QuantizedWeight:
     """The specs of a stacked (L, ...) packed weight's fields, shaped like the weight (an expert
-    weight (L, E, ...): the same after its expert axis)."""
+    weight (L, E, ...): the same after its expert axis, which is split over ep)."""
     if _role(name) in ("expert_column", "expert_row"):
         inner = _quantized_spec({"expert_column": "wq", "expert_row": "wo"}[_role(name)], w, tp)
-        return jax.tree.map(lambda s: P(None, *s), inner, is_leaf=lambda s: isinstance(s, P))
+        return jax.tree.map(lambda s: _experts_on(P(None, *s), ep), inner, is_leaf=lambda s: isinstance(s, P))
     if _role(name) == "column":
         cols = P(None, None, "tp")
         return w.replace(qweight=cols, scales=cols, zeros=cols if w.zeros is not None else None,
@@ -169,15 +206,17 @@ def _quantized_spec(name: str, w: QuantizedWeight, tp: int) -> QuantizedWeight:
                      perm=P() if w.perm is not None else None, mins=grouped if w.mins is not None else None)
 
 
-def _mxfp4_spec(name: str, w: MXFP4Weight, tp: int) -> MXFP4Weight:
+def _mxfp4_spec(name: str, w: MXFP4Weight, tp: int, ep: int = 1) -> MXFP4Weight:
     """A stacked (L, E, N, K // 32, 16) MXFP4 expert weight: split on N (expert_column) or on its
-    blocks of K (expert_row), like the dense expert weight it stands for."""
+    blocks of K (expert_row), like the dense expert weight it stands for, and on E over ep."""
     if _role(name) == "expert_column":
-        return w.replace(blocks=P(None, None, "tp", None, None), scales=P(None, None, "tp", None))
-    if w.scales.shape[-1] % tp:
+        blocks, scales = P(None, None, "tp", None, None), P(None, None, "tp", None)
+    elif w.scales.shape[-1] % tp:
         raise ValueError(f"layers.{name}: {w.scales.shape[-1]} MXFP4 blocks of input rows do not split evenly over "
                          f"tp={tp}")
-    return w.replace(blocks=P(None, None, None, "tp", None), scales=P(None, None, None, "tp"))
+    else:
+        blocks, scales = P(None, None, None, "tp", None), P(None, None, None, "tp")
+    return w.replace(blocks=_experts_on(blocks, ep), scales=_experts_on(scales, ep))
 
 
 _LAYER_SPECS = {"column": P(None, None, "tp"), "row": P(None, "tp", None), "column_bias": P(None, "tp"),
@@ -185,15 +224,18 @@ _LAYER_SPECS = {"column": P(None, None, "tp"), "row": P(None, "tp", None), "colu
 _TOP_SPECS = {"embedding": P("tp", None), "head": P(None, "tp")}
 
 
-def param_specs(params: dict, tp: int) -> dict:
+def param_specs(params: dict, tp: int, ep: int = 1) -> dict:
     """A PartitionSpec for every array of a (padded, widened) params pytree, in its structure, by
-    each param's role (norms, row biases and a LoRA layer index replicated)."""
+    each param's role (norms, row biases and a LoRA layer index replicated; the experts' weights
+    and biases split on E over ep)."""
     layers = {}
     for name, w in params["layers"].items():
         if isinstance(w, QuantizedWeight):
-            layers[name] = _quantized_spec(name, w, tp)
+            layers[name] = _quantized_spec(name, w, tp, ep)
         elif isinstance(w, MXFP4Weight):
-            layers[name] = _mxfp4_spec(name, w, tp)
+            layers[name] = _mxfp4_spec(name, w, tp, ep)
+        elif family_lib.has_expert_axis(name):
+            layers[name] = _experts_on(_LAYER_SPECS.get(_role(name), P()), ep)
         else:
             layers[name] = _LAYER_SPECS.get(_role(name), P())
     specs = {"layers": layers}
@@ -291,13 +333,14 @@ def shard_model(model, mesh: Mesh):
     if placement is not None:
         if placement.mesh == mesh:
             return model
-        raise ValueError(f"the model is placed on a mesh of tp={placement.tp}; place the unplaced model instead")
-    tp = mesh.shape["tp"]
-    replicas = check(model.config, tp, mesh.size)
+        raise ValueError(f"the model is placed on a mesh of tp={placement.tp}, ep={placement.ep}; place the unplaced "
+                         "model instead")
+    tp, ep = mesh.shape["tp"], mesh.shape.get("ep", 1)
+    replicas = check(model.config, tp, mesh.size, ep)
     cfg = dataclasses.replace(model.config, num_kv_heads=model.config.num_kv_heads * replicas)
     padded = math.ceil(model.config.vocab_size / tp) * tp
     params = pad_vocab(widen_kv(model.params, model.config, replicas), padded)
-    specs = param_specs(params, tp)  # checks packed weights' groups before anything is placed
+    specs = param_specs(params, tp, ep)  # checks packed weights' groups before anything is placed
     return dataclasses.replace(model, config=cfg, params=put(params, specs, mesh),
                                placement=Placement(mesh, replicas, padded))
 
@@ -343,20 +386,40 @@ def use_mesh(mesh: Mesh | None):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def tp_mesh():
-    """The mesh set for tracing when it has a "tp" axis of more than one device, else None."""
+def _mesh_with(axis: str):
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or "tp" not in mesh.axis_names or mesh.shape["tp"] == 1:
+    if mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1 or axis in mesh.manual_axes:
         return None
     return mesh
 
 
+def tp_mesh():
+    """The mesh set for tracing when it has a "tp" axis of more than one device, else None."""
+    return _mesh_with("tp")
+
+
+def ep_mesh():
+    """The mesh set for tracing when it has an "ep" axis of more than one device (and the trace is
+    not already per ep shard), else None."""
+    return _mesh_with("ep")
+
+
 def per_shard(fn: Callable, in_specs, out_specs, **kwargs) -> Callable:
-    """fn run on each device's shards under the tp mesh set for tracing (fn itself without one)."""
+    """fn run on each device's shards under the tp mesh set for tracing (fn itself without one).
+    Inside a per-ep-shard program (the MoE layer under ep) only the axes not yet per shard are."""
     mesh = tp_mesh()
     if mesh is None:
         return fn
+    if mesh.manual_axes:
+        kwargs["axis_names"] = set(mesh.axis_names) - set(mesh.manual_axes)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False, **kwargs)
+
+
+def per_ep_shard(fn: Callable, in_specs, out_specs) -> Callable:
+    """fn run per ep shard under the ep mesh set for tracing: manual over "ep" only, the other axes
+    left to the partitioner (tp inside stays as it is outside)."""
+    return jax.shard_map(fn, mesh=ep_mesh(), in_specs=in_specs, out_specs=out_specs, axis_names={"ep"},
+                         check_vma=False)
 
 
 # Multi-host -------------------------------------------------------------------------------------
@@ -385,15 +448,15 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def place_model(model, tp: int):
-    """The model on a mesh of the first tp devices (checked before anything is placed or compiled),
-    or as it is: tp=1 and unplaced, or already placed on tp devices."""
+def place_model(model, tp: int, ep: int = 1):
+    """The model on a mesh of the first tp x ep devices (checked before anything is placed or
+    compiled), or as it is: tp = ep = 1 and unplaced, or already placed on such a mesh."""
     placement = getattr(model, "placement", None)
     if placement is not None:
-        if placement.tp != tp:
-            raise ValueError(f"tp={tp}, but the model is placed on tp={placement.tp} devices")
+        if (placement.tp, placement.ep) != (tp, ep):
+            raise ValueError(f"tp={tp}, ep={ep}, but the model is placed on tp={placement.tp}, ep={placement.ep}")
         return model
-    if tp == 1 or getattr(model, "params", None) is None:
+    if tp * ep == 1 or getattr(model, "params", None) is None:
         return model
-    check(model.config, tp)
-    return shard_model(model, make_mesh(tp))
+    check(model.config, tp, ep=ep)
+    return shard_model(model, make_mesh(tp, ep=ep))

@@ -61,6 +61,8 @@ BAD_INPUT = [
     ("generate", ["--top_p=0"], "top_p"),
     ("bench_tp", ["--tp=2"], "--tp is not a flag of bench_tp"),
     ("bench_tp", ["--tps=1,x"], "--tps=1,x: not a list of integers"),
+    ("bench_tp", ["--ep=2"], "--ep is not a flag of bench_tp"),
+    ("bench_tp", ["--eps=2,4"], r"--eps=2,4 must start with 1 \(the reference\)"),
     ("lora_batching", ["--max_batch=4"], "--max_batch is not a flag of lora_batching"),
     ("serve", ["--port=abc"], "flag --port=abc"),
     ("train_drafter", ["--evaluate=/nonexistent"], "--evaluate=/nonexistent: no such directory"),

@@ -255,3 +255,27 @@ def test_mixture_of_experts_planner():
     assert memory.experts_touched(qwen, 8) == pytest.approx(128 * (1 - (1 - 8 / 128) ** 8))
     dense = memory.load_model_config("llama3_8b")
     assert memory.active_params(dense) == dense.num_params() and memory.experts_touched(dense, 64) == 0
+
+
+def test_expert_parallel_planner():
+    """ep: each card holds E / ep experts of every layer (the rest as at tp), and a decode step reads
+    the touched experts among its own, touched / ep on average; an ep the experts do not split over
+    is refused naming both numbers."""
+    mixtral, hw = memory.load_model_config("mixtral_8x7b"), memory.load_hardware("h100_80gb")
+    L, E, expert = mixtral.num_layers, mixtral.num_experts, memory.expert_params(mixtral)
+    whole = memory.weight_bytes(mixtral)
+    for tp, ep in ((1, 2), (1, 8), (2, 4)):
+        experts_on_card = L * E * expert * 2 // (tp * ep)  # bf16
+        rest_on_card = memory.weight_bytes(mixtral, tp=tp) - L * E * expert * 2 // tp
+        assert memory.weight_bytes(mixtral, tp=tp, ep=ep) == experts_on_card + rest_on_card
+    assert memory.weight_bytes(mixtral, ep=8) < whole / 4  # 46.7B of which 45.1B are experts
+    one, split = (memory.decode_roofline(mixtral, hw, 1, 1024, ep=ep) for ep in (1, 4))
+    # batch 1 touches 2 experts per layer; a card of ep = 4 holds 2 of 8 and reads half an expert on average
+    assert one["weight_bytes_read"] - split["weight_bytes_read"] == pytest.approx(L * 1.5 * expert * 2, rel=1e-6)
+    with pytest.raises(memory.DoesNotFitError, match="93.41 GB"):  # 46.7B in bf16 on one 80 GB card
+        memory.max_context(mixtral, hw)
+    assert memory.max_context(mixtral, hw, ep=2) > 100_000
+    with pytest.raises(ValueError, match="ep=3 does not divide num_experts=8"):
+        memory.weight_bytes(mixtral, ep=3)
+    with pytest.raises(ValueError, match="ep=2: expert parallelism needs a mixture-of-experts model"):
+        memory.weight_bytes(memory.load_model_config("llama3_8b"), ep=2)

@@ -3,7 +3,8 @@ greedy tokens equal across tp = 1, 2, 4, a warmed-up tp = 2 engine compiles noth
 bytes fall with tp, int4 weights with a LoRA adapter and an int8 KV cache under tp = 2, two
 processes through jax.distributed, the Pallas kernels per shard and speculative decoding on a
 one-layer model, and (slow) the last two and KV heads replicated under a LoRA adapter on the tiny
-model; bad tp refused before anything is compiled; the planner's --tp and --min_tp.
+model; expert parallelism (ep, beside tp) on every MoE family; bad tp and ep refused before anything
+is compiled; the planner's --tp and --min_tp.
 
 The sharded checks run in processes of their own (tests/tp_checks.py) with 8 fake CPU devices:
 XLA_FLAGS must be set before jax starts, and the rest of the suite runs on one device. Those
@@ -36,7 +37,8 @@ from jaxinfer.models import formats
 TOL = 1e-5  # float32 logits, largest per-row relative error against tp = 1 (measured: under 1e-6)
 # The Pallas kernels per shard and speculation run in the fast tier on a one-layer model
 # (tp_checks._small_model), in the slow tier on the tiny model.
-FAST_CHECKS = ("forward_logits", "engine_greedy", "int4_lora_kv_int8", "pallas_per_shard_small", "speculative_small")
+FAST_CHECKS = ("forward_logits", "engine_greedy", "int4_lora_kv_int8", "pallas_per_shard_small", "speculative_small",
+               "expert_parallel_small")
 COMPILE_FLAGS = os.environ.get("XLA_FLAGS", "")  # conftest.py's, set before this module is imported
 XLA_FLAGS = f"--xla_force_host_platform_device_count=8 {COMPILE_FLAGS}"
 
@@ -172,6 +174,39 @@ def test_new_families_under_tp2():
         assert len(tokens["tp1"][0]) == 8
 
 
+def _check_expert_parallel(result: dict, names: set[str], full: bool) -> None:
+    """Logits within TOL of the unplaced model at every (tp, ep); the same greedy tokens at ep = 1, 2,
+    tp = 2 x ep = 2 (Pallas per shard; full: with int8 KV, against int8 KV at ep = 1) and (full)
+    ep = 4 under prompt lookup; each device holds 1 / (tp x ep) of the expert weights."""
+    assert max(result["max_row_error"].values()) <= TOL, result["max_row_error"]
+    assert set(result["tokens"]) == names
+    for name, tokens in result["tokens"].items():
+        assert tokens["ep1"] == tokens["ep2"], name
+        assert tokens["pallas_tp2_ep2"] == tokens["int8_ep1" if full else "ep1"], name
+        if full:
+            assert tokens["ngram_ep4"] == tokens["ep1"], name
+        assert len(tokens["ep1"][0]) == 8
+        whole = result["expert_bytes"][f"{name}_tp1_ep1"]
+        for key, nbytes in result["expert_bytes"].items():
+            if key.startswith(f"{name}_tp"):
+                tp, ep = (int(part[2:]) for part in key[len(name) + 1:].split("_"))
+                assert nbytes == whole // (tp * ep), (key, nbytes, whole)
+
+
+def test_expert_parallel_on_mixtral(checks):
+    """Mixtral's 4 experts split over ep = 2 and 4, alone and beside tp = 2 (all 8 devices)."""
+    _check_expert_parallel(_ok(checks["expert_parallel_small"]), {"mixtral"}, full=False)
+
+
+@pytest.mark.slow
+def test_expert_parallel_every_moe_family():
+    """Mixtral, Qwen3-MoE, Qwen2-MoE (a shared expert), gpt-oss (expert biases), its MXFP4 experts and
+    Mixtral's int4 experts under ep."""
+    _check_expert_parallel(_ok(_run_checks("expert_parallel")["expert_parallel"]),
+                           {"mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "gpt_oss_mxfp4", "mixtral_int4_experts"},
+                           full=True)
+
+
 @pytest.mark.slow  # 8 s: the fast tier stays under 5 minutes on the 2-core CPU (CI runs both)
 def test_two_processes_run_one_generation(checks):
     """Two processes on localhost, one CPU device each, tensor parallel over both through
@@ -216,6 +251,29 @@ def test_bad_tp_refused_before_compiling():
         ji.Engine(model, ji.EngineConfig(tp=2))
     with pytest.raises(ValueError, match="needs 2 devices"):
         sharding.make_mesh(2)
+    assert sum(runner_lib.TRACE_COUNTS.values()) == before
+
+
+def test_bad_ep_refused_before_compiling():
+    for value in (0, True, 1.5):
+        with pytest.raises(ValueError, match=f"ep={value!r} must be an integer >= 1"):
+            ji.EngineConfig(ep=value)
+    with pytest.raises(ValueError, match="layer_loop='unroll' with ep=2"):
+        ji.EngineConfig(ep=2, layer_loop="unroll")
+    with pytest.raises(ValueError, match="ep=2: expert parallelism needs a mixture-of-experts model"):
+        sharding.check(ji.ModelConfig(num_heads=8, num_kv_heads=2, intermediate_size=96), 1, ep=2)
+    cfg = ji.ModelConfig.from_hf_dict({"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32,
+                                       "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                       "num_key_value_heads": 2, "head_dim": 8, "num_local_experts": 6,
+                                       "num_experts_per_tok": 2})
+    with pytest.raises(ValueError, match="ep=4 does not divide num_experts=6"):
+        sharding.check(cfg, 1, ep=4)
+    model = ji.Model(cfg, ji.init_params(cfg, jax.random.key(0)))
+    before = sum(runner_lib.TRACE_COUNTS.values())
+    with pytest.raises(ValueError, match=f"tp=1 x ep=2 is more than the {jax.device_count()} devices present"):
+        ji.Engine(model, ji.EngineConfig(ep=2))
+    with pytest.raises(ValueError, match="tp=1 x ep=3 x dp=1 needs 3 devices"):
+        sharding.make_mesh(1, ep=3)
     assert sum(runner_lib.TRACE_COUNTS.values()) == before
 
 
@@ -286,5 +344,17 @@ def test_kv_capacity_tp_and_min_tp(tmp_path, capsys):
     printed = capsys.readouterr().out
     cards = json.loads(out.read_text())["cards"]
     assert cards["h100_80gb"]["rows"][0]["min_tp"] == 4 and "smallest tp for 8 x 8,192 tokens" in printed
+    argv = ["kv_capacity", "--models=mixtral_8x7b,llama3_8b", "--cards=rtx3080_10gb", "--ep=8",
+            "--weight_format=int4-g128", f"--out={out}"]
+    with flagsaver.flagsaver():
+        kv_capacity.FLAGS(argv)
+        kv_capacity.main(argv[:1])
+    assert "experts over ep=8" in capsys.readouterr().out
+    rows = {r["model"]: r for r in json.loads(out.read_text())["cards"]["rtx3080_10gb"]["rows"]}
+    mixtral = memory.load_model_config("mixtral_8x7b")
+    assert rows["mixtral_8x7b"]["weight_bytes"] == memory.weight_bytes(mixtral, "int4-g128", ep=8)
+    assert rows["mixtral_8x7b"]["fits"] and not memory.fits(mixtral, memory.load_hardware("rtx3080_10gb"), 1, 1024,
+                                                             "int4-g128")
+    assert "expert parallelism needs a mixture-of-experts model" in rows["llama3_8b"]["error"]
     ada = cards["rtx4000ada_20gb"]["rows"][0]
     assert ada["min_tp"] == 16 and ada["weight_bytes_per_card"] + ada["kv_bytes_per_card"] <= 0.9 * 21.5e9

@@ -32,10 +32,8 @@ import jaxinfer as ji  # noqa: E402
 from jaxinfer import quant, sharding
 from jaxinfer.engine import runner as runner_lib  # noqa: E402
 from jaxinfer.lora.adapter import random_adapter  # noqa: E402
-from jaxinfer.models import (
-    formats,
-    matmul,  # noqa: E402
-)
+from jaxinfer.models import family as family_lib
+from jaxinfer.models import formats, matmul  # noqa: E402
 
 PROMPTS = [[256, *b"def add(a, b):"], [256, *b"import os"]]
 GREEDY = ji.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -318,6 +316,40 @@ def _with_mxfp4_experts(model):
     return ji.Model(model.config, {**model.params, "layers": layers})
 
 
+_COMMON = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=24)
+_MOE = {"mixtral": dict(_COMMON, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": dict(_COMMON, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          norm_topk_prob=True),
+        "qwen2_moe": dict(_COMMON, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=48),
+        "gpt_oss": dict(_COMMON, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                             original_max_position_embeddings=16))}
+_MOE["gpt_oss_mxfp4"] = _MOE["gpt_oss"]
+_MOE["mixtral_int4_experts"] = _MOE["mixtral"]
+FAMILIES = {"gemma2": dict(_COMMON, model_type="gemma2", attn_logit_softcapping=3.0, final_logit_softcapping=4.0),
+            "gemma3": dict(_COMMON, model_type="gemma3_text", sliding_window_pattern=2),
+            "phi3": dict(_COMMON, model_type="phi3"), **_MOE}
+
+
+def _family_model(name: str) -> ji.Model:
+    """The random small model of FAMILIES[name] (gpt-oss's experts in MXFP4, Mixtral's in int4, by name)."""
+    if name not in _CACHE:
+        cfg = ji.ModelConfig.from_hf_dict(FAMILIES[name])
+        model = ji.Model(cfg, ji.init_params(cfg, jax.random.key(11), std=0.02))  # (0.02: tokens that vary)
+        if name.endswith("mxfp4"):  # the experts packed as published, random codes of the dense weights' size
+            model = _with_mxfp4_experts(model)
+        if name.endswith("int4_experts"):  # RTN int4 on the experts too (split over tp by their groups)
+            model = quant.quantize_model(model, quant.scheme_from_name("int4-g32-experts"), progress=False)
+        _CACHE[name] = model
+    return _CACHE[name]
+
+
+_BATCH = np.asarray([PROMPTS[0], PROMPTS[0][::-1]], np.int32)
+
+
 @check
 def families() -> dict:
     """Random small Gemma 2 (soft-caps, local and global layers), Gemma 3 (q/k norms, local RoPE),
@@ -326,41 +358,69 @@ def families() -> dict:
     models: forward logits at tp = 2 against tp = 1, and greedy tokens through the paged engine,
     XLA, and Pallas per shard (attention with a window per layer, the experts' grouped matmul),
     against tp = 1."""
-    common = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=5,
-                  query_pre_attn_scalar=24)
-    configs = {"gemma2": dict(common, model_type="gemma2", attn_logit_softcapping=3.0, final_logit_softcapping=4.0),
-               "gemma3": dict(common, model_type="gemma3_text", sliding_window_pattern=2),
-               "phi3": dict(common, model_type="phi3"),
-               "mixtral": dict(common, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
-               "qwen3_moe": dict(common, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
-                                 moe_intermediate_size=32, norm_topk_prob=True),
-               "qwen2_moe": dict(common, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
-                                 moe_intermediate_size=32, shared_expert_intermediate_size=48),
-               "gpt_oss": dict(common, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2,
-                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                               rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
-                                                    original_max_position_embeddings=16))}
-    configs["gpt_oss_mxfp4"] = configs["gpt_oss"]
-    configs["mixtral_int4_experts"] = configs["mixtral"]
     errors, tokens = {}, {}
-    for name, hf in configs.items():
-        cfg = ji.ModelConfig.from_hf_dict(hf)
-        model = ji.Model(cfg, ji.init_params(cfg, jax.random.key(11), std=0.02))  # (0.02: tokens that vary)
-        if name.endswith("mxfp4"):  # the experts packed as published, random codes of the dense weights' size
-            model = _with_mxfp4_experts(model)
-        if name.endswith("int4_experts"):  # RTN int4 on the experts too (split over tp by their groups)
-            from jaxinfer import quant
-
-            model = quant.quantize_model(model, quant.scheme_from_name("int4-g32-experts"), progress=False)
-        batch = np.asarray([PROMPTS[0], PROMPTS[0][::-1]], np.int32)
+    for name in FAMILIES:
+        model = _family_model(name)
         placed = sharding.shard_model(model, sharding.make_mesh(2))
-        errors[name] = _row_error(ji.forward_logits(placed, batch), ji.forward_logits(model, batch))
+        errors[name] = _row_error(ji.forward_logits(placed, _BATCH), ji.forward_logits(model, _BATCH))
         tokens[name] = {"tp1": _tokens(ji.Engine(model, ji.EngineConfig(**SHAPE))),
                         "tp2": _tokens(ji.Engine(model, ji.EngineConfig(tp=2, **SHAPE))),
                         "pallas_tp2": _tokens(ji.Engine(model, ji.EngineConfig(tp=2, attention="pallas", matmul="pallas",
                                                                                **SHAPE)))}
     return {"max_row_error": errors, "tokens": tokens}
+
+
+# (tp, ep) meshes the expert-parallel checks place the models on: ep alone, with tp, all 8 devices.
+EP_MESHES = ((1, 2), (1, 4), (2, 2), (2, 4))
+
+
+def _expert_bytes(model) -> int:
+    """The most bytes of expert weights any one device holds (an unplaced model: all of them)."""
+    experts = {n: w for n, w in model.params["layers"].items() if family_lib.parallel_style(n) in family_lib.EXPERT_ROLES}
+    if getattr(model, "placement", None) is None:
+        return sum(np.asarray(x).nbytes for x in jax.tree.leaves(experts))
+    return max(sharding.nbytes_per_device(experts).values())
+
+
+def _ep_check(names, full: bool = True) -> dict:
+    """Forward logits of each model at every EP_MESHES placement against the unplaced model, greedy
+    tokens through the paged engine at ep = 2 (XLA), tp = 2 x ep = 2 (Pallas attention and grouped
+    matmul per shard, int8 KV) and ep = 4 with prompt-lookup speculation, against ep = 1, and the
+    expert bytes per device at each placement. full False: the engines at ep = 1 and 2 and the
+    Pallas one without int8 KV only."""
+    errors, tokens, expert_bytes = {}, {}, {}
+    for name in names:
+        model = _family_model(name)
+        reference = ji.forward_logits(model, _BATCH)
+        for tp, ep in EP_MESHES:
+            placed = sharding.shard_model(model, sharding.make_mesh(tp, ep=ep))
+            errors[f"{name}_tp{tp}_ep{ep}"] = _row_error(ji.forward_logits(placed, _BATCH), reference)
+            expert_bytes[f"{name}_tp{tp}_ep{ep}"] = _expert_bytes(placed)
+        expert_bytes[f"{name}_tp1_ep1"] = _expert_bytes(model)
+        kv = "int8" if full else None
+        tokens[name] = {
+            "ep1": _tokens(ji.Engine(model, ji.EngineConfig(**SHAPE))),
+            "ep2": _tokens(ji.Engine(model, ji.EngineConfig(ep=2, **SHAPE))),
+            "pallas_tp2_ep2": _tokens(ji.Engine(model, ji.EngineConfig(tp=2, ep=2, attention="pallas", matmul="pallas",
+                                                                       kv_dtype=kv, **SHAPE)))}
+        if full:
+            spec = ji.SpeculativeConfig(method="ngram", num_tokens=3)
+            tokens[name]["int8_ep1"] = _tokens(ji.Engine(model, ji.EngineConfig(kv_dtype="int8", **SHAPE)))
+            tokens[name]["ngram_ep4"] = _tokens(ji.Engine(model, ji.EngineConfig(ep=4, speculative=spec, **SHAPE)))
+    return {"max_row_error": errors, "tokens": tokens, "expert_bytes": expert_bytes}
+
+
+@check
+def expert_parallel_small() -> dict:
+    """_ep_check on Mixtral (the fast tier's: ep = 1 and 2, Pallas at tp = 2 x ep = 2)."""
+    return _ep_check(["mixtral"], full=False)
+
+
+@check
+def expert_parallel() -> dict:
+    """_ep_check on every MoE family: Mixtral, Qwen3-MoE, Qwen2-MoE (its shared expert replicated
+    over ep), gpt-oss (expert biases split with their experts), its MXFP4 experts, int4 experts."""
+    return _ep_check(list(_MOE))
 
 
 def distributed(port: str, process_id: int, num_processes: int) -> None:

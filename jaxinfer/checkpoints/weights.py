@@ -119,7 +119,7 @@ def load_model(path: str | os.PathLike, dtype="float32", progress: bool = False,
     whose projections load as QuantizedWeights), or a directory written by `save_model`
     (config.json + orbax params).
 
-    mesh: a jax.sharding.Mesh with a "tp" axis (jaxinfer.sharding.make_mesh): the params come back
+    mesh: a jax.sharding.Mesh with a "tp" (and "ep") axis (jaxinfer.sharding.make_mesh): the params come back
     placed on it for tensor parallelism (an HF checkpoint goes through host memory, so no device
     holds more than its shard; the other formats load on one device first)."""
     model = _load_model(os.fspath(path), resolve_dtype(dtype), progress, on_host=mesh is not None)

@@ -49,6 +49,9 @@ class EngineConfig:
     # Tensor parallel over the first tp devices (jaxinfer.sharding): params and KV cache split, placed
     # once. 1: one device, nothing placed. A model already placed (load_model(..., mesh=)) must match.
     tp: int = 1
+    # Expert parallel (a mixture-of-experts model): the experts split on E over ep groups of tp devices,
+    # tp x ep devices in all (jaxinfer.sharding). 1: the experts split over tp only, like the dense MLP.
+    ep: int = 1
     request_timeout_s: float | None = None  # deadline of a request without its own SamplingParams.timeout_s
     structured_backend: str = "llguidance"  # grammar backend of structured output: "llguidance" | "xgrammar" (an extra)
     # How the step runs the layers: "scan" over the stacked weights (compile time flat in depth), or
@@ -80,11 +83,13 @@ class EngineConfig:
             raise ValueError(f"max_adapters={self.max_adapters} must be >= 0")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be >= 1")
-        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
-            raise ValueError(f"tp={self.tp!r} must be an integer >= 1")
-        if self.layer_loop == "unroll" and self.tp > 1:
-            raise ValueError(f"layer_loop='unroll' with tp={self.tp}: the tensor-parallel placement splits the "
-                             "stacked layer weights; use layer_loop='scan'")
+        for name in ("tp", "ep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+            if self.layer_loop == "unroll" and value > 1:
+                raise ValueError(f"layer_loop='unroll' with {name}={value}: the placement on a mesh splits the "
+                                 "stacked layer weights; use layer_loop='scan'")
         if self.lora_impl not in LORA_IMPLEMENTATIONS:
             raise ValueError(f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLEMENTATIONS}")
         if self.tp > 1 and self.max_adapters and self.lora_impl == "pallas":

@@ -20,8 +20,8 @@ of constrained sequences decode one step per call (the `grammar` processor, fill
 runner dispatches the forward pass, fills the grammar masks while the device computes it, then
 draws; under overlap the next call's forward pass is dispatched before the last call's tokens are
 read back, and its masks are filled once they are applied (`runner.draw`).
-With EngineConfig(tp=N) the model is placed on a tensor-parallel mesh once, at construction
-(jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
+With EngineConfig(tp=N) (and ep=M for a mixture of experts) the model is placed on a mesh once, at
+construction (jaxinfer.sharding), and the runner's programs run over it; the host side is unchanged.
 
 The request lifecycle, for callers that serve requests as they come (the contract a server is
 written against):
@@ -77,7 +77,7 @@ class Engine:
         decodes them, jaxinfer/serving/core.py); stop strings are still checked."""
         self.model, self.config = model, config = model, config or EngineConfig()
         self.max_seq_len = config.seq_len(model.config)
-        placed = sharding.place_model(model, config.tp)  # the model as the device runs it
+        placed = sharding.place_model(model, config.tp, config.ep)  # the model as the device runs it
         if config.layer_loop == "unroll":  # one array per layer weight, the layers unrolled in the step
             placed = dataclasses.replace(placed, params=model_lib.unstack_layers(placed.params))
         num_pages, page_size = config.kv_pages(placed, self.max_seq_len)

@@ -74,7 +74,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
         role = roles[str(path[-1].key)]
         if role == "norm":
             leaves.append(jnp.full(shape, family.norm.identity, dtype))
-        elif role == "bias":
+        elif role in ("bias", "expert_bias"):
             leaves.append(jnp.zeros(shape, dtype))
         else:
             leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))

@@ -24,7 +24,9 @@ Roles, and what each means to the code that reads them:
               split over tp like a column / row projection on its last two axes; not projections
               (no calibration input: quantisation and LoRA leave them as they are). HF stores one
               tensor per expert (the param's hf name holds an {expert} field), or all of them
-              stacked (E, ...) in one (gpt-oss).
+              stacked (E, ...) in one (gpt-oss). Split over ep on E (expert parallelism).
+  expert_bias (E, out) one bias per expert (gpt-oss), added by the MoE layer: split over ep on E like
+              the expert weights, replicated over tp
 Projections are stored (in, out), HF stores them (out, in): loaders transpose `column`, `row`,
 `head`, `router` and expert tensors (unless the param says HF stores it (in, out): hf_in_out). Layer parameters are stacked over layers, (L, *shape(cfg)), for lax.scan. The
 decoder names the top-level ones (TOP_LEVEL): embed, final_norm and (untied) lm_head.
@@ -53,7 +55,8 @@ import jax.numpy as jnp
 if TYPE_CHECKING:
     from jaxinfer.models.config import ModelConfig
 
-ROLES = ("embedding", "head", "norm", "column", "row", "bias", "router", "sink", "expert_column", "expert_row")
+ROLES = ("embedding", "head", "norm", "column", "row", "bias", "router", "sink", "expert_column", "expert_row",
+         "expert_bias")
 EXPERT_ROLES = ("expert_column", "expert_row")
 TOP_LEVEL = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # name -> role
 PROJECTION_ROLES = ("column", "row")
@@ -389,6 +392,12 @@ def bias_of(name: str) -> str | None:
     """The bias param of a projection, by name (None: no bias, or not a projection)."""
     p = lookup_param(name)
     return None if p is None else p.bias
+
+
+def has_expert_axis(name: str) -> bool:
+    """A layer param stored (L, E, ...), one slice per expert: the experts' weights and biases."""
+    p = lookup_param(name)
+    return p is not None and p.role in (*EXPERT_ROLES, "expert_bias")
 
 
 def parallel_style(name: str) -> str | None:

@@ -66,11 +66,11 @@ PARAMS = moe._ATTENTION + (
     Param("experts_up", "expert_column", _expert_shape(_d, _f), _EXPERTS + "gate_up_proj", hf_part=_part(2, 1),
           hf_in_out=True),
     Param("experts_down", "expert_row", _expert_shape(_f, _d), _EXPERTS + "down_proj", hf_in_out=True),
-    Param("experts_gate_bias", "bias", lambda c: (c.num_experts, c.intermediate_size), _EXPERTS + "gate_up_proj_bias",
+    Param("experts_gate_bias", "expert_bias", lambda c: (c.num_experts, c.intermediate_size), _EXPERTS + "gate_up_proj_bias",
           hf_part=_part(1, 0)),
-    Param("experts_up_bias", "bias", lambda c: (c.num_experts, c.intermediate_size), _EXPERTS + "gate_up_proj_bias",
+    Param("experts_up_bias", "expert_bias", lambda c: (c.num_experts, c.intermediate_size), _EXPERTS + "gate_up_proj_bias",
           hf_part=_part(1, 1)),
-    Param("experts_down_bias", "bias", lambda c: (c.num_experts, c.hidden_size), _EXPERTS + "down_proj_bias"),
+    Param("experts_down_bias", "expert_bias", lambda c: (c.num_experts, c.hidden_size), _EXPERTS + "down_proj_bias"),
 )
 
 

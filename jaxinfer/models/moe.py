@@ -25,7 +25,8 @@ grouped matmul's program). Qwen2-MoE adds a shared expert
 beside them (every token, gated by sigmoid(h @ shared_expert_gate)): its projections are ordinary
 projections, quantised and adaptable, on an input site with no fold (the router and experts read
 it too, and cannot take a fold's factor). Not yet: a layer mix of dense and sparse MLPs
-(decoder_sparse_step / mlp_only_layers), expert parallelism, quantised experts in the grouped kernel, GGUF.
+(decoder_sparse_step / mlp_only_layers), quantised experts in the grouped kernel, GGUF.
+Expert parallelism: under a mesh with an "ep" axis the experts run per ep shard (`moe`).
 gpt-oss (jaxinfer.models.gpt_oss) reuses this layer with biases, a biased router and a clamped SwiGLU.
 """
 
@@ -37,9 +38,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxinfer import sharding
 from jaxinfer.models import llama
 from jaxinfer.models.config import ConfigError, ModelConfig, first_field, hf_field
-from jaxinfer.models.family import ACTIVATIONS, Family, Param, Site, register
+from jaxinfer.models.family import (
+    ACTIVATIONS,
+    Family,
+    Param,
+    Site,
+    has_expert_axis,
+    register,
+)
+from jaxinfer.sharding import P
 
 Params = dict[str, Any]
 
@@ -76,16 +86,19 @@ def _biased(lp: Params, name: str, y: jax.Array, experts: jax.Array) -> jax.Arra
     return y if name not in lp else y + lp[name][experts].astype(y.dtype)
 
 
-def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> jax.Array:
-    """The experts' output (..., D) for normed inputs h (..., D): grouped matmuls over the
-    (token, expert) pairs sorted by expert, through `project` with the group sizes (decoder.Project:
-    jax.lax.ragged_dot, or the Pallas grouped matmul under matmul="pallas"); the experts' biases
-    (gpt-oss), by each pair's expert, after."""
-    shape, D = h.shape, h.shape[-1]
-    x = h.reshape(-1, D)  # (N, D)
-    weights, experts = route(cfg, lp["router"], x, lp.get("router_bias"))  # (N, k)
+def _expert_sum(family: Family, cfg: ModelConfig, lp: Params, x: jax.Array, weights: jax.Array,
+                experts: jax.Array, project, local: tuple[jax.Array, int] | None = None) -> jax.Array:
+    """(N, D) float32: each token's routed experts' outputs (x (N, D), weights / experts (N, k)),
+    weighted and summed. local = (first, count): only the pairs routed to experts first .. first +
+    count - 1, whose weights lp holds as experts 0 .. count - 1 (one ep shard's); the other pairs
+    are sorted after every group and contribute 0."""
     k, E = cfg.experts_per_token, cfg.num_experts
     flat = experts.reshape(-1)  # (N k,)
+    if local is not None:
+        first, E = local
+        flat = flat - first
+        mine = (flat >= 0) & (flat < E)
+        flat = jnp.where(mine, flat, E)  # another shard's pair: after every group
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     token = order // k  # (N k,) the token of each sorted pair
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # (E,) pairs per expert
@@ -95,8 +108,35 @@ def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> 
     up = _biased(lp, "experts_up_bias", project("experts_up", xs, lp, group_sizes=sizes), pair_expert)
     y = project("experts_down", glu(family, cfg, gate, up), lp, group_sizes=sizes)
     y = _biased(lp, "experts_down_bias", y, pair_expert).astype(jnp.float32)  # (N k, D)
+    if local is not None:  # rows past the groups are not products of this shard's experts: dropped
+        y = jnp.where(mine[order][:, None], y, 0.0)
     y = y * weights.reshape(-1)[order][:, None].astype(jnp.float32)
-    out = jnp.zeros(x.shape, jnp.float32).at[token].add(y)
+    return jnp.zeros(x.shape, jnp.float32).at[token].add(y)
+
+
+def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> jax.Array:
+    """The experts' output (..., D) for normed inputs h (..., D): grouped matmuls over the
+    (token, expert) pairs sorted by expert, through `project` with the group sizes (decoder.Project:
+    jax.lax.ragged_dot, or the Pallas grouped matmul under matmul="pallas"); the experts' biases
+    (gpt-oss), by each pair's expert, after.
+    Under an ep mesh (jaxinfer.sharding: the experts split on E over "ep") the same runs per ep
+    shard on every token, over the pairs routed to the shard's experts, and a psum over "ep" adds
+    the shards' outputs (the tokens are replicated: no dispatch)."""
+    shape, D = h.shape, h.shape[-1]
+    x = h.reshape(-1, D)  # (N, D)
+    weights, experts = route(cfg, lp["router"], x, lp.get("router_bias"))  # (N, k)
+    if sharding.ep_mesh() is None:
+        out = _expert_sum(family, cfg, lp, x, weights, experts, project)
+    else:
+        split = {n: w for n, w in lp.items() if has_expert_axis(n)}  # (E, ...) each, split over "ep"
+
+        def shard(x, weights, experts, split):
+            count = cfg.num_experts // jax.lax.axis_size("ep")
+            local = (jax.lax.axis_index("ep") * count, count)
+            out = _expert_sum(family, cfg, split, x, weights, experts, project, local)
+            return jax.lax.psum(out, "ep")
+
+        out = sharding.per_ep_shard(shard, (P(), P(), P(), P("ep")), P())(x, weights, experts, split)
     return out.astype(h.dtype).reshape(shape)
 
 

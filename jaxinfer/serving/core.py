@@ -82,8 +82,9 @@ class CoreSpec:
         model = self.model if isinstance(self.model, Model) else load_model(self.model, dtype=self.dtype)
         if self.dequantize:
             model = dataclasses.replace(model, params=dequantize_params(model.params))
-        if self.config.tp > 1 and in_group():  # a replica of a group: tp over this host's devices, not the job's
-            model = sharding.shard_model(model, sharding.make_mesh(self.config.tp, devices=_jax().local_devices()))
+        if self.config.tp * self.config.ep > 1 and in_group():  # a replica of a group: this host's devices, not the job's
+            model = sharding.shard_model(model, sharding.make_mesh(self.config.tp, ep=self.config.ep,
+                                                                   devices=_jax().local_devices()))
         engine = Engine(model, self.config, detokenize=False)
         for name, adapter in self.adapters.items():
             engine.add_adapter(name, adapter)
