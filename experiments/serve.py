@@ -116,12 +116,12 @@ def core_spec(warmup: tuple | None = None) -> core.CoreSpec:
 
 
 def replica_env(i: int) -> dict[str, str]:
-    """The devices of replica i: its --tp GPUs (CUDA_VISIBLE_DEVICES, which the CPU backend ignores).
-    This process never starts a JAX backend of its own, so it holds no GPU memory."""
+    """The devices of replica i: its --tp x --ep GPUs (CUDA_VISIBLE_DEVICES, which the CPU backend
+    ignores). This process never starts a JAX backend of its own, so it holds no GPU memory."""
     if FLAGS.data_parallel == 1:
         return {}
-    tp = FLAGS.tp
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in range(i * tp, (i + 1) * tp))}
+    n = FLAGS.tp * FLAGS.ep
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in range(i * n, (i + 1) * n))}
 
 
 def start_cores(spec: core.CoreSpec, cpus: tuple[int, ...] = ()) -> tuple[object, list]:

@@ -358,3 +358,12 @@ def test_kv_capacity_tp_and_min_tp(tmp_path, capsys):
     assert "expert parallelism needs a mixture-of-experts model" in rows["llama3_8b"]["error"]
     ada = cards["rtx4000ada_20gb"]["rows"][0]
     assert ada["min_tp"] == 16 and ada["weight_bytes_per_card"] + ada["kv_bytes_per_card"] <= 0.9 * 21.5e9
+
+
+def test_data_parallel_replicas_take_tp_x_ep_devices():
+    """experiments.serve --data_parallel: replica i's devices are the i-th group of tp x ep."""
+    from experiments import serve
+
+    with flagsaver.flagsaver():
+        serve.FLAGS(["serve", "--data_parallel=2", "--tp=2", "--ep=2"])
+        assert serve.replica_env(1) == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
