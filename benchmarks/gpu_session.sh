@@ -27,6 +27,8 @@
 #  7. 64 distinct rank-16 LoRA adapters in a batch of 64 against the base, on the same model
 #  8. the sampler at batch 64 over Llama-3's 128,256-token vocabulary, logprobs (top 5) among the
 #     variants: the per-step cost a request for logprobs adds
+#  9. one Mixtral-8x7B-shaped MoE layer in bf16 (issue: model families): the grouped matmul through
+#     ragged_dot and the Pallas grouped GEMM against a loop over experts, by tokens per step
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/gpu_session}
@@ -40,6 +42,7 @@ if [ "$REHEARSE" = 1 ]; then
   TESTS=(tests/test_tuned_configs.py)  # the kernels' own tests run interpreted in the everyday suite
   REQUESTS=16            # requests of the skewed and LoRA runs (64 on the card): compiling dominates here
   SAMPLER="--rows=8 --vocab=2048 --runs=2"
+  MOE="--moe_hidden=64 --moe_ffn=128 --tokens=1,16 --runs=1"  # interpret mode: CPU-sized
   # XLA's cheap CPU compile settings, as the test suite uses (tests/conftest.py): compiling is most of
   # a rehearsal's time
   export XLA_FLAGS=${XLA_FLAGS:-"--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
@@ -51,6 +54,7 @@ else
   TESTS=(tests/test_quant_matmul.py tests/test_tuned_configs.py)
   REQUESTS=64
   SAMPLER="--rows=64 --vocab=128256"
+  MOE="--moe_hidden=4096 --moe_ffn=14336 --tokens=1,8,64,512 --runs=5"  # Mixtral-8x7B's layer
 fi
 printf "# mode\t%s\n" "$([ "$REHEARSE" = 1 ] && echo rehearsal || echo device)" > "$OUT/steps.tsv"
 printf "step\tlimit_s\texit\tseconds\tjson\n" >> "$OUT/steps.tsv"
@@ -76,10 +80,10 @@ step() {
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi (rehearsal: $REHEARSE)"
 python3 -c "import jax; print(jax.__version__, jax.devices())"
 step - 65 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" "${TESTS[@]}"
-step kernels 90 python3 -m experiments.bench_kernels $QUICK --runs=10 --out="$OUT/kernels.json"
+step kernels 80 python3 -m experiments.bench_kernels $QUICK --runs=10 --out="$OUT/kernels.json"
 step quant_matmul 50 python3 -m experiments.bench_quant_matmul $QUICK --out="$OUT/quant_matmul.json"
 for overlap in false true; do
-  step overhead_overlap-$overlap 40 python3 -m experiments.bench_batching --model=$MODEL --dtype=bfloat16 \
+  step overhead_overlap-$overlap 35 python3 -m experiments.bench_batching --model=$MODEL --dtype=bfloat16 \
     --step_overhead=128 --overlap=$overlap --out="$OUT/overhead_overlap-$overlap.json"
 done
 # --warmup=replay compiles only the programs the run hits (the full Engine.warmup set of an 8B model
@@ -94,6 +98,7 @@ step spec_synthetic 64 python3 -m experiments.spec_decode --model=$MODEL --dtype
 step lora_64 60 python3 -m experiments.lora_batching --model=$MODEL --dtype=bfloat16 --adapters=64 --ranks=16 \
   --composition=distinct --num_requests=$REQUESTS --prompt_len=32 --output_len=32 --runs=1 --out="$OUT/lora_64.json"
 step sampler 20 python3 -m experiments.bench_sampler $SAMPLER --out="$OUT/sampler.json"
+step moe 20 python3 -m experiments.bench_moe $MOE --dtype=bfloat16 --paths=xla,pallas,loop --out="$OUT/moe.json"
 
 echo "== steps (exit, seconds):"
 column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
