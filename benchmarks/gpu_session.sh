@@ -16,8 +16,9 @@
 #
 #   REHEARSE=1 OUT=/tmp/rehearsal bash benchmarks/gpu_session.sh
 #
-#  1. kernel tests compiled for the card (tests pick compiled mode when the backend is a GPU), and
-#     the per-card tile configs against the card's shared memory
+#  1. kernel tests compiled for the card (tests pick compiled mode when the backend is a GPU): the
+#     weight-only quantised matmul and the grouped GEMMs (dense and int8/int4 experts), and the
+#     per-card tile configs against the card's shared memory
 #  2. the attention kernels re-timed (issue: attention kernels)
 #  3. the weight-only and W8A8 quantised matmuls against the bf16 GEMV/GEMM and the roofline
 #  4. the engine's batch-1 step overhead on a Llama-3-8B-shaped bf16 model, overlap off and on
@@ -51,7 +52,7 @@ else
   MODEL=random:llama3_8b
   QUICK=
   SCALE=100
-  TESTS=(tests/test_quant_matmul.py tests/test_tuned_configs.py)
+  TESTS=(tests/test_quant_matmul.py tests/test_grouped_matmul.py tests/test_tuned_configs.py)
   REQUESTS=64
   SAMPLER="--rows=64 --vocab=128256"
   MOE="--moe_hidden=4096 --moe_ffn=14336 --tokens=1,8,64,512 --runs=5"  # Mixtral-8x7B's layer
@@ -79,8 +80,8 @@ step() {
 
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi (rehearsal: $REHEARSE)"
 python3 -c "import jax; print(jax.__version__, jax.devices())"
-step - 65 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" "${TESTS[@]}"
-step kernels 80 python3 -m experiments.bench_kernels $QUICK --runs=10 --out="$OUT/kernels.json"
+step - 75 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" "${TESTS[@]}"
+step kernels 70 python3 -m experiments.bench_kernels $QUICK --runs=10 --out="$OUT/kernels.json"
 step quant_matmul 50 python3 -m experiments.bench_quant_matmul $QUICK --out="$OUT/quant_matmul.json"
 for overlap in false true; do
   step overhead_overlap-$overlap 35 python3 -m experiments.bench_batching --model=$MODEL --dtype=bfloat16 \

@@ -14,6 +14,12 @@ float32; the output is gathered back to the caller's row order. An empty group h
 Padding: K and N to multiples of block_k / block_n (zeros: they add nothing). Wasted work: at most
 block_m - 1 padding rows per group.
 
+`grouped_quant_matmul` is the same over int8 / int4 experts stored as pallas_kernels.quant_matmul
+stores one weight (uint8 codes, per-group scales, optional zero points and Q4_1-style mins), each
+array with a leading expert axis: every row tile reads its group's packed tiles and dequantises
+them in registers with quant_matmul's own kernel body, over views of the refs at its group
+(`ref.at[group]`), so the experts are never dequantised in memory.
+
 Axes: M rows, K input features, N output features, E groups (experts), T row tiles.
 """
 
@@ -28,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import MIN_DOT, CompilerParams, pad_axis, round_up
+from pallas_kernels.quant_matmul import BITS, _fit, _implicit_zero, _quant_matmul_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,3 +143,127 @@ def reference(x, w, group_sizes, *, block_sizes=None, interpret=False):
     wr = w[jnp.minimum(group, w.shape[0] - 1)].astype(jnp.float32)  # (M, K, N)
     y = jnp.einsum("MK,MKN->MN", x.astype(jnp.float32), wr, precision="highest")
     return jnp.where(inside[:, None], y, 0).astype(x.dtype)
+
+
+# --- int8 / int4 experts, dequantised in the kernel ----------------------------------------------
+
+
+def _quant_kernel(tile_group_ref, x_ref, x_hi_ref, q_ref, scales_ref, zeros_ref, mins_ref, o_ref, **static):
+    """One row tile: quant_matmul's kernel body over the views of its group's expert."""
+    group = tile_group_ref[0]
+    at = lambda ref: None if ref is None else ref.at[group]
+    _quant_matmul_kernel(x_ref, x_hi_ref, at(q_ref), at(scales_ref), at(zeros_ref), at(mins_ref), o_ref,
+                         steps_per_split=0, num_splits=1, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
+def grouped_quant_matmul(
+    x: jax.Array,  # (M, K), rows sorted by group, columns in the weights' stored row order
+    qweight: jax.Array,  # (E, Kp * bits / 8, N) uint8
+    scales: jax.Array,  # (E, Kp / group_size, N) float
+    zeros: jax.Array | None,  # (E, Kp / group_size, N) uint8, or None: the implicit zero
+    mins: jax.Array | None,  # (E, Kp / group_size, N) float, or None
+    group_sizes: jax.Array,  # (E,) int32
+    *,
+    bits: int,
+    group_size: int,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (M, N), x.dtype
+    """x's rows of group g times dequant(expert g), dequantised in the kernel, accumulated in float32
+    (module docstring; the weight's layout is quant_matmul's, without act-order permutations)."""
+    _check_quant(x, qweight, scales, zeros, mins, group_sizes, bits, group_size)
+    M, K = x.shape
+    _, Kw, N = qweight.shape
+    Kp = Kw * 8 // bits
+    bs = block_sizes or BlockSizes()
+    if any(b < MIN_DOT or b & (b - 1) for b in (bs.block_m, bs.block_n, bs.block_k)):
+        raise ValueError(f"{bs}: block sizes must be powers of two >= {MIN_DOT}")
+    rows_per_group = group_size * bits // 8
+    Np, Kw_pad = max(N, MIN_DOT), round_up(Kw, MIN_DOT)  # shapes no real model has: copied, zero-padded
+    if (Np, Kw_pad) != (N, Kw):
+        G_pad = -(-Kw_pad // rows_per_group)
+        pad = lambda a, rows: None if a is None else pad_axis(pad_axis(a, 2, Np), 1, rows)
+        qweight, scales, zeros, mins = pad(qweight, Kw_pad), pad(scales, G_pad), pad(zeros, G_pad), pad(mins, G_pad)
+        Kw = Kw_pad
+    block_n = min(bs.block_n, 1 << (Np.bit_length() - 1))  # <= Np: the last tile fits
+    block_k = _fit(Kw, bs.block_k)
+    if rows_per_group % block_k and _fit(rows_per_group, block_k) >= MIN_DOT:
+        block_k = _fit(rows_per_group, block_k)  # steps inside one group
+
+    dest, tile_group, Mp = layout(group_sizes, M, bs.block_m)
+    xp = jnp.zeros((Mp, Kp), x.dtype).at[dest, :K].set(x)
+    if bits == 4:
+        x3 = xp.reshape(Mp, Kp // group_size, 2, group_size // 2)  # formats.split_halves
+        x_lo, x_hi = x3[:, :, 0, :].reshape(Mp, Kp // 2), x3[:, :, 1, :].reshape(Mp, Kp // 2)
+        x_lo, x_hi = pad_axis(x_lo, 1, Kw), pad_axis(x_hi, 1, Kw)  # (Mp, Kw)
+    else:
+        x_lo, x_hi = pad_axis(xp, 1, Kw), None
+    x_spec = pl.BlockSpec((bs.block_m, Kw), lambda i, j: (i, 0))
+    whole = lambda a: None if a is None else pl.BlockSpec(a.shape, lambda i, j: (0, 0, 0))
+    kernel = functools.partial(_quant_kernel, bits=bits, block_n=block_n, block_k=block_k,
+                               rows_per_group=rows_per_group)
+    out = pl.pallas_call(
+        kernel,
+        grid=(Mp // bs.block_m, -(-Np // block_n)),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j: (i,)),  # tile_group
+            x_spec,  # x or its low halves
+            None if x_hi is None else x_spec,  # high halves
+            whole(qweight), whole(scales), whole(zeros), whole(mins),  # every expert; the tile picks one
+        ],
+        out_specs=pl.BlockSpec((bs.block_m, Np), lambda i, j: (i, 0)),  # the kernel writes its columns
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), x.dtype),
+        compiler_params=CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="grouped_quant_matmul",
+    )(tile_group, x_lo, x_hi, qweight, scales, zeros, mins)
+    total = jnp.sum(group_sizes)
+    return jnp.where((jnp.arange(M) < total)[:, None], out[dest, :N], 0).astype(x.dtype)
+
+
+def _check_quant(x, qweight, scales, zeros, mins, group_sizes, bits, group_size):
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not one of {BITS}")
+    if qweight.ndim != 3 or qweight.dtype != jnp.uint8:
+        raise ValueError(f"qweight must be uint8 (E, Kp * bits / 8, N), got {qweight.dtype} {qweight.shape}")
+    E, Kw, N = qweight.shape
+    Kp = Kw * 8 // bits
+    if group_size < 1 or Kp % group_size or (bits == 4 and group_size % 2):
+        raise ValueError(f"group_size={group_size} must divide Kp={Kp}" + (" and be even" if bits == 4 else ""))
+    if x.ndim != 2 or not Kp - group_size < x.shape[1] <= Kp:
+        raise ValueError(f"x must be (M, K) with Kp - group_size < K <= Kp={Kp}, got {x.shape}")
+    for name, a in (("scales", scales), ("zeros", zeros), ("mins", mins)):
+        if a is not None and a.shape != (E, Kp // group_size, N):
+            raise ValueError(f"{name} must have shape (E, Kp // group_size, N)={(E, Kp // group_size, N)}, "
+                             f"got {a.shape}")
+    if zeros is not None and zeros.dtype != jnp.uint8:
+        raise ValueError(f"zeros must be uint8, got {zeros.dtype}")
+    if group_sizes.shape != (E,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integer (E,)=({E},), got {group_sizes.dtype} {group_sizes.shape}")
+
+
+def dequantize_experts(qweight, scales, zeros, mins, *, bits, group_size, dtype=jnp.float32) -> jax.Array:
+    """(E, Kp, N) in stored row order, each value dequantised in float32 and rounded to dtype (the
+    values the kernel multiplies by)."""
+    rows_per_group = group_size * bits // 8
+    scale = jnp.repeat(scales.astype(jnp.float32), rows_per_group, axis=1)  # (E, Kw, N)
+    zero = (float(_implicit_zero(bits, mins is not None)) if zeros is None
+            else jnp.repeat(zeros.astype(jnp.float32), rows_per_group, axis=1))
+    offset = 0.0 if mins is None else jnp.repeat(mins.astype(jnp.float32), rows_per_group, axis=1)
+    deq = lambda q: ((q.astype(jnp.float32) - zero) * scale + offset).astype(dtype)
+    if bits == 8:
+        return deq(qweight)
+    E, Kw, N = qweight.shape
+    lo = deq(qweight & 0xF).reshape(E, Kw // rows_per_group, 1, rows_per_group, N)  # first halves of the groups
+    hi = deq(qweight >> 4).reshape(E, Kw // rows_per_group, 1, rows_per_group, N)
+    return jnp.concatenate([lo, hi], axis=2).reshape(E, 2 * Kw, N)
+
+
+def quant_reference(x, qweight, scales, zeros, mins, group_sizes, *, bits, group_size, block_sizes=None,
+                    interpret=False):
+    """grouped_quant_matmul in plain jnp: the experts dequantised (dequantize_experts, in x's dtype),
+    then `reference`."""
+    del block_sizes, interpret
+    w = dequantize_experts(qweight, scales, zeros, mins, bits=bits, group_size=group_size, dtype=x.dtype)
+    return reference(pad_axis(x, 1, w.shape[1]), w, group_sizes)

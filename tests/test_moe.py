@@ -208,8 +208,9 @@ def test_lora_on_a_moe_models_attention(mixtral, rng):
 @pytest.mark.parametrize("name", ["int8-experts", pytest.param("int4-g16-experts", marks=pytest.mark.slow)])
 def test_quantised_experts_equal_their_dequantised_model(mixtral, name, rng):
     """RTN on the experts too (QuantScheme(experts=True)): one QuantizedWeight (L, E, K, N) per
-    expert weight, dequantised in the grouped matmul's program (XLA and Pallas alike): the model's
-    logits are its dequantised twin's, and the quantisation moved them."""
+    expert weight, dequantised in the grouped matmul's program (XLA) or tile by tile in the Pallas
+    grouped kernel (no dense expert weight in its program): the model's logits are its dequantised
+    twin's, and the quantisation moved them."""
     _, model = mixtral
     scheme = quant.scheme_from_name(name)
     assert scheme.experts and scheme.name.endswith("-experts")
@@ -223,6 +224,14 @@ def test_quantised_experts_equal_their_dequantised_model(mixtral, name, rng):
     assert row_rel_error(ji.forward_logits(q, tokens), expected) <= 1e-5
     assert row_rel_error(ji.forward_logits(q, tokens, matmul_impl="pallas"), expected) <= 1e-5
     assert row_rel_error(expected, ji.forward_logits(model, tokens)) > 1e-4
+    # Under Pallas the experts reach the kernel packed: its program has grouped_quant_matmul's
+    # pallas_call and no float array of a whole expert weight's (E, K, N) shape.
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+    text = str(jax.make_jaxpr(lambda p: model_lib.forward(p, q.config, jnp.asarray(tokens), positions,
+                                                           impl=model_lib.Impl(matmul="pallas")).logits)(q.params))
+    assert "grouped_quant_matmul" in text
+    E, K, N = model.params["layers"]["experts_gate"].shape[1:]
+    assert f"f32[{E},{K},{N}]" not in text and f"f32[{E},{N},{K}]" not in text
 
 
 def test_quantised_experts_by_a_calibrated_method_are_refused():

@@ -16,7 +16,7 @@ type and the chosen `impl`, falling back to the type's "xla" entry when it has n
   SimWeight        "xla"     x rounded to the simulated activation format, times the rounded weight
                              (accuracy studies only; no kernel)
 A mixture of experts' per-expert weights go through `grouped` (jax.lax.ragged_dot, or the
-pallas_kernels.grouped_matmul kernel).
+pallas_kernels.grouped_matmul kernel; int8 / int4 experts its grouped_quant_matmul).
 A new format adds entries with `register`, not branches here. `parallel` says how the weight is
 split over a tensor-parallel mesh ("column": its output, "row": its input, None), which a kernel
 run per shard under shard_map needs (jaxinfer.sharding); the XLA path is split by the partitioner.
@@ -42,7 +42,7 @@ from jaxinfer.models.formats import (
 )
 from jaxinfer.sharding import P, per_shard, tp_mesh
 from pallas_kernels.common import fp8_supported
-from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_quant_matmul
 from pallas_kernels.quant_matmul import quant_matmul
 from pallas_kernels.w8a8_matmul import w8a8_matmul
 
@@ -76,13 +76,16 @@ def linear(x: jax.Array, w, b: jax.Array | None = None, *, impl: str = "xla", pa
 def grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = "xla",
             parallel: str | None = None) -> jax.Array:
     """x (M, K), its rows sorted by group, times w (E, K, N): group g's rows (group_sizes (E,)) by
-    w[g], accumulated in float32, in x's dtype (a mixture of experts' projections; w may be an
-    MXFP4Weight, dequantised inside this program: the params stay packed). "xla":
+    w[g], accumulated in float32, in x's dtype (a mixture of experts' projections). "xla":
     jax.lax.ragged_dot; "pallas": pallas_kernels.grouped_matmul (interpret mode on the CPU), per
     shard under a tensor-parallel mesh ("expert_column": each shard's columns; "expert_row": each
-    shard's rows of K, the partial products summed)."""
+    shard's rows of K, the partial products summed). Packed experts: int8 / int4 (QuantizedWeight)
+    under "pallas" go to pallas_kernels.grouped_quant_matmul, dequantised tile by tile in the kernel;
+    otherwise (and MXFP4 always) they are dequantised inside this program, so the params stay packed."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"matmul impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    if isinstance(w, QuantizedWeight) and impl == "pallas" and w.perm is None:
+        return _grouped_quantized(x, w, group_sizes, parallel)
     if isinstance(w, MXFP4Weight):  # packed experts (gpt-oss): dequantised here, in the program that multiplies
         w = dequantize_mxfp4(w, x.dtype)
     elif isinstance(w, QuantizedWeight):  # int8 / int4 experts (QuantScheme(experts=True)), the same way
@@ -102,6 +105,35 @@ def grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: str = "
     else:
         in_specs, out_spec = (P(None, "tp"), P(None, "tp", None), P()), P()
     return per_shard(kernel, in_specs, out_spec)(x, w, group_sizes)
+
+
+def _grouped_quantized(x: jax.Array, w: QuantizedWeight, group_sizes: jax.Array, parallel: str | None) -> jax.Array:
+    """int8 / int4 experts through pallas_kernels.grouped_quant_matmul: each tile's expert read packed
+    and dequantised in the kernel; per shard under a tensor-parallel mesh as `grouped` splits dense
+    experts (expert_row: whole groups of rows per shard, as the params are placed)."""
+    interpret = jax.default_backend() == "cpu"
+    xp = prepare_input(x, w)  # (M, Kp)
+    fields = {k: v for k, v in (("zeros", w.zeros), ("mins", w.mins)) if v is not None}
+    if parallel is None or tp_mesh() is None:
+        return grouped_quant_matmul(xp, w.qweight, w.scales, w.zeros, w.mins, group_sizes, bits=w.bits,
+                                    group_size=w.group_size, interpret=interpret)
+    tp = tp_mesh().shape["tp"]
+    if parallel == "expert_column":
+        x_spec, w_spec, g_spec, out_spec = P(), P(None, None, "tp"), P(None, None, "tp"), P(None, "tp")
+        group_size = w.group_size
+    else:
+        split = w.scales.shape[-2] % tp == 0  # else per-channel int8: its one scale row on every shard
+        x_spec, w_spec, out_spec = P(None, "tp"), P(None, "tp", None), P()
+        g_spec, group_size = (P(None, "tp", None), w.group_size) if split else (P(), w.padded_in_features // tp)
+
+    def kernel(xs, qweight, scales, sizes, *extra):
+        more = dict(zip(fields, extra))
+        y = grouped_quant_matmul(xs, qweight, scales, more.get("zeros"), more.get("mins"), sizes, bits=w.bits,
+                                 group_size=group_size, interpret=interpret)
+        return jax.lax.psum(y, "tp") if parallel == "expert_row" else y
+
+    in_specs = (x_spec, w_spec, g_spec, P(), *[g_spec] * len(fields))
+    return per_shard(kernel, in_specs, out_spec)(xp, w.qweight, w.scales, group_sizes, *fields.values())
 
 
 def dense(x: jax.Array, w: jax.Array, equation: str = "...K,KN->...N") -> jax.Array:
