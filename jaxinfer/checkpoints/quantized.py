@@ -38,6 +38,13 @@ needs one (identity for the others). GPTQ with `sym: true` whose zero points all
 A v1 zero point is the stored slot + 1 (as AutoGPTQ computes it), so it may reach 2**bits; one
 that exceeds 255 does not fit uint8 and is an error.
 
+Mixtures of experts (AutoAWQ / GPTQ Mixtral, Qwen-MoE as published): each expert's w1 / w2 / w3
+(gate / up / down) is a module of its own (`...experts.{e}.w1.qweight`, ...), quantised like a
+projection; the router (`gate`, in modules_to_not_convert) and Qwen2-MoE's shared-expert gate stay
+dense. The experts load as one QuantizedWeight (L, E, ...) per expert weight, which the grouped
+matmul dequantises (the Pallas grouped kernel in its tiles). Experts stored stacked in one tensor
+(gpt-oss) are not read.
+
 Not handled (a CheckpointError names them): other AWQ versions (gemv, gemv_fast, marlin, ...),
 GPTQ 2/3 bits, pack dtypes other than int32, K not a multiple of g, quantised lm_head or
 projections left dense (modules_to_not_convert).
@@ -139,17 +146,24 @@ class CheckpointQuant:
 
 @dataclasses.dataclass(frozen=True)
 class _Projection:
-    name: str  # key in params["layers"]: wq, ..., w_down
-    hf: str  # its module path, formatted with layer=i: "model.layers.{layer}.self_attn.q_proj"
+    name: str  # key in params["layers"]: wq, ..., w_down, experts_gate, ...
+    hf: str  # its module path, formatted with layer=i (and expert=e): "model.layers.{layer}.self_attn.q_proj"
     K: int  # in_features
     N: int  # out_features
     g: int  # rows per group
+    experts: int = 0  # E for a per-expert weight (one module per expert): arrays (L, E, ...); 0: (L, ...)
+
+    @property
+    def units(self) -> int:
+        """Modules per layer: E, or 1."""
+        return max(self.experts, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class _QSlot:
     proj: _Projection
     layer: int
+    expert: int  # 0 for a projection
     part: str  # "qweight" | "qzeros" | "scales" | "g_idx"
     shape: tuple[int, ...]
     dtype: tuple[str, ...]  # accepted safetensors dtypes
@@ -168,6 +182,13 @@ def _projections(cfg: ModelConfig, quant: CheckpointQuant) -> list[_Projection]:
             K, N = p.shape(cfg)
             hf = family.hf_layer_prefix + p.peft
             out.append(_Projection(p.name, hf, K, N, quant.groups(K, hf.format(layer="*"))))
+        elif p.role in family_lib.EXPERT_ROLES:
+            if not p.per_expert:
+                raise CheckpointError(f"{quant.method} checkpoints of {cfg.model_type} are not read: its experts are "
+                                      f"stored stacked ({family.hf_name(p, 0)}), not one module per expert")
+            E, K, N = p.shape(cfg)
+            hf = family.hf_layer_prefix + p.hf.removesuffix(".weight")
+            out.append(_Projection(p.name, hf, K, N, quant.groups(K, hf.format(layer="*", expert="*")), E))
     return out
 
 
@@ -182,9 +203,10 @@ def _quant_tensors(cfg: ModelConfig, quant: CheckpointQuant, projs: list[_Projec
             shapes = {"qweight": (p.K // per, p.N), "qzeros": (G, p.N // per), "scales": (G, p.N),
                       "g_idx": (p.K,)}
         for i in range(cfg.num_layers):
-            for part, shape in shapes.items():
-                dtype = tuple(_SCALE_DTYPES) if part == "scales" else ("I32",)
-                out[f"{p.hf.format(layer=i)}.{part}"] = _QSlot(p, i, part, shape, dtype)
+            for e in range(p.units):
+                for part, shape in shapes.items():
+                    dtype = tuple(_SCALE_DTYPES) if part == "scales" else ("I32",)
+                    out[f"{p.hf.format(layer=i, expert=e)}.{part}"] = _QSlot(p, i, e, part, shape, dtype)
     return out
 
 
@@ -304,29 +326,32 @@ def _check_headers(files, expected, qslots, cfg, quant) -> tuple[dict[str, str],
 
 
 def _zeros_and_perms(location, qslots, projs, cfg, quant) -> tuple[dict, dict]:
-    """Pass 2, the small tensors: zero points (L, G, N) uint8 or None, and perms (L, K) or None."""
-    zeros = {p.name: np.empty((cfg.num_layers, p.K // p.g, p.N), np.uint8) for p in projs}
-    perms: dict[str, list] = {p.name: [None] * cfg.num_layers for p in projs}
+    """Pass 2, the small tensors: zero points (L, [E,] G, N) uint8 or None, and perms (L, [E,] K) or
+    None. Modules are indexed by unit, layer * units + expert, and the arrays shaped at the end."""
+    zeros = {p.name: np.empty((cfg.num_layers * p.units, p.K // p.g, p.N), np.uint8) for p in projs}
+    perms: dict[str, list] = {p.name: [None] * (cfg.num_layers * p.units) for p in projs}
     for key, slot in qslots.items():
         if slot.part not in ("qzeros", "g_idx"):
             continue
         with safe_open(location[key], framework="numpy") as f:
             x = f.get_tensor(key)
+        unit = slot.layer * slot.proj.units + slot.expert
         if slot.part == "qzeros":
-            zeros[slot.proj.name][slot.layer] = _unpack_zeros(x, quant, key)
+            zeros[slot.proj.name][unit] = _unpack_zeros(x, quant, key)
         else:
-            perms[slot.proj.name][slot.layer] = _group_perm(x, slot.proj.g, key)
+            perms[slot.proj.name][unit] = _group_perm(x, slot.proj.g, key)
     out_zeros, out_perms = {}, {}
     for p in projs:
+        lead = (cfg.num_layers, p.experts) if p.experts else (cfg.num_layers,)
         z = zeros[p.name]
         implicit = quant.sym and bool(np.all(z == 2 ** (quant.bits - 1)))
-        out_zeros[p.name] = None if implicit else z
-        layer_perms = perms[p.name]
-        if all(pm is None for pm in layer_perms):
+        out_zeros[p.name] = None if implicit else z.reshape(*lead, *z.shape[1:])
+        unit_perms = perms[p.name]
+        if all(pm is None for pm in unit_perms):
             out_perms[p.name] = None
         else:
             identity = np.arange(p.K, dtype=np.int32)
-            out_perms[p.name] = np.stack([identity if pm is None else pm for pm in layer_perms])
+            out_perms[p.name] = np.stack([identity if pm is None else pm for pm in unit_perms]).reshape(*lead, p.K)
     return out_zeros, out_perms
 
 
@@ -354,8 +379,10 @@ def load_quantized_params(
     L = cfg.num_layers
     shapes = model_lib.param_shapes(cfg)
     layers: dict[str, Any] = {k: jnp.zeros(s, dtype) for k, s in shapes["layers"].items() if k not in quantised}
-    qweights = {p.name: jnp.zeros((L, p.K * quant.bits // 8, p.N), jnp.uint8) for p in projs}
-    scales = {p.name: jnp.zeros((L, p.K // p.g, p.N), scale_dtype or ckpt_scale_dtypes[p.name]) for p in projs}
+    # Quantised modules by unit (layer * units + expert), shaped (L, [E,] ...) at the end.
+    qweights = {p.name: jnp.zeros((L * p.units, p.K * quant.bits // 8, p.N), jnp.uint8) for p in projs}
+    scales = {p.name: jnp.zeros((L * p.units, p.K // p.g, p.N), scale_dtype or ckpt_scale_dtypes[p.name])
+              for p in projs}
     params: dict[str, Any] = {}
     bar = tqdm(total=len(location), desc="loading", unit="tensor", disable=not progress)
     for path in files:
@@ -374,21 +401,22 @@ def load_quantized_params(
                                                          transpose=slot.transpose)
                     continue
                 qs = qslots[key]
-                name = qs.proj.name
+                name, unit = qs.proj.name, qs.layer * qs.proj.units + qs.expert
                 if qs.part == "scales":
-                    scales[name] = write_layer(scales[name], f.get_tensor(key), qs.layer, transpose=False)
+                    scales[name] = write_layer(scales[name], f.get_tensor(key), unit, transpose=False)
                 elif qs.part == "qweight":
                     q = _unpack_qweight(fn.get_tensor(key), quant)  # (K, N) uint8
                     if perms[name] is not None:
-                        q = q[perms[name][qs.layer]]
-                    qweights[name] = _write_qweight(qweights[name], q, qs.layer, bits=quant.bits,
+                        q = q[perms[name].reshape(-1, qs.proj.K)[unit]]
+                    qweights[name] = _write_qweight(qweights[name], q, unit, bits=quant.bits,
                                                     group_size=qs.proj.g)
     bar.close()
     for p in projs:
         z, pm = zeros[p.name], perms[p.name]
+        lead = (L, p.experts) if p.experts else (L,)
         layers[p.name] = QuantizedWeight(
-            qweight=qweights[p.name],
-            scales=scales[p.name],
+            qweight=qweights[p.name].reshape(*lead, *qweights[p.name].shape[1:]),
+            scales=scales[p.name].reshape(*lead, *scales[p.name].shape[1:]),
             zeros=None if z is None else jnp.asarray(z),
             perm=None if pm is None else jnp.asarray(pm),
             bits=quant.bits,
