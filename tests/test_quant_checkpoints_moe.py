@@ -130,3 +130,17 @@ def test_bad_moe_checkpoint_names_the_expert(bad, awq_moe, tmp_path):
     edit, pattern = BAD[bad]
     with pytest.raises(ji.CheckpointError, match=pattern):
         ji.load_model(_corrupt(awq_moe, tmp_path / "bad", edit))
+
+
+def test_stacked_experts_are_refused_naming_the_tensor():
+    """gpt-oss stores a layer's experts in one tensor: no per-expert module for AWQ / GPTQ to quantise."""
+    from jaxinfer.checkpoints.quantized import CheckpointQuant, _projections
+
+    cfg = ji.ModelConfig.from_hf_dict({"model_type": "gpt_oss", "vocab_size": 64, "hidden_size": 64,
+                                       "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                       "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+                                       "num_experts_per_tok": 2, "sliding_window": 8})
+    quant = CheckpointQuant.from_hf({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm"})
+    with pytest.raises(ji.CheckpointError, match=r"gpt_oss are not read: its fused projections "
+                                                 r"\(model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+        _projections(cfg, quant)
