@@ -100,8 +100,9 @@ def quantize_model(
         quantize_layer = w8a8.quantize_layer
     else:
         quantize_layer = awq.quantize_layer if scheme.method == "awq" else gptq.quantize_layer
+    experts = isinstance(scheme, QuantScheme) and scheme.experts  # GPTQ's experts: each on its routed tokens
     run = calib.run_layers(model, calibration, lambda l, lp, stats: quantize_layer(model.config, lp, stats, scheme),
-                           chunk_size=chunk_size or calib.DEFAULT_CHUNK_SIZE, progress=progress)
+                           chunk_size=chunk_size or calib.DEFAULT_CHUNK_SIZE, progress=progress, experts=experts)
     return dataclasses.replace(model, params={**model.params, "layers": run.layers})
 
 

@@ -106,6 +106,27 @@ class InputStats:
         """The statistics of inputs x (..., K), every leading index a token."""
         return cls.zeros(x.shape[-1]).add(x)
 
+    @classmethod
+    def zeros_per_group(cls, groups: int, features: int) -> InputStats:
+        """Statistics kept per group (a mixture of experts' experts): every field with a leading
+        (groups,) axis; `jax.tree.map(lambda a: a[e], stats)` is group e's InputStats."""
+        return cls(gram=jnp.zeros((groups, features, features), jnp.float32),
+                   abs_sum=jnp.zeros((groups, features), jnp.float32), count=jnp.zeros((groups,), jnp.int32),
+                   abs_max=jnp.zeros((groups, features), jnp.float32))
+
+    def add_grouped(self, x: jax.Array, group_sizes: jax.Array) -> InputStats:
+        """Per-group statistics with the rows x (M, K) added, sorted by group as the grouped matmul
+        takes them (group_sizes (E,) rows each; rows past their sum belong to no group)."""
+        x = x.astype(jnp.float32)
+        group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[0]), side="right")  # (M,) E past the sum
+        onehot = (group[:, None] == jnp.arange(group_sizes.shape[0])).astype(jnp.float32)  # (M, E)
+        hp = jax.lax.Precision.HIGHEST
+        gram = jnp.einsum("ME,MK,MJ->EKJ", onehot, x, x, precision=hp)
+        return InputStats(gram=self.gram + gram, abs_sum=self.abs_sum + jnp.einsum("ME,MK->EK", onehot, jnp.abs(x),
+                                                                                    precision=hp),
+                          count=self.count + group_sizes.astype(jnp.int32),
+                          abs_max=jnp.maximum(self.abs_max, jnp.max(onehot[:, :, None] * jnp.abs(x)[:, None, :], axis=0)))
+
     def add(self, x: jax.Array) -> InputStats:
         """These statistics with the tokens x (..., K) added."""
         x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # (M, K)
@@ -118,7 +139,10 @@ class InputStats:
         return self.abs_sum / self.count
 
     def hessian(self) -> np.ndarray:  # (K, K) float64
-        """GPTQ's H = 2 X^T X / n."""
+        """GPTQ's H = 2 X^T X / n; the identity for inputs never seen (an expert no calibration token
+        was routed to: GPTQ then rounds as RTN does)."""
+        if int(self.count) == 0:
+            return np.eye(self.gram.shape[-1])
         return 2.0 * np.asarray(self.gram, np.float64) / int(self.count)
 
     def scaled(self, s: jax.Array) -> InputStats:
@@ -126,6 +150,10 @@ class InputStats:
         multiplied by s (AWQ's folded scales)."""
         return InputStats(gram=self.gram / (s[:, None] * s[None, :]), abs_sum=self.abs_sum / s, count=self.count,
                           abs_max=self.abs_max / s)
+
+
+# A mixture of experts' per-expert inputs, by the role of the expert weights that read them.
+EXPERT_SITES = {"expert_column": "experts_in", "expert_row": "experts_act"}
 
 
 @struct.dataclass
@@ -138,14 +166,24 @@ class LayerInputs:
       attn_out  (N * H)  attention output: the input of wo
       mlp       (D)      mlp-normed hidden: the input of w_gate, w_up
       mlp_act   (F)      act(gate) * up: the input of w_down
+
+    With experts=True (a mixture of experts whose experts are calibrated), `experts` holds per-expert
+    statistics (InputStats.zeros_per_group) of the rows routed to each expert: "experts_in" (D), the
+    input of every expert's gate and up, and "experts_act" (F), of its down projection.
     """
 
     sites: dict[str, InputStats]
     family: str = struct.field(pytree_node=False)  # the family's name (ModelConfig.model_type)
+    experts: dict[str, InputStats] = struct.field(default_factory=dict)
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig) -> LayerInputs:
-        return cls(sites={s.name: InputStats.zeros(s.features(cfg)) for s in cfg.family.sites}, family=cfg.model_type)
+    def zeros(cls, cfg: ModelConfig, experts: bool = False) -> LayerInputs:
+        per_expert = {}
+        if experts and cfg.num_experts:
+            per_expert = {"experts_in": InputStats.zeros_per_group(cfg.num_experts, cfg.hidden_size),
+                          "experts_act": InputStats.zeros_per_group(cfg.num_experts, cfg.intermediate_size)}
+        return cls(sites={s.name: InputStats.zeros(s.features(cfg)) for s in cfg.family.sites}, family=cfg.model_type,
+                   experts=per_expert)
 
     def __getattr__(self, name: str) -> InputStats:
         sites = self.__dict__.get("sites") or {}
@@ -166,15 +204,16 @@ class LayerInputs:
 
 def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record=None) -> jax.Array:
     """model.layer without a cache: x (C, T, D) at positions 0..T-1 -> the layer's output. With
-    `record`, each projection's input is passed to record(name, x) on its way to the matmul."""
+    `record`, each projection's input is passed to record(name, x, group_sizes) on its way to the
+    matmul (group_sizes: None, or a per-expert weight's rows per expert)."""
     C, T, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (C, T))
     cos, sin = model_lib.layer_rope(model_lib.layer_ropes(cfg, positions, x.dtype), window)  # (C, T, H)
     dense = model_lib.dense_projection()
 
     def project(name, x, lp, group_sizes=None):
-        if record is not None and group_sizes is None:  # per-expert weights have no calibration site
-            record(name, x)
+        if record is not None:
+            record(name, x, group_sizes)
         return dense(name, x, lp, group_sizes)
 
     def attend(q, k, v, sinks=None):
@@ -187,8 +226,18 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record
 def _accumulate(stats: LayerInputs, cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array) -> LayerInputs:
     feeds = {p.name: p.calibration for p in cfg.family.params if p.is_projection}
     sites: dict[str, jax.Array] = {}  # site -> the input its projections share
-    _layer(cfg, lp, x, window, lambda name, x: sites.setdefault(feeds[name], x))
-    return LayerInputs(sites={site: stats.sites[site].add(x) for site, x in sites.items()}, family=stats.family)
+    routed: dict[str, tuple] = {}  # expert site -> (rows sorted by expert, group sizes)
+
+    def record(name, x, group_sizes):
+        if group_sizes is None:
+            sites.setdefault(feeds[name], x)
+        elif stats.experts:
+            routed.setdefault(EXPERT_SITES[family_lib.parallel_style(name)], (x, group_sizes))
+
+    _layer(cfg, lp, x, window, record)
+    experts = {site: stats.experts[site].add_grouped(*routed[site]) for site in stats.experts}
+    return LayerInputs(sites={site: stats.sites[site].add(x) for site, x in sites.items()}, family=stats.family,
+                       experts=experts)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -221,10 +270,12 @@ def run_layers(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
+    experts: bool = False,
 ) -> CalibrationRun:
     """Walk the decoder layer by layer over the calibration windows: measure layer l's projection
     inputs, let `update(l, params of layer l, stats)` return its new params, and compute layer
-    l + 1's inputs through them. `update` returning its params unchanged reproduces model.forward."""
+    l + 1's inputs through them. `update` returning its params unchanged reproduces model.forward.
+    experts: also measure each expert's routed inputs (LayerInputs.experts)."""
     cfg = model.config
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.size == 0:
@@ -244,7 +295,7 @@ def run_layers(
     for l in tqdm(range(cfg.num_layers), desc="calibrating", unit="layer", disable=not progress):
         lp = jax.tree_util.tree_map(lambda a: a[l], params["layers"])
         window = jnp.asarray(cfg.layer_windows[l], jnp.int32)
-        stats = LayerInputs.zeros(cfg)
+        stats = LayerInputs.zeros(cfg, experts)
         for x in chunks:
             stats = _accumulate(stats, cfg, lp, x, window)
         lp = update(l, lp, stats)

@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
-from jaxinfer.models.formats import QuantizedWeight, check_scheme
+from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight, check_scheme
 from jaxinfer.quant import rtn
-from jaxinfer.quant.calibration import LayerInputs, Params
+from jaxinfer.quant.calibration import EXPERT_SITES, LayerInputs, Params
 from jaxinfer.quant.spec import QuantScheme
 
 PERCDAMP = 0.01
@@ -133,17 +134,37 @@ def split_columns(w: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]
                                 zeros=cut(w.zeros, lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def _gptq_shared(names: list[str], weights: list[jax.Array], hessian: np.ndarray, scheme: QuantScheme,
+                 ) -> list[QuantizedWeight]:
+    """GPTQ of weights that read the same input, as one weight with their columns side by side."""
+    qw = gptq_quantize(jnp.concatenate(weights, axis=1), hessian, scheme.bits, scheme.group_size,
+                       symmetric=scheme.symmetric, pad=scheme.pad, act_order=scheme.act_order,
+                       scale_dtype=scheme.scale_dtype, name="layers." + "/".join(names))
+    return split_columns(qw, [w.shape[1] for w in weights])
+
+
 def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantScheme) -> Params:
     """GPTQ every projection of one decoder layer from its input statistics. Projections that share
     an input (the family's sites: wq, wk, wv; w_gate, w_up) run as one weight with their columns side
     by side, which is the same computation (GPTQ treats output columns independently) with one
-    factorisation."""
+    factorisation. With scheme.experts, each expert's weights likewise, on the Hessian of the rows
+    routed to that expert (stats.experts; the identity for an expert no calibration token reached),
+    stacked back into one QuantizedWeight (E, ...) per expert weight."""
     lp = dict(lp)
     for site in cfg.family.sites:
         names = [n for n in cfg.family.site_projections(site.name) if n in lp]
-        w = jnp.concatenate([lp[n] for n in names], axis=1)  # (K, sum of N)
-        qw = gptq_quantize(w, stats.sites[site.name].hessian(), scheme.bits, scheme.group_size,
-                           symmetric=scheme.symmetric, pad=scheme.pad, act_order=scheme.act_order,
-                           scale_dtype=scheme.scale_dtype, name="layers." + "/".join(names))
-        lp.update(zip(names, split_columns(qw, [lp[n].shape[1] for n in names])))
+        lp.update(zip(names, _gptq_shared(names, [lp[n] for n in names], stats.sites[site.name].hessian(), scheme)))
+    if not scheme.experts:
+        return lp
+    for role, site in EXPERT_SITES.items():
+        names = [n for n in lp if family_lib.parallel_style(n) == role and not isinstance(lp[n], MXFP4Weight)]
+        if not names:
+            continue
+        per_expert = []
+        for e in range(cfg.num_experts):
+            expert_stats = jax.tree.map(lambda a, e=e: a[e], stats.experts[site])
+            per_expert.append(_gptq_shared([f"{n}[{e}]" for n in names], [lp[n][e] for n in names],
+                                           expert_stats.hessian(), scheme))
+        for i, n in enumerate(names):
+            lp[n] = jax.tree.map(lambda *a: jnp.stack(a), *[q[i] for q in per_expert])
     return lp
