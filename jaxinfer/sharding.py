@@ -55,10 +55,8 @@ with `to_host`, which works on arrays that span other hosts' devices.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +68,7 @@ from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight
 from jaxinfer.models.kv_cache import KV_DTYPES, PagedKVCache
+from jaxinfer.models.mesh import ep_mesh, per_ep_shard, per_shard, tp_mesh, use_mesh  # noqa: F401  (re-exported)
 
 AXES = ("dp", "ep", "tp")
 
@@ -376,50 +375,6 @@ def nbytes_per_device(tree) -> dict:
         for shard in leaf.addressable_shards:
             per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
     return per_device
-
-
-# Programs under a mesh ---------------------------------------------------------------------------
-
-
-def use_mesh(mesh: Mesh | None):
-    """A context that sets the mesh for tracing (`tp_mesh` reads it); a no-op for None."""
-    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
-
-
-def _mesh_with(axis: str):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1 or axis in mesh.manual_axes:
-        return None
-    return mesh
-
-
-def tp_mesh():
-    """The mesh set for tracing when it has a "tp" axis of more than one device, else None."""
-    return _mesh_with("tp")
-
-
-def ep_mesh():
-    """The mesh set for tracing when it has an "ep" axis of more than one device (and the trace is
-    not already per ep shard), else None."""
-    return _mesh_with("ep")
-
-
-def per_shard(fn: Callable, in_specs, out_specs, **kwargs) -> Callable:
-    """fn run on each device's shards under the tp mesh set for tracing (fn itself without one).
-    Inside a per-ep-shard program (the MoE layer under ep) only the axes not yet per shard are."""
-    mesh = tp_mesh()
-    if mesh is None:
-        return fn
-    if mesh.manual_axes:
-        kwargs["axis_names"] = set(mesh.axis_names) - set(mesh.manual_axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False, **kwargs)
-
-
-def per_ep_shard(fn: Callable, in_specs, out_specs) -> Callable:
-    """fn run per ep shard under the ep mesh set for tracing: manual over "ep" only, the other axes
-    left to the partitioner (tp inside stays as it is outside)."""
-    return jax.shard_map(fn, mesh=ep_mesh(), in_specs=in_specs, out_specs=out_specs, axis_names={"ep"},
-                         check_vma=False)
 
 
 # Multi-host -------------------------------------------------------------------------------------

@@ -1,16 +1,30 @@
 """GGUF checkpoints (llama.cpp's format): one file -> config, params, tokenizer and chat template.
 
 `load_gguf(path)` reads the file with the `gguf` package (llama.cpp's own reader, memory-mapped):
-  config     from the metadata under `{arch}.*` (the family whose spec, jaxinfer.models.family,
-             lists `general.architecture`: llama, qwen2, qwen3 built in); biases, q/k norms and an
-             untied LM head from which tensors the file holds
+  config     from the metadata under `{arch}.*`, for the family whose spec (jaxinfer.models.family)
+             lists `general.architecture`: llama, qwen2, qwen3, qwen3moe, qwen2moe, phi3, gemma2,
+             gemma3. The keys every architecture shares are read here (sizes, heads, eps, RoPE base
+             and linear / llama3 scaling), biases, q/k norms and an untied LM head from which
+             tensors the file holds; a family's own keys, and what llama.cpp fixes for it instead
+             of reading, are its `Family.gguf_config` hook's (the experts' counts and sizes, Gemma's
+             soft-caps, windows and query scale, Phi-3's window switched off): no architecture
+             branches here
   params     every tensor onto its slot of the params pytree, by the GGUF names in the family's
-             spec (checked against the HF names' slots, so the shape checks are hf_layout's);
-             layers stacked for lax.scan
+             spec, laid out by `gguf_layout` over hf_layout's HF slots (so the shape checks are
+             hf_layout's): a tensor of one param; a fused one (Phi-3's attn_qkv, and ffn_up holding
+             gate then up) split by the rows its params' Param.hf_part name, as the HF loader splits
+             HF's fused tensors; a layer's stacked experts (E, out, in) (Qwen-MoE's ffn_*_exps).
+             Layers stacked for lax.scan. Norm weights are stored as their gains (llama.cpp
+             multiplies by the stored weight; its converter writes Gemma's (1 + w) norms as 1 + w):
+             `Norm.from_gain` gives the family's weight back. A shape matches with leading axes of
+             1 dropped, as llama.cpp matches it (Qwen2-MoE's shared-expert gate is (D,) in older
+             files, (1, D) in newer ones)
   tokenizer  the byte-level BPE vocabulary, merges and special tokens in the metadata, rebuilt as a
              `tokenizers` tokenizer the way HF transformers' GGUF loader builds it, with
              `tokenizer.chat_template` (gguf_tokenizer.py); the end-of-turn token (eot/eom ids)
-             joins the stop tokens
+             joins the stop tokens. A sentencepiece vocabulary (tokenizer.ggml.model=llama: the
+             Gemma and Phi-3 files llama.cpp's converter writes) is not rebuilt: the model then
+             takes and returns token ids
 
 GGUF stores a (out, in) = (N, K) weight as N rows of blocks along K (the shape it lists, `ne`, is
 (K, N): fastest axis first). Blocks of 32 that map exactly onto `formats.QuantizedWeight` (group
@@ -20,21 +34,23 @@ size 32, scales and mins kept in float16 as stored) stay packed, so the quantise
   Q4_1  d f16, m f16, 16 bytes         w = d * q + m    4 bits, mins = m, implicit zero 0
 A block's byte j holds value j in its low nibble and value j + 16 in its high nibble: the layout of
 `formats.pack` with g = 32, so packed rows are the blocks' bytes, transposed. A projection stays
-packed when every layer stores it in one of these types (the same one); otherwise, and for every
-other supported type (F32, F16, BF16, Q5_0/Q5_1, K-quants), it is dequantised on load with
-`gguf.quants.dequantize` and cast to the model dtype. The embedding and a separate LM head load
-dense (the model gathers rows of one and multiplies by the other directly).
+packed when every layer stores it in one of these types (the same one), and so do stacked experts,
+as one QuantizedWeight (L, E, ...) that the grouped matmul dequantises in its program; a fused
+tensor's params take their rows of it, still packed. Otherwise, and for every other supported type
+(F32, F16, BF16, Q5_0/Q5_1, K-quants), a tensor is dequantised on load with `gguf.quants.dequantize`
+and cast to the model dtype. The embedding, a separate LM head and the routers load dense (the
+model gathers rows of one and multiplies by the others directly).
 
 Rotary embeddings: llama.cpp's converter reorders the output rows of a llama model's wq and wk
 (and their biases: the family's `rotary` params) within each head from HF's half-split layout to
-interleaved pairs (Family.gguf_reordered_rope); loading undoes it (`unpermute_rows`). Qwen2 and
-Qwen3 files are written without the reordering. Llama 3.1 / 3.2's
+interleaved pairs (Family.gguf_reordered_rope); loading undoes it (`unpermute_rows`). The other
+architectures' files are written without the reordering. Llama 3.1 / 3.2's
 rope scaling comes as per-frequency divisors (`rope_freqs.weight`), matched to a llama3 RopeConfig
 (`llama3_rope`); linear scaling comes from `{arch}.rope.scaling.*`; others (YaRN) are refused.
 
-Anything this loader cannot run exactly raises a CheckpointError naming it: an architecture, a block
-type, a metadata key, a tensor (missing, unexpected or mis-shaped), a file that is not GGUF or is
-cut short.
+Anything this loader cannot run exactly raises a CheckpointError naming it: an architecture (and
+experts in one whose family has none: Mixtral, which llama.cpp writes as llama), a block type, a
+metadata key, a tensor (missing, unexpected or mis-shaped), a file that is not GGUF or is cut short.
 """
 
 from __future__ import annotations
@@ -50,7 +66,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.checkpoints.gguf_tokenizer import tokenizer_from_metadata
-from jaxinfer.checkpoints.hf_layout import CheckpointError, check_complete, expected_tensors, resolve_dtype
+from jaxinfer.checkpoints.hf_layout import (
+    CheckpointError,
+    Slot,
+    check_complete,
+    expected_tensors,
+    resolve_dtype,
+)
 from jaxinfer.checkpoints.model import Model
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models import family as family_lib
@@ -177,8 +199,9 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
         rope = RopeConfig(theta=theta, type="linear", factor=float(key("rope.scaling.factor")))
     else:
         raise CheckpointError(f"{arch}.rope.scaling.type={scaling!r} is not supported (supported: none, linear)")
-    if int(key("expert_count", 0)):
-        raise CheckpointError(f"{arch}.expert_count={key('expert_count')}: mixture-of-experts models are not supported")
+    if int(key("expert_count", 0)) and not any(p.role in family_lib.EXPERT_ROLES for p in family.params):
+        raise CheckpointError(f"{arch}.expert_count={key('expert_count')}: a {arch} file with experts is not supported "
+                              f"({family.name} has none)")
 
     bos = meta.get("tokenizer.ggml.bos_token_id")
     stop_ids = []
@@ -214,6 +237,8 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(stop_ids),
     )
+    if family.gguf_config is not None:
+        cfg = family.gguf_config(family, cfg, key)
     if family.check_config is not None:
         family.check_config(family, cfg)
     return cfg
@@ -250,19 +275,42 @@ def unpermute_rows(n: int, num_heads: int) -> np.ndarray:
     return np.arange(n).reshape(num_heads, half, 2).swapaxes(1, 2).reshape(n)
 
 
-def _hf_name(family: family_lib.Family, gguf_name: str) -> str | None:
-    """The HF name of the family's param a GGUF tensor holds (None: no param of that name)."""
-    match = _LAYER_TENSOR.match(gguf_name)
-    for p in family.params:
-        if not p.layer and p.gguf == gguf_name:
-            return family.hf_name(p)
-        if p.layer and match and p.gguf == match.group(2):
-            return family.hf_name(p, int(match.group(1)))
-    return None
+def gguf_layout(cfg: ModelConfig) -> dict[str, tuple[Slot, ...]]:
+    """Every tensor a GGUF file of this config holds, by name, with the HF slots it fills (those of
+    hf_layout.expected_tensors, so the shapes are hf_layout's): one slot; a fused tensor's one slot
+    whose parts are its params (llama.cpp keeps HF's fused tensors whole, split by rows: Phi-3's
+    attn_qkv and ffn_up); or one slot per expert, in expert order (llama.cpp's converter stacks a
+    layer's experts into one tensor)."""
+    family = family_lib.of(cfg)
+    layout: dict[str, tuple[Slot, ...]] = {}
+    for slot in expected_tensors(cfg).values():
+        p = family.param(slot.name if slot.name is not None else slot.parts[0].name)
+        if p.gguf is None:
+            raise CheckpointError(f"{family.name}'s param {p.name!r} has no GGUF tensor name")
+        if any(part.part[0] != 0 for part in slot.parts):
+            raise CheckpointError(f"{family.name}'s param {p.name!r}: GGUF fused tensors split by rows only")
+        name = p.gguf if slot.layer is None else f"blk.{slot.layer}.{p.gguf}"
+        layout[name] = (*layout.get(name, ()), slot)
+    return layout
+
+
+def layout_shape(slots: tuple[Slot, ...]) -> tuple[int, ...]:
+    """The shape, in HF's order ((out, in) for a weight), of the GGUF tensor that fills these slots:
+    (E, out, in) for a layer's stacked experts."""
+    return slots[0].hf_shape if slots[0].expert is None else (len(slots), *slots[0].hf_shape)
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Whether a stored shape is the expected one, with leading axes of 1 dropped as llama.cpp drops
+    them (it pads every shape with 1s to 4 axes): older converters squeezed Qwen2-MoE's (1, D)
+    shared-expert gate to (D,), newer ones keep it; both load."""
+    def strip(s):
+        return s[next((i for i, d in enumerate(s) if d != 1), len(s)):]
+    return strip(shape) == strip(expected)
 
 
 def dequantize_tensor(t) -> np.ndarray:
-    """A tensor as float32 in HF's (out, in) shape, by gguf's own dequantiser."""
+    """A tensor as float32 in HF's axis order (ne reversed), by gguf's own dequantiser."""
     shape = tuple(int(d) for d in reversed(t.shape))
     if t.tensor_type not in DEQUANTISED + PACKED:
         supported = ", ".join(q.name for q in PACKED + DEQUANTISED)
@@ -271,21 +319,25 @@ def dequantize_tensor(t) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(shape)
 
 
-def packed_blocks(t) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A Q8_0 / Q4_0 / Q4_1 tensor of (N, K) values as QuantizedWeight arrays for W = its transpose:
-    qweight uint8 (K * bits / 8, N), scales float16 (K / 32, N), mins float16 (K / 32, N) or None."""
-    K, N = (int(d) for d in t.shape)
-    blocks = np.asarray(t.data).reshape(N, K // BLOCK, -1)  # (N, G, bytes per block)
-    scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].T  # (G, N)
+def packed_blocks(t, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A Q8_0 / Q4_0 / Q4_1 tensor of (..., N, K) values (rows: those of its N rows, in that order)
+    as QuantizedWeight arrays for W = its transpose: qweight uint8 (..., K * bits / 8, N), scales
+    float16 (..., K / 32, N), mins float16 (..., K / 32, N) or None. Leading axes: stacked experts."""
+    K, N, *rest = (int(d) for d in t.shape)
+    blocks = np.asarray(t.data).reshape(*reversed(rest), N, K // BLOCK, -1)  # (..., N, G, bytes per block)
+    if rows is not None:
+        blocks = blocks[..., rows, :, :]
+    scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].swapaxes(-1, -2)  # (..., G, N)
     mins = None
     if t.tensor_type == Q.Q8_0:
-        q = blocks[..., 2:] ^ np.uint8(0x80)  # int8 v as uint8 v + 128: (N, G, 32)
+        q = blocks[..., 2:] ^ np.uint8(0x80)  # int8 v as uint8 v + 128: (..., N, G, 32)
     elif t.tensor_type == Q.Q4_0:
-        q = blocks[..., 2:]  # (N, G, 16): byte r holds rows r and r + 16 of the block
+        q = blocks[..., 2:]  # (..., N, G, 16): byte r holds rows r and r + 16 of the block
     else:
-        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].T  # (G, N)
+        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].swapaxes(-1, -2)  # (..., G, N)
         q = blocks[..., 4:]
-    qweight = np.ascontiguousarray(q.transpose(1, 2, 0)).reshape(-1, N)  # (G * bytes, N) = (Kw, N)
+    lead, n = q.shape[:-3], q.shape[-3]
+    qweight = np.ascontiguousarray(np.moveaxis(q, -3, -1)).reshape(*lead, -1, n)  # (..., G * bytes, N) = (..., Kw, N)
     return qweight, np.ascontiguousarray(scales), None if mins is None else np.ascontiguousarray(mins)
 
 
@@ -293,48 +345,49 @@ def _bits(qtype) -> int:
     return 8 if qtype == Q.Q8_0 else 4
 
 
-def _stack_packed(group: list, perm: np.ndarray | None) -> QuantizedWeight:
-    """The layers' packed tensors of one projection -> a QuantizedWeight stacked (L, ...)."""
-    parts = [packed_blocks(t) for t in group]
+def _stack_packed(group: list) -> QuantizedWeight:
+    """The layers' packed tensors of one param ((tensor, rows) each) -> a QuantizedWeight stacked (L, ...)."""
+    parts = [packed_blocks(t, rows) for t, rows in group]
     qweight, scales, mins = (None if parts[0][i] is None else np.stack([p[i] for p in parts]) for i in range(3))
-    if perm is not None:  # output rows of W^T are the columns here
-        qweight, scales = qweight[..., perm], scales[..., perm]
-        mins = None if mins is None else mins[..., perm]
+    t = group[0][0]
     return QuantizedWeight(
         qweight=jnp.asarray(qweight), scales=jnp.asarray(scales), zeros=None, perm=None,
-        bits=_bits(group[0].tensor_type), group_size=BLOCK, in_features=int(group[0].shape[0]),
+        bits=_bits(t.tensor_type), group_size=BLOCK, in_features=int(t.shape[0]),
         mins=None if mins is None else jnp.asarray(mins),
     )
 
 
-def _dense(t, transpose: bool, perm: np.ndarray | None) -> np.ndarray:
-    x = dequantize_tensor(t)  # HF's shape: (N, K) for a weight, (N,) for a bias
-    if perm is not None:
-        x = x[perm]
-    return x.T if transpose else x
+def _dense(t, shape: tuple[int, ...], rows: np.ndarray | None, p: family_lib.Param,
+           norm: family_lib.Norm) -> np.ndarray:
+    """One tensor as the param's float32 array: dequantised to HF's `shape`, its rows taken, a norm's
+    gain turned into the family's weight, transposed to (in, out) where HF stores (out, in)."""
+    x = dequantize_tensor(t).reshape(shape)
+    if rows is not None:
+        x = x[rows]
+    if p.role == "norm":
+        x = norm.from_gain(x)
+    return np.swapaxes(x, -1, -2) if p.transpose else x
 
 
 def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.float32) -> model_lib.Params:
     """Every tensor onto the params pytree (see the module docstring for what stays packed)."""
     family = family_lib.of(cfg)
-    expected = expected_tensors(cfg)
-    slots: dict[str, list] = {}  # slot name -> (Slot, tensor) of each layer (one for a top-level slot)
+    layout = gguf_layout(cfg)
+    known = {p.gguf for p in family.params}
     location: dict[str, Any] = {}
     for t in reader.tensors:
-        hf = _hf_name(family, t.name)
         if t.name in CONFIG_TENSORS:
             continue
-        if hf is None:
-            raise CheckpointError(f"unexpected tensor {t.name!r} in a {arch} GGUF file")
-        if hf not in expected:
-            raise CheckpointError(f"unexpected tensor {t.name!r} (the config has no slot {hf!r} for it)")
-        shape = tuple(int(d) for d in reversed(t.shape))
-        if shape != expected[hf].hf_shape:
-            raise CheckpointError(f"tensor {t.name!r} has shape {shape} (out, in), expected {expected[hf].hf_shape}")
-        location[hf] = t
-    check_complete({k: s.hf_shape for k, s in expected.items()}, {k: "" for k in location})
-    for hf, slot in expected.items():
-        slots.setdefault(slot.name, []).append((slot, location[hf]))
+        if t.name not in layout:
+            match = _LAYER_TENSOR.match(t.name)
+            if (match.group(2) if match else t.name) not in known:
+                raise CheckpointError(f"unexpected tensor {t.name!r} in a {arch} GGUF file")
+            raise CheckpointError(f"unexpected tensor {t.name!r} (the config has no slot for it)")
+        shape, expected = tuple(int(d) for d in reversed(t.shape)), layout_shape(layout[t.name])
+        if not _fits(shape, expected):
+            raise CheckpointError(f"tensor {t.name!r} has shape {shape} (out, in), expected {expected}")
+        location[t.name] = t
+    check_complete({name: layout_shape(slots) for name, slots in layout.items()}, location)
 
     perms = {}  # rotary param -> the row order that undoes llama.cpp's reordering
     if family.gguf_reordered_rope:
@@ -342,17 +395,27 @@ def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.
             if p.rotary:
                 heads = cfg.num_heads if p.heads == "query" else cfg.num_kv_heads
                 perms[p.name] = unpermute_rows(heads * cfg.head_dim, heads)
+    entries: dict[str, list] = {}  # param -> (layer, tensor, its shape, the rows the param takes) per layer
+    for name, slots in layout.items():
+        for slot in slots[0].parts or slots[:1]:  # a fused tensor's params; an unfused or stacked one's param
+            rows = None if slot.part is None else np.arange(*slot.part[1:])
+            if slot.name in perms:
+                rows = perms[slot.name] if rows is None else rows[perms[slot.name]]
+            entries.setdefault(slot.name, []).append((slot.layer, location[name], layout_shape(slots), rows))
     params: dict[str, Any] = {"layers": {}}
-    for name, entries in slots.items():
-        slot, perm = entries[0][0], perms.get(name)
-        if slot.layer is None:  # top level: always dense
-            params[name] = jnp.asarray(_dense(entries[0][1], slot.transpose, perm), dtype)
+    for name, group in entries.items():
+        p = family.param(name)
+        if not p.layer:  # top level: always dense
+            _, t, shape, rows = group[0]
+            params[name] = jnp.asarray(_dense(t, shape, rows, p, family.norm), dtype)
             continue
-        group = [t for _, t in sorted(entries, key=lambda e: e[0].layer)]
-        if slot.transpose and len({t.tensor_type for t in group}) == 1 and group[0].tensor_type in PACKED:
-            params["layers"][name] = _stack_packed(group, perm)
+        group.sort(key=lambda e: e[0])
+        types = {t.tensor_type for _, t, _, _ in group}
+        if (p.is_projection or p.role in family_lib.EXPERT_ROLES) and len(types) == 1 and types <= set(PACKED):
+            params["layers"][name] = _stack_packed([(t, rows) for _, t, _, rows in group])
         else:
-            params["layers"][name] = jnp.asarray(np.stack([_dense(t, slot.transpose, perm) for t in group]), dtype)
+            dense = [_dense(t, shape, rows, p, family.norm) for _, t, shape, rows in group]
+            params["layers"][name] = jnp.asarray(np.stack(dense), dtype)
     return params
 
 

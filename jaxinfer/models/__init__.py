@@ -11,6 +11,7 @@
   decoder     the functional decoder: params, forward over a contiguous or paged cache, logits
   attention   the attention dispatch point (XLA reference, Pallas kernels)
   matmul      the matmul dispatch point (dense, quantised weights, W8A8)
+  mesh        programs under a mesh: tp / ep meshes set for tracing, kernels and experts per shard
   kv_cache    the KV-cache pytrees and the batch descriptor of one step
   formats     packed weight formats; act_formats: simulated and W8A8 activation formats
 

@@ -114,6 +114,12 @@ class Norm:
             return fn(weight).astype(weight.dtype)
         return (fn(1.0 + weight.astype(jnp.float32)) - 1.0).astype(weight.dtype)
 
+    def from_gain(self, gain):
+        """The weight whose gain is `gain` (an array; GGUF files store every norm's gain, since
+        llama.cpp's RMSNorm multiplies by the stored weight: its converter writes Gemma's w as 1 + w).
+        For a float32 gain g >= 0.5, g - 1 and then 1 + (g - 1) are exact: the (1 + w) norm scales by g."""
+        return gain if self.kind == "rms" else gain - 1.0
+
 
 # --- parameters and calibration sites ----------------------------------------------------------
 
@@ -131,7 +137,10 @@ class Param:
     role         one of ROLES (module docstring)
     shape        cfg -> one layer's shape (or the whole shape at the top level); projections (in, out)
     hf           HF tensor name; a layer parameter's after the family's hf_layer_prefix
-    gguf         llama.cpp tensor name (a layer parameter's after "blk.{i}."), None: not in GGUF files
+    gguf         llama.cpp tensor name (a layer parameter's after "blk.{i}."), None: not in GGUF files.
+                 Params that share one HF tensor (hf_part) share it: llama.cpp keeps HF's fused tensors
+                 whole (Phi-3's attn_qkv, ffn_up). An expert param's names the (E, out, in) tensor
+                 llama.cpp's converter stacks a layer's experts into
     layer        stacked over layers (False: top level)
     present      cfg -> whether this config has it (optional biases, q/k norms, an untied LM head)
     bias         a projection's bias parameter, if it has one
@@ -230,6 +239,12 @@ class Family:
     norm, activation     its Norm; its MLP gate's activation by HF's hidden_act name (ACTIVATIONS)
     gguf_architectures   llama.cpp `general.architecture` values it serves
     gguf_reordered_rope  llama.cpp's converter reorders the rows of `rotary` params within each head
+    gguf_config          (family, cfg, key) -> ModelConfig: the family's config from a GGUF file, given
+                         the Llama-style cfg that jaxinfer.checkpoints.gguf read from the keys every
+                         architecture shares and key(name[, default]), which reads `{arch}.{name}`
+                         (without a default: a CheckpointError naming the key when it is absent); the
+                         family's own keys (experts, soft-caps, windows) and what llama.cpp hard-codes
+                         for it. None: the shared keys say everything
     check_config         (family, ModelConfig) -> None, raising ValueError for a config read elsewhere
                          (a GGUF file) that the family cannot be; None: nothing to check
     hf_layer_prefix      HF name prefix of layer i's tensors, formatted with layer=i
@@ -246,6 +261,7 @@ class Family:
     activation: str = "silu"
     gguf_architectures: tuple[str, ...] = ()
     gguf_reordered_rope: bool = False
+    gguf_config: Callable[[Family, ModelConfig, Callable[..., Any]], ModelConfig] | None = None
     check_config: Callable[[Family, ModelConfig], None] | None = None
     hf_layer_prefix: str = "model.layers.{layer}."
 

@@ -19,7 +19,8 @@ One layer (x (B, T, D) -> (B, T, D); every projection through `project`):
 
 AWQ and SmoothQuant fold into the norms before the projections (attn_norm, mlp_norm) through the
 norm's gain, 1 + w (Norm.map_gain); the norms after the projections see the projections' outputs,
-which a fold leaves unchanged. GGUF files of these architectures are not read yet.
+which a fold leaves unchanged. GGUF files (general.architecture gemma2, gemma3): `gguf_config` says
+what llama.cpp reads from them and what it fixes.
 """
 
 from __future__ import annotations
@@ -57,14 +58,17 @@ def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
 
 def _hf_names(params: tuple[Param, ...]) -> tuple[Param, ...]:
     """The Llama-style params under Gemma's HF names: the norm before the MLP is
-    pre_feedforward_layernorm (post_attention_layernorm is the norm after attention here)."""
+    pre_feedforward_layernorm (post_attention_layernorm is the norm after attention here). llama.cpp
+    names them as the Llama-style ones (ffn_norm before the MLP)."""
     renamed = {"mlp_norm": "pre_feedforward_layernorm.weight"}
-    return tuple(dataclasses.replace(p, hf=renamed.get(p.name, p.hf), gguf=None) for p in params)
+    return tuple(dataclasses.replace(p, hf=renamed.get(p.name, p.hf)) for p in params)
 
 
 PARAMS = _hf_names(llama.PARAMS) + (
-    Param("post_attn_norm", "norm", lambda c: (c.hidden_size,), "post_attention_layernorm.weight"),
-    Param("post_mlp_norm", "norm", lambda c: (c.hidden_size,), "post_feedforward_layernorm.weight"),
+    Param("post_attn_norm", "norm", lambda c: (c.hidden_size,), "post_attention_layernorm.weight",
+          "post_attention_norm.weight"),
+    Param("post_mlp_norm", "norm", lambda c: (c.hidden_size,), "post_feedforward_layernorm.weight",
+          "post_ffw_norm.weight"),
 )
 
 _DEFAULTS = {  # HF's config defaults where config.json may leave a field out
@@ -168,16 +172,64 @@ def write_config(family: Family, cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+# What llama.cpp fixes per GGUF architecture rather than reading (src/models/gemma2.cpp, gemma3.cpp):
+# the layer period of the window pattern (one global layer in `pattern`, the last; a newer llama.cpp
+# reads attention.sliding_window_pattern, none of its converters writes it), the window when the file
+# has none (Gemma 2; Gemma 3 needs the key), and the layer count of the 27B model, whose query scale
+# is (hidden / heads) ** -0.5 instead of head_dim ** -0.5 (llama.cpp's LLM_TYPE_27B).
+_GGUF = {"gemma2": dict(pattern=2, window=4096, layers_27b=46),
+         "gemma3_text": dict(pattern=6, window=None, layers_27b=62)}
+
+
+def gguf_config(family: Family, cfg: ModelConfig, key) -> ModelConfig:
+    """A gemma2 / gemma3 GGUF file's config, as llama.cpp reads it (where HF transformers' GGUF
+    loader reads it otherwise, llama.cpp is followed: it wrote the file and runs it):
+      - the query scale is not in the file: llama.cpp takes head_dim ** -0.5, or (hidden / heads) ** -0.5
+        for the 27B models it recognises by their layer count (_GGUF). These are the published
+        query_pre_attn_scalar values (head_dim = 256 for the smaller models; hidden / heads for the
+        27B ones, 144 for Gemma 2's and 168 for Gemma 3's), but a model whose query_pre_attn_scalar is
+        neither loses it; HF's GGUF loader takes its config default (256) instead;
+      - windows: attention.sliding_window on every layer but one in `pattern` (HF's layer_types
+        spelled the same way: layer i is global when (i + 1) % pattern == 0);
+      - Gemma 2: both soft-caps from attn_logit_softcapping / final_logit_softcapping (llama.cpp's
+        defaults, 50 and 30, when absent; HF's GGUF loader reads neither and takes the same defaults),
+        one RoPE (rope.freq_base_swa, if present, must equal rope.freq_base);
+      - Gemma 3: the local layers' RoPE base from rope.freq_base_swa (10000, llama.cpp's fixed value,
+        when absent; HF's GGUF loader always takes 10000) at scale 1; no final soft-cap even when
+        final_logit_softcapping is present (llama.cpp's sliding-window graph applies none).
+    The norms' (1 + w) weights are stored as their gains: jaxinfer.checkpoints.gguf subtracts the 1
+    (Norm.from_gain)."""
+    fixed = _GGUF[family.name]
+    pattern = key("attention.sliding_window_pattern", fixed["pattern"])
+    if not isinstance(pattern, int) or pattern < 1:
+        raise ConfigError(f"attention.sliding_window_pattern={pattern!r} is not a period of layers (an int >= 1)")
+    window = int(key("attention.sliding_window") if fixed["window"] is None else
+                 key("attention.sliding_window", fixed["window"]))
+    windows = tuple(window if (i + 1) % pattern else 0 for i in range(cfg.num_layers))
+    query = cfg.hidden_size // cfg.num_heads if cfg.num_layers == fixed["layers_27b"] else cfg.head_dim
+    out = dataclasses.replace(cfg, layer_windows=windows, attention_scale=float(query**-0.5),
+                              embedding_scale=float(cfg.hidden_size**0.5))
+    if family.name == "gemma2":
+        local = float(key("rope.freq_base_swa", cfg.rope.theta))
+        if local != cfg.rope.theta:
+            raise ConfigError(f"rope.freq_base_swa={local} differs from rope.freq_base={cfg.rope.theta}: a Gemma 2 "
+                              "with a RoPE of its own on the local layers is not supported")
+        return dataclasses.replace(out, attn_softcap=float(key("attn_logit_softcapping", 50.0)),
+                                   logit_softcap=float(key("final_logit_softcapping", 30.0)))
+    return dataclasses.replace(out, local_rope=RopeConfig(theta=float(key("rope.freq_base_swa", 10000.0))))
+
+
 def check_config(family: Family, cfg: ModelConfig) -> None:
     if cfg.qk_norm != (family.name == "gemma3_text"):
         raise ConfigError(f"{family.name}: q/k norms are {'required' if not cfg.qk_norm else 'not part of it'}")
 
 
-def _gemma(name: str, architecture: str) -> Family:
+def _gemma(name: str, architecture: str, gguf_architecture: str) -> Family:
     return Family(name=name, architectures=(architecture,), params=PARAMS, sites=llama.SITES, layer=layer,
                   read_config=read_config, write_config=write_config, check_config=check_config,
-                  norm=Norm("rms_plus_1"), activation=ACTIVATION)
+                  norm=Norm("rms_plus_1"), activation=ACTIVATION, gguf_architectures=(gguf_architecture,),
+                  gguf_config=gguf_config)
 
 
-GEMMA2 = register(_gemma("gemma2", "Gemma2ForCausalLM"))
-GEMMA3 = register(_gemma("gemma3_text", "Gemma3ForCausalLM"))
+GEMMA2 = register(_gemma("gemma2", "Gemma2ForCausalLM", "gemma2"))
+GEMMA3 = register(_gemma("gemma3_text", "Gemma3ForCausalLM", "gemma3"))

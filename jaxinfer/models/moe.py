@@ -19,13 +19,18 @@ expert, masked), the definition the grouped path is checked against.
 The expert weights are per-expert params (family roles expert_column / expert_row: stacked
 (L, E, in, out), split over tp on their F axis like the dense MLP's); the router is replicated.
 Neither is a projection: AWQ / SmoothQuant folds and LoRA apply to the attention projections only,
-and these families have no MLP calibration sites; RTN quantises the experts when asked
-(QuantScheme(experts=True): one QuantizedWeight (L, E, K, N) per expert weight, dequantised in the
-grouped matmul's program). Qwen2-MoE adds a shared expert
+and these families have no MLP calibration sites; RTN or GPTQ (each expert on its own routed rows)
+quantises the experts when asked (QuantScheme(experts=True): one QuantizedWeight (L, E, K, N) per
+expert weight, dequantised in the
+grouped matmul's program on the XLA path, tile by tile inside the Pallas grouped kernel under
+matmul="pallas"). Qwen2-MoE adds a shared expert
 beside them (every token, gated by sigmoid(h @ shared_expert_gate)): its projections are ordinary
 projections, quantised and adaptable, on an input site with no fold (the router and experts read
 it too, and cannot take a fold's factor). Not yet: a layer mix of dense and sparse MLPs
-(decoder_sparse_step / mlp_only_layers), quantised experts in the grouped kernel, GGUF.
+(decoder_sparse_step / mlp_only_layers).
+GGUF files: qwen3moe and qwen2moe (Variant.gguf_config reads their expert keys; a layer's experts
+are one stacked tensor there, kept packed when Q8_0 / Q4_0 / Q4_1: jaxinfer.checkpoints.gguf).
+llama.cpp writes Mixtral as general.architecture=llama with experts: refused.
 Expert parallelism: under a mesh with an "ep" axis the experts run per ep shard (`moe`).
 gpt-oss (jaxinfer.models.gpt_oss) reuses this layer with biases, a biased router and a clamped SwiGLU.
 """
@@ -37,8 +42,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from jaxinfer import sharding
 from jaxinfer.models import llama
 from jaxinfer.models.config import ConfigError, ModelConfig, first_field, hf_field
 from jaxinfer.models.family import (
@@ -49,7 +54,7 @@ from jaxinfer.models.family import (
     has_expert_axis,
     register,
 )
-from jaxinfer.sharding import P
+from jaxinfer.models.mesh import ep_mesh, per_ep_shard
 
 Params = dict[str, Any]
 
@@ -125,7 +130,7 @@ def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> 
     shape, D = h.shape, h.shape[-1]
     x = h.reshape(-1, D)  # (N, D)
     weights, experts = route(cfg, lp["router"], x, lp.get("router_bias"))  # (N, k)
-    if sharding.ep_mesh() is None:
+    if ep_mesh() is None:
         out = _expert_sum(family, cfg, lp, x, weights, experts, project)
     else:
         split = {n: w for n, w in lp.items() if has_expert_axis(n)}  # (E, ...) each, split over "ep"
@@ -136,7 +141,7 @@ def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> 
             out = _expert_sum(family, cfg, split, x, weights, experts, project, local)
             return jax.lax.psum(out, "ep")
 
-        out = sharding.per_ep_shard(shard, (P(), P(), P(), P("ep")), P())(x, weights, experts, split)
+        out = per_ep_shard(shard, (P(), P(), P(), P("ep")), P())(x, weights, experts, split)
     return out.astype(h.dtype).reshape(shape)
 
 
@@ -177,20 +182,22 @@ def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
 
 
 def _expert_params(prefix: str, gate: str, up: str, down: str) -> tuple[Param, ...]:
-    """The router and the per-expert weights under an HF MoE block's names."""
+    """The router and the per-expert weights under an HF MoE block's names (and llama.cpp's: one
+    tensor per layer holds all its experts)."""
     return (
-        Param("router", "router", lambda c: (c.hidden_size, c.num_experts), f"{prefix}.gate.weight"),
+        Param("router", "router", lambda c: (c.hidden_size, c.num_experts), f"{prefix}.gate.weight",
+              "ffn_gate_inp.weight"),
         Param("experts_gate", "expert_column", lambda c: (c.num_experts, c.hidden_size, c.intermediate_size),
-              f"{prefix}.experts.{{expert}}.{gate}.weight"),
+              f"{prefix}.experts.{{expert}}.{gate}.weight", "ffn_gate_exps.weight"),
         Param("experts_up", "expert_column", lambda c: (c.num_experts, c.hidden_size, c.intermediate_size),
-              f"{prefix}.experts.{{expert}}.{up}.weight"),
+              f"{prefix}.experts.{{expert}}.{up}.weight", "ffn_up_exps.weight"),
         Param("experts_down", "expert_row", lambda c: (c.num_experts, c.intermediate_size, c.hidden_size),
-              f"{prefix}.experts.{{expert}}.{down}.weight"),
+              f"{prefix}.experts.{{expert}}.{down}.weight", "ffn_down_exps.weight"),
     )
 
 
 _DENSE_MLP = ("w_gate", "w_up", "w_down")
-_ATTENTION = tuple(dataclasses.replace(p, gguf=None) for p in llama.PARAMS if p.name not in _DENSE_MLP)
+_ATTENTION = tuple(p for p in llama.PARAMS if p.name not in _DENSE_MLP)
 SITES = tuple(s for s in llama.SITES if s.name in ("attn", "attn_out"))  # the experts are not calibrated
 
 
@@ -201,14 +208,15 @@ def _has_shared(c: ModelConfig) -> bool:
 # Qwen2-MoE's shared expert: projections (quantised, adapted); their input also feeds the router and
 # the experts, which cannot take a fold's factor, so that site has no fold.
 SHARED_PARAMS = (
-    Param("shared_gate", "column", lambda c: (c.hidden_size, c.shared_expert_size), "mlp.shared_expert.gate_proj.weight",
-          present=_has_shared, calibration="moe_in"),
-    Param("shared_up", "column", lambda c: (c.hidden_size, c.shared_expert_size), "mlp.shared_expert.up_proj.weight",
-          present=_has_shared, calibration="moe_in"),
-    Param("shared_down", "row", lambda c: (c.shared_expert_size, c.hidden_size), "mlp.shared_expert.down_proj.weight",
-          present=_has_shared, calibration="shared_act"),
+    Param("shared_gate", "column", lambda c: (c.hidden_size, c.shared_expert_size),
+          "mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight", present=_has_shared, calibration="moe_in"),
+    Param("shared_up", "column", lambda c: (c.hidden_size, c.shared_expert_size),
+          "mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight", present=_has_shared, calibration="moe_in"),
+    Param("shared_down", "row", lambda c: (c.shared_expert_size, c.hidden_size),
+          "mlp.shared_expert.down_proj.weight", "ffn_down_shexp.weight", present=_has_shared,
+          calibration="shared_act"),
     Param("shared_expert_gate", "router", lambda c: (c.hidden_size, 1), "mlp.shared_expert_gate.weight",
-          present=_has_shared),
+          "ffn_gate_inp_shexp.weight", present=_has_shared),
 )
 SHARED_SITES = (Site("moe_in", lambda c: c.hidden_size, fold=None),
                 Site("shared_act", lambda c: c.shared_expert_size, fold="shared_up"))
@@ -225,6 +233,7 @@ class Variant:
     intermediate_field: str
     norm_topk_field: bool
     shared: bool = False  # a shared expert (Qwen2-MoE)
+    renormalise: bool = True  # norm_topk_prob in a GGUF file, which llama.cpp's graph fixes per architecture
 
     def read_config(self, family: Family, hf: dict[str, Any]) -> ModelConfig:
         if hf_field(hf, "decoder_sparse_step", int, 1, minimum=1) != 1 or hf.get("mlp_only_layers"):
@@ -255,17 +264,35 @@ class Variant:
             out["shared_expert_intermediate_size"] = cfg.shared_expert_size
         return out
 
+    def gguf_config(self, family: Family, cfg: ModelConfig, key) -> ModelConfig:
+        """The experts from a GGUF file's `{arch}.expert_*` keys, as llama.cpp reads them: the expert
+        count and the experts per token (both required, > 0), the experts' intermediate size
+        (expert_feed_forward_length; without it llama.cpp takes feed_forward_length / experts per
+        token), the shared expert's (expert_shared_feed_forward_length, else feed_forward_length).
+        No key says norm_topk_prob: llama.cpp's graph hard-codes it per architecture, the top-k
+        probabilities renormalised for qwen3moe and not for qwen2moe (`renormalise`)."""
+        experts, used = (int(key(name)) for name in ("expert_count", "expert_used_count"))
+        if experts < 1 or used < 1:
+            raise ConfigError(f"expert_count={experts}, expert_used_count={used}: {family.name} needs both > 0")
+        size = int(key("expert_feed_forward_length", cfg.intermediate_size // used))
+        shared = int(key("expert_shared_feed_forward_length", cfg.intermediate_size)) if self.shared else 0
+        return dataclasses.replace(cfg, intermediate_size=size, num_experts=experts, experts_per_token=used,
+                                   norm_topk_prob=self.renormalise, shared_expert_size=shared)
+
     def check_config(self, family: Family, cfg: ModelConfig) -> None:
         if not cfg.num_experts:
             raise ConfigError(f"{family.name} needs num_experts")
         self.attention.check_config(family, cfg)
 
 
-def _moe(name: str, architecture: str, prefix: str, names: tuple[str, str, str], variant: Variant) -> Family:
+def _moe(name: str, architecture: str, prefix: str, names: tuple[str, str, str], variant: Variant,
+         gguf_architecture: str | None = None) -> Family:
     shared = (SHARED_PARAMS, SHARED_SITES) if variant.shared else ((), ())
     return Family(name=name, architectures=(architecture,), params=_ATTENTION + _expert_params(prefix, *names) +
                   shared[0], sites=SITES + shared[1], layer=layer, read_config=variant.read_config,
-                  write_config=variant.write_config, check_config=variant.check_config)
+                  write_config=variant.write_config, check_config=variant.check_config,
+                  gguf_architectures=() if gguf_architecture is None else (gguf_architecture,),
+                  gguf_config=variant.gguf_config)
 
 
 MIXTRAL = register(_moe("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"),
@@ -273,7 +300,7 @@ MIXTRAL = register(_moe("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w
                                 norm_topk_field=False)))
 QWEN3_MOE = register(_moe("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
                           Variant(llama.Variant("attention_bias", qk_norm=True, windows="layer_types"),
-                                  "num_experts", "moe_intermediate_size", norm_topk_field=True)))
+                                  "num_experts", "moe_intermediate_size", norm_topk_field=True), "qwen3moe"))
 QWEN2_MOE = register(_moe("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
                           Variant(llama.Variant("qkv", windows="layer_types"), "num_experts", "moe_intermediate_size",
-                                  norm_topk_field=True, shared=True)))
+                                  norm_topk_field=True, shared=True, renormalise=False), "qwen2moe"))

@@ -9,6 +9,9 @@ family's. A config.json asking for what the layer does not compute is refused na
 LongRoPE / "su" scaling (rope_type), a partial rotary dimension (partial_rotary_factor, Phi-3.5 /
 Phi-4-mini). `sliding_window` applies to every layer (as HF's Phi-3 attention applies it).
 AWQ / GPTQ checkpoints and PEFT adapters of the fused projections are not read yet.
+GGUF files (general.architecture=phi3): llama.cpp's converter writes the fused tensors as they are
+(`attn_qkv`, and `ffn_up` holding gate then up, which llama.cpp's SwiGLU splits the same way), so
+the GGUF names split by the same hf_part rows; the sliding window is off there (gguf_config).
 """
 
 from __future__ import annotations
@@ -29,19 +32,19 @@ def _kv(c: ModelConfig) -> int:
     return c.num_kv_heads * c.head_dim
 
 
-# param -> (the fused HF tensor it lives in, its rows of it)
+# param -> (the fused HF tensor it lives in, llama.cpp's name for the same tensor, its rows of it)
 FUSED = {
-    "wq": ("self_attn.qkv_proj.weight", lambda c: (0, _q(c))),
-    "wk": ("self_attn.qkv_proj.weight", lambda c: (_q(c), _q(c) + _kv(c))),
-    "wv": ("self_attn.qkv_proj.weight", lambda c: (_q(c) + _kv(c), _q(c) + 2 * _kv(c))),
-    "w_gate": ("mlp.gate_up_proj.weight", lambda c: (0, c.intermediate_size)),
-    "w_up": ("mlp.gate_up_proj.weight", lambda c: (c.intermediate_size, 2 * c.intermediate_size)),
+    "wq": ("self_attn.qkv_proj.weight", "attn_qkv.weight", lambda c: (0, _q(c))),
+    "wk": ("self_attn.qkv_proj.weight", "attn_qkv.weight", lambda c: (_q(c), _q(c) + _kv(c))),
+    "wv": ("self_attn.qkv_proj.weight", "attn_qkv.weight", lambda c: (_q(c) + _kv(c), _q(c) + 2 * _kv(c))),
+    "w_gate": ("mlp.gate_up_proj.weight", "ffn_up.weight", lambda c: (0, c.intermediate_size)),
+    "w_up": ("mlp.gate_up_proj.weight", "ffn_up.weight", lambda c: (c.intermediate_size, 2 * c.intermediate_size)),
 }
 
 PARAMS = tuple(
-    dataclasses.replace(p, hf=FUSED[p.name][0], hf_part=lambda c, rows=FUSED[p.name][1]: (0, *rows(c), 1), gguf=None)
-    if p.name in FUSED else
-    dataclasses.replace(p, gguf=None) for p in llama.PARAMS)
+    dataclasses.replace(p, hf=FUSED[p.name][0], gguf=FUSED[p.name][1],
+                        hf_part=lambda c, rows=FUSED[p.name][2]: (0, *rows(c), 1))
+    if p.name in FUSED else p for p in llama.PARAMS)
 
 _VARIANT = llama.Variant("none", windows="all")
 
@@ -54,6 +57,16 @@ def read_config(family: Family, hf: dict[str, Any]) -> ModelConfig:
     return _VARIANT.read_config(family, hf)
 
 
+def gguf_config(family: Family, cfg: ModelConfig, key) -> ModelConfig:
+    """A phi3 GGUF file's config: the shared keys, and no sliding window. llama.cpp reads
+    `phi3.attention.sliding_window` and then turns the window off for every layer ("Phi SWA is
+    currently disabled", llama.cpp PR 13676), and HF transformers' GGUF loader does not read it: both
+    attend over the whole context, so the file loads that way (HF's Phi-3 on the original
+    config.json windows every layer: the two differ on prompts longer than the window)."""
+    del family, key
+    return dataclasses.replace(cfg, layer_windows=(0,) * cfg.num_layers)
+
+
 PHI3 = register(Family(name="phi3", architectures=("Phi3ForCausalLM",), params=PARAMS, sites=llama.SITES,
                        layer=llama.layer, read_config=read_config, write_config=_VARIANT.write_config,
-                       check_config=_VARIANT.check_config))
+                       check_config=_VARIANT.check_config, gguf_architectures=("phi3",), gguf_config=gguf_config))
