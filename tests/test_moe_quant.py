@@ -80,6 +80,7 @@ def test_gptq_experts_beat_rtn(moe, rng):
         assert err["gptq"] < 0.9 * err["rtn"], (name, err)
 
 
+@pytest.mark.slow  # 5 s (three engines); the fast tier keeps the GPTQ experts' error against RTN
 def test_gptq_experts_serve_like_their_dequantised_model(moe, rng):
     """The GPTQ-quantised experts (act order: a perm per expert) through the engine on the XLA and
     Pallas paths give the tokens of their dequantised twin."""
