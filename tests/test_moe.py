@@ -234,9 +234,7 @@ def test_quantised_experts_equal_their_dequantised_model(mixtral, name, rng):
     assert f"f32[{E},{K},{N}]" not in text and f"f32[{E},{N},{K}]" not in text
 
 
-def test_awq_experts_are_refused():
-    with pytest.raises(ValueError, match="experts are quantised by RTN or GPTQ .AWQ's scale for an expert's input "
-                                         "would fold into the norm the router and every expert share"):
-        quant.scheme_from_name("int4-awq-experts")
+def test_quantised_experts_by_name():
+    assert quant.scheme_from_name("int4-awq-g32-experts").experts
     with pytest.raises(ValueError, match="only int4 / int8 weight-only schemes"):
         quant.scheme_from_name("w8a8-fp8-experts")

@@ -24,6 +24,15 @@ whole attention block / MLP instead; here it is the group's projection outputs.
 Then AWQ's weight clipping: per group of input rows and output column, shrink the largest |w| by
 a grid of ratios (1, 0.95, ..., 0.55), clip, RTN, and keep the ratio with the least error of that
 group's partial output, d_g^T (X_g^T X_g) d_g with the original w in d. Last, RTN with the scheme.
+
+A mixture of experts' experts (QuantScheme(experts=True); `scale_experts`), as AutoAWQ scales
+Mixtral's: every expert's gate and up read the mlp-normed hidden state, which the router (and
+Qwen2-MoE's shared expert) read too, so they get one s, searched for the least error summed over
+the experts, each on the Gram matrix of its own routed rows (calibration.LayerInputs.experts); 1/s
+folds into mlp_norm and s into the rows of every reader (experts, router, shared expert), so the
+float layer is unchanged. An expert's down projection gets its own s, folded into that expert's up
+columns (not for gpt-oss, whose clamped SwiGLU is not linear in up: its down projections are only
+clipped). Each expert is then clipped on its own Gram matrix and RTN-quantised.
 """
 
 from __future__ import annotations
@@ -33,8 +42,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
-from jaxinfer.models.formats import QuantizedWeight, check_scheme
+from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight, check_scheme
 from jaxinfer.quant import rtn
 from jaxinfer.quant.calibration import InputStats, LayerInputs, Params
 from jaxinfer.quant.spec import QuantScheme
@@ -194,7 +204,81 @@ def scale_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantS
             divide(fold.name, s[None, :])
             if fold.bias in lp:
                 divide(fold.bias, s)
-    return lp, LayerInputs(sites=new_stats, family=stats.family)
+    return lp, LayerInputs(sites=new_stats, family=stats.family, experts=stats.experts)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "pad", "scale_dtype", "grid"))
+def _experts_scale_search(w, grams, stat, *, bits, group_size, symmetric, pad, scale_dtype, grid):
+    """_scale_search for E experts sharing one s: w (E, K, N), grams (E, K, K), stat (K,)."""
+    w = w.astype(jnp.float32)
+    stat = jnp.maximum(stat, STAT_FLOOR)
+    alphas = jnp.linspace(0.0, 1.0, grid)
+    quantize = jax.vmap(functools.partial(fake_quantize, bits=bits, group_size=group_size, symmetric=symmetric,
+                                          pad=pad, scale_dtype=scale_dtype))
+
+    def error(alpha):
+        s = stat**alpha
+        s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+        wq = quantize(w * s[:, None]) / s[:, None]
+        return jnp.sum(jax.vmap(_output_error)(w - wq, grams))
+
+    errors = jax.lax.map(error, alphas)
+    s = stat ** alphas[jnp.argmin(errors)]
+    return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+def _expert_weights(lp: Params, role: str) -> list[str]:
+    return [n for n in lp if family_lib.parallel_style(n) == role and not isinstance(lp[n], MXFP4Weight)]
+
+
+def scale_experts(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantScheme) -> tuple[Params, LayerInputs]:
+    """Search and fold the experts' scales (module docstring); the statistics the scaled weights
+    now see come back with the new params."""
+    family = cfg.family
+    kw = dict(bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric, pad=scheme.pad)
+    lp, sites, experts = dict(lp), dict(stats.sites), dict(stats.experts)
+    inputs = _expert_weights(lp, "expert_column")
+    if inputs:
+        st = experts["experts_in"]
+        stat = jnp.sum(st.abs_sum, axis=0) / jnp.maximum(jnp.sum(st.count), 1)  # mean |x| over routed rows
+        scale_dtype = jnp.dtype(scheme.scale_dtype or lp[inputs[0]].dtype).name
+        s = _experts_scale_search(jnp.concatenate([lp[n] for n in inputs], axis=-1), st.gram, stat,
+                                  scale_dtype=scale_dtype, grid=SCALE_GRID, **kw)
+        readers = inputs + [n for n in lp if family_lib.lookup_param(n) is not None and
+                            (family_lib.lookup_param(n).role == "router" or
+                             family_lib.lookup_param(n).calibration == "moe_in")]
+        for name in readers:  # every weight that reads the mlp-normed state: (E,) K, N rows times s
+            lp[name] = (lp[name] * s[:, None]).astype(lp[name].dtype)
+        lp["mlp_norm"] = family.norm.map_gain(lp["mlp_norm"], lambda gain: gain / s)
+        experts["experts_in"] = st.scaled(s)
+        if "moe_in" in sites:
+            sites["moe_in"] = sites["moe_in"].scaled(s)
+    for down in _expert_weights(lp, "expert_row"):
+        if cfg.swiglu_limit is not None:  # gpt-oss: the clamp makes the unit non-linear in up
+            continue
+        st = experts["experts_act"]
+        per_expert = [jax.tree.map(lambda a, e=e: a[e], st) for e in range(cfg.num_experts)]
+        s = jnp.stack([search_scale([lp[down][e]], per_expert[e], **kw, scale_dtype=scheme.scale_dtype)
+                       for e in range(cfg.num_experts)])  # (E, F)
+        lp[down] = (lp[down] * s[:, :, None]).astype(lp[down].dtype)
+        lp["experts_up"] = (lp["experts_up"] / s[:, None, :]).astype(lp["experts_up"].dtype)
+        if "experts_up_bias" in lp:
+            lp["experts_up_bias"] = (lp["experts_up_bias"] / s).astype(lp["experts_up_bias"].dtype)
+        experts["experts_act"] = st.scaled(s)
+    return lp, LayerInputs(sites=sites, family=stats.family, experts=experts)
+
+
+def _quantize_experts(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantScheme, clip: bool) -> Params:
+    """Every expert weight clipped on its own expert's Gram matrix, then RTN as one (E, ...) weight."""
+    kw = dict(symmetric=scheme.symmetric, pad=scheme.pad, scale_dtype=scheme.scale_dtype)
+    for role, site in (("expert_column", "experts_in"), ("expert_row", "experts_act")):
+        for name in _expert_weights(lp, role):
+            w = lp[name]
+            if clip:
+                w = jnp.stack([search_clip(w[e], jax.tree.map(lambda a, e=e: a[e], stats.experts[site]),
+                                           scheme.bits, scheme.group_size, **kw) for e in range(cfg.num_experts)])
+            lp[name] = rtn.quantize_weight(w, scheme.bits, scheme.group_size, name=f"layers.{name}", **kw)
+    return lp
 
 
 def _projections(cfg: ModelConfig, lp: Params) -> list[str]:
@@ -203,12 +287,15 @@ def _projections(cfg: ModelConfig, lp: Params) -> list[str]:
 
 def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: QuantScheme, *,
                    clip: bool = True) -> Params:
-    """AWQ one decoder layer: fold the searched scales, clip, then RTN every projection."""
+    """AWQ one decoder layer: fold the searched scales, clip, then RTN every projection (and with
+    scheme.experts every expert)."""
     lp, stats = scale_layer(cfg, lp, stats, scheme)
+    if scheme.experts:
+        lp, stats = scale_experts(cfg, lp, stats, scheme)
     kw = dict(symmetric=scheme.symmetric, pad=scheme.pad, scale_dtype=scheme.scale_dtype)
     for name in _projections(cfg, lp):
         w = lp[name]
         if clip:
             w = search_clip(w, stats.for_weight(name), scheme.bits, scheme.group_size, **kw)
         lp[name] = rtn.quantize_weight(w, scheme.bits, scheme.group_size, name=f"layers.{name}", **kw)
-    return lp
+    return _quantize_experts(cfg, lp, stats, scheme, clip) if scheme.experts else lp

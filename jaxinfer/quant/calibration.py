@@ -146,10 +146,10 @@ class InputStats:
         return 2.0 * np.asarray(self.gram, np.float64) / int(self.count)
 
     def scaled(self, s: jax.Array) -> InputStats:
-        """The statistics of x / s (s: (K,) positive), as seen by a projection whose rows were
-        multiplied by s (AWQ's folded scales)."""
-        return InputStats(gram=self.gram / (s[:, None] * s[None, :]), abs_sum=self.abs_sum / s, count=self.count,
-                          abs_max=self.abs_max / s)
+        """The statistics of x / s (s: (K,) positive; per group (E, K) for per-group statistics), as
+        seen by a projection whose rows were multiplied by s (AWQ's folded scales)."""
+        return InputStats(gram=self.gram / (s[..., :, None] * s[..., None, :]), abs_sum=self.abs_sum / s,
+                          count=self.count, abs_max=self.abs_max / s)
 
 
 # A mixture of experts' per-expert inputs, by the role of the expert weights that read them.

@@ -58,8 +58,8 @@ class QuantScheme:
     pad: zero-pad input rows up to a multiple of group_size (else such a layer is an error).
     method: rtn | awq | gptq. act_order: GPTQ's descending-Hessian-diagonal column order.
     scale_dtype: None keeps the weight dtype. experts: a mixture of experts' expert weights too
-    (RTN, or GPTQ on each expert's own routed tokens; the grouped matmul dequantises them), not the
-    projections alone.
+    (RTN, or AWQ / GPTQ on each expert's own routed tokens; the grouped matmul dequantises them),
+    not the projections alone.
     """
 
     bits: int = 4
@@ -72,9 +72,6 @@ class QuantScheme:
     experts: bool = False
 
     def __post_init__(self):
-        if self.experts and self.method == "awq":
-            raise ValueError("experts=True with method='awq': the experts are quantised by RTN or GPTQ (AWQ's "
-                             "scale for an expert's input would fold into the norm the router and every expert share)")
         if self.bits not in BITS:
             raise ValueError(f"bits={self.bits} is not one of {BITS}")
         if self.method not in METHODS:
@@ -171,7 +168,7 @@ _SIM = re.compile(r"(?P<fmt>nvfp4|mxfp4)-sim(?:-a(?P<abits>8|4))?")
 _SIM_NAMED = {"w4a8-sim": SimScheme("int4", "fp8", 128), "w4a16-fp8scale-sim": SimScheme("int4-fp8scale", None, 32)}
 NAMES_HELP = ("'dense', int{4,8}-{rtn,awq,gptq}[-g<N>|-pc][-asym][-act] (e.g. int8, int4-awq-g128), "
               "w8a8-int8-naive, w8a8-int8-smooth[-a<alpha>], w8a8-fp8[-static][-pt], "
-              "{nvfp4,mxfp4}-sim[-a8|-a4], w4a8-sim or w4a16-fp8scale-sim; an int{4,8} RTN or GPTQ name + '-experts' "
+              "{nvfp4,mxfp4}-sim[-a8|-a4], w4a8-sim or w4a16-fp8scale-sim; an int{4,8} RTN, AWQ or GPTQ name + '-experts' "
               "quantises a mixture of experts' experts too")
 
 
