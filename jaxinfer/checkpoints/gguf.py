@@ -2,23 +2,27 @@
 
 `load_gguf(path)` reads the file with the `gguf` package (llama.cpp's own reader, memory-mapped):
   config     from the metadata under `{arch}.*`, for the family whose spec (jaxinfer.models.family)
-             lists `general.architecture`: llama, qwen2, qwen3, qwen3moe, qwen2moe, phi3, gemma2,
-             gemma3. The keys every architecture shares are read here (sizes, heads, eps, RoPE base
-             and linear / llama3 scaling), biases, q/k norms and an untied LM head from which
-             tensors the file holds; a family's own keys, and what llama.cpp fixes for it instead
-             of reading, are its `Family.gguf_config` hook's (the experts' counts and sizes, Gemma's
-             soft-caps, windows and query scale, Phi-3's window switched off): no architecture
-             branches here
+             lists `general.architecture` (llama, qwen2, qwen3, qwen3moe, qwen2moe, phi3, gemma2,
+             gemma3, gpt-oss), or the family its `gguf_config` hook names instead (a llama file
+             with experts is Mixtral's, as llama.cpp reads it). The keys every architecture shares
+             are read here (sizes, heads, eps, RoPE base and linear / llama3 / YaRN scaling),
+             biases, q/k norms and an untied LM head from which tensors the file holds; a family's
+             own keys, and what llama.cpp fixes for it instead of reading, are its hook's (the
+             experts' counts and sizes, Gemma's soft-caps, windows and query scale, Phi-3's window
+             switched off, Mixtral told apart from Llama, gpt-oss's window pattern and SwiGLU
+             clamp): no architecture branches here
   params     every tensor onto its slot of the params pytree, by the GGUF names in the family's
              spec, laid out by `gguf_layout` over hf_layout's HF slots (so the shape checks are
              hf_layout's): a tensor of one param; a fused one (Phi-3's attn_qkv, and ffn_up holding
              gate then up) split by the rows its params' Param.hf_part name, as the HF loader splits
-             HF's fused tensors; a layer's stacked experts (E, out, in) (Qwen-MoE's ffn_*_exps).
-             Layers stacked for lax.scan. Norm weights are stored as their gains (llama.cpp
-             multiplies by the stored weight; its converter writes Gemma's (1 + w) norms as 1 + w):
-             `Norm.from_gain` gives the family's weight back. A shape matches with leading axes of
-             1 dropped, as llama.cpp matches it (Qwen2-MoE's shared-expert gate is (D,) in older
-             files, (1, D) in newer ones)
+             HF's fused tensors, unless the params have GGUF names of their own (gpt-oss's
+             gate_up_proj: ffn_gate_exps and ffn_up_exps); a layer's stacked experts (E, out, in)
+             (ffn_*_exps of Qwen-MoE, Mixtral, gpt-oss). Every GGUF weight is (out, in), also where
+             HF stores (in, out) (Param.hf_in_out). Layers stacked for lax.scan. Norm weights are
+             stored as their gains (llama.cpp multiplies by the stored weight; its converter writes
+             Gemma's (1 + w) norms as 1 + w): `Norm.from_gain` gives the family's weight back. A
+             shape matches with leading axes of 1 dropped, as llama.cpp matches it (Qwen2-MoE's
+             shared-expert gate is (D,) in older files, (1, D) in newer ones)
   tokenizer  the byte-level BPE vocabulary, merges and special tokens in the metadata, rebuilt as a
              `tokenizers` tokenizer the way HF transformers' GGUF loader builds it, with
              `tokenizer.chat_template` (gguf_tokenizer.py); the end-of-turn token (eot/eom ids)
@@ -36,25 +40,30 @@ A block's byte j holds value j in its low nibble and value j + 16 in its high ni
 `formats.pack` with g = 32, so packed rows are the blocks' bytes, transposed. A projection stays
 packed when every layer stores it in one of these types (the same one), and so do stacked experts,
 as one QuantizedWeight (L, E, ...) that the grouped matmul dequantises in its program; a fused
-tensor's params take their rows of it, still packed. Otherwise, and for every other supported type
-(F32, F16, BF16, Q5_0/Q5_1, K-quants), a tensor is dequantised on load with `gguf.quants.dequantize`
-and cast to the model dtype. The embedding, a separate LM head and the routers load dense (the
-model gathers rows of one and multiplies by the others directly).
+tensor's params take their rows of it, still packed. MXFP4 experts (gpt-oss: ggml's block is an e8m0
+scale byte and 16 bytes of e2m1 codes, nibbles ordered as above) stay packed as one
+`formats.MXFP4Weight` (L, E, ...), the same codes and scales with the nibbles reordered
+(`mxfp4_blocks`). Otherwise, and for every other supported type (F32, F16, BF16, Q5_0/Q5_1,
+K-quants, MXFP4 elsewhere), a tensor is dequantised on load with `gguf.quants.dequantize` and cast
+to the model dtype. The embedding, a separate LM head and the routers load dense (the model gathers
+rows of one and multiplies by the others directly).
 
 Rotary embeddings: llama.cpp's converter reorders the output rows of a llama model's wq and wk
 (and their biases: the family's `rotary` params) within each head from HF's half-split layout to
-interleaved pairs (Family.gguf_reordered_rope); loading undoes it (`unpermute_rows`). The other
-architectures' files are written without the reordering. Llama 3.1 / 3.2's
-rope scaling comes as per-frequency divisors (`rope_freqs.weight`), matched to a llama3 RopeConfig
-(`llama3_rope`); linear scaling comes from `{arch}.rope.scaling.*`; others (YaRN) are refused.
+interleaved pairs (Family.gguf_reordered_rope: Llama's, and Mixtral's, which it writes as llama);
+loading undoes it (`unpermute_rows`). The other architectures' files are written without the
+reordering. Llama 3.1 / 3.2's rope scaling comes as per-frequency divisors (`rope_freqs.weight`),
+matched to a llama3 RopeConfig (`llama3_rope`); linear and YaRN scaling come from
+`{arch}.rope.scaling.*` (`yarn_rope`: as llama.cpp runs it); others (LongRoPE) are refused.
 
 Anything this loader cannot run exactly raises a CheckpointError naming it: an architecture (and
-experts in one whose family has none: Mixtral, which llama.cpp writes as llama), a block type, a
+experts in one whose family has none, e.g. a phi3 file with expert_count), a block type, a
 metadata key, a tensor (missing, unexpected or mis-shaped), a file that is not GGUF or is cut short.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import os
@@ -77,14 +86,16 @@ from jaxinfer.checkpoints.model import Model
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig, RopeConfig
-from jaxinfer.models.formats import QuantizedWeight
+from jaxinfer.models.formats import MX_BLOCK, MXFP4Weight, QuantizedWeight
 
 MAGIC = b"GGUF"
 
 Q = gguf.GGMLQuantizationType
 BLOCK = 32  # values per block of Q8_0, Q4_0, Q4_1
 PACKED = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
-DEQUANTISED = (Q.F32, Q.F16, Q.BF16, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+MXFP4 = getattr(Q, "MXFP4", None)  # gguf >= 0.19; an older gguf (a machine without pip) reads the rest
+DEQUANTISED = (Q.F32, Q.F16, Q.BF16, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K) + (
+    () if MXFP4 is None else (MXFP4,))
 
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)$")  # layer tensors are "blk.{i}.<the param's gguf name>"
 # Tensors that describe the config rather than fill a params slot.
@@ -197,12 +208,11 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
         rope = RopeConfig(theta=theta)
     elif scaling == "linear":
         rope = RopeConfig(theta=theta, type="linear", factor=float(key("rope.scaling.factor")))
+    elif scaling == "yarn":
+        rope = yarn_rope(theta, key)
     else:
-        raise CheckpointError(f"{arch}.rope.scaling.type={scaling!r} is not supported (supported: none, linear)")
-    if int(key("expert_count", 0)) and not any(p.role in family_lib.EXPERT_ROLES for p in family.params):
-        raise CheckpointError(f"{arch}.expert_count={key('expert_count')}: a {arch} file with experts is not supported "
-                              f"({family.name} has none)")
-
+        raise CheckpointError(f"{arch}.rope.scaling.type={scaling!r} is not supported (supported: none, linear, "
+                              "yarn)")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     stop_ids = []
     for name in ("eos_token_id", "eot_token_id", "eom_token_id"):
@@ -239,9 +249,29 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any]) -> Model
     )
     if family.gguf_config is not None:
         cfg = family.gguf_config(family, cfg, key)
+    family = family_lib.of(cfg)  # the hook may name another family (llama with experts: Mixtral)
+    if int(key("expert_count", 0)) and not any(p.role in family_lib.EXPERT_ROLES for p in family.params):
+        raise CheckpointError(f"{arch}.expert_count={key('expert_count')}: a {arch} file with experts is not supported "
+                              f"({family.name} has none)")
     if family.check_config is not None:
         family.check_config(family, cfg)
     return cfg
+
+
+def yarn_rope(theta: float, key) -> RopeConfig:
+    """YaRN as llama.cpp runs it from `{arch}.rope.scaling.*`: factor and original_context_length
+    required, the ramp's yarn_beta_fast / yarn_beta_slow (llama.cpp's defaults 32 and 1), and its
+    ends always rounded to whole dimensions (ggml_rope_yarn_corr_dims floors and ceils them: HF's
+    truncate=True, whatever the model's config.json said; gpt-oss's says False). cos and sin are
+    scaled by YaRN's default 0.1 ln(factor) + 1, as llama.cpp scales them when no yarn_attn_factor
+    changes it: a file that sets one is refused."""
+    if float(key("rope.scaling.yarn_attn_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"rope.scaling.yarn_attn_factor={key('rope.scaling.yarn_attn_factor')} is not "
+                              "supported (only 1)")
+    return RopeConfig(theta=theta, type="yarn", factor=float(key("rope.scaling.factor")),
+                      original_max_position_embeddings=int(key("rope.scaling.original_context_length")),
+                      beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
+                      beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)), truncate=True)
 
 
 # Llama 3.1 / 3.2's rope scaling parameters besides the factor (their config.json files agree).
@@ -275,22 +305,36 @@ def unpermute_rows(n: int, num_heads: int) -> np.ndarray:
     return np.arange(n).reshape(num_heads, half, 2).swapaxes(1, 2).reshape(n)
 
 
+def _gguf_slots(family: family_lib.Family, slot: Slot) -> tuple[Slot, ...]:
+    """The GGUF tensors' slots of one HF slot: the slot itself, or, where the params of a fused HF
+    tensor have GGUF names that differ (llama.cpp's converter splits gpt-oss's gate_up_proj into
+    ffn_gate_exps and ffn_up_exps), each param's slot, whole, under its own name. A weight HF stores (in, out)
+    (Param.hf_in_out) is (out, in) in GGUF, as every GGUF weight: its slot's shape says so, and it
+    is transposed on load."""
+    names = {family.param(part.name).gguf for part in slot.parts}
+    slots = tuple(dataclasses.replace(part, part=None) for part in slot.parts) if len(names) > 1 else (slot,)
+    return tuple(dataclasses.replace(s, transpose=True, hf_shape=(*s.hf_shape[:-2], *s.hf_shape[:-3:-1]))
+                 if family.param(s.name or s.parts[0].name).hf_in_out else s for s in slots)
+
+
 def gguf_layout(cfg: ModelConfig) -> dict[str, tuple[Slot, ...]]:
     """Every tensor a GGUF file of this config holds, by name, with the HF slots it fills (those of
-    hf_layout.expected_tensors, so the shapes are hf_layout's): one slot; a fused tensor's one slot
-    whose parts are its params (llama.cpp keeps HF's fused tensors whole, split by rows: Phi-3's
-    attn_qkv and ffn_up); or one slot per expert, in expert order (llama.cpp's converter stacks a
-    layer's experts into one tensor)."""
+    hf_layout.expected_tensors, so the shapes are hf_layout's, in GGUF's (out, in) order:
+    `_gguf_slots`): one slot; a fused tensor's one slot whose parts are its params (llama.cpp keeps
+    HF's fused tensors whole, split by rows: Phi-3's attn_qkv and ffn_up, unless the params have
+    GGUF names of their own); or one slot per expert, in expert order (llama.cpp's converter stacks
+    a layer's experts into one tensor)."""
     family = family_lib.of(cfg)
     layout: dict[str, tuple[Slot, ...]] = {}
-    for slot in expected_tensors(cfg).values():
-        p = family.param(slot.name if slot.name is not None else slot.parts[0].name)
-        if p.gguf is None:
-            raise CheckpointError(f"{family.name}'s param {p.name!r} has no GGUF tensor name")
-        if any(part.part[0] != 0 for part in slot.parts):
-            raise CheckpointError(f"{family.name}'s param {p.name!r}: GGUF fused tensors split by rows only")
-        name = p.gguf if slot.layer is None else f"blk.{slot.layer}.{p.gguf}"
-        layout[name] = (*layout.get(name, ()), slot)
+    for hf_slot in expected_tensors(cfg).values():
+        for slot in _gguf_slots(family, hf_slot):
+            p = family.param(slot.name if slot.name is not None else slot.parts[0].name)
+            if p.gguf is None:
+                raise CheckpointError(f"{family.name}'s param {p.name!r} has no GGUF tensor name")
+            if any(part.part[0] != 0 for part in slot.parts):
+                raise CheckpointError(f"{family.name}'s param {p.name!r}: GGUF fused tensors split by rows only")
+            name = p.gguf if slot.layer is None else f"blk.{slot.layer}.{p.gguf}"
+            layout[name] = (*layout.get(name, ()), slot)
     return layout
 
 
@@ -341,6 +385,20 @@ def packed_blocks(t, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.nda
     return qweight, np.ascontiguousarray(scales), None if mins is None else np.ascontiguousarray(mins)
 
 
+def mxfp4_blocks(t) -> tuple[np.ndarray, np.ndarray]:
+    """An MXFP4 tensor of (..., N, K) values as formats.MXFP4Weight's arrays for W = its transpose,
+    without dequantising: blocks uint8 (..., N, K / 32, 16), scales uint8 (..., N, K / 32). ggml's
+    block (block_mxfp4) is one e8m0 scale byte, then 16 bytes whose byte j holds value j in its low
+    nibble and value j + 16 in its high one; MXFP4Weight's byte j holds values 2j and 2j + 1. The
+    codes are the same e2m1 codes (ggml's kvalues are formats.FP4_VALUES doubled, and its scale
+    2 ** (s - 127) halved: e8m0_to_fp32_half), so only the nibbles move."""
+    K, N, *rest = (int(d) for d in t.shape)
+    blocks = np.asarray(t.data).reshape(*reversed(rest), N, K // MX_BLOCK, 1 + MX_BLOCK // 2)  # (..., N, G, 17)
+    q = blocks[..., 1:]
+    codes = np.concatenate([q & 0xF, q >> 4], axis=-1)  # (..., N, G, 32): the block's values in order
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)), np.ascontiguousarray(blocks[..., 0])
+
+
 def _bits(qtype) -> int:
     return 8 if qtype == Q.Q8_0 else 4
 
@@ -357,16 +415,16 @@ def _stack_packed(group: list) -> QuantizedWeight:
     )
 
 
-def _dense(t, shape: tuple[int, ...], rows: np.ndarray | None, p: family_lib.Param,
-           norm: family_lib.Norm) -> np.ndarray:
-    """One tensor as the param's float32 array: dequantised to HF's `shape`, its rows taken, a norm's
-    gain turned into the family's weight, transposed to (in, out) where HF stores (out, in)."""
+def _dense(t, shape: tuple[int, ...], rows: np.ndarray | None, p: family_lib.Param, norm: family_lib.Norm,
+           transpose: bool) -> np.ndarray:
+    """One tensor as the param's float32 array: dequantised to its `shape`, its rows taken, a norm's
+    gain turned into the family's weight, transposed to (in, out) where the file stores (out, in)."""
     x = dequantize_tensor(t).reshape(shape)
     if rows is not None:
         x = x[rows]
     if p.role == "norm":
         x = norm.from_gain(x)
-    return np.swapaxes(x, -1, -2) if p.transpose else x
+    return np.swapaxes(x, -1, -2) if transpose else x
 
 
 def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.float32) -> model_lib.Params:
@@ -401,20 +459,25 @@ def load_params(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str, dtype=jnp.
             rows = None if slot.part is None else np.arange(*slot.part[1:])
             if slot.name in perms:
                 rows = perms[slot.name] if rows is None else rows[perms[slot.name]]
-            entries.setdefault(slot.name, []).append((slot.layer, location[name], layout_shape(slots), rows))
+            entries.setdefault(slot.name, []).append((slot.layer, location[name], layout_shape(slots), rows,
+                                                      slot.transpose))
     params: dict[str, Any] = {"layers": {}}
     for name, group in entries.items():
         p = family.param(name)
         if not p.layer:  # top level: always dense
-            _, t, shape, rows = group[0]
-            params[name] = jnp.asarray(_dense(t, shape, rows, p, family.norm), dtype)
+            _, t, shape, rows, transpose = group[0]
+            params[name] = jnp.asarray(_dense(t, shape, rows, p, family.norm, transpose), dtype)
             continue
         group.sort(key=lambda e: e[0])
-        types = {t.tensor_type for _, t, _, _ in group}
+        types = {t.tensor_type for _, t, _, _, _ in group}
         if (p.is_projection or p.role in family_lib.EXPERT_ROLES) and len(types) == 1 and types <= set(PACKED):
-            params["layers"][name] = _stack_packed([(t, rows) for _, t, _, rows in group])
+            params["layers"][name] = _stack_packed([(t, rows) for _, t, _, rows, _ in group])
+        elif p.role in family_lib.EXPERT_ROLES and types == {MXFP4} and all(r is None for *_, r, _ in group):
+            blocks, scales = zip(*(mxfp4_blocks(t) for _, t, _, _, _ in group))
+            params["layers"][name] = MXFP4Weight(blocks=jnp.asarray(np.stack(blocks)),
+                                                 scales=jnp.asarray(np.stack(scales)))
         else:
-            dense = [_dense(t, shape, rows, p, family.norm) for _, t, shape, rows in group]
+            dense = [_dense(t, shape, rows, p, family.norm, transpose) for _, t, shape, rows, transpose in group]
             params["layers"][name] = jnp.asarray(np.stack(dense), dtype)
     return params
 

@@ -244,7 +244,9 @@ class Family:
                          architecture shares and key(name[, default]), which reads `{arch}.{name}`
                          (without a default: a CheckpointError naming the key when it is absent); the
                          family's own keys (experts, soft-caps, windows) and what llama.cpp hard-codes
-                         for it. None: the shared keys say everything
+                         for it; the config's model_type may name another registered family, which
+                         the file then loads as (a llama file with experts: Mixtral). None: the
+                         shared keys say everything
     check_config         (family, ModelConfig) -> None, raising ValueError for a config read elsewhere
                          (a GGUF file) that the family cannot be; None: nothing to check
     hf_layer_prefix      HF name prefix of layer i's tensors, formatted with layer=i

@@ -17,12 +17,19 @@ split the interleaved columns (Param.hf_part) and do not transpose (Param.hf_in_
 published checkpoints store the experts in MXFP4 (`*_blocks` / `*_scales`): they load packed
 (jaxinfer.checkpoints.mxfp4) and are dequantised inside the grouped matmul's program.
 
-Not yet: GGUF files; a Pallas kernel that reads MXFP4 tiles directly (the Pallas grouped matmul
+GGUF files (general.architecture=gpt-oss): llama.cpp's converter splits gate_up_proj into
+ffn_gate_exps / ffn_up_exps (and their biases), each (E, out, in), which load by the same params'
+GGUF names (jaxinfer.checkpoints.gguf: a fused HF tensor whose params have GGUF names of their own);
+MXFP4 experts stay packed as MXFP4Weight (ggml's blocks with their nibbles reordered); `gguf_config`
+says what llama.cpp reads and what it fixes (the window pattern, the SwiGLU clamp).
+
+Not yet: a Pallas kernel that reads MXFP4 tiles directly (the Pallas grouped matmul
 takes them dequantised in the same program).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from jaxinfer.models import moe
@@ -57,20 +64,28 @@ def _f(c: ModelConfig) -> int:
     return c.intermediate_size
 
 
-PARAMS = moe._ATTENTION + (
-    Param("sinks", "sink", lambda c: (c.num_heads,), "self_attn.sinks", present=lambda c: c.attn_sinks),
-    Param("router", "router", lambda c: (c.hidden_size, c.num_experts), "mlp.router.weight"),
-    Param("router_bias", "bias", lambda c: (c.num_experts,), "mlp.router.bias"),
-    Param("experts_gate", "expert_column", _expert_shape(_d, _f), _EXPERTS + "gate_up_proj", hf_part=_part(2, 0),
+def _expert_bias(size):
+    return lambda c: (c.num_experts, size(c))
+
+
+# llama.cpp names the norm before the MLP post_attention_norm here (gguf's GPT_OSS tensor map).
+PARAMS = tuple(dataclasses.replace(p, gguf="post_attention_norm.weight") if p.name == "mlp_norm" else p
+               for p in moe._ATTENTION) + (
+    Param("sinks", "sink", lambda c: (c.num_heads,), "self_attn.sinks", "attn_sinks.weight",
+          present=lambda c: c.attn_sinks),
+    Param("router", "router", lambda c: (c.hidden_size, c.num_experts), "mlp.router.weight", "ffn_gate_inp.weight"),
+    Param("router_bias", "bias", lambda c: (c.num_experts,), "mlp.router.bias", "ffn_gate_inp.bias"),
+    Param("experts_gate", "expert_column", _expert_shape(_d, _f), _EXPERTS + "gate_up_proj", "ffn_gate_exps.weight",
+          hf_part=_part(2, 0), hf_in_out=True),
+    Param("experts_up", "expert_column", _expert_shape(_d, _f), _EXPERTS + "gate_up_proj", "ffn_up_exps.weight",
+          hf_part=_part(2, 1), hf_in_out=True),
+    Param("experts_down", "expert_row", _expert_shape(_f, _d), _EXPERTS + "down_proj", "ffn_down_exps.weight",
           hf_in_out=True),
-    Param("experts_up", "expert_column", _expert_shape(_d, _f), _EXPERTS + "gate_up_proj", hf_part=_part(2, 1),
-          hf_in_out=True),
-    Param("experts_down", "expert_row", _expert_shape(_f, _d), _EXPERTS + "down_proj", hf_in_out=True),
-    Param("experts_gate_bias", "expert_bias", lambda c: (c.num_experts, c.intermediate_size), _EXPERTS + "gate_up_proj_bias",
+    Param("experts_gate_bias", "expert_bias", _expert_bias(_f), _EXPERTS + "gate_up_proj_bias", "ffn_gate_exps.bias",
           hf_part=_part(1, 0)),
-    Param("experts_up_bias", "expert_bias", lambda c: (c.num_experts, c.intermediate_size), _EXPERTS + "gate_up_proj_bias",
+    Param("experts_up_bias", "expert_bias", _expert_bias(_f), _EXPERTS + "gate_up_proj_bias", "ffn_up_exps.bias",
           hf_part=_part(1, 1)),
-    Param("experts_down_bias", "expert_bias", lambda c: (c.num_experts, c.hidden_size), _EXPERTS + "down_proj_bias"),
+    Param("experts_down_bias", "expert_bias", _expert_bias(_d), _EXPERTS + "down_proj_bias", "ffn_down_exps.bias"),
 )
 
 
@@ -109,6 +124,30 @@ def check_config(family: Family, cfg: ModelConfig) -> None:
         raise ConfigError(f"a gpt_oss config needs {', '.join(missing)}")
 
 
+# What llama.cpp fixes for gpt-oss rather than reading it (src/models/openai-moe-iswa.cpp and its
+# hparams): one sliding-window layer in 2, the first (set_swa_pattern(2)), and the clamped SwiGLU's
+# alpha and limit (ggml_swiglu_oai(..., 1.702f, 7.0f)).
+GGUF_SWIGLU = dict(swiglu_alpha=1.702, swiglu_limit=7.0)
+
+
+def gguf_config(family: Family, cfg: ModelConfig, key) -> ModelConfig:
+    """A gpt-oss GGUF file's config, as llama.cpp reads it: the experts' counts (required, > 0) and
+    size (expert_feed_forward_length, required), the window (attention.sliding_window, required) on
+    the even layers, every projection biased and attention sinks (llama.cpp requires their
+    tensors), a softmax over each token's top-k router logits (norm_topk_prob), and llama.cpp's
+    fixed SwiGLU clamp (GGUF_SWIGLU: a model trained with another swiglu_limit runs with 7 there,
+    and here). YaRN comes from the shared rope.scaling keys (jaxinfer.checkpoints.gguf.yarn_rope)."""
+    del family
+    experts, used = (int(key(name)) for name in ("expert_count", "expert_used_count"))
+    if experts < 1 or used < 1:
+        raise ConfigError(f"expert_count={experts}, expert_used_count={used}: gpt_oss needs both > 0")
+    window = int(key("attention.sliding_window"))
+    return dataclasses.replace(
+        cfg, intermediate_size=int(key("expert_feed_forward_length")), num_experts=experts, experts_per_token=used,
+        layer_windows=tuple(window if i % 2 == 0 else 0 for i in range(cfg.num_layers)), attn_sinks=True,
+        norm_topk_prob=True, **GGUF_SWIGLU)
+
+
 GPT_OSS = register(Family(name="gpt_oss", architectures=("GptOssForCausalLM",), params=PARAMS, sites=moe.SITES,
                           layer=moe.layer, read_config=read_config, write_config=write_config,
-                          check_config=check_config))
+                          check_config=check_config, gguf_architectures=("gpt-oss",), gguf_config=gguf_config))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import (
     ConfigError,
     ModelConfig,
@@ -190,8 +191,21 @@ def llama_style(name: str, architecture: str, variant: Variant, **fields) -> Fam
                   check_config=variant.check_config, **fields)
 
 
+def gguf_config(family: Family, cfg: ModelConfig, key) -> ModelConfig:
+    """A `llama` GGUF file's config. llama.cpp's converter writes Llama, Mistral and Mixtral under
+    general.architecture=llama, and its loader tells Mixtral apart by the experts alone
+    (llama.expert_count > 0: its llama graph then runs the MoE FFN): such a file is a "mixtral"
+    config, whose family's own hook reads the experts' keys. The hook decides rather than the GGUF
+    loader so that the loader keeps no table of which architecture hides which family; the Mixtral
+    family is found in the registry by name, since jaxinfer.models.moe imports this module."""
+    if not int(key("expert_count", 0)):
+        return cfg
+    mixtral = family_lib.get("mixtral")
+    return mixtral.gguf_config(mixtral, dataclasses.replace(cfg, model_type=mixtral.name), key)
+
+
 LLAMA = register(llama_style("llama", "LlamaForCausalLM", Variant("attention_bias"), gguf_architectures=("llama",),
-                             gguf_reordered_rope=True))
+                             gguf_reordered_rope=True, gguf_config=gguf_config))
 # llama.cpp writes Mistral models as "llama" (no sliding window in the file): they load as LLAMA.
 MISTRAL = register(llama_style("mistral", "MistralForCausalLM", Variant("none", windows="all")))
 QWEN2 = register(llama_style("qwen2", "Qwen2ForCausalLM", Variant("qkv", windows="layer_types"),

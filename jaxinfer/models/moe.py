@@ -19,8 +19,8 @@ expert, masked), the definition the grouped path is checked against.
 The expert weights are per-expert params (family roles expert_column / expert_row: stacked
 (L, E, in, out), split over tp on their F axis like the dense MLP's); the router is replicated.
 Neither is a projection: AWQ / SmoothQuant folds and LoRA apply to the attention projections only,
-and these families have no MLP calibration sites; RTN or GPTQ (each expert on its own routed rows)
-quantises the experts when asked (QuantScheme(experts=True): one QuantizedWeight (L, E, K, N) per
+and these families have no MLP calibration sites; RTN, AWQ or GPTQ (each expert on its own routed
+rows; jaxinfer.quant) quantises the experts when asked (QuantScheme(experts=True): one QuantizedWeight (L, E, K, N) per
 expert weight, dequantised in the
 grouped matmul's program on the XLA path, tile by tile inside the Pallas grouped kernel under
 matmul="pallas"). Qwen2-MoE adds a shared expert
@@ -28,9 +28,10 @@ beside them (every token, gated by sigmoid(h @ shared_expert_gate)): its project
 projections, quantised and adaptable, on an input site with no fold (the router and experts read
 it too, and cannot take a fold's factor). Not yet: a layer mix of dense and sparse MLPs
 (decoder_sparse_step / mlp_only_layers).
-GGUF files: qwen3moe and qwen2moe (Variant.gguf_config reads their expert keys; a layer's experts
-are one stacked tensor there, kept packed when Q8_0 / Q4_0 / Q4_1: jaxinfer.checkpoints.gguf).
-llama.cpp writes Mixtral as general.architecture=llama with experts: refused.
+GGUF files: qwen3moe and qwen2moe, and Mixtral, which llama.cpp writes as general.architecture=llama
+with experts (the llama family's gguf_config hands such a file to this one; its wq / wk rows carry
+llama's rotary reordering). Variant.gguf_config reads the expert keys; a layer's experts are one
+stacked tensor there, kept packed when Q8_0 / Q4_0 / Q4_1 (jaxinfer.checkpoints.gguf).
 Expert parallelism: under a mesh with an "ep" axis the experts run per ep shard (`moe`).
 gpt-oss (jaxinfer.models.gpt_oss) reuses this layer with biases, a biased router and a clamped SwiGLU.
 """
@@ -234,6 +235,8 @@ class Variant:
     norm_topk_field: bool
     shared: bool = False  # a shared expert (Qwen2-MoE)
     renormalise: bool = True  # norm_topk_prob in a GGUF file, which llama.cpp's graph fixes per architecture
+    gguf_expert_size: bool = True  # a GGUF file gives the experts' size as expert_feed_forward_length
+    # (False: as feed_forward_length itself, which llama.cpp's llama graph reads for Mixtral)
 
     def read_config(self, family: Family, hf: dict[str, Any]) -> ModelConfig:
         if hf_field(hf, "decoder_sparse_step", int, 1, minimum=1) != 1 or hf.get("mlp_only_layers"):
@@ -268,13 +271,16 @@ class Variant:
         """The experts from a GGUF file's `{arch}.expert_*` keys, as llama.cpp reads them: the expert
         count and the experts per token (both required, > 0), the experts' intermediate size
         (expert_feed_forward_length; without it llama.cpp takes feed_forward_length / experts per
-        token), the shared expert's (expert_shared_feed_forward_length, else feed_forward_length).
+        token; Mixtral's, in a llama file, is feed_forward_length itself: `gguf_expert_size`), the
+        shared expert's (expert_shared_feed_forward_length, else feed_forward_length).
         No key says norm_topk_prob: llama.cpp's graph hard-codes it per architecture, the top-k
-        probabilities renormalised for qwen3moe and not for qwen2moe (`renormalise`)."""
+        probabilities renormalised for qwen3moe and Mixtral (llama.cpp's llama graph) and not for
+        qwen2moe (`renormalise`)."""
         experts, used = (int(key(name)) for name in ("expert_count", "expert_used_count"))
         if experts < 1 or used < 1:
             raise ConfigError(f"expert_count={experts}, expert_used_count={used}: {family.name} needs both > 0")
-        size = int(key("expert_feed_forward_length", cfg.intermediate_size // used))
+        size = (int(key("expert_feed_forward_length", cfg.intermediate_size // used)) if self.gguf_expert_size
+                else cfg.intermediate_size)
         shared = int(key("expert_shared_feed_forward_length", cfg.intermediate_size)) if self.shared else 0
         return dataclasses.replace(cfg, intermediate_size=size, num_experts=experts, experts_per_token=used,
                                    norm_topk_prob=self.renormalise, shared_expert_size=shared)
@@ -286,18 +292,20 @@ class Variant:
 
 
 def _moe(name: str, architecture: str, prefix: str, names: tuple[str, str, str], variant: Variant,
-         gguf_architecture: str | None = None) -> Family:
+         gguf_architecture: str | None = None, gguf_reordered_rope: bool = False) -> Family:
     shared = (SHARED_PARAMS, SHARED_SITES) if variant.shared else ((), ())
     return Family(name=name, architectures=(architecture,), params=_ATTENTION + _expert_params(prefix, *names) +
                   shared[0], sites=SITES + shared[1], layer=layer, read_config=variant.read_config,
                   write_config=variant.write_config, check_config=variant.check_config,
                   gguf_architectures=() if gguf_architecture is None else (gguf_architecture,),
-                  gguf_config=variant.gguf_config)
+                  gguf_reordered_rope=gguf_reordered_rope, gguf_config=variant.gguf_config)
 
 
+# No gguf_architectures: llama.cpp writes Mixtral as "llama", whose family's hook sends files with
+# experts here (llama.gguf_config); they carry llama's rotary reordering of wq / wk.
 MIXTRAL = register(_moe("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"),
                         Variant(llama.Variant("none", windows="all"), "num_local_experts", "intermediate_size",
-                                norm_topk_field=False)))
+                                norm_topk_field=False, gguf_expert_size=False), gguf_reordered_rope=True))
 QWEN3_MOE = register(_moe("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
                           Variant(llama.Variant("attention_bias", qk_norm=True, windows="layer_types"),
                                   "num_experts", "moe_intermediate_size", norm_topk_field=True), "qwen3moe"))
