@@ -43,6 +43,7 @@ def test_compositions():
     assert zipf[0] > 2 * zipf[1] > 0 and list(zipf) == sorted(zipf, reverse=True)
 
 
+@pytest.mark.slow  # 4 s: a script run; the fast tier keeps the experiment's functions
 def test_runs_as_a_script(tmp_path):
     out = tmp_path / "smoke.json"
     result = run_script("experiments.lora_batching", "--adapters=1", "--composition=distinct", "--num_requests=1",

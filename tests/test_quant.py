@@ -152,6 +152,7 @@ def test_pallas_matmul_in_the_model_and_engine():
     assert [o.token_ids for o in got] == want
 
 
+@pytest.mark.slow  # 6 s; the fast tier keeps saving and restoring in test_weights and test_gguf
 def test_quantized_model_saves_and_restores_exactly(tmp_path):
     """save_model / load_model keep a quantised model packed: same integers, scales, perm, logits."""
     m = ji.load_model("tiny")

@@ -381,7 +381,8 @@ def test_greedy_tree_equals_plain_decoding_on_the_shipped_pair(tiny):
     assert engine.allocator.num_used == 0
 
 
-@pytest.mark.parametrize("spec", [ji.SpeculativeConfig(method="ngram", num_tokens=4), SHIPPED_TREE],
+@pytest.mark.parametrize("spec", [ji.SpeculativeConfig(method="ngram", num_tokens=4),
+                                  pytest.param(SHIPPED_TREE, marks=pytest.mark.slow)],  # the tree: 4 s
                          ids=["ngram", "eagle_tree"])
 def test_rolled_back_cache_equals_plain_decoding(tiny, spec):
     """After speculative steps with rejections, the K/V a sequence holds equal the plain engine's

@@ -43,6 +43,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path, capsys):
     assert (out / f"{METRIC.replace('/', '_')}_vs_context.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # 4 s: a sweep of script runs
 def test_a_failing_point_is_recorded_and_the_others_finish(tmp_path, capsys):
     grid = write_grid(tmp_path, experiment="kv_capacity", flags={"models": "llama3_8b", "cards": "h100_80gb"},
                       points=[{"kv_dtype": "int8"}, {"kv_dtype": "int3"}])
