@@ -17,17 +17,18 @@ summed back per token.
 expert, masked), the definition the grouped path is checked against.
 
 The expert weights are per-expert params (family roles expert_column / expert_row: stacked
-(L, E, in, out), split over tp on their F axis like the dense MLP's); the router is replicated.
-Neither is a projection: AWQ / SmoothQuant folds and LoRA apply to the attention projections only,
-and these families have no MLP calibration sites; RTN, AWQ or GPTQ (each expert on its own routed
-rows; jaxinfer.quant) quantises the experts when asked (QuantScheme(experts=True): one QuantizedWeight (L, E, K, N) per
-expert weight, dequantised in the
-grouped matmul's program on the XLA path, tile by tile inside the Pallas grouped kernel under
-matmul="pallas"). Qwen2-MoE adds a shared expert
-beside them (every token, gated by sigmoid(h @ shared_expert_gate)): its projections are ordinary
-projections, quantised and adaptable, on an input site with no fold (the router and experts read
-it too, and cannot take a fold's factor). Not yet: a layer mix of dense and sparse MLPs
-(decoder_sparse_step / mlp_only_layers).
+(L, E, in, out), split over tp on their F axis like the dense MLP's, and over ep on E); the router
+is replicated. Neither is a projection: LoRA and the projections' AWQ / SmoothQuant folds apply to
+the attention projections only, and these families have no MLP calibration sites. The experts are
+quantised when asked (QuantScheme(experts=True): one QuantizedWeight (L, E, K, N) per expert
+weight): by RTN, or by AWQ / GPTQ on each expert's own routed calibration rows (jaxinfer.quant;
+AWQ's shared scale for the experts' input folds into mlp_norm and every reader of it). The grouped
+matmul dequantises them in its program on the XLA path, tile by tile inside the Pallas grouped
+kernel under matmul="pallas". Qwen2-MoE adds a shared expert beside them (every token, gated by
+sigmoid(h @ shared_expert_gate)): its projections are ordinary projections, quantised and
+adaptable, on an input site with no fold of their own (the router and experts read it too: only
+the experts' AWQ scale, which scales every reader, folds there). Not yet: a layer mix of dense and
+sparse MLPs (decoder_sparse_step / mlp_only_layers).
 GGUF files: qwen3moe and qwen2moe, and Mixtral, which llama.cpp writes as general.architecture=llama
 with experts (the llama family's gguf_config hands such a file to this one; its wq / wk rows carry
 llama's rotary reordering). Variant.gguf_config reads the expert keys; a layer's experts are one
@@ -207,7 +208,7 @@ def _has_shared(c: ModelConfig) -> bool:
 
 
 # Qwen2-MoE's shared expert: projections (quantised, adapted); their input also feeds the router and
-# the experts, which cannot take a fold's factor, so that site has no fold.
+# the experts, so that site has no fold of its own (the experts' AWQ scale, scaling every reader, folds there).
 SHARED_PARAMS = (
     Param("shared_gate", "column", lambda c: (c.hidden_size, c.shared_expert_size),
           "mlp.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight", present=_has_shared, calibration="moe_in"),

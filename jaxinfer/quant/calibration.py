@@ -116,16 +116,19 @@ class InputStats:
 
     def add_grouped(self, x: jax.Array, group_sizes: jax.Array) -> InputStats:
         """Per-group statistics with the rows x (M, K) added, sorted by group as the grouped matmul
-        takes them (group_sizes (E,) rows each; rows past their sum belong to no group)."""
+        takes them (group_sizes (E,) rows each; rows past their sum belong to no group). Each
+        group's Gram matrix is one ragged product (no (M, E, K) one-hot expansion)."""
         x = x.astype(jnp.float32)
+        E = group_sizes.shape[0]
         group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[0]), side="right")  # (M,) E past the sum
-        onehot = (group[:, None] == jnp.arange(group_sizes.shape[0])).astype(jnp.float32)  # (M, E)
-        hp = jax.lax.Precision.HIGHEST
-        gram = jnp.einsum("ME,MK,MJ->EKJ", onehot, x, x, precision=hp)
-        return InputStats(gram=self.gram + gram, abs_sum=self.abs_sum + jnp.einsum("ME,MK->EK", onehot, jnp.abs(x),
-                                                                                    precision=hp),
+        per_group = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                                      lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+        gram = jax.lax.ragged_dot_general(x, x, group_sizes, per_group, precision=jax.lax.Precision.HIGHEST,
+                                          preferred_element_type=jnp.float32)  # (E, K, K)
+        return InputStats(gram=self.gram + gram,
+                          abs_sum=self.abs_sum + jax.ops.segment_sum(jnp.abs(x), group, num_segments=E),
                           count=self.count + group_sizes.astype(jnp.int32),
-                          abs_max=jnp.maximum(self.abs_max, jnp.max(onehot[:, :, None] * jnp.abs(x)[:, None, :], axis=0)))
+                          abs_max=jnp.maximum(self.abs_max, jax.ops.segment_max(jnp.abs(x), group, num_segments=E)))
 
     def add(self, x: jax.Array) -> InputStats:
         """These statistics with the tokens x (..., K) added."""
