@@ -9,10 +9,11 @@ Cases, each compiled once, then the median over --runs of --calls back-to-back c
   stacked_scan  D x D weights of L layers stacked (L, D, D), lax.scan over them: x <- x @ w[l]
   stacked_loop  the same stack, a Python loop over w[l] (static slices)
   list_loop     L separate (D, D) arrays, a Python loop
-for float32 and bfloat16 operands (the product cast back to the operand dtype). Each case records
-how many weight-shaped float32 `convert`s its compiled program holds: a bfloat16 product the CPU does
-not compute natively converts its operands to float32 first (for a stacked weight in a scan: the
-whole stack, each call).
+for float32, bfloat16 and int8 operands (the product cast back to the operand dtype; int8's summed
+in int32 and shifted back into int8's range, a requantisation's cost). Each case records how many
+weight-shaped float32 / int32 `convert`s its compiled program holds: a product the CPU does not
+compute natively converts its operands first (for a stacked weight in a scan: the whole stack, each
+call). The engine multiplies one half-precision or int8 row as two (matmul.dense, act_formats).
 Writes a JSON to --out and prints a table.
 """
 
@@ -33,10 +34,12 @@ _ROWS = flags.DEFINE_list("dot_rows", ["1", "2", "8", "32"], "Rows (tokens) M of
 _DIM = flags.DEFINE_integer("dim", 576, "Model width D.")
 _HIDDEN = flags.DEFINE_integer("hidden", 1536, "The `one` case's output width F (an MLP's).")
 _LAYERS = flags.DEFINE_integer("layers", 30, "Layers L of the stacked and list cases.")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 
 
 def _step(x, w, dtype):
+    if dtype == jnp.int8:
+        return jnp.clip(jnp.dot(x, w, preferred_element_type=jnp.int32) >> 12, -127, 127).astype(dtype)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -81,20 +84,21 @@ def main(argv):
                 text = jitted.lower(*args).compile().as_text()
                 ms = 1e3 * median_call_time(jitted, [args], runs=runs, calls=calls)
                 D, F, L = _DIM.value, _HIDDEN.value, _LAYERS.value
-                weights = (f"f32[{D},{D}]", f"f32[{D},{F}]", f"f32[{L},{D},{D}]")
-                converted = sum(1 for line in text.splitlines() if "convert" in line and " = f32[" in line
+                weights = [f"{t}[{shape}]" for t in ("f32", "s32") for shape in (f"{D},{D}", f"{D},{F}", f"{L},{D},{D}")]
+                converted = sum(1 for line in text.splitlines() if "convert" in line and (" = f32[" in line or " = s32[" in line)
                                 and any(w in line.split("=", 1)[1].split("(")[0] for w in weights))
                 results.append({"rows": M, "dtype": dtype_name, "case": case, "ms": ms, "weight_converts": converted})
     out = {"environment": environment(__name__), "dim": _DIM.value, "hidden": _HIDDEN.value,
            "layers": _LAYERS.value, "results": results}
     if FLAGS.out:
         common.write_json(FLAGS.out, out)
-    print(f"{'M':>3} {'case':>13} {'float32 ms':>11} {'bfloat16 ms':>12} {'bf16 weight converts':>21}")
+    print(f"{'M':>3} {'case':>13} {'float32 ms':>11} {'bfloat16 ms':>12} {'int8 ms':>8} {'weight converts (bf16, int8)':>29}")
     by = {(r["rows"], r["case"], r["dtype"]): r for r in results}
     for M in rows:
         for case in cases(jnp.float32):
-            f, b = by[(M, case, "float32")], by[(M, case, "bfloat16")]
-            print(f"{M:>3} {case:>13} {f['ms']:>11.3f} {b['ms']:>12.3f} {b['weight_converts']:>21}")
+            f, b, i = (by[(M, case, d)] for d in DTYPES)
+            converts = f"{b['weight_converts']}, {i['weight_converts']}"
+            print(f"{M:>3} {case:>13} {f['ms']:>11.3f} {b['ms']:>12.3f} {i['ms']:>8.3f} {converts:>29}")
 
 
 if __name__ == "__main__":

@@ -11,15 +11,20 @@ tokens/s = batch * new_tokens / wall time of the whole generate call; TTFT = the
 generated token (jaxinfer: the engine's own per-request metric; HF: a generate call of one new
 token; llama.cpp: the first token its generator yields).
 
-Systems:
-  jaxinfer         the engine with its default EngineConfig on the GGUF dequantised to dense
-                   --dtype weights (the arithmetic HF runs)
-  jaxinfer-packed  the same engine serving the file's packed blocks (Q4_1 as QuantizedWeight,
+Systems (every engine with --layer_loop, here unrolled unless given: the CPU's fast layout,
+benchmarks/results/cpu_dots.md):
+  jaxinfer         the engine on the GGUF dequantised to dense --dtype weights (the arithmetic
+                   HF runs)
+  jaxinfer-bf16    the same in bfloat16 (weights and activations; float32 accumulators)
+  jaxinfer-w8a8    the dense weights rounded to int8 per output channel, activations to int8 per
+                   token, int32 products (--weights=w8a8; what llama.cpp's 8-bit CPU dot does)
+  jaxinfer-packed  the engine serving the file's packed blocks (Q4_1 as QuantizedWeight,
                    dequantised by XLA inside every step; matmul="xla")
   hf               HF transformers `generate` on its GGUF loader's model (float32, torch CPU,
                    torch threads = --threads)
-  llama.cpp        llama-cpp-python on the GGUF file itself, --threads threads, batch 1 only (its
-                   Python API generates one sequence at a time); skipped when not installed
+  llama.cpp        llama-cpp-python on the GGUF file itself, --threads threads; batch 1 through its
+                   generator, larger batches as one llama_decode of every sequence's token per
+                   step (its low-level batch API, greedy); skipped when not installed
 Also: the largest per-row relative error of jaxinfer's and llama.cpp's logits against HF's on
 --heldout_tokens tokens of held-out text, and each system's greedy answer to a chat prompt.
 Writes a JSON (figures, every timed run's wall time, environment, command, the share of the CPUs
@@ -37,8 +42,10 @@ import numpy as np
 from absl import flags
 
 import jaxinfer as ji
+from jaxinfer import quant
 from jaxinfer.checkpoints import gguf as gguf_lib
 from jaxinfer.quant import dequantize_params
+from jaxinfer.quant.spec import scheme_from_name
 
 from . import common
 
@@ -52,15 +59,16 @@ flags.DEFINE_integer("prompt_tokens", 32, "Tokens in every prompt.")
 flags.DEFINE_integer("new_tokens", 64, "Greedy tokens generated per prompt (EOS ignored).")
 flags.DEFINE_integer("repeats", 2, "Timed runs per measurement (best kept), after one warm-up run.")
 flags.DEFINE_integer("threads", 2, "CPU threads for torch and llama.cpp.")
-flags.DEFINE_list("systems", ["jaxinfer", "jaxinfer-packed", "hf", "llama.cpp"], "Systems to measure.")
+flags.DEFINE_list("systems", ["jaxinfer", "jaxinfer-bf16", "jaxinfer-w8a8", "jaxinfer-packed", "hf", "llama.cpp"],
+                  "Systems to measure.")
 flags.DEFINE_integer("heldout_tokens", 128, "Tokens of held-out text for the logits agreement check.")
 flags.DEFINE_string("chat_prompt", "What is the capital of France?", "A user message every system answers greedily.")
 # --model: a model known by name or a .gguf file (default smollm2-135m)
-for _name in ("model", "dtype", "out", "batch_sizes", "tp"):
+for _name in ("model", "dtype", "out", "batch_sizes", "tp", "layer_loop"):
     flags.declare_key_flag(_name)
 DEFAULT_MODEL = "smollm2-135m"
 
-SYSTEMS = ("jaxinfer", "jaxinfer-packed", "hf", "llama.cpp")
+SYSTEMS = ("jaxinfer", "jaxinfer-bf16", "jaxinfer-w8a8", "jaxinfer-packed", "hf", "llama.cpp")
 
 
 def _model() -> str:
@@ -96,8 +104,13 @@ def _timed(run, prompt_sets) -> tuple[list[float], object]:
     return times, result
 
 
+def _layer_loop() -> str:
+    """--layer_loop when given, else unrolled (the CPU's fast layout; the scan needs tp > 1)."""
+    return FLAGS.layer_loop if FLAGS["layer_loop"].present or FLAGS.tp > 1 else "unroll"
+
+
 def bench_engine(model: ji.Model, prompt_sets, new_tokens: int) -> dict:
-    engine = ji.Engine(model, ji.EngineConfig(tp=FLAGS.tp))
+    engine = ji.Engine(model, ji.EngineConfig(tp=FLAGS.tp, layer_loop=_layer_loop()))
     sp = ji.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     walls, outs = _timed(lambda prompts: engine.generate(prompts, sp), prompt_sets)
     return dict(tokens_per_s=len(outs) * new_tokens / min(walls), walls_s=walls,
@@ -133,6 +146,65 @@ def bench_llama_cpp(llm, prompt_sets, new_tokens: int) -> dict:
 
     walls, (first, tokens) = _timed(generate, prompt_sets)
     return dict(tokens_per_s=new_tokens / min(walls), walls_s=walls, ttft_s=first, tokens=[tokens])
+
+
+class LlamaBatched:
+    """llama.cpp decoding several sequences at once through its low-level batch API (what its own
+    `llama-batched` example and server slots do): one `llama_decode` of every prompt's tokens, then
+    one per step holding each sequence's last token, greedy (argmax of each sequence's logits)."""
+
+    def __init__(self, path: str, batch: int, max_len: int, threads: int):
+        lib = llama_cpp
+        self.model = lib.llama_model_load_from_file(path.encode(), lib.llama_model_default_params())
+        params = lib.llama_context_default_params()
+        params.n_ctx = batch * max_len
+        params.n_batch = params.n_ubatch = max(512, batch * max_len)  # every prompt in one decode
+        params.n_seq_max, params.n_threads, params.n_threads_batch = batch, threads, threads
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama (batch 1) sets it
+        self.ctx = lib.llama_init_from_model(self.model, params)
+        self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        self.batch = lib.llama_batch_init(params.n_batch, 0, 1)
+
+    def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
+        """tokens: (token, position, sequence, wants logits)."""
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, (token, pos, seq, logits) in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        if llama_cpp.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _argmax(self, i: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,))))
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+        """(seconds to the first generated tokens, each sequence's greedy tokens)."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        t0 = time.perf_counter()
+        self._decode([(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)])
+        ends = np.cumsum([len(ids) for ids in prompts]) - 1
+        out = [[self._argmax(int(e))] for e in ends]
+        first = time.perf_counter() - t0
+        for j in range(1, new_tokens):
+            self._decode([(seq[-1], len(ids) + j - 1, s, True) for s, (ids, seq) in enumerate(zip(prompts, out))])
+            for s, seq in enumerate(out):
+                seq.append(self._argmax(s))
+        return first, out
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+
+def bench_llama_cpp_batched(path: str, prompt_sets, new_tokens: int) -> dict:
+    runner = LlamaBatched(path, len(prompt_sets[0]), FLAGS.prompt_tokens + new_tokens, FLAGS.threads)
+    try:
+        walls, (first, tokens) = _timed(lambda prompts: runner.generate(prompts, new_tokens), prompt_sets)
+    finally:
+        runner.close()
+    return dict(tokens_per_s=len(tokens) * new_tokens / min(walls), walls_s=walls, ttft_s=first, tokens=tokens)
 
 
 def cpu_busy(seconds: float = 2.0) -> float | None:
@@ -182,6 +254,12 @@ def run(path: str, batches: list[int]) -> dict:
     busy = cpu_busy()
     packed = ji.load_model(_model(), dtype=FLAGS.dtype)
     dense = ji.Model(packed.config, dequantize_params(packed.params), packed.tokenizer, packed.name)
+    engines = {"jaxinfer": dense, "jaxinfer-packed": packed}
+    if "jaxinfer-bf16" in FLAGS.systems:
+        half = ji.load_model(_model(), dtype="bfloat16")
+        engines["jaxinfer-bf16"] = ji.Model(half.config, dequantize_params(half.params), half.tokenizer, half.name)
+    if "jaxinfer-w8a8" in FLAGS.systems:
+        engines["jaxinfer-w8a8"] = quant.quantize_model(dense, scheme_from_name("w8a8"), progress=False)
     hf = None
     if "hf" in FLAGS.systems or FLAGS.heldout_tokens:
         import torch  # noqa: PLC0415  (the optional [peers] extra)
@@ -199,25 +277,21 @@ def run(path: str, batches: list[int]) -> dict:
 
     result: dict = dict(model=packed.name, gguf=path,
                         prompt_tokens=FLAGS.prompt_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
-                        threads=FLAGS.threads, dtype=FLAGS.dtype, runs=[], not_measured=[], cpu_busy_before=busy,
+                        threads=FLAGS.threads, dtype=FLAGS.dtype, layer_loop=_layer_loop(), runs=[], not_measured=[], cpu_busy_before=busy,
                         hf=result_hf if hf is not None else None,
                         llama_cpp=None if llm is None else importlib.metadata.version("llama_cpp_python"))
     for batch in batches:
         prompt_sets = _prompt_sets(packed.tokenizer, FLAGS.repeats + 1, batch, FLAGS.prompt_tokens)
         for system in FLAGS.systems:
-            if system == "jaxinfer":
-                figures = bench_engine(dense, prompt_sets, FLAGS.new_tokens)
-            elif system == "jaxinfer-packed":
-                figures = bench_engine(packed, prompt_sets, FLAGS.new_tokens)
+            if system in engines:
+                figures = bench_engine(engines[system], prompt_sets, FLAGS.new_tokens)
             elif system == "hf":
                 figures = bench_hf(hf, prompt_sets, FLAGS.new_tokens)
             elif llm is None:
                 result["not_measured"].append(f"llama.cpp batch {batch}: llama-cpp-python is not installed")
                 continue
             elif batch != 1:
-                result["not_measured"].append(f"llama.cpp batch {batch}: its Python API generates one sequence "
-                                              "at a time")
-                continue
+                figures = bench_llama_cpp_batched(path, prompt_sets, FLAGS.new_tokens)
             else:
                 figures = bench_llama_cpp(llm, prompt_sets, FLAGS.new_tokens)
             result["runs"].append(dict(system=system, batch=batch, **figures))
@@ -242,7 +316,9 @@ def run(path: str, batches: list[int]) -> dict:
     chat_ids = packed.tokenizer.apply_chat_template(messages, tokenize=True)
     answers = {}
     sp = ji.SamplingParams(max_tokens=32, temperature=0.0)
-    answers["jaxinfer-packed"] = ji.Engine(packed, ji.EngineConfig(tp=FLAGS.tp)).generate([chat_ids], sp)[0].text
+    for system in [s for s in FLAGS.systems if s in engines]:
+        engine = ji.Engine(engines[system], ji.EngineConfig(tp=FLAGS.tp, layer_loop=_layer_loop()))
+        answers[system] = engine.generate([chat_ids], sp)[0].text
     if hf is not None:
         with torch.no_grad():
             out = hf.generate(torch.tensor([chat_ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)

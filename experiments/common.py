@@ -106,9 +106,10 @@ flags.DEFINE_integer("max_lora_rank", 16, "The largest LoRA rank the slots take.
 flags.DEFINE_enum("lora_impl", "auto", ["auto", "xla", "pallas"], "How each token's LoRA delta is applied (pallas: BGMV/SGMV "
                   "kernels, interpreted on a CPU).")
 
-flags.DEFINE_enum("layer_loop", "scan", ["scan", "unroll"], "How a step runs the layers: a scan over the stacked "
-                  "weights, or unrolled over one array per layer (the CPU's fast layout, bfloat16 above all; "
-                  "compile time grows with depth; tp = 1).")
+flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unroll"], "How a step runs the layers: a scan over the "
+                  "stacked weights, or unrolled over one array per layer (the CPU's fast layout, bfloat16 and W8A8 "
+                  "above all; compile time grows with depth; tp = 1); auto: unrolled on the CPU for bfloat16 / "
+                  "float16 or W8A8 models, the scan elsewhere.")
 flags.DEFINE_integer("tp", 1, "Tensor-parallel degree: the model and its KV cache split over the first tp devices "
                      "(every host's, with --coordinator; a CPU fakes devices with XLA_FLAGS="
                      "--xla_force_host_platform_device_count=N). kv_capacity: plan per card at this tp.")

@@ -115,6 +115,26 @@ def test_weight_and_activation_rounding_bounds(fmt, per_tensor, rng):
     np.testing.assert_allclose(np.abs(np.asarray(xq, np.float32)).max(-1), af.QMAX[fmt])
 
 
+def test_one_row_int8_product_converts_no_weight_on_the_cpu(rng):
+    """Batch-1 decode multiplies one row: XLA's CPU backend then turns the int8 weight into an
+    int32 copy before the product, every call (112 against 12 ms per SmolLM2 token;
+    benchmarks/results/cpu_int8.md). The row is taken as two; the result is the same."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU backend's integer products")
+    K, N = 64, 96
+    q, s = af.quantize_columns(jnp.asarray(rng.standard_normal((K, N)), jnp.float32), "int8")
+    w = af.W8A8Weight(q, s)
+    x = jnp.asarray(rng.standard_normal((3, K)), jnp.float32)
+    for rows in (x[:1], x[:1, None], x):  # (1, K), (1, 1, K), (3, K)
+        hlo = jax.jit(af.w8a8_reference).lower(rows, w).compile().as_text()
+        assert not [line for line in hlo.splitlines() if "convert(" in line and f"[{K},{N}]" in line]
+    expected = np.asarray(af.w8a8_reference(x, w))
+    np.testing.assert_array_equal(np.asarray(af.w8a8_reference(x[1:2], w)), expected[1:2])
+    xq, xs = af.quantize_rows(x, "int8")
+    by_hand = (np.asarray(xq, np.int64) @ np.asarray(q, np.int64)) * np.asarray(xs)[:, None] * np.asarray(s)
+    np.testing.assert_allclose(expected, by_hand, rtol=1e-6, atol=1e-6)
+
+
 def test_smoothing_factors_by_hand():
     act = jnp.asarray([4.0, 1.0, 0.0, 9.0])
     w = jnp.asarray([1.0, 4.0, 2.0, 0.0])

@@ -56,12 +56,15 @@ class EngineConfig:
     structured_backend: str = "llguidance"  # grammar backend of structured output: "llguidance" | "xgrammar" (an extra)
     # How the step runs the layers: "scan" over the stacked weights (compile time flat in depth), or
     # "unroll" over one array per layer (the engine holds a per-layer copy of the weights; on the CPU
-    # 1.5x faster decode in float32 and ~4x in bfloat16 for SmolLM2, compile ~3x longer: cpu_dots.md). tp = 1.
-    layer_loop: str = "scan"
+    # 1.5x faster decode in float32 and ~4x in bfloat16 for SmolLM2, compile ~3x longer: cpu_dots.md;
+    # tp = ep = 1). "auto": unrolled on the CPU for a bfloat16 / float16 or W8A8 model at tp = ep = 1
+    # (a scan over such stacked weights is converted whole every step there), the scan elsewhere;
+    # the engine's config holds the resolved name (`layer_loop_for`).
+    layer_loop: str = "auto"
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous")),
-                              ("structured_backend", ("llguidance", "xgrammar")), ("layer_loop", ("scan", "unroll"))):
+                              ("structured_backend", ("llguidance", "xgrammar")), ("layer_loop", ("auto", "scan", "unroll"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
         lora_auto = self.lora_impl == "auto"

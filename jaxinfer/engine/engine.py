@@ -49,6 +49,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Sequence as Seq
 
+import jax
+import jax.numpy as jnp
+
 from jaxinfer import sharding, structured
 from jaxinfer.engine import scoring
 from jaxinfer.engine.batch import Layout
@@ -64,9 +67,26 @@ from jaxinfer.engine.speculation import Speculation
 from jaxinfer.engine.step import StepOutput, StepPlan
 from jaxinfer.lora import AdapterRegistry, LoraAdapter
 from jaxinfer.models import decoder as model_lib
+from jaxinfer.models.act_formats import W8A8Weight
 from jaxinfer.sampling.params import SamplingParams
 from jaxinfer.sampling.processors import Vocab
 from jaxinfer.speculative import load_drafter
+
+
+def layer_loop_for(config: EngineConfig, model) -> str:
+    """EngineConfig.layer_loop resolved: "auto" is "unroll" on the CPU for a half-precision or W8A8
+    model at tp = ep = 1, where XLA's CPU backend converts a scanned stack of bfloat16 or int8
+    weights whole on every step (benchmarks/results/cpu_dots.md, cpu_int8.md), else "scan"."""
+    if config.layer_loop != "auto":
+        return config.layer_loop
+    if jax.default_backend() != "cpu" or config.tp > 1 or config.ep > 1:
+        return "scan"
+    params = getattr(model, "params", None)  # (a mock runner's model has none)
+    layers = params.get("layers", {}) if isinstance(params, dict) else {}
+    half = bool(layers) and jnp.dtype(model.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    w8a8 = any(isinstance(x, W8A8Weight) for x in jax.tree_util.tree_leaves(
+        layers, is_leaf=lambda x: isinstance(x, W8A8Weight)))
+    return "unroll" if half or w8a8 else "scan"
 
 
 class Engine:
@@ -75,7 +95,8 @@ class Engine:
         builds the model runner (jaxinfer.engine.mock_runner.MockRunner runs the engine with no model).
         detokenize False: outputs carry token ids, their text None (an engine core whose API server
         decodes them, jaxinfer/serving/core.py); stop strings are still checked."""
-        self.model, self.config = model, config = model, config or EngineConfig()
+        config = config or EngineConfig()
+        self.model, self.config = model, config = model, dataclasses.replace(config, layer_loop=layer_loop_for(config, model))
         self.max_seq_len = config.seq_len(model.config)
         placed = sharding.place_model(model, config.tp, config.ep)  # the model as the device runs it
         if config.layer_loop == "unroll":  # one array per layer weight, the layers unrolled in the step

@@ -25,6 +25,8 @@ Simulated element formats (x in float32, rounded to the format and back):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -114,12 +116,23 @@ def w8a8_reference(x: jax.Array, w: W8A8Weight) -> jax.Array:
     is exact in float32), so any backend runs it."""
     xq, xs = quantize_activations(x, w)
     if w.fmt == "int8":
-        acc = jnp.einsum("...k,kn->...n", xq, w.qweight, preferred_element_type=jnp.int32)
+        acc = _int8_product(xq, w.qweight)
     else:
         acc = jnp.einsum("...k,kn->...n", xq.astype(jnp.float32), w.qweight.astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
     y = acc.astype(jnp.float32) * xs[..., None] * w.scales.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def _int8_product(xq: jax.Array, wq: jax.Array) -> jax.Array:
+    """xq (..., K) @ wq (K, N) int8, summed in int32. On the CPU a single row is multiplied as two:
+    XLA's CPU backend takes its fast integer product only from two rows up, and with one row
+    converts the whole weight first, every call (benchmarks/results/cpu_dots.md)."""
+    lead = xq.shape[:-1]
+    if math.prod(lead) == 1 and jax.default_backend() == "cpu":
+        two = jnp.broadcast_to(xq.reshape(1, -1), (2, xq.shape[-1]))
+        return jnp.einsum("mk,kn->mn", two, wq, preferred_element_type=jnp.int32)[:1].reshape(*lead, -1)
+    return jnp.einsum("...k,kn->...n", xq, wq, preferred_element_type=jnp.int32)
 
 
 def dequantize_w8a8(w: W8A8Weight, dtype=jnp.float32) -> jax.Array:
