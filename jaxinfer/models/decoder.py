@@ -263,7 +263,8 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden states (..., D) -> float32 logits (..., V), soft-capped when the config
     says so. A head padded past the vocabulary (split over a tensor-parallel mesh) has its padding
     cut off."""
-    if hidden.dtype != jnp.float32 and jax.default_backend() == "cpu":  # the tied embedding not transposed
+    if jax.default_backend() == "cpu":  # the tied embedding untransposed: XLA's CPU backend copies a
+        # transposed one (bfloat16: converted; float32: a loop fusion with the final norm, cpu_int8.md)
         head, equation = ((params["embed"], "...D,VD->...V") if cfg.tie_word_embeddings else
                           (params["lm_head"], "...D,DV->...V"))
         logits = matmul.dense_f32(hidden, head, equation)
