@@ -127,7 +127,7 @@ def w8a8_reference(x: jax.Array, w: W8A8Weight) -> jax.Array:
 def _int8_product(xq: jax.Array, wq: jax.Array) -> jax.Array:
     """xq (..., K) @ wq (K, N) int8, summed in int32. On the CPU a single row is multiplied as two:
     XLA's CPU backend takes its fast integer product only from two rows up, and with one row
-    converts the whole weight first, every call (benchmarks/results/cpu_dots.md)."""
+    converts the whole weight first, every call (benchmarks/results/cpu_int8.md)."""
     lead = xq.shape[:-1]
     if math.prod(lead) == 1 and jax.default_backend() == "cpu":
         two = jnp.broadcast_to(xq.reshape(1, -1), (2, xq.shape[-1]))
