@@ -96,7 +96,8 @@ class Engine:
         detokenize False: outputs carry token ids, their text None (an engine core whose API server
         decodes them, jaxinfer/serving/core.py); stop strings are still checked."""
         config = config or EngineConfig()
-        self.model, self.config = model, config = model, dataclasses.replace(config, layer_loop=layer_loop_for(config, model))
+        config = dataclasses.replace(config, layer_loop=layer_loop_for(config, model))
+        self.model, self.config = model, config
         self.max_seq_len = config.seq_len(model.config)
         placed = sharding.place_model(model, config.tp, config.ep)  # the model as the device runs it
         if config.layer_loop == "unroll":  # one array per layer weight, the layers unrolled in the step

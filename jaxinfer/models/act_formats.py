@@ -116,7 +116,7 @@ def w8a8_reference(x: jax.Array, w: W8A8Weight) -> jax.Array:
     is exact in float32), so any backend runs it."""
     xq, xs = quantize_activations(x, w)
     if w.fmt == "int8":
-        acc = _int8_product(xq, w.qweight)
+        acc = product("...k,kn->...n", xq, w.qweight, jnp.int32)
     else:
         acc = jnp.einsum("...k,kn->...n", xq.astype(jnp.float32), w.qweight.astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
@@ -124,15 +124,16 @@ def w8a8_reference(x: jax.Array, w: W8A8Weight) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def _int8_product(xq: jax.Array, wq: jax.Array) -> jax.Array:
-    """xq (..., K) @ wq (K, N) int8, summed in int32. On the CPU a single row is multiplied as two:
-    XLA's CPU backend takes its fast integer product only from two rows up, and with one row
-    converts the whole weight first, every call (benchmarks/results/cpu_int8.md)."""
-    lead = xq.shape[:-1]
-    if math.prod(lead) == 1 and jax.default_backend() == "cpu":
-        two = jnp.broadcast_to(xq.reshape(1, -1), (2, xq.shape[-1]))
-        return jnp.einsum("mk,kn->mn", two, wq, preferred_element_type=jnp.int32)[:1].reshape(*lead, -1)
-    return jnp.einsum("...k,kn->...n", xq, wq, preferred_element_type=jnp.int32)
+def product(equation: str, x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """einsum(equation, x, w) accumulated and returned in out_dtype. XLA's CPU backend multiplies
+    bfloat16 and int8 operands natively only from two rows up; with one row it converts the whole
+    weight first, every call (benchmarks/results/cpu_dots.md, cpu_int8.md). So on the CPU a single
+    row that is not float32 is multiplied as two (matmul.dense and W8A8's int8 product use this)."""
+    lead = x.shape[:-1]
+    if math.prod(lead) == 1 and x.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        two = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))
+        return jnp.einsum(equation, two, w, preferred_element_type=out_dtype)[:1].reshape(*lead, -1)
+    return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
 
 
 def dequantize_w8a8(w: W8A8Weight, dtype=jnp.float32) -> jax.Array:

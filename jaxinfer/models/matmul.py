@@ -25,13 +25,19 @@ W8A8 under a mesh takes its XLA numerics (no per-shard W8A8 kernel yet).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.models.act_formats import SimWeight, W8A8Weight, quantize_activations, sim_reference, w8a8_reference
+from jaxinfer.models.act_formats import (
+    SimWeight,
+    W8A8Weight,
+    product,
+    quantize_activations,
+    sim_reference,
+    w8a8_reference,
+)
 from jaxinfer.models.formats import (
     MXFP4Weight,
     QuantizedWeight,
@@ -149,12 +155,8 @@ def dense(x: jax.Array, w: jax.Array, equation: str = "...K,KN->...N") -> jax.Ar
 
 def dense_f32(x: jax.Array, w: jax.Array, equation: str = "...K,KN->...N") -> jax.Array:
     """The einsum of x (..., K) and w accumulated and returned in float32; on the CPU a single
-    half-precision row is multiplied as two (`dense`)."""
-    lead = x.shape[:-1]
-    if math.prod(lead) == 1 and x.dtype != jnp.float32 and jax.default_backend() == "cpu":
-        two = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))
-        return jnp.einsum(equation, two, w, preferred_element_type=jnp.float32)[:1].reshape(*lead, -1)
-    return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+    half-precision row is multiplied as two (`act_formats.product`)."""
+    return product(equation, x, w, jnp.float32)
 
 
 @register(QuantizedWeight, "xla")
