@@ -186,6 +186,8 @@ def _quantized_spec(name: str, w: QuantizedWeight, tp: int, ep: int = 1) -> Quan
     if _role(name) in ("expert_column", "expert_row"):
         inner = _quantized_spec({"expert_column": "wq", "expert_row": "wo"}[_role(name)], w, tp)
         return jax.tree.map(lambda s: _experts_on(P(None, *s), ep), inner, is_leaf=lambda s: isinstance(s, P))
+    if _role(name) is None:  # a replicated projection
+        return jax.tree.map(lambda _: P(), w)
     if _role(name) == "column":
         cols = P(None, None, "tp")
         return w.replace(qweight=cols, scales=cols, zeros=cols if w.zeros is not None else None,

@@ -59,6 +59,8 @@ def test_published_config_reads_as_hf_reads_it():
          rope_theta=150000.0),  # gpt-oss
     dict(factor=4.0, original_max_position_embeddings=2048, rope_theta=10000.0),  # the defaults, truncated
     dict(factor=8.0, original_max_position_embeddings=512, rope_theta=1e6, attention_factor=0.9, beta_fast=16.0),
+    # DeepSeek's: the cos / sin factor mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    dict(factor=40.0, original_max_position_embeddings=4096, rope_theta=10000.0, mscale=0.707, mscale_all_dim=1.0),
 ])
 def test_yarn_matches_hf_rope_init(rope):
     """Frequencies and the cos / sin factor against transformers' own YaRN init."""
@@ -77,8 +79,6 @@ def test_yarn_matches_hf_rope_init(rope):
 
 @pytest.mark.parametrize("change, message", [
     ({"attention_bias": False}, "attention_bias=False"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                       "original_max_position_embeddings": 4096}}, "mscale=1.0 is not supported"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 40.0}}, "original_max_position_embeddings"),
     ({"layer_types": ["sliding_attention"] * 3}, "layer_types has 3 entries"),
 ])

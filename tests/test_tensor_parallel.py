@@ -163,12 +163,12 @@ def test_speculative_decoding_under_tp(checks):
 
 @pytest.mark.slow
 def test_new_families_under_tp2():
-    """Gemma 2, Gemma 3, Phi-3, Mixtral, Qwen3-MoE, Qwen2-MoE and gpt-oss split over two devices: logits within TOL of
+    """Gemma 2, Gemma 3, Phi-3, Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss and DeepSeek-V2 / V3 (MLA) split over two devices: logits within TOL of
     tp = 1, the same greedy tokens through the XLA and the per-shard Pallas attention."""
     result = _ok(_run_checks("families")["families"])
     assert max(result["max_row_error"].values()) <= TOL, result["max_row_error"]
     assert set(result["tokens"]) == {"gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss",
-                                     "gpt_oss_mxfp4", "mixtral_int4_experts"}
+                                     "gpt_oss_mxfp4", "mixtral_int4_experts", "deepseek_v2", "deepseek_v3"}
     for name, tokens in result["tokens"].items():
         assert tokens["tp2"] == tokens["tp1"] == tokens["pallas_tp2"], name
         assert len(tokens["tp1"][0]) == 8

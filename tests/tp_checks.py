@@ -331,7 +331,12 @@ _MOE["gpt_oss_mxfp4"] = _MOE["gpt_oss"]
 _MOE["mixtral_int4_experts"] = _MOE["mixtral"]
 FAMILIES = {"gemma2": dict(_COMMON, model_type="gemma2", attn_logit_softcapping=3.0, final_logit_softcapping=4.0),
             "gemma3": dict(_COMMON, model_type="gemma3_text", sliding_window_pattern=2),
-            "phi3": dict(_COMMON, model_type="phi3"), **_MOE}
+            "phi3": dict(_COMMON, model_type="phi3"), **_MOE,
+            # MLA: the latents' down-projections replicated, wq_b / wkv_b split by head, wo by its input
+            "deepseek_v2": dict(_COMMON, model_type="deepseek_v2", num_key_value_heads=4, kv_lora_rank=32,
+                                qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, first_k_dense_replace=3),
+            "deepseek_v3": dict(_COMMON, model_type="deepseek_v3", num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=24,
+                                qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=8, first_k_dense_replace=3)}
 
 
 def _family_model(name: str) -> ji.Model:

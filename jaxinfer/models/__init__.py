@@ -7,6 +7,7 @@
   phi3        Phi-3 (its fused q/k/v and gate/up tensors split at load)
   moe         mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE (grouped matmuls over the experts)
   gpt_oss     gpt-oss: experts with biases and a clamped SwiGLU, attention sinks, YaRN
+  deepseek    DeepSeek-V2 / V3: multi-head latent attention (expanded form; dense layers so far)
   layers      rotary embeddings (a building block of layer functions)
   decoder     the functional decoder: params, forward over a contiguous or paged cache, logits
   attention   the attention dispatch point (XLA reference, Pallas kernels)
@@ -19,4 +20,4 @@ The built-in families register themselves when their modules are imported, here;
 one's own registers itself the same way (jaxinfer.models.family.register) wherever it is defined.
 """
 
-from jaxinfer.models import gemma, gpt_oss, llama, moe, phi3  # noqa: F401  (register the built-in families)
+from jaxinfer.models import deepseek, gemma, gpt_oss, llama, moe, phi3  # noqa: F401  (register the built-in families)

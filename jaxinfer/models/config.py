@@ -36,6 +36,12 @@ def read_json_object(path: str | os.PathLike, what: str, error: type[ValueError]
     return value
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention factor for a context extended `factor` times: 0.1 mscale ln(factor) + 1 (1 when
+    factor <= 1), as HF's yarn_get_mscale."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 class ConfigError(ValueError):
     """A config.json that describes a model this code cannot run exactly."""
 
@@ -55,6 +61,9 @@ class RopeConfig:
     truncate: bool = True  # yarn: the ramp's ends rounded to whole dimensions
     # yarn: the factor cos and sin are multiplied by; None: 0.1 ln(factor) + 1 (YaRN's default)
     attention_factor: float | None = None
+    # yarn, DeepSeek: the softmax scale is multiplied by (0.1 mscale_all_dim ln(factor) + 1)^2 (HF's
+    # yarn_apply_mscale; the MLA family applies it); 0: not. The rotary tables ignore it.
+    mscale_all_dim: float = 0.0
 
     @property
     def cos_sin_scale(self) -> float:
@@ -64,7 +73,7 @@ class RopeConfig:
             return 1.0
         if self.attention_factor is not None:
             return self.attention_factor
-        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
+        return yarn_mscale(self.factor)
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """float32[head_dim // 2]: the rotation frequencies, computed as HF transformers does."""
@@ -158,6 +167,14 @@ class ModelConfig:
     # then (up + 1) * gate * sigmoid(swiglu_alpha * gate); None: act(gate) * up.
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # Multi-head latent attention (DeepSeek-V2/V3, jaxinfer.models.deepseek): keys and values come
+    # from a latent of kv_lora_rank values per token (0: not MLA), queries from one of q_lora_rank
+    # (0: straight from the hidden state). head_dim is the query/key width, qk_nope + qk_rope; only
+    # the last qk_rope_head_dim of it is rotated; the values are v_head_dim wide.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self):
         if self.layer_windows is None:
@@ -171,8 +188,12 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
-        if self.head_dim % 2:
+        if self.head_dim % 2 and not self.kv_lora_rank:  # (MLA rotates qk_rope_head_dim of it: checked below)
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.kv_lora_rank and not (0 < self.qk_rope_head_dim < self.head_dim and self.qk_rope_head_dim % 2 == 0
+                                      and 0 < self.v_head_dim <= self.head_dim):
+            raise ConfigError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and in (0, head_dim="
+                              f"{self.head_dim}), v_head_dim={self.v_head_dim} in (0, head_dim]")
         if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.experts_per_token} must be in [1, num_experts="
                               f"{self.num_experts}]")
@@ -184,6 +205,11 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of a head's dimensions RoPE rotates (the last ones): all, or MLA's qk_rope_head_dim."""
+        return self.qk_rope_head_dim or self.head_dim
 
     @property
     def sliding_window(self) -> int:
@@ -248,6 +274,8 @@ def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
         out.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
         if rope.attention_factor is not None:
             out["attention_factor"] = rope.attention_factor
+        if rope.mscale_all_dim:
+            out["mscale_all_dim"] = rope.mscale_all_dim
     return out
 
 
@@ -277,9 +305,6 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         if kwargs["high_freq_factor"] <= kwargs["low_freq_factor"]:
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
     if rope_type == "yarn":
-        for name in ("mscale", "mscale_all_dim"):  # DeepSeek's variant of the attention factor
-            if params.get(name):
-                raise ConfigError(f"yarn rope scaling with {name}={params[name]!r} is not supported")
         if "original_max_position_embeddings" not in params:
             raise ConfigError("yarn rope scaling needs 'original_max_position_embeddings'")
         kwargs.update(
@@ -287,8 +312,13 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
             beta_fast=hf_field(params, "beta_fast", float, 32.0, minimum=0.0),
             beta_slow=hf_field(params, "beta_slow", float, 1.0, minimum=0.0),
             truncate=hf_field(params, "truncate", bool, True))
+        mscale = hf_field(params, "mscale", float, 0.0, minimum=0.0)
+        kwargs["mscale_all_dim"] = hf_field(params, "mscale_all_dim", float, 0.0, minimum=0.0)
         if params.get("attention_factor") is not None:
             kwargs["attention_factor"] = hf_field(params, "attention_factor", float, minimum=0.0)
+        elif mscale and kwargs["mscale_all_dim"]:  # DeepSeek's: HF's _compute_yarn_parameters
+            kwargs["attention_factor"] = (yarn_mscale(kwargs["factor"], mscale)
+                                          / yarn_mscale(kwargs["factor"], kwargs["mscale_all_dim"]))
     return RopeConfig(**kwargs)
 
 

@@ -15,6 +15,8 @@ Roles, and what each means to the code that reads them:
   norm        a norm's weight, scaled as the family's `Norm` says; replicated
   column      a projection (in, out) whose output is split over tp (q, k, v, gate, up)
   row         a projection (in, out) whose input is split over tp, all-reduced after (o, down)
+  replicated  a projection (in, out) every tp shard holds whole (MLA's down-projections to its
+              latents, which each shard's heads read in full)
   bias        a projection's bias (out,): split like a column projection's output, replicated
               after a row projection (added once, after the all-reduce)
   router      (D, E) a mixture-of-experts router: replicated; not a projection (never quantised or adapted)
@@ -55,11 +57,11 @@ import jax.numpy as jnp
 if TYPE_CHECKING:
     from jaxinfer.models.config import ModelConfig
 
-ROLES = ("embedding", "head", "norm", "column", "row", "bias", "router", "sink", "expert_column", "expert_row",
+ROLES = ("embedding", "head", "norm", "column", "row", "replicated", "bias", "router", "sink", "expert_column", "expert_row",
          "expert_bias")
 EXPERT_ROLES = ("expert_column", "expert_row")
 TOP_LEVEL = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # name -> role
-PROJECTION_ROLES = ("column", "row")
+PROJECTION_ROLES = ("column", "row", "replicated")
 NORM_KINDS = ("rms", "rms_plus_1")
 # HF's hidden_act / hidden_activation names -> the activation of the gate in act(x @ w_gate) * (x @ w_up).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -424,6 +426,8 @@ def parallel_style(name: str) -> str | None:
     None (replicated)."""
     p = lookup_param(name)
     if p is None or not p.layer:
+        return None
+    if p.role == "replicated":
         return None
     if p.is_projection or p.role in EXPERT_ROLES:
         return p.role

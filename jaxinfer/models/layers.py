@@ -12,9 +12,9 @@ from jaxinfer.models.config import ModelConfig, RopeConfig
 def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype, rope: RopeConfig | None = None,
                 ) -> tuple[jax.Array, jax.Array]:
     """cos, sin: (B, T, H) for the given positions (half-split layout, as HF's rotate_half), of
-    cfg.rope or of `rope`, scaled by its cos_sin_scale (YaRN)."""
+    cfg.rope or of `rope`, scaled by its cos_sin_scale (YaRN); H is cfg.rotary_dim."""
     rope = rope or cfg.rope
-    inv_freq = jnp.asarray(rope.inv_freq(cfg.head_dim))  # (H/2,)
+    inv_freq = jnp.asarray(rope.inv_freq(cfg.rotary_dim))  # (H/2,)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # (B, T, H)
     if rope.cos_sin_scale != 1.0:  # YaRN's attention factor, on the tables in float32 as HF applies it

@@ -46,7 +46,8 @@ METHODS = ("rtn", "awq", "gptq")
 def projections(layers: dict) -> list[str]:
     """The projections among a params pytree's layer params (by their role in the registered
     families), in the pytree's order."""
-    return [name for name in layers if family_lib.parallel_style(name) in family_lib.PROJECTION_ROLES]
+    return [name for name in layers if (p := family_lib.lookup_param(name)) is not None and p.layer
+            and p.is_projection]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,141 @@
+"""DeepSeek-V2 / V3 multi-head latent attention (jaxinfer.models.deepseek), expanded form, against HF
+transformers on small random configs: logits (float32, per row) and 32 greedy tokens through the
+paged engine, with chunked prefill, prefix-cache hits and preemption; int8 KV; config.json read and
+written as HF reads it; what is refused. Tensor parallelism: tp_checks.py "families"."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import TOLERANCE, check_saved_equals_hf_file, row_rel_error, save_hf
+
+import jaxinfer as ji
+from jaxinfer import memory
+from jaxinfer.models.config import ConfigError, ModelConfig
+
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=3, bos_token_id=None, eos_token_id=None,
+            pad_token_id=None)
+# V2-Lite's shape (no query latent); V3's (a query latent); V2 with DeepSeek's YaRN (mscale, mscale_all_dim:
+# the attention factor on the rotary tables and the softmax scale's correction).
+CASES = {
+    "v2_lite": ("deepseek_v2", dict(q_lora_rank=None)),
+    "v3": ("deepseek_v3", dict(q_lora_rank=24, v_head_dim=16)),
+    "v2_yarn": ("deepseek_v2", dict(q_lora_rank=24, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.707,
+        beta_fast=32, beta_slow=1))),
+}
+
+
+def _hf_model(case: str, seed: int = 0):
+    import transformers
+
+    model_type, extra = CASES[case]
+    config = transformers.AutoConfig.for_model(model_type, **{**BASE, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.08 * noise)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    """(case, HF model, its checkpoint's path, our model loaded from it)."""
+    hf = _hf_model(request.param, seed=sorted(CASES).index(request.param))
+    path = save_hf(hf, tmp_path_factory.mktemp(request.param))
+    return request.param, hf, path, ji.load_model(path)
+
+
+def _hf_greedy(hf, prompt: list[int], n: int = 32) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def test_config_reads_as_hf_reads_it(pair):
+    case, hf, _, model = pair
+    cfg, hfc = model.config, hf.config
+    assert cfg.head_dim == hfc.qk_head_dim and cfg.rotary_dim == hfc.qk_rope_head_dim
+    assert cfg.num_kv_heads == cfg.num_heads and cfg.v_head_dim == hfc.v_head_dim
+    assert cfg.q_lora_rank == (hfc.q_lora_rank or 0) and cfg.kv_lora_rank == hfc.kv_lora_rank
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    if case == "v2_yarn":
+        assert cfg.rope.type == "yarn" and cfg.attention_scale == pytest.approx(hf.model.layers[0].self_attn.scaling)
+        assert cfg.attention_scale != cfg.head_dim ** -0.5
+    else:
+        assert cfg.attention_scale is None
+
+
+def test_logits_match_hf(pair, rng):
+    case, hf, _, model = pair
+    tokens = rng.integers(0, model.config.vocab_size, size=(2, 40), dtype=np.int64)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    assert row_rel_error(np.asarray(ji.forward_logits(model, tokens)), expected) <= TOLERANCE["float32"], case
+
+
+def test_greedy_tokens_match_hf_through_the_engine(pair, rng):
+    """32 greedy tokens of prompts of different lengths batched together; then again through an
+    engine with 4-token pages, 8-token prefill chunks, a shared prefix (prefix-cache hits) and too
+    few pages for all of them at once (preemption): the same tokens."""
+    case, hf, _, model = pair
+    prefix = rng.integers(0, model.config.vocab_size, size=9).tolist()
+    prompts = [prefix + rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (2, 7, 4)]
+    expected = [_hf_greedy(hf, p) for p in prompts]
+    sp = ji.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in ji.generate(model, prompts, sp)] == expected, case
+    engine = ji.Engine(model, ji.EngineConfig(max_batch=3, page_size=4, max_tokens_per_step=8, num_pages=24,
+                                              max_seq_len=48))
+    assert [o.token_ids for o in engine.generate(prompts, sp)] == expected, case
+    assert engine.allocator.hits > 0 and engine.stats["preemptions"] > 0, engine.metrics()
+
+
+@pytest.mark.slow  # two more engines per case
+def test_int8_kv_stays_close(pair, rng):
+    """int8 KV pages (the expanded keys and the zero-padded values, one scale per token and head):
+    greedy tokens agree with float32 KV's for most of 32 (the rounding may flip a near-tie)."""
+    case, _, _, model = pair
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (6, 11)]
+    sp = ji.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    plain = ji.Engine(model, ji.EngineConfig(max_batch=2, max_seq_len=64)).generate(prompts, sp)
+    quant = ji.Engine(model, ji.EngineConfig(max_batch=2, max_seq_len=64, kv_dtype="int8")).generate(prompts, sp)
+    agree = np.mean([a == b for p, q in zip(plain, quant) for a, b in zip(p.token_ids, q.token_ids)])
+    assert agree >= 0.75, (case, agree)
+
+
+def test_saved_checkpoint_equals_hf_file(pair, tmp_path):
+    _, _, path, model = pair
+    check_saved_equals_hf_file(model, path, tmp_path / "ours")
+
+
+def test_kv_bytes_are_the_expanded_heads():
+    """The expanded form caches N keys and values of head_dim per token and layer (the padded values
+    too): what the planner counts, until the latent cache."""
+    cfg = ModelConfig.from_hf_dict({**BASE, "model_type": "deepseek_v2", "q_lora_rank": None})
+    assert memory.kv_bytes_per_token(cfg, "bfloat16") == cfg.num_layers * 2 * cfg.num_heads * cfg.head_dim * 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"first_k_dense_replace": 1, "n_routed_experts": 8}, "first_k_dense_replace=1 < num_hidden_layers=3"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads=2 is not num_attention_heads=4"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"qk_rope_head_dim": 7}, "qk_rope_head_dim=7 must be even"),
+    ({"v_head_dim": 64}, "v_head_dim=64"),
+])
+def test_unsupported_configs_are_refused_naming_the_field(change, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict({**BASE, "model_type": "deepseek_v2", **change})
+
+
+def test_v3_with_half_split_rotary_pairs_is_refused():
+    with pytest.raises(ConfigError, match="rope_interleave=False"):
+        ModelConfig.from_hf_dict({**BASE, "model_type": "deepseek_v3", "rope_interleave": False})
