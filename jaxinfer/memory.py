@@ -84,11 +84,16 @@ def kv_heads_per_card(cfg: ModelConfig, tp: int = 1) -> int:
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, kv_scale_bytes: int = 0, tp: int = 1) -> int:
     """Bytes of K and V one token adds to the cache, over all layers (on each card, with tp).
 
-    2 (K and V) x L layers x K kv heads x (H head_dim x bytes per element + kv_scale_bytes).
+    2 (K and V) x L layers x K kv heads x (H head_dim x bytes per element + kv_scale_bytes); for
+    multi-head latent attention (DeepSeek) L x ((kv_lora_rank + qk_rope_head_dim) x bytes + kv_scale_bytes),
+    the same on every card.
     `kv_scale_bytes` is the scale stored per token, per kv head, for each of K and V by an int8/fp8
     cache (2 for one float16 scale, 4 for float32); float caches have none.
     """
     _check_kv_dtype(kv_dtype, kv_scale_bytes)
+    if cfg.kv_lora_rank:  # multi-head latent attention: one latent row, on every card (kv_cache.page_layout)
+        kv_replicas(cfg, tp)  # (checks tp)
+        return cfg.num_layers * ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) * KV_DTYPE_BYTES[kv_dtype] + kv_scale_bytes)
     per_head = cfg.head_dim * KV_DTYPE_BYTES[kv_dtype] + kv_scale_bytes  # bytes per token per head
     return 2 * cfg.num_layers * kv_heads_per_card(cfg, tp) * per_head
 

@@ -248,8 +248,9 @@ def param_specs(params: dict, tp: int, ep: int = 1) -> dict:
 
 
 def cache_specs(cache: PagedKVCache) -> PagedKVCache:
-    """K and V pages and their scales split over the KV heads (axis 1)."""
-    return jax.tree.map(lambda x: P(None, "tp"), cache)
+    """K and V pages and their scales split over the KV heads (axis 1); a latent cache (multi-head
+    latent attention: one row per token that every head reads) whole on every shard."""
+    return jax.tree.map(lambda x: P() if cache.latent else P(None, "tp"), cache)
 
 
 def lora_specs(weights):

@@ -13,6 +13,11 @@ Pages may be bfloat16, float16 or float32, or int8 / float8_e4m3fn with per-toke
 (K, P, page_size) that the kernel applies in float32 (x.astype(f32) * scale): the key scale
 multiplies the scores of its token, the value scale the probability that weights its token.
 
+Latent pages (multi-head latent attention, DeepSeek): with v_pages None and `values` = C, each
+key row is [latent (C), rotated key (R)] and its values are its first C columns: the kernel reads
+each page once, for the scores and for the weighted sum (one kv head shared by all N query heads,
+queries already taken into latent space), and returns (B, N, C).
+
 Axes: B batch, N query heads, K kv heads, G = N // K, H head dim, P physical pages,
 page_size tokens per page.
 """
@@ -134,9 +139,14 @@ def _decode_kernel(
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])  # (Gp, block_k)
         l = alpha * l + jnp.sum(p, axis=1)
-        if v_scales_ref is not None:
-            p = p * v_scales_ref[pages].reshape(block_k).astype(jnp.float32)[None, :]
-        v = v_ref[pages].reshape(block_k, head_dim).astype(q.dtype)  # (block_k, Hp)
+        if v_ref is None:  # latent pages: the values are the key rows themselves (their first columns)
+            if k_scales_ref is not None:
+                p = p * k_scales_ref[pages].reshape(block_k).astype(jnp.float32)[None, :]
+            v = k.astype(q.dtype)
+        else:
+            if v_scales_ref is not None:
+                p = p * v_scales_ref[pages].reshape(block_k).astype(jnp.float32)[None, :]
+            v = v_ref[pages].reshape(block_k, head_dim).astype(q.dtype)  # (block_k, Hp)
         pv = lax.dot_general(
             p.astype(q.dtype), v, (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST,
@@ -155,7 +165,7 @@ def _decode_kernel(
 
 
 def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, *, window, sm_scale, softcap,
-            block_sizes, interpret):
+            block_sizes, interpret, values=None):
     """Pads to powers of two, builds the BlockSpecs, runs the split kernel, merges the splits."""
     B, N, H = q.shape
     K, P, page_size, _ = k_pages.shape
@@ -171,7 +181,9 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sink
     if pages_per_block & (pages_per_block - 1) or num_splits < 1:
         raise ValueError(f"{bs}: pages_per_block must be a power of two and num_splits >= 1")
     qg = pad_axis(pad_axis(q.reshape(B, K, G, H), 2, Gp), 3, Hp)  # (B, K, Gp, Hp)
-    k_pages, v_pages = pad_axis(k_pages, 3, Hp), pad_axis(v_pages, 3, Hp)
+    k_pages = pad_axis(k_pages, 3, Hp)
+    v_pages = None if v_pages is None else pad_axis(v_pages, 3, Hp)
+    v_scales = None if v_pages is None else v_scales
     block_tables = pad_axis(block_tables.astype(jnp.int32), 1, round_up(max_pages, pages_per_block))
     lengths = jnp.minimum(lengths.astype(jnp.int32), max_pages * page_size)
 
@@ -191,7 +203,7 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sink
             pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),  # block_tables
             pl.BlockSpec((None, None, Gp, Hp), lambda b, h, s: (b, h, 0, 0)),  # q
             page_spec,  # k_pages
-            page_spec,  # v_pages
+            None if v_pages is None else page_spec,  # v_pages (None: latent pages)
             None if k_scales is None else scale_spec,
             None if v_scales is None else scale_spec,
         ],
@@ -214,7 +226,8 @@ def _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sink
         m = jnp.concatenate([m, jnp.broadcast_to(m_sink, (1, B, K, Gp))])
         l = jnp.concatenate([l, jnp.ones((1, B, K, Gp), jnp.float32)])
         o = jnp.concatenate([o, jnp.zeros((1, *o.shape[1:]), o.dtype)])
-    return _combine(o, m, l)[:, :, :G, :H].reshape(B, N, H).astype(q.dtype)
+    width = H if values is None else values
+    return _combine(o, m, l)[:, :, :G, :width].reshape(B, N, width).astype(q.dtype)
 
 
 def _combine(o, m, l):
@@ -226,11 +239,19 @@ def _combine(o, m, l):
     return o_all / jnp.where(l_all > 0, l_all, 1.0)[..., None]  # no visible key: zeros
 
 
-def _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window, sinks=None):
+def _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window, sinks=None, values=None):
     if q.ndim != 3:
         raise ValueError(f"q must be (B, N, H), got shape {q.shape}")
     B, N, H = q.shape
     check_sinks(sinks, N)
+    if v_pages is None:  # latent pages: the values are each key row's first `values` columns
+        if values is None or not 0 < values <= H:
+            raise ValueError(f"latent pages (v_pages None) need values in (0, H={H}], got {values}")
+        if v_scales is not None:
+            raise ValueError("latent pages take their values' scales from k_scales: v_scales must be None")
+        v_pages, v_scales = k_pages, k_scales
+    elif values is not None:
+        raise ValueError("values is for latent pages (v_pages None)")
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(
             f"k_pages and v_pages must both be (K, P, page_size, H), got {k_pages.shape} and {v_pages.shape}"
@@ -251,11 +272,11 @@ def _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, windo
     check_page_scales(k_pages, v_pages, k_scales, v_scales)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "softcap", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "softcap", "block_sizes", "interpret", "values"))
 def paged_decode_attention(
     q: jax.Array,  # (B, N, H)
     k_pages: jax.Array,  # (K, P, page_size, H)
-    v_pages: jax.Array,  # (K, P, page_size, H)
+    v_pages: jax.Array | None,  # (K, P, page_size, H); None: latent pages (the module docstring)
     block_tables: jax.Array,  # (B, max_pages) int32
     lengths: jax.Array,  # (B,) int32: tokens per sequence, the new one included
     *,
@@ -267,20 +288,24 @@ def paged_decode_attention(
     sinks: jax.Array | None = None,  # (N,) attention sinks: a logit per head beside the scores, no value (gpt-oss)
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
-) -> jax.Array:  # (B, N, H), q.dtype
+    values: int | None = None,  # latent pages: the values are each key row's first `values` columns
+) -> jax.Array:  # (B, N, H), or (B, N, values) over latent pages; q.dtype
     """Attention of each sequence's newest token over its pages (split-K, GQA packed)."""
-    _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window, sinks)
+    _check(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, window, sinks, values)
     check_fp8_supported(k_pages.dtype, interpret)
     return _decode(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, sinks, window=window,
-                   sm_scale=sm_scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
+                   sm_scale=sm_scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret, values=values)
 
 
 def reference(
     q, k_pages, v_pages, block_tables, lengths, *, k_scales=None, v_scales=None, window=0,
-    sm_scale=None, softcap=None, sinks=None, block_sizes=None, interpret=False,
+    sm_scale=None, softcap=None, sinks=None, block_sizes=None, interpret=False, values=None,
 ):
-    """paged_decode_attention in plain jnp: dequantise, gather the pages, dense masked softmax."""
+    """paged_decode_attention in plain jnp: dequantise, gather the pages, dense masked softmax (latent
+    pages: the values are the dequantised key rows' first `values` columns)."""
     del block_sizes, interpret
+    if v_pages is None:
+        v_pages, v_scales = k_pages, k_scales
     B, N, H = q.shape
     K, _, page_size, _ = k_pages.shape
     max_pages = block_tables.shape[1]
@@ -300,4 +325,5 @@ def reference(
     s = jnp.where(visible, s, -jnp.inf)
     p = sink_softmax(s, visible, None if sinks is None else sinks.reshape(K, N // K)[None, :, :, None])
     out = jnp.einsum("BKGS,KBSH->BKGH", p, v, precision="highest")
-    return out.reshape(B, N, H).astype(q.dtype)
+    width = H if values is None else values
+    return out[..., :width].reshape(B, N, width).astype(q.dtype)

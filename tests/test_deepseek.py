@@ -83,19 +83,49 @@ def test_logits_match_hf(pair, rng):
 
 
 def test_greedy_tokens_match_hf_through_the_engine(pair, rng):
-    """32 greedy tokens of prompts of different lengths batched together; then again through an
-    engine with 4-token pages, 8-token prefill chunks, a shared prefix (prefix-cache hits) and too
-    few pages for all of them at once (preemption): the same tokens."""
+    """32 greedy tokens of prompts of different lengths batched together, through an engine with
+    4-token pages, 8-token prefill chunks, a shared prefix (prefix-cache hits) and too few pages for
+    all of them at once (preemption)."""
     case, hf, _, model = pair
     prefix = rng.integers(0, model.config.vocab_size, size=9).tolist()
     prompts = [prefix + rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (2, 7, 4)]
     expected = [_hf_greedy(hf, p) for p in prompts]
     sp = ji.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    assert [o.token_ids for o in ji.generate(model, prompts, sp)] == expected, case
     engine = ji.Engine(model, ji.EngineConfig(max_batch=3, page_size=4, max_tokens_per_step=8, num_pages=24,
                                               max_seq_len=48))
     assert [o.token_ids for o in engine.generate(prompts, sp)] == expected, case
     assert engine.allocator.hits > 0 and engine.stats["preemptions"] > 0, engine.metrics()
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    """(HF model, ours) of the V3 case (a query latent, V narrower than K)."""
+    hf = _hf_model("v3", seed=7)
+    return hf, ji.load_model(save_hf(hf, tmp_path_factory.mktemp("v3")))
+
+
+@pytest.mark.parametrize("decode, prefill, attention", [
+    ("absorbed", "expanded", "xla"), ("expanded", "absorbed", "xla"), ("absorbed", "absorbed", "pallas"),
+    pytest.param("expanded", "expanded", "pallas", marks=pytest.mark.slow)])
+def test_every_form_over_the_latent_cache_gives_hf_tokens(v3, rng, decode, prefill, attention):
+    """The engine's cache holds one latent row per token and layer; decode steps and prompt chunks
+    attend over it absorbed or expanded, through XLA or the Pallas kernels (interpret mode): HF's
+    greedy tokens, with 8-token chunks over 4-token pages and a prefix-cache hit."""
+    hf, model = v3
+    prefix = rng.integers(0, model.config.vocab_size, size=9).tolist()
+    prompts = [prefix + rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (3, 6)]
+    engine = ji.Engine(model, ji.EngineConfig(max_batch=2, page_size=4, max_tokens_per_step=8, max_seq_len=48,
+                                              attention=attention, mla_decode=decode, mla_prefill=prefill))
+    cfg = model.config
+    assert engine.runner.cache.latent and engine.runner.cache.k.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    sp = ji.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in engine.generate(prompts, sp)] == [_hf_greedy(hf, p, 16) for p in prompts]
+    assert engine.allocator.hits > 0
+
+
+def test_an_unknown_form_is_refused():
+    with pytest.raises(ValueError, match="mla_decode='latent' is not one of"):
+        ji.EngineConfig(mla_decode="latent")
 
 
 @pytest.mark.slow  # two more engines per case
@@ -116,11 +146,15 @@ def test_saved_checkpoint_equals_hf_file(pair, tmp_path):
     check_saved_equals_hf_file(model, path, tmp_path / "ours")
 
 
-def test_kv_bytes_are_the_expanded_heads():
-    """The expanded form caches N keys and values of head_dim per token and layer (the padded values
-    too): what the planner counts, until the latent cache."""
+def test_kv_bytes_are_the_latent_rows():
+    """A latent cache holds kv_lora_rank + qk_rope_head_dim values per token and layer, whatever the
+    heads, the same on every tp card; the engine's pages have that shape."""
     cfg = ModelConfig.from_hf_dict({**BASE, "model_type": "deepseek_v2", "q_lora_rank": None})
-    assert memory.kv_bytes_per_token(cfg, "bfloat16") == cfg.num_layers * 2 * cfg.num_heads * cfg.head_dim * 2
+    row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert memory.kv_bytes_per_token(cfg, "bfloat16") == cfg.num_layers * row * 2
+    assert memory.kv_bytes_per_token(cfg, "int8", kv_scale_bytes=4, tp=2) == cfg.num_layers * (row + 4)
+    cache = ji.PagedKVCache.zeros(cfg, num_pages=5, page_size=4, kv_dtype="int8")
+    assert cache.latent and cache.k.shape == (cfg.num_layers, 1, 5, 4, row) and cache.v.shape[-1] == 0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -139,3 +173,23 @@ def test_unsupported_configs_are_refused_naming_the_field(change, message):
 def test_v3_with_half_split_rotary_pairs_is_refused():
     with pytest.raises(ConfigError, match="rope_interleave=False"):
         ModelConfig.from_hf_dict({**BASE, "model_type": "deepseek_v3", "rope_interleave": False})
+
+
+def test_bench_mla_forms_agree_and_count_bytes(tmp_path):
+    """experiments.bench_mla on a small shape: both decode forms give the same output, and the
+    expanded form's per-head keys and values outweigh the latent rows it reads."""
+    import json
+
+    from helpers import run_main
+
+    from experiments import bench_mla
+
+    out = tmp_path / "mla.json"
+    run_main(bench_mla, "--contexts=16,40", "--mla_heads=4", "--kv_lora_rank=32", "--qk_rope_head_dim=8",
+             "--qk_nope_head_dim=16", "--v_head_dim=12", "--runs=1", "--calls=1", f"--out={out}")
+    rows = json.loads(out.read_text())["results"]
+    assert [r["context"] for r in rows] == [16, 40]
+    for r in rows:
+        assert r["max_row_rel_diff"] <= 1e-5 and set(r["ms"]) == {"absorbed", "expanded"}
+        assert r["per_token"]["cache_read"] == r["context"] * 40 * 4
+        assert r["per_token"]["expanded_written_and_read"] > r["per_token"]["cache_read"]

@@ -11,10 +11,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import (
+    INTERPRET,
+    THOROUGH,
+    TOLERANCE,
+    assert_rows_close,
+    draws,
+    row_rel_error,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from helpers import INTERPRET, THOROUGH, TOLERANCE, assert_rows_close, draws, row_rel_error
 from pallas_kernels import paged_attention as pa
 
 BLOCKS = [pa.BlockSizes(1, 1), pa.BlockSizes(1, 4), pa.BlockSizes(2, 2), pa.BlockSizes(4, 8), None]
@@ -192,3 +199,48 @@ def test_bad_input_raises_value_error(rng):
         pa.paged_decode_attention(q[:, :3], pages.astype(jnp.float32), pages.astype(jnp.float32), table, lengths)
     with pytest.raises(ValueError, match="lengths"):
         pa.paged_decode_attention(q, pages.astype(jnp.float32), pages.astype(jnp.float32), table, lengths[:0])
+
+
+@st.composite
+def latent_cases(draw):
+    page_size = draw(st.sampled_from([8, 16]))
+    B = draw(st.integers(1, 3))
+    return dict(B=B, lengths=[draw(_lengths(page_size)) for _ in range(B)], page_size=page_size,
+                N=draw(st.sampled_from([4, 16, 32])), C=draw(st.sampled_from([32, 64])), R=draw(st.sampled_from([8, 16])),
+                dtype=draw(st.sampled_from(["float32", "bfloat16"])), kv_dtype=draw(st.sampled_from([None, "int8"])),
+                blocks=draw(st.sampled_from(range(len(BLOCKS)))), data_seed=draw(st.integers(0, 2**16)))
+
+
+@draws(3)
+@given(case=latent_cases())
+@example(case=dict(B=2, lengths=[15, 17], page_size=16, N=16, C=64, R=16, dtype="float32", kv_dtype=None, blocks=0,
+                   data_seed=0))  # around a page boundary, 16 query heads on one latent head
+@example(case=dict(B=3, lengths=[1, 9, 43], page_size=8, N=4, C=32, R=8, dtype="bfloat16", kv_dtype="int8", blocks=3,
+                   data_seed=1))  # int8 latent rows, split-K
+def test_latent_pages_match_reference(case, seed):
+    """Multi-head latent attention's decode: one page of latent rows (C + R wide) read once for the
+    scores and, its first C columns, for the values. Kernel (interpret mode) against the reference,
+    and the reference against the standard reference with the rows as both keys and values."""
+    rng = np.random.default_rng([seed, case["data_seed"]])
+    B, N, C, H, dtype = case["B"], case["N"], case["C"], case["C"] + case["R"], case["dtype"]
+    k_pages, _, tables, scales = _pool(rng, B=B, K=1, H=H, page_size=case["page_size"], lengths=case["lengths"],
+                                       dtype=case["kv_dtype"] or dtype)
+    q = jnp.asarray(rng.standard_normal((B, N, H)), dtype)
+    lengths = jnp.asarray(case["lengths"], jnp.int32)
+    k_scales = scales.get("k_scales")
+    expected = pa.reference(q, k_pages, None, tables, lengths, k_scales=k_scales, values=C)
+    assert expected.shape == (B, N, C)
+    both = pa.reference(q, k_pages, k_pages, tables, lengths, k_scales=k_scales, v_scales=k_scales)[..., :C]
+    np.testing.assert_array_equal(np.asarray(expected), np.asarray(both))
+    actual = pa.paged_decode_attention(q, k_pages, None, tables, lengths, k_scales=k_scales, values=C,
+                                       block_sizes=BLOCKS[case["blocks"]], interpret=INTERPRET)
+    _check(actual, expected, dtype)
+
+
+def test_latent_pages_bad_input_raises_value_error():
+    q, pages = jnp.ones((1, 4, 40), jnp.float32), jnp.zeros((1, 3, 8, 40), jnp.float32)
+    table, lengths = jnp.zeros((1, 2), jnp.int32), jnp.array([5], jnp.int32)
+    with pytest.raises(ValueError, match="values in"):
+        pa.paged_decode_attention(q, pages, None, table, lengths, values=41)
+    with pytest.raises(ValueError, match="latent pages"):
+        pa.paged_decode_attention(q, pages, pages, table, lengths, values=32)

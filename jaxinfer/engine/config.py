@@ -61,6 +61,11 @@ class EngineConfig:
     # (a scan over such stacked weights is converted whole every step there), the scan elsewhere;
     # the engine's config holds the resolved name (`layer_loop_for`).
     layer_loop: str = "auto"
+    # Multi-head latent attention (DeepSeek) over its latent cache: the form of decode steps' and of
+    # prompt chunks' attention, "absorbed" (the query taken into latent space) or "expanded" (the
+    # context up-projected to per-head keys and values): jaxinfer.models.attention.MLA_FORMS.
+    mla_decode: str = "absorbed"
+    mla_prefill: str = "expanded"
 
     def __post_init__(self):
         for name, allowed in (("batching", ("continuous", "static")), ("kv_layout", ("paged", "contiguous")),
@@ -73,7 +78,7 @@ class EngineConfig:
         object.__setattr__(self, "attention", attention_impl_for(self.attention, self.kv_dtype))
         for name in ("matmul", "lora_impl"):
             object.__setattr__(self, name, auto_impl(getattr(self, name)))
-        Impl(self.attention, self.matmul)  # checks both
+        self.impl()  # checks the attention, matmul and MLA forms
         for name in ("page_size", "max_batch", "max_tokens_per_step", "decode_steps", "num_pages", "kv_budget_tokens",
                      "kv_budget_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -101,6 +106,10 @@ class EngineConfig:
                                  "shard; use lora_impl='xla'")
             object.__setattr__(self, "lora_impl", "xla")  # "auto" under tensor parallelism: the XLA path
         check_timeout("request_timeout_s", self.request_timeout_s)
+
+    def impl(self) -> Impl:
+        """How the model's ops run in this engine's programs (jaxinfer.models.decoder.Impl)."""
+        return Impl(self.attention, self.matmul, mla_decode=self.mla_decode, mla_prefill=self.mla_prefill)
 
     def lora_slots(self) -> SlotConfig | None:
         """The adapter slots a model runner holds, or None without adapters."""

@@ -105,7 +105,7 @@ class Engine:
         num_pages, page_size = config.kv_pages(placed, self.max_seq_len)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)
-        impl = model_lib.Impl(config.attention, config.matmul)
+        impl = config.impl()
         self.drafter = (None if config.speculative is None else
                         load_drafter(config.speculative, placed, num_pages, page_size, self.max_seq_len, impl))
         self.runner = runner(placed, num_pages, page_size, self.max_seq_len, config.max_batch, impl,

@@ -112,6 +112,10 @@ class Impl:
     attention: str = "xla"
     matmul: str = "xla"
     kv_dtype: str | None = None
+    # multi-head latent attention over a latent cache: the form of decode rows and of prefill rows
+    # (attention.MLA_FORMS); a model without MLA ignores them
+    mla_decode: str = "absorbed"
+    mla_prefill: str = "expanded"
 
     def __post_init__(self):
         if self.kv_dtype not in (None, *KV_DTYPES):
@@ -123,6 +127,9 @@ class Impl:
             raise ValueError(f"attention={self.attention!r} is not one of {tuple(attention.IMPLEMENTATIONS)}")
         if self.matmul not in matmul.IMPLEMENTATIONS:
             raise ValueError(f"matmul={self.matmul!r} is not one of {matmul.IMPLEMENTATIONS}")
+        for name in ("mla_decode", "mla_prefill"):
+            if getattr(self, name) not in attention.MLA_FORMS:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {attention.MLA_FORMS}")
 
 
 # project(name, x, lp) -> x @ lp[name] (+ its bias): every projection of a layer goes through one.
@@ -155,8 +162,8 @@ def layer(cfg: ModelConfig, lp: Params, x, cos, sin, attend, project: Project):
         factor = cfg.attention_scale * cfg.head_dim**0.5
         unscaled = attend
 
-        def attend(q, k, v, sinks=None):
-            return unscaled(q * jnp.asarray(factor, q.dtype), k, v, sinks)
+        def attend(q, k, v, sinks=None, latent=None):
+            return unscaled(q * jnp.asarray(factor, q.dtype), k, v, sinks, latent=latent)
 
     return family.layer(family, cfg, lp, x, cos, sin, attend, project)
 
@@ -221,16 +228,17 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
             aux = jnp.where((aux_ids == index)[:, None, None, None], x[None], aux)  # (A, B, T, D)
         if not isinstance(window, int):
             window = windows[0] if len(windows) == 1 else attention.LayerWindow(window, windows)
-        if cache is None:
-            def attend(q, k, v, sinks=None):
+        if cache is None:  # (a multi-head latent attention layer's latent: unused, its expanded form is exact)
+            def attend(q, k, v, sinks=None, latent=None):
                 if impl.kv_dtype:
                     k, v = fake_quantize(k, KV_DTYPES[impl.kv_dtype]), fake_quantize(v, KV_DTYPES[impl.kv_dtype])
                 return attention.attend(q, k, v, positions, positions, window, impl=impl.attention,
                                         softcap=softcap, sinks=sinks), None
         else:
-            def attend(q, k, v, sinks=None):
+            def attend(q, k, v, sinks=None, latent=None):
                 return attention.attend_cached(cache, index, q, k, v, positions, window, batch, impl=impl.attention,
-                                               softcap=softcap, sinks=sinks)
+                                               softcap=softcap, sinks=sinks, latent=latent,
+                                               mla=(impl.mla_decode, impl.mla_prefill))
         x, cache = layer(cfg, lp, x, *layer_rope(ropes, window), attend, project)
         return (x, cache, aux), None
 

@@ -50,6 +50,8 @@ from jaxinfer.models.config import (
     yarn_mscale,
 )
 from jaxinfer.models.family import ACTIVATIONS, Family, Param, Site, register
+from jaxinfer.models.formats import dense_weight
+from jaxinfer.models.kv_cache import Latent
 from jaxinfer.models.layers import apply_rope
 
 
@@ -71,13 +73,16 @@ def attention(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project
         q = project("wq", h, lp)
     q = q.reshape(B, T, N, H)
     latent = project("wkv_a", h, lp)  # (B, T, C + R)
-    kv = project("wkv_b", norm(latent[..., :C], lp["kv_a_norm"], eps), lp).reshape(B, T, N, H - R + Hv)
+    c = norm(latent[..., :C], lp["kv_a_norm"], eps)  # (B, T, C)
+    kv = project("wkv_b", c, lp).reshape(B, T, N, H - R + Hv)
     q_pe = apply_rope(deinterleave(q[..., H - R:]), cos, sin)  # (B, T, N, R)
     k_pe = apply_rope(deinterleave(latent[..., None, C:]), cos, sin)  # (B, T, 1, R): one for every head
     q = jnp.concatenate([q[..., :H - R], q_pe], axis=-1)
     k = jnp.concatenate([kv[..., :H - R], jnp.broadcast_to(k_pe, (B, T, N, R))], axis=-1)
     v = jnp.pad(kv[..., H - R:], ((0, 0), (0, 0), (0, 0), (0, H - Hv)))  # (B, T, N, H): zeros past Hv
-    o, state = attend(q, k, v)  # (B, T, N, H)
+    w_kv = dense_weight(lp["wkv_b"], x.dtype).reshape(C, N, H - R + Hv)
+    rows = jnp.concatenate([c, k_pe[:, :, 0]], axis=-1)  # (B, T, C + R): a latent cache's row
+    o, state = attend(q, k, v, latent=Latent(rows, w_kv[..., :H - R], w_kv[..., H - R:]))  # (B, T, N, H)
     return project("wo", o[..., :Hv].reshape(B, T, N * Hv), lp), state
 
 

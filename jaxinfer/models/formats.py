@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxinfer.models.act_formats import SimWeight, W8A8Weight, dequantize_w8a8
+
 BITS = (4, 8)
 
 
@@ -205,3 +207,17 @@ def dequantize_mxfp4(w: MXFP4Weight, dtype=jnp.float32) -> jax.Array:
     values = lut[codes.astype(jnp.int32)].reshape(*w.blocks.shape[:-1], MX_BLOCK)  # (..., N, G, 32)
     scaled = values * jnp.exp2(w.scales.astype(jnp.float32) - 127.0)[..., None]
     return jnp.swapaxes(scaled.reshape(*scaled.shape[:-2], -1), -1, -2).astype(dtype)
+
+
+def dense_weight(w, dtype) -> jax.Array:
+    """The dense weight a projection's weight stands for, in dtype: a packed format dequantised (W8A8
+    and simulated formats without their activation rounding), a dense array as it is."""
+    if isinstance(w, QuantizedWeight):
+        return dequantize(w, dtype)
+    if isinstance(w, MXFP4Weight):
+        return dequantize_mxfp4(w, dtype)
+    if isinstance(w, W8A8Weight):
+        return dequantize_w8a8(w, dtype)
+    if isinstance(w, SimWeight):
+        return w.weight.astype(dtype)
+    return w

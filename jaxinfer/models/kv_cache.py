@@ -10,6 +10,8 @@ Device side (pytrees, passed into and returned from jitted steps):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,13 +69,39 @@ def as_stored(values: jax.Array, store: jax.Array) -> jax.Array:
     return values if values.dtype == store.dtype else jax.lax.bitcast_convert_type(values, store.dtype)
 
 
+class Latent(NamedTuple):
+    """What a multi-head latent attention layer (jaxinfer.models.deepseek) gives a latent cache, beside
+    its expanded queries, keys and values:
+      rows  (B, T, C + R)  each new token's normed latent and rotated shared key: its cache row
+      w_uk  (C, N, Hk)     the keys' up-projection per head (their part without RoPE: Hk = head_dim - R)
+      w_uv  (C, N, Hv)     the values' up-projection per head
+    Over a latent cache the layer's queries (B, T, N, head_dim) are [no-RoPE part, rotated part]."""
+
+    rows: jax.Array
+    w_uk: jax.Array
+    w_uv: jax.Array
+
+
+def page_layout(cfg) -> tuple[int, int, int]:
+    """(heads, key width, value width) of a paged cache's rows for a config: K kv heads of head_dim
+    keys and values, or for multi-head latent attention one row of kv_lora_rank + qk_rope_head_dim
+    and no values (PagedKVCache)."""
+    if cfg.kv_lora_rank:
+        return 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 0
+    return cfg.num_kv_heads, cfg.head_dim, cfg.head_dim
+
+
 @struct.dataclass
 class PagedKVCache:
     """Paged KV cache; P physical pages.
       k, v              (L, K, P, page_size, H)  the model dtype, or int8 / float8_e4m3fn; on the
                         CPU bf16 and fp8 pages as their bits (uint16 / uint8: `store_dtype`)
       k_scale, v_scale  (L, K, P, page_size) float32: a quantised token's scale per head (max |x| of
-                        its head vector over the dtype's largest value); None for a float cache."""
+                        its head vector over the dtype's largest value); None for a float cache.
+    A latent cache (multi-head latent attention, ModelConfig.kv_lora_rank > 0) holds one row per
+    token in k, K = 1 and H = kv_lora_rank + qk_rope_head_dim (the normed latent, then the rotated
+    key every head shares), and v is empty (H = 0): the values are the latent itself. Every page
+    operation (allocation, prefix sharing, copy-on-write, preemption) is the same."""
 
     k: jax.Array
     v: jax.Array
@@ -84,11 +112,17 @@ class PagedKVCache:
     def zeros(cls, cfg, num_pages: int, page_size: int, dtype=jnp.float32, kv_dtype: str | None = None) -> PagedKVCache:
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={kv_dtype!r} is not one of None, {', '.join(map(repr, KV_DTYPES))}")
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        heads, k_dim, v_dim = page_layout(cfg)
+        shape = (cfg.num_layers, heads, num_pages, page_size)
         store = store_dtype(dtype if kv_dtype is None else KV_DTYPES[kv_dtype])  # zeros' bits are the float's zeros
-        scales = {} if kv_dtype is None else {"k_scale": jnp.ones(shape[:-1], jnp.float32),
-                                              "v_scale": jnp.ones(shape[:-1], jnp.float32)}
-        return cls(k=jnp.zeros(shape, store), v=jnp.zeros(shape, store), **scales)
+        scales = {} if kv_dtype is None else {"k_scale": jnp.ones(shape, jnp.float32),
+                                              "v_scale": jnp.ones(shape, jnp.float32)}
+        return cls(k=jnp.zeros((*shape, k_dim), store), v=jnp.zeros((*shape, v_dim), store), **scales)
+
+    @property
+    def latent(self) -> bool:
+        """A multi-head latent attention cache: the values are the keys' latent (v is empty)."""
+        return self.v.shape[-1] == 0
 
     @property
     def quantized(self) -> bool:

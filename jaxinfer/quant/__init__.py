@@ -17,9 +17,15 @@ import jax
 import numpy as np
 
 from jaxinfer.checkpoints.model import Model
-from jaxinfer.models.act_formats import SimWeight, W8A8Weight, dequantize_w8a8
-from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight, dequantize, dequantize_mxfp4, reference_matmul
 from jaxinfer.models import family as family_lib
+from jaxinfer.models.act_formats import SimWeight, W8A8Weight
+from jaxinfer.models.formats import (
+    MXFP4Weight,
+    QuantizedWeight,
+    dense_weight,
+    dequantize,
+    reference_matmul,
+)
 from jaxinfer.models.matmul import linear
 from jaxinfer.quant import awq, gptq, simulated, spec, w8a8
 from jaxinfer.quant import calibration as calib
@@ -127,24 +133,12 @@ def smooth_model(model: Model, alpha: float = spec.DEFAULT_ALPHA, calibration: n
     return dataclasses.replace(model, params={**model.params, "layers": run.layers})
 
 
-def _dense(x, dtype):
-    if isinstance(x, QuantizedWeight):
-        return dequantize(x, dtype)
-    if isinstance(x, MXFP4Weight):
-        return dequantize_mxfp4(x, dtype)
-    if isinstance(x, W8A8Weight):
-        return dequantize_w8a8(x, dtype)
-    if isinstance(x, SimWeight):
-        return x.weight.astype(dtype)
-    return x
-
-
 def dequantize_params(params: dict, dtype=None) -> dict:
     """Params with every packed weight replaced by its dense dequantised weight: the reference
     model a weight-only quantised model's outputs are compared against (W8A8 and simulated weights
     lose their activation rounding)."""
     dtype = dtype or params["embed"].dtype
-    return jax.tree_util.tree_map(lambda x: _dense(x, dtype), params,
+    return jax.tree_util.tree_map(lambda x: dense_weight(x, dtype), params,
                                   is_leaf=lambda x: isinstance(x, (*PACKED, MXFP4Weight)))
 
 

@@ -219,7 +219,7 @@ def _layer(cfg: ModelConfig, lp: Params, x: jax.Array, window: jax.Array, record
             record(name, x, group_sizes)
         return dense(name, x, lp, group_sizes)
 
-    def attend(q, k, v, sinks=None):
+    def attend(q, k, v, sinks=None, latent=None):  # (MLA's latent: unused, its expanded form is exact)
         return attention.attend(q, k, v, positions, positions, window, softcap=cfg.attn_softcap, sinks=sinks), None
 
     return model_lib.layer(cfg, lp, x, cos, sin, attend, project)[0]
