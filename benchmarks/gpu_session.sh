@@ -30,6 +30,9 @@
 #     variants: the per-step cost a request for logprobs adds
 #  9. one Mixtral-8x7B-shaped MoE layer in bf16 (issue: model families): the grouped matmul through
 #     ragged_dot and the Pallas grouped GEMM against a loop over experts, by tokens per step
+# 10. multi-head latent attention's decode over a latent cache, DeepSeek-V3's 128 heads, bf16, batch 8
+#     (issue: MLA): the absorbed form against the expanded one by context length (XLA: the latent
+#     decode kernel's tile would pad the 576-wide rows to 1024, past an H100's shared memory)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/gpu_session}
@@ -44,6 +47,8 @@ if [ "$REHEARSE" = 1 ]; then
   REQUESTS=16            # requests of the skewed and LoRA runs (64 on the card): compiling dominates here
   SAMPLER="--rows=8 --vocab=2048 --runs=2"
   MOE="--moe_hidden=64 --moe_ffn=128 --tokens=1,16 --runs=1"  # interpret mode: CPU-sized
+  MLA="--mla_heads=4 --kv_lora_rank=32 --qk_rope_head_dim=8 --qk_nope_head_dim=16 --v_head_dim=16 --contexts=64,256
+    --runs=1 --calls=2"
   # XLA's cheap CPU compile settings, as the test suite uses (tests/conftest.py): compiling is most of
   # a rehearsal's time
   export XLA_FLAGS=${XLA_FLAGS:-"--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
@@ -56,6 +61,7 @@ else
   REQUESTS=64
   SAMPLER="--rows=64 --vocab=128256"
   MOE="--moe_hidden=4096 --moe_ffn=14336 --tokens=1,8,64,512 --runs=5"  # Mixtral-8x7B's layer
+  MLA="--mla_heads=128 --contexts=1024,8192,32768 --mla_batch=8 --runs=3 --calls=10"  # DeepSeek-V3's attention
 fi
 printf "# mode\t%s\n" "$([ "$REHEARSE" = 1 ] && echo rehearsal || echo device)" > "$OUT/steps.tsv"
 printf "step\tlimit_s\texit\tseconds\tjson\n" >> "$OUT/steps.tsv"
@@ -81,7 +87,7 @@ step() {
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi (rehearsal: $REHEARSE)"
 python3 -c "import jax; print(jax.__version__, jax.devices())"
 step - 75 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" "${TESTS[@]}"
-step kernels 70 python3 -m experiments.bench_kernels $QUICK --runs=10 --out="$OUT/kernels.json"
+step kernels 62 python3 -m experiments.bench_kernels $QUICK --runs=10 --out="$OUT/kernels.json"
 step quant_matmul 50 python3 -m experiments.bench_quant_matmul $QUICK --out="$OUT/quant_matmul.json"
 for overlap in false true; do
   step overhead_overlap-$overlap 35 python3 -m experiments.bench_batching --model=$MODEL --dtype=bfloat16 \
@@ -96,10 +102,11 @@ step skewed_continuous 55 python3 -m experiments.bench_batching $SKEWED --batchi
 step skewed_static 55 python3 -m experiments.bench_batching $SKEWED --batching=static --out="$OUT/skewed_static.json"
 step spec_synthetic 64 python3 -m experiments.spec_decode --model=$MODEL --dtype=bfloat16 --methods=synthetic,eagle3:random \
   --spec_accept=0.8 --ks=5 --num_prompts=4 --prompt_len=32 --max_tokens=64 --out="$OUT/spec_synthetic.json"
-step lora_64 60 python3 -m experiments.lora_batching --model=$MODEL --dtype=bfloat16 --adapters=64 --ranks=16 \
+step lora_64 52 python3 -m experiments.lora_batching --model=$MODEL --dtype=bfloat16 --adapters=64 --ranks=16 \
   --composition=distinct --num_requests=$REQUESTS --prompt_len=32 --output_len=32 --runs=1 --out="$OUT/lora_64.json"
 step sampler 20 python3 -m experiments.bench_sampler $SAMPLER --out="$OUT/sampler.json"
 step moe 20 python3 -m experiments.bench_moe $MOE --dtype=bfloat16 --paths=xla,pallas,loop --out="$OUT/moe.json"
+step mla 16 python3 -m experiments.bench_mla $MLA --dtype=bfloat16 --attention=xla --out="$OUT/mla.json"
 
 echo "== steps (exit, seconds):"
 column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"

@@ -41,7 +41,13 @@ from jaxinfer.hardware import (  # noqa: F401  (re-exported: the planner's publi
     load_model_config,
 )
 from jaxinfer.models.config import ModelConfig
-from jaxinfer.models.experts import _expert_shapes, active_params, expert_params, experts_touched  # noqa: F401
+from jaxinfer.models.experts import (  # noqa: F401
+    _expert_shapes,
+    active_params,
+    expert_params,
+    experts_touched,
+    moe_layers,
+)
 from jaxinfer.sharding import check_ep, kv_replicas
 
 KV_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
@@ -116,11 +122,12 @@ def kv_cache_bytes(
 # Weights
 
 
-def _linear_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
-    """(fan_in, fan_out) of the linear weights of one decoder layer, its family's projections (q, k,
-    v, o, gate, up, down for the Llama-style families): one card's shard of each, with tp (a column
-    projection's outputs split, a row projection's inputs; outputs over KV heads stored tp / K
-    times when tp > K)."""
+def _linear_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int, int]]:
+    """(fan_in, fan_out, layers) of the linear weights of the decoder layers, its family's projections
+    (q, k, v, o, gate, up, down for the Llama-style families), each with the number of layers that
+    have it (all of them, but for DeepSeek's dense first layers and expert layers): one card's shard
+    of each, with tp (a column projection's outputs split, a row projection's inputs, a replicated
+    one whole; outputs over KV heads stored tp / K times when tp > K)."""
     replicas = kv_replicas(cfg, tp)
     out = []
     for p in cfg.family.present(cfg):
@@ -129,9 +136,9 @@ def _linear_shapes(cfg: ModelConfig, tp: int = 1) -> list[tuple[int, int]]:
         fan_in, fan_out = p.shape(cfg)
         if p.role == "row":
             fan_in //= tp
-        else:
+        elif p.role == "column":
             fan_out = fan_out * (replicas if p.heads == "kv" else 1) // tp
-        out.append((fan_in, fan_out))
+        out.append((fan_in, fan_out, len(p.layers_of(cfg))))
     return out
 
 
@@ -174,14 +181,14 @@ def weight_bytes(cfg: ModelConfig, weight_format: str = "bfloat16", tp: int = 1,
       "mxfp4-experts"    the experts in MXFP4, every other linear weight in bfloat16 (gpt-oss as published).
     """
     _check_weight_format(weight_format)
-    L, E = cfg.num_layers, cfg.num_experts
-    linear_params = L * sum(i * o for i, o in _linear_shapes(cfg)) + L * E * expert_params(cfg)
+    L, E = moe_layers(cfg), cfg.num_experts  # L: the layers with experts
+    linear_params = sum(n * i * o for i, o, n in _linear_shapes(cfg)) + L * E * expert_params(cfg)
     vocab_params = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     other_params = cfg.num_params() - linear_params - vocab_params  # norms, biases, routers: whole on every card
     vocab_params_per_card = vocab_params // cfg.vocab_size * math.ceil(cfg.vocab_size / tp)
     other_bytes = (other_params + vocab_params_per_card) * (4 if weight_format == "float32" else 2)
     dense_format = "bfloat16" if weight_format == "mxfp4-experts" else weight_format
-    linear_bytes = L * sum(_matrix_bytes(i, o, dense_format) for i, o in _linear_shapes(cfg, tp))
+    linear_bytes = sum(n * _matrix_bytes(i, o, dense_format) for i, o, n in _linear_shapes(cfg, tp))
     return linear_bytes + L * _experts_per_card(cfg, ep) * _expert_bytes(cfg, weight_format, tp) + other_bytes
 
 
@@ -336,15 +343,15 @@ def decode_roofline(
         weight_read -= V * D * side_bytes  # the table itself is not read; lm_head is
     touched = experts_touched(cfg, batch)
     untouched = (cfg.num_experts - touched) / ep  # of this card's E / ep
-    weight_read -= round(cfg.num_layers * untouched * _expert_bytes(cfg, weight_format, tp))
+    weight_read -= round(moe_layers(cfg) * untouched * _expert_bytes(cfg, weight_format, tp))
     tokens_read = sum(min(context, w) if w else context for w in cfg.layer_windows)  # over layers
     per_layer_token = kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp) // cfg.num_layers
     kv_read = batch * tokens_read * per_layer_token
     kv_written = batch * kv_bytes_per_token(cfg, kv_dtype, kv_scale_bytes, tp)
     bytes_per_step = weight_read + kv_read + kv_written
 
-    matmul_params = cfg.num_layers * (sum(i * o for i, o in _linear_shapes(cfg, tp))
-                                      + cfg.experts_per_token * expert_params(cfg) // (tp * ep)) + V * D
+    matmul_params = (sum(n * i * o for i, o, n in _linear_shapes(cfg, tp))
+                     + moe_layers(cfg) * cfg.experts_per_token * expert_params(cfg) // (tp * ep)) + V * D
     attention_flops = batch * tokens_read * 4 * cfg.num_heads // tp * cfg.head_dim  # q @ k^T and p @ v
     flops_per_step = 2 * matmul_params * batch + attention_flops
 

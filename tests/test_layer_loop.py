@@ -99,7 +99,7 @@ def test_auto_unrolls_half_precision_and_w8a8_on_the_cpu():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(layer_loop="unrolled"), "layer_loop='unrolled' is not one of"),
-    (dict(layer_loop="unroll", tp=2), "layer_loop='unroll' with tp=2"),
+    (dict(layer_loop="unroll", ep=2), "layer_loop='unroll' with ep=2"),
 ])
 def test_bad_layer_loop_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -139,7 +139,10 @@ PUBLISHED_PARAMS = {"llama2_7b": 6.74, "llama3_8b": 8.03, "llama3.1_8b": 8.03, "
                     "mistral_7b": 7.24, "qwen2.5_7b": 7.62, "qwen3_8b": 8.19, "smollm2_135m": 0.1345,
                     # the Gemma 3 report's text decoder: 1,416M embedding + 25,600M non-embedding (no vision encoder)
                     "gemma3_27b": 27.02, "mixtral_8x7b": 46.70, "qwen3_30b_a3b": 30.53,
-                    "gpt_oss_20b": 20.91}  # the model card's 21B (HF's meta-device count, test_gpt_oss)
+                    "gpt_oss_20b": 20.91,  # the model card's 21B (HF's meta-device count, test_gpt_oss)
+                    # the model cards' 15.7B and 671B (HF's meta-device counts, the correction biases
+                    # included; 671B counts V3's 61 layers without its multi-token-prediction layer)
+                    "deepseek_v2_lite": 15.71, "deepseek_v3": 671.03}
 
 
 @pytest.mark.parametrize("name", memory.list_models())

@@ -168,7 +168,8 @@ def test_new_families_under_tp2():
     result = _ok(_run_checks("families")["families"])
     assert max(result["max_row_error"].values()) <= TOL, result["max_row_error"]
     assert set(result["tokens"]) == {"gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss",
-                                     "gpt_oss_mxfp4", "mixtral_int4_experts", "deepseek_v2", "deepseek_v3"}
+                                     "gpt_oss_mxfp4", "mixtral_int4_experts", "deepseek_v2", "deepseek_v3",
+                                     "deepseek_v3_moe"}
     for name, tokens in result["tokens"].items():
         assert tokens["tp2"] == tokens["tp1"] == tokens["pallas_tp2"], name
         assert len(tokens["tp1"][0]) == 8

@@ -336,7 +336,12 @@ FAMILIES = {"gemma2": dict(_COMMON, model_type="gemma2", attn_logit_softcapping=
             "deepseek_v2": dict(_COMMON, model_type="deepseek_v2", num_key_value_heads=4, kv_lora_rank=32,
                                 qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, first_k_dense_replace=3),
             "deepseek_v3": dict(_COMMON, model_type="deepseek_v3", num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=24,
-                                qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=8, first_k_dense_replace=3)}
+                                qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=8, first_k_dense_replace=3),
+            # a dense first layer, then experts (the layers unrolled) split over tp on their F axis
+            "deepseek_v3_moe": dict(_COMMON, model_type="deepseek_v3", num_key_value_heads=4, kv_lora_rank=32,
+                                    qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, first_k_dense_replace=1,
+                                    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
+                                    topk_group=1, n_shared_experts=1)}
 
 
 def _family_model(name: str) -> ji.Model:

@@ -42,7 +42,7 @@ def resolve_dtype(dtype) -> Any:
 @dataclasses.dataclass(frozen=True)
 class Slot:
     name: str | None  # key in params (top level) or params["layers"]; None: a fused tensor (parts)
-    layer: int | None  # None for top-level params
+    layer: int | None  # the index in the param's stack over its layers (Param.layers_of); None for top-level params
     transpose: bool
     hf_shape: tuple[int, ...]  # the shape the checkpoint must hold
     part: tuple[int, int, int, int] | None = None  # a part of a fused tensor: (axis, start, stop, step)
@@ -70,8 +70,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, Slot]:
                 continue
             shape = tuple(p.shape(cfg))
             hf_shape = shape[::-1] if p.transpose else shape
-            for i in [None] if top else range(cfg.num_layers):
-                name = family.hf_name(p, i)
+            for i, layer in [(None, None)] if top else enumerate(p.layers_of(cfg)):  # i: the index in its stack
+                name = family.hf_name(p, layer)
                 if p.per_expert:
                     for e in range(shape[0]):
                         out[name.format(expert=e)] = Slot(p.name, i, p.transpose, tuple(shape[1:][::-1]), expert=e)

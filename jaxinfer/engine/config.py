@@ -57,9 +57,10 @@ class EngineConfig:
     # How the step runs the layers: "scan" over the stacked weights (compile time flat in depth), or
     # "unroll" over one array per layer (the engine holds a per-layer copy of the weights; on the CPU
     # 1.5x faster decode in float32 and ~4x in bfloat16 for SmolLM2, compile ~3x longer: cpu_dots.md;
-    # tp = ep = 1). "auto": unrolled on the CPU for a bfloat16 / float16 or W8A8 model at tp = ep = 1
-    # (a scan over such stacked weights is converted whole every step there), the scan elsewhere;
-    # the engine's config holds the resolved name (`layer_loop_for`).
+    # ep = 1; under tp each layer's weights keep their split). "auto": unrolled on the CPU for a
+    # bfloat16 / float16 or W8A8 model at tp = ep = 1 (a scan over such stacked weights is converted
+    # whole every step there), and for a model whose layers differ (DeepSeek's dense first layers),
+    # the scan elsewhere; the engine's config holds the resolved name (`layer_loop_for`).
     layer_loop: str = "auto"
     # Multi-head latent attention (DeepSeek) over its latent cache: the form of decode steps' and of
     # prompt chunks' attention, "absorbed" (the query taken into latent space) or "expanded" (the
@@ -95,9 +96,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
-            if self.layer_loop == "unroll" and value > 1:
-                raise ValueError(f"layer_loop='unroll' with {name}={value}: the placement on a mesh splits the "
-                                 "stacked layer weights; use layer_loop='scan'")
+        if self.layer_loop == "unroll" and self.ep > 1:
+            raise ValueError(f"layer_loop='unroll' with ep={self.ep}: the experts run per ep shard over their "
+                             "stacked weights; use layer_loop='scan'")
         if self.lora_impl not in LORA_IMPLEMENTATIONS:
             raise ValueError(f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLEMENTATIONS}")
         if self.tp > 1 and self.max_adapters and self.lora_impl == "pallas":

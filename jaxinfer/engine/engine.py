@@ -60,7 +60,13 @@ from jaxinfer.engine.kv_manager import PageAllocator
 from jaxinfer.engine.lifecycle import Request, RequestTable, SequenceEvents
 from jaxinfer.engine.metrics import EngineMeter
 from jaxinfer.engine.pipeline import DecodeCalls
-from jaxinfer.engine.requests import RequestOutput, StopRules, check_request, prepare_adapters, prepare_sampling
+from jaxinfer.engine.requests import (
+    RequestOutput,
+    StopRules,
+    check_request,
+    prepare_adapters,
+    prepare_sampling,
+)
 from jaxinfer.engine.runner import ModelRunner
 from jaxinfer.engine.scheduler import Scheduler, Sequence
 from jaxinfer.engine.speculation import Speculation
@@ -77,6 +83,12 @@ def layer_loop_for(config: EngineConfig, model) -> str:
     """EngineConfig.layer_loop resolved: "auto" is "unroll" on the CPU for a half-precision or W8A8
     model at tp = ep = 1, where XLA's CPU backend converts a scanned stack of bfloat16 or int8
     weights whole on every step (benchmarks/results/cpu_dots.md, cpu_int8.md), else "scan"."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "family") and not cfg.family.uniform(cfg):  # layers that differ
+        if config.layer_loop == "scan":
+            raise ValueError(f"layer_loop='scan': {cfg.model_type}'s layers differ (dense and MoE layers), so they "
+                             "run unrolled: use layer_loop='auto' or 'unroll'")
+        return "unroll"
     if config.layer_loop != "auto":
         return config.layer_loop
     if jax.default_backend() != "cpu" or config.tp > 1 or config.ep > 1:
@@ -101,7 +113,7 @@ class Engine:
         self.max_seq_len = config.seq_len(model.config)
         placed = sharding.place_model(model, config.tp, config.ep)  # the model as the device runs it
         if config.layer_loop == "unroll":  # one array per layer weight, the layers unrolled in the step
-            placed = dataclasses.replace(placed, params=model_lib.unstack_layers(placed.params))
+            placed = dataclasses.replace(placed, params=model_lib.unstack_layers(placed.params, placed.config))
         num_pages, page_size = config.kv_pages(placed, self.max_seq_len)
         contiguous = config.kv_layout == "contiguous"
         self.allocator = PageAllocator(num_pages, page_size, config.prefix_cache and not contiguous)

@@ -175,6 +175,16 @@ class ModelConfig:
     q_lora_rank: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # DeepSeek's experts (jaxinfer.models.deepseek): the first first_k_dense layers have a dense MLP
+    # of intermediate_size, the others num_experts experts of expert_size each; routing scores by
+    # softmax (V2) or sigmoid with a learned correction for the choice (V3), the choice limited to
+    # the topk_groups best of expert_groups groups, the weights times routed_scaling.
+    first_k_dense: int = 0
+    expert_size: int = 0
+    router_scoring: str = "softmax"
+    expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
 
     def __post_init__(self):
         if self.layer_windows is None:
@@ -194,9 +204,19 @@ class ModelConfig:
                                       and 0 < self.v_head_dim <= self.head_dim):
             raise ConfigError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and in (0, head_dim="
                               f"{self.head_dim}), v_head_dim={self.v_head_dim} in (0, head_dim]")
+        if self.router_scoring not in ("softmax", "sigmoid"):
+            raise ConfigError(f"router_scoring={self.router_scoring!r} is not 'softmax' or 'sigmoid'")
         if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.experts_per_token} must be in [1, num_experts="
                               f"{self.num_experts}]")
+        if self.num_experts and (self.num_experts % self.expert_groups or not 1 <= self.topk_groups <= self.expert_groups
+                                 or self.experts_per_token > self.topk_groups * (self.num_experts // self.expert_groups)):
+            raise ConfigError(f"n_group={self.expert_groups}, topk_group={self.topk_groups}: the groups must divide "
+                              f"n_routed_experts={self.num_experts} and their chosen experts hold num_experts_per_tok="
+                              f"{self.experts_per_token}")
+        if self.router_scoring == "sigmoid" and self.expert_groups > 1 and self.num_experts // self.expert_groups < 2:
+            raise ConfigError(f"n_group={self.expert_groups}: a group of sigmoid-scored experts is scored by its best "
+                              f"two, so it needs >= 2 of n_routed_experts={self.num_experts}")
         for name in ("attention_scale", "embedding_scale", "logit_softcap", "attn_softcap"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, float) and math.isfinite(value) and value > 0):

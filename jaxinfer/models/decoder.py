@@ -42,7 +42,13 @@ from jaxinfer.models import attention, matmul
 from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.family import rms_norm  # noqa: F401  (the Llama-style norm; callers reach it here)
-from jaxinfer.models.kv_cache import KV_DTYPES, BatchDescriptor, KVCache, PagedKVCache, fake_quantize
+from jaxinfer.models.kv_cache import (
+    KV_DTYPES,
+    BatchDescriptor,
+    KVCache,
+    PagedKVCache,
+    fake_quantize,
+)
 from jaxinfer.models.layers import rope_tables
 from jaxinfer.sharding import parallel_style, use_mesh
 from pallas_kernels.common import fp8_supported
@@ -243,6 +249,8 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
         return (x, cache, aux), None
 
     aux = jnp.zeros((len(aux_layers), *x.shape), x.dtype) if aux_layers else None
+    if not isinstance(params["layers"], (list, tuple)) and not cfg.family.uniform(cfg):
+        params = unstack_layers(params, cfg)  # layers that differ: unrolled (the engine unstacks once, up front)
     if isinstance(params["layers"], (list, tuple)):  # one params dict per layer (unstack_layers): unrolled
         carry = (x, cache, aux)
         for i, lp in enumerate(params["layers"]):
@@ -309,17 +317,26 @@ def forward(
     return _decoder(params, cfg, tokens, positions, cache, logits_at, None, impl, project, aux_layers=aux_layers)
 
 
-def unstack_layers(params: Params) -> Params:
+def unstack_layers(params: Params, cfg: ModelConfig | None = None) -> Params:
     """params with the stacked layers split into one dict of arrays per layer (new buffers): the
     decoder then runs its layers unrolled, each weight an array of its own. On the CPU that is the
     fast layout: XLA multiplies a bfloat16 weight natively only when it is its own array (a scan
     over a stack converts the whole stack to float32 every call), and even float32 products over a
-    scanned stack cost 1.5-3x (benchmarks/results/cpu_dots.md). Compile time grows with depth."""
+    scanned stack cost 1.5-3x (benchmarks/results/cpu_dots.md). Compile time grows with depth.
+    With cfg, a param stacked over some layers only (Param.layers) goes to those layers' dicts; the
+    layout of a model whose layers differ (family.uniform false), which cannot run under one scan."""
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         return params
-    L = next(iter(jax.tree.leaves(layers))).shape[0]
-    return {**params, "layers": [jax.tree.map(lambda a, i=i: jnp.array(a[i]), layers) for i in range(L)]}
+    if cfg is None or cfg.family.uniform(cfg):
+        L = next(iter(jax.tree.leaves(layers))).shape[0]
+        return {**params, "layers": [jax.tree.map(lambda a, i=i: jnp.array(a[i]), layers) for i in range(L)]}
+    per_layer = []
+    for layer in range(cfg.num_layers):
+        index = cfg.family.layer_params(cfg, layer)
+        per_layer.append({name: jax.tree.map(lambda a, j=index[name]: jnp.array(a[j]), w)
+                          for name, w in layers.items() if name in index})
+    return {**params, "layers": per_layer}
 
 
 def forward_paged(

@@ -24,10 +24,15 @@ def expert_params(cfg: ModelConfig) -> int:
     return sum(i * o for i, o in _expert_shapes(cfg))
 
 
+def moe_layers(cfg: ModelConfig) -> int:
+    """The layers with experts: every layer of a mixture of experts but DeepSeek's dense first ones."""
+    return cfg.num_layers - cfg.first_k_dense if cfg.num_experts else 0
+
+
 def active_params(cfg: ModelConfig) -> int:
     """Parameters one token's forward pass uses: all of them, less the experts it is not routed to
-    (num_experts - experts_per_token per layer)."""
-    return cfg.num_params() - cfg.num_layers * (cfg.num_experts - cfg.experts_per_token) * expert_params(cfg)
+    (num_experts - experts_per_token per layer with experts)."""
+    return cfg.num_params() - moe_layers(cfg) * (cfg.num_experts - cfg.experts_per_token) * expert_params(cfg)
 
 
 def experts_touched(cfg: ModelConfig, batch: int) -> float:

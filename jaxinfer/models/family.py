@@ -156,6 +156,9 @@ class Param:
                  split it, writers put the params back; None: the whole tensor
     hf_in_out    HF stores it as the params do, (in, out) (gpt-oss's stacked expert tensors): not
                  transposed on load
+    layers       cfg -> the layers that have it (a range), stacked over those only; None: every layer.
+                 A model whose layers differ (DeepSeek's dense first layers, then experts) runs its
+                 layers unrolled (jaxinfer.models.decoder.unstack_layers)
     """
 
     name: str
@@ -171,6 +174,7 @@ class Param:
     rotary: bool = False
     hf_part: Callable[[ModelConfig], tuple[int, int, int, int]] | None = None
     hf_in_out: bool = False
+    layers: Callable[[ModelConfig], range] | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -183,6 +187,10 @@ class Param:
     @property
     def is_projection(self) -> bool:
         return self.role in PROJECTION_ROLES
+
+    def layers_of(self, cfg: ModelConfig) -> range:
+        """The layers a layer param is stacked over (its stack index j is layer layers_of(cfg)[j])."""
+        return range(cfg.num_layers) if self.layers is None else self.layers(cfg)
 
     @property
     def transpose(self) -> bool:
@@ -312,14 +320,25 @@ class Family:
 
     def param_shapes(self, cfg: ModelConfig) -> dict:
         """The shape of every parameter of this config, as a pytree of tuples shaped like the params."""
-        L = cfg.num_layers
         shapes: dict[str, Any] = {"layers": {}}
         for p in self.present(cfg):
             if p.layer:
-                shapes["layers"][p.name] = (L, *p.shape(cfg))
+                shapes["layers"][p.name] = (len(p.layers_of(cfg)), *p.shape(cfg))
             else:
                 shapes[p.name] = tuple(p.shape(cfg))
         return shapes
+
+    def uniform(self, cfg: ModelConfig) -> bool:
+        """Whether every layer has the same params (so the layers can run under one scan)."""
+        return all(len(p.layers_of(cfg)) == cfg.num_layers for p in self.present(cfg) if p.layer)
+
+    def layer_params(self, cfg: ModelConfig, layer: int) -> dict[str, int]:
+        """The layer params layer `layer` has, each with its index in the param's stack."""
+        out = {}
+        for p in self.present(cfg):
+            if p.layer and layer in p.layers_of(cfg):
+                out[p.name] = p.layers_of(cfg).index(layer)
+        return out
 
     def num_params(self, cfg: ModelConfig) -> int:
         shapes = self.param_shapes(cfg)

@@ -28,7 +28,8 @@ kernel under matmul="pallas". Qwen2-MoE adds a shared expert beside them (every 
 sigmoid(h @ shared_expert_gate)): its projections are ordinary projections, quantised and
 adaptable, on an input site with no fold of their own (the router and experts read it too: only
 the experts' AWQ scale, which scales every reader, folds there). Not yet: a layer mix of dense and
-sparse MLPs (decoder_sparse_step / mlp_only_layers).
+sparse MLPs in these families (decoder_sparse_step / mlp_only_layers; DeepSeek's dense
+first layers are in jaxinfer.models.deepseek, on Param.layers).
 GGUF files: qwen3moe and qwen2moe, and Mixtral, which llama.cpp writes as general.architecture=llama
 with experts (the llama family's gguf_config hands such a file to this one; its wq / wk rows carry
 llama's rotary reordering). Variant.gguf_config reads the expert keys; a layer's experts are one
@@ -121,17 +122,23 @@ def _expert_sum(family: Family, cfg: ModelConfig, lp: Params, x: jax.Array, weig
     return jnp.zeros(x.shape, jnp.float32).at[token].add(y)
 
 
-def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> jax.Array:
+def default_router(cfg: ModelConfig, lp: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The families here: `route` by lp's router (and router bias)."""
+    return route(cfg, lp["router"], x, lp.get("router_bias"))
+
+
+def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project, router=default_router) -> jax.Array:
     """The experts' output (..., D) for normed inputs h (..., D): grouped matmuls over the
     (token, expert) pairs sorted by expert, through `project` with the group sizes (decoder.Project:
     jax.lax.ragged_dot, or the Pallas grouped matmul under matmul="pallas"); the experts' biases
     (gpt-oss), by each pair's expert, after.
     Under an ep mesh (jaxinfer.sharding: the experts split on E over "ep") the same runs per ep
     shard on every token, over the pairs routed to the shard's experts, and a psum over "ep" adds
-    the shards' outputs (the tokens are replicated: no dispatch)."""
+    the shards' outputs (the tokens are replicated: no dispatch). `router(cfg, lp, x)` -> (weights,
+    experts) (N, k) chooses each token's experts (another family's rule: DeepSeek's)."""
     shape, D = h.shape, h.shape[-1]
     x = h.reshape(-1, D)  # (N, D)
-    weights, experts = route(cfg, lp["router"], x, lp.get("router_bias"))  # (N, k)
+    weights, experts = router(cfg, lp, x)  # (N, k)
     if ep_mesh() is None:
         out = _expert_sum(family, cfg, lp, x, weights, experts, project)
     else:
@@ -147,12 +154,12 @@ def moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, project) -> 
     return out.astype(h.dtype).reshape(shape)
 
 
-def reference_moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array) -> jax.Array:
+def reference_moe(family: Family, cfg: ModelConfig, lp: Params, h: jax.Array, router=default_router) -> jax.Array:
     """`moe` as a dense loop over experts: every token through every expert, each output weighted
     by the token's routing weight for that expert (0 when it was not chosen)."""
     shape, D = h.shape, h.shape[-1]
     x = h.reshape(-1, D)
-    weights, experts = route(cfg, lp["router"], x, lp.get("router_bias"))
+    weights, experts = router(cfg, lp, x)
     out = jnp.zeros(x.shape, jnp.float32)
     for e in range(cfg.num_experts):
         w = jnp.sum(jnp.where(experts == e, weights, 0), axis=-1).astype(jnp.float32)  # (N,)
@@ -183,7 +190,7 @@ def layer(family: Family, cfg: ModelConfig, lp, x, cos, sin, attend, project):
     return x + out, state
 
 
-def _expert_params(prefix: str, gate: str, up: str, down: str) -> tuple[Param, ...]:
+def router_and_experts(prefix: str, gate: str, up: str, down: str) -> tuple[Param, ...]:
     """The router and the per-expert weights under an HF MoE block's names (and llama.cpp's: one
     tensor per layer holds all its experts)."""
     return (
@@ -295,7 +302,7 @@ class Variant:
 def _moe(name: str, architecture: str, prefix: str, names: tuple[str, str, str], variant: Variant,
          gguf_architecture: str | None = None, gguf_reordered_rope: bool = False) -> Family:
     shared = (SHARED_PARAMS, SHARED_SITES) if variant.shared else ((), ())
-    return Family(name=name, architectures=(architecture,), params=_ATTENTION + _expert_params(prefix, *names) +
+    return Family(name=name, architectures=(architecture,), params=_ATTENTION + router_and_experts(prefix, *names) +
                   shared[0], sites=SITES + shared[1], layer=layer, read_config=variant.read_config,
                   write_config=variant.write_config, check_config=variant.check_config,
                   gguf_architectures=() if gguf_architecture is None else (gguf_architecture,),
