@@ -228,3 +228,24 @@ def test_bench_mla_forms_agree_and_count_bytes(tmp_path):
         assert r["max_row_rel_diff"] <= 1e-5 and set(r["ms"]) == {"absorbed", "expanded"}
         assert r["per_token"]["cache_read"] == r["context"] * 40 * 4
         assert r["per_token"]["expanded_written_and_read"] > r["per_token"]["cache_read"]
+
+
+@pytest.mark.slow  # a quantisation and two passes per case
+def test_quantisation_of_mixed_layers(pair):
+    """RTN int8 quantises every projection (the replicated ones too) over their own layers, and the
+    packed model's logits equal its dequantised twin's (weight-only: the same weights); calibration-
+    based schemes, which walk uniformly stacked layers, are refused naming the field for the MoE configs."""
+    from helpers import row_rel_error
+
+    from jaxinfer import quant
+
+    case, _, _, model = pair
+    q = quant.quantize_model(model, quant.scheme_from_name("int8"), progress=False)
+    assert {"wkv_a", "wkv_b", "wo"} <= {n for n, w in q.params["layers"].items() if isinstance(w, quant.QuantizedWeight)}
+    tokens = np.arange(24)[None] % model.config.vocab_size
+    twin = ji.Model(model.config, quant.dequantize_params(q.params))
+    assert row_rel_error(np.asarray(ji.forward_logits(q, tokens)), np.asarray(ji.forward_logits(twin, tokens))) < 1e-5
+    if "moe" in case:
+        with pytest.raises(ValueError, match="first_k_dense_replace=1"):
+            quant.quantize_model(model, quant.scheme_from_name("int4-awq-g32"), np.zeros((2, 8), np.int32),
+                                 progress=False)

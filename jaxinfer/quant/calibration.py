@@ -291,6 +291,10 @@ def run_layers(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
 
+    if not cfg.family.uniform(cfg):
+        raise ValueError(f"calibration walks layers stacked alike; {cfg.model_type}'s layers differ (dense first "
+                         f"layers, then experts: first_k_dense_replace={cfg.first_k_dense}): AWQ, GPTQ, SmoothQuant "
+                         "and static FP8 are not supported for it yet (RTN and dynamic W8A8 are)")
     params = model.params
     chunks = [_embed(params["embed"], cfg, jnp.asarray(windows[i : i + chunk_size], jnp.int32))
               for i in range(0, len(windows), chunk_size)]  # each (C, T, D)
