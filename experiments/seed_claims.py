@@ -125,6 +125,37 @@ def gqa(_) -> Verdict:
                    "configs/models/llama3_70b.json through jaxinfer.memory.kv_bytes_per_token")
 
 
+def mla(_) -> Verdict:
+    """The row after GQA: DeepSeek's latent cache against a GQA mixture of experts of similar active
+    size, and the context each gets on the 10 GB and 20 GB cards with int4 weights."""
+    lite, gqa_moe = memory.load_model_config("deepseek_v2_lite"), memory.load_model_config("qwen3_30b_a3b")
+    latent = memory.kv_bytes_per_token(lite, "bfloat16")
+    by_formula = lite.num_layers * (lite.kv_lora_rank + lite.qk_rope_head_dim) * 2
+    per_head = 2 * lite.num_layers * lite.num_heads * lite.head_dim * 2  # its K and V expanded to every head
+    gqa_bytes = memory.kv_bytes_per_token(gqa_moe, "bfloat16")
+    cards = []
+    for card in ("rtx3080_10gb", "rtx4000ada_20gb"):
+        hw = memory.load_hardware(card)
+        ctx = []
+        for cfg in (lite, gqa_moe):
+            try:
+                fits = memory.max_context(cfg, hw, 1, "int4-g128", "bfloat16")
+            except ValueError:  # the weights alone do not fit the card
+                ctx.append("weights do not fit")
+                continue
+            ctx.append(f"{fits:,} tokens" if fits <= cfg.max_position_embeddings else
+                       f"its whole {cfg.max_position_embeddings:,} (room for {fits:,})")
+        cards.append(f"{hw.name}: {ctx[0]} vs {ctx[1]}")
+    return Verdict(f"DeepSeek-V2-Lite caches {latent:,} bytes per token (27 layers x (512 + 64) x 2), "
+                   f"{per_head / latent:.1f}x less than its heads' K and V ({per_head:,}) and {gqa_bytes / latent:.1f}x "
+                   f"less than Qwen3-30B-A3B's GQA ({gqa_bytes:,}); batch-1 context with int4 weights, V2-Lite vs "
+                   f"Qwen3-30B-A3B: " + "; ".join(cards),
+                   "holds" if latent == by_formula and latent < gqa_bytes else "does not hold here",
+                   "one latent row per token and layer, shared by every head (the latent paged cache; "
+                   "benchmarks/results/mla.md)",
+                   "configs/models/deepseek_v2_lite.json, qwen3_30b_a3b.json through jaxinfer.memory")
+
+
 def kv_int8(_) -> Verdict:
     cfg = memory.load_model_config("llama3_8b")
     bf16 = memory.kv_bytes_per_token(cfg, "bfloat16")
@@ -292,6 +323,8 @@ CLAIMS = [
     Claim("kv_formula", "KV bytes = 2 x layers x KV heads x head dim x tokens x bytes: 2 GB per 4,096-token sequence of "
           "a 32-layer, 32-head model in FP16; 16 GB at batch 8", (), kv_formula),
     Claim("gqa", "Llama 3 70B's 8 KV heads against 64 query heads cut the KV cache 8x", (), gqa),
+    Claim("mla", "After GQA (the step the note stops before): multi-head latent attention caches one compressed latent "
+          "(512 values) and a shared RoPE key (64) per token instead of K and V per head", (), mla),
     Claim("kv_waste", "Contiguous KV reservation wastes 20-80% of KV memory; paging removes most of it", ("batching",),
           kv_waste),
     Claim("continuous", "Continuous (in-flight) batching with paged KV: 2-4x the throughput", ("batching",), continuous),

@@ -249,3 +249,15 @@ def test_quantisation_of_mixed_layers(pair):
         with pytest.raises(ValueError, match="first_k_dense_replace=1"):
             quant.quantize_model(model, quant.scheme_from_name("int4-awq-g32"), np.zeros((2, 8), np.int32),
                                  progress=False)
+
+
+def test_the_planner_counts_the_latent_against_gqa():
+    """DeepSeek-V2-Lite's published config: L x (kv_lora_rank + qk_rope_head_dim) x 2 bytes a token in
+    bfloat16, 3.2x under Qwen3-30B-A3B's GQA; the seed-claims row after GQA says so."""
+    from experiments import seed_claims
+
+    lite = memory.load_model_config("deepseek_v2_lite")
+    assert memory.kv_bytes_per_token(lite, "bfloat16") == 27 * (512 + 64) * 2 == 31_104
+    assert memory.kv_bytes_per_token(memory.load_model_config("qwen3_30b_a3b"), "bfloat16") == 98_304
+    verdict = seed_claims.mla(None)
+    assert verdict.verdict == "holds" and "31,104" in verdict.figure and "22,452 tokens" in verdict.figure
