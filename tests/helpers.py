@@ -123,13 +123,17 @@ def row_rel_error(actual, expected) -> float:
 
 def hf_model(arch: str, seed: int = 0, **overrides):
     """A randomly initialised HF model (torch, float32, eval mode) for a named architecture."""
+    model_type, extra = ARCHS[arch]
+    return random_hf_model(model_type, seed, **{**TINY, **extra, **overrides})
+
+
+def random_hf_model(model_type: str, seed: int = 0, **kwargs):
+    """An HF model of `model_type` built from config kwargs (torch, float32, eval mode, eager
+    attention), its parameters drawn from `seed`; DeepSeek-V3's routing correction (a buffer) too."""
     import torch
     import transformers
 
-    model_type, extra = ARCHS[arch]
-    kwargs = {**TINY, **extra, **overrides}
-    config_cls = transformers.AutoConfig.for_model(model_type).__class__
-    config = config_cls(**kwargs)
+    config = transformers.AutoConfig.for_model(model_type).__class__(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -139,6 +143,9 @@ def hf_model(arch: str, seed: int = 0, **overrides):
             noise = torch.randn(p.shape, generator=generator)
             # HF initialises biases to 0 and norms to 1; perturb both so every path is exercised.
             p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.08 * noise)
+        for name, b in model.named_buffers():  # (zeros as HF initialises it)
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=generator))
     return model
 
 

@@ -6,11 +6,16 @@ written as HF reads it; what is refused. Tensor parallelism: tp_checks.py "famil
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import TOLERANCE, check_saved_equals_hf_file, row_rel_error, save_hf
+from helpers import (
+    TOLERANCE,
+    check_saved_equals_hf_file,
+    random_hf_model,
+    row_rel_error,
+    save_hf,
+)
 
 import jaxinfer as ji
 from jaxinfer import memory
@@ -41,21 +46,8 @@ CASES = {
 
 
 def _hf_model(case: str, seed: int = 0):
-    import transformers
-
     model_type, extra = CASES[case]
-    config = transformers.AutoConfig.for_model(model_type, **{**BASE, **extra})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.08 * noise)
-        for name, b in model.named_buffers():  # V3's routing correction (zeros as HF initialises it)
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn(b.shape, generator=generator))
-    return model
+    return random_hf_model(model_type, seed, **{**BASE, **extra})
 
 
 SLOW_CASES = ("v2_lite", "v3")  # the MoE cases run the same attention (with and without a query latent)
