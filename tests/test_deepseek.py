@@ -261,3 +261,25 @@ def test_the_planner_counts_the_latent_against_gqa():
     assert memory.kv_bytes_per_token(memory.load_model_config("qwen3_30b_a3b"), "bfloat16") == 98_304
     verdict = seed_claims.mla(None)
     assert verdict.verdict == "holds" and "31,104" in verdict.figure and "22,452 tokens" in verdict.figure
+
+
+@pytest.mark.slow  # an engine with adapter slots and the merged model's
+def test_lora_on_the_attention_matches_the_merged_model(pair, rng):
+    """LoRA adapts the projections every layer has (the query path, wkv_a, wo; not wkv_b, whose heads
+    the absorbed attention reads whole, nor the MLP projections of some layers only): through the
+    engine's latent cache, the merged model's greedy tokens."""
+    from jaxinfer import lora
+    from jaxinfer.lora.adapter import model_modules, random_adapter
+
+    case, _, _, model = pair
+    cfg = model.config
+    assert "wkv_b" not in model_modules(cfg) and "wkv_a" in model_modules(cfg)
+    assert ("w_gate" in model_modules(cfg)) == (not cfg.num_experts)
+    adapter = random_adapter(cfg, 4, std=0.1, seed=3, name="a")
+    prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (5, 9)]
+    sp = ji.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = ji.Engine(model, ji.EngineConfig(max_batch=2, max_seq_len=32, max_adapters=1))
+    engine.add_adapter("a", adapter)
+    outs = engine.generate(prompts, sp, adapters=["a"] * len(prompts))
+    merged = ji.generate(lora.merge(model, adapter), prompts, sp)
+    assert [o.token_ids for o in outs] == [m.token_ids for m in merged], case

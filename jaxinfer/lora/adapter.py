@@ -72,7 +72,7 @@ def model_modules(cfg: ModelConfig) -> dict[str, str]:
     """{projection: module path with a {layer} field} of a base model (its family's names); the
     projections inside a fused tensor (Phi-3's qkv_proj, gate_up_proj) have none and are not adapted."""
     family = cfg.family
-    return {p: family.hf_layer_prefix + family.param(p).peft for p in family.projections if family.param(p).peft}
+    return {p: family.hf_layer_prefix + family.param(p).peft for p in family.adaptable(cfg) if family.param(p).peft}
 
 
 def _short_names() -> set[str]:

@@ -83,7 +83,7 @@ class LoraWeights:
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, num_slots: int, rank: int, dtype) -> LoraWeights:
-        shapes, L, projections = model_lib.param_shapes(cfg)["layers"], cfg.num_layers, cfg.family.projections
+        shapes, L, projections = model_lib.param_shapes(cfg)["layers"], cfg.num_layers, cfg.family.adaptable(cfg)
         return cls(a={p: jnp.zeros((L, num_slots, shapes[p][1], rank), dtype) for p in projections},
                    b={p: jnp.zeros((L, num_slots, rank, shapes[p][2]), dtype) for p in projections},
                    scale={p: jnp.zeros((L, num_slots), jnp.float32) for p in projections})
@@ -104,7 +104,7 @@ class LoraWeights:
 def slot_arrays(adapter: LoraAdapter | None, cfg: ModelConfig, rank: int):
     """One slot's contents on the host: a[p] (L, D_in, R), b[p] (L, R, D_out) float32, zero where
     the adapter leaves p alone or past its rank; scale[p] (L,). None: an empty slot."""
-    shapes, L, projections = model_lib.param_shapes(cfg)["layers"], cfg.num_layers, cfg.family.projections
+    shapes, L, projections = model_lib.param_shapes(cfg)["layers"], cfg.num_layers, cfg.family.adaptable(cfg)
     a = {p: np.zeros((L, shapes[p][1], rank), np.float32) for p in projections}
     b = {p: np.zeros((L, rank, shapes[p][2]), np.float32) for p in projections}
     scale = {p: np.zeros(L, np.float32) for p in projections}
@@ -174,7 +174,7 @@ def with_adapters(params: model_lib.Params, weights: LoraWeights, lora: LoraBatc
     base = model_lib.dense_projection(impl)
 
     def project(name: str, x: jax.Array, lp: model_lib.Params, group_sizes: jax.Array | None = None) -> jax.Array:
-        if group_sizes is not None:  # a per-expert weight: not adapted
+        if group_sizes is not None or name not in a:  # a per-expert weight, a projection in some layers only
             return base(name, x, lp, group_sizes)
         rows = lora.offset(lp["lora_layer"] * S)
         return apply(base(name, x, lp), x, a[name], b[name], scale[name], rows, lora_impl)

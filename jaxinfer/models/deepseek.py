@@ -179,7 +179,7 @@ PARAMS = (
           "self_attn.kv_a_proj_with_mqa.weight", calibration="attn"),
     Param("kv_a_norm", "norm", lambda c: (c.kv_lora_rank,), "self_attn.kv_a_layernorm.weight"),
     Param("wkv_b", "column", lambda c: (c.kv_lora_rank, c.num_heads * (c.head_dim - c.qk_rope_head_dim + c.v_head_dim)),
-          "self_attn.kv_b_proj.weight", calibration="kv_latent", heads="query"),
+          "self_attn.kv_b_proj.weight", calibration="kv_latent", heads="query", adaptable=False),
     dataclasses.replace(_LLAMA["wo"], gguf=None, shape=lambda c: (c.num_heads * c.v_head_dim, c.hidden_size)),
     # wq's and wo's biases keep the names' meaning across families; attention_bias is refused
     *(dataclasses.replace(_LLAMA[n], gguf=None, present=lambda c: False) for n in ("bq", "bo")),

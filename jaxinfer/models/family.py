@@ -156,6 +156,8 @@ class Param:
                  split it, writers put the params back; None: the whole tensor
     hf_in_out    HF stores it as the params do, (in, out) (gpt-oss's stacked expert tensors): not
                  transposed on load
+    adaptable    a LoRA adapter may adapt it (False: a weight a path reads whole rather than through the
+                 projection hook: MLA's wkv_b, whose per-head parts the absorbed attention multiplies)
     layers       cfg -> the layers that have it (a range), stacked over those only; None: every layer.
                  A model whose layers differ (DeepSeek's dense first layers, then experts) runs its
                  layers unrolled (jaxinfer.models.decoder.unstack_layers)
@@ -174,6 +176,7 @@ class Param:
     rotary: bool = False
     hf_part: Callable[[ModelConfig], tuple[int, int, int, int]] | None = None
     hf_in_out: bool = False
+    adaptable: bool = True
     layers: Callable[[ModelConfig], range] | None = None
 
     def __post_init__(self):
@@ -309,6 +312,12 @@ class Family:
     def projections(self) -> tuple[str, ...]:
         """The layer projections (every column / row param), in params order."""
         return tuple(p.name for p in self.params if p.is_projection)
+
+    def adaptable(self, cfg: ModelConfig) -> tuple[str, ...]:
+        """The projections a LoRA adapter may adapt in this config: present, adaptable, in every layer
+        (not DeepSeek's dense-only or expert-layer-only MLP projections)."""
+        return tuple(p.name for p in self.present(cfg)
+                     if p.is_projection and p.adaptable and len(p.layers_of(cfg)) == cfg.num_layers)
 
     def site_projections(self, site: str) -> tuple[str, ...]:
         """The projections that read one site's input."""
