@@ -161,8 +161,10 @@ def layer(cfg: ModelConfig, lp: Params, x, cos, sin, attend, project: Project):
     """One decoder layer of the config's family: x (B, T, D) -> (B, T, D). `attend(q, k, v[, sinks])
     -> (o, state)` sees this layer's queries and new keys/values (rotated), and the layer's attention
     sinks (N,) where the config has them, and returns the attention output and whatever it updated
-    (a cache, or None); `project` runs every projection. A config's
-    attention_scale is applied to the queries here, so every attend sees head_dim ** -0.5 scores."""
+    (a cache, or None); a multi-head latent attention layer also passes `latent=` (kv_cache.Latent:
+    what a latent cache stores and the up-projections), which only a latent cache reads. `project`
+    runs every projection. A config's attention_scale is applied to the queries here, so every
+    attend sees head_dim ** -0.5 scores."""
     family = family_lib.of(cfg)
     if cfg.attention_scale is not None:
         factor = cfg.attention_scale * cfg.head_dim**0.5
