@@ -5,7 +5,7 @@ paged cache, by context length, and the bytes each reads per token.
   python -m jaxinfer.experiments.bench_mla --mla_heads=128 --contexts=1024,8192   # DeepSeek-V2 / V3's 128 heads
   python -m jaxinfer.experiments.bench_mla --attention=pallas                # on a GPU: the latent decode kernel
 
-One layer's decode step (jaxinfer.models.attention.attend_cached over a latent PagedKVCache, one new
+One layer's decode step (jaxinfer.models.latent_attention.attend_latent over a latent PagedKVCache, one new
 token per sequence, random latent rows and queries, --dtype): "absorbed" takes each query into
 latent space (q_nope @ w_uk^T per head), attends over the cache rows as one KV head shared by all
 heads (the values: each row's latent) and up-projects the output by w_uv; "expanded" up-projects
@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
-from jaxinfer.models import attention
+from jaxinfer.models import latent_attention
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.kv_cache import BatchDescriptor, Latent, PagedKVCache
 
@@ -42,7 +42,7 @@ _VALUE = flags.DEFINE_integer("v_head_dim", 128, "Per-head value width (Hv).")
 _CONTEXTS = flags.DEFINE_list("contexts", ["256", "1024", "4096"], "Context lengths (tokens) to time.")
 _BATCH = flags.DEFINE_integer("mla_batch", 1, "Sequences decoding at once.")
 PAGE = 16
-FORMS = attention.MLA_FORMS
+FORMS = latent_attention.MLA_FORMS
 
 
 def layer_config() -> ModelConfig:
@@ -62,7 +62,7 @@ def step_inputs(cfg: ModelConfig, context: int, batch: int, dtype, key):
     C, R, N, H, Hv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_heads, cfg.head_dim, cfg.v_head_dim
     pages_per_seq = -(-context // PAGE)
     num_pages = batch * pages_per_seq + 1
-    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
     cache = PagedKVCache.zeros(cfg, num_pages, PAGE, dtype)
     cache = cache.replace(k=jax.random.normal(k1, cache.k.shape, jnp.float32).astype(cache.k.dtype))
     tables = np.random.default_rng(context).permutation(num_pages - 1)[: batch * pages_per_seq]
@@ -73,7 +73,6 @@ def step_inputs(cfg: ModelConfig, context: int, batch: int, dtype, key):
     w_kv = jax.random.normal(k3, (C, N, H - R + Hv), jnp.float32) * C**-0.5
     latent = Latent(rows=jax.random.normal(k4, (1, batch, C + R), dtype), w_uk=w_kv[..., : H - R].astype(dtype),
                     w_uv=w_kv[..., H - R:].astype(dtype))
-    del k5
     return cache, q, latent, desc
 
 
@@ -98,8 +97,7 @@ def main(argv):
 
     def step(form):
         def run(cache, q, latent, desc):
-            out, _ = attention.attend_cached(cache, 0, q, None, None, desc.positions[None], 0, desc, impl=impl,
-                                             latent=latent, mla=(form, "expanded"))
+            out, _ = latent_attention.attend_latent(cache, 0, q, latent, 0, desc, impl=impl, mla=(form, "expanded"))
             return out
         return jax.jit(run)
 

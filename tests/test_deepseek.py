@@ -149,7 +149,7 @@ def test_quantised_latent_cache_equals_the_fake_quantised_reference(v3, rng, mon
     gives when every row written into it is quantised and dequantised first: the same numerics,
     through the absorbed decode and the expanded prefill (which reads the context back from the
     pages); a sampled request with n = 3 forks its pages (copy-on-write, scales too)."""
-    from jaxinfer.models import attention
+    from jaxinfer.models import latent_attention
     from jaxinfer.models.kv_cache import KV_DTYPES, fake_quantize
 
     _, model = v3
@@ -161,13 +161,13 @@ def test_quantised_latent_cache_equals_the_fake_quantised_reference(v3, rng, mon
     outs = [[s.token_ids for s in o.samples or [o]] for o in engine.generate(prompts, params)]
     assert engine.runner.cache.latent and engine.runner.cache.dtype == KV_DTYPES[kv_dtype]
     assert engine.stats["copied_pages"] > 0
-    latent_attention = attention._paged_latent
+    attend_latent = latent_attention.attend_latent
 
-    def fake_quantised(cache, layer, q, latent, *args):
+    def fake_quantised(cache, layer, q, latent, *args, **kwargs):
         rows = fake_quantize(latent.rows, KV_DTYPES[kv_dtype])
-        return latent_attention(cache, layer, q, latent._replace(rows=rows), *args)
+        return attend_latent(cache, layer, q, latent._replace(rows=rows), *args, **kwargs)
 
-    monkeypatch.setattr(attention, "_paged_latent", fake_quantised)
+    monkeypatch.setattr(latent_attention, "attend_latent", fake_quantised)
     jax.clear_caches()  # no float-cache program compiled before the patch may serve the reference
     reference = ji.Engine(model, ji.EngineConfig(**config)).generate(prompts, params)
     jax.clear_caches()

@@ -64,7 +64,7 @@ class EngineConfig:
     layer_loop: str = "auto"
     # Multi-head latent attention (DeepSeek) over its latent cache: the form of decode steps' and of
     # prompt chunks' attention, "absorbed" (the query taken into latent space) or "expanded" (the
-    # context up-projected to per-head keys and values): jaxinfer.models.attention.MLA_FORMS.
+    # context up-projected to per-head keys and values): jaxinfer.models.latent_attention.MLA_FORMS.
     mla_decode: str = "absorbed"
     mla_prefill: str = "expanded"
 

@@ -2,6 +2,7 @@
 
   config      ModelConfig (read from HF's config.json by its family), RoPE settings
   family      model-family specs (params, roles, checkpoint names, norm, activation, layer) and their registry
+  norms       the norms and gate activations a family names
   llama       the Llama-style families: Llama, Mistral, Qwen2, Qwen3
   gemma       Gemma 2 and Gemma 3 (text)
   phi3        Phi-3 (its fused q/k/v and gate/up tensors split at load)
@@ -11,6 +12,7 @@
   layers      rotary embeddings (a building block of layer functions)
   decoder     the functional decoder: params, forward over a contiguous or paged cache, logits
   attention   the attention dispatch point (XLA reference, Pallas kernels)
+  latent_attention  multi-head latent attention over a latent paged cache (absorbed / expanded)
   matmul      the matmul dispatch point (dense, quantised weights, W8A8)
   mesh        programs under a mesh: tp / ep meshes set for tracing, kernels and experts per shard
   kv_cache    the KV-cache pytrees and the batch descriptor of one step

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 from jaxinfer.models.kv_cache import (
     BatchDescriptor,
     KVCache,
-    Latent,
     PagedKVCache,
     as_floats,
     as_stored,
@@ -173,29 +172,18 @@ def xla_attention(q, k, v, q_pos, k_pos, window=0, softcap=None, mask=None, sink
     return out.astype(q.dtype).reshape(B, T, N, v.shape[-1])  # (values as wide as the keys, or narrower)
 
 
-# How a step's queries attend over a latent cache (ModelConfig.kv_lora_rank > 0), per phase:
-#   absorbed  the query multiplied into latent space (q_nope @ w_uk^T, per head), attention over the
-#             latent rows as one shared KV head (the values: each row's latent), the output
-#             up-projected by w_uv: the cache is read as it is, C + R values per token
-#   expanded  every context row up-projected to per-head keys and values, then per-head attention
-#             (the form the model is written in): N x (head_dim + Hv) values per token
-MLA_FORMS = ("absorbed", "expanded")
-
-
 def attend_cached(cache, layer, q, k, v, positions, window, batch: BatchDescriptor | None, *, impl="xla",
-                  softcap: float | None = None, sinks: jax.Array | None = None, latent: Latent | None = None,
-                  mla: tuple[str, str] = ("absorbed", "expanded")):
+                  softcap: float | None = None, sinks: jax.Array | None = None):
     """Write k, v (B, T, K, H) into layer `layer` of the cache, then attend. Returns (out, cache).
-    A latent paged cache stores latent.rows instead, and attends in mla = (decode form, prefill form)."""
+    (A latent cache, multi-head latent attention's, is jaxinfer.models.latent_attention's.)"""
     if isinstance(cache, KVCache):
         return _contiguous(cache, layer, q, k, v, positions, window, impl, softcap, sinks)
     if isinstance(cache, PagedKVCache):
         if batch is None:
             raise ValueError("a PagedKVCache needs a BatchDescriptor")
         if cache.latent:
-            if latent is None:
-                raise ValueError("a latent PagedKVCache needs the layer's Latent (a multi-head latent attention model)")
-            return _paged_latent(cache, layer, q, latent, window, batch, impl, softcap, sinks, mla)
+            raise ValueError("a latent PagedKVCache is attended through latent_attention.attend_latent (a multi-head "
+                             "latent attention model's layer passes its Latent)")
         return _paged(cache, layer, q, k, v, window, batch, impl, softcap, sinks)
     raise TypeError(f"unknown cache type {type(cache).__name__}")
 
@@ -217,8 +205,8 @@ def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, 
     A quantised cache stores the new K/V quantised per token and head, with their scales."""
     _, N, NH, H = q.shape
     slots = batch.slot_mapping  # (N,)
-    k_all, k_scale = _write(cache, cache.k, cache.k_scale, layer, slots, k[0])
-    v_all, v_scale = _write(cache, cache.v, cache.v_scale, layer, slots, v[0])
+    k_all, k_scale = write_pages(cache, cache.k, cache.k_scale, layer, slots, k[0])
+    v_all, v_scale = write_pages(cache, cache.v, cache.v_scale, layer, slots, v[0])
     pages = (k_all[layer], v_all[layer], None if k_scale is None else k_scale[layer],
              None if v_scale is None else v_scale[layer])  # (K, P, page, H) x2, (K, P, page) x2
 
@@ -237,7 +225,7 @@ def _paged(cache: PagedKVCache, layer, q, k, v, window, batch: BatchDescriptor, 
     return out[None], PagedKVCache(k=k_all, v=v_all, k_scale=k_scale, v_scale=v_scale)
 
 
-def _write(cache: PagedKVCache, store, scales, layer, slots, new):
+def write_pages(cache: PagedKVCache, store, scales, layer, slots, new):
     """store (L, K, P, page, H) with new (N, K, H) written at the flat slots (N,) of layer `layer`
     (quantised per token and head, with its scales, when the cache is); slots past the cache: dropped."""
     page_idx, offset = slots // cache.page_size, slots % cache.page_size
@@ -247,98 +235,6 @@ def _write(cache: PagedKVCache, store, scales, layer, slots, new):
     values, new_scales = quantize(new, cache.dtype)  # (N, K, H), (N, K)
     return (store.at[layer, :, page_idx, offset].set(as_stored(values, store), mode="drop"),
             scales.at[layer, :, page_idx, offset].set(new_scales, mode="drop"))
-
-
-def _paged_latent(cache: PagedKVCache, layer, q, latent: Latent, window, batch: BatchDescriptor, impl, softcap,
-                  sinks, mla):
-    """Multi-head latent attention over a latent cache: latent.rows written at the step's slots,
-    then the decode rows in form mla[0] and the prefill rows in form mla[1] (MLA_FORMS). q (1, N, heads,
-    H) -> (1, N, heads, H), the values' Hv columns first and zeros after (the expanded layer's shape)."""
-    for form in mla:
-        if form not in MLA_FORMS:
-            raise ValueError(f"multi-head latent attention form {form!r} is not one of {MLA_FORMS}")
-    _, N, NH, H = q.shape
-    k_all, k_scale = _write(cache, cache.k, cache.k_scale, layer, batch.slot_mapping, latent.rows[0][:, None])
-    pages, scales = k_all[layer], None if k_scale is None else k_scale[layer]  # (1, P, page, C + R), (1, P, page)
-    Rd, Rp = batch.num_decode, batch.num_prefill
-    outs = []
-    if Rd:
-        tables, lens = batch.decode_block_tables, batch.decode_lens
-        if mla[0] == "absorbed":
-            o = paged_decode(_absorb(q[0, :Rd], latent), pages, None, scales, None, tables, lens, window, impl,
-                             softcap, sinks, values=latent.w_uv.shape[0])
-        else:
-            keys, values = _expand(_gather(pages, scales, tables, q.dtype), latent, H)  # (Rd, S, NH, H)
-            k_pos = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, :]
-            k_pos = jnp.where(k_pos < lens[:, None], k_pos, -1)
-            o = attend(q[0, :Rd, None], keys, values, (lens - 1)[:, None], k_pos, window, impl=impl, softcap=softcap,
-                       sinks=sinks)[:, 0]
-        outs.append(_up(o, latent, H, mla[0]))
-    if Rp:
-        C = (N - Rd) // Rp
-        qp = q[0, Rd:].reshape(Rp, C, NH, H)
-        tables, start, lens, tree = (batch.prefill_block_tables, batch.prefill_start, batch.prefill_lens,
-                                     batch.prefill_tree_mask)
-        if mla[1] == "absorbed":
-            o = paged_prefill(_absorb(qp, latent), pages, pages, scales, scales, tables, start, lens, window, impl,
-                              tree, softcap, sinks)
-        else:
-            keys, values = _expand(_gather(pages, scales, tables, q.dtype), latent, H)  # (Rp, S, NH, H)
-            o = _xla_prefill_over(qp, keys, values, start, lens, window, tree, softcap, sinks, impl)
-        outs.append(_up(o, latent, H, mla[1]).reshape(Rp * C, NH, H))
-    out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
-    return out[None], PagedKVCache(k=k_all, v=cache.v, k_scale=k_scale, v_scale=cache.v_scale)
-
-
-def _absorb(q, latent: Latent):
-    """Queries (..., N, H) -> (..., N, C + R) in latent space: [q_nope @ w_uk^T per head, q_rope],
-    scaled so that attention's (C + R) ** -0.5 makes H ** -0.5."""
-    C, _, Hk = latent.w_uk.shape
-    R = q.shape[-1] - Hk
-    q_lat = jnp.einsum("...nk,cnk->...nc", q[..., :Hk], latent.w_uk.astype(q.dtype),
-                       preferred_element_type=jnp.float32).astype(q.dtype)
-    return jnp.concatenate([q_lat, q[..., Hk:]], axis=-1) * jnp.asarray(((C + R) / q.shape[-1]) ** 0.5, q.dtype)
-
-
-def _up(o, latent: Latent, H: int, form: str):
-    """Attention's output (..., N, H') -> (..., N, H): the absorbed form's latent output (its first C
-    columns) up-projected by w_uv; both forms' Hv value columns padded with zeros to H."""
-    Hv = latent.w_uv.shape[-1]
-    if form == "absorbed":
-        C = latent.w_uv.shape[0]
-        o = jnp.einsum("...nc,cnv->...nv", o[..., :C], latent.w_uv.astype(o.dtype),
-                       preferred_element_type=jnp.float32).astype(o.dtype)
-    else:
-        o = o[..., :Hv]
-    return jnp.pad(o, [(0, 0)] * (o.ndim - 1) + [(0, H - Hv)])
-
-
-def _expand(rows, latent: Latent, H: int):
-    """Context rows (R, S, 1, C + R) -> per-head keys (R, S, N, H) and values (R, S, N, H), the values'
-    Hv columns padded with zeros."""
-    C, N, Hk = latent.w_uk.shape
-    c, k_pe = rows[:, :, 0, :C], rows[:, :, 0, C:]
-    k_nope = jnp.einsum("rsc,cnk->rsnk", c, latent.w_uk.astype(c.dtype),
-                        preferred_element_type=jnp.float32).astype(c.dtype)
-    keys = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], N, k_pe.shape[-1]))], -1)
-    values = jnp.einsum("rsc,cnv->rsnv", c, latent.w_uv.astype(c.dtype),
-                        preferred_element_type=jnp.float32).astype(c.dtype)
-    return keys, jnp.pad(values, [(0, 0)] * 3 + [(0, H - values.shape[-1])])
-
-
-def _xla_prefill_over(q, keys, values, start, lens, window, tree_mask, softcap, sinks, impl):
-    """Prefill rows q (R, C, N, H) over gathered context keys / values (R, S, N, H): the dense form of
-    `impl`, or XLA's with the mask of a draft tree."""
-    R, C = q.shape[:2]
-    S = keys.shape[1]
-    q_pos = start[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]
-    k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
-    k_pos = jnp.where(k_pos < (start + lens)[:, None], k_pos, -1)
-    if tree_mask is None:
-        return attend(q, keys, values, q_pos, k_pos, window, impl=impl, softcap=softcap, sinks=sinks)
-    rel = jnp.arange(S, dtype=jnp.int32)[None, :] - start[:, None]
-    mask = (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)
-    return xla_attention(q, keys, values, q_pos, k_pos, window, softcap, mask, sinks=sinks)
 
 
 def _per_shard_pages(kernel, heads, q, k_pages, v_pages, k_scales, v_scales, *rest, sinks=None):
@@ -360,7 +256,7 @@ def _per_shard_pages(kernel, heads, q, k_pages, v_pages, k_scales, v_scales, *re
     return per_shard(run, in_specs, heads)(q, k_pages, v_pages, *rest, *scales, *sink)
 
 
-def _gather(pages, scales, block_tables, dtype):
+def gather_context(pages, scales, block_tables, dtype):
     """pages (K, P, page, H) [+ scales (K, P, page)] -> each row's context (R, M * page, K, H) in dtype.
     Only the rows' pages are read: gathered first, then viewed (as_floats) and dequantised."""
     context = as_floats(gather_pages(pages, block_tables))
@@ -398,9 +294,9 @@ def _pallas_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, 
 
 def _xla_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap, sinks=None,
                       values=None):
-    keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
+    keys = gather_context(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
     width = values
-    values = keys[..., :width] if v_pages is None else _gather(v_pages, v_scales, block_tables, q.dtype)
+    values = keys[..., :width] if v_pages is None else gather_context(v_pages, v_scales, block_tables, q.dtype)
     R, S = keys.shape[:2]
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     k_pos = jnp.where(k_pos < lens[:, None], k_pos, -1)  # (R, S); slots past the context are empty
@@ -437,17 +333,26 @@ def _pallas_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables,
 
 def _xla_paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window, tree_mask,
                        softcap, sinks=None):
-    keys = _gather(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
-    values = _gather(v_pages, v_scales, block_tables, q.dtype)
+    keys = gather_context(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
+    values = gather_context(v_pages, v_scales, block_tables, q.dtype)
+    return prefill_over(q, keys, values, start, lens, window, tree_mask, softcap, sinks)
+
+
+def prefill_over(q, keys, values, start, lens, window, tree_mask, softcap, sinks=None, impl=None):
+    """Rows of queries q (R, C, N, H) at positions start[r] + [0, C) over their gathered context
+    keys / values (R, S, K, H), the first start[r] + lens[r] of which are live; a draft tree's mask
+    (paged_prefill). XLA's masked attention, or with `impl` and no tree that implementation's dense form."""
     R, C = q.shape[:2]
     S = keys.shape[1]
     q_pos = start[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]  # (R, C)
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     k_pos = jnp.where(k_pos < (start + lens)[:, None], k_pos, -1)  # (R, S)
-    mask = None
-    if tree_mask is not None:
-        rel = jnp.arange(S, dtype=jnp.int32)[None, :] - start[:, None]  # (R, S): each key's index in the tree
-        mask = (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)  # (R, C, S)
+    if tree_mask is None:
+        if impl is not None:
+            return attend(q, keys, values, q_pos, k_pos, window, impl=impl, softcap=softcap, sinks=sinks)
+        return xla_attention(q, keys, values, q_pos, k_pos, window, softcap, sinks=sinks)
+    rel = jnp.arange(S, dtype=jnp.int32)[None, :] - start[:, None]  # (R, S): each key's index in the tree
+    mask = (rel < 0)[:, None, :] | tree_visible(tree_mask, rel)  # (R, C, S)
     return xla_attention(q, keys, values, q_pos, k_pos, window, softcap, mask, sinks=sinks)
 
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.models import attention, matmul
+from jaxinfer.models import attention, latent_attention, matmul
 from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.family import rms_norm  # noqa: F401  (the Llama-style norm; callers reach it here)
@@ -119,7 +119,7 @@ class Impl:
     matmul: str = "xla"
     kv_dtype: str | None = None
     # multi-head latent attention over a latent cache: the form of decode rows and of prefill rows
-    # (attention.MLA_FORMS); a model without MLA ignores them
+    # (latent_attention.MLA_FORMS); a model without MLA ignores them
     mla_decode: str = "absorbed"
     mla_prefill: str = "expanded"
 
@@ -134,8 +134,8 @@ class Impl:
         if self.matmul not in matmul.IMPLEMENTATIONS:
             raise ValueError(f"matmul={self.matmul!r} is not one of {matmul.IMPLEMENTATIONS}")
         for name in ("mla_decode", "mla_prefill"):
-            if getattr(self, name) not in attention.MLA_FORMS:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {attention.MLA_FORMS}")
+            if getattr(self, name) not in latent_attention.MLA_FORMS:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {latent_attention.MLA_FORMS}")
 
 
 # project(name, x, lp) -> x @ lp[name] (+ its bias): every projection of a layer goes through one.
@@ -244,9 +244,12 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
                                         softcap=softcap, sinks=sinks), None
         else:
             def attend(q, k, v, sinks=None, latent=None):
+                if isinstance(cache, PagedKVCache) and cache.latent and latent is not None:
+                    return latent_attention.attend_latent(cache, index, q, latent, window, batch, impl=impl.attention,
+                                                          softcap=softcap, sinks=sinks,
+                                                          mla=(impl.mla_decode, impl.mla_prefill))
                 return attention.attend_cached(cache, index, q, k, v, positions, window, batch, impl=impl.attention,
-                                               softcap=softcap, sinks=sinks, latent=latent,
-                                               mla=(impl.mla_decode, impl.mla_prefill))
+                                               softcap=softcap, sinks=sinks)
         x, cache = layer(cfg, lp, x, *layer_rope(ropes, window), attend, project)
         return (x, cache, aux), None
 

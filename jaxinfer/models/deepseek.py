@@ -26,7 +26,7 @@ cache run. It also hands `attend` the layer's `Latent` (jaxinfer.models.kv_cache
 cache row [norm(c), rope(k_pe)] and wkv_b split per head into w_uk and w_uv (dense_weight: a packed
 wkv_b dequantised). The engine's paged cache for MLA is a latent cache (C + R values per token and
 layer, against N x 2 x head_dim expanded), and attention over it runs in the absorbed or the expanded
-form per phase (jaxinfer.models.attention, EngineConfig.mla_decode / mla_prefill). The projections
+form per phase (jaxinfer.models.latent_attention, EngineConfig.mla_decode / mla_prefill). The projections
 down to the latents (wq_a, wkv_a) are `replicated` under tensor parallelism: each shard's heads read
 the whole latent, and the latent cache is whole on every shard.
 
