@@ -12,12 +12,14 @@ generated token (jaxinfer: the engine's own per-request metric; HF: a generate c
 token; llama.cpp: the first token its generator yields).
 
 Systems (every engine with --layer_loop, here unrolled unless given: the CPU's fast layout,
-benchmarks/results/cpu_dots.md):
+benchmarks/results/cpu_dots.md; and --decode_steps, the engine's decode steps per host round trip):
   jaxinfer         the engine on the GGUF dequantised to dense --dtype weights (the arithmetic
                    HF runs)
   jaxinfer-bf16    the same in bfloat16 (weights and activations; float32 accumulators)
   jaxinfer-w8a8    the dense weights rounded to int8 per output channel, activations to int8 per
                    token, int32 products (--weights=w8a8; what llama.cpp's 8-bit CPU dot does)
+  jaxinfer-w8a8-head   the same with the LM head in int8 too (--weights=w8a8-head; the file's own
+                   head, its token embedding, is Q8_0, which llama.cpp multiplies the same way)
   jaxinfer-packed  the engine serving the file's packed blocks (Q4_1 as QuantizedWeight,
                    dequantised by XLA inside every step; matmul="xla")
   hf               HF transformers `generate` on its GGUF loader's model (float32, torch CPU,
@@ -59,16 +61,17 @@ flags.DEFINE_integer("prompt_tokens", 32, "Tokens in every prompt.")
 flags.DEFINE_integer("new_tokens", 64, "Greedy tokens generated per prompt (EOS ignored).")
 flags.DEFINE_integer("repeats", 2, "Timed runs per measurement (best kept), after one warm-up run.")
 flags.DEFINE_integer("threads", 2, "CPU threads for torch and llama.cpp.")
-flags.DEFINE_list("systems", ["jaxinfer", "jaxinfer-bf16", "jaxinfer-w8a8", "jaxinfer-packed", "hf", "llama.cpp"],
+flags.DEFINE_list("systems", ["jaxinfer", "jaxinfer-bf16", "jaxinfer-w8a8", "jaxinfer-w8a8-head", "jaxinfer-packed",
+                             "hf", "llama.cpp"],
                   "Systems to measure.")
 flags.DEFINE_integer("heldout_tokens", 128, "Tokens of held-out text for the logits agreement check.")
 flags.DEFINE_string("chat_prompt", "What is the capital of France?", "A user message every system answers greedily.")
 # --model: a model known by name or a .gguf file (default smollm2-135m)
-for _name in ("model", "dtype", "out", "batch_sizes", "tp", "layer_loop"):
+for _name in ("model", "dtype", "out", "batch_sizes", "tp", "layer_loop", "decode_steps"):
     flags.declare_key_flag(_name)
 DEFAULT_MODEL = "smollm2-135m"
 
-SYSTEMS = ("jaxinfer", "jaxinfer-bf16", "jaxinfer-w8a8", "jaxinfer-packed", "hf", "llama.cpp")
+SYSTEMS = ("jaxinfer", "jaxinfer-bf16", "jaxinfer-w8a8", "jaxinfer-w8a8-head", "jaxinfer-packed", "hf", "llama.cpp")
 
 
 def _model() -> str:
@@ -109,8 +112,12 @@ def _layer_loop() -> str:
     return FLAGS.layer_loop if FLAGS["layer_loop"].present or FLAGS.tp > 1 else "unroll"
 
 
+def _engine_config() -> ji.EngineConfig:
+    return ji.EngineConfig(tp=FLAGS.tp, layer_loop=_layer_loop(), decode_steps=FLAGS.decode_steps)
+
+
 def bench_engine(model: ji.Model, prompt_sets, new_tokens: int) -> dict:
-    engine = ji.Engine(model, ji.EngineConfig(tp=FLAGS.tp, layer_loop=_layer_loop()))
+    engine = ji.Engine(model, _engine_config())
     sp = ji.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     walls, outs = _timed(lambda prompts: engine.generate(prompts, sp), prompt_sets)
     return dict(tokens_per_s=len(outs) * new_tokens / min(walls), walls_s=walls,
@@ -258,8 +265,9 @@ def run(path: str, batches: list[int]) -> dict:
     if "jaxinfer-bf16" in FLAGS.systems:
         half = ji.load_model(_model(), dtype="bfloat16")
         engines["jaxinfer-bf16"] = ji.Model(half.config, dequantize_params(half.params), half.tokenizer, half.name)
-    if "jaxinfer-w8a8" in FLAGS.systems:
-        engines["jaxinfer-w8a8"] = quant.quantize_model(dense, scheme_from_name("w8a8"), progress=False)
+    for system, scheme in (("jaxinfer-w8a8", "w8a8"), ("jaxinfer-w8a8-head", "w8a8-head")):
+        if system in FLAGS.systems:
+            engines[system] = quant.quantize_model(dense, scheme_from_name(scheme), progress=False)
     hf = None
     if "hf" in FLAGS.systems or FLAGS.heldout_tokens:
         import torch  # noqa: PLC0415  (the optional [peers] extra)
@@ -277,7 +285,8 @@ def run(path: str, batches: list[int]) -> dict:
 
     result: dict = dict(model=packed.name, gguf=path,
                         prompt_tokens=FLAGS.prompt_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
-                        threads=FLAGS.threads, dtype=FLAGS.dtype, layer_loop=_layer_loop(), runs=[], not_measured=[], cpu_busy_before=busy,
+                        threads=FLAGS.threads, dtype=FLAGS.dtype, layer_loop=_layer_loop(),
+                        decode_steps=FLAGS.decode_steps, runs=[], not_measured=[], cpu_busy_before=busy,
                         hf=result_hf if hf is not None else None,
                         llama_cpp=None if llm is None else importlib.metadata.version("llama_cpp_python"))
     for batch in batches:
@@ -317,7 +326,7 @@ def run(path: str, batches: list[int]) -> dict:
     answers = {}
     sp = ji.SamplingParams(max_tokens=32, temperature=0.0)
     for system in [s for s in FLAGS.systems if s in engines]:
-        engine = ji.Engine(engines[system], ji.EngineConfig(tp=FLAGS.tp, layer_loop=_layer_loop()))
+        engine = ji.Engine(engines[system], _engine_config())
         answers[system] = engine.generate([chat_ids], sp)[0].text
     if hf is not None:
         with torch.no_grad():

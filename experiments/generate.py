@@ -37,7 +37,8 @@ flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass, in (0, 1].")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability.")
 flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
-                    "int4-gptq-g128, w8a8-int8-smooth, w8a8-fp8, nvfp4-sim, ... (see jaxinfer/quant/spec.py); "
+                    "int4-gptq-g128, w8a8-int8-smooth, w8a8-head (the LM head in int8 too), w8a8-fp8, nvfp4-sim, ... (see "
+                    "jaxinfer/quant/spec.py); "
                     "AWQ/GPTQ/SmoothQuant/static FP8 calibrate on held-out text.")
 flags.DEFINE_bool("baseline", False, "Serve with the contiguous-cache baseline loop (ji.generate), not the engine.")
 flags.DEFINE_bool("stream", False, "Print the completion as it is generated (Engine.stream): one prompt, the engine "

@@ -65,6 +65,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.models import family as family_lib
+from jaxinfer.models.act_formats import SimWeight, W8A8Weight
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.formats import MXFP4Weight, QuantizedWeight
 from jaxinfer.models.kv_cache import KV_DTYPES, PagedKVCache
@@ -338,6 +339,12 @@ def shard_model(model, mesh: Mesh):
         raise ValueError(f"the model is placed on a mesh of tp={placement.tp}, ep={placement.ep}; place the unplaced "
                          "model instead")
     tp, ep = mesh.shape["tp"], mesh.shape.get("ep", 1)
+    unruled = {f"layers.{n}": w for n, w in model.params["layers"].items() if isinstance(w, W8A8Weight | SimWeight)}
+    unruled |= {n: w for n, w in model.params.items() if n != "layers" and isinstance(w, W8A8Weight | SimWeight)}
+    if unruled:
+        name, w = next(iter(unruled.items()))
+        raise ValueError(f"{name} is a {type(w).__name__}: W8A8 and simulated weights have no partition rules; serve "
+                         "them without a mesh (tp = ep = 1)")
     replicas = check(model.config, tp, mesh.size, ep)
     cfg = dataclasses.replace(model.config, num_kv_heads=model.config.num_kv_heads * replicas)
     padded = math.ceil(model.config.vocab_size / tp) * tp

@@ -42,6 +42,7 @@ from jaxinfer.models import attention, latent_attention, matmul
 from jaxinfer.models import family as family_lib
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.family import rms_norm  # noqa: F401  (the Llama-style norm; callers reach it here)
+from jaxinfer.models.formats import dense_weight
 from jaxinfer.models.kv_cache import (
     KV_DTYPES,
     BatchDescriptor,
@@ -276,18 +277,23 @@ def _decoder(params, cfg, tokens, positions, cache, logits_at, batch, impl, proj
 
 
 def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
-    """The LM head as a (D, V) matrix: lm_head, or the tied embedding transposed."""
-    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    """The LM head as a dense (D, V) matrix: lm_head (dequantised where packed: a tied model
+    quantised with a "-head" scheme has one too), or the tied embedding transposed."""
+    if "lm_head" in params:
+        return dense_weight(params["lm_head"], params["embed"].dtype)
+    return params["embed"].T
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden states (..., D) -> float32 logits (..., V), soft-capped when the config
     says so. A head padded past the vocabulary (split over a tensor-parallel mesh) has its padding
     cut off."""
-    if jax.default_backend() == "cpu":  # the tied embedding untransposed: XLA's CPU backend copies a
+    head = params.get("lm_head")
+    if head is not None and not isinstance(head, jax.Array | np.ndarray):  # packed ("-head" schemes)
+        logits = matmul.linear(hidden.astype(jnp.float32), head)
+    elif jax.default_backend() == "cpu":  # the tied embedding untransposed: XLA's CPU backend copies a
         # transposed one (bfloat16: converted; float32: a loop fusion with the final norm, cpu_int8.md)
-        head, equation = ((params["embed"], "...D,VD->...V") if cfg.tie_word_embeddings else
-                          (params["lm_head"], "...D,DV->...V"))
+        head, equation = (params["embed"], "...D,VD->...V") if head is None else (head, "...D,DV->...V")
         logits = matmul.dense_f32(hidden, head, equation)
     else:
         head = head_weight(params, cfg)

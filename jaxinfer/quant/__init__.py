@@ -109,7 +109,10 @@ def quantize_model(
     experts = isinstance(scheme, QuantScheme) and scheme.experts  # GPTQ's experts: each on its routed tokens
     run = calib.run_layers(model, calibration, lambda l, lp, stats: quantize_layer(model.config, lp, stats, scheme),
                            chunk_size=chunk_size or calib.DEFAULT_CHUNK_SIZE, progress=progress, experts=experts)
-    return dataclasses.replace(model, params={**model.params, "layers": run.layers})
+    params = {**model.params, "layers": run.layers}
+    if isinstance(scheme, W8A8Scheme):
+        params = w8a8.quantize_head(params, scheme)
+    return dataclasses.replace(model, params=params)
 
 
 def quantize_by_name(model, name: str, **calibration):

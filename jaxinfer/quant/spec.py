@@ -14,6 +14,8 @@ Weights and activations in 8 bits (W8A8Scheme; per-channel weight scales unless 
                                          "w8a8-int8-smooth-a0.8"
   "w8a8-fp8[-static][-pt]" (or "fp8[-static][-pt]")   FP8 e4m3; "-static": one calibrated
                                          activation scale per projection; "-pt": one weight scale per tensor
+  any of these with dynamic activation scales + "-head"   the LM head too (tied or not), e.g.
+                                         "w8a8-head": an 8-bit head beside the float embedding table
 
 Simulated (SimScheme; fake-quant for accuracy studies, no memory or speed saving):
   "nvfp4-sim[-a8|-a4]", "mxfp4-sim[-a8|-a4]"   FP4 weights; activations 16-bit, FP8 per token
@@ -111,6 +113,7 @@ class W8A8Scheme:
     smooth_alpha: float | None = None
     static_act: bool = False
     per_tensor: bool = False
+    head: bool = False
 
     def __post_init__(self):
         if self.dtype not in W8A8_DTYPES:
@@ -119,6 +122,9 @@ class W8A8Scheme:
             raise ValueError(f"smooth_alpha={self.smooth_alpha} needs dtype='int8' and a value in [0, 1]")
         if (self.static_act or self.per_tensor) and self.dtype != "fp8":
             raise ValueError("static_act and per_tensor apply to dtype='fp8' only")
+        if self.head and self.static_act:
+            raise ValueError("head=True takes per-token activation scales (the head's input is not calibrated): "
+                             "drop static_act")
 
     @property
     def needs_calibration(self) -> bool:
@@ -126,9 +132,11 @@ class W8A8Scheme:
 
     @property
     def name(self) -> str:
+        head = HEAD_SUFFIX if self.head else ""
         if self.dtype == "int8":
-            return "w8a8-int8-naive" if self.smooth_alpha is None else f"w8a8-int8-smooth-a{self.smooth_alpha:g}"
-        return "w8a8-fp8" + ("-static" if self.static_act else "") + ("-pt" if self.per_tensor else "")
+            base = "w8a8-int8-naive" if self.smooth_alpha is None else f"w8a8-int8-smooth-a{self.smooth_alpha:g}"
+            return base + head
+        return "w8a8-fp8" + ("-static" if self.static_act else "") + ("-pt" if self.per_tensor else "") + head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,16 +178,26 @@ _SIM_NAMED = {"w4a8-sim": SimScheme("int4", "fp8", 128), "w4a16-fp8scale-sim": S
 NAMES_HELP = ("'dense', int{4,8}-{rtn,awq,gptq}[-g<N>|-pc][-asym][-act] (e.g. int8, int4-awq-g128), "
               "w8a8-int8-naive, w8a8-int8-smooth[-a<alpha>], w8a8-fp8[-static][-pt], "
               "{nvfp4,mxfp4}-sim[-a8|-a4], w4a8-sim or w4a16-fp8scale-sim; an int{4,8} RTN, AWQ or GPTQ name + '-experts' "
-              "quantises a mixture of experts' experts too")
+              "quantises a mixture of experts' experts too; a w8a8 name with per-token activations + '-head' the LM "
+              "head too")
 
 
 EXPERTS_SUFFIX = "-experts"
+HEAD_SUFFIX = "-head"
 
 
 def scheme_from_name(name: str) -> Scheme | None:
     """The scheme a name stands for (None for a dense model). Unknown names raise ValueError."""
     if name in DENSE:
         return None
+    if name.endswith(HEAD_SUFFIX):  # the LM head too: "w8a8-head", "w8a8-int8-smooth-a0.8-head", "fp8-head"
+        base = scheme_from_name(name.removesuffix(HEAD_SUFFIX))
+        if not isinstance(base, W8A8Scheme):
+            raise ValueError(f"weights={name!r}: only w8a8 schemes quantise the LM head")
+        try:
+            return dataclasses.replace(base, head=True)
+        except ValueError as e:
+            raise ValueError(f"weights={name!r}: {e}") from None
     if name.endswith(EXPERTS_SUFFIX):  # the experts' weights too: "int8-experts", "int4-g32-experts"
         base = scheme_from_name(name.removesuffix(EXPERTS_SUFFIX))
         if not isinstance(base, QuantScheme):

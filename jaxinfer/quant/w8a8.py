@@ -128,7 +128,20 @@ def quantize_params(params: dict, scheme: W8A8Scheme) -> dict:
     layers = dict(params["layers"])
     for name in projections(layers):
         layers[name] = quantize_weight(layers[name], scheme)
-    return {**params, "layers": layers}
+    return quantize_head({**params, "layers": layers}, scheme)
+
+
+def quantize_head(params: dict, scheme: W8A8Scheme) -> dict:
+    """params with the LM head as a W8A8Weight (D, V) when the scheme says so (`head`): the model's
+    own lm_head, or a tied model's embedding transposed; a tied model keeps its float embedding
+    table for the lookup, and `decoder.lm_head` multiplies by the packed head."""
+    if not scheme.head:
+        return params
+    head = params.get("lm_head")
+    if isinstance(head, W8A8Weight):
+        raise ValueError("lm_head is already quantised")
+    dense = params["embed"].T if head is None else head
+    return {**params, "lm_head": quantize_weight(dense, scheme)}
 
 
 def quantize_layer(cfg: ModelConfig, lp: Params, stats: LayerInputs, scheme: W8A8Scheme) -> Params:
