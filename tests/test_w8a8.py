@@ -72,6 +72,7 @@ def test_scheme_names_parse_and_round_trip(name, scheme):
     ("nvfp4-sim-a2", "is not 'dense'"),
     ("nvfp4", "is not 'dense'"),
     ("int8-head", "only w8a8 schemes quantise the LM head"),
+    ("w8a8-experts", "only int4 / int8 weight-only schemes quantise the experts"),
     ("fp8-static-head", "head=True takes per-token activation scales"),
 ])
 def test_bad_scheme_names_are_refused(name, message):

@@ -184,28 +184,24 @@ NAMES_HELP = ("'dense', int{4,8}-{rtn,awq,gptq}[-g<N>|-pc][-asym][-act] (e.g. in
 
 EXPERTS_SUFFIX = "-experts"
 HEAD_SUFFIX = "-head"
+# A name + suffix: its scheme (of this kind) with this field set.
+SUFFIXES = {HEAD_SUFFIX: (W8A8Scheme, "head", "w8a8 schemes quantise the LM head"),
+            EXPERTS_SUFFIX: (QuantScheme, "experts", "int4 / int8 weight-only schemes quantise the experts")}
 
 
 def scheme_from_name(name: str) -> Scheme | None:
     """The scheme a name stands for (None for a dense model). Unknown names raise ValueError."""
     if name in DENSE:
         return None
-    if name.endswith(HEAD_SUFFIX):  # the LM head too: "w8a8-head", "w8a8-int8-smooth-a0.8-head", "fp8-head"
-        base = scheme_from_name(name.removesuffix(HEAD_SUFFIX))
-        if not isinstance(base, W8A8Scheme):
-            raise ValueError(f"weights={name!r}: only w8a8 schemes quantise the LM head")
-        try:
-            return dataclasses.replace(base, head=True)
-        except ValueError as e:
-            raise ValueError(f"weights={name!r}: {e}") from None
-    if name.endswith(EXPERTS_SUFFIX):  # the experts' weights too: "int8-experts", "int4-g32-experts"
-        base = scheme_from_name(name.removesuffix(EXPERTS_SUFFIX))
-        if not isinstance(base, QuantScheme):
-            raise ValueError(f"weights={name!r}: only int4 / int8 weight-only schemes quantise the experts")
-        try:
-            return dataclasses.replace(base, experts=True)
-        except ValueError as e:
-            raise ValueError(f"weights={name!r}: {e}") from None
+    for suffix, (kind, field, what) in SUFFIXES.items():  # "w8a8-head", "int8-experts", "int4-g32-experts"
+        if name.endswith(suffix):
+            base = scheme_from_name(name.removesuffix(suffix))
+            if not isinstance(base, kind):
+                raise ValueError(f"weights={name!r}: only {what}")
+            try:
+                return dataclasses.replace(base, **{field: True})
+            except ValueError as e:
+                raise ValueError(f"weights={name!r}: {e}") from None
     try:
         if m := _W8A8.fullmatch(name):
             smooth = "smooth" in name
