@@ -39,7 +39,8 @@ flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probabil
 flags.DEFINE_string("weights", "dense", "Weight quantisation: dense, int8, int4-rtn-g128, int4-awq-g128, "
                     "int4-gptq-g128, w8a8-int8-smooth, w8a8-head (the LM head in int8 too), w8a8-fp8, nvfp4-sim, ... (see "
                     "jaxinfer/quant/spec.py); "
-                    "AWQ/GPTQ/SmoothQuant/static FP8 calibrate on held-out text.")
+                    "AWQ/GPTQ/SmoothQuant/static FP8 calibrate on held-out text. A packed checkpoint is dequantised "
+                    "first (--dequantize implied).")
 flags.DEFINE_bool("baseline", False, "Serve with the contiguous-cache baseline loop (ji.generate), not the engine.")
 flags.DEFINE_bool("stream", False, "Print the completion as it is generated (Engine.stream): one prompt, the engine "
                   "only (not --baseline).")
@@ -106,7 +107,7 @@ def run() -> None:
     transform = FLAGS.dequantize or FLAGS.weights != "dense"
     # With --tp, a checkpoint is placed as it loads (no device holds it whole), once for every engine.
     model = ji.load_model(FLAGS.model, dtype=FLAGS.dtype, mesh=None if transform else common.mesh())
-    if FLAGS.dequantize:
+    if transform:  # --weights re-quantises a packed checkpoint from its dequantised weights
         model = dataclasses.replace(model, params=dequantize_params(model.params))
     model = quantize_by_name(model, FLAGS.weights)
     if transform and common.mesh() is not None:

@@ -439,14 +439,14 @@ def test_smollm2_answers_the_chat_prompt(smollm2):
 
 @pytest.mark.slow
 @needs_smollm2
-def test_main_job_chats_with_smollm2():
+@pytest.mark.parametrize("weights, answer, tokens", [("dense", "Paris.", 8), ("w8a8-head", "Paris, France.", 10)])
+def test_main_job_chats_with_smollm2(weights, answer, tokens):
     """As a user runs it (a subprocess that loads the model again; the engine's answer is checked
-    in-process above)."""
+    in-process above); --weights re-quantises the packed file from its dequantised weights."""
     result = subprocess.run(
         [sys.executable, "-m", "experiments.generate", "--model=smollm2-135m", "--chat", "--temperature=0",
-         "--max_tokens=12", "--prompt=What is the capital of France?"],
+         "--max_tokens=12", "--prompt=What is the capital of France?", f"--weights={weights}"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    answer = "user: What is the capital of France?\nassistant: The capital of France is Paris.\n"
-    assert result.stdout.startswith(answer)
-    assert "generated 8 tokens (stop)" in result.stdout
+    assert result.stdout.startswith(f"user: What is the capital of France?\nassistant: The capital of France is {answer}\n")
+    assert f"generated {tokens} tokens (stop)" in result.stdout

@@ -148,12 +148,13 @@ def test_smollm2_bf16_greedy_tokens_against_hf():
 
 
 @pytest.mark.slow  # ~1 min: SmolLM2-135M in HF transformers and the W8A8 engine
-def test_smollm2_w8a8_greedy_tokens_against_hf():
-    """The CPU's int8 path (W8A8, unrolled by "auto") against HF transformers' float32 SmolLM2 on
-    four prompts, 32 greedy tokens each: where the tokens first differ, the int8 model's token is
-    float32's second or third choice within 1.5 logits of its first (top logits 6-42 here), a
-    near-tie the 8-bit rounding decides (measured on 8 prompts: margins 0.12-1.26,
-    benchmarks/results/cpu_int8.md), not a bug."""
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-head"])
+def test_smollm2_w8a8_greedy_tokens_against_hf(scheme):
+    """The CPU's int8 path (W8A8, its LM head in int8 too or not, unrolled by "auto") against HF
+    transformers' float32 SmolLM2 on four prompts, 32 greedy tokens each: where the tokens first
+    differ, the int8 model's token is float32's second or third choice within 1.5 logits of its
+    first (top logits 6-42 here), a near-tie the 8-bit rounding decides (measured on 8 prompts:
+    margins 0.12-1.26, benchmarks/results/cpu_int8.md), not a bug."""
     import os
 
     import torch
@@ -170,7 +171,7 @@ def test_smollm2_w8a8_greedy_tokens_against_hf():
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     m = ji.load_model("smollm2-135m")
     w8a8 = quant.quantize_model(dataclasses.replace(m, params=dequantize_params(m.params)),
-                                scheme_from_name("w8a8"), progress=False)
+                                scheme_from_name(scheme), progress=False)
     engine = ji.Engine(w8a8, ji.EngineConfig(max_batch=4, max_seq_len=256))
     assert engine.config.layer_loop == "unroll"
     prompts = [m.tokenizer.encode(p) for p in ("def fibonacci(n):", "The capital of France is",
