@@ -287,7 +287,7 @@ def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Final-norm hidden states (..., D) -> float32 logits (..., V), soft-capped when the config
     says so. A head padded past the vocabulary (split over a tensor-parallel mesh) has its padding
-    cut off."""
+    cut off. A packed head ("-head" W8A8 schemes, tied or not) is multiplied as its format says."""
     head = params.get("lm_head")
     if head is not None and not isinstance(head, jax.Array | np.ndarray):  # packed ("-head" schemes)
         logits = matmul.linear(hidden.astype(jnp.float32), head)
