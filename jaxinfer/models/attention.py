@@ -270,6 +270,12 @@ def gather_context(pages, scales, block_tables, dtype):
     return dequantize_pages(context, gather_pages(scales[..., None], block_tables)[..., 0]).astype(dtype)
 
 
+def gather_heads(pages, scales, block_tables, dtype):
+    """gather_context head-major: (K, R, M * page, H), as the pages lie (the gather's transpose and
+    this one cancel in XLA: no copy)."""
+    return gather_context(pages, scales, block_tables, dtype).transpose(2, 0, 1, 3)
+
+
 def paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window=0, impl="xla", softcap=None,
                  sinks=None, values=None):
     """One query per row at position lens - 1. q (R, N, H) -> (R, N, H). Scales: None, or the
@@ -300,32 +306,19 @@ def _pallas_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, 
 def _xla_paged_decode(q, k_pages, v_pages, k_scales, v_scales, block_tables, lens, window, softcap, sinks=None,
                       values=None):
     R, N, H = q.shape
-    K, _, page, _ = k_pages.shape
-    S = block_tables.shape[1] * page
-    k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+    K = k_pages.shape[0]
+    # The context head-major (K, R, S, H), as the pages lie: no transposed copy of it on either side
+    # of the two products (5% of SmolLM2's batch-1 step on the CPU, cpu_int8.md).
+    keys = gather_heads(k_pages, k_scales, block_tables, q.dtype)
+    # latent pages (v_pages None): each key row's first `values` columns are its values
+    vals = keys[..., :values] if v_pages is None else gather_heads(v_pages, v_scales, block_tables, q.dtype)
+    k_pos = jnp.arange(keys.shape[2], dtype=jnp.int32)[None, :]
     k_pos = jnp.where(k_pos < lens[:, None], k_pos, -1)  # (R, S); slots past the context are empty
     q_pos = (lens - 1)[:, None]  # (R, 1)
-    if v_pages is None:  # latent pages: each key row's first `values` columns are its values
-        keys = gather_context(k_pages, k_scales, block_tables, q.dtype)  # (R, S, K, H)
-        return xla_attention(q[:, None], keys, keys[..., :values], q_pos, k_pos, window, softcap, sinks=sinks)[:, 0]
-    # Head-major (K, R, S, H), as the pages lie: no transposed copy of the context on either side
-    # of the two products (5% of SmolLM2's batch-1 step on the CPU, cpu_int8.md).
-    keys, vals = (_gather_heads(p, s, block_tables, q.dtype) for p, s in ((k_pages, k_scales), (v_pages, v_scales)))
     scores = jnp.einsum("RKGH,KRSH->RKGS", q.reshape(R, K, N // K, H), keys, preferred_element_type=jnp.float32)
     probs = _softmax(scores[:, :, :, None], q_pos, k_pos, window, softcap, None, sinks, H)[:, :, :, 0]
     out = jnp.einsum("RKGS,KRSH->RKGH", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(R, N, vals.shape[-1])
-
-
-def _gather_heads(pages, scales, block_tables, dtype):
-    """pages (K, P, page, H) [+ scales (K, P, page)] -> each row's context head-major (K, R, S, H) in
-    dtype (gather_context's values, its axes as the pages lie)."""
-    K, _, page, H = pages.shape
-    R, M = block_tables.shape
-    context = as_floats(pages[:, block_tables]).reshape(K, R, M * page, H)
-    if scales is None:
-        return context
-    return dequantize_pages(context, scales[:, block_tables].reshape(K, R, M * page)).astype(dtype)
 
 
 def paged_prefill(q, k_pages, v_pages, k_scales, v_scales, block_tables, start, lens, window=0, impl="xla",
