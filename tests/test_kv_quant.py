@@ -92,6 +92,7 @@ def test_engine_equals_the_fake_quantised_reference(tiny, monkeypatch, kv_dtype)
                                                                         for o in reference]
 
 
+@pytest.mark.slow  # the kernels on int8 pages: test_paged_attention (fast); Pallas against XLA in the engine: test_engine
 def test_pallas_path_equals_xla_path_on_an_int8_cache(tiny):
     sp = ji.SamplingParams(max_tokens=8, temperature=0.0)
     config = ji.EngineConfig(page_size=16, max_tokens_per_step=32, kv_dtype="int8")

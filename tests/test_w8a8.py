@@ -279,7 +279,8 @@ def _byte_model(name, seed):
     return quant.quantize_by_name(model, name, calibration=windows, progress=False)
 
 
-@pytest.mark.parametrize("name", ["w8a8-int8-naive", "w8a8-int8-smooth-head", "w8a8-fp8", "w8a8-fp8-static-pt"])
+@pytest.mark.parametrize("name", ["w8a8-int8-naive", "w8a8-int8-smooth-head",
+                                  pytest.param("w8a8-fp8", marks=pytest.mark.slow), "w8a8-fp8-static-pt"])
 def test_engine_serves_w8a8_token_for_token(name):
     """The paged engine on a W8A8 model (naive int8, SmoothQuant with the LM head in int8 too, FP8
     with dynamic per-token or calibrated per-tensor scales) gives the greedy tokens of the model's
