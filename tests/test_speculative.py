@@ -530,8 +530,10 @@ def test_train_drafter_eagle3_writes_a_published_head(tiny, tmp_path, capsys, mo
     (cache,) = (tmp_path / "ckpt").glob("*.npz")
     cache.unlink()  # its parts stay
     monkeypatch.setattr(_distill, "self_distilled", lambda *args: pytest.fail("a saved part was generated again"))
-    run_main(train_drafter, *flags)
+    run_main(train_drafter, *flags, "--steps=3", "--train_dtype=bfloat16")  # float32 state, trained on in bfloat16 (last flag wins)
     assert "resumed from step 2" in capsys.readouterr().out
+    record = json.loads((out / "training.json").read_text())
+    assert (record["steps"], record["train_dtype"]) == (3, "bfloat16") and np.isfinite(record["final_loss"])
 
 
 def test_draft_vocabulary_drafts_only_its_tokens(target, plain, tmp_path):

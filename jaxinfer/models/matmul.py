@@ -150,7 +150,33 @@ def dense(x: jax.Array, w: jax.Array, equation: str = "...K,KN->...N") -> jax.Ar
     float32, and every dtype off the CPU, take the product as it was."""
     if x.dtype == jnp.float32 or jax.default_backend() != "cpu":
         return x @ w if equation == "...K,KN->...N" else jnp.einsum(equation, x, w)
+    if equation == "...K,KN->...N":
+        return _half_dense(x, w)
     return dense_f32(x, w, equation).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _half_dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w in half precision on the CPU (`dense`), whose gradient's products take half-precision
+    operands too: autodiff's own would multiply the float32 cotangent of the float32 accumulator in
+    float32, at a third of bfloat16's speed on a CPU with AMX (training a drafter in bfloat16).
+    XLA's CPU backend still converts the weight gradient's product (a contraction over the rows)."""
+    return dense_f32(x, w).astype(x.dtype)
+
+
+def _half_dense_fwd(x, w):
+    return _half_dense(x, w), (x, w)
+
+
+def _half_dense_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = product("...N,KN->...K", g, w, jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("MK,MN->KN", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+    return dx, dw.astype(w.dtype)
+
+
+_half_dense.defvjp(_half_dense_fwd, _half_dense_bwd)
 
 
 def dense_f32(x: jax.Array, w: jax.Array, equation: str = "...K,KN->...N") -> jax.Array:

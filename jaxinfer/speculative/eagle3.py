@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxinfer import sharding
-from jaxinfer.models import attention
+from jaxinfer.models import attention, matmul
 from jaxinfer.models import decoder as model_lib
 from jaxinfer.models.config import ConfigError, ModelConfig
 from jaxinfer.models.family import rms_norm
@@ -108,7 +108,7 @@ class Eagle3Head:
 
 def fuse(params, aux: jax.Array) -> jax.Array:
     """The three fused layers' inputs, concatenated in layer order (..., 3Dt) -> g (..., D)."""
-    return jnp.einsum("...E,ED->...D", aux.astype(params["fc"].dtype), params["fc"])
+    return matmul.dense(aux.astype(params["fc"].dtype), params["fc"])
 
 
 def midlayer(cfg1: ModelConfig, lp, e, h, cos, sin, attend, project):
@@ -322,10 +322,12 @@ def write_random(path, target_config: ModelConfig, draft_vocab_size: int | None 
 # --- the reference over whole windows (training, evaluation) -------------------------------------
 
 
-def unroll(head: Eagle3Head, target_params, params, aux: jax.Array, tokens: jax.Array, steps: int) -> list[jax.Array]:
+def unroll(head: Eagle3Head, target_params, params, aux: jax.Array, tokens: jax.Array, steps: int,
+           outputs: bool = False) -> list[jax.Array]:
     """Chain drafting over windows, teacher-forced on tokens (module docstring): aux (B, T, 3Dt)
     the fused layers' inputs, tokens (B, T) -> per step j, logits over the draft vocabulary
-    (B, T - 1 - j, W) float32, row t guessing token t + j + 2."""
+    (B, T - 1 - j, W) float32, row t guessing token t + j + 2; with outputs, the layer's outputs
+    (B, T - 1 - j, D) instead (before the final norm and head: training applies its own)."""
     cfg1 = head.cfg1
     B, T = tokens.shape
     table = params["embed"] if "embed" in params else target_params["embed"]
@@ -351,7 +353,7 @@ def unroll(head: Eagle3Head, target_params, params, aux: jax.Array, tokens: jax.
             keys0 = kv
         else:
             own.append(kv)
-        out_logits.append(draft_head_logits(cfg1, params, out))
+        out_logits.append(out if outputs else draft_head_logits(cfg1, params, out))
         h = out
     return out_logits
 
