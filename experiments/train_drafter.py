@@ -65,7 +65,7 @@ flags.DEFINE_float("noise", 0.1, "EAGLE: half-width of the uniform noise added t
 flags.DEFINE_integer("draft_vocab", 0, "Draft from the N tokens most frequent in the training data only (0: all).")
 flags.DEFINE_enum("train_dtype", "float32", ["float32", "bfloat16"],
                  "EAGLE-3: the dtype of the drafter's products in training; its weights, optimizer state and "
-                 "losses stay float32 (bfloat16: about 3x the steps per second on a CPU with AMX).")
+                 "losses stay float32 (bfloat16: about 2x the steps per second on a CPU with AMX).")
 flags.DEFINE_string("evaluate", "", "Evaluate this drafter directory on held-out text instead of training one.")
 for _name in ("model", "dequantize", "seq_len", "seed", "self_distill", "distill_prompt_len", "distill_temperature",
               *common.TRAIN_FLAGS):
