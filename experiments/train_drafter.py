@@ -157,10 +157,8 @@ def _soft_ce_fwd(x, w, q, weight):
 
 def _soft_ce_bwd(residuals, g):
     x, w, q, weight, logp = residuals
-    d_logits = ((g * weight)[:, None] * (jnp.exp(logp) * jnp.sum(q, -1, keepdims=True) - q)).astype(x.dtype)
-    dx = jnp.einsum("RW,DW->RD", d_logits, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum("RD,RW->DW", x, d_logits, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw, jnp.zeros_like(q), jnp.zeros_like(weight)
+    d_logits = (g * weight)[:, None] * (jnp.exp(logp) * jnp.sum(q, -1, keepdims=True) - q)
+    return *matmul.product_grads(x, w, d_logits), jnp.zeros_like(q), jnp.zeros_like(weight)
 
 
 soft_cross_entropy.defvjp(_soft_ce_fwd, _soft_ce_bwd)
@@ -359,6 +357,8 @@ def main(argv):
     del argv
     if FLAGS.self_distill < 0 or FLAGS.draft_vocab < 0:
         raise ValueError("--self_distill and --draft_vocab must be >= 0")
+    if FLAGS.train_dtype != "float32" and FLAGS.method != "eagle3":
+        raise ValueError(f"--train_dtype={FLAGS.train_dtype} applies to --method=eagle3 only, not {FLAGS.method!r}")
     model = common.load_bench_model(FLAGS.model, "float32")  # --dequantize: a packed checkpoint's float32 twin
     if model.tokenizer is None:
         raise ValueError(f"--model={FLAGS.model} has no tokenizer: the heads train on text in its tokens")

@@ -66,6 +66,7 @@ BAD_INPUT = [
     ("lora_batching", ["--max_batch=4"], "--max_batch is not a flag of lora_batching"),
     ("serve", ["--port=abc"], "flag --port=abc"),
     ("train_drafter", ["--evaluate=/nonexistent"], "--evaluate=/nonexistent: no such directory"),
+    ("train_drafter", ["--train_dtype=bfloat16"], "--train_dtype=bfloat16 applies to --method=eagle3 only, not 'eagle'"),
     ("train_tiny", [f"--save_corpus={MISSING}/c.npz"], f"--save_corpus={MISSING}/c.npz: the directory"),
     ("gpu_report", [f"--dir={MISSING}"], f"--dir={MISSING}: no such directory"),
     ("qat", ["--qat_schemes=int9"], "--qat_schemes: weights='int9': bits=9 is not one of"),

@@ -169,7 +169,14 @@ def _half_dense_fwd(x, w):
 
 
 def _half_dense_bwd(residuals, g):
-    x, w = residuals
+    return product_grads(*residuals, g)
+
+
+def product_grads(x: jax.Array, w: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The gradients (dx, dw) of x @ w (x (..., K), w (K, N)) given the output's cotangent g
+    (..., N), each product taken in x's dtype with float32 accumulation and cast to its operand's
+    dtype (the backward of `dense`'s CPU half-precision path, and of any loss that multiplies a
+    weight so)."""
     g = g.astype(x.dtype)
     dx = product("...N,KN->...K", g, w, jnp.float32).astype(x.dtype)
     dw = jnp.einsum("MK,MN->KN", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
