@@ -93,16 +93,29 @@ def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[st
     states; with aux_layers, aux (N, T, 3D) the fused layers' inputs and target_next (N, T) its
     greedy next tokens. The target runs over windows in batches; hidden states are kept in float16
     (1M tokens of a 576-wide model's four states: 4.6 GB). Made in parts of DISTILL_PART prompts,
-    each saved as it is done (a rerun resumes at the first missing part)."""
+    each saved as it is done (a rerun resumes at the first missing part). Windows cached for other
+    fused layers (or none) are reused: only the target's views of them are made."""
     base = (f"{model.name}-distill-{FLAGS.self_distill}x{FLAGS.seq_len}-p{FLAGS.distill_prompt_len}-"
             f"t{FLAGS.distill_temperature:g}-s{FLAGS.seed}")
     cache = os.path.join(ckpt_dir, base + (f"-aux{'_'.join(map(str, aux_layers))}" if aux_layers else "") + ".npz")
     # The same windows for another method: EAGLE-3's file holds EAGLE's features too.
-    found = [cache] + ([] if aux_layers else sorted(glob.glob(os.path.join(ckpt_dir, base + "-aux*.npz"))))
+    siblings = sorted(p for p in glob.glob(os.path.join(ckpt_dir, base + "*.npz")) if not p.endswith(".tmp.npz"))
+    found = [cache] + ([] if aux_layers else [p for p in siblings if p.startswith(os.path.join(ckpt_dir, base + "-aux"))])
     for path in found:
         if os.path.exists(path):
             with np.load(path) as f:
                 return dict(f)
+    # The same windows fused at other layers: only the target's views are made again.
+    for path in siblings:
+        with np.load(path) as f:
+            windows, seconds = f["tokens"], f["generate_seconds"]
+        views = {}
+        for i in tqdm(range(0, len(windows), DISTILL_PART), desc="target views", unit="part"):
+            part = target_views(model, windows[i : i + DISTILL_PART], aux_layers)
+            views = {k: [*views.get(k, []), v] for k, v in part.items()}
+        data = {"tokens": windows, "generate_seconds": seconds, **{k: np.concatenate(v) for k, v in views.items()}}
+        _save(cache, data)
+        return data
     prompts = distill_prompts(model, FLAGS.self_distill, FLAGS.seq_len)
     parts_dir = cache.removesuffix(".npz") + ".parts"
     os.makedirs(parts_dir, exist_ok=True)
@@ -121,5 +134,12 @@ def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[st
     loaded = [dict(np.load(p)) for p in parts]
     data = {k: np.concatenate([d[k] for d in loaded]) for k in loaded[0] if k != "generate_seconds"}
     data["generate_seconds"] = np.float64(sum(float(d["generate_seconds"]) for d in loaded))
-    np.savez(cache, **data)
+    _save(cache, data)
     return data
+
+
+def _save(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to path (.npz) whole or not at all: a stopped run leaves no half-written cache."""
+    tmp = path.removesuffix(".npz") + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

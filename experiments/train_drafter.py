@@ -22,7 +22,8 @@ training-time test: the layer is unrolled over its own outputs for --ttt_steps s
 (eagle3.unroll), step i's soft cross-entropy against the target's distribution over the draft
 vocabulary weighted 0.8**i, positions whose target (greedy) token lies outside the draft vocabulary
 left out; it starts from the target's LM head columns and final norm, its fusion from the
-highest fused layer. AdamW with warm-up and cosine decay; orbax checkpoints
+highest fused layer (--aux_layers: which three layers' inputs it fuses; the default is the
+reference's 2, L//2, L-3; self-distilled windows cached for other layers are reused). AdamW with warm-up and cosine decay; orbax checkpoints
 of the train state (a rerun resumes); the heads are written as a drafter directory
 (jaxinfer/speculative/heads.py), then evaluated on held-out text: each head's (Medusa) or each
 chained step's (EAGLE) greedy agreement with the target's own next tokens, and the temperature
@@ -66,6 +67,8 @@ flags.DEFINE_integer("draft_vocab", 0, "Draft from the N tokens most frequent in
 flags.DEFINE_enum("train_dtype", "float32", ["float32", "bfloat16"],
                  "EAGLE-3: the dtype of the drafter's products in training; its weights, optimizer state and "
                  "losses stay float32 (bfloat16: about 2x the steps per second on a CPU with AMX).")
+flags.DEFINE_string("aux_layers", "", "EAGLE-3: the three target layers whose inputs the head fuses, e.g. 2,15,29 "
+                    "('' = the reference default: 2, L//2 and L-3).")
 flags.DEFINE_string("evaluate", "", "Evaluate this drafter directory on held-out text instead of training one.")
 for _name in ("model", "dequantize", "seq_len", "seed", "self_distill", "distill_prompt_len", "distill_temperature",
               *common.TRAIN_FLAGS):
@@ -241,10 +244,32 @@ def init_eagle3(model, vocab: np.ndarray | None, key: jax.Array) -> tuple[eagle3
     return head, params
 
 
+def parse_aux_layers(text: str) -> tuple[int, ...]:
+    """--aux_layers: () for the default, else three distinct layers >= 0 in increasing order."""
+    if not text:
+        return ()
+    try:
+        layers = tuple(sorted(int(v) for v in text.split(",")))
+    except ValueError:
+        raise ValueError(f"--aux_layers={text!r} must be three layer numbers separated by commas") from None
+    if len(layers) != 3 or len(set(layers)) != 3 or layers[0] < 0:
+        raise ValueError(f"--aux_layers={text!r} must be three distinct layer numbers >= 0")
+    return layers
+
+
+def chosen_aux_layers(num_layers: int) -> tuple[int, ...]:
+    """The layers the new EAGLE-3 head fuses: --aux_layers, or eagle3.aux_layers_for's default."""
+    layers = parse_aux_layers(FLAGS.aux_layers)
+    if layers and layers[-1] >= num_layers:
+        raise ValueError(f"--aux_layers={FLAGS.aux_layers}: layer {layers[-1]} is past the target's {num_layers} "
+                         f"layers (0..{num_layers - 1})")
+    return layers or eagle3.aux_layers_for(num_layers)
+
+
 def train(model, method: str) -> tuple[dict, dict]:
     steps = FLAGS.steps or STEPS
     key = jax.random.key(FLAGS.seed)
-    aux_layers = eagle3.aux_layers_for(model.config.num_layers) if method == "eagle3" else ()
+    aux_layers = chosen_aux_layers(model.config.num_layers) if method == "eagle3" else ()
     record: dict = {"aux_layers": list(aux_layers)} if aux_layers else {}
     ckpt_dir = os.path.abspath(FLAGS.ckpt_dir or "/tmp/jaxinfer_train_drafter")
     if FLAGS.self_distill:
@@ -299,7 +324,9 @@ def train(model, method: str) -> tuple[dict, dict]:
     trained = {k: v for k, v in heads.items() if k != "draft_vocab"}  # the vocabulary is data, not trained
     state = {"heads": trained, "opt_state": optimizer.init(trained)}
     manager = ocp.CheckpointManager(
-        os.path.join(ckpt_dir, f"{model.name}-{method}"),
+        os.path.join(ckpt_dir, f"{model.name}-{method}" + (
+            "" if aux_layers in ((), eagle3.aux_layers_for(model.config.num_layers))
+            else f"-aux{'_'.join(map(str, aux_layers))}")),  # a head fusing other layers trains apart
         options=ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=FLAGS.ckpt_every))
     start = manager.latest_step() or 0
     if start:
@@ -359,6 +386,9 @@ def main(argv):
         raise ValueError("--self_distill and --draft_vocab must be >= 0")
     if FLAGS.train_dtype != "float32" and FLAGS.method != "eagle3":
         raise ValueError(f"--train_dtype={FLAGS.train_dtype} applies to --method=eagle3 only, not {FLAGS.method!r}")
+    if FLAGS.aux_layers and FLAGS.method != "eagle3":
+        raise ValueError(f"--aux_layers applies to --method=eagle3 only, not {FLAGS.method!r}")
+    parse_aux_layers(FLAGS.aux_layers)
     model = common.load_bench_model(FLAGS.model, "float32")  # --dequantize: a packed checkpoint's float32 twin
     if model.tokenizer is None:
         raise ValueError(f"--model={FLAGS.model} has no tokenizer: the heads train on text in its tokens")

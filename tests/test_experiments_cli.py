@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO
 
 EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "experiments"))
@@ -67,6 +66,12 @@ BAD_INPUT = [
     ("serve", ["--port=abc"], "flag --port=abc"),
     ("train_drafter", ["--evaluate=/nonexistent"], "--evaluate=/nonexistent: no such directory"),
     ("train_drafter", ["--train_dtype=bfloat16"], "--train_dtype=bfloat16 applies to --method=eagle3 only, not 'eagle'"),
+    ("train_drafter", ["--aux_layers=2,15,29"], "--aux_layers applies to --method=eagle3 only, not 'eagle'"),
+    ("train_drafter", ["--method=eagle3", "--aux_layers=2,15"], "--aux_layers='2,15' must be three distinct layer"),
+    ("train_drafter", ["--method=eagle3", "--aux_layers=2,x,3"], "--aux_layers='2,x,3' must be three layer numbers"),
+    ("drafter_scaling", ["--dir={tmp}"], "no spec_decode result at k=5 .* names a drafter folder"),
+    ("drafter_scaling", ["--dir={tmp}", "--levels=2.5,x"], "--levels='2.5,x' must be numbers"),
+    ("drafter_scaling", ["--dir={tmp}", "--plot={tmp}/p.png"], r"--plot needs matplotlib: pip install 'jaxinfer\[plots\]'"),
     ("train_tiny", [f"--save_corpus={MISSING}/c.npz"], f"--save_corpus={MISSING}/c.npz: the directory"),
     ("gpu_report", [f"--dir={MISSING}"], f"--dir={MISSING}: no such directory"),
     ("qat", ["--qat_schemes=int9"], "--qat_schemes: weights='int9': bits=9 is not one of"),

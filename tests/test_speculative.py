@@ -21,8 +21,7 @@ from jaxinfer import data
 from jaxinfer.engine import runner as runner_lib
 from jaxinfer.sampling.sampler import SamplingBatch
 from jaxinfer.speculative import accept as accept_lib
-from jaxinfer.speculative import eagle3
-from jaxinfer.speculative import heads
+from jaxinfer.speculative import eagle3, heads
 from jaxinfer.speculative import tree as tree_lib
 
 GREEDY = ji.SamplingParams(max_tokens=24, temperature=0.0)
