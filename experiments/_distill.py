@@ -99,8 +99,10 @@ def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[st
             f"t{FLAGS.distill_temperature:g}-s{FLAGS.seed}")
     cache = os.path.join(ckpt_dir, base + (f"-aux{'_'.join(map(str, aux_layers))}" if aux_layers else "") + ".npz")
     # The same windows for another method: EAGLE-3's file holds EAGLE's features too.
-    siblings = sorted(p for p in glob.glob(os.path.join(ckpt_dir, base + "*.npz")) if not p.endswith(".tmp.npz"))
-    found = [cache] + ([] if aux_layers else [p for p in siblings if p.startswith(os.path.join(ckpt_dir, base + "-aux"))])
+    fused = sorted(p for p in glob.glob(os.path.join(ckpt_dir, base + "-aux*.npz")) if not p.endswith(".tmp.npz"))
+    plain = os.path.join(ckpt_dir, base + ".npz")
+    siblings = ([plain] if os.path.exists(plain) else []) + fused  # the same windows (not -s10's for -s1)
+    found = [cache] + ([] if aux_layers else fused)
     for path in found:
         if os.path.exists(path):
             with np.load(path) as f:

@@ -23,8 +23,8 @@ training-time test: the layer is unrolled over its own outputs for --ttt_steps s
 vocabulary weighted 0.8**i, positions whose target (greedy) token lies outside the draft vocabulary
 left out; it starts from the target's LM head columns and final norm, its fusion from the
 highest fused layer (--aux_layers: which three layers' inputs it fuses; the default is the
-reference's 2, L//2, L-3; self-distilled windows cached for other layers are reused). AdamW with warm-up and cosine decay; orbax checkpoints
-of the train state (a rerun resumes); the heads are written as a drafter directory
+reference's 2, L//2, L-3; self-distilled windows cached for other layers are reused). AdamW with
+warm-up and cosine decay; orbax checkpoints of the train state (a rerun resumes); the heads are written as a drafter directory
 (jaxinfer/speculative/heads.py), then evaluated on held-out text: each head's (Medusa) or each
 chained step's (EAGLE) greedy agreement with the target's own next tokens, and the temperature
 that calibrates the first guess's probabilities to that agreement (temperature scaling: the

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -24,6 +25,11 @@ def test_windows_made_for_one_method_are_reused_for_fused_layers(tiny, tmp_path,
         _distill.FLAGS(["test", "--self_distill=3", "--distill_prompt_len=6", "--seq_len=16"])
         fused = _distill.distilled_data(tiny, str(tmp_path), (0, 1, 2))
         again = _distill.distilled_data(tiny, str(tmp_path), (0, 1, 2))  # now from its own cache file
+        other = tmp_path / "other"  # another seed's windows (-s01 is not -s0's) are not these
+        other.mkdir()
+        os.replace(tmp_path / "tiny-distill-3x16-p6-t0-s0.npz", other / "tiny-distill-3x16-p6-t0-s01.npz")
+        with pytest.raises(pytest.fail.Exception, match="windows generated again"):
+            _distill.distilled_data(tiny, str(other), (0, 1, 2))
     np.testing.assert_array_equal(fused["tokens"], windows)
     assert float(fused["generate_seconds"]) == 1.5
     features, aux, nxt = _distill._target_inputs(tiny.params, tiny.config, windows, (0, 1, 2))
