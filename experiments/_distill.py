@@ -108,8 +108,8 @@ def distilled_data(model, ckpt_dir: str, aux_layers: tuple[int, ...]) -> dict[st
             with np.load(path) as f:
                 return dict(f)
     # The same windows fused at other layers: only the target's views are made again.
-    for path in siblings:
-        with np.load(path) as f:
+    if siblings:
+        with np.load(siblings[0]) as f:
             windows, seconds = f["tokens"], f["generate_seconds"]
         views = {}
         for i in tqdm(range(0, len(windows), DISTILL_PART), desc="target views", unit="part"):

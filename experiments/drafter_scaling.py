@@ -24,6 +24,7 @@ import math
 import os
 import re
 
+import numpy as np
 from absl import flags
 
 from . import common
@@ -100,11 +101,7 @@ def fits(rows: list[dict], levels: list[float]) -> list[dict]:
                     best[r["data_tokens"]] = r
         if len(best) < 2:
             continue
-        xs = [math.log10(n) for n in best]
-        ys = [best[n]["tokens_per_pass"] for n in best]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        icpt = my - slope * mx
+        slope, icpt = (float(v) for v in np.polyfit(np.log10(list(best)), [r["tokens_per_pass"] for r in best.values()], 1))
         reach = {f"{v:g}": (10 ** ((v - icpt) / slope) if slope > 0 else None) for v in levels}
         out.append({"method": key[0], "shape": key[1], "points": len(best), "intercept": icpt,
                     "per_decade": slope, "tokens_to_reach": reach})
